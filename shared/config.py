@@ -1,0 +1,87 @@
+"""Service settings: one frozen dataclass, read from GFAAS_* environment variables.
+
+Command-line flags override the environment (gfaas.cli does that through
+`Settings.with_overrides`); compose.yaml sets the environment, and a test checks
+that every variable it sets is one listed in ENV_VARS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
+DEFAULT_HTTP_PORT: Final = 8000
+# Headroom under the server's max_payload for headers and envelope fields.
+PAYLOAD_HEADROOM: Final = 16 * 1024
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    nats_url: str = DEFAULT_NATS_URL
+    state_dir: Path = Path(".gfaas")
+    log_level: str = "info"
+    log_json: bool = False
+    # Largest request or reply body gfaas accepts; capped by the server's max_payload.
+    max_payload: int = 1024 * 1024
+    # ingress
+    http_host: str = "0.0.0.0"
+    http_port: int = DEFAULT_HTTP_PORT
+    http_enabled: bool = True
+    async_concurrency: int = 16
+    # scheduler
+    policy: str = "least_loaded"
+    worker_timeout_s: float = 2.0
+    pending_limit: int = 10_000
+    # gpu_worker
+    worker_id: str = ""
+    device: str = "auto"
+    threads: int = 1
+    capacity: int = 64
+    cache_models: int = 8
+    heartbeat_s: float = 0.5
+
+
+# Environment variable -> field. compose.yaml may only use these.
+ENV_VARS: Final[Mapping[str, str]] = {
+    f"GFAAS_{field.name.upper()}": field.name for field in dataclasses.fields(Settings)
+}
+
+
+def _convert(field: dataclasses.Field[Any], raw: str) -> Any:
+    kind = field.type if isinstance(field.type, str) else field.type.__name__
+    if kind == "bool":
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    if kind == "Path":
+        return Path(raw)
+    return raw
+
+
+def settings_from_env(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Environment first, then explicit overrides (None means 'not given')."""
+    env = os.environ if env is None else env
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    values: dict[str, Any] = {}
+    for var, name in ENV_VARS.items():
+        if var in env:
+            try:
+                values[name] = _convert(fields[name], env[var])
+            except ValueError as exc:
+                raise ValueError(f"{var}={env[var]!r}: {exc}") from exc
+    for name, value in overrides.items():
+        if name not in fields:
+            raise TypeError(f"unknown setting {name!r}")
+        if value is not None:
+            values[name] = value
+    return Settings(**values)
+
+
+def effective_max_payload(settings: Settings, server_max_payload: int) -> int:
+    return min(settings.max_payload, server_max_payload - PAYLOAD_HEADROOM)

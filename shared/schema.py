@@ -1,0 +1,264 @@
+"""Every message gfaas puts on the bus, defined once.
+
+MessagePack on the wire (msgspec Structs, validated on decode). Request-level
+metadata (invocation id, tenant, reply subject, deadline) travels in NATS headers
+so that services which only route a message never decode its body.
+See docs/protocol.md for the subjects each message travels on.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any, Final, TypeVar
+
+import msgspec
+
+SCHEMA_VERSION: Final = "v1"
+DEFAULT_TENANT: Final = "default"
+
+# NATS header names. Values are strings; numbers are decimal.
+H_INVOCATION: Final = "Gfaas-Invocation-Id"
+H_TENANT: Final = "Gfaas-Tenant"
+H_FUNCTION: Final = "Gfaas-Function"
+H_REPLY: Final = "Gfaas-Reply"
+H_DEADLINE: Final = "Gfaas-Deadline-Ms"
+H_CALLBACK: Final = "Gfaas-Callback"
+H_STATUS: Final = "Gfaas-Status"
+H_MSG_ID: Final = "Nats-Msg-Id"
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_FUNCTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class ErrorCode(StrEnum):
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_FUNCTION = "unknown_function"
+    INVALID_INPUT = "invalid_input"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    HANDLER_ERROR = "handler_error"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    NO_WORKER = "no_worker"
+    OVERLOADED = "overloaded"
+    WORKER_LOST = "worker_lost"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    NOT_FOUND = "not_found"
+    PENDING = "pending"
+    INTERNAL = "internal"
+
+
+class DType(StrEnum):
+    BOOL = "bool"
+    UINT8 = "uint8"
+    UINT16 = "uint16"
+    UINT32 = "uint32"
+    UINT64 = "uint64"
+    INT8 = "int8"
+    INT16 = "int16"
+    INT32 = "int32"
+    INT64 = "int64"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+
+
+class FunctionKind(StrEnum):
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+class _Msg(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, kw_only=True):
+    """Base of every wire message: unknown fields are an error, not silently dropped."""
+
+
+class ErrorInfo(_Msg):
+    code: ErrorCode
+    reason: str
+
+
+class Tensor(_Msg):
+    """A tensor by value: little-endian, C-order bytes."""
+
+    name: str
+    dtype: DType
+    shape: list[int]
+    data: bytes = b""
+    # Set instead of `data` when the bytes live in a memory-broker pool.
+    handle: Handle | None = None
+
+
+class Handle(_Msg):
+    """A reference to bytes in a memory-broker pool, sent instead of the bytes.
+
+    backend "shm": `segment` is a POSIX shared-memory name; backend "cuda": `segment`
+    is the slab's cudaIpcMemHandle (hex). Opening checks `generation` against the
+    lease and `tenant` against the invocation's, so a stale or foreign handle is
+    refused, never read.
+    """
+
+    backend: str
+    pool: str
+    segment: str
+    device: str
+    offset: int
+    nbytes: int
+    lease_id: str
+    generation: int
+    tenant: str = DEFAULT_TENANT
+    slab_size: int = 0
+
+
+class TensorSpec(_Msg):
+    name: str
+    dtype: DType
+    # -1 marks a variable dimension.
+    shape: list[int]
+
+
+class FunctionSpec(_Msg):
+    name: str
+    handler: str  # "module:attr"
+    kind: FunctionKind = FunctionKind.CPU
+    model: str = ""  # object-store name of the weights; empty for none
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
+    memory_mb: int = 256
+    slo_ms: float = 1000.0
+    timeout_ms: int = 30_000
+    concurrency: int = 1
+    description: str = ""
+
+
+class InvokeRequest(_Msg):
+    inputs: list[Tensor] = []
+    # Optional here: the header wins, and ingress assigns one when both are absent.
+    invocation_id: str = ""
+    timeout_ms: int = 0
+    # Async invocations only: a subject to publish the InvokeReply to when done.
+    callback: str = ""
+
+
+class InvokeReply(_Msg):
+    invocation_id: str
+    outputs: list[Tensor] = []
+    error: ErrorInfo | None = None
+    worker: str = ""
+    exec_ms: float = 0.0
+
+
+class WorkerHeartbeat(_Msg):
+    worker_id: str
+    device: str
+    pid: int
+    memory_total: int
+    memory_used: int
+    memory_free: int
+    models: list[str] = []
+    inflight: int = 0
+    queue_depth: int = 0
+    capacity: int = 1
+    sent_at: float = 0.0
+
+
+class Done(_Msg):
+    """A worker's note to the scheduler that an invocation left its hands."""
+
+    worker_id: str
+    invocation_id: str
+    function: str
+    ok: bool
+    exec_ms: float = 0.0
+
+
+class ServiceStatus(_Msg):
+    service: str
+    instance: str
+    version: str
+    uptime_s: float
+    details: dict[str, Any] = {}
+
+
+class InvocationMeta(msgspec.Struct, frozen=True, kw_only=True):
+    """The routing facts of one invocation, carried in NATS headers."""
+
+    invocation_id: str
+    function: str
+    tenant: str = DEFAULT_TENANT
+    reply: str = ""
+    deadline_ms: int = 0
+
+    def to_headers(self) -> dict[str, str]:
+        headers = {
+            H_INVOCATION: self.invocation_id,
+            H_FUNCTION: self.function,
+            H_TENANT: self.tenant,
+        }
+        if self.reply:
+            headers[H_REPLY] = self.reply
+        if self.deadline_ms:
+            headers[H_DEADLINE] = str(self.deadline_ms)
+        return headers
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str] | None) -> InvocationMeta:
+        h = headers or {}
+        try:
+            deadline = int(h.get(H_DEADLINE, "0") or 0)
+        except ValueError as exc:
+            raise ValueError(f"header {H_DEADLINE} is not an integer") from exc
+        return cls(
+            invocation_id=h.get(H_INVOCATION, ""),
+            function=h.get(H_FUNCTION, ""),
+            tenant=h.get(H_TENANT, DEFAULT_TENANT) or DEFAULT_TENANT,
+            reply=h.get(H_REPLY, ""),
+            deadline_ms=deadline,
+        )
+
+    def remaining_s(self, now_ms: int | None = None) -> float:
+        if not self.deadline_ms:
+            return float("inf")
+        now = now_ms if now_ms is not None else now_millis()
+        return (self.deadline_ms - now) / 1000.0
+
+
+def now_millis() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def new_invocation_id() -> str:
+    return uuid.uuid4().hex
+
+
+def is_valid_token(value: str) -> bool:
+    """Ids that end up in subjects and KV keys must be single NATS tokens."""
+    return bool(_TOKEN.match(value))
+
+
+def is_valid_function_name(name: str) -> bool:
+    return bool(_FUNCTION_NAME.match(name))
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[type[Any], msgspec.msgpack.Decoder[Any]] = {}
+
+T = TypeVar("T")
+
+
+def encode(msg: Any) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode(data: bytes | memoryview, kind: type[T]) -> T:
+    """Decode and validate; raises msgspec.ValidationError or DecodeError."""
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    result: T = decoder.decode(data)
+    return result
+
+
+def error_reply(invocation_id: str, code: ErrorCode, reason: str) -> InvokeReply:
+    return InvokeReply(invocation_id=invocation_id, error=ErrorInfo(code=code, reason=reason))

@@ -1,0 +1,55 @@
+"""Every NATS subject gfaas uses, built in one place. Version is part of the subject."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from shared.schema import SCHEMA_VERSION, is_valid_token
+
+PREFIX: Final = f"gfaas.{SCHEMA_VERSION}"
+
+INVOKE_ALL: Final = f"{PREFIX}.invoke.*"
+INVOKE_ASYNC_ALL: Final = f"{PREFIX}.invoke_async.*"
+SCHEDULE: Final = f"{PREFIX}.schedule"
+DONE: Final = f"{PREFIX}.done"
+HEARTBEAT_ALL: Final = f"{PREFIX}.heartbeat.*"
+RESULT_ALL: Final = f"{PREFIX}.result.*"
+
+# Queue groups: replicas of one service share the load of these subscriptions.
+Q_INGRESS: Final = "gfaas-ingress"
+Q_SCHEDULER: Final = "gfaas-scheduler"
+
+
+def _tok(value: str) -> str:
+    if not is_valid_token(value):
+        raise ValueError(f"{value!r} is not a valid subject token")
+    return value
+
+
+def invoke(function: str) -> str:
+    return f"{PREFIX}.invoke.{_tok(function)}"
+
+
+def invoke_async(function: str) -> str:
+    return f"{PREFIX}.invoke_async.{_tok(function)}"
+
+
+def worker_run(worker_id: str) -> str:
+    return f"{PREFIX}.worker.{_tok(worker_id)}.run"
+
+
+def heartbeat(worker_id: str) -> str:
+    return f"{PREFIX}.heartbeat.{_tok(worker_id)}"
+
+
+def result(invocation_id: str) -> str:
+    return f"{PREFIX}.result.{_tok(invocation_id)}"
+
+
+def status(service: str) -> str:
+    """Request-reply: any instance of `service` answers with a ServiceStatus."""
+    return f"{PREFIX}.status.{_tok(service)}"
+
+
+def last_token(subject: str) -> str:
+    return subject.rsplit(".", 1)[-1]
