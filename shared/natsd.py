@@ -53,17 +53,20 @@ class NatsServer:
     port: int
     store_dir: Path
     log: list[str]
+    log_thread: threading.Thread
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process.poll() is not None:
-            return
-        # SIGTERM lets JetStream flush its store before exiting.
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process.poll() is None:
+            # SIGTERM lets JetStream flush its store before exiting.
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log_thread.join(timeout)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
 
 
 def write_config(
@@ -112,7 +115,8 @@ def start_nats_server(
                 ready.set()
         ready.set()
 
-    threading.Thread(target=pump, name="nats-server-log", daemon=True).start()
+    log_thread = threading.Thread(target=pump, name="nats-server-log", daemon=True)
+    log_thread.start()
     deadline = time.monotonic() + ready_timeout
     while not ready.wait(0.05):
         if time.monotonic() > deadline:
@@ -120,6 +124,10 @@ def start_nats_server(
             raise NatsServerError("nats-server did not become ready:\n" + "\n".join(log))
     if not found or process.poll() is not None:
         process.kill()
+        process.wait()
+        log_thread.join(5)
+        if process.stderr is not None:
+            process.stderr.close()
         raise NatsServerError("nats-server failed to start:\n" + "\n".join(log[-20:]))
     bound = found[-1]
     return NatsServer(
@@ -128,12 +136,15 @@ def start_nats_server(
         port=bound,
         store_dir=store_dir,
         log=log,
+        log_thread=log_thread,
     )
 
 
 @contextmanager
-def nats_server(state_dir: Path, **kwargs: object) -> Iterator[NatsServer]:
-    server = start_nats_server(state_dir, **kwargs)  # type: ignore[arg-type]
+def nats_server(
+    state_dir: Path, *, host: str = "127.0.0.1", port: int = -1, max_payload: int = 1024 * 1024
+) -> Iterator[NatsServer]:
+    server = start_nats_server(state_dir, host=host, port=port, max_payload=max_payload)
     try:
         yield server
     finally:

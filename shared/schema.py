@@ -1,7 +1,7 @@
 """Every message gfaas puts on the bus, defined once.
 
 MessagePack on the wire (msgspec Structs, validated on decode). Request-level
-metadata (invocation id, tenant, reply subject, deadline) travels in NATS headers
+metadata (invocation id, tenant, deadline) travels in NATS headers
 so that services which only route a message never decode its body.
 See docs/protocol.md for the subjects each message travels on.
 """
@@ -24,7 +24,6 @@ DEFAULT_TENANT: Final = "default"
 H_INVOCATION: Final = "Gfaas-Invocation-Id"
 H_TENANT: Final = "Gfaas-Tenant"
 H_FUNCTION: Final = "Gfaas-Function"
-H_REPLY: Final = "Gfaas-Reply"
 H_DEADLINE: Final = "Gfaas-Deadline-Ms"
 H_CALLBACK: Final = "Gfaas-Callback"
 H_STATUS: Final = "Gfaas-Status"
@@ -182,12 +181,16 @@ class ServiceStatus(_Msg):
 
 
 class InvocationMeta(msgspec.Struct, frozen=True, kw_only=True):
-    """The routing facts of one invocation, carried in NATS headers."""
+    """The routing facts of one invocation, carried in NATS headers.
+
+    The caller's reply subject rides in the NATS message's own reply field, which
+    ingress and the scheduler forward unchanged, so the worker answers the caller
+    directly.
+    """
 
     invocation_id: str
     function: str
     tenant: str = DEFAULT_TENANT
-    reply: str = ""
     deadline_ms: int = 0
 
     def to_headers(self) -> dict[str, str]:
@@ -196,8 +199,6 @@ class InvocationMeta(msgspec.Struct, frozen=True, kw_only=True):
             H_FUNCTION: self.function,
             H_TENANT: self.tenant,
         }
-        if self.reply:
-            headers[H_REPLY] = self.reply
         if self.deadline_ms:
             headers[H_DEADLINE] = str(self.deadline_ms)
         return headers
@@ -213,7 +214,6 @@ class InvocationMeta(msgspec.Struct, frozen=True, kw_only=True):
             invocation_id=h.get(H_INVOCATION, ""),
             function=h.get(H_FUNCTION, ""),
             tenant=h.get(H_TENANT, DEFAULT_TENANT) or DEFAULT_TENANT,
-            reply=h.get(H_REPLY, ""),
             deadline_ms=deadline,
         )
 

@@ -1,12 +1,46 @@
-"""The policy interface and the baseline policies (round robin, least loaded)."""
+"""The policy interface and the baseline policies (round robin, least loaded).
+
+Views are immutable snapshots. The optional fields (cache, profile, swap backlog,
+per-request profile numbers) default to "unknown"; policies fall back to plain
+load balancing when they are missing, so a scheduler that only knows heartbeats
+still works with every policy.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from shared.scheduling.cache import DeviceCache
 from shared.schema import FunctionKind
+
+# PCIe 3.0 x16 with pinned host memory moves about 12 GB/s (RESEARCH.md, FaaSwap).
+DEFAULT_LINK_BANDWIDTH = 12e9
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceProfile:
+    """Calibrated costs of one device, shared by the predictors and the simulator.
+
+    Interference model: a request that starts while `k` others run on the same
+    device takes `exec_s * (1 + interference * k)`. Linear per co-runner is crude
+    but monotone and cheap, and it is what both the SLO predictor and the
+    simulator assume, so their disagreement is zero by construction.
+    """
+
+    link_bandwidth: float = DEFAULT_LINK_BANDWIDTH  # bytes/s, host -> device
+    swap_overhead_s: float = 0.002  # per swap-in: allocation + launch of the copies
+    interference: float = 0.2  # slowdown per co-running request
+
+    def swap_s(self, nbytes: int) -> float:
+        return self.swap_overhead_s + nbytes / self.link_bandwidth
+
+    def slowdown(self, co_runners: int) -> float:
+        return 1.0 + self.interference * max(co_runners, 0)
+
+
+DEFAULT_PROFILE = DeviceProfile()
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +53,12 @@ class WorkerView:
     outstanding: int = 0
     resident: frozenset[str] = frozenset()  # models (or functions without a model) loaded
     memory_free: int = 0
+    # Optional, for the cache-aware policies:
+    memory_total: int = 0
+    cache: DeviceCache | None = field(default=None, hash=False)
+    profile: DeviceProfile = DEFAULT_PROFILE
+    # Seconds of swap-ins already queued on this worker's host link.
+    swap_backlog_s: float = 0.0
 
     @property
     def has_room(self) -> bool:
@@ -38,21 +78,71 @@ class RequestView:
     arrived_at: float = 0.0
     deadline: float = float("inf")
     slo_ms: float = 1000.0
+    # Optional profile numbers; 0 means unknown.
+    exec_s: float = 0.0  # warm execution time on an idle device
+    model_bytes: int = 0
+    # Torpor's RRC for this request's function (see slo.rrc); > threshold = behind its SLO.
+    rrc: float = 0.0
 
     @property
     def cache_key(self) -> str:
         """What must be resident on a worker for this request to run warm."""
         return self.model or self.function
 
+    @property
+    def due(self) -> float:
+        """The absolute time the request must finish by."""
+        if self.deadline != float("inf"):
+            return self.deadline
+        return self.arrived_at + self.slo_ms / 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An admission decision: the request cannot meet its deadline anywhere.
+
+    The scheduler answers the caller at once (ErrorCode.OVERLOADED or
+    DEADLINE_EXCEEDED) instead of queueing work that is already late.
+    """
+
+    invocation_id: str
+    reason: str
+
+
+# A worker id, a rejection, or None = keep the request queued.
+Decision = str | Rejected | None
+
 
 class Policy(Protocol):
     name: str
 
-    def choose(
-        self, request: RequestView, workers: Sequence[WorkerView], now: float
-    ) -> str | None:
+    def choose(self, request: RequestView, workers: Sequence[WorkerView], now: float) -> str | None:
         """The worker to run `request` on, or None to keep it queued (all full)."""
         ...
+
+
+@runtime_checkable
+class AdmittingPolicy(Protocol):
+    """A policy that can also refuse a request (see `decide`)."""
+
+    name: str
+
+    def choose(
+        self, request: RequestView, workers: Sequence[WorkerView], now: float
+    ) -> str | None: ...
+
+    def decide(self, request: RequestView, workers: Sequence[WorkerView], now: float) -> Decision:
+        """Like choose, but says Rejected where choose would only say None."""
+        ...
+
+
+def decide(
+    policy: Policy, request: RequestView, workers: Sequence[WorkerView], now: float
+) -> Decision:
+    """One request's decision under any policy; only admitting policies ever reject."""
+    if isinstance(policy, AdmittingPolicy):
+        return policy.decide(request, workers, now)
+    return policy.choose(request, workers, now)
 
 
 def eligible(request: RequestView, workers: Sequence[WorkerView]) -> list[WorkerView]:
@@ -61,7 +151,7 @@ def eligible(request: RequestView, workers: Sequence[WorkerView]) -> list[Worker
     A GPU function runs on a CPU worker when no GPU worker exists (the CPU backend
     is a full implementation, not a stub); it never waits for a GPU that isn't there.
     """
-    with_room = [w for w in workers if w.has_room]
+    with_room = [w for w in workers if w.outstanding < w.capacity]
     if request.kind is FunctionKind.GPU and any(w.is_gpu for w in workers):
         return [w for w in with_room if w.is_gpu]
     if request.kind is FunctionKind.CPU and any(not w.is_gpu for w in workers):
@@ -69,14 +159,21 @@ def eligible(request: RequestView, workers: Sequence[WorkerView]) -> list[Worker
     return with_room
 
 
+def same_kind(request: RequestView, workers: Sequence[WorkerView]) -> list[WorkerView]:
+    """Like `eligible` but with full workers too: where the request could ever run."""
+    if request.kind is FunctionKind.GPU and any(w.is_gpu for w in workers):
+        return [w for w in workers if w.is_gpu]
+    if request.kind is FunctionKind.CPU and any(not w.is_gpu for w in workers):
+        return [w for w in workers if not w.is_gpu]
+    return list(workers)
+
+
 @dataclass
 class RoundRobin:
     name: str = "round_robin"
     _cursor: int = field(default=0, repr=False)
 
-    def choose(
-        self, request: RequestView, workers: Sequence[WorkerView], now: float
-    ) -> str | None:
+    def choose(self, request: RequestView, workers: Sequence[WorkerView], now: float) -> str | None:
         candidates = sorted(eligible(request, workers), key=lambda w: w.worker_id)
         if not candidates:
             return None
@@ -91,9 +188,7 @@ class LeastLoaded:
 
     name: str = "least_loaded"
 
-    def choose(
-        self, request: RequestView, workers: Sequence[WorkerView], now: float
-    ) -> str | None:
+    def choose(self, request: RequestView, workers: Sequence[WorkerView], now: float) -> str | None:
         candidates = eligible(request, workers)
         if not candidates:
             return None
@@ -104,11 +199,36 @@ class LeastLoaded:
         return best.worker_id
 
 
+def _load_balance() -> Policy:
+    return LeastLoaded(name="load_balance")
+
+
+def _locality() -> Policy:
+    from shared.scheduling.locality import Locality
+
+    return Locality()
+
+
+def _locality_fifo() -> Policy:
+    from shared.scheduling.locality import Locality
+
+    return Locality(name="locality_fifo", out_of_order=False)
+
+
+def _slo() -> Policy:
+    from shared.scheduling.slo import SloAware
+
+    return SloAware()
+
+
 POLICIES: dict[str, Callable[[], Policy]] = {
     "round_robin": RoundRobin,
     "least_loaded": LeastLoaded,
-    # issue 4's policies register here too
-    "load_balance": LeastLoaded,
+    "load_balance": _load_balance,
+    # GPU-FaaS LALB + out-of-order dispatch; `locality_fifo` is LALB alone.
+    "locality": _locality,
+    "locality_fifo": _locality_fifo,
+    "slo": _slo,
 }
 
 

@@ -1,0 +1,277 @@
+"""The GPU worker: one process per device, running function handlers.
+
+It takes invocations on its own subject, keeps handlers (and their models) warm,
+answers the caller directly on the message's reply subject, tells the scheduler
+when each invocation is done, and heartbeats its device state.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import time
+from typing import Any
+
+import anyio
+import msgspec
+import torch
+from anyio.abc import TaskGroup, TaskStatus
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from opentelemetry.trace import SpanKind
+
+from services.gpu_worker.device import memory_info, pick_device
+from services.gpu_worker.models import HandlerCache, Loaded
+from shared import subjects, tracing
+from shared.bus import connected, reply_error, send_reply, serve_status
+from shared.config import Settings, effective_max_payload
+from shared.errors import GfaasError
+from shared.logs import get_logger
+from shared.modelstore import ModelStore
+from shared.registry import Registry
+from shared.schema import (
+    Done,
+    ErrorCode,
+    InvocationMeta,
+    InvokeReply,
+    InvokeRequest,
+    WorkerHeartbeat,
+    decode,
+    encode,
+    now_millis,
+)
+from shared.tensors import from_mapping, to_torch
+
+log = get_logger("gpu_worker")
+
+# Grace period for in-flight invocations on shutdown.
+DRAIN_GRACE_S = 20.0
+
+
+def default_worker_id(device: str) -> str:
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:24]
+    return f"{host}-{device.replace(':', '')}-{os.getpid()}"
+
+
+def _run_handler(entry: Loaded, inputs: dict[str, torch.Tensor]) -> Any:
+    with torch.inference_mode():
+        return entry.handler(inputs)
+
+
+class Worker:
+    def __init__(
+        self,
+        nc: NATS,
+        registry: Registry,
+        models: ModelStore,
+        settings: Settings,
+        device: str,
+        worker_id: str,
+    ) -> None:
+        self.nc = nc
+        self.registry = registry
+        self.settings = settings
+        self.device = device
+        self.worker_id = worker_id
+        self.max_payload = effective_max_payload(settings, nc.max_payload)
+        self.capacity = settings.capacity
+        self.inflight = 0
+        self.completed = 0
+        self.failed = 0
+        self.handlers = HandlerCache(
+            device=device,
+            threads=settings.threads,
+            capacity=settings.cache_models,
+            fetch_weights=lambda name: models.fetch(name, settings.state_dir / "models"),
+        )
+        self.idle = anyio.Event()
+        self.idle.set()
+
+    async def on_run(self, msg: Msg, tg: TaskGroup) -> None:
+        if self.inflight >= self.settings.capacity:
+            meta = InvocationMeta.from_headers(msg.headers)
+            await reply_error(
+                self.nc,
+                msg.reply,
+                meta.invocation_id,
+                ErrorCode.OVERLOADED,
+                f"worker {self.worker_id} is at capacity",
+            )
+            await self._done(meta, ok=False, exec_ms=0.0)
+            return
+        if self.inflight == 0:
+            self.idle = anyio.Event()
+        self.inflight += 1
+        tg.start_soon(self._run_one, msg)
+
+    async def _run_one(self, msg: Msg) -> None:
+        meta = InvocationMeta(invocation_id="", function="")
+        ok, exec_ms = False, 0.0
+        try:
+            meta = InvocationMeta.from_headers(msg.headers)
+            with tracing.handling_span(
+                "worker run",
+                msg.headers,
+                kind=SpanKind.CONSUMER,
+                invocation_id=meta.invocation_id,
+                attributes={"gfaas.function": meta.function, "gfaas.worker": self.worker_id},
+            ) as span:
+                try:
+                    reply, exec_ms = await self._execute(meta, msg.data)
+                except GfaasError as exc:
+                    tracing.mark_error(span, exc.code, exc.reason)
+                    reply = InvokeReply(
+                        invocation_id=meta.invocation_id, error=exc.info(), worker=self.worker_id
+                    )
+                ok = reply.error is None
+                if msg.reply:
+                    await send_reply(self.nc, msg.reply, reply, max_payload=self.max_payload)
+        except Exception as exc:  # a bug must cost one request, not the worker
+            log.exception("run.crashed", invocation_id=meta.invocation_id)
+            await reply_error(
+                self.nc, msg.reply, meta.invocation_id, ErrorCode.INTERNAL, repr(exc)
+            )
+        finally:
+            self.inflight -= 1
+            if ok:
+                self.completed += 1
+            else:
+                self.failed += 1
+            if self.inflight == 0:
+                self.idle.set()
+            with anyio.CancelScope(shield=True):
+                await self._done(meta, ok=ok, exec_ms=exec_ms)
+
+    async def _execute(self, meta: InvocationMeta, body: bytes) -> tuple[InvokeReply, float]:
+        if meta.remaining_s() <= 0:
+            raise GfaasError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed before execution")
+        spec = self.registry.get(meta.function)
+        if spec is None:
+            raise GfaasError(
+                ErrorCode.UNKNOWN_FUNCTION, f"function {meta.function!r} is not deployed"
+            )
+        try:
+            request = decode(body, InvokeRequest)
+        except msgspec.MsgspecError as exc:
+            raise GfaasError(ErrorCode.BAD_REQUEST, f"malformed request: {exc}") from None
+        entry = await self.handlers.get(spec)
+        inputs = {t.name: to_torch(t, self.device) for t in request.inputs}
+        started = time.perf_counter()
+        try:
+            with anyio.fail_after(max(meta.remaining_s(), 0.001)):
+                raw = await anyio.to_thread.run_sync(
+                    _run_handler, entry, inputs, limiter=entry.limiter
+                )
+        except TimeoutError:
+            raise GfaasError(
+                ErrorCode.DEADLINE_EXCEEDED, f"{spec.name} ran past its deadline"
+            ) from None
+        except GfaasError:
+            raise
+        except Exception as exc:
+            raise GfaasError(
+                ErrorCode.HANDLER_ERROR, f"{spec.name} raised {type(exc).__name__}: {exc}"
+            ) from None
+        exec_ms = (time.perf_counter() - started) * 1000.0
+        if not isinstance(raw, dict):
+            raise GfaasError(
+                ErrorCode.HANDLER_ERROR,
+                f"{spec.name} returned {type(raw).__name__}, expected a mapping of tensors",
+            )
+        outputs = from_mapping(raw)
+        return (
+            InvokeReply(
+                invocation_id=meta.invocation_id,
+                outputs=outputs,
+                worker=self.worker_id,
+                exec_ms=round(exec_ms, 3),
+            ),
+            exec_ms,
+        )
+
+    async def _done(self, meta: InvocationMeta, *, ok: bool, exec_ms: float) -> None:
+        if not meta.invocation_id:
+            return
+        done = Done(
+            worker_id=self.worker_id,
+            invocation_id=meta.invocation_id,
+            function=meta.function,
+            ok=ok,
+            exec_ms=round(exec_ms, 3),
+        )
+        await self.nc.publish(subjects.DONE, encode(done))
+
+    def heartbeat(self) -> WorkerHeartbeat:
+        mem = memory_info(self.device)
+        return WorkerHeartbeat(
+            worker_id=self.worker_id,
+            device=self.device,
+            pid=os.getpid(),
+            memory_total=mem.total,
+            memory_used=mem.used,
+            memory_free=mem.free,
+            models=self.handlers.resident(),
+            inflight=self.inflight,
+            capacity=self.capacity,
+            sent_at=now_millis() / 1000.0,
+        )
+
+    async def send_heartbeat(self) -> None:
+        await self.nc.publish(subjects.heartbeat(self.worker_id), encode(self.heartbeat()))
+
+    def details(self) -> dict[str, object]:
+        hb = self.heartbeat()
+        return {
+            "worker_id": self.worker_id,
+            "device": self.device,
+            "inflight": self.inflight,
+            "completed": self.completed,
+            "failed": self.failed,
+            "models": hb.models,
+            "model_loads": self.handlers.loads,
+            "memory_free": hb.memory_free,
+        }
+
+
+async def serve(
+    settings: Settings,
+    stop: anyio.Event,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    device = pick_device(settings.device)
+    torch.set_num_threads(max(1, settings.threads))
+    worker_id = settings.worker_id or default_worker_id(device)
+    async with connected(settings.nats_url, f"gfaas-worker-{worker_id}") as nc:
+        js = nc.jetstream()
+        registry = await Registry.open(js)
+        worker = Worker(nc, registry, await ModelStore.open(js), settings, device, worker_id)
+        async with anyio.create_task_group() as service_tg:
+            await service_tg.start(registry.watch)
+            async with anyio.create_task_group() as runs:
+
+                async def on_run(msg: Msg) -> None:
+                    await worker.on_run(msg, runs)
+
+                run_sub = await nc.subscribe(subjects.worker_run(worker_id), cb=on_run)
+                await serve_status(nc, "gpu-worker", worker_id, worker.details)
+                await worker.send_heartbeat()
+
+                async def beat() -> None:
+                    while True:
+                        await anyio.sleep(settings.heartbeat_s)
+                        await worker.send_heartbeat()
+
+                service_tg.start_soon(beat)
+                log.info("worker.started", worker=worker_id, device=device)
+                task_status.started()
+                await stop.wait()
+                # Stop intake: capacity 0 tells the scheduler to send nothing more.
+                worker.capacity = 0
+                await worker.send_heartbeat()
+                await run_sub.drain()
+                with anyio.move_on_after(DRAIN_GRACE_S):
+                    await worker.idle.wait()
+                runs.cancel_scope.cancel()
+            service_tg.cancel_scope.cancel()

@@ -1,0 +1,82 @@
+"""Admission of one invocation: everything ingress checks before work is scheduled.
+
+Pure over (function name, body, headers, the registry's cached spec): no I/O, so the
+sync, async and HTTP paths share it and it is tested without a server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import msgspec
+
+from shared.errors import GfaasError
+from shared.schema import (
+    DEFAULT_TENANT,
+    H_DEADLINE,
+    H_INVOCATION,
+    H_MSG_ID,
+    H_TENANT,
+    ErrorCode,
+    FunctionSpec,
+    InvocationMeta,
+    InvokeRequest,
+    decode,
+    is_valid_token,
+    new_invocation_id,
+)
+from shared.tensors import validate_inputs
+
+SpecLookup = Callable[[str], FunctionSpec | None]
+
+
+def decode_request(body: bytes) -> InvokeRequest:
+    try:
+        return decode(body, InvokeRequest)
+    except msgspec.MsgspecError as exc:
+        raise GfaasError(ErrorCode.BAD_REQUEST, f"malformed request: {exc}") from None
+
+
+def admit(
+    function: str,
+    body: bytes,
+    headers: Mapping[str, str] | None,
+    lookup: SpecLookup,
+    *,
+    max_payload: int,
+    now_ms: int,
+) -> tuple[InvocationMeta, InvokeRequest, FunctionSpec]:
+    """Validate and stamp an invocation, or raise GfaasError with the reason."""
+    h = headers or {}
+    if len(body) > max_payload:
+        raise GfaasError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"request of {len(body)} bytes exceeds the {max_payload}-byte limit; "
+            "send large tensors by handle",
+        )
+    request = decode_request(body)
+    invocation_id = (
+        h.get(H_INVOCATION) or h.get(H_MSG_ID) or request.invocation_id or new_invocation_id()
+    )
+    if not is_valid_token(invocation_id):
+        raise GfaasError(
+            ErrorCode.BAD_REQUEST,
+            f"invocation id {invocation_id!r} must be 1-64 characters of [A-Za-z0-9_-]",
+        )
+    spec = lookup(function)
+    if spec is None:
+        raise GfaasError(ErrorCode.UNKNOWN_FUNCTION, f"function {function!r} is not deployed")
+    validate_inputs(spec, request.inputs)
+    tenant = h.get(H_TENANT) or DEFAULT_TENANT
+    if not is_valid_token(tenant):
+        raise GfaasError(ErrorCode.BAD_REQUEST, f"tenant {tenant!r} is not a valid token")
+    try:
+        deadline = int(h.get(H_DEADLINE, "0") or 0)
+    except ValueError:
+        raise GfaasError(ErrorCode.BAD_REQUEST, f"{H_DEADLINE} must be an integer") from None
+    if not deadline:
+        deadline = now_ms + (request.timeout_ms or spec.timeout_ms)
+    meta = InvocationMeta(
+        invocation_id=invocation_id, function=function, tenant=tenant, deadline_ms=deadline
+    )
+    return meta, request, spec

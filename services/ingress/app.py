@@ -1,0 +1,344 @@
+"""Ingress: the front door. NATS sync and async invocations, results, and HTTP (OIP).
+
+Sync: `gfaas.v1.invoke.<fn>` requests are admitted (validated, stamped with id,
+tenant and deadline) and forwarded to the scheduler with the caller's reply subject,
+so the worker answers the caller directly. Async: `gfaas.v1.invoke_async.<fn>`
+messages land in a JetStream work-queue stream; ingress consumes them, runs them
+through the same path, stores the reply in the results KV, then acknowledges.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping, Sequence
+
+import anyio
+import msgspec
+import nats.errors
+from anyio.abc import TaskStatus
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
+from nats.js.errors import KeyDeletedError, KeyNotFoundError
+from nats.js.kv import KeyValue
+from opentelemetry.trace import SpanKind
+
+from services.ingress.admission import admit
+from shared import jetstream, subjects, tracing
+from shared.bus import connected, reply_error, send_reply, serve_status
+from shared.config import Settings, effective_max_payload
+from shared.errors import GfaasError
+from shared.logs import get_logger
+from shared.registry import Registry
+from shared.schema import (
+    H_CALLBACK,
+    ErrorCode,
+    FunctionSpec,
+    InvocationMeta,
+    InvokeReply,
+    InvokeRequest,
+    decode,
+    encode,
+    error_reply,
+    now_millis,
+)
+
+log = get_logger("ingress")
+
+
+class Ingress:
+    def __init__(self, nc: NATS, registry: Registry, results: KeyValue, settings: Settings):
+        self.nc = nc
+        self.registry = registry
+        self.results = results
+        self.settings = settings
+        self.max_payload = effective_max_payload(settings, nc.max_payload)
+        self.accepted = 0
+        self.rejected = 0
+
+    # -- sync NATS path ---------------------------------------------------------------
+
+    async def on_invoke(self, msg: Msg) -> None:
+        function = subjects.last_token(msg.subject)
+        with tracing.handling_span(
+            "ingress invoke",
+            msg.headers,
+            kind=SpanKind.SERVER,
+            attributes={"gfaas.function": function},
+        ) as span:
+            try:
+                meta, _, _ = admit(
+                    function,
+                    msg.data,
+                    msg.headers,
+                    self.registry.get,
+                    max_payload=self.max_payload,
+                    now_ms=now_millis(),
+                )
+            except GfaasError as exc:
+                self.rejected += 1
+                tracing.mark_error(span, exc.code, exc.reason)
+                invocation_id = (msg.headers or {}).get("Gfaas-Invocation-Id", "")
+                await reply_error(self.nc, msg.reply, invocation_id, exc.code, exc.reason)
+                return
+            span.set_attribute("gfaas.invocation_id", meta.invocation_id)
+            if not msg.reply:
+                log.info(
+                    "invoke.no_reply_subject",
+                    function=function,
+                    hint="publish to invoke_async for fire-and-forget",
+                )
+                return
+            self.accepted += 1
+            await self.nc.publish(
+                subjects.SCHEDULE,
+                msg.data,
+                reply=msg.reply,
+                headers=tracing.inject(meta.to_headers()),
+            )
+
+    # -- request-reply through the scheduler (HTTP and async paths) -------------------
+
+    async def call(
+        self, function: str, body: bytes, headers: Mapping[str, str] | None
+    ) -> InvokeReply:
+        with tracing.handling_span(
+            "ingress call",
+            headers,
+            kind=SpanKind.SERVER,
+            attributes={"gfaas.function": function},
+        ) as span:
+            try:
+                meta, _, _ = admit(
+                    function,
+                    body,
+                    headers,
+                    self.registry.get,
+                    max_payload=self.max_payload,
+                    now_ms=now_millis(),
+                )
+            except GfaasError as exc:
+                self.rejected += 1
+                tracing.mark_error(span, exc.code, exc.reason)
+                return error_reply("", exc.code, exc.reason)
+            self.accepted += 1
+            span.set_attribute("gfaas.invocation_id", meta.invocation_id)
+            reply = await self._request(meta, body)
+            if reply.error:
+                tracing.mark_error(span, reply.error.code, reply.error.reason)
+            return reply
+
+    async def _request(self, meta: InvocationMeta, body: bytes) -> InvokeReply:
+        timeout = max(meta.remaining_s(), 0.001)
+        try:
+            msg = await self.nc.request(
+                subjects.SCHEDULE, body, timeout=timeout, headers=tracing.inject(meta.to_headers())
+            )
+        except nats.errors.NoRespondersError:
+            return error_reply(
+                meta.invocation_id, ErrorCode.NO_WORKER, "no scheduler is running"
+            )
+        except nats.errors.TimeoutError:
+            return error_reply(
+                meta.invocation_id,
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"no reply within {timeout:.3f}s",
+            )
+        try:
+            return decode(msg.data, InvokeReply)
+        except msgspec.MsgspecError as exc:
+            return error_reply(meta.invocation_id, ErrorCode.INTERNAL, f"bad reply: {exc}")
+
+    # -- async path -------------------------------------------------------------------
+
+    async def run_async(self, msg: Msg) -> None:
+        """One message from the invocations stream, processed at least once."""
+        function = subjects.last_token(msg.subject)
+        headers = dict(msg.headers or {})
+        try:
+            request = decode(msg.data, InvokeRequest)
+            callback = headers.get(H_CALLBACK) or request.callback
+        except msgspec.MsgspecError:
+            callback = headers.get(H_CALLBACK, "")
+        if not headers.get("Gfaas-Invocation-Id") and not headers.get("Nats-Msg-Id"):
+            # Without an id the caller could not fetch the result: derive a stable one
+            # from the stream position so redeliveries map to the same key.
+            headers["Gfaas-Invocation-Id"] = f"s{msg.metadata.sequence.stream}"
+        invocation_id = headers.get("Gfaas-Invocation-Id") or headers["Nats-Msg-Id"]
+        stored = await self.stored_result(invocation_id)
+        if stored is None or (stored.error and stored.error.code == ErrorCode.PENDING):
+            await self._store(
+                error_reply(invocation_id, ErrorCode.PENDING, "accepted, not finished yet")
+            )
+            reply = await self.call(function, msg.data, headers)
+            if not reply.invocation_id:
+                reply = InvokeReply(
+                    invocation_id=invocation_id,
+                    outputs=reply.outputs,
+                    error=reply.error,
+                    worker=reply.worker,
+                    exec_ms=reply.exec_ms,
+                )
+            await self._store(reply)
+        else:
+            reply = stored  # a redelivery of work already done: don't run it twice
+        if callback:
+            try:
+                await send_reply(self.nc, callback, reply, max_payload=self.max_payload)
+            except Exception as exc:  # the result is stored; a bad callback must not block ack
+                log.warning("async.callback_failed", callback=callback, error=repr(exc))
+        await msg.ack()
+
+    async def _store(self, reply: InvokeReply) -> None:
+        body = encode(reply)
+        if len(body) > self.max_payload:
+            body = encode(
+                error_reply(
+                    reply.invocation_id,
+                    ErrorCode.PAYLOAD_TOO_LARGE,
+                    f"result of {len(body)} bytes is too large to store",
+                )
+            )
+        await self.results.put(reply.invocation_id, body)
+
+    async def stored_result(self, invocation_id: str) -> InvokeReply | None:
+        try:
+            entry = await self.results.get(invocation_id)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        return decode(entry.value, InvokeReply) if entry.value else None
+
+    async def on_result(self, msg: Msg) -> None:
+        invocation_id = subjects.last_token(msg.subject)
+        reply = await self.stored_result(invocation_id)
+        if reply is None:
+            reply = error_reply(
+                invocation_id, ErrorCode.NOT_FOUND, f"no result for invocation {invocation_id}"
+            )
+        await msg.respond(encode(reply))
+
+    async def consume_async(self, stop: anyio.Event) -> None:
+        js = self.nc.jetstream()
+        sub = await js.pull_subscribe(
+            subjects.INVOKE_ASYNC_ALL,
+            durable=jetstream.ASYNC_CONSUMER,
+            stream=jetstream.INVOCATIONS_STREAM,
+        )
+        limiter = anyio.CapacityLimiter(self.settings.async_concurrency)
+        try:
+            await self._consume(sub, limiter, stop)
+        finally:
+            # A pull subscription never marks its queue done, so drain() would wait on it.
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+
+    async def _consume(
+        self,
+        sub: JetStreamContext.PullSubscription,
+        limiter: anyio.CapacityLimiter,
+        stop: anyio.Event,
+    ) -> None:
+        async with anyio.create_task_group() as runs:
+
+            async def run(msg: Msg) -> None:
+                try:
+                    await self.run_async(msg)
+                except Exception:
+                    log.exception("async.failed", subject=msg.subject)
+                finally:
+                    limiter.release_on_behalf_of(msg)
+
+            async def fetch_loop() -> None:
+                while True:
+                    try:
+                        batch = await sub.fetch(batch=self.settings.async_concurrency, timeout=1)
+                    except nats.errors.TimeoutError:
+                        continue
+                    for msg in batch:
+                        await limiter.acquire_on_behalf_of(msg)
+                        runs.start_soon(run, msg)
+
+            async with anyio.create_task_group() as intake:
+                intake.start_soon(fetch_loop)
+                await stop.wait()
+                # Messages fetched but not started are redelivered after ack_wait.
+                intake.cancel_scope.cancel()
+
+    # -- HTTP backend (services.ingress.http.InferenceBackend) ------------------------
+
+    def ready(self) -> bool:
+        return self.nc.is_connected
+
+    def specs(self) -> Sequence[FunctionSpec]:
+        return self.registry.all()
+
+    def spec(self, name: str) -> FunctionSpec | None:
+        return self.registry.get(name)
+
+    async def infer(
+        self, name: str, request: InvokeRequest, headers: Mapping[str, str]
+    ) -> InvokeReply:
+        return await self.call(name, encode(request), headers)
+
+    def details(self) -> dict[str, object]:
+        return {
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "functions": [s.name for s in self.registry.all()],
+            "max_payload": self.max_payload,
+        }
+
+
+async def _serve_http(ingress: Ingress, settings: Settings, stop: anyio.Event) -> None:
+    import uvicorn
+
+    from services.ingress.http import create_app
+
+    config = uvicorn.Config(
+        create_app(ingress, max_payload=ingress.max_payload),
+        host=settings.http_host,
+        port=settings.http_port,
+        log_level="warning",
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    # uvicorn installs its own signal handlers unless told not to; the service owns them.
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        await stop.wait()
+        server.should_exit = True
+
+
+async def serve(
+    settings: Settings,
+    stop: anyio.Event,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    instance = f"{socket.gethostname()}-{os.getpid()}"
+    async with connected(settings.nats_url, "gfaas-ingress") as nc:
+        js = nc.jetstream()
+        await jetstream.ensure_invocations_stream(js)
+        registry = await Registry.open(js)
+        ingress = Ingress(nc, registry, await jetstream.results_kv(js), settings)
+        async with anyio.create_task_group() as service_tg:
+            await service_tg.start(registry.watch)
+            async with anyio.create_task_group() as intake:
+                invoke_sub = await nc.subscribe(
+                    subjects.INVOKE_ALL, queue=subjects.Q_INGRESS, cb=ingress.on_invoke
+                )
+                result_sub = await nc.subscribe(
+                    subjects.RESULT_ALL, queue=subjects.Q_INGRESS, cb=ingress.on_result
+                )
+                await serve_status(nc, "ingress", instance, ingress.details)
+                # Both end by themselves once `stop` is set, after their in-flight work.
+                intake.start_soon(ingress.consume_async, stop)
+                if settings.http_enabled:
+                    intake.start_soon(_serve_http, ingress, settings, stop)
+                task_status.started()
+                await stop.wait()
+                await invoke_sub.drain()
+                await result_sub.drain()
+            service_tg.cancel_scope.cancel()

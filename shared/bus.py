@@ -1,0 +1,152 @@
+"""NATS connection lifetime and the few publish helpers every service shares."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from shared import __version__, subjects
+from shared.logs import get_logger
+from shared.schema import (
+    H_INVOCATION,
+    H_STATUS,
+    ErrorCode,
+    InvokeReply,
+    ServiceStatus,
+    encode,
+    error_reply,
+)
+
+log = get_logger("bus")
+
+DRAIN_TIMEOUT_S = 5.0
+
+
+async def _connect_once(url: str, name: str) -> NATS:
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats.error", client=name, error=repr(exc))
+
+    async def on_disconnect() -> None:
+        log.info("nats.disconnected", client=name)
+
+    async def on_reconnect() -> None:
+        log.info("nats.reconnected", client=name)
+
+    return await nats.connect(
+        url,
+        name=name,
+        connect_timeout=2,
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+
+
+@asynccontextmanager
+async def connected(url: str, name: str, *, wait_s: float = 30.0) -> AsyncIterator[NATS]:
+    """A connection that waits for the server at start (compose starts us in any order)
+    and is drained on exit: subscriptions stop, pending messages are handled, then close."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            nc = await _connect_once(url, name)
+            break
+        except (OSError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"cannot reach NATS at {url}: {exc}") from exc
+            await anyio.sleep(0.25)
+    try:
+        yield nc
+    finally:
+        with anyio.move_on_after(DRAIN_TIMEOUT_S, shield=True):
+            if not nc.is_closed:
+                try:
+                    await nc.drain()
+                except Exception as exc:  # closing anyway; a drain error must not mask others
+                    log.warning("nats.drain_failed", client=name, error=repr(exc))
+                    await nc.close()
+
+
+async def send_reply(
+    nc: NATS,
+    subject: str,
+    reply: InvokeReply,
+    *,
+    max_payload: int,
+    headers: Mapping[str, str] | None = None,
+) -> int:
+    """Publish an InvokeReply; an oversize one becomes a payload_too_large error.
+
+    nats-py reports an oversize publish as a timeout on the caller's side, never to
+    the publisher, so the size is checked here.
+    """
+    body = encode(reply)
+    if len(body) > max_payload:
+        body = encode(
+            error_reply(
+                reply.invocation_id,
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"reply of {len(body)} bytes exceeds the {max_payload}-byte limit; "
+                "large outputs move by handle",
+            )
+        )
+        reply = InvokeReply(invocation_id=reply.invocation_id)  # for the status header
+        status = "error"
+    else:
+        status = "error" if reply.error else "ok"
+    out = {H_INVOCATION: reply.invocation_id, H_STATUS: status}
+    if headers:
+        out.update(headers)
+    await nc.publish(subject, body, headers=out)
+    return len(body)
+
+
+async def reply_error(
+    nc: NATS,
+    subject: str,
+    invocation_id: str,
+    code: ErrorCode,
+    reason: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    if not subject:
+        log.info("error.no_reply_subject", code=code, reason=reason)
+        return
+    out = {H_INVOCATION: invocation_id, H_STATUS: "error"}
+    if headers:
+        out.update(headers)
+    await nc.publish(subject, encode(error_reply(invocation_id, code, reason)), headers=out)
+
+
+async def serve_status(
+    nc: NATS,
+    service: str,
+    instance: str,
+    details: Callable[[], dict[str, Any]],
+) -> Subscription:
+    """Answer `gfaas.v1.status.<service>` (and the instance's own subject)."""
+    started = time.monotonic()
+
+    async def on_request(msg: Msg) -> None:
+        status = ServiceStatus(
+            service=service,
+            instance=instance,
+            version=__version__,
+            uptime_s=round(time.monotonic() - started, 3),
+            details=details(),
+        )
+        await msg.respond(encode(status))
+
+    return await nc.subscribe(subjects.status(service), cb=on_request)

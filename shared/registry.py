@@ -1,0 +1,89 @@
+"""The function registry: FunctionSpecs in a JetStream KV bucket, watched into a cache.
+
+Services read specs from the in-memory cache on the hot path (a dict lookup), and
+the watch keeps it current; deploy/rm write the bucket.
+"""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from nats.js.client import JetStreamContext
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, NoKeysError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from shared import jetstream
+from shared.logs import get_logger
+from shared.schema import FunctionSpec, decode, encode
+
+log = get_logger("registry")
+
+
+class Registry:
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+        self._specs: dict[str, FunctionSpec] = {}
+        self._synced = anyio.Event()
+
+    @classmethod
+    async def open(cls, js: JetStreamContext) -> Registry:
+        return cls(await jetstream.functions_kv(js))
+
+    async def put(self, spec: FunctionSpec) -> None:
+        await self._kv.put(spec.name, encode(spec))
+
+    async def delete(self, name: str) -> bool:
+        try:
+            await self._kv.get(name)
+        except (KeyNotFoundError, KeyDeletedError):
+            return False
+        await self._kv.delete(name)
+        return True
+
+    async def fetch(self, name: str) -> FunctionSpec | None:
+        try:
+            entry = await self._kv.get(name)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        return decode(entry.value, FunctionSpec) if entry.value else None
+
+    async def fetch_all(self) -> list[FunctionSpec]:
+        try:
+            keys = await self._kv.keys()
+        except NoKeysError:
+            return []
+        specs = [await self.fetch(key) for key in keys]
+        return sorted((s for s in specs if s is not None), key=lambda s: s.name)
+
+    def get(self, name: str) -> FunctionSpec | None:
+        """The cached spec (kept current by `watch`)."""
+        return self._specs.get(name)
+
+    def all(self) -> list[FunctionSpec]:
+        return sorted(self._specs.values(), key=lambda s: s.name)
+
+    async def wait_synced(self) -> None:
+        await self._synced.wait()
+
+    async def watch(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        watcher = await self._kv.watchall()
+        started = False
+        try:
+            async for entry in watcher:
+                if entry is None:  # end of the initial values
+                    self._synced.set()
+                    if not started:
+                        started = True
+                        task_status.started()
+                    continue
+                if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                    self._specs.pop(entry.key, None)
+                    continue
+                try:
+                    self._specs[entry.key] = decode(entry.value, FunctionSpec)
+                except msgspec.MsgspecError as exc:
+                    log.warning("registry.bad_entry", key=entry.key, error=str(exc))
+        finally:
+            with anyio.CancelScope(shield=True):
+                await watcher.stop()

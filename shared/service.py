@@ -1,0 +1,81 @@
+"""Running one service as a process: logging, tracing, signals, structured shutdown.
+
+A service is `serve(settings, stop, *, task_status)`: it reports ready through
+task_status once subscribed, runs until `stop` is set, then stops intake, lets
+in-flight work finish within its grace period and drains its connection. The
+first SIGTERM/SIGINT sets `stop`; a second one cancels outright.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Awaitable
+from typing import Protocol
+
+import anyio
+from anyio.abc import TaskStatus
+
+from shared.config import Settings
+from shared.logs import configure_logging, get_logger
+from shared.tracing import configure_tracing, shutdown_tracing
+
+
+class ServeFn(Protocol):
+    def __call__(
+        self,
+        settings: Settings,
+        stop: anyio.Event,
+        *,
+        task_status: TaskStatus[None] = ...,
+    ) -> Awaitable[None]: ...
+
+
+async def _watch_signals(stop: anyio.Event, scope: anyio.CancelScope) -> None:
+    log = get_logger("service")
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if stop.is_set():
+                log.warning("service.forced_stop", signal=signal.Signals(signum).name)
+                scope.cancel()
+                return
+            log.info("service.stopping", signal=signal.Signals(signum).name)
+            stop.set()
+
+
+async def _serve_then_unwatch(
+    serve: ServeFn,
+    settings: Settings,
+    stop: anyio.Event,
+    watcher: anyio.CancelScope,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    try:
+        await serve(settings, stop, task_status=task_status)
+    finally:
+        watcher.cancel()
+
+
+async def _run(name: str, serve: ServeFn, settings: Settings) -> None:
+    stop = anyio.Event()
+    log = get_logger(name)
+    watcher = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            with watcher:
+                await _watch_signals(stop, tg.cancel_scope)
+
+        tg.start_soon(watch)
+        await tg.start(_serve_then_unwatch, serve, settings, stop, watcher)
+        log.info("service.ready", service=name, nats_url=settings.nats_url)
+    log.info("service.stopped", service=name)
+
+
+def run_service(name: str, serve: ServeFn, settings: Settings) -> None:
+    configure_logging(settings.log_level, json=settings.log_json)
+    configure_tracing(name)
+    try:
+        anyio.run(_run, name, serve, settings)
+    finally:
+        shutdown_tracing()

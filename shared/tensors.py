@@ -1,0 +1,127 @@
+"""Wire tensors <-> numpy/torch, and validation of inputs against a function's spec."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.errors import GfaasError
+from shared.schema import DType, ErrorCode, FunctionSpec, Tensor, TensorSpec
+
+_NUMPY: dict[DType, np.dtype[Any]] = {d: np.dtype(d.value).newbyteorder("<") for d in DType}
+_FROM_NUMPY: dict[str, DType] = {np.dtype(d.value).name: d for d in DType}
+_TORCH: dict[DType, torch.dtype] = {
+    DType.BOOL: torch.bool,
+    DType.UINT8: torch.uint8,
+    DType.UINT16: torch.uint16,
+    DType.UINT32: torch.uint32,
+    DType.UINT64: torch.uint64,
+    DType.INT8: torch.int8,
+    DType.INT16: torch.int16,
+    DType.INT32: torch.int32,
+    DType.INT64: torch.int64,
+    DType.FLOAT16: torch.float16,
+    DType.FLOAT32: torch.float32,
+    DType.FLOAT64: torch.float64,
+}
+_FROM_TORCH: dict[torch.dtype, DType] = {v: k for k, v in _TORCH.items()}
+
+
+def itemsize(dtype: DType) -> int:
+    return _NUMPY[dtype].itemsize
+
+
+def nbytes_of(dtype: DType, shape: Sequence[int]) -> int:
+    return itemsize(dtype) * math.prod(shape)
+
+
+def to_numpy(t: Tensor) -> np.ndarray[Any, Any]:
+    expected = nbytes_of(t.dtype, t.shape)
+    if len(t.data) != expected:
+        raise GfaasError(
+            ErrorCode.INVALID_INPUT,
+            f"tensor {t.name!r}: {len(t.data)} bytes for {t.dtype}{list(t.shape)} "
+            f"(expected {expected})",
+        )
+    return np.frombuffer(t.data, dtype=_NUMPY[t.dtype]).reshape(t.shape)
+
+
+def to_torch(t: Tensor, device: str = "cpu") -> torch.Tensor:
+    # A writable copy: handlers may modify inputs in place, and wire bytes are immutable.
+    array = to_numpy(t).copy()
+    tensor = torch.from_numpy(array)
+    return tensor if device == "cpu" else tensor.to(device, non_blocking=True)
+
+
+def from_value(name: str, value: Any) -> Tensor:
+    """A wire tensor from a torch tensor or a numpy array (or anything np.asarray takes)."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+        if tensor.dtype not in _FROM_TORCH:
+            raise GfaasError(ErrorCode.HANDLER_ERROR, f"output {name!r}: dtype {tensor.dtype}")
+        dtype = _FROM_TORCH[tensor.dtype]
+        cpu = tensor.to("cpu").contiguous()
+        data = cpu.numpy().tobytes() if cpu.numel() else b""
+        return Tensor(name=name, dtype=dtype, shape=list(cpu.shape), data=data)
+    array = np.ascontiguousarray(value)
+    dt = _FROM_NUMPY.get(array.dtype.name)
+    if dt is None:
+        raise GfaasError(ErrorCode.HANDLER_ERROR, f"output {name!r}: dtype {array.dtype}")
+    return Tensor(
+        name=name,
+        dtype=dt,
+        shape=list(array.shape),
+        data=array.astype(_NUMPY[dt], copy=False).tobytes(),
+    )
+
+
+def from_mapping(values: Mapping[str, Any]) -> list[Tensor]:
+    return [from_value(name, value) for name, value in values.items()]
+
+
+def _check_shape(spec: TensorSpec, shape: Sequence[int]) -> str | None:
+    if len(shape) != len(spec.shape):
+        return f"rank {len(shape)} (shape {list(shape)}), expected {spec.shape}"
+    for got, want in zip(shape, spec.shape, strict=True):
+        if got < 0 or (want != -1 and got != want):
+            return f"shape {list(shape)}, expected {spec.shape}"
+    return None
+
+
+def validate_inputs(spec: FunctionSpec, inputs: Sequence[Tensor]) -> None:
+    """Raise INVALID_INPUT unless `inputs` match the spec's names, dtypes and shapes."""
+    for t in inputs:
+        if any(d < 0 for d in t.shape):
+            raise GfaasError(ErrorCode.INVALID_INPUT, f"{t.name!r}: negative dimension")
+        if t.handle is None and len(t.data) != nbytes_of(t.dtype, t.shape):
+            raise GfaasError(
+                ErrorCode.INVALID_INPUT,
+                f"{t.name!r}: {len(t.data)} bytes for {t.dtype}{list(t.shape)}",
+            )
+    if not spec.inputs:
+        return
+    given = {t.name: t for t in inputs}
+    if len(given) != len(inputs):
+        raise GfaasError(ErrorCode.INVALID_INPUT, "duplicate input names")
+    wanted = {s.name for s in spec.inputs}
+    unknown = sorted(set(given) - wanted)
+    if unknown:
+        raise GfaasError(
+            ErrorCode.INVALID_INPUT,
+            f"{spec.name} has no input(s) {unknown}; inputs are {sorted(wanted)}",
+        )
+    for s in spec.inputs:
+        t = given.get(s.name)
+        if t is None:
+            raise GfaasError(ErrorCode.INVALID_INPUT, f"missing input {s.name!r}")
+        if t.dtype != s.dtype:
+            raise GfaasError(
+                ErrorCode.INVALID_INPUT, f"input {s.name!r}: dtype {t.dtype}, expected {s.dtype}"
+            )
+        problem = _check_shape(s, t.shape)
+        if problem:
+            raise GfaasError(ErrorCode.INVALID_INPUT, f"input {s.name!r}: {problem}")

@@ -1,0 +1,137 @@
+"""Fixtures: a real nats-server on a free loopback port, and the gfaas services.
+
+Services run in-process on their own event loop thread (fast, and spans land in
+one in-memory exporter); tests that need process boundaries (a worker killed
+mid-request, `gfaas up`) start real processes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from nats.aio.client import Client as NATS
+
+import nats
+from services.gpu_worker.app import serve as serve_worker
+from services.ingress.app import serve as serve_ingress
+from services.memory_broker.app import serve as serve_broker
+from services.scheduler.app import serve as serve_scheduler
+from shared.config import Settings
+from shared.natsd import NatsServer, nats_server as nats_server_at
+from shared.service import ServeFn
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    with nats_server_at(tmp_path / "nats") as server:
+        yield server
+
+
+@dataclass
+class Platform:
+    """Services running on a background event loop, stoppable one by one."""
+
+    portal: BlockingPortal
+    url: str
+    http_port: int
+    state_dir: Path
+    stops: dict[str, anyio.Event] = field(default_factory=dict)
+    futures: dict[str, Any] = field(default_factory=dict)
+
+    def start(self, name: str, serve: ServeFn, settings: Settings) -> None:
+        stop = self.portal.call(anyio.Event)
+        future, _ = self.portal.start_task(serve, settings, stop, name=name)
+        self.stops[name], self.futures[name] = stop, future
+
+    def stop(self, name: str, timeout: float = 30.0) -> None:
+        self.portal.call(self.stops.pop(name).set)
+        self.futures.pop(name).result(timeout)
+
+    def stop_all(self) -> None:
+        for name in list(self.stops):
+            self.stop(name)
+
+
+def settings_for(url: str, state_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "nats_url": url,
+        "state_dir": state_dir,
+        "http_host": "127.0.0.1",
+        "http_port": free_port(),
+        "heartbeat_s": 0.1,
+        "worker_timeout_s": 1.0,
+        "capacity": 8,
+        "http_enabled": False,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@contextmanager
+def platform_at(
+    url: str, state_dir: Path, *, workers: int = 1, **overrides: Any
+) -> Iterator[Platform]:
+    settings = settings_for(url, state_dir, **overrides)
+    with start_blocking_portal("asyncio") as portal:
+        p = Platform(portal=portal, url=url, http_port=settings.http_port, state_dir=state_dir)
+        try:
+            for i in range(workers):
+                worker_settings = Settings(
+                    **{**settings.__dict__, "worker_id": f"w{i}"}
+                )
+                p.start(f"worker-{i}", serve_worker, worker_settings)
+            p.start("memory-broker", serve_broker, settings)
+            p.start("scheduler", serve_scheduler, settings)
+            p.start("ingress", serve_ingress, settings)
+            yield p
+        finally:
+            p.stop_all()
+
+
+@pytest.fixture
+def platform(nats_server: NatsServer, tmp_path: Path) -> Iterator[Platform]:
+    with platform_at(nats_server.url, tmp_path / "state") as p:
+        yield p
+
+
+@pytest.fixture
+async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    conn = await nats.connect(nats_server.url)
+    try:
+        yield conn
+    finally:
+        await conn.drain()
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+PYTHON = sys.executable

@@ -1,0 +1,46 @@
+"""Handlers the integration tests deploy (importable by in-process and subprocess workers)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from shared.function import LoadContext
+
+
+def echo(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"y": inputs["x"]}
+
+
+def add_one(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"y": inputs["x"] + 1}
+
+
+def sleep(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    time.sleep(float(inputs["seconds"].item()))
+    return {"slept": inputs["seconds"]}
+
+
+def boom(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    raise ValueError("the handler failed on purpose")
+
+
+def not_a_mapping(inputs: dict[str, torch.Tensor]) -> Any:
+    return "not tensors"
+
+
+def big_output(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"y": torch.zeros(4 * 1024 * 1024, dtype=torch.uint8)}
+
+
+class Scale:
+    """A stateful handler: weights loaded once from the model store."""
+
+    def __init__(self, ctx: LoadContext) -> None:
+        assert ctx.weights_path is not None
+        self.factor = torch.load(ctx.weights_path, weights_only=True)["factor"]
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"y": inputs["x"] * self.factor}

@@ -1,0 +1,134 @@
+"""Bad input gets a clear error reply (code + reason) promptly; the services keep serving."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import numpy as np
+import pytest
+from nats.aio.client import Client as NATS
+
+from shared.schema import FunctionSpec, TensorSpec
+from tests.conftest import Platform
+from tests.helpers import body, deploy_and_wait, request
+
+pytestmark = [pytest.mark.nats, pytest.mark.anyio]
+
+ECHO = FunctionSpec(
+    name="echo",
+    handler="tests.funcs:echo",
+    inputs=[TensorSpec(name="x", dtype="float32", shape=[-1, 3])],
+)
+BOOM = FunctionSpec(name="boom", handler="tests.funcs:boom")
+NOT_A_MAPPING = FunctionSpec(name="not-a-mapping", handler="tests.funcs:not_a_mapping")
+MISSING_HANDLER = FunctionSpec(name="missing", handler="tests.funcs:no_such_attr")
+BIG_OUTPUT = FunctionSpec(name="big-output", handler="tests.funcs:big_output")
+GOOD = np.ones((1, 3), dtype=np.float32)
+
+
+async def expect_error(nc: NATS, function: str, data: bytes, code: str) -> str:
+    started = time.monotonic()
+    msg, reply = await request(nc, function, data, timeout=10)
+    assert time.monotonic() - started < 5, "an error must come promptly, not as a timeout"
+    assert reply.get("error"), reply
+    assert reply["error"]["code"] == code, reply
+    assert msg.headers is not None
+    assert msg.headers["Gfaas-Status"] == "error"
+    reason: str = reply["error"]["reason"]
+    assert reason
+    # ... and the platform still serves the next request.
+    _, ok = await request(nc, "echo", body(x=GOOD))
+    assert "error" not in ok, ok
+    return reason
+
+
+async def test_unknown_function_gets_an_error_reply(platform: Platform, nc: NATS) -> None:
+    await deploy_and_wait(nc, ECHO)
+    reason = await expect_error(nc, "nope", body(x=GOOD), "unknown_function")
+    assert "nope" in reason
+
+
+async def test_malformed_messagepack_gets_an_error_reply(platform: Platform, nc: NATS) -> None:
+    await deploy_and_wait(nc, ECHO)
+    reason = await expect_error(nc, "echo", b"\xc1\xff not msgpack", "bad_request")
+    assert "malformed" in reason
+
+
+async def test_unknown_request_field_is_refused(platform: Platform, nc: NATS) -> None:
+    await deploy_and_wait(nc, ECHO)
+    data = msgspec.msgpack.encode({"inptus": []})
+    reason = await expect_error(nc, "echo", data, "bad_request")
+    assert "inptus" in reason
+
+
+async def test_wrong_dtype_gets_an_error_reply(platform: Platform, nc: NATS) -> None:
+    await deploy_and_wait(nc, ECHO)
+    reason = await expect_error(nc, "echo", body(x=GOOD.astype(np.float64)), "invalid_input")
+    assert "float64" in reason and "float32" in reason
+
+
+async def test_wrong_shape_gets_an_error_reply(platform: Platform, nc: NATS) -> None:
+    await deploy_and_wait(nc, ECHO)
+    reason = await expect_error(nc, "echo", body(x=np.ones((1, 4), np.float32)), "invalid_input")
+    assert "[-1, 3]" in reason
+
+
+async def test_data_length_not_matching_shape_is_refused(platform: Platform, nc: NATS) -> None:
+    await deploy_and_wait(nc, ECHO)
+    data = msgspec.msgpack.encode(
+        {"inputs": [{"name": "x", "dtype": "float32", "shape": [1, 3], "data": b"\x00" * 5}]}
+    )
+    await expect_error(nc, "echo", data, "invalid_input")
+
+
+async def test_payload_over_the_configured_maximum_is_refused(
+    nats_server: object, nc: NATS, tmp_path: object
+) -> None:
+    from pathlib import Path
+
+    from tests.conftest import platform_at
+
+    assert isinstance(tmp_path, Path)
+    with platform_at(nc.connected_url.geturl(), tmp_path / "s", max_payload=64 * 1024):  # type: ignore[union-attr]
+        await deploy_and_wait(nc, ECHO)
+        big = np.zeros((10_000, 3), dtype=np.float32)  # 120 KB > 64 KiB
+        reason = await expect_error(nc, "echo", body(x=big), "payload_too_large")
+        assert "65536" in reason
+
+
+async def test_handler_that_raises_gets_an_error_reply(platform: Platform, nc: NATS) -> None:
+    await deploy_and_wait(nc, ECHO, BOOM)
+    reason = await expect_error(nc, "boom", body(x=GOOD), "handler_error")
+    assert "ValueError" in reason and "on purpose" in reason
+
+
+async def test_handler_returning_garbage_gets_an_error_reply(
+    platform: Platform, nc: NATS
+) -> None:
+    await deploy_and_wait(nc, ECHO, NOT_A_MAPPING)
+    reason = await expect_error(nc, "not-a-mapping", body(x=GOOD), "handler_error")
+    assert "mapping" in reason
+
+
+async def test_handler_that_cannot_be_imported_gets_an_error_reply(
+    platform: Platform, nc: NATS
+) -> None:
+    await deploy_and_wait(nc, ECHO, MISSING_HANDLER)
+    reason = await expect_error(nc, "missing", body(x=GOOD), "handler_error")
+    assert "no_such_attr" in reason
+
+
+async def test_output_over_the_bus_limit_becomes_an_error(platform: Platform, nc: NATS) -> None:
+    await deploy_and_wait(nc, ECHO, BIG_OUTPUT)
+    reason = await expect_error(nc, "big-output", body(x=GOOD), "payload_too_large")
+    assert "by handle" in reason
+
+
+async def test_model_missing_from_the_store_gets_an_error_reply(
+    platform: Platform, nc: NATS
+) -> None:
+    spec = FunctionSpec(name="scale", handler="tests.funcs:Scale", model="not-pushed")
+    await deploy_and_wait(nc, ECHO, spec)
+    reason = await expect_error(nc, "scale", body(x=GOOD), "model_unavailable")
+    assert "not-pushed" in reason
