@@ -225,9 +225,9 @@ class Ingress:
             durable=jetstream.ASYNC_CONSUMER,
             stream=jetstream.INVOCATIONS_STREAM,
         )
-        limiter = anyio.CapacityLimiter(self.settings.async_concurrency)
+        slots = anyio.Semaphore(self.settings.async_concurrency)
         try:
-            await self._consume(sub, limiter, stop)
+            await self._consume(sub, slots, stop)
         finally:
             # A pull subscription never marks its queue done, so drain() would wait on it.
             with anyio.CancelScope(shield=True):
@@ -236,7 +236,7 @@ class Ingress:
     async def _consume(
         self,
         sub: JetStreamContext.PullSubscription,
-        limiter: anyio.CapacityLimiter,
+        slots: anyio.Semaphore,
         stop: anyio.Event,
     ) -> None:
         async with anyio.create_task_group() as runs:
@@ -247,7 +247,7 @@ class Ingress:
                 except Exception:
                     log.exception("async.failed", subject=msg.subject)
                 finally:
-                    limiter.release_on_behalf_of(msg)
+                    slots.release()
 
             async def fetch_loop() -> None:
                 while True:
@@ -256,7 +256,7 @@ class Ingress:
                     except nats.errors.TimeoutError:
                         continue
                     for msg in batch:
-                        await limiter.acquire_on_behalf_of(msg)
+                        await slots.acquire()
                         runs.start_soon(run, msg)
 
             async with anyio.create_task_group() as intake:

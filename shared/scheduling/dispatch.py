@@ -1,12 +1,15 @@
 """Queue-level dispatch: assign many queued requests in one pure pass.
 
 FIFO for policies without `out_of_order`. For those with it (locality, slo),
-three passes, as in GPU-FaaS's out-of-order dispatch (O3):
-  1. requests that have waited `max_overtake_s` or more, oldest first, may go
-     cold -- this is the starvation bound: nothing is overtaken for longer;
-  2. within the first `lookahead` others, those the policy places on a worker
-     where their model is already resident (they overtake);
-  3. the rest of that window, in order, cold placements allowed.
+GPU-FaaS's out-of-order dispatch (O3) within the first `lookahead` queued
+requests, in two passes:
+  1. requests the policy places on a worker where their model is already
+     resident go first (they overtake);
+  2. the rest, in queue order, cold placements allowed.
+Starvation bound: only requests that arrived less than `max_overtake_s` after
+the oldest request in the window may overtake, so a request is overtaken by at
+most the arrivals of `max_overtake_s` after it, whatever the load. (A bound on
+absolute age would turn into FIFO exactly when overload makes locality matter.)
 Each assignment updates a local copy of the chosen worker's view (load, cache,
 swap backlog) so later decisions in the same pass see it. Policies may supply
 `order(pending, now)` to reorder the queue first (slo: priority classes).
@@ -103,24 +106,25 @@ def plan(
 
     max_overtake_s: float = getattr(policy, "max_overtake_s", 0.25)
     lookahead: int = getattr(policy, "lookahead", 64)
-    urgent = [r for r in queue if now - r.arrived_at >= max_overtake_s]
-    window = [r for r in queue if now - r.arrived_at < max_overtake_s][:lookahead]
-    for request in urgent:
-        if room <= 0:
-            break
-        attempt(request, warm_only=False)
-    deferred: list[RequestView] = []
+    window = queue[:lookahead]
+    if not window:
+        return DispatchPlan(assignments, rejected, local)
+    oldest = min(r.arrived_at for r in window)
+    left: set[str] = set()
     for request in window:
         if room <= 0:
             break
+        if request.arrived_at - oldest >= max_overtake_s:
+            continue  # too young to overtake the oldest waiting request
         key = request.cache_key
         warm_somewhere = any(key in w.resident and w.outstanding < w.capacity for w in local)
-        if not (warm_somewhere and attempt(request, warm_only=True)):
-            deferred.append(request)
-    for request in deferred:
+        if warm_somewhere and attempt(request, warm_only=True):
+            left.add(request.invocation_id)
+    for request in window:
         if room <= 0:
             break
-        attempt(request, warm_only=False)
+        if request.invocation_id not in left:
+            attempt(request, warm_only=False)
     return DispatchPlan(assignments, rejected, local)
 
 

@@ -24,8 +24,8 @@ from shared.scheduling.eviction import eviction_cost
 @dataclass
 class Locality:
     name: str = "locality"
-    # Read by dispatch.plan: reorder within `lookahead`, but never overtake a
-    # request that has waited `max_overtake_s`.
+    # Read by dispatch.plan: reorder within `lookahead`, overtaking only
+    # requests that arrived less than `max_overtake_s` earlier.
     out_of_order: bool = True
     max_overtake_s: float = 0.25
     lookahead: int = 64
@@ -35,7 +35,18 @@ class Locality:
     sample: int = 8
 
     def choose(self, request: RequestView, workers: Sequence[WorkerView], now: float) -> str | None:
-        candidates = eligible(request, workers)
+        return self.pick(request, eligible(request, workers), workers, now)
+
+    def pick(
+        self,
+        request: RequestView,
+        candidates: Sequence[WorkerView],
+        workers: Sequence[WorkerView],
+        now: float,
+    ) -> str | None:
+        """`choose` restricted to `candidates` (workers with room, maybe filtered
+        further); `workers` is everyone, since a full worker holding the model
+        warm can still be worth waiting for."""
         if not candidates:
             return None
         key = request.cache_key

@@ -94,7 +94,7 @@ class SloAware:
         candidates = eligible(request, workers)
         feasible = [w for w in candidates if predict_latency(request, w, now) <= budget]
         if feasible:
-            return self.placement.choose(request, feasible, now) or feasible[0].worker_id
+            return self.placement.pick(request, feasible, workers, now)
         if self._may_fit_later(request, candidates, workers, budget):
             return None
         return Rejected(
@@ -109,12 +109,9 @@ class SloAware:
         workers: Sequence[WorkerView],
         budget: float,
     ) -> bool:
-        """Whether a full worker, once free, could still meet the deadline."""
+        """Whether some worker, once it drains, could still meet the deadline."""
         key = request.cache_key
-        with_room = {w.worker_id for w in candidates}
         for w in same_kind(request, workers):
-            if w.worker_id in with_room:
-                continue
             best = request.exec_s
             if key not in w.resident:
                 best += w.profile.swap_s(request.model_bytes)
