@@ -99,9 +99,7 @@ class Client:
     ) -> InvokeReply:
         invocation_id = invocation_id or new_invocation_id()
         timeout = timeout or self.timeout
-        body = self._body(
-            InvokeRequest(inputs=_tensors(inputs), timeout_ms=int(timeout * 1000))
-        )
+        body = self._body(InvokeRequest(inputs=_tensors(inputs), timeout_ms=int(timeout * 1000)))
         try:
             msg = await self.nc.request(
                 subjects.invoke(function),
@@ -112,9 +110,7 @@ class Client:
         except nats.errors.NoRespondersError:
             raise GfaasError(ErrorCode.NO_WORKER, "no ingress is running") from None
         except nats.errors.TimeoutError:
-            raise GfaasError(
-                ErrorCode.DEADLINE_EXCEEDED, f"no reply within {timeout}s"
-            ) from None
+            raise GfaasError(ErrorCode.DEADLINE_EXCEEDED, f"no reply within {timeout}s") from None
         return decode(msg.data, InvokeReply)
 
     async def invoke(

@@ -60,4 +60,6 @@ async def results_kv(js: JetStreamContext) -> KeyValue:
 
 
 async def models_store(js: JetStreamContext) -> ObjectStore:
-    return await js.create_object_store(MODELS_BUCKET, config=ObjectStoreConfig(bucket=MODELS_BUCKET))
+    return await js.create_object_store(
+        MODELS_BUCKET, config=ObjectStoreConfig(bucket=MODELS_BUCKET)
+    )

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.procs import die_with_parent
+
 _LISTEN = re.compile(r"Listening for client connections on ([\d.]+|\[[0-9a-f:]+\]):(\d+)")
 
 
@@ -69,9 +71,7 @@ class NatsServer:
             self.process.stderr.close()
 
 
-def write_config(
-    path: Path, *, host: str, port: int, store_dir: Path, max_payload: int
-) -> None:
+def write_config(path: Path, *, host: str, port: int, store_dir: Path, max_payload: int) -> None:
     path.write_text(
         f'listen: "{host}:{port}"\n'
         f"max_payload: {max_payload}\n"
@@ -97,6 +97,7 @@ def start_nats_server(
         [find_nats_server(), "-c", str(conf)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        preexec_fn=die_with_parent,
     )
     log: list[str] = []
     found: list[int] = []

@@ -115,9 +115,10 @@ def validate_inputs(spec: FunctionSpec, inputs: Sequence[Tensor]) -> None:
             f"{spec.name} has no input(s) {unknown}; inputs are {sorted(wanted)}",
         )
     for s in spec.inputs:
-        t = given.get(s.name)
-        if t is None:
+        found = given.get(s.name)
+        if found is None:
             raise GfaasError(ErrorCode.INVALID_INPUT, f"missing input {s.name!r}")
+        t = found
         if t.dtype != s.dtype:
             raise GfaasError(
                 ErrorCode.INVALID_INPUT, f"input {s.name!r}: dtype {t.dtype}, expected {s.dtype}"

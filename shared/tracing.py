@@ -32,9 +32,7 @@ def configure_tracing(service_name: str) -> None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": f"gfaas-{service_name}"})
-    )
+    provider = TracerProvider(resource=Resource.create({"service.name": f"gfaas-{service_name}"}))
     if endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 

@@ -17,17 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import nats
 import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from nats.aio.client import Client as NATS
 
-import nats
 from services.gpu_worker.app import serve as serve_worker
 from services.ingress.app import serve as serve_ingress
 from services.memory_broker.app import serve as serve_broker
 from services.scheduler.app import serve as serve_scheduler
 from shared.config import Settings
-from shared.natsd import NatsServer, nats_server as nats_server_at
+from shared.natsd import NatsServer
+from shared.natsd import nats_server as nats_server_at
 from shared.service import ServeFn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,9 +101,7 @@ def platform_at(
         p = Platform(portal=portal, url=url, http_port=settings.http_port, state_dir=state_dir)
         try:
             for i in range(workers):
-                worker_settings = Settings(
-                    **{**settings.__dict__, "worker_id": f"w{i}"}
-                )
+                worker_settings = Settings(**{**settings.__dict__, "worker_id": f"w{i}"})
                 p.start(f"worker-{i}", serve_worker, worker_settings)
             p.start("memory-broker", serve_broker, settings)
             p.start("scheduler", serve_scheduler, settings)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from nats.aio.client import Client as NATS
 
-from shared.schema import FunctionSpec, TensorSpec
+from shared.schema import DType, FunctionSpec, TensorSpec
 from tests.conftest import Platform
 from tests.helpers import body, deploy_and_wait, request
 
@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 ECHO = FunctionSpec(
     name="echo",
     handler="tests.funcs:echo",
-    inputs=[TensorSpec(name="x", dtype="float32", shape=[-1, 3])],
+    inputs=[TensorSpec(name="x", dtype=DType.FLOAT32, shape=[-1, 3])],
 )
 BOOM = FunctionSpec(name="boom", handler="tests.funcs:boom")
 NOT_A_MAPPING = FunctionSpec(name="not-a-mapping", handler="tests.funcs:not_a_mapping")
@@ -65,7 +65,8 @@ async def test_unknown_request_field_is_refused(platform: Platform, nc: NATS) ->
 async def test_wrong_dtype_gets_an_error_reply(platform: Platform, nc: NATS) -> None:
     await deploy_and_wait(nc, ECHO)
     reason = await expect_error(nc, "echo", body(x=GOOD.astype(np.float64)), "invalid_input")
-    assert "float64" in reason and "float32" in reason
+    assert "float64" in reason
+    assert "float32" in reason
 
 
 async def test_wrong_shape_gets_an_error_reply(platform: Platform, nc: NATS) -> None:
@@ -100,12 +101,11 @@ async def test_payload_over_the_configured_maximum_is_refused(
 async def test_handler_that_raises_gets_an_error_reply(platform: Platform, nc: NATS) -> None:
     await deploy_and_wait(nc, ECHO, BOOM)
     reason = await expect_error(nc, "boom", body(x=GOOD), "handler_error")
-    assert "ValueError" in reason and "on purpose" in reason
+    assert "ValueError" in reason
+    assert "on purpose" in reason
 
 
-async def test_handler_returning_garbage_gets_an_error_reply(
-    platform: Platform, nc: NATS
-) -> None:
+async def test_handler_returning_garbage_gets_an_error_reply(platform: Platform, nc: NATS) -> None:
     await deploy_and_wait(nc, ECHO, NOT_A_MAPPING)
     reason = await expect_error(nc, "not-a-mapping", body(x=GOOD), "handler_error")
     assert "mapping" in reason

@@ -7,7 +7,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from gfaas.client import Client
-from shared.schema import FunctionSpec, TensorSpec
+from shared.schema import DType, FunctionSpec, TensorSpec
 from tests.conftest import Platform
 from tests.helpers import body, deploy_and_wait, request
 
@@ -16,8 +16,8 @@ pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 ECHO = FunctionSpec(
     name="echo",
     handler="tests.funcs:echo",
-    inputs=[TensorSpec(name="x", dtype="float32", shape=[-1, 3])],
-    outputs=[TensorSpec(name="y", dtype="float32", shape=[-1, 3])],
+    inputs=[TensorSpec(name="x", dtype=DType.FLOAT32, shape=[-1, 3])],
+    outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[-1, 3])],
 )
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 from nats.aio.client import Client as NATS
@@ -23,13 +21,13 @@ PARENT = "00f067aa0ba902b7"
 
 
 @pytest.fixture(scope="module")
-def exporter() -> Iterator[InMemorySpanExporter]:
+def exporter() -> InMemorySpanExporter:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     # The global provider can be set once per process; this module owns it.
     trace.set_tracer_provider(provider)
-    yield exporter
+    return exporter
 
 
 async def test_one_invocation_is_one_trace_across_services(
@@ -56,10 +54,13 @@ async def test_one_invocation_is_one_trace_across_services(
         spans["scheduler assign"],
         spans["worker run"],
     )
-    assert ingress.parent is not None and format(ingress.parent.span_id, "016x") == PARENT
-    assert scheduler.parent is not None and ingress.context is not None
+    assert ingress.parent is not None
+    assert format(ingress.parent.span_id, "016x") == PARENT
+    assert scheduler.parent is not None
+    assert ingress.context is not None
     assert scheduler.parent.span_id == ingress.context.span_id
-    assert worker.parent is not None and scheduler.context is not None
+    assert worker.parent is not None
+    assert scheduler.context is not None
     assert worker.parent.span_id == scheduler.context.span_id
     assert worker.attributes is not None
     assert worker.attributes["gfaas.invocation_id"] == "traced-1"

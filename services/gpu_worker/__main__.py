@@ -1,4 +1,4 @@
-"""`python -m services.gpu_worker`: run the gpu-worker service alone (settings from GFAAS_* env)."""
+"""`python -m services.gpu_worker`: run the gpu-worker service alone."""
 
 from services.gpu_worker.app import serve
 from shared.config import settings_from_env

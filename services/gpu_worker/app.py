@@ -129,9 +129,7 @@ class Worker:
                     await send_reply(self.nc, msg.reply, reply, max_payload=self.max_payload)
         except Exception as exc:  # a bug must cost one request, not the worker
             log.exception("run.crashed", invocation_id=meta.invocation_id)
-            await reply_error(
-                self.nc, msg.reply, meta.invocation_id, ErrorCode.INTERNAL, repr(exc)
-            )
+            await reply_error(self.nc, msg.reply, meta.invocation_id, ErrorCode.INTERNAL, repr(exc))
         finally:
             self.inflight -= 1
             if ok:

@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import anyio
 
@@ -49,7 +49,7 @@ def resolve(ref: str) -> Any:
 def build_handler(spec: FunctionSpec, ctx: LoadContext) -> Handler:
     target = resolve(spec.handler)
     if inspect.isclass(target):
-        instance = target(ctx)
+        instance: Any = cast(Any, target)(ctx)
         if not callable(instance):
             raise GfaasError(ErrorCode.HANDLER_ERROR, f"{spec.handler} instances are not callable")
         handler: Handler = instance

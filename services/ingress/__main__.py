@@ -1,4 +1,4 @@
-"""`python -m services.ingress`: run the ingress service alone (settings from GFAAS_* env)."""
+"""`python -m services.ingress`: run the ingress service alone."""
 
 from services.ingress.app import serve
 from shared.config import settings_from_env

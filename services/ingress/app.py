@@ -136,9 +136,7 @@ class Ingress:
                 subjects.SCHEDULE, body, timeout=timeout, headers=tracing.inject(meta.to_headers())
             )
         except nats.errors.NoRespondersError:
-            return error_reply(
-                meta.invocation_id, ErrorCode.NO_WORKER, "no scheduler is running"
-            )
+            return error_reply(meta.invocation_id, ErrorCode.NO_WORKER, "no scheduler is running")
         except nats.errors.TimeoutError:
             return error_reply(
                 meta.invocation_id,
@@ -302,9 +300,9 @@ async def _serve_http(ingress: Ingress, settings: Settings, stop: anyio.Event) -
         log_level="warning",
         lifespan="off",
     )
+    # In the main thread uvicorn captures SIGINT/SIGTERM while it serves, stops, then
+    # re-raises them, so HTTP intake closes first and the service's own handler follows.
     server = uvicorn.Server(config)
-    # uvicorn installs its own signal handlers unless told not to; the service owns them.
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
         await stop.wait()

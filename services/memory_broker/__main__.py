@@ -1,4 +1,4 @@
-"""`python -m services.memory_broker`: run the memory-broker service alone (settings from GFAAS_* env)."""
+"""`python -m services.memory_broker`: run the memory-broker service alone."""
 
 from services.memory_broker.app import serve
 from shared.config import settings_from_env

@@ -1,4 +1,4 @@
-"""`python -m services.scheduler`: run the scheduler service alone (settings from GFAAS_* env)."""
+"""`python -m services.scheduler`: run the scheduler service alone."""
 
 from services.scheduler.app import serve
 from shared.config import settings_from_env

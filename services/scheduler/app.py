@@ -56,7 +56,7 @@ class Scheduler:
         try:
             meta = InvocationMeta.from_headers(msg.headers)
         except ValueError as exc:
-            await reply_error(msg.nc, msg.reply, "", ErrorCode.BAD_REQUEST, str(exc))
+            await reply_error(self.nc, msg.reply, "", ErrorCode.BAD_REQUEST, str(exc))
             return
         with tracing.handling_span(
             "scheduler assign",

@@ -10,8 +10,8 @@ import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
 
-from shared.schema import InvocationMeta, WorkerHeartbeat
 from shared.scheduling import RequestView, WorkerView
+from shared.schema import InvocationMeta, WorkerHeartbeat
 
 
 @dataclass
@@ -73,9 +73,7 @@ class ClusterState:
 
     def reap(self, now: float) -> list[tuple[str, list[Invocation]]]:
         """Forget workers silent for longer than the timeout; return what they held."""
-        dead = [
-            wid for wid, b in self.workers.items() if now - b.last_seen > self.worker_timeout_s
-        ]
+        dead = [wid for wid, b in self.workers.items() if now - b.last_seen > self.worker_timeout_s]
         return [(wid, list(self.workers.pop(wid).running.values())) for wid in dead]
 
     def enqueue(self, inv: Invocation) -> bool:

@@ -1,0 +1,228 @@
+"""Platform overhead: a no-op function through the full sync path vs a bare NATS round trip.
+
+    python -m bench.overhead [--requests 3000] [--concurrency 64] [--no-ray]
+
+Same run, same machine: (1) bare nats-py request-reply to a responder process that
+echoes the payload, (2) gfaas: client -> ingress -> scheduler -> worker -> client,
+all services as separate processes, one worker, (3) Ray Serve no-op deployment
+(handle and HTTP) when `ray[serve]` is installed. Prints p50/p99 latency and
+throughput, with ratios against the bare round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import nats
+import numpy as np
+
+from gfaas.client import Client
+from gfaas.supervisor import Supervisor
+from shared.config import Settings
+from shared.natsd import nats_server
+from shared.schema import FunctionSpec
+
+NOOP = FunctionSpec(name="noop", handler="examples.noop:noop", concurrency=64)
+BODY = msgspec.msgpack.encode(
+    {"inputs": [{"name": "x", "dtype": "float32", "shape": [1], "data": b"\x00" * 4}]}
+)
+ECHO_RESPONDER = textwrap.dedent(
+    """
+    import asyncio, sys, nats
+    async def main():
+        nc = await nats.connect(sys.argv[1])
+        async def echo(msg):
+            await msg.respond(msg.data)
+        await nc.subscribe("bench.echo", cb=echo)
+        await nc.flush()
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+    asyncio.run(main())
+    """
+)
+
+
+@dataclass
+class Result:
+    name: str
+    p50_ms: float
+    p99_ms: float
+    rps: float
+
+
+async def measure(
+    name: str, call: Callable[[], Awaitable[Any]], requests: int, concurrency: int
+) -> tuple[Result, Result]:
+    for _ in range(200):  # warm-up: connections, caches, JIT-free but lazy imports
+        await call()
+    seq: list[float] = []
+    started = time.perf_counter()
+    for _ in range(requests):
+        t = time.perf_counter()
+        await call()
+        seq.append(time.perf_counter() - t)
+    seq_elapsed = time.perf_counter() - started
+
+    conc: list[float] = []
+    remaining = requests * 3
+
+    async def loop() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            t = time.perf_counter()
+            await call()
+            conc.append(time.perf_counter() - t)
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(concurrency):
+            tg.start_soon(loop)
+    conc_elapsed = time.perf_counter() - started
+
+    def summarise(label: str, lat: list[float], elapsed: float) -> Result:
+        arr = np.array(lat) * 1000
+        return Result(
+            label, float(np.percentile(arr, 50)), float(np.percentile(arr, 99)), len(lat) / elapsed
+        )
+
+    return (
+        summarise(f"{name} (sequential)", seq, seq_elapsed),
+        summarise(f"{name} (concurrency {concurrency})", conc, conc_elapsed),
+    )
+
+
+async def bench_nats(url: str, requests: int, concurrency: int) -> list[Result]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", ECHO_RESPONDER, url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        nc = await nats.connect(url)
+
+        async def bare() -> None:
+            await nc.request("bench.echo", BODY, timeout=10)
+
+        results = list(await measure("bare nats request-reply", bare, requests, concurrency))
+
+        async def full() -> None:
+            msg = await nc.request("gfaas.v1.invoke.noop", BODY, timeout=10)
+            if msg.headers and msg.headers.get("Gfaas-Status") != "ok":
+                raise RuntimeError(msgspec.msgpack.decode(msg.data))
+
+        results += await measure("gfaas full sync path", full, requests, concurrency)
+        await nc.drain()
+        return results
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+async def prepare_gfaas(url: str) -> None:
+    async with Client.connect(url) as client:
+        await client.deploy(NOOP)
+        with anyio.fail_after(90):
+            while True:
+                try:
+                    reply = await client.invoke_reply("noop", {"x": np.zeros(1, np.float32)})
+                    if reply.error is None:
+                        return
+                except Exception:
+                    pass
+                await anyio.sleep(0.25)
+
+
+def bench_ray(requests: int, concurrency: int) -> list[Result]:
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        print("ray[serve] not installed: skipping the Ray Serve comparison")
+        return []
+    import httpx
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+    @serve.deployment(max_ongoing_requests=concurrency)
+    class NoOp:
+        async def __call__(self, request: Any = None) -> bytes:
+            return b"ok"
+
+    handle = serve.run(NoOp.bind(), route_prefix="/noop")  # type: ignore[attr-defined]
+
+    async def via_handle() -> None:
+        await handle.remote()
+
+    async def run_all() -> list[Result]:
+        results = list(await measure("ray serve handle", via_handle, requests, concurrency))
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=concurrency)) as http:
+
+            async def via_http() -> None:
+                r = await http.post("http://127.0.0.1:8000/noop", content=BODY)
+                r.raise_for_status()
+
+            results += await measure("ray serve http", via_http, requests // 2, concurrency)
+        return results
+
+    try:
+        return anyio.run(run_all)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def print_table(results: list[Result], baseline: dict[str, Result]) -> None:
+    print(f"\n{'path':42} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9}  vs bare p50  vs bare req/s")
+    for r in results:
+        base = baseline["sequential" if "sequential" in r.name else "concurrent"]
+        print(
+            f"{r.name:42} {r.p50_ms:8.3f} {r.p99_ms:8.3f} {r.rps:9.0f}"
+            f"  {r.p50_ms / base.p50_ms:10.2f}x  {r.rps / base.rps:11.2f}x"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--no-ray", action="store_true")
+    args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} cpus, python {sys.version.split()[0]}")
+    with tempfile.TemporaryDirectory() as tmp, nats_server(Path(tmp) / "nats") as server:
+        settings = Settings(
+            nats_url=server.url,
+            state_dir=Path(tmp) / "state",
+            http_enabled=False,
+            log_level="warning",
+            capacity=256,
+        )
+        os.environ["GFAAS_HTTP_ENABLED"] = "0"
+        os.environ["GFAAS_CAPACITY"] = "256"
+        sup = Supervisor(settings=settings, nats_url=server.url, workers=1)
+        sup.start()
+        try:
+            anyio.run(prepare_gfaas, server.url)
+            results = anyio.run(bench_nats, server.url, args.requests, args.concurrency)
+        finally:
+            sup.stop()
+    baseline = {"sequential": results[0], "concurrent": results[1]}
+    if not args.no_ray:
+        results += bench_ray(args.requests, args.concurrency)
+    print_table(results, baseline)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+import sys
+
+from gfaas.cli import main
+
+sys.exit(main())

@@ -1,0 +1,290 @@
+"""The `gfaas` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import numpy as np
+
+from gfaas.client import Client, outputs_of, spec_json
+from gfaas.supervisor import SERVICE_MODULES, Supervisor, run_up
+from shared.config import DEFAULT_NATS_URL, Settings, settings_from_env
+from shared.errors import GfaasError
+from shared.logs import configure_logging
+from shared.schema import InvokeReply
+from shared.spec import SpecError, load_spec
+
+SERVICE_NAMES = tuple(SERVICE_MODULES)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return settings_from_env(
+        nats_url=getattr(args, "nats_url", None),
+        state_dir=getattr(args, "state_dir", None),
+        http_port=getattr(args, "http_port", None),
+        policy=getattr(args, "policy", None),
+        device=getattr(args, "device", None),
+        worker_id=getattr(args, "worker_id", None),
+        threads=getattr(args, "threads", None),
+        log_level=getattr(args, "log_level", None),
+    )
+
+
+def _url(args: argparse.Namespace) -> str:
+    return str(args.nats_url or settings_from_env().nats_url)
+
+
+# -- platform ----------------------------------------------------------------------------
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure_logging(settings.log_level)
+    sup = Supervisor(
+        settings=settings, nats_url=args.nats_url, nats_port=args.nats_port, workers=args.workers
+    )
+
+    def announce(url: str) -> bool:
+        print(f"gfaas is up: NATS {url}, HTTP http://127.0.0.1:{settings.http_port} (Ctrl-C stops)")
+        return True
+
+    run_up(sup, announce)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gfaas.demo import run_demo
+
+    settings = _settings(args)
+    configure_logging("warning")
+    sup = Supervisor(
+        settings=settings, nats_url=args.nats_url, nats_port=args.nats_port, workers=args.workers
+    )
+    outcome: list[int] = [1]
+
+    def demo(url: str) -> bool:
+        outcome[0] = anyio.run(run_demo, url, settings)
+        if args.keep and outcome[0] == 0:
+            print(f"platform stays up at {url} (Ctrl-C stops)")
+            return True
+        return False
+
+    run_up(sup, demo)
+    return outcome[0]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from importlib import import_module
+
+    from shared.service import run_service
+
+    settings = _settings(args)
+    module = import_module(f"{SERVICE_MODULES[args.service]}.app")
+    run_service(args.service, module.serve, settings)
+    return 0
+
+
+# -- registry, models, invocation ----------------------------------------------------------
+
+
+async def _deploy(url: str, paths: Sequence[Path]) -> None:
+    specs = [load_spec(p) for p in paths]
+    async with Client.connect(url) as client:
+        for spec in specs:
+            await client.deploy(spec)
+            print(f"deployed {spec.name} ({spec.kind}, handler {spec.handler})")
+
+
+async def _ls(url: str, as_json: bool) -> None:
+    async with Client.connect(url) as client:
+        specs = await client.functions()
+    if as_json:
+        print(json.dumps([msgspec.to_builtins(s) for s in specs], indent=2))
+        return
+    print(f"{'NAME':24} {'KIND':4} {'MODEL':16} {'SLO_MS':>7}  HANDLER")
+    for s in specs:
+        print(f"{s.name:24} {s.kind:4} {s.model or '-':16} {s.slo_ms:7.0f}  {s.handler}")
+
+
+async def _rm(url: str, name: str) -> int:
+    async with Client.connect(url) as client:
+        if await client.remove(name):
+            print(f"removed {name}")
+            return 0
+    print(f"no function named {name}", file=sys.stderr)
+    return 1
+
+
+async def _model_push(url: str, name: str, path: Path) -> None:
+    async with Client.connect(url) as client:
+        size = await client.push_model(name, path)
+    print(f"pushed {name}: {size} bytes")
+
+
+async def _model_ls(url: str) -> None:
+    async with Client.connect(url) as client:
+        for name, size in await client.models():
+            print(f"{name:32} {size:>12}")
+
+
+def parse_input(text: str) -> tuple[str, Any]:
+    """NAME=@file.npy, or NAME=<JSON array>[:dtype] (dtype defaults to float32)."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"input {text!r} must look like NAME=@file.npy or NAME=[1,2,3]")
+    if value.startswith("@"):
+        return name, np.load(value[1:])
+    dtype = "float32"
+    if ":" in value and not value.rstrip().endswith("]"):
+        value, dtype = value.rsplit(":", 1)
+    return name, np.asarray(json.loads(value), dtype=dtype)
+
+
+def _print_reply(reply: InvokeReply) -> None:
+    out = outputs_of(reply)
+    for name, array in out.items():
+        print(f"{name} {array.dtype}{list(array.shape)}: {np.array2string(array, threshold=20)}")
+
+
+async def _invoke(url: str, args: argparse.Namespace) -> int:
+    inputs = dict(parse_input(item) for item in args.input)
+    async with Client.connect(url, timeout=args.timeout) as client:
+        if args.async_:
+            invocation_id = await client.invoke_async(args.function, inputs)
+            print(invocation_id)
+            return 0
+        reply = await client.invoke_reply(args.function, inputs)
+    _print_reply(reply)
+    return 0
+
+
+async def _result(url: str, invocation_id: str) -> int:
+    async with Client.connect(url) as client:
+        reply = await client.result(invocation_id)
+    _print_reply(reply)
+    return 0
+
+
+async def _status(url: str, services: Sequence[str]) -> None:
+    async with Client.connect(url) as client:
+        for service in services or SERVICE_NAMES:
+            try:
+                status = await client.status(service)
+                print(json.dumps(msgspec.to_builtins(status), indent=2))
+            except Exception as exc:  # a missing service is reported, not fatal
+                print(json.dumps({"service": service, "error": repr(exc)}))
+
+
+# -- argument parsing ----------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gfaas", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def nats_opt(p: argparse.ArgumentParser, help_text: str) -> None:
+        p.add_argument("--nats-url", default=None, help=help_text)
+
+    def platform_opts(p: argparse.ArgumentParser) -> None:
+        nats_opt(p, "use this NATS server instead of starting the embedded one")
+        p.add_argument("--nats-port", type=int, default=4222, help="embedded server port")
+        p.add_argument("--workers", type=int, default=1, help="gpu-worker processes")
+        p.add_argument("--state-dir", type=Path, default=None)
+        p.add_argument("--http-port", type=int, default=None)
+        p.add_argument("--policy", default=None, help="scheduling policy")
+        p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+        p.add_argument("--log-level", default=None)
+
+    up = sub.add_parser("up", help="start NATS (embedded) and every service")
+    platform_opts(up)
+    up.set_defaults(func=cmd_up)
+
+    demo = sub.add_parser("demo", help="start the platform, deploy the examples, invoke them")
+    platform_opts(demo)
+    demo.set_defaults(nats_port=-1)
+    demo.add_argument("--keep", action="store_true", help="keep running after the demo")
+    demo.set_defaults(func=cmd_demo)
+
+    serve = sub.add_parser("serve", help="run one service (what compose.yaml runs)")
+    serve.add_argument("service", choices=SERVICE_NAMES)
+    nats_opt(serve, f"NATS server (default $GFAAS_NATS_URL or {DEFAULT_NATS_URL})")
+    serve.add_argument("--state-dir", type=Path, default=None)
+    serve.add_argument("--http-port", type=int, default=None)
+    serve.add_argument("--policy", default=None)
+    serve.add_argument("--device", default=None, help="gpu-worker: cpu, cuda:N or auto")
+    serve.add_argument("--worker-id", default=None)
+    serve.add_argument("--threads", type=int, default=None)
+    serve.add_argument("--log-level", default=None)
+    serve.set_defaults(func=cmd_serve)
+
+    deploy = sub.add_parser("deploy", help="register functions from spec files")
+    deploy.add_argument("specs", nargs="+", type=Path)
+    nats_opt(deploy, "NATS server")
+    deploy.set_defaults(func=lambda a: anyio.run(_deploy, _url(a), a.specs) or 0)
+
+    ls = sub.add_parser("ls", help="list deployed functions")
+    ls.add_argument("--json", action="store_true")
+    nats_opt(ls, "NATS server")
+    ls.set_defaults(func=lambda a: anyio.run(_ls, _url(a), a.json) or 0)
+
+    rm = sub.add_parser("rm", help="remove a function")
+    rm.add_argument("name")
+    nats_opt(rm, "NATS server")
+    rm.set_defaults(func=lambda a: anyio.run(_rm, _url(a), a.name))
+
+    model = sub.add_parser("model", help="model weights in the object store")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    push = model_sub.add_parser("push", help="upload weights")
+    push.add_argument("name")
+    push.add_argument("file", type=Path)
+    nats_opt(push, "NATS server")
+    push.set_defaults(func=lambda a: anyio.run(_model_push, _url(a), a.name, a.file) or 0)
+    mls = model_sub.add_parser("ls", help="list models")
+    nats_opt(mls, "NATS server")
+    mls.set_defaults(func=lambda a: anyio.run(_model_ls, _url(a)) or 0)
+
+    invoke = sub.add_parser("invoke", help="invoke a function")
+    invoke.add_argument("function")
+    invoke.add_argument(
+        "-i", "--input", action="append", default=[], help="NAME=@file.npy or NAME=[json]:dtype"
+    )
+    invoke.add_argument("--async", dest="async_", action="store_true")
+    invoke.add_argument("--timeout", type=float, default=30.0)
+    nats_opt(invoke, "NATS server")
+    invoke.set_defaults(func=lambda a: anyio.run(_invoke, _url(a), a))
+
+    result = sub.add_parser("result", help="fetch an async invocation's result")
+    result.add_argument("invocation_id")
+    nats_opt(result, "NATS server")
+    result.set_defaults(func=lambda a: anyio.run(_result, _url(a), a.invocation_id))
+
+    status = sub.add_parser("status", help="ask services for their status")
+    status.add_argument("services", nargs="*", help=f"any of {SERVICE_NAMES}")
+    nats_opt(status, "NATS server")
+    status.set_defaults(func=lambda a: anyio.run(_status, _url(a), a.services) or 0)
+
+    spec = sub.add_parser("spec", help="validate a spec file and print it")
+    spec.add_argument("file", type=Path)
+    spec.set_defaults(func=lambda a: print(spec_json(load_spec(a.file))) or 0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (GfaasError, SpecError, ValueError, ConnectionError, OSError) as exc:
+        print(f"gfaas: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

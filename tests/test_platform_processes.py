@@ -1,0 +1,140 @@
+"""`gfaas up` as a user runs it: real processes, CLI commands, clean stop, kept state."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import PYTHON, REPO, subprocess_env
+
+pytestmark = [pytest.mark.nats, pytest.mark.slow]
+
+SPEC = """
+name = "add-one"
+handler = "tests.funcs:add_one"
+kind = "cpu"
+
+[[inputs]]
+name = "x"
+dtype = "float32"
+shape = [-1]
+"""
+
+
+def gfaas(*args: str, env: dict[str, str], timeout: float = 60) -> str:
+    done = subprocess.run(
+        [PYTHON, "-m", "gfaas", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def start_up(state: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "gfaas",
+            "up",
+            "--nats-port",
+            "-1",
+            "--state-dir",
+            str(state),
+            "--http-port",
+            "0",
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(r"NATS (nats://\S+),", line)
+    assert match, line
+    return proc, match.group(1)
+
+
+def wait_until_invocable(url: str, env: dict[str, str]) -> str:
+    deadline = time.monotonic() + 60
+    while True:
+        done = subprocess.run(
+            [
+                PYTHON,
+                "-m",
+                "gfaas",
+                "invoke",
+                "add-one",
+                "-i",
+                "x=[1,2]",
+                "--nats-url",
+                url,
+                "--timeout",
+                "5",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+        )
+        if done.returncode == 0:
+            return done.stdout
+        assert time.monotonic() < deadline, done.stderr
+        time.sleep(0.5)
+
+
+def test_up_runs_the_platform_and_sigterm_stops_everything(tmp_path: Path) -> None:
+    env = subprocess_env(GFAAS_HEARTBEAT_S="0.2")
+    spec = tmp_path / "add-one.toml"
+    spec.write_text(SPEC)
+    proc, url = start_up(tmp_path / "state", env)
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        names = " ".join(" ".join(c.cmdline()) for c in children)
+        for module in (
+            "services.ingress",
+            "services.scheduler",
+            "services.gpu_worker",
+            "services.memory_broker",
+            "nats-server",
+        ):
+            assert module in names
+        assert "deployed add-one" in gfaas("deploy", str(spec), "--nats-url", url, env=env)
+        out = wait_until_invocable(url, env)
+        assert "[2. 3.]" in out
+        assert "add-one" in gfaas("ls", "--nats-url", url, env=env)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert code == 0
+    time.sleep(0.2)
+    alive = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], "no orphan processes after SIGTERM"
+
+    # State survives a restart: the registry lives in JetStream on disk.
+    proc, url = start_up(tmp_path / "state", env)
+    try:
+        assert "add-one" in gfaas("ls", "--nats-url", url, env=env)
+    finally:
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(60) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()
