@@ -72,10 +72,20 @@ async def _run(name: str, serve: ServeFn, settings: Settings) -> None:
     log.info("service.stopped", service=name)
 
 
+def _backend_options() -> dict[str, bool]:
+    # uvloop roughly halves the per-message cost of the asyncio loop: every
+    # invocation crosses three services, so it shows in end-to-end latency.
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
 def run_service(name: str, serve: ServeFn, settings: Settings) -> None:
     configure_logging(settings.log_level, json=settings.log_json)
     configure_tracing(name)
     try:
-        anyio.run(_run, name, serve, settings)
+        anyio.run(_run, name, serve, settings, backend_options=_backend_options())
     finally:
         shutdown_tracing()

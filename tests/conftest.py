@@ -86,7 +86,6 @@ def settings_for(url: str, state_dir: Path, **overrides: Any) -> Settings:
         "heartbeat_s": 0.1,
         "worker_timeout_s": 1.0,
         "capacity": 8,
-        "http_enabled": False,
     }
     values.update(overrides)
     return Settings(**values)

@@ -157,10 +157,13 @@ class Worker:
         inputs = {t.name: to_torch(t, self.device) for t in request.inputs}
         started = time.perf_counter()
         try:
-            with anyio.fail_after(max(meta.remaining_s(), 0.001)):
-                raw = await anyio.to_thread.run_sync(
-                    _run_handler, entry, inputs, limiter=entry.limiter
-                )
+            if entry.runs_inline:
+                raw = _run_handler(entry, inputs)
+            else:
+                with anyio.fail_after(max(meta.remaining_s(), 0.001)):
+                    raw = await anyio.to_thread.run_sync(
+                        _run_handler, entry, inputs, limiter=entry.limiter
+                    )
         except TimeoutError:
             raise GfaasError(
                 ErrorCode.DEADLINE_EXCEEDED, f"{spec.name} ran past its deadline"
@@ -172,6 +175,7 @@ class Worker:
                 ErrorCode.HANDLER_ERROR, f"{spec.name} raised {type(exc).__name__}: {exc}"
             ) from None
         exec_ms = (time.perf_counter() - started) * 1000.0
+        entry.observe(exec_ms)
         if not isinstance(raw, dict):
             raise GfaasError(
                 ErrorCode.HANDLER_ERROR,

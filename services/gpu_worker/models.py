@@ -24,11 +24,26 @@ Handler = Callable[[dict[str, Any]], Mapping[str, Any]]
 WeightsFetcher = Callable[[str], Awaitable[Path]]
 
 
+# Handlers that have run faster than this (moving average) run on the event loop:
+# a thread hand-off costs more than the work itself.
+INLINE_BELOW_MS = 0.3
+
+
 @dataclass
 class Loaded:
     spec: FunctionSpec
     handler: Handler
     limiter: anyio.CapacityLimiter
+    ewma_ms: float = float("inf")
+
+    @property
+    def runs_inline(self) -> bool:
+        return self.ewma_ms < INLINE_BELOW_MS
+
+    def observe(self, exec_ms: float) -> None:
+        self.ewma_ms = (
+            exec_ms if self.ewma_ms == float("inf") else 0.8 * self.ewma_ms + 0.2 * exec_ms
+        )
 
 
 def resolve(ref: str) -> Any:

@@ -1,0 +1,270 @@
+"""The Open Inference Protocol (KServe v2 / Triton HTTP) front of ingress.
+
+A Starlette app over an InferenceBackend that ingress implements on its NATS
+connection, so tritonclient.http, KServe v2 clients and curl work against gfaas.
+Body conversions live in services/ingress/oip.py; this module reads requests,
+enforces the size limit, and maps gfaas error codes to HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from typing import Final, Protocol
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from services.ingress import oip
+from shared.errors import GfaasError
+from shared.logs import get_logger
+from shared.schema import (
+    H_INVOCATION,
+    H_TENANT,
+    ErrorCode,
+    FunctionSpec,
+    InvokeReply,
+    InvokeRequest,
+)
+
+log = get_logger("ingress.http")
+
+
+class InferenceBackend(Protocol):
+    def ready(self) -> bool:
+        """Connected to NATS and serving."""
+        ...
+
+    def specs(self) -> Sequence[FunctionSpec]:
+        """The deployed functions (OIP models)."""
+        ...
+
+    def spec(self, name: str) -> FunctionSpec | None: ...
+
+    async def infer(
+        self, name: str, request: InvokeRequest, headers: Mapping[str, str]
+    ) -> InvokeReply:
+        """Run one invocation; `headers` carries the caller's trace context and tenant.
+
+        Errors come back as `InvokeReply.error` or as a raised GfaasError; both map to
+        the same HTTP status.
+        """
+        ...
+
+
+STATUS_FOR_CODE: Final[Mapping[ErrorCode, int]] = {
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.INVALID_INPUT: 400,
+    ErrorCode.UNKNOWN_FUNCTION: 404,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.PAYLOAD_TOO_LARGE: 413,
+    ErrorCode.OVERLOADED: 503,
+    ErrorCode.NO_WORKER: 503,
+    ErrorCode.WORKER_LOST: 503,
+    ErrorCode.DEADLINE_EXCEEDED: 504,
+    ErrorCode.HANDLER_ERROR: 500,
+    ErrorCode.MODEL_UNAVAILABLE: 500,
+    ErrorCode.INTERNAL: 500,
+}
+# The protocol's health APIs answer false with a 4xx (Triton sends 400), not a 5xx.
+NOT_READY_STATUS: Final = 400
+
+# HTTP headers handed to the backend, under the names NATS headers and the W3C
+# propagator expect.
+_PASSED_HEADERS: Final = {
+    "traceparent": "traceparent",
+    "tracestate": "tracestate",
+    H_TENANT.lower(): H_TENANT,
+    H_INVOCATION.lower(): H_INVOCATION,
+}
+_DECOMPRESSORS: Final = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def status_for(code: ErrorCode) -> int:
+    return STATUS_FOR_CODE.get(code, 500)
+
+
+def _error(status: int, reason: str, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(
+        oip.error_body(reason), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _gfaas_error(exc: GfaasError) -> Response:
+    return _error(status_for(exc.code), f"{exc.code}: {exc.reason}")
+
+
+def _server_version() -> str:
+    try:
+        return metadata.version("gfaas")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
+    """The OIP HTTP app; request bodies over `max_payload` bytes get 413."""
+    server_metadata = oip.server_metadata(_server_version())
+
+    def known_model(request: Request) -> FunctionSpec:
+        name: str = request.path_params["name"]
+        spec = backend.spec(name)
+        if spec is None:
+            raise GfaasError(ErrorCode.UNKNOWN_FUNCTION, f"model {name!r} is not deployed")
+        version: str | None = request.path_params.get("version")
+        if version is not None and version != oip.MODEL_VERSION:
+            raise GfaasError(
+                ErrorCode.UNKNOWN_FUNCTION,
+                f"model {name!r} has no version {version!r} "
+                f"(gfaas serves version {oip.MODEL_VERSION!r})",
+            )
+        return spec
+
+    async def metadata_endpoint(request: Request) -> Response:
+        return Response(server_metadata, media_type="application/json")
+
+    async def live(request: Request) -> Response:
+        # Answering at all is liveness: the event loop runs.
+        return Response(status_code=200)
+
+    async def ready(request: Request) -> Response:
+        return Response(status_code=200 if backend.ready() else NOT_READY_STATUS)
+
+    async def model_metadata(request: Request) -> Response:
+        try:
+            spec = known_model(request)
+        except GfaasError as exc:
+            return _gfaas_error(exc)
+        return Response(oip.model_metadata(spec), media_type="application/json")
+
+    async def model_ready(request: Request) -> Response:
+        try:
+            spec = known_model(request)
+        except GfaasError as exc:
+            return _gfaas_error(exc)
+        if not backend.ready():
+            return _error(
+                NOT_READY_STATUS, f"model {spec.name!r} is not ready: ingress not serving"
+            )
+        return Response(status_code=200)
+
+    async def infer(request: Request) -> Response:
+        try:
+            spec = known_model(request)
+            body = await _read_body(request, max_payload)
+            header_length = oip.parse_header_length(
+                request.headers.get(oip.HEADER_LENGTH), len(body)
+            )
+            parsed = oip.parse_infer_request(body, header_length)
+            oip.check_requested_outputs(parsed, spec)
+            reply = await backend.infer(spec.name, parsed.invoke, _passed_headers(request))
+            if reply.error is not None:
+                raise GfaasError.from_info(reply.error)
+            encoded = oip.encode_infer_response(
+                spec.name, parsed, reply.outputs, response_id=parsed.id or reply.invocation_id
+            )
+        except GfaasError as exc:
+            return _gfaas_error(exc)
+        except ClientDisconnect:
+            # Nobody is left to read an answer; nothing to log either.
+            return Response(status_code=400)
+        except Exception:
+            # A broken backend must still answer in the protocol's error shape.
+            log.exception("oip infer failed", model=request.path_params["name"])
+            return _error(500, f"{ErrorCode.INTERNAL}: inference failed inside gfaas ingress")
+        headers = {}
+        if encoded.header_length is not None:
+            headers[oip.HEADER_LENGTH] = str(encoded.header_length)
+        return Response(encoded.body, media_type=encoded.media_type, headers=headers)
+
+    async def repository_index(request: Request) -> Response:
+        try:
+            ready_only = oip.parse_index_request(await _read_body(request, max_payload))
+        except GfaasError as exc:
+            return _gfaas_error(exc)
+        body = oip.repository_index(backend.specs(), serving=backend.ready(), ready_only=ready_only)
+        return Response(body, media_type="application/json")
+
+    async def repository_control(request: Request) -> Response:
+        return _error(
+            400,
+            f"{ErrorCode.BAD_REQUEST}: gfaas deploys models through its function registry "
+            "(`gfaas deploy`); the repository load/unload API is not supported",
+        )
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        # Unmatched paths and methods answer in the protocol's {"error": ...} shape too.
+        assert isinstance(exc, HTTPException)
+        return _error(exc.status_code, exc.detail, exc.headers)
+
+    model = "/v2/models/{name}"
+    versioned = "/v2/models/{name}/versions/{version}"
+    routes = [
+        Route("/v2", metadata_endpoint, methods=["GET"]),
+        Route("/v2/health/live", live, methods=["GET"]),
+        Route("/v2/health/ready", ready, methods=["GET"]),
+        Route(model, model_metadata, methods=["GET"]),
+        Route(versioned, model_metadata, methods=["GET"]),
+        Route(f"{model}/ready", model_ready, methods=["GET"]),
+        Route(f"{versioned}/ready", model_ready, methods=["GET"]),
+        Route(f"{model}/infer", infer, methods=["POST"]),
+        Route(f"{versioned}/infer", infer, methods=["POST"]),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{name}/load", repository_control, methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", repository_control, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def _passed_headers(request: Request) -> dict[str, str]:
+    return {
+        name: request.headers[key]
+        for key, name in _PASSED_HEADERS.items()
+        if key in request.headers
+    }
+
+
+def _too_large(size: int | str, limit: int) -> GfaasError:
+    return GfaasError(
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        f"request body of {size} bytes exceeds the {limit}-byte limit",
+    )
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, decompressed, refusing more than `limit` bytes before reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise _too_large(declared, limit)
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(f"more than {limit}", limit)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    wbits = _DECOMPRESSORS.get(encoding)
+    if wbits is None:
+        raise GfaasError(
+            ErrorCode.BAD_REQUEST,
+            f"Content-Encoding {encoding!r} is not supported (gzip, deflate or identity)",
+        )
+    decompressor = zlib.decompressobj(wbits)
+    try:
+        # One byte over the limit is enough to know it is too large: a small
+        # compressed body cannot inflate past the limit in memory.
+        plain = decompressor.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise GfaasError(ErrorCode.BAD_REQUEST, f"body is not valid {encoding}: {exc}") from None
+    if len(plain) > limit:
+        raise _too_large(f"more than {limit} (decompressed)", limit)
+    if not decompressor.eof:
+        raise GfaasError(ErrorCode.BAD_REQUEST, f"body is truncated {encoding} data")
+    return plain

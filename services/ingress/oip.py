@@ -1,0 +1,467 @@
+"""Open Inference Protocol (KServe v2 / Triton HTTP) bodies <-> gfaas wire messages.
+
+Pure conversions, no I/O: the HTTP app (services/ingress/http.py) reads bodies and
+headers, calls these, and maps the GfaasError they raise to a status code. Includes
+Triton's binary tensor data extension: a JSON header of `Inference-Header-Content-Length`
+bytes, then each binary tensor's raw little-endian bytes in the order the JSON lists them.
+
+Shape and dtype against the function's spec are checked by ingress admission; here
+only the request's own consistency is (element counts, byte sizes, datatypes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Final
+
+import msgspec
+import numpy as np
+
+from shared.errors import GfaasError
+from shared.schema import DType, ErrorCode, FunctionSpec, InvokeRequest, Tensor, TensorSpec
+
+SERVER_NAME: Final = "gfaas"
+PLATFORM: Final = "gfaas"
+# gfaas keeps one live deployment per function; OIP wants version strings, so every
+# function is served as version "1".
+MODEL_VERSION: Final = "1"
+EXTENSIONS: Final = ("binary_tensor_data", "model_repository")
+
+HEADER_LENGTH: Final = "Inference-Header-Content-Length"
+
+_TO_DTYPE: Final[dict[str, DType]] = {
+    "BOOL": DType.BOOL,
+    "UINT8": DType.UINT8,
+    "UINT16": DType.UINT16,
+    "UINT32": DType.UINT32,
+    "UINT64": DType.UINT64,
+    "INT8": DType.INT8,
+    "INT16": DType.INT16,
+    "INT32": DType.INT32,
+    "INT64": DType.INT64,
+    "FP16": DType.FLOAT16,
+    "FP32": DType.FLOAT32,
+    "FP64": DType.FLOAT64,
+}
+_TO_OIP: Final[dict[DType, str]] = {d: oip for oip, d in _TO_DTYPE.items()}
+_NUMPY: Final[dict[DType, np.dtype[Any]]] = {d: np.dtype(d.value).newbyteorder("<") for d in DType}
+_UNSUPPORTED: Final = {
+    "BYTES": "BYTES (string) tensors are not supported by gfaas; send numeric tensors",
+    "BF16": "BF16 tensors are not supported by gfaas; send FP16 or FP32",
+}
+# Element kinds JSON data may decode to, per target kind. Like Triton, numbers are not
+# coerced across kinds: 1.5 for an INT32 input is an error, not a silent truncation.
+_JSON_KINDS: Final = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}
+_KIND_WORDS: Final = {"b": "booleans", "u": "integers", "i": "integers", "f": "numbers"}
+
+
+def datatype_of(dtype: DType) -> str:
+    """The OIP datatype name ("FP32") of a gfaas DType ("float32")."""
+    return _TO_OIP[dtype]
+
+
+def _bad(reason: str) -> GfaasError:
+    return GfaasError(ErrorCode.BAD_REQUEST, reason)
+
+
+# -- request JSON, as the protocol defines it (unknown fields tolerated: clients send
+#    extras such as "model_name") ------------------------------------------------------
+
+_Dim = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _Input(msgspec.Struct):
+    name: str
+    shape: list[_Dim]
+    datatype: str
+    parameters: dict[str, Any] = {}
+    data: Any = msgspec.UNSET
+
+
+class _Output(msgspec.Struct):
+    name: str
+    parameters: dict[str, Any] = {}
+
+
+class _Request(msgspec.Struct):
+    inputs: list[_Input]
+    id: str = ""
+    parameters: dict[str, Any] = {}
+    outputs: list[_Output] | None = None
+
+
+class _IndexRequest(msgspec.Struct):
+    ready: bool = False
+
+
+# -- response JSON ----------------------------------------------------------------------
+
+
+class _TensorMeta(msgspec.Struct):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class _ModelMeta(msgspec.Struct):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[_TensorMeta]
+    outputs: list[_TensorMeta]
+
+
+class _ServerMeta(msgspec.Struct):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class _IndexEntry(msgspec.Struct, omit_defaults=True):
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+class _ResponseOutput(msgspec.Struct, omit_defaults=True):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    data: list[Any] | msgspec.UnsetType = msgspec.UNSET
+
+
+class _Response(msgspec.Struct):
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[_ResponseOutput]
+
+
+_json = msgspec.json.Encoder()
+_request_decoder = msgspec.json.Decoder(_Request)
+_index_decoder = msgspec.json.Decoder(_IndexRequest)
+
+
+# -- parsed request ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass(frozen=True, slots=True)
+class InferRequest:
+    """One OIP inference request, converted."""
+
+    id: str
+    invoke: InvokeRequest
+    # None: every output the function produces, in its order.
+    outputs: tuple[RequestedOutput, ...] | None
+    # For outputs the request does not list (`parameters.binary_data_output`).
+    binary_outputs: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedResponse:
+    body: bytes
+    # Length of the JSON part when binary tensors follow it; None for plain JSON.
+    header_length: int | None
+
+    @property
+    def media_type(self) -> str:
+        return "application/json" if self.header_length is None else "application/octet-stream"
+
+
+def parse_header_length(value: str | None, body_length: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        length = int(value)
+    except ValueError:
+        raise _bad(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
+    if not 0 < length <= body_length:
+        raise _bad(
+            f"{HEADER_LENGTH} {length} is outside the {body_length}-byte body (must be 1..body)"
+        )
+    return length
+
+
+def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
+    """An OIP inference request body (JSON, or JSON + binary tensors) as gfaas tensors.
+
+    `header_length` is the parsed `Inference-Header-Content-Length` (see
+    parse_header_length); without it the whole body is JSON.
+    """
+    view = memoryview(body)
+    header = view if header_length is None else view[:header_length]
+    binary = view[len(header) :]
+    try:
+        request = _request_decoder.decode(header)
+    except msgspec.ValidationError as exc:  # before DecodeError: it is a subclass
+        raise _bad(f"invalid inference request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise _bad(f"malformed inference request JSON: {exc}") from None
+
+    _reject_unsupported_request_parameters(request.parameters)
+    seen: set[str] = set()
+    tensors: list[Tensor] = []
+    offset = 0
+    for item in request.inputs:
+        if item.name in seen:
+            raise _bad(f"input {item.name!r} is given more than once")
+        seen.add(item.name)
+        tensor, offset = _input_tensor(item, binary, offset, has_header=header_length is not None)
+        tensors.append(tensor)
+    if offset != len(binary):
+        raise _bad(
+            f"{len(binary) - offset} bytes of binary data after the last binary input "
+            f"(inputs declare {offset} bytes in binary_data_size)"
+        )
+
+    binary_default = _bool_parameter(request.parameters, "binary_data_output", "request")
+    outputs = None
+    if request.outputs is not None:
+        outputs = tuple(_requested_output(o, binary_default) for o in request.outputs)
+        names = [o.name for o in outputs]
+        if len(set(names)) != len(names):
+            raise _bad(f"an output is requested more than once: {names}")
+    invoke = InvokeRequest(inputs=tensors, timeout_ms=_timeout_ms(request.parameters))
+    return InferRequest(
+        id=request.id, invoke=invoke, outputs=outputs, binary_outputs=binary_default
+    )
+
+
+def _reject_unsupported_request_parameters(parameters: Mapping[str, Any]) -> None:
+    if parameters.get("sequence_id") not in (None, 0, ""):
+        raise _bad("sequence batching (parameters.sequence_id) is not supported by gfaas")
+
+
+def _timeout_ms(parameters: Mapping[str, Any]) -> int:
+    # Triton's `timeout` parameter is in microseconds; gfaas deadlines are milliseconds.
+    value = parameters.get("timeout")
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _bad(f"parameters.timeout must be a non-negative integer (µs), got {value!r}")
+    return math.ceil(value / 1000)
+
+
+def _bool_parameter(parameters: Mapping[str, Any], key: str, where: str) -> bool:
+    value = parameters.get(key, False)
+    if not isinstance(value, bool):
+        raise _bad(f"{where} parameters.{key} must be a boolean, got {value!r}")
+    return value
+
+
+def _requested_output(output: _Output, binary_default: bool) -> RequestedOutput:
+    where = f"output {output.name!r}"
+    for key in ("shared_memory_region", "classification"):
+        if key in output.parameters:
+            raise _bad(f"{where}: parameters.{key} is not supported by gfaas")
+    binary = (
+        _bool_parameter(output.parameters, "binary_data", where)
+        if "binary_data" in output.parameters
+        else binary_default
+    )
+    return RequestedOutput(name=output.name, binary=binary)
+
+
+def _dtype_for(datatype: str, where: str) -> DType:
+    dtype = _TO_DTYPE.get(datatype)
+    if dtype is None:
+        if datatype in _UNSUPPORTED:
+            raise _bad(f"{where}: {_UNSUPPORTED[datatype]}")
+        raise _bad(f"{where}: unknown datatype {datatype!r} (one of {', '.join(_TO_DTYPE)})")
+    return dtype
+
+
+def _input_tensor(
+    item: _Input, binary: memoryview, offset: int, *, has_header: bool
+) -> tuple[Tensor, int]:
+    where = f"input {item.name!r}"
+    dtype = _dtype_for(item.datatype, where)
+    np_dtype = _NUMPY[dtype]
+    if "shared_memory_region" in item.parameters:
+        raise _bad(f"{where}: parameters.shared_memory_region is not supported by gfaas")
+    count = math.prod(item.shape)
+    expected = count * np_dtype.itemsize
+    size = item.parameters.get("binary_data_size")
+    if size is None:
+        if item.data is msgspec.UNSET:
+            raise _bad(f"{where}: no data (give `data`, or binary data with binary_data_size)")
+        data = _json_data(item.data, np_dtype, item.datatype, item.shape, where)
+        return Tensor(name=item.name, dtype=dtype, shape=list(item.shape), data=data), offset
+
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise _bad(f"{where}: binary_data_size must be a non-negative integer, got {size!r}")
+    if item.data is not msgspec.UNSET:
+        raise _bad(f"{where}: has both `data` and binary_data_size; give one")
+    if not has_header:
+        raise _bad(f"{where}: binary_data_size given without an {HEADER_LENGTH} header")
+    if size != expected:
+        raise _bad(
+            f"{where}: binary_data_size {size} does not match {item.datatype}{item.shape} "
+            f"({expected} bytes)"
+        )
+    end = offset + size
+    if end > len(binary):
+        raise _bad(
+            f"{where}: binary data ends at byte {end} but only {len(binary)} bytes follow "
+            "the JSON header"
+        )
+    chunk = binary[offset:end]
+    if item.datatype == "BOOL" and size and np.frombuffer(chunk, dtype=np.uint8).max() > 1:
+        raise _bad(f"{where}: BOOL binary data must be bytes 0 or 1")
+    tensor = Tensor(name=item.name, dtype=dtype, shape=list(item.shape), data=bytes(chunk))
+    return tensor, end
+
+
+def _json_data(
+    data: Any, np_dtype: np.dtype[Any], datatype: str, shape: Sequence[int], where: str
+) -> bytes:
+    if not isinstance(data, list):
+        raise _bad(f"{where}: data must be a JSON array, got {type(data).__name__}")
+    try:
+        values = np.asarray(data).reshape(-1)
+    except ValueError:
+        raise _bad(f"{where}: data is a ragged array; nest it evenly or flatten it") from None
+    count = math.prod(shape)
+    if values.size != count:
+        raise _bad(f"{where}: {values.size} elements for shape {list(shape)} ({count} expected)")
+    if count == 0:
+        return b""
+    kind = np_dtype.kind
+    if values.dtype.kind not in _JSON_KINDS[kind]:
+        raise _bad(f"{where}: {datatype} data must be {_KIND_WORDS[kind]}")
+    if kind in "iu":
+        info = np.iinfo(np_dtype)
+        low, high = int(values.min()), int(values.max())
+        if low < info.min or high > info.max:
+            raise _bad(f"{where}: values outside the {datatype} range [{info.min}, {info.max}]")
+    converted: np.ndarray[Any, Any] = values.astype(np_dtype)
+    return converted.tobytes()
+
+
+# -- responses -------------------------------------------------------------------------
+
+
+def check_requested_outputs(request: InferRequest, spec: FunctionSpec) -> None:
+    """Refuse outputs the function does not declare before any work is scheduled."""
+    if request.outputs is None or not spec.outputs:
+        return
+    declared = {o.name for o in spec.outputs}
+    for output in request.outputs:
+        if output.name not in declared:
+            raise _bad(
+                f"model {spec.name!r} has no output {output.name!r} "
+                f"(outputs: {', '.join(sorted(declared))})"
+            )
+
+
+def encode_infer_response(
+    model_name: str, request: InferRequest, outputs: Sequence[Tensor], *, response_id: str
+) -> EncodedResponse:
+    """The OIP response for a function's outputs, filtered and encoded as requested."""
+    by_name = {t.name: t for t in outputs}
+    if request.outputs is None:
+        chosen = [(t, request.binary_outputs) for t in outputs]
+    else:
+        chosen = []
+        for wanted in request.outputs:
+            tensor = by_name.get(wanted.name)
+            if tensor is None:
+                raise _bad(
+                    f"model {model_name!r} produced no output {wanted.name!r} "
+                    f"(it produced: {', '.join(by_name) or 'none'})"
+                )
+            chosen.append((tensor, wanted.binary))
+
+    entries: list[_ResponseOutput] = []
+    blobs: list[bytes] = []
+    for tensor, binary in chosen:
+        array = _output_array(tensor)
+        entry = _ResponseOutput(
+            name=tensor.name, datatype=datatype_of(tensor.dtype), shape=list(tensor.shape)
+        )
+        if binary:
+            entry.parameters = {"binary_data_size": len(tensor.data)}
+            blobs.append(tensor.data)
+        else:
+            entry.data = array.tolist()
+        entries.append(entry)
+    header = _json.encode(
+        _Response(
+            model_name=model_name, model_version=MODEL_VERSION, id=response_id, outputs=entries
+        )
+    )
+    if not blobs:
+        return EncodedResponse(body=header, header_length=None)
+    return EncodedResponse(body=b"".join([header, *blobs]), header_length=len(header))
+
+
+def _output_array(tensor: Tensor) -> np.ndarray[Any, Any]:
+    where = f"output {tensor.name!r}"
+    if tensor.handle is not None and not tensor.data:
+        raise GfaasError(ErrorCode.INTERNAL, f"{where} came back by handle, not by value")
+    np_dtype = _NUMPY[tensor.dtype]
+    expected = math.prod(tensor.shape) * np_dtype.itemsize
+    if len(tensor.data) != expected:
+        raise GfaasError(
+            ErrorCode.INTERNAL,
+            f"{where}: {len(tensor.data)} bytes for {tensor.dtype}{list(tensor.shape)} "
+            f"({expected} expected)",
+        )
+    return np.frombuffer(tensor.data, dtype=np_dtype)
+
+
+def _tensor_meta(specs: Iterable[TensorSpec]) -> list[_TensorMeta]:
+    return [
+        _TensorMeta(name=s.name, datatype=datatype_of(s.dtype), shape=list(s.shape)) for s in specs
+    ]
+
+
+def model_metadata(spec: FunctionSpec) -> bytes:
+    return _json.encode(
+        _ModelMeta(
+            name=spec.name,
+            versions=[MODEL_VERSION],
+            platform=PLATFORM,
+            inputs=_tensor_meta(spec.inputs),
+            outputs=_tensor_meta(spec.outputs),
+        )
+    )
+
+
+def server_metadata(version: str) -> bytes:
+    return _json.encode(_ServerMeta(name=SERVER_NAME, version=version, extensions=list(EXTENSIONS)))
+
+
+def parse_index_request(body: bytes) -> bool:
+    """The `ready` flag of a repository index request; an empty body means false."""
+    if not body.strip():
+        return False
+    try:
+        return _index_decoder.decode(body).ready
+    except msgspec.MsgspecError as exc:
+        raise _bad(f"invalid repository index request: {exc}") from None
+
+
+def repository_index(specs: Iterable[FunctionSpec], *, serving: bool, ready_only: bool) -> bytes:
+    state, reason = ("READY", "") if serving else ("UNAVAILABLE", "ingress is not serving")
+    entries = [
+        _IndexEntry(name=s.name, version=MODEL_VERSION, state=state, reason=reason)
+        for s in sorted(specs, key=lambda s: s.name)
+    ]
+    if ready_only:
+        entries = [e for e in entries if e.state == "READY"]
+    return _json.encode(entries)
+
+
+def error_body(reason: str) -> bytes:
+    return _json.encode({"error": reason})

@@ -1,0 +1,105 @@
+"""HTTP (Open Inference Protocol) against the running platform: curl-style JSON,
+the binary extension, and the unmodified Triton HTTP client."""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from nats.aio.client import Client as NATS
+
+from shared.schema import DType, FunctionSpec, TensorSpec
+from tests.conftest import Platform
+from tests.helpers import deploy_and_wait
+
+pytestmark = [pytest.mark.nats, pytest.mark.anyio]
+
+ADD_ONE = FunctionSpec(
+    name="add-one",
+    handler="tests.funcs:add_one",
+    inputs=[TensorSpec(name="x", dtype=DType.FLOAT32, shape=[-1, 3])],
+    outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[-1, 3])],
+)
+BOOM = FunctionSpec(name="boom", handler="tests.funcs:boom")
+
+
+def base(platform: Platform) -> str:
+    return f"http://127.0.0.1:{platform.http_port}"
+
+
+async def wait_http(url: str) -> None:
+    async with httpx.AsyncClient() as http:
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    if (await http.get(f"{url}/v2/health/ready")).status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                await anyio.sleep(0.05)
+
+
+async def test_json_infer_over_http_runs_the_function(platform: Platform, nc: NATS) -> None:
+    await deploy_and_wait(nc, ADD_ONE)
+    url = base(platform)
+    await wait_http(url)
+    async with httpx.AsyncClient(base_url=url) as http:
+        meta = (await http.get("/v2/models/add-one")).json()
+        assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}]
+        index = (await http.post("/v2/repository/index")).json()
+        assert {"name": "add-one", "version": "1", "state": "READY"} in index
+        r = await http.post(
+            "/v2/models/add-one/infer",
+            json={
+                "inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]
+            },
+        )
+        assert r.status_code == 200, r.text
+        out = r.json()["outputs"][0]
+        assert out["name"] == "y"
+        assert out["data"] == [2.0, 3.0, 4.0]
+
+
+async def test_http_errors_map_to_status_codes(platform: Platform, nc: NATS) -> None:
+    await deploy_and_wait(nc, ADD_ONE, BOOM)
+    url = base(platform)
+    await wait_http(url)
+    x = {"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}
+    async with httpx.AsyncClient(base_url=url) as http:
+        unknown = await http.post("/v2/models/nope/infer", json={"inputs": [x]})
+        assert unknown.status_code == 404
+        wrong = await http.post(
+            "/v2/models/add-one/infer", json={"inputs": [{**x, "datatype": "FP64"}]}
+        )
+        assert wrong.status_code == 400
+        assert "invalid_input" in wrong.json()["error"]
+        failed = await http.post("/v2/models/boom/infer", json={"inputs": [x]})
+        assert failed.status_code == 500
+        assert "handler_error" in failed.json()["error"]
+
+
+def test_triton_http_client_works_unchanged(platform: Platform) -> None:
+    anyio.run(_deploy, platform.url)
+    anyio.run(wait_http, base(platform))
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{platform.http_port}")
+    assert client.is_server_live()
+    assert client.is_model_ready("add-one")
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    inp = triton.InferInput("x", [2, 3], "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    out = triton.InferRequestedOutput("y", binary_data=True)
+    result = client.infer("add-one", [inp], outputs=[out])
+    np.testing.assert_array_equal(result.as_numpy("y"), x + 1)
+    client.close()
+
+
+async def _deploy(url: str) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        await deploy_and_wait(nc, ADD_ONE)
+    finally:
+        await nc.drain()
