@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from nats.js.kv import KeyValue
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Span, SpanKind
 
 from services.ingress.admission import admit
 from shared import jetstream, subjects, tracing
@@ -33,6 +33,8 @@ from shared.logs import get_logger
 from shared.registry import Registry
 from shared.schema import (
     H_CALLBACK,
+    H_INVOCATION,
+    H_MSG_ID,
     ErrorCode,
     FunctionSpec,
     InvocationMeta,
@@ -57,6 +59,27 @@ class Ingress:
         self.accepted = 0
         self.rejected = 0
 
+    def _admit(
+        self, function: str, body: bytes, headers: Mapping[str, str] | None, span: Span
+    ) -> InvocationMeta:
+        """Admission with the books kept and the span marked; raises GfaasError."""
+        try:
+            meta, _, _ = admit(
+                function,
+                body,
+                headers,
+                self.registry.get,
+                max_payload=self.max_payload,
+                now_ms=now_millis(),
+            )
+        except GfaasError as exc:
+            self.rejected += 1
+            tracing.mark_error(span, exc.code, exc.reason)
+            raise
+        self.accepted += 1
+        span.set_attribute("gfaas.invocation_id", meta.invocation_id)
+        return meta
+
     # -- sync NATS path ---------------------------------------------------------------
 
     async def on_invoke(self, msg: Msg) -> None:
@@ -68,21 +91,11 @@ class Ingress:
             attributes={"gfaas.function": function},
         ) as span:
             try:
-                meta, _, _ = admit(
-                    function,
-                    msg.data,
-                    msg.headers,
-                    self.registry.get,
-                    max_payload=self.max_payload,
-                    now_ms=now_millis(),
-                )
+                meta = self._admit(function, msg.data, msg.headers, span)
             except GfaasError as exc:
-                self.rejected += 1
-                tracing.mark_error(span, exc.code, exc.reason)
-                invocation_id = (msg.headers or {}).get("Gfaas-Invocation-Id", "")
+                invocation_id = (msg.headers or {}).get(H_INVOCATION, "")
                 await reply_error(self.nc, msg.reply, invocation_id, exc.code, exc.reason)
                 return
-            span.set_attribute("gfaas.invocation_id", meta.invocation_id)
             if not msg.reply:
                 log.info(
                     "invoke.no_reply_subject",
@@ -90,7 +103,6 @@ class Ingress:
                     hint="publish to invoke_async for fire-and-forget",
                 )
                 return
-            self.accepted += 1
             await self.nc.publish(
                 subjects.SCHEDULE,
                 msg.data,
@@ -110,20 +122,9 @@ class Ingress:
             attributes={"gfaas.function": function},
         ) as span:
             try:
-                meta, _, _ = admit(
-                    function,
-                    body,
-                    headers,
-                    self.registry.get,
-                    max_payload=self.max_payload,
-                    now_ms=now_millis(),
-                )
+                meta = self._admit(function, body, headers, span)
             except GfaasError as exc:
-                self.rejected += 1
-                tracing.mark_error(span, exc.code, exc.reason)
                 return error_reply("", exc.code, exc.reason)
-            self.accepted += 1
-            span.set_attribute("gfaas.invocation_id", meta.invocation_id)
             reply = await self._request(meta, body)
             if reply.error:
                 tracing.mark_error(span, reply.error.code, reply.error.reason)
@@ -159,11 +160,11 @@ class Ingress:
             callback = headers.get(H_CALLBACK) or request.callback
         except msgspec.MsgspecError:
             callback = headers.get(H_CALLBACK, "")
-        if not headers.get("Gfaas-Invocation-Id") and not headers.get("Nats-Msg-Id"):
+        if not headers.get(H_INVOCATION) and not headers.get(H_MSG_ID):
             # Without an id the caller could not fetch the result: derive a stable one
             # from the stream position so redeliveries map to the same key.
-            headers["Gfaas-Invocation-Id"] = f"s{msg.metadata.sequence.stream}"
-        invocation_id = headers.get("Gfaas-Invocation-Id") or headers["Nats-Msg-Id"]
+            headers[H_INVOCATION] = f"s{msg.metadata.sequence.stream}"
+        invocation_id = headers.get(H_INVOCATION) or headers[H_MSG_ID]
         stored = await self.stored_result(invocation_id)
         if stored is None or (stored.error and stored.error.code == ErrorCode.PENDING):
             await self._store(
