@@ -62,8 +62,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from gfaas.demo import run_demo
 
+    if args.log_level is None:
+        args.log_level = "warning"
     settings = _settings(args)
-    configure_logging("warning")
+    configure_logging(settings.log_level)
     sup = Supervisor(
         settings=settings, nats_url=args.nats_url, nats_port=args.nats_port, workers=args.workers
     )

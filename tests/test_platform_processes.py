@@ -138,3 +138,22 @@ def test_up_runs_the_platform_and_sigterm_stops_everything(tmp_path: Path) -> No
         assert proc.wait(60) == 0
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_demo_deploys_and_invokes_every_example(tmp_path: Path) -> None:
+    from tests.conftest import free_port
+
+    out = gfaas(
+        "demo",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--http-port",
+        str(free_port()),
+        env=subprocess_env(),
+        timeout=240,
+    )
+    assert "deployed: noop, text-encoder, classifier, preprocess, topk" in out
+    assert re.search(r"warm: preprocess .* classifier .* topk", out)
+    assert "cosine similarity" in out
+    assert "POST /v2/models/topk/infer -> classes [" in out
+    assert "demo finished" in out

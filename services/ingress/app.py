@@ -9,6 +9,7 @@ through the same path, stores the reply in the results KV, then acknowledges.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Mapping, Sequence
@@ -301,9 +302,13 @@ async def _serve_http(ingress: Ingress, settings: Settings, stop: anyio.Event) -
         log_level="warning",
         lifespan="off",
     )
-    # In the main thread uvicorn captures SIGINT/SIGTERM while it serves, stops, then
-    # re-raises them, so HTTP intake closes first and the service's own handler follows.
-    server = uvicorn.Server(config)
+    class Server(uvicorn.Server):
+        # The service owns SIGINT/SIGTERM (shared.service); uvicorn would otherwise
+        # capture them and re-raise them after exit, which reads as a second signal.
+        def capture_signals(self) -> contextlib.AbstractContextManager[None]:
+            return contextlib.nullcontext()
+
+    server = Server(config)
     async with anyio.create_task_group() as tg:
         tg.start_soon(server.serve)
         await stop.wait()
