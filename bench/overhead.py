@@ -222,6 +222,17 @@ def main() -> None:
     if not args.no_ray:
         results += bench_ray(args.requests, args.concurrency)
     print_table(results, baseline)
+    by_name = {r.name: r for r in results}
+    gfaas_seq = by_name["gfaas full sync path (sequential)"]
+    gfaas_conc = by_name[f"gfaas full sync path (concurrency {args.concurrency})"]
+    for peer in ("ray serve handle", "ray serve http"):
+        seq = by_name.get(f"{peer} (sequential)")
+        conc = by_name.get(f"{peer} (concurrency {args.concurrency})")
+        if seq and conc:
+            print(
+                f"gfaas vs {peer}: p50 {seq.p50_ms / gfaas_seq.p50_ms:.1f}x lower, "
+                f"throughput {gfaas_conc.rps / conc.rps:.1f}x higher"
+            )
 
 
 if __name__ == "__main__":
