@@ -1,0 +1,375 @@
+"""The lease table: who may read which bytes of which slab, until when.
+
+A lease is one block of one device's pool, named by a unique `lease_id` and a
+`generation` that grows every time the same block location is leased again, so a
+handle kept past its lease is refused instead of reading someone else's bytes.
+
+Holders are counted per holder (the producer, then one per fan-out consumer), so
+a dead worker's references can be dropped without freeing data a live consumer
+still reads. Time is always an argument.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Protocol
+
+from shared.dataplane.allocator import DEFAULT_ALIGNMENT, AllocStats, Block, SlabAllocator
+from shared.errors import GfaasError
+from shared.schema import DEFAULT_TENANT, ErrorCode, Handle
+
+# Remembered retired ids, so a late handle hears "released" rather than "unknown".
+_RETIRED_MEMORY = 4096
+
+
+class Fault(StrEnum):
+    """Why a lease operation was refused; each maps to one wire ErrorCode."""
+
+    UNKNOWN = "unknown"  # never issued here
+    STALE = "stale"  # released, expired, reclaimed, or an old generation
+    FOREIGN_TENANT = "foreign_tenant"
+    OUT_OF_BOUNDS = "out_of_bounds"
+    WRONG_PLACE = "wrong_place"  # device or segment differs from the lease's
+    TOO_LARGE = "too_large"  # larger than the device's cap: can never fit
+    EXHAUSTED = "exhausted"  # fits the cap, not the free space now
+    UNKNOWN_DEVICE = "unknown_device"
+    NOT_HOLDER = "not_holder"
+
+
+FAULT_CODES: dict[Fault, ErrorCode] = {
+    Fault.UNKNOWN: ErrorCode.NOT_FOUND,
+    Fault.STALE: ErrorCode.NOT_FOUND,
+    Fault.FOREIGN_TENANT: ErrorCode.BAD_REQUEST,
+    Fault.OUT_OF_BOUNDS: ErrorCode.BAD_REQUEST,
+    Fault.WRONG_PLACE: ErrorCode.BAD_REQUEST,
+    Fault.TOO_LARGE: ErrorCode.PAYLOAD_TOO_LARGE,
+    Fault.EXHAUSTED: ErrorCode.OVERLOADED,
+    Fault.UNKNOWN_DEVICE: ErrorCode.BAD_REQUEST,
+    Fault.NOT_HOLDER: ErrorCode.BAD_REQUEST,
+}
+
+
+class LeaseError(GfaasError):
+    """A refused lease operation: `code` goes on the wire, `fault` is the precise cause."""
+
+    def __init__(self, fault: Fault, reason: str) -> None:
+        super().__init__(FAULT_CODES[fault], reason)
+        self.fault = fault
+
+
+class HandleLike(Protocol):
+    """The fields of schema.Handle that a check reads."""
+
+    @property
+    def lease_id(self) -> str: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def segment(self) -> str: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    lease_id: str
+    generation: int
+    device: str
+    segment: str
+    block: Block
+    # Requested bytes; `block.nbytes` is the aligned reservation.
+    nbytes: int
+    owner: str
+    tenant: str
+    created_at: float
+    expires_at: float
+    holders: tuple[tuple[str, int], ...]
+
+    @property
+    def offset(self) -> int:
+        return self.block.offset
+
+    @property
+    def refs(self) -> int:
+        return sum(n for _, n in self.holders)
+
+
+@dataclass(frozen=True, slots=True)
+class Slab:
+    device: str
+    slab_id: int
+    size: int
+    segment: str
+
+
+@dataclass(slots=True)
+class _Device:
+    cap: int
+    allocator: SlabAllocator
+    slab_size: int = 0  # largest slab ever added, for "too large" hints
+    generations: dict[tuple[int, int], int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceUsage:
+    device: str
+    cap: int
+    leases: int
+    bytes_leased: int
+    alloc: AllocStats
+
+
+class LeaseTable:
+    def __init__(self, *, id_prefix: str = "L", alignment: int = DEFAULT_ALIGNMENT) -> None:
+        # The prefix keeps ids unique across broker restarts (the broker passes its instance).
+        self._prefix = id_prefix
+        self._alignment = alignment
+        self._seq = 0
+        self._slab_seq = 0
+        self._devices: dict[str, _Device] = {}
+        self._slabs: dict[tuple[str, int], Slab] = {}
+        self._leases: dict[str, Lease] = {}
+        self._retired: OrderedDict[str, str] = OrderedDict()
+        self._expiry: list[tuple[float, str]] = []
+
+    # Pools
+
+    def add_device(self, device: str, cap_bytes: int) -> None:
+        if device in self._devices:
+            self._devices[device].cap = cap_bytes
+            return
+        self._devices[device] = _Device(cap_bytes, SlabAllocator(self._alignment))
+
+    def add_slab(self, device: str, size: int, segment: str) -> Slab:
+        dev = self._device(device)
+        self._slab_seq += 1
+        slab = Slab(device, self._slab_seq, size, segment)
+        dev.allocator.add_slab(slab.slab_id, size)
+        dev.slab_size = max(dev.slab_size, size)
+        self._slabs[(device, slab.slab_id)] = slab
+        return slab
+
+    def remove_slab(self, device: str, slab_id: int) -> Slab:
+        """Forget an empty slab; the caller then unmaps and destroys its segment."""
+        dev = self._device(device)
+        dev.allocator.remove_slab(slab_id)
+        # Slab ids are never reused, so this slab's generation counters can go with it.
+        dev.generations = {k: g for k, g in dev.generations.items() if k[0] != slab_id}
+        return self._slabs.pop((device, slab_id))
+
+    def slabs(self, device: str) -> list[Slab]:
+        return [s for (d, _), s in sorted(self._slabs.items()) if d == device]
+
+    def slab_used(self, device: str, slab_id: int) -> int:
+        return self._device(device).allocator.slab_stats(slab_id).used
+
+    # Leases
+
+    def lease(
+        self,
+        nbytes: int,
+        device: str,
+        owner: str,
+        *,
+        now: float,
+        tenant: str = DEFAULT_TENANT,
+        ttl: float | None = None,
+    ) -> Lease:
+        dev = self._device(device)
+        if nbytes < 0:
+            raise LeaseError(Fault.OUT_OF_BOUNDS, f"negative lease size {nbytes}")
+        if dev.allocator.aligned(nbytes) > dev.cap:
+            raise LeaseError(
+                Fault.TOO_LARGE,
+                f"{nbytes} bytes exceeds the {dev.cap}-byte cap of device {device}",
+            )
+        block = dev.allocator.alloc(nbytes)
+        if block is None:
+            stats = dev.allocator.stats()
+            raise LeaseError(
+                Fault.EXHAUSTED,
+                f"pool of device {device} exhausted: {nbytes} bytes asked, "
+                f"largest free block {stats.largest_free}, {stats.used}/{stats.held} bytes "
+                f"in use (cap {dev.cap})",
+            )
+        key = (block.slab_id, block.offset)
+        generation = dev.generations.get(key, 0) + 1
+        dev.generations[key] = generation
+        self._seq += 1
+        expires_at = math.inf if ttl is None else now + ttl
+        lease = Lease(
+            lease_id=f"{self._prefix}{self._seq:x}",
+            generation=generation,
+            device=device,
+            segment=self._slabs[(device, block.slab_id)].segment,
+            block=block,
+            nbytes=nbytes,
+            owner=owner,
+            tenant=tenant,
+            created_at=now,
+            expires_at=expires_at,
+            holders=((owner, 1),),
+        )
+        self._leases[lease.lease_id] = lease
+        if ttl is not None:
+            heapq.heappush(self._expiry, (expires_at, lease.lease_id))
+        return lease
+
+    def get(self, lease_id: str) -> Lease:
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            retired = self._retired.get(lease_id)
+            if retired is not None:
+                raise LeaseError(Fault.STALE, f"lease {lease_id} was {retired}")
+            raise LeaseError(Fault.UNKNOWN, f"no lease {lease_id}")
+        return lease
+
+    def retain(self, lease_id: str, holder: str, n: int = 1) -> Lease:
+        """Add references for a fan-out consumer; the lease lives until all are released."""
+        lease = self.get(lease_id)
+        counts = dict(lease.holders)
+        counts[holder] = counts.get(holder, 0) + n
+        return self._put(replace(lease, holders=tuple(counts.items())))
+
+    def release(self, lease_id: str, holder: str) -> Lease | None:
+        """Drop one reference of `holder`; returns the freed lease at zero, else None."""
+        lease = self.get(lease_id)
+        counts = dict(lease.holders)
+        if holder not in counts:
+            raise LeaseError(Fault.NOT_HOLDER, f"{holder} holds no reference to {lease_id}")
+        counts[holder] -= 1
+        if counts[holder] == 0:
+            del counts[holder]
+        if not counts:
+            return self._retire(lease, "released")
+        self._put(replace(lease, holders=tuple(counts.items())))
+        return None
+
+    def free(self, lease_id: str) -> Lease:
+        """Free regardless of references (invocation cancelled, broker shutting down)."""
+        return self._retire(self.get(lease_id), "freed")
+
+    def renew(self, lease_id: str, *, now: float, ttl: float) -> Lease:
+        lease = self._put(replace(self.get(lease_id), expires_at=now + ttl))
+        heapq.heappush(self._expiry, (lease.expires_at, lease_id))
+        return lease
+
+    def expire(self, now: float) -> list[Lease]:
+        expired: list[Lease] = []
+        while self._expiry and self._expiry[0][0] <= now:
+            at, lease_id = heapq.heappop(self._expiry)
+            lease = self._leases.get(lease_id)
+            # Entries left behind by renew or release are skipped here, not searched for there.
+            if lease is not None and lease.expires_at == at:
+                expired.append(self._retire(lease, "expired"))
+        return expired
+
+    def reclaim_owner(self, owner: str) -> list[Lease]:
+        """Drop every reference a dead worker held; returns the leases that were freed."""
+        freed: list[Lease] = []
+        for lease in [x for x in self._leases.values() if any(h == owner for h, _ in x.holders)]:
+            rest = tuple((h, n) for h, n in lease.holders if h != owner)
+            if rest:
+                self._put(replace(lease, holders=rest))
+            else:
+                freed.append(self._retire(lease, f"reclaimed from dead owner {owner}"))
+        return freed
+
+    # Checks
+
+    def check(self, handle: HandleLike, tenant: str) -> Lease:
+        """The lease a handle may read, or a LeaseError saying why not."""
+        lease = self.get(handle.lease_id)
+        if handle.generation != lease.generation:
+            raise LeaseError(
+                Fault.STALE,
+                f"lease {lease.lease_id} is at generation {lease.generation}, "
+                f"handle has {handle.generation}",
+            )
+        if tenant != lease.tenant or handle.tenant != lease.tenant:
+            raise LeaseError(
+                Fault.FOREIGN_TENANT,
+                f"lease {lease.lease_id} does not belong to tenant {tenant!r}",
+            )
+        if handle.device != lease.device or handle.segment != lease.segment:
+            raise LeaseError(
+                Fault.WRONG_PLACE,
+                f"lease {lease.lease_id} lives on {lease.device}/{lease.segment}, "
+                f"handle names {handle.device}/{handle.segment}",
+            )
+        start, end = lease.offset, lease.offset + lease.nbytes
+        if handle.nbytes < 0 or handle.offset < start or handle.offset + handle.nbytes > end:
+            raise LeaseError(
+                Fault.OUT_OF_BOUNDS,
+                f"bytes [{handle.offset}, {handle.offset + handle.nbytes}) are outside "
+                f"lease {lease.lease_id} [{start}, {end})",
+            )
+        return lease
+
+    def to_handle(self, lease: Lease, *, backend: str, pool: str) -> Handle:
+        slab = self._slabs[(lease.device, lease.block.slab_id)]
+        return Handle(
+            backend=backend,
+            pool=pool,
+            segment=lease.segment,
+            device=lease.device,
+            offset=lease.offset,
+            nbytes=lease.nbytes,
+            lease_id=lease.lease_id,
+            generation=lease.generation,
+            tenant=lease.tenant,
+            slab_size=slab.size,
+        )
+
+    # Accounting
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def __iter__(self) -> Iterator[Lease]:
+        return iter(list(self._leases.values()))
+
+    def usage(self, device: str) -> DeviceUsage:
+        dev = self._device(device)
+        mine = [x for x in self._leases.values() if x.device == device]
+        return DeviceUsage(
+            device=device,
+            cap=dev.cap,
+            leases=len(mine),
+            bytes_leased=sum(x.block.nbytes for x in mine),
+            alloc=dev.allocator.stats(),
+        )
+
+    def devices(self) -> list[str]:
+        return sorted(self._devices)
+
+    # Internals
+
+    def _device(self, device: str) -> _Device:
+        try:
+            return self._devices[device]
+        except KeyError:
+            raise LeaseError(Fault.UNKNOWN_DEVICE, f"no pool on device {device!r}") from None
+
+    def _put(self, lease: Lease) -> Lease:
+        self._leases[lease.lease_id] = lease
+        return lease
+
+    def _retire(self, lease: Lease, why: str) -> Lease:
+        del self._leases[lease.lease_id]
+        self._devices[lease.device].allocator.free(lease.block)
+        self._retired[lease.lease_id] = why
+        if len(self._retired) > _RETIRED_MEMORY:
+            self._retired.popitem(last=False)
+        return lease

@@ -1,0 +1,183 @@
+"""The CPU backend: slabs as POSIX shared memory, mapped once per process.
+
+Segments are files under /dev/shm opened with os.open and mapped with mmap, not
+multiprocessing.shared_memory: on Python 3.11 a process that merely attaches to a
+SharedMemory registers it with the resource tracker, which unlinks it when that
+process exits, pulling the slab from under everyone else. Here only `destroy_slab`
+unlinks.
+
+Mappings are cached: re-mapping a 64 MiB segment per request costs about 10 ms on
+these machines against 4 ms for the whole hand-over with a kept mapping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from shared.dataplane.backend import BackendError, SlabRef, numpy_dtype, torch_dtype
+from shared.schema import DType
+
+if TYPE_CHECKING:
+    import torch
+
+SHM_DIR = Path("/dev/shm")
+SEGMENT_PREFIX = "gfaas-"
+# Segment names arrive in handles from the wire: no slashes, no dots-only names.
+_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,200}$")
+_PAGE = mmap.PAGESIZE
+
+
+def new_segment_name(pool: str, prefix: str = SEGMENT_PREFIX) -> str:
+    return f"{prefix}{pool}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def list_segments(prefix: str = SEGMENT_PREFIX) -> list[str]:
+    return sorted(p.name for p in SHM_DIR.glob(f"{prefix}*"))
+
+
+def _path(name: str) -> Path:
+    if not _NAME.match(name):
+        raise BackendError(f"invalid shared-memory segment name {name!r}")
+    return SHM_DIR / name
+
+
+@dataclass(slots=True)
+class Segment:
+    name: str
+    size: int
+    mm: mmap.mmap
+
+    def close(self) -> None:
+        # Views still pointing into it keep the mapping alive until the last one goes.
+        with contextlib.suppress(BufferError):
+            self.mm.close()
+
+
+def create_segment(name: str, size: int, *, prefault: bool = False) -> Segment:
+    if size <= 0:
+        raise BackendError(f"segment size must be positive, got {size}")
+    fd = os.open(_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size)
+    except BaseException:
+        os.unlink(_path(name))
+        raise
+    finally:
+        os.close(fd)
+    if prefault:
+        # Touch every page now so the first copy into the slab runs at memcpy speed.
+        np.frombuffer(mm, dtype=np.uint8)[::_PAGE] = 0
+    return Segment(name, size, mm)
+
+
+def open_segment(name: str) -> Segment:
+    try:
+        fd = os.open(_path(name), os.O_RDWR)
+    except FileNotFoundError:
+        raise BackendError(f"shared-memory segment {name!r} does not exist") from None
+    try:
+        size = os.fstat(fd).st_size
+        mm = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    return Segment(name, size, mm)
+
+
+def unlink_segment(name: str) -> bool:
+    try:
+        os.unlink(_path(name))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+class ShmBackend:
+    """One per process (see `default_backend`): it owns the process's mapping cache."""
+
+    kind = "shm"
+
+    def __init__(self, device: str = "cpu", *, prefix: str = SEGMENT_PREFIX) -> None:
+        self.device = device
+        self.prefix = prefix
+        self._open: dict[str, Segment] = {}
+
+    def create_slab(self, size: int, pool: str, *, prefault: bool = False) -> SlabRef:
+        seg = create_segment(new_segment_name(pool, self.prefix), size, prefault=prefault)
+        self._open[seg.name] = seg
+        return SlabRef(backend=self.kind, segment=seg.name, size=size, device=self.device)
+
+    def destroy_slab(self, segment: str) -> None:
+        self.close(segment)
+        unlink_segment(segment)
+
+    def open(self, segment: str) -> Segment:
+        seg = self._open.get(segment)
+        if seg is None:
+            seg = self._open[segment] = open_segment(segment)
+        return seg
+
+    def is_open(self, segment: str) -> bool:
+        return segment in self._open
+
+    def buffer(self, segment: str, offset: int, nbytes: int) -> memoryview:
+        seg = self.open(segment)
+        _check_bounds(seg, offset, nbytes)
+        return memoryview(seg.mm)[offset : offset + nbytes]
+
+    def as_numpy(
+        self, segment: str, offset: int, nbytes: int, dtype: DType | str, shape: Sequence[int]
+    ) -> np.ndarray[Any, Any]:
+        seg = self.open(segment)
+        dt = numpy_dtype(dtype)
+        _check_view(seg, offset, nbytes, dt.itemsize, shape)
+        count = nbytes // dt.itemsize
+        return np.frombuffer(seg.mm, dtype=dt, count=count, offset=offset).reshape(shape)
+
+    def as_torch(
+        self, segment: str, offset: int, nbytes: int, dtype: DType | str, shape: Sequence[int]
+    ) -> torch.Tensor:
+        import torch
+
+        seg = self.open(segment)
+        tdt = torch_dtype(dtype)
+        _check_view(seg, offset, nbytes, tdt.itemsize, shape)
+        if nbytes == 0:
+            return torch.empty(list(shape), dtype=tdt)
+        flat = torch.frombuffer(seg.mm, dtype=tdt, count=nbytes // tdt.itemsize, offset=offset)
+        return flat.view(list(shape))
+
+    def close(self, segment: str) -> None:
+        seg = self._open.pop(segment, None)
+        if seg is not None:
+            seg.close()
+
+    def close_all(self) -> None:
+        for name in list(self._open):
+            self.close(name)
+
+
+def _check_bounds(seg: Segment, offset: int, nbytes: int) -> None:
+    if offset < 0 or nbytes < 0 or offset + nbytes > seg.size:
+        raise BackendError(
+            f"bytes [{offset}, {offset + nbytes}) are outside segment {seg.name} of {seg.size}"
+        )
+
+
+def _check_view(
+    seg: Segment, offset: int, nbytes: int, itemsize: int, shape: Sequence[int]
+) -> None:
+    _check_bounds(seg, offset, nbytes)
+    expected = itemsize * int(np.prod(shape, dtype=np.int64))
+    if expected != nbytes:
+        raise BackendError(f"shape {list(shape)} needs {expected} bytes, the view has {nbytes}")
