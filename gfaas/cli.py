@@ -197,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     def platform_opts(p: argparse.ArgumentParser) -> None:
         nats_opt(p, "use this NATS server instead of starting the embedded one")
         p.add_argument("--nats-port", type=int, default=4222, help="embedded server port")
-        p.add_argument("--workers", type=int, default=1, help="gpu-worker processes")
+        p.add_argument(
+            "--workers", type=int, default=0, help="gpu-worker processes (default: one per GPU)"
+        )
         p.add_argument("--state-dir", type=Path, default=None)
         p.add_argument("--http-port", type=int, default=None)
         p.add_argument("--policy", default=None, help="scheduling policy")

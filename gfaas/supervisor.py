@@ -68,14 +68,32 @@ def service_env(settings: Settings, nats_url: str, **extra: str) -> dict[str, st
     return env
 
 
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def worker_device(index: int, gpus: int) -> str:
+    """Workers are spread over the GPUs, one device each; CPU without any."""
+    return f"cuda:{index % gpus}" if gpus else "cpu"
+
+
 def plan_children(settings: Settings, nats_url: str, workers: int) -> list[Child]:
+    """Workers: `workers` of them, or one per GPU (one on a CPU-only machine) for 0."""
     python = sys.executable
     children = [
         Child(name, [python, "-m", SERVICE_MODULES[name]], service_env(settings, nats_url))
         for name in ("memory-broker", "scheduler", "ingress")
     ]
-    for i in range(workers):
-        env = service_env(settings, nats_url, GFAAS_WORKER_ID=f"worker-{i}")
+    gpus = gpu_count()
+    for i in range(workers or max(gpus, 1)):
+        env = service_env(
+            settings,
+            nats_url,
+            GFAAS_WORKER_ID=f"worker-{i}",
+            GFAAS_DEVICE=worker_device(i, gpus),
+        )
         children.append(
             Child(f"gpu-worker-{i}", [python, "-m", SERVICE_MODULES["gpu-worker"]], env)
         )
@@ -87,7 +105,7 @@ class Supervisor:
     settings: Settings
     nats_url: str | None  # an existing server; None starts the embedded one
     nats_port: int = 4222  # for the embedded server; -1 picks a free port
-    workers: int = 1
+    workers: int = 0  # 0: one per GPU, or one on a CPU-only machine
     server: NatsServer | None = None
     children: list[Child] = field(default_factory=list)
     stopping: bool = False

@@ -1,0 +1,109 @@
+"""Ingress admission and the baseline placement policies, as pure functions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from services.ingress.admission import admit
+from shared.errors import GfaasError
+from shared.scheduling import RequestView, WorkerView, make_policy
+from shared.schema import DType, ErrorCode, FunctionKind, FunctionSpec, TensorSpec, encode
+from shared.schema import InvokeRequest as Req
+from shared.tensors import from_value
+
+pytestmark = pytest.mark.unit
+
+SPEC = FunctionSpec(
+    name="f",
+    handler="m:f",
+    timeout_ms=1000,
+    inputs=[TensorSpec(name="x", dtype=DType.FLOAT32, shape=[-1, 3])],
+)
+
+
+def body(x: np.ndarray[Any, Any]) -> bytes:
+    return encode(Req(inputs=[from_value("x", x)]))
+
+
+def lookup(name: str) -> FunctionSpec | None:
+    return SPEC if name == "f" else None
+
+
+def refused(
+    data: bytes,
+    code: ErrorCode,
+    *,
+    function: str = "f",
+    headers: dict[str, str] | None = None,
+    max_payload: int = 10_000,
+) -> str:
+    with pytest.raises(GfaasError) as info:
+        admit(function, data, headers, lookup, max_payload=max_payload, now_ms=0)
+    assert info.value.code is code
+    return info.value.reason
+
+
+def test_admission_stamps_id_tenant_and_deadline() -> None:
+    meta, request, spec = admit(
+        "f",
+        body(np.ones((2, 3), np.float32)),
+        {"Gfaas-Tenant": "acme"},
+        lambda n: SPEC,
+        max_payload=10_000,
+        now_ms=5_000,
+    )
+    assert len(meta.invocation_id) == 32
+    assert (meta.tenant, meta.deadline_ms, spec.name) == ("acme", 6_000, "f")
+    assert request.inputs[0].shape == [2, 3]
+
+
+def test_admission_refuses_each_kind_of_bad_input() -> None:
+    good = body(np.ones((1, 3), np.float32))
+    assert "not deployed" in refused(good, ErrorCode.UNKNOWN_FUNCTION, function="g")
+    assert "float64" in refused(body(np.ones((1, 3))), ErrorCode.INVALID_INPUT)
+    assert "[-1, 3]" in refused(body(np.ones((1, 4), np.float32)), ErrorCode.INVALID_INPUT)
+    assert "malformed" in refused(b"\xc1", ErrorCode.BAD_REQUEST)
+    assert "limit" in refused(good, ErrorCode.PAYLOAD_TOO_LARGE, max_payload=10)
+    bad_id = {"Gfaas-Invocation-Id": "a.b"}
+    assert "invocation id" in refused(good, ErrorCode.BAD_REQUEST, headers=bad_id)
+    assert "tenant" in refused(good, ErrorCode.BAD_REQUEST, headers={"Gfaas-Tenant": "a b"})
+
+
+def workers(*loads: int, device: str = "cpu") -> list[WorkerView]:
+    return [
+        WorkerView(worker_id=f"w{i}", device=device, capacity=4, outstanding=n)
+        for i, n in enumerate(loads)
+    ]
+
+
+def test_least_loaded_picks_the_idlest_worker_and_waits_when_all_are_full() -> None:
+    policy = make_policy("least_loaded")
+    req = RequestView(invocation_id="i", function="f")
+    assert policy.choose(req, workers(3, 1, 2), 0.0) == "w1"
+    assert policy.choose(req, workers(4, 4), 0.0) is None
+
+
+def test_round_robin_cycles_over_workers_with_room() -> None:
+    policy = make_policy("round_robin")
+    req = RequestView(invocation_id="i", function="f")
+    picks = [policy.choose(req, workers(0, 0, 4), 0.0) for _ in range(4)]
+    assert picks == ["w0", "w1", "w0", "w1"]
+
+
+def test_gpu_functions_prefer_gpu_workers_and_fall_back_to_cpu_without_any() -> None:
+    policy = make_policy("least_loaded")
+    gpu_req = RequestView(invocation_id="i", function="f", kind=FunctionKind.GPU)
+    mixed = [
+        WorkerView(worker_id="c", device="cpu", capacity=4),
+        WorkerView(worker_id="g", device="cuda:0", capacity=4, outstanding=2),
+    ]
+    assert policy.choose(gpu_req, mixed, 0.0) == "g"
+    assert policy.choose(gpu_req, workers(1, 0), 0.0) == "w1"
+
+
+def test_unknown_policy_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="least_loaded"):
+        make_policy("magic")
