@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import anyio
 import msgspec
@@ -305,8 +305,9 @@ async def _serve_http(ingress: Ingress, settings: Settings, stop: anyio.Event) -
     class Server(uvicorn.Server):
         # The service owns SIGINT/SIGTERM (shared.service); uvicorn would otherwise
         # capture them and re-raise them after exit, which reads as a second signal.
-        def capture_signals(self) -> contextlib.AbstractContextManager[None]:
-            return contextlib.nullcontext()
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
 
     server = Server(config)
     async with anyio.create_task_group() as tg:

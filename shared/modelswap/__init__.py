@@ -1,0 +1,12 @@
+"""Models that are always warm: a node-wide host tier and pipelined swap-in.
+
+Weights live in the object store (cold), in a host tier of shared-memory segments
+that every worker on the node maps (warm), and in a worker's device memory (hot).
+A swap-in copies parameter groups from the host tier to the device in order while
+the model already runs: a module's forward waits only for its own group.
+"""
+
+from shared.modelswap.host_tier import HostModel, HostTier
+from shared.modelswap.pipeline import SwapIn, group_parameters, instantiate
+
+__all__ = ["HostModel", "HostTier", "SwapIn", "group_parameters", "instantiate"]

@@ -1,0 +1,209 @@
+"""The host tier: model weights in POSIX shared memory, one copy per node.
+
+A segment holds a small MessagePack index (tensor names, dtypes, shapes, offsets)
+then the tensors' bytes, each aligned. The first worker that needs a model writes
+the segment under a temporary name and renames it into place, so others either see
+a complete segment or none; an flock keeps two workers from loading the same model
+at once. Eviction from a device never touches this tier; `evict` here is explicit.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import struct
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import torch
+
+from shared.dataplane.backend import BackendError
+from shared.dataplane.shm import (
+    SHM_DIR,
+    Segment,
+    create_segment,
+    list_segments,
+    open_segment,
+    unlink_segment,
+)
+
+PREFIX = "gfaas-model-"
+ALIGN = 256
+_HEADER = struct.Struct("<Q")
+_SAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+class _Entry(msgspec.Struct, array_like=True):
+    name: str
+    dtype: str
+    shape: list[int]
+    offset: int
+    nbytes: int
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def segment_name(model: str, digest: str, prefix: str = PREFIX) -> str:
+    tag = hashlib.sha256(f"{model}\0{digest}".encode()).hexdigest()[:16]
+    return f"{prefix}{_SAFE.sub('_', model)[:48]}-{tag}"
+
+
+@dataclass
+class HostModel:
+    """A model's tensors as zero-copy views into its shared-memory segment."""
+
+    name: str
+    segment: Segment
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def _layout(state: Mapping[str, torch.Tensor]) -> tuple[list[_Entry], bytes, int]:
+    entries: list[_Entry] = []
+    offset = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        entries.append(
+            _Entry(
+                name=name,
+                dtype=str(tensor.dtype).removeprefix("torch."),
+                shape=list(tensor.shape),
+                offset=offset,
+                nbytes=nbytes,
+            )
+        )
+        offset = _align(offset + nbytes)
+    index = msgspec.msgpack.encode(entries)
+    data_start = _align(_HEADER.size + len(index))
+    return entries, index, data_start + offset
+
+
+def _views(segment: Segment) -> dict[str, torch.Tensor]:
+    (index_len,) = _HEADER.unpack_from(segment.mm, 0)
+    entries = msgspec.msgpack.decode(
+        segment.mm[_HEADER.size : _HEADER.size + index_len], type=list[_Entry]
+    )
+    base = _align(_HEADER.size + index_len)
+    views: dict[str, torch.Tensor] = {}
+    for e in entries:
+        dtype = getattr(torch, e.dtype)
+        if e.nbytes == 0:
+            views[e.name] = torch.empty(e.shape, dtype=dtype)
+            continue
+        flat = torch.frombuffer(
+            segment.mm, dtype=dtype, count=e.nbytes // dtype.itemsize, offset=base + e.offset
+        )
+        views[e.name] = flat.view(e.shape)
+    return views
+
+
+class HostTier:
+    """Maps models' segments once per process and keeps them mapped."""
+
+    def __init__(self, prefix: str = PREFIX) -> None:
+        self.prefix = prefix
+        self._open: dict[str, HostModel] = {}
+        self.loads = 0
+
+    def cached(self, model: str, digest: str) -> HostModel | None:
+        name = segment_name(model, digest, self.prefix)
+        if name in self._open:
+            return self._open[name]
+        try:
+            segment = open_segment(name)
+        except BackendError:
+            return None
+        host = HostModel(name=model, segment=segment, tensors=_views(segment))
+        self._open[name] = host
+        return host
+
+    def get_or_load(self, model: str, digest: str, load: Callable[[], Path]) -> HostModel:
+        """The model from the host tier, loading it from `load()`'s file if absent."""
+        host = self.cached(model, digest)
+        if host is not None:
+            return host
+        name = segment_name(model, digest, self.prefix)
+        with _locked(name):
+            host = self.cached(model, digest)  # another worker may have won the race
+            if host is not None:
+                return host
+            state = torch.load(load(), map_location="cpu", weights_only=True, mmap=True)
+            self._publish(name, state)
+            self.loads += 1
+        host = self.cached(model, digest)
+        assert host is not None
+        return host
+
+    def _publish(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
+        entries, index, size = _layout(state)
+        tmp = f"{name}.tmp{os.getpid()}"
+        unlink_segment(tmp)
+        segment = create_segment(tmp, max(size, 1))
+        try:
+            _HEADER.pack_into(segment.mm, 0, len(index))
+            segment.mm[_HEADER.size : _HEADER.size + len(index)] = index
+            base = _align(_HEADER.size + len(index))
+            for entry, tensor in zip(entries, state.values(), strict=True):
+                if entry.nbytes:
+                    dst = torch.frombuffer(
+                        segment.mm,
+                        dtype=torch.uint8,
+                        count=entry.nbytes,
+                        offset=base + entry.offset,
+                    )
+                    dst.copy_(tensor.contiguous().view(-1).view(torch.uint8))
+            os.rename(SHM_DIR / tmp, SHM_DIR / name)
+        except BaseException:
+            unlink_segment(tmp)
+            raise
+        finally:
+            segment.close()
+
+    def evict(self, model: str, digest: str) -> bool:
+        name = segment_name(model, digest, self.prefix)
+        host = self._open.pop(name, None)
+        if host is not None:
+            host.tensors.clear()
+            host.segment.close()
+        return unlink_segment(name)
+
+    def resident(self) -> list[str]:
+        return list_segments(self.prefix)
+
+    def close(self) -> None:
+        for host in self._open.values():
+            host.tensors.clear()
+            host.segment.close()
+        self._open.clear()
+
+
+LOCK_DIR = SHM_DIR / ".gfaas-locks"
+
+
+@contextmanager
+def _locked(name: str) -> Iterator[None]:
+    # Lock files stay: unlinking one while another process waits on it would let a
+    # third lock a fresh file and load the same model concurrently.
+    LOCK_DIR.mkdir(exist_ok=True)
+    fd = os.open(LOCK_DIR / f"{name}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def state_nbytes(state: Mapping[str, Any]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())

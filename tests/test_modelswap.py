@@ -1,0 +1,129 @@
+"""Host tier in shared memory and pipelined swap-in (CPU backend)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from shared.modelswap import HostTier, instantiate
+from shared.modelswap.host_tier import PREFIX, segment_name
+from shared.modelswap.pipeline import SwapError, group_parameters
+from tests.conftest import PYTHON, subprocess_env
+
+pytestmark = pytest.mark.unit
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(256, 512),
+        nn.ReLU(),
+        nn.LayerNorm(512),
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.Linear(512, 10),
+    )
+
+
+@pytest.fixture
+def tier() -> Iterator[HostTier]:
+    tier = HostTier(prefix=PREFIX + "test-")
+    yield tier
+    tier.close()
+    for name in tier.resident():
+        (Path("/dev/shm") / name).unlink()
+
+
+@pytest.fixture
+def weights(tmp_path: Path) -> tuple[nn.Module, Path]:
+    torch.manual_seed(0)
+    model = mlp().eval()
+    path = tmp_path / "mlp.pt"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def test_host_tier_loads_once_and_maps_zero_copy(
+    tier: HostTier, weights: tuple[nn.Module, Path]
+) -> None:
+    reference, path = weights
+    loads: list[int] = []
+
+    def load() -> Path:
+        loads.append(1)
+        return path
+
+    host = tier.get_or_load("mlp-test", "d1", load)
+    again = tier.get_or_load("mlp-test", "d1", load)
+    assert loads == [1]
+    assert again is host
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(host.tensors[name], tensor)
+    assert host.nbytes == sum(t.numel() * 4 for t in reference.state_dict().values())
+
+
+def test_another_process_attaches_to_the_same_copy(
+    tier: HostTier, weights: tuple[nn.Module, Path]
+) -> None:
+    _, path = weights
+    host = tier.get_or_load("mlp-test", "d2", lambda: path)
+    code = (
+        "from shared.modelswap import HostTier\n"
+        "from shared.modelswap.host_tier import PREFIX\n"
+        "t = HostTier(prefix=PREFIX + 'test-')\n"
+        "h = t.cached('mlp-test', 'd2')\n"
+        "print(float(h.tensors['0.weight'].sum()))\n"
+    )
+    done = subprocess.run(
+        [PYTHON, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) == pytest.approx(float(host.tensors["0.weight"].sum()), rel=1e-5)
+    # The attaching process exited: the segment must still be there (no resource tracker).
+    assert segment_name("mlp-test", "d2", tier.prefix) in tier.resident()
+
+
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_swapped_in_model_computes_what_the_original_does(
+    tier: HostTier, weights: tuple[nn.Module, Path], pipelined: bool
+) -> None:
+    reference, path = weights
+    host = tier.get_or_load("mlp-test", "d3", lambda: path)
+    model, swap = instantiate(mlp, host, "cpu", group_bytes=64 * 1024, pipelined=pipelined)
+    assert len(swap.groups) > 3
+    x = torch.randn(4, 256)
+    with torch.inference_mode():
+        out = model(x)  # may run while later groups are still copying
+        swap.wait()
+        torch.testing.assert_close(out, reference(x))
+    swap.detach_hooks()
+    assert swap.done
+    assert swap.seconds > 0
+
+
+def test_weights_that_do_not_fit_the_model_are_refused(
+    tier: HostTier, weights: tuple[nn.Module, Path]
+) -> None:
+    _, path = weights
+    host = tier.get_or_load("mlp-test", "d4", lambda: path)
+    with pytest.raises(SwapError, match="missing"):
+        instantiate(lambda: nn.Linear(3, 3), host, "cpu")
+
+
+def test_evict_removes_the_segment(tier: HostTier, weights: tuple[nn.Module, Path]) -> None:
+    _, path = weights
+    tier.get_or_load("mlp-test", "d5", lambda: path)
+    assert tier.evict("mlp-test", "d5")
+    assert tier.cached("mlp-test", "d5") is None
+    assert tier.resident() == []
+
+
+def test_groups_pack_consecutive_tensors_to_the_size() -> None:
+    tensors = [(f"t{i}", torch.zeros(256)) for i in range(10)]  # 1 KiB each
+    groups = group_parameters(tensors, 3 * 1024)
+    assert groups == [["t0", "t1", "t2"], ["t3", "t4", "t5"], ["t6", "t7", "t8"], ["t9"]]
+    assert group_parameters([("big", torch.zeros(4096))], 1024) == [["big"]]
