@@ -302,6 +302,7 @@ async def _serve_http(ingress: Ingress, settings: Settings, stop: anyio.Event) -
         log_level="warning",
         lifespan="off",
     )
+
     class Server(uvicorn.Server):
         # The service owns SIGINT/SIGTERM (shared.service); uvicorn would otherwise
         # capture them and re-raise them after exit, which reads as a second signal.
