@@ -26,7 +26,7 @@ import numpy as np
 from gfaas.sim.workload import FunctionProfile, Workload
 from shared.scheduling.base import DEFAULT_PROFILE, DeviceProfile, Policy, RequestView, WorkerView
 from shared.scheduling.cache import DeviceCache
-from shared.scheduling.dispatch import OrderingPolicy, plan
+from shared.scheduling.dispatch import plan
 from shared.scheduling.eviction import CannotFit, choose_victims
 from shared.scheduling.slo import SloTracker
 from shared.schema import FunctionKind
@@ -109,7 +109,7 @@ class Simulator:
             for i in range(cluster.n_gpus)
         ]
         self.index = {g.worker_id: i for i, g in enumerate(self.gpus)}
-        self.views = [self._view(i, 0.0) for i in range(len(self.gpus))]
+        self.views = [self._view(i) for i in range(len(self.gpus))]
         self.dirty: set[int] = set()
         self.rooms = len(self.gpus) if cluster.concurrency > 0 else 0
         self.events: list[tuple[float, int, int, int, object]] = []
@@ -124,7 +124,7 @@ class Simulator:
     def _push(self, at: float, kind: int, gpu: int, payload: object) -> None:
         heapq.heappush(self.events, (at, next(self.seq), kind, gpu, payload))
 
-    def _view(self, i: int, now: float) -> WorkerView:
+    def _view(self, i: int) -> WorkerView:
         g = self.gpus[i]
         return WorkerView(
             worker_id=g.worker_id,
@@ -136,7 +136,7 @@ class Simulator:
             memory_total=g.cache.capacity,
             cache=g.cache,
             profile=self.profile,
-            swap_backlog_s=max(g.link_free_at - now, 0.0),
+            link_busy_until=g.link_free_at,
         )
 
     def run(self) -> SimResult:
@@ -176,14 +176,14 @@ class Simulator:
         if not self.pending or self.rooms <= 0:
             return
         for i in self.dirty:
-            self.views[i] = self._view(i, now)
+            self.views[i] = self._view(i)
         self.dirty.clear()
-        for i, g in enumerate(self.gpus):
-            if g.link_free_at > now or self.views[i].swap_backlog_s > 0.0:
-                self.views[i] = self._view(i, now)
         queue = [r.view for r in itertools.islice(self.pending.values(), self.window)]
-        if isinstance(self.policy, OrderingPolicy):
-            queue = [replace(r, rrc=self.tracker.rrc(r.function)) for r in queue]
+        if hasattr(self.policy, "order"):
+            rrcs = [self.tracker.rrc(r.function) for r in queue]
+            queue = [
+                r if r.rrc == x else replace(r, rrc=x) for r, x in zip(queue, rrcs, strict=True)
+            ]
         self.plans += 1
         result = plan(self.policy, queue, self.views, now)
         for invocation_id, worker_id in result.assignments:
@@ -206,7 +206,6 @@ class Simulator:
         self.dirty.add(i)
 
     def _assign(self, i: int, req: _Req, now: float) -> None:
-        g = self.gpus[i]
         req.gpu = i
         self._set_outstanding(i, +1)
         self.dispatched += 1
@@ -295,17 +294,19 @@ class Simulator:
 
 
 def simulate(
-    workload: Workload, cluster: ClusterSpec, policy: Policy, **options: float
+    workload: Workload,
+    cluster: ClusterSpec,
+    policy: Policy,
+    *,
+    window: int = 256,
+    tick_s: float = 0.005,
 ) -> SimResult:
-    """Run `workload` on `cluster` under `policy` (from `make_policy`)."""
-    sim = Simulator(
-        workload,
-        cluster,
-        policy,
-        window=int(options.get("window", 256)),
-        tick_s=options.get("tick_s", 0.005),
-    )
-    return sim.run()
+    """Run `workload` on `cluster` under `policy` (from `make_policy`).
+
+    `window`: queued requests shown to each `plan` call; `tick_s`: how soon to
+    look again when requests chose to wait although some worker had room.
+    """
+    return Simulator(workload, cluster, policy, window=window, tick_s=tick_s).run()
 
 
 def cache_for_ratio(functions: Sequence[FunctionProfile], n_gpus: int, ratio: float) -> int:

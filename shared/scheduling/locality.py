@@ -17,8 +17,9 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from shared.scheduling.base import RequestView, WorkerView, eligible, same_kind
+from shared.scheduling.base import RequestView, WorkerView, eligible
 from shared.scheduling.eviction import eviction_cost
+from shared.schema import FunctionKind
 
 
 @dataclass
@@ -35,6 +36,18 @@ class Locality:
     sample: int = 8
 
     def choose(self, request: RequestView, workers: Sequence[WorkerView], now: float) -> str | None:
+        # Shortcut, same answer as `pick`: a request whose model is resident only
+        # on full workers waits. dispatch.plan asks this of every queued request
+        # on every pass, so skip the full `eligible` scan for it.
+        key = request.cache_key
+        gpu = request.kind is FunctionKind.GPU
+        holders = [w for w in workers if key in w.resident and w.device.startswith("cuda") is gpu]
+        if (
+            holders
+            and all(w.outstanding >= w.capacity for w in holders)
+            and self._young(request, holders[0], now)
+        ):
+            return None
         return self.pick(request, eligible(request, workers), workers, now)
 
     def pick(
@@ -50,10 +63,10 @@ class Locality:
         if not candidates:
             return None
         key = request.cache_key
-        min_out = min(w.outstanding for w in candidates)
         warm = [w for w in candidates if key in w.resident]
         if warm:
-            best = min(warm, key=lambda w: (w.outstanding, w.swap_backlog_s, w.worker_id))
+            min_out = min(w.outstanding for w in candidates)
+            best = min(warm, key=lambda w: (w.outstanding, w.link_busy_until, w.worker_id))
             if best.outstanding <= min_out + self.overload_slack:
                 return best.worker_id
         elif self._worth_waiting(request, workers, now):
@@ -64,11 +77,25 @@ class Locality:
         self, request: RequestView, workers: Sequence[WorkerView], now: float
     ) -> bool:
         key = request.cache_key
-        holders = [w for w in same_kind(request, workers) if key in w.resident]
-        if not holders:
-            return False
-        swap_s = holders[0].profile.swap_s(request.model_bytes)
-        return now - request.arrived_at < swap_s
+        gpu = request.kind is FunctionKind.GPU
+        # Only full holders are worth waiting for; one with room was passed over
+        # on purpose (overloaded, or too slow for the SLO policy).
+        holder = next(
+            (
+                w
+                for w in workers
+                if key in w.resident
+                and w.outstanding >= w.capacity
+                and w.device.startswith("cuda") is gpu
+            ),
+            None,
+        )
+        return holder is not None and self._young(request, holder, now)
+
+    @staticmethod
+    def _young(request: RequestView, holder: WorkerView, now: float) -> bool:
+        """Waited less than a swap-in would take: still worth waiting (ski rental)."""
+        return now - request.arrived_at < holder.profile.swap_s(request.model_bytes)
 
 
 def cold_placement(
@@ -90,7 +117,7 @@ def cold_placement(
         key=lambda i: (
             candidates[i].outstanding,
             candidates[i].memory_free < size,
-            candidates[i].swap_backlog_s,
+            candidates[i].link_busy_until,
             (i - start) % n,
         ),
     )
@@ -104,6 +131,6 @@ def cold_placement(
         else:
             # Without a cache model, bytes to free is the best proxy we have.
             price = float(size - w.memory_free)
-        return (price, w.outstanding, w.swap_backlog_s, (i - start) % n)
+        return (price, w.outstanding, w.link_busy_until, (i - start) % n)
 
     return candidates[min(pool, key=cost)]

@@ -2,7 +2,7 @@
 
 Prediction. The latency of a request on worker w, from now, is
     warm:  wait for an ongoing swap of the model (if any) + exec
-    cold:  w.swap_backlog_s + profile.swap_s(model_bytes) + exec
+    cold:  w.swap_backlog_s(now) + profile.swap_s(model_bytes) + exec
 with exec = request.exec_s * (1 + interference * w.outstanding) (see
 DeviceProfile: each co-running request slows this one down linearly).
 
@@ -65,10 +65,35 @@ def predict_latency(request: RequestView, worker: WorkerView, now: float) -> flo
     key = request.cache_key
     run = request.exec_s * worker.profile.slowdown(worker.outstanding)
     if key in worker.resident:
-        entry = worker.cache.entries.get(key) if worker.cache is not None else None
-        wait = max(entry.ready_at - now, 0.0) if entry is not None else 0.0
+        wait = worker.cache.wait_s(key, now) if worker.cache is not None else 0.0
         return wait + run
-    return worker.swap_backlog_s + worker.profile.swap_s(request.model_bytes) + run
+    return worker.swap_backlog_s(now) + worker.profile.swap_s(request.model_bytes) + run
+
+
+def _feasible(
+    request: RequestView, candidates: Sequence[WorkerView], now: float, budget: float
+) -> list[WorkerView]:
+    """The candidates where `predict_latency` fits the budget, computed inline:
+    this loop runs over every worker for every decision."""
+    key = request.cache_key
+    exec_s = request.exec_s
+    size = request.model_bytes
+    out = []
+    for w in candidates:
+        p = w.profile
+        run = exec_s * (1.0 + p.interference * w.outstanding)
+        if key in w.resident:
+            if run > budget:
+                continue
+            if w.cache is not None and run + w.cache.wait_s(key, now) > budget:
+                continue
+        elif (
+            max(w.link_busy_until - now, 0.0) + p.swap_overhead_s + size / p.link_bandwidth + run
+            > budget
+        ):
+            continue
+        out.append(w)
+    return out
 
 
 @dataclass
@@ -92,7 +117,7 @@ class SloAware:
             # No profile: nothing to predict with; behave like locality.
             return self.placement.choose(request, workers, now)
         candidates = eligible(request, workers)
-        feasible = [w for w in candidates if predict_latency(request, w, now) <= budget]
+        feasible = _feasible(request, candidates, now, budget)
         if feasible:
             return self.placement.pick(request, feasible, workers, now)
         if self._may_fit_later(request, candidates, workers, budget):
