@@ -27,6 +27,9 @@ class Settings:
     log_json: bool = False
     # Largest request or reply body gfaas accepts; capped by the server's max_payload.
     max_payload: int = 1024 * 1024
+    # Every POSIX shared-memory name this platform creates starts with this, so two
+    # platforms on one node never share segments and shutdown can find its own.
+    shm_namespace: str = "gfaas"
     # ingress
     http_host: str = "0.0.0.0"
     http_port: int = DEFAULT_HTTP_PORT
@@ -41,7 +44,10 @@ class Settings:
     device: str = "auto"
     threads: int = 1
     capacity: int = 64
-    cache_models: int = 8
+    # Device tier (models on the worker's device), MiB; 0 = most of the device.
+    device_cache_mb: int = 0
+    # Parameter-group size for pipelined swap-in.
+    swap_group_kb: int = 2048
     heartbeat_s: float = 0.5
 
 

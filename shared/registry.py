@@ -60,6 +60,16 @@ class Registry:
         """The cached spec (kept current by `watch`)."""
         return self._specs.get(name)
 
+    async def lookup(self, name: str) -> FunctionSpec | None:
+        """The cached spec, or the bucket's when the watch has not caught up yet
+        (ingress may admit a function a moment before this service hears of it)."""
+        spec = self._specs.get(name)
+        if spec is None:
+            spec = await self.fetch(name)
+            if spec is not None:
+                self._specs.setdefault(name, spec)
+        return spec
+
     def all(self) -> list[FunctionSpec]:
         return sorted(self._specs.values(), key=lambda s: s.name)
 

@@ -8,6 +8,7 @@ mid-request, `gfaas up`) start real processes.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -86,6 +87,8 @@ def settings_for(url: str, state_dir: Path, **overrides: Any) -> Settings:
         "heartbeat_s": 0.1,
         "worker_timeout_s": 1.0,
         "capacity": 8,
+        # Each platform its own shared-memory names: the host tier is node-wide.
+        "shm_namespace": f"gfaas-t{secrets.token_hex(4)}",
     }
     values.update(overrides)
     return Settings(**values)

@@ -32,11 +32,7 @@ class TinyEncoder(nn.Module):
 class TextEncoder:
     def __init__(self, ctx: LoadContext) -> None:
         self.device = ctx.device
-        self.model = TinyEncoder()
-        if ctx.weights_path is not None:
-            state = torch.load(ctx.weights_path, map_location="cpu", weights_only=True)
-            self.model.load_state_dict(state)
-        self.model.to(self.device).eval()
+        self.model = ctx.build(TinyEncoder)
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tokens = inputs["tokens"].to(self.device).clamp(0, VOCAB - 1)[:, :MAX_LEN]

@@ -53,11 +53,7 @@ class TinyResNet(nn.Module):
 class Classifier:
     def __init__(self, ctx: LoadContext) -> None:
         self.device = ctx.device
-        self.model = TinyResNet()
-        if ctx.weights_path is not None:
-            state = torch.load(ctx.weights_path, map_location="cpu", weights_only=True)
-            self.model.load_state_dict(state)
-        self.model.to(self.device).eval()
+        self.model = ctx.build(TinyResNet)
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         pixels = inputs["pixels"].to(self.device, non_blocking=True)

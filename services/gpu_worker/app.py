@@ -29,10 +29,12 @@ from shared.config import Settings, effective_max_payload
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.modelstore import ModelStore
+from shared.modelswap import HostTier, tier_prefix
 from shared.registry import Registry
 from shared.schema import (
     Done,
     ErrorCode,
+    FunctionSpec,
     InvocationMeta,
     InvokeReply,
     InvokeRequest,
@@ -52,6 +54,13 @@ DRAIN_GRACE_S = 20.0
 def default_worker_id(device: str) -> str:
     host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:24]
     return f"{host}-{device.replace(':', '')}-{os.getpid()}"
+
+
+def device_cache_bytes(settings: Settings, device: str) -> int:
+    """The device tier's size: configured, or most of the device's memory."""
+    if settings.device_cache_mb:
+        return settings.device_cache_mb * 1024 * 1024
+    return int(memory_info(device).total * (0.8 if device.startswith("cuda") else 0.25))
 
 
 def _run_handler(entry: Loaded, inputs: dict[str, torch.Tensor]) -> Any:
@@ -82,8 +91,10 @@ class Worker:
         self.handlers = HandlerCache(
             device=device,
             threads=settings.threads,
-            capacity=settings.cache_models,
+            capacity_bytes=device_cache_bytes(settings, device),
             fetch_weights=lambda name: models.fetch(name, settings.state_dir / "models"),
+            group_bytes=settings.swap_group_kb * 1024,
+            host_tier=HostTier(tier_prefix(settings.shm_namespace)),
         )
         self.idle = anyio.Event()
         self.idle.set()
@@ -144,7 +155,7 @@ class Worker:
     async def _execute(self, meta: InvocationMeta, body: bytes) -> tuple[InvokeReply, float]:
         if meta.remaining_s() <= 0:
             raise GfaasError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed before execution")
-        spec = self.registry.get(meta.function)
+        spec = await self.registry.lookup(meta.function)
         if spec is None:
             raise GfaasError(
                 ErrorCode.UNKNOWN_FUNCTION, f"function {meta.function!r} is not deployed"
@@ -153,7 +164,12 @@ class Worker:
             request = decode(body, InvokeRequest)
         except msgspec.MsgspecError as exc:
             raise GfaasError(ErrorCode.BAD_REQUEST, f"malformed request: {exc}") from None
-        entry = await self.handlers.get(spec)
+        async with self.handlers.use(spec) as entry:
+            return await self._run(spec, meta, request, entry)
+
+    async def _run(
+        self, spec: FunctionSpec, meta: InvocationMeta, request: InvokeRequest, entry: Loaded
+    ) -> tuple[InvokeReply, float]:
         inputs = {t.name: to_torch(t, self.device) for t in request.inputs}
         started = time.perf_counter()
         try:
@@ -232,6 +248,14 @@ class Worker:
             "failed": self.failed,
             "models": hb.models,
             "model_loads": self.handlers.loads,
+            "model_hits": self.handlers.hits,
+            "evictions": self.handlers.evictions,
+            "host_tier_loads": self.handlers.host_tier.loads,
+            "device_cache": {
+                "capacity": self.handlers.cache.capacity,
+                "used": self.handlers.cache.used,
+                "models": self.handlers.sizes(),
+            },
             "memory_free": hb.memory_free,
         }
 

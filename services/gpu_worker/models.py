@@ -1,15 +1,19 @@
-"""Loaded function handlers, kept warm in an LRU between requests.
+"""The worker's device tier: loaded handlers (and their models) kept warm.
 
-A handler instance holds its model on the worker's device; evicting it drops that
-copy. (Issue 4 replaces plain LRU with the cost-aware cache.)
+Weights come from the node's host tier (shared memory, filled from the object
+store on a miss) and are swapped onto the device group by group while the first
+request runs. Which handlers stay is decided by the cost-aware eviction policy of
+shared.scheduling (size, reload cost, popularity; never a model in use): the
+scheduler's view of this cache (heartbeats) is the same model eviction acts on.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -18,12 +22,15 @@ import anyio
 
 from shared.errors import GfaasError
 from shared.function import LoadContext
+from shared.modelswap import HostModel, HostTier
+from shared.scheduling.cache import DeviceCache
+from shared.scheduling.eviction import CannotFit, choose_victims
 from shared.schema import ErrorCode, FunctionSpec
 
 Handler = Callable[[dict[str, Any]], Mapping[str, Any]]
 WeightsFetcher = Callable[[str], Awaitable[Path]]
 
-
+MB = 1024 * 1024
 # Handlers that have run faster than this (moving average) run on the event loop:
 # a thread hand-off costs more than the work itself.
 INLINE_BELOW_MS = 0.3
@@ -34,6 +41,9 @@ class Loaded:
     spec: FunctionSpec
     handler: Handler
     limiter: anyio.CapacityLimiter
+    size: int
+    load_ms: float
+    ctx: LoadContext
     ewma_ms: float = float("inf")
 
     @property
@@ -44,6 +54,10 @@ class Loaded:
         self.ewma_ms = (
             exec_ms if self.ewma_ms == float("inf") else 0.8 * self.ewma_ms + 0.2 * exec_ms
         )
+        # Once every weight is on the device, forwards no longer need the swap hooks.
+        for swap in self.ctx.swaps:
+            if swap.done and swap._hooks:
+                swap.detach_hooks()
 
 
 def resolve(ref: str) -> Any:
@@ -53,7 +67,7 @@ def resolve(ref: str) -> Any:
     except ImportError as exc:
         raise GfaasError(ErrorCode.HANDLER_ERROR, f"cannot import {module_name!r}: {exc}") from None
     try:
-        obj = module
+        obj: Any = module
         for part in attr.split("."):
             obj = getattr(obj, part)
     except AttributeError:
@@ -75,27 +89,56 @@ def build_handler(spec: FunctionSpec, ctx: LoadContext) -> Handler:
     raise GfaasError(ErrorCode.HANDLER_ERROR, f"{spec.handler} is neither a class nor a function")
 
 
+def cache_key(spec: FunctionSpec) -> str:
+    """What the scheduler sees resident: the model, or the function without one."""
+    return spec.model or spec.name
+
+
 class HandlerCache:
     def __init__(
-        self, *, device: str, threads: int, capacity: int, fetch_weights: WeightsFetcher
+        self,
+        *,
+        device: str,
+        threads: int,
+        capacity_bytes: int,
+        fetch_weights: WeightsFetcher,
+        host_tier: HostTier | None = None,
+        group_bytes: int = 2 * MB,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.device = device
         self.threads = threads
-        self.capacity = max(1, capacity)
+        self.cache = DeviceCache(capacity=capacity_bytes)
+        self.host_tier = host_tier or HostTier()
+        self.group_bytes = group_bytes
         self._fetch = fetch_weights
-        self._loaded: OrderedDict[str, Loaded] = OrderedDict()
+        self._clock = clock
+        self._loaded: dict[str, Loaded] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self.loads = 0
         self.hits = 0
+        self.evictions = 0
+        self.swap_ms_total = 0.0
 
     def resident(self) -> list[str]:
-        """Cache keys the scheduler sees: the model name, or the function's for none."""
-        return [entry.spec.model or entry.spec.name for entry in self._loaded.values()]
+        return sorted({cache_key(e.spec) for e in self._loaded.values()})
 
-    async def get(self, spec: FunctionSpec) -> Loaded:
+    def sizes(self) -> dict[str, int]:
+        return {cache_key(e.spec): e.size for e in self._loaded.values()}
+
+    @asynccontextmanager
+    async def use(self, spec: FunctionSpec) -> AsyncIterator[Loaded]:
+        """The warm handler for `spec`, pinned (never evicted) while in use."""
+        entry = await self._get(spec)
+        self.cache = self.cache.use(spec.name, self._clock())
+        try:
+            yield entry
+        finally:
+            self.cache = self.cache.release(spec.name)
+
+    async def _get(self, spec: FunctionSpec) -> Loaded:
         entry = self._loaded.get(spec.name)
         if entry is not None and entry.spec == spec:
-            self._loaded.move_to_end(spec.name)
             self.hits += 1
             return entry
         lock = self._locks.setdefault(spec.name, anyio.Lock())
@@ -103,25 +146,80 @@ class HandlerCache:
             entry = self._loaded.get(spec.name)
             if entry is not None and entry.spec == spec:
                 return entry
-            weights = await self._fetch(spec.model) if spec.model else None
-            ctx = LoadContext(
-                spec=spec, device=self.device, weights_path=weights, threads=self.threads
-            )
+            if entry is not None:  # redeployed with another spec
+                self._drop(spec.name)
+            entry = await self._load(spec)
+            self._loaded[spec.name] = entry
+            return entry
+
+    async def _load(self, spec: FunctionSpec) -> Loaded:
+        started = time.perf_counter()
+        host: HostModel | None = None
+        weights: Path | None = None
+        if spec.model:
+            weights = await self._fetch(spec.model)
             try:
-                handler = await anyio.to_thread.run_sync(build_handler, spec, ctx)
-            except GfaasError:
-                raise
+                host = await anyio.to_thread.run_sync(
+                    self.host_tier.get_or_load, spec.model, weights.stem, lambda: weights
+                )
             except Exception as exc:
                 raise GfaasError(
-                    ErrorCode.HANDLER_ERROR,
-                    f"loading {spec.name} failed: {type(exc).__name__}: {exc}",
+                    ErrorCode.MODEL_UNAVAILABLE,
+                    f"weights of model {spec.model!r} cannot be read: {type(exc).__name__}",
                 ) from exc
-            entry = Loaded(
-                spec=spec, handler=handler, limiter=anyio.CapacityLimiter(spec.concurrency)
-            )
-            self._loaded[spec.name] = entry
-            self._loaded.move_to_end(spec.name)
-            self.loads += 1
-            while len(self._loaded) > self.capacity:
-                self._loaded.popitem(last=False)
-            return entry
+        # The device tier holds model weights; a handler without a model keeps only
+        # its working memory, which is per request, not cached.
+        size = host.nbytes if host is not None else 0
+        # Reserve the space before building, so concurrent loads cannot overfill.
+        self._make_room(spec, size)
+        self.cache = self.cache.insert(spec.name, size, 0.0, self._clock())
+        ctx = LoadContext(
+            spec=spec,
+            device=self.device,
+            weights_path=weights,
+            threads=self.threads,
+            host=host,
+            group_bytes=self.group_bytes,
+        )
+        try:
+            handler = await anyio.to_thread.run_sync(build_handler, spec, ctx)
+        except BaseException as exc:
+            self.cache = self.cache.evict([spec.name])
+            if isinstance(exc, GfaasError | anyio.get_cancelled_exc_class()) or not isinstance(
+                exc, Exception
+            ):
+                raise
+            raise GfaasError(
+                ErrorCode.HANDLER_ERROR,
+                f"loading {spec.name} failed: {type(exc).__name__}: {exc}",
+            ) from exc
+        load_ms = (time.perf_counter() - started) * 1000.0
+        # Record what a reload costs, for eviction's cost model.
+        self.cache = self.cache.evict([spec.name]).insert(
+            spec.name, size, load_ms / 1000.0, self._clock()
+        )
+        self.loads += 1
+        self.swap_ms_total += load_ms
+        return Loaded(
+            spec=spec,
+            handler=handler,
+            limiter=anyio.CapacityLimiter(spec.concurrency),
+            size=size,
+            load_ms=load_ms,
+            ctx=ctx,
+        )
+
+    def _make_room(self, spec: FunctionSpec, size: int) -> None:
+        choice = choose_victims(self.cache, spec.name, size, self._clock())
+        if isinstance(choice, CannotFit):
+            code = ErrorCode.MODEL_UNAVAILABLE if choice.permanent else ErrorCode.OVERLOADED
+            raise GfaasError(code, f"{choice.reason} on {self.device}")
+        for key in choice.keys:
+            self._drop(key)
+
+    def _drop(self, name: str) -> None:
+        # The device copy goes; the host tier keeps its copy for the next swap-in.
+        self._loaded.pop(name, None)
+        if name in self.cache.entries:
+            self.cache = self.cache.evict([name])
+            self.evictions += 1

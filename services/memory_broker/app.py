@@ -14,6 +14,7 @@ from anyio.abc import TaskStatus
 
 from shared.bus import connected, serve_status
 from shared.config import Settings
+from shared.modelswap import HostTier, tier_prefix
 
 
 async def serve(
@@ -30,4 +31,9 @@ async def serve(
 
         await serve_status(nc, "memory-broker", instance, details)
         task_status.started()
-        await stop.wait()
+        try:
+            await stop.wait()
+        finally:
+            # The broker is the node's memory owner and outlives workers: at its
+            # shutdown the host tier goes too, so no segment outlives the platform.
+            HostTier(tier_prefix(settings.shm_namespace)).purge()

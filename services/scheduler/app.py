@@ -65,7 +65,7 @@ class Scheduler:
             invocation_id=meta.invocation_id,
             attributes={"gfaas.function": meta.function},
         ) as span:
-            spec = self.registry.get(meta.function)
+            spec = await self.registry.lookup(meta.function)
             if spec is None:
                 tracing.mark_error(span, ErrorCode.UNKNOWN_FUNCTION, meta.function)
                 await reply_error(

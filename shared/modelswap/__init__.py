@@ -6,7 +6,7 @@ A swap-in copies parameter groups from the host tier to the device in order whil
 the model already runs: a module's forward waits only for its own group.
 """
 
-from shared.modelswap.host_tier import HostModel, HostTier
+from shared.modelswap.host_tier import HostModel, HostTier, tier_prefix
 from shared.modelswap.pipeline import SwapIn, group_parameters, instantiate
 
-__all__ = ["HostModel", "HostTier", "SwapIn", "group_parameters", "instantiate"]
+__all__ = ["HostModel", "HostTier", "SwapIn", "group_parameters", "instantiate", "tier_prefix"]

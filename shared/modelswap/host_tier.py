@@ -33,7 +33,13 @@ from shared.dataplane.shm import (
     unlink_segment,
 )
 
-PREFIX = "gfaas-model-"
+
+def tier_prefix(namespace: str) -> str:
+    """The host tier's segment prefix for a platform's shared-memory namespace."""
+    return f"{namespace}-model-"
+
+
+PREFIX = tier_prefix("gfaas")
 ALIGN = 256
 _HEADER = struct.Struct("<Q")
 _SAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -180,6 +186,13 @@ class HostTier:
 
     def resident(self) -> list[str]:
         return list_segments(self.prefix)
+
+    def purge(self) -> int:
+        """Unlink every segment of this tier (the node is shutting down). Mappings
+        that processes still hold stay valid until they close them."""
+        names = self.resident()
+        self.close()
+        return sum(unlink_segment(n) for n in names)
 
     def close(self) -> None:
         for host in self._open.values():
