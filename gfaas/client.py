@@ -20,10 +20,12 @@ from nats.aio.client import Client as NATS
 
 from shared import jetstream, subjects
 from shared.config import PAYLOAD_HEADROOM
+from shared.dataplane.client import BrokerClient, open_tensor, write_into
 from shared.errors import GfaasError
 from shared.modelstore import ModelStore
 from shared.registry import Registry
 from shared.schema import (
+    DEFAULT_TENANT,
     H_CALLBACK,
     H_INVOCATION,
     H_MSG_ID,
@@ -32,13 +34,14 @@ from shared.schema import (
     FunctionSpec,
     InvokeReply,
     InvokeRequest,
+    OutputMode,
     ServiceStatus,
     Tensor,
     decode,
     encode,
     new_invocation_id,
 )
-from shared.tensors import from_value, to_numpy
+from shared.tensors import as_torch, dtype_of, from_value, to_numpy
 
 Inputs = Mapping[str, Any] | Sequence[Tensor]
 
@@ -50,17 +53,26 @@ def _tensors(inputs: Inputs) -> list[Tensor]:
 
 
 def outputs_of(reply: InvokeReply) -> dict[str, np.ndarray[Any, Any]]:
-    """The reply's tensors as numpy arrays, or the reply's error raised."""
+    """The reply's tensors as numpy arrays, or the reply's error raised.
+
+    By-handle outputs come back as zero-copy views of the pooled buffer: valid until
+    the caller releases them (`Client.release`).
+    """
     if reply.error is not None:
         raise GfaasError.from_info(reply.error)
-    return {t.name: to_numpy(t) for t in reply.outputs}
+    return {t.name: open_tensor(t).numpy() if t.handle else to_numpy(t) for t in reply.outputs}
 
 
 class Client:
-    def __init__(self, nc: NATS, *, tenant: str = "", timeout: float = 30.0) -> None:
+    def __init__(
+        self, nc: NATS, *, tenant: str = "", timeout: float = 30.0, node: str = "local"
+    ) -> None:
         self.nc = nc
         self.tenant = tenant
         self.timeout = timeout
+        # This client's name as a lease holder: outputs by handle are held by it.
+        self.holder = f"client-{new_invocation_id()[:16]}"
+        self.broker = BrokerClient(nc, node)
 
     @classmethod
     @asynccontextmanager
@@ -96,10 +108,19 @@ class Client:
         *,
         timeout: float | None = None,
         invocation_id: str = "",
+        outputs_by: OutputMode = OutputMode.VALUE,
     ) -> InvokeReply:
+        """The raw reply. With `outputs_by` handle (or auto), outputs may come by handle,
+        held by this client: read them with `outputs_of`, then `release` them."""
         invocation_id = invocation_id or new_invocation_id()
         timeout = timeout or self.timeout
-        body = self._body(InvokeRequest(inputs=_tensors(inputs), timeout_ms=int(timeout * 1000)))
+        request = InvokeRequest(
+            inputs=_tensors(inputs),
+            timeout_ms=int(timeout * 1000),
+            outputs_by=outputs_by,
+            holder=self.holder if outputs_by is not OutputMode.VALUE else "",
+        )
+        body = self._body(request)
         try:
             msg = await self.nc.request(
                 subjects.invoke(function),
@@ -114,9 +135,44 @@ class Client:
         return decode(msg.data, InvokeReply)
 
     async def invoke(
-        self, function: str, inputs: Inputs, *, timeout: float | None = None
+        self,
+        function: str,
+        inputs: Inputs,
+        *,
+        timeout: float | None = None,
+        outputs_by: OutputMode = OutputMode.VALUE,
     ) -> dict[str, np.ndarray[Any, Any]]:
-        return outputs_of(await self.invoke_reply(function, inputs, timeout=timeout))
+        """Outputs as numpy arrays that the caller owns: by-handle outputs are copied
+        out of the pool and released (use `invoke_reply` to keep them zero-copy)."""
+        reply = await self.invoke_reply(function, inputs, timeout=timeout, outputs_by=outputs_by)
+        outputs = {name: array.copy() for name, array in outputs_of(reply).items()}
+        await self.release(reply.outputs)
+        return outputs
+
+    # -- pooled buffers (callers on the node) ------------------------------------------
+
+    async def put(
+        self, name: str, value: Any, *, device: str = "cpu", ttl_s: float = 0.0
+    ) -> Tensor:
+        """`value` copied into a pooled buffer, as an input tensor that travels by handle.
+
+        The client holds the lease: `release` it when no invocation needs it any more
+        (or its TTL frees it)."""
+        tensor = as_torch(name, value)
+        (handle,) = await self.broker.lease(
+            [tensor.numel() * tensor.element_size()],
+            owner=self.holder,
+            device=device,
+            tenant=self.tenant or DEFAULT_TENANT,
+            ttl_s=ttl_s,
+        )
+        return write_into(handle, name, tensor, dtype_of(name, tensor))
+
+    async def release(self, tensors: Sequence[Tensor]) -> None:
+        """Drop this client's references to by-handle tensors (value tensors are skipped)."""
+        handles = [t.handle for t in tensors if t.handle is not None]
+        if handles:
+            await self.broker.release(handles, self.holder, self.tenant or DEFAULT_TENANT)
 
     async def invoke_async(
         self,

@@ -30,6 +30,8 @@ class Settings:
     # Every POSIX shared-memory name this platform creates starts with this, so two
     # platforms on one node never share segments and shutdown can find its own.
     shm_namespace: str = "gfaas"
+    # The node this service runs on: workers use their node's memory broker.
+    node: str = "local"
     # ingress
     http_host: str = "0.0.0.0"
     http_port: int = DEFAULT_HTTP_PORT
@@ -49,6 +51,12 @@ class Settings:
     # Parameter-group size for pipelined swap-in.
     swap_group_kb: int = 2048
     heartbeat_s: float = 0.5
+    # memory_broker: per-device pool cap, slab size, and the default lease TTL.
+    pool_cap_mb: int = 4096
+    slab_mb: int = 64
+    lease_ttl_s: float = 300.0
+    # Chunk size of broker copies (bandwidth arbitration), KiB.
+    copy_chunk_kb: int = 2048
 
 
 # Environment variable -> field. compose.yaml may only use these.

@@ -11,11 +11,18 @@ invisible to the handler.
 A class with a torch model should build it with `ctx.build(factory)`: the model is
 then created without random initialisation and its weights swapped in from the
 node's host tier, group by group, while the first request already runs.
+
+When an invocation's outputs go by handle and the spec gives an output's full shape,
+the worker leases its buffer before the handler runs: `output_buffer(name)` returns
+it, and a handler that writes its result there (`torch.mul(x, 2, out=buf)`) hands
+it on without a single copy. Elsewhere it returns None.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +30,7 @@ from typing import TYPE_CHECKING
 from shared.schema import FunctionSpec
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from shared.modelswap import HostModel, SwapIn
@@ -60,3 +68,21 @@ class LoadContext:
             state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         return model.to(self.device).eval()
+
+
+_OUTPUT_BUFFERS: ContextVar[Mapping[str, torch.Tensor]] = ContextVar("gfaas_output_buffers")
+
+
+def output_buffer(name: str) -> torch.Tensor | None:
+    """The pooled buffer prepared for output `name` of the running invocation, if any."""
+    return _OUTPUT_BUFFERS.get({}).get(name)
+
+
+@contextmanager
+def output_buffers(buffers: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Run a handler with `buffers` offered through `output_buffer` (the worker's side)."""
+    token = _OUTPUT_BUFFERS.set(buffers)
+    try:
+        yield
+    finally:
+        _OUTPUT_BUFFERS.reset(token)

@@ -69,6 +69,18 @@ class FunctionKind(StrEnum):
     GPU = "gpu"
 
 
+class OutputMode(StrEnum):
+    """How a worker returns outputs: bytes in the reply, or handles to pooled buffers.
+
+    `auto` sends by value unless the reply would exceed the bus's payload limit. Only
+    callers on the node (sharing /dev/shm, or the GPU for CUDA handles) can open handles.
+    """
+
+    VALUE = "value"
+    HANDLE = "handle"
+    AUTO = "auto"
+
+
 class _Msg(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, kw_only=True):
     """Base of every wire message: unknown fields are an error, not silently dropped."""
 
@@ -138,6 +150,10 @@ class InvokeRequest(_Msg):
     timeout_ms: int = 0
     # Async invocations only: a subject to publish the InvokeReply to when done.
     callback: str = ""
+    outputs_by: OutputMode = OutputMode.VALUE
+    # Who holds output leases once the reply is sent (they release them, or the
+    # lease's TTL does); empty: the invocation itself, so only the TTL frees them.
+    holder: str = ""
 
 
 class InvokeReply(_Msg):
@@ -146,6 +162,62 @@ class InvokeReply(_Msg):
     error: ErrorInfo | None = None
     worker: str = ""
     exec_ms: float = 0.0
+
+
+class LeaseRequest(_Msg):
+    """Ask the node's memory broker for pooled buffers, one per size."""
+
+    sizes: list[int]
+    # The first holder; a worker's leases are reclaimed when its heartbeats stop.
+    owner: str
+    device: str = "cpu"
+    ttl_s: float = 0.0  # 0: the broker's default
+
+
+class HandlesRequest(_Msg):
+    """check (may `tenant` read these?), retain/release (one reference of `holder`
+    each), transfer (move `holder`'s reference to `to`)."""
+
+    handles: list[Handle]
+    holder: str = ""
+    to: str = ""
+
+
+class HandlesReply(_Msg):
+    handles: list[Handle] = []
+    error: ErrorInfo | None = None
+
+
+class CopyRequest(_Msg):
+    """Copy leased bytes to a new lease on `device`, through the link scheduler."""
+
+    source: Handle
+    device: str
+    owner: str
+    # Fair-share weight, and the function's remaining budget (0: none) for a minimum rate.
+    weight: float = 1.0
+    budget_ms: float = 0.0
+    flow: str = ""
+
+
+class StageSpec(_Msg):
+    """One step of a workflow: `inputs` maps the function's input names to sources,
+    `$in.<name>` for a workflow input or `<stage>.<output>` for another stage's."""
+
+    name: str
+    function: str
+    inputs: dict[str, str] = {}
+
+
+class WorkflowSpec(_Msg):
+    name: str
+    stages: list[StageSpec]
+    inputs: list[TensorSpec] = []
+    # Workflow output name -> `<stage>.<output>`.
+    outputs: dict[str, str] = {}
+    slo_ms: float = 1000.0
+    timeout_ms: int = 30_000
+    description: str = ""
 
 
 class WorkerHeartbeat(_Msg):
@@ -160,6 +232,13 @@ class WorkerHeartbeat(_Msg):
     queue_depth: int = 0
     capacity: int = 1
     sent_at: float = 0.0
+    # The device tier, for cache-aware placement; 0 / empty from workers that
+    # do not report it. Keys are cache keys: the model, or a function without one.
+    cache_capacity: int = 0  # bytes the device tier may hold
+    model_bytes: dict[str, int] = {}  # every key on the device, loading ones included
+    model_load_s: dict[str, float] = {}  # what its last load took (0: still loading)
+    model_score: dict[str, float] = {}  # decayed use count when this was sent
+    loading: list[str] = []  # keys still being loaded (resident, not yet usable)
 
 
 class Done(_Msg):

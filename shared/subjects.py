@@ -51,5 +51,10 @@ def status(service: str) -> str:
     return f"{PREFIX}.status.{_tok(service)}"
 
 
+def broker(node: str, op: str) -> str:
+    """The node's memory broker: op is lease, check, retain, release, transfer or copy."""
+    return f"{PREFIX}.broker.{_tok(node)}.{_tok(op)}"
+
+
 def last_token(subject: str) -> str:
     return subject.rsplit(".", 1)[-1]

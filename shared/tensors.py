@@ -57,13 +57,36 @@ def to_torch(t: Tensor, device: str = "cpu") -> torch.Tensor:
     return tensor if device == "cpu" else tensor.to(device, non_blocking=True)
 
 
+def shape_of(spec: FunctionSpec, output: str) -> list[int]:
+    """The declared shape of one of the spec's outputs."""
+    for t in spec.outputs:
+        if t.name == output:
+            return list(t.shape)
+    raise KeyError(output)
+
+
+def dtype_of(name: str, tensor: torch.Tensor) -> DType:
+    dtype = _FROM_TORCH.get(tensor.dtype)
+    if dtype is None:
+        raise GfaasError(ErrorCode.HANDLER_ERROR, f"output {name!r}: dtype {tensor.dtype}")
+    return dtype
+
+
+def as_torch(name: str, value: Any) -> torch.Tensor:
+    """A handler's output as a contiguous torch tensor (numpy arrays are not copied)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().contiguous()
+    array = np.ascontiguousarray(value)
+    if array.dtype.name not in _FROM_NUMPY:
+        raise GfaasError(ErrorCode.HANDLER_ERROR, f"output {name!r}: dtype {array.dtype}")
+    return torch.from_numpy(array)
+
+
 def from_value(name: str, value: Any) -> Tensor:
     """A wire tensor from a torch tensor or a numpy array (or anything np.asarray takes)."""
     if isinstance(value, torch.Tensor):
         tensor = value.detach()
-        if tensor.dtype not in _FROM_TORCH:
-            raise GfaasError(ErrorCode.HANDLER_ERROR, f"output {name!r}: dtype {tensor.dtype}")
-        dtype = _FROM_TORCH[tensor.dtype]
+        dtype = dtype_of(name, tensor)
         cpu = tensor.to("cpu").contiguous()
         data = cpu.numpy().tobytes() if cpu.numel() else b""
         return Tensor(name=name, dtype=dtype, shape=list(cpu.shape), data=data)
@@ -97,10 +120,12 @@ def validate_inputs(spec: FunctionSpec, inputs: Sequence[Tensor]) -> None:
     for t in inputs:
         if any(d < 0 for d in t.shape):
             raise GfaasError(ErrorCode.INVALID_INPUT, f"{t.name!r}: negative dimension")
-        if t.handle is None and len(t.data) != nbytes_of(t.dtype, t.shape):
+        size = len(t.data) if t.handle is None else t.handle.nbytes
+        if size != nbytes_of(t.dtype, t.shape):
+            where = "handle names" if t.handle is not None else "data has"
             raise GfaasError(
                 ErrorCode.INVALID_INPUT,
-                f"{t.name!r}: {len(t.data)} bytes for {t.dtype}{list(t.shape)}",
+                f"{t.name!r}: {where} {size} bytes for {t.dtype}{list(t.shape)}",
             )
     if not spec.inputs:
         return

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from shared.function import LoadContext
+from shared.function import LoadContext, output_buffer
 
 
 def echo(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -44,3 +44,16 @@ class Scale:
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"y": inputs["x"] * self.factor}
+
+
+def double(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Writes straight into the pooled output buffer when the worker prepared one."""
+    x = inputs["x"]
+    buf = output_buffer("y")
+    return {"y": torch.mul(x, 2, out=buf) if buf is not None else x * 2}
+
+
+def hold(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sleeps with its (prepared, by-handle) output buffer leased."""
+    time.sleep(float(inputs["seconds"].item()))
+    return {"y": torch.ones(256)}

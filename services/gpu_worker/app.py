@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -26,7 +27,10 @@ from services.gpu_worker.models import HandlerCache, Loaded
 from shared import subjects, tracing
 from shared.bus import connected, reply_error, send_reply, serve_status
 from shared.config import Settings, effective_max_payload
+from shared.dataplane.backend import tensor_from_handle
+from shared.dataplane.client import BrokerClient, open_tensor, write_into
 from shared.errors import GfaasError
+from shared.function import output_buffers
 from shared.logs import get_logger
 from shared.modelstore import ModelStore
 from shared.modelswap import HostTier, tier_prefix
@@ -35,20 +39,25 @@ from shared.schema import (
     Done,
     ErrorCode,
     FunctionSpec,
+    Handle,
     InvocationMeta,
     InvokeReply,
     InvokeRequest,
+    OutputMode,
+    Tensor,
     WorkerHeartbeat,
     decode,
     encode,
     now_millis,
 )
-from shared.tensors import from_mapping, to_torch
+from shared.tensors import as_torch, dtype_of, from_mapping, nbytes_of, shape_of, to_torch
 
 log = get_logger("gpu_worker")
 
 # Grace period for in-flight invocations on shutdown.
 DRAIN_GRACE_S = 20.0
+# Room for the reply's envelope and names when judging whether outputs fit by value.
+BY_VALUE_MARGIN = 4096
 
 
 def default_worker_id(device: str) -> str:
@@ -63,8 +72,11 @@ def device_cache_bytes(settings: Settings, device: str) -> int:
     return int(memory_info(device).total * (0.8 if device.startswith("cuda") else 0.25))
 
 
-def _run_handler(entry: Loaded, inputs: dict[str, torch.Tensor]) -> Any:
-    with torch.inference_mode():
+def _run_handler(
+    entry: Loaded, inputs: dict[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]
+) -> Any:
+    # The buffers are set here, in the thread that runs the handler.
+    with torch.inference_mode(), output_buffers(buffers):
         return entry.handler(inputs)
 
 
@@ -96,6 +108,7 @@ class Worker:
             group_bytes=settings.swap_group_kb * 1024,
             host_tier=HostTier(tier_prefix(settings.shm_namespace)),
         )
+        self.broker = BrokerClient(nc, settings.node)
         self.idle = anyio.Event()
         self.idle.set()
 
@@ -170,15 +183,38 @@ class Worker:
     async def _run(
         self, spec: FunctionSpec, meta: InvocationMeta, request: InvokeRequest, entry: Loaded
     ) -> tuple[InvokeReply, float]:
-        inputs = {t.name: to_torch(t, self.device) for t in request.inputs}
+        inputs = await self._inputs(meta, request)
+        prepared = await self._prepare_outputs(meta, request, spec)
+        try:
+            return await self._call(spec, meta, request, entry, inputs, prepared)
+        finally:
+            # Whatever the handler did not use (or a failure left) goes back.
+            if prepared:
+                with anyio.CancelScope(shield=True):
+                    await self.broker.release(list(prepared.values()), self.worker_id, meta.tenant)
+
+    async def _call(
+        self,
+        spec: FunctionSpec,
+        meta: InvocationMeta,
+        request: InvokeRequest,
+        entry: Loaded,
+        inputs: dict[str, torch.Tensor],
+        prepared: dict[str, Handle],
+    ) -> tuple[InvokeReply, float]:
+        dtypes = {t.name: t.dtype for t in spec.outputs}
+        buffers = {
+            name: tensor_from_handle(h, dtypes[name], shape_of(spec, name))
+            for name, h in prepared.items()
+        }
         started = time.perf_counter()
         try:
             if entry.runs_inline:
-                raw = _run_handler(entry, inputs)
+                raw = _run_handler(entry, inputs, buffers)
             else:
                 with anyio.fail_after(max(meta.remaining_s(), 0.001)):
                     raw = await anyio.to_thread.run_sync(
-                        _run_handler, entry, inputs, limiter=entry.limiter
+                        _run_handler, entry, inputs, buffers, limiter=entry.limiter
                     )
         except TimeoutError:
             raise GfaasError(
@@ -197,7 +233,7 @@ class Worker:
                 ErrorCode.HANDLER_ERROR,
                 f"{spec.name} returned {type(raw).__name__}, expected a mapping of tensors",
             )
-        outputs = from_mapping(raw)
+        outputs = await self._outputs(meta, request, raw, prepared)
         return (
             InvokeReply(
                 invocation_id=meta.invocation_id,
@@ -207,6 +243,98 @@ class Worker:
             ),
             exec_ms,
         )
+
+    async def _inputs(
+        self, meta: InvocationMeta, request: InvokeRequest
+    ) -> dict[str, torch.Tensor]:
+        by_handle = [t.handle for t in request.inputs if t.handle is not None]
+        for handle in by_handle:
+            if handle.pool != self.settings.node:
+                raise GfaasError(
+                    ErrorCode.INVALID_INPUT,
+                    f"handle {handle.lease_id} lives on node {handle.pool!r}; "
+                    f"this worker is on {self.settings.node!r}",
+                )
+        if by_handle:
+            # The broker is the authority: stale, forged or foreign handles stop here.
+            await self.broker.check(by_handle, meta.tenant)
+        return {
+            t.name: (open_tensor(t).to(self.device) if t.handle else to_torch(t, self.device))
+            for t in request.inputs
+        }
+
+    @property
+    def pool_device(self) -> str:
+        return self.device if self.device.startswith("cuda") else "cpu"
+
+    async def _prepare_outputs(
+        self, meta: InvocationMeta, request: InvokeRequest, spec: FunctionSpec
+    ) -> dict[str, Handle]:
+        """Buffers leased before the handler runs, so it can write straight into them:
+        only for by-handle outputs whose spec fixes every dimension."""
+        if request.outputs_by is not OutputMode.HANDLE or not spec.outputs:
+            return {}
+        if any(d < 0 for t in spec.outputs for d in t.shape):
+            return {}
+        sizes = [nbytes_of(t.dtype, t.shape) for t in spec.outputs]
+        handles = await self.broker.lease(
+            sizes, owner=self.worker_id, device=self.pool_device, tenant=meta.tenant
+        )
+        return {t.name: h for t, h in zip(spec.outputs, handles, strict=True)}
+
+    async def _outputs(
+        self,
+        meta: InvocationMeta,
+        request: InvokeRequest,
+        raw: Mapping[str, Any],
+        prepared: dict[str, Handle],
+    ) -> list[Tensor]:
+        mode = request.outputs_by
+        if mode is OutputMode.VALUE:
+            return from_mapping(raw)
+        values = {name: as_torch(name, value) for name, value in raw.items()}
+        if mode is OutputMode.AUTO:
+            size = sum(v.numel() * v.element_size() for v in values.values())
+            if size + BY_VALUE_MARGIN <= self.max_payload:
+                return from_mapping(values)
+        return await self._by_handle(meta, request, values, prepared)
+
+    async def _by_handle(
+        self,
+        meta: InvocationMeta,
+        request: InvokeRequest,
+        values: Mapping[str, torch.Tensor],
+        prepared: dict[str, Handle],
+    ) -> list[Tensor]:
+        """Outputs in pooled buffers; the caller gets the references, not the bytes.
+
+        A prepared buffer of the right size is used (and not copied into again when
+        the handler wrote there); the rest are leased now. Used buffers leave
+        `prepared`, so the caller releases only what was not used."""
+        chosen: dict[str, Handle] = {}
+        for name, v in values.items():
+            h = prepared.get(name)
+            if h is not None and h.nbytes == v.numel() * v.element_size():
+                chosen[name] = prepared.pop(name)
+        missing = [name for name in values if name not in chosen]
+        if missing:
+            sizes = [values[n].numel() * values[n].element_size() for n in missing]
+            fresh = await self.broker.lease(
+                sizes, owner=self.worker_id, device=self.pool_device, tenant=meta.tenant
+            )
+            chosen.update(zip(missing, fresh, strict=True))
+        handles = [chosen[name] for name in values]
+        try:
+            outputs = [
+                write_into(chosen[name], name, v, dtype_of(name, v)) for name, v in values.items()
+            ]
+            holder = request.holder or f"inv-{meta.invocation_id}"
+            await self.broker.transfer(handles, self.worker_id, holder, meta.tenant)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.broker.release(handles, self.worker_id, meta.tenant)
+            raise
+        return outputs
 
     async def _done(self, meta: InvocationMeta, *, ok: bool, exec_ms: float) -> None:
         if not meta.invocation_id:
@@ -222,6 +350,7 @@ class Worker:
 
     def heartbeat(self) -> WorkerHeartbeat:
         mem = memory_info(self.device)
+        tier = self.handlers.report()
         return WorkerHeartbeat(
             worker_id=self.worker_id,
             device=self.device,
@@ -233,6 +362,11 @@ class Worker:
             inflight=self.inflight,
             capacity=self.capacity,
             sent_at=now_millis() / 1000.0,
+            cache_capacity=tier.capacity,
+            model_bytes=tier.sizes,
+            model_load_s={k: round(v, 6) for k, v in tier.load_s.items()},
+            model_score={k: round(v, 4) for k, v in tier.scores.items()},
+            loading=tier.loading,
         )
 
     async def send_heartbeat(self) -> None:

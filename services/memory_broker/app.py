@@ -1,20 +1,238 @@
 """The memory broker: one per node, owner of the pooled buffers and the links.
 
-This slice answers status requests; leasing pooled buffers and arbitrating link
-bandwidth arrive with the data plane (shared/dataplane).
+It outlives workers, so data survives a worker crash. Requests on
+`gfaas.v1.broker.<node>.<op>`: lease (pooled buffers, one handle each), check (may
+this tenant read these handles?), retain / release (reference counts for fan-out),
+transfer (a worker hands its outputs' references to the caller), copy (leased bytes
+to another device, chunked through the link's fair scheduler). Every refusal is a
+HandlesReply with an error code and reason; nothing is read or written out of bounds.
+
+Owner liveness comes from worker heartbeats: a worker silent for longer than the
+timeout loses its references. TTLs free what callers forget. Pools grow under
+demand and give idle slabs back (shared.dataplane.elastic).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
+from services.memory_broker.pools import NodePools
+from shared import subjects
 from shared.bus import connected, serve_status
 from shared.config import Settings
+from shared.dataplane.backend import select_backend, tensor_from_handle
+from shared.dataplane.bandwidth import LinkScheduler
+from shared.dataplane.copier import Copier, NumpyEngine, TorchEngine
+from shared.dataplane.cuda import cuda_device_count
+from shared.dataplane.elastic import ElasticConfig
+from shared.dataplane.shm import ShmBackend
+from shared.errors import GfaasError
+from shared.logs import get_logger
 from shared.modelswap import HostTier, tier_prefix
+from shared.schema import (
+    DEFAULT_TENANT,
+    H_TENANT,
+    CopyRequest,
+    ErrorCode,
+    Handle,
+    HandlesReply,
+    HandlesRequest,
+    LeaseRequest,
+    WorkerHeartbeat,
+    decode,
+    encode,
+)
+
+log = get_logger("memory_broker")
+
+MB = 1024 * 1024
+TICK_S = 0.25
+# Bytes/s a link is assumed to carry before measurements say otherwise; only used to
+# judge whether a minimum rate is about to slip.
+LINK_CAPACITY = {"host": 10e9, "pcie": 25e9, "nvlink": 300e9}
+
+R = TypeVar("R", bound=msgspec.Struct)
+
+
+def pool_devices() -> list[str]:
+    """The devices this node pools: host memory, and every GPU CUDA can see."""
+    return ["cpu", *(f"cuda:{i}" for i in range(cuda_device_count()))]
+
+
+def link_kind(src: str, dst: str) -> str:
+    if src == "cpu" and dst == "cpu":
+        return "host"
+    if src.startswith("cuda") and dst.startswith("cuda"):
+        return "nvlink"
+    return "pcie"
+
+
+class Broker:
+    def __init__(self, nc: NATS, settings: Settings, instance: str) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.pools = NodePools(
+            node=settings.node, instance=instance, default_ttl_s=settings.lease_ttl_s
+        )
+        for device in pool_devices():
+            backend = (
+                ShmBackend(device, prefix=f"{settings.shm_namespace}-pool-")
+                if device == "cpu"
+                else select_backend(device, fallback=False)
+            )
+            config = ElasticConfig(
+                slab_size=settings.slab_mb * MB, max_bytes=settings.pool_cap_mb * MB
+            )
+            self.pools.add_device(device, backend, config)
+        self.copiers: dict[str, Copier] = {}
+        self.last_seen: dict[str, float] = {}
+        self.copies = 0
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def _answer(
+        self, msg: Msg, kind: type[R], op: Callable[[R, str], Awaitable[list[Handle]]]
+    ) -> None:
+        tenant = (msg.headers or {}).get(H_TENANT) or DEFAULT_TENANT
+        try:
+            request = decode(msg.data, kind)
+            reply = HandlesReply(handles=await op(request, tenant))
+        except msgspec.MsgspecError as exc:
+            reply = HandlesReply(
+                error=GfaasError(ErrorCode.BAD_REQUEST, f"malformed {kind.__name__}: {exc}").info()
+            )
+        except GfaasError as exc:
+            reply = HandlesReply(error=exc.info())
+        except Exception as exc:  # a bug costs one request, not the broker
+            log.exception("broker.request_failed", subject=msg.subject)
+            reply = HandlesReply(error=GfaasError(ErrorCode.INTERNAL, repr(exc)).info())
+        if msg.reply:
+            await msg.respond(encode(reply))
+
+    async def lease(self, req: LeaseRequest, tenant: str) -> list[Handle]:
+        if not req.sizes or any(n < 0 for n in req.sizes):
+            raise GfaasError(ErrorCode.BAD_REQUEST, f"lease sizes must be >= 0: {req.sizes}")
+        return self.pools.lease(
+            req.sizes, req.device, req.owner, tenant, req.ttl_s, time.monotonic()
+        )
+
+    async def check(self, req: HandlesRequest, tenant: str) -> list[Handle]:
+        self.pools.check(req.handles, tenant)
+        return []
+
+    async def retain(self, req: HandlesRequest, tenant: str) -> list[Handle]:
+        self.pools.retain(req.handles, _named(req.holder, "holder"), tenant)
+        return []
+
+    async def release(self, req: HandlesRequest, tenant: str) -> list[Handle]:
+        self.pools.release(req.handles, _named(req.holder, "holder"), tenant, time.monotonic())
+        return []
+
+    async def transfer(self, req: HandlesRequest, tenant: str) -> list[Handle]:
+        self.pools.transfer(req.handles, _named(req.holder, "holder"), _named(req.to, "to"), tenant)
+        return []
+
+    async def copy(self, req: CopyRequest, tenant: str) -> list[Handle]:
+        src = self.pools.lease_of(req.source, tenant)
+        now = time.monotonic()
+        (dst,) = self.pools.lease([req.source.nbytes], req.device, req.owner, tenant, 0.0, now)
+        try:
+            await self._copy(req, src.device, dst)
+        except BaseException:
+            self.pools.release([dst], req.owner, tenant, time.monotonic())
+            raise
+        self.copies += 1
+        return [dst]
+
+    async def _copy(self, req: CopyRequest, src_device: str, dst: Handle) -> None:
+        nbytes = req.source.nbytes
+        if nbytes == 0:
+            return
+        src_view = tensor_from_handle(req.source, "uint8", [nbytes])
+        dst_view = tensor_from_handle(dst, "uint8", [nbytes])
+        link = f"{src_device}->{dst.device}"
+        copier = self.copiers.get(link)
+        if copier is None:
+            cpu = src_view.device.type == "cpu" and dst_view.device.type == "cpu"
+            scheduler = LinkScheduler(
+                link,
+                capacity=LINK_CAPACITY[link_kind(src_device, dst.device)],
+                chunk_bytes=self.settings.copy_chunk_kb * 1024,
+            )
+            copier = Copier(scheduler, NumpyEngine() if cpu else TorchEngine())
+            self.copiers[link] = copier
+        if isinstance(copier.engine, NumpyEngine):
+            src: Any = src_view.numpy()
+            out: Any = dst_view.numpy()
+        else:
+            src, out = src_view, dst_view
+        budget_s = req.budget_ms / 1000.0
+        future = copier.submit(
+            dst.lease_id,
+            out,
+            src,
+            nbytes,
+            weight=req.weight,
+            flow=req.flow or req.owner,
+            deadline=time.perf_counter() + budget_s if budget_s > 0 else None,
+        )
+        await asyncio.wrap_future(future)
+
+    # -- liveness and housekeeping -----------------------------------------------------
+
+    async def on_heartbeat(self, msg: Msg) -> None:
+        try:
+            hb = decode(msg.data, WorkerHeartbeat)
+        except msgspec.MsgspecError:
+            return
+        self.last_seen[hb.worker_id] = time.monotonic()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for worker, seen in list(self.last_seen.items()):
+            if now - seen > self.settings.worker_timeout_s:
+                del self.last_seen[worker]
+                freed = self.pools.reclaim(worker, now)
+                log.warning("worker.lost", worker=worker, leases_reclaimed=freed)
+        self.pools.tick(now)
+
+    def details(self) -> dict[str, object]:
+        stats = self.pools.stats()
+        stats["copies"] = self.copies
+        stats["links"] = {
+            link: {
+                "utilisation": round(s.busy_s / s.elapsed_s, 4) if s.elapsed_s > 0 else 0.0,
+                "bytes": s.bytes_done,
+                "bytes_by_flow": s.bytes_by_flow,
+                "transfers": s.transfers_done,
+                "active": s.active,
+            }
+            for link, c in self.copiers.items()
+            for s in [c.scheduler.stats()]
+        }
+        return stats
+
+    def close(self) -> None:
+        for copier in self.copiers.values():
+            copier.close()
+        self.pools.close()
+
+
+def _named(value: str, what: str) -> str:
+    if not value:
+        raise GfaasError(ErrorCode.BAD_REQUEST, f"{what} must be named")
+    return value
 
 
 async def serve(
@@ -25,15 +243,37 @@ async def serve(
 ) -> None:
     instance = f"{socket.gethostname()}-{os.getpid()}"
     async with connected(settings.nats_url, "gfaas-memory-broker") as nc:
-
-        def details() -> dict[str, object]:
-            return {"pools": [], "leases": 0, "bytes_leased": 0}
-
-        await serve_status(nc, "memory-broker", instance, details)
-        task_status.started()
+        broker = Broker(nc, settings, instance)
         try:
-            await stop.wait()
+            ops: dict[str, tuple[type[Any], Callable[[Any, str], Awaitable[list[Handle]]]]] = {
+                "lease": (LeaseRequest, broker.lease),
+                "check": (HandlesRequest, broker.check),
+                "retain": (HandlesRequest, broker.retain),
+                "release": (HandlesRequest, broker.release),
+                "transfer": (HandlesRequest, broker.transfer),
+                "copy": (CopyRequest, broker.copy),
+            }
+            for op, (kind, fn) in ops.items():
+
+                async def on_request(msg: Msg, kind: Any = kind, fn: Any = fn) -> None:
+                    await broker._answer(msg, kind, fn)
+
+                await nc.subscribe(subjects.broker(settings.node, op), cb=on_request)
+            await nc.subscribe(subjects.HEARTBEAT_ALL, cb=broker.on_heartbeat)
+            await serve_status(nc, "memory-broker", instance, broker.details)
+            task_status.started()
+            async with anyio.create_task_group() as tg:
+
+                async def ticker() -> None:
+                    while True:
+                        await anyio.sleep(TICK_S)
+                        broker.tick()
+
+                tg.start_soon(ticker)
+                await stop.wait()
+                tg.cancel_scope.cancel()
         finally:
-            # The broker is the node's memory owner and outlives workers: at its
-            # shutdown the host tier goes too, so no segment outlives the platform.
+            # The broker is the node's memory owner: at its shutdown its pools and the
+            # host tier go, so no segment outlives the platform.
+            broker.close()
             HostTier(tier_prefix(settings.shm_namespace)).purge()

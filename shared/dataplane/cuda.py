@@ -31,6 +31,15 @@ def cuda_available() -> bool:
         return False
 
 
+def cuda_device_count() -> int:
+    """GPUs CUDA can see from this process; 0 without a usable driver."""
+    if not cuda_available():
+        return 0
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceCount())
+
+
 def _cupy() -> Any:
     if not cuda_available():
         raise BackendUnavailable("CUDA is not usable in this process")

@@ -1,0 +1,121 @@
+"""The memory broker's requests over NATS, and moving tensors in and out of leases.
+
+Workers, ingress (workflows) and the Python client use this; none of them imports
+the broker's modules. Every operation is one request on `gfaas.v1.broker.<node>.<op>`
+carrying the tenant in a header, answered with a HandlesReply; a refusal comes back
+as a GfaasError with the broker's reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from shared import subjects
+from shared.dataplane.backend import BackendError, tensor_from_handle
+from shared.errors import GfaasError
+from shared.schema import (
+    DEFAULT_TENANT,
+    H_TENANT,
+    CopyRequest,
+    DType,
+    ErrorCode,
+    Handle,
+    HandlesReply,
+    HandlesRequest,
+    LeaseRequest,
+    Tensor,
+    decode,
+    encode,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+
+class BrokerClient:
+    def __init__(self, nc: NATS, node: str, *, timeout: float = 5.0) -> None:
+        self.nc = nc
+        self.node = node
+        self.timeout = timeout
+
+    async def lease(
+        self,
+        sizes: Sequence[int],
+        *,
+        owner: str,
+        device: str = "cpu",
+        tenant: str = DEFAULT_TENANT,
+        ttl_s: float = 0.0,
+    ) -> list[Handle]:
+        request = LeaseRequest(sizes=list(sizes), device=device, owner=owner, ttl_s=ttl_s)
+        return await self._call("lease", request, tenant)
+
+    async def check(self, handles: Sequence[Handle], tenant: str) -> None:
+        await self._call("check", HandlesRequest(handles=list(handles)), tenant)
+
+    async def retain(self, handles: Sequence[Handle], holder: str, tenant: str) -> None:
+        await self._call("retain", HandlesRequest(handles=list(handles), holder=holder), tenant)
+
+    async def release(self, handles: Sequence[Handle], holder: str, tenant: str) -> None:
+        await self._call("release", HandlesRequest(handles=list(handles), holder=holder), tenant)
+
+    async def transfer(self, handles: Sequence[Handle], holder: str, to: str, tenant: str) -> None:
+        request = HandlesRequest(handles=list(handles), holder=holder, to=to)
+        await self._call("transfer", request, tenant)
+
+    async def copy(self, request: CopyRequest, tenant: str) -> Handle:
+        (handle,) = await self._call("copy", request, tenant)
+        return handle
+
+    async def _call(self, op: str, request: Any, tenant: str) -> list[Handle]:
+        subject = subjects.broker(self.node, op)
+        try:
+            msg = await self.nc.request(
+                subject, encode(request), timeout=self.timeout, headers={H_TENANT: tenant}
+            )
+        except nats.errors.NoRespondersError:
+            raise GfaasError(
+                ErrorCode.INTERNAL, f"no memory broker is running on node {self.node!r}"
+            ) from None
+        except nats.errors.TimeoutError:
+            raise GfaasError(
+                ErrorCode.INTERNAL, f"memory broker {self.node!r} did not answer {op}"
+            ) from None
+        try:
+            reply = decode(msg.data, HandlesReply)
+        except msgspec.MsgspecError as exc:
+            raise GfaasError(ErrorCode.INTERNAL, f"bad broker reply: {exc}") from None
+        if reply.error is not None:
+            raise GfaasError.from_info(reply.error)
+        return reply.handles
+
+
+def open_tensor(t: Tensor) -> torch.Tensor:
+    """A zero-copy view of a by-handle tensor (check the lease with the broker first).
+
+    Handle inputs are shared with every other consumer of the same output (fan-out):
+    handlers treat them as read-only.
+    """
+    assert t.handle is not None
+    try:
+        return tensor_from_handle(t.handle, t.dtype, t.shape)
+    except BackendError as exc:
+        raise GfaasError(ErrorCode.INVALID_INPUT, f"input {t.name!r}: {exc}") from None
+
+
+def write_into(handle: Handle, name: str, value: torch.Tensor, dtype: DType) -> Tensor:
+    """Copy `value` into the leased buffer and describe it as a by-handle tensor.
+
+    A value that already is the view of this lease (a handler that wrote its output
+    straight into the buffer) is not copied again.
+    """
+    shape = list(value.shape)
+    view = tensor_from_handle(handle, dtype, shape)
+    if view.numel() and view.data_ptr() != value.data_ptr():
+        view.copy_(value.reshape(view.shape))
+    return Tensor(name=name, dtype=dtype, shape=shape, handle=handle)

@@ -1,0 +1,237 @@
+"""Tensors by handle through the live platform: the broker's leases, workers mapping
+pooled buffers, outputs by handle, and every way a handle can be bad."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import numpy as np
+import pytest
+from nats.aio.client import Client as NATS
+
+from gfaas.client import Client, outputs_of
+from shared import subjects
+from shared.dataplane.client import BrokerClient
+from shared.errors import GfaasError
+from shared.natsd import NatsServer
+from shared.schema import (
+    DType,
+    FunctionSpec,
+    Handle,
+    OutputMode,
+    Tensor,
+    TensorSpec,
+)
+from tests.conftest import PYTHON, Platform, platform_at, subprocess_env
+from tests.helpers import deploy_and_wait
+
+pytestmark = [pytest.mark.nats, pytest.mark.anyio]
+
+N = 1024
+ECHO = FunctionSpec(name="echo", handler="tests.funcs:echo", concurrency=4)
+DOUBLE = FunctionSpec(
+    name="double",
+    handler="tests.funcs:double",
+    inputs=[TensorSpec(name="x", dtype=DType.FLOAT32, shape=[N])],
+    outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[N])],
+)
+BIG = FunctionSpec(name="big", handler="tests.funcs:big_output")
+HOLD = FunctionSpec(
+    name="hold",
+    handler="tests.funcs:hold",
+    outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[256])],
+)
+
+
+async def broker_details(client: Client) -> dict[str, Any]:
+    return (await client.status("memory-broker")).details
+
+
+async def wait_leases(client: Client, count: int, timeout: float = 10.0) -> dict[str, Any]:
+    with anyio.fail_after(timeout):
+        while True:
+            details = await broker_details(client)
+            if details["leases"] == count:
+                return details
+            await anyio.sleep(0.05)
+
+
+async def test_input_by_handle_is_read_in_place_and_outputs_come_back_by_handle(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    await deploy_and_wait(nc, DOUBLE)
+    x = np.arange(N, dtype=np.float32)
+    arg = await client.put("x", x)
+    assert arg.handle is not None
+    assert arg.data == b""
+    reply = await client.invoke_reply("double", [arg], outputs_by=OutputMode.HANDLE)
+    (out,) = reply.outputs
+    assert out.handle is not None
+    assert out.data == b""
+    np.testing.assert_array_equal(outputs_of(reply)["y"], x * 2)
+    # The input's lease and the output's (now held by this client) are live.
+    assert (await broker_details(client))["leases"] == 2
+    await client.release([arg, *reply.outputs])
+    await wait_leases(client, 0)
+
+
+async def test_by_value_and_by_handle_give_the_same_result(platform: Platform, nc: NATS) -> None:
+    client = Client(nc)
+    await deploy_and_wait(nc, DOUBLE, ECHO)
+    x = np.linspace(-1, 1, N, dtype=np.float32)
+    by_value = await client.invoke("double", {"x": x})
+    by_handle = await client.invoke("double", {"x": x}, outputs_by=OutputMode.HANDLE)
+    np.testing.assert_array_equal(by_value["y"], by_handle["y"])
+    # A function whose output shape is open (echo) leases after it ran.
+    echoed = await client.invoke("echo", {"x": x}, outputs_by=OutputMode.HANDLE)
+    np.testing.assert_array_equal(echoed["y"], x)
+    await wait_leases(client, 0)
+
+
+async def test_output_over_the_bus_limit_goes_by_handle_in_auto_mode(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    await deploy_and_wait(nc, BIG)
+    with pytest.raises(GfaasError) as info:
+        await client.invoke("big", {})
+    assert info.value.code == "payload_too_large"
+    reply = await client.invoke_reply("big", {}, outputs_by=OutputMode.AUTO)
+    assert reply.error is None
+    (out,) = reply.outputs
+    assert out.handle is not None
+    assert out.handle.nbytes == 4 * 1024 * 1024
+    assert not outputs_of(reply)["y"].any()
+    await client.release(reply.outputs)
+    await wait_leases(client, 0)
+
+
+def forged(handle: Handle, **changes: Any) -> Tensor:
+    return Tensor(
+        name="x",
+        dtype=DType.FLOAT32,
+        shape=[N],
+        handle=msgspec.structs.replace(handle, **changes),
+    )
+
+
+async def test_bad_handles_are_refused_with_reasons_and_the_platform_keeps_serving(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc, tenant="acme")
+    await deploy_and_wait(nc, DOUBLE)
+    x = np.ones(N, np.float32)
+    good = await client.put("x", x)
+    assert good.handle is not None
+    h = good.handle
+
+    async def refused(arg: Tensor, tenant: str = "acme") -> tuple[str, str]:
+        caller = Client(nc, tenant=tenant)
+        with pytest.raises(GfaasError) as info:
+            await caller.invoke("double", [arg])
+        return info.value.code, info.value.reason
+
+    code, reason = await refused(forged(h, generation=h.generation + 1))
+    assert code == "not_found"
+    assert "generation" in reason
+    code, reason = await refused(good, tenant="mallory")
+    assert code == "bad_request"
+    assert "tenant" in reason
+    code, reason = await refused(forged(h, tenant="mallory"), tenant="mallory")
+    assert code == "bad_request"
+    assert "tenant" in reason
+    code, reason = await refused(forged(h, offset=h.offset + 64 * 1024 * 1024))
+    assert code == "bad_request"
+    assert "outside" in reason
+    code, reason = await refused(forged(h, lease_id="nope.1"))
+    assert code == "not_found"
+    code, reason = await refused(forged(h, pool="elsewhere"))
+    assert code == "invalid_input"
+    assert "node" in reason
+    code, reason = await refused(forged(h, nbytes=h.nbytes - 4))
+    assert code == "invalid_input"
+    # Released: the same handle is now stale.
+    await client.release([good])
+    code, reason = await refused(good)
+    assert code == "not_found"
+    assert "released" in reason
+    # Through all of that, nothing leaked and the platform serves the next request.
+    await wait_leases(client, 0)
+    np.testing.assert_array_equal((await client.invoke("double", {"x": x}))["y"], x * 2)
+
+
+async def test_lease_requests_beyond_the_pool_are_refused(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    with platform_at(nats_server.url, tmp_path / "s", pool_cap_mb=8, slab_mb=4):
+        client = Client(nc)
+        broker = BrokerClient(nc, "local")
+        with pytest.raises(GfaasError) as info:
+            await broker.lease([16 * 1024 * 1024], owner="t")
+        assert info.value.code == "payload_too_large"
+        held = await broker.lease([4 * 1024 * 1024, 4 * 1024 * 1024], owner="t")
+        with pytest.raises(GfaasError) as info:
+            await broker.lease([1024], owner="t")
+        assert info.value.code == "overloaded"
+        assert "exhausted" in info.value.reason
+        # A batch that cannot be served takes nothing.
+        await broker.release(held[:1], "t", "default")
+        with pytest.raises(GfaasError):
+            await broker.lease([1024, 8 * 1024 * 1024], owner="t")
+        assert (await broker_details(client))["leases"] == 1
+        # A malformed request gets a reason, not silence.
+        msg = await nc.request(subjects.broker("local", "lease"), b"\xc1junk", timeout=2)
+        assert b"bad_request" in msg.data
+        await broker.release(held[1:], "t", "default")
+        await wait_leases(client, 0)
+
+
+async def test_a_dead_workers_leases_are_reclaimed(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    with platform_at(nats_server.url, tmp_path / "s", workers=0, worker_timeout_s=1.0):
+        env = subprocess_env(
+            GFAAS_NATS_URL=nats_server.url,
+            GFAAS_WORKER_ID="doomed",
+            GFAAS_HEARTBEAT_S="0.1",
+            GFAAS_STATE_DIR=str(tmp_path / "w"),
+        )
+        proc = subprocess.Popen(
+            [PYTHON, "-m", "services.gpu_worker"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            client = Client(nc)
+            await deploy_and_wait(nc, HOLD)
+            with anyio.fail_after(30):
+                while "doomed" not in (await client.status("scheduler")).details["workers"]:
+                    await anyio.sleep(0.05)
+            async with anyio.create_task_group() as tg:
+
+                async def call() -> None:
+                    with pytest.raises(GfaasError) as info:
+                        await client.invoke(
+                            "hold",
+                            {"seconds": np.array(30.0)},
+                            outputs_by=OutputMode.HANDLE,
+                            timeout=20,
+                        )
+                    assert info.value.code == "worker_lost"
+
+                tg.start_soon(call)
+                # The worker leased its output buffer before running the handler.
+                await wait_leases(client, 1)
+                proc.send_signal(signal.SIGKILL)
+            details = await wait_leases(client, 0)
+            assert details["reclaimed"] == 1
+        finally:
+            proc.kill()
+            proc.wait()
