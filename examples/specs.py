@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+WORKFLOWS = HERE / "workflows"
 
 
 def example_spec_paths() -> list[Path]:
-    return sorted([*HERE.glob("*.toml"), *HERE.glob("*/*.toml")])
+    """The example functions' specs."""
+    every = [*HERE.glob("*.toml"), *HERE.glob("*/*.toml")]
+    return sorted(p for p in every if p.parent != WORKFLOWS)
+
+
+def example_workflow_paths() -> list[Path]:
+    return sorted(WORKFLOWS.glob("*.toml"))

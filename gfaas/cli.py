@@ -18,8 +18,8 @@ from gfaas.supervisor import SERVICE_MODULES, Supervisor, run_up
 from shared.config import DEFAULT_NATS_URL, Settings, settings_from_env
 from shared.errors import GfaasError
 from shared.logs import configure_logging
-from shared.schema import InvokeReply
-from shared.spec import SpecError, load_spec
+from shared.schema import InvokeReply, WorkflowSpec
+from shared.spec import SpecError, load_any
 
 SERVICE_NAMES = tuple(SERVICE_MODULES)
 
@@ -97,22 +97,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _deploy(url: str, paths: Sequence[Path]) -> None:
-    specs = [load_spec(p) for p in paths]
+    specs = [load_any(p) for p in paths]
     async with Client.connect(url) as client:
         for spec in specs:
             await client.deploy(spec)
-            print(f"deployed {spec.name} ({spec.kind}, handler {spec.handler})")
+            if isinstance(spec, WorkflowSpec):
+                chain = ", ".join(f"{s.name}={s.function}" for s in spec.stages)
+                print(f"deployed workflow {spec.name} (stages {chain})")
+            else:
+                print(f"deployed {spec.name} ({spec.kind}, handler {spec.handler})")
 
 
 async def _ls(url: str, as_json: bool) -> None:
     async with Client.connect(url) as client:
         specs = await client.functions()
+        workflows = await client.workflows()
     if as_json:
-        print(json.dumps([msgspec.to_builtins(s) for s in specs], indent=2))
+        print(json.dumps([msgspec.to_builtins(s) for s in [*specs, *workflows]], indent=2))
         return
-    print(f"{'NAME':24} {'KIND':4} {'MODEL':16} {'SLO_MS':>7}  HANDLER")
+    print(f"{'NAME':24} {'KIND':8} {'MODEL':16} {'SLO_MS':>7}  HANDLER / STAGES")
     for s in specs:
-        print(f"{s.name:24} {s.kind:4} {s.model or '-':16} {s.slo_ms:7.0f}  {s.handler}")
+        print(f"{s.name:24} {s.kind:8} {s.model or '-':16} {s.slo_ms:7.0f}  {s.handler}")
+    for w in workflows:
+        chain = " -> ".join(st.function for st in w.stages)
+        print(f"{w.name:24} {'workflow':8} {'-':16} {w.slo_ms:7.0f}  {chain}")
 
 
 async def _rm(url: str, name: str) -> int:
@@ -120,7 +128,7 @@ async def _rm(url: str, name: str) -> int:
         if await client.remove(name):
             print(f"removed {name}")
             return 0
-    print(f"no function named {name}", file=sys.stderr)
+    print(f"no function or workflow named {name}", file=sys.stderr)
     return 1
 
 
@@ -276,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     spec = sub.add_parser("spec", help="validate a spec file and print it")
     spec.add_argument("file", type=Path)
-    spec.set_defaults(func=lambda a: print(spec_json(load_spec(a.file))) or 0)
+    spec.set_defaults(func=lambda a: print(spec_json(load_any(a.file))) or 0)
     return parser
 
 

@@ -37,11 +37,13 @@ from shared.schema import (
     OutputMode,
     ServiceStatus,
     Tensor,
+    WorkflowSpec,
     decode,
     encode,
     new_invocation_id,
 )
 from shared.tensors import as_torch, dtype_of, from_value, to_numpy
+from shared.workflow import plan_workflow
 
 Inputs = Mapping[str, Any] | Sequence[Tensor]
 
@@ -199,17 +201,34 @@ class Client:
         msg = await self.nc.request(subjects.status(service), b"", timeout=timeout)
         return decode(msg.data, ServiceStatus)
 
-    async def registry(self) -> Registry:
+    async def registry(self) -> Registry[FunctionSpec]:
         return await Registry.open(self.nc.jetstream())
 
-    async def deploy(self, spec: FunctionSpec) -> None:
-        await (await self.registry()).put(spec)
+    async def workflow_registry(self) -> Registry[WorkflowSpec]:
+        return await Registry.open_workflows(self.nc.jetstream())
+
+    async def deploy(self, spec: FunctionSpec | WorkflowSpec) -> None:
+        """Register a function or a workflow; one name is never both."""
+        functions, workflows = await self.registry(), await self.workflow_registry()
+        if isinstance(spec, WorkflowSpec):
+            plan_workflow(spec)  # raises WorkflowError (a ValueError) on a bad DAG
+            if await functions.fetch(spec.name) is not None:
+                raise ValueError(f"{spec.name!r} is already a function")
+            await workflows.put(spec)
+        else:
+            if await workflows.fetch(spec.name) is not None:
+                raise ValueError(f"{spec.name!r} is already a workflow")
+            await functions.put(spec)
 
     async def remove(self, name: str) -> bool:
-        return await (await self.registry()).delete(name)
+        removed = await (await self.registry()).delete(name)
+        return await (await self.workflow_registry()).delete(name) or removed
 
     async def functions(self) -> list[FunctionSpec]:
         return await (await self.registry()).fetch_all()
+
+    async def workflows(self) -> list[WorkflowSpec]:
+        return await (await self.workflow_registry()).fetch_all()
 
     async def push_model(self, name: str, path: Path) -> int:
         return await (await ModelStore.open(self.nc.jetstream())).push(name, path)
@@ -223,5 +242,5 @@ class Client:
         await jetstream.results_kv(js)
 
 
-def spec_json(spec: FunctionSpec) -> str:
+def spec_json(spec: FunctionSpec | WorkflowSpec) -> str:
     return json.dumps(msgspec.to_builtins(spec), indent=2)

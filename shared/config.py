@@ -55,6 +55,8 @@ class Settings:
     pool_cap_mb: int = 4096
     slab_mb: int = 64
     lease_ttl_s: float = 300.0
+    # How long a slab stays empty before the pool gives it back.
+    pool_cooldown_s: float = 30.0
     # Chunk size of broker copies (bandwidth arbitration), KiB.
     copy_chunk_kb: int = 2048
 

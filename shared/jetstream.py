@@ -2,6 +2,7 @@
 
 - stream GFAAS_INVOCATIONS: async invocations (work queue, deduplicated by Nats-Msg-Id)
 - KV gfaas_functions: the function registry
+- KV gfaas_workflows: the workflow registry
 - KV gfaas_results: async results, kept for RESULT_TTL_S
 - object store gfaas_models: model weights
 """
@@ -27,6 +28,7 @@ from shared import subjects
 INVOCATIONS_STREAM: Final = "GFAAS_INVOCATIONS"
 ASYNC_CONSUMER: Final = "gfaas-ingress-async"
 FUNCTIONS_BUCKET: Final = "gfaas_functions"
+WORKFLOWS_BUCKET: Final = "gfaas_workflows"
 RESULTS_BUCKET: Final = "gfaas_results"
 MODELS_BUCKET: Final = "gfaas_models"
 DEDUP_WINDOW_S: Final = 120.0
@@ -51,6 +53,10 @@ async def ensure_invocations_stream(js: JetStreamContext) -> None:
 
 async def functions_kv(js: JetStreamContext) -> KeyValue:
     return await js.create_key_value(KeyValueConfig(bucket=FUNCTIONS_BUCKET, history=1))
+
+
+async def workflows_kv(js: JetStreamContext) -> KeyValue:
+    return await js.create_key_value(KeyValueConfig(bucket=WORKFLOWS_BUCKET, history=1))
 
 
 async def results_kv(js: JetStreamContext) -> KeyValue:

@@ -1,10 +1,15 @@
-"""The function registry: FunctionSpecs in a JetStream KV bucket, watched into a cache.
+"""The registry: FunctionSpecs and WorkflowSpecs in JetStream KV buckets, watched
+into a cache.
 
 Services read specs from the in-memory cache on the hot path (a dict lookup), and
-the watch keeps it current; deploy/rm write the bucket.
+the watch keeps it current; deploy/rm write the bucket. Functions and workflows
+share one namespace of names (both are invoked on `gfaas.v1.invoke.<name>`); the
+client's deploy refuses a name the other kind already has.
 """
 
 from __future__ import annotations
+
+from typing import Generic, TypeVar
 
 import anyio
 import msgspec
@@ -15,22 +20,29 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from shared import jetstream
 from shared.logs import get_logger
-from shared.schema import FunctionSpec, decode, encode
+from shared.schema import FunctionSpec, WorkflowSpec, decode, encode
 
 log = get_logger("registry")
 
+S = TypeVar("S", FunctionSpec, WorkflowSpec)
 
-class Registry:
-    def __init__(self, kv: KeyValue) -> None:
+
+class Registry(Generic[S]):
+    def __init__(self, kv: KeyValue, kind: type[S]) -> None:
         self._kv = kv
-        self._specs: dict[str, FunctionSpec] = {}
+        self._kind: type[S] = kind
+        self._specs: dict[str, S] = {}
         self._synced = anyio.Event()
 
-    @classmethod
-    async def open(cls, js: JetStreamContext) -> Registry:
-        return cls(await jetstream.functions_kv(js))
+    @staticmethod
+    async def open(js: JetStreamContext) -> Registry[FunctionSpec]:
+        return Registry(await jetstream.functions_kv(js), FunctionSpec)
 
-    async def put(self, spec: FunctionSpec) -> None:
+    @staticmethod
+    async def open_workflows(js: JetStreamContext) -> Registry[WorkflowSpec]:
+        return Registry(await jetstream.workflows_kv(js), WorkflowSpec)
+
+    async def put(self, spec: S) -> None:
         await self._kv.put(spec.name, encode(spec))
 
     async def delete(self, name: str) -> bool:
@@ -41,14 +53,14 @@ class Registry:
         await self._kv.delete(name)
         return True
 
-    async def fetch(self, name: str) -> FunctionSpec | None:
+    async def fetch(self, name: str) -> S | None:
         try:
             entry = await self._kv.get(name)
         except (KeyNotFoundError, KeyDeletedError):
             return None
-        return decode(entry.value, FunctionSpec) if entry.value else None
+        return decode(entry.value, self._kind) if entry.value else None
 
-    async def fetch_all(self) -> list[FunctionSpec]:
+    async def fetch_all(self) -> list[S]:
         try:
             keys = await self._kv.keys()
         except NoKeysError:
@@ -56,11 +68,11 @@ class Registry:
         specs = [await self.fetch(key) for key in keys]
         return sorted((s for s in specs if s is not None), key=lambda s: s.name)
 
-    def get(self, name: str) -> FunctionSpec | None:
+    def get(self, name: str) -> S | None:
         """The cached spec (kept current by `watch`)."""
         return self._specs.get(name)
 
-    async def lookup(self, name: str) -> FunctionSpec | None:
+    async def lookup(self, name: str) -> S | None:
         """The cached spec, or the bucket's when the watch has not caught up yet
         (ingress may admit a function a moment before this service hears of it)."""
         spec = self._specs.get(name)
@@ -70,7 +82,12 @@ class Registry:
                 self._specs.setdefault(name, spec)
         return spec
 
-    def all(self) -> list[FunctionSpec]:
+    @property
+    def specs(self) -> dict[str, S]:
+        """The cache itself (read-only by convention): name -> spec."""
+        return self._specs
+
+    def all(self) -> list[S]:
         return sorted(self._specs.values(), key=lambda s: s.name)
 
     async def wait_synced(self) -> None:
@@ -91,7 +108,7 @@ class Registry:
                     self._specs.pop(entry.key, None)
                     continue
                 try:
-                    self._specs[entry.key] = decode(entry.value, FunctionSpec)
+                    self._specs[entry.key] = decode(entry.value, self._kind)
                 except msgspec.MsgspecError as exc:
                     log.warning("registry.bad_entry", key=entry.key, error=str(exc))
         finally:

@@ -28,6 +28,8 @@ H_DEADLINE: Final = "Gfaas-Deadline-Ms"
 H_CALLBACK: Final = "Gfaas-Callback"
 H_STATUS: Final = "Gfaas-Status"
 H_MSG_ID: Final = "Nats-Msg-Id"
+# A workflow stage's preferred worker: the one whose pool holds its inputs.
+H_AFFINITY: Final = "Gfaas-Affinity"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FUNCTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")

@@ -1,4 +1,7 @@
-"""Function specs from TOML or YAML files, validated into schema.FunctionSpec."""
+"""Function and workflow specs from TOML or YAML files, validated into schema structs.
+
+A file with `stages` (or a [workflow] table) is a workflow; anything else a function.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ from typing import Any
 import msgspec
 import yaml
 
-from shared.schema import FunctionSpec, is_valid_function_name
+from shared.schema import FunctionSpec, WorkflowSpec, is_valid_function_name
+from shared.workflow import WorkflowError, plan_workflow
 
 
 class SpecError(ValueError):
@@ -40,7 +44,35 @@ def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> FunctionSpec:
     return spec
 
 
+def parse_workflow(data: dict[str, Any], *, source: str = "<spec>") -> WorkflowSpec:
+    body = data.get("workflow", data)
+    try:
+        spec = msgspec.convert(body, WorkflowSpec)
+        plan_workflow(spec)
+    except (msgspec.ValidationError, WorkflowError) as exc:
+        raise SpecError(f"{source}: {exc}") from exc
+    return spec
+
+
+def is_workflow(data: dict[str, Any]) -> bool:
+    return "workflow" in data or "stages" in data
+
+
 def load_spec(path: Path) -> FunctionSpec:
+    spec = load_any(path)
+    if not isinstance(spec, FunctionSpec):
+        raise SpecError(f"{path}: a workflow, not a function")
+    return spec
+
+
+def load_any(path: Path) -> FunctionSpec | WorkflowSpec:
+    data = _read(path)
+    if is_workflow(data):
+        return parse_workflow(data, source=str(path))
+    return parse_spec(data, source=str(path))
+
+
+def _read(path: Path) -> dict[str, Any]:
     text = path.read_text()
     if path.suffix == ".toml":
         data = tomllib.loads(text)
@@ -50,4 +82,4 @@ def load_spec(path: Path) -> FunctionSpec:
         raise SpecError(f"{path}: spec files are .toml, .yaml or .yml")
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a table of fields")
-    return parse_spec(data, source=str(path))
+    return data

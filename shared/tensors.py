@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from shared.errors import GfaasError
-from shared.schema import DType, ErrorCode, FunctionSpec, Tensor, TensorSpec
+from shared.schema import DType, ErrorCode, FunctionSpec, Tensor, TensorSpec, WorkflowSpec
 
 _NUMPY: dict[DType, np.dtype[Any]] = {d: np.dtype(d.value).newbyteorder("<") for d in DType}
 _FROM_NUMPY: dict[str, DType] = {np.dtype(d.value).name: d for d in DType}
@@ -115,7 +115,7 @@ def _check_shape(spec: TensorSpec, shape: Sequence[int]) -> str | None:
     return None
 
 
-def validate_inputs(spec: FunctionSpec, inputs: Sequence[Tensor]) -> None:
+def validate_inputs(spec: FunctionSpec | WorkflowSpec, inputs: Sequence[Tensor]) -> None:
     """Raise INVALID_INPUT unless `inputs` match the spec's names, dtypes and shapes."""
     for t in inputs:
         if any(d < 0 for d in t.shape):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -57,3 +58,19 @@ def hold(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Sleeps with its (prepared, by-handle) output buffer leased."""
     time.sleep(float(inputs["seconds"].item()))
     return {"y": torch.ones(256)}
+
+
+def add(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"y": inputs["a"] + inputs["b"]}
+
+
+# Opened by tests that need a model load to stay in progress for a while.
+BUILD_GATE = threading.Event()
+
+
+class GatedScale(Scale):
+    """`Scale`, whose load waits for BUILD_GATE (at most 10 s)."""
+
+    def __init__(self, ctx: LoadContext) -> None:
+        BUILD_GATE.wait(10)
+        super().__init__(ctx)

@@ -84,7 +84,7 @@ class Worker:
     def __init__(
         self,
         nc: NATS,
-        registry: Registry,
+        registry: Registry[FunctionSpec],
         models: ModelStore,
         settings: Settings,
         device: str,

@@ -21,13 +21,16 @@ from shared.schema import (
     FunctionSpec,
     InvocationMeta,
     InvokeRequest,
+    WorkflowSpec,
     decode,
     is_valid_token,
     new_invocation_id,
 )
 from shared.tensors import validate_inputs
 
-SpecLookup = Callable[[str], FunctionSpec | None]
+# Functions and workflows share one namespace of names.
+Spec = FunctionSpec | WorkflowSpec
+SpecLookup = Callable[[str], Spec | None]
 
 
 def decode_request(body: bytes) -> InvokeRequest:
@@ -45,7 +48,7 @@ def admit(
     *,
     max_payload: int,
     now_ms: int,
-) -> tuple[InvocationMeta, InvokeRequest, FunctionSpec]:
+) -> tuple[InvocationMeta, InvokeRequest, Spec]:
     """Validate and stamp an invocation, or raise GfaasError with the reason."""
     h = headers or {}
     if len(body) > max_payload:

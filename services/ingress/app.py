@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import anyio
 import msgspec
 import nats.errors
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
@@ -25,14 +25,17 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError
 from nats.js.kv import KeyValue
 from opentelemetry.trace import Span, SpanKind
 
-from services.ingress.admission import admit
+from services.ingress.admission import Spec, admit
+from services.ingress.workflow import WorkflowRunner
 from shared import jetstream, subjects, tracing
 from shared.bus import connected, reply_error, send_reply, serve_status
 from shared.config import Settings, effective_max_payload
+from shared.dataplane.client import BrokerClient
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.registry import Registry
 from shared.schema import (
+    H_AFFINITY,
     H_CALLBACK,
     H_INVOCATION,
     H_MSG_ID,
@@ -41,35 +44,64 @@ from shared.schema import (
     InvocationMeta,
     InvokeReply,
     InvokeRequest,
+    WorkflowSpec,
     decode,
     encode,
     error_reply,
     now_millis,
 )
+from shared.workflow import WorkflowError, WorkflowPlan, plan_workflow
 
 log = get_logger("ingress")
 
 
 class Ingress:
-    def __init__(self, nc: NATS, registry: Registry, results: KeyValue, settings: Settings):
+    def __init__(
+        self,
+        nc: NATS,
+        registry: Registry[FunctionSpec],
+        results: KeyValue,
+        settings: Settings,
+        workflows: Registry[WorkflowSpec],
+    ):
         self.nc = nc
         self.registry = registry
+        self.workflows = workflows
         self.results = results
         self.settings = settings
         self.max_payload = effective_max_payload(settings, nc.max_payload)
         self.accepted = 0
         self.rejected = 0
+        self.runner = WorkflowRunner(
+            self._schedule, BrokerClient(nc, settings.node), lambda: self.registry.specs
+        )
+        self._plans: dict[str, tuple[WorkflowSpec, WorkflowPlan]] = {}
+        # Sync workflow runs outlive the subscription callback that admitted them.
+        self.tasks: TaskGroup | None = None
+
+    def lookup(self, name: str) -> Spec | None:
+        return self.registry.get(name) or self.workflows.get(name)
+
+    def plan(self, spec: WorkflowSpec) -> WorkflowPlan:
+        cached = self._plans.get(spec.name)
+        if cached is None or cached[0] != spec:
+            try:
+                plan = plan_workflow(spec)
+            except WorkflowError as exc:
+                raise GfaasError(ErrorCode.BAD_REQUEST, str(exc)) from None
+            cached = self._plans[spec.name] = (spec, plan)
+        return cached[1]
 
     def _admit(
         self, function: str, body: bytes, headers: Mapping[str, str] | None, span: Span
-    ) -> InvocationMeta:
+    ) -> tuple[InvocationMeta, InvokeRequest, Spec]:
         """Admission with the books kept and the span marked; raises GfaasError."""
         try:
-            meta, _, _ = admit(
+            admitted = admit(
                 function,
                 body,
                 headers,
-                self.registry.get,
+                self.lookup,
                 max_payload=self.max_payload,
                 now_ms=now_millis(),
             )
@@ -78,8 +110,8 @@ class Ingress:
             tracing.mark_error(span, exc.code, exc.reason)
             raise
         self.accepted += 1
-        span.set_attribute("gfaas.invocation_id", meta.invocation_id)
-        return meta
+        span.set_attribute("gfaas.invocation_id", admitted[0].invocation_id)
+        return admitted
 
     # -- sync NATS path ---------------------------------------------------------------
 
@@ -92,10 +124,14 @@ class Ingress:
             attributes={"gfaas.function": function},
         ) as span:
             try:
-                meta = self._admit(function, msg.data, msg.headers, span)
+                meta, request, spec = self._admit(function, msg.data, msg.headers, span)
             except GfaasError as exc:
                 invocation_id = (msg.headers or {}).get(H_INVOCATION, "")
                 await reply_error(self.nc, msg.reply, invocation_id, exc.code, exc.reason)
+                return
+            if isinstance(spec, WorkflowSpec):
+                assert self.tasks is not None
+                self.tasks.start_soon(self._reply_workflow, spec, meta, request, msg.reply)
                 return
             if not msg.reply:
                 log.info(
@@ -123,19 +159,55 @@ class Ingress:
             attributes={"gfaas.function": function},
         ) as span:
             try:
-                meta = self._admit(function, body, headers, span)
+                meta, request, spec = self._admit(function, body, headers, span)
             except GfaasError as exc:
                 return error_reply("", exc.code, exc.reason)
-            reply = await self._request(meta, body)
+            if isinstance(spec, WorkflowSpec):
+                reply = await self._workflow(spec, meta, request)
+            else:
+                reply = await self._request(meta, body)
             if reply.error:
                 tracing.mark_error(span, reply.error.code, reply.error.reason)
             return reply
 
-    async def _request(self, meta: InvocationMeta, body: bytes) -> InvokeReply:
+    # -- workflows --------------------------------------------------------------------
+
+    async def _workflow(
+        self, spec: WorkflowSpec, meta: InvocationMeta, request: InvokeRequest
+    ) -> InvokeReply:
+        with tracing.tracer().start_as_current_span(
+            "ingress workflow", attributes={"gfaas.workflow": spec.name}
+        ) as span:
+            try:
+                plan = self.plan(spec)
+            except GfaasError as exc:
+                return error_reply(meta.invocation_id, exc.code, exc.reason)
+            reply = await self.runner.run(plan, meta, request)
+            if reply.error:
+                tracing.mark_error(span, reply.error.code, reply.error.reason)
+            return reply
+
+    async def _reply_workflow(
+        self, spec: WorkflowSpec, meta: InvocationMeta, request: InvokeRequest, reply_to: str
+    ) -> None:
+        reply = await self._workflow(spec, meta, request)
+        if reply_to:
+            await send_reply(self.nc, reply_to, reply, max_payload=self.max_payload)
+
+    async def _schedule(self, meta: InvocationMeta, body: bytes, near: str) -> InvokeReply:
+        """One workflow stage through the scheduler, preferring the worker `near`."""
+        return await self._request(meta, body, {H_AFFINITY: near} if near else None)
+
+    async def _request(
+        self, meta: InvocationMeta, body: bytes, extra: Mapping[str, str] | None = None
+    ) -> InvokeReply:
         timeout = max(meta.remaining_s(), 0.001)
+        headers = meta.to_headers()
+        if extra:
+            headers.update(extra)
         try:
             msg = await self.nc.request(
-                subjects.SCHEDULE, body, timeout=timeout, headers=tracing.inject(meta.to_headers())
+                subjects.SCHEDULE, body, timeout=timeout, headers=tracing.inject(headers)
             )
         except nats.errors.NoRespondersError:
             return error_reply(meta.invocation_id, ErrorCode.NO_WORKER, "no scheduler is running")
@@ -253,7 +325,9 @@ class Ingress:
                 while True:
                     try:
                         batch = await sub.fetch(batch=self.settings.async_concurrency, timeout=1)
-                    except nats.errors.TimeoutError:
+                    except TimeoutError:
+                        # nats-py raises its own subclass or, from deeper in, asyncio's
+                        # plain one (TimeoutError itself on 3.11): both mean "no work".
                         continue
                     for msg in batch:
                         await slots.acquire()
@@ -286,6 +360,9 @@ class Ingress:
             "accepted": self.accepted,
             "rejected": self.rejected,
             "functions": [s.name for s in self.registry.all()],
+            "workflows": [s.name for s in self.workflows.all()],
+            "workflow_runs": self.runner.runs,
+            "workflow_stages": self.runner.stages,
             "max_payload": self.max_payload,
         }
 
@@ -328,10 +405,13 @@ async def serve(
         js = nc.jetstream()
         await jetstream.ensure_invocations_stream(js)
         registry = await Registry.open(js)
-        ingress = Ingress(nc, registry, await jetstream.results_kv(js), settings)
+        workflows = await Registry.open_workflows(js)
+        ingress = Ingress(nc, registry, await jetstream.results_kv(js), settings, workflows)
         async with anyio.create_task_group() as service_tg:
             await service_tg.start(registry.watch)
+            await service_tg.start(workflows.watch)
             async with anyio.create_task_group() as intake:
+                ingress.tasks = intake
                 invoke_sub = await nc.subscribe(
                     subjects.INVOKE_ALL, queue=subjects.Q_INGRESS, cb=ingress.on_invoke
                 )

@@ -92,7 +92,9 @@ class Broker:
                 else select_backend(device, fallback=False)
             )
             config = ElasticConfig(
-                slab_size=settings.slab_mb * MB, max_bytes=settings.pool_cap_mb * MB
+                slab_size=settings.slab_mb * MB,
+                max_bytes=settings.pool_cap_mb * MB,
+                cooldown_s=settings.pool_cooldown_s,
             )
             self.pools.add_device(device, backend, config)
         self.copiers: dict[str, Copier] = {}

@@ -29,6 +29,7 @@ from shared.scheduling import Policy, RequestView, make_policy
 from shared.schema import (
     Done,
     ErrorCode,
+    FunctionSpec,
     InvocationMeta,
     WorkerHeartbeat,
     decode,
@@ -41,7 +42,9 @@ TICK_S = 0.1
 
 
 class Scheduler:
-    def __init__(self, nc: NATS, registry: Registry, policy: Policy, settings: Settings) -> None:
+    def __init__(
+        self, nc: NATS, registry: Registry[FunctionSpec], policy: Policy, settings: Settings
+    ) -> None:
         self.nc = nc
         self.registry = registry
         self.policy = policy

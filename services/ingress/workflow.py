@@ -1,0 +1,198 @@
+"""Running a workflow: its stages through the scheduler, intermediates by handle.
+
+Each stage is an ordinary invocation (same scheduler, same workers). A stage whose
+outputs feed other stages returns them by handle, held by this run; the consumers
+get the handles as inputs and read the bytes in place (same node, same pool). Stages
+start as soon as the stages they read from are done, so independent branches run
+concurrently (fan-out) and a stage reading several branches waits for all (fan-in).
+When the run ends, however it ends, every intermediate it holds is released.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+
+import anyio
+import msgspec
+
+from shared.dataplane.client import BrokerClient, open_tensor
+from shared.errors import GfaasError
+from shared.logs import get_logger
+from shared.schema import (
+    ErrorCode,
+    FunctionSpec,
+    Handle,
+    InvocationMeta,
+    InvokeReply,
+    InvokeRequest,
+    OutputMode,
+    Tensor,
+    encode,
+)
+from shared.tensors import validate_inputs
+from shared.workflow import INPUT, WorkflowError, WorkflowPlan, check_functions
+
+log = get_logger("ingress.workflow")
+
+# Sends one stage to the scheduler: (meta, body, preferred worker) -> reply.
+Schedule = Callable[[InvocationMeta, bytes, str], Awaitable[InvokeReply]]
+
+
+class WorkflowRunner:
+    def __init__(
+        self,
+        schedule: Schedule,
+        broker: BrokerClient,
+        functions: Callable[[], Mapping[str, FunctionSpec]],
+    ) -> None:
+        self.schedule = schedule
+        self.broker = broker
+        self.functions = functions
+        self.runs = 0
+        self.stages = 0
+
+    async def run(
+        self, plan: WorkflowPlan, meta: InvocationMeta, request: InvokeRequest
+    ) -> InvokeReply:
+        self.runs += 1
+        try:
+            check_functions(plan, self.functions())
+        except WorkflowError as exc:
+            return _error(meta, ErrorCode.UNKNOWN_FUNCTION, str(exc))
+        run = _Run(self, plan, meta, request)
+        try:
+            return await run.execute()
+        except GfaasError as exc:
+            return _error(meta, exc.code, exc.reason)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await run.release()
+
+
+class _Run:
+    def __init__(
+        self,
+        runner: WorkflowRunner,
+        plan: WorkflowPlan,
+        meta: InvocationMeta,
+        request: InvokeRequest,
+    ) -> None:
+        self.runner = runner
+        self.plan = plan
+        self.meta = meta
+        self.request = request
+        # Stage invocation ids must stay single tokens of at most 64 characters.
+        self.holder = f"wf-{meta.invocation_id[:48]}"
+        self.inputs = {t.name: t for t in request.inputs}
+        self.outputs: dict[str, dict[str, Tensor]] = {}
+        self.workers: dict[str, str] = {}
+        self.done = {stage: anyio.Event() for stage in plan.order}
+        self.held: list[Handle] = []
+        self.failure: GfaasError | None = None
+
+    async def execute(self) -> InvokeReply:
+        async with anyio.create_task_group() as tg:
+            for index, stage in enumerate(self.plan.order):
+                tg.start_soon(self._stage, index, stage, tg.cancel_scope)
+        if self.failure is not None:
+            raise self.failure
+        outputs = [
+            await self._final(name, src.stage, src.name) for name, src in self.plan.outputs.items()
+        ]
+        return InvokeReply(
+            invocation_id=self.meta.invocation_id,
+            outputs=outputs,
+            worker=",".join(self.workers[s] for s in self.plan.order),
+        )
+
+    async def _stage(self, index: int, stage: str, scope: anyio.CancelScope) -> None:
+        for dep in self.plan.deps[stage]:
+            await self.done[dep].wait()
+        function = self.plan.function_of(stage)
+        try:
+            spec = self.runner.functions().get(function)
+            if spec is None:
+                raise GfaasError(ErrorCode.UNKNOWN_FUNCTION, "is no longer deployed")
+            args = [
+                msgspec.structs.replace(self._value(src.stage, src.name), name=arg)
+                for arg, src in self.plan.sources[stage].items()
+            ]
+            validate_inputs(spec, args)
+        except GfaasError as exc:
+            self._fail(scope, stage, function, exc.code, exc.reason)
+            return
+        feeds = self.plan.feeds_stages(stage)
+        body = encode(
+            InvokeRequest(
+                inputs=args,
+                outputs_by=OutputMode.HANDLE if feeds else self.request.outputs_by,
+                holder=self.holder,
+            )
+        )
+        stage_meta = InvocationMeta(
+            invocation_id=f"{self.meta.invocation_id[:48]}-s{index}",
+            function=function,
+            tenant=self.meta.tenant,
+            deadline_ms=self.meta.deadline_ms,
+        )
+        # Prefer the worker that produced this stage's inputs: they are in its pool.
+        near = next((self.workers[d] for d in sorted(self.plan.deps[stage])), "")
+        reply = await self.runner.schedule(stage_meta, body, near)
+        self.runner.stages += 1
+        self.held.extend(t.handle for t in reply.outputs if t.handle is not None)
+        if reply.error is not None:
+            self._fail(scope, stage, function, reply.error.code, reply.error.reason)
+            return
+        self.outputs[stage] = {t.name: t for t in reply.outputs}
+        self.workers[stage] = reply.worker
+        self.done[stage].set()
+
+    def _value(self, stage: str, name: str) -> Tensor:
+        if stage == INPUT:
+            return self.inputs[name]
+        found = self.outputs[stage].get(name)
+        if found is None:
+            raise GfaasError(
+                ErrorCode.HANDLER_ERROR,
+                f"stage {stage} returned no output {name!r} "
+                f"(it returned {sorted(self.outputs[stage])})",
+            )
+        return found
+
+    def _fail(
+        self, scope: anyio.CancelScope, stage: str, function: str, code: ErrorCode, reason: str
+    ) -> None:
+        if self.failure is None:
+            self.failure = GfaasError(code, f"stage {stage} ({function}): {reason}")
+        scope.cancel()
+
+    async def _final(self, name: str, stage: str, output: str) -> Tensor:
+        tensor = msgspec.structs.replace(self._value(stage, output), name=name)
+        if tensor.handle is None:
+            return tensor
+        if self.request.outputs_by is OutputMode.VALUE:
+            # The output also fed another stage, so it went by handle: copy it out.
+            data = open_tensor(tensor).cpu().numpy().tobytes()
+            return msgspec.structs.replace(tensor, handle=None, data=data)
+        # The caller keeps it: its own reference, before this run drops its one.
+        holder = self.request.holder or f"inv-{self.meta.invocation_id}"
+        await self.runner.broker.retain([tensor.handle], holder, self.meta.tenant)
+        return tensor
+
+    async def release(self) -> None:
+        if not self.held:
+            return
+        try:
+            await self.runner.broker.release(self.held, self.holder, self.meta.tenant)
+        except GfaasError as exc:  # TTLs free them in the end; the reply must not wait
+            log.warning(
+                "workflow.release_failed", invocation_id=self.meta.invocation_id, error=exc.reason
+            )
+        self.held = []
+
+
+def _error(meta: InvocationMeta, code: ErrorCode, reason: str) -> InvokeReply:
+    return InvokeReply(
+        invocation_id=meta.invocation_id,
+        error=GfaasError(code, reason).info(),
+    )

@@ -1,0 +1,135 @@
+"""Workflows: DAGs of functions whose intermediates move by handle.
+
+Pure: validating a WorkflowSpec and planning its stages, no I/O. Ingress runs the
+plan (services/ingress/workflow.py); `gfaas deploy` validates with it first.
+
+A stage's input source is `$in.<name>` (a workflow input) or `<stage>.<output>`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shared.schema import FunctionSpec, WorkflowSpec, is_valid_function_name
+
+INPUT = "$in"
+
+
+class WorkflowError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    stage: str  # INPUT for a workflow input
+    name: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.stage}.{self.name}"
+
+
+def parse_source(text: str) -> Source:
+    stage, dot, name = text.partition(".")
+    if not dot or not stage or not name:
+        raise WorkflowError(f"source {text!r} must be '$in.<input>' or '<stage>.<output>'")
+    return Source(stage, name)
+
+
+@dataclass(frozen=True)
+class WorkflowPlan:
+    spec: WorkflowSpec
+    # Stages in an order where every stage comes after those it reads from.
+    order: tuple[str, ...]
+    sources: Mapping[str, Mapping[str, Source]]  # stage -> input -> source
+    deps: Mapping[str, frozenset[str]]  # stage -> stages it reads from
+    outputs: Mapping[str, Source]
+    # How many stages read each stage output (fan-out), by Source.key.
+    readers: Mapping[str, int]
+
+    def function_of(self, stage: str) -> str:
+        return next(s.function for s in self.spec.stages if s.name == stage)
+
+    def feeds_stages(self, stage: str) -> bool:
+        """Whether any other stage reads one of `stage`'s outputs."""
+        return any(key.startswith(f"{stage}.") for key in self.readers)
+
+
+def plan_workflow(spec: WorkflowSpec) -> WorkflowPlan:
+    """Check a workflow's structure and order its stages; raise WorkflowError."""
+    if not is_valid_function_name(spec.name):
+        raise WorkflowError(f"workflow name {spec.name!r} must match [a-z0-9][a-z0-9_-]{{0,62}}")
+    if not spec.stages:
+        raise WorkflowError(f"workflow {spec.name} has no stages")
+    names = [s.name for s in spec.stages]
+    if len(set(names)) != len(names):
+        raise WorkflowError(f"workflow {spec.name}: stage names must be unique")
+    inputs = {t.name for t in spec.inputs}
+    sources: dict[str, dict[str, Source]] = {}
+    deps: dict[str, frozenset[str]] = {}
+    readers: dict[str, int] = {}
+    for stage in spec.stages:
+        if not is_valid_function_name(stage.name) or stage.name == INPUT:
+            raise WorkflowError(f"stage name {stage.name!r} is not a valid name")
+        parsed = {arg: parse_source(src) for arg, src in stage.inputs.items()}
+        for arg, src in parsed.items():
+            if src.stage == INPUT:
+                if src.name not in inputs:
+                    raise WorkflowError(
+                        f"stage {stage.name}: input {arg} reads {src.key}, "
+                        f"but the workflow's inputs are {sorted(inputs)}"
+                    )
+            elif src.stage not in names:
+                raise WorkflowError(f"stage {stage.name}: input {arg} reads unknown stage")
+            elif src.stage == stage.name:
+                raise WorkflowError(f"stage {stage.name} reads its own output")
+            else:
+                readers[src.key] = readers.get(src.key, 0) + 1
+        sources[stage.name] = parsed
+        deps[stage.name] = frozenset(s.stage for s in parsed.values() if s.stage != INPUT)
+    outputs = {name: parse_source(src) for name, src in spec.outputs.items()}
+    for name, src in outputs.items():
+        if src.stage not in names:
+            raise WorkflowError(f"workflow output {name} reads {src.key}: no such stage")
+    if not outputs:
+        raise WorkflowError(f"workflow {spec.name} declares no outputs")
+    return WorkflowPlan(spec, _topological(deps), sources, deps, outputs, readers)
+
+
+def _topological(deps: Mapping[str, frozenset[str]]) -> tuple[str, ...]:
+    order: list[str] = []
+    done: set[str] = set()
+    left = dict(deps)
+    while left:
+        ready = sorted(s for s, d in left.items() if d <= done)
+        if not ready:
+            raise WorkflowError(f"stages {sorted(left)} form a cycle")
+        for s in ready:
+            order.append(s)
+            done.add(s)
+            del left[s]
+    return tuple(order)
+
+
+def check_functions(plan: WorkflowPlan, specs: Mapping[str, FunctionSpec]) -> None:
+    """Each stage's function is deployed and gets exactly the inputs it declares."""
+    for stage in plan.spec.stages:
+        spec = specs.get(stage.function)
+        if spec is None:
+            raise WorkflowError(f"stage {stage.name}: function {stage.function!r} is not deployed")
+        if spec.inputs:
+            wanted = {t.name for t in spec.inputs}
+            if set(stage.inputs) != wanted:
+                raise WorkflowError(
+                    f"stage {stage.name}: {stage.function} takes {sorted(wanted)}, "
+                    f"the stage gives {sorted(stage.inputs)}"
+                )
+        declared = {t.name for t in spec.outputs}
+        if declared:
+            for other in plan.sources.values():
+                for src in other.values():
+                    if src.stage == stage.name and src.name not in declared:
+                        raise WorkflowError(
+                            f"{src.key}: {stage.function} has no output {src.name!r}"
+                        )

@@ -1,0 +1,210 @@
+"""Workflows live: stages through the scheduler, intermediates by handle, released."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import numpy as np
+import pytest
+from nats.aio.client import Client as NATS
+
+from examples.specs import example_spec_paths, example_workflow_paths
+from examples.weights import write_all
+from gfaas.client import Client
+from shared.errors import GfaasError
+from shared.natsd import NatsServer
+from shared.schema import DType, FunctionSpec, OutputMode, StageSpec, TensorSpec, WorkflowSpec
+from shared.spec import load_any, load_spec
+from tests.conftest import Platform, platform_at
+from tests.helpers import body, request
+
+pytestmark = [pytest.mark.nats, pytest.mark.anyio]
+
+X = [TensorSpec(name="x", dtype=DType.FLOAT32, shape=[-1])]
+FUNCS = [
+    FunctionSpec(name="add-one", handler="tests.funcs:add_one", inputs=X, concurrency=4),
+    FunctionSpec(name="double", handler="tests.funcs:double", inputs=X, concurrency=4),
+    FunctionSpec(name="echo", handler="tests.funcs:echo", inputs=X, concurrency=4),
+    FunctionSpec(
+        name="add",
+        handler="tests.funcs:add",
+        inputs=[
+            TensorSpec(name="a", dtype=DType.FLOAT32, shape=[-1]),
+            TensorSpec(name="b", dtype=DType.FLOAT32, shape=[-1]),
+        ],
+        concurrency=4,
+    ),
+    FunctionSpec(name="boom", handler="tests.funcs:boom", inputs=X),
+]
+# a fans out to b and c; d joins them. a's output is also a workflow output.
+DIAMOND = WorkflowSpec(
+    name="diamond",
+    inputs=X,
+    stages=[
+        StageSpec(name="a", function="add-one", inputs={"x": "$in.x"}),
+        StageSpec(name="b", function="double", inputs={"x": "a.y"}),
+        StageSpec(name="c", function="echo", inputs={"x": "a.y"}),
+        StageSpec(name="d", function="add", inputs={"a": "b.y", "b": "c.y"}),
+    ],
+    outputs={"sum": "d.y", "plus_one": "a.y"},
+)
+FAILING = WorkflowSpec(
+    name="failing",
+    inputs=X,
+    stages=[
+        StageSpec(name="a", function="add-one", inputs={"x": "$in.x"}),
+        StageSpec(name="b", function="boom", inputs={"x": "a.y"}),
+    ],
+    outputs={"y": "b.y"},
+)
+
+
+async def deploy_all(client: Client, *specs: FunctionSpec | WorkflowSpec) -> None:
+    for spec in specs:
+        await client.deploy(spec)
+    names = {s.name for s in specs}
+    with anyio.fail_after(5):
+        while True:
+            details = (await client.status("ingress")).details
+            if names <= set(details["functions"]) | set(details["workflows"]):
+                return
+            await anyio.sleep(0.02)
+
+
+async def broker(client: Client) -> dict[str, Any]:
+    return (await client.status("memory-broker")).details
+
+
+async def no_leases_left(client: Client) -> None:
+    with anyio.fail_after(5):
+        while (await broker(client))["leases"]:
+            await anyio.sleep(0.02)
+
+
+async def test_a_diamond_workflow_runs_with_intermediates_by_handle(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    await deploy_all(client, *FUNCS, DIAMOND)
+    x = np.arange(6, dtype=np.float32)
+    # Exactly as a user would: plain nats-py, MessagePack body.
+    _, reply = await request(nc, "diamond", body(x=x))
+    assert "error" not in reply, reply
+    outs = {t["name"]: np.frombuffer(t["data"], np.float32) for t in reply["outputs"]}
+    np.testing.assert_array_equal(outs["plus_one"], x + 1)
+    np.testing.assert_array_equal(outs["sum"], 3 * (x + 1))
+    details = (await client.status("ingress")).details
+    assert details["workflow_runs"] == 1
+    assert details["workflow_stages"] == 4
+    # Three intermediates went through the pool, and every lease is gone again.
+    pools = (await broker(client))["pools"]["cpu"]
+    assert pools["slabs_created"] >= 1
+    await no_leases_left(client)
+
+
+async def test_workflow_outputs_by_handle_belong_to_the_caller(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    await deploy_all(client, *FUNCS, DIAMOND)
+    x = np.ones(4, np.float32)
+    reply = await client.invoke_reply("diamond", {"x": x}, outputs_by=OutputMode.HANDLE)
+    assert reply.error is None
+    assert all(t.handle is not None for t in reply.outputs)
+    # The run released its own references; the caller's keep the outputs alive.
+    assert (await broker(client))["leases"] == 2
+    await client.release(reply.outputs)
+    await no_leases_left(client)
+
+
+async def test_a_failing_stage_fails_the_workflow_and_releases_everything(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    await deploy_all(client, *FUNCS, FAILING)
+    with pytest.raises(GfaasError) as info:
+        await client.invoke("failing", {"x": np.ones(3, np.float32)})
+    assert info.value.code == "handler_error"
+    assert "stage b (boom)" in info.value.reason
+    await no_leases_left(client)
+    out = await client.invoke("add-one", {"x": np.ones(2, np.float32)})
+    assert out["y"].tolist() == [2.0, 2.0]
+
+
+async def test_a_workflow_over_a_missing_function_is_refused(platform: Platform, nc: NATS) -> None:
+    client = Client(nc)
+    lonely = msgspec.structs.replace(DIAMOND, name="lonely")
+    await deploy_all(client, FUNCS[0], lonely)
+    with pytest.raises(GfaasError) as info:
+        await client.invoke("lonely", {"x": np.ones(2, np.float32)})
+    assert info.value.code == "unknown_function"
+    assert "not deployed" in info.value.reason
+
+
+async def test_deploy_refuses_bad_workflows_and_name_clashes(platform: Platform, nc: NATS) -> None:
+    client = Client(nc)
+    await deploy_all(client, *FUNCS)
+    cyclic = WorkflowSpec(
+        name="cyclic",
+        stages=[
+            StageSpec(name="a", function="echo", inputs={"x": "b.y"}),
+            StageSpec(name="b", function="echo", inputs={"x": "a.y"}),
+        ],
+        outputs={"y": "b.y"},
+    )
+    with pytest.raises(ValueError, match="cycle"):
+        await client.deploy(cyclic)
+    with pytest.raises(ValueError, match="already a function"):
+        await client.deploy(msgspec.structs.replace(DIAMOND, name="echo"))
+
+
+async def test_the_example_image_workflow_matches_its_steps(platform: Platform, nc: NATS) -> None:
+    client = Client(nc)
+    for name, path in write_all(platform.state_dir / "w").items():
+        await client.push_model(name, path)
+    workflow = load_any(example_workflow_paths()[0])
+    assert isinstance(workflow, WorkflowSpec)
+    await deploy_all(client, *[load_spec(p) for p in example_spec_paths()], workflow)
+    image = np.random.default_rng(3).integers(0, 256, size=(48, 40, 3), dtype=np.uint8)
+    pixels = (await client.invoke("preprocess", {"image": image}))["pixels"]
+    logits = (await client.invoke("classifier", {"pixels": pixels}))["logits"]
+    top = await client.invoke("topk", {"logits": logits})
+    whole = await client.invoke(workflow.name, {"image": image})
+    np.testing.assert_array_equal(whole["classes"], top["classes"])
+    np.testing.assert_allclose(whole["probs"], top["probs"], rtol=1e-5)
+    await no_leases_left(client)
+
+
+@pytest.mark.slow
+async def test_soak_thousands_of_workflow_runs_leave_the_pool_at_its_baseline(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    with platform_at(nats_server.url, tmp_path / "s", capacity=32):
+        client = Client(nc)
+        await deploy_all(client, *FUNCS, DIAMOND)
+        x = np.arange(256, dtype=np.float32)
+        runs, in_flight = 2000, 16
+        done = 0
+
+        async def caller(n: int) -> None:
+            nonlocal done
+            for _ in range(n):
+                out = await client.invoke("diamond", {"x": x})
+                assert out["sum"][1] == 6.0
+                done += 1
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(in_flight):
+                tg.start_soon(caller, runs // in_flight)
+        assert done == runs
+        details = await broker(client)
+        assert details["leases"] == 0
+        assert details["bytes_leased"] == 0
+        assert details["refused"] == 0
+        # Every byte of the pool is free again, in one block per slab: nothing leaked
+        # and nothing is fragmented.
+        pool = details["pools"]["cpu"]
+        assert pool["largest_free"] == pool["held"] // max(pool["slabs"], 1)
