@@ -14,7 +14,7 @@ import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,6 +34,17 @@ MB = 1024 * 1024
 # Handlers that have run faster than this (moving average) run on the event loop:
 # a thread hand-off costs more than the work itself.
 INLINE_BELOW_MS = 0.3
+
+
+@dataclass
+class TierReport:
+    """The device tier as a heartbeat reports it: per cache key."""
+
+    capacity: int
+    sizes: dict[str, int] = field(default_factory=dict)
+    load_s: dict[str, float] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)
+    loading: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -114,6 +125,8 @@ class HandlerCache:
         self._fetch = fetch_weights
         self._clock = clock
         self._loaded: dict[str, Loaded] = {}
+        # Function -> cache key of the loads under way (in `cache`, not yet in `_loaded`).
+        self._loading: dict[str, str] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self.loads = 0
         self.hits = 0
@@ -125,6 +138,22 @@ class HandlerCache:
 
     def sizes(self) -> dict[str, int]:
         return {cache_key(e.spec): e.size for e in self._loaded.values()}
+
+    def report(self) -> TierReport:
+        """The device tier by cache key, for the heartbeat (the scheduler's view)."""
+        now = self._clock()
+        keys = {name: cache_key(e.spec) for name, e in self._loaded.items()}
+        keys.update(self._loading)
+        report = TierReport(capacity=self.cache.capacity)
+        for name, entry in self.cache.entries.items():
+            key = keys.get(name, name)
+            # Two functions over one model hold two copies: their sizes add up.
+            report.sizes[key] = report.sizes.get(key, 0) + entry.size
+            report.load_s[key] = max(report.load_s.get(key, 0.0), entry.load_s)
+            report.scores[key] = report.scores.get(key, 0.0) + self.cache.popularity(name, now)
+            if name in self._loading:
+                report.loading.append(key)
+        return report
 
     @asynccontextmanager
     async def use(self, spec: FunctionSpec) -> AsyncIterator[Loaded]:
@@ -170,9 +199,14 @@ class HandlerCache:
         # The device tier holds model weights; a handler without a model keeps only
         # its working memory, which is per request, not cached.
         size = host.nbytes if host is not None else 0
-        # Reserve the space before building, so concurrent loads cannot overfill.
+        # From here on is what a reload costs once the host tier holds the weights.
+        swap_started = time.perf_counter()
+        # Reserve the space before building, so concurrent loads cannot overfill,
+        # pinned, so that they cannot evict it half-built either.
         self._make_room(spec, size)
-        self.cache = self.cache.insert(spec.name, size, 0.0, self._clock())
+        now = self._clock()
+        self.cache = self.cache.insert(spec.name, size, 0.0, now).use(spec.name, now)
+        self._loading[spec.name] = cache_key(spec)
         ctx = LoadContext(
             spec=spec,
             device=self.device,
@@ -184,7 +218,7 @@ class HandlerCache:
         try:
             handler = await anyio.to_thread.run_sync(build_handler, spec, ctx)
         except BaseException as exc:
-            self.cache = self.cache.evict([spec.name])
+            self.cache = self.cache.release(spec.name).evict([spec.name])
             if isinstance(exc, GfaasError | anyio.get_cancelled_exc_class()) or not isinstance(
                 exc, Exception
             ):
@@ -193,10 +227,16 @@ class HandlerCache:
                 ErrorCode.HANDLER_ERROR,
                 f"loading {spec.name} failed: {type(exc).__name__}: {exc}",
             ) from exc
-        load_ms = (time.perf_counter() - started) * 1000.0
-        # Record what a reload costs, for eviction's cost model.
-        self.cache = self.cache.evict([spec.name]).insert(
-            spec.name, size, load_ms / 1000.0, self._clock()
+        finally:
+            self._loading.pop(spec.name, None)
+        done = time.perf_counter()
+        load_ms = (done - started) * 1000.0
+        # Record what a reload (from the host tier, not the object store) costs, for
+        # eviction's cost model and the scheduler's swap-in predictions.
+        self.cache = (
+            self.cache.release(spec.name)
+            .evict([spec.name])
+            .insert(spec.name, size, done - swap_started, self._clock())
         )
         self.loads += 1
         self.swap_ms_total += load_ms
