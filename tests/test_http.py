@@ -103,3 +103,62 @@ async def _deploy(url: str) -> None:
         await deploy_and_wait(nc, ADD_ONE)
     finally:
         await nc.drain()
+
+
+def test_triton_system_shared_memory_moves_tensors_without_the_bus(platform: Platform) -> None:
+    import tritonclient.utils.shared_memory as shm
+
+    anyio.run(_deploy, platform.url)
+    anyio.run(wait_http, base(platform))
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{platform.http_port}")
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    nbytes = x.nbytes
+    key_in, key_out = (
+        f"/gfaas-test-in-{platform.http_port}",
+        f"/gfaas-test-out-{platform.http_port}",
+    )
+    region_in = shm.create_shared_memory_region("input", key_in, nbytes)
+    region_out = shm.create_shared_memory_region("output", key_out, nbytes)
+    try:
+        shm.set_shared_memory_region(region_in, [x])
+        client.register_system_shared_memory("input", key_in, nbytes)
+        client.register_system_shared_memory("output", key_out, nbytes)
+        status = client.get_system_shared_memory_status()
+        assert {r["name"] for r in status} == {"input", "output"}
+        inp = triton.InferInput("x", [2, 3], "FP32")
+        inp.set_shared_memory("input", nbytes)
+        out = triton.InferRequestedOutput("y", binary_data=True)
+        out.set_shared_memory("output", nbytes)
+        result = client.infer("add-one", [inp], outputs=[out])
+        answer = result.get_output("y")
+        assert answer["parameters"]["shared_memory_region"] == "output"
+        y = shm.get_contents_as_numpy(region_out, np.float32, [2, 3])
+        np.testing.assert_array_equal(y, x + 1)
+        # An output region too small is refused with a reason, not written past its end.
+        client.unregister_system_shared_memory("output")
+        client.register_system_shared_memory("output", key_out, nbytes // 2)
+        with pytest.raises(triton.InferenceServerException, match="do not fit"):
+            client.infer("add-one", [inp], outputs=[out])
+        client.unregister_system_shared_memory()
+        assert client.get_system_shared_memory_status() == []
+    finally:
+        shm.destroy_shared_memory_region(region_in)
+        shm.destroy_shared_memory_region(region_out)
+        client.close()
+    leases = anyio.run(_broker_leases, platform.url)
+    assert leases == 0
+
+
+async def _broker_leases(url: str) -> int:
+    import nats
+
+    from gfaas.client import Client
+
+    nc = await nats.connect(url)
+    try:
+        with anyio.fail_after(5):
+            while (leases := (await Client(nc).status("memory-broker")).details["leases"]) != 0:
+                await anyio.sleep(0.05)
+        return int(leases)
+    finally:
+        await nc.drain()

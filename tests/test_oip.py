@@ -8,11 +8,14 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 
 from services.ingress import oip
 from services.ingress.http import STATUS_FOR_CODE, create_app
+from services.ingress.oip import InferRequest
+from services.ingress.shm_regions import ShmRegions
 from shared.errors import GfaasError
 from shared.schema import (
     DType,
@@ -71,6 +74,7 @@ class FakeBackend:
         self.calls: list[tuple[str, InvokeRequest, dict[str, str]]] = []
         self.failure: ErrorInfo | None = None
         self.raises: Exception | None = None
+        self.regions = ShmRegions()
 
     def ready(self) -> bool:
         return self.serving
@@ -91,6 +95,25 @@ class FakeBackend:
         if self.failure is not None:
             return InvokeReply(invocation_id="inv-1", error=self.failure)
         return self.functions[name][1](request)
+
+    async def infer_shm(
+        self, name: str, parsed: InferRequest, headers: Mapping[str, str]
+    ) -> InvokeReply:
+        # By value in memory: the live ingress moves region bytes through the pool.
+        inputs = [
+            msgspec.structs.replace(t, data=bytes(self.regions.view(ref, ref.byte_size)))
+            if (ref := parsed.shm_inputs.get(t.name)) is not None
+            else t
+            for t in parsed.invoke.inputs
+        ]
+        reply = await self.infer(
+            name, msgspec.structs.replace(parsed.invoke, inputs=inputs), headers
+        )
+        for wanted in parsed.outputs or ():
+            out = next(t for t in reply.outputs if t.name == wanted.name)
+            if wanted.shm is not None:
+                self.regions.view(wanted.shm, len(out.data))[:] = out.data
+        return reply
 
 
 @pytest.fixture
@@ -623,3 +646,58 @@ async def test_an_output_whose_bytes_do_not_match_its_shape_is_an_internal_error
     status, error = await post_json(client, {"inputs": [json_input(X.tolist())]})
     assert status == 500
     assert "4 bytes for float32[2]" in error
+
+
+@pytest.mark.parametrize(
+    ("parameters", "match"),
+    [
+        ({"shared_memory_region": "r"}, "shared_memory_byte_size must be"),
+        ({"shared_memory_region": "", "shared_memory_byte_size": 24}, "region name"),
+        ({"shared_memory_region": "r", "shared_memory_byte_size": 20}, "does not match"),
+        (
+            {
+                "shared_memory_region": "r",
+                "shared_memory_byte_size": 24,
+                "shared_memory_offset": -1,
+            },
+            "shared_memory_offset must be",
+        ),
+    ],
+)
+def test_bad_shared_memory_parameters_are_refused(parameters: dict[str, Any], match: str) -> None:
+    body = json.dumps(
+        {"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "parameters": parameters}]}
+    ).encode()
+    with pytest.raises(GfaasError, match=match):
+        oip.parse_infer_request(body, None)
+
+
+def test_shared_memory_inputs_and_outputs_are_parsed() -> None:
+    body = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "shape": [2, 3],
+                    "datatype": "FP32",
+                    "parameters": {
+                        "shared_memory_region": "in",
+                        "shared_memory_byte_size": 24,
+                        "shared_memory_offset": 8,
+                    },
+                }
+            ],
+            "outputs": [
+                {
+                    "name": "y",
+                    "parameters": {"shared_memory_region": "out", "shared_memory_byte_size": 24},
+                }
+            ],
+        }
+    ).encode()
+    parsed = oip.parse_infer_request(body, None)
+    assert parsed.shm_inputs == {"x": oip.ShmRef("in", 8, 24)}
+    assert parsed.outputs is not None
+    assert parsed.outputs[0].shm == oip.ShmRef("out", 0, 24)
+    assert parsed.uses_shm
+    assert parsed.invoke.inputs[0].data == b""

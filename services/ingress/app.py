@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import anyio
 import msgspec
 import nats.errors
+import numpy as np
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -26,28 +27,37 @@ from nats.js.kv import KeyValue
 from opentelemetry.trace import Span, SpanKind
 
 from services.ingress.admission import Spec, admit
+from services.ingress.oip import InferRequest
+from services.ingress.shm_regions import ShmRegions
 from services.ingress.workflow import WorkflowRunner
 from shared import jetstream, subjects, tracing
 from shared.bus import connected, reply_error, send_reply, serve_status
 from shared.config import Settings, effective_max_payload
+from shared.dataplane.backend import tensor_from_handle
 from shared.dataplane.client import BrokerClient
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.registry import Registry
 from shared.schema import (
+    DEFAULT_TENANT,
     H_AFFINITY,
     H_CALLBACK,
     H_INVOCATION,
     H_MSG_ID,
+    H_TENANT,
     ErrorCode,
     FunctionSpec,
+    Handle,
     InvocationMeta,
     InvokeReply,
     InvokeRequest,
+    OutputMode,
+    Tensor,
     WorkflowSpec,
     decode,
     encode,
     error_reply,
+    new_invocation_id,
     now_millis,
 )
 from shared.workflow import WorkflowError, WorkflowPlan, plan_workflow
@@ -72,9 +82,11 @@ class Ingress:
         self.max_payload = effective_max_payload(settings, nc.max_payload)
         self.accepted = 0
         self.rejected = 0
-        self.runner = WorkflowRunner(
-            self._schedule, BrokerClient(nc, settings.node), lambda: self.registry.specs
-        )
+        self.broker = BrokerClient(nc, settings.node)
+        self.runner = WorkflowRunner(self._schedule, self.broker, lambda: self.registry.specs)
+        # HTTP clients' registered shared memory, and our name as a lease holder.
+        self.regions = ShmRegions()
+        self.holder = f"ingress-{new_invocation_id()[:12]}"
         self._plans: dict[str, tuple[WorkflowSpec, WorkflowPlan]] = {}
         # Sync workflow runs outlive the subscription callback that admitted them.
         self.tasks: TaskGroup | None = None
@@ -355,6 +367,67 @@ class Ingress:
     ) -> InvokeReply:
         return await self.call(name, encode(request), headers)
 
+    async def infer_shm(
+        self, name: str, parsed: InferRequest, headers: Mapping[str, str]
+    ) -> InvokeReply:
+        """An OIP request naming shared-memory regions: region bytes move into pooled
+        buffers and back on the node (one memcpy each way), never over the bus."""
+        tenant = headers.get(H_TENANT) or DEFAULT_TENANT
+        refs = parsed.shm_inputs
+        staged: list[Handle] = []
+        try:
+            inputs = list(parsed.invoke.inputs)
+            if refs:
+                sizes = [refs[t.name].byte_size for t in inputs if t.name in refs]
+                staged = await self.broker.lease(sizes, owner=self.holder, tenant=tenant)
+                by_name = dict(zip([t.name for t in inputs if t.name in refs], staged, strict=True))
+                for t in inputs:
+                    if t.name in refs:
+                        h = by_name[t.name]
+                        pooled = tensor_from_handle(h, "uint8", [h.nbytes]).numpy()
+                        pooled[:] = np.frombuffer(
+                            self.regions.view(refs[t.name], h.nbytes), np.uint8
+                        )
+                inputs = [
+                    msgspec.structs.replace(t, handle=by_name[t.name]) if t.name in refs else t
+                    for t in inputs
+                ]
+            request = msgspec.structs.replace(
+                parsed.invoke, inputs=inputs, outputs_by=OutputMode.HANDLE, holder=self.holder
+            )
+            reply = await self.infer(name, request, headers)
+            return await self._outputs_from_pool(reply, parsed, tenant)
+        finally:
+            if staged:
+                with anyio.CancelScope(shield=True):
+                    await self.broker.release(staged, self.holder, tenant)
+
+    async def _outputs_from_pool(
+        self, reply: InvokeReply, parsed: InferRequest, tenant: str
+    ) -> InvokeReply:
+        """Outputs asked for in shared memory are written there; the rest become values."""
+        handles = [t.handle for t in reply.outputs if t.handle is not None]
+        wanted = {o.name: o.shm for o in parsed.outputs or () if o.shm is not None}
+        try:
+            outputs: list[Tensor] = []
+            for t in reply.outputs:
+                if t.handle is None:
+                    outputs.append(t)
+                    continue
+                pooled = tensor_from_handle(t.handle, "uint8", [t.handle.nbytes]).numpy()
+                ref = wanted.get(t.name)
+                if ref is not None:
+                    region = self.regions.view(ref, t.handle.nbytes)
+                    np.frombuffer(region, np.uint8)[:] = pooled
+                    outputs.append(msgspec.structs.replace(t, handle=None))
+                else:
+                    outputs.append(msgspec.structs.replace(t, handle=None, data=pooled.tobytes()))
+            return msgspec.structs.replace(reply, outputs=outputs)
+        finally:
+            if handles:
+                with anyio.CancelScope(shield=True):
+                    await self.broker.release(handles, self.holder, tenant)
+
     def details(self) -> dict[str, object]:
         return {
             "accepted": self.accepted,
@@ -427,4 +500,5 @@ async def serve(
                 await stop.wait()
                 await invoke_sub.drain()
                 await result_sub.drain()
+            ingress.regions.close()
             service_tg.cancel_scope.cancel()

@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from services.ingress import oip
+from services.ingress.shm_regions import ShmRegions
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.schema import (
@@ -53,6 +54,17 @@ class InferenceBackend(Protocol):
         Errors come back as `InvokeReply.error` or as a raised GfaasError; both map to
         the same HTTP status.
         """
+        ...
+
+    @property
+    def regions(self) -> ShmRegions:
+        """Registered system shared memory (the OIP shared-memory extension)."""
+        ...
+
+    async def infer_shm(
+        self, name: str, parsed: oip.InferRequest, headers: Mapping[str, str]
+    ) -> InvokeReply:
+        """`infer` for a request whose inputs or outputs name shared-memory regions."""
         ...
 
 
@@ -160,7 +172,11 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
             )
             parsed = oip.parse_infer_request(body, header_length)
             oip.check_requested_outputs(parsed, spec)
-            reply = await backend.infer(spec.name, parsed.invoke, _passed_headers(request))
+            headers = _passed_headers(request)
+            if parsed.uses_shm:
+                reply = await backend.infer_shm(spec.name, parsed, headers)
+            else:
+                reply = await backend.infer(spec.name, parsed.invoke, headers)
             if reply.error is not None:
                 raise GfaasError.from_info(reply.error)
             encoded = oip.encode_infer_response(
@@ -195,6 +211,25 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
             "(`gfaas deploy`); the repository load/unload API is not supported",
         )
 
+    async def shm_status(request: Request) -> Response:
+        try:
+            regions = backend.regions.status(request.path_params.get("region"))
+        except GfaasError as exc:
+            return _gfaas_error(exc)
+        return Response(oip.shm_status(regions), media_type="application/json")
+
+    async def shm_register(request: Request) -> Response:
+        try:
+            key, offset, size = oip.parse_register_request(await _read_body(request, max_payload))
+            backend.regions.register(request.path_params["region"], key, offset, size)
+        except GfaasError as exc:
+            return _gfaas_error(exc)
+        return Response(status_code=200)
+
+    async def shm_unregister(request: Request) -> Response:
+        backend.regions.unregister(request.path_params.get("region"))
+        return Response(status_code=200)
+
     async def http_error(request: Request, exc: Exception) -> Response:
         # Unmatched paths and methods answer in the protocol's {"error": ...} shape too.
         assert isinstance(exc, HTTPException)
@@ -202,6 +237,7 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
 
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
+    shm = "/v2/systemsharedmemory"
     routes = [
         Route("/v2", metadata_endpoint, methods=["GET"]),
         Route("/v2/health/live", live, methods=["GET"]),
@@ -213,6 +249,11 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
         Route(f"{model}/infer", infer, methods=["POST"]),
         Route(f"{versioned}/infer", infer, methods=["POST"]),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route(f"{shm}/status", shm_status, methods=["GET"]),
+        Route(f"{shm}/region/{{region}}/status", shm_status, methods=["GET"]),
+        Route(f"{shm}/region/{{region}}/register", shm_register, methods=["POST"]),
+        Route(f"{shm}/unregister", shm_unregister, methods=["POST"]),
+        Route(f"{shm}/region/{{region}}/unregister", shm_unregister, methods=["POST"]),
         Route("/v2/repository/models/{name}/load", repository_control, methods=["POST"]),
         Route("/v2/repository/models/{name}/unload", repository_control, methods=["POST"]),
     ]

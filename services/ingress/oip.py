@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Final
 
 import msgspec
@@ -21,13 +21,14 @@ import numpy as np
 
 from shared.errors import GfaasError
 from shared.schema import DType, ErrorCode, FunctionSpec, InvokeRequest, Tensor, TensorSpec
+from shared.tensors import nbytes_of
 
 SERVER_NAME: Final = "gfaas"
 PLATFORM: Final = "gfaas"
 # gfaas keeps one live deployment per function; OIP wants version strings, so every
 # function is served as version "1".
 MODEL_VERSION: Final = "1"
-EXTENSIONS: Final = ("binary_tensor_data", "model_repository")
+EXTENSIONS: Final = ("binary_tensor_data", "model_repository", "system_shared_memory")
 
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 
@@ -150,9 +151,19 @@ _index_decoder = msgspec.json.Decoder(_IndexRequest)
 
 
 @dataclass(frozen=True, slots=True)
+class ShmRef:
+    """Bytes in a registered system-shared-memory region (the shared-memory extension)."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
+@dataclass(frozen=True, slots=True)
 class RequestedOutput:
     name: str
     binary: bool
+    shm: ShmRef | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +176,12 @@ class InferRequest:
     outputs: tuple[RequestedOutput, ...] | None
     # For outputs the request does not list (`parameters.binary_data_output`).
     binary_outputs: bool
+    # Inputs whose bytes are in registered shared memory (their Tensor has no data yet).
+    shm_inputs: Mapping[str, ShmRef] = field(default_factory=dict)
+
+    @property
+    def uses_shm(self) -> bool:
+        return bool(self.shm_inputs) or any(o.shm for o in self.outputs or ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,12 +228,18 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
     _reject_unsupported_request_parameters(request.parameters)
     seen: set[str] = set()
     tensors: list[Tensor] = []
+    shm_inputs: dict[str, ShmRef] = {}
     offset = 0
     for item in request.inputs:
         if item.name in seen:
             raise _bad(f"input {item.name!r} is given more than once")
         seen.add(item.name)
-        tensor, offset = _input_tensor(item, binary, offset, has_header=header_length is not None)
+        if "shared_memory_region" in item.parameters:
+            tensor, shm_inputs[item.name] = _shm_input(item)
+        else:
+            tensor, offset = _input_tensor(
+                item, binary, offset, has_header=header_length is not None
+            )
         tensors.append(tensor)
     if offset != len(binary):
         raise _bad(
@@ -233,8 +256,42 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
             raise _bad(f"an output is requested more than once: {names}")
     invoke = InvokeRequest(inputs=tensors, timeout_ms=_timeout_ms(request.parameters))
     return InferRequest(
-        id=request.id, invoke=invoke, outputs=outputs, binary_outputs=binary_default
+        id=request.id,
+        invoke=invoke,
+        outputs=outputs,
+        binary_outputs=binary_default,
+        shm_inputs=shm_inputs,
     )
+
+
+def shm_ref(parameters: Mapping[str, Any], where: str) -> ShmRef:
+    """The shared-memory parameters of an input or output; both name and size are required."""
+    region = parameters.get("shared_memory_region")
+    size = parameters.get("shared_memory_byte_size")
+    offset = parameters.get("shared_memory_offset", 0)
+    if not isinstance(region, str) or not region:
+        raise _bad(f"{where}: shared_memory_region must be a region name")
+    for key, value in (("shared_memory_byte_size", size), ("shared_memory_offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _bad(f"{where}: {key} must be a non-negative integer, got {value!r}")
+    assert isinstance(size, int)
+    assert isinstance(offset, int)
+    return ShmRef(region=region, offset=offset, byte_size=size)
+
+
+def _shm_input(item: _Input) -> tuple[Tensor, ShmRef]:
+    where = f"input {item.name!r}"
+    dtype = _dtype_for(item.datatype, where)
+    ref = shm_ref(item.parameters, where)
+    expected = math.prod(item.shape) * _NUMPY[dtype].itemsize
+    if ref.byte_size != expected:
+        raise _bad(
+            f"{where}: shared_memory_byte_size {ref.byte_size} does not match "
+            f"{item.datatype}{item.shape} ({expected} bytes)"
+        )
+    if item.data is not msgspec.UNSET or "binary_data_size" in item.parameters:
+        raise _bad(f"{where}: has data and a shared-memory region; give one")
+    return Tensor(name=item.name, dtype=dtype, shape=list(item.shape)), ref
 
 
 def _reject_unsupported_request_parameters(parameters: Mapping[str, Any]) -> None:
@@ -261,15 +318,15 @@ def _bool_parameter(parameters: Mapping[str, Any], key: str, where: str) -> bool
 
 def _requested_output(output: _Output, binary_default: bool) -> RequestedOutput:
     where = f"output {output.name!r}"
-    for key in ("shared_memory_region", "classification"):
-        if key in output.parameters:
-            raise _bad(f"{where}: parameters.{key} is not supported by gfaas")
+    if "classification" in output.parameters:
+        raise _bad(f"{where}: parameters.classification is not supported by gfaas")
+    shm = shm_ref(output.parameters, where) if "shared_memory_region" in output.parameters else None
     binary = (
         _bool_parameter(output.parameters, "binary_data", where)
         if "binary_data" in output.parameters
         else binary_default
     )
-    return RequestedOutput(name=output.name, binary=binary)
+    return RequestedOutput(name=output.name, binary=binary and shm is None, shm=shm)
 
 
 def _dtype_for(datatype: str, where: str) -> DType:
@@ -287,8 +344,6 @@ def _input_tensor(
     where = f"input {item.name!r}"
     dtype = _dtype_for(item.datatype, where)
     np_dtype = _NUMPY[dtype]
-    if "shared_memory_region" in item.parameters:
-        raise _bad(f"{where}: parameters.shared_memory_region is not supported by gfaas")
     count = math.prod(item.shape)
     expected = count * np_dtype.itemsize
     size = item.parameters.get("binary_data_size")
@@ -369,6 +424,7 @@ def encode_infer_response(
 ) -> EncodedResponse:
     """The OIP response for a function's outputs, filtered and encoded as requested."""
     by_name = {t.name: t for t in outputs}
+    chosen: list[tuple[Tensor, bool | ShmRef]]
     if request.outputs is None:
         chosen = [(t, request.binary_outputs) for t in outputs]
     else:
@@ -380,16 +436,24 @@ def encode_infer_response(
                     f"model {model_name!r} produced no output {wanted.name!r} "
                     f"(it produced: {', '.join(by_name) or 'none'})"
                 )
-            chosen.append((tensor, wanted.binary))
+            chosen.append((tensor, wanted.shm or wanted.binary))
 
     entries: list[_ResponseOutput] = []
     blobs: list[bytes] = []
-    for tensor, binary in chosen:
-        array = _output_array(tensor)
+    for tensor, how in chosen:
         entry = _ResponseOutput(
             name=tensor.name, datatype=datatype_of(tensor.dtype), shape=list(tensor.shape)
         )
-        if binary:
+        if isinstance(how, ShmRef):
+            # The bytes are already in the caller's region (written by ingress).
+            entry.parameters = {
+                "shared_memory_region": how.region,
+                "shared_memory_byte_size": nbytes_of(tensor.dtype, tensor.shape),
+            }
+            entries.append(entry)
+            continue
+        array = _output_array(tensor)
+        if how:
             entry.parameters = {"binary_data_size": len(tensor.data)}
             blobs.append(tensor.data)
         else:
@@ -461,6 +525,32 @@ def repository_index(specs: Iterable[FunctionSpec], *, serving: bool, ready_only
     if ready_only:
         entries = [e for e in entries if e.state == "READY"]
     return _json.encode(entries)
+
+
+class _RegisterRequest(msgspec.Struct):
+    key: str
+    byte_size: _Dim
+    offset: _Dim = 0
+
+
+class RegionStatus(msgspec.Struct):
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+
+
+def parse_register_request(body: bytes) -> tuple[str, int, int]:
+    """(key, offset, byte_size) of a system-shared-memory register request."""
+    try:
+        request = msgspec.json.decode(body, type=_RegisterRequest)
+    except msgspec.MsgspecError as exc:
+        raise _bad(f"invalid shared-memory register request: {exc}") from None
+    return request.key, request.offset, request.byte_size
+
+
+def shm_status(regions: Iterable[RegionStatus]) -> bytes:
+    return _json.encode(list(regions))
 
 
 def error_body(reason: str) -> bytes:

@@ -1,0 +1,83 @@
+"""System shared-memory regions that HTTP clients register (OIP shared-memory extension).
+
+A client creates a POSIX shared-memory object, registers it once by key, then names
+region + offset + size in each request instead of sending bytes. Ingress maps each
+region once. Inputs are copied from the region into a pooled buffer (one memcpy on
+the node, never through the bus) and reach the worker by handle; outputs come back
+by handle and are copied into the client's region.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.ingress.oip import RegionStatus, ShmRef
+from shared.dataplane.backend import BackendError
+from shared.dataplane.shm import Segment, open_segment
+from shared.errors import GfaasError
+from shared.schema import ErrorCode
+
+
+@dataclass
+class _Region:
+    key: str
+    offset: int
+    byte_size: int
+    segment: Segment
+
+
+def _bad(reason: str) -> GfaasError:
+    return GfaasError(ErrorCode.BAD_REQUEST, reason)
+
+
+class ShmRegions:
+    def __init__(self) -> None:
+        self._regions: dict[str, _Region] = {}
+
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        if name in self._regions:
+            raise _bad(f"shared-memory region {name!r} is already registered")
+        try:
+            segment = open_segment(key.removeprefix("/"))
+        except BackendError as exc:
+            raise _bad(f"cannot open shared-memory key {key!r}: {exc}") from None
+        if offset + byte_size > segment.size:
+            segment.close()
+            raise _bad(
+                f"region {name!r}: bytes [{offset}, {offset + byte_size}) are outside "
+                f"{key!r} of {segment.size} bytes"
+            )
+        self._regions[name] = _Region(key, offset, byte_size, segment)
+
+    def unregister(self, name: str | None = None) -> None:
+        """One region, or every region when `name` is None (unknown names are fine)."""
+        names = list(self._regions) if name is None else [name]
+        for n in names:
+            region = self._regions.pop(n, None)
+            if region is not None:
+                region.segment.close()
+
+    def status(self, name: str | None = None) -> list[RegionStatus]:
+        if name is not None and name not in self._regions:
+            raise _bad(f"no shared-memory region {name!r} is registered")
+        return [
+            RegionStatus(name=n, key=r.key, offset=r.offset, byte_size=r.byte_size)
+            for n, r in sorted(self._regions.items())
+            if name is None or n == name
+        ]
+
+    def view(self, ref: ShmRef, nbytes: int) -> memoryview:
+        """`nbytes` of the region at the reference's offset, bounds-checked."""
+        region = self._regions.get(ref.region)
+        if region is None:
+            raise _bad(f"no shared-memory region {ref.region!r} is registered")
+        if nbytes > ref.byte_size or ref.offset + nbytes > region.byte_size:
+            raise _bad(
+                f"region {ref.region!r}: {nbytes} bytes at offset {ref.offset} do not fit "
+                f"(shared_memory_byte_size {ref.byte_size}, region {region.byte_size} bytes)"
+            )
+        start = region.offset + ref.offset
+        return memoryview(region.segment.mm)[start : start + nbytes]
+
+    def close(self) -> None:
+        self.unregister()
