@@ -50,6 +50,7 @@ def test_gpu_services_reserve_gpus_and_share_ipc() -> None:
     assert reserves_gpu(GFAAS["memory-broker"])
     assert GFAAS["memory-broker"]["ipc"] == "shareable"
     assert GFAAS["gpu-worker"]["ipc"] == "service:memory-broker"
+    assert GFAAS["ingress"]["ipc"] == "service:memory-broker"
 
 
 def test_nats_runs_jetstream_from_the_mounted_config() -> None:
