@@ -16,10 +16,11 @@ from nats.aio.client import Client as NATS
 
 from gfaas.client import Client, outputs_of
 from shared import subjects
-from shared.dataplane.client import BrokerClient
+from shared.dataplane.client import BrokerClient, open_tensor
 from shared.errors import GfaasError
 from shared.natsd import NatsServer
 from shared.schema import (
+    CopyRequest,
     DType,
     FunctionSpec,
     Handle,
@@ -235,3 +236,27 @@ async def test_a_dead_workers_leases_are_reclaimed(
         finally:
             proc.kill()
             proc.wait()
+
+
+async def test_broker_copies_through_the_link_scheduler_and_accounts_for_it(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    broker = BrokerClient(nc, "local")
+    x = np.arange(3 * 1024 * 1024, dtype=np.float32)  # 12 MiB: several 2 MiB chunks
+    source = await client.put("x", x)
+    assert source.handle is not None
+    request = CopyRequest(source=source.handle, device="cpu", owner="t", flow="fn-a")
+    copy = await broker.copy(request, "default")
+    assert copy.lease_id != source.handle.lease_id
+    view = open_tensor(Tensor(name="x", dtype=DType.FLOAT32, shape=list(x.shape), handle=copy))
+    np.testing.assert_array_equal(view.numpy(), x)
+    link = (await broker_details(client))["links"]["cpu->cpu"]
+    assert link["bytes"] == x.nbytes
+    assert link["bytes_by_flow"] == {"fn-a": x.nbytes}
+    with pytest.raises(GfaasError) as info:
+        await broker.copy(request, "mallory")
+    assert info.value.code == "bad_request"
+    await broker.release([copy], "t", "default")
+    await client.release([source])
+    await wait_leases(client, 0)
