@@ -20,7 +20,8 @@ from nats.aio.client import Client as NATS
 
 from shared import jetstream, subjects
 from shared.config import PAYLOAD_HEADROOM
-from shared.dataplane.client import BrokerClient, open_tensor, write_into
+from shared.dataplane.backend import BackendError
+from shared.dataplane.client import BrokerClient, move_into, open_tensor, write_into
 from shared.errors import GfaasError
 from shared.modelstore import ModelStore
 from shared.registry import Registry
@@ -32,6 +33,7 @@ from shared.schema import (
     H_TENANT,
     ErrorCode,
     FunctionSpec,
+    Handle,
     InvokeReply,
     InvokeRequest,
     OutputMode,
@@ -46,6 +48,8 @@ from shared.tensors import as_torch, dtype_of, from_value, to_numpy
 from shared.workflow import plan_workflow
 
 Inputs = Mapping[str, Any] | Sequence[Tensor]
+# With the whole request over the bus limit, inputs above this size go by handle.
+BY_HANDLE_ABOVE = 64 * 1024
 
 
 def _tensors(inputs: Inputs) -> list[Tensor]:
@@ -103,6 +107,30 @@ class Client:
             )
         return body
 
+    async def _by_handle_if_large(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Tensors too large for one message move into the node's pool (the caller
+        must be on the node); the rest stay by value. Release the result's handles."""
+        limit = self.nc.max_payload - PAYLOAD_HEADROOM
+        if sum(len(t.data) for t in tensors) + 4096 <= limit:
+            return tensors
+        large = [t for t in tensors if len(t.data) > BY_HANDLE_ABOVE]
+        tenant = self.tenant or DEFAULT_TENANT
+        handles: list[Handle] = []
+        try:
+            handles = await self.broker.lease(
+                [len(t.data) for t in large], owner=self.holder, tenant=tenant
+            )
+            moved = {t.name: move_into(h, t) for t, h in zip(large, handles, strict=True)}
+        except (BackendError, GfaasError) as exc:
+            if handles:
+                await self.broker.release(handles, self.holder, tenant)
+            raise GfaasError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"inputs exceed the bus limit of {limit} bytes and cannot move by handle "
+                f"from here (is this client on the node of a memory broker?): {exc}",
+            ) from None
+        return [moved.get(t.name, t) for t in tensors]
+
     async def invoke_reply(
         self,
         function: str,
@@ -116,14 +144,18 @@ class Client:
         held by this client: read them with `outputs_of`, then `release` them."""
         invocation_id = invocation_id or new_invocation_id()
         timeout = timeout or self.timeout
+        given = _tensors(inputs)
+        sent = await self._by_handle_if_large(given)
         request = InvokeRequest(
-            inputs=_tensors(inputs),
+            inputs=sent,
             timeout_ms=int(timeout * 1000),
             outputs_by=outputs_by,
             holder=self.holder if outputs_by is not OutputMode.VALUE else "",
         )
-        body = self._body(request)
+        # Inputs this call moved into the pool are for this call only.
+        pooled = [t for t, g in zip(sent, given, strict=True) if t is not g]
         try:
+            body = self._body(request)
             msg = await self.nc.request(
                 subjects.invoke(function),
                 body,
@@ -131,9 +163,12 @@ class Client:
                 headers=self._headers(invocation_id),
             )
         except nats.errors.NoRespondersError:
+            await self.release(pooled)
             raise GfaasError(ErrorCode.NO_WORKER, "no ingress is running") from None
         except nats.errors.TimeoutError:
+            # A worker may still be reading them: their TTL frees them, not us.
             raise GfaasError(ErrorCode.DEADLINE_EXCEEDED, f"no reply within {timeout}s") from None
+        await self.release(pooled)
         return decode(msg.data, InvokeReply)
 
     async def invoke(

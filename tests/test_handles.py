@@ -260,3 +260,14 @@ async def test_broker_copies_through_the_link_scheduler_and_accounts_for_it(
     await broker.release([copy], "t", "default")
     await client.release([source])
     await wait_leases(client, 0)
+
+
+async def test_inputs_over_the_bus_limit_go_by_handle_from_a_client_on_the_node(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    await deploy_and_wait(nc, ECHO)
+    x = np.random.default_rng(0).standard_normal(1024 * 1024).astype(np.float32)  # 4 MiB
+    out = await client.invoke("echo", {"x": x}, outputs_by=OutputMode.AUTO)
+    np.testing.assert_array_equal(out["y"], x)
+    await wait_leases(client, 0)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import nats.errors
+import numpy as np
 from nats.aio.client import Client as NATS
 
 from shared import subjects
@@ -106,6 +107,13 @@ def open_tensor(t: Tensor) -> torch.Tensor:
         return tensor_from_handle(t.handle, t.dtype, t.shape)
     except BackendError as exc:
         raise GfaasError(ErrorCode.INVALID_INPUT, f"input {t.name!r}: {exc}") from None
+
+
+def move_into(handle: Handle, t: Tensor) -> Tensor:
+    """A by-value wire tensor's bytes copied into a leased buffer, as a by-handle tensor."""
+    pooled = tensor_from_handle(handle, "uint8", [handle.nbytes]).numpy()
+    pooled[:] = np.frombuffer(t.data, np.uint8)
+    return Tensor(name=t.name, dtype=t.dtype, shape=t.shape, handle=handle)
 
 
 def write_into(handle: Handle, name: str, value: torch.Tensor, dtype: DType) -> Tensor:
