@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -136,3 +137,19 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def spawn_worker(nats_url: str, worker_id: str, state_dir: Path) -> subprocess.Popen[bytes]:
+    """A worker as its own process (for tests that kill one); the caller kills it."""
+    env = subprocess_env(
+        GFAAS_NATS_URL=nats_url,
+        GFAAS_WORKER_ID=worker_id,
+        GFAAS_HEARTBEAT_S="0.1",
+        GFAAS_STATE_DIR=str(state_dir),
+    )
+    return subprocess.Popen(
+        [PYTHON, "-m", "services.gpu_worker"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )

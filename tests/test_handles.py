@@ -4,7 +4,6 @@ pooled buffers, outputs by handle, and every way a handle can be bad."""
 from __future__ import annotations
 
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from shared.schema import (
     Tensor,
     TensorSpec,
 )
-from tests.conftest import PYTHON, Platform, platform_at, subprocess_env
+from tests.conftest import Platform, platform_at, spawn_worker
 from tests.helpers import deploy_and_wait
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
@@ -197,18 +196,7 @@ async def test_a_dead_workers_leases_are_reclaimed(
     nats_server: NatsServer, nc: NATS, tmp_path: Path
 ) -> None:
     with platform_at(nats_server.url, tmp_path / "s", workers=0, worker_timeout_s=1.0):
-        env = subprocess_env(
-            GFAAS_NATS_URL=nats_server.url,
-            GFAAS_WORKER_ID="doomed",
-            GFAAS_HEARTBEAT_S="0.1",
-            GFAAS_STATE_DIR=str(tmp_path / "w"),
-        )
-        proc = subprocess.Popen(
-            [PYTHON, "-m", "services.gpu_worker"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = spawn_worker(nats_server.url, "doomed", tmp_path / "w")
         try:
             client = Client(nc)
             await deploy_and_wait(nc, HOLD)

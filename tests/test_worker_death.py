@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from gfaas.client import Client
 from services.gpu_worker.app import serve as serve_worker
 from shared.natsd import NatsServer
 from shared.schema import FunctionSpec
-from tests.conftest import PYTHON, platform_at, settings_for, subprocess_env
+from tests.conftest import platform_at, settings_for, spawn_worker
 from tests.helpers import body, deploy_and_wait, request
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
@@ -39,18 +38,7 @@ async def test_killed_worker_answers_its_callers_with_worker_lost(
 ) -> None:
     # Only the subprocess worker exists at first, so the sleeping request lands there.
     with platform_at(nats_server.url, tmp_path / "s", workers=0, worker_timeout_s=1.0) as p:
-        env = subprocess_env(
-            GFAAS_NATS_URL=nats_server.url,
-            GFAAS_WORKER_ID="doomed",
-            GFAAS_HEARTBEAT_S="0.1",
-            GFAAS_STATE_DIR=str(tmp_path / "w"),
-        )
-        proc = subprocess.Popen(
-            [PYTHON, "-m", "services.gpu_worker"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = spawn_worker(nats_server.url, "doomed", tmp_path / "w")
         try:
             client = Client(nc)
             await deploy_and_wait(nc, SLEEP, ECHO)
