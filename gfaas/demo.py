@@ -11,12 +11,12 @@ import anyio
 import httpx
 import numpy as np
 
-from examples.specs import example_spec_paths
+from examples.specs import example_spec_paths, example_workflow_paths
 from examples.text.tokenize import tokenize
 from examples.weights import write_all
 from gfaas.client import Client, outputs_of
 from shared.config import Settings
-from shared.spec import load_spec
+from shared.spec import load_any, load_spec
 
 
 async def wait_ready(client: Client, functions: set[str], timeout: float = 90.0) -> None:
@@ -26,7 +26,10 @@ async def wait_ready(client: Client, functions: set[str], timeout: float = 90.0)
             try:
                 scheduler = await client.status("scheduler", timeout=1)
                 ingress = await client.status("ingress", timeout=1)
-                known = set(ingress.details.get("functions", []))
+                known = {
+                    *ingress.details.get("functions", []),
+                    *ingress.details.get("workflows", []),
+                }
                 if scheduler.details.get("workers") and functions <= known:
                     return
             except Exception:  # services still starting: ask again
@@ -65,6 +68,20 @@ async def run_demo(url: str, settings: Settings) -> int:
             )
         for cls, p in zip(top["classes"][0], top["probs"][0], strict=True):
             print(f"   class {int(cls):4d}  p={float(p):.4f}")
+        workflows = [load_any(p) for p in example_workflow_paths()]
+        for workflow in workflows:
+            await client.deploy(workflow)
+        await wait_ready(client, {w.name for w in workflows})
+        print("   the same pipeline as one workflow, intermediates by handle (classify-image):")
+        for attempt in ("first", "again"):
+            whole, ms = await timed(client, "classify-image", {"image": image})
+            print(f"   {attempt}: {ms:7.1f} ms end to end")
+        print(f"   same top-5 as step by step: {bool((whole['classes'] == top['classes']).all())}")
+        broker = (await client.status("memory-broker")).details
+        print(
+            f"   memory broker: {broker['leases']} leases live, "
+            f"pool held {broker['pools']['cpu']['held'] / 2**20:.0f} MiB"
+        )
 
         print("4. text encoder (a small transformer)")
         sentences = ["gfaas keeps models warm on the GPU", "serverless inference without waste"]

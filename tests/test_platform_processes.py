@@ -154,6 +154,7 @@ def test_demo_deploys_and_invokes_every_example(tmp_path: Path) -> None:
     )
     assert "deployed: noop, text-encoder, classifier, preprocess, topk" in out
     assert re.search(r"warm: preprocess .* classifier .* topk", out)
+    assert "same top-5 as step by step: True" in out
     assert "cosine similarity" in out
     assert "POST /v2/models/topk/infer -> classes [" in out
     assert "demo finished" in out
