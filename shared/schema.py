@@ -174,6 +174,9 @@ class LeaseRequest(_Msg):
     owner: str
     device: str = "cpu"
     ttl_s: float = 0.0  # 0: the broker's default
+    # Handles to check (as `check` does) before leasing: a worker's inputs and its
+    # output buffers in one round trip.
+    check: list[Handle] = []
 
 
 class HandlesRequest(_Msg):

@@ -161,3 +161,13 @@ def test_the_broker_side_imports_neither_torch_nor_cupy() -> None:
         [sys.executable, "-c", probe], check=True, cwd=REPO, capture_output=True, text=True
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_consumer_drops_its_mapping_once_the_broker_destroys_the_slab(shm: ShmBackend) -> None:
+    slab = shm.create_slab(1 << 20, "prune")
+    consumer = ShmBackend(prefix=shm.prefix)
+    consumer.open(slab.segment)
+    assert consumer.prune() == 0
+    shm.destroy_slab(slab.segment)
+    assert consumer.prune() == 1
+    assert not consumer.is_open(slab.segment)

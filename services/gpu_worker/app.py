@@ -27,7 +27,7 @@ from services.gpu_worker.models import HandlerCache, Loaded
 from shared import subjects, tracing
 from shared.bus import connected, reply_error, send_reply, serve_status
 from shared.config import Settings, effective_max_payload
-from shared.dataplane.backend import tensor_from_handle
+from shared.dataplane.backend import prune_mappings, tensor_from_handle
 from shared.dataplane.client import BrokerClient, open_tensor, write_into
 from shared.errors import GfaasError
 from shared.function import output_buffers
@@ -183,9 +183,13 @@ class Worker:
     async def _run(
         self, spec: FunctionSpec, meta: InvocationMeta, request: InvokeRequest, entry: Loaded
     ) -> tuple[InvokeReply, float]:
-        inputs = await self._inputs(meta, request)
-        prepared = await self._prepare_outputs(meta, request, spec)
+        by_handle = self._input_handles(request)
+        prepared = await self._prepare_outputs(meta, request, spec, by_handle)
         try:
+            inputs = {
+                t.name: (open_tensor(t).to(self.device) if t.handle else to_torch(t, self.device))
+                for t in request.inputs
+            }
             return await self._call(spec, meta, request, entry, inputs, prepared)
         finally:
             # Whatever the handler did not use (or a failure left) goes back.
@@ -244,9 +248,7 @@ class Worker:
             exec_ms,
         )
 
-    async def _inputs(
-        self, meta: InvocationMeta, request: InvokeRequest
-    ) -> dict[str, torch.Tensor]:
+    def _input_handles(self, request: InvokeRequest) -> list[Handle]:
         by_handle = [t.handle for t in request.inputs if t.handle is not None]
         for handle in by_handle:
             if handle.pool != self.settings.node:
@@ -255,30 +257,36 @@ class Worker:
                     f"handle {handle.lease_id} lives on node {handle.pool!r}; "
                     f"this worker is on {self.settings.node!r}",
                 )
-        if by_handle:
-            # The broker is the authority: stale, forged or foreign handles stop here.
-            await self.broker.check(by_handle, meta.tenant)
-        return {
-            t.name: (open_tensor(t).to(self.device) if t.handle else to_torch(t, self.device))
-            for t in request.inputs
-        }
+        return by_handle
 
     @property
     def pool_device(self) -> str:
         return self.device if self.device.startswith("cuda") else "cpu"
 
     async def _prepare_outputs(
-        self, meta: InvocationMeta, request: InvokeRequest, spec: FunctionSpec
+        self,
+        meta: InvocationMeta,
+        request: InvokeRequest,
+        spec: FunctionSpec,
+        inputs: list[Handle],
     ) -> dict[str, Handle]:
-        """Buffers leased before the handler runs, so it can write straight into them:
-        only for by-handle outputs whose spec fixes every dimension."""
-        if request.outputs_by is not OutputMode.HANDLE or not spec.outputs:
-            return {}
-        if any(d < 0 for t in spec.outputs for d in t.shape):
+        """Check the input handles and lease the output buffers, in one broker trip.
+
+        The broker is the authority: stale, forged or foreign input handles stop here.
+        Outputs are prepared (so the handler can write straight into them) only when
+        they go by handle and the spec fixes every dimension."""
+        fixed = bool(spec.outputs) and all(d >= 0 for t in spec.outputs for d in t.shape)
+        if request.outputs_by is not OutputMode.HANDLE or not fixed:
+            if inputs:
+                await self.broker.check(inputs, meta.tenant)
             return {}
         sizes = [nbytes_of(t.dtype, t.shape) for t in spec.outputs]
         handles = await self.broker.lease(
-            sizes, owner=self.worker_id, device=self.pool_device, tenant=meta.tenant
+            sizes,
+            owner=self.worker_id,
+            device=self.pool_device,
+            tenant=meta.tenant,
+            check=inputs,
         )
         return {t.name: h for t, h in zip(spec.outputs, handles, strict=True)}
 
@@ -422,6 +430,7 @@ async def serve(
                     while True:
                         await anyio.sleep(settings.heartbeat_s)
                         await worker.send_heartbeat()
+                        prune_mappings()
 
                 service_tg.start_soon(beat)
                 log.info("worker.started", worker=worker_id, device=device)

@@ -33,7 +33,7 @@ from services.ingress.workflow import WorkflowRunner
 from shared import jetstream, subjects, tracing
 from shared.bus import connected, reply_error, send_reply, serve_status
 from shared.config import Settings, effective_max_payload
-from shared.dataplane.backend import tensor_from_handle
+from shared.dataplane.backend import prune_mappings, tensor_from_handle
 from shared.dataplane.client import BrokerClient
 from shared.errors import GfaasError
 from shared.logs import get_logger
@@ -63,6 +63,9 @@ from shared.schema import (
 from shared.workflow import WorkflowError, WorkflowPlan, plan_workflow
 
 log = get_logger("ingress")
+
+# How often ingress drops its mappings of slabs the broker gave back.
+PRUNE_S = 1.0
 
 
 class Ingress:
@@ -440,6 +443,13 @@ class Ingress:
         }
 
 
+async def _prune_mappings_every(period_s: float) -> None:
+    # Workflow outputs and shared-memory staging map pool slabs in this process.
+    while True:
+        await anyio.sleep(period_s)
+        prune_mappings()
+
+
 async def _serve_http(ingress: Ingress, settings: Settings, stop: anyio.Event) -> None:
     import uvicorn
 
@@ -496,6 +506,7 @@ async def serve(
                 intake.start_soon(ingress.consume_async, stop)
                 if settings.http_enabled:
                     intake.start_soon(_serve_http, ingress, settings, stop)
+                service_tg.start_soon(_prune_mappings_every, PRUNE_S)
                 task_status.started()
                 await stop.wait()
                 await invoke_sub.drain()

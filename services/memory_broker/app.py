@@ -125,6 +125,7 @@ class Broker:
     async def lease(self, req: LeaseRequest, tenant: str) -> list[Handle]:
         if not req.sizes or any(n < 0 for n in req.sizes):
             raise GfaasError(ErrorCode.BAD_REQUEST, f"lease sizes must be >= 0: {req.sizes}")
+        self.pools.check(req.check, tenant)
         return self.pools.lease(
             req.sizes, req.device, req.owner, tenant, req.ttl_s, time.monotonic()
         )

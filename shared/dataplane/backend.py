@@ -98,6 +98,15 @@ def tensor_from_handle(handle: Handle, dtype: DType | str, shape: Sequence[int])
     return backend.as_torch(handle.segment, handle.offset, handle.nbytes, dtype, shape)
 
 
+def prune_mappings() -> int:
+    """Close this process's mappings of slabs that no longer exist; call it now and then
+    in long-lived consumers (workers, ingress)."""
+    from shared.dataplane.shm import ShmBackend
+
+    backend = _shm_backend()
+    return backend.prune() if isinstance(backend, ShmBackend) else 0
+
+
 @functools.cache
 def _shm_backend() -> Backend:
     from shared.dataplane.shm import ShmBackend

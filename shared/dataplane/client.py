@@ -52,8 +52,12 @@ class BrokerClient:
         device: str = "cpu",
         tenant: str = DEFAULT_TENANT,
         ttl_s: float = 0.0,
+        check: Sequence[Handle] = (),
     ) -> list[Handle]:
-        request = LeaseRequest(sizes=list(sizes), device=device, owner=owner, ttl_s=ttl_s)
+        """Pooled buffers, one per size; `check` handles are checked first (one trip)."""
+        request = LeaseRequest(
+            sizes=list(sizes), device=device, owner=owner, ttl_s=ttl_s, check=list(check)
+        )
         return await self._call("lease", request, tenant)
 
     async def check(self, handles: Sequence[Handle], tenant: str) -> None:

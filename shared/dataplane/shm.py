@@ -166,6 +166,14 @@ class ShmBackend:
         for name in list(self._open):
             self.close(name)
 
+    def prune(self) -> int:
+        """Drop mappings of segments that were unlinked (a slab the broker gave back):
+        the memory returns once the last view of it is gone."""
+        gone = [name for name in self._open if not (SHM_DIR / name).exists()]
+        for name in gone:
+            self.close(name)
+        return len(gone)
+
 
 def _check_bounds(seg: Segment, offset: int, nbytes: int) -> None:
     if offset < 0 or nbytes < 0 or offset + nbytes > seg.size:
