@@ -13,8 +13,9 @@ run back to back:
 - bare: a 100-byte NATS request-reply to the consumer (the baseline).
 - by handle: the producer leases a float32 buffer from the broker (timed apart:
   "lease"), its compute fills the view in place (not timed), then the timed
-  handoff: the msgpack Handle in a request to the consumer, which checks it with the
-  broker, views it as a tensor through its cached mapping and reads the first 256
+  handoff: the msgpack Handle in a request to the consumer, which verifies it as a
+  worker does (on the node's lease board; a handle the board cannot vouch for would
+  go to the broker), views it as a tensor through its cached mapping and reads the first 256
   elements and the last one, and replies. The producer then releases (timed apart).
 - by value: the producer serialises its output tensor (`.numpy().tobytes()`) and
   sends the raw bytes as the request (no envelope, so exactly 64 MiB still fits);
@@ -53,6 +54,7 @@ from nats.aio.msg import Msg
 
 from bench.dp_common import IMG, MiB, machine, percentile, table
 from shared.dataplane.backend import tensor_from_handle
+from shared.dataplane.board import board_name
 from shared.dataplane.client import BrokerClient
 from shared.natsd import nats_server
 from shared.schema import DEFAULT_TENANT, Handle, decode, encode
@@ -97,7 +99,8 @@ def copy_out(path: str, count: int) -> torch.Tensor:
 
 async def consumer(url: str) -> None:
     nc = await nats.connect(url, name="bench-consumer", max_outstanding_pings=10)
-    broker = BrokerClient(nc, NODE)
+    namespace = os.environ["GFAAS_SHM_NAMESPACE"]
+    broker = BrokerClient(nc, NODE, board=board_name(namespace, NODE))
 
     async def on_echo(msg: Msg) -> None:
         await msg.respond(b"")
@@ -351,7 +354,7 @@ def plot(results: list[tuple[int, Stats]]) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, name in (
         ("bare", "bare NATS round trip (100 B)"),
-        ("handle", "by handle (broker check, cached mapping)"),
+        ("handle", "by handle (lease-board check, cached mapping)"),
         ("value", "by value through NATS"),
         ("staging", "host staging (/dev/shm file per transfer)"),
     ):
@@ -402,6 +405,7 @@ def main() -> None:
         try:
             cons = subprocess.Popen(
                 [sys.executable, "-m", "bench.dp_handoff", "--consumer", server.url],
+                env=env,
                 stdout=subprocess.PIPE,
                 text=True,
             )

@@ -122,6 +122,9 @@ class Handle(_Msg):
     generation: int
     tenant: str = DEFAULT_TENANT
     slab_size: int = 0
+    # The lease's slot on the node's lease board (shared.dataplane.board), so a
+    # consumer can verify the handle without asking the broker; -1: ask.
+    slot: int = -1
 
 
 class TensorSpec(_Msg):

@@ -28,6 +28,7 @@ from shared import subjects, tracing
 from shared.bus import connected, reply_error, send_reply, serve_status
 from shared.config import Settings, effective_max_payload
 from shared.dataplane.backend import prune_mappings, tensor_from_handle
+from shared.dataplane.board import board_name
 from shared.dataplane.client import BrokerClient, open_tensor, write_into
 from shared.errors import GfaasError
 from shared.function import output_buffers
@@ -108,7 +109,9 @@ class Worker:
             group_bytes=settings.swap_group_kb * 1024,
             host_tier=HostTier(tier_prefix(settings.shm_namespace)),
         )
-        self.broker = BrokerClient(nc, settings.node)
+        self.broker = BrokerClient(
+            nc, settings.node, board=board_name(settings.shm_namespace, settings.node)
+        )
         self.idle = anyio.Event()
         self.idle.set()
 
@@ -391,6 +394,11 @@ class Worker:
             "models": hb.models,
             "model_loads": self.handlers.loads,
             "model_hits": self.handlers.hits,
+            # Input handles verified on the lease board vs by asking the broker.
+            "handle_checks": {
+                "local": self.broker.local_checks,
+                "remote": self.broker.remote_checks,
+            },
             "evictions": self.handlers.evictions,
             "host_tier_loads": self.handlers.host_tier.loads,
             "device_cache": {

@@ -33,6 +33,7 @@ from shared.bus import connected, serve_status
 from shared.config import Settings
 from shared.dataplane.backend import select_backend, tensor_from_handle
 from shared.dataplane.bandwidth import LinkScheduler
+from shared.dataplane.board import LeaseBoard, board_name
 from shared.dataplane.copier import Copier, NumpyEngine, TorchEngine
 from shared.dataplane.cuda import cuda_device_count
 from shared.dataplane.elastic import ElasticConfig
@@ -58,6 +59,8 @@ log = get_logger("memory_broker")
 
 MB = 1024 * 1024
 TICK_S = 0.25
+# Live leases the board can show at once (64 B each); beyond, consumers ask.
+BOARD_SLOTS = 65536
 # Bytes/s a link is assumed to carry before measurements say otherwise; only used to
 # judge whether a minimum rate is about to slip.
 LINK_CAPACITY = {"host": 10e9, "pcie": 25e9, "nvlink": 300e9}
@@ -82,8 +85,12 @@ class Broker:
     def __init__(self, nc: NATS, settings: Settings, instance: str) -> None:
         self.nc = nc
         self.settings = settings
+        self.board = LeaseBoard(board_name(settings.shm_namespace, settings.node), BOARD_SLOTS)
         self.pools = NodePools(
-            node=settings.node, instance=instance, default_ttl_s=settings.lease_ttl_s
+            node=settings.node,
+            instance=instance,
+            default_ttl_s=settings.lease_ttl_s,
+            board=self.board,
         )
         for device in pool_devices():
             backend = (
@@ -230,6 +237,7 @@ class Broker:
         for copier in self.copiers.values():
             copier.close()
         self.pools.close()
+        self.board.close()
 
 
 def _named(value: str, what: str) -> str:

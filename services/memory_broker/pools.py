@@ -12,7 +12,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from shared.dataplane.backend import Backend
+from shared.dataplane.board import LeaseBoard
 from shared.dataplane.elastic import ElasticConfig, ElasticPool, SlabUse
 from shared.dataplane.leases import Fault, Lease, LeaseError, LeaseTable
 from shared.errors import GfaasError
@@ -31,8 +34,16 @@ class DevicePool:
 
 
 class NodePools:
-    def __init__(self, *, node: str, instance: str, default_ttl_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        node: str,
+        instance: str,
+        default_ttl_s: float,
+        board: LeaseBoard | None = None,
+    ) -> None:
         self.node = node
+        self.board = board
         self.table = LeaseTable(id_prefix=f"{instance}.")
         self.default_ttl_s = default_ttl_s
         self.devices: dict[str, DevicePool] = {}
@@ -61,7 +72,7 @@ class NodePools:
             for lease in taken:
                 self.table.free(lease.lease_id)
             raise
-        return [self._handle(lease) for lease in taken]
+        return [self._handle(lease, self._publish(lease)) for lease in taken]
 
     def _lease_one(
         self, pool: DevicePool, nbytes: int, owner: str, tenant: str, ttl: float, now: float
@@ -135,7 +146,7 @@ class NodePools:
     def close(self) -> None:
         """Free everything and destroy every slab (the broker is stopping)."""
         for lease in list(self.table):
-            self.table.free(lease.lease_id)
+            self._note_freed(self.table.free(lease.lease_id), 0.0)
         for pool in self.devices.values():
             for slab_id in list(pool.segments):
                 self._destroy_slab(pool, slab_id)
@@ -178,9 +189,13 @@ class NodePools:
             )
         return pool
 
-    def _handle(self, lease: Lease) -> Handle:
+    def _publish(self, lease: Lease) -> int:
+        return self.board.publish(lease) if self.board is not None else -1
+
+    def _handle(self, lease: Lease, slot: int) -> Handle:
         pool = self.devices[lease.device]
-        return self.table.to_handle(lease, backend=pool.backend.kind, pool=self.node)
+        handle = self.table.to_handle(lease, backend=pool.backend.kind, pool=self.node)
+        return msgspec.structs.replace(handle, slot=slot)
 
     def _slab_uses(self, pool: DevicePool) -> list[SlabUse]:
         return [
@@ -202,6 +217,8 @@ class NodePools:
     def _note_freed(self, lease: Lease | None, now: float) -> None:
         if lease is None:
             return
+        if self.board is not None:
+            self.board.retract(lease.lease_id)
         lifetime = now - lease.created_at
         if math.isfinite(lifetime):
             self.devices[lease.device].elastic.demand.observe_release(lease.nbytes, lifetime)

@@ -18,6 +18,8 @@ from nats.aio.client import Client as NATS
 
 from shared import subjects
 from shared.dataplane.backend import BackendError, tensor_from_handle
+from shared.dataplane.board import BoardReader
+from shared.dataplane.leases import LeaseError
 from shared.errors import GfaasError
 from shared.schema import (
     DEFAULT_TENANT,
@@ -39,10 +41,44 @@ if TYPE_CHECKING:
 
 
 class BrokerClient:
-    def __init__(self, nc: NATS, node: str, *, timeout: float = 5.0) -> None:
+    def __init__(self, nc: NATS, node: str, *, timeout: float = 5.0, board: str = "") -> None:
+        """`board`: the node's lease board (`board_name`), to verify handles locally."""
         self.nc = nc
         self.node = node
         self.timeout = timeout
+        self._board_name = board
+        self._board: BoardReader | None = None
+        self.local_checks = 0
+        self.remote_checks = 0
+
+    def unverified(self, handles: Sequence[Handle], tenant: str) -> list[Handle]:
+        """The handles the lease board cannot vouch for; only these need the broker.
+
+        The board only ever says yes: any doubt (no board, a reused slot, another
+        tenant) leaves the handle to the broker, whose answer is authoritative."""
+        board = self._reader()
+        if board is None:
+            return list(handles)
+        doubtful: list[Handle] = []
+        for handle in handles:
+            try:
+                board.verify(handle, tenant)
+            except LeaseError:
+                doubtful.append(handle)
+        if doubtful:
+            # The board may have been replaced (a restarted broker): map it afresh.
+            self._board = None
+            board.close()
+        self.local_checks += len(handles) - len(doubtful)
+        return doubtful
+
+    def _reader(self) -> BoardReader | None:
+        if self._board is None and self._board_name:
+            try:
+                self._board = BoardReader.open(self._board_name)
+            except BackendError:
+                return None
+        return self._board
 
     async def lease(
         self,
@@ -55,13 +91,19 @@ class BrokerClient:
         check: Sequence[Handle] = (),
     ) -> list[Handle]:
         """Pooled buffers, one per size; `check` handles are checked first (one trip)."""
+        doubtful = self.unverified(check, tenant)
+        self.remote_checks += len(doubtful)
         request = LeaseRequest(
-            sizes=list(sizes), device=device, owner=owner, ttl_s=ttl_s, check=list(check)
+            sizes=list(sizes), device=device, owner=owner, ttl_s=ttl_s, check=doubtful
         )
         return await self._call("lease", request, tenant)
 
     async def check(self, handles: Sequence[Handle], tenant: str) -> None:
-        await self._call("check", HandlesRequest(handles=list(handles)), tenant)
+        """Raise GfaasError unless `tenant` may read every handle."""
+        doubtful = self.unverified(handles, tenant)
+        if doubtful:
+            self.remote_checks += len(doubtful)
+            await self._call("check", HandlesRequest(handles=doubtful), tenant)
 
     async def retain(self, handles: Sequence[Handle], holder: str, tenant: str) -> None:
         await self._call("retain", HandlesRequest(handles=list(handles), holder=holder), tenant)
