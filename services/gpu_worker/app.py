@@ -29,7 +29,7 @@ from shared.bus import connected, reply_error, send_reply, serve_status
 from shared.config import Settings, effective_max_payload
 from shared.dataplane.backend import prune_mappings, tensor_from_handle
 from shared.dataplane.board import board_name
-from shared.dataplane.client import BrokerClient, open_tensor, write_into
+from shared.dataplane.client import NO_POOL, BrokerClient, open_tensor, write_into
 from shared.errors import GfaasError
 from shared.function import output_buffers
 from shared.logs import get_logger
@@ -109,6 +109,8 @@ class Worker:
             group_bytes=settings.swap_group_kb * 1024,
             host_tier=HostTier(tier_prefix(settings.shm_namespace)),
         )
+        # Where by-handle outputs are leased: this device's pool (host memory for CPU).
+        self.pool_device = device if device.startswith("cuda") else "cpu"
         self.broker = BrokerClient(
             nc, settings.node, board=board_name(settings.shm_namespace, settings.node)
         )
@@ -262,9 +264,19 @@ class Worker:
                 )
         return by_handle
 
-    @property
-    def pool_device(self) -> str:
-        return self.device if self.device.startswith("cuda") else "cpu"
+    async def _lease(self, sizes: list[int], tenant: str, check: list[Handle]) -> list[Handle]:
+        """Output buffers in the pool of this worker's device; in host memory when the
+        node's broker pools no GPU memory (it runs without cupy, say)."""
+        try:
+            return await self.broker.lease(
+                sizes, owner=self.worker_id, device=self.pool_device, tenant=tenant, check=check
+            )
+        except GfaasError as exc:
+            if self.pool_device == "cpu" or NO_POOL not in exc.reason:
+                raise
+            log.warning("pool.host_fallback", device=self.pool_device, reason=exc.reason)
+            self.pool_device = "cpu"
+            return await self._lease(sizes, tenant, check)
 
     async def _prepare_outputs(
         self,
@@ -284,13 +296,7 @@ class Worker:
                 await self.broker.check(inputs, meta.tenant)
             return {}
         sizes = [nbytes_of(t.dtype, t.shape) for t in spec.outputs]
-        handles = await self.broker.lease(
-            sizes,
-            owner=self.worker_id,
-            device=self.pool_device,
-            tenant=meta.tenant,
-            check=inputs,
-        )
+        handles = await self._lease(sizes, meta.tenant, inputs)
         return {t.name: h for t, h in zip(spec.outputs, handles, strict=True)}
 
     async def _outputs(
@@ -330,9 +336,7 @@ class Worker:
         missing = [name for name in values if name not in chosen]
         if missing:
             sizes = [values[n].numel() * values[n].element_size() for n in missing]
-            fresh = await self.broker.lease(
-                sizes, owner=self.worker_id, device=self.pool_device, tenant=meta.tenant
-            )
+            fresh = await self._lease(sizes, meta.tenant, [])
             chosen.update(zip(missing, fresh, strict=True))
         handles = [chosen[name] for name in values]
         try:

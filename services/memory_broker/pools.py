@@ -16,6 +16,7 @@ import msgspec
 
 from shared.dataplane.backend import Backend
 from shared.dataplane.board import LeaseBoard
+from shared.dataplane.client import NO_POOL
 from shared.dataplane.elastic import ElasticConfig, ElasticPool, SlabUse
 from shared.dataplane.leases import Fault, Lease, LeaseError, LeaseTable
 from shared.errors import GfaasError
@@ -185,7 +186,7 @@ class NodePools:
         if pool is None:
             raise GfaasError(
                 ErrorCode.BAD_REQUEST,
-                f"node {self.node} has no pool on device {device!r}; pools: {sorted(self.devices)}",
+                f"node {self.node} {NO_POOL} {device!r}; pools: {sorted(self.devices)}",
             )
         return pool
 

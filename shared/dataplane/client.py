@@ -39,6 +39,10 @@ from shared.schema import (
 if TYPE_CHECKING:
     import torch
 
+# In the broker's reason when a node pools no memory on a device (no cupy, say):
+# callers then lease in host memory instead.
+NO_POOL = "has no pool on device"
+
 
 class BrokerClient:
     def __init__(self, nc: NATS, node: str, *, timeout: float = 5.0, board: str = "") -> None:
