@@ -62,6 +62,14 @@ class ModelStore:
         partial.replace(target)
         return target
 
+    async def size(self, name: str) -> int:
+        """The stored size of a model's weights in bytes; 0 when it is not there."""
+        try:
+            info = await self._store.get_info(name)
+        except (ObjectNotFoundError, ObjectDeletedError):
+            return 0
+        return int(info.size or 0)
+
     async def list(self) -> list[tuple[str, int]]:
         try:
             infos = await self._store.list()

@@ -4,6 +4,11 @@ It reads only headers (the body is forwarded untouched), asks the configured pur
 policy for a worker, and forwards the message with the caller's reply subject so
 the worker answers the caller directly. It queues work when every worker is full,
 and answers for invocations whose worker died.
+
+Decisions are shared.scheduling's, the code the simulator runs: `decide` for a
+new invocation (an admitting policy such as `slo` may refuse it at once) and
+`plan` over the queue (out-of-order dispatch for `locality`). This module only
+gathers the views (state.py) and acts on the answers.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from shared import subjects, tracing
 from shared.bus import connected, reply_error, serve_status
 from shared.config import Settings
 from shared.logs import get_logger
+from shared.modelstore import ModelStore
 from shared.registry import Registry
-from shared.scheduling import Policy, RequestView, make_policy
+from shared.scheduling import Policy, Rejected, decide, make_policy, plan
 from shared.schema import (
     Done,
     ErrorCode,
@@ -39,19 +45,29 @@ from shared.schema import (
 log = get_logger("scheduler")
 
 TICK_S = 0.1
+# Queued requests shown to one `plan` call (the simulator's default too).
+PLAN_WINDOW = 256
 
 
 class Scheduler:
     def __init__(
-        self, nc: NATS, registry: Registry[FunctionSpec], policy: Policy, settings: Settings
+        self,
+        nc: NATS,
+        registry: Registry[FunctionSpec],
+        policy: Policy,
+        settings: Settings,
+        models: ModelStore | None = None,
     ) -> None:
         self.nc = nc
         self.registry = registry
         self.policy = policy
+        self.models = models
         self.state = ClusterState(
             worker_timeout_s=settings.worker_timeout_s, pending_limit=settings.pending_limit
         )
         self.assigned = 0
+        # Models whose size was asked of the object store (once each).
+        self._sized: set[str] = set()
 
     # -- events -------------------------------------------------------------------------
 
@@ -79,21 +95,16 @@ class Scheduler:
                     f"function {meta.function!r} is not deployed",
                 )
                 return
+            if spec.model and spec.model not in self.state.model_bytes:
+                await self._learn_size(spec.model)
             headers = tracing.inject(meta.to_headers())
+            now = time.monotonic()
             inv = Invocation(
                 meta=meta,
                 reply=msg.reply,
                 body=msg.data,
                 headers=headers,
-                view=RequestView(
-                    invocation_id=meta.invocation_id,
-                    function=spec.name,
-                    kind=spec.kind,
-                    model=spec.model,
-                    arrived_at=time.monotonic(),
-                    deadline=meta.deadline_ms / 1000.0 if meta.deadline_ms else float("inf"),
-                    slo_ms=spec.slo_ms,
-                ),
+                view=self.state.request_view(spec, meta, now, now_millis()),
             )
             if not self.state.workers:
                 tracing.mark_error(span, ErrorCode.NO_WORKER, "no workers")
@@ -105,10 +116,13 @@ class Scheduler:
                     "no worker is available; start one with `gfaas serve gpu-worker`",
                 )
                 return
-            worker = self.policy.choose(inv.view, self.state.views(), time.monotonic())
-            if worker is not None:
-                span.set_attribute("gfaas.worker", worker)
-                await self._dispatch(worker, inv)
+            decision = decide(self.policy, inv.view, self.state.views(), now)
+            if isinstance(decision, Rejected):
+                tracing.mark_error(span, ErrorCode.OVERLOADED, decision.reason)
+                await self._reject(inv, decision.reason)
+            elif decision is not None:
+                span.set_attribute("gfaas.worker", decision)
+                await self._dispatch(decision, inv, now)
             elif not self.state.enqueue(inv):
                 await reply_error(
                     self.nc,
@@ -134,7 +148,7 @@ class Scheduler:
         except msgspec.MsgspecError as exc:
             log.warning("done.malformed", error=str(exc))
             return
-        self.state.finish(done.worker_id, done.invocation_id)
+        self.state.done(done, time.monotonic())
         if self.state.pending:
             await self._drain_pending()
 
@@ -163,28 +177,69 @@ class Scheduler:
 
     # -- helpers ------------------------------------------------------------------------
 
-    async def _dispatch(self, worker_id: str, inv: Invocation) -> None:
-        self.state.assign(worker_id, inv)
+    async def _dispatch(self, worker_id: str, inv: Invocation, now: float) -> None:
+        self.state.assign(worker_id, inv, now)
         self.assigned += 1
+        await self._send(worker_id, inv)
+
+    async def _send(self, worker_id: str, inv: Invocation) -> None:
         await self.nc.publish(
             subjects.worker_run(worker_id), inv.body, reply=inv.reply, headers=inv.headers
         )
 
+    async def _reject(self, inv: Invocation, reason: str) -> None:
+        """Answer for an invocation the policy refused (its SLO cannot be met)."""
+        self.state.reject(inv)
+        meta = inv.meta
+        late = bool(meta.deadline_ms) and meta.deadline_ms <= now_millis()
+        code = ErrorCode.DEADLINE_EXCEEDED if late else ErrorCode.OVERLOADED
+        view = inv.view
+        await reply_error(
+            self.nc,
+            inv.reply,
+            meta.invocation_id,
+            code,
+            f"{view.function!r} cannot meet its SLO of {view.slo_ms:g} ms: {reason}",
+        )
+
+    async def _learn_size(self, model: str) -> None:
+        """A model's size from the object store, before any worker has loaded it."""
+        if self.models is None or model in self._sized:
+            return
+        self._sized.add(model)
+        try:
+            size = await self.models.size(model)
+        except Exception as exc:  # the size is a hint; placement works without it
+            log.warning("model.size_unknown", model=model, error=repr(exc))
+            return
+        if size:
+            self.state.model_bytes.setdefault(model, size)
+
     async def _drain_pending(self) -> None:
         now = time.monotonic()
-        while self.state.pending:
-            inv = self.state.pending[0]
-            worker = self.policy.choose(inv.view, self.state.views(), now)
-            if worker is None:
-                return
-            self.state.pending.popleft()
-            await self._dispatch(worker, inv)
+        queue = self.state.queue(PLAN_WINDOW, with_rrc=hasattr(self.policy, "order"))
+        result = plan(self.policy, queue, self.state.views(), now)
+        # Books first, with no await in between, so the plan's views stay true.
+        sends = []
+        for invocation_id, worker_id in result.assignments:
+            inv = self.state.take(invocation_id)
+            self.state.assign(worker_id, inv, now)
+            self.assigned += 1
+            sends.append((worker_id, inv))
+        refused = [(self.state.take(r.invocation_id), r.reason) for r in result.rejected]
+        for worker_id, inv in sends:
+            await self._send(worker_id, inv)
+        for inv, reason in refused:
+            await self._reject(inv, reason)
 
     def details(self) -> dict[str, object]:
         return {
             "policy": self.policy.name,
             "assigned": self.assigned,
+            "rejected": self.state.rejected,
             "pending": len(self.state.pending),
+            "model_bytes": dict(self.state.model_bytes),
+            "exec_ms": {f: round(s * 1000.0, 3) for f, s in self.state.exec_s.items()},
             "workers": {
                 wid: {
                     "device": b.view.device,
@@ -192,6 +247,8 @@ class Scheduler:
                     "outstanding": b.view.outstanding,
                     "resident": sorted(b.view.resident),
                     "memory_free": b.view.memory_free,
+                    "link_bandwidth": round(b.view.profile.link_bandwidth),
+                    "swap_overhead_ms": round(b.view.profile.swap_overhead_s * 1000.0, 3),
                 }
                 for wid, b in self.state.workers.items()
             },
@@ -206,8 +263,10 @@ async def serve(
 ) -> None:
     instance = f"{socket.gethostname()}-{os.getpid()}"
     async with connected(settings.nats_url, "gfaas-scheduler") as nc:
-        registry = await Registry.open(nc.jetstream())
-        scheduler = Scheduler(nc, registry, make_policy(settings.policy), settings)
+        js = nc.jetstream()
+        registry = await Registry.open(js)
+        models = await ModelStore.open(js)
+        scheduler = Scheduler(nc, registry, make_policy(settings.policy), settings, models)
         async with anyio.create_task_group() as tg:
             await tg.start(registry.watch)
             # Heartbeats first, so a restarted scheduler learns the workers before

@@ -1,17 +1,32 @@
 """The scheduler's books: live workers, what each runs, and the queue of waiting work.
 
 Pure bookkeeping, no I/O: the app feeds it events (heartbeat, assignment, done,
-clock ticks) and publishes what it returns.
+clock ticks) and publishes what it returns. Besides who runs what, the books
+learn what the policies need to predict latency: per worker, its device tier
+(from heartbeats) and a device profile fitted to its measured loads; per model,
+its size; per function, its warm execution time (an EWMA of `Done.exec_ms` of
+runs sent where the model was ready, with the interference slowdown taken out);
+and per function, SLO hits so far.
+The views are built by `shared.scheduling.observed`, the same transitions the
+planner applies, so the live scheduler and the simulator decide on equal terms.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections import deque
-from dataclasses import dataclass, field
+import itertools
+from dataclasses import dataclass, field, replace
 
-from shared.scheduling import RequestView, WorkerView
-from shared.schema import InvocationMeta, WorkerHeartbeat
+from shared.scheduling import RequestView, SloTracker, WorkerView
+from shared.scheduling.dispatch import assume_assigned
+from shared.scheduling.observed import (
+    alone_exec_s,
+    assume_finished,
+    ewma,
+    fit_profile,
+    reported_cache,
+    with_running,
+)
+from shared.schema import Done, FunctionSpec, InvocationMeta, WorkerHeartbeat
 
 
 @dataclass
@@ -21,13 +36,20 @@ class Invocation:
     body: bytes
     headers: dict[str, str]
     view: RequestView
+    # For exec-time learning: requests already on the worker when this one was
+    # sent, and whether its model was ready there (a cold run's time includes the
+    # swap-in, which would make the function look slow for good).
+    co_runners: int = 0
+    warm: bool = False
 
 
 @dataclass
 class WorkerBook:
-    view: WorkerView
+    view: WorkerView  # as reported, plus what was sent since
     last_seen: float
     running: dict[str, Invocation] = field(default_factory=dict)
+    # Cache key -> (bytes, seconds) of the latest load measured on this worker.
+    loads: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -35,41 +57,131 @@ class ClusterState:
     worker_timeout_s: float
     pending_limit: int
     workers: dict[str, WorkerBook] = field(default_factory=dict)
-    pending: deque[Invocation] = field(default_factory=deque)
+    # Waiting invocations by id, oldest first (dicts keep insertion order).
+    pending: dict[str, Invocation] = field(default_factory=dict)
+    # Cache key -> bytes on a device (heartbeats), or stored bytes (object store).
+    model_bytes: dict[str, int] = field(default_factory=dict)
+    # Function -> warm execution seconds alone on a device.
+    exec_s: dict[str, float] = field(default_factory=dict)
+    slo: SloTracker = field(default_factory=SloTracker)
+    rejected: int = 0
 
     def views(self) -> list[WorkerView]:
         return [book.view for book in self.workers.values()]
 
+    # -- what the policies are told -------------------------------------------------------
+
+    def request_view(
+        self, spec: FunctionSpec, meta: InvocationMeta, now: float, now_ms: int
+    ) -> RequestView:
+        """The policy's view of a new invocation, on the scheduler's clock `now`.
+
+        Due by its SLO (as in the simulator), or by its hard deadline if sooner;
+        the hard deadline alone is enforced by `expire_pending`.
+        """
+        due = now + spec.slo_ms / 1000.0
+        if meta.deadline_ms:
+            due = min(due, now + (meta.deadline_ms - now_ms) / 1000.0)
+        return RequestView(
+            invocation_id=meta.invocation_id,
+            function=spec.name,
+            kind=spec.kind,
+            model=spec.model,
+            arrived_at=now,
+            deadline=due,
+            slo_ms=spec.slo_ms,
+            exec_s=self.exec_s.get(spec.name, 0.0),
+            model_bytes=self.model_bytes.get(spec.model or spec.name, 0),
+        )
+
+    def queue(self, window: int, with_rrc: bool) -> list[RequestView]:
+        """The first `window` waiting requests, with their functions' RRC if asked."""
+        views = [inv.view for inv in itertools.islice(self.pending.values(), window)]
+        if with_rrc:
+            views = [replace(v, rrc=self.slo.rrc(v.function)) for v in views]
+        return views
+
+    # -- events ---------------------------------------------------------------------------
+
     def observe(self, hb: WorkerHeartbeat, now: float) -> bool:
         """Record a heartbeat; True when the worker is new (pending work may now fit)."""
         book = self.workers.get(hb.worker_id)
-        view = WorkerView(
+        loads = book.loads if book is not None else {}
+        for key, size in hb.model_bytes.items():
+            self.model_bytes[key] = size
+            seconds = hb.model_load_s.get(key, 0.0)
+            if seconds > 0.0:
+                loads[key] = (size, seconds)
+        profile = fit_profile(loads.values())
+        cache = None
+        if hb.cache_capacity > 0:
+            cache = reported_cache(
+                hb.cache_capacity,
+                hb.model_bytes,
+                hb.model_load_s,
+                hb.model_score,
+                hb.loading,
+                now,
+                profile,
+            )
+        reported = WorkerView(
             worker_id=hb.worker_id,
             device=hb.device,
             capacity=hb.capacity,
-            outstanding=len(book.running) if book else 0,
             resident=frozenset(hb.models),
             memory_free=hb.memory_free,
+            memory_total=hb.memory_total,
+            cache=cache,
+            profile=profile,
         )
+        running = book.running.values() if book is not None else ()
+        view = with_running(reported, [inv.view for inv in running], now)
         if book is None:
-            self.workers[hb.worker_id] = WorkerBook(view=view, last_seen=now)
+            self.workers[hb.worker_id] = WorkerBook(view=view, last_seen=now, loads=loads)
             return True
         grew = view.capacity > book.view.capacity
         book.view, book.last_seen = view, now
         return grew
 
-    def assign(self, worker_id: str, inv: Invocation) -> None:
+    def assign(self, worker_id: str, inv: Invocation, now: float) -> None:
         book = self.workers[worker_id]
+        view = book.view
+        key = inv.view.cache_key
+        inv.co_runners = view.outstanding
+        inv.warm = key in view.resident and (view.cache is None or view.cache.ready(key, now))
         book.running[inv.meta.invocation_id] = inv
-        self._recount(book)
+        book.view = assume_assigned(book.view, inv.view, now)
 
     def finish(self, worker_id: str, invocation_id: str) -> Invocation | None:
         book = self.workers.get(worker_id)
         if book is None:
             return None
         inv = book.running.pop(invocation_id, None)
-        self._recount(book)
+        if inv is not None:
+            book.view = assume_finished(book.view, inv.view)
         return inv
+
+    def done(self, done: Done, now: float) -> Invocation | None:
+        """A worker finished an invocation: free its slot and learn from it."""
+        inv = self.finish(done.worker_id, done.invocation_id)
+        if inv is None:
+            return None
+        function = inv.view.function
+        if done.ok and done.exec_ms > 0.0 and inv.warm:
+            book = self.workers.get(done.worker_id)
+            profile = book.view.profile if book is not None else None
+            sample = done.exec_ms / 1000.0
+            if profile is not None:
+                sample = alone_exec_s(sample, inv.co_runners, profile)
+            self.exec_s[function] = ewma(self.exec_s.get(function, 0.0), sample)
+        met = done.ok and now - inv.view.arrived_at <= inv.view.slo_ms / 1000.0
+        self.slo = self.slo.record(function, met)
+        return inv
+
+    def reject(self, inv: Invocation) -> None:
+        """The policy refused `inv` (it has left the queue): a missed SLO."""
+        self.rejected += 1
+        self.slo = self.slo.record(inv.view.function, False)
 
     def reap(self, now: float) -> list[tuple[str, list[Invocation]]]:
         """Forget workers silent for longer than the timeout; return what they held."""
@@ -79,19 +191,19 @@ class ClusterState:
     def enqueue(self, inv: Invocation) -> bool:
         if len(self.pending) >= self.pending_limit:
             return False
-        self.pending.append(inv)
+        self.pending[inv.meta.invocation_id] = inv
         return True
 
-    def expire_pending(self, now_ms: int) -> list[Invocation]:
-        kept: deque[Invocation] = deque()
-        expired: list[Invocation] = []
-        for inv in self.pending:
-            (expired if inv.meta.deadline_ms and inv.meta.deadline_ms <= now_ms else kept).append(
-                inv
-            )
-        self.pending = kept
-        return expired
+    def take(self, invocation_id: str) -> Invocation:
+        """Remove a waiting invocation the planner placed or refused."""
+        return self.pending.pop(invocation_id)
 
-    @staticmethod
-    def _recount(book: WorkerBook) -> None:
-        book.view = dataclasses.replace(book.view, outstanding=len(book.running))
+    def expire_pending(self, now_ms: int) -> list[Invocation]:
+        expired = [
+            inv
+            for inv in self.pending.values()
+            if inv.meta.deadline_ms and inv.meta.deadline_ms <= now_ms
+        ]
+        for inv in expired:
+            del self.pending[inv.meta.invocation_id]
+        return expired
