@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from shared.scheduling import (
@@ -211,3 +213,19 @@ def test_plan_reports_slo_rejections_separately_from_assignments() -> None:
 def test_a_gpu_function_falls_back_to_cpu_workers_when_there_is_no_gpu() -> None:
     cpu = WorkerView(worker_id="c", device="cpu", capacity=1)
     assert make_policy("locality").choose(req(0, "m"), [cpu], 0.0) == "c"
+
+
+def test_a_workflow_stage_goes_where_its_inputs_are_unless_that_costs_more() -> None:
+    stage = dataclasses.replace(req(1, "m"), near="b")
+    policy = make_policy("round_robin")
+    workers = [gpu("a"), gpu("b")]
+    assert decide(policy, stage, workers, 0.0) == "b"
+    # Not onto a full worker, nor one busier than the pick by more than one request.
+    assert decide(policy, stage, [gpu("a"), gpu("b", outstanding=4)], 0.0) == "a"
+    assert decide(policy, stage, [gpu("a"), gpu("b", outstanding=2)], 0.0) == "a"
+    # Not when the model is warm on the pick and would have to load there.
+    locality = make_policy("locality")
+    warm_a = [gpu("a", resident=("m",)), gpu("b")]
+    assert decide(locality, stage, warm_a, 0.0) == "a"
+    both_warm = [gpu("a", resident=("m",)), gpu("b", resident=("m",))]
+    assert decide(locality, stage, both_warm, 0.0) == "b"

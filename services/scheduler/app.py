@@ -13,6 +13,7 @@ gathers the views (state.py) and acts on the answers.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -33,6 +34,7 @@ from shared.modelstore import ModelStore
 from shared.registry import Registry
 from shared.scheduling import Policy, Rejected, decide, make_policy, plan
 from shared.schema import (
+    H_AFFINITY,
     Done,
     ErrorCode,
     FunctionSpec,
@@ -106,6 +108,9 @@ class Scheduler:
                 headers=headers,
                 view=self.state.request_view(spec, meta, now, now_millis()),
             )
+            near = (msg.headers or {}).get(H_AFFINITY)
+            if near:
+                inv.view = dataclasses.replace(inv.view, near=near)
             if not self.state.workers:
                 tracing.mark_error(span, ErrorCode.NO_WORKER, "no workers")
                 await reply_error(

@@ -88,6 +88,8 @@ class RequestView:
     model_bytes: int = 0
     # Torpor's RRC for this request's function (see slo.rrc); > threshold = behind its SLO.
     rrc: float = 0.0
+    # A workflow stage: the worker whose pool holds its inputs (see `near_instead`).
+    near: str = ""
 
     @property
     def cache_key(self) -> str:
@@ -146,10 +148,28 @@ def decide(
     """One request's decision under any policy; only admitting policies ever reject."""
     # getattr, not isinstance on a runtime-checkable Protocol: that costs ~6 us a call.
     admit = getattr(policy, "decide", None)
-    if admit is not None:
-        decision: Decision = admit(request, workers, now)
-        return decision
-    return policy.choose(request, workers, now)
+    decision: Decision = (
+        admit(request, workers, now) if admit is not None else policy.choose(request, workers, now)
+    )
+    if request.near and isinstance(decision, str) and decision != request.near:
+        return near_instead(request, workers, decision)
+    return decision
+
+
+def near_instead(request: RequestView, workers: Sequence[WorkerView], chosen: str) -> str:
+    """A workflow stage goes where its inputs are (same device: read in place, no
+    copy) when that worker has room, is of the kind the policy picked, is not busier
+    than the policy's pick by more than one request, and costs no extra model load."""
+    near = next((w for w in workers if w.worker_id == request.near), None)
+    picked = next((w for w in workers if w.worker_id == chosen), None)
+    if near is None or picked is None or near.outstanding >= near.capacity:
+        return chosen
+    if near.is_gpu != picked.is_gpu or near.outstanding > picked.outstanding + 1:
+        return chosen
+    key = request.cache_key
+    if key in picked.resident and key not in near.resident:
+        return chosen
+    return near.worker_id
 
 
 def eligible(request: RequestView, workers: Sequence[WorkerView]) -> list[WorkerView]:
