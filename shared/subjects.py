@@ -56,5 +56,10 @@ def broker(node: str, op: str) -> str:
     return f"{PREFIX}.broker.{_tok(node)}.{_tok(op)}"
 
 
+def broker_all(node: str) -> str:
+    """Every operation of the node's memory broker (it serves them in arrival order)."""
+    return f"{PREFIX}.broker.{_tok(node)}.*"
+
+
 def last_token(subject: str) -> str:
     return subject.rsplit(".", 1)[-1]

@@ -191,6 +191,8 @@ async def test_lease_requests_beyond_the_pool_are_refused(
         # A malformed request gets a reason, not silence.
         msg = await nc.request(subjects.broker("local", "lease"), b"\xc1junk", timeout=2)
         assert b"bad_request" in msg.data
+        msg = await nc.request(subjects.broker("local", "frobnicate"), b"", timeout=2)
+        assert b"unknown broker operation" in msg.data
         await broker.release(held[1:], "t", "default")
         await wait_leases(client, 0)
 

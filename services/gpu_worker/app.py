@@ -344,7 +344,9 @@ class Worker:
                 write_into(chosen[name], name, v, dtype_of(name, v)) for name, v in values.items()
             ]
             holder = request.holder or f"inv-{meta.invocation_id}"
-            await self.broker.transfer(handles, self.worker_id, holder, meta.tenant)
+            # Not awaited: the broker applies it before anything the caller sends
+            # after reading this reply (one ordered stream of broker requests).
+            await self.broker.transfer(handles, self.worker_id, holder, meta.tenant, wait=False)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.broker.release(handles, self.worker_id, meta.tenant)

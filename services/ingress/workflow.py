@@ -182,12 +182,9 @@ class _Run:
     async def release(self) -> None:
         if not self.held:
             return
-        try:
-            await self.runner.broker.release(self.held, self.holder, self.meta.tenant)
-        except GfaasError as exc:  # TTLs free them in the end; the reply must not wait
-            log.warning(
-                "workflow.release_failed", invocation_id=self.meta.invocation_id, error=exc.reason
-            )
+        # Published, not awaited: the reply need not wait for it, and the broker takes
+        # its requests in order. Should it be lost, the leases' TTL frees them.
+        await self.runner.broker.release(self.held, self.holder, self.meta.tenant, wait=False)
         self.held = []
 
 

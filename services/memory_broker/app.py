@@ -123,11 +123,18 @@ class Broker:
             )
         except GfaasError as exc:
             reply = HandlesReply(error=exc.info())
+            if not msg.reply:  # a published (unawaited) op: nobody to tell but the log
+                log.info("broker.refused", subject=msg.subject, reason=exc.reason)
         except Exception as exc:  # a bug costs one request, not the broker
             log.exception("broker.request_failed", subject=msg.subject)
             reply = HandlesReply(error=GfaasError(ErrorCode.INTERNAL, repr(exc)).info())
         if msg.reply:
             await msg.respond(encode(reply))
+
+    async def refuse(self, msg: Msg, reason: str) -> None:
+        if msg.reply:
+            error = GfaasError(ErrorCode.BAD_REQUEST, reason).info()
+            await msg.respond(encode(HandlesReply(error=error)))
 
     async def lease(self, req: LeaseRequest, tenant: str) -> list[Handle]:
         if not req.sizes or any(n < 0 for n in req.sizes):
@@ -264,25 +271,35 @@ async def serve(
                 "transfer": (HandlesRequest, broker.transfer),
                 "copy": (CopyRequest, broker.copy),
             }
-            for op, (kind, fn) in ops.items():
+            async with anyio.create_task_group() as copies:
 
-                async def on_request(msg: Msg, kind: Any = kind, fn: Any = fn) -> None:
-                    await broker._answer(msg, kind, fn)
+                async def on_request(msg: Msg) -> None:
+                    # One subscription for every op, so requests are handled in the
+                    # order they arrived: a transfer published (not awaited) by a
+                    # worker is done before the release its caller sends next. Copies
+                    # take long: they run beside, out of that order.
+                    op = subjects.last_token(msg.subject)
+                    entry = ops.get(op)
+                    if entry is None:
+                        await broker.refuse(msg, f"unknown broker operation {op!r}")
+                    elif op == "copy":
+                        copies.start_soon(broker._answer, msg, *entry)
+                    else:
+                        await broker._answer(msg, *entry)
 
-                await nc.subscribe(subjects.broker(settings.node, op), cb=on_request)
-            await nc.subscribe(subjects.HEARTBEAT_ALL, cb=broker.on_heartbeat)
-            await serve_status(nc, "memory-broker", instance, broker.details)
-            task_status.started()
-            async with anyio.create_task_group() as tg:
+                await nc.subscribe(subjects.broker_all(settings.node), cb=on_request)
+                await nc.subscribe(subjects.HEARTBEAT_ALL, cb=broker.on_heartbeat)
+                await serve_status(nc, "memory-broker", instance, broker.details)
+                task_status.started()
 
                 async def ticker() -> None:
                     while True:
                         await anyio.sleep(TICK_S)
                         broker.tick()
 
-                tg.start_soon(ticker)
+                copies.start_soon(ticker)
                 await stop.wait()
-                tg.cancel_scope.cancel()
+                copies.cancel_scope.cancel()
         finally:
             # The broker is the node's memory owner: at its shutdown its pools and the
             # host tier go, so no segment outlives the platform.

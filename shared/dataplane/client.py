@@ -112,12 +112,27 @@ class BrokerClient:
     async def retain(self, handles: Sequence[Handle], holder: str, tenant: str) -> None:
         await self._call("retain", HandlesRequest(handles=list(handles), holder=holder), tenant)
 
-    async def release(self, handles: Sequence[Handle], holder: str, tenant: str) -> None:
-        await self._call("release", HandlesRequest(handles=list(handles), holder=holder), tenant)
+    async def release(
+        self, handles: Sequence[Handle], holder: str, tenant: str, *, wait: bool = True
+    ) -> None:
+        """Drop `holder`'s references. `wait=False` publishes without waiting: the
+        broker handles its requests in order, so nothing sent later overtakes it."""
+        request = HandlesRequest(handles=list(handles), holder=holder)
+        await self._send("release", request, tenant, wait)
 
-    async def transfer(self, handles: Sequence[Handle], holder: str, to: str, tenant: str) -> None:
+    async def transfer(
+        self, handles: Sequence[Handle], holder: str, to: str, tenant: str, *, wait: bool = True
+    ) -> None:
+        """Move `holder`'s references to `to` (see `release` for `wait`)."""
         request = HandlesRequest(handles=list(handles), holder=holder, to=to)
-        await self._call("transfer", request, tenant)
+        await self._send("transfer", request, tenant, wait)
+
+    async def _send(self, op: str, request: Any, tenant: str, wait: bool) -> None:
+        if wait:
+            await self._call(op, request, tenant)
+        else:
+            subject = subjects.broker(self.node, op)
+            await self.nc.publish(subject, encode(request), headers={H_TENANT: tenant})
 
     async def copy(self, request: CopyRequest, tenant: str) -> Handle:
         (handle,) = await self._call("copy", request, tenant)
