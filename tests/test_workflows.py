@@ -224,3 +224,17 @@ async def test_consecutive_stages_stay_on_the_worker_holding_their_inputs(
             reply = await client.invoke_reply("diamond", {"x": np.ones(4, np.float32)})
             assert reply.error is None
             assert len(set(reply.worker.split(","))) == 1, reply.worker
+
+
+async def test_a_large_workflow_input_enters_the_pool_once(platform: Platform, nc: NATS) -> None:
+    client = Client(nc)
+    await deploy_all(client, *FUNCS, DIAMOND)
+    x = np.arange(128 * 1024, dtype=np.float32)  # 512 KiB: over POOL_INPUTS_ABOVE
+    # Two 512 KiB outputs do not fit one reply: auto sends what must by handle.
+    out = await client.invoke("diamond", {"x": x}, outputs_by=OutputMode.AUTO)
+    np.testing.assert_array_equal(out["sum"], 3 * (x + 1))
+    # Every stage input arrived by handle: a's (the pooled workflow input), b's and
+    # c's (a's output), d's two; each verified on the lease board.
+    checks = (await client.status("gpu-worker")).details["handle_checks"]
+    assert checks == {"local": 5, "remote": 0}
+    await no_leases_left(client)

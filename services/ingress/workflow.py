@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable, Mapping
 import anyio
 import msgspec
 
-from shared.dataplane.client import BrokerClient, open_tensor
+from shared.dataplane.backend import BackendError
+from shared.dataplane.client import BrokerClient, move_into, open_tensor
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.schema import (
@@ -33,6 +34,9 @@ from shared.tensors import validate_inputs
 from shared.workflow import INPUT, WorkflowError, WorkflowPlan, check_functions
 
 log = get_logger("ingress.workflow")
+
+# Workflow inputs above this size move into the pool before the first stage.
+POOL_INPUTS_ABOVE = 256 * 1024
 
 # Sends one stage to the scheduler: (meta, body, preferred worker) -> reply.
 Schedule = Callable[[InvocationMeta, bytes, str], Awaitable[InvokeReply]]
@@ -91,6 +95,7 @@ class _Run:
         self.failure: GfaasError | None = None
 
     async def execute(self) -> InvokeReply:
+        await self._pool_large_inputs()
         async with anyio.create_task_group() as tg:
             for index, stage in enumerate(self.plan.order):
                 tg.start_soon(self._stage, index, stage, tg.cancel_scope)
@@ -146,6 +151,23 @@ class _Run:
         self.outputs[stage] = {t.name: t for t in reply.outputs}
         self.workers[stage] = reply.worker
         self.done[stage].set()
+
+    async def _pool_large_inputs(self) -> None:
+        """Large workflow inputs go into the pool once, here: each stage that reads
+        them then gets a handle instead of the bytes through scheduler and worker."""
+        large = [t for t in self.inputs.values() if len(t.data) > POOL_INPUTS_ABOVE]
+        if not large:
+            return
+        handles = await self.runner.broker.lease(
+            [len(t.data) for t in large], owner=self.holder, tenant=self.meta.tenant
+        )
+        self.held.extend(handles)
+        try:
+            pooled = [move_into(h, t) for t, h in zip(large, handles, strict=True)]
+        except BackendError as exc:  # this ingress cannot map the pool: stay by value
+            log.warning("workflow.inputs_by_value", reason=str(exc))
+            return
+        self.inputs.update((t.name, t) for t in pooled)
 
     def _value(self, stage: str, name: str) -> Tensor:
         if stage == INPUT:
