@@ -207,9 +207,14 @@ class Client:
 
     async def release(self, tensors: Sequence[Tensor]) -> None:
         """Drop this client's references to by-handle tensors (value tensors are skipped)."""
-        handles = [t.handle for t in tensors if t.handle is not None]
-        if handles:
-            await self.broker.release(handles, self.holder, self.tenant or DEFAULT_TENANT)
+        by_node: dict[str, list[Handle]] = {}
+        for t in tensors:
+            if t.handle is not None:
+                by_node.setdefault(t.handle.pool, []).append(t.handle)
+        for node, handles in by_node.items():
+            # Each lease is released at the broker of the node it lives on.
+            broker = self.broker if node == self.broker.node else BrokerClient(self.nc, node)
+            await broker.release(handles, self.holder, self.tenant or DEFAULT_TENANT)
 
     async def invoke_async(
         self,

@@ -196,6 +196,20 @@ class HandlesReply(_Msg):
     error: ErrorInfo | None = None
 
 
+class ReadRequest(_Msg):
+    """Bytes of a leased buffer, for a consumer on another node (the cross-node
+    fallback: chunked messages instead of a shared mapping)."""
+
+    handle: Handle
+    offset: int = 0  # within the handle's bytes
+    nbytes: int = -1  # -1: to the end
+
+
+class BytesReply(_Msg):
+    data: bytes = b""
+    error: ErrorInfo | None = None
+
+
 class CopyRequest(_Msg):
     """Copy leased bytes to a new lease on `device`, through the link scheduler."""
 

@@ -61,11 +61,25 @@ async def test_a_model_being_loaded_is_reported_and_never_evicted(
         assert cache.report().sizes == {"a": MIB}
         # "a" is half-built: "b" must wait for memory, not evict it.
         with pytest.raises(GfaasError) as info:
+            async with cache.use(other, wait_s=0.2):
+                pass
+        assert info.value.code == "deadline_exceeded"
+        assert "in use" in info.value.reason
+        assert cache.report().sizes == {"a": MIB}
+
+        async def load_other() -> None:
             async with cache.use(other):
                 pass
-        assert info.value.code == "overloaded"
+
+        # Without a deadline "b" queues, and loads once "a" is built and released.
+        tg.start_soon(load_other)
+        with anyio.fail_after(10):
+            while cache.room_waits < 2:
+                await anyio.sleep(0.01)
+        assert cache.loads == 0
         funcs.BUILD_GATE.set()
     report = cache.report()
-    assert (report.sizes, report.loading) == ({"a": MIB}, [])
-    assert report.load_s["a"] > 0.0
-    assert cache.loads == 1
+    assert (report.sizes, report.loading) == ({"b": MIB}, [])
+    assert report.load_s["b"] > 0.0
+    assert cache.loads == 2
+    assert cache.evictions == 1

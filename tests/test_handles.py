@@ -14,6 +14,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from gfaas.client import Client, outputs_of
+from services.memory_broker.app import serve as serve_broker
 from shared import subjects
 from shared.dataplane.client import BrokerClient, open_tensor
 from shared.errors import GfaasError
@@ -27,7 +28,7 @@ from shared.schema import (
     Tensor,
     TensorSpec,
 )
-from tests.conftest import Platform, platform_at, spawn_worker
+from tests.conftest import Platform, platform_at, settings_for, spawn_worker
 from tests.helpers import deploy_and_wait
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
@@ -156,7 +157,7 @@ async def test_bad_handles_are_refused_with_reasons_and_the_platform_keeps_servi
     assert code == "not_found"
     code, reason = await refused(forged(h, pool="elsewhere"))
     assert code == "invalid_input"
-    assert "node" in reason
+    assert "no memory broker is running on node 'elsewhere'" in reason
     code, reason = await refused(forged(h, nbytes=h.nbytes - 4))
     assert code == "invalid_input"
     # Released: the same handle is now stale.
@@ -264,3 +265,27 @@ async def test_inputs_over_the_bus_limit_go_by_handle_from_a_client_on_the_node(
     out = await client.invoke("echo", {"x": x}, outputs_by=OutputMode.AUTO)
     np.testing.assert_array_equal(out["y"], x)
     await wait_leases(client, 0)
+
+
+async def test_a_handle_from_another_node_is_read_in_chunks_from_that_nodes_broker(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    with platform_at(nats_server.url, tmp_path / "s") as p:
+        # A second node's broker: its pool cannot be mapped by the worker's node in
+        # production; here both are on one machine, and the node name decides.
+        p.start("broker-b", serve_broker, settings_for(nats_server.url, tmp_path / "b", node="b"))
+        on_b = Client(nc, node="b")
+        await deploy_and_wait(nc, ECHO)
+        x = np.random.default_rng(1).standard_normal(512 * 1024).astype(np.float32)  # 2 MiB
+        arg = await on_b.put("x", x)
+        assert arg.handle is not None
+        assert arg.handle.pool == "b"
+        out = await on_b.invoke("echo", [arg], outputs_by=OutputMode.AUTO)
+        np.testing.assert_array_equal(out["y"], x)
+        assert (await on_b.status("gpu-worker")).details["remote_reads"] == 1
+        # Another tenant is refused by the owning node's broker, with its reason.
+        with pytest.raises(GfaasError) as info:
+            await Client(nc, tenant="mallory", node="b").invoke("echo", [arg])
+        assert info.value.code == "bad_request"
+        assert "tenant" in info.value.reason
+        await on_b.release([arg])

@@ -109,6 +109,9 @@ class Worker:
             group_bytes=settings.swap_group_kb * 1024,
             host_tier=HostTier(tier_prefix(settings.shm_namespace)),
         )
+        # Brokers of other nodes, for inputs that live there (read in chunks).
+        self._remote: dict[str, BrokerClient] = {}
+        self.remote_reads = 0
         # Where by-handle outputs are leased: this device's pool (host memory for CPU).
         self.pool_device = device if device.startswith("cuda") else "cpu"
         self.broker = BrokerClient(
@@ -182,12 +185,13 @@ class Worker:
             request = decode(body, InvokeRequest)
         except msgspec.MsgspecError as exc:
             raise GfaasError(ErrorCode.BAD_REQUEST, f"malformed request: {exc}") from None
-        async with self.handlers.use(spec) as entry:
+        async with self.handlers.use(spec, wait_s=meta.remaining_s()) as entry:
             return await self._run(spec, meta, request, entry)
 
     async def _run(
         self, spec: FunctionSpec, meta: InvocationMeta, request: InvokeRequest, entry: Loaded
     ) -> tuple[InvokeReply, float]:
+        request = await self._fetch_remote(meta, request)
         by_handle = self._input_handles(request)
         prepared = await self._prepare_outputs(meta, request, spec, by_handle)
         try:
@@ -200,7 +204,9 @@ class Worker:
             # Whatever the handler did not use (or a failure left) goes back.
             if prepared:
                 with anyio.CancelScope(shield=True):
-                    await self.broker.release(list(prepared.values()), self.worker_id, meta.tenant)
+                    await self.broker.release(
+                        list(prepared.values()), self.worker_id, meta.tenant, wait=False
+                    )
 
     async def _call(
         self,
@@ -254,15 +260,34 @@ class Worker:
         )
 
     def _input_handles(self, request: InvokeRequest) -> list[Handle]:
-        by_handle = [t.handle for t in request.inputs if t.handle is not None]
-        for handle in by_handle:
-            if handle.pool != self.settings.node:
+        return [t.handle for t in request.inputs if t.handle is not None]
+
+    async def _fetch_remote(self, meta: InvocationMeta, request: InvokeRequest) -> InvokeRequest:
+        """Inputs whose handles live on another node come by value, in chunks from that
+        node's broker (it cannot be mapped from here): same API, slower path."""
+        if all(t.handle is None or t.handle.pool == self.settings.node for t in request.inputs):
+            return request
+        inputs: list[Tensor] = []
+        for t in request.inputs:
+            h = t.handle
+            if h is None or h.pool == self.settings.node:
+                inputs.append(t)
+                continue
+            remote = self._remote.get(h.pool)
+            if remote is None:
+                remote = self._remote[h.pool] = BrokerClient(self.nc, h.pool)
+            try:
+                data = await remote.read(h, meta.tenant, chunk=self.max_payload)
+            except GfaasError as exc:
+                if exc.code is not ErrorCode.INTERNAL:
+                    raise
                 raise GfaasError(
                     ErrorCode.INVALID_INPUT,
-                    f"handle {handle.lease_id} lives on node {handle.pool!r}; "
-                    f"this worker is on {self.settings.node!r}",
-                )
-        return by_handle
+                    f"input {t.name!r} lives on node {h.pool!r}: {exc.reason}",
+                ) from None
+            self.remote_reads += 1
+            inputs.append(msgspec.structs.replace(t, handle=None, data=data))
+        return msgspec.structs.replace(request, inputs=inputs)
 
     async def _lease(self, sizes: list[int], tenant: str, check: list[Handle]) -> list[Handle]:
         """Output buffers in the pool of this worker's device; in host memory when the
@@ -405,7 +430,9 @@ class Worker:
                 "local": self.broker.local_checks,
                 "remote": self.broker.remote_checks,
             },
+            "remote_reads": self.remote_reads,
             "evictions": self.handlers.evictions,
+            "room_waits": self.handlers.room_waits,
             "host_tier_loads": self.handlers.host_tier.loads,
             "device_cache": {
                 "capacity": self.handlers.cache.capacity,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -128,6 +129,10 @@ class HandlerCache:
         # Function -> cache key of the loads under way (in `cache`, not yet in `_loaded`).
         self._loading: dict[str, str] = {}
         self._locks: dict[str, anyio.Lock] = {}
+        # Set (and replaced) whenever a model stops being in use: loads waiting for
+        # room look again.
+        self._unpinned = anyio.Event()
+        self.room_waits = 0
         self.loads = 0
         self.hits = 0
         self.evictions = 0
@@ -156,16 +161,24 @@ class HandlerCache:
         return report
 
     @asynccontextmanager
-    async def use(self, spec: FunctionSpec) -> AsyncIterator[Loaded]:
-        """The warm handler for `spec`, pinned (never evicted) while in use."""
-        entry = await self._get(spec)
+    async def use(self, spec: FunctionSpec, *, wait_s: float = math.inf) -> AsyncIterator[Loaded]:
+        """The warm handler for `spec`, pinned (never evicted) while in use.
+
+        When models in use fill the device, a load waits (up to `wait_s`) for one to
+        be released instead of failing: the request queues on the worker."""
+        entry = await self._get(spec, wait_s)
         self.cache = self.cache.use(spec.name, self._clock())
         try:
             yield entry
         finally:
             self.cache = self.cache.release(spec.name)
+            self._note_unpinned()
 
-    async def _get(self, spec: FunctionSpec) -> Loaded:
+    def _note_unpinned(self) -> None:
+        self._unpinned.set()
+        self._unpinned = anyio.Event()
+
+    async def _get(self, spec: FunctionSpec, wait_s: float = math.inf) -> Loaded:
         entry = self._loaded.get(spec.name)
         if entry is not None and entry.spec == spec:
             self.hits += 1
@@ -177,11 +190,11 @@ class HandlerCache:
                 return entry
             if entry is not None:  # redeployed with another spec
                 self._drop(spec.name)
-            entry = await self._load(spec)
+            entry = await self._load(spec, wait_s)
             self._loaded[spec.name] = entry
             return entry
 
-    async def _load(self, spec: FunctionSpec) -> Loaded:
+    async def _load(self, spec: FunctionSpec, wait_s: float = math.inf) -> Loaded:
         started = time.perf_counter()
         host: HostModel | None = None
         weights: Path | None = None
@@ -203,7 +216,7 @@ class HandlerCache:
         swap_started = time.perf_counter()
         # Reserve the space before building, so concurrent loads cannot overfill,
         # pinned, so that they cannot evict it half-built either.
-        self._make_room(spec, size)
+        await self._make_room(spec, size, wait_s)
         now = self._clock()
         self.cache = self.cache.insert(spec.name, size, 0.0, now).use(spec.name, now)
         self._loading[spec.name] = cache_key(spec)
@@ -219,6 +232,7 @@ class HandlerCache:
             handler = await anyio.to_thread.run_sync(build_handler, spec, ctx)
         except BaseException as exc:
             self.cache = self.cache.release(spec.name).evict([spec.name])
+            self._note_unpinned()
             if isinstance(exc, GfaasError | anyio.get_cancelled_exc_class()) or not isinstance(
                 exc, Exception
             ):
@@ -249,13 +263,28 @@ class HandlerCache:
             ctx=ctx,
         )
 
-    def _make_room(self, spec: FunctionSpec, size: int) -> None:
-        choice = choose_victims(self.cache, spec.name, size, self._clock())
-        if isinstance(choice, CannotFit):
-            code = ErrorCode.MODEL_UNAVAILABLE if choice.permanent else ErrorCode.OVERLOADED
-            raise GfaasError(code, f"{choice.reason} on {self.device}")
-        for key in choice.keys:
-            self._drop(key)
+    async def _make_room(self, spec: FunctionSpec, size: int, wait_s: float) -> None:
+        reason = ""
+        with anyio.move_on_after(wait_s) as scope:
+            while True:
+                choice = choose_victims(self.cache, spec.name, size, self._clock())
+                if not isinstance(choice, CannotFit):
+                    for key in choice.keys:
+                        self._drop(key)
+                    return
+                if choice.permanent:
+                    raise GfaasError(
+                        ErrorCode.MODEL_UNAVAILABLE, f"{choice.reason} on {self.device}"
+                    )
+                # Models in use pin the memory: wait for one to be released.
+                reason = choice.reason
+                self.room_waits += 1
+                await self._unpinned.wait()
+        assert scope.cancelled_caught
+        raise GfaasError(
+            ErrorCode.DEADLINE_EXCEEDED,
+            f"{reason} on {self.device}, and none was released in time",
+        )
 
     def _drop(self, name: str) -> None:
         # The device copy goes; the host tier keeps its copy for the next swap-in.

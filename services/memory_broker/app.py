@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 from services.memory_broker.pools import NodePools
 from shared import subjects
 from shared.bus import connected, serve_status
-from shared.config import Settings
+from shared.config import PAYLOAD_HEADROOM, Settings
 from shared.dataplane.backend import select_backend, tensor_from_handle
 from shared.dataplane.bandwidth import LinkScheduler
 from shared.dataplane.board import LeaseBoard, board_name
@@ -44,12 +44,14 @@ from shared.modelswap import HostTier, tier_prefix
 from shared.schema import (
     DEFAULT_TENANT,
     H_TENANT,
+    BytesReply,
     CopyRequest,
     ErrorCode,
     Handle,
     HandlesReply,
     HandlesRequest,
     LeaseRequest,
+    ReadRequest,
     WorkerHeartbeat,
     decode,
     encode,
@@ -88,7 +90,8 @@ class Broker:
         self.board = LeaseBoard(board_name(settings.shm_namespace, settings.node), BOARD_SLOTS)
         self.pools = NodePools(
             node=settings.node,
-            instance=instance,
+            # Lease ids must stay unique across nodes and broker restarts.
+            instance=f"{settings.node}-{instance}",
             default_ttl_s=settings.lease_ttl_s,
             board=self.board,
         )
@@ -105,29 +108,41 @@ class Broker:
             )
             self.pools.add_device(device, backend, config)
         self.copiers: dict[str, Copier] = {}
+        # Largest `read` chunk: what fits one reply on this server.
+        self.max_read = nc.max_payload - PAYLOAD_HEADROOM
         self.last_seen: dict[str, float] = {}
         self.copies = 0
 
     # -- requests ----------------------------------------------------------------------
 
     async def _answer(
-        self, msg: Msg, kind: type[R], op: Callable[[R, str], Awaitable[list[Handle]]]
+        self, msg: Msg, kind: type[R], op: Callable[[R, str], Awaitable[Any]]
     ) -> None:
+        """Decode, run `op`, reply: HandlesReply, or BytesReply for `read`; a refusal
+        is the same reply with an error and a reason."""
         tenant = (msg.headers or {}).get(H_TENANT) or DEFAULT_TENANT
+        reply_kind: type[HandlesReply] | type[BytesReply] = (
+            BytesReply if kind is ReadRequest else HandlesReply
+        )
+        reply: HandlesReply | BytesReply
         try:
             request = decode(msg.data, kind)
-            reply = HandlesReply(handles=await op(request, tenant))
-        except msgspec.MsgspecError as exc:
-            reply = HandlesReply(
-                error=GfaasError(ErrorCode.BAD_REQUEST, f"malformed {kind.__name__}: {exc}").info()
+            result = await op(request, tenant)
+            reply = (
+                BytesReply(data=result)
+                if reply_kind is BytesReply
+                else HandlesReply(handles=result)
             )
+        except msgspec.MsgspecError as exc:
+            reason = f"malformed {kind.__name__}: {exc}"
+            reply = reply_kind(error=GfaasError(ErrorCode.BAD_REQUEST, reason).info())
         except GfaasError as exc:
-            reply = HandlesReply(error=exc.info())
+            reply = reply_kind(error=exc.info())
             if not msg.reply:  # a published (unawaited) op: nobody to tell but the log
                 log.info("broker.refused", subject=msg.subject, reason=exc.reason)
         except Exception as exc:  # a bug costs one request, not the broker
             log.exception("broker.request_failed", subject=msg.subject)
-            reply = HandlesReply(error=GfaasError(ErrorCode.INTERNAL, repr(exc)).info())
+            reply = reply_kind(error=GfaasError(ErrorCode.INTERNAL, repr(exc)).info())
         if msg.reply:
             await msg.respond(encode(reply))
 
@@ -159,6 +174,24 @@ class Broker:
     async def transfer(self, req: HandlesRequest, tenant: str) -> list[Handle]:
         self.pools.transfer(req.handles, _named(req.holder, "holder"), _named(req.to, "to"), tenant)
         return []
+
+    async def read(self, req: ReadRequest, tenant: str) -> bytes:
+        """A slice of a lease's bytes, for a consumer on another node."""
+        self.pools.check([req.handle], tenant)
+        h = req.handle
+        end = h.nbytes if req.nbytes < 0 else req.offset + req.nbytes
+        if req.offset < 0 or end > h.nbytes or end < req.offset:
+            raise GfaasError(
+                ErrorCode.BAD_REQUEST,
+                f"read [{req.offset}, {end}) is outside the handle's {h.nbytes} bytes",
+            )
+        if end - req.offset > self.max_read:
+            raise GfaasError(
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"read of {end - req.offset} bytes exceeds {self.max_read}; read in chunks",
+            )
+        view = tensor_from_handle(h, "uint8", [h.nbytes])[req.offset : end]
+        return bytes(view.cpu().numpy())
 
     async def copy(self, req: CopyRequest, tenant: str) -> list[Handle]:
         src = self.pools.lease_of(req.source, tenant)
@@ -263,13 +296,14 @@ async def serve(
     async with connected(settings.nats_url, "gfaas-memory-broker") as nc:
         broker = Broker(nc, settings, instance)
         try:
-            ops: dict[str, tuple[type[Any], Callable[[Any, str], Awaitable[list[Handle]]]]] = {
+            ops: dict[str, tuple[type[Any], Callable[[Any, str], Awaitable[Any]]]] = {
                 "lease": (LeaseRequest, broker.lease),
                 "check": (HandlesRequest, broker.check),
                 "retain": (HandlesRequest, broker.retain),
                 "release": (HandlesRequest, broker.release),
                 "transfer": (HandlesRequest, broker.transfer),
                 "copy": (CopyRequest, broker.copy),
+                "read": (ReadRequest, broker.read),
             }
             async with anyio.create_task_group() as copies:
 

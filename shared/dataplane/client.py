@@ -9,7 +9,7 @@ as a GfaasError with the broker's reason.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import nats.errors
@@ -24,6 +24,7 @@ from shared.errors import GfaasError
 from shared.schema import (
     DEFAULT_TENANT,
     H_TENANT,
+    BytesReply,
     CopyRequest,
     DType,
     ErrorCode,
@@ -31,6 +32,7 @@ from shared.schema import (
     HandlesReply,
     HandlesRequest,
     LeaseRequest,
+    ReadRequest,
     Tensor,
     decode,
     encode,
@@ -38,6 +40,8 @@ from shared.schema import (
 
 if TYPE_CHECKING:
     import torch
+
+Reply = TypeVar("Reply", HandlesReply, BytesReply)
 
 # In the broker's reason when a node pools no memory on a device (no cupy, say):
 # callers then lease in host memory instead.
@@ -138,7 +142,20 @@ class BrokerClient:
         (handle,) = await self._call("copy", request, tenant)
         return handle
 
+    async def read(self, handle: Handle, tenant: str, *, chunk: int) -> bytes:
+        """A lease's bytes in messages of at most `chunk` bytes: the fallback for a
+        consumer on another node, which cannot map this node's pool."""
+        parts: list[bytes] = []
+        for offset in range(0, handle.nbytes, max(chunk, 1)):
+            n = min(chunk, handle.nbytes - offset)
+            request = ReadRequest(handle=handle, offset=offset, nbytes=n)
+            parts.append((await self._request("read", request, tenant, BytesReply)).data)
+        return b"".join(parts)
+
     async def _call(self, op: str, request: Any, tenant: str) -> list[Handle]:
+        return (await self._request(op, request, tenant, HandlesReply)).handles
+
+    async def _request(self, op: str, request: Any, tenant: str, kind: type[Reply]) -> Reply:
         subject = subjects.broker(self.node, op)
         try:
             msg = await self.nc.request(
@@ -153,12 +170,12 @@ class BrokerClient:
                 ErrorCode.INTERNAL, f"memory broker {self.node!r} did not answer {op}"
             ) from None
         try:
-            reply = decode(msg.data, HandlesReply)
+            reply = decode(msg.data, kind)
         except msgspec.MsgspecError as exc:
             raise GfaasError(ErrorCode.INTERNAL, f"bad broker reply: {exc}") from None
         if reply.error is not None:
             raise GfaasError.from_info(reply.error)
-        return reply.handles
+        return reply
 
 
 def open_tensor(t: Tensor) -> torch.Tensor:
