@@ -29,7 +29,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import anyio
 import matplotlib
@@ -41,11 +40,10 @@ from bench.live_models import WIDTH, write_mlp
 from gfaas.client import Client
 from gfaas.sim.workload import Workload, WorkloadSpec, generate
 from gfaas.supervisor import Supervisor
-from shared import subjects
 from shared.config import Settings
 from shared.errors import GfaasError
 from shared.natsd import nats_server
-from shared.schema import FunctionKind, FunctionSpec, ServiceStatus, decode
+from shared.schema import FunctionKind, FunctionSpec
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -124,19 +122,6 @@ async def push_models(url: str, workload: Workload, work: Path) -> int:
     return total
 
 
-async def all_status(nc: NATS, service: str, count: int) -> dict[str, dict[str, Any]]:
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    await nc.publish(subjects.status(service), b"", reply=inbox)
-    found: dict[str, dict[str, Any]] = {}
-    with anyio.move_on_after(5):
-        while len(found) < count:
-            status = decode((await sub.next_msg(timeout=5)).data, ServiceStatus)
-            found[status.instance] = status.details
-    await sub.unsubscribe()
-    return found
-
-
 async def wait_ready(client: Client, workers: int, specs: list[FunctionSpec]) -> None:
     with anyio.fail_after(60):
         while True:
@@ -153,7 +138,7 @@ async def wait_ready(client: Client, workers: int, specs: list[FunctionSpec]) ->
 
 
 async def counters(nc: NATS, workers: int) -> tuple[int, int]:
-    details = await all_status(nc, "gpu-worker", workers)
+    details = await Client(nc).statuses("gpu-worker", expect=workers)
     return (
         sum(d["model_loads"] for d in details.values()),
         sum(d["evictions"] for d in details.values()),

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import msgspec
 import nats
 import nats.errors
@@ -240,6 +241,24 @@ class Client:
     async def status(self, service: str, *, timeout: float = 2.0) -> ServiceStatus:
         msg = await self.nc.request(subjects.status(service), b"", timeout=timeout)
         return decode(msg.data, ServiceStatus)
+
+    async def statuses(
+        self, service: str, *, expect: int, timeout: float = 5.0
+    ) -> dict[str, dict[str, Any]]:
+        """Every instance's status details (each answers the status subject once), by
+        instance: up to `expect` of them, or what answered within `timeout`."""
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        found: dict[str, dict[str, Any]] = {}
+        try:
+            await self.nc.publish(subjects.status(service), b"", reply=inbox)
+            with anyio.move_on_after(timeout):
+                while len(found) < expect:
+                    status = decode((await sub.next_msg(timeout=timeout)).data, ServiceStatus)
+                    found[status.instance] = status.details
+        finally:
+            await sub.unsubscribe()
+        return found
 
     async def registry(self) -> Registry[FunctionSpec]:
         return await Registry.open(self.nc.jetstream())

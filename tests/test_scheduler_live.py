@@ -19,7 +19,7 @@ from gfaas.client import Client
 from shared import subjects
 from shared.errors import GfaasError
 from shared.natsd import NatsServer
-from shared.schema import FunctionSpec, ServiceStatus, decode
+from shared.schema import FunctionSpec
 from shared.spec import load_spec
 from tests.conftest import Platform, platform_at
 from tests.helpers import deploy_and_wait
@@ -47,20 +47,6 @@ def locality(nats_server: NatsServer, tmp_path: Path) -> Iterator[Platform]:
 def slo(nats_server: NatsServer, tmp_path: Path) -> Iterator[Platform]:
     with platform_at(nats_server.url, tmp_path / "s", workers=2, policy="slo") as p:
         yield p
-
-
-async def workers_details(nc: NATS, count: int) -> dict[str, dict[str, Any]]:
-    """Every worker's status details (the status subject answers once per instance)."""
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    await nc.publish(subjects.status("gpu-worker"), b"", reply=inbox)
-    found: dict[str, dict[str, Any]] = {}
-    with anyio.fail_after(5):
-        while len(found) < count:
-            status = decode((await sub.next_msg(timeout=5)).data, ServiceStatus)
-            found[status.instance] = status.details
-    await sub.unsubscribe()
-    return found
 
 
 async def scheduler_details(client: Client) -> dict[str, Any]:
@@ -95,7 +81,8 @@ async def test_locality_sends_each_model_to_the_worker_that_holds_it(
     assert len(served["classifier"]) == 1
     assert len(served["text-encoder"]) == 1
     assert served["classifier"] != served["text-encoder"]
-    details = await workers_details(nc, 2)
+    details = await Client(nc).statuses("gpu-worker", expect=2)
+    assert len(details) == 2
     assert sum(d["model_loads"] for d in details.values()) == 2
     assert sum(d["evictions"] for d in details.values()) == 0
     assert sum(d["model_hits"] for d in details.values()) == 10
@@ -116,7 +103,8 @@ async def test_slo_refuses_a_function_no_worker_can_serve_in_time_and_serves_the
     with anyio.fail_after(10):
         while "slow" not in (await settled(client))["exec_ms"]:
             await client.invoke("slow", half)
-    details = await workers_details(nc, 2)
+    details = await Client(nc).statuses("gpu-worker", expect=2)
+    assert len(details) == 2
     completed = sum(d["completed"] for d in details.values())
     for _ in range(3):
         with pytest.raises(GfaasError) as info:
@@ -128,7 +116,8 @@ async def test_slo_refuses_a_function_no_worker_can_serve_in_time_and_serves_the
     # The refused calls never reached a worker; the echoes did (a worker counts a
     # call before it tells the scheduler, so once the scheduler has settled, they agree).
     await settled(client)
-    details = await workers_details(nc, 2)
+    details = await Client(nc).statuses("gpu-worker", expect=2)
+    assert len(details) == 2
     assert sum(d["completed"] for d in details.values()) == completed + 3
     assert (await scheduler_details(client))["rejected"] == 3
 
