@@ -17,6 +17,7 @@ from gfaas.client import Client
 from shared.dataplane.shm import list_segments
 from shared.errors import GfaasError
 from shared.modelswap import tier_prefix
+from shared.modelswap.host_tier import LOCK_DIR
 from shared.natsd import NatsServer
 from shared.spec import load_spec
 from tests.conftest import Platform, platform_at
@@ -108,3 +109,4 @@ async def test_host_tier_segments_do_not_outlive_the_platform(
         await client.invoke("text-encoder", {"tokens": tokenize("stay in shared memory")})
         assert len(list_segments(tier_prefix(namespace))) == 1
     assert list_segments(tier_prefix(namespace)) == []
+    assert list(LOCK_DIR.glob(f"{tier_prefix(namespace)}*")) == []

@@ -33,9 +33,7 @@ def mlp() -> nn.Module:
 def tier() -> Iterator[HostTier]:
     tier = HostTier(prefix=PREFIX + "test-")
     yield tier
-    tier.close()
-    for name in tier.resident():
-        (Path("/dev/shm") / name).unlink()
+    tier.purge()
 
 
 @pytest.fixture

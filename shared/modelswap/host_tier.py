@@ -188,10 +188,12 @@ class HostTier:
         return list_segments(self.prefix)
 
     def purge(self) -> int:
-        """Unlink every segment of this tier (the node is shutting down). Mappings
-        that processes still hold stay valid until they close them."""
+        """Unlink every segment of this tier and its lock files (the node is shutting
+        down). Mappings that processes still hold stay valid until they close them."""
         names = self.resident()
         self.close()
+        for lock in LOCK_DIR.glob(f"{self.prefix}*.lock"):
+            lock.unlink(missing_ok=True)
         return sum(unlink_segment(n) for n in names)
 
     def close(self) -> None:
