@@ -57,8 +57,11 @@ class Settings:
     lease_ttl_s: float = 300.0
     # How long a slab stays empty before the pool gives it back.
     pool_cooldown_s: float = 30.0
-    # Chunk size of broker copies (bandwidth arbitration), KiB.
+    # Chunk size of broker copies (bandwidth arbitration), KiB, and how each link
+    # orders them: "fair" (weighted fair sharing) or "fifo" (whole transfers in turn,
+    # the baseline the benchmarks compare against).
     copy_chunk_kb: int = 2048
+    link_mode: str = "fair"
 
 
 # Environment variable -> field. compose.yaml may only use these.

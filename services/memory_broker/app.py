@@ -32,7 +32,7 @@ from shared import subjects
 from shared.bus import connected, serve_status
 from shared.config import PAYLOAD_HEADROOM, Settings
 from shared.dataplane.backend import select_backend, tensor_from_handle
-from shared.dataplane.bandwidth import LinkScheduler
+from shared.dataplane.bandwidth import LinkScheduler, Mode
 from shared.dataplane.board import LeaseBoard, board_name
 from shared.dataplane.copier import Copier, NumpyEngine, TorchEngine
 from shared.dataplane.cuda import cuda_device_count
@@ -107,6 +107,8 @@ class Broker:
                 cooldown_s=settings.pool_cooldown_s,
             )
             self.pools.add_device(device, backend, config)
+        # Checked here, so a bad GFAAS_LINK_MODE stops the broker at start.
+        self.link_mode = Mode(settings.link_mode)
         self.copiers: dict[str, Copier] = {}
         # Largest `read` chunk: what fits one reply on this server.
         self.max_read = nc.max_payload - PAYLOAD_HEADROOM
@@ -219,6 +221,7 @@ class Broker:
                 link,
                 capacity=LINK_CAPACITY[link_kind(src_device, dst.device)],
                 chunk_bytes=self.settings.copy_chunk_kb * 1024,
+                mode=self.link_mode,
             )
             copier = Copier(scheduler, NumpyEngine() if cpu else TorchEngine())
             self.copiers[link] = copier
