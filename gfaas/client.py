@@ -67,7 +67,9 @@ def outputs_of(reply: InvokeReply) -> dict[str, np.ndarray[Any, Any]]:
     """
     if reply.error is not None:
         raise GfaasError.from_info(reply.error)
-    return {t.name: open_tensor(t).numpy() if t.handle else to_numpy(t) for t in reply.outputs}
+    return {
+        t.name: open_tensor(t).cpu().numpy() if t.handle else to_numpy(t) for t in reply.outputs
+    }
 
 
 class Client:

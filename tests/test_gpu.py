@@ -39,3 +39,44 @@ def test_classifier_runs_on_the_gpu_and_matches_the_cpu(tmp_path: Path) -> None:
         on_cpu = cpu({"pixels": pixels})["logits"]
     assert on_gpu.device.type == "cuda"
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-3, atol=1e-3)
+
+
+async def _outputs_by_handle_on_the_gpu(url: str) -> None:
+    import nats
+    import numpy as np
+
+    from gfaas.client import Client, outputs_of
+    from shared.schema import DType, FunctionKind, FunctionSpec, OutputMode, TensorSpec
+    from tests.helpers import deploy_and_wait
+
+    spec = FunctionSpec(
+        name="double",
+        handler="tests.funcs:double",
+        kind=FunctionKind.GPU,
+        inputs=[TensorSpec(name="x", dtype=DType.FLOAT32, shape=[1024])],
+        outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[1024])],
+    )
+    nc = await nats.connect(url)
+    try:
+        client = Client(nc)
+        await deploy_and_wait(nc, spec)
+        x = np.arange(1024, dtype=np.float32)
+        reply = await client.invoke_reply("double", {"x": x}, outputs_by=OutputMode.HANDLE)
+        (out,) = reply.outputs
+        assert out.handle is not None
+        # A CUDA slab when the broker pools GPU memory (cupy), host memory otherwise.
+        assert (out.handle.backend, out.handle.device) in {("cuda", "cuda:0"), ("shm", "cpu")}
+        np.testing.assert_array_equal(outputs_of(reply)["y"], x * 2)
+        await client.release(reply.outputs)
+    finally:
+        await nc.drain()
+
+
+def test_outputs_by_handle_on_a_gpu_worker(tmp_path: Path) -> None:
+    import anyio
+
+    from shared.natsd import nats_server
+    from tests.conftest import platform_at
+
+    with nats_server(tmp_path / "nats") as server, platform_at(server.url, tmp_path / "s"):
+        anyio.run(_outputs_by_handle_on_the_gpu, server.url)

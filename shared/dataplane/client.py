@@ -2,8 +2,8 @@
 
 Workers, ingress (workflows) and the Python client use this; none of them imports
 the broker's modules. Every operation is one request on `gfaas.v1.broker.<node>.<op>`
-carrying the tenant in a header, answered with a HandlesReply; a refusal comes back
-as a GfaasError with the broker's reason.
+carrying the tenant in a header, answered with a HandlesReply (a BytesReply for
+`read`); a refusal comes back as a GfaasError with the broker's reason.
 """
 
 from __future__ import annotations
