@@ -216,9 +216,12 @@ class CopyRequest(_Msg):
     source: Handle
     device: str
     owner: str
-    # Fair-share weight, and the function's remaining budget (0: none) for a minimum rate.
+    # Fair-share weight. With a budget, the copy gets a minimum rate of
+    # size / (budget - compute): the function's remaining latency budget (0: none)
+    # less the consumer's expected compute time (FaaSTube).
     weight: float = 1.0
     budget_ms: float = 0.0
+    compute_ms: float = 0.0
     flow: str = ""
 
 

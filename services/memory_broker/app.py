@@ -239,6 +239,7 @@ class Broker:
             weight=req.weight,
             flow=req.flow or req.owner,
             deadline=time.perf_counter() + budget_s if budget_s > 0 else None,
+            compute_s=req.compute_ms / 1000.0,
         )
         await asyncio.wrap_future(future)
 
