@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import numpy as np
 import pytest
 from nats.aio.client import Client as NATS
@@ -10,7 +11,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from shared.schema import FunctionSpec
+from gfaas.client import Client
+from shared.schema import DType, FunctionSpec, StageSpec, TensorSpec, WorkflowSpec
 from tests.conftest import Platform
 from tests.helpers import body, deploy_and_wait
 
@@ -64,3 +66,47 @@ async def test_one_invocation_is_one_trace_across_services(
     assert worker.parent.span_id == scheduler.context.span_id
     assert worker.attributes is not None
     assert worker.attributes["gfaas.invocation_id"] == "traced-1"
+
+
+async def test_a_workflow_is_one_trace_with_a_span_per_stage(
+    exporter: InMemorySpanExporter, platform: Platform, nc: NATS
+) -> None:
+    x = [TensorSpec(name="x", dtype=DType.FLOAT32, shape=[-1])]
+    await deploy_and_wait(nc, FunctionSpec(name="add-one", handler="tests.funcs:add_one", inputs=x))
+    client = Client(nc)
+    await client.deploy(
+        WorkflowSpec(
+            name="twice",
+            inputs=x,
+            stages=[
+                StageSpec(name="a", function="add-one", inputs={"x": "$in.x"}),
+                StageSpec(name="b", function="add-one", inputs={"x": "a.y"}),
+            ],
+            outputs={"y": "b.y"},
+        )
+    )
+    with anyio.fail_after(5):
+        while "twice" not in (await client.status("ingress")).details["workflows"]:
+            await anyio.sleep(0.02)
+    exporter.clear()
+    msg = await nc.request(
+        "gfaas.v1.invoke.twice",
+        body(x=np.ones(3, np.float32)),
+        timeout=5,
+        headers={"traceparent": f"00-{TRACE_ID}-{PARENT}-01"},
+    )
+    assert msg.headers is not None
+    assert msg.headers["Gfaas-Status"] == "ok"
+    spans = [s for s in exporter.get_finished_spans() if s.context is not None]
+    assert {format(s.context.trace_id, "032x") for s in spans if s.context} == {TRACE_ID}
+    names = [s.name for s in spans]
+    assert names.count("ingress workflow") == 1
+    assert names.count("scheduler assign") == 2
+    assert names.count("worker run") == 2
+    (run,) = [s for s in spans if s.name == "ingress workflow"]
+    assert run.context is not None
+    # Both stages hang under the workflow's span.
+    for s in spans:
+        if s.name == "scheduler assign":
+            assert s.parent is not None
+            assert s.parent.span_id == run.context.span_id
