@@ -238,3 +238,30 @@ async def test_a_large_workflow_input_enters_the_pool_once(platform: Platform, n
     checks = (await client.status("gpu-worker")).details["handle_checks"]
     assert checks == {"local": 5, "remote": 0}
     await no_leases_left(client)
+
+
+async def test_small_fixed_intermediates_go_by_value(platform: Platform, nc: NATS) -> None:
+    client = Client(nc)
+    fixed = [TensorSpec(name="x", dtype=DType.FLOAT32, shape=[1024])]
+    double = FunctionSpec(
+        name="double-fixed",
+        handler="tests.funcs:double",
+        inputs=fixed,
+        outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[1024])],
+    )
+    quad = WorkflowSpec(
+        name="quad",
+        inputs=fixed,
+        stages=[
+            StageSpec(name="a", function="double-fixed", inputs={"x": "$in.x"}),
+            StageSpec(name="b", function="double-fixed", inputs={"x": "a.y"}),
+        ],
+        outputs={"y": "b.y"},
+    )
+    await deploy_all(client, double, quad)
+    x = np.arange(1024, dtype=np.float32)
+    out = await client.invoke("quad", {"x": x})
+    np.testing.assert_array_equal(out["y"], 4 * x)
+    # 4 KiB of fixed output: cheaper to carry than to lease, so no handle was made.
+    assert (await client.status("gpu-worker")).details["handle_checks"]["local"] == 0
+    assert (await broker(client))["pools"]["cpu"]["slabs_created"] == 0

@@ -30,13 +30,16 @@ from shared.schema import (
     Tensor,
     encode,
 )
-from shared.tensors import validate_inputs
+from shared.tensors import nbytes_of, validate_inputs
 from shared.workflow import INPUT, WorkflowError, WorkflowPlan, check_functions
 
 log = get_logger("ingress.workflow")
 
 # Workflow inputs above this size move into the pool before the first stage.
 POOL_INPUTS_ABOVE = 256 * 1024
+# Intermediates a spec fixes to at most this many bytes go by value (bench.dp_handoff:
+# below about 64 KiB by value is as fast as a handle, without the lease).
+SMALL_OUTPUTS = 64 * 1024
 
 # Sends one stage to the scheduler: (meta, body, preferred worker) -> reply.
 Schedule = Callable[[InvocationMeta, bytes, str], Awaitable[InvokeReply]]
@@ -126,11 +129,10 @@ class _Run:
         except GfaasError as exc:
             self._fail(scope, stage, function, exc.code, exc.reason)
             return
-        feeds = self.plan.feeds_stages(stage)
         body = encode(
             InvokeRequest(
                 inputs=args,
-                outputs_by=OutputMode.HANDLE if feeds else self.request.outputs_by,
+                outputs_by=self._outputs_by(stage, spec),
                 holder=self.holder,
             )
         )
@@ -168,6 +170,16 @@ class _Run:
             log.warning("workflow.inputs_by_value", reason=str(exc))
             return
         self.inputs.update((t.name, t) for t in pooled)
+
+    def _outputs_by(self, stage: str, spec: FunctionSpec) -> OutputMode:
+        """Outputs other stages read go by handle, unless the spec fixes them to a few
+        KiB: then carrying the bytes costs less than leasing a buffer."""
+        if not self.plan.feeds_stages(stage):
+            return self.request.outputs_by
+        fixed = bool(spec.outputs) and all(d >= 0 for t in spec.outputs for d in t.shape)
+        if fixed and sum(nbytes_of(t.dtype, t.shape) for t in spec.outputs) <= SMALL_OUTPUTS:
+            return OutputMode.VALUE
+        return OutputMode.HANDLE
 
     def _value(self, stage: str, name: str) -> Tensor:
         if stage == INPUT:
