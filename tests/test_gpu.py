@@ -68,6 +68,16 @@ async def _outputs_by_handle_on_the_gpu(url: str) -> None:
         assert (out.handle.backend, out.handle.device) in {("cuda", "cuda:0"), ("shm", "cpu")}
         np.testing.assert_array_equal(outputs_of(reply)["y"], x * 2)
         await client.release(reply.outputs)
+        broker = (await client.status("memory-broker")).details
+        if "cuda:0" in broker["pools"]:
+            # An input in host memory reaches the GPU through the broker's copy, on
+            # the cpu->cuda:0 link's scheduler.
+            arg = await client.put("x", x)
+            doubled = await client.invoke("double", [arg])
+            np.testing.assert_array_equal(doubled["y"], x * 2)
+            links = (await client.status("memory-broker")).details["links"]
+            assert links["cpu->cuda:0"]["bytes"] == x.nbytes
+            await client.release([arg])
     finally:
         await nc.drain()
 

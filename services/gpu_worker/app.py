@@ -37,6 +37,7 @@ from shared.modelstore import ModelStore
 from shared.modelswap import HostTier, tier_prefix
 from shared.registry import Registry
 from shared.schema import (
+    CopyRequest,
     Done,
     ErrorCode,
     FunctionSpec,
@@ -194,13 +195,17 @@ class Worker:
         request = await self._fetch_remote(meta, request)
         by_handle = self._input_handles(request)
         prepared = await self._prepare_outputs(meta, request, spec, by_handle)
+        moved: list[Handle] = []
         try:
+            request, moved = await self._to_this_device(meta, request, spec)
             inputs = {
                 t.name: (open_tensor(t).to(self.device) if t.handle else to_torch(t, self.device))
                 for t in request.inputs
             }
             return await self._call(spec, meta, request, entry, inputs, prepared)
         finally:
+            if moved:
+                await self.broker.release(moved, self.worker_id, meta.tenant, wait=False)
             # Whatever the handler did not use (or a failure left) goes back.
             if prepared:
                 with anyio.CancelScope(shield=True):
@@ -258,6 +263,47 @@ class Worker:
             ),
             exec_ms,
         )
+
+    async def _to_this_device(
+        self, meta: InvocationMeta, request: InvokeRequest, spec: FunctionSpec
+    ) -> tuple[InvokeRequest, list[Handle]]:
+        """On a GPU, inputs in another device's pool (host memory from a CPU stage,
+        another GPU) are copied here by the broker: chunked on that link's fair
+        scheduler, with the rest of the SLO as budget. Returns the copies to release."""
+        if not self.pool_device.startswith("cuda"):
+            return request, []
+        elsewhere = [
+            t
+            for t in request.inputs
+            if t.handle is not None and t.handle.device != self.pool_device
+        ]
+        if not elsewhere:
+            return request, []
+        budget_ms = max(min(meta.remaining_s(), spec.slo_ms / 1000.0), 0.0) * 1000.0
+        moved: dict[str, Handle] = {}
+        try:
+            for t in elsewhere:
+                assert t.handle is not None
+                moved[t.name] = await self.broker.copy(
+                    CopyRequest(
+                        source=t.handle,
+                        device=self.pool_device,
+                        owner=self.worker_id,
+                        budget_ms=budget_ms,
+                        flow=spec.name,
+                    ),
+                    meta.tenant,
+                )
+        except BaseException:
+            if moved:
+                with anyio.CancelScope(shield=True):
+                    await self.broker.release(list(moved.values()), self.worker_id, meta.tenant)
+            raise
+        inputs = [
+            msgspec.structs.replace(t, handle=moved[t.name]) if t.name in moved else t
+            for t in request.inputs
+        ]
+        return msgspec.structs.replace(request, inputs=inputs), list(moved.values())
 
     def _input_handles(self, request: InvokeRequest) -> list[Handle]:
         return [t.handle for t in request.inputs if t.handle is not None]
