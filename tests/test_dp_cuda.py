@@ -81,3 +81,22 @@ def test_the_copier_moves_chunks_host_to_device_on_a_stream() -> None:
     with Copier(sched, CudaCopyEngine("cuda:0")) as copier:
         copier.submit("t", dst, src, 8 * MiB).result(timeout=30)
     assert torch.equal(dst.cpu(), src)
+
+
+def test_host_slabs_are_pinned_for_the_gpu_and_copy_to_it(cuda_backend: Any) -> None:
+    from shared.dataplane.cuda import CudaCopyEngine, PinnedShmBackend
+
+    host = PinnedShmBackend(prefix=f"gfaas-test-pinned-{os.getpid()}-")
+    slab = host.create_slab(4 * MiB, "pool", prefault=True)
+    try:
+        assert host.is_pinned(slab.segment)
+        src = host.as_torch(slab.segment, 0, 4 * MiB, DType.UINT8, [4 * MiB])
+        assert src.is_pinned()
+        src.fill_(7)
+        gpu = cuda_backend.create_slab(4 * MiB, "pool")
+        dst = cuda_backend.as_torch(gpu.segment, 0, 4 * MiB, DType.UINT8, [4 * MiB])
+        with Copier(LinkScheduler("cpu->cuda:0", capacity=25e9), CudaCopyEngine("cuda:0")) as c:
+            c.submit("t", dst, src, 4 * MiB).result(timeout=30)
+        assert int(dst.sum().item()) == 7 * 4 * MiB
+    finally:
+        host.destroy_slab(slab.segment)

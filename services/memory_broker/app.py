@@ -34,7 +34,7 @@ from shared.config import PAYLOAD_HEADROOM, Settings
 from shared.dataplane.backend import select_backend, tensor_from_handle
 from shared.dataplane.bandwidth import LinkScheduler, Mode
 from shared.dataplane.board import LeaseBoard, board_name
-from shared.dataplane.copier import Copier, NumpyEngine, TorchEngine
+from shared.dataplane.copier import Copier, CopyEngine, NumpyEngine
 from shared.dataplane.cuda import cuda_device_count
 from shared.dataplane.elastic import ElasticConfig
 from shared.dataplane.shm import ShmBackend
@@ -75,6 +75,22 @@ def pool_devices() -> list[str]:
     return ["cpu", *(f"cuda:{i}" for i in range(cuda_device_count()))]
 
 
+def host_backend(prefix: str) -> ShmBackend:
+    """Host-memory slabs; pinned for the GPUs when this node has any."""
+    if cuda_device_count() > 0:
+        from shared.dataplane.cuda import PinnedShmBackend
+
+        return PinnedShmBackend("cpu", prefix=prefix)
+    return ShmBackend("cpu", prefix=prefix)
+
+
+def gpu_engine(src: str, dst: str) -> CopyEngine:
+    """Chunks on a dedicated stream of the GPU end of the link, an event per chunk."""
+    from shared.dataplane.cuda import CudaCopyEngine
+
+    return CudaCopyEngine(dst if dst.startswith("cuda") else src)
+
+
 def link_kind(src: str, dst: str) -> str:
     if src == "cpu" and dst == "cpu":
         return "host"
@@ -97,7 +113,7 @@ class Broker:
         )
         for device in pool_devices():
             backend = (
-                ShmBackend(device, prefix=f"{settings.shm_namespace}-pool-")
+                host_backend(f"{settings.shm_namespace}-pool-")
                 if device == "cpu"
                 else select_backend(device, fallback=False)
             )
@@ -223,7 +239,7 @@ class Broker:
                 chunk_bytes=self.settings.copy_chunk_kb * 1024,
                 mode=self.link_mode,
             )
-            copier = Copier(scheduler, NumpyEngine() if cpu else TorchEngine())
+            copier = Copier(scheduler, NumpyEngine() if cpu else gpu_engine(src_device, dst.device))
             self.copiers[link] = copier
         if isinstance(copier.engine, NumpyEngine):
             src: Any = src_view.numpy()

@@ -14,7 +14,10 @@ import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from shared.dataplane.backend import BackendError, BackendUnavailable, SlabRef, numpy_dtype
+from shared.dataplane.shm import SEGMENT_PREFIX, ShmBackend
 from shared.schema import DType
 
 if TYPE_CHECKING:
@@ -159,3 +162,36 @@ class CudaCopyEngine:
             done = torch.cuda.Event()
             done.record(self._stream)
         done.synchronize()
+
+
+# cudaHostRegisterPortable: pinned for every CUDA context, not only the current one.
+_HOST_REGISTER_PORTABLE = 1
+
+
+class PinnedShmBackend(ShmBackend):
+    """Host-memory slabs pinned for the GPUs (cudaHostRegister) in the process that
+    registers them, the broker: its host<->device copies then run asynchronously at
+    full link speed instead of through a pageable bounce buffer."""
+
+    def __init__(self, device: str = "cpu", *, prefix: str = SEGMENT_PREFIX) -> None:
+        super().__init__(device, prefix=prefix)
+        self._pinned: dict[str, int] = {}
+
+    def create_slab(self, size: int, pool: str, *, prefault: bool = False) -> SlabRef:
+        ref = super().create_slab(size, pool, prefault=prefault)
+        ptr = int(np.frombuffer(self.open(ref.segment).mm, dtype=np.uint8).ctypes.data)
+        try:
+            _cupy().cuda.runtime.hostRegister(ptr, size, _HOST_REGISTER_PORTABLE)
+        except Exception:  # still a working slab, only pageable
+            return ref
+        self._pinned[ref.segment] = ptr
+        return ref
+
+    def destroy_slab(self, segment: str) -> None:
+        ptr = self._pinned.pop(segment, None)
+        if ptr is not None:
+            _cupy().cuda.runtime.hostUnregister(ptr)
+        super().destroy_slab(segment)
+
+    def is_pinned(self, segment: str) -> bool:
+        return segment in self._pinned
