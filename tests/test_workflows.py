@@ -213,15 +213,27 @@ async def test_soak_thousands_of_workflow_runs_leave_the_pool_at_its_baseline(
 async def test_consecutive_stages_stay_on_the_worker_holding_their_inputs(
     nats_server: NatsServer, nc: NATS, tmp_path: Path
 ) -> None:
-    # Round robin alone would alternate between the two workers stage by stage.
+    # Round robin alone would alternate between the two workers stage by stage. A
+    # chain, not the diamond: its two middle stages run at once, and spreading them
+    # over both workers is right when one is busier.
+    chain = WorkflowSpec(
+        name="chain",
+        inputs=X,
+        stages=[
+            StageSpec(name="a", function="add-one", inputs={"x": "$in.x"}),
+            StageSpec(name="b", function="add-one", inputs={"x": "a.y"}),
+            StageSpec(name="c", function="add-one", inputs={"x": "b.y"}),
+        ],
+        outputs={"y": "c.y"},
+    )
     with platform_at(nats_server.url, tmp_path / "s", workers=2, policy="round_robin"):
         client = Client(nc)
-        await deploy_all(client, *FUNCS, DIAMOND)
+        await deploy_all(client, *FUNCS, chain)
         with anyio.fail_after(10):
             while len((await client.status("scheduler")).details["workers"]) < 2:
                 await anyio.sleep(0.05)
         for _ in range(3):
-            reply = await client.invoke_reply("diamond", {"x": np.ones(4, np.float32)})
+            reply = await client.invoke_reply("chain", {"x": np.ones(4, np.float32)})
             assert reply.error is None
             assert len(set(reply.worker.split(","))) == 1, reply.worker
 
