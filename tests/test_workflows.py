@@ -78,10 +78,17 @@ async def broker(client: Client) -> dict[str, Any]:
     return (await client.status("memory-broker")).details
 
 
-async def no_leases_left(client: Client) -> None:
+async def leases_settle_at(client: Client, count: int) -> dict[str, Any]:
+    """The broker's details once `count` leases are live: runs publish their releases
+    without waiting, and the broker answers status beside its ordered ops."""
     with anyio.fail_after(5):
-        while (await broker(client))["leases"]:
+        while (details := await broker(client))["leases"] != count:
             await anyio.sleep(0.02)
+    return details
+
+
+async def no_leases_left(client: Client) -> None:
+    await leases_settle_at(client, 0)
 
 
 async def test_a_diamond_workflow_runs_with_intermediates_by_handle(
@@ -115,6 +122,8 @@ async def test_workflow_outputs_by_handle_belong_to_the_caller(
     assert reply.error is None
     assert all(t.handle is not None for t in reply.outputs)
     # The run released its own references; the caller's keep the outputs alive.
+    await leases_settle_at(client, 2)
+    await anyio.sleep(0.2)
     assert (await broker(client))["leases"] == 2
     await client.release(reply.outputs)
     await no_leases_left(client)
@@ -200,8 +209,7 @@ async def test_soak_thousands_of_workflow_runs_leave_the_pool_at_its_baseline(
             for _ in range(in_flight):
                 tg.start_soon(caller, runs // in_flight)
         assert done == runs
-        details = await broker(client)
-        assert details["leases"] == 0
+        details = await leases_settle_at(client, 0)
         assert details["bytes_leased"] == 0
         assert details["refused"] == 0
         # Every byte of the pool is free again, in one block per slab: nothing leaked
