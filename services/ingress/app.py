@@ -33,8 +33,8 @@ from services.ingress.workflow import WorkflowRunner
 from shared import jetstream, subjects, tracing
 from shared.bus import connected, reply_error, send_reply, serve_status
 from shared.config import Settings, effective_max_payload
-from shared.dataplane.backend import prune_mappings, tensor_from_handle
-from shared.dataplane.client import BrokerClient
+from shared.dataplane.backend import prune_mappings
+from shared.dataplane.client import BrokerClient, read_bytes, write_bytes
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.registry import Registry
@@ -381,16 +381,13 @@ class Ingress:
         try:
             inputs = list(parsed.invoke.inputs)
             if refs:
-                sizes = [refs[t.name].byte_size for t in inputs if t.name in refs]
-                staged = await self.broker.lease(sizes, owner=self.holder, tenant=tenant)
-                by_name = dict(zip([t.name for t in inputs if t.name in refs], staged, strict=True))
-                for t in inputs:
-                    if t.name in refs:
-                        h = by_name[t.name]
-                        pooled = tensor_from_handle(h, "uint8", [h.nbytes]).numpy()
-                        pooled[:] = np.frombuffer(
-                            self.regions.view(refs[t.name], h.nbytes), np.uint8
-                        )
+                names = [t.name for t in inputs if t.name in refs]
+                staged = await self.broker.lease(
+                    [refs[n].byte_size for n in names], owner=self.holder, tenant=tenant
+                )
+                by_name = dict(zip(names, staged, strict=True))
+                for n, h in by_name.items():
+                    write_bytes(h, self.regions.view(refs[n], h.nbytes))
                 inputs = [
                     msgspec.structs.replace(t, handle=by_name[t.name]) if t.name in refs else t
                     for t in inputs
@@ -417,7 +414,7 @@ class Ingress:
                 if t.handle is None:
                     outputs.append(t)
                     continue
-                pooled = tensor_from_handle(t.handle, "uint8", [t.handle.nbytes]).numpy()
+                pooled = read_bytes(t.handle)
                 ref = wanted.get(t.name)
                 if ref is not None:
                     region = self.regions.view(ref, t.handle.nbytes)

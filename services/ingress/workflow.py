@@ -16,7 +16,7 @@ import anyio
 import msgspec
 
 from shared.dataplane.backend import BackendError
-from shared.dataplane.client import BrokerClient, move_into, open_tensor
+from shared.dataplane.client import BrokerClient, move_into, read_bytes
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.schema import (
@@ -206,7 +206,7 @@ class _Run:
             return tensor
         if self.request.outputs_by is OutputMode.VALUE:
             # The output also fed another stage, so it went by handle: copy it out.
-            data = open_tensor(tensor).cpu().numpy().tobytes()
+            data = read_bytes(tensor.handle).tobytes()
             return msgspec.structs.replace(tensor, handle=None, data=data)
         # The caller keeps it: its own reference, before this run drops its one.
         holder = self.request.holder or f"inv-{self.meta.invocation_id}"

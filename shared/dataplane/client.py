@@ -191,10 +191,27 @@ def open_tensor(t: Tensor) -> torch.Tensor:
         raise GfaasError(ErrorCode.INVALID_INPUT, f"input {t.name!r}: {exc}") from None
 
 
+def read_bytes(handle: Handle) -> np.ndarray[Any, Any]:
+    """A lease's bytes on the host: a zero-copy view of host memory, a copy off a GPU."""
+    host: np.ndarray[Any, Any] = tensor_from_handle(handle, "uint8", [handle.nbytes]).cpu().numpy()
+    return host
+
+
+def write_bytes(handle: Handle, data: Any) -> None:
+    """Copy `data` (anything with the buffer protocol, `handle.nbytes` long) into the lease."""
+    view = tensor_from_handle(handle, "uint8", [handle.nbytes])
+    source = np.frombuffer(data, np.uint8)
+    if view.device.type == "cpu":
+        view.numpy()[:] = source
+    else:
+        import torch
+
+        view.copy_(torch.from_numpy(source.copy()))
+
+
 def move_into(handle: Handle, t: Tensor) -> Tensor:
     """A by-value wire tensor's bytes copied into a leased buffer, as a by-handle tensor."""
-    pooled = tensor_from_handle(handle, "uint8", [handle.nbytes]).numpy()
-    pooled[:] = np.frombuffer(t.data, np.uint8)
+    write_bytes(handle, t.data)
     return Tensor(name=t.name, dtype=t.dtype, shape=t.shape, handle=handle)
 
 
