@@ -41,6 +41,9 @@ class Settings:
     policy: str = "least_loaded"
     worker_timeout_s: float = 2.0
     pending_limit: int = 10_000
+    # How long a grant of worker slots to an ingress lasts unless renewed
+    # (shared.scheduling.grants); 0 turns direct sends off.
+    grant_ttl_s: float = 2.0
     # gpu_worker
     worker_id: str = ""
     device: str = "auto"

@@ -30,6 +30,10 @@ H_STATUS: Final = "Gfaas-Status"
 H_MSG_ID: Final = "Nats-Msg-Id"
 # A workflow stage's preferred worker: the one whose pool holds its inputs.
 H_AFFINITY: Final = "Gfaas-Affinity"
+# The ingress instance an invocation came through. On a message to the scheduler it
+# says whom a grant may go to; on a message to a worker it says the invocation was
+# sent directly under a grant, and the worker's Done goes back to that ingress.
+H_INGRESS: Final = "Gfaas-Ingress"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FUNCTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -274,6 +278,29 @@ class Done(_Msg):
     function: str
     ok: bool
     exec_ms: float = 0.0
+
+
+class Grant(_Msg):
+    """Worker slots the scheduler reserves for one function, lent to one ingress.
+
+    While it holds a grant, ingress sends that function's invocations straight to
+    the worker, up to `slots` at a time, skipping the scheduler's hop. The grant
+    lapses after `ttl_s` unless renewed (same `grant_id`, sent again); `slots` 0
+    revokes it at once.
+    """
+
+    grant_id: str
+    function: str
+    worker_id: str
+    slots: int
+    ttl_s: float
+
+
+class WorkerLost(_Msg):
+    """The scheduler stopped hearing from a worker: whoever sent it work answers for it."""
+
+    worker_id: str
+    reason: str
 
 
 class ServiceStatus(_Msg):

@@ -11,7 +11,14 @@ PREFIX: Final = f"gfaas.{SCHEMA_VERSION}"
 INVOKE_ALL: Final = f"{PREFIX}.invoke.*"
 INVOKE_ASYNC_ALL: Final = f"{PREFIX}.invoke_async.*"
 SCHEDULE: Final = f"{PREFIX}.schedule"
-DONE: Final = f"{PREFIX}.done"
+# Done notes: `done.scheduler` for invocations the scheduler sent, `done.<ingress>`
+# for those an ingress sent directly under a grant. The scheduler hears all of them.
+DONE_ALL: Final = f"{PREFIX}.done.*"
+DONE_SCHEDULED: Final = f"{PREFIX}.done.scheduler"
+WORKER_LOST: Final = f"{PREFIX}.worker_lost"
+# An ingress gives a grant back (it lapsed or was revoked, and nothing sent under
+# it is still running): the scheduler frees the slots.
+GRANT_RETURN: Final = f"{PREFIX}.grant_return"
 HEARTBEAT_ALL: Final = f"{PREFIX}.heartbeat.*"
 RESULT_ALL: Final = f"{PREFIX}.result.*"
 
@@ -36,6 +43,15 @@ def invoke_async(function: str) -> str:
 
 def worker_run(worker_id: str) -> str:
     return f"{PREFIX}.worker.{_tok(worker_id)}.run"
+
+
+def done(ingress_id: str) -> str:
+    return f"{PREFIX}.done.{_tok(ingress_id)}"
+
+
+def grants(ingress_id: str) -> str:
+    """Where the scheduler sends one ingress instance its grants (shared.schema.Grant)."""
+    return f"{PREFIX}.ingress.{_tok(ingress_id)}.grant"
 
 
 def heartbeat(worker_id: str) -> str:

@@ -101,12 +101,18 @@ async def test_a_workflow_is_one_trace_with_a_span_per_stage(
     assert {format(s.context.trace_id, "032x") for s in spans if s.context} == {TRACE_ID}
     names = [s.name for s in spans]
     assert names.count("ingress workflow") == 1
-    assert names.count("scheduler assign") == 2
     assert names.count("worker run") == 2
+    # The first stage goes through the scheduler; the second may go straight to the
+    # worker under the grant the first one earned.
+    assert 1 <= names.count("scheduler assign") <= 2
     (run,) = [s for s in spans if s.name == "ingress workflow"]
     assert run.context is not None
-    # Both stages hang under the workflow's span.
+    assigns = {s.context.span_id for s in spans if s.name == "scheduler assign" and s.context}
+    # Both stages hang under the workflow's span, directly or through the scheduler's.
     for s in spans:
         if s.name == "scheduler assign":
             assert s.parent is not None
             assert s.parent.span_id == run.context.span_id
+        if s.name == "worker run":
+            assert s.parent is not None
+            assert s.parent.span_id in assigns | {run.context.span_id}

@@ -37,6 +37,7 @@ from shared.modelstore import ModelStore
 from shared.modelswap import HostTier, tier_prefix
 from shared.registry import Registry
 from shared.schema import (
+    H_INGRESS,
     CopyRequest,
     Done,
     ErrorCode,
@@ -56,6 +57,8 @@ from shared.tensors import as_torch, dtype_of, from_mapping, nbytes_of, shape_of
 
 log = get_logger("gpu_worker")
 
+# On shutdown, how long the worker keeps taking direct sends after saying it stops.
+REVOKE_WAIT_S = 0.2
 # Grace period for in-flight invocations on shutdown.
 DRAIN_GRACE_S = 20.0
 # Room for the reply's envelope and names when judging whether outputs fit by value.
@@ -76,10 +79,15 @@ def device_cache_bytes(settings: Settings, device: str) -> int:
 
 def _run_handler(
     entry: Loaded, inputs: dict[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]
-) -> Any:
+) -> tuple[Any, float]:
+    """The handler's result and its own running time in ms, timed where it runs: a
+    wait for the thread pool is not the handler's, and counting it would keep a
+    quick handler off the event loop for good once the loop got busy."""
     # The buffers are set here, in the thread that runs the handler.
+    started = time.perf_counter()
     with torch.inference_mode(), output_buffers(buffers):
-        return entry.handler(inputs)
+        raw = entry.handler(inputs)
+    return raw, (time.perf_counter() - started) * 1000.0
 
 
 class Worker:
@@ -131,7 +139,7 @@ class Worker:
                 ErrorCode.OVERLOADED,
                 f"worker {self.worker_id} is at capacity",
             )
-            await self._done(meta, ok=False, exec_ms=0.0)
+            await self._done(meta, msg, ok=False, exec_ms=0.0)
             return
         if self.inflight == 0:
             self.idle = anyio.Event()
@@ -140,7 +148,7 @@ class Worker:
 
     async def _run_one(self, msg: Msg) -> None:
         meta = InvocationMeta(invocation_id="", function="")
-        ok, exec_ms = False, 0.0
+        ok, done, exec_ms = False, False, 0.0
         try:
             meta = InvocationMeta.from_headers(msg.headers)
             with tracing.handling_span(
@@ -158,6 +166,10 @@ class Worker:
                         invocation_id=meta.invocation_id, error=exc.info(), worker=self.worker_id
                     )
                 ok = reply.error is None
+                # Done first: whoever sent this then knows the slot is free before
+                # the caller, answered, can send its next invocation.
+                done = True
+                await self._done(meta, msg, ok=ok, exec_ms=exec_ms)
                 if msg.reply:
                     await send_reply(self.nc, msg.reply, reply, max_payload=self.max_payload)
         except Exception as exc:  # a bug must cost one request, not the worker
@@ -171,8 +183,9 @@ class Worker:
                 self.failed += 1
             if self.inflight == 0:
                 self.idle.set()
-            with anyio.CancelScope(shield=True):
-                await self._done(meta, ok=ok, exec_ms=exec_ms)
+            if not done:
+                with anyio.CancelScope(shield=True):
+                    await self._done(meta, msg, ok=ok, exec_ms=exec_ms)
 
     async def _execute(self, meta: InvocationMeta, body: bytes) -> tuple[InvokeReply, float]:
         if meta.remaining_s() <= 0:
@@ -227,13 +240,12 @@ class Worker:
             name: tensor_from_handle(h, dtypes[name], shape_of(spec, name))
             for name, h in prepared.items()
         }
-        started = time.perf_counter()
         try:
             if entry.runs_inline:
-                raw = _run_handler(entry, inputs, buffers)
+                raw, exec_ms = _run_handler(entry, inputs, buffers)
             else:
                 with anyio.fail_after(max(meta.remaining_s(), 0.001)):
-                    raw = await anyio.to_thread.run_sync(
+                    raw, exec_ms = await anyio.to_thread.run_sync(
                         _run_handler, entry, inputs, buffers, limiter=entry.limiter
                     )
         except TimeoutError:
@@ -246,7 +258,6 @@ class Worker:
             raise GfaasError(
                 ErrorCode.HANDLER_ERROR, f"{spec.name} raised {type(exc).__name__}: {exc}"
             ) from None
-        exec_ms = (time.perf_counter() - started) * 1000.0
         entry.observe(exec_ms)
         if not isinstance(raw, dict):
             raise GfaasError(
@@ -424,9 +435,16 @@ class Worker:
             raise
         return outputs
 
-    async def _done(self, meta: InvocationMeta, *, ok: bool, exec_ms: float) -> None:
+    async def _done(self, meta: InvocationMeta, msg: Msg, *, ok: bool, exec_ms: float) -> None:
+        """Tell whoever sent the invocation (the scheduler, or an ingress under a
+        grant) that its slot is free; the scheduler hears both."""
         if not meta.invocation_id:
             return
+        via = (msg.headers or {}).get(H_INGRESS, "")
+        try:
+            subject = subjects.done(via) if via else subjects.DONE_SCHEDULED
+        except ValueError:
+            subject = subjects.DONE_SCHEDULED
         done = Done(
             worker_id=self.worker_id,
             invocation_id=meta.invocation_id,
@@ -434,7 +452,7 @@ class Worker:
             ok=ok,
             exec_ms=round(exec_ms, 3),
         )
-        await self.nc.publish(subjects.DONE, encode(done))
+        await self.nc.publish(subject, encode(done))
 
     def heartbeat(self) -> WorkerHeartbeat:
         mem = memory_info(self.device)
@@ -526,6 +544,9 @@ async def serve(
                 # Stop intake: capacity 0 tells the scheduler to send nothing more.
                 worker.capacity = 0
                 await worker.send_heartbeat()
+                # Ingress instances that hold grants here hear of the revocation
+                # before the subscription goes: what they sent meanwhile still runs.
+                await anyio.sleep(REVOKE_WAIT_S)
                 await run_sub.drain()
                 with anyio.move_on_after(DRAIN_GRACE_S):
                     await worker.idle.wait()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Iterator, Mapping, Sequence
 
 import anyio
@@ -27,6 +28,7 @@ from nats.js.kv import KeyValue
 from opentelemetry.trace import Span, SpanKind
 
 from services.ingress.admission import Spec, admit
+from services.ingress.direct import DirectRoutes
 from services.ingress.oip import InferRequest
 from services.ingress.shm_regions import ShmRegions
 from services.ingress.workflow import WorkflowRunner
@@ -42,17 +44,21 @@ from shared.schema import (
     DEFAULT_TENANT,
     H_AFFINITY,
     H_CALLBACK,
+    H_INGRESS,
     H_INVOCATION,
     H_MSG_ID,
     H_TENANT,
+    Done,
     ErrorCode,
     FunctionSpec,
+    Grant,
     Handle,
     InvocationMeta,
     InvokeReply,
     InvokeRequest,
     OutputMode,
     Tensor,
+    WorkerLost,
     WorkflowSpec,
     decode,
     encode,
@@ -66,6 +72,10 @@ log = get_logger("ingress")
 
 # How often ingress drops its mappings of slabs the broker gave back.
 PRUNE_S = 1.0
+# How often direct sends are checked for lapsed grants and passed deadlines, and the
+# longest a direct send without a deadline is waited for.
+DIRECT_TICK_S = 0.1
+DIRECT_LIMIT_S = 300.0
 
 
 class Ingress:
@@ -90,6 +100,8 @@ class Ingress:
         # HTTP clients' registered shared memory, and our name as a lease holder.
         self.regions = ShmRegions()
         self.holder = f"ingress-{new_invocation_id()[:12]}"
+        # Worker slots the scheduler lent us: invocations sent straight to workers.
+        self.direct = DirectRoutes()
         self._plans: dict[str, tuple[WorkflowSpec, WorkflowPlan]] = {}
         # Sync workflow runs outlive the subscription callback that admitted them.
         self.tasks: TaskGroup | None = None
@@ -155,12 +167,73 @@ class Ingress:
                     hint="publish to invoke_async for fire-and-forget",
                 )
                 return
+            worker = self.direct.take(
+                function,
+                meta.invocation_id,
+                time.monotonic(),
+                self._deadline(meta),
+                reply=msg.reply,
+            )
+            headers = meta.to_headers()
+            headers[H_INGRESS] = self.holder
+            if worker is not None:
+                span.set_attribute("gfaas.worker", worker)
             await self.nc.publish(
-                subjects.SCHEDULE,
+                subjects.worker_run(worker) if worker is not None else subjects.SCHEDULE,
                 msg.data,
                 reply=msg.reply,
-                headers=tracing.inject(meta.to_headers()),
+                headers=tracing.inject(headers),
             )
+
+    # -- direct sends under the scheduler's grants --------------------------------------
+
+    @staticmethod
+    def _deadline(meta: InvocationMeta) -> float:
+        """The invocation's deadline on the monotonic clock the routes keep."""
+        return time.monotonic() + min(meta.remaining_s(), DIRECT_LIMIT_S)
+
+    async def on_grant(self, msg: Msg) -> None:
+        try:
+            grant = decode(msg.data, Grant)
+        except msgspec.MsgspecError as exc:
+            log.warning("grant.malformed", error=str(exc))
+            return
+        await self._give_back(self.direct.on_grant(grant, time.monotonic()))
+
+    async def on_done(self, msg: Msg) -> None:
+        try:
+            done = decode(msg.data, Done)
+        except msgspec.MsgspecError as exc:
+            log.warning("done.malformed", error=str(exc))
+            return
+        await self._give_back(self.direct.finish(done.invocation_id))
+
+    async def on_worker_lost(self, msg: Msg) -> None:
+        try:
+            lost = decode(msg.data, WorkerLost)
+        except msgspec.MsgspecError as exc:
+            log.warning("worker_lost.malformed", error=str(exc))
+            return
+        for iid, sent in self.direct.lost(lost.worker_id):
+            if sent.on_lost is not None:
+                sent.on_lost()
+            elif sent.reply:
+                await reply_error(
+                    self.nc,
+                    sent.reply,
+                    iid,
+                    ErrorCode.WORKER_LOST,
+                    f"{lost.reason} while running this invocation",
+                )
+
+    async def tick_direct(self) -> None:
+        while True:
+            await anyio.sleep(DIRECT_TICK_S)
+            await self._give_back(self.direct.tick(time.monotonic()))
+
+    async def _give_back(self, grants: list[Grant]) -> None:
+        for grant in grants:
+            await self.nc.publish(subjects.GRANT_RETURN, encode(grant))
 
     # -- request-reply through the scheduler (HTTP and async paths) -------------------
 
@@ -218,19 +291,44 @@ class Ingress:
     ) -> InvokeReply:
         timeout = max(meta.remaining_s(), 0.001)
         headers = meta.to_headers()
+        headers[H_INGRESS] = self.holder
         if extra:
             headers.update(extra)
-        try:
-            msg = await self.nc.request(
-                subjects.SCHEDULE, body, timeout=timeout, headers=tracing.inject(headers)
+        with anyio.CancelScope() as lost:
+            worker = self.direct.take(
+                meta.function,
+                meta.invocation_id,
+                time.monotonic(),
+                self._deadline(meta),
+                near=headers.get(H_AFFINITY, ""),
+                on_lost=lost.cancel,
             )
-        except nats.errors.NoRespondersError:
-            return error_reply(meta.invocation_id, ErrorCode.NO_WORKER, "no scheduler is running")
-        except nats.errors.TimeoutError:
+            subject = subjects.worker_run(worker) if worker is not None else subjects.SCHEDULE
+            try:
+                msg = await self.nc.request(
+                    subject, body, timeout=timeout, headers=tracing.inject(headers)
+                )
+            except nats.errors.NoRespondersError:
+                if worker is not None:
+                    # It never reached the worker (gone or draining): the scheduler
+                    # places it instead.
+                    await self._give_back(self.direct.finish(meta.invocation_id))
+                    await self._give_back(self.direct.retire(worker))
+                    return await self._request(meta, body, extra)
+                return error_reply(
+                    meta.invocation_id, ErrorCode.NO_WORKER, "no scheduler is running"
+                )
+            except nats.errors.TimeoutError:
+                return error_reply(
+                    meta.invocation_id,
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    f"no reply within {timeout:.3f}s",
+                )
+        if lost.cancelled_caught:
             return error_reply(
                 meta.invocation_id,
-                ErrorCode.DEADLINE_EXCEEDED,
-                f"no reply within {timeout:.3f}s",
+                ErrorCode.WORKER_LOST,
+                f"worker {worker} stopped answering while running this invocation",
             )
         try:
             return decode(msg.data, InvokeReply)
@@ -436,6 +534,16 @@ class Ingress:
             "workflows": [s.name for s in self.workflows.all()],
             "workflow_runs": self.runner.runs,
             "workflow_stages": self.runner.stages,
+            "direct": {
+                "sent": self.direct.direct,
+                "renewals": self.direct.renewals,
+                "in_flight": len(self.direct.sent),
+                "grants": {
+                    r.grant.function: {"worker": r.grant.worker_id, "slots": r.grant.slots}
+                    for r in self.direct.routes.values()
+                    if r.usable
+                },
+            },
             "max_payload": self.max_payload,
         }
 
@@ -498,6 +606,10 @@ async def serve(
                 result_sub = await nc.subscribe(
                     subjects.RESULT_ALL, queue=subjects.Q_INGRESS, cb=ingress.on_result
                 )
+                await nc.subscribe(subjects.grants(ingress.holder), cb=ingress.on_grant)
+                await nc.subscribe(subjects.done(ingress.holder), cb=ingress.on_done)
+                await nc.subscribe(subjects.WORKER_LOST, cb=ingress.on_worker_lost)
+                service_tg.start_soon(ingress.tick_direct)
                 await serve_status(nc, "ingress", instance, ingress.details)
                 # Both end by themselves once `stop` is set, after their in-flight work.
                 intake.start_soon(ingress.consume_async, stop)

@@ -25,7 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from opentelemetry.trace import SpanKind
 
-from services.scheduler.state import ClusterState, Invocation
+from services.scheduler.state import ClusterState, Invocation, Lent
 from shared import subjects, tracing
 from shared.bus import connected, reply_error, serve_status
 from shared.config import Settings
@@ -35,12 +35,16 @@ from shared.registry import Registry
 from shared.scheduling import Policy, Rejected, decide, make_policy, plan
 from shared.schema import (
     H_AFFINITY,
+    H_INGRESS,
     Done,
     ErrorCode,
     FunctionSpec,
+    Grant,
     InvocationMeta,
     WorkerHeartbeat,
+    WorkerLost,
     decode,
+    encode,
     now_millis,
 )
 
@@ -64,6 +68,8 @@ class Scheduler:
         self.registry = registry
         self.policy = policy
         self.models = models
+        self.grant_ttl_s = settings.grant_ttl_s
+        self.revoked = 0
         self.state = ClusterState(
             worker_timeout_s=settings.worker_timeout_s, pending_limit=settings.pending_limit
         )
@@ -109,6 +115,7 @@ class Scheduler:
                 view=self.state.request_view(spec, meta, now, now_millis()),
             )
             near = (msg.headers or {}).get(H_AFFINITY)
+            ingress = (msg.headers or {}).get(H_INGRESS, "")
             if near:
                 inv.view = dataclasses.replace(inv.view, near=near)
             if not self.state.workers:
@@ -128,7 +135,12 @@ class Scheduler:
             elif decision is not None:
                 span.set_attribute("gfaas.worker", decision)
                 await self._dispatch(decision, inv, now)
-            elif not self.state.enqueue(inv):
+                if ingress and self.grant_ttl_s > 0:
+                    await self._lend(ingress, inv, spec, decision, now)
+            elif self.state.enqueue(inv):
+                # Work waits: lent slots are wanted back.
+                await self._revoke(self.state.revoke())
+            else:
                 await reply_error(
                     self.nc,
                     msg.reply,
@@ -146,6 +158,17 @@ class Scheduler:
         if self.state.observe(hb, time.monotonic()):
             log.info("worker.joined", worker=hb.worker_id, device=hb.device)
             await self._drain_pending()
+        if hb.capacity == 0:  # draining: it takes nothing more, direct sends included
+            await self._revoke(self.state.revoke(hb.worker_id))
+
+    async def on_grant_return(self, msg: Msg) -> None:
+        try:
+            grant = decode(msg.data, Grant)
+        except msgspec.MsgspecError as exc:
+            log.warning("grant_return.malformed", error=str(exc))
+            return
+        if self.state.give_back(grant.worker_id, grant.grant_id) and self.state.pending:
+            await self._drain_pending()
 
     async def on_done(self, msg: Msg) -> None:
         try:
@@ -159,8 +182,14 @@ class Scheduler:
 
     async def tick(self) -> None:
         now = time.monotonic()
+        self.state.lapsed(now)
         for worker_id, lost in self.state.reap(now):
             log.warning("worker.lost", worker=worker_id, inflight=len(lost))
+            # Ingress answers for what it sent there directly.
+            reason = f"worker {worker_id} stopped answering"
+            await self.nc.publish(
+                subjects.WORKER_LOST, encode(WorkerLost(worker_id=worker_id, reason=reason))
+            )
             for inv in lost:
                 await reply_error(
                     self.nc,
@@ -186,6 +215,24 @@ class Scheduler:
         self.state.assign(worker_id, inv, now)
         self.assigned += 1
         await self._send(worker_id, inv)
+
+    async def _lend(
+        self, ingress: str, inv: Invocation, spec: FunctionSpec, worker_id: str, now: float
+    ) -> None:
+        grant = self.state.lend(ingress, inv, spec, worker_id, self.grant_ttl_s, now)
+        if grant is not None:
+            try:
+                subject = subjects.grants(ingress)
+            except ValueError:  # not a token: that ingress cannot be answered
+                self.state.give_back(worker_id, grant.grant_id)
+                return
+            await self.nc.publish(subject, encode(grant))
+
+    async def _revoke(self, revoked: list[Lent]) -> None:
+        self.revoked += len(revoked)
+        for lent in revoked:
+            revoke = msgspec.structs.replace(lent.grant, slots=0)
+            await self.nc.publish(subjects.grants(lent.ingress), encode(revoke))
 
     async def _send(self, worker_id: str, inv: Invocation) -> None:
         await self.nc.publish(
@@ -243,6 +290,17 @@ class Scheduler:
             "assigned": self.assigned,
             "rejected": self.state.rejected,
             "pending": len(self.state.pending),
+            "grants_revoked": self.revoked,
+            "grants": [
+                {
+                    "function": lent.grant.function,
+                    "worker": lent.grant.worker_id,
+                    "ingress": lent.ingress,
+                    "slots": lent.grant.slots,
+                    "revoked": lent.revoked,
+                }
+                for lent in self.state.lent()
+            ],
             "model_bytes": dict(self.state.model_bytes),
             "exec_ms": {f: round(s * 1000.0, 3) for f, s in self.state.exec_s.items()},
             "workers": {
@@ -277,7 +335,8 @@ async def serve(
             # Heartbeats first, so a restarted scheduler learns the workers before
             # it is asked to place anything.
             await nc.subscribe(subjects.HEARTBEAT_ALL, cb=scheduler.on_heartbeat)
-            await nc.subscribe(subjects.DONE, cb=scheduler.on_done)
+            await nc.subscribe(subjects.DONE_ALL, cb=scheduler.on_done)
+            await nc.subscribe(subjects.GRANT_RETURN, cb=scheduler.on_grant_return)
             await anyio.sleep(min(settings.heartbeat_s * 1.5, 1.0))
             schedule_sub = await nc.subscribe(
                 subjects.SCHEDULE, queue=subjects.Q_SCHEDULER, cb=scheduler.on_schedule

@@ -14,10 +14,12 @@ planner applies, so the live scheduler and the simulator decide on equal terms.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from shared.scheduling import RequestView, SloTracker, WorkerView
 from shared.scheduling.dispatch import assume_assigned
+from shared.scheduling.grants import grant_slots, keep_grant
 from shared.scheduling.observed import (
     alone_exec_s,
     assume_finished,
@@ -26,7 +28,14 @@ from shared.scheduling.observed import (
     reported_cache,
     with_running,
 )
-from shared.schema import Done, FunctionSpec, InvocationMeta, WorkerHeartbeat
+from shared.schema import (
+    Done,
+    FunctionSpec,
+    Grant,
+    InvocationMeta,
+    WorkerHeartbeat,
+    new_invocation_id,
+)
 
 
 @dataclass
@@ -44,10 +53,30 @@ class Invocation:
 
 
 @dataclass
+class Lent:
+    """A grant the books hold: its slots count as running `request`s on the worker
+    (busy and pinning the model) until the ingress gives it back."""
+
+    grant: Grant
+    ingress: str
+    request: RequestView
+    expires_at: float
+    # How long past expiry the slots stay held if the ingress never gives them back
+    # (it died): the longest a run it sent may take.
+    grace_s: float
+    revoked: bool = False
+
+    @property
+    def holds(self) -> list[RequestView]:
+        return [self.request] * self.grant.slots
+
+
+@dataclass
 class WorkerBook:
     view: WorkerView  # as reported, plus what was sent since
     last_seen: float
     running: dict[str, Invocation] = field(default_factory=dict)
+    lent: dict[str, Lent] = field(default_factory=dict)  # by grant id
     # Cache key -> (bytes, seconds) of the latest load measured on this worker.
     loads: dict[str, tuple[int, float]] = field(default_factory=dict)
 
@@ -134,8 +163,10 @@ class ClusterState:
             cache=cache,
             profile=profile,
         )
-        running = book.running.values() if book is not None else ()
-        view = with_running(reported, [inv.view for inv in running], now)
+        running = [inv.view for inv in book.running.values()] if book is not None else []
+        for lent in book.lent.values() if book is not None else ():
+            running += lent.holds
+        view = with_running(reported, running, now)
         if book is None:
             self.workers[hb.worker_id] = WorkerBook(view=view, last_seen=now, loads=loads)
             return True
@@ -177,6 +208,81 @@ class ClusterState:
         met = done.ok and now - inv.view.arrived_at <= inv.view.slo_ms / 1000.0
         self.slo = self.slo.record(function, met)
         return inv
+
+    # -- grants (shared.scheduling.grants) ---------------------------------------------
+
+    def lend(
+        self,
+        ingress: str,
+        inv: Invocation,
+        spec: FunctionSpec,
+        worker_id: str,
+        ttl_s: float,
+        now: float,
+    ) -> Grant | None:
+        """After `inv` was assigned to `worker_id`: a new or renewed grant of that
+        worker's slots for `inv`'s function to `ingress`, or None."""
+        book = self.workers.get(worker_id)
+        if book is None:
+            return None
+        function = inv.view.function
+        queued = len(self.pending)
+        for lent in book.lent.values():
+            if lent.ingress == ingress and lent.grant.function == function:
+                if lent.revoked or not keep_grant(book.view, queued=queued):
+                    return None
+                lent.expires_at = now + ttl_s
+                return lent.grant
+        if any(lent.ingress == ingress and lent.grant.function == function for lent in self.lent()):
+            return None  # one grant per ingress and function: the other one lapses first
+        slots = grant_slots(book.view, inv.view, queued=queued, limit=spec.concurrency, now=now)
+        if slots <= 0:
+            return None
+        grant = Grant(
+            grant_id=new_invocation_id()[:16],
+            function=function,
+            worker_id=worker_id,
+            slots=slots,
+            ttl_s=ttl_s,
+        )
+        lent = book.lent[grant.grant_id] = Lent(
+            grant, ingress, inv.view, now + ttl_s, grace_s=spec.timeout_ms / 1000.0 + 1.0
+        )
+        for request in lent.holds:
+            book.view = assume_assigned(book.view, request, now)
+        return grant
+
+    def lent(self) -> Iterator[Lent]:
+        for book in self.workers.values():
+            yield from book.lent.values()
+
+    def revoke(self, worker_id: str | None = None) -> list[Lent]:
+        """Stop renewing grants (all, or those on one worker) and return the ones to
+        tell their ingress about; the slots stay held until the ingress gives them back."""
+        revoked = []
+        for lent in self.lent():
+            if not lent.revoked and worker_id in (None, lent.grant.worker_id):
+                lent.revoked = True
+                revoked.append(lent)
+        return revoked
+
+    def give_back(self, worker_id: str, grant_id: str) -> bool:
+        """The ingress holds nothing more under this grant: free its slots."""
+        book = self.workers.get(worker_id)
+        lent = book.lent.pop(grant_id, None) if book is not None else None
+        if book is None or lent is None:
+            return False
+        for request in lent.holds:
+            book.view = assume_finished(book.view, request)
+        return True
+
+    def lapsed(self, now: float) -> list[Lent]:
+        """Grants no ingress gave back long after expiry (the ingress died): their
+        slots are freed."""
+        stale = [lent for lent in self.lent() if lent.expires_at + lent.grace_s <= now]
+        for lent in stale:
+            self.give_back(lent.grant.worker_id, lent.grant.grant_id)
+        return stale
 
     def reject(self, inv: Invocation) -> None:
         """The policy refused `inv` (it has left the queue): a missed SLO."""

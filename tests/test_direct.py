@@ -1,0 +1,138 @@
+"""Direct sends: the scheduler lends an ingress worker slots for a warm function,
+and ingress sends that function's invocations straight to the worker.
+
+Against the real server and services: invocations of a warm function skip the
+scheduler and still answer; work that must queue takes the lent slots back; a
+worker that dies with direct invocations on it has its callers answered."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+from nats.aio.client import Client as NATS
+
+from gfaas.client import Client
+from shared.natsd import NatsServer
+from shared.schema import FunctionSpec
+from tests.conftest import Platform, platform_at, spawn_worker
+from tests.helpers import body, deploy_and_wait, request
+from tests.test_worker_death import wait_for_worker
+
+pytestmark = [pytest.mark.nats, pytest.mark.anyio]
+
+ECHO = FunctionSpec(name="echo", handler="tests.funcs:echo", concurrency=4)
+SLEEP = FunctionSpec(name="sleep", handler="tests.funcs:sleep", concurrency=8)
+
+
+async def details(client: Client, service: str) -> dict[str, Any]:
+    return (await client.status(service)).details
+
+
+async def test_a_warm_function_goes_straight_to_its_worker(platform: Platform, nc: NATS) -> None:
+    client = Client(nc)
+    await deploy_and_wait(nc, ECHO)
+    for i in range(20):
+        _, reply = await request(nc, "echo", body(x=np.full(3, i, np.float32)))
+        assert "error" not in reply, reply
+        assert np.frombuffer(reply["outputs"][0]["data"], np.float32).tolist() == [i] * 3
+    ingress = await details(client, "ingress")
+    scheduler = await details(client, "scheduler")
+    # The first call went through the scheduler and earned a grant: capacity 8, one
+    # slot taken, half of the 7 free ones lent (the function allows 4).
+    (grant,) = scheduler["grants"]
+    assert (grant["function"], grant["worker"], grant["slots"]) == ("echo", "w0", 3)
+    assert ingress["direct"]["grants"] == {"echo": {"worker": "w0", "slots": 3}}
+    assert ingress["direct"]["sent"] >= 15
+    assert scheduler["assigned"] <= 20 - ingress["direct"]["sent"]
+    assert ingress["direct"]["in_flight"] == 0
+
+
+async def test_queued_work_takes_the_lent_slots_back(platform: Platform, nc: NATS) -> None:
+    client = Client(nc)
+    await deploy_and_wait(nc, SLEEP)
+    _, reply = await request(nc, "sleep", body(seconds=np.array(0.0)))
+    assert "error" not in reply, reply
+    (grant,) = (await details(client, "scheduler"))["grants"]
+    assert grant["slots"] == 3  # of the 8 slots: 3 lent, 5 left to the scheduler
+    # Twelve at once: 3 go direct, 5 through the scheduler, 4 must queue there, which
+    # revokes the grant; its slots come back when the direct ones end.
+    replies: list[Any] = []
+
+    async def call() -> None:
+        replies.append((await request(nc, "sleep", body(seconds=np.array(0.3))))[1])
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+        for _ in range(12):
+            tg.start_soon(call)
+    assert [r.get("error") for r in replies] == [None] * 12
+    assert time.monotonic() - started < 5
+    ingress = await details(client, "ingress")
+    assert ingress["direct"]["sent"] >= 1
+    scheduler = await details(client, "scheduler")
+    assert scheduler["pending"] == 0
+    assert scheduler["grants_revoked"] == 1
+    # The revoked grant was given back (nothing left under it), so no slot is held.
+    assert all(not g["revoked"] for g in scheduler["grants"]), scheduler["grants"]
+    worker = await details(client, "gpu-worker")
+    assert worker["failed"] == 0  # never more sent to the worker than it has slots
+
+
+async def test_a_killed_worker_answers_its_direct_callers(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    with platform_at(nats_server.url, tmp_path / "s", workers=0, worker_timeout_s=1.0):
+        proc = spawn_worker(nats_server.url, "doomed", tmp_path / "w")
+        try:
+            client = Client(nc)
+            await deploy_and_wait(nc, SLEEP)
+            await wait_for_worker(client, "doomed")
+            _, reply = await request(nc, "sleep", body(seconds=np.array(0.0)))
+            assert "error" not in reply, reply
+            with anyio.fail_after(5):
+                while not (await details(client, "ingress"))["direct"]["grants"]:
+                    await anyio.sleep(0.02)
+            result: dict[str, Any] = {}
+
+            async def call() -> None:
+                started = time.monotonic()
+                _, reply = await request(nc, "sleep", body(seconds=np.array(30.0)), timeout=20)
+                result["reply"], result["elapsed"] = reply, time.monotonic() - started
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call)
+                with anyio.fail_after(10):
+                    while (await details(client, "ingress"))["direct"]["in_flight"] == 0:
+                        await anyio.sleep(0.05)
+                proc.send_signal(signal.SIGKILL)
+            reply = result["reply"]
+            assert reply["error"]["code"] == "worker_lost", reply
+            assert "doomed" in reply["error"]["reason"]
+            assert result["elapsed"] < 10
+            ingress = await details(client, "ingress")
+            assert ingress["direct"]["in_flight"] == 0
+            assert ingress["direct"]["grants"] == {}
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+async def test_grants_off_sends_everything_through_the_scheduler(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    with platform_at(nats_server.url, tmp_path / "s", grant_ttl_s=0.0):
+        client = Client(nc)
+        await deploy_and_wait(nc, ECHO)
+        for _ in range(5):
+            _, reply = await request(nc, "echo", body(x=np.ones(2, np.float32)))
+            assert "error" not in reply, reply
+        assert (await details(client, "ingress"))["direct"]["sent"] == 0
+        scheduler = await details(client, "scheduler")
+        assert scheduler["grants"] == []
+        assert scheduler["assigned"] == 5

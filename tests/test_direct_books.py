@@ -1,0 +1,174 @@
+"""The books behind direct sends, without NATS: the grant policy, the scheduler's
+lent slots, and ingress's routes."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from services.ingress.direct import STOP_BEFORE_S, DirectRoutes
+from services.scheduler.state import ClusterState
+from shared.scheduling import RequestView, WorkerView
+from shared.scheduling.grants import grant_slots
+from shared.schema import FunctionKind, FunctionSpec, Grant
+from tests.test_scheduler_views import MB, heartbeat, invocation
+
+pytestmark = pytest.mark.unit
+
+FN = FunctionSpec(name="f", handler="m:f", kind=FunctionKind.GPU, model="m", concurrency=3)
+
+
+def worker(outstanding: int = 0, *resident: str) -> WorkerView:
+    return WorkerView(
+        worker_id="w",
+        device="cpu",
+        capacity=8,
+        outstanding=outstanding,
+        resident=frozenset(resident),
+    )
+
+
+def request(model: str = "m") -> RequestView:
+    return RequestView(
+        invocation_id="i", function="f", kind=FunctionKind.GPU, model=model, model_bytes=MB
+    )
+
+
+# -- the policy ----------------------------------------------------------------------------
+
+
+def test_half_the_free_slots_are_lent_up_to_the_functions_concurrency() -> None:
+    warm = WorkerView(
+        worker_id="w", device="cpu", capacity=8, outstanding=1, resident=frozenset({"m"})
+    )
+    assert grant_slots(warm, request(), queued=0, limit=8, now=0.0) == 3
+    assert grant_slots(warm, request(), queued=0, limit=2, now=0.0) == 2
+    busy = WorkerView(
+        worker_id="w", device="cpu", capacity=8, outstanding=7, resident=frozenset({"m"})
+    )
+    assert grant_slots(busy, request(), queued=0, limit=8, now=0.0) == 0
+
+
+def test_nothing_is_lent_while_work_waits_or_the_model_is_not_there() -> None:
+    warm = worker(0, "m")
+    assert grant_slots(warm, request(), queued=1, limit=8, now=0.0) == 0
+    cold = worker(0)
+    assert grant_slots(cold, request(), queued=0, limit=8, now=0.0) == 0
+    # A function without a model needs nothing resident.
+    assert grant_slots(cold, request(model=""), queued=0, limit=8, now=0.0) == 4
+
+
+# -- the scheduler's books -----------------------------------------------------------------
+
+
+def lent_state(now: float = 0.0) -> tuple[ClusterState, Grant]:
+    state = ClusterState(worker_timeout_s=5.0, pending_limit=10)
+    hb = msgspec.structs.replace(heartbeat("w", m=MB), capacity=8)
+    state.observe(hb, now)
+    inv = invocation(state, 1, FN, now)
+    state.assign("w", inv, now)
+    grant = state.lend("ing", inv, FN, "w", ttl_s=2.0, now=now)
+    assert grant is not None
+    return state, grant
+
+
+def test_lent_slots_count_as_busy_until_given_back() -> None:
+    state, grant = lent_state()
+    assert grant.slots == 3
+    assert state.workers["w"].view.outstanding == 1 + 3
+    # A heartbeat rebuilds the view: the lent slots stay counted.
+    state.observe(msgspec.structs.replace(heartbeat("w", m=MB), capacity=8), 0.5)
+    assert state.workers["w"].view.outstanding == 1 + 3
+    assert state.give_back("w", grant.grant_id)
+    assert state.workers["w"].view.outstanding == 1
+    assert not state.give_back("w", grant.grant_id)  # once only
+
+
+def test_a_grant_is_renewed_for_its_ingress_not_doubled() -> None:
+    state, grant = lent_state()
+    again = state.lend("ing", invocation(state, 2, FN, 1.0), FN, "w", ttl_s=2.0, now=1.0)
+    assert again == grant
+    assert state.workers["w"].view.outstanding == 1 + 3
+    (lent,) = state.lent()
+    assert lent.expires_at == 3.0
+
+
+def test_revoked_grants_are_not_renewed_and_lapse_when_never_returned() -> None:
+    state, grant = lent_state()
+    (revoked,) = state.revoke()
+    assert revoked.grant == grant
+    assert state.revoke() == []  # told once
+    assert state.lend("ing", invocation(state, 2, FN, 1.0), FN, "w", ttl_s=2.0, now=1.0) is None
+    # Its ingress died: the slots come back once the longest run it could have sent
+    # (the function's timeout) is over.
+    assert state.lapsed(now=2.0 + FN.timeout_ms / 1000.0) == []
+    assert [x.grant for x in state.lapsed(now=3.0 + FN.timeout_ms / 1000.0)] == [grant]
+    assert state.workers["w"].view.outstanding == 1
+
+
+# -- ingress's routes ----------------------------------------------------------------------
+
+GRANT = Grant(grant_id="g1", function="f", worker_id="w", slots=2, ttl_s=2.0)
+
+
+def test_routes_send_up_to_the_lent_slots_and_free_them_on_done() -> None:
+    routes = DirectRoutes()
+    assert routes.on_grant(GRANT, now=0.0) == []
+    assert routes.take("f", "a", 0.1, deadline=9.0) == "w"
+    assert routes.take("f", "b", 0.1, deadline=9.0) == "w"
+    assert routes.take("f", "c", 0.1, deadline=9.0) is None  # both slots busy
+    assert routes.take("g", "d", 0.1, deadline=9.0) is None  # no grant for g
+    assert routes.take("f", "e", 0.1, deadline=9.0, near="other") is None
+    assert routes.finish("a") == []
+    assert routes.take("f", "c", 0.2, deadline=9.0) == "w"
+
+
+def test_half_way_one_invocation_goes_to_the_scheduler_to_renew() -> None:
+    routes = DirectRoutes()
+    routes.on_grant(GRANT, now=0.0)
+    assert routes.take("f", "a", 1.0, deadline=9.0) is None  # renewal trip
+    assert routes.take("f", "b", 1.1, deadline=9.0) == "w"
+    routes.on_grant(GRANT, now=1.2)  # renewed: half-way is now at 2.2
+    assert routes.take("f", "c", 2.0, deadline=9.0) == "w"
+    assert routes.renewals == 1
+
+
+def test_a_lapsed_or_revoked_grant_goes_back_once_nothing_runs_under_it() -> None:
+    routes = DirectRoutes()
+    routes.on_grant(GRANT, now=0.0)
+    assert routes.take("f", "a", 0.1, deadline=9.0) == "w"
+    revoke = msgspec.structs.replace(GRANT, slots=0)
+    assert routes.on_grant(revoke, now=0.2) == []  # "a" still runs
+    assert routes.take("f", "b", 0.2, deadline=9.0) is None
+    assert routes.finish("a") == [GRANT]
+    # A renewal that was already on its way is not taken up again.
+    assert routes.on_grant(GRANT, now=0.3) == []
+    assert routes.take("f", "c", 0.3, deadline=9.0) is None
+
+    lapsing = DirectRoutes()
+    lapsing.on_grant(GRANT, now=0.0)
+    assert lapsing.take("f", "a", 2.0 - STOP_BEFORE_S, deadline=9.0) is None
+    assert lapsing.tick(2.0 - STOP_BEFORE_S) == [GRANT]
+
+
+def test_a_lost_worker_hands_back_what_was_sent_there() -> None:
+    routes = DirectRoutes()
+    routes.on_grant(GRANT, now=0.0)
+    called: list[str] = []
+    routes.take("f", "a", 0.1, deadline=9.0, reply="inbox.a")
+    routes.take("f", "b", 0.1, deadline=9.0, on_lost=lambda: called.append("b"))
+    lost = routes.lost("w")
+    assert sorted(iid for iid, _ in lost) == ["a", "b"]
+    assert dict(lost)["a"].reply == "inbox.a"
+    on_lost = dict(lost)["b"].on_lost
+    assert on_lost is not None
+    on_lost()
+    assert called == ["b"]
+    assert routes.routes == {}
+    assert routes.sent == {}
+    # Sends whose caller stopped waiting free their slots on the next tick.
+    routes.on_grant(msgspec.structs.replace(GRANT, grant_id="g2"), now=1.0)
+    routes.take("f", "c", 1.1, deadline=1.5)
+    routes.tick(1.6)
+    assert routes.sent == {}
+    assert routes.routes["g2"].in_use == 0
