@@ -3,10 +3,13 @@
     python -m bench.overhead [--requests 3000] [--concurrency 64] [--no-ray]
 
 Same run, same machine: (1) bare nats-py request-reply to a responder process that
-echoes the payload, (2) gfaas: client -> ingress -> scheduler -> worker -> client,
-all services as separate processes, one worker, (3) Ray Serve no-op deployment
-(handle and HTTP) when `ray[serve]` is installed. Prints p50/p99 latency and
-throughput, with ratios against the bare round trip.
+echoes the payload, (2) gfaas as deployed: client -> ingress -> worker -> client
+once the scheduler has lent ingress slots for the warm function (the first call
+goes through the scheduler), all services as separate processes, one worker,
+(3) the same with grants off, every call client -> ingress -> scheduler -> worker
+-> client, (4) Ray Serve no-op deployment (handle and HTTP) when `ray[serve]` is
+installed. Prints p50/p99 latency and throughput, with ratios against the bare
+round trip.
 """
 
 from __future__ import annotations
@@ -104,7 +107,7 @@ async def measure(
     )
 
 
-async def bench_nats(url: str, requests: int, concurrency: int) -> list[Result]:
+async def bench_bare(url: str, requests: int, concurrency: int) -> list[Result]:
     proc = subprocess.Popen(
         [sys.executable, "-c", ECHO_RESPONDER, url], stdout=subprocess.PIPE, text=True
     )
@@ -117,18 +120,53 @@ async def bench_nats(url: str, requests: int, concurrency: int) -> list[Result]:
             await nc.request("bench.echo", BODY, timeout=10)
 
         results = list(await measure("bare nats request-reply", bare, requests, concurrency))
-
-        async def full() -> None:
-            msg = await nc.request("gfaas.v1.invoke.noop", BODY, timeout=10)
-            if msg.headers and msg.headers.get("Gfaas-Status") != "ok":
-                raise RuntimeError(msgspec.msgpack.decode(msg.data))
-
-        results += await measure("gfaas full sync path", full, requests, concurrency)
         await nc.drain()
         return results
     finally:
         proc.terminate()
         proc.wait()
+
+
+async def bench_gfaas(url: str, name: str, requests: int, concurrency: int) -> list[Result]:
+    nc = await nats.connect(url)
+
+    async def full() -> None:
+        msg = await nc.request("gfaas.v1.invoke.noop", BODY, timeout=10)
+        if msg.headers and msg.headers.get("Gfaas-Status") != "ok":
+            raise RuntimeError(msgspec.msgpack.decode(msg.data))
+
+    results = list(await measure(name, full, requests, concurrency))
+    status = await nc.request("gfaas.v1.status.ingress", b"", timeout=5)
+    direct = msgspec.msgpack.decode(status.data)["details"]["direct"]["sent"]
+    print(f"{name}: {direct} of the invocations went straight to the worker")
+    await nc.drain()
+    return results
+
+
+# (row name, grant TTL): as deployed, and with every call through the scheduler.
+VARIANTS = (("gfaas full sync path", 2.0), ("gfaas via scheduler (grants off)", 0.0))
+
+
+def bench_platform(url: str, tmp: Path, requests: int, concurrency: int) -> list[Result]:
+    results: list[Result] = []
+    for name, ttl in VARIANTS:
+        settings = Settings(
+            nats_url=url,
+            state_dir=tmp / f"state-{ttl}",
+            http_enabled=False,
+            log_level="warning",
+            capacity=256,
+            grant_ttl_s=ttl,
+        )
+        os.environ.update(GFAAS_HTTP_ENABLED="0", GFAAS_CAPACITY="256", GFAAS_GRANT_TTL_S=str(ttl))
+        sup = Supervisor(settings=settings, nats_url=url, workers=1)
+        sup.start()
+        try:
+            anyio.run(prepare_gfaas, url)
+            results += anyio.run(bench_gfaas, url, name, requests, concurrency)
+        finally:
+            sup.stop()
+    return results
 
 
 async def prepare_gfaas(url: str) -> None:
@@ -185,11 +223,11 @@ def bench_ray(requests: int, concurrency: int) -> list[Result]:
 
 
 def print_table(results: list[Result], baseline: dict[str, Result]) -> None:
-    print(f"\n{'path':42} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9}  vs bare p50  vs bare req/s")
+    print(f"\n{'path':50} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9}  vs bare p50  vs bare req/s")
     for r in results:
         base = baseline["sequential" if "sequential" in r.name else "concurrent"]
         print(
-            f"{r.name:42} {r.p50_ms:8.3f} {r.p99_ms:8.3f} {r.rps:9.0f}"
+            f"{r.name:50} {r.p50_ms:8.3f} {r.p99_ms:8.3f} {r.rps:9.0f}"
             f"  {r.p50_ms / base.p50_ms:10.2f}x  {r.rps / base.rps:11.2f}x"
         )
 
@@ -202,22 +240,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cpus, python {sys.version.split()[0]}")
     with tempfile.TemporaryDirectory() as tmp, nats_server(Path(tmp) / "nats") as server:
-        settings = Settings(
-            nats_url=server.url,
-            state_dir=Path(tmp) / "state",
-            http_enabled=False,
-            log_level="warning",
-            capacity=256,
-        )
-        os.environ["GFAAS_HTTP_ENABLED"] = "0"
-        os.environ["GFAAS_CAPACITY"] = "256"
-        sup = Supervisor(settings=settings, nats_url=server.url, workers=1)
-        sup.start()
-        try:
-            anyio.run(prepare_gfaas, server.url)
-            results = anyio.run(bench_nats, server.url, args.requests, args.concurrency)
-        finally:
-            sup.stop()
+        results = anyio.run(bench_bare, server.url, args.requests, args.concurrency)
+        results += bench_platform(server.url, Path(tmp), args.requests, args.concurrency)
     baseline = {"sequential": results[0], "concurrent": results[1]}
     if not args.no_ray:
         results += bench_ray(args.requests, args.concurrency)
