@@ -193,6 +193,8 @@ class HandlesRequest(_Msg):
     handles: list[Handle]
     holder: str = ""
     to: str = ""
+    # park: seconds until the next reader is due (-1: not known).
+    next_use_s: float = -1.0
 
 
 class HandlesReply(_Msg):

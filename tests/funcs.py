@@ -60,6 +60,11 @@ def hold(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"y": torch.ones(256)}
 
 
+def slow_echo(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    time.sleep(0.3)
+    return {"y": inputs["x"].clone()}
+
+
 def add(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"y": inputs["a"] + inputs["b"]}
 

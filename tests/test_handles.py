@@ -289,3 +289,29 @@ async def test_a_handle_from_another_node_is_read_in_chunks_from_that_nodes_brok
         assert info.value.code == "bad_request"
         assert "tenant" in info.value.reason
         await on_b.release([arg])
+
+
+async def test_a_parked_lease_is_read_by_nobody_until_its_holder_unparks_it(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    broker = BrokerClient(nc, "local")
+    (h,) = await broker.lease([4096], owner="run", tenant="default")
+    await broker.check([h], "default")
+    await broker.park([h], "run", "default", next_use_s=2.5)
+    with pytest.raises(GfaasError) as parked:
+        await broker.check([h], "default")
+    assert "parked" in parked.value.reason
+    with pytest.raises(GfaasError) as stranger:
+        await broker.unpark([h], "stranger", "default")
+    assert stranger.value.code == "bad_request"
+    assert "holds no reference" in stranger.value.reason
+    with pytest.raises(GfaasError) as foreign:
+        await broker.park([h], "run", "mallory")
+    assert foreign.value.code == "bad_request"
+    assert (await broker_details(client))["parked"] == 1
+    (back,) = await broker.unpark([h], "run", "default")
+    assert back.lease_id == h.lease_id
+    await broker.check([back], "default")
+    await broker.release([h], "run", "default")  # the handle from before works for this
+    await wait_leases(client, 0)

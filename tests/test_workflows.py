@@ -38,6 +38,7 @@ FUNCS = [
         concurrency=4,
     ),
     FunctionSpec(name="boom", handler="tests.funcs:boom", inputs=X),
+    FunctionSpec(name="slow-echo", handler="tests.funcs:slow_echo", inputs=X, concurrency=4),
 ]
 # a fans out to b and c; d joins them. a's output is also a workflow output.
 DIAMOND = WorkflowSpec(
@@ -50,6 +51,17 @@ DIAMOND = WorkflowSpec(
         StageSpec(name="d", function="add", inputs={"a": "b.y", "b": "c.y"}),
     ],
     outputs={"sum": "d.y", "plus_one": "a.y"},
+)
+# d joins a fast branch and a slow one: a's output waits, parked, for the slow one.
+UNEVEN = WorkflowSpec(
+    name="uneven",
+    inputs=X,
+    stages=[
+        StageSpec(name="a", function="add-one", inputs={"x": "$in.x"}),
+        StageSpec(name="s", function="slow-echo", inputs={"x": "$in.x"}),
+        StageSpec(name="d", function="add", inputs={"a": "a.y", "b": "s.y"}),
+    ],
+    outputs={"y": "d.y"},
 )
 FAILING = WorkflowSpec(
     name="failing",
@@ -110,6 +122,23 @@ async def test_a_diamond_workflow_runs_with_intermediates_by_handle(
     pools = (await broker(client))["pools"]["cpu"]
     assert pools["slabs_created"] >= 1
     await no_leases_left(client)
+
+
+async def test_an_intermediate_waiting_for_a_slow_branch_is_parked_then_read(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    await deploy_all(client, *FUNCS, UNEVEN)
+    x = np.arange(4, dtype=np.float32)
+    _, reply = await request(nc, "uneven", body(x=x))
+    assert "error" not in reply, reply
+    (out,) = reply["outputs"]
+    np.testing.assert_array_equal(np.frombuffer(out["data"], np.float32), 2 * x + 1)
+    details = await leases_settle_at(client, 0)
+    # a.y was parked while d waited for s (the broker could have spilled it), and
+    # unparked before d ran; on a GPU node a full device sends it to host memory.
+    assert details["parks"] == 1
+    assert details["parked"] == 0
 
 
 async def test_workflow_outputs_by_handle_belong_to_the_caller(

@@ -6,6 +6,12 @@ get the handles as inputs and read the bytes in place (same node, same pool). St
 start as soon as the stages they read from are done, so independent branches run
 concurrently (fan-out) and a stage reading several branches waits for all (fan-in).
 When the run ends, however it ends, every intermediate it holds is released.
+
+An intermediate whose readers all still wait for other stages is parked: the broker
+may then spill it to host memory if its device fills, furthest next reader first.
+Once a reader waits on only one more stage, its parked inputs are marked due, so
+the broker brings them back ahead of it; the reader's inputs are unparked (and
+their possibly new places taken) just before it is sent.
 """
 
 from __future__ import annotations
@@ -96,6 +102,9 @@ class _Run:
         self.done = {stage: anyio.Event() for stage in plan.order}
         self.held: list[Handle] = []
         self.failure: GfaasError | None = None
+        # Stage outputs parked (by lease id) -> where the run keeps them.
+        self.parked: dict[str, tuple[str, str]] = {}
+        self.unparking = anyio.Lock()
 
     async def execute(self) -> InvokeReply:
         await self._pool_large_inputs()
@@ -114,10 +123,14 @@ class _Run:
         )
 
     async def _stage(self, index: int, stage: str, scope: anyio.CancelScope) -> None:
-        for dep in self.plan.deps[stage]:
+        deps = sorted(self.plan.deps[stage])
+        for n, dep in enumerate(deps):
             await self.done[dep].wait()
+            if n == len(deps) - 2:
+                await self._due(stage)
         function = self.plan.function_of(stage)
         try:
+            await self._unpark_inputs(stage)
             spec = self.runner.functions().get(function)
             if spec is None:
                 raise GfaasError(ErrorCode.UNKNOWN_FUNCTION, "is no longer deployed")
@@ -152,7 +165,54 @@ class _Run:
             return
         self.outputs[stage] = {t.name: t for t in reply.outputs}
         self.workers[stage] = reply.worker
+        await self._park_unread(stage)
         self.done[stage].set()
+
+    # -- parking intermediates whose readers wait ----------------------------------------
+
+    def _ready(self, stage: str) -> bool:
+        return all(self.done[d].is_set() or d in self.outputs for d in self.plan.deps[stage])
+
+    async def _park_unread(self, stage: str) -> None:
+        """Park this stage's by-handle outputs that no reader can take up yet."""
+        waiting: list[Handle] = []
+        for name, tensor in self.outputs[stage].items():
+            readers = [
+                reader
+                for reader, srcs in self.plan.sources.items()
+                if any(src.stage == stage and src.name == name for src in srcs.values())
+            ]
+            if tensor.handle is not None and readers and not any(map(self._ready, readers)):
+                waiting.append(tensor.handle)
+                self.parked[tensor.handle.lease_id] = (stage, name)
+        if waiting:
+            await self.runner.broker.park(waiting, self.holder, self.meta.tenant, wait=False)
+
+    def _parked_inputs(self, stage: str) -> list[tuple[str, str]]:
+        places = {(src.stage, src.name) for src in self.plan.sources[stage].values()}
+        return [place for place in self.parked.values() if place in places]
+
+    async def _due(self, stage: str) -> None:
+        """`stage` now waits on one more stage only: its parked inputs are due soon."""
+        due = [self.outputs[s][n].handle for s, n in self._parked_inputs(stage)]
+        handles = [h for h in due if h is not None]
+        if handles:
+            await self.runner.broker.park(
+                handles, self.holder, self.meta.tenant, next_use_s=0.0, wait=False
+            )
+
+    async def _unpark_inputs(self, stage: str) -> None:
+        async with self.unparking:  # two readers of one parked output: one unparks it
+            places = self._parked_inputs(stage)
+            handles = [self.outputs[s][n].handle for s, n in places]
+            if not places:
+                return
+            current = await self.runner.broker.unpark(
+                [h for h in handles if h is not None], self.holder, self.meta.tenant
+            )
+            for (s, n), handle in zip(places, current, strict=True):
+                self.outputs[s][n] = msgspec.structs.replace(self.outputs[s][n], handle=handle)
+                del self.parked[handle.lease_id]
 
     async def _pool_large_inputs(self) -> None:
         """Large workflow inputs go into the pool once, here: each stage that reads

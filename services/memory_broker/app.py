@@ -15,6 +15,7 @@ demand and give idle slabs back (shared.dataplane.elastic).
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import socket
 import time
@@ -193,6 +194,15 @@ class Broker:
         self.pools.transfer(req.handles, _named(req.holder, "holder"), _named(req.to, "to"), tenant)
         return []
 
+    async def park(self, req: HandlesRequest, tenant: str) -> list[Handle]:
+        now = time.monotonic()
+        next_use = now + req.next_use_s if req.next_use_s >= 0 else math.inf
+        self.pools.park(req.handles, _named(req.holder, "holder"), tenant, next_use)
+        return []
+
+    async def unpark(self, req: HandlesRequest, tenant: str) -> list[Handle]:
+        return self.pools.unpark(req.handles, _named(req.holder, "holder"), tenant)
+
     async def read(self, req: ReadRequest, tenant: str) -> bytes:
         """A slice of a lease's bytes, for a consumer on another node."""
         self.pools.check([req.handle], tenant)
@@ -322,6 +332,8 @@ async def serve(
                 "retain": (HandlesRequest, broker.retain),
                 "release": (HandlesRequest, broker.release),
                 "transfer": (HandlesRequest, broker.transfer),
+                "park": (HandlesRequest, broker.park),
+                "unpark": (HandlesRequest, broker.unpark),
                 "copy": (CopyRequest, broker.copy),
                 "read": (ReadRequest, broker.read),
             }

@@ -9,15 +9,15 @@ offer. Time is an argument, so tests drive it without sleeping.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
 
-from shared.dataplane.backend import Backend
+from shared.dataplane.backend import Backend, tensor_from_handle
 from shared.dataplane.board import LeaseBoard
 from shared.dataplane.client import NO_POOL
-from shared.dataplane.elastic import ElasticConfig, ElasticPool, SlabUse
+from shared.dataplane.elastic import ElasticConfig, ElasticPool, Intermediate, SlabUse, plan_spill
 from shared.dataplane.leases import Fault, Lease, LeaseError, LeaseTable
 from shared.errors import GfaasError
 from shared.schema import ErrorCode, Handle
@@ -42,8 +42,17 @@ class NodePools:
         instance: str,
         default_ttl_s: float,
         board: LeaseBoard | None = None,
+        spill_to: str = "cpu",
+        prefetch_horizon_s: float = 1.0,
     ) -> None:
         self.node = node
+        # Where parked intermediates go when a device pool is full (host memory), and
+        # how soon a reader must be due for its data to be brought back ahead of it.
+        self.spill_to = spill_to
+        self.prefetch_horizon_s = prefetch_horizon_s
+        self.parks = 0
+        self.spilled = 0
+        self.restored = 0
         self.board = board
         self.table = LeaseTable(id_prefix=f"{instance}.")
         self.default_ttl_s = default_ttl_s
@@ -84,31 +93,135 @@ class NodePools:
             if exc.fault is not Fault.EXHAUSTED:
                 raise
             plan = pool.elastic.grow_for(nbytes, self._slab_uses(pool))
-            if not plan.add:
-                raise
             for size in plan.add:
                 self._create_slab(pool, size)
+            if not plan.add and not self._spill_for(pool, nbytes):
+                raise
             lease = self.table.lease(nbytes, pool.device, owner, now=now, tenant=tenant, ttl=ttl)
         pool.elastic.demand.observe_lease(now, nbytes)
         return lease
+
+    # -- parking, spilling, bringing back ----------------------------------------------
+
+    def park(self, handles: Sequence[Handle], holder: str, tenant: str, next_use: float) -> None:
+        """`holder` says nobody reads these until it unparks them, and when the next
+        reader is due (inf: not known). Parked data may be spilled to host memory to
+        make room on its device, furthest next use first; one due soon is brought back
+        ahead of its reader."""
+        leases = [self.table.check_ref(h, tenant) for h in handles]
+        for lease in leases:
+            self.table.check_holder(lease.lease_id, holder)
+        for lease in leases:
+            self.parks += not lease.parked
+            self.table.park(lease.lease_id, holder, next_use=next_use)
+            if self.board is not None:
+                self.board.retract(lease.lease_id)
+
+    def unpark(self, handles: Sequence[Handle], holder: str, tenant: str) -> list[Handle]:
+        """Readable again, back on its device if there is room (else still in host
+        memory, where the reader maps it or has the broker copy it): current handles."""
+        leases = [self.table.check_ref(h, tenant) for h in handles]
+        for lease in leases:
+            self.table.check_holder(lease.lease_id, holder)
+        current: list[Handle] = []
+        for lease in leases:
+            if lease.spilled:
+                self._bring_back(lease, make_room=True)
+            lease = self.table.unpark(lease.lease_id, holder)
+            current.append(self._handle(lease, self._publish(lease)))
+        return current
+
+    def _spill_for(self, pool: DevicePool, nbytes: int) -> bool:
+        """Move parked leases of `pool` to host memory, furthest next use first, until a
+        block of `nbytes` fits; False when even that is not enough."""
+        if pool.device == self.spill_to:
+            return False  # host memory has nowhere further to go
+        parked = {x.lease_id: x for x in self._parked(pool.device)}
+        items = [
+            Intermediate(x.lease_id, x.nbytes, on_device=True, next_use=x.next_use)
+            for x in parked.values()
+        ]
+        order, _ = plan_spill(items, need_bytes=sum(i.nbytes for i in items))
+        for lease_id in order:
+            if not self._move(parked[lease_id], self.spill_to):
+                continue
+            self.spilled += 1
+            if self.table.usage(pool.device).alloc.largest_free >= nbytes:
+                return True
+        return False
+
+    def _bring_back(self, lease: Lease, *, make_room: bool) -> bool:
+        home = self.devices[lease.home]
+        if self._move(lease, lease.home):
+            self.restored += 1
+            return True
+        if make_room and self._spill_for(home, lease.nbytes) and self._move(lease, lease.home):
+            self.restored += 1
+            return True
+        return False
+
+    def _move(self, lease: Lease, device: str) -> bool:
+        """Copy a parked lease's bytes to a new block on `device`; False if no room."""
+        try:
+            before, after = self.table.relocate(lease.lease_id, device)
+        except LeaseError as exc:
+            if exc.fault is not Fault.EXHAUSTED:
+                raise
+            plan = self.devices[device].elastic.grow_for(
+                lease.nbytes, self._slab_uses(self.devices[device])
+            )
+            if not plan.add:
+                return False
+            for size in plan.add:
+                self._create_slab(self.devices[device], size)
+            before, after = self.table.relocate(lease.lease_id, device)
+        src = self._handle(before, -1)
+        dst = self._handle(after, -1)
+        if lease.nbytes:
+            out = tensor_from_handle(dst, "uint8", [lease.nbytes])
+            out.copy_(tensor_from_handle(src, "uint8", [lease.nbytes]))
+        self.table.free_block(before)
+        return True
+
+    def _parked(self, device: str) -> Iterator[Lease]:
+        return (x for x in self.table if x.parked and x.device == device)
+
+    def _prefetch(self, now: float) -> None:
+        """Parked data in host memory whose reader is due soon goes back to its device
+        now, while there is room (nothing is spilled for it): the reader then finds it
+        in place when its holder unparks it."""
+        due = sorted(
+            (
+                x
+                for x in self.table
+                if x.parked and x.spilled and x.next_use <= now + self.prefetch_horizon_s
+            ),
+            key=lambda x: x.next_use,
+        )
+        for lease in due:
+            self._bring_back(lease, make_room=False)
 
     def check(self, handles: Sequence[Handle], tenant: str) -> None:
         for handle in handles:
             self.table.check(handle, tenant)
 
+    def check_refs(self, handles: Sequence[Handle], tenant: str) -> None:
+        for handle in handles:
+            self.table.check_ref(handle, tenant)
+
     def retain(self, handles: Sequence[Handle], holder: str, tenant: str) -> None:
-        self.check(handles, tenant)
+        self.check_refs(handles, tenant)
         for handle in handles:
             self.table.retain(handle.lease_id, holder)
 
     def release(self, handles: Sequence[Handle], holder: str, tenant: str, now: float) -> None:
-        self.check(handles, tenant)
+        self.check_refs(handles, tenant)
         for handle in handles:
             self._note_freed(self.table.release(handle.lease_id, holder), now)
 
     def transfer(self, handles: Sequence[Handle], holder: str, to: str, tenant: str) -> None:
         """Move `holder`'s reference to `to` (a worker hands its outputs to the caller)."""
-        self.check(handles, tenant)
+        self.check_refs(handles, tenant)
         for handle in handles:
             holders = dict(self.table.get(handle.lease_id).holders)
             if holder not in holders:
@@ -137,6 +250,7 @@ class NodePools:
         for lease in self.table.expire(now):
             self.expired += 1
             self._note_freed(lease, now)
+        self._prefetch(now)
         for pool in self.devices.values():
             plan = pool.elastic.plan(now, self._slab_uses(pool))
             for size in plan.add:
@@ -177,6 +291,11 @@ class NodePools:
             "refused": self.refused,
             "reclaimed": self.reclaimed,
             "expired": self.expired,
+            "parked": sum(1 for x in self.table if x.parked),
+            "parks": self.parks,
+            "spilled_now": sum(1 for x in self.table if x.spilled),
+            "spills": self.spilled,
+            "restores": self.restored,
         }
 
     # -- internals ---------------------------------------------------------------------
@@ -222,4 +341,6 @@ class NodePools:
             self.board.retract(lease.lease_id)
         lifetime = now - lease.created_at
         if math.isfinite(lifetime):
-            self.devices[lease.device].elastic.demand.observe_release(lease.nbytes, lifetime)
+            self.devices[lease.home or lease.device].elastic.demand.observe_release(
+                lease.nbytes, lifetime
+            )

@@ -131,6 +131,26 @@ class BrokerClient:
         request = HandlesRequest(handles=list(handles), holder=holder, to=to)
         await self._send("transfer", request, tenant, wait)
 
+    async def park(
+        self,
+        handles: Sequence[Handle],
+        holder: str,
+        tenant: str,
+        *,
+        next_use_s: float = -1.0,
+        wait: bool = True,
+    ) -> None:
+        """Nobody reads these until `holder` unparks them; the next reader is due in
+        `next_use_s` (-1: not known). The broker may spill them to host memory when
+        their device fills, and brings back first what is due first."""
+        request = HandlesRequest(handles=list(handles), holder=holder, next_use_s=next_use_s)
+        await self._send("park", request, tenant, wait)
+
+    async def unpark(self, handles: Sequence[Handle], holder: str, tenant: str) -> list[Handle]:
+        """Readable again: the handles where the bytes are now (they may have moved)."""
+        request = HandlesRequest(handles=list(handles), holder=holder)
+        return await self._call("unpark", request, tenant)
+
     async def _send(self, op: str, request: Any, tenant: str, wait: bool) -> None:
         if wait:
             await self._call(op, request, tenant)

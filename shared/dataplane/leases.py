@@ -39,6 +39,7 @@ class Fault(StrEnum):
     EXHAUSTED = "exhausted"  # fits the cap, not the free space now
     UNKNOWN_DEVICE = "unknown_device"
     NOT_HOLDER = "not_holder"
+    PARKED = "parked"  # its holder said nobody reads it now: it may sit in host memory
 
 
 FAULT_CODES: dict[Fault, ErrorCode] = {
@@ -51,6 +52,7 @@ FAULT_CODES: dict[Fault, ErrorCode] = {
     Fault.EXHAUSTED: ErrorCode.OVERLOADED,
     Fault.UNKNOWN_DEVICE: ErrorCode.BAD_REQUEST,
     Fault.NOT_HOLDER: ErrorCode.BAD_REQUEST,
+    Fault.PARKED: ErrorCode.BAD_REQUEST,
 }
 
 
@@ -95,10 +97,23 @@ class Lease:
     created_at: float
     expires_at: float
     holders: tuple[tuple[str, int], ...]
+    # Where it belongs (it was leased there); `device` differs while spilled.
+    home: str = ""
+    # Parked: its holder said no one reads it until unparked, so the broker may move
+    # it. `next_use`: when its next reader is due (broker clock; inf: not known).
+    parked: bool = False
+    next_use: float = math.inf
+    # Earlier (device, segment, generation) places: handles minted there still name
+    # the lease for reference operations (release, retain), never for reading.
+    moved_from: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def offset(self) -> int:
         return self.block.offset
+
+    @property
+    def spilled(self) -> bool:
+        return bool(self.home) and self.device != self.home
 
     @property
     def refs(self) -> int:
@@ -194,18 +209,7 @@ class LeaseTable:
                 Fault.TOO_LARGE,
                 f"{nbytes} bytes exceeds the {dev.cap}-byte cap of device {device}",
             )
-        block = dev.allocator.alloc(nbytes)
-        if block is None:
-            stats = dev.allocator.stats()
-            raise LeaseError(
-                Fault.EXHAUSTED,
-                f"pool of device {device} exhausted: {nbytes} bytes asked, "
-                f"largest free block {stats.largest_free}, {stats.used}/{stats.held} bytes "
-                f"in use (cap {dev.cap})",
-            )
-        key = (block.slab_id, block.offset)
-        generation = dev.generations.get(key, 0) + 1
-        dev.generations[key] = generation
+        block, generation = self._alloc(dev, device, nbytes)
         self._seq += 1
         expires_at = math.inf if ttl is None else now + ttl
         lease = Lease(
@@ -220,6 +224,7 @@ class LeaseTable:
             created_at=now,
             expires_at=expires_at,
             holders=((owner, 1),),
+            home=device,
         )
         self._leases[lease.lease_id] = lease
         if ttl is not None:
@@ -256,6 +261,37 @@ class LeaseTable:
         self._put(replace(lease, holders=tuple(counts.items())))
         return None
 
+    def park(self, lease_id: str, holder: str, *, next_use: float) -> Lease:
+        lease = self.check_holder(lease_id, holder)
+        return self._put(replace(lease, parked=True, next_use=next_use))
+
+    def unpark(self, lease_id: str, holder: str) -> Lease:
+        lease = self.check_holder(lease_id, holder)
+        return self._put(replace(lease, parked=False, next_use=math.inf))
+
+    def relocate(self, lease_id: str, device: str) -> tuple[Lease, Lease]:
+        """Give a parked lease a block on `device`: (before, after). The old block stays
+        allocated, so the caller can copy the bytes, then `free_block(before)`."""
+        lease = self.get(lease_id)
+        if not lease.parked:
+            raise LeaseError(Fault.PARKED, f"lease {lease_id} is not parked: it may be in use")
+        dev = self._device(device)
+        block, generation = self._alloc(dev, device, lease.nbytes)
+        moved = replace(
+            lease,
+            device=device,
+            segment=self._slabs[(device, block.slab_id)].segment,
+            block=block,
+            generation=generation,
+            moved_from=(*lease.moved_from, (lease.device, lease.segment, lease.generation)),
+        )
+        self._put(moved)
+        return lease, moved
+
+    def free_block(self, lease: Lease) -> None:
+        """The block `lease` had before it was relocated."""
+        self._devices[lease.device].allocator.free(lease.block)
+
     def free(self, lease_id: str) -> Lease:
         """Free regardless of references (invocation cancelled, broker shutting down)."""
         return self._retire(self.get(lease_id), "freed")
@@ -288,9 +324,35 @@ class LeaseTable:
 
     # Checks
 
+    def check_ref(self, handle: HandleLike, tenant: str) -> Lease:
+        """The lease a handle names for reference operations (retain, release, park):
+        the right tenant, and a place the lease has had; bytes are not read."""
+        lease = self.get(handle.lease_id)
+        if handle.tenant != lease.tenant or tenant != lease.tenant:
+            raise LeaseError(
+                Fault.FOREIGN_TENANT,
+                f"lease {lease.lease_id} does not belong to tenant {tenant!r}",
+            )
+        place = (handle.device, handle.segment, handle.generation)
+        if place != (lease.device, lease.segment, lease.generation) and (
+            place not in lease.moved_from
+        ):
+            raise LeaseError(
+                Fault.STALE,
+                f"lease {lease.lease_id} never lived at {handle.device}/{handle.segment} "
+                f"generation {handle.generation}",
+            )
+        return lease
+
     def check(self, handle: HandleLike, tenant: str) -> Lease:
         """The lease a handle may read, or a LeaseError saying why not."""
         lease = self.get(handle.lease_id)
+        if lease.parked:
+            raise LeaseError(
+                Fault.PARKED,
+                f"lease {lease.lease_id} is parked by its holder (the broker may move it "
+                "to host memory): it is unparked before anyone reads it",
+            )
         if handle.generation != lease.generation:
             raise LeaseError(
                 Fault.STALE,
@@ -361,6 +423,27 @@ class LeaseTable:
             return self._devices[device]
         except KeyError:
             raise LeaseError(Fault.UNKNOWN_DEVICE, f"no pool on device {device!r}") from None
+
+    def _alloc(self, dev: _Device, device: str, nbytes: int) -> tuple[Block, int]:
+        block = dev.allocator.alloc(nbytes)
+        if block is None:
+            stats = dev.allocator.stats()
+            raise LeaseError(
+                Fault.EXHAUSTED,
+                f"pool of device {device} exhausted: {nbytes} bytes asked, "
+                f"largest free block {stats.largest_free}, {stats.used}/{stats.held} bytes "
+                f"in use (cap {dev.cap})",
+            )
+        key = (block.slab_id, block.offset)
+        generation = dev.generations.get(key, 0) + 1
+        dev.generations[key] = generation
+        return block, generation
+
+    def check_holder(self, lease_id: str, holder: str) -> Lease:
+        lease = self.get(lease_id)
+        if holder not in dict(lease.holders):
+            raise LeaseError(Fault.NOT_HOLDER, f"{holder} holds no reference to {lease_id}")
+        return lease
 
     def _put(self, lease: Lease) -> Lease:
         self._leases[lease.lease_id] = lease
