@@ -18,7 +18,6 @@ from collections.abc import Iterator, Mapping, Sequence
 import anyio
 import msgspec
 import nats.errors
-import numpy as np
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -36,7 +35,7 @@ from shared import jetstream, subjects, tracing
 from shared.bus import connected, reply_error, send_reply, serve_status
 from shared.config import Settings, effective_max_payload
 from shared.dataplane.backend import prune_mappings
-from shared.dataplane.client import BrokerClient, read_bytes, write_bytes
+from shared.dataplane.client import NO_POOL, BrokerClient, read_bytes
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.registry import Registry
@@ -471,25 +470,44 @@ class Ingress:
     async def infer_shm(
         self, name: str, parsed: InferRequest, headers: Mapping[str, str]
     ) -> InvokeReply:
-        """An OIP request naming shared-memory regions: region bytes move into pooled
-        buffers and back on the node (one memcpy each way), never over the bus."""
+        """An OIP request naming shared-memory regions, system or CUDA: region bytes
+        move into pooled buffers on the region's own device and back (one copy each
+        way, device to device for CUDA), never over the bus."""
         tenant = headers.get(H_TENANT) or DEFAULT_TENANT
         refs = parsed.shm_inputs
         staged: list[Handle] = []
         try:
             inputs = list(parsed.invoke.inputs)
-            if refs:
-                names = [t.name for t in inputs if t.name in refs]
-                staged = await self.broker.lease(
-                    [refs[n].byte_size for n in names], owner=self.holder, tenant=tenant
-                )
-                by_name = dict(zip(names, staged, strict=True))
-                for n, h in by_name.items():
-                    write_bytes(h, self.regions.view(refs[n], h.nbytes))
-                inputs = [
-                    msgspec.structs.replace(t, handle=by_name[t.name]) if t.name in refs else t
-                    for t in inputs
-                ]
+            # One lease per device: host memory for system regions, the GPU for CUDA ones.
+            by_device: dict[str, list[str]] = {}
+            for t in inputs:
+                if t.name in refs:
+                    by_device.setdefault(self.regions.device(refs[t.name]), []).append(t.name)
+            by_name: dict[str, Handle] = {}
+            for device, names in by_device.items():
+                try:
+                    leased = await self.broker.lease(
+                        [refs[n].byte_size for n in names],
+                        owner=self.holder,
+                        device=device,
+                        tenant=tenant,
+                    )
+                except GfaasError as exc:
+                    if NO_POOL not in exc.reason:
+                        raise
+                    raise GfaasError(
+                        ErrorCode.BAD_REQUEST,
+                        f"inputs in CUDA shared memory on {device} are staged in the node's "
+                        f"pool there, and it has none: {exc.reason}",
+                    ) from None
+                staged += leased
+                by_name.update(zip(names, leased, strict=True))
+            for n, h in by_name.items():
+                self.regions.copy_in(refs[n], h)
+            inputs = [
+                msgspec.structs.replace(t, handle=by_name[t.name]) if t.name in by_name else t
+                for t in inputs
+            ]
             request = msgspec.structs.replace(
                 parsed.invoke, inputs=inputs, outputs_by=OutputMode.HANDLE, holder=self.holder
             )
@@ -503,7 +521,8 @@ class Ingress:
     async def _outputs_from_pool(
         self, reply: InvokeReply, parsed: InferRequest, tenant: str
     ) -> InvokeReply:
-        """Outputs asked for in shared memory are written there; the rest become values."""
+        """Outputs asked for in shared memory (either kind) are written there; the rest
+        become values."""
         handles = [t.handle for t in reply.outputs if t.handle is not None]
         wanted = {o.name: o.shm for o in parsed.outputs or () if o.shm is not None}
         try:
@@ -512,13 +531,12 @@ class Ingress:
                 if t.handle is None:
                     outputs.append(t)
                     continue
-                pooled = read_bytes(t.handle)
                 ref = wanted.get(t.name)
                 if ref is not None:
-                    region = self.regions.view(ref, t.handle.nbytes)
-                    np.frombuffer(region, np.uint8)[:] = pooled
+                    self.regions.copy_out(t.handle, ref)
                     outputs.append(msgspec.structs.replace(t, handle=None))
                 else:
+                    pooled = read_bytes(t.handle)
                     outputs.append(msgspec.structs.replace(t, handle=None, data=pooled.tobytes()))
             return msgspec.structs.replace(reply, outputs=outputs)
         finally:

@@ -58,13 +58,15 @@ class InferenceBackend(Protocol):
 
     @property
     def regions(self) -> ShmRegions:
-        """Registered system shared memory (the OIP shared-memory extension)."""
+        """Registered shared memory (the OIP shared-memory extensions): system regions,
+        and CUDA ones in `regions.cuda`."""
         ...
 
     async def infer_shm(
         self, name: str, parsed: oip.InferRequest, headers: Mapping[str, str]
     ) -> InvokeReply:
-        """`infer` for a request whose inputs or outputs name shared-memory regions."""
+        """`infer` for a request whose inputs or outputs name shared-memory regions
+        (system or CUDA)."""
         ...
 
 
@@ -119,7 +121,11 @@ def _server_version() -> str:
 
 def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
     """The OIP HTTP app; request bodies over `max_payload` bytes get 413."""
-    server_metadata = oip.server_metadata(_server_version())
+    extensions: tuple[str, ...] = oip.EXTENSIONS
+    if backend.regions.cuda.available():
+        # Only where a CUDA region could be registered at all.
+        extensions = (*extensions, oip.CUDA_EXTENSION)
+    server_metadata = oip.server_metadata(_server_version(), extensions)
 
     def known_model(request: Request) -> FunctionSpec:
         name: str = request.path_params["name"]
@@ -230,6 +236,27 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
         backend.regions.unregister(request.path_params.get("region"))
         return Response(status_code=200)
 
+    async def cuda_status(request: Request) -> Response:
+        try:
+            regions = backend.regions.cuda.status(request.path_params.get("region"))
+        except GfaasError as exc:
+            return _gfaas_error(exc)
+        return Response(oip.shm_status(regions), media_type="application/json")
+
+    async def cuda_register(request: Request) -> Response:
+        try:
+            body = await _read_body(request, max_payload)
+            raw_handle, device_id, size = oip.parse_cuda_register_request(body)
+            name: str = request.path_params["region"]
+            backend.regions.cuda.register(name, raw_handle, device_id, size)
+        except GfaasError as exc:
+            return _gfaas_error(exc)
+        return Response(status_code=200)
+
+    async def cuda_unregister(request: Request) -> Response:
+        backend.regions.cuda.unregister(request.path_params.get("region"))
+        return Response(status_code=200)
+
     async def http_error(request: Request, exc: Exception) -> Response:
         # Unmatched paths and methods answer in the protocol's {"error": ...} shape too.
         assert isinstance(exc, HTTPException)
@@ -238,6 +265,7 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
     model = "/v2/models/{name}"
     versioned = "/v2/models/{name}/versions/{version}"
     shm = "/v2/systemsharedmemory"
+    cuda = "/v2/cudasharedmemory"
     routes = [
         Route("/v2", metadata_endpoint, methods=["GET"]),
         Route("/v2/health/live", live, methods=["GET"]),
@@ -254,6 +282,11 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
         Route(f"{shm}/region/{{region}}/register", shm_register, methods=["POST"]),
         Route(f"{shm}/unregister", shm_unregister, methods=["POST"]),
         Route(f"{shm}/region/{{region}}/unregister", shm_unregister, methods=["POST"]),
+        Route(f"{cuda}/status", cuda_status, methods=["GET"]),
+        Route(f"{cuda}/region/{{region}}/status", cuda_status, methods=["GET"]),
+        Route(f"{cuda}/region/{{region}}/register", cuda_register, methods=["POST"]),
+        Route(f"{cuda}/unregister", cuda_unregister, methods=["POST"]),
+        Route(f"{cuda}/region/{{region}}/unregister", cuda_unregister, methods=["POST"]),
         Route("/v2/repository/models/{name}/load", repository_control, methods=["POST"]),
         Route("/v2/repository/models/{name}/unload", repository_control, methods=["POST"]),
     ]

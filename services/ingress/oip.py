@@ -11,6 +11,8 @@ only the request's own consistency is (element counts, byte sizes, datatypes).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +31,10 @@ PLATFORM: Final = "gfaas"
 # function is served as version "1".
 MODEL_VERSION: Final = "1"
 EXTENSIONS: Final = ("binary_tensor_data", "model_repository", "system_shared_memory")
+# Advertised only where ingress can open CUDA IPC handles (see http.create_app).
+CUDA_EXTENSION: Final = "cuda_shared_memory"
+# sizeof(cudaIpcMemHandle_t): what a CUDA shared-memory register request carries.
+CUDA_IPC_HANDLE_BYTES: Final = 64
 
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 
@@ -152,7 +158,8 @@ _index_decoder = msgspec.json.Decoder(_IndexRequest)
 
 @dataclass(frozen=True, slots=True)
 class ShmRef:
-    """Bytes in a registered system-shared-memory region (the shared-memory extension)."""
+    """Bytes in a registered shared-memory region, system or CUDA (one namespace for both,
+    as the shared-memory extensions define it)."""
 
     region: str
     offset: int
@@ -502,8 +509,8 @@ def model_metadata(spec: FunctionSpec) -> bytes:
     )
 
 
-def server_metadata(version: str) -> bytes:
-    return _json.encode(_ServerMeta(name=SERVER_NAME, version=version, extensions=list(EXTENSIONS)))
+def server_metadata(version: str, extensions: Iterable[str] = EXTENSIONS) -> bytes:
+    return _json.encode(_ServerMeta(name=SERVER_NAME, version=version, extensions=list(extensions)))
 
 
 def parse_index_request(body: bytes) -> bool:
@@ -549,7 +556,45 @@ def parse_register_request(body: bytes) -> tuple[str, int, int]:
     return request.key, request.offset, request.byte_size
 
 
-def shm_status(regions: Iterable[RegionStatus]) -> bytes:
+class _RawHandle(msgspec.Struct):
+    b64: str
+
+
+class _CudaRegisterRequest(msgspec.Struct):
+    raw_handle: _RawHandle
+    device_id: _Dim
+    byte_size: _Dim
+
+
+class CudaRegionStatus(msgspec.Struct):
+    name: str
+    device_id: int
+    byte_size: int
+
+
+def parse_cuda_register_request(body: bytes) -> tuple[bytes, int, int]:
+    """(raw IPC handle, device_id, byte_size) of a CUDA-shared-memory register request.
+
+    Everything that can be checked without a GPU is checked here, so a malformed
+    request gets its own reason on any node, before a handle is opened.
+    """
+    try:
+        request = msgspec.json.decode(body, type=_CudaRegisterRequest)
+    except msgspec.MsgspecError as exc:
+        raise _bad(f"invalid CUDA shared-memory register request: {exc}") from None
+    try:
+        raw = base64.b64decode(request.raw_handle.b64, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise _bad(f"raw_handle.b64 is not valid base64: {exc}") from None
+    if len(raw) != CUDA_IPC_HANDLE_BYTES:
+        raise _bad(
+            f"raw_handle is {len(raw)} bytes; a CUDA IPC handle (cudaIpcMemHandle_t) "
+            f"is {CUDA_IPC_HANDLE_BYTES}"
+        )
+    return raw, request.device_id, request.byte_size
+
+
+def shm_status(regions: Iterable[RegionStatus | CudaRegionStatus]) -> bytes:
     return _json.encode(list(regions))
 
 

@@ -5,17 +5,25 @@ region + offset + size in each request instead of sending bytes. Ingress maps ea
 region once. Inputs are copied from the region into a pooled buffer (one memcpy on
 the node, never through the bus) and reach the worker by handle; outputs come back
 by handle and are copied into the client's region.
+
+CUDA regions (services/ingress/cuda_regions.py) live in `ShmRegions.cuda`: the
+extensions give both kinds one namespace, and `device`, `copy_in` and `copy_out`
+serve a reference from whichever kind holds its name.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from services.ingress.cuda_regions import CudaRegions
 from services.ingress.oip import RegionStatus, ShmRef
 from shared.dataplane.backend import BackendError
+from shared.dataplane.client import read_bytes, write_bytes
 from shared.dataplane.shm import Segment, open_segment
 from shared.errors import GfaasError
-from shared.schema import ErrorCode
+from shared.schema import ErrorCode, Handle
 
 
 @dataclass
@@ -33,9 +41,10 @@ def _bad(reason: str) -> GfaasError:
 class ShmRegions:
     def __init__(self) -> None:
         self._regions: dict[str, _Region] = {}
+        self.cuda = CudaRegions(taken=self._regions.__contains__)
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
-        if name in self._regions:
+        if name in self._regions or name in self.cuda:
             raise _bad(f"shared-memory region {name!r} is already registered")
         try:
             segment = open_segment(key.removeprefix("/"))
@@ -79,5 +88,28 @@ class ShmRegions:
         start = region.offset + ref.offset
         return memoryview(region.segment.mm)[start : start + nbytes]
 
+    # -- either kind, by the name a request gives -----------------------------------------
+
+    def device(self, ref: ShmRef) -> str:
+        """The pool device to stage the region's bytes on: host memory for a system
+        region, the region's GPU for a CUDA one (so that copy stays on the device)."""
+        return "cpu" if ref.region in self._regions else self.cuda.device(ref)
+
+    def copy_in(self, ref: ShmRef, handle: Handle) -> None:
+        """The bytes the reference names into a leased buffer of `handle.nbytes`."""
+        if ref.region in self._regions:
+            write_bytes(handle, self.view(ref, handle.nbytes))
+        else:
+            self.cuda.copy_in(ref, handle)
+
+    def copy_out(self, handle: Handle, ref: ShmRef) -> None:
+        """A leased buffer's bytes into the region the reference names."""
+        if ref.region in self._regions:
+            target = self.view(ref, handle.nbytes)
+            np.frombuffer(target, np.uint8)[:] = read_bytes(handle)
+        else:
+            self.cuda.copy_out(handle, ref)
+
     def close(self) -> None:
         self.unregister()
+        self.cuda.close()
