@@ -176,7 +176,10 @@ class Scheduler:
         except msgspec.MsgspecError as exc:
             log.warning("done.malformed", error=str(exc))
             return
-        self.state.done(done, time.monotonic())
+        if msg.subject == subjects.DONE_SCHEDULED:
+            self.state.done(done, time.monotonic())
+        else:
+            self.state.done_direct(done)
         if self.state.pending:
             await self._drain_pending()
 

@@ -284,6 +284,14 @@ class ClusterState:
             self.give_back(lent.grant.worker_id, lent.grant.grant_id)
         return stale
 
+    def done_direct(self, done: Done) -> None:
+        """An invocation an ingress sent under a grant finished: the scheduler never
+        saw it start, so it only learns the warm execution time (grants are only for
+        warm functions), not SLO attainment."""
+        if done.ok and done.exec_ms > 0.0:
+            sample = done.exec_ms / 1000.0
+            self.exec_s[done.function] = ewma(self.exec_s.get(done.function, 0.0), sample)
+
     def reject(self, inv: Invocation) -> None:
         """The policy refused `inv` (it has left the queue): a missed SLO."""
         self.rejected += 1
