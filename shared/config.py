@@ -56,6 +56,11 @@ class Settings:
     heartbeat_s: float = 0.5
     # memory_broker: per-device pool cap, slab size, and the default lease TTL.
     pool_cap_mb: int = 4096
+    # Host memory's own cap (0: pool_cap_mb): where parked data spills to.
+    host_pool_cap_mb: int = 0
+    # Pooled devices, comma-separated ("" = cpu and every CUDA device); "emu:N" is a
+    # device pool kept in host shared memory (CPU-only nodes, tests).
+    pool_devices: str = ""
     slab_mb: int = 64
     lease_ttl_s: float = 300.0
     # How long a slab stays empty before the pool gives it back.

@@ -32,7 +32,7 @@ from services.memory_broker.pools import NodePools
 from shared import subjects
 from shared.bus import connected, serve_status
 from shared.config import PAYLOAD_HEADROOM, Settings
-from shared.dataplane.backend import select_backend, tensor_from_handle
+from shared.dataplane.backend import Backend, select_backend, tensor_from_handle
 from shared.dataplane.bandwidth import LinkScheduler, Mode
 from shared.dataplane.board import LeaseBoard, board_name
 from shared.dataplane.copier import Copier, CopyEngine, NumpyEngine
@@ -69,11 +69,30 @@ BOARD_SLOTS = 65536
 LINK_CAPACITY = {"host": 10e9, "pcie": 25e9, "nvlink": 300e9}
 
 R = TypeVar("R", bound=msgspec.Struct)
+# The flow name spill, prefetch and bring-back copies carry on a link.
+SPILL_FLOW = "gfaas-spill"
 
 
-def pool_devices() -> list[str]:
-    """The devices this node pools: host memory, and every GPU CUDA can see."""
+# A device pool kept in host shared memory, standing in for a GPU's: lets a CPU-only
+# node (CI) run what a GPU node does with device pools, spilling included.
+EMULATED = "emu:"
+
+
+def pool_devices(configured: str = "") -> list[str]:
+    """The devices this node pools: host memory, and every GPU CUDA can see, unless
+    `configured` (GFAAS_POOL_DEVICES, comma-separated) names them."""
+    if configured:
+        named = [d.strip() for d in configured.split(",") if d.strip()]
+        return ["cpu", *(d for d in dict.fromkeys(named) if d != "cpu")]
     return ["cpu", *(f"cuda:{i}" for i in range(cuda_device_count()))]
+
+
+def device_backend(device: str, prefix: str) -> Backend:
+    if device == "cpu":
+        return host_backend(prefix)
+    if device.startswith(EMULATED):
+        return ShmBackend(device, prefix=prefix)
+    return select_backend(device, fallback=False)
 
 
 def host_backend(prefix: str) -> ShmBackend:
@@ -112,15 +131,14 @@ class Broker:
             default_ttl_s=settings.lease_ttl_s,
             board=self.board,
         )
-        for device in pool_devices():
-            backend = (
-                host_backend(f"{settings.shm_namespace}-pool-")
-                if device == "cpu"
-                else select_backend(device, fallback=False)
-            )
+        for device in pool_devices(settings.pool_devices):
+            backend = device_backend(device, f"{settings.shm_namespace}-pool-")
+            cap_mb = settings.pool_cap_mb
+            if device == "cpu" and settings.host_pool_cap_mb:
+                cap_mb = settings.host_pool_cap_mb
             config = ElasticConfig(
                 slab_size=settings.slab_mb * MB,
-                max_bytes=settings.pool_cap_mb * MB,
+                max_bytes=cap_mb * MB,
                 cooldown_s=settings.pool_cooldown_s,
             )
             self.pools.add_device(device, backend, config)
@@ -174,8 +192,8 @@ class Broker:
         if not req.sizes or any(n < 0 for n in req.sizes):
             raise GfaasError(ErrorCode.BAD_REQUEST, f"lease sizes must be >= 0: {req.sizes}")
         self.pools.check(req.check, tenant)
-        return self.pools.lease(
-            req.sizes, req.device, req.owner, tenant, req.ttl_s, time.monotonic()
+        return await self.pools.lease_or_spill(
+            req.sizes, req.device, req.owner, tenant, req.ttl_s, time.monotonic(), self._move
         )
 
     async def check(self, req: HandlesRequest, tenant: str) -> list[Handle]:
@@ -201,7 +219,9 @@ class Broker:
         return []
 
     async def unpark(self, req: HandlesRequest, tenant: str) -> list[Handle]:
-        return self.pools.unpark(req.handles, _named(req.holder, "holder"), tenant)
+        return await self.pools.unpark(
+            req.handles, _named(req.holder, "holder"), tenant, self._move
+        )
 
     async def read(self, req: ReadRequest, tenant: str) -> bytes:
         """A slice of a lease's bytes, for a consumer on another node."""
@@ -222,22 +242,46 @@ class Broker:
         return bytes(view.cpu().numpy())
 
     async def copy(self, req: CopyRequest, tenant: str) -> list[Handle]:
-        src = self.pools.lease_of(req.source, tenant)
+        self.pools.lease_of(req.source, tenant)  # may the tenant read it here?
         now = time.monotonic()
         (dst,) = self.pools.lease([req.source.nbytes], req.device, req.owner, tenant, 0.0, now)
+        budget_s = req.budget_ms / 1000.0
         try:
-            await self._copy(req, src.device, dst)
+            await self._copy(
+                req.source,
+                dst,
+                weight=req.weight,
+                flow=req.flow or req.owner,
+                budget_s=budget_s,
+                compute_s=req.compute_ms / 1000.0,
+            )
         except BaseException:
             self.pools.release([dst], req.owner, tenant, time.monotonic())
             raise
         self.copies += 1
         return [dst]
 
-    async def _copy(self, req: CopyRequest, src_device: str, dst: Handle) -> None:
-        nbytes = req.source.nbytes
+    async def _move(self, src: Handle, dst: Handle) -> None:
+        """A parked lease's bytes to its new place (spill, prefetch, bring back): on the
+        link's scheduler like every other copy, as its own flow."""
+        await self._copy(src, dst, weight=1.0, flow=SPILL_FLOW)
+
+    async def _copy(
+        self,
+        source: Handle,
+        dst: Handle,
+        *,
+        weight: float,
+        flow: str,
+        budget_s: float = 0.0,
+        compute_s: float = 0.0,
+    ) -> None:
+        """Chunk by chunk under the link's fair scheduler (shared.dataplane.bandwidth)."""
+        nbytes = source.nbytes
         if nbytes == 0:
             return
-        src_view = tensor_from_handle(req.source, "uint8", [nbytes])
+        src_device = source.device
+        src_view = tensor_from_handle(source, "uint8", [nbytes])
         dst_view = tensor_from_handle(dst, "uint8", [nbytes])
         link = f"{src_device}->{dst.device}"
         copier = self.copiers.get(link)
@@ -256,16 +300,15 @@ class Broker:
             out: Any = dst_view.numpy()
         else:
             src, out = src_view, dst_view
-        budget_s = req.budget_ms / 1000.0
         future = copier.submit(
-            dst.lease_id,
+            f"{dst.lease_id}@{dst.device}",
             out,
             src,
             nbytes,
-            weight=req.weight,
-            flow=req.flow or req.owner,
+            weight=weight,
+            flow=flow,
             deadline=time.perf_counter() + budget_s if budget_s > 0 else None,
-            compute_s=req.compute_ms / 1000.0,
+            compute_s=compute_s,
         )
         await asyncio.wrap_future(future)
 
@@ -362,6 +405,7 @@ async def serve(
                     while True:
                         await anyio.sleep(TICK_S)
                         broker.tick()
+                        await broker.pools.prefetch(time.monotonic(), broker._move)
 
                 copies.start_soon(ticker)
                 await stop.wait()

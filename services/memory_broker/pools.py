@@ -9,18 +9,22 @@ offer. Time is an argument, so tests drive it without sleeping.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+import anyio
 import msgspec
 
-from shared.dataplane.backend import Backend, tensor_from_handle
+from shared.dataplane.backend import Backend
 from shared.dataplane.board import LeaseBoard
 from shared.dataplane.client import NO_POOL
 from shared.dataplane.elastic import ElasticConfig, ElasticPool, Intermediate, SlabUse, plan_spill
 from shared.dataplane.leases import Fault, Lease, LeaseError, LeaseTable
 from shared.errors import GfaasError
 from shared.schema import ErrorCode, Handle
+
+# Copies a lease's bytes from one place to another: (source, destination) handles.
+Copy = Callable[[Handle, Handle], Awaitable[None]]
 
 
 @dataclass
@@ -50,6 +54,8 @@ class NodePools:
         # how soon a reader must be due for its data to be brought back ahead of it.
         self.spill_to = spill_to
         self.prefetch_horizon_s = prefetch_horizon_s
+        # Leases being copied to a new place: done when set.
+        self._moves: dict[str, anyio.Event] = {}
         self.parks = 0
         self.spilled = 0
         self.restored = 0
@@ -93,10 +99,10 @@ class NodePools:
             if exc.fault is not Fault.EXHAUSTED:
                 raise
             plan = pool.elastic.grow_for(nbytes, self._slab_uses(pool))
+            if not plan.add:
+                raise
             for size in plan.add:
                 self._create_slab(pool, size)
-            if not plan.add and not self._spill_for(pool, nbytes):
-                raise
             lease = self.table.lease(nbytes, pool.device, owner, now=now, tenant=tenant, ttl=ttl)
         pool.elastic.demand.observe_lease(now, nbytes)
         return lease
@@ -117,7 +123,40 @@ class NodePools:
             if self.board is not None:
                 self.board.retract(lease.lease_id)
 
-    def unpark(self, handles: Sequence[Handle], holder: str, tenant: str) -> list[Handle]:
+    async def lease_or_spill(
+        self,
+        sizes: Sequence[int],
+        device: str,
+        owner: str,
+        tenant: str,
+        ttl_s: float,
+        now: float,
+        copy: Copy,
+    ) -> list[Handle]:
+        """`lease`, spilling parked data of a full device to host memory first if that
+        makes room, furthest next use first (shared.dataplane.elastic.plan_spill)."""
+        try:
+            return self.lease(sizes, device, owner, tenant, ttl_s, now)
+        except LeaseError as exc:
+            if exc.fault is not Fault.EXHAUSTED:
+                raise
+            refused = exc
+        pool = self._pool(device)
+        for lease in self._spill_order(pool):
+            if not await self._move(lease, self.spill_to, copy):
+                continue
+            self.spilled += 1
+            try:
+                return self.lease(sizes, device, owner, tenant, ttl_s, now)
+            except LeaseError as exc:
+                if exc.fault is not Fault.EXHAUSTED:
+                    raise
+                self.refused -= 1  # counted once, below, if spilling cannot help
+        raise refused
+
+    async def unpark(
+        self, handles: Sequence[Handle], holder: str, tenant: str, copy: Copy
+    ) -> list[Handle]:
         """Readable again, back on its device if there is room (else still in host
         memory, where the reader maps it or has the broker copy it): current handles."""
         leases = [self.table.check_ref(h, tenant) for h in handles]
@@ -125,81 +164,110 @@ class NodePools:
             self.table.check_holder(lease.lease_id, holder)
         current: list[Handle] = []
         for lease in leases:
-            if lease.spilled:
-                self._bring_back(lease, make_room=True)
+            await self._moved(lease.lease_id)  # a prefetch of it may be under way
+            lease = self.table.get(lease.lease_id)
+            # Only parked data moves: an unparked lease may be being read right now.
+            if (
+                lease.parked
+                and lease.spilled
+                and await self._bring_back(lease, copy, make_room=True)
+            ):
+                lease = self.table.get(lease.lease_id)
             lease = self.table.unpark(lease.lease_id, holder)
             current.append(self._handle(lease, self._publish(lease)))
         return current
 
-    def _spill_for(self, pool: DevicePool, nbytes: int) -> bool:
-        """Move parked leases of `pool` to host memory, furthest next use first, until a
-        block of `nbytes` fits; False when even that is not enough."""
+    async def prefetch(self, now: float, copy: Copy) -> int:
+        """Parked data in host memory whose reader is due soon goes back to its device
+        now, while there is room (nothing is spilled for it): its holder then unparks
+        it in place. Returns how many came back."""
+        horizon = now + self.prefetch_horizon_s
+        due = sorted(
+            (
+                x
+                for x in self.table
+                if x.parked
+                and x.spilled
+                and x.next_use <= horizon
+                and not self.table.moving(x.lease_id)
+            ),
+            key=lambda x: x.next_use,
+        )
+        back = 0
+        for lease in due:
+            fresh = self.table.lease_or_none(lease.lease_id)
+            if fresh is not None and fresh.parked and fresh.spilled:
+                back += await self._bring_back(fresh, copy, make_room=False)
+        return back
+
+    def _spill_order(self, pool: DevicePool) -> list[Lease]:
         if pool.device == self.spill_to:
-            return False  # host memory has nowhere further to go
-        parked = {x.lease_id: x for x in self._parked(pool.device)}
+            return []  # host memory has nowhere further to go
+        parked = {
+            x.lease_id: x
+            for x in self.table
+            if x.parked and x.device == pool.device and not self.table.moving(x.lease_id)
+        }
         items = [
             Intermediate(x.lease_id, x.nbytes, on_device=True, next_use=x.next_use)
             for x in parked.values()
         ]
         order, _ = plan_spill(items, need_bytes=sum(i.nbytes for i in items))
-        for lease_id in order:
-            if not self._move(parked[lease_id], self.spill_to):
+        return [parked[k] for k in order]
+
+    async def _bring_back(self, lease: Lease, copy: Copy, *, make_room: bool) -> bool:
+        if await self._move(lease, lease.home, copy):
+            self.restored += 1
+            return True
+        if not make_room:
+            return False
+        home = self.devices[lease.home]
+        for victim in self._spill_order(home):
+            if victim.lease_id == lease.lease_id or not await self._move(
+                victim, self.spill_to, copy
+            ):
                 continue
             self.spilled += 1
-            if self.table.usage(pool.device).alloc.largest_free >= nbytes:
+            fresh = self.table.lease_or_none(lease.lease_id)
+            if fresh is None or not fresh.parked:
+                return False
+            if await self._move(fresh, lease.home, copy):
+                self.restored += 1
                 return True
         return False
 
-    def _bring_back(self, lease: Lease, *, make_room: bool) -> bool:
-        home = self.devices[lease.home]
-        if self._move(lease, lease.home):
-            self.restored += 1
-            return True
-        if make_room and self._spill_for(home, lease.nbytes) and self._move(lease, lease.home):
-            self.restored += 1
-            return True
-        return False
-
-    def _move(self, lease: Lease, device: str) -> bool:
+    async def _move(self, lease: Lease, device: str, copy: Copy) -> bool:
         """Copy a parked lease's bytes to a new block on `device`; False if no room."""
         try:
             before, after = self.table.relocate(lease.lease_id, device)
         except LeaseError as exc:
             if exc.fault is not Fault.EXHAUSTED:
                 raise
-            plan = self.devices[device].elastic.grow_for(
-                lease.nbytes, self._slab_uses(self.devices[device])
-            )
+            pool = self.devices[device]
+            plan = pool.elastic.grow_for(lease.nbytes, self._slab_uses(pool))
             if not plan.add:
                 return False
             for size in plan.add:
-                self._create_slab(self.devices[device], size)
+                self._create_slab(pool, size)
             before, after = self.table.relocate(lease.lease_id, device)
-        src = self._handle(before, -1)
-        dst = self._handle(after, -1)
-        if lease.nbytes:
-            out = tensor_from_handle(dst, "uint8", [lease.nbytes])
-            out.copy_(tensor_from_handle(src, "uint8", [lease.nbytes]))
-        self.table.free_block(before)
+        done = self._moves[lease.lease_id] = anyio.Event()
+        try:
+            if lease.nbytes:
+                await copy(self._handle(before, -1), self._handle(after, -1))
+        except BaseException:
+            self.table.abort_move(before)
+            raise
+        else:
+            self.table.finish_move(lease.lease_id)
+        finally:
+            del self._moves[lease.lease_id]
+            done.set()
         return True
 
-    def _parked(self, device: str) -> Iterator[Lease]:
-        return (x for x in self.table if x.parked and x.device == device)
-
-    def _prefetch(self, now: float) -> None:
-        """Parked data in host memory whose reader is due soon goes back to its device
-        now, while there is room (nothing is spilled for it): the reader then finds it
-        in place when its holder unparks it."""
-        due = sorted(
-            (
-                x
-                for x in self.table
-                if x.parked and x.spilled and x.next_use <= now + self.prefetch_horizon_s
-            ),
-            key=lambda x: x.next_use,
-        )
-        for lease in due:
-            self._bring_back(lease, make_room=False)
+    async def _moved(self, lease_id: str) -> None:
+        moving = self._moves.get(lease_id)
+        if moving is not None:
+            await moving.wait()
 
     def check(self, handles: Sequence[Handle], tenant: str) -> None:
         for handle in handles:
@@ -250,7 +318,6 @@ class NodePools:
         for lease in self.table.expire(now):
             self.expired += 1
             self._note_freed(lease, now)
-        self._prefetch(now)
         for pool in self.devices.values():
             plan = pool.elastic.plan(now, self._slab_uses(pool))
             for size in plan.add:

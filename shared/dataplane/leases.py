@@ -157,6 +157,10 @@ class LeaseTable:
         self._leases: dict[str, Lease] = {}
         self._retired: OrderedDict[str, str] = OrderedDict()
         self._expiry: list[tuple[float, str]] = []
+        # Leases being copied to a new place -> blocks to free once the copy is done:
+        # the old place, and the new one too should the lease go meanwhile (freeing it
+        # at once would let another lease have memory the copy still writes).
+        self._moving: dict[str, list[tuple[str, Block]]] = {}
 
     # Pools
 
@@ -240,6 +244,9 @@ class LeaseTable:
             raise LeaseError(Fault.UNKNOWN, f"no lease {lease_id}")
         return lease
 
+    def lease_or_none(self, lease_id: str) -> Lease | None:
+        return self._leases.get(lease_id)
+
     def retain(self, lease_id: str, holder: str, n: int = 1) -> Lease:
         """Add references for a fan-out consumer; the lease lives until all are released."""
         lease = self.get(lease_id)
@@ -271,10 +278,12 @@ class LeaseTable:
 
     def relocate(self, lease_id: str, device: str) -> tuple[Lease, Lease]:
         """Give a parked lease a block on `device`: (before, after). The old block stays
-        allocated, so the caller can copy the bytes, then `free_block(before)`."""
+        allocated while the caller copies the bytes, until `finish_move`."""
         lease = self.get(lease_id)
         if not lease.parked:
             raise LeaseError(Fault.PARKED, f"lease {lease_id} is not parked: it may be in use")
+        if lease_id in self._moving:
+            raise LeaseError(Fault.PARKED, f"lease {lease_id} is being moved already")
         dev = self._device(device)
         block, generation = self._alloc(dev, device, lease.nbytes)
         moved = replace(
@@ -286,11 +295,37 @@ class LeaseTable:
             moved_from=(*lease.moved_from, (lease.device, lease.segment, lease.generation)),
         )
         self._put(moved)
+        self._moving[lease_id] = [(lease.device, lease.block)]
         return lease, moved
 
-    def free_block(self, lease: Lease) -> None:
-        """The block `lease` had before it was relocated."""
-        self._devices[lease.device].allocator.free(lease.block)
+    def finish_move(self, lease_id: str) -> None:
+        """The copy of a relocated lease is done (or failed): free what it held up."""
+        for device, block in self._moving.pop(lease_id, []):
+            self._devices[device].allocator.free(block)
+
+    def abort_move(self, before: Lease) -> None:
+        """The copy failed: the lease (if it still lives) stays where it was."""
+        pending = self._moving.pop(before.lease_id, [])
+        current = self._leases.get(before.lease_id)
+        if current is None:
+            free = pending  # the old place, and the new one the lease went with
+        else:
+            free = [*pending[1:], (current.device, current.block)]
+            self._put(
+                replace(
+                    current,
+                    device=before.device,
+                    segment=before.segment,
+                    block=before.block,
+                    generation=before.generation,
+                    moved_from=before.moved_from,
+                )
+            )
+        for device, block in free:
+            self._devices[device].allocator.free(block)
+
+    def moving(self, lease_id: str) -> bool:
+        return lease_id in self._moving
 
     def free(self, lease_id: str) -> Lease:
         """Free regardless of references (invocation cancelled, broker shutting down)."""
@@ -451,7 +486,11 @@ class LeaseTable:
 
     def _retire(self, lease: Lease, why: str) -> Lease:
         del self._leases[lease.lease_id]
-        self._devices[lease.device].allocator.free(lease.block)
+        pending = self._moving.get(lease.lease_id)
+        if pending is not None:
+            pending.append((lease.device, lease.block))
+        else:
+            self._devices[lease.device].allocator.free(lease.block)
         self._retired[lease.lease_id] = why
         if len(self._retired) > _RETIRED_MEMORY:
             self._retired.popitem(last=False)
