@@ -138,3 +138,34 @@ async def test_grants_off_sends_everything_through_the_scheduler(
         scheduler = await details(client, "scheduler")
         assert scheduler["grants"] == []
         assert scheduler["assigned"] == 5
+
+
+async def test_a_draining_worker_takes_back_its_grants_and_no_call_is_lost(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    with platform_at(nats_server.url, tmp_path / "s", workers=2) as p:
+        client = Client(nc)
+        await deploy_and_wait(nc, ECHO)
+        with anyio.fail_after(10):
+            while len((await details(client, "scheduler"))["workers"]) < 2:
+                await anyio.sleep(0.05)
+        _, reply = await request(nc, "echo", body(x=np.ones(2, np.float32)))
+        granted = reply["worker"]
+        assert (await details(client, "ingress"))["direct"]["grants"]["echo"]["worker"] == granted
+        stopped = anyio.Event()
+        workers: list[str] = []
+
+        async def calls() -> None:
+            while not stopped.is_set() or len(workers) < 20:
+                _, r = await request(nc, "echo", body(x=np.ones(2, np.float32)), timeout=3)
+                assert "error" not in r, r
+                workers.append(r["worker"])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(calls)
+            await anyio.sleep(0.2)
+            await anyio.to_thread.run_sync(p.stop, f"worker-{granted[1:]}")
+            workers.clear()
+            stopped.set()
+        # Every call after the stop was answered, by the worker still running.
+        assert set(workers) == {"w0", "w1"} - {granted}
