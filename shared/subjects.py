@@ -16,6 +16,9 @@ SCHEDULE: Final = f"{PREFIX}.schedule"
 DONE_ALL: Final = f"{PREFIX}.done.*"
 DONE_SCHEDULED: Final = f"{PREFIX}.done.scheduler"
 WORKER_LOST: Final = f"{PREFIX}.worker_lost"
+# Liveness of an ingress instance (empty body, every heartbeat_s): when it stops, the
+# broker drops the references it held and the scheduler takes back its grants.
+ALIVE_ALL: Final = f"{PREFIX}.alive.*"
 # An ingress gives a grant back (it lapsed or was revoked, and nothing sent under
 # it is still running): the scheduler frees the slots.
 GRANT_RETURN: Final = f"{PREFIX}.grant_return"
@@ -47,6 +50,10 @@ def worker_run(worker_id: str) -> str:
 
 def done(ingress_id: str) -> str:
     return f"{PREFIX}.done.{_tok(ingress_id)}"
+
+
+def alive(instance: str) -> str:
+    return f"{PREFIX}.alive.{_tok(instance)}"
 
 
 def grants(ingress_id: str) -> str:

@@ -169,3 +169,43 @@ async def test_a_draining_worker_takes_back_its_grants_and_no_call_is_lost(
             stopped.set()
         # Every call after the stop was answered, by the worker still running.
         assert set(workers) == {"w0", "w1"} - {granted}
+
+
+async def test_grants_go_back_when_their_ingress_stops_or_falls_silent(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    await deploy_and_wait(nc, ECHO)
+    # A stand-in ingress, as plain nats-py: it asks the scheduler directly, says it is
+    # alive for a while, then falls silent as a crashed process would.
+    grants = await nc.subscribe("gfaas.v1.ingress.ingress-fake.grant")
+    await nc.publish("gfaas.v1.alive.ingress-fake", b"")
+    headers = {
+        "Gfaas-Invocation-Id": "fake-1",
+        "Gfaas-Function": "echo",
+        "Gfaas-Ingress": "ingress-fake",
+    }
+    for n in range(2):  # the first call loads echo; the second finds it warm
+        headers["Gfaas-Invocation-Id"] = f"fake-{n}"
+        msg = await nc.request(
+            "gfaas.v1.schedule", body(x=np.ones(2, np.float32)), headers=headers, timeout=5
+        )
+        assert msg.headers is not None
+        assert msg.headers["Gfaas-Status"] == "ok"
+    await grants.next_msg(timeout=2)
+    await grants.unsubscribe()
+    assert [g["ingress"] for g in (await details(client, "scheduler"))["grants"]] == [
+        "ingress-fake"
+    ]
+    with anyio.fail_after(5):  # worker_timeout_s is 1 s here
+        while (await details(client, "scheduler"))["grants"]:
+            await anyio.sleep(0.1)
+
+    # The real ingress gives its grants back when it stops.
+    _, reply = await request(nc, "echo", body(x=np.ones(2, np.float32)))
+    assert "error" not in reply, reply
+    assert (await details(client, "scheduler"))["grants"]
+    await anyio.to_thread.run_sync(platform.stop, "ingress")
+    with anyio.fail_after(2):
+        while (await details(client, "scheduler"))["grants"]:
+            await anyio.sleep(0.05)

@@ -99,10 +99,21 @@ def test_revoked_grants_are_not_renewed_and_lapse_when_never_returned() -> None:
     assert revoked.grant == grant
     assert state.revoke() == []  # told once
     assert state.lend("ing", invocation(state, 2, FN, 1.0), FN, "w", ttl_s=2.0, now=1.0) is None
-    # Its ingress died: the slots come back once the longest run it could have sent
-    # (the function's timeout) is over.
-    assert state.lapsed(now=2.0 + FN.timeout_ms / 1000.0) == []
-    assert [x.grant for x in state.lapsed(now=3.0 + FN.timeout_ms / 1000.0)] == [grant]
+    # Its ingress, alive, never gives it back: the slots come back once the longest
+    # run it could have sent (the function's timeout) is over.
+    late = 2.0 + FN.timeout_ms / 1000.0
+    state.ingress_seen["ing"] = late
+    assert state.lapsed(now=late) == []
+    state.ingress_seen["ing"] = late + 1.0
+    assert [x.grant for x in state.lapsed(now=late + 1.0)] == [grant]
+    assert state.workers["w"].view.outstanding == 1
+
+
+def test_an_ingress_that_stops_saying_it_is_alive_loses_its_grants() -> None:
+    state, grant = lent_state()
+    state.ingress_seen["ing"] = 1.0
+    assert state.lapsed(now=1.0 + state.worker_timeout_s) == []
+    assert [x.grant for x in state.lapsed(now=1.1 + state.worker_timeout_s)] == [grant]
     assert state.workers["w"].view.outstanding == 1
 
 

@@ -315,3 +315,21 @@ async def test_a_parked_lease_is_read_by_nobody_until_its_holder_unparks_it(
     await broker.check([back], "default")
     await broker.release([h], "run", "default")  # the handle from before works for this
     await wait_leases(client, 0)
+
+
+async def test_references_of_an_ingress_that_falls_silent_are_reclaimed(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    broker = BrokerClient(nc, "local")
+    # As an ingress does: its own references, and a workflow run's under its name.
+    await nc.publish("gfaas.v1.alive.ingress-gone", b"")
+    (_own, run) = await broker.lease([4096, 4096], owner="ingress-gone", tenant="default")
+    await broker.transfer([run], "ingress-gone", "ingress-gone/wf-1", "default")
+    (kept,) = await broker.lease([4096], owner="ingress-gone", tenant="default")
+    await broker.retain([kept], "someone-else", "default")
+    assert (await broker_details(client))["leases"] == 3
+    details = await wait_leases(client, 1, timeout=5)  # worker_timeout_s is 1 s here
+    assert details["reclaimed"] == 2
+    await broker.release([kept], "someone-else", "default")
+    await wait_leases(client, 0)

@@ -95,10 +95,13 @@ class Ingress:
         self.accepted = 0
         self.rejected = 0
         self.broker = BrokerClient(nc, settings.node)
-        self.runner = WorkflowRunner(self._schedule, self.broker, lambda: self.registry.specs)
-        # HTTP clients' registered shared memory, and our name as a lease holder.
-        self.regions = ShmRegions()
+        # Our name as a lease holder, grant holder and live instance.
         self.holder = f"ingress-{new_invocation_id()[:12]}"
+        self.runner = WorkflowRunner(
+            self._schedule, self.broker, lambda: self.registry.specs, self.holder
+        )
+        # HTTP clients' registered shared memory.
+        self.regions = ShmRegions()
         # Worker slots the scheduler lent us: invocations sent straight to workers.
         self.direct = DirectRoutes()
         self._plans: dict[str, tuple[WorkflowSpec, WorkflowPlan]] = {}
@@ -229,6 +232,16 @@ class Ingress:
         while True:
             await anyio.sleep(DIRECT_TICK_S)
             await self._give_back(self.direct.tick(time.monotonic()))
+
+    async def beat(self) -> None:
+        """Say we are alive: the broker and the scheduler free what we hold once we stop."""
+        while True:
+            await self.nc.publish(subjects.alive(self.holder), b"")
+            await anyio.sleep(self.settings.heartbeat_s)
+
+    async def return_grants(self) -> None:
+        """At shutdown: nothing more is sent directly, so every grant goes back."""
+        await self._give_back(self.direct.surrender())
 
     async def _give_back(self, grants: list[Grant]) -> None:
         for grant in grants:
@@ -628,6 +641,7 @@ async def serve(
                 await nc.subscribe(subjects.done(ingress.holder), cb=ingress.on_done)
                 await nc.subscribe(subjects.WORKER_LOST, cb=ingress.on_worker_lost)
                 service_tg.start_soon(ingress.tick_direct)
+                service_tg.start_soon(ingress.beat)
                 await serve_status(nc, "ingress", instance, ingress.details)
                 # Both end by themselves once `stop` is set, after their in-flight work.
                 intake.start_soon(ingress.consume_async, stop)
@@ -638,5 +652,6 @@ async def serve(
                 await stop.wait()
                 await invoke_sub.drain()
                 await result_sub.drain()
+            await ingress.return_grants()
             ingress.regions.close()
             service_tg.cancel_scope.cancel()

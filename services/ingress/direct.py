@@ -156,6 +156,16 @@ class DirectRoutes:
             back += self._settle(route)
         return back
 
+    def surrender(self) -> list[Grant]:
+        """Every grant, to give back at shutdown: nothing more will be sent under them
+        (what is still running finishes on the worker's own capacity check)."""
+        grants = [route.grant for route in self.routes.values()]
+        for route in list(self.routes.values()):
+            self._forget(route)
+            self.returned.append(route.grant.grant_id)
+        self.sent.clear()
+        return grants
+
     def _settle(self, route: Route) -> list[Grant]:
         if route.usable or route.in_use > 0:
             return []

@@ -57,7 +57,11 @@ class WorkflowRunner:
         schedule: Schedule,
         broker: BrokerClient,
         functions: Callable[[], Mapping[str, FunctionSpec]],
+        holder: str = "",
     ) -> None:
+        # Runs hold their leases under this name (the ingress's): should the ingress
+        # die, the broker drops them with its other references.
+        self.holder = holder
         self.schedule = schedule
         self.broker = broker
         self.functions = functions
@@ -95,7 +99,8 @@ class _Run:
         self.meta = meta
         self.request = request
         # Stage invocation ids must stay single tokens of at most 64 characters.
-        self.holder = f"wf-{meta.invocation_id[:48]}"
+        run = f"wf-{meta.invocation_id[:48]}"
+        self.holder = f"{runner.holder}/{run}" if runner.holder else run
         self.inputs = {t.name: t for t in request.inputs}
         self.outputs: dict[str, dict[str, Tensor]] = {}
         self.workers: dict[str, str] = {}

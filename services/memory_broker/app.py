@@ -321,6 +321,9 @@ class Broker:
             return
         self.last_seen[hb.worker_id] = time.monotonic()
 
+    async def on_alive(self, msg: Msg) -> None:
+        self.last_seen[subjects.last_token(msg.subject)] = time.monotonic()
+
     def tick(self) -> None:
         now = time.monotonic()
         for worker, seen in list(self.last_seen.items()):
@@ -398,6 +401,7 @@ async def serve(
 
                 await nc.subscribe(subjects.broker_all(settings.node), cb=on_request)
                 await nc.subscribe(subjects.HEARTBEAT_ALL, cb=broker.on_heartbeat)
+                await nc.subscribe(subjects.ALIVE_ALL, cb=broker.on_alive)
                 await serve_status(nc, "memory-broker", instance, broker.details)
                 task_status.started()
 

@@ -161,6 +161,9 @@ class Scheduler:
         if hb.capacity == 0:  # draining: it takes nothing more, direct sends included
             await self._revoke(self.state.revoke(hb.worker_id))
 
+    async def on_alive(self, msg: Msg) -> None:
+        self.state.ingress_seen[subjects.last_token(msg.subject)] = time.monotonic()
+
     async def on_grant_return(self, msg: Msg) -> None:
         try:
             grant = decode(msg.data, Grant)
@@ -185,7 +188,7 @@ class Scheduler:
 
     async def tick(self) -> None:
         now = time.monotonic()
-        self.state.lapsed(now)
+        self.state.lapsed(now)  # slots freed here are used by the drain below
         for worker_id, lost in self.state.reap(now):
             log.warning("worker.lost", worker=worker_id, inflight=len(lost))
             # Ingress answers for what it sent there directly.
@@ -340,6 +343,7 @@ async def serve(
             await nc.subscribe(subjects.HEARTBEAT_ALL, cb=scheduler.on_heartbeat)
             await nc.subscribe(subjects.DONE_ALL, cb=scheduler.on_done)
             await nc.subscribe(subjects.GRANT_RETURN, cb=scheduler.on_grant_return)
+            await nc.subscribe(subjects.ALIVE_ALL, cb=scheduler.on_alive)
             await anyio.sleep(min(settings.heartbeat_s * 1.5, 1.0))
             schedule_sub = await nc.subscribe(
                 subjects.SCHEDULE, queue=subjects.Q_SCHEDULER, cb=scheduler.on_schedule

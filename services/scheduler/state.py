@@ -61,6 +61,7 @@ class Lent:
     ingress: str
     request: RequestView
     expires_at: float
+    lent_at: float
     # How long past expiry the slots stay held if the ingress never gives them back
     # (it died): the longest a run it sent may take.
     grace_s: float
@@ -94,6 +95,8 @@ class ClusterState:
     exec_s: dict[str, float] = field(default_factory=dict)
     slo: SloTracker = field(default_factory=SloTracker)
     rejected: int = 0
+    # Ingress instance -> when it last said it is alive (its grants die with it).
+    ingress_seen: dict[str, float] = field(default_factory=dict)
 
     def views(self) -> list[WorkerView]:
         return [book.view for book in self.workers.values()]
@@ -246,7 +249,12 @@ class ClusterState:
             ttl_s=ttl_s,
         )
         lent = book.lent[grant.grant_id] = Lent(
-            grant, ingress, inv.view, now + ttl_s, grace_s=spec.timeout_ms / 1000.0 + 1.0
+            grant,
+            ingress,
+            inv.view,
+            now + ttl_s,
+            lent_at=now,
+            grace_s=spec.timeout_ms / 1000.0 + 1.0,
         )
         for request in lent.holds:
             book.view = assume_assigned(book.view, request, now)
@@ -277,9 +285,14 @@ class ClusterState:
         return True
 
     def lapsed(self, now: float) -> list[Lent]:
-        """Grants no ingress gave back long after expiry (the ingress died): their
-        slots are freed."""
-        stale = [lent for lent in self.lent() if lent.expires_at + lent.grace_s <= now]
+        """Grants whose ingress stopped saying it is alive, or that no ingress gave back
+        long after expiry: their slots are freed."""
+
+        def gone(lent: Lent) -> bool:
+            seen = max(self.ingress_seen.get(lent.ingress, lent.lent_at), lent.lent_at)
+            return now - seen > self.worker_timeout_s
+
+        stale = [x for x in self.lent() if x.expires_at + x.grace_s <= now or gone(x)]
         for lent in stale:
             self.give_back(lent.grant.worker_id, lent.grant.grant_id)
         return stale

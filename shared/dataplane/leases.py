@@ -347,10 +347,16 @@ class LeaseTable:
         return expired
 
     def reclaim_owner(self, owner: str) -> list[Lease]:
-        """Drop every reference a dead worker held; returns the leases that were freed."""
+        """Drop every reference a dead process held, under its name or a name under it
+        (`owner/...`: a workflow run in an ingress); returns the leases that were freed."""
         freed: list[Lease] = []
-        for lease in [x for x in self._leases.values() if any(h == owner for h, _ in x.holders)]:
-            rest = tuple((h, n) for h, n in lease.holders if h != owner)
+        under = f"{owner}/"
+
+        def dead(holder: str) -> bool:
+            return holder == owner or holder.startswith(under)
+
+        for lease in [x for x in self._leases.values() if any(dead(h) for h, _ in x.holders)]:
+            rest = tuple((h, n) for h, n in lease.holders if not dead(h))
             if rest:
                 self._put(replace(lease, holders=rest))
             else:
