@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 
 from gfaas.client import Client
 from shared.natsd import NatsServer
+from shared.scheduling.grants import HOT_CALLS
 from shared.schema import FunctionSpec
 from tests.conftest import Platform, platform_at, spawn_worker
 from tests.helpers import body, deploy_and_wait, request
@@ -28,6 +29,14 @@ pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
 ECHO = FunctionSpec(name="echo", handler="tests.funcs:echo", concurrency=4)
 SLEEP = FunctionSpec(name="sleep", handler="tests.funcs:sleep", concurrency=8)
+
+
+async def warm_up(nc: NATS, function: str, data: bytes) -> Any:
+    """Calls enough to make `function` hot (grants are for hot functions only)."""
+    for _ in range(HOT_CALLS):
+        _, reply = await request(nc, function, data)
+        assert "error" not in reply, reply
+    return reply
 
 
 async def details(client: Client, service: str) -> dict[str, Any]:
@@ -43,8 +52,8 @@ async def test_a_warm_function_goes_straight_to_its_worker(platform: Platform, n
         assert np.frombuffer(reply["outputs"][0]["data"], np.float32).tolist() == [i] * 3
     ingress = await details(client, "ingress")
     scheduler = await details(client, "scheduler")
-    # The first call went through the scheduler and earned a grant: capacity 8, one
-    # slot taken, half of the 7 free ones lent (the function allows 4).
+    # The third call through the scheduler made it hot and earned a grant: capacity
+    # 8, one slot taken, half of the 7 free ones lent (the function allows 4).
     (grant,) = scheduler["grants"]
     assert (grant["function"], grant["worker"], grant["slots"]) == ("echo", "w0", 3)
     assert ingress["direct"]["grants"] == {"echo": {"worker": "w0", "slots": 3}}
@@ -58,8 +67,7 @@ async def test_a_warm_function_goes_straight_to_its_worker(platform: Platform, n
 async def test_queued_work_takes_the_lent_slots_back(platform: Platform, nc: NATS) -> None:
     client = Client(nc)
     await deploy_and_wait(nc, SLEEP)
-    _, reply = await request(nc, "sleep", body(seconds=np.array(0.0)))
-    assert "error" not in reply, reply
+    await warm_up(nc, "sleep", body(seconds=np.array(0.0)))
     (grant,) = (await details(client, "scheduler"))["grants"]
     assert grant["slots"] == 3  # of the 8 slots: 3 lent, 5 left to the scheduler
     # Twelve at once: 3 go direct, 5 through the scheduler, 4 must queue there, which
@@ -95,8 +103,7 @@ async def test_a_killed_worker_answers_its_direct_callers(
             client = Client(nc)
             await deploy_and_wait(nc, SLEEP)
             await wait_for_worker(client, "doomed")
-            _, reply = await request(nc, "sleep", body(seconds=np.array(0.0)))
-            assert "error" not in reply, reply
+            await warm_up(nc, "sleep", body(seconds=np.array(0.0)))
             with anyio.fail_after(5):
                 while not (await details(client, "ingress"))["direct"]["grants"]:
                     await anyio.sleep(0.02)
@@ -149,8 +156,7 @@ async def test_a_draining_worker_takes_back_its_grants_and_no_call_is_lost(
         with anyio.fail_after(10):
             while len((await details(client, "scheduler"))["workers"]) < 2:
                 await anyio.sleep(0.05)
-        _, reply = await request(nc, "echo", body(x=np.ones(2, np.float32)))
-        granted = reply["worker"]
+        granted = (await warm_up(nc, "echo", body(x=np.ones(2, np.float32))))["worker"]
         assert (await details(client, "ingress"))["direct"]["grants"]["echo"]["worker"] == granted
         stopped = anyio.Event()
         workers: list[str] = []
@@ -185,7 +191,7 @@ async def test_grants_go_back_when_their_ingress_stops_or_falls_silent(
         "Gfaas-Function": "echo",
         "Gfaas-Ingress": "ingress-fake",
     }
-    for n in range(2):  # the first call loads echo; the second finds it warm
+    for n in range(HOT_CALLS):  # a hot function: lent slots once warm
         headers["Gfaas-Invocation-Id"] = f"fake-{n}"
         msg = await nc.request(
             "gfaas.v1.schedule", body(x=np.ones(2, np.float32)), headers=headers, timeout=5
@@ -202,8 +208,7 @@ async def test_grants_go_back_when_their_ingress_stops_or_falls_silent(
             await anyio.sleep(0.1)
 
     # The real ingress gives its grants back when it stops.
-    _, reply = await request(nc, "echo", body(x=np.ones(2, np.float32)))
-    assert "error" not in reply, reply
+    await warm_up(nc, "echo", body(x=np.ones(2, np.float32)))
     assert (await details(client, "scheduler"))["grants"]
     await anyio.to_thread.run_sync(platform.stop, "ingress")
     with anyio.fail_after(2):

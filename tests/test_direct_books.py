@@ -9,7 +9,7 @@ import pytest
 from services.ingress.direct import STOP_BEFORE_S, DirectRoutes
 from services.scheduler.state import ClusterState
 from shared.scheduling import RequestView, WorkerView
-from shared.scheduling.grants import grant_slots
+from shared.scheduling.grants import HOT_CALLS, grant_slots
 from shared.schema import FunctionKind, FunctionSpec, Grant
 from tests.test_scheduler_views import MB, heartbeat, invocation
 
@@ -38,14 +38,11 @@ def request(model: str = "m") -> RequestView:
 
 
 def test_half_the_free_slots_are_lent_up_to_the_functions_concurrency() -> None:
-    warm = WorkerView(
-        worker_id="w", device="cpu", capacity=8, outstanding=1, resident=frozenset({"m"})
-    )
+    warm = worker(1, "m")
     assert grant_slots(warm, request(), queued=0, limit=8, now=0.0) == 3
     assert grant_slots(warm, request(), queued=0, limit=2, now=0.0) == 2
-    busy = WorkerView(
-        worker_id="w", device="cpu", capacity=8, outstanding=7, resident=frozenset({"m"})
-    )
+    # 3 free slots: too few to hold any back (MIN_FREE).
+    busy = worker(5, "m")
     assert grant_slots(busy, request(), queued=0, limit=8, now=0.0) == 0
 
 
@@ -56,6 +53,8 @@ def test_nothing_is_lent_while_work_waits_or_the_model_is_not_there() -> None:
     assert grant_slots(cold, request(), queued=0, limit=8, now=0.0) == 0
     # A function without a model needs nothing resident.
     assert grant_slots(cold, request(model=""), queued=0, limit=8, now=0.0) == 4
+    # Nor is anything lent for a function called now and then.
+    assert grant_slots(warm, request(), queued=0, limit=8, now=0.0, recent_calls=2) == 0
 
 
 # -- the scheduler's books -----------------------------------------------------------------
@@ -65,7 +64,12 @@ def lent_state(now: float = 0.0) -> tuple[ClusterState, Grant]:
     state = ClusterState(worker_timeout_s=5.0, pending_limit=10)
     hb = msgspec.structs.replace(heartbeat("w", m=MB), capacity=8)
     state.observe(hb, now)
-    inv = invocation(state, 1, FN, now)
+    for n in range(HOT_CALLS - 1):  # calls that came and went: not hot yet
+        inv = invocation(state, n, FN, now)
+        state.assign("w", inv, now)
+        assert state.lend("ing", inv, FN, "w", ttl_s=2.0, now=now) is None
+        state.finish("w", inv.meta.invocation_id)
+    inv = invocation(state, HOT_CALLS, FN, now)
     state.assign("w", inv, now)
     grant = state.lend("ing", inv, FN, "w", ttl_s=2.0, now=now)
     assert grant is not None

@@ -14,12 +14,13 @@ planner applies, so the live scheduler and the simulator decide on equal terms.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from shared.scheduling import RequestView, SloTracker, WorkerView
 from shared.scheduling.dispatch import assume_assigned
-from shared.scheduling.grants import grant_slots, keep_grant
+from shared.scheduling.grants import HOT_CALLS, HOT_WINDOW_S, grant_slots, keep_grant
 from shared.scheduling.observed import (
     alone_exec_s,
     assume_finished,
@@ -97,6 +98,8 @@ class ClusterState:
     rejected: int = 0
     # Ingress instance -> when it last said it is alive (its grants die with it).
     ingress_seen: dict[str, float] = field(default_factory=dict)
+    # (ingress, function) -> when its last few invocations came (is it hot?).
+    calls: dict[tuple[str, str], deque[float]] = field(default_factory=dict)
 
     def views(self) -> list[WorkerView]:
         return [book.view for book in self.workers.values()]
@@ -230,6 +233,8 @@ class ClusterState:
             return None
         function = inv.view.function
         queued = len(self.pending)
+        recent = self.calls.setdefault((ingress, function), deque(maxlen=HOT_CALLS))
+        recent.append(now)
         for lent in book.lent.values():
             if lent.ingress == ingress and lent.grant.function == function:
                 if lent.revoked or not keep_grant(book.view, queued=queued):
@@ -238,7 +243,14 @@ class ClusterState:
                 return lent.grant
         if any(lent.ingress == ingress and lent.grant.function == function for lent in self.lent()):
             return None  # one grant per ingress and function: the other one lapses first
-        slots = grant_slots(book.view, inv.view, queued=queued, limit=spec.concurrency, now=now)
+        slots = grant_slots(
+            book.view,
+            inv.view,
+            queued=queued,
+            limit=spec.concurrency,
+            now=now,
+            recent_calls=sum(1 for t in recent if now - t <= HOT_WINDOW_S),
+        )
         if slots <= 0:
             return None
         grant = Grant(
