@@ -146,12 +146,12 @@ class NodePools:
             if not await self._move(lease, self.spill_to, copy):
                 continue
             self.spilled += 1
+            self.refused -= 1  # the refusal above is counted once, if at all
             try:
                 return self.lease(sizes, device, owner, tenant, ttl_s, now)
             except LeaseError as exc:
                 if exc.fault is not Fault.EXHAUSTED:
                     raise
-                self.refused -= 1  # counted once, below, if spilling cannot help
         raise refused
 
     async def unpark(
@@ -237,7 +237,15 @@ class NodePools:
         return False
 
     async def _move(self, lease: Lease, device: str, copy: Copy) -> bool:
-        """Copy a parked lease's bytes to a new block on `device`; False if no room."""
+        """Copy a parked lease's bytes to a new block on `device`; False if no room,
+        or if the lease is no longer there to move (released, unparked or moving since
+        it was chosen: copies run while the broker serves other work)."""
+        fresh = self.table.lease_or_none(lease.lease_id)
+        if fresh is None or not fresh.parked or self.table.moving(lease.lease_id):
+            return False
+        if fresh.device == device:
+            return True
+        lease = fresh
         try:
             before, after = self.table.relocate(lease.lease_id, device)
         except LeaseError as exc:
