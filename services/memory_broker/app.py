@@ -20,7 +20,8 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import anyio
 import msgspec
@@ -69,6 +70,19 @@ BOARD_SLOTS = 65536
 LINK_CAPACITY = {"host": 10e9, "pcie": 25e9, "nvlink": 300e9}
 
 R = TypeVar("R", bound=msgspec.Struct)
+Reply = HandlesReply | BytesReply
+
+
+@dataclass(frozen=True)
+class Op(Generic[R]):
+    """One broker operation: what it decodes, what it answers (also when refusing),
+    and what runs it."""
+
+    request: type[R]
+    reply: type[Reply]
+    run: Callable[[R, str], Awaitable[Reply]]
+
+
 # The flow name spill, prefetch and bring-back copies carry on a link.
 SPILL_FLOW = "gfaas-spill"
 
@@ -152,24 +166,15 @@ class Broker:
 
     # -- requests ----------------------------------------------------------------------
 
-    async def _answer(
-        self, msg: Msg, kind: type[R], op: Callable[[R, str], Awaitable[Any]]
-    ) -> None:
-        """Decode, run `op`, reply: HandlesReply, or BytesReply for `read`; a refusal
-        is the same reply with an error and a reason."""
+    async def _answer(self, msg: Msg, op: Op[Any]) -> None:
+        """Decode, run the op, reply; a refusal is the op's reply type with an error
+        and a reason."""
         tenant = (msg.headers or {}).get(H_TENANT) or DEFAULT_TENANT
-        reply_kind: type[HandlesReply] | type[BytesReply] = (
-            BytesReply if kind is ReadRequest else HandlesReply
-        )
-        reply: HandlesReply | BytesReply
+        kind, reply_kind = op.request, op.reply
+        reply: Reply
         try:
             request = decode(msg.data, kind)
-            result = await op(request, tenant)
-            reply = (
-                BytesReply(data=result)
-                if reply_kind is BytesReply
-                else HandlesReply(handles=result)
-            )
+            reply = await op.run(request, tenant)
         except msgspec.MsgspecError as exc:
             reason = f"malformed {kind.__name__}: {exc}"
             reply = reply_kind(error=GfaasError(ErrorCode.BAD_REQUEST, reason).info())
@@ -188,42 +193,44 @@ class Broker:
             error = GfaasError(ErrorCode.BAD_REQUEST, reason).info()
             await msg.respond(encode(HandlesReply(error=error)))
 
-    async def lease(self, req: LeaseRequest, tenant: str) -> list[Handle]:
+    async def lease(self, req: LeaseRequest, tenant: str) -> HandlesReply:
         if not req.sizes or any(n < 0 for n in req.sizes):
             raise GfaasError(ErrorCode.BAD_REQUEST, f"lease sizes must be >= 0: {req.sizes}")
         self.pools.check(req.check, tenant)
-        return await self.pools.lease_or_spill(
+        handles = await self.pools.lease_or_spill(
             req.sizes, req.device, req.owner, tenant, req.ttl_s, time.monotonic(), self._move
         )
+        return HandlesReply(handles=handles)
 
-    async def check(self, req: HandlesRequest, tenant: str) -> list[Handle]:
+    async def check(self, req: HandlesRequest, tenant: str) -> HandlesReply:
         self.pools.check(req.handles, tenant)
-        return []
+        return HandlesReply()
 
-    async def retain(self, req: HandlesRequest, tenant: str) -> list[Handle]:
+    async def retain(self, req: HandlesRequest, tenant: str) -> HandlesReply:
         self.pools.retain(req.handles, _named(req.holder, "holder"), tenant)
-        return []
+        return HandlesReply()
 
-    async def release(self, req: HandlesRequest, tenant: str) -> list[Handle]:
+    async def release(self, req: HandlesRequest, tenant: str) -> HandlesReply:
         self.pools.release(req.handles, _named(req.holder, "holder"), tenant, time.monotonic())
-        return []
+        return HandlesReply()
 
-    async def transfer(self, req: HandlesRequest, tenant: str) -> list[Handle]:
+    async def transfer(self, req: HandlesRequest, tenant: str) -> HandlesReply:
         self.pools.transfer(req.handles, _named(req.holder, "holder"), _named(req.to, "to"), tenant)
-        return []
+        return HandlesReply()
 
-    async def park(self, req: HandlesRequest, tenant: str) -> list[Handle]:
+    async def park(self, req: HandlesRequest, tenant: str) -> HandlesReply:
         now = time.monotonic()
         next_use = now + req.next_use_s if req.next_use_s >= 0 else math.inf
         self.pools.park(req.handles, _named(req.holder, "holder"), tenant, next_use)
-        return []
+        return HandlesReply()
 
-    async def unpark(self, req: HandlesRequest, tenant: str) -> list[Handle]:
-        return await self.pools.unpark(
-            req.handles, _named(req.holder, "holder"), tenant, self._move
+    async def unpark(self, req: HandlesRequest, tenant: str) -> HandlesReply:
+        holder = _named(req.holder, "holder")
+        return HandlesReply(
+            handles=await self.pools.unpark(req.handles, holder, tenant, self._move)
         )
 
-    async def read(self, req: ReadRequest, tenant: str) -> bytes:
+    async def read(self, req: ReadRequest, tenant: str) -> BytesReply:
         """A slice of a lease's bytes, for a consumer on another node."""
         self.pools.check([req.handle], tenant)
         h = req.handle
@@ -239,9 +246,9 @@ class Broker:
                 f"read of {end - req.offset} bytes exceeds {self.max_read}; read in chunks",
             )
         view = tensor_from_handle(h, "uint8", [h.nbytes])[req.offset : end]
-        return bytes(view.cpu().numpy())
+        return BytesReply(data=bytes(view.cpu().numpy()))
 
-    async def copy(self, req: CopyRequest, tenant: str) -> list[Handle]:
+    async def copy(self, req: CopyRequest, tenant: str) -> HandlesReply:
         self.pools.lease_of(req.source, tenant)  # may the tenant read it here?
         now = time.monotonic()
         (dst,) = self.pools.lease([req.source.nbytes], req.device, req.owner, tenant, 0.0, now)
@@ -259,7 +266,7 @@ class Broker:
             self.pools.release([dst], req.owner, tenant, time.monotonic())
             raise
         self.copies += 1
-        return [dst]
+        return HandlesReply(handles=[dst])
 
     async def _move(self, src: Handle, dst: Handle) -> None:
         """A parked lease's bytes to its new place (spill, prefetch, bring back): on the
@@ -372,16 +379,16 @@ async def serve(
     async with connected(settings.nats_url, "gfaas-memory-broker") as nc:
         broker = Broker(nc, settings, instance)
         try:
-            ops: dict[str, tuple[type[Any], Callable[[Any, str], Awaitable[Any]]]] = {
-                "lease": (LeaseRequest, broker.lease),
-                "check": (HandlesRequest, broker.check),
-                "retain": (HandlesRequest, broker.retain),
-                "release": (HandlesRequest, broker.release),
-                "transfer": (HandlesRequest, broker.transfer),
-                "park": (HandlesRequest, broker.park),
-                "unpark": (HandlesRequest, broker.unpark),
-                "copy": (CopyRequest, broker.copy),
-                "read": (ReadRequest, broker.read),
+            ops: dict[str, Op[Any]] = {
+                "lease": Op(LeaseRequest, HandlesReply, broker.lease),
+                "check": Op(HandlesRequest, HandlesReply, broker.check),
+                "retain": Op(HandlesRequest, HandlesReply, broker.retain),
+                "release": Op(HandlesRequest, HandlesReply, broker.release),
+                "transfer": Op(HandlesRequest, HandlesReply, broker.transfer),
+                "park": Op(HandlesRequest, HandlesReply, broker.park),
+                "unpark": Op(HandlesRequest, HandlesReply, broker.unpark),
+                "copy": Op(CopyRequest, HandlesReply, broker.copy),
+                "read": Op(ReadRequest, BytesReply, broker.read),
             }
             async with anyio.create_task_group() as copies:
 
@@ -395,9 +402,9 @@ async def serve(
                     if entry is None:
                         await broker.refuse(msg, f"unknown broker operation {op!r}")
                     elif op == "copy":
-                        copies.start_soon(broker._answer, msg, *entry)
+                        copies.start_soon(broker._answer, msg, entry)
                     else:
-                        await broker._answer(msg, *entry)
+                        await broker._answer(msg, entry)
 
                 await nc.subscribe(subjects.broker_all(settings.node), cb=on_request)
                 await nc.subscribe(subjects.HEARTBEAT_ALL, cb=broker.on_heartbeat)
