@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
+import msgspec
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -21,6 +22,7 @@ from shared.schema import (
     ErrorCode,
     InvokeReply,
     ServiceStatus,
+    decode,
     encode,
     error_reply,
 )
@@ -28,6 +30,8 @@ from shared.schema import (
 log = get_logger("bus")
 
 DRAIN_TIMEOUT_S = 5.0
+
+E = TypeVar("E", bound=msgspec.Struct)
 
 
 async def _connect_once(url: str, name: str) -> NATS:
@@ -110,6 +114,16 @@ async def send_reply(
         out.update(headers)
     await nc.publish(subject, body, headers=out)
     return len(body)
+
+
+def decode_event(msg: Msg, kind: type[E]) -> E | None:
+    """An internal event's body, or None (logged) when it does not decode: nobody
+    waits for an answer, and a bad event must not stop its subscriber."""
+    try:
+        return decode(msg.data, kind)
+    except msgspec.MsgspecError as exc:
+        log.warning("event.malformed", subject=msg.subject, kind=kind.__name__, error=str(exc))
+        return None
 
 
 async def reply_error(

@@ -32,7 +32,7 @@ from services.ingress.oip import InferRequest
 from services.ingress.shm_regions import ShmRegions
 from services.ingress.workflow import WorkflowRunner
 from shared import jetstream, subjects, tracing
-from shared.bus import connected, reply_error, send_reply, serve_status
+from shared.bus import connected, decode_event, reply_error, send_reply, serve_status
 from shared.config import Settings, effective_max_payload
 from shared.dataplane.backend import prune_mappings
 from shared.dataplane.client import NO_POOL, BrokerClient, read_bytes
@@ -195,26 +195,20 @@ class Ingress:
         return time.monotonic() + min(meta.remaining_s(), DIRECT_LIMIT_S)
 
     async def on_grant(self, msg: Msg) -> None:
-        try:
-            grant = decode(msg.data, Grant)
-        except msgspec.MsgspecError as exc:
-            log.warning("grant.malformed", error=str(exc))
+        grant = decode_event(msg, Grant)
+        if grant is None:
             return
         await self._give_back(self.direct.on_grant(grant, time.monotonic()))
 
     async def on_done(self, msg: Msg) -> None:
-        try:
-            done = decode(msg.data, Done)
-        except msgspec.MsgspecError as exc:
-            log.warning("done.malformed", error=str(exc))
+        done = decode_event(msg, Done)
+        if done is None:
             return
         await self._give_back(self.direct.finish(done.invocation_id))
 
     async def on_worker_lost(self, msg: Msg) -> None:
-        try:
-            lost = decode(msg.data, WorkerLost)
-        except msgspec.MsgspecError as exc:
-            log.warning("worker_lost.malformed", error=str(exc))
+        lost = decode_event(msg, WorkerLost)
+        if lost is None:
             return
         for iid, sent in self.direct.lost(lost.worker_id):
             if sent.on_lost is not None:

@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 
 from services.memory_broker.pools import NodePools
 from shared import subjects
-from shared.bus import connected, serve_status
+from shared.bus import connected, decode_event, serve_status
 from shared.config import PAYLOAD_HEADROOM, Settings
 from shared.dataplane.backend import Backend, select_backend, tensor_from_handle
 from shared.dataplane.bandwidth import LinkScheduler, Mode
@@ -322,9 +322,8 @@ class Broker:
     # -- liveness and housekeeping -----------------------------------------------------
 
     async def on_heartbeat(self, msg: Msg) -> None:
-        try:
-            hb = decode(msg.data, WorkerHeartbeat)
-        except msgspec.MsgspecError:
+        hb = decode_event(msg, WorkerHeartbeat)
+        if hb is None:
             return
         self.last_seen[hb.worker_id] = time.monotonic()
 

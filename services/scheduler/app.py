@@ -27,7 +27,7 @@ from opentelemetry.trace import SpanKind
 
 from services.scheduler.state import ClusterState, Invocation, Lent
 from shared import subjects, tracing
-from shared.bus import connected, reply_error, serve_status
+from shared.bus import connected, decode_event, reply_error, serve_status
 from shared.config import Settings
 from shared.logs import get_logger
 from shared.modelstore import ModelStore
@@ -43,7 +43,6 @@ from shared.schema import (
     InvocationMeta,
     WorkerHeartbeat,
     WorkerLost,
-    decode,
     encode,
     now_millis,
 )
@@ -150,10 +149,8 @@ class Scheduler:
                 )
 
     async def on_heartbeat(self, msg: Msg) -> None:
-        try:
-            hb = decode(msg.data, WorkerHeartbeat)
-        except msgspec.MsgspecError as exc:
-            log.warning("heartbeat.malformed", error=str(exc))
+        hb = decode_event(msg, WorkerHeartbeat)
+        if hb is None:
             return
         if self.state.observe(hb, time.monotonic()):
             log.info("worker.joined", worker=hb.worker_id, device=hb.device)
@@ -165,19 +162,15 @@ class Scheduler:
         self.state.ingress_seen[subjects.last_token(msg.subject)] = time.monotonic()
 
     async def on_grant_return(self, msg: Msg) -> None:
-        try:
-            grant = decode(msg.data, Grant)
-        except msgspec.MsgspecError as exc:
-            log.warning("grant_return.malformed", error=str(exc))
+        grant = decode_event(msg, Grant)
+        if grant is None:
             return
         if self.state.give_back(grant.worker_id, grant.grant_id) and self.state.pending:
             await self._drain_pending()
 
     async def on_done(self, msg: Msg) -> None:
-        try:
-            done = decode(msg.data, Done)
-        except msgspec.MsgspecError as exc:
-            log.warning("done.malformed", error=str(exc))
+        done = decode_event(msg, Done)
+        if done is None:
             return
         if msg.subject == subjects.DONE_SCHEDULED:
             self.state.done(done, time.monotonic())
