@@ -153,3 +153,18 @@ def spawn_worker(nats_url: str, worker_id: str, state_dir: Path) -> subprocess.P
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+@contextmanager
+def doomed_platform(
+    nats_url: str, tmp_path: Path, worker_id: str = "doomed"
+) -> Iterator[tuple[Platform, subprocess.Popen[bytes]]]:
+    """A platform whose only worker is its own process, for tests that kill it: at
+    first everything lands there. Its heartbeats lapse after 1 s."""
+    with platform_at(nats_url, tmp_path / "s", workers=0, worker_timeout_s=1.0) as p:
+        proc = spawn_worker(nats_url, worker_id, tmp_path / "w")
+        try:
+            yield p, proc
+        finally:
+            proc.kill()
+            proc.wait()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -39,3 +43,31 @@ async def deploy_and_wait(nc: NATS, *specs: FunctionSpec, timeout: float = 5.0) 
             if all(s.name in known for s in specs):
                 return
             await anyio.sleep(0.02)
+
+
+async def wait_for_worker(client: Client, worker_id: str) -> None:
+    """Until the scheduler has heard the worker's heartbeat."""
+    with anyio.fail_after(30):
+        while worker_id not in (await client.status("scheduler")).details["workers"]:
+            await anyio.sleep(0.05)
+
+
+async def kill_mid_call(
+    nc: NATS, proc: subprocess.Popen[bytes], running: Callable[[], Awaitable[bool]]
+) -> tuple[Any, float]:
+    """Call `sleep` for 30 s and SIGKILL `proc` once `running()` says the call runs
+    there: the caller's reply, and how long it took to come."""
+    result: dict[str, Any] = {}
+
+    async def call() -> None:
+        started = time.monotonic()
+        _, reply = await request(nc, "sleep", body(seconds=np.array(30.0)), timeout=20)
+        result["reply"], result["elapsed"] = reply, time.monotonic() - started
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        with anyio.fail_after(10):
+            while not await running():
+                await anyio.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    return result["reply"], result["elapsed"]

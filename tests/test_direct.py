@@ -7,7 +7,6 @@ worker that dies with direct invocations on it has its callers answered."""
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,8 @@ from gfaas.client import Client
 from shared.natsd import NatsServer
 from shared.scheduling.grants import HOT_CALLS
 from shared.schema import FunctionSpec
-from tests.conftest import Platform, platform_at, spawn_worker
-from tests.helpers import body, deploy_and_wait, request
-from tests.test_worker_death import wait_for_worker
+from tests.conftest import Platform, doomed_platform, platform_at
+from tests.helpers import body, deploy_and_wait, kill_mid_call, request, wait_for_worker
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
@@ -97,39 +95,25 @@ async def test_queued_work_takes_the_lent_slots_back(platform: Platform, nc: NAT
 async def test_a_killed_worker_answers_its_direct_callers(
     nats_server: NatsServer, nc: NATS, tmp_path: Path
 ) -> None:
-    with platform_at(nats_server.url, tmp_path / "s", workers=0, worker_timeout_s=1.0):
-        proc = spawn_worker(nats_server.url, "doomed", tmp_path / "w")
-        try:
-            client = Client(nc)
-            await deploy_and_wait(nc, SLEEP)
-            await wait_for_worker(client, "doomed")
-            await warm_up(nc, "sleep", body(seconds=np.array(0.0)))
-            with anyio.fail_after(5):
-                while not (await details(client, "ingress"))["direct"]["grants"]:
-                    await anyio.sleep(0.02)
-            result: dict[str, Any] = {}
+    with doomed_platform(nats_server.url, tmp_path) as (_, proc):
+        client = Client(nc)
+        await deploy_and_wait(nc, SLEEP)
+        await wait_for_worker(client, "doomed")
+        await warm_up(nc, "sleep", body(seconds=np.array(0.0)))
+        with anyio.fail_after(5):
+            while not (await details(client, "ingress"))["direct"]["grants"]:
+                await anyio.sleep(0.02)
 
-            async def call() -> None:
-                started = time.monotonic()
-                _, reply = await request(nc, "sleep", body(seconds=np.array(30.0)), timeout=20)
-                result["reply"], result["elapsed"] = reply, time.monotonic() - started
+        async def sent_directly() -> bool:
+            return bool((await details(client, "ingress"))["direct"]["in_flight"])
 
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(call)
-                with anyio.fail_after(10):
-                    while (await details(client, "ingress"))["direct"]["in_flight"] == 0:
-                        await anyio.sleep(0.05)
-                proc.send_signal(signal.SIGKILL)
-            reply = result["reply"]
-            assert reply["error"]["code"] == "worker_lost", reply
-            assert "doomed" in reply["error"]["reason"]
-            assert result["elapsed"] < 10
-            ingress = await details(client, "ingress")
-            assert ingress["direct"]["in_flight"] == 0
-            assert ingress["direct"]["grants"] == {}
-        finally:
-            proc.kill()
-            proc.wait()
+        reply, elapsed = await kill_mid_call(nc, proc, sent_directly)
+        assert reply["error"]["code"] == "worker_lost", reply
+        assert "doomed" in reply["error"]["reason"]
+        assert elapsed < 10
+        ingress = await details(client, "ingress")
+        assert ingress["direct"]["in_flight"] == 0
+        assert ingress["direct"]["grants"] == {}
 
 
 async def test_grants_off_sends_everything_through_the_scheduler(

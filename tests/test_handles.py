@@ -28,8 +28,8 @@ from shared.schema import (
     Tensor,
     TensorSpec,
 )
-from tests.conftest import Platform, platform_at, settings_for, spawn_worker
-from tests.helpers import deploy_and_wait
+from tests.conftest import Platform, doomed_platform, platform_at, settings_for
+from tests.helpers import deploy_and_wait, wait_for_worker
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
@@ -201,35 +201,28 @@ async def test_lease_requests_beyond_the_pool_are_refused(
 async def test_a_dead_workers_leases_are_reclaimed(
     nats_server: NatsServer, nc: NATS, tmp_path: Path
 ) -> None:
-    with platform_at(nats_server.url, tmp_path / "s", workers=0, worker_timeout_s=1.0):
-        proc = spawn_worker(nats_server.url, "doomed", tmp_path / "w")
-        try:
-            client = Client(nc)
-            await deploy_and_wait(nc, HOLD)
-            with anyio.fail_after(30):
-                while "doomed" not in (await client.status("scheduler")).details["workers"]:
-                    await anyio.sleep(0.05)
-            async with anyio.create_task_group() as tg:
+    with doomed_platform(nats_server.url, tmp_path) as (_, proc):
+        client = Client(nc)
+        await deploy_and_wait(nc, HOLD)
+        await wait_for_worker(client, "doomed")
+        async with anyio.create_task_group() as tg:
 
-                async def call() -> None:
-                    with pytest.raises(GfaasError) as info:
-                        await client.invoke(
-                            "hold",
-                            {"seconds": np.array(30.0)},
-                            outputs_by=OutputMode.HANDLE,
-                            timeout=20,
-                        )
-                    assert info.value.code == "worker_lost"
+            async def call() -> None:
+                with pytest.raises(GfaasError) as info:
+                    await client.invoke(
+                        "hold",
+                        {"seconds": np.array(30.0)},
+                        outputs_by=OutputMode.HANDLE,
+                        timeout=20,
+                    )
+                assert info.value.code == "worker_lost"
 
-                tg.start_soon(call)
-                # The worker leased its output buffer before running the handler.
-                await wait_leases(client, 1)
-                proc.send_signal(signal.SIGKILL)
-            details = await wait_leases(client, 0)
-            assert details["reclaimed"] == 1
-        finally:
-            proc.kill()
-            proc.wait()
+            tg.start_soon(call)
+            # The worker leased its output buffer before running the handler.
+            await wait_leases(client, 1)
+            proc.send_signal(signal.SIGKILL)
+        details = await wait_leases(client, 0)
+        assert details["reclaimed"] == 1
 
 
 async def test_broker_copies_through_the_link_scheduler_and_accounts_for_it(
