@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,11 @@ def _url(args: argparse.Namespace) -> str:
     return str(args.nats_url or settings_from_env().nats_url)
 
 
+def _client(url: str, **kwargs: Any) -> AbstractAsyncContextManager[Client]:
+    # A deploy may be the first to create the registry: with the cluster's replicas.
+    return Client.connect(url, replicas=settings_from_env().js_replicas, **kwargs)
+
+
 # -- platform ----------------------------------------------------------------------------
 
 
@@ -48,7 +54,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log_level)
     sup = Supervisor(
-        settings=settings, nats_url=args.nats_url, nats_port=args.nats_port, workers=args.workers
+        settings=settings,
+        nats_url=args.nats_url,
+        nats_port=args.nats_port,
+        workers=args.workers,
+        replicas=args.replicas,
     )
 
     def announce(url: str) -> bool:
@@ -67,7 +77,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log_level)
     sup = Supervisor(
-        settings=settings, nats_url=args.nats_url, nats_port=args.nats_port, workers=args.workers
+        settings=settings,
+        nats_url=args.nats_url,
+        nats_port=args.nats_port,
+        workers=args.workers,
+        replicas=args.replicas,
     )
     outcome: list[int] = [1]
 
@@ -98,7 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 async def _deploy(url: str, paths: Sequence[Path]) -> None:
     specs = [load_any(p) for p in paths]
-    async with Client.connect(url) as client:
+    async with _client(url) as client:
         for spec in specs:
             await client.deploy(spec)
             if isinstance(spec, WorkflowSpec):
@@ -109,7 +123,7 @@ async def _deploy(url: str, paths: Sequence[Path]) -> None:
 
 
 async def _ls(url: str, as_json: bool) -> None:
-    async with Client.connect(url) as client:
+    async with _client(url) as client:
         specs = await client.functions()
         workflows = await client.workflows()
     if as_json:
@@ -124,7 +138,7 @@ async def _ls(url: str, as_json: bool) -> None:
 
 
 async def _rm(url: str, name: str) -> int:
-    async with Client.connect(url) as client:
+    async with _client(url) as client:
         if await client.remove(name):
             print(f"removed {name}")
             return 0
@@ -133,13 +147,13 @@ async def _rm(url: str, name: str) -> int:
 
 
 async def _model_push(url: str, name: str, path: Path) -> None:
-    async with Client.connect(url) as client:
+    async with _client(url) as client:
         size = await client.push_model(name, path)
     print(f"pushed {name}: {size} bytes")
 
 
 async def _model_ls(url: str) -> None:
-    async with Client.connect(url) as client:
+    async with _client(url) as client:
         for name, size in await client.models():
             print(f"{name:32} {size:>12}")
 
@@ -165,7 +179,7 @@ def _print_reply(reply: InvokeReply) -> None:
 
 async def _invoke(url: str, args: argparse.Namespace) -> int:
     inputs = dict(parse_input(item) for item in args.input)
-    async with Client.connect(url, timeout=args.timeout) as client:
+    async with _client(url, timeout=args.timeout) as client:
         if args.async_:
             invocation_id = await client.invoke_async(args.function, inputs)
             print(invocation_id)
@@ -176,14 +190,14 @@ async def _invoke(url: str, args: argparse.Namespace) -> int:
 
 
 async def _result(url: str, invocation_id: str) -> int:
-    async with Client.connect(url) as client:
+    async with _client(url) as client:
         reply = await client.result(invocation_id)
     _print_reply(reply)
     return 0
 
 
 async def _status(url: str, services: Sequence[str]) -> None:
-    async with Client.connect(url) as client:
+    async with _client(url) as client:
         for service in services or SERVICE_NAMES:
             try:
                 status = await client.status(service)
@@ -200,13 +214,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def nats_opt(p: argparse.ArgumentParser, help_text: str) -> None:
-        p.add_argument("--nats-url", default=None, help=help_text)
+        p.add_argument(
+            "--nats-url", default=None, help=f"{help_text}; a cluster's URLs comma-separated"
+        )
 
     def platform_opts(p: argparse.ArgumentParser) -> None:
         nats_opt(p, "use this NATS server instead of starting the embedded one")
         p.add_argument("--nats-port", type=int, default=4222, help="embedded server port")
         p.add_argument(
             "--workers", type=int, default=0, help="gpu-worker processes (default: one per GPU)"
+        )
+        p.add_argument(
+            "--replicas",
+            type=int,
+            default=1,
+            help="schedulers and ingresses to run (one scheduler active, the rest standing by)",
         )
         p.add_argument("--state-dir", type=Path, default=None)
         p.add_argument("--http-port", type=int, default=None)

@@ -20,7 +20,7 @@ import numpy as np
 from nats.aio.client import Client as NATS
 
 from shared import jetstream, subjects
-from shared.config import PAYLOAD_HEADROOM
+from shared.config import PAYLOAD_HEADROOM, nats_servers
 from shared.dataplane.backend import BackendError
 from shared.dataplane.client import BrokerClient, move_into, open_tensor, write_into
 from shared.errors import GfaasError
@@ -74,11 +74,20 @@ def outputs_of(reply: InvokeReply) -> dict[str, np.ndarray[Any, Any]]:
 
 class Client:
     def __init__(
-        self, nc: NATS, *, tenant: str = "", timeout: float = 30.0, node: str = "local"
+        self,
+        nc: NATS,
+        *,
+        tenant: str = "",
+        timeout: float = 30.0,
+        node: str = "local",
+        replicas: int = 1,
     ) -> None:
         self.nc = nc
         self.tenant = tenant
         self.timeout = timeout
+        # Replicas of the JetStream resources this client may be first to create
+        # (`Settings.js_replicas`); existing ones are used as they are.
+        self.replicas = replicas
         # This client's name as a lease holder: outputs by handle are held by it.
         self.holder = f"client-{new_invocation_id()[:16]}"
         self.broker = BrokerClient(nc, node)
@@ -88,7 +97,7 @@ class Client:
     async def connect(
         cls, url: str = "nats://127.0.0.1:4222", **kwargs: Any
     ) -> AsyncIterator[Client]:
-        nc = await nats.connect(url, name="gfaas-client", connect_timeout=5)
+        nc = await nats.connect(servers=nats_servers(url), name="gfaas-client", connect_timeout=5)
         try:
             yield cls(nc, **kwargs)
         finally:
@@ -263,10 +272,10 @@ class Client:
         return found
 
     async def registry(self) -> Registry[FunctionSpec]:
-        return await Registry.open(self.nc.jetstream())
+        return await Registry.open(self.nc.jetstream(), replicas=self.replicas)
 
     async def workflow_registry(self) -> Registry[WorkflowSpec]:
-        return await Registry.open_workflows(self.nc.jetstream())
+        return await Registry.open_workflows(self.nc.jetstream(), replicas=self.replicas)
 
     async def deploy(self, spec: FunctionSpec | WorkflowSpec) -> None:
         """Register a function or a workflow; one name is never both."""
@@ -292,15 +301,16 @@ class Client:
         return await (await self.workflow_registry()).fetch_all()
 
     async def push_model(self, name: str, path: Path) -> int:
-        return await (await ModelStore.open(self.nc.jetstream())).push(name, path)
+        store = await ModelStore.open(self.nc.jetstream(), replicas=self.replicas)
+        return await store.push(name, path)
 
     async def models(self) -> list[tuple[str, int]]:
-        return await (await ModelStore.open(self.nc.jetstream())).list()
+        return await (await ModelStore.open(self.nc.jetstream(), replicas=self.replicas)).list()
 
     async def ensure_resources(self) -> None:
         js = self.nc.jetstream()
-        await jetstream.ensure_invocations_stream(js)
-        await jetstream.results_kv(js)
+        await jetstream.ensure_invocations_stream(js, replicas=self.replicas)
+        await jetstream.results_kv(js, replicas=self.replicas)
 
 
 def spec_json(spec: FunctionSpec | WorkflowSpec) -> str:

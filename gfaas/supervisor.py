@@ -79,13 +79,25 @@ def worker_device(index: int, gpus: int) -> str:
     return f"cuda:{index % gpus}" if gpus else "cpu"
 
 
-def plan_children(settings: Settings, nats_url: str, workers: int) -> list[Child]:
-    """Workers: `workers` of them, or one per GPU (one on a CPU-only machine) for 0."""
+def plan_children(
+    settings: Settings, nats_url: str, workers: int, replicas: int = 1
+) -> list[Child]:
+    """Workers: `workers` of them, or one per GPU (one on a CPU-only machine) for 0.
+    Schedulers and ingresses: `replicas` each (one scheduler active, the others
+    standing by; the ingresses share the load and, with SO_REUSEPORT, the HTTP port)."""
     python = sys.executable
     children = [
-        Child(name, [python, "-m", SERVICE_MODULES[name]], service_env(settings, nats_url))
-        for name in ("memory-broker", "scheduler", "ingress")
+        Child(
+            "memory-broker",
+            [python, "-m", SERVICE_MODULES["memory-broker"]],
+            service_env(settings, nats_url),
+        )
     ]
+    for service in ("scheduler", "ingress"):
+        for r in range(max(replicas, 1)):
+            name = service if replicas <= 1 else f"{service}-{r}"
+            argv = [python, "-m", SERVICE_MODULES[service]]
+            children.append(Child(name, argv, service_env(settings, nats_url)))
     gpus = gpu_count()
     for i in range(workers or max(gpus, 1)):
         env = service_env(
@@ -106,6 +118,7 @@ class Supervisor:
     nats_url: str | None  # an existing server; None starts the embedded one
     nats_port: int = 4222  # for the embedded server; -1 picks a free port
     workers: int = 0  # 0: one per GPU, or one on a CPU-only machine
+    replicas: int = 1  # schedulers and ingresses
     server: NatsServer | None = None
     children: list[Child] = field(default_factory=list)
     stopping: bool = False
@@ -120,7 +133,7 @@ class Supervisor:
             )
             url = self.server.url
             log.info("nats.started", url=url, store=str(self.server.store_dir))
-        self.children = plan_children(self.settings, url, self.workers)
+        self.children = plan_children(self.settings, url, self.workers, self.replicas)
         for child in self.children:
             child.start()
         return url

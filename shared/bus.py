@@ -15,6 +15,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from shared import __version__, subjects
+from shared.config import nats_servers
 from shared.logs import get_logger
 from shared.schema import (
     H_INVOCATION,
@@ -45,7 +46,8 @@ async def _connect_once(url: str, name: str) -> NATS:
         log.info("nats.reconnected", client=name)
 
     return await nats.connect(
-        url,
+        # Every server of a cluster: the client fails over to another when its own goes.
+        servers=nats_servers(url),
         name=name,
         connect_timeout=2,
         allow_reconnect=True,
@@ -60,7 +62,10 @@ async def _connect_once(url: str, name: str) -> NATS:
 @asynccontextmanager
 async def connected(url: str, name: str, *, wait_s: float = 30.0) -> AsyncIterator[NATS]:
     """A connection that waits for the server at start (compose starts us in any order)
-    and is drained on exit: subscriptions stop, pending messages are handled, then close."""
+    and is drained on exit: subscriptions stop, pending messages are handled, then close.
+
+    `url` may list a cluster's servers comma-separated; reconnects go on forever,
+    to whichever of them answers."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
@@ -164,3 +169,54 @@ async def serve_status(
         await msg.respond(encode(status))
 
     return await nc.subscribe(subjects.status(service), cb=on_request)
+
+
+class BusHealth:
+    """Whether this service has been hearing the bus lately, from its own beats echoed
+    back to it: a peer that fell silent only while we heard nobody (NATS down, our
+    connection re-establishing) is not known to be dead.
+
+    `heard_self` on each own beat received; `quiet_since(now)` is when the bus last
+    came back (or None while it is silent), so silences are counted from then."""
+
+    def __init__(self, period_s: float, on_back: Callable[[float], None] | None = None) -> None:
+        self.period_s = period_s
+        self.gap_s = 3.0 * period_s
+        self.last: float | None = None
+        self.back_at = 0.0
+        # Called when the bus comes back after a silence: peers' last-heard times
+        # should not count the silence against them.
+        self.on_back = on_back
+
+    def heard_self(self, now: float) -> None:
+        if self.last is None or now - self.last > self.gap_s:
+            self.back_at = now
+            if self.last is not None and self.on_back is not None:
+                self.on_back(now)
+        self.last = now
+
+    def healthy(self, now: float) -> bool:
+        return self.last is not None and now - self.last <= self.gap_s
+
+    def silence(self, since: float, now: float) -> float:
+        """How long a peer last heard at `since` has been silent while the bus was
+        up: 0 while it is not."""
+        if not self.healthy(now):
+            return 0.0
+        return now - max(since, self.back_at)
+
+
+async def watch_bus(nc: NATS, health: BusHealth, instance: str) -> None:
+    """Echo to ourselves every period, feeding `health`; runs until cancelled."""
+
+    async def on_echo(_msg: Msg) -> None:
+        health.heard_self(time.monotonic())
+
+    sub = await nc.subscribe(subjects.echo(instance), cb=on_echo)
+    try:
+        while True:
+            await nc.publish(subjects.echo(instance), b"")
+            await anyio.sleep(health.period_s)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await sub.unsubscribe()

@@ -21,6 +21,7 @@ PAYLOAD_HEADROOM: Final = 16 * 1024
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
+    # One server, or a cluster's servers comma-separated (see `nats_servers`).
     nats_url: str = DEFAULT_NATS_URL
     state_dir: Path = Path(".gfaas")
     log_level: str = "info"
@@ -32,11 +33,25 @@ class Settings:
     shm_namespace: str = "gfaas"
     # The node this service runs on: workers use their node's memory broker.
     node: str = "local"
+    # Replicas of every JetStream stream, KV bucket and object store gfaas creates:
+    # 3 on a three-node cluster keeps them (and async invocations) through a node's loss.
+    js_replicas: int = 1
     # ingress
     http_host: str = "0.0.0.0"
     http_port: int = DEFAULT_HTTP_PORT
     http_enabled: bool = True
     async_concurrency: int = 16
+    # Async invocations: a delivery not acknowledged (nor kept alive by in-progress
+    # acks) within this long goes to another ingress; a fault that is not the
+    # caller's is retried, waiting backoff_s, doubling up to backoff_max_s, until
+    # max_attempts deliveries, after which it fails with the reason.
+    async_ack_wait_s: float = 10.0
+    async_max_attempts: int = 10
+    async_backoff_s: float = 0.2
+    async_backoff_max_s: float = 5.0
+    # How long ingress waits to hear from the active scheduler before answering
+    # `unavailable` (and how long a standby waits before taking over).
+    scheduler_timeout_s: float = 1.5
     # scheduler
     policy: str = "least_loaded"
     worker_timeout_s: float = 2.0
@@ -108,6 +123,15 @@ def settings_from_env(env: Mapping[str, str] | None = None, **overrides: Any) ->
         if value is not None:
             values[name] = value
     return Settings(**values)
+
+
+def nats_servers(url: str) -> list[str]:
+    """The server URLs in a `nats_url`: one, or a cluster's comma-separated, so a
+    client fails over between them."""
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    if not servers:
+        raise ValueError(f"no NATS server in {url!r}")
+    return servers
 
 
 def effective_max_payload(settings: Settings, server_max_payload: int) -> int:

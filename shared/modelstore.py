@@ -24,8 +24,8 @@ class ModelStore:
         self._store = store
 
     @classmethod
-    async def open(cls, js: JetStreamContext) -> ModelStore:
-        return cls(await jetstream.models_store(js))
+    async def open(cls, js: JetStreamContext, *, replicas: int = 1) -> ModelStore:
+        return cls(await jetstream.models_store(js, replicas=replicas))
 
     async def push(self, name: str, path: Path) -> int:
         with path.open("rb") as f:

@@ -2,23 +2,28 @@
 
 Used by `gfaas up` for the embedded server and by the tests' fixture. The server
 listens on loopback unless told otherwise; port -1 asks it for a free port, which
-is read back from its log line.
+is read back from its log line. `start_nats_cluster` runs N clustered JetStream
+nodes on loopback (tests of failover and replicated streams).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.procs import die_with_parent
@@ -66,19 +71,59 @@ class NatsServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self._reap(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, nothing flushed."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._reap(10.0)
+
+    def _reap(self, timeout: float) -> None:
         self.log_thread.join(timeout)
         if self.process.stderr is not None:
             self.process.stderr.close()
 
 
-def write_config(path: Path, *, host: str, port: int, store_dir: Path, max_payload: int) -> None:
-    path.write_text(
+@dataclass(frozen=True)
+class ClusterConfig:
+    """One node's part in a cluster: its name, route port, the others' routes and
+    the monitoring port its readiness is read from."""
+
+    server_name: str
+    port: int
+    routes: Sequence[str]
+    monitor_port: int
+    name: str = "gfaas"
+
+
+def write_config(
+    path: Path,
+    *,
+    host: str,
+    port: int,
+    store_dir: Path,
+    max_payload: int,
+    cluster: ClusterConfig | None = None,
+) -> None:
+    text = (
         f'listen: "{host}:{port}"\n'
         f"max_payload: {max_payload}\n"
         # Large replies to slow consumers are dropped below this; 64 MiB covers max_payload.
         "max_pending: 268435456\n"
         f'jetstream {{ store_dir: "{store_dir}" }}\n'
     )
+    if cluster is not None:
+        routes = ", ".join(f'"{route}"' for route in cluster.routes)
+        text += (
+            # JetStream in a cluster needs a stable name per node: its peer id in RAFT.
+            f'server_name: "{cluster.server_name}"\n'
+            f'http: "{host}:{cluster.monitor_port}"\n'
+            f'cluster {{ name: "{cluster.name}", listen: "{host}:{cluster.port}", '
+            f"routes: [{routes}] }}\n"
+        )
+    path.write_text(text)
 
 
 def start_nats_server(
@@ -88,11 +133,14 @@ def start_nats_server(
     port: int = -1,
     max_payload: int = 1024 * 1024,
     ready_timeout: float = 15.0,
+    cluster: ClusterConfig | None = None,
 ) -> NatsServer:
     state_dir.mkdir(parents=True, exist_ok=True)
     store_dir = state_dir / "jetstream"
     conf = state_dir / "nats-server.conf"
-    write_config(conf, host=host, port=port, store_dir=store_dir, max_payload=max_payload)
+    write_config(
+        conf, host=host, port=port, store_dir=store_dir, max_payload=max_payload, cluster=cluster
+    )
     process = subprocess.Popen(
         [find_nats_server(), "-c", str(conf)],
         stdout=subprocess.DEVNULL,
@@ -150,3 +198,160 @@ def nats_server(
         yield server
     finally:
         server.stop()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now (a cluster's ports must be fixed: routes name them, and a
+    restarted node comes back on its own)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def jetstream_health(host: str, monitor_port: int) -> str:
+    """What the node says its JetStream lacks (no meta leader, streams behind), or
+    the empty string once it is ready."""
+    url = f"http://{host}:{monitor_port}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            body = response.read()
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+    except OSError as exc:
+        return f"unreachable: {exc}"
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        return f"unreadable answer: {body[:200]!r}"
+    if answer.get("status") == "ok":
+        return ""
+    return str(answer.get("error") or answer)
+
+
+@dataclass
+class ClusterNode:
+    """One node of a `NatsCluster`, on fixed ports and store, so it can be stopped or
+    killed and started again as the same JetStream peer."""
+
+    state_dir: Path
+    host: str
+    port: int
+    max_payload: int
+    cluster: ClusterConfig
+    server: NatsServer | None = None
+
+    @property
+    def name(self) -> str:
+        return self.cluster.server_name
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.server is not None and self.server.process.poll() is None
+
+    def start(self, ready_timeout: float = 15.0) -> None:
+        """Start (again); `NatsCluster.wait_ready` tells when it has caught up."""
+        if self.running:
+            return
+        self.server = start_nats_server(
+            self.state_dir,
+            host=self.host,
+            port=self.port,
+            max_payload=self.max_payload,
+            ready_timeout=ready_timeout,
+            cluster=self.cluster,
+        )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.server is not None:
+            self.server.stop(timeout)
+
+    def kill(self) -> None:
+        if self.server is not None:
+            self.server.kill()
+
+    def health(self) -> str:
+        if not self.running:
+            return "not running"
+        return jetstream_health(self.host, self.cluster.monitor_port)
+
+
+@dataclass
+class NatsCluster:
+    nodes: list[ClusterNode] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """Every node's URL, comma-separated: what `Settings.nats_url` takes."""
+        return ",".join(node.url for node in self.nodes)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until every running node reports JetStream healthy: a meta leader is
+        elected, the node knows it, and its replicas of streams are current."""
+        deadline = time.monotonic() + timeout
+        while True:
+            health = {n.name: n.health() for n in self.nodes if n.running}
+            missing = {name: why for name, why in health.items() if why}
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                logs = "\n".join(
+                    f"--- {n.name}\n" + "\n".join(n.server.log[-15:])
+                    for n in self.nodes
+                    if n.server is not None
+                )
+                raise NatsServerError(f"cluster not ready: {missing}\n{logs}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def start_nats_cluster(
+    state_dir: Path,
+    size: int = 3,
+    *,
+    host: str = "127.0.0.1",
+    max_payload: int = 1024 * 1024,
+    ready_timeout: float = 30.0,
+) -> NatsCluster:
+    """`size` clustered JetStream nodes on `host`, each with its own client, route and
+    monitoring ports and its own store, routed to all the others; returns once the
+    JetStream meta leader is elected and every node knows it."""
+    ports = [(free_port(host), free_port(host), free_port(host)) for _ in range(size)]
+    cluster = NatsCluster()
+    try:
+        for i, (port, route_port, monitor_port) in enumerate(ports):
+            routes = [f"nats-route://{host}:{r}" for j, (_, r, _) in enumerate(ports) if j != i]
+            node = ClusterNode(
+                state_dir=state_dir / f"n{i}",
+                host=host,
+                port=port,
+                max_payload=max_payload,
+                cluster=ClusterConfig(
+                    server_name=f"n{i}", port=route_port, routes=routes, monitor_port=monitor_port
+                ),
+            )
+            cluster.nodes.append(node)
+            node.start()
+        cluster.wait_ready(ready_timeout)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+@contextmanager
+def nats_cluster(
+    state_dir: Path, size: int = 3, *, host: str = "127.0.0.1", max_payload: int = 1024 * 1024
+) -> Iterator[NatsCluster]:
+    cluster = start_nats_cluster(state_dir, size, host=host, max_payload=max_payload)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

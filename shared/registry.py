@@ -35,12 +35,12 @@ class Registry(Generic[S]):
         self._synced = anyio.Event()
 
     @staticmethod
-    async def open(js: JetStreamContext) -> Registry[FunctionSpec]:
-        return Registry(await jetstream.functions_kv(js), FunctionSpec)
+    async def open(js: JetStreamContext, *, replicas: int = 1) -> Registry[FunctionSpec]:
+        return Registry(await jetstream.functions_kv(js, replicas=replicas), FunctionSpec)
 
     @staticmethod
-    async def open_workflows(js: JetStreamContext) -> Registry[WorkflowSpec]:
-        return Registry(await jetstream.workflows_kv(js), WorkflowSpec)
+    async def open_workflows(js: JetStreamContext, *, replicas: int = 1) -> Registry[WorkflowSpec]:
+        return Registry(await jetstream.workflows_kv(js, replicas=replicas), WorkflowSpec)
 
     async def put(self, spec: S) -> None:
         await self._kv.put(spec.name, encode(spec))

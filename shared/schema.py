@@ -30,10 +30,24 @@ H_STATUS: Final = "Gfaas-Status"
 H_MSG_ID: Final = "Nats-Msg-Id"
 # A workflow stage's preferred worker: the one whose pool holds its inputs.
 H_AFFINITY: Final = "Gfaas-Affinity"
+# The node whose memory pool holds an invocation's by-handle inputs (set by admission):
+# workers there read them in place.
+H_INPUT_NODE: Final = "Gfaas-Input-Node"
 # The ingress instance an invocation came through. On a message to the scheduler it
 # says whom a grant may go to; on a message to a worker it says the invocation was
 # sent directly under a grant, and the worker's Done goes back to that ingress.
 H_INGRESS: Final = "Gfaas-Ingress"
+# The ingress instance an invocation entered through, also when the scheduler sent it:
+# the worker's Done for it goes to `done.scheduler.<origin>`, so that ingress knows
+# which of what it forwarded is finished (and answers the rest if the scheduler dies).
+H_ORIGIN: Final = "Gfaas-Origin"
+# An async invocation's attempt: the results-KV revision its record had when ingress
+# sent it. The worker claims the record at that revision before running, so an
+# attempt that another has superseded never runs (services/ingress/async_path.py).
+H_CLAIM: Final = "Gfaas-Claim"
+# Why a message went to the dead-letter stream, and its error code.
+H_DEAD_REASON: Final = "Gfaas-Dead-Reason"
+H_DEAD_CODE: Final = "Gfaas-Dead-Code"
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FUNCTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
@@ -53,6 +67,26 @@ class ErrorCode(StrEnum):
     NOT_FOUND = "not_found"
     PENDING = "pending"
     INTERNAL = "internal"
+    # A service the invocation needs (the scheduler) is not running or stopped
+    # answering: not the caller's fault, worth retrying.
+    UNAVAILABLE = "unavailable"
+    # Another attempt of this async invocation owns it; this one was not run.
+    SUPERSEDED = "superseded"
+
+
+# Failures that are the caller's (or its function's) doing: retrying cannot help, so
+# an async invocation stores them as its result. Every other code is a fault of the
+# platform and is retried (DEADLINE_EXCEEDED only when no worker ran it).
+CALLER_FAULTS: Final = frozenset(
+    {
+        ErrorCode.BAD_REQUEST,
+        ErrorCode.UNKNOWN_FUNCTION,
+        ErrorCode.INVALID_INPUT,
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        ErrorCode.HANDLER_ERROR,
+        ErrorCode.NOT_FOUND,
+    }
+)
 
 
 class DType(StrEnum):
@@ -184,11 +218,15 @@ class LeaseRequest(_Msg):
     # Handles to check (as `check` does) before leasing: a worker's inputs and its
     # output buffers in one round trip.
     check: list[Handle] = []
+    # If set, each checked handle also gets one reference of this holder (a worker's
+    # own inputs while it runs): all or none, like the leases.
+    retain: str = ""
 
 
 class HandlesRequest(_Msg):
-    """check (may `tenant` read these?), retain/release (one reference of `holder`
-    each), transfer (move `holder`'s reference to `to`)."""
+    """check (may `tenant` read these? with `holder`, also one reference of it each),
+    retain/release (one reference of `holder` each), transfer (move `holder`'s
+    reference to `to`)."""
 
     handles: list[Handle]
     holder: str = ""
@@ -270,6 +308,11 @@ class WorkerHeartbeat(_Msg):
     model_load_s: dict[str, float] = {}  # what its last load took (0: still loading)
     model_score: dict[str, float] = {}  # decayed use count when this was sent
     loading: list[str] = []  # keys still being loaded (resident, not yet usable)
+    # The worker's node (Settings.node): where its memory broker's pools are.
+    node: str = ""
+    # Async invocations it claimed and has not yet stored the result of: an ingress
+    # waiting on one learns from this whether it still runs here.
+    claimed: list[str] = []
 
 
 class Done(_Msg):
@@ -305,6 +348,33 @@ class WorkerLost(_Msg):
     reason: str
 
 
+class SchedulerBeat(_Msg):
+    """A scheduler says it is alive, and whether it is the active one (it holds the
+    leadership lease): ingress forwards only while an active one is heard."""
+
+    scheduler_id: str
+    active: bool
+
+
+class AsyncState(StrEnum):
+    PENDING = "pending"  # accepted; no worker has it (queued, sent, or waiting to retry)
+    RUNNING = "running"  # a worker claimed this attempt and runs it
+    DONE = "done"  # `reply` is the result, stored once
+
+
+class AsyncRecord(_Msg):
+    """An async invocation's record in the results KV (revisions order its attempts).
+
+    Ingress answers `gfaas.v1.result.<id>` from it with an InvokeReply."""
+
+    state: AsyncState
+    attempt: int = 1
+    worker: str = ""
+    # The last retryable failure, while it waits to be tried again.
+    last_error: ErrorInfo | None = None
+    reply: InvokeReply | None = None
+
+
 class ServiceStatus(_Msg):
     service: str
     instance: str
@@ -325,6 +395,11 @@ class InvocationMeta(msgspec.Struct, frozen=True, kw_only=True):
     function: str
     tenant: str = DEFAULT_TENANT
     deadline_ms: int = 0
+    # The ingress it entered through (H_ORIGIN), and an async attempt's claim (H_CLAIM).
+    origin: str = ""
+    claim: int = 0
+    # The node holding its by-handle inputs ("": none); the scheduler prefers workers there.
+    node: str = ""
 
     def to_headers(self) -> dict[str, str]:
         headers = {
@@ -334,21 +409,43 @@ class InvocationMeta(msgspec.Struct, frozen=True, kw_only=True):
         }
         if self.deadline_ms:
             headers[H_DEADLINE] = str(self.deadline_ms)
+        if self.origin:
+            headers[H_ORIGIN] = self.origin
+        if self.claim:
+            headers[H_CLAIM] = str(self.claim)
+        if self.node:
+            headers[H_INPUT_NODE] = self.node
         return headers
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str] | None) -> InvocationMeta:
         h = headers or {}
-        try:
-            deadline = int(h.get(H_DEADLINE, "0") or 0)
-        except ValueError as exc:
-            raise ValueError(f"header {H_DEADLINE} is not an integer") from exc
+        numbers: dict[str, int] = {}
+        for name in (H_DEADLINE, H_CLAIM):
+            try:
+                numbers[name] = int(h.get(name, "0") or 0)
+            except ValueError as exc:
+                raise ValueError(f"header {name} is not an integer") from exc
         return cls(
             invocation_id=h.get(H_INVOCATION, ""),
             function=h.get(H_FUNCTION, ""),
             tenant=h.get(H_TENANT, DEFAULT_TENANT) or DEFAULT_TENANT,
-            deadline_ms=deadline,
+            deadline_ms=numbers[H_DEADLINE],
+            origin=h.get(H_ORIGIN, ""),
+            claim=numbers[H_CLAIM],
+            node=h.get(H_INPUT_NODE, ""),
         )
+
+    def routing_problem(self) -> str:
+        """Why these headers cannot be routed (a function name, an invocation id), or
+        '': services past ingress answer such a message `bad_request`."""
+        if not is_valid_function_name(self.function):
+            return f"header {H_FUNCTION} must name a function, not {self.function!r}"
+        if not is_valid_token(self.invocation_id):
+            return f"header {H_INVOCATION} must be an invocation id, not {self.invocation_id!r}"
+        if not is_valid_token(self.tenant):
+            return f"header {H_TENANT} must be a tenant name, not {self.tenant!r}"
+        return ""
 
     def remaining_s(self, now_ms: int | None = None) -> float:
         if not self.deadline_ms:

@@ -11,10 +11,15 @@ PREFIX: Final = f"gfaas.{SCHEMA_VERSION}"
 INVOKE_ALL: Final = f"{PREFIX}.invoke.*"
 INVOKE_ASYNC_ALL: Final = f"{PREFIX}.invoke_async.*"
 SCHEDULE: Final = f"{PREFIX}.schedule"
-# Done notes: `done.scheduler` for invocations the scheduler sent, `done.<ingress>`
-# for those an ingress sent directly under a grant. The scheduler hears all of them.
-DONE_ALL: Final = f"{PREFIX}.done.*"
+# Done notes: `done.scheduler.<origin>` for invocations the scheduler sent (the
+# ingress they came through hears its own), `done.<ingress>` for those an ingress sent
+# directly under a grant. The scheduler hears all of them.
+DONE_ALL: Final = f"{PREFIX}.done.>"
 DONE_SCHEDULED: Final = f"{PREFIX}.done.scheduler"
+# Every active and standby scheduler says it is alive (shared.schema.SchedulerBeat).
+SCHEDULER_ALIVE: Final = f"{PREFIX}.scheduler_alive"
+# Async invocations that can never succeed, with the reason in headers.
+DEAD_ALL: Final = f"{PREFIX}.dead.>"
 WORKER_LOST: Final = f"{PREFIX}.worker_lost"
 # Liveness of an ingress instance (empty body, every heartbeat_s): when it stops, the
 # broker drops the references it held and the scheduler takes back its grants.
@@ -50,6 +55,26 @@ def worker_run(worker_id: str) -> str:
 
 def done(ingress_id: str) -> str:
     return f"{PREFIX}.done.{_tok(ingress_id)}"
+
+
+def done_scheduled(origin: str) -> str:
+    """A Done for an invocation the scheduler placed; `origin` is the ingress it came
+    through ("" when unknown: the scheduler alone hears it)."""
+    return f"{DONE_SCHEDULED}.{_tok(origin)}" if origin else f"{DONE_SCHEDULED}._"
+
+
+def is_scheduled_done(subject: str) -> bool:
+    return subject.startswith(DONE_SCHEDULED + ".")
+
+
+def dead_letter(function: str) -> str:
+    """Where a dead async invocation is kept; `_` when its subject named no function."""
+    return f"{PREFIX}.dead.{function if is_valid_token(function) else '_'}"
+
+
+def echo(instance: str) -> str:
+    """A service's message to itself: does the bus still carry its messages?"""
+    return f"{PREFIX}.echo.{_tok(instance)}"
 
 
 def alive(instance: str) -> str:

@@ -29,7 +29,8 @@ from services.ingress.app import serve as serve_ingress
 from services.memory_broker.app import serve as serve_broker
 from services.scheduler.app import serve as serve_scheduler
 from shared.config import Settings
-from shared.natsd import NatsServer
+from shared.natsd import NatsCluster, NatsServer
+from shared.natsd import nats_cluster as nats_cluster_at
 from shared.natsd import nats_server as nats_server_at
 from shared.service import ServeFn
 
@@ -52,6 +53,14 @@ def free_port() -> int:
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     with nats_server_at(tmp_path / "nats") as server:
         yield server
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """Three clustered JetStream nodes; `.url` lists them all, `.nodes[i]` can be
+    stopped, killed and started again."""
+    with nats_cluster_at(tmp_path / "nats-cluster", 3) as cluster:
+        yield cluster
 
 
 @dataclass

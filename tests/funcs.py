@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any
@@ -79,3 +80,66 @@ class GatedScale(Scale):
     def __init__(self, ctx: LoadContext) -> None:
         BUILD_GATE.wait(10)
         super().__init__(ctx)
+
+
+def exit_if_negative(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Echoes x; a negative x makes it call sys.exit, as a careless handler might."""
+    x = inputs["x"]
+    if bool((x < 0).any()):
+        raise SystemExit("the handler called sys.exit")
+    return {"y": x}
+
+
+def slow_boom(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    time.sleep(0.3)
+    raise ValueError("the handler failed on purpose, after a while")
+
+
+# What `late_reader` read, for tests whose workflow never returns its output.
+SEEN: list[torch.Tensor] = []
+
+
+def late_reader(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Reads its input only after a while (a sibling stage may have failed by then)."""
+    time.sleep(1.5)
+    seen = inputs["x"].clone()
+    SEEN.append(seen)
+    return {"y": seen}
+
+
+# Every `count_run` execution's `n`, in order: tests count how often each ran.
+RUNS: list[int] = []
+_RUNS_LOCK = threading.Lock()
+
+
+def count_run(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    with _RUNS_LOCK:
+        RUNS.append(int(inputs["n"].item()))
+    return {"y": inputs["n"] + 1}
+
+
+# Executions of `slow_count`, by `n`: tests of long async runs count them.
+SLOW_RUNS: list[int] = []
+
+
+def slow_count(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sleeps `seconds`, then records that it ran for `n`."""
+    time.sleep(float(inputs["seconds"].item()))
+    with _RUNS_LOCK:
+        SLOW_RUNS.append(int(inputs["n"].item()))
+    return {"y": inputs["n"] + 1}
+
+
+def logged_run(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Appends `n` to the file named by GFAAS_TEST_RUN_LOG (one line per execution,
+    from any process), after `ms` milliseconds of work; returns n + 1."""
+    time.sleep(float(inputs["ms"].item()) / 1000.0)
+    n = int(inputs["n"].item())
+    path = os.environ.get("GFAAS_TEST_RUN_LOG", "")
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{n}\n".encode())
+        finally:
+            os.close(fd)
+    return {"y": inputs["n"] + 1}

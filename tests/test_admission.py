@@ -7,10 +7,19 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.ingress.admission import admit
+from services.ingress.admission import admit, input_node
 from shared.errors import GfaasError
 from shared.scheduling import RequestView, WorkerView, make_policy
-from shared.schema import DType, ErrorCode, FunctionKind, FunctionSpec, TensorSpec, encode
+from shared.schema import (
+    DType,
+    ErrorCode,
+    FunctionKind,
+    FunctionSpec,
+    Handle,
+    Tensor,
+    TensorSpec,
+    encode,
+)
 from shared.schema import InvokeRequest as Req
 from shared.tensors import from_value
 
@@ -107,3 +116,34 @@ def test_gpu_functions_prefer_gpu_workers_and_fall_back_to_cpu_without_any() -> 
 def test_unknown_policy_names_the_known_ones() -> None:
     with pytest.raises(ValueError, match="least_loaded"):
         make_policy("magic")
+
+
+def pooled(name: str, node: str, nbytes: int) -> Tensor:
+    handle = Handle(
+        backend="shm",
+        pool=node,
+        segment="seg",
+        device="cpu",
+        offset=0,
+        nbytes=nbytes,
+        lease_id="l1",
+        generation=1,
+    )
+    return Tensor(name=name, dtype=DType.FLOAT32, shape=[nbytes // 12, 3], handle=handle)
+
+
+def test_admission_names_the_node_that_holds_the_inputs() -> None:
+    meta, _, _ = admit(
+        "f", encode(Req(inputs=[pooled("x", "n2", 24)])), {}, lookup, max_payload=10_000, now_ms=0
+    )
+    assert meta.node == "n2"
+    assert meta.to_headers()["Gfaas-Input-Node"] == "n2"
+    by_value, _, _ = admit(
+        "f", body(np.ones((2, 3), np.float32)), {}, lookup, max_payload=10_000, now_ms=0
+    )
+    assert by_value.node == ""
+    assert "Gfaas-Input-Node" not in by_value.to_headers()
+    # Spread over pools: the one holding the most bytes (ties: the first name).
+    by_value_x = from_value("x", np.ones(3, np.float32))
+    assert input_node([pooled("a", "n1", 24), pooled("b", "n2", 48), by_value_x]) == "n2"
+    assert input_node([pooled("a", "n3", 24), pooled("b", "n1", 24)]) == "n1"

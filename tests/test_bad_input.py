@@ -24,6 +24,7 @@ BOOM = FunctionSpec(name="boom", handler="tests.funcs:boom")
 NOT_A_MAPPING = FunctionSpec(name="not-a-mapping", handler="tests.funcs:not_a_mapping")
 MISSING_HANDLER = FunctionSpec(name="missing", handler="tests.funcs:no_such_attr")
 BIG_OUTPUT = FunctionSpec(name="big-output", handler="tests.funcs:big_output")
+EXITS = FunctionSpec(name="exits", handler="tests.funcs:exit_if_negative")
 GOOD = np.ones((1, 3), dtype=np.float32)
 
 
@@ -103,6 +104,21 @@ async def test_handler_that_raises_gets_an_error_reply(platform: Platform, nc: N
     reason = await expect_error(nc, "boom", body(x=GOOD), "handler_error")
     assert "ValueError" in reason
     assert "on purpose" in reason
+
+
+async def test_handler_calling_sys_exit_gets_an_error_reply_and_the_worker_lives(
+    platform: Platform, nc: NATS
+) -> None:
+    await deploy_and_wait(nc, ECHO, EXITS)
+    # First on a thread (its timing is unknown yet), then, once it is known to be
+    # quick, inline on the worker's event loop: neither may take the worker down.
+    for _ in range(2):
+        reason = await expect_error(nc, "exits", body(x=-GOOD), "handler_error")
+        assert "SystemExit" in reason
+        assert "sys.exit" in reason
+        for _ in range(3):
+            _, ok = await request(nc, "exits", body(x=GOOD))
+            assert "error" not in ok, ok
 
 
 async def test_handler_returning_garbage_gets_an_error_reply(platform: Platform, nc: NATS) -> None:

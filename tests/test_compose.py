@@ -60,7 +60,12 @@ def test_nats_runs_jetstream_from_the_mounted_config() -> None:
     conf = (REPO / "deploy" / "nats.conf").read_text()
     assert "jetstream" in conf
     assert "port: 4222" in conf
-    assert "8000:8000" in GFAAS["ingress"]["ports"]
+    assert "8000-8001:8000" in GFAAS["ingress"]["ports"]
+
+
+def test_schedulers_and_ingresses_run_replicated() -> None:
+    for name in ("scheduler", "ingress"):
+        assert GFAAS[name]["deploy"]["replicas"] >= 2, name
 
 
 def test_docker_compose_accepts_the_file() -> None:

@@ -83,6 +83,24 @@ def test_a_slab_that_was_used_restarts_its_cooldown() -> None:
     assert p.plan(22.0, [SlabUse(1, SLAB, 0)]).remove == (1,)
 
 
+def test_an_idle_pool_gives_back_its_last_slab_after_the_cooldown() -> None:
+    p = pool()
+    # Large leases held long: E[size x lifetime] is huge, so the decayed rate times it
+    # stays above zero bytes for about an hour (until exp underflows).
+    t = 0.0
+    for _ in range(20):
+        p.demand.observe_lease(t, SLAB)
+        p.demand.observe_release(SLAB, 300.0)
+        t += 1.0
+    last = t - 1.0
+    slabs = [SlabUse(1, SLAB, 0)]
+    p.plan(last, slabs)  # empty from the last release on
+    assert p.plan(last + 5.0, slabs).remove == ()  # still cooling down
+    plan = p.plan(last + 10.0, slabs)  # a whole cool-down (10 s) without a lease
+    assert plan.remove == (1,)
+    assert plan.target_bytes == 0
+
+
 def test_the_pool_never_shrinks_below_live_leases() -> None:
     p = pool()
     slabs = [SlabUse(1, SLAB, SLAB // 2), SlabUse(2, SLAB, MiB), SlabUse(3, SLAB, 0)]

@@ -76,9 +76,10 @@ async def test_input_by_handle_is_read_in_place_and_outputs_come_back_by_handle(
     assert out.handle is not None
     assert out.data == b""
     np.testing.assert_array_equal(outputs_of(reply)["y"], x * 2)
-    # The worker verified the input on the lease board, without asking the broker.
+    # The worker had the broker check the input and take the worker's reference on it
+    # while the handler ran, in the trip that leased the output buffer anyway.
     checks = (await client.status("gpu-worker")).details["handle_checks"]
-    assert checks == {"local": 1, "remote": 0}
+    assert checks == {"local": 0, "remote": 1}
     # The input's lease and the output's (now held by this client) are live.
     assert (await broker_details(client))["leases"] == 2
     await client.release([arg, *reply.outputs])

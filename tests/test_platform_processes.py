@@ -9,9 +9,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import anyio
+import nats
 import psutil
 import pytest
 
+from gfaas.client import Client
 from tests.conftest import PYTHON, REPO, subprocess_env
 
 pytestmark = [pytest.mark.nats, pytest.mark.slow]
@@ -41,7 +44,7 @@ def gfaas(*args: str, env: dict[str, str], timeout: float = 60) -> str:
     return done.stdout
 
 
-def start_up(state: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+def start_up(state: Path, env: dict[str, str], *extra: str) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [
             PYTHON,
@@ -56,6 +59,7 @@ def start_up(state: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], s
             "0",
             "--workers",
             "1",
+            *extra,
         ],
         env=env,
         stdout=subprocess.PIPE,
@@ -158,3 +162,48 @@ def test_demo_deploys_and_invokes_every_example(tmp_path: Path) -> None:
     assert "cosine similarity" in out
     assert "POST /v2/models/topk/infer -> classes [" in out
     assert "demo finished" in out
+
+
+def test_up_with_replicas_keeps_scheduling_when_the_active_scheduler_is_killed(
+    tmp_path: Path,
+) -> None:
+    env = subprocess_env(GFAAS_HEARTBEAT_S="0.2")
+    spec = tmp_path / "add-one.toml"
+    spec.write_text(SPEC)
+    proc, url = start_up(tmp_path / "state", env, "--replicas", "2")
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        commands = [" ".join(c.cmdline()) for c in children]
+        assert sum("services.scheduler" in c for c in commands) == 2
+        assert sum("services.ingress" in c for c in commands) == 2
+        gfaas("deploy", str(spec), "--nats-url", url, env=env)
+        assert "[2. 3.]" in wait_until_invocable(url, env)
+        active = active_schedulers(url, env)
+        assert len(active) == 1, active
+        os.kill(active[0], signal.SIGKILL)
+        # The standby takes the lease (or the restarted one does) and work goes on.
+        deadline = time.monotonic() + 20
+        while not (now := active_schedulers(url, env)) or now == active:
+            assert time.monotonic() < deadline, now
+            time.sleep(0.3)
+        assert "[2. 3.]" in wait_until_invocable(url, env)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def active_schedulers(url: str, env: dict[str, str]) -> list[int]:
+    """The pids of the schedulers that say they are active (an instance is named
+    host-pid-suffix)."""
+
+    async def ask() -> list[int]:
+        nc = await nats.connect(url)
+        try:
+            found = await Client(nc).statuses("scheduler", expect=2, timeout=2)
+        finally:
+            await nc.close()
+        return [int(i.rsplit("-", 2)[-2]) for i, d in found.items() if d.get("active")]
+
+    return anyio.run(ask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from services.scheduler.state import ClusterState, Invocation
@@ -156,3 +157,11 @@ def test_the_live_views_let_locality_keep_models_apart() -> None:
     result = plan(policy, state.queue(256, with_rrc=False), state.views(), 0.0)
     placed = dict(result.assignments)
     assert placed["i0"] != placed["i1"]
+
+
+def test_the_views_carry_the_workers_node_and_the_inputs_node() -> None:
+    state = ClusterState(worker_timeout_s=1.0, pending_limit=10)
+    state.observe(msgspec.structs.replace(heartbeat("w0"), node="n1"), now=0.0)
+    assert state.workers["w0"].view.node == "n1"
+    meta = InvocationMeta(invocation_id="i0", function="classify", node="n1")
+    assert state.request_view(spec("classify"), meta, 0.0, 0).node == "n1"

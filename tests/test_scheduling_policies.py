@@ -229,3 +229,56 @@ def test_a_workflow_stage_goes_where_its_inputs_are_unless_that_costs_more() -> 
     assert decide(locality, stage, warm_a, 0.0) == "a"
     both_warm = [gpu("a", resident=("m",)), gpu("b", resident=("m",))]
     assert decide(locality, stage, both_warm, 0.0) == "b"
+
+
+def on(node: str, worker: WorkerView) -> WorkerView:
+    return dataclasses.replace(worker, node=node)
+
+
+def test_a_request_goes_to_a_worker_on_the_node_holding_its_inputs() -> None:
+    pooled = dataclasses.replace(req(1, "m"), node="y")
+    least = make_policy("least_loaded")
+    workers = [on("x", gpu("a")), on("y", gpu("b")), on("y", gpu("c"))]
+    assert decide(least, req(1, "m"), workers, 0.0) == "a"  # by load (and name) alone
+    assert decide(least, pooled, workers, 0.0) == "b"
+    # The policy's pick on that node stands; among the node's workers the least loaded.
+    assert decide(make_policy("round_robin"), pooled, workers[1:], 0.0) == "b"
+    busy_b = [on("x", gpu("a")), on("y", gpu("b", outstanding=1)), on("y", gpu("c"))]
+    assert decide(least, pooled, busy_b, 0.0) == "c"
+    # A worker there that holds the model goes before an idler cold one.
+    warm_c = [on("x", gpu("a")), on("y", gpu("b")), on("y", gpu("c", resident=("m",)))]
+    assert decide(make_policy("round_robin"), pooled, warm_c, 0.0) == "c"
+
+
+def test_the_input_node_is_preferred_only_among_acceptable_choices() -> None:
+    pooled = dataclasses.replace(req(1, "m"), node="y")
+    least = make_policy("least_loaded")
+    # Not onto a full worker, nor one busier than the pick by more than one request.
+    assert decide(least, pooled, [on("x", gpu("a")), on("y", gpu("b", outstanding=4))], 0.0) == "a"
+    assert decide(least, pooled, [on("x", gpu("a")), on("y", gpu("b", outstanding=2))], 0.0) == "a"
+    assert decide(least, pooled, [on("x", gpu("a")), on("y", gpu("b", outstanding=1))], 0.0) == "b"
+    # Not onto another kind of device than the policy chose.
+    cpu_there = WorkerView(worker_id="b", device="cpu", capacity=4, node="y")
+    assert decide(least, pooled, [on("x", gpu("a")), cpu_there], 0.0) == "a"
+    # Not when the model is warm on the pick and would have to load there.
+    locality = make_policy("locality")
+    warm_a = [on("x", gpu("a", resident=("m",))), on("y", gpu("b"))]
+    assert decide(locality, pooled, warm_a, 0.0) == "a"
+    # Nothing on that node (or no node reported): the policy's pick.
+    assert decide(least, pooled, [on("x", gpu("a")), gpu("b")], 0.0) == "a"
+
+
+def test_a_workflow_stage_near_its_producer_stays_there_on_the_same_node() -> None:
+    stage = dataclasses.replace(req(1, "m"), near="c", node="y")
+    workers = [on("x", gpu("a")), on("y", gpu("b")), on("y", gpu("c"))]
+    assert decide(make_policy("least_loaded"), stage, workers, 0.0) == "c"
+
+
+def test_queued_requests_fill_the_input_node_then_go_elsewhere() -> None:
+    pending = [dataclasses.replace(req(n, "m", at=n * 0.001), node="y") for n in range(3)]
+    workers = [on("x", gpu("a", capacity=4)), on("y", gpu("b", capacity=2))]
+    assert plan_dispatch(make_policy("least_loaded"), pending, workers, 1.0) == [
+        ("r0", "b"),
+        ("r1", "b"),
+        ("r2", "a"),
+    ]

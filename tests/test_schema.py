@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from shared import subjects
-from shared.config import ENV_VARS, settings_from_env
+from shared.config import ENV_VARS, nats_servers, settings_from_env
 from shared.schema import (
     DEFAULT_TENANT,
     DType,
@@ -66,6 +66,8 @@ def test_invocation_meta_round_trips_through_headers() -> None:
     assert InvocationMeta.from_headers({}).tenant == DEFAULT_TENANT
     with pytest.raises(ValueError, match="Deadline"):
         InvocationMeta.from_headers({"Gfaas-Deadline-Ms": "soon"})
+    pooled = InvocationMeta(invocation_id="i2", function="f", node="n1")
+    assert InvocationMeta.from_headers(pooled.to_headers()).node == "n1"
 
 
 def test_subjects_are_versioned_and_refuse_bad_tokens() -> None:
@@ -81,6 +83,21 @@ def test_torch_conversion_gives_a_writable_copy() -> None:
     tensor = to_torch(t)
     tensor += 1  # handlers may write to their inputs
     assert tensor.tolist() == [2.0, 2.0]
+
+
+def test_a_nats_url_may_list_a_clusters_servers() -> None:
+    assert nats_servers("nats://a:1") == ["nats://a:1"]
+    assert nats_servers(" nats://a:1, nats://b:2,,nats://c:3 ") == [
+        "nats://a:1",
+        "nats://b:2",
+        "nats://c:3",
+    ]
+    with pytest.raises(ValueError, match="no NATS server"):
+        nats_servers(" , ")
+    settings = settings_from_env(
+        {"GFAAS_NATS_URL": "nats://a:1,nats://b:2", "GFAAS_JS_REPLICAS": "3"}
+    )
+    assert (len(nats_servers(settings.nats_url)), settings.js_replicas) == (2, 3)
 
 
 def test_settings_come_from_the_environment_and_overrides() -> None:

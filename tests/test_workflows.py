@@ -283,9 +283,10 @@ async def test_a_large_workflow_input_enters_the_pool_once(platform: Platform, n
     out = await client.invoke("diamond", {"x": x}, outputs_by=OutputMode.AUTO)
     np.testing.assert_array_equal(out["sum"], 3 * (x + 1))
     # Every stage input arrived by handle: a's (the pooled workflow input), b's and
-    # c's (a's output), d's two; each verified on the lease board.
+    # c's (a's output), d's two; each checked by the broker, which kept it for the
+    # worker while the stage ran (a sibling's failure would have the run release it).
     checks = (await client.status("gpu-worker")).details["handle_checks"]
-    assert checks == {"local": 5, "remote": 0}
+    assert checks == {"local": 0, "remote": 5}
     await no_leases_left(client)
 
 

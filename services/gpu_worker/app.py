@@ -7,6 +7,7 @@ when each invocation is done, and heartbeats its device state.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -24,7 +25,7 @@ from opentelemetry.trace import SpanKind
 
 from services.gpu_worker.device import memory_info, pick_device
 from services.gpu_worker.models import HandlerCache, Loaded
-from shared import subjects, tracing
+from shared import jetstream, subjects, tracing
 from shared.bus import connected, reply_error, send_reply, serve_status
 from shared.config import Settings, effective_max_payload
 from shared.dataplane.backend import prune_mappings, tensor_from_handle
@@ -36,8 +37,10 @@ from shared.logs import get_logger
 from shared.modelstore import ModelStore
 from shared.modelswap import HostTier, tier_prefix
 from shared.registry import Registry
+from shared.results import UNREACHABLE, ResultStore
 from shared.schema import (
     H_INGRESS,
+    H_INVOCATION,
     CopyRequest,
     Done,
     ErrorCode,
@@ -61,6 +64,8 @@ log = get_logger("gpu_worker")
 REVOKE_WAIT_S = 0.2
 # Grace period for in-flight invocations on shutdown.
 DRAIN_GRACE_S = 20.0
+# Tries at storing a claimed async result while the store is out of reach (about 30 s).
+STORE_ATTEMPTS = 20
 # Room for the reply's envelope and names when judging whether outputs fit by value.
 BY_VALUE_MARGIN = 4096
 
@@ -85,9 +90,25 @@ def _run_handler(
     quick handler off the event loop for good once the loop got busy."""
     # The buffers are set here, in the thread that runs the handler.
     started = time.perf_counter()
-    with torch.inference_mode(), output_buffers(buffers):
-        raw = entry.handler(inputs)
+    try:
+        with torch.inference_mode(), output_buffers(buffers):
+            raw = entry.handler(inputs)
+    except (Exception, asyncio.CancelledError):
+        raise
+    except BaseException as exc:
+        # SystemExit, KeyboardInterrupt, ... from a handler would end the worker (on
+        # the loop, or re-raised there from the thread) after its `done` went out,
+        # leaving the caller unanswered: it is the handler's failure, nothing more.
+        raise HandlerExit(exc) from exc
     return raw, (time.perf_counter() - started) * 1000.0
+
+
+class HandlerExit(Exception):
+    """A handler raised a BaseException that is not cancellation (SystemExit, ...)."""
+
+    def __init__(self, raised: BaseException) -> None:
+        super().__init__(raised)
+        self.raised = raised
 
 
 class Worker:
@@ -99,8 +120,12 @@ class Worker:
         settings: Settings,
         device: str,
         worker_id: str,
+        results: ResultStore | None = None,
     ) -> None:
         self.nc = nc
+        self.results = results
+        # Claimed async invocations whose results are not stored yet (heartbeats).
+        self.claimed: set[str] = set()
         self.registry = registry
         self.settings = settings
         self.device = device
@@ -130,8 +155,16 @@ class Worker:
         self.idle.set()
 
     async def on_run(self, msg: Msg, tg: TaskGroup) -> None:
-        if self.inflight >= self.settings.capacity:
+        try:
             meta = InvocationMeta.from_headers(msg.headers)
+            bad = meta.routing_problem()
+        except ValueError as exc:
+            meta, bad = InvocationMeta(invocation_id="", function=""), str(exc)
+        if bad:
+            iid = (msg.headers or {}).get(H_INVOCATION, "")
+            await reply_error(self.nc, msg.reply, iid, ErrorCode.BAD_REQUEST, bad)
+            return
+        if self.inflight >= self.settings.capacity:
             await reply_error(
                 self.nc,
                 msg.reply,
@@ -158,13 +191,17 @@ class Worker:
                 invocation_id=meta.invocation_id,
                 attributes={"gfaas.function": meta.function, "gfaas.worker": self.worker_id},
             ) as span:
+                claimed = 0
                 try:
+                    claimed = await self._claim(meta)
                     reply, exec_ms = await self._execute(meta, msg.data)
                 except GfaasError as exc:
                     tracing.mark_error(span, exc.code, exc.reason)
                     reply = InvokeReply(
                         invocation_id=meta.invocation_id, error=exc.info(), worker=self.worker_id
                     )
+                if claimed:
+                    await self._store(meta, claimed, reply)
                 ok = reply.error is None
                 # Done first: whoever sent this then knows the slot is free before
                 # the caller, answered, can send its next invocation.
@@ -187,6 +224,46 @@ class Worker:
                 with anyio.CancelScope(shield=True):
                     await self._done(meta, msg, ok=ok, exec_ms=exec_ms)
 
+    async def _claim(self, meta: InvocationMeta) -> int:
+        """An async attempt is claimed in the results store before it runs (0: a sync
+        invocation, nothing to claim): a superseded attempt is refused, never run."""
+        if not meta.claim or self.results is None:
+            return 0
+        # Listed before the claim is made, so any heartbeat after it says so.
+        self.claimed.add(meta.invocation_id)
+        try:
+            return await self.results.claim(meta.invocation_id, meta.claim, self.worker_id)
+        except BaseException:
+            self.claimed.discard(meta.invocation_id)
+            raise
+
+    async def _store(self, meta: InvocationMeta, claimed: int, reply: InvokeReply) -> None:
+        """The result of a claimed attempt, stored before anyone is told: should the
+        ingress that sent it die, a redelivery finds it instead of running it again."""
+        assert self.results is not None
+        try:
+            # Through a short outage of the store: until it is stored, a redelivery
+            # would run it again. Listed as claimed meanwhile, so it is waited for.
+            for attempt in range(STORE_ATTEMPTS):
+                try:
+                    stored = await self.results.swap(
+                        meta.invocation_id, self.results.done(reply), claimed
+                    )
+                except UNREACHABLE as exc:
+                    log.warning(
+                        "result.store_failed",
+                        invocation_id=meta.invocation_id,
+                        attempt=attempt + 1,
+                        error=repr(exc),
+                    )
+                    await anyio.sleep(min(0.1 * 2**attempt, 2.0))
+                    continue
+                if stored is None:  # an ingress stored it from our reply first
+                    log.info("result.stored_elsewhere", invocation_id=meta.invocation_id)
+                return
+        finally:
+            self.claimed.discard(meta.invocation_id)
+
     async def _execute(self, meta: InvocationMeta, body: bytes) -> tuple[InvokeReply, float]:
         if meta.remaining_s() <= 0:
             raise GfaasError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed before execution")
@@ -207,6 +284,7 @@ class Worker:
     ) -> tuple[InvokeReply, float]:
         request = await self._fetch_remote(meta, request)
         by_handle = self._input_handles(request)
+        # From here this worker holds a reference on each input (dropped below).
         prepared = await self._prepare_outputs(meta, request, spec, by_handle)
         moved: list[Handle] = []
         try:
@@ -219,12 +297,16 @@ class Worker:
         finally:
             if moved:
                 await self.broker.release(moved, self.worker_id, meta.tenant, wait=False)
-            # Whatever the handler did not use (or a failure left) goes back.
-            if prepared:
-                with anyio.CancelScope(shield=True):
+            # Whatever the handler did not use (or a failure left) goes back; then this
+            # worker's references on its inputs, the handler being done reading. Two
+            # requests: an input whose TTL ran out must not keep the buffers leased.
+            with anyio.CancelScope(shield=True):
+                if prepared:
                     await self.broker.release(
                         list(prepared.values()), self.worker_id, meta.tenant, wait=False
                     )
+                if by_handle:
+                    await self.broker.release(by_handle, self.worker_id, meta.tenant, wait=False)
 
     async def _call(
         self,
@@ -255,8 +337,10 @@ class Worker:
         except GfaasError:
             raise
         except Exception as exc:
+            raised = exc.raised if isinstance(exc, HandlerExit) else exc
             raise GfaasError(
-                ErrorCode.HANDLER_ERROR, f"{spec.name} raised {type(exc).__name__}: {exc}"
+                ErrorCode.HANDLER_ERROR,
+                f"{spec.name} raised {type(raised).__name__}: {raised}",
             ) from None
         entry.observe(exec_ms)
         if not isinstance(raw, dict):
@@ -346,19 +430,26 @@ class Worker:
             inputs.append(msgspec.structs.replace(t, handle=None, data=data))
         return msgspec.structs.replace(request, inputs=inputs)
 
-    async def _lease(self, sizes: list[int], tenant: str, check: list[Handle]) -> list[Handle]:
+    async def _lease(
+        self, sizes: list[int], tenant: str, check: list[Handle], *, retain: str = ""
+    ) -> list[Handle]:
         """Output buffers in the pool of this worker's device; in host memory when the
         node's broker pools no GPU memory (it runs without cupy, say)."""
         try:
             return await self.broker.lease(
-                sizes, owner=self.worker_id, device=self.pool_device, tenant=tenant, check=check
+                sizes,
+                owner=self.worker_id,
+                device=self.pool_device,
+                tenant=tenant,
+                check=check,
+                retain=retain,
             )
         except GfaasError as exc:
             if self.pool_device == "cpu" or NO_POOL not in exc.reason:
                 raise
             log.warning("pool.host_fallback", device=self.pool_device, reason=exc.reason)
             self.pool_device = "cpu"
-            return await self._lease(sizes, tenant, check)
+            return await self._lease(sizes, tenant, check, retain=retain)
 
     async def _prepare_outputs(
         self,
@@ -367,18 +458,23 @@ class Worker:
         spec: FunctionSpec,
         inputs: list[Handle],
     ) -> dict[str, Handle]:
-        """Check the input handles and lease the output buffers, in one broker trip.
+        """Check the input handles, take this worker's reference on each, and lease
+        the output buffers, in one broker trip.
 
         The broker is the authority: stale, forged or foreign input handles stop here.
-        Outputs are prepared (so the handler can write straight into them) only when
-        they go by handle and the spec fixes every dimension."""
+        The references keep the inputs' bytes in place while the handler reads them,
+        whoever else releases them meanwhile (a workflow run whose other stage failed,
+        a caller that gave up); held under this worker's name, so the broker drops
+        them should its heartbeats stop. Outputs are prepared (so the handler can write
+        straight into them) only when they go by handle and the spec fixes every
+        dimension."""
         fixed = bool(spec.outputs) and all(d >= 0 for t in spec.outputs for d in t.shape)
         if request.outputs_by is not OutputMode.HANDLE or not fixed:
             if inputs:
-                await self.broker.check(inputs, meta.tenant)
+                await self.broker.check(inputs, meta.tenant, retain=self.worker_id)
             return {}
         sizes = [nbytes_of(t.dtype, t.shape) for t in spec.outputs]
-        handles = await self._lease(sizes, meta.tenant, inputs)
+        handles = await self._lease(sizes, meta.tenant, inputs, retain=self.worker_id)
         return {t.name: h for t, h in zip(spec.outputs, handles, strict=True)}
 
     async def _outputs(
@@ -442,9 +538,9 @@ class Worker:
             return
         via = (msg.headers or {}).get(H_INGRESS, "")
         try:
-            subject = subjects.done(via) if via else subjects.DONE_SCHEDULED
-        except ValueError:
-            subject = subjects.DONE_SCHEDULED
+            subject = subjects.done(via) if via else subjects.done_scheduled(meta.origin)
+        except ValueError:  # not a token: the scheduler alone hears of it
+            subject = subjects.done_scheduled("")
         done = Done(
             worker_id=self.worker_id,
             invocation_id=meta.invocation_id,
@@ -473,6 +569,8 @@ class Worker:
             model_load_s={k: round(v, 6) for k, v in tier.load_s.items()},
             model_score={k: round(v, 4) for k, v in tier.scores.items()},
             loading=tier.loading,
+            claimed=sorted(self.claimed),
+            node=self.settings.node,
         )
 
     async def send_heartbeat(self) -> None:
@@ -518,8 +616,13 @@ async def serve(
     worker_id = settings.worker_id or default_worker_id(device)
     async with connected(settings.nats_url, f"gfaas-worker-{worker_id}") as nc:
         js = nc.jetstream()
-        registry = await Registry.open(js)
-        worker = Worker(nc, registry, await ModelStore.open(js), settings, device, worker_id)
+        registry = await Registry.open(js, replicas=settings.js_replicas)
+        models = await ModelStore.open(js, replicas=settings.js_replicas)
+        results = ResultStore(
+            await jetstream.results_kv(js, replicas=settings.js_replicas),
+            max_payload=effective_max_payload(settings, nc.max_payload),
+        )
+        worker = Worker(nc, registry, models, settings, device, worker_id, results)
         async with anyio.create_task_group() as service_tg:
             await service_tg.start(registry.watch)
             async with anyio.create_task_group() as runs:

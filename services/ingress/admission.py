@@ -6,7 +6,7 @@ sync, async and HTTP paths share it and it is tested without a server.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
 
@@ -21,6 +21,7 @@ from shared.schema import (
     FunctionSpec,
     InvocationMeta,
     InvokeRequest,
+    Tensor,
     WorkflowSpec,
     decode,
     is_valid_token,
@@ -80,6 +81,21 @@ def admit(
     if not deadline:
         deadline = now_ms + (request.timeout_ms or spec.timeout_ms)
     meta = InvocationMeta(
-        invocation_id=invocation_id, function=function, tenant=tenant, deadline_ms=deadline
+        invocation_id=invocation_id,
+        function=function,
+        tenant=tenant,
+        deadline_ms=deadline,
+        node=input_node(request.inputs),
     )
     return meta, request, spec
+
+
+def input_node(inputs: Sequence[Tensor]) -> str:
+    """The node whose pool holds most of the by-handle input bytes ("" when none are
+    by handle): a worker there reads them in place, one elsewhere has them copied."""
+    held: dict[str, int] = {}
+    for t in inputs:
+        if t.handle is not None:
+            held[t.handle.pool] = held.get(t.handle.pool, 0) + t.handle.nbytes
+    # Ties go to the first name, so one request always routes the same way.
+    return min(held, key=lambda node: (-held[node], node)) if held else ""

@@ -2,14 +2,16 @@
 
 Sync: `gfaas.v1.invoke.<fn>` requests are admitted (validated, stamped with id,
 tenant and deadline) and forwarded to the scheduler with the caller's reply subject,
-so the worker answers the caller directly. Async: `gfaas.v1.invoke_async.<fn>`
-messages land in a JetStream work-queue stream; ingress consumes them, runs them
-through the same path, stores the reply in the results KV, then acknowledges.
+so the worker answers the caller directly; with no scheduler to hear them, callers
+are answered `unavailable` (liveness.py). Async: `gfaas.v1.invoke_async.<fn>`
+messages land in a JetStream work-queue stream; async_path.py consumes them, runs
+them through the same path and keeps exactly one result per invocation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -21,31 +23,37 @@ import nats.errors
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.client import JetStreamContext
-from nats.js.errors import KeyDeletedError, KeyNotFoundError
-from nats.js.kv import KeyValue
 from opentelemetry.trace import Span, SpanKind
 
 from services.ingress.admission import Spec, admit
+from services.ingress.async_path import AsyncInvocations
 from services.ingress.direct import DirectRoutes
+from services.ingress.liveness import Forwarded, SchedulerWatch
 from services.ingress.oip import InferRequest
 from services.ingress.shm_regions import ShmRegions
 from services.ingress.workflow import WorkflowRunner
 from shared import jetstream, subjects, tracing
-from shared.bus import connected, decode_event, reply_error, send_reply, serve_status
+from shared.bus import (
+    BusHealth,
+    connected,
+    decode_event,
+    reply_error,
+    send_reply,
+    serve_status,
+    watch_bus,
+)
 from shared.config import Settings, effective_max_payload
 from shared.dataplane.backend import prune_mappings
 from shared.dataplane.client import NO_POOL, BrokerClient, read_bytes
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.registry import Registry
+from shared.results import ResultStore
 from shared.schema import (
     DEFAULT_TENANT,
     H_AFFINITY,
-    H_CALLBACK,
     H_INGRESS,
     H_INVOCATION,
-    H_MSG_ID,
     H_TENANT,
     Done,
     ErrorCode,
@@ -56,6 +64,7 @@ from shared.schema import (
     InvokeReply,
     InvokeRequest,
     OutputMode,
+    SchedulerBeat,
     Tensor,
     WorkerLost,
     WorkflowSpec,
@@ -69,6 +78,7 @@ from shared.workflow import WorkflowError, WorkflowPlan, plan_workflow
 
 log = get_logger("ingress")
 
+NO_SCHEDULER = "no scheduler is running (or none has been heard from lately)"
 # How often ingress drops its mappings of slabs the broker gave back.
 PRUNE_S = 1.0
 # How often direct sends are checked for lapsed grants and passed deadlines, and the
@@ -82,16 +92,25 @@ class Ingress:
         self,
         nc: NATS,
         registry: Registry[FunctionSpec],
-        results: KeyValue,
+        results: ResultStore,
         settings: Settings,
         workflows: Registry[WorkflowSpec],
     ):
         self.nc = nc
         self.registry = registry
         self.workflows = workflows
-        self.results = results
         self.settings = settings
         self.max_payload = effective_max_payload(settings, nc.max_payload)
+        # Our own alive beats, heard back: is the bus up (shared.bus.BusHealth)?
+        self.health = BusHealth(settings.heartbeat_s, on_back=self._bus_back)
+        self.asyncs = AsyncInvocations(
+            nc, results, self.call, settings, max_payload=self.max_payload, health=self.health
+        )
+        # Is an active scheduler there, and what was forwarded to it.
+        self.watch = SchedulerWatch(
+            timeout_s=settings.scheduler_timeout_s, started_at=time.monotonic()
+        )
+        self.unavailable = 0
         self.accepted = 0
         self.rejected = 0
         self.broker = BrokerClient(nc, settings.node)
@@ -122,11 +141,17 @@ class Ingress:
         return cached[1]
 
     def _admit(
-        self, function: str, body: bytes, headers: Mapping[str, str] | None, span: Span
+        self,
+        function: str,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        span: Span,
+        claim: int = 0,
     ) -> tuple[InvocationMeta, InvokeRequest, Spec]:
-        """Admission with the books kept and the span marked; raises GfaasError."""
+        """Admission with the books kept and the span marked; raises GfaasError.
+        The origin and an async attempt's claim are ours to set, never the caller's."""
         try:
-            admitted = admit(
+            meta, request, spec = admit(
                 function,
                 body,
                 headers,
@@ -139,8 +164,9 @@ class Ingress:
             tracing.mark_error(span, exc.code, exc.reason)
             raise
         self.accepted += 1
-        span.set_attribute("gfaas.invocation_id", admitted[0].invocation_id)
-        return admitted
+        span.set_attribute("gfaas.invocation_id", meta.invocation_id)
+        meta = msgspec.structs.replace(meta, origin=self.holder, claim=claim)
+        return meta, request, spec
 
     # -- sync NATS path ---------------------------------------------------------------
 
@@ -176,6 +202,23 @@ class Ingress:
                 self._deadline(meta),
                 reply=msg.reply,
             )
+            now = time.monotonic()
+            if worker is None:
+                if not self.watch.available(now):
+                    self.unavailable += 1
+                    tracing.mark_error(span, ErrorCode.UNAVAILABLE, NO_SCHEDULER)
+                    await reply_error(
+                        self.nc, msg.reply, meta.invocation_id, ErrorCode.UNAVAILABLE, NO_SCHEDULER
+                    )
+                    return
+                self.watch.sent(
+                    meta.invocation_id,
+                    Forwarded(
+                        scheduler=self.watch.leader(now) or "",
+                        deadline=self._deadline(meta),
+                        reply=msg.reply,
+                    ),
+                )
             headers = meta.to_headers()
             headers[H_INGRESS] = self.holder
             if worker is not None:
@@ -222,10 +265,50 @@ class Ingress:
                     f"{lost.reason} while running this invocation",
                 )
 
+    def _bus_back(self, at: float) -> None:
+        self.watch.bus_back(at)
+
+    async def on_scheduler_beat(self, msg: Msg) -> None:
+        beat = decode_event(msg, SchedulerBeat)
+        if beat is None:
+            return
+        if self.watch.beat(beat, time.monotonic()) and self.direct.routes:
+            # A new active scheduler knows nothing of what the last one lent: those
+            # grants are void (their slots are in the workers' heartbeats anyway).
+            dropped = self.direct.surrender()
+            log.info(
+                "grants.dropped_for_new_scheduler", scheduler=beat.scheduler_id, grants=len(dropped)
+            )
+
+    async def on_scheduled_done(self, msg: Msg) -> None:
+        done = decode_event(msg, Done)
+        if done is not None:
+            self.watch.done(done.invocation_id)
+
     async def tick_direct(self) -> None:
         while True:
             await anyio.sleep(DIRECT_TICK_S)
-            await self._give_back(self.direct.tick(time.monotonic()))
+            now = time.monotonic()
+            await self._give_back(self.direct.tick(now))
+            if self.health.healthy(now):  # a silence we all shared is nobody's death
+                for iid, sent in self.watch.tick(now):
+                    await self._answer_lost(iid, sent)
+
+    async def _answer_lost(self, invocation_id: str, sent: Forwarded) -> None:
+        """The scheduler this went to fell silent: it may have held it, so say so
+        now rather than leave the caller to its timeout."""
+        self.unavailable += 1
+        if sent.on_lost is not None:
+            sent.on_lost()
+        elif sent.reply:
+            await reply_error(
+                self.nc,
+                sent.reply,
+                invocation_id,
+                ErrorCode.UNAVAILABLE,
+                f"scheduler {sent.scheduler or '(none)'} stopped answering while it held "
+                "this invocation; it may not have run",
+            )
 
     async def beat(self) -> None:
         """Say we are alive: the broker and the scheduler free what we hold once we stop."""
@@ -244,7 +327,7 @@ class Ingress:
     # -- request-reply through the scheduler (HTTP and async paths) -------------------
 
     async def call(
-        self, function: str, body: bytes, headers: Mapping[str, str] | None
+        self, function: str, body: bytes, headers: Mapping[str, str] | None, *, claim: int = 0
     ) -> InvokeReply:
         with tracing.handling_span(
             "ingress call",
@@ -253,7 +336,7 @@ class Ingress:
             attributes={"gfaas.function": function},
         ) as span:
             try:
-                meta, request, spec = self._admit(function, body, headers, span)
+                meta, request, spec = self._admit(function, body, headers, span, claim)
             except GfaasError as exc:
                 return error_reply("", exc.code, exc.reason)
             if isinstance(spec, WorkflowSpec):
@@ -300,15 +383,27 @@ class Ingress:
         headers[H_INGRESS] = self.holder
         if extra:
             headers.update(extra)
+        now = time.monotonic()
         with anyio.CancelScope() as lost:
             worker = self.direct.take(
                 meta.function,
                 meta.invocation_id,
-                time.monotonic(),
+                now,
                 self._deadline(meta),
                 near=headers.get(H_AFFINITY, ""),
                 on_lost=lost.cancel,
             )
+            if worker is None:
+                if not self.watch.available(now):
+                    self.unavailable += 1
+                    return error_reply(meta.invocation_id, ErrorCode.UNAVAILABLE, NO_SCHEDULER)
+                scheduler = self.watch.leader(now) or ""
+                self.watch.sent(
+                    meta.invocation_id,
+                    Forwarded(
+                        scheduler=scheduler, deadline=self._deadline(meta), on_lost=lost.cancel
+                    ),
+                )
             subject = subjects.worker_run(worker) if worker is not None else subjects.SCHEDULE
             try:
                 msg = await self.nc.request(
@@ -321,16 +416,24 @@ class Ingress:
                     await self._give_back(self.direct.finish(meta.invocation_id))
                     await self._give_back(self.direct.retire(worker))
                     return await self._request(meta, body, extra)
-                return error_reply(
-                    meta.invocation_id, ErrorCode.NO_WORKER, "no scheduler is running"
-                )
+                return error_reply(meta.invocation_id, ErrorCode.UNAVAILABLE, NO_SCHEDULER)
             except nats.errors.TimeoutError:
                 return error_reply(
                     meta.invocation_id,
                     ErrorCode.DEADLINE_EXCEEDED,
                     f"no reply within {timeout:.3f}s",
                 )
+            finally:
+                if worker is None:
+                    self.watch.done(meta.invocation_id)
         if lost.cancelled_caught:
+            if worker is None:
+                return error_reply(
+                    meta.invocation_id,
+                    ErrorCode.UNAVAILABLE,
+                    f"scheduler {scheduler or '(none)'} stopped answering while it held "
+                    "this invocation; it may not have run",
+                )
             return error_reply(
                 meta.invocation_id,
                 ErrorCode.WORKER_LOST,
@@ -341,122 +444,11 @@ class Ingress:
         except msgspec.MsgspecError as exc:
             return error_reply(meta.invocation_id, ErrorCode.INTERNAL, f"bad reply: {exc}")
 
-    # -- async path -------------------------------------------------------------------
-
-    async def run_async(self, msg: Msg) -> None:
-        """One message from the invocations stream, processed at least once."""
-        function = subjects.last_token(msg.subject)
-        headers = dict(msg.headers or {})
-        try:
-            request = decode(msg.data, InvokeRequest)
-            callback = headers.get(H_CALLBACK) or request.callback
-        except msgspec.MsgspecError:
-            callback = headers.get(H_CALLBACK, "")
-        if not headers.get(H_INVOCATION) and not headers.get(H_MSG_ID):
-            # Without an id the caller could not fetch the result: derive a stable one
-            # from the stream position so redeliveries map to the same key.
-            headers[H_INVOCATION] = f"s{msg.metadata.sequence.stream}"
-        invocation_id = headers.get(H_INVOCATION) or headers[H_MSG_ID]
-        stored = await self.stored_result(invocation_id)
-        if stored is None or (stored.error and stored.error.code == ErrorCode.PENDING):
-            await self._store(
-                error_reply(invocation_id, ErrorCode.PENDING, "accepted, not finished yet")
-            )
-            reply = await self.call(function, msg.data, headers)
-            if not reply.invocation_id:
-                reply = InvokeReply(
-                    invocation_id=invocation_id,
-                    outputs=reply.outputs,
-                    error=reply.error,
-                    worker=reply.worker,
-                    exec_ms=reply.exec_ms,
-                )
-            await self._store(reply)
-        else:
-            reply = stored  # a redelivery of work already done: don't run it twice
-        if callback:
-            try:
-                await send_reply(self.nc, callback, reply, max_payload=self.max_payload)
-            except Exception as exc:  # the result is stored; a bad callback must not block ack
-                log.warning("async.callback_failed", callback=callback, error=repr(exc))
-        await msg.ack()
-
-    async def _store(self, reply: InvokeReply) -> None:
-        body = encode(reply)
-        if len(body) > self.max_payload:
-            body = encode(
-                error_reply(
-                    reply.invocation_id,
-                    ErrorCode.PAYLOAD_TOO_LARGE,
-                    f"result of {len(body)} bytes is too large to store",
-                )
-            )
-        await self.results.put(reply.invocation_id, body)
-
-    async def stored_result(self, invocation_id: str) -> InvokeReply | None:
-        try:
-            entry = await self.results.get(invocation_id)
-        except (KeyNotFoundError, KeyDeletedError):
-            return None
-        return decode(entry.value, InvokeReply) if entry.value else None
+    # -- async path (async_path.py) -----------------------------------------------------
 
     async def on_result(self, msg: Msg) -> None:
-        invocation_id = subjects.last_token(msg.subject)
-        reply = await self.stored_result(invocation_id)
-        if reply is None:
-            reply = error_reply(
-                invocation_id, ErrorCode.NOT_FOUND, f"no result for invocation {invocation_id}"
-            )
+        reply = await self.asyncs.result(subjects.last_token(msg.subject))
         await msg.respond(encode(reply))
-
-    async def consume_async(self, stop: anyio.Event) -> None:
-        js = self.nc.jetstream()
-        sub = await js.pull_subscribe(
-            subjects.INVOKE_ASYNC_ALL,
-            durable=jetstream.ASYNC_CONSUMER,
-            stream=jetstream.INVOCATIONS_STREAM,
-        )
-        slots = anyio.Semaphore(self.settings.async_concurrency)
-        try:
-            await self._consume(sub, slots, stop)
-        finally:
-            # A pull subscription never marks its queue done, so drain() would wait on it.
-            with anyio.CancelScope(shield=True):
-                await sub.unsubscribe()
-
-    async def _consume(
-        self,
-        sub: JetStreamContext.PullSubscription,
-        slots: anyio.Semaphore,
-        stop: anyio.Event,
-    ) -> None:
-        async with anyio.create_task_group() as runs:
-
-            async def run(msg: Msg) -> None:
-                try:
-                    await self.run_async(msg)
-                except Exception:
-                    log.exception("async.failed", subject=msg.subject)
-                finally:
-                    slots.release()
-
-            async def fetch_loop() -> None:
-                while True:
-                    try:
-                        batch = await sub.fetch(batch=self.settings.async_concurrency, timeout=1)
-                    except TimeoutError:
-                        # nats-py raises its own subclass or, from deeper in, asyncio's
-                        # plain one (TimeoutError itself on 3.11): both mean "no work".
-                        continue
-                    for msg in batch:
-                        await slots.acquire()
-                        runs.start_soon(run, msg)
-
-            async with anyio.create_task_group() as intake:
-                intake.start_soon(fetch_loop)
-                await stop.wait()
-                # Messages fetched but not started are redelivered after ack_wait.
-                intake.cancel_scope.cancel()
 
     # -- HTTP backend (services.ingress.http.InferenceBackend) ------------------------
 
@@ -569,6 +561,15 @@ class Ingress:
                     if r.usable
                 },
             },
+            "async": {
+                "completed": self.asyncs.completed,
+                "retried": self.asyncs.retried,
+                "dead_lettered": self.asyncs.dead,
+                "answered_from_record": self.asyncs.answered_from_record,
+            },
+            "scheduler": self.watch.leader(time.monotonic()),
+            "unavailable": self.unavailable,
+            "forwarded": len(self.watch.forwarded),
             "max_payload": self.max_payload,
         }
 
@@ -601,10 +602,19 @@ async def _serve_http(ingress: Ingress, settings: Settings, stop: anyio.Event) -
             yield
 
     server = Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        await stop.wait()
-        server.should_exit = True
+    # Replicas of ingress on one host share the port: the kernel spreads connections.
+    sock = socket.socket(
+        socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET, socket.SOCK_STREAM
+    )
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    with sock:
+        sock.bind((settings.http_host, settings.http_port))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(server.serve, sockets=[sock]))
+            await stop.wait()
+            server.should_exit = True
 
 
 async def serve(
@@ -616,10 +626,16 @@ async def serve(
     instance = f"{socket.gethostname()}-{os.getpid()}"
     async with connected(settings.nats_url, "gfaas-ingress") as nc:
         js = nc.jetstream()
-        await jetstream.ensure_invocations_stream(js)
-        registry = await Registry.open(js)
-        workflows = await Registry.open_workflows(js)
-        ingress = Ingress(nc, registry, await jetstream.results_kv(js), settings, workflows)
+        replicas = settings.js_replicas
+        await jetstream.ensure_invocations_stream(js, replicas=replicas)
+        registry = await Registry.open(js, replicas=replicas)
+        workflows = await Registry.open_workflows(js, replicas=replicas)
+        await jetstream.ensure_dead_letter_stream(js, replicas=replicas)
+        results = ResultStore(
+            await jetstream.results_kv(js, replicas=replicas),
+            max_payload=effective_max_payload(settings, nc.max_payload),
+        )
+        ingress = Ingress(nc, registry, results, settings, workflows)
         async with anyio.create_task_group() as service_tg:
             await service_tg.start(registry.watch)
             await service_tg.start(workflows.watch)
@@ -634,11 +650,16 @@ async def serve(
                 await nc.subscribe(subjects.grants(ingress.holder), cb=ingress.on_grant)
                 await nc.subscribe(subjects.done(ingress.holder), cb=ingress.on_done)
                 await nc.subscribe(subjects.WORKER_LOST, cb=ingress.on_worker_lost)
+                await nc.subscribe(subjects.SCHEDULER_ALIVE, cb=ingress.on_scheduler_beat)
+                await nc.subscribe(
+                    subjects.done_scheduled(ingress.holder), cb=ingress.on_scheduled_done
+                )
                 service_tg.start_soon(ingress.tick_direct)
                 service_tg.start_soon(ingress.beat)
+                service_tg.start_soon(watch_bus, nc, ingress.health, ingress.holder)
                 await serve_status(nc, "ingress", instance, ingress.details)
                 # Both end by themselves once `stop` is set, after their in-flight work.
-                intake.start_soon(ingress.consume_async, stop)
+                intake.start_soon(ingress.asyncs.consume, stop)
                 if settings.http_enabled:
                     intake.start_soon(_serve_http, ingress, settings, stop)
                 service_tg.start_soon(_prune_mappings_every, PRUNE_S)

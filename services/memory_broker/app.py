@@ -2,10 +2,11 @@
 
 It outlives workers, so data survives a worker crash. Requests on
 `gfaas.v1.broker.<node>.<op>`: lease (pooled buffers, one handle each), check (may
-this tenant read these handles?), retain / release (reference counts for fan-out),
-transfer (a worker hands its outputs' references to the caller), copy (leased bytes
-to another device, chunked through the link's fair scheduler). Every refusal is a
-HandlesReply with an error code and reason; nothing is read or written out of bounds.
+this tenant read these handles? for a holder, also keep them while it reads), retain /
+release (reference counts for fan-out), transfer (a worker hands its outputs'
+references to the caller), copy (leased bytes to another device, chunked through the
+link's fair scheduler). Every refusal is a HandlesReply with an error code and reason;
+nothing is read or written out of bounds.
 
 Owner liveness comes from worker heartbeats: a worker silent for longer than the
 timeout loses its references. TTLs free what callers forget. Pools grow under
@@ -15,6 +16,7 @@ demand and give idle slabs back (shared.dataplane.elastic).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import os
 import socket
@@ -31,11 +33,18 @@ from nats.aio.msg import Msg
 
 from services.memory_broker.pools import NodePools
 from shared import subjects
-from shared.bus import connected, decode_event, serve_status
+from shared.bus import BusHealth, connected, decode_event, serve_status, watch_bus
 from shared.config import PAYLOAD_HEADROOM, Settings
 from shared.dataplane.backend import Backend, select_backend, tensor_from_handle
 from shared.dataplane.bandwidth import LinkScheduler, Mode
 from shared.dataplane.board import LeaseBoard, board_name
+from shared.dataplane.client import (
+    MAX_HANDLES_PER_REQUEST,
+    MAX_LEASES_PER_REQUEST,
+    check_count,
+    check_reply_fits,
+    handle_bound,
+)
 from shared.dataplane.copier import Copier, CopyEngine, NumpyEngine
 from shared.dataplane.cuda import cuda_device_count
 from shared.dataplane.elastic import ElasticConfig
@@ -156,12 +165,19 @@ class Broker:
                 cooldown_s=settings.pool_cooldown_s,
             )
             self.pools.add_device(device, backend, config)
+        # A predecessor killed (SIGKILL, OOM) before its shutdown left its slabs in
+        # /dev/shm, until reboot; the board it left went above, with LeaseBoard.
+        left = self.pools.remove_leftovers()
+        if left:
+            log.warning("broker.leftovers_removed", segments=len(left), names=left[:8])
         # Checked here, so a bad GFAAS_LINK_MODE stops the broker at start.
         self.link_mode = Mode(settings.link_mode)
         self.copiers: dict[str, Copier] = {}
         # Largest `read` chunk: what fits one reply on this server.
         self.max_read = nc.max_payload - PAYLOAD_HEADROOM
         self.last_seen: dict[str, float] = {}
+        # A holder silent only while we heard nobody (NATS down) keeps what it holds.
+        self.health = BusHealth(settings.heartbeat_s, on_back=self.bus_back)
         self.copies = 0
 
     # -- requests ----------------------------------------------------------------------
@@ -186,7 +202,17 @@ class Broker:
             log.exception("broker.request_failed", subject=msg.subject)
             reply = reply_kind(error=GfaasError(ErrorCode.INTERNAL, repr(exc)).info())
         if msg.reply:
-            await msg.respond(encode(reply))
+            data = encode(reply)
+            if len(data) > self.nc.max_payload:
+                # Sending it would fail and leave the caller waiting for its timeout;
+                # the ops bound their replies up front, so this is a missed bound.
+                log.error("broker.reply_too_large", subject=msg.subject, nbytes=len(data))
+                reason = (
+                    f"the reply of {len(data)} bytes exceeds the bus's "
+                    f"{self.nc.max_payload}-byte message limit; ask for less per request"
+                )
+                data = encode(reply_kind(error=GfaasError(ErrorCode.BAD_REQUEST, reason).info()))
+            await msg.respond(data)
 
     async def refuse(self, msg: Msg, reason: str) -> None:
         if msg.reply:
@@ -194,37 +220,66 @@ class Broker:
             await msg.respond(encode(HandlesReply(error=error)))
 
     async def lease(self, req: LeaseRequest, tenant: str) -> HandlesReply:
+        # Bounded before anything is allocated: leases whose reply cannot be sent
+        # would be held, unknown to anyone, until their TTL.
+        check_count(len(req.sizes), MAX_LEASES_PER_REQUEST, "leases")
+        check_count(len(req.check), MAX_HANDLES_PER_REQUEST, "handles to check")
         if not req.sizes or any(n < 0 for n in req.sizes):
             raise GfaasError(ErrorCode.BAD_REQUEST, f"lease sizes must be >= 0: {req.sizes}")
-        self.pools.check(req.check, tenant)
-        handles = await self.pools.lease_or_spill(
-            req.sizes, req.device, req.owner, tenant, req.ttl_s, time.monotonic(), self._move
+        per_handle = handle_bound(
+            pool=self.settings.node,
+            device=req.device,
+            tenant=tenant,
+            lease_id_len=len(self.pools.table.id_prefix) + 16,
         )
+        check_reply_fits(len(req.sizes), per_handle, self.nc.max_payload, "leases")
+        self.pools.check(req.check, tenant)
+        if req.retain:
+            self.pools.retain(req.check, req.retain, tenant)
+        try:
+            handles = await self.pools.lease_or_spill(
+                req.sizes, req.device, req.owner, tenant, req.ttl_s, time.monotonic(), self._move
+            )
+        except BaseException:
+            if req.retain:  # all or none: no lease, no references
+                for handle in req.check:
+                    # One gone meanwhile (freed, expired) must not keep the others.
+                    with contextlib.suppress(GfaasError):
+                        self.pools.release([handle], req.retain, tenant, time.monotonic())
+            raise
         return HandlesReply(handles=handles)
 
     async def check(self, req: HandlesRequest, tenant: str) -> HandlesReply:
+        check_count(len(req.handles), MAX_HANDLES_PER_REQUEST, "handles")
         self.pools.check(req.handles, tenant)
+        if req.holder:  # the checked handles stay live while the holder reads them
+            self.pools.retain(req.handles, req.holder, tenant)
         return HandlesReply()
 
     async def retain(self, req: HandlesRequest, tenant: str) -> HandlesReply:
+        check_count(len(req.handles), MAX_HANDLES_PER_REQUEST, "handles")
         self.pools.retain(req.handles, _named(req.holder, "holder"), tenant)
         return HandlesReply()
 
     async def release(self, req: HandlesRequest, tenant: str) -> HandlesReply:
+        check_count(len(req.handles), MAX_HANDLES_PER_REQUEST, "handles")
         self.pools.release(req.handles, _named(req.holder, "holder"), tenant, time.monotonic())
         return HandlesReply()
 
     async def transfer(self, req: HandlesRequest, tenant: str) -> HandlesReply:
+        check_count(len(req.handles), MAX_HANDLES_PER_REQUEST, "handles")
         self.pools.transfer(req.handles, _named(req.holder, "holder"), _named(req.to, "to"), tenant)
         return HandlesReply()
 
     async def park(self, req: HandlesRequest, tenant: str) -> HandlesReply:
+        check_count(len(req.handles), MAX_HANDLES_PER_REQUEST, "handles")
         now = time.monotonic()
         next_use = now + req.next_use_s if req.next_use_s >= 0 else math.inf
         self.pools.park(req.handles, _named(req.holder, "holder"), tenant, next_use)
         return HandlesReply()
 
     async def unpark(self, req: HandlesRequest, tenant: str) -> HandlesReply:
+        check_count(len(req.handles), MAX_HANDLES_PER_REQUEST, "handles")
         holder = _named(req.holder, "holder")
         return HandlesReply(
             handles=await self.pools.unpark(req.handles, holder, tenant, self._move)
@@ -330,10 +385,14 @@ class Broker:
     async def on_alive(self, msg: Msg) -> None:
         self.last_seen[subjects.last_token(msg.subject)] = time.monotonic()
 
+    def bus_back(self, at: float) -> None:
+        """Back after a silence of the bus: nobody lost their references through it."""
+        self.last_seen = {holder: max(seen, at) for holder, seen in self.last_seen.items()}
+
     def tick(self) -> None:
         now = time.monotonic()
         for worker, seen in list(self.last_seen.items()):
-            if now - seen > self.settings.worker_timeout_s:
+            if self.health.healthy(now) and now - seen > self.settings.worker_timeout_s:
                 del self.last_seen[worker]
                 freed = self.pools.reclaim(worker, now)
                 log.warning("worker.lost", worker=worker, leases_reclaimed=freed)
@@ -418,6 +477,7 @@ async def serve(
                         await broker.pools.prefetch(time.monotonic(), broker._move)
 
                 copies.start_soon(ticker)
+                copies.start_soon(watch_bus, nc, broker.health, f"broker-{settings.node}")
                 await stop.wait()
                 copies.cancel_scope.cancel()
         finally:

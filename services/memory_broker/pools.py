@@ -20,6 +20,7 @@ from shared.dataplane.board import LeaseBoard
 from shared.dataplane.client import NO_POOL
 from shared.dataplane.elastic import ElasticConfig, ElasticPool, Intermediate, SlabUse, plan_spill
 from shared.dataplane.leases import Fault, Lease, LeaseError, LeaseTable
+from shared.dataplane.shm import ShmBackend
 from shared.errors import GfaasError
 from shared.schema import ErrorCode, Handle
 
@@ -158,7 +159,10 @@ class NodePools:
         self, handles: Sequence[Handle], holder: str, tenant: str, copy: Copy
     ) -> list[Handle]:
         """Readable again, back on its device if there is room (else still in host
-        memory, where the reader maps it or has the broker copy it): current handles."""
+        memory, where the reader maps it or has the broker copy it): current handles.
+
+        A lease that is not parked (never was, or unparked already) is left as it is:
+        its current handle, on the board slot it already has."""
         leases = [self.table.check_ref(h, tenant) for h in handles]
         for lease in leases:
             self.table.check_holder(lease.lease_id, holder)
@@ -166,6 +170,10 @@ class NodePools:
         for lease in leases:
             await self._moved(lease.lease_id)  # a prefetch of it may be under way
             lease = self.table.get(lease.lease_id)
+            if not lease.parked:
+                slot = self.board.slot_of(lease.lease_id) if self.board is not None else -1
+                current.append(self._handle(lease, slot))
+                continue
             # Only parked data moves: an unparked lease may be being read right now.
             if (
                 lease.parked
@@ -398,8 +406,21 @@ class NodePools:
             for s in self.table.slabs(pool.device)
         ]
 
+    def remove_leftovers(self) -> list[str]:
+        """Unlink the shared-memory slabs a dead predecessor on this node left (one
+        killed before it could destroy them); only their exact names are touched.
+        Call it before the first slab is created. Device slabs die with their process."""
+        gone: list[str] = []
+        for pool in self.devices.values():
+            if isinstance(pool.backend, ShmBackend):
+                gone.extend(pool.backend.remove_leftovers(self._slab_pool(pool.device)))
+        return gone
+
+    def _slab_pool(self, device: str) -> str:
+        return f"{self.node}-{device.replace(':', '')}"
+
     def _create_slab(self, pool: DevicePool, size: int) -> None:
-        ref = pool.backend.create_slab(size, f"{self.node}-{pool.device.replace(':', '')}")
+        ref = pool.backend.create_slab(size, self._slab_pool(pool.device))
         slab = self.table.add_slab(pool.device, ref.size, ref.segment)
         pool.segments[slab.slab_id] = ref.segment
         pool.slabs_created += 1

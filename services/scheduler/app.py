@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import socket
 import time
 
@@ -23,11 +24,13 @@ import msgspec
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from opentelemetry.trace import SpanKind
 
+from services.scheduler.leader import Leadership
 from services.scheduler.state import ClusterState, Invocation, Lent
-from shared import subjects, tracing
-from shared.bus import connected, decode_event, reply_error, serve_status
+from shared import jetstream, subjects, tracing
+from shared.bus import BusHealth, connected, decode_event, reply_error, serve_status, watch_bus
 from shared.config import Settings
 from shared.logs import get_logger
 from shared.modelstore import ModelStore
@@ -36,11 +39,13 @@ from shared.scheduling import Policy, Rejected, decide, make_policy, plan
 from shared.schema import (
     H_AFFINITY,
     H_INGRESS,
+    H_INVOCATION,
     Done,
     ErrorCode,
     FunctionSpec,
     Grant,
     InvocationMeta,
+    SchedulerBeat,
     WorkerHeartbeat,
     WorkerLost,
     encode,
@@ -48,6 +53,7 @@ from shared.schema import (
 )
 
 log = get_logger("scheduler")
+
 
 TICK_S = 0.1
 # Queued requests shown to one `plan` call (the simulator's default too).
@@ -73,6 +79,9 @@ class Scheduler:
             worker_timeout_s=settings.worker_timeout_s, pending_limit=settings.pending_limit
         )
         self.assigned = 0
+        self.leadership: Leadership | None = None
+        # Is the bus up? A worker silent while we heard nobody is not lost.
+        self.health = BusHealth(settings.heartbeat_s, on_back=self.state.bus_back)
         # Models whose size was asked of the object store (once each).
         self._sized: set[str] = set()
 
@@ -81,8 +90,12 @@ class Scheduler:
     async def on_schedule(self, msg: Msg) -> None:
         try:
             meta = InvocationMeta.from_headers(msg.headers)
+            bad = meta.routing_problem()
         except ValueError as exc:
-            await reply_error(self.nc, msg.reply, "", ErrorCode.BAD_REQUEST, str(exc))
+            bad = str(exc)
+        if bad:
+            iid = (msg.headers or {}).get(H_INVOCATION, "")
+            await reply_error(self.nc, msg.reply, iid, ErrorCode.BAD_REQUEST, bad)
             return
         with tracing.handling_span(
             "scheduler assign",
@@ -148,6 +161,18 @@ class Scheduler:
                     f"all workers are busy and {self.state.pending_limit} requests are queued",
                 )
 
+    async def hand_over(self) -> None:
+        """No longer active: what waits here is answered `unavailable` (the caller, or
+        the async path, tries again with whoever is active now)."""
+        for inv in self.state.drop_pending():
+            await reply_error(
+                self.nc,
+                inv.reply,
+                inv.meta.invocation_id,
+                ErrorCode.UNAVAILABLE,
+                "the scheduler holding this invocation stopped before placing it",
+            )
+
     async def on_heartbeat(self, msg: Msg) -> None:
         hb = decode_event(msg, WorkerHeartbeat)
         if hb is None:
@@ -172,7 +197,7 @@ class Scheduler:
         done = decode_event(msg, Done)
         if done is None:
             return
-        if msg.subject == subjects.DONE_SCHEDULED:
+        if subjects.is_scheduled_done(msg.subject):
             self.state.done(done, time.monotonic())
         else:
             self.state.done_direct(done)
@@ -182,7 +207,8 @@ class Scheduler:
     async def tick(self) -> None:
         now = time.monotonic()
         self.state.lapsed(now)  # slots freed here are used by the drain below
-        for worker_id, lost in self.state.reap(now):
+        reaped = self.state.reap(now) if self.health.healthy(now) else []
+        for worker_id, lost in reaped:
             log.warning("worker.lost", worker=worker_id, inflight=len(lost))
             # Ingress answers for what it sent there directly.
             reason = f"worker {worker_id} stopped answering"
@@ -284,7 +310,10 @@ class Scheduler:
             await self._reject(inv, reason)
 
     def details(self) -> dict[str, object]:
+        leadership = self.leadership
         return {
+            "active": leadership is not None and leadership.active,
+            "terms": leadership.terms if leadership is not None else 0,
             "policy": self.policy.name,
             "assigned": self.assigned,
             "rejected": self.state.rejected,
@@ -324,11 +353,20 @@ async def serve(
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     instance = f"{socket.gethostname()}-{os.getpid()}"
+    scheduler_id = f"{instance}-{secrets.token_hex(3)}"
     async with connected(settings.nats_url, "gfaas-scheduler") as nc:
         js = nc.jetstream()
-        registry = await Registry.open(js)
-        models = await ModelStore.open(js)
+        registry = await Registry.open(js, replicas=settings.js_replicas)
+        models = await ModelStore.open(js, replicas=settings.js_replicas)
+        leadership = Leadership(
+            await jetstream.leader_kv(
+                js, ttl_s=settings.scheduler_timeout_s, replicas=settings.js_replicas
+            ),
+            scheduler_id,
+            settings.scheduler_timeout_s,
+        )
         scheduler = Scheduler(nc, registry, make_policy(settings.policy), settings, models)
+        scheduler.leadership = leadership
         async with anyio.create_task_group() as tg:
             await tg.start(registry.watch)
             # Heartbeats first, so a restarted scheduler learns the workers before
@@ -338,18 +376,57 @@ async def serve(
             await nc.subscribe(subjects.GRANT_RETURN, cb=scheduler.on_grant_return)
             await nc.subscribe(subjects.ALIVE_ALL, cb=scheduler.on_alive)
             await anyio.sleep(min(settings.heartbeat_s * 1.5, 1.0))
-            schedule_sub = await nc.subscribe(
-                subjects.SCHEDULE, queue=subjects.Q_SCHEDULER, cb=scheduler.on_schedule
-            )
-            await serve_status(nc, "scheduler", instance, scheduler.details)
+            await serve_status(nc, "scheduler", scheduler_id, scheduler.details)
+            active = Active(nc, scheduler)
+            await active.follow(await leadership.keep())
             task_status.started()
+
+            async def lead() -> None:
+                # Renew (or try to take) the lease and say where we stand, often
+                # enough that ingress and the standbys notice a death within the timeout.
+                period = min(settings.heartbeat_s, settings.scheduler_timeout_s / 3.0)
+                while True:
+                    try:
+                        await active.follow(await leadership.keep())
+                        beat = SchedulerBeat(scheduler_id=scheduler_id, active=leadership.active)
+                        await nc.publish(subjects.SCHEDULER_ALIVE, encode(beat))
+                    except Exception as exc:  # the bus is flaky: the next round may not be
+                        log.warning("scheduler.lead_failed", error=repr(exc))
+                    await anyio.sleep(period)
 
             async def ticker() -> None:
                 while True:
                     await anyio.sleep(TICK_S)
-                    await scheduler.tick()
+                    if leadership.active:
+                        await scheduler.tick()
 
+            tg.start_soon(watch_bus, nc, scheduler.health, scheduler_id)
+            tg.start_soon(lead)
             tg.start_soon(ticker)
             await stop.wait()
-            await schedule_sub.drain()
+            await active.follow(False)
+            await leadership.resign()
+            beat = SchedulerBeat(scheduler_id=scheduler_id, active=False)
+            await nc.publish(subjects.SCHEDULER_ALIVE, encode(beat))
             tg.cancel_scope.cancel()
+
+
+class Active:
+    """The schedule subscription, held only while this scheduler holds the lease."""
+
+    def __init__(self, nc: NATS, scheduler: Scheduler) -> None:
+        self.nc = nc
+        self.scheduler = scheduler
+        self.sub: Subscription | None = None
+
+    async def follow(self, active: bool) -> None:
+        if active and self.sub is None:
+            self.sub = await self.nc.subscribe(
+                subjects.SCHEDULE, queue=subjects.Q_SCHEDULER, cb=self.scheduler.on_schedule
+            )
+            log.info("scheduler.active")
+        elif not active and self.sub is not None:
+            sub, self.sub = self.sub, None
+            await sub.drain()
+            await self.scheduler.hand_over()
+            log.info("scheduler.standby")

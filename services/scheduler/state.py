@@ -127,6 +127,7 @@ class ClusterState:
             slo_ms=spec.slo_ms,
             exec_s=self.exec_s.get(spec.name, 0.0),
             model_bytes=self.model_bytes.get(spec.model or spec.name, 0),
+            node=meta.node,
         )
 
     def queue(self, window: int, with_rrc: bool) -> list[RequestView]:
@@ -168,6 +169,7 @@ class ClusterState:
             memory_total=hb.memory_total,
             cache=cache,
             profile=profile,
+            node=hb.node,
         )
         running = [inv.view for inv in book.running.values()] if book is not None else []
         for lent in book.lent.values() if book is not None else ():
@@ -336,6 +338,20 @@ class ClusterState:
     def take(self, invocation_id: str) -> Invocation:
         """Remove a waiting invocation the planner placed or refused."""
         return self.pending.pop(invocation_id)
+
+    def bus_back(self, at: float) -> None:
+        """The bus is back after a silence: a worker or ingress silent only through it
+        is not lost (each gets a full timeout from `at` to be heard again)."""
+        for book in self.workers.values():
+            book.last_seen = max(book.last_seen, at)
+        for ingress, seen in self.ingress_seen.items():
+            self.ingress_seen[ingress] = max(seen, at)
+
+    def drop_pending(self) -> list[Invocation]:
+        """Everything waiting, removed (this scheduler hands over)."""
+        dropped = list(self.pending.values())
+        self.pending.clear()
+        return dropped
 
     def expire_pending(self, now_ms: int) -> list[Invocation]:
         expired = [

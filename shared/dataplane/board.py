@@ -50,11 +50,16 @@ class LeaseBoard:
         self._slot_of: dict[str, int] = {}
 
     def publish(self, lease: Lease) -> int:
-        """The lease's slot, written; -1 when the board is full (consumers then ask)."""
-        if not self._free:
-            return -1
-        slot = self._free.pop()
-        self._slot_of[lease.lease_id] = slot
+        """The lease's slot, written; -1 when the board is full (consumers then ask).
+
+        A lease already on the board keeps its slot (rewritten): a second slot would
+        outlive the lease, since `retract` clears only the one it knows."""
+        slot = self._slot_of.get(lease.lease_id, -1)
+        if slot < 0:
+            if not self._free:
+                return -1
+            slot = self._free.pop()
+            self._slot_of[lease.lease_id] = slot
         self._write(
             slot,
             (
@@ -68,6 +73,10 @@ class LeaseBoard:
             ),
         )
         return slot
+
+    def slot_of(self, lease_id: str) -> int:
+        """The lease's slot; -1 when it is not on the board."""
+        return self._slot_of.get(lease_id, -1)
 
     def retract(self, lease_id: str) -> None:
         slot = self._slot_of.pop(lease_id, None)

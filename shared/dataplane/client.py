@@ -47,6 +47,62 @@ Reply = TypeVar("Reply", HandlesReply, BytesReply)
 # callers then lease in host memory instead.
 NO_POOL = "has no pool on device"
 
+# Most leases one lease request may ask for, and most handles one request may name
+# (a lease's `check`, retain, release, ...). Every lease comes back as a handle of a
+# few hundred bytes in one reply: a broker that allocated more than a message can
+# carry could not answer, and would hold the leases until their TTL.
+MAX_LEASES_PER_REQUEST = 1024
+MAX_HANDLES_PER_REQUEST = 1024
+# The longest field values a broker puts in a handle, for bounding a reply before
+# anything is allocated: shared-memory names are at most 201 characters and a CUDA
+# IPC handle is 128 hex digits; lease ids are the broker's instance (node, host,
+# pid) and a sequence number.
+_SEGMENT_MAX = 201
+_LEASE_ID_MAX = 160
+_INT_MAX = 2**63 - 1
+# A HandlesReply's own bytes around its handles (the map, the list header, an error).
+_REPLY_ENVELOPE = 512
+
+
+def handle_bound(*, pool: str, device: str, tenant: str, lease_id_len: int = _LEASE_ID_MAX) -> int:
+    """The most bytes one encoded handle for `tenant` on `pool`/`device` can take."""
+    worst = Handle(
+        backend="x" * 8,
+        pool=pool,
+        segment="x" * _SEGMENT_MAX,
+        device=device,
+        offset=_INT_MAX,
+        nbytes=_INT_MAX,
+        lease_id="x" * lease_id_len,
+        generation=_INT_MAX,
+        tenant=tenant or "x",
+        slab_size=_INT_MAX,
+        slot=_INT_MAX,
+    )
+    return len(encode(worst))
+
+
+def check_count(count: int, limit: int, what: str) -> None:
+    """Refuse (bad_request, naming the limit) a request naming more than `limit` items."""
+    if count > limit:
+        raise GfaasError(
+            ErrorCode.BAD_REQUEST,
+            f"{count} {what} in one broker request; the limit is {limit} per request",
+        )
+
+
+def check_reply_fits(count: int, per_handle: int, max_payload: int, what: str) -> None:
+    """Refuse (bad_request, naming the limit) a request whose reply of `count` handles
+    could exceed one message of `max_payload` bytes."""
+    need = _REPLY_ENVELOPE + count * per_handle
+    if need > max_payload:
+        fits = max(0, (max_payload - _REPLY_ENVELOPE) // per_handle)
+        raise GfaasError(
+            ErrorCode.BAD_REQUEST,
+            f"{count} {what}: the reply could take {need} bytes, over the bus's "
+            f"{max_payload}-byte message limit; ask for at most {fits} per request",
+        )
+
 
 class BrokerClient:
     def __init__(self, nc: NATS, node: str, *, timeout: float = 5.0, board: str = "") -> None:
@@ -97,23 +153,42 @@ class BrokerClient:
         tenant: str = DEFAULT_TENANT,
         ttl_s: float = 0.0,
         check: Sequence[Handle] = (),
+        retain: str = "",
     ) -> list[Handle]:
-        """Pooled buffers, one per size; `check` handles are checked first (one trip)."""
-        doubtful = self.unverified(check, tenant)
+        """Pooled buffers, one per size; `check` handles are checked first (one trip),
+        and with `retain` each also gets one reference of that holder (see `check`)."""
+        # Refused here, before anything is sent: the broker would refuse it too.
+        check_count(len(sizes), MAX_LEASES_PER_REQUEST, "leases")
+        check_count(len(check), MAX_HANDLES_PER_REQUEST, "handles to check")
+        per_handle = handle_bound(pool=self.node, device=device, tenant=tenant)
+        check_reply_fits(len(sizes), per_handle, self.nc.max_payload, "leases")
+        # The board cannot take a reference: handles to retain all go to the broker.
+        doubtful = list(check) if retain else self.unverified(check, tenant)
         self.remote_checks += len(doubtful)
         request = LeaseRequest(
-            sizes=list(sizes), device=device, owner=owner, ttl_s=ttl_s, check=doubtful
+            sizes=list(sizes),
+            device=device,
+            owner=owner,
+            ttl_s=ttl_s,
+            check=doubtful,
+            retain=retain,
         )
         return await self._call("lease", request, tenant)
 
-    async def check(self, handles: Sequence[Handle], tenant: str) -> None:
-        """Raise GfaasError unless `tenant` may read every handle."""
-        doubtful = self.unverified(handles, tenant)
+    async def check(self, handles: Sequence[Handle], tenant: str, *, retain: str = "") -> None:
+        """Raise GfaasError unless `tenant` may read every handle.
+
+        With `retain`, the broker also takes one reference of that holder on each (all
+        or none), so nobody's release frees them while the holder reads; the holder
+        releases them after. That needs the broker, so the board is not asked."""
+        check_count(len(handles), MAX_HANDLES_PER_REQUEST, "handles")
+        doubtful = list(handles) if retain else self.unverified(handles, tenant)
         if doubtful:
             self.remote_checks += len(doubtful)
-            await self._call("check", HandlesRequest(handles=doubtful), tenant)
+            await self._call("check", HandlesRequest(handles=doubtful, holder=retain), tenant)
 
     async def retain(self, handles: Sequence[Handle], holder: str, tenant: str) -> None:
+        check_count(len(handles), MAX_HANDLES_PER_REQUEST, "handles")
         await self._call("retain", HandlesRequest(handles=list(handles), holder=holder), tenant)
 
     async def release(
@@ -148,10 +223,12 @@ class BrokerClient:
 
     async def unpark(self, handles: Sequence[Handle], holder: str, tenant: str) -> list[Handle]:
         """Readable again: the handles where the bytes are now (they may have moved)."""
+        check_count(len(handles), MAX_HANDLES_PER_REQUEST, "handles")
         request = HandlesRequest(handles=list(handles), holder=holder)
         return await self._call("unpark", request, tenant)
 
     async def _send(self, op: str, request: Any, tenant: str, wait: bool) -> None:
+        check_count(len(request.handles), MAX_HANDLES_PER_REQUEST, "handles")
         if wait:
             await self._call(op, request, tenant)
         else:

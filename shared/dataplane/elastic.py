@@ -57,6 +57,11 @@ class DemandEstimator:
         # longer, and one product estimate is less noisy than two multiplied.
         self.mean_byte_seconds = self._ewma(self.mean_byte_seconds, nbytes * lifetime)
 
+    @property
+    def last_lease_at(self) -> float:
+        """When the last lease was observed (0.0 before any)."""
+        return self._at
+
     def rate(self, now: float) -> float:
         return self._decayed(now) / self._tau
 
@@ -94,7 +99,13 @@ class ElasticPool:
 
     def target_bytes(self, now: float, live_bytes: int) -> int:
         c = self.config
-        wanted = max(c.headroom * self.demand.demand_bytes(now), c.min_slabs * c.slab_size)
+        demand = self.demand.demand_bytes(now)
+        # The decayed rate never reaches zero, and times a large E[size x lifetime]
+        # it stays above zero bytes for an hour or more, keeping the last slab that
+        # long. No lease for a whole cool-down means the pool is idle: no demand.
+        if now - self.demand.last_lease_at >= c.cooldown_s:
+            demand = 0.0
+        wanted = max(c.headroom * demand, c.min_slabs * c.slab_size)
         return max(live_bytes, min(c.max_bytes, math.ceil(wanted)))
 
     def plan(self, now: float, slabs: Sequence[SlabUse]) -> PoolPlan:

@@ -162,6 +162,11 @@ class LeaseTable:
         # at once would let another lease have memory the copy still writes).
         self._moving: dict[str, list[tuple[str, Block]]] = {}
 
+    @property
+    def id_prefix(self) -> str:
+        """What every lease id starts with (a sequence number in hex follows)."""
+        return self._prefix
+
     # Pools
 
     def add_device(self, device: str, cap_bytes: int) -> None:

@@ -45,6 +45,16 @@ def list_segments(prefix: str = SEGMENT_PREFIX) -> list[str]:
     return sorted(p.name for p in SHM_DIR.glob(f"{prefix}*"))
 
 
+def remove_leftovers(pool: str, prefix: str = SEGMENT_PREFIX) -> list[str]:
+    """Unlink every segment `new_segment_name(pool, prefix)` could have named, whatever
+    process made it: what a killed owner of the pool left, which would otherwise stay
+    in /dev/shm until reboot. The exact shape is matched, so a pool whose name merely
+    starts the same (node "a" and node "a-cpu") keeps its segments."""
+    shape = re.compile(re.escape(f"{prefix}{pool}-") + r"[0-9]+-[0-9a-f]{8}")
+    gone = [name for name in list_segments(f"{prefix}{pool}-") if shape.fullmatch(name)]
+    return [name for name in gone if unlink_segment(name)]
+
+
 def _path(name: str) -> Path:
     if not _NAME.match(name):
         raise BackendError(f"invalid shared-memory segment name {name!r}")
@@ -120,6 +130,10 @@ class ShmBackend:
     def destroy_slab(self, segment: str) -> None:
         self.close(segment)
         unlink_segment(segment)
+
+    def remove_leftovers(self, pool: str) -> list[str]:
+        """Unlink the slabs of `pool` an earlier owner left (see `remove_leftovers`)."""
+        return remove_leftovers(pool, self.prefix)
 
     def open(self, segment: str) -> Segment:
         seg = self._open.get(segment)

@@ -60,6 +60,8 @@ class WorkerView:
     # When the swap-ins already queued on this worker's host link finish (the
     # scheduler's clock, like `now`); in the past = the link is idle.
     link_busy_until: float = 0.0
+    # The node it runs on ("": not reported), for requests whose inputs are pooled there.
+    node: str = ""
 
     @property
     def has_room(self) -> bool:
@@ -90,6 +92,8 @@ class RequestView:
     rrc: float = 0.0
     # A workflow stage: the worker whose pool holds its inputs (see `near_instead`).
     near: str = ""
+    # The node whose pool holds its by-handle inputs (see `on_input_node`).
+    node: str = ""
 
     @property
     def cache_key(self) -> str:
@@ -151,8 +155,11 @@ def decide(
     decision: Decision = (
         admit(request, workers, now) if admit is not None else policy.choose(request, workers, now)
     )
-    if request.near and isinstance(decision, str) and decision != request.near:
-        return near_instead(request, workers, decision)
+    if (request.near or request.node) and isinstance(decision, str):
+        if request.near and decision != request.near:
+            decision = near_instead(request, workers, decision)
+        if request.node:
+            decision = on_input_node(request, workers, decision)
     return decision
 
 
@@ -170,6 +177,40 @@ def near_instead(request: RequestView, workers: Sequence[WorkerView], chosen: st
     if key in picked.resident and key not in near.resident:
         return chosen
     return near.worker_id
+
+
+def on_input_node(request: RequestView, workers: Sequence[WorkerView], chosen: str) -> str:
+    """A request whose inputs sit in a node's pool goes to a worker on that node (the
+    bytes are read in place, not copied between nodes) when one there would do as
+    well as the policy's pick, by `near_instead`'s rules: room, the kind the policy
+    picked, not busier by more than one request, no extra model load. Among those,
+    warm first, then the least loaded."""
+    picked = next((w for w in workers if w.worker_id == chosen), None)
+    if picked is None or picked.node == request.node:
+        return chosen
+    key = request.cache_key
+    warm_pick = key in picked.resident
+    there = [
+        w
+        for w in workers
+        if w.node == request.node
+        and w.outstanding < w.capacity
+        and w.is_gpu == picked.is_gpu
+        and w.outstanding <= picked.outstanding + 1
+        and (key in w.resident or not warm_pick)
+    ]
+    if not there:
+        return chosen
+    best = min(
+        there,
+        key=lambda w: (
+            key not in w.resident,
+            w.outstanding / max(w.capacity, 1),
+            w.outstanding,
+            w.worker_id,
+        ),
+    )
+    return best.worker_id
 
 
 def eligible(request: RequestView, workers: Sequence[WorkerView]) -> list[WorkerView]:

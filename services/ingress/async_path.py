@@ -1,0 +1,422 @@
+"""Async invocations: at least once from JetStream, exactly one stored result.
+
+Each delivery of a message from GFAAS_INVOCATIONS is handled here:
+
+- it is identified (header id, Nats-Msg-Id, the body's id, else its stream position);
+  one that can never succeed (no usable id, a malformed body) goes to the
+  dead-letter stream with the reason and is acknowledged, never left to block;
+- its record in the results KV (shared.results) decides what happens: DONE is
+  answered from the record, RUNNING is waited for while its worker lives, PENDING is
+  taken over with a new revision, which the worker must claim before it runs;
+- a failure that is not the caller's is retried: the record keeps the reason, the
+  message is nak'ed with a growing delay (another ingress may take it), and after
+  `async_max_attempts` deliveries it fails with the reason and the attempts;
+- while it is handled, in-progress acks keep JetStream from redelivering it.
+
+Only then is the callback published and the message acknowledged, so a crash
+anywhere means redelivery, and redelivery never means a second run.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Mapping
+from typing import Literal, Protocol
+
+import anyio
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+
+from shared import jetstream, subjects
+from shared.bus import BusHealth, decode_event, send_reply
+from shared.config import Settings
+from shared.logs import get_logger
+from shared.results import UNREACHABLE, ResultStore, answer, is_final
+from shared.schema import (
+    H_CALLBACK,
+    H_DEAD_CODE,
+    H_DEAD_REASON,
+    H_INVOCATION,
+    H_MSG_ID,
+    AsyncRecord,
+    AsyncState,
+    ErrorCode,
+    InvokeReply,
+    InvokeRequest,
+    WorkerHeartbeat,
+    decode,
+    error_reply,
+    is_valid_token,
+)
+
+log = get_logger("ingress.async")
+
+# How often a waiting delivery looks at its record again.
+POLL_S = 0.05
+# How many of the newest queued messages a result lookup that found no record reads.
+QUEUED_SCAN = 256
+
+
+class Call(Protocol):
+    def __call__(
+        self, function: str, body: bytes, headers: Mapping[str, str], *, claim: int
+    ) -> Awaitable[InvokeReply]: ...
+
+
+def backoff_s(attempt: int, base_s: float, cap_s: float, jitter: float = 0.2) -> float:
+    """The wait before delivery `attempt + 1`: doubling from `base_s` up to `cap_s`,
+    with some jitter so that work failed together is not retried together."""
+    delay = min(base_s * 2.0 ** max(attempt - 1, 0), cap_s)
+    return delay * (1.0 + jitter * (2.0 * random.random() - 1.0))
+
+
+def identify(headers: Mapping[str, str] | None, data: bytes, seq: int) -> str:
+    """The id a caller can fetch the result by: the header, the dedup id, the body's,
+    else one derived from the stream position (the same on every redelivery)."""
+    h = headers or {}
+    found = h.get(H_INVOCATION) or h.get(H_MSG_ID)
+    if not found:
+        try:
+            found = decode(data, InvokeRequest).invocation_id
+        except msgspec.MsgspecError:
+            found = ""
+    return found or f"s{seq}"
+
+
+class AsyncInvocations:
+    def __init__(
+        self,
+        nc: NATS,
+        results: ResultStore,
+        call: Call,
+        settings: Settings,
+        *,
+        max_payload: int,
+        health: BusHealth,
+    ) -> None:
+        self.nc = nc
+        self.health = health
+        self.results = results
+        self.call = call
+        self.settings = settings
+        self.max_payload = max_payload
+        self.completed = 0
+        self.retried = 0
+        self.dead = 0
+        self.answered_from_record = 0
+
+    # -- one delivery -------------------------------------------------------------------
+
+    async def handle(self, msg: Msg) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._keep_alive, msg)
+            try:
+                await self._handle(msg)
+            except UNREACHABLE as exc:
+                # JetStream itself is out of reach for a moment (a node down): try
+                # this one again later rather than wait out the ack.
+                log.warning("async.store_unreachable", subject=msg.subject, error=repr(exc))
+                await self._nak(msg, 1)
+            finally:
+                tg.cancel_scope.cancel()
+
+    async def _nak(self, msg: Msg, attempt: int) -> None:
+        delay = backoff_s(attempt, self.settings.async_backoff_s, self.settings.async_backoff_max_s)
+        try:
+            await msg.nak(delay=delay)
+        except Exception as exc:  # it comes back after the ack wait anyway
+            log.warning("async.nak_failed", error=repr(exc))
+
+    async def consume(self, stop: anyio.Event) -> None:
+        """Take deliveries while there are free slots, until `stop`; in-flight ones
+        finish first. Only as many are fetched as can start at once, so a fetched
+        message never waits unrecorded behind a busy slot."""
+        js = self.nc.jetstream()
+        while True:
+            # A cluster may be electing a stream leader just now: keep trying.
+            try:
+                await jetstream.ensure_async_consumer(
+                    js,
+                    ack_wait_s=self.settings.async_ack_wait_s,
+                    max_ack_pending=max(self.settings.async_concurrency * 64, 1024),
+                )
+                break
+            except Exception as exc:
+                log.warning("async.consumer_unavailable", error=repr(exc))
+                with anyio.move_on_after(1.0):
+                    await stop.wait()
+                if stop.is_set():
+                    return
+        sub = await js.pull_subscribe_bind(
+            jetstream.ASYNC_CONSUMER, stream=jetstream.INVOCATIONS_STREAM
+        )
+        slots = anyio.Semaphore(self.settings.async_concurrency)
+        try:
+            async with anyio.create_task_group() as runs:
+
+                async def run(msg: Msg) -> None:
+                    try:
+                        await self.handle(msg)
+                    except Exception:
+                        log.exception("async.failed", subject=msg.subject)
+                    finally:
+                        slots.release()
+
+                async def fetch_loop() -> None:
+                    while True:
+                        await slots.acquire()
+                        free = 1
+                        while slots.value > 0:
+                            slots.acquire_nowait()
+                            free += 1
+                        batch: list[Msg] = []
+                        try:
+                            batch = await sub.fetch(batch=free, timeout=1)
+                        except TimeoutError:
+                            # nats-py raises its own subclass or, from deeper in,
+                            # asyncio's plain one: both mean "no work".
+                            pass
+                        except Exception as exc:  # a node down, a reconnect: try again
+                            log.warning("async.fetch_failed", error=repr(exc))
+                            await anyio.sleep(0.25)
+                        for msg in batch:
+                            runs.start_soon(run, msg)
+                        for _ in range(free - len(batch)):
+                            slots.release()
+
+                async with anyio.create_task_group() as intake:
+                    intake.start_soon(fetch_loop)
+                    await stop.wait()
+                    intake.cancel_scope.cancel()
+        finally:
+            # A pull subscription never marks its queue done, so drain() would wait on it.
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+
+    async def _keep_alive(self, msg: Msg) -> None:
+        period = max(self.settings.async_ack_wait_s / 3.0, 0.05)
+        while True:
+            await anyio.sleep(period)
+            try:
+                await msg.in_progress()
+            except Exception as exc:  # the next one may get through; redelivery is safe
+                log.warning("async.in_progress_failed", error=repr(exc))
+
+    async def _handle(self, msg: Msg) -> None:
+        function = subjects.last_token(msg.subject)
+        request: InvokeRequest | None = None
+        malformed = ""
+        try:
+            request = decode(msg.data, InvokeRequest)
+        except msgspec.MsgspecError as exc:
+            malformed = f"malformed request: {exc}"
+        invocation_id = identify(msg.headers, msg.data, msg.metadata.sequence.stream)
+        if not is_valid_token(invocation_id):
+            await self._dead(
+                msg,
+                function,
+                ErrorCode.BAD_REQUEST,
+                f"invocation id {invocation_id!r} must be 1-64 characters of [A-Za-z0-9_-]",
+            )
+            return
+        if request is None:
+            await self._finish_stored(
+                invocation_id, error_reply(invocation_id, ErrorCode.BAD_REQUEST, malformed)
+            )
+            await self._dead(msg, function, ErrorCode.BAD_REQUEST, malformed)
+            return
+        headers = dict(msg.headers or {})
+        headers[H_INVOCATION] = invocation_id
+        callback = headers.get(H_CALLBACK) or request.callback
+        result = await self._attempt(msg, function, invocation_id, headers)
+        if result is None:
+            return  # retried later, or owned by another delivery
+        if callback:
+            try:
+                await send_reply(self.nc, callback, result, max_payload=self.max_payload)
+            except Exception as exc:  # the result is stored; a bad callback must not block ack
+                log.warning("async.callback_failed", callback=callback, error=repr(exc))
+        self.completed += 1
+        await msg.ack()
+
+    async def _attempt(
+        self, msg: Msg, function: str, invocation_id: str, headers: dict[str, str]
+    ) -> InvokeReply | None:
+        """The stored result once there is one; None when this delivery is done with
+        (nak'ed for a retry, or superseded by another)."""
+        attempt = msg.metadata.num_delivered or 1
+        while True:
+            got = await self.results.get(invocation_id)
+            if got is None:
+                revision = await self.results.create(
+                    invocation_id, AsyncRecord(state=AsyncState.PENDING, attempt=attempt)
+                )
+                if revision is None:
+                    continue  # another delivery wrote it first: look again
+            else:
+                record, revision = got
+                if record.state is AsyncState.DONE and record.reply is not None:
+                    self.answered_from_record += 1
+                    return record.reply  # a redelivery of work already done
+                if record.state is AsyncState.RUNNING and not await self._worker_gone(
+                    invocation_id, record.worker, revision
+                ):
+                    continue  # its worker finished or someone moved it on: look again
+                taken = await self.results.swap(
+                    invocation_id,
+                    AsyncRecord(
+                        state=AsyncState.PENDING, attempt=attempt, last_error=record.last_error
+                    ),
+                    revision,
+                )
+                if taken is None:
+                    continue
+                revision = taken
+            reply = await self.call(function, msg.data, headers, claim=revision)
+            if reply.error is not None and reply.error.code is ErrorCode.SUPERSEDED:
+                return None  # the delivery that superseded us answers
+            if is_final(reply):
+                return await self._finish_stored(invocation_id, reply)
+            outcome = await self._failed(msg, invocation_id, attempt, reply)
+            if outcome != "again":
+                return outcome
+
+    async def _failed(
+        self, msg: Msg, invocation_id: str, attempt: int, reply: InvokeReply
+    ) -> InvokeReply | Literal["again"] | None:
+        """A platform fault: the result if a worker finished meanwhile, "again" when a
+        worker still runs it, None once the message is nak'ed for a later try."""
+        assert reply.error is not None
+        got = await self.results.get(invocation_id)
+        if got is not None:
+            record, revision = got
+            if record.state is AsyncState.DONE and record.reply is not None:
+                return record.reply
+            if record.state is AsyncState.RUNNING:
+                # A worker claimed it: whatever we were told (the scheduler went away
+                # after placing it, or lost sight of the worker in an outage of the
+                # bus), the worker's own heartbeats say whether it still runs it.
+                return "again"
+        else:
+            revision = 0
+        if attempt >= self.settings.async_max_attempts:
+            final = error_reply(
+                invocation_id,
+                reply.error.code,
+                f"gave up after {attempt} attempts; the last: {reply.error.reason}",
+            )
+            await self._dead(
+                msg,
+                subjects.last_token(msg.subject),
+                reply.error.code,
+                final.error.reason if final.error else "",
+                settle=False,
+            )
+            return await self._finish_stored(invocation_id, final)
+        waiting = AsyncRecord(state=AsyncState.PENDING, attempt=attempt, last_error=reply.error)
+        if revision:
+            await self.results.swap(invocation_id, waiting, revision)
+        else:
+            await self.results.create(invocation_id, waiting)
+        log.info("async.retry", invocation_id=invocation_id, attempt=attempt, code=reply.error.code)
+        self.retried += 1
+        await self._nak(msg, attempt)
+        return None
+
+    async def _finish_stored(self, invocation_id: str, reply: InvokeReply) -> InvokeReply:
+        """The result as stored: the worker may have stored it already (then that one
+        stands), else it is stored now."""
+        while True:
+            got = await self.results.get(invocation_id)
+            if got is None:
+                if await self.results.create(invocation_id, self.results.done(reply)):
+                    return reply
+                continue
+            record, revision = got
+            if record.state is AsyncState.DONE and record.reply is not None:
+                return record.reply
+            if await self.results.swap(invocation_id, self.results.done(reply), revision):
+                return reply
+
+    async def _worker_gone(self, invocation_id: str, worker: str, revision: int) -> bool:
+        """Wait while `worker` runs this invocation: False once the record moved on,
+        True if the worker stops heartbeating while the bus is up, or says in a
+        heartbeat that it does not hold it (its attempt is then lost)."""
+        heard = time.monotonic()
+        dropped = False
+
+        async def on_beat(msg: Msg) -> None:
+            nonlocal heard, dropped
+            beat = decode_event(msg, WorkerHeartbeat)
+            if beat is not None:
+                heard = time.monotonic()
+                dropped = invocation_id not in beat.claimed
+
+        try:
+            sub = await self.nc.subscribe(subjects.heartbeat(worker), cb=on_beat)
+        except ValueError:
+            return True  # no such worker could ever beat
+        try:
+            while True:
+                got = await self.results.get(invocation_id)
+                if got is None or got[1] != revision:
+                    return False
+                silent = self.health.silence(heard, time.monotonic())
+                if dropped or silent > self.settings.worker_timeout_s:
+                    return True
+                await anyio.sleep(POLL_S)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+
+    async def _dead(
+        self, msg: Msg, function: str, code: ErrorCode, reason: str, *, settle: bool = True
+    ) -> None:
+        """Keep a message that can never succeed, with the reason, and (`settle`) let
+        it go."""
+        headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
+        headers[H_DEAD_CODE] = str(code)
+        headers[H_DEAD_REASON] = reason[:1024]
+        log.warning("async.dead_letter", subject=msg.subject, code=code, reason=reason)
+        await self.nc.jetstream().publish(subjects.dead_letter(function), msg.data, headers=headers)
+        self.dead += 1
+        if settle:
+            await msg.term()
+
+    # -- results ------------------------------------------------------------------------
+
+    async def result(self, invocation_id: str) -> InvokeReply:
+        if not is_valid_token(invocation_id):
+            return error_reply(
+                invocation_id, ErrorCode.BAD_REQUEST, f"{invocation_id!r} is not an invocation id"
+            )
+        got = await self.results.get(invocation_id)
+        if got is None:
+            if await self._queued(invocation_id):
+                return error_reply(invocation_id, ErrorCode.PENDING, "queued, not started yet")
+            # It may have been taken and recorded while we looked.
+            got = await self.results.get(invocation_id)
+        if got is None:
+            return error_reply(
+                invocation_id, ErrorCode.NOT_FOUND, f"no result for invocation {invocation_id}"
+            )
+        return answer(invocation_id, got[0])
+
+    async def _queued(self, invocation_id: str) -> bool:
+        """Is it in the stream, published but not yet taken by any ingress? A caller
+        asks right after its publish, so its message is among the newest: they are
+        looked at newest first, at most QUEUED_SCAN of them."""
+        js = self.nc.jetstream()
+        state = (await js.stream_info(jetstream.INVOCATIONS_STREAM)).state
+        lowest = max(state.first_seq, state.last_seq - QUEUED_SCAN + 1, 1)
+        for seq in range(state.last_seq, lowest - 1, -1):
+            try:
+                raw = await js.get_msg(jetstream.INVOCATIONS_STREAM, seq)
+            except NotFoundError:
+                continue  # taken and acknowledged meanwhile
+            if identify(raw.headers, raw.data or b"", seq) == invocation_id:
+                return True
+        return False

@@ -1,0 +1,133 @@
+"""Async invocations' records in the results KV: one key per invocation id.
+
+The KV revision orders an invocation's attempts. Ingress writes PENDING when it takes
+a delivery and sends the attempt with that revision (`H_CLAIM`); the worker moves the
+record to RUNNING at exactly that revision before it runs the handler, and to DONE
+when it has the reply. An attempt another delivery has superseded (its revision is
+stale) is refused by the worker, so one invocation never runs twice at once, and a
+redelivery finds the result of work already done instead of running it again.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import nats.errors
+import nats.js.errors
+from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from shared.errors import GfaasError
+from shared.schema import (
+    CALLER_FAULTS,
+    AsyncRecord,
+    AsyncState,
+    ErrorCode,
+    InvokeReply,
+    decode,
+    encode,
+    error_reply,
+)
+
+# What a KV operation raises when JetStream cannot be reached (a node down, no
+# quorum for a moment): a platform fault, never the caller's.
+UNREACHABLE: Final = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.ConnectionReconnectingError,
+    TimeoutError,
+    # The stream has no leader for a moment (a cluster node died) or says so.
+    nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
+
+class ResultStore:
+    def __init__(self, kv: KeyValue, *, max_payload: int) -> None:
+        self.kv = kv
+        self.max_payload = max_payload
+
+    async def get(self, invocation_id: str) -> tuple[AsyncRecord, int] | None:
+        try:
+            entry = await self.kv.get(invocation_id)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        if not entry.value or entry.revision is None:
+            return None
+        return decode(entry.value, AsyncRecord), entry.revision
+
+    async def create(self, invocation_id: str, record: AsyncRecord) -> int | None:
+        """The new revision, or None when a record exists already."""
+        try:
+            return await self.kv.create(invocation_id, encode(record))
+        except KeyWrongLastSequenceError:
+            return None
+
+    async def swap(self, invocation_id: str, record: AsyncRecord, last: int) -> int | None:
+        """Write `record` if the key is still at revision `last`: the new revision, or
+        None when someone wrote it since."""
+        try:
+            return await self.kv.update(invocation_id, encode(record), last=last)
+        except KeyWrongLastSequenceError:
+            return None
+
+    async def claim(self, invocation_id: str, revision: int, worker: str) -> int:
+        """A worker takes the attempt sent at `revision`; raises SUPERSEDED when
+        another attempt owns the invocation, UNAVAILABLE when the store is out of reach."""
+        try:
+            new = await self.swap(
+                invocation_id, AsyncRecord(state=AsyncState.RUNNING, worker=worker), revision
+            )
+        except UNREACHABLE as exc:
+            raise GfaasError(
+                ErrorCode.UNAVAILABLE, f"the results store did not answer: {exc!r}"
+            ) from None
+        if new is None:
+            raise GfaasError(
+                ErrorCode.SUPERSEDED,
+                f"a newer attempt of {invocation_id} owns it; this one was not run",
+            )
+        return new
+
+    def done(self, reply: InvokeReply) -> AsyncRecord:
+        return AsyncRecord(state=AsyncState.DONE, reply=self._fitting(reply))
+
+    def _fitting(self, reply: InvokeReply) -> InvokeReply:
+        # A result too large for the store (it rides messages too) is stored as the
+        # error that says so, not dropped.
+        if len(encode(reply)) + 64 <= self.max_payload:
+            return reply
+        return error_reply(
+            reply.invocation_id,
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"result of {len(encode(reply))} bytes is too large to store; "
+            "large outputs move by handle",
+        )
+
+
+def answer(invocation_id: str, record: AsyncRecord) -> InvokeReply:
+    """What `gfaas.v1.result.<id>` answers for a record."""
+    if record.state is AsyncState.DONE and record.reply is not None:
+        return record.reply
+    if record.state is AsyncState.RUNNING:
+        reason = f"running on worker {record.worker}"
+    elif record.last_error is not None:
+        reason = (
+            f"attempt {record.attempt} failed with {record.last_error.code}: "
+            f"{record.last_error.reason}; it will be tried again"
+        )
+    else:
+        reason = "accepted, not finished yet"
+    return error_reply(invocation_id, ErrorCode.PENDING, reason)
+
+
+def is_final(reply: InvokeReply) -> bool:
+    """A result to store: success, or a failure that is the caller's to fix. Anything
+    else is the platform's fault and the invocation is tried again."""
+    error = reply.error
+    if error is None or error.code in CALLER_FAULTS:
+        return True
+    # A handler that ran past its own deadline is the function's; a deadline missed
+    # before any worker answered (a service down) is not.
+    return error.code is ErrorCode.DEADLINE_EXCEEDED and bool(reply.worker)

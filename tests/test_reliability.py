@@ -1,0 +1,209 @@
+"""Nothing lost, nothing run twice, no caller left hanging (in-process platform).
+
+Each test reproduces one fault an outside tester found; the chaos tests that kill
+processes are in test_chaos.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import msgspec
+import numpy as np
+import pytest
+from nats.aio.client import Client as NATS
+
+from gfaas.client import Client, outputs_of
+from services.scheduler.app import serve as serve_scheduler
+from shared import jetstream
+from shared.natsd import NatsServer
+from shared.results import ResultStore
+from shared.schema import (
+    H_DEAD_CODE,
+    H_DEAD_REASON,
+    AsyncRecord,
+    AsyncState,
+    ErrorCode,
+    FunctionSpec,
+    InvokeReply,
+)
+from tests import funcs
+from tests.conftest import Platform, platform_at, settings_for
+from tests.helpers import body, deploy_and_wait
+
+pytestmark = [pytest.mark.nats, pytest.mark.anyio]
+
+ADD_ONE = FunctionSpec(name="add-one", handler="tests.funcs:add_one")
+SLOW_COUNT = FunctionSpec(name="slow-count", handler="tests.funcs:slow_count")
+
+
+@pytest.fixture
+def quick_platform(nats_server: NatsServer, tmp_path: Path) -> Iterator[Platform]:
+    """Short ack wait and backoff, so redelivery and retries show within a test."""
+    with platform_at(
+        nats_server.url,
+        tmp_path / "state",
+        async_ack_wait_s=1.0,
+        async_backoff_s=0.1,
+        async_backoff_max_s=0.5,
+        scheduler_timeout_s=1.0,
+    ) as p:
+        yield p
+
+
+async def final_result(client: Client, invocation_id: str, timeout: float = 20) -> InvokeReply:
+    with anyio.fail_after(timeout):
+        while True:
+            reply = await client.result(invocation_id)
+            if reply.error is None or reply.error.code not in ("pending", "not_found"):
+                return reply
+            await anyio.sleep(0.05)
+
+
+async def test_an_id_given_only_in_the_body_is_where_the_result_is(
+    platform: Platform, nc: NATS
+) -> None:
+    await deploy_and_wait(nc, ADD_ONE)
+    data = msgspec.msgpack.encode(
+        {
+            "invocation_id": "body-only-1",
+            "inputs": [{"name": "x", "dtype": "float32", "shape": [1], "data": b"\0\0\x80?"}],
+        }
+    )
+    await nc.jetstream().publish("gfaas.v1.invoke_async.add-one", data)
+    reply = await final_result(Client(nc), "body-only-1")
+    assert outputs_of(reply)["y"].tolist() == [2.0]
+
+
+async def test_result_right_after_the_publish_is_pending_never_not_found(
+    platform: Platform, nc: NATS
+) -> None:
+    await deploy_and_wait(nc, SLOW_COUNT)
+    client = Client(nc)
+    js = nc.jetstream()
+    codes = set()
+    for i in range(20):
+        iid = f"fresh-{i}"
+        await js.publish(
+            "gfaas.v1.invoke_async.slow-count",
+            body(seconds=np.array([0.05]), n=np.array([i])),
+            headers={"Nats-Msg-Id": iid},
+        )
+        reply = await client.result(iid)
+        assert reply.error is not None or reply.outputs, reply
+        codes.add(reply.error.code if reply.error else "ok")
+    assert "not_found" not in codes, codes
+    for i in range(20):
+        assert (await final_result(client, f"fresh-{i}")).error is None
+
+
+async def test_ids_that_cannot_be_keys_go_to_the_dead_letters_and_do_not_block(
+    platform: Platform, nc: NATS
+) -> None:
+    await deploy_and_wait(nc, ADD_ONE)
+    js = nc.jetstream()
+    bad = 300
+    for i in range(bad):
+        await js.publish(
+            "gfaas.v1.invoke_async.add-one",
+            body(x=np.array([1.0])),
+            headers={"Nats-Msg-Id": f"not a key {i}"},
+        )
+    # Malformed body, usable id: its error is the result, and it is dead-lettered too.
+    await js.publish(
+        "gfaas.v1.invoke_async.add-one", b"\xc1garbage", headers={"Nats-Msg-Id": "garbled"}
+    )
+    await js.publish(
+        "gfaas.v1.invoke_async.add-one", body(x=np.array([1.0])), headers={"Nats-Msg-Id": "good"}
+    )
+    client = Client(nc)
+    assert outputs_of(await final_result(client, "good"))["y"].tolist() == [2.0]
+    garbled = await final_result(client, "garbled")
+    assert garbled.error is not None
+    assert garbled.error.code == "bad_request"
+    with anyio.fail_after(10):
+        while (await js.stream_info(jetstream.DEAD_LETTER_STREAM)).state.messages < bad + 1:
+            await anyio.sleep(0.05)
+    first = await js.get_msg(jetstream.DEAD_LETTER_STREAM, 1)
+    assert first.headers is not None
+    assert first.headers[H_DEAD_CODE] == "bad_request"
+    assert "invocation id" in first.headers[H_DEAD_REASON]
+    # Nothing is left unacknowledged to be redelivered.
+    with anyio.fail_after(10):
+        while (await js.stream_info(jetstream.INVOCATIONS_STREAM)).state.messages:
+            await anyio.sleep(0.05)
+
+
+async def test_a_run_longer_than_the_ack_wait_runs_once(quick_platform: Platform, nc: NATS) -> None:
+    await deploy_and_wait(nc, SLOW_COUNT)
+    funcs.SLOW_RUNS.clear()
+    client = Client(nc)
+    iid = await client.invoke_async("slow-count", {"seconds": np.array([3.0]), "n": np.array([7])})
+    reply = await final_result(client, iid)
+    assert outputs_of(reply)["y"].tolist() == [8]
+    await anyio.sleep(1.5)  # past another ack wait: no redelivery comes
+    assert funcs.SLOW_RUNS == [7]
+    # Kept alive by in-progress acks: delivered once, not redelivered and turned away.
+    info = await nc.jetstream().consumer_info(
+        jetstream.INVOCATIONS_STREAM, jetstream.ASYNC_CONSUMER
+    )
+    assert info.delivered is not None
+    assert info.delivered.consumer_seq == 1  # the only message, delivered once
+
+
+async def test_async_work_waits_out_a_missing_scheduler_instead_of_failing(
+    quick_platform: Platform, nc: NATS
+) -> None:
+    await deploy_and_wait(nc, ADD_ONE)
+    client = Client(nc)
+    settings = settings_for(quick_platform.url, quick_platform.state_dir, scheduler_timeout_s=1.0)
+    quick_platform.stop("scheduler")
+    ids = [await client.invoke_async("add-one", {"x": np.array([float(i)])}) for i in range(20)]
+    # Sync callers are told at once, not left to their timeout.
+    started = time.monotonic()
+    with pytest.raises(Exception, match="unavailable"):
+        await client.invoke("add-one", {"x": np.array([1.0])}, timeout=10)
+    assert time.monotonic() - started < 2.0
+    await anyio.sleep(1.5)
+    for iid in ids:
+        pending = await client.result(iid)
+        assert pending.error is not None
+        assert pending.error.code == "pending", pending
+    quick_platform.start("scheduler", serve_scheduler, settings)
+    for i, iid in enumerate(ids):
+        reply = await final_result(client, iid)
+        assert outputs_of(reply)["y"].tolist() == [float(i) + 1.0]
+
+
+async def test_schedule_messages_without_routing_headers_are_answered(
+    platform: Platform, nc: NATS
+) -> None:
+    bad_headers: list[dict[str, str] | None] = [
+        None,
+        {"Gfaas-Invocation-Id": "x1"},
+        {"Gfaas-Function": "add-one"},
+        {"Gfaas-Function": "no such name!", "Gfaas-Invocation-Id": "x2"},
+        {"Gfaas-Function": "add-one", "Gfaas-Invocation-Id": "x3", "Gfaas-Deadline-Ms": "soon"},
+    ]
+    for headers in bad_headers:
+        msg = await nc.request("gfaas.v1.schedule", b"", timeout=2, headers=headers)
+        reply = msgspec.msgpack.decode(msg.data, type=InvokeReply)
+        assert reply.error is not None
+        assert reply.error.code == "bad_request", (headers, reply)
+
+
+async def test_a_superseded_attempt_is_refused_by_the_results_store(nc: NATS) -> None:
+    store = ResultStore(await jetstream.results_kv(nc.jetstream()), max_payload=1 << 20)
+    first = await store.create("inv-1", AsyncRecord(state=AsyncState.PENDING))
+    assert first is not None
+    second = await store.swap("inv-1", AsyncRecord(state=AsyncState.PENDING, attempt=2), first)
+    assert second is not None
+    from shared.errors import GfaasError
+
+    with pytest.raises(GfaasError) as refused:
+        await store.claim("inv-1", first, "w0")
+    assert refused.value.code is ErrorCode.SUPERSEDED
+    assert await store.claim("inv-1", second, "w0") > second
