@@ -156,11 +156,13 @@ def spawn_worker(nats_url: str, worker_id: str, state_dir: Path) -> subprocess.P
         GFAAS_HEARTBEAT_S="0.1",
         GFAAS_STATE_DIR=str(state_dir),
     )
+    return spawn_service("services.gpu_worker", env)
+
+
+def spawn_service(module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A service as its own process (`python -m module`), quiet; the caller ends it."""
     return subprocess.Popen(
-        [PYTHON, "-m", "services.gpu_worker"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [PYTHON, "-m", module], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
 
 

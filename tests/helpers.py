@@ -15,7 +15,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from gfaas.client import Client
-from shared.schema import FunctionSpec
+from shared.schema import FunctionSpec, InvokeReply
 
 
 def tensor(name: str, x: np.ndarray[Any, Any]) -> dict[str, Any]:
@@ -71,3 +71,13 @@ async def kill_mid_call(
                 await anyio.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
     return result["reply"], result["elapsed"]
+
+
+async def final_result(client: Client, invocation_id: str, timeout: float = 20) -> InvokeReply:
+    """An async invocation's result once it is neither pending nor unknown."""
+    with anyio.fail_after(timeout):
+        while True:
+            reply = await client.result(invocation_id)
+            if reply.error is None or reply.error.code not in ("pending", "not_found"):
+                return reply
+            await anyio.sleep(0.02)

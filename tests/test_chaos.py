@@ -29,7 +29,7 @@ import pytest
 from gfaas.client import Client, outputs_of
 from shared.natsd import NatsServer, start_nats_server
 from shared.schema import FunctionSpec, InvokeReply
-from tests.conftest import PYTHON, subprocess_env
+from tests.conftest import spawn_service, subprocess_env
 from tests.helpers import deploy_and_wait
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -53,12 +53,7 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        self.popen = subprocess.Popen(
-            [PYTHON, "-m", self.module],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        self.popen = spawn_service(self.module, self.env)
 
     def kill(self) -> None:
         if self.popen is not None and self.popen.poll() is None:

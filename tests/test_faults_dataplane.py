@@ -43,7 +43,7 @@ from shared.schema import (
     encode,
 )
 from tests import funcs
-from tests.conftest import PYTHON, Platform, platform_at, subprocess_env
+from tests.conftest import Platform, platform_at, spawn_service, subprocess_env
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
@@ -141,12 +141,7 @@ def spawn_broker(url: str, namespace: str, node: str) -> subprocess.Popen[bytes]
         GFAAS_SLAB_MB="1",
         GFAAS_POOL_DEVICES="emu:0",
     )
-    return subprocess.Popen(
-        [PYTHON, "-m", "services.memory_broker"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    return spawn_service("services.memory_broker", env)
 
 
 @contextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import anyio
 import msgspec
 import numpy as np
 import pytest
@@ -11,21 +10,12 @@ from nats.aio.client import Client as NATS
 from gfaas.client import Client, outputs_of
 from shared.schema import FunctionSpec, InvokeReply
 from tests.conftest import Platform
-from tests.helpers import body, deploy_and_wait
+from tests.helpers import body, deploy_and_wait, final_result
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
 ADD_ONE = FunctionSpec(name="add-one", handler="tests.funcs:add_one")
 BOOM = FunctionSpec(name="boom", handler="tests.funcs:boom")
-
-
-async def wait_result(client: Client, invocation_id: str) -> InvokeReply:
-    with anyio.fail_after(10):
-        while True:
-            reply = await client.result(invocation_id)
-            if reply.error is None or reply.error.code not in ("pending", "not_found"):
-                return reply
-            await anyio.sleep(0.02)
 
 
 async def test_plain_jetstream_publish_runs_and_stores_the_result(
@@ -39,7 +29,7 @@ async def test_plain_jetstream_publish_runs_and_stores_the_result(
         headers={"Nats-Msg-Id": "job-1"},
     )
     assert ack.stream == "GFAAS_INVOCATIONS"
-    reply = await wait_result(Client(nc), "job-1")
+    reply = await final_result(Client(nc), "job-1")
     assert outputs_of(reply)["y"].tolist() == [42.0]
     # Plain request on the result subject works for any client too.
     msg = await nc.request("gfaas.v1.result.job-1", b"", timeout=5)
@@ -59,7 +49,7 @@ async def test_duplicate_publish_is_deduplicated_by_invocation_id(
     )
     assert not first.duplicate
     assert second.duplicate
-    await wait_result(Client(nc), "dup")
+    await final_result(Client(nc), "dup")
 
 
 async def test_callback_subject_receives_the_reply(platform: Platform, nc: NATS) -> None:
@@ -79,11 +69,11 @@ async def test_failed_async_invocation_stores_the_error(platform: Platform, nc: 
     await deploy_and_wait(nc, BOOM)
     client = Client(nc)
     invocation_id = await client.invoke_async("boom", {"x": np.array([2.0])})
-    reply = await wait_result(client, invocation_id)
+    reply = await final_result(client, invocation_id)
     assert reply.error is not None
     assert reply.error.code == "handler_error"
     unknown = await client.invoke_async("nope", {"x": np.array([2.0])})
-    reply = await wait_result(client, unknown)
+    reply = await final_result(client, unknown)
     assert reply.error is not None
     assert reply.error.code == "unknown_function"
 

@@ -32,7 +32,7 @@ from shared.schema import (
 )
 from tests import funcs
 from tests.conftest import Platform, platform_at, settings_for
-from tests.helpers import body, deploy_and_wait
+from tests.helpers import body, deploy_and_wait, final_result
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
@@ -52,15 +52,6 @@ def quick_platform(nats_server: NatsServer, tmp_path: Path) -> Iterator[Platform
         scheduler_timeout_s=1.0,
     ) as p:
         yield p
-
-
-async def final_result(client: Client, invocation_id: str, timeout: float = 20) -> InvokeReply:
-    with anyio.fail_after(timeout):
-        while True:
-            reply = await client.result(invocation_id)
-            if reply.error is None or reply.error.code not in ("pending", "not_found"):
-                return reply
-            await anyio.sleep(0.05)
 
 
 async def test_an_id_given_only_in_the_body_is_where_the_result_is(

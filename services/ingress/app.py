@@ -15,7 +15,7 @@ import functools
 import os
 import socket
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import anyio
 import msgspec
@@ -79,6 +79,15 @@ from shared.workflow import WorkflowError, WorkflowPlan, plan_workflow
 log = get_logger("ingress")
 
 NO_SCHEDULER = "no scheduler is running (or none has been heard from lately)"
+
+
+def lost_by(scheduler: str) -> str:
+    return (
+        f"scheduler {scheduler or '(none)'} stopped answering while it held this "
+        "invocation; it may not have run"
+    )
+
+
 # How often ingress drops its mappings of slabs the broker gave back.
 PRUNE_S = 1.0
 # How often direct sends are checked for lapsed grants and passed deadlines, and the
@@ -254,16 +263,28 @@ class Ingress:
         if lost is None:
             return
         for iid, sent in self.direct.lost(lost.worker_id):
-            if sent.on_lost is not None:
-                sent.on_lost()
-            elif sent.reply:
-                await reply_error(
-                    self.nc,
-                    sent.reply,
-                    iid,
-                    ErrorCode.WORKER_LOST,
-                    f"{lost.reason} while running this invocation",
-                )
+            await self._give_up(
+                iid,
+                sent.on_lost,
+                sent.reply,
+                ErrorCode.WORKER_LOST,
+                f"{lost.reason} while running this invocation",
+            )
+
+    async def _give_up(
+        self,
+        invocation_id: str,
+        on_lost: Callable[[], None] | None,
+        reply: str,
+        code: ErrorCode,
+        reason: str,
+    ) -> None:
+        """What we sent will not be answered: end our own wait for it (`on_lost`),
+        or answer its caller."""
+        if on_lost is not None:
+            on_lost()
+        elif reply:
+            await reply_error(self.nc, reply, invocation_id, code, reason)
 
     def _bus_back(self, at: float) -> None:
         self.watch.bus_back(at)
@@ -298,17 +319,9 @@ class Ingress:
         """The scheduler this went to fell silent: it may have held it, so say so
         now rather than leave the caller to its timeout."""
         self.unavailable += 1
-        if sent.on_lost is not None:
-            sent.on_lost()
-        elif sent.reply:
-            await reply_error(
-                self.nc,
-                sent.reply,
-                invocation_id,
-                ErrorCode.UNAVAILABLE,
-                f"scheduler {sent.scheduler or '(none)'} stopped answering while it held "
-                "this invocation; it may not have run",
-            )
+        await self._give_up(
+            invocation_id, sent.on_lost, sent.reply, ErrorCode.UNAVAILABLE, lost_by(sent.scheduler)
+        )
 
     async def beat(self) -> None:
         """Say we are alive: the broker and the scheduler free what we hold once we stop."""
@@ -428,12 +441,7 @@ class Ingress:
                     self.watch.done(meta.invocation_id)
         if lost.cancelled_caught:
             if worker is None:
-                return error_reply(
-                    meta.invocation_id,
-                    ErrorCode.UNAVAILABLE,
-                    f"scheduler {scheduler or '(none)'} stopped answering while it held "
-                    "this invocation; it may not have run",
-                )
+                return error_reply(meta.invocation_id, ErrorCode.UNAVAILABLE, lost_by(scheduler))
             return error_reply(
                 meta.invocation_id,
                 ErrorCode.WORKER_LOST,
