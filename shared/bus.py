@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import msgspec
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -21,6 +22,7 @@ from shared.schema import (
     H_INVOCATION,
     H_STATUS,
     ErrorCode,
+    InvocationMeta,
     InvokeReply,
     ServiceStatus,
     decode,
@@ -131,6 +133,20 @@ def decode_event(msg: Msg, kind: type[E]) -> E | None:
         return None
 
 
+def on_event(
+    kind: type[E], handle: Callable[[E], Awaitable[None]]
+) -> Callable[[Msg], Awaitable[None]]:
+    """A subscription callback that decodes one kind of event (a malformed one is
+    logged and dropped, as decode_event does) and hands it to a handler."""
+
+    async def callback(msg: Msg) -> None:
+        event = decode_event(msg, kind)
+        if event is not None:
+            await handle(event)
+
+    return callback
+
+
 async def reply_error(
     nc: NATS,
     subject: str,
@@ -149,13 +165,29 @@ async def reply_error(
     await nc.publish(subject, encode(error_reply(invocation_id, code, reason)), headers=out)
 
 
+async def routed(nc: NATS, msg: Msg) -> InvocationMeta | None:
+    """An internal invocation message's routing headers (past ingress: the scheduler's
+    and workers' intake), or None once it was answered `bad_request` for them."""
+    try:
+        meta = InvocationMeta.from_headers(msg.headers)
+        bad = meta.routing_problem()
+    except ValueError as exc:
+        bad = str(exc)
+    if not bad:
+        return meta
+    iid = (msg.headers or {}).get(H_INVOCATION, "")
+    await reply_error(nc, msg.reply, iid, ErrorCode.BAD_REQUEST, bad)
+    return None
+
+
 async def serve_status(
     nc: NATS,
     service: str,
     instance: str,
     details: Callable[[], dict[str, Any]],
 ) -> Subscription:
-    """Answer `gfaas.v1.status.<service>` (and the instance's own subject)."""
+    """Answer `gfaas.v1.status.<service>`: every instance answers, each naming itself
+    (`Client.statuses` gathers them)."""
     started = time.monotonic()
 
     async def on_request(msg: Msg) -> None:
@@ -176,8 +208,8 @@ class BusHealth:
     back to it: a peer that fell silent only while we heard nobody (NATS down, our
     connection re-establishing) is not known to be dead.
 
-    `heard_self` on each own beat received; `quiet_since(now)` is when the bus last
-    came back (or None while it is silent), so silences are counted from then."""
+    `heard_self` on each own echo received; `silence(since, now)` counts a peer's
+    silence only from when the bus last came back."""
 
     def __init__(self, period_s: float, on_back: Callable[[float], None] | None = None) -> None:
         self.period_s = period_s
@@ -220,3 +252,64 @@ async def watch_bus(nc: NATS, health: BusHealth, instance: str) -> None:
     finally:
         with anyio.CancelScope(shield=True):
             await sub.unsubscribe()
+
+
+class NoResponders(Exception):
+    """Nobody subscribes to the subject a request went to."""
+
+
+class Bus(Protocol):
+    """What a service's handlers may do on the bus (NatsBus is it; tests pass fakes)."""
+
+    async def publish(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        reply: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None: ...
+
+    async def request(
+        self, subject: str, data: bytes, *, timeout: float, headers: Mapping[str, str] | None = None
+    ) -> bytes:
+        """The reply's body; raises NoResponders or TimeoutError."""
+        ...
+
+    async def reply_error(
+        self, subject: str, invocation_id: str, code: ErrorCode, reason: str
+    ) -> None: ...
+
+
+class NatsBus:
+    """The few bus operations handlers need, so that they never import nats: publish,
+    request-reply (raising NoResponders or TimeoutError) and error replies."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+
+    async def publish(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        reply: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        await self.nc.publish(subject, data, reply=reply, headers=dict(headers or {}) or None)
+
+    async def request(
+        self, subject: str, data: bytes, *, timeout: float, headers: Mapping[str, str] | None = None
+    ) -> bytes:
+        try:
+            msg = await self.nc.request(subject, data, timeout=timeout, headers=dict(headers or {}))
+        except nats.errors.NoRespondersError:
+            raise NoResponders(subject) from None
+        except nats.errors.TimeoutError:
+            raise TimeoutError(f"no reply on {subject} within {timeout:.3f}s") from None
+        return msg.data
+
+    async def reply_error(
+        self, subject: str, invocation_id: str, code: ErrorCode, reason: str
+    ) -> None:
+        await reply_error(self.nc, subject, invocation_id, code, reason)

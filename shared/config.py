@@ -54,7 +54,7 @@ class Settings:
     scheduler_timeout_s: float = 1.5
     # scheduler
     policy: str = "least_loaded"
-    worker_timeout_s: float = 2.0
+    worker_timeout_s: float = 1.5
     pending_limit: int = 10_000
     # How long a grant of worker slots to an ingress lasts unless renewed
     # (shared.scheduling.grants); 0 turns direct sends off.

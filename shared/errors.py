@@ -17,3 +17,8 @@ class GfaasError(Exception):
 
     def info(self) -> ErrorInfo:
         return ErrorInfo(code=self.code, reason=self.reason)
+
+
+def bad_request(reason: str) -> GfaasError:
+    """The caller's input is wrong, and `reason` says how."""
+    return GfaasError(ErrorCode.BAD_REQUEST, reason)

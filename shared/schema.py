@@ -33,14 +33,14 @@ H_AFFINITY: Final = "Gfaas-Affinity"
 # The node whose memory pool holds an invocation's by-handle inputs (set by admission):
 # workers there read them in place.
 H_INPUT_NODE: Final = "Gfaas-Input-Node"
-# The ingress instance an invocation came through. On a message to the scheduler it
-# says whom a grant may go to; on a message to a worker it says the invocation was
-# sent directly under a grant, and the worker's Done goes back to that ingress.
-H_INGRESS: Final = "Gfaas-Ingress"
-# The ingress instance an invocation entered through, also when the scheduler sent it:
-# the worker's Done for it goes to `done.scheduler.<origin>`, so that ingress knows
-# which of what it forwarded is finished (and answers the rest if the scheduler dies).
+# The ingress instance an invocation entered through. The scheduler may lend that
+# ingress slots for its function (a Grant); a worker sends the Done for an invocation
+# the scheduler placed to `done.scheduler.<origin>`, so that ingress knows which of
+# what it forwarded is finished (and answers the rest if the scheduler dies).
 H_ORIGIN: Final = "Gfaas-Origin"
+# On a message to a worker only: an ingress sent it directly under a grant, and the
+# worker's Done goes back to that ingress (`done.<ingress>`).
+H_DIRECT: Final = "Gfaas-Direct"
 # An async invocation's attempt: the results-KV revision its record had when ingress
 # sent it. The worker claims the record at that revision before running, so an
 # attempt that another has superseded never runs (services/ingress/async_path.py).
@@ -72,6 +72,9 @@ class ErrorCode(StrEnum):
     UNAVAILABLE = "unavailable"
     # Another attempt of this async invocation owns it; this one was not run.
     SUPERSEDED = "superseded"
+    # The node's memory broker pools no memory on the device asked for (no cupy, say):
+    # callers that can, lease in host memory instead.
+    NO_POOL = "no_pool"
 
 
 # Failures that are the caller's (or its function's) doing: retrying cannot help, so
@@ -85,6 +88,9 @@ CALLER_FAULTS: Final = frozenset(
         ErrorCode.PAYLOAD_TOO_LARGE,
         ErrorCode.HANDLER_ERROR,
         ErrorCode.NOT_FOUND,
+        # Final, as it was when the broker said it with bad_request: a node does not
+        # gain a pool between attempts.
+        ErrorCode.NO_POOL,
     }
 )
 
@@ -223,16 +229,43 @@ class LeaseRequest(_Msg):
     retain: str = ""
 
 
-class HandlesRequest(_Msg):
-    """check (may `tenant` read these? with `holder`, also one reference of it each),
-    retain/release (one reference of `holder` each), transfer (move `holder`'s
-    reference to `to`)."""
+class _HandlesOp(_Msg):
+    """What every broker op on existing leases names: the handles, and whose
+    references they concern."""
 
     handles: list[Handle]
     holder: str = ""
+
+
+class CheckRequest(_HandlesOp):
+    """May `tenant` read these? With `holder`, also one reference of it each (all or
+    none), kept while it reads."""
+
+
+class RetainRequest(_HandlesOp):
+    """One reference of `holder` more per handle (a fan-out consumer)."""
+
+
+class ReleaseRequest(_HandlesOp):
+    """One reference of `holder` less per handle; the last one frees the lease."""
+
+
+class TransferRequest(_HandlesOp):
+    """Move `holder`'s reference on each handle to `to` (a worker hands its outputs
+    to the caller)."""
+
     to: str = ""
-    # park: seconds until the next reader is due (-1: not known).
+
+
+class ParkRequest(_HandlesOp):
+    """Nobody reads these until `holder` unparks them: the broker may spill them."""
+
+    # Seconds until the next reader is due (-1: not known).
     next_use_s: float = -1.0
+
+
+class UnparkRequest(_HandlesOp):
+    """Readable again; answered with the current handles (the bytes may have moved)."""
 
 
 class HandlesReply(_Msg):
@@ -297,8 +330,9 @@ class WorkerHeartbeat(_Msg):
     memory_used: int
     memory_free: int
     models: list[str] = []
+    # Invocations it runs now; the scheduler reads it to forget work it counted
+    # busy after a refusal (`Refused`) once the worker no longer runs that much.
     inflight: int = 0
-    queue_depth: int = 0
     capacity: int = 1
     sent_at: float = 0.0
     # The device tier, for cache-aware placement; 0 / empty from workers that
@@ -323,6 +357,25 @@ class Done(_Msg):
     function: str
     ok: bool
     exec_ms: float = 0.0
+
+
+class Refused(_Msg):
+    """A worker at capacity hands an invocation the scheduler placed back to it
+    (request-reply on `gfaas.v1.refused`), saying how full it is: `inflight` of
+    `capacity` running. The scheduler still holds the invocation (body, headers,
+    reply subject), so it places it again or queues it."""
+
+    worker_id: str
+    invocation_id: str
+    inflight: int
+    capacity: int
+
+
+class RefusedReply(_Msg):
+    """The scheduler's answer to `Refused`: `taken`, it answers for the invocation
+    now; otherwise (it does not hold it) the worker answers the caller `overloaded`."""
+
+    taken: bool
 
 
 class Grant(_Msg):

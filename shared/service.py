@@ -9,8 +9,11 @@ first SIGTERM/SIGINT sets `stop`; a second one cancels outright.
 from __future__ import annotations
 
 import gc
+import inspect
+import os
 import signal
-from collections.abc import Awaitable
+import socket
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import anyio
@@ -100,3 +103,18 @@ def run_service(name: str, serve: ServeFn, settings: Settings) -> None:
         anyio.run(_run, name, serve, settings, backend_options=_backend_options())
     finally:
         shutdown_tracing()
+
+
+async def every(period_s: float, fn: Callable[[], object]) -> None:
+    """Call `fn` every `period_s` seconds until cancelled (a service's periodic chores:
+    heartbeats, ticks, pruning); an `fn` that is a coroutine function is awaited."""
+    while True:
+        await anyio.sleep(period_s)
+        result = fn()
+        if inspect.isawaitable(result):
+            await result
+
+
+def instance_name() -> str:
+    """This process's name among a service's instances (status, logs): host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"

@@ -27,6 +27,9 @@ ALIVE_ALL: Final = f"{PREFIX}.alive.*"
 # An ingress gives a grant back (it lapsed or was revoked, and nothing sent under
 # it is still running): the scheduler frees the slots.
 GRANT_RETURN: Final = f"{PREFIX}.grant_return"
+# Request-reply: a worker at capacity hands back an invocation the scheduler placed
+# there (shared.schema.Refused); the active scheduler alone listens (queue group).
+REFUSED: Final = f"{PREFIX}.refused"
 HEARTBEAT_ALL: Final = f"{PREFIX}.heartbeat.*"
 RESULT_ALL: Final = f"{PREFIX}.result.*"
 
@@ -100,7 +103,8 @@ def status(service: str) -> str:
 
 
 def broker(node: str, op: str) -> str:
-    """The node's memory broker: op is lease, check, retain, release, transfer or copy."""
+    """The node's memory broker: op is lease, check, retain, release, transfer, park,
+    unpark, copy or read."""
     return f"{PREFIX}.broker.{_tok(node)}.{_tok(op)}"
 
 

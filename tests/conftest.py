@@ -7,46 +7,22 @@ mid-request, `gfaas up`) start real processes.
 
 from __future__ import annotations
 
-import os
-import secrets
-import socket
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import anyio
 import nats
 import pytest
-from anyio.from_thread import BlockingPortal, start_blocking_portal
 from nats.aio.client import Client as NATS
 
-from services.gpu_worker.app import serve as serve_worker
-from services.ingress.app import serve as serve_ingress
-from services.memory_broker.app import serve as serve_broker
-from services.scheduler.app import serve as serve_scheduler
-from shared.config import Settings
 from shared.natsd import NatsCluster, NatsServer
 from shared.natsd import nats_cluster as nats_cluster_at
 from shared.natsd import nats_server as nats_server_at
-from shared.service import ServeFn
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.platform import Platform, platform_at
 
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -63,66 +39,6 @@ def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
         yield cluster
 
 
-@dataclass
-class Platform:
-    """Services running on a background event loop, stoppable one by one."""
-
-    portal: BlockingPortal
-    url: str
-    http_port: int
-    state_dir: Path
-    stops: dict[str, anyio.Event] = field(default_factory=dict)
-    futures: dict[str, Any] = field(default_factory=dict)
-
-    def start(self, name: str, serve: ServeFn, settings: Settings) -> None:
-        stop = self.portal.call(anyio.Event)
-        future, _ = self.portal.start_task(serve, settings, stop, name=name)
-        self.stops[name], self.futures[name] = stop, future
-
-    def stop(self, name: str, timeout: float = 30.0) -> None:
-        self.portal.call(self.stops.pop(name).set)
-        self.futures.pop(name).result(timeout)
-
-    def stop_all(self) -> None:
-        for name in list(self.stops):
-            self.stop(name)
-
-
-def settings_for(url: str, state_dir: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "nats_url": url,
-        "state_dir": state_dir,
-        "http_host": "127.0.0.1",
-        "http_port": free_port(),
-        "heartbeat_s": 0.1,
-        "worker_timeout_s": 1.0,
-        "capacity": 8,
-        # Each platform its own shared-memory names: the host tier is node-wide.
-        "shm_namespace": f"gfaas-t{secrets.token_hex(4)}",
-    }
-    values.update(overrides)
-    return Settings(**values)
-
-
-@contextmanager
-def platform_at(
-    url: str, state_dir: Path, *, workers: int = 1, **overrides: Any
-) -> Iterator[Platform]:
-    settings = settings_for(url, state_dir, **overrides)
-    with start_blocking_portal("asyncio") as portal:
-        p = Platform(portal=portal, url=url, http_port=settings.http_port, state_dir=state_dir)
-        try:
-            for i in range(workers):
-                worker_settings = Settings(**{**settings.__dict__, "worker_id": f"w{i}"})
-                p.start(f"worker-{i}", serve_worker, worker_settings)
-            p.start("memory-broker", serve_broker, settings)
-            p.start("scheduler", serve_scheduler, settings)
-            p.start("ingress", serve_ingress, settings)
-            yield p
-        finally:
-            p.stop_all()
-
-
 @pytest.fixture
 def platform(nats_server: NatsServer, tmp_path: Path) -> Iterator[Platform]:
     with platform_at(nats_server.url, tmp_path / "state") as p:
@@ -136,46 +52,3 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
         yield conn
     finally:
         await conn.drain()
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    env.update(extra)
-    return env
-
-
-PYTHON = sys.executable
-
-
-def spawn_worker(nats_url: str, worker_id: str, state_dir: Path) -> subprocess.Popen[bytes]:
-    """A worker as its own process (for tests that kill one); the caller kills it."""
-    env = subprocess_env(
-        GFAAS_NATS_URL=nats_url,
-        GFAAS_WORKER_ID=worker_id,
-        GFAAS_HEARTBEAT_S="0.1",
-        GFAAS_STATE_DIR=str(state_dir),
-    )
-    return spawn_service("services.gpu_worker", env)
-
-
-def spawn_service(module: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """A service as its own process (`python -m module`), quiet; the caller ends it."""
-    return subprocess.Popen(
-        [PYTHON, "-m", module], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-
-
-@contextmanager
-def doomed_platform(
-    nats_url: str, tmp_path: Path, worker_id: str = "doomed"
-) -> Iterator[tuple[Platform, subprocess.Popen[bytes]]]:
-    """A platform whose only worker is its own process, for tests that kill it: at
-    first everything lands there. Its heartbeats lapse after 1 s."""
-    with platform_at(nats_url, tmp_path / "s", workers=0, worker_timeout_s=1.0) as p:
-        proc = spawn_worker(nats_url, worker_id, tmp_path / "w")
-        try:
-            yield p, proc
-        finally:
-            proc.kill()
-            proc.wait()

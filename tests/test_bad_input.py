@@ -10,8 +10,8 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from shared.schema import DType, FunctionSpec, TensorSpec
-from tests.conftest import Platform
 from tests.helpers import body, deploy_and_wait, request
+from tests.platform import Platform
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
@@ -89,7 +89,7 @@ async def test_payload_over_the_configured_maximum_is_refused(
 ) -> None:
     from pathlib import Path
 
-    from tests.conftest import platform_at
+    from tests.platform import platform_at
 
     assert isinstance(tmp_path, Path)
     with platform_at(nc.connected_url.geturl(), tmp_path / "s", max_payload=64 * 1024):  # type: ignore[union-attr]

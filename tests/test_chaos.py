@@ -29,8 +29,8 @@ import pytest
 from gfaas.client import Client, outputs_of
 from shared.natsd import NatsServer, start_nats_server
 from shared.schema import FunctionSpec, InvokeReply
-from tests.conftest import spawn_service, subprocess_env
 from tests.helpers import deploy_and_wait
+from tests.platform import spawn_service, subprocess_env
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -19,14 +19,11 @@ from nats.aio.client import Client as NATS
 from gfaas.client import Client
 from shared.natsd import NatsServer
 from shared.scheduling.grants import HOT_CALLS
-from shared.schema import FunctionSpec
-from tests.conftest import Platform, doomed_platform, platform_at
 from tests.helpers import body, deploy_and_wait, kill_mid_call, request, wait_for_worker
+from tests.platform import Platform, doomed_platform, platform_at
+from tests.specs import ECHO, SLEEP
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
-
-ECHO = FunctionSpec(name="echo", handler="tests.funcs:echo", concurrency=4)
-SLEEP = FunctionSpec(name="sleep", handler="tests.funcs:sleep", concurrency=8)
 
 
 async def warm_up(nc: NATS, function: str, data: bytes) -> Any:
@@ -173,7 +170,7 @@ async def test_grants_go_back_when_their_ingress_stops_or_falls_silent(
     headers = {
         "Gfaas-Invocation-Id": "fake-1",
         "Gfaas-Function": "echo",
-        "Gfaas-Ingress": "ingress-fake",
+        "Gfaas-Origin": "ingress-fake",
     }
     for n in range(HOT_CALLS):  # a hot function: lent slots once warm
         headers["Gfaas-Invocation-Id"] = f"fake-{n}"

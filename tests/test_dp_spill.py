@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -26,7 +26,7 @@ from shared.dataplane.shm import ShmBackend
 from shared.errors import GfaasError
 from shared.natsd import NatsServer
 from shared.schema import Handle
-from tests.conftest import platform_at
+from tests.platform import platform_at
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
 
@@ -34,10 +34,25 @@ MB = 1024 * 1024
 DEV = "dev:0"
 
 
+class InPlace:
+    """The pools' links, copying in place with whatever copy a test gives."""
+
+    def __init__(self) -> None:
+        self.copy: Callable[[Handle, Handle], Awaitable[None]] = memcpy
+
+    async def move(self, src: Handle, dst: Handle) -> None:
+        await self.copy(src, dst)
+
+
 @pytest.fixture
-def pools() -> Iterator[NodePools]:
+def link() -> InPlace:
+    return InPlace()
+
+
+@pytest.fixture
+def pools(link: InPlace) -> Iterator[NodePools]:
     prefix = f"gfaas-test-spill-{os.getpid()}-"
-    p = NodePools(node="t", instance="i", default_ttl_s=60.0)
+    p = NodePools(node="t", instance="i", default_ttl_s=60.0, links=link)
     p.add_device(DEV, ShmBackend(DEV, prefix=prefix), ElasticConfig(slab_size=MB, max_bytes=2 * MB))
     p.add_device("cpu", ShmBackend(prefix=prefix), ElasticConfig(slab_size=MB, max_bytes=64 * MB))
     try:
@@ -70,11 +85,11 @@ def content(h: Handle) -> set[int]:
 async def test_a_full_device_spills_parked_data_furthest_next_use_first(pools: NodePools) -> None:
     a, b = lease(pools, 1), lease(pools, 2)
     with pytest.raises(LeaseError) as refused:  # full, and nothing may move
-        await pools.lease_or_spill([MB], DEV, "run", "default", 0.0, 0.0, memcpy)
+        await pools.lease_or_spill([MB], DEV, "run", "default", 0.0, 0.0)
     assert refused.value.fault is Fault.EXHAUSTED
     pools.park([a], "run", "default", next_use=math.inf)  # no reader queued
     pools.park([b], "run", "default", next_use=5.0)  # a reader due at t=5
-    (c,) = await pools.lease_or_spill([MB], DEV, "run", "default", 0.0, 1.0, memcpy)
+    (c,) = await pools.lease_or_spill([MB], DEV, "run", "default", 0.0, 1.0)
     assert c.device == DEV
     moved = {x.lease_id: x for x in pools.table}
     assert moved[a.lease_id].device == "cpu"  # furthest next use went
@@ -89,8 +104,8 @@ async def test_a_full_device_spills_parked_data_furthest_next_use_first(pools: N
 async def test_unparking_brings_data_back_intact_making_room_if_needed(pools: NodePools) -> None:
     a, b = lease(pools, 1), lease(pools, 2)
     pools.park([a, b], "run", "default", next_use=math.inf)
-    (c,) = await pools.lease_or_spill([MB], DEV, "run", "default", 0.0, 1.0, memcpy)
-    (back,) = await pools.unpark([a], "run", "default", memcpy)
+    (c,) = await pools.lease_or_spill([MB], DEV, "run", "default", 0.0, 1.0)
+    (back,) = await pools.unpark([a], "run", "default")
     # The device held b (parked) and c (in use): b made room for a.
     assert back.device == DEV
     assert content(back) == {1}
@@ -100,7 +115,7 @@ async def test_unparking_brings_data_back_intact_making_room_if_needed(pools: No
         pools.check([a], "default")
     assert stale.value.fault is Fault.STALE
     # No room on the device and nothing parked there: b is readable in host memory.
-    (b_now,) = await pools.unpark([b], "run", "default", memcpy)
+    (b_now,) = await pools.unpark([b], "run", "default")
     assert b_now.device == "cpu"
     assert content(b_now) == {2}
     pools.check([b_now], "default")
@@ -114,17 +129,17 @@ async def test_unparking_brings_data_back_intact_making_room_if_needed(pools: No
 async def test_data_whose_reader_is_due_is_prefetched_ahead_of_it(pools: NodePools) -> None:
     a, b = lease(pools, 1), lease(pools, 2)
     pools.park([a], "run", "default", next_use=math.inf)
-    (c,) = await pools.lease_or_spill([MB], DEV, "run", "default", 0.0, 1.0, memcpy)
+    (c,) = await pools.lease_or_spill([MB], DEV, "run", "default", 0.0, 1.0)
     assert {x.lease_id: x.device for x in pools.table}[a.lease_id] == "cpu"
-    await pools.prefetch(1.5, memcpy)  # no room on the device: a stays in host memory
+    await pools.prefetch(1.5)  # no room on the device: a stays in host memory
     pools.release([c], "run", "default", now=2.0)
     pools.park([a], "run", "default", next_use=10.0)  # its reader is due at t=10
-    await pools.prefetch(2.0, memcpy)  # not within the horizon yet
+    await pools.prefetch(2.0)  # not within the horizon yet
     assert {x.lease_id: x.device for x in pools.table}[a.lease_id] == "cpu"
-    assert await pools.prefetch(9.5, memcpy) == 1
+    assert await pools.prefetch(9.5) == 1
     assert {x.lease_id: x.device for x in pools.table}[a.lease_id] == DEV
     assert pools.stats()["restores"] == 1
-    (back,) = await pools.unpark([a], "run", "default", memcpy)
+    (back,) = await pools.unpark([a], "run", "default")
     assert content(back) == {1}
     pools.release([back, b], "run", "default", now=10.0)
 
@@ -143,7 +158,7 @@ async def test_only_a_holder_parks_and_nothing_unparked_moves(pools: NodePools) 
 
 
 async def test_a_lease_released_during_its_move_frees_both_places_after_the_copy(
-    pools: NodePools,
+    pools: NodePools, link: InPlace
 ) -> None:
     a, b = lease(pools, 1), lease(pools, 2)
     pools.park([a], "run", "default", next_use=math.inf)
@@ -154,22 +169,25 @@ async def test_a_lease_released_during_its_move_frees_both_places_after_the_copy
         assert pools.table.usage("cpu").alloc.used == MB
         await memcpy(src, dst)
 
-    (c,) = await pools.lease_or_spill([MB], DEV, "run", "default", 0.0, 1.0, release_meanwhile)
+    link.copy = release_meanwhile
+    (c,) = await pools.lease_or_spill([MB], DEV, "run", "default", 0.0, 1.0)
     assert pools.table.usage("cpu").alloc.used == 0
     pools.release([b, c], "run", "default", now=2.0)
     assert pools.table.usage(DEV).alloc.used == 0
 
 
-async def test_a_failed_copy_leaves_the_lease_where_it_was(pools: NodePools) -> None:
+async def test_a_failed_copy_leaves_the_lease_where_it_was(pools: NodePools, link: InPlace) -> None:
     a, _ = lease(pools, 1), lease(pools, 2)
     pools.park([a], "run", "default", next_use=math.inf)
 
     async def broken(src: Handle, dst: Handle) -> None:
         raise RuntimeError("link failed")
 
+    link.copy = broken
     with pytest.raises(RuntimeError):
-        await pools.lease_or_spill([MB], DEV, "run", "default", 0.0, 1.0, broken)
-    (back,) = await pools.unpark([a], "run", "default", memcpy)
+        await pools.lease_or_spill([MB], DEV, "run", "default", 0.0, 1.0)
+    link.copy = memcpy
+    (back,) = await pools.unpark([a], "run", "default")
     place = (back.device, back.segment, back.offset, back.generation)
     assert place == (a.device, a.segment, a.offset, a.generation)
     assert content(back) == {1}

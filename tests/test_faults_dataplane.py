@@ -30,12 +30,14 @@ from shared.errors import GfaasError
 from shared.natsd import NatsServer
 from shared.natsd import nats_server as nats_server_at
 from shared.schema import (
+    CheckRequest,
     DType,
     FunctionSpec,
     Handle,
     HandlesReply,
-    HandlesRequest,
     LeaseRequest,
+    ReleaseRequest,
+    RetainRequest,
     StageSpec,
     TensorSpec,
     WorkflowSpec,
@@ -43,7 +45,7 @@ from shared.schema import (
     encode,
 )
 from tests import funcs
-from tests.conftest import Platform, platform_at, spawn_service, subprocess_env
+from tests.platform import Platform, platform_at, spawn_service, subprocess_env
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
@@ -89,9 +91,10 @@ async def test_a_lease_for_too_many_sizes_is_refused_allocating_nothing(
         assert details["leases"] == 1  # until_broker's own
         # Other ops' handle lists are bounded the same way.
         (h,) = await BrokerClient(nc, "local").lease([1024], owner="greedy")
-        flood = HandlesRequest(handles=[h] * (MAX_HANDLES_PER_REQUEST + 1), holder="greedy")
-        for op in ("check", "retain", "release"):
-            refused = await ask_broker(nc, op, flood)
+        flooded = [h] * (MAX_HANDLES_PER_REQUEST + 1)
+        kinds = {"check": CheckRequest, "retain": RetainRequest, "release": ReleaseRequest}
+        for op, kind in kinds.items():
+            refused = await ask_broker(nc, op, kind(handles=flooded, holder="greedy"))
             assert refused.error is not None, op
             assert refused.error.code == "bad_request", op
             assert str(MAX_HANDLES_PER_REQUEST) in refused.error.reason
@@ -197,14 +200,15 @@ async def test_a_restarted_broker_removes_what_a_killed_one_left_and_nothing_els
 # -- 4. unpark of a lease that was never parked ---------------------------------------------
 
 
-async def never_copy(src: Handle, dst: Handle) -> None:
-    raise AssertionError("nothing parked, nothing moves")
+class NeverMoves:
+    async def move(self, src: Handle, dst: Handle) -> None:
+        raise AssertionError("nothing parked, nothing moves")
 
 
 async def test_unpark_of_an_unparked_lease_takes_no_second_board_slot() -> None:
     namespace = f"gfaas-t{secrets.token_hex(4)}"
     board = LeaseBoard(board_name(namespace, "t"), 16)
-    pools = NodePools(node="t", instance="i", default_ttl_s=60.0, board=board)
+    pools = NodePools(node="t", instance="i", default_ttl_s=60.0, links=NeverMoves(), board=board)
     pools.add_device(
         "cpu", ShmBackend(prefix=f"{namespace}-pool-"), ElasticConfig(slab_size=MB, max_bytes=MB)
     )
@@ -212,7 +216,7 @@ async def test_unpark_of_an_unparked_lease_takes_no_second_board_slot() -> None:
     try:
         (h,) = pools.lease([4096], "cpu", "run", "default", 0.0, now=0.0)
         reader.verify(h, "default")
-        (again,) = await pools.unpark([h], "run", "default", never_copy)
+        (again,) = await pools.unpark([h], "run", "default")
         pools.release([h], "run", "default", now=1.0)
         # Released: no slot may still vouch for it, while its block is leased again.
         (reused,) = pools.lease([4096], "cpu", "run", "default", 0.0, now=2.0)

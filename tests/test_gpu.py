@@ -86,7 +86,7 @@ def test_outputs_by_handle_on_a_gpu_worker(tmp_path: Path) -> None:
     import anyio
 
     from shared.natsd import nats_server
-    from tests.conftest import platform_at
+    from tests.platform import platform_at
 
     with nats_server(tmp_path / "nats") as server, platform_at(server.url, tmp_path / "s"):
         anyio.run(_outputs_by_handle_on_the_gpu, server.url)

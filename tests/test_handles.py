@@ -28,13 +28,13 @@ from shared.schema import (
     Tensor,
     TensorSpec,
 )
-from tests.conftest import Platform, doomed_platform, platform_at, settings_for
 from tests.helpers import deploy_and_wait, wait_for_worker
+from tests.platform import Platform, doomed_platform, platform_at, settings_for
+from tests.specs import ECHO
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
 N = 1024
-ECHO = FunctionSpec(name="echo", handler="tests.funcs:echo", concurrency=4)
 DOUBLE = FunctionSpec(
     name="double",
     handler="tests.funcs:double",
@@ -90,12 +90,21 @@ async def test_by_value_and_by_handle_give_the_same_result(platform: Platform, n
     client = Client(nc)
     await deploy_and_wait(nc, DOUBLE, ECHO)
     x = np.linspace(-1, 1, N, dtype=np.float32)
-    by_value = await client.invoke("double", {"x": x})
-    by_handle = await client.invoke("double", {"x": x}, outputs_by=OutputMode.HANDLE)
-    np.testing.assert_array_equal(by_value["y"], by_handle["y"])
+    by_value = await client.invoke_reply("double", {"x": x})
+    by_handle = await client.invoke_reply("double", {"x": x}, outputs_by=OutputMode.HANDLE)
+    # The reply really carries a handle, not the bytes, and they read the same.
+    assert by_value.outputs[0].handle is None
+    (pooled,) = by_handle.outputs
+    assert pooled.handle is not None
+    assert not pooled.data
+    assert pooled.handle.nbytes == x.nbytes
+    np.testing.assert_array_equal(outputs_of(by_value)["y"], outputs_of(by_handle)["y"])
+    await client.release(by_handle.outputs)
     # A function whose output shape is open (echo) leases after it ran.
-    echoed = await client.invoke("echo", {"x": x}, outputs_by=OutputMode.HANDLE)
-    np.testing.assert_array_equal(echoed["y"], x)
+    echoed = await client.invoke_reply("echo", {"x": x}, outputs_by=OutputMode.HANDLE)
+    assert echoed.outputs[0].handle is not None
+    np.testing.assert_array_equal(outputs_of(echoed)["y"], x)
+    await client.release(echoed.outputs)
     await wait_leases(client, 0)
 
 

@@ -11,8 +11,8 @@ import tritonclient.http as triton
 from nats.aio.client import Client as NATS
 
 from shared.schema import DType, FunctionSpec, TensorSpec
-from tests.conftest import Platform
 from tests.helpers import deploy_and_wait
+from tests.platform import Platform
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 

@@ -9,12 +9,12 @@ from nats.aio.client import Client as NATS
 
 from gfaas.client import Client, outputs_of
 from shared.schema import FunctionSpec, InvokeReply
-from tests.conftest import Platform
 from tests.helpers import body, deploy_and_wait, final_result
+from tests.platform import Platform
+from tests.specs import ADD_ONE
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
-ADD_ONE = FunctionSpec(name="add-one", handler="tests.funcs:add_one")
 BOOM = FunctionSpec(name="boom", handler="tests.funcs:boom")
 
 

@@ -8,8 +8,8 @@ from nats.aio.client import Client as NATS
 
 from gfaas.client import Client
 from shared.schema import DType, FunctionSpec, TensorSpec
-from tests.conftest import Platform
 from tests.helpers import body, deploy_and_wait, request
+from tests.platform import Platform
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 

@@ -15,13 +15,12 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from gfaas.client import Client
-from shared.schema import FunctionSpec
-from tests.conftest import Platform
 from tests.helpers import body, deploy_and_wait, request
+from tests.platform import Platform
+from tests.specs import ECHO
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
-ECHO = FunctionSpec(name="echo", handler="tests.funcs:echo")
 GOOD = {"Gfaas-Invocation-Id": "m1", "Gfaas-Function": "echo"}
 
 BODIES: dict[str, bytes] = {

@@ -20,8 +20,8 @@ from shared.modelswap import tier_prefix
 from shared.modelswap.host_tier import LOCK_DIR
 from shared.natsd import NatsServer
 from shared.spec import load_spec
-from tests.conftest import Platform, platform_at
 from tests.helpers import deploy_and_wait
+from tests.platform import Platform, platform_at
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 

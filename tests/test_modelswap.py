@@ -13,7 +13,7 @@ from torch import nn
 from shared.modelswap import HostTier, instantiate
 from shared.modelswap.host_tier import PREFIX, segment_name
 from shared.modelswap.pipeline import SwapError, group_parameters
-from tests.conftest import PYTHON, subprocess_env
+from tests.platform import PYTHON, subprocess_env
 
 pytestmark = pytest.mark.unit
 

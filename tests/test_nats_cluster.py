@@ -28,12 +28,12 @@ from shared.config import nats_servers
 from shared.natsd import NatsCluster
 from shared.schema import ErrorCode, FunctionSpec, InvokeReply
 from tests import funcs
-from tests.conftest import Platform, platform_at
 from tests.helpers import body, deploy_and_wait
+from tests.platform import Platform, platform_at
+from tests.specs import ECHO
 
 pytestmark = [pytest.mark.nats, pytest.mark.slow, pytest.mark.anyio]
 
-ECHO = FunctionSpec(name="echo", handler="tests.funcs:echo")
 COUNT = FunctionSpec(name="count-run", handler="tests.funcs:count_run")
 TOTAL = 1000
 # When the node goes, and for how long.

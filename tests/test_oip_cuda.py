@@ -21,8 +21,8 @@ import torch
 from nats.aio.client import Client as NATS
 
 from services.ingress import cuda_regions
-from tests.conftest import PYTHON, Platform, subprocess_env
 from tests.helpers import deploy_and_wait
+from tests.platform import PYTHON, Platform, subprocess_env
 from tests.test_http import ADD_ONE, _broker_leases, _deploy, base, wait_http
 
 pytestmark = [pytest.mark.nats]

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from gfaas.client import Client
-from tests.conftest import PYTHON, REPO, subprocess_env
+from tests.platform import PYTHON, REPO, subprocess_env
 
 pytestmark = [pytest.mark.nats, pytest.mark.slow]
 
@@ -145,7 +145,7 @@ def test_up_runs_the_platform_and_sigterm_stops_everything(tmp_path: Path) -> No
 
 
 def test_demo_deploys_and_invokes_every_example(tmp_path: Path) -> None:
-    from tests.conftest import free_port
+    from tests.platform import free_port
 
     out = gfaas(
         "demo",

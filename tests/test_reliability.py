@@ -31,12 +31,12 @@ from shared.schema import (
     InvokeReply,
 )
 from tests import funcs
-from tests.conftest import Platform, platform_at, settings_for
 from tests.helpers import body, deploy_and_wait, final_result
+from tests.platform import Platform, platform_at, settings_for
+from tests.specs import ADD_ONE
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
-ADD_ONE = FunctionSpec(name="add-one", handler="tests.funcs:add_one")
 SLOW_COUNT = FunctionSpec(name="slow-count", handler="tests.funcs:slow_count")
 
 

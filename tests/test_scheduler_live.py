@@ -21,8 +21,9 @@ from shared.errors import GfaasError
 from shared.natsd import NatsServer
 from shared.schema import FunctionSpec
 from shared.spec import load_spec
-from tests.conftest import Platform, platform_at
 from tests.helpers import deploy_and_wait
+from tests.platform import Platform, platform_at
+from tests.specs import ECHO
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
@@ -31,7 +32,6 @@ PIXELS = np.zeros((1, 3, 64, 64), np.float32)
 TOKENS = tokenize("keep me warm")
 # Sleeps as long as asked; an SLO of 5 ms that a 50 ms call can never meet.
 SLOW = FunctionSpec(name="slow", handler="tests.funcs:sleep", slo_ms=5.0, concurrency=4)
-ECHO = FunctionSpec(name="echo", handler="tests.funcs:echo", concurrency=4)
 
 
 @pytest.fixture

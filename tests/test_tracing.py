@@ -13,8 +13,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from gfaas.client import Client
 from shared.schema import DType, FunctionSpec, StageSpec, TensorSpec, WorkflowSpec
-from tests.conftest import Platform
 from tests.helpers import body, deploy_and_wait
+from tests.platform import Platform
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 

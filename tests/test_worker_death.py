@@ -11,14 +11,11 @@ from nats.aio.client import Client as NATS
 from gfaas.client import Client
 from services.gpu_worker.app import serve as serve_worker
 from shared.natsd import NatsServer
-from shared.schema import FunctionSpec
-from tests.conftest import doomed_platform, settings_for
 from tests.helpers import body, deploy_and_wait, kill_mid_call, request, wait_for_worker
+from tests.platform import doomed_platform, settings_for
+from tests.specs import ECHO, SLEEP
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
-
-SLEEP = FunctionSpec(name="sleep", handler="tests.funcs:sleep", concurrency=4)
-ECHO = FunctionSpec(name="echo", handler="tests.funcs:echo")
 
 
 async def test_killed_worker_answers_its_callers_with_worker_lost(

@@ -18,8 +18,8 @@ from shared.errors import GfaasError
 from shared.natsd import NatsServer
 from shared.schema import DType, FunctionSpec, OutputMode, StageSpec, TensorSpec, WorkflowSpec
 from shared.spec import load_any, load_spec
-from tests.conftest import Platform, platform_at
 from tests.helpers import body, request
+from tests.platform import Platform, platform_at
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 

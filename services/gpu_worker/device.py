@@ -34,3 +34,10 @@ def memory_info(device: str) -> MemoryInfo:
         return cuda_memory_info(device)
     vm = psutil.virtual_memory()
     return MemoryInfo(total=vm.total, used=vm.total - vm.available, free=vm.available)
+
+
+def device_cache_bytes(configured_mb: int, device: str) -> int:
+    """The device tier's size: configured, or most of the device's memory."""
+    if configured_mb:
+        return configured_mb * 1024 * 1024
+    return int(memory_info(device).total * (0.8 if device.startswith("cuda") else 0.25))

@@ -386,6 +386,14 @@ class AsyncInvocations:
         if settle:
             await msg.term()
 
+    def details(self) -> dict[str, object]:
+        return {
+            "completed": self.completed,
+            "retried": self.retried,
+            "dead_lettered": self.dead,
+            "answered_from_record": self.answered_from_record,
+        }
+
     # -- results ------------------------------------------------------------------------
 
     async def result(self, invocation_id: str) -> InvokeReply:

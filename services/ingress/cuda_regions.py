@@ -17,12 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from services.ingress.oip import CudaRegionStatus, ShmRef
+from services.ingress.oip import ShmRef
+from services.ingress.oip_shm import CudaRegionStatus
 from shared.dataplane.backend import BackendUnavailable, select_backend, tensor_from_handle
 from shared.dataplane.cuda import CudaBackend, cuda_device_count
-from shared.errors import GfaasError
+from shared.errors import bad_request
 from shared.logs import get_logger
-from shared.schema import ErrorCode, Handle
+from shared.schema import Handle
 
 if TYPE_CHECKING:
     import torch
@@ -41,10 +42,6 @@ class _Region:
     # process (a pool slab, another region with the same handle) is not ours to
     # close while someone else uses it.
     owns_mapping: bool
-
-
-def _bad(reason: str) -> GfaasError:
-    return GfaasError(ErrorCode.BAD_REQUEST, reason)
 
 
 def _open(device_id: int, segment: str) -> tuple[CudaBackend, bool]:
@@ -87,12 +84,12 @@ class CudaRegions:
     def register(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
         """Open `raw_handle` (a cudaIpcMemHandle_t, already checked by the request parser)."""
         if name in self._regions or self._taken(name):
-            raise _bad(f"shared-memory region {name!r} is already registered")
+            raise bad_request(f"shared-memory region {name!r} is already registered")
         devices = cuda_device_count()
         if devices == 0:
-            raise _bad("CUDA shared memory is not available on this node: no CUDA device")
+            raise bad_request("CUDA shared memory is not available on this node: no CUDA device")
         if not 0 <= device_id < devices:
-            raise _bad(
+            raise bad_request(
                 f"region {name!r}: device_id {device_id} is not a CUDA device on this node "
                 f"(it has {devices}: 0..{devices - 1})"
             )
@@ -100,7 +97,7 @@ class CudaRegions:
         try:
             backend, fresh = _open(device_id, segment)
         except Exception as exc:  # cupy's CUDARuntimeError, BackendError, a driver fault
-            raise _bad(
+            raise bad_request(
                 f"region {name!r}: cannot open the CUDA IPC handle on cuda:{device_id}: {exc}"
             ) from None
         self._regions[name] = _Region(device_id, byte_size, segment, backend, fresh)
@@ -123,7 +120,7 @@ class CudaRegions:
 
     def status(self, name: str | None = None) -> list[CudaRegionStatus]:
         if name is not None and name not in self._regions:
-            raise _bad(f"no CUDA shared-memory region {name!r} is registered")
+            raise bad_request(f"no CUDA shared-memory region {name!r} is registered")
         return [
             CudaRegionStatus(name=n, device_id=r.device_id, byte_size=r.byte_size)
             for n, r in sorted(self._regions.items())
@@ -139,7 +136,7 @@ class CudaRegions:
         bounds-checked."""
         region = self._region(ref.region)
         if nbytes > ref.byte_size or ref.offset + nbytes > region.byte_size:
-            raise _bad(
+            raise bad_request(
                 f"region {ref.region!r}: {nbytes} bytes at offset {ref.offset} do not fit "
                 f"(shared_memory_byte_size {ref.byte_size}, region {region.byte_size} bytes)"
             )
@@ -159,7 +156,7 @@ class CudaRegions:
     def _region(self, name: str) -> _Region:
         region = self._regions.get(name)
         if region is None:
-            raise _bad(f"no shared-memory region {name!r} is registered")
+            raise bad_request(f"no shared-memory region {name!r} is registered")
         return region
 
     def close(self) -> None:

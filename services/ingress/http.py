@@ -19,7 +19,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from services.ingress import oip
+from services.ingress import oip, oip_response, oip_shm
 from services.ingress.shm_regions import ShmRegions
 from shared.errors import GfaasError
 from shared.logs import get_logger
@@ -79,6 +79,9 @@ STATUS_FOR_CODE: Final[Mapping[ErrorCode, int]] = {
     ErrorCode.OVERLOADED: 503,
     ErrorCode.NO_WORKER: 503,
     ErrorCode.WORKER_LOST: 503,
+    ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.NO_POOL: 400,
+    ErrorCode.SUPERSEDED: 409,
     ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.HANDLER_ERROR: 500,
     ErrorCode.MODEL_UNAVAILABLE: 500,
@@ -104,7 +107,10 @@ def status_for(code: ErrorCode) -> int:
 
 def _error(status: int, reason: str, headers: Mapping[str, str] | None = None) -> Response:
     return Response(
-        oip.error_body(reason), status_code=status, media_type="application/json", headers=headers
+        oip_response.error_body(reason),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
     )
 
 
@@ -125,7 +131,7 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
     if backend.regions.cuda.available():
         # Only where a CUDA region could be registered at all.
         extensions = (*extensions, oip.CUDA_EXTENSION)
-    server_metadata = oip.server_metadata(_server_version(), extensions)
+    server_metadata = oip_response.server_metadata(_server_version(), extensions)
 
     def known_model(request: Request) -> FunctionSpec:
         name: str = request.path_params["name"]
@@ -152,17 +158,11 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
         return Response(status_code=200 if backend.ready() else NOT_READY_STATUS)
 
     async def model_metadata(request: Request) -> Response:
-        try:
-            spec = known_model(request)
-        except GfaasError as exc:
-            return _gfaas_error(exc)
-        return Response(oip.model_metadata(spec), media_type="application/json")
+        spec = known_model(request)
+        return Response(oip_response.model_metadata(spec), media_type="application/json")
 
     async def model_ready(request: Request) -> Response:
-        try:
-            spec = known_model(request)
-        except GfaasError as exc:
-            return _gfaas_error(exc)
+        spec = known_model(request)
         if not backend.ready():
             return _error(
                 NOT_READY_STATUS, f"model {spec.name!r} is not ready: ingress not serving"
@@ -177,7 +177,7 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
                 request.headers.get(oip.HEADER_LENGTH), len(body)
             )
             parsed = oip.parse_infer_request(body, header_length)
-            oip.check_requested_outputs(parsed, spec)
+            oip_response.check_requested_outputs(parsed, spec)
             headers = _passed_headers(request)
             if parsed.uses_shm:
                 reply = await backend.infer_shm(spec.name, parsed, headers)
@@ -185,11 +185,11 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
                 reply = await backend.infer(spec.name, parsed.invoke, headers)
             if reply.error is not None:
                 raise GfaasError.from_info(reply.error)
-            encoded = oip.encode_infer_response(
+            encoded = oip_response.encode_infer_response(
                 spec.name, parsed, reply.outputs, response_id=parsed.id or reply.invocation_id
             )
-        except GfaasError as exc:
-            return _gfaas_error(exc)
+        except GfaasError:
+            raise  # answered by the app's handler, in the protocol's error shape
         except ClientDisconnect:
             # Nobody is left to read an answer; nothing to log either.
             return Response(status_code=400)
@@ -203,11 +203,10 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
         return Response(encoded.body, media_type=encoded.media_type, headers=headers)
 
     async def repository_index(request: Request) -> Response:
-        try:
-            ready_only = oip.parse_index_request(await _read_body(request, max_payload))
-        except GfaasError as exc:
-            return _gfaas_error(exc)
-        body = oip.repository_index(backend.specs(), serving=backend.ready(), ready_only=ready_only)
+        ready_only = oip.parse_index_request(await _read_body(request, max_payload))
+        body = oip_response.repository_index(
+            backend.specs(), serving=backend.ready(), ready_only=ready_only
+        )
         return Response(body, media_type="application/json")
 
     async def repository_control(request: Request) -> Response:
@@ -218,18 +217,12 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
         )
 
     async def shm_status(request: Request) -> Response:
-        try:
-            regions = backend.regions.status(request.path_params.get("region"))
-        except GfaasError as exc:
-            return _gfaas_error(exc)
-        return Response(oip.shm_status(regions), media_type="application/json")
+        regions = backend.regions.status(request.path_params.get("region"))
+        return Response(oip_shm.shm_status(regions), media_type="application/json")
 
     async def shm_register(request: Request) -> Response:
-        try:
-            key, offset, size = oip.parse_register_request(await _read_body(request, max_payload))
-            backend.regions.register(request.path_params["region"], key, offset, size)
-        except GfaasError as exc:
-            return _gfaas_error(exc)
+        key, offset, size = oip_shm.parse_register_request(await _read_body(request, max_payload))
+        backend.regions.register(request.path_params["region"], key, offset, size)
         return Response(status_code=200)
 
     async def shm_unregister(request: Request) -> Response:
@@ -237,25 +230,24 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
         return Response(status_code=200)
 
     async def cuda_status(request: Request) -> Response:
-        try:
-            regions = backend.regions.cuda.status(request.path_params.get("region"))
-        except GfaasError as exc:
-            return _gfaas_error(exc)
-        return Response(oip.shm_status(regions), media_type="application/json")
+        regions = backend.regions.cuda.status(request.path_params.get("region"))
+        return Response(oip_shm.shm_status(regions), media_type="application/json")
 
     async def cuda_register(request: Request) -> Response:
-        try:
-            body = await _read_body(request, max_payload)
-            raw_handle, device_id, size = oip.parse_cuda_register_request(body)
-            name: str = request.path_params["region"]
-            backend.regions.cuda.register(name, raw_handle, device_id, size)
-        except GfaasError as exc:
-            return _gfaas_error(exc)
+        body = await _read_body(request, max_payload)
+        raw_handle, device_id, size = oip_shm.parse_cuda_register_request(body)
+        name: str = request.path_params["region"]
+        backend.regions.cuda.register(name, raw_handle, device_id, size)
         return Response(status_code=200)
 
     async def cuda_unregister(request: Request) -> Response:
         backend.regions.cuda.unregister(request.path_params.get("region"))
         return Response(status_code=200)
+
+    async def gfaas_error(request: Request, exc: Exception) -> Response:
+        # Every refusal a route raises answers here, with its code's HTTP status.
+        assert isinstance(exc, GfaasError)
+        return _gfaas_error(exc)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         # Unmatched paths and methods answer in the protocol's {"error": ...} shape too.
@@ -290,7 +282,9 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
         Route("/v2/repository/models/{name}/load", repository_control, methods=["POST"]),
         Route("/v2/repository/models/{name}/unload", repository_control, methods=["POST"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    return Starlette(
+        routes=routes, exception_handlers={HTTPException: http_error, GfaasError: gfaas_error}
+    )
 
 
 def _passed_headers(request: Request) -> dict[str, str]:

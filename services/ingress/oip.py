@@ -1,4 +1,5 @@
-"""Open Inference Protocol (KServe v2 / Triton HTTP) bodies <-> gfaas wire messages.
+"""Open Inference Protocol (KServe v2 / Triton HTTP) requests -> gfaas wire messages;
+the responses are oip_response.py's, the shared-memory extensions' bodies oip_shm.py's.
 
 Pure conversions, no I/O: the HTTP app (services/ingress/http.py) reads bodies and
 headers, calls these, and maps the GfaasError they raise to a status code. Includes
@@ -11,19 +12,16 @@ only the request's own consistency is (element counts, byte sizes, datatypes).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Final
 
 import msgspec
 import numpy as np
 
-from shared.errors import GfaasError
-from shared.schema import DType, ErrorCode, FunctionSpec, InvokeRequest, Tensor, TensorSpec
-from shared.tensors import nbytes_of
+from shared.errors import bad_request
+from shared.schema import DType, InvokeRequest, Tensor
 
 SERVER_NAME: Final = "gfaas"
 PLATFORM: Final = "gfaas"
@@ -33,8 +31,6 @@ MODEL_VERSION: Final = "1"
 EXTENSIONS: Final = ("binary_tensor_data", "model_repository", "system_shared_memory")
 # Advertised only where ingress can open CUDA IPC handles (see http.create_app).
 CUDA_EXTENSION: Final = "cuda_shared_memory"
-# sizeof(cudaIpcMemHandle_t): what a CUDA shared-memory register request carries.
-CUDA_IPC_HANDLE_BYTES: Final = 64
 
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 
@@ -69,10 +65,6 @@ def datatype_of(dtype: DType) -> str:
     return _TO_OIP[dtype]
 
 
-def _bad(reason: str) -> GfaasError:
-    return GfaasError(ErrorCode.BAD_REQUEST, reason)
-
-
 # -- request JSON, as the protocol defines it (unknown fields tolerated: clients send
 #    extras such as "model_name") ------------------------------------------------------
 
@@ -101,51 +93,6 @@ class _Request(msgspec.Struct):
 
 class _IndexRequest(msgspec.Struct):
     ready: bool = False
-
-
-# -- response JSON ----------------------------------------------------------------------
-
-
-class _TensorMeta(msgspec.Struct):
-    name: str
-    datatype: str
-    shape: list[int]
-
-
-class _ModelMeta(msgspec.Struct):
-    name: str
-    versions: list[str]
-    platform: str
-    inputs: list[_TensorMeta]
-    outputs: list[_TensorMeta]
-
-
-class _ServerMeta(msgspec.Struct):
-    name: str
-    version: str
-    extensions: list[str]
-
-
-class _IndexEntry(msgspec.Struct, omit_defaults=True):
-    name: str
-    version: str
-    state: str
-    reason: str = ""
-
-
-class _ResponseOutput(msgspec.Struct, omit_defaults=True):
-    name: str
-    datatype: str
-    shape: list[int]
-    parameters: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
-    data: list[Any] | msgspec.UnsetType = msgspec.UNSET
-
-
-class _Response(msgspec.Struct):
-    model_name: str
-    model_version: str
-    id: str
-    outputs: list[_ResponseOutput]
 
 
 _json = msgspec.json.Encoder()
@@ -191,26 +138,15 @@ class InferRequest:
         return bool(self.shm_inputs) or any(o.shm for o in self.outputs or ())
 
 
-@dataclass(frozen=True, slots=True)
-class EncodedResponse:
-    body: bytes
-    # Length of the JSON part when binary tensors follow it; None for plain JSON.
-    header_length: int | None
-
-    @property
-    def media_type(self) -> str:
-        return "application/json" if self.header_length is None else "application/octet-stream"
-
-
 def parse_header_length(value: str | None, body_length: int) -> int | None:
     if value is None:
         return None
     try:
         length = int(value)
     except ValueError:
-        raise _bad(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
+        raise bad_request(f"{HEADER_LENGTH} must be an integer, got {value!r}") from None
     if not 0 < length <= body_length:
-        raise _bad(
+        raise bad_request(
             f"{HEADER_LENGTH} {length} is outside the {body_length}-byte body (must be 1..body)"
         )
     return length
@@ -228,9 +164,9 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
     try:
         request = _request_decoder.decode(header)
     except msgspec.ValidationError as exc:  # before DecodeError: it is a subclass
-        raise _bad(f"invalid inference request: {exc}") from None
+        raise bad_request(f"invalid inference request: {exc}") from None
     except msgspec.DecodeError as exc:
-        raise _bad(f"malformed inference request JSON: {exc}") from None
+        raise bad_request(f"malformed inference request JSON: {exc}") from None
 
     _reject_unsupported_request_parameters(request.parameters)
     seen: set[str] = set()
@@ -239,7 +175,7 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
     offset = 0
     for item in request.inputs:
         if item.name in seen:
-            raise _bad(f"input {item.name!r} is given more than once")
+            raise bad_request(f"input {item.name!r} is given more than once")
         seen.add(item.name)
         if "shared_memory_region" in item.parameters:
             tensor, shm_inputs[item.name] = _shm_input(item)
@@ -249,7 +185,7 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
             )
         tensors.append(tensor)
     if offset != len(binary):
-        raise _bad(
+        raise bad_request(
             f"{len(binary) - offset} bytes of binary data after the last binary input "
             f"(inputs declare {offset} bytes in binary_data_size)"
         )
@@ -260,7 +196,7 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
         outputs = tuple(_requested_output(o, binary_default) for o in request.outputs)
         names = [o.name for o in outputs]
         if len(set(names)) != len(names):
-            raise _bad(f"an output is requested more than once: {names}")
+            raise bad_request(f"an output is requested more than once: {names}")
     invoke = InvokeRequest(inputs=tensors, timeout_ms=_timeout_ms(request.parameters))
     return InferRequest(
         id=request.id,
@@ -277,10 +213,10 @@ def shm_ref(parameters: Mapping[str, Any], where: str) -> ShmRef:
     size = parameters.get("shared_memory_byte_size")
     offset = parameters.get("shared_memory_offset", 0)
     if not isinstance(region, str) or not region:
-        raise _bad(f"{where}: shared_memory_region must be a region name")
+        raise bad_request(f"{where}: shared_memory_region must be a region name")
     for key, value in (("shared_memory_byte_size", size), ("shared_memory_offset", offset)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise _bad(f"{where}: {key} must be a non-negative integer, got {value!r}")
+            raise bad_request(f"{where}: {key} must be a non-negative integer, got {value!r}")
     assert isinstance(size, int)
     assert isinstance(offset, int)
     return ShmRef(region=region, offset=offset, byte_size=size)
@@ -292,18 +228,18 @@ def _shm_input(item: _Input) -> tuple[Tensor, ShmRef]:
     ref = shm_ref(item.parameters, where)
     expected = math.prod(item.shape) * _NUMPY[dtype].itemsize
     if ref.byte_size != expected:
-        raise _bad(
+        raise bad_request(
             f"{where}: shared_memory_byte_size {ref.byte_size} does not match "
             f"{item.datatype}{item.shape} ({expected} bytes)"
         )
     if item.data is not msgspec.UNSET or "binary_data_size" in item.parameters:
-        raise _bad(f"{where}: has data and a shared-memory region; give one")
+        raise bad_request(f"{where}: has data and a shared-memory region; give one")
     return Tensor(name=item.name, dtype=dtype, shape=list(item.shape)), ref
 
 
 def _reject_unsupported_request_parameters(parameters: Mapping[str, Any]) -> None:
     if parameters.get("sequence_id") not in (None, 0, ""):
-        raise _bad("sequence batching (parameters.sequence_id) is not supported by gfaas")
+        raise bad_request("sequence batching (parameters.sequence_id) is not supported by gfaas")
 
 
 def _timeout_ms(parameters: Mapping[str, Any]) -> int:
@@ -312,21 +248,21 @@ def _timeout_ms(parameters: Mapping[str, Any]) -> int:
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _bad(f"parameters.timeout must be a non-negative integer (µs), got {value!r}")
+        raise bad_request(f"parameters.timeout must be a non-negative integer (µs), got {value!r}")
     return math.ceil(value / 1000)
 
 
 def _bool_parameter(parameters: Mapping[str, Any], key: str, where: str) -> bool:
     value = parameters.get(key, False)
     if not isinstance(value, bool):
-        raise _bad(f"{where} parameters.{key} must be a boolean, got {value!r}")
+        raise bad_request(f"{where} parameters.{key} must be a boolean, got {value!r}")
     return value
 
 
 def _requested_output(output: _Output, binary_default: bool) -> RequestedOutput:
     where = f"output {output.name!r}"
     if "classification" in output.parameters:
-        raise _bad(f"{where}: parameters.classification is not supported by gfaas")
+        raise bad_request(f"{where}: parameters.classification is not supported by gfaas")
     shm = shm_ref(output.parameters, where) if "shared_memory_region" in output.parameters else None
     binary = (
         _bool_parameter(output.parameters, "binary_data", where)
@@ -340,8 +276,8 @@ def _dtype_for(datatype: str, where: str) -> DType:
     dtype = _TO_DTYPE.get(datatype)
     if dtype is None:
         if datatype in _UNSUPPORTED:
-            raise _bad(f"{where}: {_UNSUPPORTED[datatype]}")
-        raise _bad(f"{where}: unknown datatype {datatype!r} (one of {', '.join(_TO_DTYPE)})")
+            raise bad_request(f"{where}: {_UNSUPPORTED[datatype]}")
+        raise bad_request(f"{where}: unknown datatype {datatype!r} (one of {', '.join(_TO_DTYPE)})")
     return dtype
 
 
@@ -356,30 +292,32 @@ def _input_tensor(
     size = item.parameters.get("binary_data_size")
     if size is None:
         if item.data is msgspec.UNSET:
-            raise _bad(f"{where}: no data (give `data`, or binary data with binary_data_size)")
+            raise bad_request(
+                f"{where}: no data (give `data`, or binary data with binary_data_size)"
+            )
         data = _json_data(item.data, np_dtype, item.datatype, item.shape, where)
         return Tensor(name=item.name, dtype=dtype, shape=list(item.shape), data=data), offset
 
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise _bad(f"{where}: binary_data_size must be a non-negative integer, got {size!r}")
+        raise bad_request(f"{where}: binary_data_size must be a non-negative integer, got {size!r}")
     if item.data is not msgspec.UNSET:
-        raise _bad(f"{where}: has both `data` and binary_data_size; give one")
+        raise bad_request(f"{where}: has both `data` and binary_data_size; give one")
     if not has_header:
-        raise _bad(f"{where}: binary_data_size given without an {HEADER_LENGTH} header")
+        raise bad_request(f"{where}: binary_data_size given without an {HEADER_LENGTH} header")
     if size != expected:
-        raise _bad(
+        raise bad_request(
             f"{where}: binary_data_size {size} does not match {item.datatype}{item.shape} "
             f"({expected} bytes)"
         )
     end = offset + size
     if end > len(binary):
-        raise _bad(
+        raise bad_request(
             f"{where}: binary data ends at byte {end} but only {len(binary)} bytes follow "
             "the JSON header"
         )
     chunk = binary[offset:end]
     if item.datatype == "BOOL" and size and np.frombuffer(chunk, dtype=np.uint8).max() > 1:
-        raise _bad(f"{where}: BOOL binary data must be bytes 0 or 1")
+        raise bad_request(f"{where}: BOOL binary data must be bytes 0 or 1")
     tensor = Tensor(name=item.name, dtype=dtype, shape=list(item.shape), data=bytes(chunk))
     return tensor, end
 
@@ -388,129 +326,32 @@ def _json_data(
     data: Any, np_dtype: np.dtype[Any], datatype: str, shape: Sequence[int], where: str
 ) -> bytes:
     if not isinstance(data, list):
-        raise _bad(f"{where}: data must be a JSON array, got {type(data).__name__}")
+        raise bad_request(f"{where}: data must be a JSON array, got {type(data).__name__}")
     try:
         values = np.asarray(data).reshape(-1)
     except ValueError:
-        raise _bad(f"{where}: data is a ragged array; nest it evenly or flatten it") from None
+        raise bad_request(
+            f"{where}: data is a ragged array; nest it evenly or flatten it"
+        ) from None
     count = math.prod(shape)
     if values.size != count:
-        raise _bad(f"{where}: {values.size} elements for shape {list(shape)} ({count} expected)")
+        raise bad_request(
+            f"{where}: {values.size} elements for shape {list(shape)} ({count} expected)"
+        )
     if count == 0:
         return b""
     kind = np_dtype.kind
     if values.dtype.kind not in _JSON_KINDS[kind]:
-        raise _bad(f"{where}: {datatype} data must be {_KIND_WORDS[kind]}")
+        raise bad_request(f"{where}: {datatype} data must be {_KIND_WORDS[kind]}")
     if kind in "iu":
         info = np.iinfo(np_dtype)
         low, high = int(values.min()), int(values.max())
         if low < info.min or high > info.max:
-            raise _bad(f"{where}: values outside the {datatype} range [{info.min}, {info.max}]")
+            raise bad_request(
+                f"{where}: values outside the {datatype} range [{info.min}, {info.max}]"
+            )
     converted: np.ndarray[Any, Any] = values.astype(np_dtype)
     return converted.tobytes()
-
-
-# -- responses -------------------------------------------------------------------------
-
-
-def check_requested_outputs(request: InferRequest, spec: FunctionSpec) -> None:
-    """Refuse outputs the function does not declare before any work is scheduled."""
-    if request.outputs is None or not spec.outputs:
-        return
-    declared = {o.name for o in spec.outputs}
-    for output in request.outputs:
-        if output.name not in declared:
-            raise _bad(
-                f"model {spec.name!r} has no output {output.name!r} "
-                f"(outputs: {', '.join(sorted(declared))})"
-            )
-
-
-def encode_infer_response(
-    model_name: str, request: InferRequest, outputs: Sequence[Tensor], *, response_id: str
-) -> EncodedResponse:
-    """The OIP response for a function's outputs, filtered and encoded as requested."""
-    by_name = {t.name: t for t in outputs}
-    chosen: list[tuple[Tensor, bool | ShmRef]]
-    if request.outputs is None:
-        chosen = [(t, request.binary_outputs) for t in outputs]
-    else:
-        chosen = []
-        for wanted in request.outputs:
-            tensor = by_name.get(wanted.name)
-            if tensor is None:
-                raise _bad(
-                    f"model {model_name!r} produced no output {wanted.name!r} "
-                    f"(it produced: {', '.join(by_name) or 'none'})"
-                )
-            chosen.append((tensor, wanted.shm or wanted.binary))
-
-    entries: list[_ResponseOutput] = []
-    blobs: list[bytes] = []
-    for tensor, how in chosen:
-        entry = _ResponseOutput(
-            name=tensor.name, datatype=datatype_of(tensor.dtype), shape=list(tensor.shape)
-        )
-        if isinstance(how, ShmRef):
-            # The bytes are already in the caller's region (written by ingress).
-            entry.parameters = {
-                "shared_memory_region": how.region,
-                "shared_memory_byte_size": nbytes_of(tensor.dtype, tensor.shape),
-            }
-            entries.append(entry)
-            continue
-        array = _output_array(tensor)
-        if how:
-            entry.parameters = {"binary_data_size": len(tensor.data)}
-            blobs.append(tensor.data)
-        else:
-            entry.data = array.tolist()
-        entries.append(entry)
-    header = _json.encode(
-        _Response(
-            model_name=model_name, model_version=MODEL_VERSION, id=response_id, outputs=entries
-        )
-    )
-    if not blobs:
-        return EncodedResponse(body=header, header_length=None)
-    return EncodedResponse(body=b"".join([header, *blobs]), header_length=len(header))
-
-
-def _output_array(tensor: Tensor) -> np.ndarray[Any, Any]:
-    where = f"output {tensor.name!r}"
-    if tensor.handle is not None and not tensor.data:
-        raise GfaasError(ErrorCode.INTERNAL, f"{where} came back by handle, not by value")
-    np_dtype = _NUMPY[tensor.dtype]
-    expected = math.prod(tensor.shape) * np_dtype.itemsize
-    if len(tensor.data) != expected:
-        raise GfaasError(
-            ErrorCode.INTERNAL,
-            f"{where}: {len(tensor.data)} bytes for {tensor.dtype}{list(tensor.shape)} "
-            f"({expected} expected)",
-        )
-    return np.frombuffer(tensor.data, dtype=np_dtype)
-
-
-def _tensor_meta(specs: Iterable[TensorSpec]) -> list[_TensorMeta]:
-    return [
-        _TensorMeta(name=s.name, datatype=datatype_of(s.dtype), shape=list(s.shape)) for s in specs
-    ]
-
-
-def model_metadata(spec: FunctionSpec) -> bytes:
-    return _json.encode(
-        _ModelMeta(
-            name=spec.name,
-            versions=[MODEL_VERSION],
-            platform=PLATFORM,
-            inputs=_tensor_meta(spec.inputs),
-            outputs=_tensor_meta(spec.outputs),
-        )
-    )
-
-
-def server_metadata(version: str, extensions: Iterable[str] = EXTENSIONS) -> bytes:
-    return _json.encode(_ServerMeta(name=SERVER_NAME, version=version, extensions=list(extensions)))
 
 
 def parse_index_request(body: bytes) -> bool:
@@ -520,83 +361,4 @@ def parse_index_request(body: bytes) -> bool:
     try:
         return _index_decoder.decode(body).ready
     except msgspec.MsgspecError as exc:
-        raise _bad(f"invalid repository index request: {exc}") from None
-
-
-def repository_index(specs: Iterable[FunctionSpec], *, serving: bool, ready_only: bool) -> bytes:
-    state, reason = ("READY", "") if serving else ("UNAVAILABLE", "ingress is not serving")
-    entries = [
-        _IndexEntry(name=s.name, version=MODEL_VERSION, state=state, reason=reason)
-        for s in sorted(specs, key=lambda s: s.name)
-    ]
-    if ready_only:
-        entries = [e for e in entries if e.state == "READY"]
-    return _json.encode(entries)
-
-
-class _RegisterRequest(msgspec.Struct):
-    key: str
-    byte_size: _Dim
-    offset: _Dim = 0
-
-
-class RegionStatus(msgspec.Struct):
-    name: str
-    key: str
-    offset: int
-    byte_size: int
-
-
-def parse_register_request(body: bytes) -> tuple[str, int, int]:
-    """(key, offset, byte_size) of a system-shared-memory register request."""
-    try:
-        request = msgspec.json.decode(body, type=_RegisterRequest)
-    except msgspec.MsgspecError as exc:
-        raise _bad(f"invalid shared-memory register request: {exc}") from None
-    return request.key, request.offset, request.byte_size
-
-
-class _RawHandle(msgspec.Struct):
-    b64: str
-
-
-class _CudaRegisterRequest(msgspec.Struct):
-    raw_handle: _RawHandle
-    device_id: _Dim
-    byte_size: _Dim
-
-
-class CudaRegionStatus(msgspec.Struct):
-    name: str
-    device_id: int
-    byte_size: int
-
-
-def parse_cuda_register_request(body: bytes) -> tuple[bytes, int, int]:
-    """(raw IPC handle, device_id, byte_size) of a CUDA-shared-memory register request.
-
-    Everything that can be checked without a GPU is checked here, so a malformed
-    request gets its own reason on any node, before a handle is opened.
-    """
-    try:
-        request = msgspec.json.decode(body, type=_CudaRegisterRequest)
-    except msgspec.MsgspecError as exc:
-        raise _bad(f"invalid CUDA shared-memory register request: {exc}") from None
-    try:
-        raw = base64.b64decode(request.raw_handle.b64, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise _bad(f"raw_handle.b64 is not valid base64: {exc}") from None
-    if len(raw) != CUDA_IPC_HANDLE_BYTES:
-        raise _bad(
-            f"raw_handle is {len(raw)} bytes; a CUDA IPC handle (cudaIpcMemHandle_t) "
-            f"is {CUDA_IPC_HANDLE_BYTES}"
-        )
-    return raw, request.device_id, request.byte_size
-
-
-def shm_status(regions: Iterable[RegionStatus | CudaRegionStatus]) -> bytes:
-    return _json.encode(list(regions))
-
-
-def error_body(reason: str) -> bytes:
-    return _json.encode({"error": reason})
+        raise bad_request(f"invalid repository index request: {exc}") from None

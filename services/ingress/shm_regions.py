@@ -18,12 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.ingress.cuda_regions import CudaRegions
-from services.ingress.oip import RegionStatus, ShmRef
+from services.ingress.oip import ShmRef
+from services.ingress.oip_shm import RegionStatus
 from shared.dataplane.backend import BackendError
 from shared.dataplane.client import read_bytes, write_bytes
 from shared.dataplane.shm import Segment, open_segment
-from shared.errors import GfaasError
-from shared.schema import ErrorCode, Handle
+from shared.errors import bad_request
+from shared.schema import Handle
 
 
 @dataclass
@@ -34,10 +35,6 @@ class _Region:
     segment: Segment
 
 
-def _bad(reason: str) -> GfaasError:
-    return GfaasError(ErrorCode.BAD_REQUEST, reason)
-
-
 class ShmRegions:
     def __init__(self) -> None:
         self._regions: dict[str, _Region] = {}
@@ -45,14 +42,14 @@ class ShmRegions:
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         if name in self._regions or name in self.cuda:
-            raise _bad(f"shared-memory region {name!r} is already registered")
+            raise bad_request(f"shared-memory region {name!r} is already registered")
         try:
             segment = open_segment(key.removeprefix("/"))
         except BackendError as exc:
-            raise _bad(f"cannot open shared-memory key {key!r}: {exc}") from None
+            raise bad_request(f"cannot open shared-memory key {key!r}: {exc}") from None
         if offset + byte_size > segment.size:
             segment.close()
-            raise _bad(
+            raise bad_request(
                 f"region {name!r}: bytes [{offset}, {offset + byte_size}) are outside "
                 f"{key!r} of {segment.size} bytes"
             )
@@ -68,7 +65,7 @@ class ShmRegions:
 
     def status(self, name: str | None = None) -> list[RegionStatus]:
         if name is not None and name not in self._regions:
-            raise _bad(f"no shared-memory region {name!r} is registered")
+            raise bad_request(f"no shared-memory region {name!r} is registered")
         return [
             RegionStatus(name=n, key=r.key, offset=r.offset, byte_size=r.byte_size)
             for n, r in sorted(self._regions.items())
@@ -79,9 +76,9 @@ class ShmRegions:
         """`nbytes` of the region at the reference's offset, bounds-checked."""
         region = self._regions.get(ref.region)
         if region is None:
-            raise _bad(f"no shared-memory region {ref.region!r} is registered")
+            raise bad_request(f"no shared-memory region {ref.region!r} is registered")
         if nbytes > ref.byte_size or ref.offset + nbytes > region.byte_size:
-            raise _bad(
+            raise bad_request(
                 f"region {ref.region!r}: {nbytes} bytes at offset {ref.offset} do not fit "
                 f"(shared_memory_byte_size {ref.byte_size}, region {region.byte_size} bytes)"
             )

@@ -24,6 +24,7 @@ import msgspec
 from shared.dataplane.backend import BackendError
 from shared.dataplane.client import BrokerClient, move_into, read_bytes
 from shared.errors import GfaasError
+from shared.ids import Holder, output_holder
 from shared.logs import get_logger
 from shared.schema import (
     ErrorCode,
@@ -98,9 +99,7 @@ class _Run:
         self.plan = plan
         self.meta = meta
         self.request = request
-        # Stage invocation ids must stay single tokens of at most 64 characters.
-        run = f"wf-{meta.invocation_id[:48]}"
-        self.holder = f"{runner.holder}/{run}" if runner.holder else run
+        self.holder = str(Holder(owner=runner.holder).workflow_run(meta.invocation_id))
         self.inputs = {t.name: t for t in request.inputs}
         self.outputs: dict[str, dict[str, Tensor]] = {}
         self.workers: dict[str, str] = {}
@@ -274,7 +273,7 @@ class _Run:
             data = read_bytes(tensor.handle).tobytes()
             return msgspec.structs.replace(tensor, handle=None, data=data)
         # The caller keeps it: its own reference, before this run drops its one.
-        holder = self.request.holder or f"inv-{self.meta.invocation_id}"
+        holder = output_holder(self.request.holder, self.meta.invocation_id)
         await self.runner.broker.retain([tensor.handle], holder, self.meta.tenant)
         return tensor
 

@@ -1,42 +1,34 @@
 """The node's pools: one lease table over every device, a slab set per device.
 
-The policy pieces (LeaseTable, ElasticPool, LinkScheduler) are the pure ones from
-shared.dataplane; this class adds the backend I/O they leave out (creating and
-destroying slabs) and the all-or-nothing batch operations the broker's subjects
-offer. Time is an argument, so tests drive it without sleeping.
+The policy pieces (LeaseTable, ElasticPool) are the pure ones from shared.dataplane;
+this class adds the all-or-nothing batch operations the broker's subjects offer, and
+moves parked leases between devices (spill, prefetch, bring back) over the node's
+links, which it is given. Time is an argument, so tests drive it without sleeping.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from typing import Protocol
 
 import anyio
 import msgspec
 
+from services.memory_broker.slabs import DevicePool
 from shared.dataplane.backend import Backend
 from shared.dataplane.board import LeaseBoard
-from shared.dataplane.client import NO_POOL
-from shared.dataplane.elastic import ElasticConfig, ElasticPool, Intermediate, SlabUse, plan_spill
+from shared.dataplane.elastic import ElasticConfig, ElasticPool, Intermediate, plan_spill
 from shared.dataplane.leases import Fault, Lease, LeaseError, LeaseTable
-from shared.dataplane.shm import ShmBackend
 from shared.errors import GfaasError
 from shared.schema import ErrorCode, Handle
 
-# Copies a lease's bytes from one place to another: (source, destination) handles.
-Copy = Callable[[Handle, Handle], Awaitable[None]]
 
+class Mover(Protocol):
+    """What moves a lease's bytes to its new place: the broker's Links (a test's
+    stand-in copies in place)."""
 
-@dataclass
-class DevicePool:
-    device: str
-    backend: Backend
-    elastic: ElasticPool
-    # Slab id -> backend segment, for destroying it when the slab goes.
-    segments: dict[int, str] = field(default_factory=dict)
-    slabs_created: int = 0
-    slabs_returned: int = 0
+    async def move(self, src: Handle, dst: Handle) -> None: ...
 
 
 class NodePools:
@@ -46,6 +38,7 @@ class NodePools:
         node: str,
         instance: str,
         default_ttl_s: float,
+        links: Mover,
         board: LeaseBoard | None = None,
         spill_to: str = "cpu",
         prefetch_horizon_s: float = 1.0,
@@ -55,8 +48,10 @@ class NodePools:
         # how soon a reader must be due for its data to be brought back ahead of it.
         self.spill_to = spill_to
         self.prefetch_horizon_s = prefetch_horizon_s
-        # Leases being copied to a new place: done when set.
-        self._moves: dict[str, anyio.Event] = {}
+        self.links = links
+        # Set when a move ends; whoever waits for one asks the table which leases are
+        # still moving (it alone keeps that), so nothing here tracks them per lease.
+        self._move_ended: anyio.Event | None = None
         self.parks = 0
         self.spilled = 0
         self.restored = 0
@@ -70,7 +65,8 @@ class NodePools:
 
     def add_device(self, device: str, backend: Backend, config: ElasticConfig) -> None:
         self.table.add_device(device, config.max_bytes)
-        self.devices[device] = DevicePool(device, backend, ElasticPool(config))
+        slab_pool = f"{self.node}-{device.replace(':', '')}"
+        self.devices[device] = DevicePool(device, backend, ElasticPool(config), slab_pool)
 
     # -- leases ------------------------------------------------------------------------
 
@@ -97,13 +93,8 @@ class NodePools:
         try:
             lease = self.table.lease(nbytes, pool.device, owner, now=now, tenant=tenant, ttl=ttl)
         except LeaseError as exc:
-            if exc.fault is not Fault.EXHAUSTED:
+            if exc.fault is not Fault.EXHAUSTED or not pool.grow_for(self.table, nbytes):
                 raise
-            plan = pool.elastic.grow_for(nbytes, self._slab_uses(pool))
-            if not plan.add:
-                raise
-            for size in plan.add:
-                self._create_slab(pool, size)
             lease = self.table.lease(nbytes, pool.device, owner, now=now, tenant=tenant, ttl=ttl)
         pool.elastic.demand.observe_lease(now, nbytes)
         return lease
@@ -132,7 +123,6 @@ class NodePools:
         tenant: str,
         ttl_s: float,
         now: float,
-        copy: Copy,
     ) -> list[Handle]:
         """`lease`, spilling parked data of a full device to host memory first if that
         makes room, furthest next use first (shared.dataplane.elastic.plan_spill)."""
@@ -144,7 +134,7 @@ class NodePools:
             refused = exc
         pool = self._pool(device)
         for lease in self._spill_order(pool):
-            if not await self._move(lease, self.spill_to, copy):
+            if not await self._move(lease, self.spill_to):
                 continue
             self.spilled += 1
             self.refused -= 1  # the refusal above is counted once, if at all
@@ -155,9 +145,7 @@ class NodePools:
                     raise
         raise refused
 
-    async def unpark(
-        self, handles: Sequence[Handle], holder: str, tenant: str, copy: Copy
-    ) -> list[Handle]:
+    async def unpark(self, handles: Sequence[Handle], holder: str, tenant: str) -> list[Handle]:
         """Readable again, back on its device if there is room (else still in host
         memory, where the reader maps it or has the broker copy it): current handles.
 
@@ -175,17 +163,13 @@ class NodePools:
                 current.append(self._handle(lease, slot))
                 continue
             # Only parked data moves: an unparked lease may be being read right now.
-            if (
-                lease.parked
-                and lease.spilled
-                and await self._bring_back(lease, copy, make_room=True)
-            ):
+            if lease.parked and lease.spilled and await self._bring_back(lease, make_room=True):
                 lease = self.table.get(lease.lease_id)
             lease = self.table.unpark(lease.lease_id, holder)
             current.append(self._handle(lease, self._publish(lease)))
         return current
 
-    async def prefetch(self, now: float, copy: Copy) -> int:
+    async def prefetch(self, now: float) -> int:
         """Parked data in host memory whose reader is due soon goes back to its device
         now, while there is room (nothing is spilled for it): its holder then unparks
         it in place. Returns how many came back."""
@@ -205,7 +189,7 @@ class NodePools:
         for lease in due:
             fresh = self.table.lease_or_none(lease.lease_id)
             if fresh is not None and fresh.parked and fresh.spilled:
-                back += await self._bring_back(fresh, copy, make_room=False)
+                back += await self._bring_back(fresh, make_room=False)
         return back
 
     def _spill_order(self, pool: DevicePool) -> list[Lease]:
@@ -223,28 +207,26 @@ class NodePools:
         order, _ = plan_spill(items, need_bytes=sum(i.nbytes for i in items))
         return [parked[k] for k in order]
 
-    async def _bring_back(self, lease: Lease, copy: Copy, *, make_room: bool) -> bool:
-        if await self._move(lease, lease.home, copy):
+    async def _bring_back(self, lease: Lease, *, make_room: bool) -> bool:
+        if await self._move(lease, lease.home):
             self.restored += 1
             return True
         if not make_room:
             return False
         home = self.devices[lease.home]
         for victim in self._spill_order(home):
-            if victim.lease_id == lease.lease_id or not await self._move(
-                victim, self.spill_to, copy
-            ):
+            if victim.lease_id == lease.lease_id or not await self._move(victim, self.spill_to):
                 continue
             self.spilled += 1
             fresh = self.table.lease_or_none(lease.lease_id)
             if fresh is None or not fresh.parked:
                 return False
-            if await self._move(fresh, lease.home, copy):
+            if await self._move(fresh, lease.home):
                 self.restored += 1
                 return True
         return False
 
-    async def _move(self, lease: Lease, device: str, copy: Copy) -> bool:
+    async def _move(self, lease: Lease, device: str) -> bool:
         """Copy a parked lease's bytes to a new block on `device`; False if no room,
         or if the lease is no longer there to move (released, unparked or moving since
         it was chosen: copies run while the broker serves other work)."""
@@ -259,31 +241,28 @@ class NodePools:
         except LeaseError as exc:
             if exc.fault is not Fault.EXHAUSTED:
                 raise
-            pool = self.devices[device]
-            plan = pool.elastic.grow_for(lease.nbytes, self._slab_uses(pool))
-            if not plan.add:
+            if not self.devices[device].grow_for(self.table, lease.nbytes):
                 return False
-            for size in plan.add:
-                self._create_slab(pool, size)
             before, after = self.table.relocate(lease.lease_id, device)
-        done = self._moves[lease.lease_id] = anyio.Event()
         try:
             if lease.nbytes:
-                await copy(self._handle(before, -1), self._handle(after, -1))
+                await self.links.move(self._handle(before, -1), self._handle(after, -1))
         except BaseException:
             self.table.abort_move(before)
             raise
         else:
             self.table.finish_move(lease.lease_id)
         finally:
-            del self._moves[lease.lease_id]
-            done.set()
+            if self._move_ended is not None:
+                self._move_ended.set()
+                self._move_ended = None
         return True
 
     async def _moved(self, lease_id: str) -> None:
-        moving = self._moves.get(lease_id)
-        if moving is not None:
-            await moving.wait()
+        while self.table.moving(lease_id):
+            if self._move_ended is None:
+                self._move_ended = anyio.Event()
+            await self._move_ended.wait()
 
     def check(self, handles: Sequence[Handle], tenant: str) -> None:
         for handle in handles:
@@ -335,40 +314,21 @@ class NodePools:
             self.expired += 1
             self._note_freed(lease, now)
         for pool in self.devices.values():
-            plan = pool.elastic.plan(now, self._slab_uses(pool))
-            for size in plan.add:
-                self._create_slab(pool, size)
-            for slab_id in plan.remove:
-                self._destroy_slab(pool, slab_id)
+            pool.resize(self.table, now)
 
     def close(self) -> None:
         """Free everything and destroy every slab (the broker is stopping)."""
         for lease in list(self.table):
             self._note_freed(self.table.free(lease.lease_id), 0.0)
         for pool in self.devices.values():
-            for slab_id in list(pool.segments):
-                self._destroy_slab(pool, slab_id)
+            pool.destroy_all(self.table)
 
     # -- accounting --------------------------------------------------------------------
 
     def stats(self) -> dict[str, object]:
-        pools: dict[str, object] = {}
-        for device, pool in self.devices.items():
-            usage = self.table.usage(device)
-            pools[device] = {
-                "backend": pool.backend.kind,
-                "cap": usage.cap,
-                "held": usage.alloc.held,
-                "leased": usage.bytes_leased,
-                "leases": usage.leases,
-                "slabs": len(pool.segments),
-                "slabs_created": pool.slabs_created,
-                "slabs_returned": pool.slabs_returned,
-                "largest_free": usage.alloc.largest_free,
-            }
         return {
             "node": self.node,
-            "pools": pools,
+            "pools": {device: pool.stats(self.table) for device, pool in self.devices.items()},
             "leases": len(self.table),
             "bytes_leased": sum(self.table.usage(d).bytes_leased for d in self.devices),
             "refused": self.refused,
@@ -387,8 +347,8 @@ class NodePools:
         pool = self.devices.get(device)
         if pool is None:
             raise GfaasError(
-                ErrorCode.BAD_REQUEST,
-                f"node {self.node} {NO_POOL} {device!r}; pools: {sorted(self.devices)}",
+                ErrorCode.NO_POOL,
+                f"node {self.node} has no pool on device {device!r}; pools: {sorted(self.devices)}",
             )
         return pool
 
@@ -400,35 +360,11 @@ class NodePools:
         handle = self.table.to_handle(lease, backend=pool.backend.kind, pool=self.node)
         return msgspec.structs.replace(handle, slot=slot)
 
-    def _slab_uses(self, pool: DevicePool) -> list[SlabUse]:
-        return [
-            SlabUse(s.slab_id, s.size, self.table.slab_used(pool.device, s.slab_id))
-            for s in self.table.slabs(pool.device)
-        ]
-
     def remove_leftovers(self) -> list[str]:
         """Unlink the shared-memory slabs a dead predecessor on this node left (one
         killed before it could destroy them); only their exact names are touched.
         Call it before the first slab is created. Device slabs die with their process."""
-        gone: list[str] = []
-        for pool in self.devices.values():
-            if isinstance(pool.backend, ShmBackend):
-                gone.extend(pool.backend.remove_leftovers(self._slab_pool(pool.device)))
-        return gone
-
-    def _slab_pool(self, device: str) -> str:
-        return f"{self.node}-{device.replace(':', '')}"
-
-    def _create_slab(self, pool: DevicePool, size: int) -> None:
-        ref = pool.backend.create_slab(size, self._slab_pool(pool.device))
-        slab = self.table.add_slab(pool.device, ref.size, ref.segment)
-        pool.segments[slab.slab_id] = ref.segment
-        pool.slabs_created += 1
-
-    def _destroy_slab(self, pool: DevicePool, slab_id: int) -> None:
-        self.table.remove_slab(pool.device, slab_id)
-        pool.backend.destroy_slab(pool.segments.pop(slab_id))
-        pool.slabs_returned += 1
+        return [name for pool in self.devices.values() for name in pool.remove_leftovers()]
 
     def _note_freed(self, lease: Lease | None, now: float) -> None:
         if lease is None:

@@ -81,6 +81,9 @@ class WorkerBook:
     lent: dict[str, Lent] = field(default_factory=dict)  # by grant id
     # Cache key -> (bytes, seconds) of the latest load measured on this worker.
     loads: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # Invocations it runs that these books never saw (a former leader placed them,
+    # say), learnt from a refusal: busy slots until their Done notes come.
+    unseen: int = 0
 
 
 @dataclass
@@ -178,6 +181,11 @@ class ClusterState:
         if book is None:
             self.workers[hb.worker_id] = WorkerBook(view=view, last_seen=now, loads=loads)
             return True
+        if book.unseen:
+            # No more than the worker says it runs beyond what the books know: a lost
+            # Done note must not keep a slot busy for good.
+            book.unseen = min(book.unseen, max(hb.inflight - len(book.running), 0))
+            view = replace(view, outstanding=view.outstanding + book.unseen)
         grew = view.capacity > book.view.capacity
         book.view, book.last_seen = view, now
         return grew
@@ -204,6 +212,7 @@ class ClusterState:
         """A worker finished an invocation: free its slot and learn from it."""
         inv = self.finish(done.worker_id, done.invocation_id)
         if inv is None:
+            self._unseen_done(done.worker_id)
             return None
         function = inv.view.function
         if done.ok and done.exec_ms > 0.0 and inv.warm:
@@ -216,6 +225,26 @@ class ClusterState:
         met = done.ok and now - inv.view.arrived_at <= inv.view.slo_ms / 1000.0
         self.slo = self.slo.record(function, met)
         return inv
+
+    def refused(self, worker_id: str, invocation_id: str, inflight: int) -> Invocation | None:
+        """A worker at capacity handed back `invocation_id` (None: not held here). It
+        leaves the worker's books, and the worker counts as running the `inflight` it
+        said until Done notes (or heartbeats) say otherwise: placing anything more
+        there would only be refused again."""
+        inv = self.finish(worker_id, invocation_id)
+        book = self.workers.get(worker_id)
+        if inv is None or book is None:
+            return None
+        more = max(inflight - book.view.outstanding, 0)
+        book.unseen += more
+        book.view = replace(book.view, outstanding=book.view.outstanding + more)
+        return inv
+
+    def _unseen_done(self, worker_id: str) -> None:
+        book = self.workers.get(worker_id)
+        if book is not None and book.unseen:
+            book.unseen -= 1
+            book.view = replace(book.view, outstanding=max(book.view.outstanding - 1, 0))
 
     # -- grants (shared.scheduling.grants) ---------------------------------------------
 
@@ -334,6 +363,14 @@ class ClusterState:
             return False
         self.pending[inv.meta.invocation_id] = inv
         return True
+
+    def requeue(self, inv: Invocation) -> None:
+        """An invocation a worker refused waits again, in its place by arrival. Past
+        the limit too: it was admitted, and it moves from a worker's books to the
+        queue (the queue's bound is on what comes in, not on what comes back)."""
+        self.pending[inv.meta.invocation_id] = inv
+        if any(other.view.arrived_at > inv.view.arrived_at for other in self.pending.values()):
+            self.pending = dict(sorted(self.pending.items(), key=lambda kv: kv[1].view.arrived_at))
 
     def take(self, invocation_id: str) -> Invocation:
         """Remove a waiting invocation the planner placed or refused."""

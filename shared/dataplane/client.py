@@ -25,15 +25,20 @@ from shared.schema import (
     DEFAULT_TENANT,
     H_TENANT,
     BytesReply,
+    CheckRequest,
     CopyRequest,
     DType,
     ErrorCode,
     Handle,
     HandlesReply,
-    HandlesRequest,
     LeaseRequest,
+    ParkRequest,
     ReadRequest,
+    ReleaseRequest,
+    RetainRequest,
     Tensor,
+    TransferRequest,
+    UnparkRequest,
     decode,
     encode,
 )
@@ -42,10 +47,6 @@ if TYPE_CHECKING:
     import torch
 
 Reply = TypeVar("Reply", HandlesReply, BytesReply)
-
-# In the broker's reason when a node pools no memory on a device (no cupy, say):
-# callers then lease in host memory instead.
-NO_POOL = "has no pool on device"
 
 # Most leases one lease request may ask for, and most handles one request may name
 # (a lease's `check`, retain, release, ...). Every lease comes back as a handle of a
@@ -185,25 +186,25 @@ class BrokerClient:
         doubtful = list(handles) if retain else self.unverified(handles, tenant)
         if doubtful:
             self.remote_checks += len(doubtful)
-            await self._call("check", HandlesRequest(handles=doubtful, holder=retain), tenant)
+            await self._call("check", CheckRequest(handles=doubtful, holder=retain), tenant)
 
     async def retain(self, handles: Sequence[Handle], holder: str, tenant: str) -> None:
         check_count(len(handles), MAX_HANDLES_PER_REQUEST, "handles")
-        await self._call("retain", HandlesRequest(handles=list(handles), holder=holder), tenant)
+        await self._call("retain", RetainRequest(handles=list(handles), holder=holder), tenant)
 
     async def release(
         self, handles: Sequence[Handle], holder: str, tenant: str, *, wait: bool = True
     ) -> None:
         """Drop `holder`'s references. `wait=False` publishes without waiting: the
         broker handles its requests in order, so nothing sent later overtakes it."""
-        request = HandlesRequest(handles=list(handles), holder=holder)
+        request = ReleaseRequest(handles=list(handles), holder=holder)
         await self._send("release", request, tenant, wait)
 
     async def transfer(
         self, handles: Sequence[Handle], holder: str, to: str, tenant: str, *, wait: bool = True
     ) -> None:
         """Move `holder`'s references to `to` (see `release` for `wait`)."""
-        request = HandlesRequest(handles=list(handles), holder=holder, to=to)
+        request = TransferRequest(handles=list(handles), holder=holder, to=to)
         await self._send("transfer", request, tenant, wait)
 
     async def park(
@@ -218,16 +219,22 @@ class BrokerClient:
         """Nobody reads these until `holder` unparks them; the next reader is due in
         `next_use_s` (-1: not known). The broker may spill them to host memory when
         their device fills, and brings back first what is due first."""
-        request = HandlesRequest(handles=list(handles), holder=holder, next_use_s=next_use_s)
+        request = ParkRequest(handles=list(handles), holder=holder, next_use_s=next_use_s)
         await self._send("park", request, tenant, wait)
 
     async def unpark(self, handles: Sequence[Handle], holder: str, tenant: str) -> list[Handle]:
         """Readable again: the handles where the bytes are now (they may have moved)."""
         check_count(len(handles), MAX_HANDLES_PER_REQUEST, "handles")
-        request = HandlesRequest(handles=list(handles), holder=holder)
+        request = UnparkRequest(handles=list(handles), holder=holder)
         return await self._call("unpark", request, tenant)
 
-    async def _send(self, op: str, request: Any, tenant: str, wait: bool) -> None:
+    async def _send(
+        self,
+        op: str,
+        request: ReleaseRequest | TransferRequest | ParkRequest,
+        tenant: str,
+        wait: bool,
+    ) -> None:
         check_count(len(request.handles), MAX_HANDLES_PER_REQUEST, "handles")
         if wait:
             await self._call(op, request, tenant)

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from shared.dataplane.allocator import DEFAULT_ALIGNMENT, AllocStats, Block, SlabAllocator
 from shared.errors import GfaasError
+from shared.ids import Holder
 from shared.schema import DEFAULT_TENANT, ErrorCode, Handle
 
 # Remembered retired ids, so a late handle hears "released" rather than "unknown".
@@ -355,10 +356,9 @@ class LeaseTable:
         """Drop every reference a dead process held, under its name or a name under it
         (`owner/...`: a workflow run in an ingress); returns the leases that were freed."""
         freed: list[Lease] = []
-        under = f"{owner}/"
 
         def dead(holder: str) -> bool:
-            return holder == owner or holder.startswith(under)
+            return Holder.parse(holder).owned_by(owner)
 
         for lease in [x for x in self._leases.values() if any(dead(h) for h, _ in x.holders)]:
             rest = tuple((h, n) for h, n in lease.holders if not dead(h))

@@ -1,7 +1,8 @@
 """Placement policies: pure decisions over a view of the cluster.
 
 The live scheduler service and the simulator call the same code. Nothing here does
-I/O or reads a clock: time comes in as an argument. See docs/scheduling.md.
+I/O or reads a clock: time comes in as an argument. docs/architecture.md (step 3 of
+an invocation) says how the scheduler uses them; docs/benchmarks.md section 3 measures them.
 """
 
 from shared.scheduling.base import (

@@ -15,7 +15,7 @@ from typing import Protocol
 from shared.scheduling.cache import DeviceCache
 from shared.schema import FunctionKind
 
-# PCIe 3.0 x16 with pinned host memory moves about 12 GB/s (RESEARCH.md, FaaSwap).
+# PCIe 3.0 x16 with pinned host memory moves about 12 GB/s (../shared/RESEARCH.md, FaaSwap).
 DEFAULT_LINK_BANDWIDTH = 12e9
 
 

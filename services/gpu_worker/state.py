@@ -1,0 +1,110 @@
+"""The worker's books (what runs, what ran, which async attempts it claimed), and the
+heartbeat and status details built from them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import anyio
+
+from services.gpu_worker.device import memory_info
+from services.gpu_worker.models import HandlerCache
+from services.gpu_worker.staging import Staging
+from shared.schema import WorkerHeartbeat, now_millis
+
+
+@dataclass
+class Books:
+    worker_id: str
+    device: str
+    node: str
+    # How many invocations run at once (Settings.capacity).
+    limit: int
+    # What heartbeats offer: `limit`, and 0 once stopping (the scheduler sends nothing more).
+    capacity: int
+    inflight: int = 0
+    completed: int = 0
+    failed: int = 0
+    # Invocations turned away at capacity (handed back to the scheduler, or `overloaded`).
+    refused: int = 0
+    # Async attempts claimed and whose results are not stored yet (services/gpu_worker/claims.py).
+    claimed: set[str] = field(default_factory=set)
+    # Set while nothing runs (shutdown waits for it).
+    idle: anyio.Event = field(default_factory=anyio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    @property
+    def full(self) -> bool:
+        return self.inflight >= self.limit
+
+    def start(self) -> None:
+        if self.inflight == 0:
+            self.idle = anyio.Event()
+        self.inflight += 1
+
+    def finish(self, ok: bool) -> None:
+        self.inflight -= 1
+        if ok:
+            self.completed += 1
+        else:
+            self.failed += 1
+        if self.inflight == 0:
+            self.idle.set()
+
+
+def heartbeat(books: Books, handlers: HandlerCache) -> WorkerHeartbeat:
+    mem = memory_info(books.device)
+    tier = handlers.report()
+    return WorkerHeartbeat(
+        worker_id=books.worker_id,
+        device=books.device,
+        pid=os.getpid(),
+        memory_total=mem.total,
+        memory_used=mem.used,
+        memory_free=mem.free,
+        models=handlers.resident(),
+        inflight=books.inflight,
+        capacity=books.capacity,
+        sent_at=now_millis() / 1000.0,
+        cache_capacity=tier.capacity,
+        model_bytes=tier.sizes,
+        model_load_s={k: round(v, 6) for k, v in tier.load_s.items()},
+        model_score={k: round(v, 4) for k, v in tier.scores.items()},
+        loading=tier.loading,
+        claimed=sorted(books.claimed),
+        node=books.node,
+    )
+
+
+def details(books: Books, handlers: HandlerCache, staging: Staging) -> dict[str, object]:
+    """The worker's `status` details."""
+    hb = heartbeat(books, handlers)
+    return {
+        "worker_id": books.worker_id,
+        "device": books.device,
+        "inflight": books.inflight,
+        "completed": books.completed,
+        "failed": books.failed,
+        "refused": books.refused,
+        "models": hb.models,
+        "model_loads": handlers.loads,
+        "model_hits": handlers.hits,
+        # Input handles verified on the lease board vs by asking the broker.
+        "handle_checks": {
+            "local": staging.broker.local_checks,
+            "remote": staging.broker.remote_checks,
+        },
+        "remote_reads": staging.remote_reads,
+        "evictions": handlers.evictions,
+        "room_waits": handlers.room_waits,
+        "host_tier_loads": handlers.host_tier.loads,
+        "device_cache": {
+            "capacity": handlers.cache.capacity,
+            "used": handlers.cache.used,
+            "models": handlers.sizes(),
+        },
+        "memory_free": hb.memory_free,
+    }

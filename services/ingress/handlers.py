@@ -1,0 +1,233 @@
+"""Ingress's handlers: admission, then a function's invocation to the dispatcher or a
+workflow's to the runner. Plain async methods over decoded values; the wiring
+(app.py) subscribes them and nothing here imports nats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+from opentelemetry.trace import Span, SpanKind
+
+from services.ingress.admission import Spec, admit
+from services.ingress.dispatch import Dispatcher
+from services.ingress.oip import InferRequest
+from services.ingress.shm_regions import ShmRegions
+from services.ingress.staging import ShmStaging
+from services.ingress.workflow import WorkflowRunner
+from shared import tracing
+from shared.dataplane.client import BrokerClient
+from shared.errors import GfaasError
+from shared.logs import get_logger
+from shared.registry import Registry
+from shared.schema import (
+    H_AFFINITY,
+    H_INVOCATION,
+    ErrorCode,
+    FunctionSpec,
+    InvocationMeta,
+    InvokeReply,
+    InvokeRequest,
+    WorkflowSpec,
+    encode,
+    error_reply,
+    now_millis,
+)
+from shared.workflow import WorkflowError, WorkflowPlan, plan_workflow
+
+log = get_logger("ingress")
+
+# Publishes an InvokeReply to a caller's reply subject (checked for size).
+SendReply = Callable[[str, InvokeReply], Awaitable[object]]
+
+
+class Ingress:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        registry: Registry[FunctionSpec],
+        workflows: Registry[WorkflowSpec],
+        broker: BrokerClient,
+        regions: ShmRegions,
+        *,
+        holder: str,
+        max_payload: int,
+        workflow_concurrency: int,
+        send_reply: SendReply,
+        connected: Callable[[], bool],
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.registry = registry
+        self.workflows = workflows
+        self.broker = broker
+        # HTTP clients' registered shared memory, staged through the pool.
+        self.regions = regions
+        self.staging = ShmStaging(broker, regions, holder, self.infer)
+        self.holder = holder
+        self.max_payload = max_payload
+        self._send_reply = send_reply
+        self._connected = connected
+        self.accepted = 0
+        self.rejected = 0
+        self.runner = WorkflowRunner(self._schedule, broker, lambda: self.registry.specs, holder)
+        self._plans: dict[str, tuple[WorkflowSpec, WorkflowPlan]] = {}
+        # Sync workflow runs outlive the subscription callback that admitted them;
+        # at most as many at once as async invocations.
+        self.tasks: TaskGroup | None = None
+        self.workflow_slots = anyio.Semaphore(max(workflow_concurrency, 1))
+
+    def lookup(self, name: str) -> Spec | None:
+        return self.registry.get(name) or self.workflows.get(name)
+
+    def plan(self, spec: WorkflowSpec) -> WorkflowPlan:
+        cached = self._plans.get(spec.name)
+        if cached is None or cached[0] != spec:
+            try:
+                plan = plan_workflow(spec)
+            except WorkflowError as exc:
+                raise GfaasError(ErrorCode.BAD_REQUEST, str(exc)) from None
+            cached = self._plans[spec.name] = (spec, plan)
+        return cached[1]
+
+    def _admit(
+        self,
+        function: str,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        span: Span,
+        claim: int = 0,
+    ) -> tuple[InvocationMeta, InvokeRequest, Spec]:
+        """Admission with the books kept and the span marked; raises GfaasError.
+        The origin and an async attempt's claim are ours to set, never the caller's."""
+        try:
+            meta, request, spec = admit(
+                function,
+                body,
+                headers,
+                self.lookup,
+                max_payload=self.max_payload,
+                now_ms=now_millis(),
+            )
+        except GfaasError as exc:
+            self.rejected += 1
+            tracing.mark_error(span, exc.code, exc.reason)
+            raise
+        self.accepted += 1
+        span.set_attribute("gfaas.invocation_id", meta.invocation_id)
+        meta = msgspec.structs.replace(meta, origin=self.holder, claim=claim)
+        return meta, request, spec
+
+    # -- gfaas.v1.invoke.<function>: the worker answers the caller ----------------------------
+
+    async def invoke(
+        self, function: str, body: bytes, headers: Mapping[str, str] | None, reply: str
+    ) -> None:
+        with tracing.handling_span(
+            "ingress invoke", headers, kind=SpanKind.SERVER, attributes={"gfaas.function": function}
+        ) as span:
+            try:
+                meta, request, spec = self._admit(function, body, headers, span)
+                if isinstance(spec, WorkflowSpec):
+                    assert self.tasks is not None
+                    self.tasks.start_soon(self._reply_workflow, spec, meta, request, reply)
+                    return
+                if not reply:
+                    log.info(
+                        "invoke.no_reply_subject",
+                        function=function,
+                        hint="publish to invoke_async for fire-and-forget",
+                    )
+                    return
+                worker = await self.dispatcher.send(meta, body, reply)
+            except GfaasError as exc:
+                tracing.mark_error(span, exc.code, exc.reason)
+                invocation_id = (headers or {}).get(H_INVOCATION, "")
+                await self.dispatcher.bus.reply_error(reply, invocation_id, exc.code, exc.reason)
+                return
+            if worker is not None:
+                span.set_attribute("gfaas.worker", worker)
+
+    # -- request-reply (HTTP, async, workflow stages) ---------------------------------------
+
+    async def call(
+        self, function: str, body: bytes, headers: Mapping[str, str] | None, *, claim: int = 0
+    ) -> InvokeReply:
+        with tracing.handling_span(
+            "ingress call", headers, kind=SpanKind.SERVER, attributes={"gfaas.function": function}
+        ) as span:
+            try:
+                meta, request, spec = self._admit(function, body, headers, span, claim)
+            except GfaasError as exc:
+                return error_reply("", exc.code, exc.reason)
+            if isinstance(spec, WorkflowSpec):
+                reply = await self._workflow(spec, meta, request)
+            else:
+                reply = await self.dispatcher.call(meta, body)
+            if reply.error:
+                tracing.mark_error(span, reply.error.code, reply.error.reason)
+            return reply
+
+    # -- workflows ------------------------------------------------------------------------
+
+    async def _workflow(
+        self, spec: WorkflowSpec, meta: InvocationMeta, request: InvokeRequest
+    ) -> InvokeReply:
+        with tracing.tracer().start_as_current_span(
+            "ingress workflow", attributes={"gfaas.workflow": spec.name}
+        ) as span:
+            try:
+                plan = self.plan(spec)
+            except GfaasError as exc:
+                return error_reply(meta.invocation_id, exc.code, exc.reason)
+            reply = await self.runner.run(plan, meta, request)
+            if reply.error:
+                tracing.mark_error(span, reply.error.code, reply.error.reason)
+            return reply
+
+    async def _reply_workflow(
+        self, spec: WorkflowSpec, meta: InvocationMeta, request: InvokeRequest, reply_to: str
+    ) -> None:
+        async with self.workflow_slots:
+            reply = await self._workflow(spec, meta, request)
+        if reply_to:
+            await self._send_reply(reply_to, reply)
+
+    async def _schedule(self, meta: InvocationMeta, body: bytes, near: str) -> InvokeReply:
+        """One workflow stage, preferring the worker `near` (its inputs' producer)."""
+        return await self.dispatcher.call(meta, body, {H_AFFINITY: near} if near else None)
+
+    # -- HTTP backend (services.ingress.http.InferenceBackend) ------------------------------
+
+    def ready(self) -> bool:
+        return self._connected()
+
+    def specs(self) -> Sequence[FunctionSpec]:
+        return self.registry.all()
+
+    def spec(self, name: str) -> FunctionSpec | None:
+        return self.registry.get(name)
+
+    async def infer(
+        self, name: str, request: InvokeRequest, headers: Mapping[str, str]
+    ) -> InvokeReply:
+        return await self.call(name, encode(request), headers)
+
+    async def infer_shm(
+        self, name: str, parsed: InferRequest, headers: Mapping[str, str]
+    ) -> InvokeReply:
+        return await self.staging.infer(name, parsed, headers)
+
+    def details(self) -> dict[str, object]:
+        return {
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "functions": [s.name for s in self.registry.all()],
+            "workflows": [s.name for s in self.workflows.all()],
+            "workflow_runs": self.runner.runs,
+            "workflow_stages": self.runner.stages,
+            **self.dispatcher.details(),
+            "max_payload": self.max_payload,
+        }

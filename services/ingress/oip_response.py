@@ -1,0 +1,202 @@
+"""Open Inference Protocol responses: inference results (JSON or Triton's binary
+tensor data), model and server metadata, the repository index, error bodies. Pure
+conversions; the requests they answer are parsed in oip.py."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from services.ingress.oip import (
+    _NUMPY,
+    EXTENSIONS,
+    MODEL_VERSION,
+    PLATFORM,
+    SERVER_NAME,
+    InferRequest,
+    ShmRef,
+    datatype_of,
+)
+from shared.errors import GfaasError, bad_request
+from shared.schema import ErrorCode, FunctionSpec, Tensor, TensorSpec
+from shared.tensors import nbytes_of
+
+_json = msgspec.json.Encoder()
+
+# -- response JSON ----------------------------------------------------------------------
+
+
+class _TensorMeta(msgspec.Struct):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class _ModelMeta(msgspec.Struct):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[_TensorMeta]
+    outputs: list[_TensorMeta]
+
+
+class _ServerMeta(msgspec.Struct):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class _IndexEntry(msgspec.Struct, omit_defaults=True):
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+class _ResponseOutput(msgspec.Struct, omit_defaults=True):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    data: list[Any] | msgspec.UnsetType = msgspec.UNSET
+
+
+class _Response(msgspec.Struct):
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[_ResponseOutput]
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedResponse:
+    body: bytes
+    # Length of the JSON part when binary tensors follow it; None for plain JSON.
+    header_length: int | None
+
+    @property
+    def media_type(self) -> str:
+        return "application/json" if self.header_length is None else "application/octet-stream"
+
+
+# -- responses -------------------------------------------------------------------------
+
+
+def check_requested_outputs(request: InferRequest, spec: FunctionSpec) -> None:
+    """Refuse outputs the function does not declare before any work is scheduled."""
+    if request.outputs is None or not spec.outputs:
+        return
+    declared = {o.name for o in spec.outputs}
+    for output in request.outputs:
+        if output.name not in declared:
+            raise bad_request(
+                f"model {spec.name!r} has no output {output.name!r} "
+                f"(outputs: {', '.join(sorted(declared))})"
+            )
+
+
+def encode_infer_response(
+    model_name: str, request: InferRequest, outputs: Sequence[Tensor], *, response_id: str
+) -> EncodedResponse:
+    """The OIP response for a function's outputs, filtered and encoded as requested."""
+    by_name = {t.name: t for t in outputs}
+    chosen: list[tuple[Tensor, bool | ShmRef]]
+    if request.outputs is None:
+        chosen = [(t, request.binary_outputs) for t in outputs]
+    else:
+        chosen = []
+        for wanted in request.outputs:
+            tensor = by_name.get(wanted.name)
+            if tensor is None:
+                raise bad_request(
+                    f"model {model_name!r} produced no output {wanted.name!r} "
+                    f"(it produced: {', '.join(by_name) or 'none'})"
+                )
+            chosen.append((tensor, wanted.shm or wanted.binary))
+
+    entries: list[_ResponseOutput] = []
+    blobs: list[bytes] = []
+    for tensor, how in chosen:
+        entry = _ResponseOutput(
+            name=tensor.name, datatype=datatype_of(tensor.dtype), shape=list(tensor.shape)
+        )
+        if isinstance(how, ShmRef):
+            # The bytes are already in the caller's region (written by ingress).
+            entry.parameters = {
+                "shared_memory_region": how.region,
+                "shared_memory_byte_size": nbytes_of(tensor.dtype, tensor.shape),
+            }
+            entries.append(entry)
+            continue
+        array = _output_array(tensor)
+        if how:
+            entry.parameters = {"binary_data_size": len(tensor.data)}
+            blobs.append(tensor.data)
+        else:
+            entry.data = array.tolist()
+        entries.append(entry)
+    header = _json.encode(
+        _Response(
+            model_name=model_name, model_version=MODEL_VERSION, id=response_id, outputs=entries
+        )
+    )
+    if not blobs:
+        return EncodedResponse(body=header, header_length=None)
+    return EncodedResponse(body=b"".join([header, *blobs]), header_length=len(header))
+
+
+def _output_array(tensor: Tensor) -> np.ndarray[Any, Any]:
+    where = f"output {tensor.name!r}"
+    if tensor.handle is not None and not tensor.data:
+        raise GfaasError(ErrorCode.INTERNAL, f"{where} came back by handle, not by value")
+    np_dtype = _NUMPY[tensor.dtype]
+    expected = math.prod(tensor.shape) * np_dtype.itemsize
+    if len(tensor.data) != expected:
+        raise GfaasError(
+            ErrorCode.INTERNAL,
+            f"{where}: {len(tensor.data)} bytes for {tensor.dtype}{list(tensor.shape)} "
+            f"({expected} expected)",
+        )
+    return np.frombuffer(tensor.data, dtype=np_dtype)
+
+
+def _tensor_meta(specs: Iterable[TensorSpec]) -> list[_TensorMeta]:
+    return [
+        _TensorMeta(name=s.name, datatype=datatype_of(s.dtype), shape=list(s.shape)) for s in specs
+    ]
+
+
+def model_metadata(spec: FunctionSpec) -> bytes:
+    return _json.encode(
+        _ModelMeta(
+            name=spec.name,
+            versions=[MODEL_VERSION],
+            platform=PLATFORM,
+            inputs=_tensor_meta(spec.inputs),
+            outputs=_tensor_meta(spec.outputs),
+        )
+    )
+
+
+def server_metadata(version: str, extensions: Iterable[str] = EXTENSIONS) -> bytes:
+    return _json.encode(_ServerMeta(name=SERVER_NAME, version=version, extensions=list(extensions)))
+
+
+def repository_index(specs: Iterable[FunctionSpec], *, serving: bool, ready_only: bool) -> bytes:
+    state, reason = ("READY", "") if serving else ("UNAVAILABLE", "ingress is not serving")
+    entries = [
+        _IndexEntry(name=s.name, version=MODEL_VERSION, state=state, reason=reason)
+        for s in sorted(specs, key=lambda s: s.name)
+    ]
+    if ready_only:
+        entries = [e for e in entries if e.state == "READY"]
+    return _json.encode(entries)
+
+
+def error_body(reason: str) -> bytes:
+    return _json.encode({"error": reason})

@@ -1,0 +1,118 @@
+"""HTTP shared memory (OIP system and CUDA regions) staged through the node's pool.
+
+A request naming regions has their bytes copied into pooled buffers on the region's
+own device (one copy, device to device for CUDA), invoked by handle, and its outputs
+copied into the regions asked for (or read out as values); the bytes never ride
+the bus. Every lease taken here is released however the request ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping
+
+import anyio
+import msgspec
+
+from services.ingress.oip import InferRequest
+from services.ingress.shm_regions import ShmRegions
+from shared.dataplane.client import BrokerClient, read_bytes
+from shared.errors import GfaasError
+from shared.schema import (
+    DEFAULT_TENANT,
+    H_TENANT,
+    ErrorCode,
+    Handle,
+    InvokeReply,
+    InvokeRequest,
+    OutputMode,
+    Tensor,
+)
+
+Invoke = Callable[[str, InvokeRequest, Mapping[str, str]], Awaitable[InvokeReply]]
+
+
+class ShmStaging:
+    def __init__(
+        self, broker: BrokerClient, regions: ShmRegions, holder: str, invoke: Invoke
+    ) -> None:
+        self.broker = broker
+        self.regions = regions
+        self.holder = holder
+        self.invoke = invoke
+
+    async def infer(
+        self, name: str, parsed: InferRequest, headers: Mapping[str, str]
+    ) -> InvokeReply:
+        """An OIP request naming shared-memory regions, system or CUDA: region bytes
+        move into pooled buffers on the region's own device and back (one copy each
+        way, device to device for CUDA), never over the bus."""
+        tenant = headers.get(H_TENANT) or DEFAULT_TENANT
+        refs = parsed.shm_inputs
+        staged: list[Handle] = []
+        try:
+            inputs = list(parsed.invoke.inputs)
+            # One lease per device: host memory for system regions, the GPU for CUDA ones.
+            by_device: dict[str, list[str]] = {}
+            for t in inputs:
+                if t.name in refs:
+                    by_device.setdefault(self.regions.device(refs[t.name]), []).append(t.name)
+            by_name: dict[str, Handle] = {}
+            for device, names in by_device.items():
+                try:
+                    leased = await self.broker.lease(
+                        [refs[n].byte_size for n in names],
+                        owner=self.holder,
+                        device=device,
+                        tenant=tenant,
+                    )
+                except GfaasError as exc:
+                    if exc.code != ErrorCode.NO_POOL:
+                        raise
+                    raise GfaasError(
+                        ErrorCode.BAD_REQUEST,
+                        f"inputs in CUDA shared memory on {device} are staged in the node's "
+                        f"pool there, and it has none: {exc.reason}",
+                    ) from None
+                staged += leased
+                by_name.update(zip(names, leased, strict=True))
+            for n, h in by_name.items():
+                self.regions.copy_in(refs[n], h)
+            inputs = [
+                msgspec.structs.replace(t, handle=by_name[t.name]) if t.name in by_name else t
+                for t in inputs
+            ]
+            request = msgspec.structs.replace(
+                parsed.invoke, inputs=inputs, outputs_by=OutputMode.HANDLE, holder=self.holder
+            )
+            reply = await self.invoke(name, request, headers)
+            return await self._outputs_from_pool(reply, parsed, tenant)
+        finally:
+            if staged:
+                with anyio.CancelScope(shield=True):
+                    await self.broker.release(staged, self.holder, tenant)
+
+    async def _outputs_from_pool(
+        self, reply: InvokeReply, parsed: InferRequest, tenant: str
+    ) -> InvokeReply:
+        """Outputs asked for in shared memory (either kind) are written there; the rest
+        become values."""
+        handles = [t.handle for t in reply.outputs if t.handle is not None]
+        wanted = {o.name: o.shm for o in parsed.outputs or () if o.shm is not None}
+        try:
+            outputs: list[Tensor] = []
+            for t in reply.outputs:
+                if t.handle is None:
+                    outputs.append(t)
+                    continue
+                ref = wanted.get(t.name)
+                if ref is not None:
+                    self.regions.copy_out(t.handle, ref)
+                    outputs.append(msgspec.structs.replace(t, handle=None))
+                else:
+                    pooled = read_bytes(t.handle)
+                    outputs.append(msgspec.structs.replace(t, handle=None, data=pooled.tobytes()))
+            return msgspec.structs.replace(reply, outputs=outputs)
+        finally:
+            if handles:
+                with anyio.CancelScope(shield=True):
+                    await self.broker.release(handles, self.holder, tenant)

@@ -1,0 +1,88 @@
+"""One device's pool: the backend slabs the lease table carves leases out of.
+
+The lease table (shared.dataplane.leases) and the sizing (shared.dataplane.elastic)
+are pure; this is the I/O they leave out: creating, exporting and destroying the
+backend's slabs, as the elastic plan says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shared.dataplane.backend import Backend
+from shared.dataplane.elastic import ElasticPool, SlabUse
+from shared.dataplane.leases import LeaseTable
+from shared.dataplane.shm import ShmBackend
+
+
+@dataclass
+class DevicePool:
+    device: str
+    backend: Backend
+    elastic: ElasticPool
+    # The name the backend gives this pool's slabs (node and device): a predecessor's
+    # leftovers are found by it.
+    slab_pool: str
+    # Slab id -> backend segment, for destroying it when the slab goes.
+    segments: dict[int, str] = field(default_factory=dict)
+    slabs_created: int = 0
+    slabs_returned: int = 0
+
+    def slab_uses(self, table: LeaseTable) -> list[SlabUse]:
+        return [
+            SlabUse(s.slab_id, s.size, table.slab_used(self.device, s.slab_id))
+            for s in table.slabs(self.device)
+        ]
+
+    def grow_for(self, table: LeaseTable, nbytes: int) -> bool:
+        """Add the slab that would hold `nbytes` (an exhausted lease) if the cap allows;
+        False if it does not, and nothing was added."""
+        plan = self.elastic.grow_for(nbytes, self.slab_uses(table))
+        for size in plan.add:
+            self.create_slab(table, size)
+        return bool(plan.add)
+
+    def resize(self, table: LeaseTable, now: float) -> None:
+        """Towards the elastic target: slabs added for demand, idle ones given back."""
+        plan = self.elastic.plan(now, self.slab_uses(table))
+        for size in plan.add:
+            self.create_slab(table, size)
+        for slab_id in plan.remove:
+            self.destroy_slab(table, slab_id)
+
+    def create_slab(self, table: LeaseTable, size: int) -> None:
+        ref = self.backend.create_slab(size, self.slab_pool)
+        slab = table.add_slab(self.device, ref.size, ref.segment)
+        self.segments[slab.slab_id] = ref.segment
+        self.slabs_created += 1
+
+    def destroy_slab(self, table: LeaseTable, slab_id: int) -> None:
+        table.remove_slab(self.device, slab_id)
+        self.backend.destroy_slab(self.segments.pop(slab_id))
+        self.slabs_returned += 1
+
+    def destroy_all(self, table: LeaseTable) -> None:
+        """Every slab, once every lease on them is freed (the broker is stopping)."""
+        for slab_id in list(self.segments):
+            self.destroy_slab(table, slab_id)
+
+    def stats(self, table: LeaseTable) -> dict[str, object]:
+        usage = table.usage(self.device)
+        return {
+            "backend": self.backend.kind,
+            "cap": usage.cap,
+            "held": usage.alloc.held,
+            "leased": usage.bytes_leased,
+            "leases": usage.leases,
+            "slabs": len(self.segments),
+            "slabs_created": self.slabs_created,
+            "slabs_returned": self.slabs_returned,
+            "largest_free": usage.alloc.largest_free,
+        }
+
+    def remove_leftovers(self) -> list[str]:
+        """Unlink the shared-memory slabs a dead predecessor left under this pool's
+        exact name; device slabs die with their process."""
+        if isinstance(self.backend, ShmBackend):
+            return self.backend.remove_leftovers(self.slab_pool)
+        return []

@@ -1,0 +1,347 @@
+"""The scheduler's handlers: plain async methods over decoded messages.
+
+A new invocation is placed by `decide` (an admitting policy such as `slo` may
+refuse it at once); the queue by `plan` (out-of-order dispatch for `locality`):
+shared.scheduling's decisions, the code the simulator runs. These methods gather
+the views (state.py), act on the answers, and reach the bus only through `Bus`
+(app.py passes the NATS one; tests pass a fake).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+
+import msgspec
+from opentelemetry.trace import Span, SpanKind
+
+from services.scheduler.leader import Leadership
+from services.scheduler.state import ClusterState, Invocation, Lent
+from shared import subjects, tracing
+from shared.bus import Bus, BusHealth
+from shared.config import Settings
+from shared.logs import get_logger
+from shared.modelstore import ModelStore
+from shared.registry import Registry
+from shared.scheduling import Decision, Policy, Rejected, decide, plan
+from shared.schema import (
+    H_AFFINITY,
+    Done,
+    ErrorCode,
+    FunctionSpec,
+    Grant,
+    InvocationMeta,
+    Refused,
+    RefusedReply,
+    WorkerHeartbeat,
+    WorkerLost,
+    encode,
+    now_millis,
+)
+
+log = get_logger("scheduler")
+
+# Queued requests shown to one `plan` call (the simulator's default too).
+PLAN_WINDOW = 256
+
+
+class Scheduler:
+    def __init__(
+        self,
+        bus: Bus,
+        registry: Registry[FunctionSpec],
+        policy: Policy,
+        settings: Settings,
+        models: ModelStore | None = None,
+    ) -> None:
+        self.bus = bus
+        self.registry = registry
+        self.policy = policy
+        self.models = models
+        self.grant_ttl_s = settings.grant_ttl_s
+        self.revoked = 0
+        self.state = ClusterState(
+            worker_timeout_s=settings.worker_timeout_s, pending_limit=settings.pending_limit
+        )
+        self.assigned = 0
+        # Invocations workers at capacity handed back, placed again or queued here.
+        self.replaced = 0
+        self.leadership: Leadership | None = None
+        # Is the bus up? A worker silent while we heard nobody is not lost.
+        self.health = BusHealth(settings.heartbeat_s, on_back=self.state.bus_back)
+        # Models whose size was asked of the object store (once each).
+        self._sized: set[str] = set()
+
+    # -- events -------------------------------------------------------------------------
+
+    async def schedule(
+        self, meta: InvocationMeta, headers: Mapping[str, str], body: bytes, reply: str
+    ) -> None:
+        """A new invocation (its routing headers checked by the wiring)."""
+        with tracing.handling_span(
+            "scheduler assign",
+            headers,
+            kind=SpanKind.CONSUMER,
+            invocation_id=meta.invocation_id,
+            attributes={"gfaas.function": meta.function},
+        ) as span:
+            spec = await self.registry.lookup(meta.function)
+            if spec is None:
+                tracing.mark_error(span, ErrorCode.UNKNOWN_FUNCTION, meta.function)
+                await self.bus.reply_error(
+                    reply,
+                    meta.invocation_id,
+                    ErrorCode.UNKNOWN_FUNCTION,
+                    f"function {meta.function!r} is not deployed",
+                )
+                return
+            if spec.model and spec.model not in self.state.model_bytes:
+                await self._learn_size(spec.model)
+            now = time.monotonic()
+            inv = Invocation(
+                meta=meta,
+                reply=reply,
+                body=body,
+                headers=tracing.inject(meta.to_headers()),
+                view=self.state.request_view(spec, meta, now, now_millis()),
+            )
+            near = headers.get(H_AFFINITY)
+            ingress = meta.origin  # who a grant for this function may go to
+            if near:
+                inv.view = dataclasses.replace(inv.view, near=near)
+            if not self.state.workers:
+                tracing.mark_error(span, ErrorCode.NO_WORKER, "no workers")
+                await self.bus.reply_error(
+                    reply,
+                    meta.invocation_id,
+                    ErrorCode.NO_WORKER,
+                    "no worker is available; start one with `gfaas serve gpu-worker`",
+                )
+                return
+            worker_id = await self._place(inv, now, span)
+            if worker_id is not None and ingress and self.grant_ttl_s > 0:
+                await self._lend(ingress, inv, spec, worker_id, now)
+
+    async def refused(self, refused: Refused) -> RefusedReply:
+        """A worker at capacity handed back an invocation placed there: it goes to a
+        worker with room, or back into the queue (in its place by arrival)."""
+        now = time.monotonic()
+        inv = self.state.refused(refused.worker_id, refused.invocation_id, refused.inflight)
+        if inv is None:  # not ours (a former leader's): the worker answers the caller
+            return RefusedReply(taken=False)
+        self.replaced += 1
+        log.info(
+            "invocation.refused",
+            invocation_id=refused.invocation_id,
+            worker=refused.worker_id,
+            inflight=refused.inflight,
+            capacity=refused.capacity,
+        )
+        await self._place(inv, now, requeue=True)
+        return RefusedReply(taken=True)
+
+    async def hand_over(self) -> None:
+        """No longer active: what waits here is answered `unavailable` (the caller, or
+        the async path, tries again with whoever is active now)."""
+        for inv in self.state.drop_pending():
+            await self.bus.reply_error(
+                inv.reply,
+                inv.meta.invocation_id,
+                ErrorCode.UNAVAILABLE,
+                "the scheduler holding this invocation stopped before placing it",
+            )
+
+    async def heartbeat(self, hb: WorkerHeartbeat) -> None:
+        if self.state.observe(hb, time.monotonic()):
+            log.info("worker.joined", worker=hb.worker_id, device=hb.device)
+            await self._drain_pending()
+        if hb.capacity == 0:  # draining: it takes nothing more, direct sends included
+            await self._revoke(self.state.revoke(hb.worker_id))
+
+    def alive(self, ingress: str) -> None:
+        self.state.ingress_seen[ingress] = time.monotonic()
+
+    async def grant_returned(self, grant: Grant) -> None:
+        if self.state.give_back(grant.worker_id, grant.grant_id) and self.state.pending:
+            await self._drain_pending()
+
+    async def done(self, done: Done, *, scheduled: bool) -> None:
+        """A worker's Done: for an invocation placed here (`scheduled`), or one an
+        ingress sent directly under a grant."""
+        if scheduled:
+            self.state.done(done, time.monotonic())
+        else:
+            self.state.done_direct(done)
+        if self.state.pending:
+            await self._drain_pending()
+
+    async def tick(self) -> None:
+        now = time.monotonic()
+        self.state.lapsed(now)  # slots freed here are used by the drain below
+        reaped = self.state.reap(now) if self.health.healthy(now) else []
+        for worker_id, lost in reaped:
+            log.warning("worker.lost", worker=worker_id, inflight=len(lost))
+            # Ingress answers for what it sent there directly.
+            reason = f"worker {worker_id} stopped answering"
+            await self.bus.publish(
+                subjects.WORKER_LOST, encode(WorkerLost(worker_id=worker_id, reason=reason))
+            )
+            for inv in lost:
+                await self.bus.reply_error(
+                    inv.reply,
+                    inv.meta.invocation_id,
+                    ErrorCode.WORKER_LOST,
+                    f"worker {worker_id} stopped answering while running this invocation",
+                )
+        for inv in self.state.expire_pending(now_millis()):
+            await self.bus.reply_error(
+                inv.reply,
+                inv.meta.invocation_id,
+                ErrorCode.DEADLINE_EXCEEDED,
+                "deadline passed while waiting for a free worker",
+            )
+        if self.state.pending:
+            await self._drain_pending()
+
+    # -- helpers ------------------------------------------------------------------------
+
+    async def _place(
+        self, inv: Invocation, now: float, span: Span | None = None, *, requeue: bool = False
+    ) -> str | None:
+        """Act on the policy's decision for one invocation: the worker it was sent to,
+        or None (refused, queued, or `overloaded` with the queue full). `requeue`: it
+        was refused by a worker, and waits again past the queue's limit."""
+        decision: Decision = decide(self.policy, inv.view, self.state.views(), now)
+        if isinstance(decision, Rejected):
+            if span is not None:
+                tracing.mark_error(span, ErrorCode.OVERLOADED, decision.reason)
+            await self._reject(inv, decision.reason)
+            return None
+        if decision is not None:
+            if span is not None:
+                span.set_attribute("gfaas.worker", decision)
+            await self._dispatch(decision, inv, now)
+            return decision
+        if requeue:
+            self.state.requeue(inv)
+        elif not self.state.enqueue(inv):
+            await self.bus.reply_error(
+                inv.reply,
+                inv.meta.invocation_id,
+                ErrorCode.OVERLOADED,
+                f"all workers are busy and {self.state.pending_limit} requests are queued",
+            )
+            return None
+        # Work waits: lent slots are wanted back.
+        await self._revoke(self.state.revoke())
+        return None
+
+    async def _dispatch(self, worker_id: str, inv: Invocation, now: float) -> None:
+        self.state.assign(worker_id, inv, now)
+        self.assigned += 1
+        await self._send(worker_id, inv)
+
+    async def _lend(
+        self, ingress: str, inv: Invocation, spec: FunctionSpec, worker_id: str, now: float
+    ) -> None:
+        grant = self.state.lend(ingress, inv, spec, worker_id, self.grant_ttl_s, now)
+        if grant is not None:
+            try:
+                subject = subjects.grants(ingress)
+            except ValueError:  # not a token: that ingress cannot be answered
+                self.state.give_back(worker_id, grant.grant_id)
+                return
+            await self.bus.publish(subject, encode(grant))
+
+    async def _revoke(self, revoked: list[Lent]) -> None:
+        self.revoked += len(revoked)
+        for lent in revoked:
+            revoke = msgspec.structs.replace(lent.grant, slots=0)
+            await self.bus.publish(subjects.grants(lent.ingress), encode(revoke))
+
+    async def _send(self, worker_id: str, inv: Invocation) -> None:
+        await self.bus.publish(
+            subjects.worker_run(worker_id), inv.body, reply=inv.reply, headers=inv.headers
+        )
+
+    async def _reject(self, inv: Invocation, reason: str) -> None:
+        """Answer for an invocation the policy refused (its SLO cannot be met)."""
+        self.state.reject(inv)
+        meta = inv.meta
+        late = bool(meta.deadline_ms) and meta.deadline_ms <= now_millis()
+        code = ErrorCode.DEADLINE_EXCEEDED if late else ErrorCode.OVERLOADED
+        view = inv.view
+        await self.bus.reply_error(
+            inv.reply,
+            meta.invocation_id,
+            code,
+            f"{view.function!r} cannot meet its SLO of {view.slo_ms:g} ms: {reason}",
+        )
+
+    async def _learn_size(self, model: str) -> None:
+        """A model's size from the object store, before any worker has loaded it."""
+        if self.models is None or model in self._sized:
+            return
+        self._sized.add(model)
+        try:
+            size = await self.models.size(model)
+        except Exception as exc:  # the size is a hint; placement works without it
+            log.warning("model.size_unknown", model=model, error=repr(exc))
+            return
+        if size:
+            self.state.model_bytes.setdefault(model, size)
+
+    async def _drain_pending(self) -> None:
+        now = time.monotonic()
+        queue = self.state.queue(PLAN_WINDOW, with_rrc=hasattr(self.policy, "order"))
+        result = plan(self.policy, queue, self.state.views(), now)
+        # Books first, with no await in between, so the plan's views stay true.
+        sends = []
+        for invocation_id, worker_id in result.assignments:
+            inv = self.state.take(invocation_id)
+            self.state.assign(worker_id, inv, now)
+            self.assigned += 1
+            sends.append((worker_id, inv))
+        refused = [(self.state.take(r.invocation_id), r.reason) for r in result.rejected]
+        for worker_id, inv in sends:
+            await self._send(worker_id, inv)
+        for inv, reason in refused:
+            await self._reject(inv, reason)
+
+    def details(self) -> dict[str, object]:
+        leadership = self.leadership
+        return {
+            "active": leadership is not None and leadership.active,
+            "terms": leadership.terms if leadership is not None else 0,
+            "policy": self.policy.name,
+            "assigned": self.assigned,
+            "replaced": self.replaced,
+            "rejected": self.state.rejected,
+            "pending": len(self.state.pending),
+            "grants_revoked": self.revoked,
+            "grants": [
+                {
+                    "function": lent.grant.function,
+                    "worker": lent.grant.worker_id,
+                    "ingress": lent.ingress,
+                    "slots": lent.grant.slots,
+                    "revoked": lent.revoked,
+                }
+                for lent in self.state.lent()
+            ],
+            "model_bytes": dict(self.state.model_bytes),
+            "exec_ms": {f: round(s * 1000.0, 3) for f, s in self.state.exec_s.items()},
+            "workers": {
+                wid: {
+                    "device": b.view.device,
+                    "capacity": b.view.capacity,
+                    "outstanding": b.view.outstanding,
+                    "resident": sorted(b.view.resident),
+                    "memory_free": b.view.memory_free,
+                    "link_bandwidth": round(b.view.profile.link_bandwidth),
+                    "swap_overhead_ms": round(b.view.profile.swap_overhead_s * 1000.0, 3),
+                }
+                for wid, b in self.state.workers.items()
+            },
+        }

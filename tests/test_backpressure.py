@@ -1,0 +1,220 @@
+"""Back-pressure: a worker at capacity hands what the scheduler placed there back to
+it, and the scheduler places it again (elsewhere, or once a slot frees) instead of
+the caller hearing `overloaded`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import cast
+
+import anyio
+import msgspec
+import numpy as np
+import pytest
+from nats.aio.client import Client as NATS
+
+from gfaas.client import Client
+from services.scheduler.handlers import Scheduler
+from shared import subjects
+from shared.config import Settings
+from shared.natsd import NatsServer
+from shared.registry import Registry
+from shared.scheduling import make_policy
+from shared.schema import (
+    Done,
+    ErrorCode,
+    FunctionSpec,
+    InvocationMeta,
+    InvokeReply,
+    Refused,
+    RefusedReply,
+    decode,
+    now_millis,
+)
+from tests.helpers import body, deploy_and_wait
+from tests.platform import Platform, platform_at
+from tests.test_scheduler_views import heartbeat, invocation
+
+SLEEP = FunctionSpec(name="sleep", handler="tests.funcs:sleep", concurrency=4)
+
+
+# -- the scheduler's handler, with a fake bus -------------------------------------------
+
+
+class FakeBus:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+        self.errors: list[tuple[str, ErrorCode]] = []
+
+    async def publish(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        reply: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.published.append((subject, data))
+
+    async def request(
+        self, subject: str, data: bytes, *, timeout: float, headers: Mapping[str, str] | None = None
+    ) -> bytes:
+        raise AssertionError("the scheduler asks nothing of the bus")
+
+    async def reply_error(
+        self, subject: str, invocation_id: str, code: ErrorCode, reason: str
+    ) -> None:
+        self.errors.append((invocation_id, code))
+
+
+def two_workers(bus: FakeBus) -> Scheduler:
+    """A scheduler that knows workers w0 and w1, one slot each, nothing running."""
+    registry = cast(Registry[FunctionSpec], None)  # only new invocations look specs up
+    scheduler = Scheduler(bus, registry, make_policy("least_loaded"), Settings())
+    for wid in ("w0", "w1"):
+        scheduler.state.observe(msgspec.structs.replace(heartbeat(wid), capacity=1), 0.0)
+    return scheduler
+
+
+def refusal(worker_id: str, invocation_id: str) -> Refused:
+    return Refused(worker_id=worker_id, invocation_id=invocation_id, inflight=1, capacity=1)
+
+
+@pytest.mark.unit
+@pytest.mark.anyio
+async def test_a_refused_invocation_goes_to_a_worker_with_room() -> None:
+    bus = FakeBus()
+    scheduler = two_workers(bus)
+    inv = invocation(scheduler.state, 0, SLEEP, 0.0)
+    scheduler.state.assign("w0", inv, 0.0)
+    answer = await scheduler.refused(refusal("w0", "i0"))
+    assert answer == RefusedReply(taken=True)
+    assert [s for s, _ in bus.published] == [subjects.worker_run("w1")]
+    assert "i0" in scheduler.state.workers["w1"].running
+    assert "i0" not in scheduler.state.workers["w0"].running
+    # w0 said it is full: nothing more goes there until a slot frees.
+    assert scheduler.state.workers["w0"].view.outstanding == 1
+
+
+@pytest.mark.unit
+@pytest.mark.anyio
+async def test_a_refused_invocation_waits_while_every_worker_is_full_then_runs() -> None:
+    bus = FakeBus()
+    scheduler = two_workers(bus)
+    first, second = (invocation(scheduler.state, n, SLEEP, 0.0) for n in (0, 1))
+    scheduler.state.assign("w0", first, 0.0)
+    scheduler.state.assign("w1", second, 0.0)
+    assert await scheduler.refused(refusal("w0", "i0")) == RefusedReply(taken=True)
+    assert list(scheduler.state.pending) == ["i0"]
+    assert not bus.published
+    assert not bus.errors
+    # What w0 ran behind the scheduler's back ends: its slot is free again.
+    unseen = Done(worker_id="w0", invocation_id="elsewhere", function="sleep", ok=True)
+    await scheduler.done(unseen, scheduled=True)
+    assert [s for s, _ in bus.published] == [subjects.worker_run("w0")]
+    assert not scheduler.state.pending
+
+
+@pytest.mark.unit
+@pytest.mark.anyio
+async def test_a_refusal_for_an_invocation_the_scheduler_does_not_hold_is_not_taken() -> None:
+    bus = FakeBus()
+    scheduler = two_workers(bus)
+    assert await scheduler.refused(refusal("w0", "unknown")) == RefusedReply(taken=False)
+    assert not bus.published
+    assert not scheduler.state.pending
+
+
+# -- live ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def one_slot(nats_server: NatsServer, tmp_path: Path) -> Iterator[Platform]:
+    with platform_at(nats_server.url, tmp_path / "s", workers=1, capacity=1) as p:
+        yield p
+
+
+@pytest.fixture
+def one_slot_each(nats_server: NatsServer, tmp_path: Path) -> Iterator[Platform]:
+    with platform_at(nats_server.url, tmp_path / "s", workers=2, capacity=1) as p:
+        yield p
+
+
+@asynccontextmanager
+async def occupied(nc: NATS, worker_id: str, seconds: float) -> AsyncIterator[list[InvokeReply]]:
+    """`worker_id` runs, for `seconds`, a call the scheduler never placed (as a former
+    leader's would be), so its books say the worker is free. Yields where the call's
+    reply is once the block has ended."""
+    meta = InvocationMeta(
+        invocation_id=f"behind-{worker_id}", function="sleep", deadline_ms=now_millis() + 30_000
+    )
+    replies: list[InvokeReply] = []
+
+    async def occupy() -> None:
+        msg = await nc.request(
+            subjects.worker_run(worker_id),
+            body(seconds=np.array(seconds)),
+            timeout=30,
+            headers=meta.to_headers(),
+        )
+        replies.append(decode(msg.data, InvokeReply))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(occupy)
+        with anyio.fail_after(10):
+            while not await running_on(Client(nc), worker_id):
+                await anyio.sleep(0.02)
+        yield replies
+
+
+async def running_on(client: Client, worker_id: str) -> bool:
+    statuses = await client.statuses("gpu-worker", expect=2, timeout=0.2)
+    return any(d["worker_id"] == worker_id and d["inflight"] for d in statuses.values())
+
+
+@pytest.mark.nats
+@pytest.mark.anyio
+async def test_a_full_worker_hands_the_call_back_and_the_caller_gets_its_result(
+    one_slot: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    await deploy_and_wait(nc, SLEEP)
+    async with occupied(nc, "w0", 1.0) as behind:
+        reply = await client.invoke_reply("sleep", {"seconds": np.array(0.01)}, timeout=20)
+    assert reply.error is None, reply.error
+    assert [r.error for r in behind] == [None]
+    scheduler = (await client.status("scheduler")).details
+    worker = (await client.status("gpu-worker")).details
+    assert scheduler["replaced"] >= 1
+    assert worker["refused"] >= 1
+    # It waited in the scheduler's queue until the slot freed; the queue is empty again.
+    assert scheduler["pending"] == 0
+
+
+@pytest.mark.nats
+@pytest.mark.anyio
+async def test_a_refused_call_is_placed_on_another_worker(
+    one_slot_each: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    await deploy_and_wait(nc, SLEEP)
+    replies: list[InvokeReply] = []
+
+    async def call() -> None:
+        replies.append(await client.invoke_reply("sleep", {"seconds": np.array(0.05)}, timeout=20))
+
+    async with occupied(nc, "w0", 4.0):
+        started = time.monotonic()
+        async with anyio.create_task_group() as calls:
+            # Two at once: the scheduler, seeing both workers free, puts one on w0.
+            calls.start_soon(call)
+            calls.start_soon(call)
+        elapsed = time.monotonic() - started
+    assert [r.error for r in replies] == [None, None]
+    assert {r.worker for r in replies} == {"w1"}
+    # Both ran on w1, one after the other: neither waited for w0's slot.
+    assert elapsed < 3.0
+    assert (await client.status("scheduler")).details["replaced"] >= 1
