@@ -202,15 +202,18 @@ async def test_live_is_200_even_when_not_ready(
     client: httpx.AsyncClient, backend: FakeBackend
 ) -> None:
     backend.serving = False
-    assert (await client.get("/v2/health/live")).status_code == 200
+    r = await client.get("/v2/health/live")
+    assert (r.status_code, r.json()) == (200, {"live": True})
 
 
 async def test_ready_follows_the_backend_with_a_4xx_for_false(
     client: httpx.AsyncClient, backend: FakeBackend
 ) -> None:
-    assert (await client.get("/v2/health/ready")).status_code == 200
+    r = await client.get("/v2/health/ready")
+    assert (r.status_code, r.json()) == (200, {"ready": True})
     backend.serving = False
-    assert (await client.get("/v2/health/ready")).status_code == 400
+    r = await client.get("/v2/health/ready")
+    assert (r.status_code, r.json()) == (400, {"ready": False})
 
 
 @pytest.mark.parametrize("path", ["/v2/models/double", "/v2/models/double/versions/1"])
@@ -243,8 +246,9 @@ async def test_unknown_models_and_versions_get_404_with_an_error(
 
 
 async def test_model_ready_is_200_for_a_deployed_model(client: httpx.AsyncClient) -> None:
-    assert (await client.get("/v2/models/double/ready")).status_code == 200
-    assert (await client.get("/v2/models/double/versions/1/ready")).status_code == 200
+    for path in ("/v2/models/double/ready", "/v2/models/double/versions/1/ready"):
+        r = await client.get(path)
+        assert (r.status_code, r.json()) == (200, {"name": "double", "ready": True})
 
 
 async def test_model_ready_is_400_while_ingress_is_not_serving(
@@ -253,6 +257,7 @@ async def test_model_ready_is_400_while_ingress_is_not_serving(
     backend.serving = False
     r = await client.get("/v2/models/double/ready")
     assert r.status_code == 400
+    assert r.json()["ready"] is False
     assert "not ready" in r.json()["error"]
 
 

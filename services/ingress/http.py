@@ -16,7 +16,7 @@ from typing import Final, Protocol
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.ingress import oip, oip_response, oip_shm
@@ -150,12 +150,15 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
     async def metadata_endpoint(request: Request) -> Response:
         return Response(server_metadata, media_type="application/json")
 
+    # Health bodies as the protocol defines them ({"live": bool}, {"ready": bool}):
+    # Triton's client reads the status alone, KServe's SDK parses the JSON.
     async def live(request: Request) -> Response:
         # Answering at all is liveness: the event loop runs.
-        return Response(status_code=200)
+        return JSONResponse({"live": True})
 
     async def ready(request: Request) -> Response:
-        return Response(status_code=200 if backend.ready() else NOT_READY_STATUS)
+        serving = backend.ready()
+        return JSONResponse({"ready": serving}, status_code=200 if serving else NOT_READY_STATUS)
 
     async def model_metadata(request: Request) -> Response:
         spec = known_model(request)
@@ -164,10 +167,10 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
     async def model_ready(request: Request) -> Response:
         spec = known_model(request)
         if not backend.ready():
-            return _error(
-                NOT_READY_STATUS, f"model {spec.name!r} is not ready: ingress not serving"
-            )
-        return Response(status_code=200)
+            reason = f"model {spec.name!r} is not ready: ingress not serving"
+            body = {"name": spec.name, "ready": False, "error": reason}
+            return JSONResponse(body, status_code=NOT_READY_STATUS)
+        return JSONResponse({"name": spec.name, "ready": True})
 
     async def infer(request: Request) -> Response:
         try:
