@@ -16,6 +16,10 @@ When an invocation's outputs go by handle and the spec gives an output's full sh
 the worker leases its buffer before the handler runs: `output_buffer(name)` returns
 it, and a handler that writes its result there (`torch.mul(x, 2, out=buf)`) hands
 it on without a single copy. Elsewhere it returns None.
+
+A handler that finds its inputs unusable in a way the spec cannot express (too few
+classes for a top-k, say) raises `InvalidInput("why")`: the caller gets
+`invalid_input` with that reason, not a `handler_error`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ if TYPE_CHECKING:
     from torch import nn
 
     from shared.modelswap import HostModel, SwapIn
+
+
+class InvalidInput(ValueError):
+    """Raised by a handler: the caller's inputs are wrong, and the message says how."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -148,3 +148,19 @@ async def test_model_missing_from_the_store_gets_an_error_reply(
     await deploy_and_wait(nc, ECHO, spec)
     reason = await expect_error(nc, "scale", body(x=GOOD), "model_unavailable")
     assert "not-pushed" in reason
+
+
+async def test_a_handler_refusing_its_inputs_gets_invalid_input_not_a_handler_error(
+    platform: Platform, nc: NATS
+) -> None:
+    from pathlib import Path
+
+    from shared.spec import load_spec
+
+    topk = load_spec(Path(__file__).resolve().parent.parent / "examples/vision/topk.toml")
+    await deploy_and_wait(nc, topk)
+    _, reply = await request(nc, "topk", body(logits=np.zeros((1, 3), np.float32)))
+    assert reply["error"]["code"] == "invalid_input", reply
+    assert "at least 5" in reply["error"]["reason"]
+    _, ok = await request(nc, "topk", body(logits=np.arange(8, dtype=np.float32)[None]))
+    assert "error" not in ok, ok

@@ -22,7 +22,7 @@ from services.gpu_worker.models import HandlerCache, Loaded
 from services.gpu_worker.staging import Staged, Staging
 from shared.dataplane.backend import tensor_from_handle
 from shared.errors import GfaasError
-from shared.function import output_buffers
+from shared.function import InvalidInput, output_buffers
 from shared.registry import Registry
 from shared.schema import (
     ErrorCode,
@@ -120,6 +120,8 @@ class Executor:
             ) from None
         except GfaasError:
             raise
+        except InvalidInput as exc:
+            raise GfaasError(ErrorCode.INVALID_INPUT, f"{spec.name}: {exc}") from None
         except Exception as exc:
             raised = exc.raised if isinstance(exc, HandlerExit) else exc
             raise GfaasError(
