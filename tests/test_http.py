@@ -92,6 +92,16 @@ def test_triton_http_client_works_unchanged(platform: Platform) -> None:
     out = triton.InferRequestedOutput("y", binary_data=True)
     result = client.infer("add-one", [inp], outputs=[out])
     np.testing.assert_array_equal(result.as_numpy("y"), x + 1)
+    # Triton's statistics and model configuration extensions, as its client reads them.
+    stats = client.get_inference_statistics("add-one")
+    (model,) = stats["model_stats"]
+    assert model["name"] == "add-one"
+    assert model["inference_stats"]["success"]["count"] == 1
+    assert model["inference_stats"]["success"]["ns"] > 0
+    assert [m["name"] for m in client.get_inference_statistics()["model_stats"]] == ["add-one"]
+    config = client.get_model_config("add-one")
+    assert config["name"] == "add-one"
+    assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": [-1, 3]}]
     client.close()
 
 

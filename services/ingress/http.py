@@ -8,6 +8,7 @@ enforces the size limit, and maps gfaas error codes to HTTP statuses.
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Mapping, Sequence
 from importlib import metadata
@@ -21,6 +22,7 @@ from starlette.routing import Route
 
 from services.ingress import oip, oip_response, oip_shm
 from services.ingress.shm_regions import ShmRegions
+from services.ingress.stats import InferenceStats
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.schema import (
@@ -87,6 +89,7 @@ STATUS_FOR_CODE: Final[Mapping[ErrorCode, int]] = {
     ErrorCode.MODEL_UNAVAILABLE: 500,
     ErrorCode.INTERNAL: 500,
 }
+JSON: Final = "application/json"
 # The protocol's health APIs answer false with a 4xx (Triton sends 400), not a 5xx.
 NOT_READY_STATUS: Final = 400
 
@@ -132,6 +135,7 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
         # Only where a CUDA region could be registered at all.
         extensions = (*extensions, oip.CUDA_EXTENSION)
     server_metadata = oip_response.server_metadata(_server_version(), extensions)
+    stats = InferenceStats()
 
     def known_model(request: Request) -> FunctionSpec:
         name: str = request.path_params["name"]
@@ -173,8 +177,23 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
         return JSONResponse({"name": spec.name, "ready": True})
 
     async def infer(request: Request) -> Response:
+        spec = known_model(request)
+        started = time.perf_counter_ns()
+        ok = False
         try:
-            spec = known_model(request)
+            response = await run_infer(request, spec)
+            ok = response.status_code == 200
+            return response
+        finally:
+            stats.record(
+                spec.name,
+                ok=ok,
+                ns=time.perf_counter_ns() - started,
+                now_ms=time.time_ns() // 1_000_000,
+            )
+
+    async def run_infer(request: Request, spec: FunctionSpec) -> Response:
+        try:
             body = await _read_body(request, max_payload)
             header_length = oip.parse_header_length(
                 request.headers.get(oip.HEADER_LENGTH), len(body)
@@ -204,6 +223,18 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
         if encoded.header_length is not None:
             headers[oip.HEADER_LENGTH] = str(encoded.header_length)
         return Response(encoded.body, media_type=encoded.media_type, headers=headers)
+
+    async def model_config(request: Request) -> Response:
+        return Response(oip_response.model_config(known_model(request)), media_type=JSON)
+
+    async def model_stats(request: Request) -> Response:
+        """One model's statistics, or every deployed model's (`/v2/models/stats`)."""
+        if "name" in request.path_params:
+            names = [known_model(request).name]
+        else:
+            names = [s.name for s in backend.specs()]
+        body = oip_response.model_statistics((n, stats.of(n)) for n in names)
+        return Response(body, media_type=JSON)
 
     async def repository_index(request: Request) -> Response:
         ready_only = oip.parse_index_request(await _read_body(request, max_payload))
@@ -265,6 +296,12 @@ def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
         Route("/v2", metadata_endpoint, methods=["GET"]),
         Route("/v2/health/live", live, methods=["GET"]),
         Route("/v2/health/ready", ready, methods=["GET"]),
+        # Before `/v2/models/{name}`: "stats" is not a model's name.
+        Route("/v2/models/stats", model_stats, methods=["GET"]),
+        Route(f"{model}/stats", model_stats, methods=["GET"]),
+        Route(f"{versioned}/stats", model_stats, methods=["GET"]),
+        Route(f"{model}/config", model_config, methods=["GET"]),
+        Route(f"{versioned}/config", model_config, methods=["GET"]),
         Route(model, model_metadata, methods=["GET"]),
         Route(versioned, model_metadata, methods=["GET"]),
         Route(f"{model}/ready", model_ready, methods=["GET"]),

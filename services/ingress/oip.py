@@ -28,7 +28,13 @@ PLATFORM: Final = "gfaas"
 # gfaas keeps one live deployment per function; OIP wants version strings, so every
 # function is served as version "1".
 MODEL_VERSION: Final = "1"
-EXTENSIONS: Final = ("binary_tensor_data", "model_repository", "system_shared_memory")
+EXTENSIONS: Final = (
+    "binary_tensor_data",
+    "model_repository",
+    "system_shared_memory",
+    "statistics",
+    "model_configuration",
+)
 # Advertised only where ingress can open CUDA IPC handles (see http.create_app).
 CUDA_EXTENSION: Final = "cuda_shared_memory"
 

@@ -22,6 +22,7 @@ from services.ingress.oip import (
     ShmRef,
     datatype_of,
 )
+from services.ingress.stats import ModelStats
 from shared.errors import GfaasError, bad_request
 from shared.schema import ErrorCode, FunctionSpec, Tensor, TensorSpec
 from shared.tensors import nbytes_of
@@ -200,3 +201,63 @@ def repository_index(specs: Iterable[FunctionSpec], *, serving: bool, ready_only
 
 def error_body(reason: str) -> bytes:
     return _json.encode({"error": reason})
+
+
+# -- Triton's model configuration and statistics extensions --------------------------------
+
+
+def _config_tensors(specs: Iterable[TensorSpec]) -> list[dict[str, object]]:
+    return [
+        {"name": t.name, "data_type": f"TYPE_{datatype_of(t.dtype)}", "dims": list(t.shape)}
+        for t in specs
+    ]
+
+
+def model_config(spec: FunctionSpec) -> bytes:
+    """Triton's model configuration, from the spec: no batching of gfaas's own (a
+    function sees the batch its caller sent), inputs and outputs as Triton types."""
+    return _json.encode(
+        {
+            "name": spec.name,
+            "platform": PLATFORM,
+            "backend": PLATFORM,
+            "max_batch_size": 0,
+            "input": _config_tensors(spec.inputs),
+            "output": _config_tensors(spec.outputs),
+            "parameters": {
+                "slo_ms": {"string_value": f"{spec.slo_ms:g}"},
+                "timeout_ms": {"string_value": str(spec.timeout_ms)},
+                "concurrency": {"string_value": str(spec.concurrency)},
+            },
+        }
+    )
+
+
+def model_statistics(entries: Iterable[tuple[str, ModelStats]]) -> bytes:
+    """Triton's statistics extension body. gfaas times each inference whole (success
+    and fail); the phases it does not measure apart are zero."""
+    zero = {"count": 0, "ns": 0}
+    stats = []
+    for name, s in entries:
+        count = s.success.count
+        stats.append(
+            {
+                "name": name,
+                "version": MODEL_VERSION,
+                "last_inference": s.last_inference_ms,
+                "inference_count": count,
+                "execution_count": count,
+                "inference_stats": {
+                    "success": {"count": count, "ns": s.success.ns},
+                    "fail": {"count": s.fail.count, "ns": s.fail.ns},
+                    "queue": zero,
+                    "compute_input": zero,
+                    "compute_infer": zero,
+                    "compute_output": zero,
+                    "cache_hit": zero,
+                    "cache_miss": zero,
+                },
+                "batch_stats": [],
+            }
+        )
+    return _json.encode({"model_stats": stats})
