@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.schema import FunctionSpec, WorkflowSpec, is_valid_function_name
+from shared.schema import FunctionSpec, TensorSpec, WorkflowSpec, is_valid_function_name
 
 INPUT = "$in"
 
@@ -133,3 +133,29 @@ def check_functions(plan: WorkflowPlan, specs: Mapping[str, FunctionSpec]) -> No
                         raise WorkflowError(
                             f"{src.key}: {stage.function} has no output {src.name!r}"
                         )
+
+
+def as_model(spec: WorkflowSpec, functions: Mapping[str, FunctionSpec]) -> FunctionSpec:
+    """A workflow as clients of one model see it (OIP metadata, the repository index,
+    as Triton shows an ensemble): its inputs, and each output with the dtype and shape
+    of the stage output it names (an output whose stage function declares none is left
+    out of the metadata, not guessed)."""
+    by_stage = {stage.name: functions.get(stage.function) for stage in spec.stages}
+    outputs: list[TensorSpec] = []
+    for name, text in spec.outputs.items():
+        stage, _, output = text.partition(".")
+        function = by_stage.get(stage)
+        declared = {t.name: t for t in function.outputs} if function is not None else {}
+        if output in declared:
+            outputs.append(
+                TensorSpec(name=name, dtype=declared[output].dtype, shape=declared[output].shape)
+            )
+    return FunctionSpec(
+        name=spec.name,
+        handler=f"workflow:{spec.name}",
+        inputs=list(spec.inputs),
+        outputs=outputs,
+        slo_ms=spec.slo_ms,
+        timeout_ms=spec.timeout_ms,
+        description=spec.description or f"workflow of {len(spec.stages)} stages",
+    )

@@ -172,3 +172,44 @@ async def _broker_leases(url: str) -> int:
         return int(leases)
     finally:
         await nc.drain()
+
+
+async def test_a_workflow_is_a_model_over_http(platform: Platform, nc: NATS) -> None:
+    from gfaas.client import Client
+    from shared.schema import StageSpec, WorkflowSpec
+
+    x_spec = [TensorSpec(name="x", dtype=DType.FLOAT32, shape=[-1, 3])]
+    inc = FunctionSpec(
+        name="inc",
+        handler="tests.funcs:add_one",
+        inputs=x_spec,
+        outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[-1, 3])],
+    )
+    twice = WorkflowSpec(
+        name="twice",
+        inputs=x_spec,
+        stages=[
+            StageSpec(name="a", function="inc", inputs={"x": "$in.x"}),
+            StageSpec(name="b", function="inc", inputs={"x": "a.y"}),
+        ],
+        outputs={"z": "b.y"},
+    )
+    await deploy_and_wait(nc, inc)
+    await Client(nc).deploy(twice)
+    url = base(platform)
+    await wait_http(url)
+    async with httpx.AsyncClient(base_url=url) as http:
+        with anyio.fail_after(5):  # until ingress's workflow registry has it
+            while (meta := await http.get("/v2/models/twice")).status_code != 200:
+                await anyio.sleep(0.05)
+        assert meta.json()["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 3]}]
+        assert meta.json()["outputs"] == [{"name": "z", "datatype": "FP32", "shape": [-1, 3]}]
+        assert (await http.get("/v2/models/twice/ready")).json()["ready"] is True
+        index = (await http.post("/v2/repository/index", json={})).json()
+        assert {m["name"] for m in index} == {"inc", "twice"}
+        body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
+        r = await http.post("/v2/models/twice/infer", json=body)
+        assert r.status_code == 200, r.text
+        (z,) = r.json()["outputs"]
+        assert z["name"] == "z"
+        assert z["data"] == [3.0, 4.0, 5.0]

@@ -36,7 +36,7 @@ from shared.schema import (
     error_reply,
     now_millis,
 )
-from shared.workflow import WorkflowError, WorkflowPlan, plan_workflow
+from shared.workflow import WorkflowError, WorkflowPlan, as_model, plan_workflow
 
 log = get_logger("ingress")
 
@@ -205,9 +205,14 @@ class Ingress:
         return self._connected()
 
     def specs(self) -> Sequence[FunctionSpec]:
-        return self.registry.all()
+        """Functions and workflows: both are models to an OIP client."""
+        functions = self.registry.specs
+        return [*self.registry.all(), *(as_model(w, functions) for w in self.workflows.all())]
 
     def spec(self, name: str) -> FunctionSpec | None:
+        workflow = self.workflows.get(name)
+        if workflow is not None and self.registry.get(name) is None:
+            return as_model(workflow, self.registry.specs)
         return self.registry.get(name)
 
     async def infer(
