@@ -19,8 +19,8 @@ from gfaas.supervisor import SERVICE_MODULES, Supervisor, run_up
 from shared.config import DEFAULT_NATS_URL, Settings, settings_from_env
 from shared.errors import GfaasError
 from shared.logs import configure_logging
-from shared.schema import InvokeReply, WorkflowSpec
-from shared.spec import SpecError, load_any
+from shared.schema import FunctionSpec, InvokeReply, WorkflowSpec
+from shared.spec import SpecError, check_fits, load_any
 
 SERVICE_NAMES = tuple(SERVICE_MODULES)
 
@@ -114,12 +114,30 @@ async def _deploy(url: str, paths: Sequence[Path]) -> None:
     specs = [load_any(p) for p in paths]
     async with _client(url) as client:
         for spec in specs:
+            if isinstance(spec, FunctionSpec):
+                await _check_devices(client, spec)
+        for spec in specs:
             await client.deploy(spec)
             if isinstance(spec, WorkflowSpec):
                 chain = ", ".join(f"{s.name}={s.function}" for s in spec.stages)
                 print(f"deployed workflow {spec.name} (stages {chain})")
             else:
                 print(f"deployed {spec.name} ({spec.kind}, handler {spec.handler})")
+
+
+async def _check_devices(client: Client, spec: FunctionSpec) -> None:
+    """Refuse a function no device of the cluster can hold: it would only ever wait."""
+    devices = await client.device_memory(spec.kind)
+    if not devices:
+        # A cluster still starting (or without a scheduler) is no reason to refuse.
+        print(
+            f"gfaas: warning: no worker answered; {spec.name}'s memory_mb is unchecked",
+            file=sys.stderr,
+        )
+        return
+    reason = check_fits(spec, devices)
+    if reason is not None:
+        raise SpecError(reason)
 
 
 async def _ls(url: str, as_json: bool) -> None:

@@ -33,6 +33,7 @@ from shared.schema import (
     H_MSG_ID,
     H_TENANT,
     ErrorCode,
+    FunctionKind,
     FunctionSpec,
     Handle,
     InvokeReply,
@@ -45,6 +46,7 @@ from shared.schema import (
     encode,
     new_invocation_id,
 )
+from shared.spec import check_function
 from shared.tensors import as_torch, dtype_of, from_value, to_numpy
 from shared.workflow import plan_workflow
 
@@ -57,6 +59,18 @@ def _tensors(inputs: Inputs) -> list[Tensor]:
     if isinstance(inputs, Mapping):
         return [from_value(name, value) for name, value in inputs.items()]
     return list(inputs)
+
+
+def memory_of_kind(kind: FunctionKind, workers: Mapping[str, Mapping[str, Any]]) -> list[int]:
+    """Device memory totals of the workers (scheduler status details) that a function
+    of `kind` may run on: workers of its kind, or any when none is (as the scheduler
+    places it). Workers that report no total are left out."""
+    gpu = kind is FunctionKind.GPU
+    totals = [(str(w.get("device", "")), int(w.get("memory_total", 0))) for w in workers.values()]
+    chosen = [t for device, t in totals if device.startswith("cuda") is gpu]
+    if not any(device.startswith("cuda") is gpu for device, _ in totals):
+        chosen = [t for _, t in totals]
+    return [t for t in chosen if t > 0]
 
 
 def outputs_of(reply: InvokeReply) -> dict[str, np.ndarray[Any, Any]]:
@@ -279,9 +293,13 @@ class Client:
 
     async def deploy(self, spec: FunctionSpec | WorkflowSpec) -> None:
         """Register a function or a workflow; one name is never both."""
+        # Checked as a spec file is (raising a ValueError): specs built in code too.
+        if isinstance(spec, WorkflowSpec):
+            plan_workflow(spec)
+        else:
+            check_function(spec, source=spec.name)
         functions, workflows = await self.registry(), await self.workflow_registry()
         if isinstance(spec, WorkflowSpec):
-            plan_workflow(spec)  # raises WorkflowError (a ValueError) on a bad DAG
             if await functions.fetch(spec.name) is not None:
                 raise ValueError(f"{spec.name!r} is already a function")
             await workflows.put(spec)
@@ -289,6 +307,15 @@ class Client:
             if await workflows.fetch(spec.name) is not None:
                 raise ValueError(f"{spec.name!r} is already a workflow")
             await functions.put(spec)
+
+    async def device_memory(self, kind: FunctionKind, *, timeout: float = 2.0) -> list[int]:
+        """Each device's total memory where a function of `kind` may run, as the
+        scheduler knows the workers; empty when no scheduler answers or none is known."""
+        try:
+            status = await self.status("scheduler", timeout=timeout)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            return []
+        return memory_of_kind(kind, status.details.get("workers", {}))
 
     async def remove(self, name: str) -> bool:
         removed = await (await self.registry()).delete(name)

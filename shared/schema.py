@@ -190,6 +190,15 @@ class FunctionSpec(_Msg):
     timeout_ms: int = 30_000
     concurrency: int = 1
     description: str = ""
+    # Instances, scaled from zero (issue 8): at least min_instances stay up, at most
+    # max_instances run (0: no limit), and an instance idle for idle_s goes away.
+    min_instances: int = 0
+    max_instances: int = 0
+    idle_s: float = 300.0
+    # Fixed shares of one device, as fractions: its SMs (MPS thread percentage, or a
+    # CPU's cores) and its time (a token window). 0: the autoscaler chooses.
+    sm_share: float = 0.0
+    time_quota: float = 0.0
 
 
 class InvokeRequest(_Msg):

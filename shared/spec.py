@@ -6,6 +6,7 @@ A file with `stages` (or a [workflow] table) is a workflow; anything else a func
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,13 @@ def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> FunctionSpec:
         spec = msgspec.convert(body, FunctionSpec)
     except msgspec.ValidationError as exc:
         raise SpecError(f"{source}: {exc}") from exc
+    check_function(spec, source=source)
+    return spec
+
+
+def check_function(spec: FunctionSpec, *, source: str = "<spec>") -> None:
+    """Raise SpecError naming the first thing wrong with `spec`: what a file load and
+    a deploy (which may come from code, not a file) both check."""
     if not is_valid_function_name(spec.name):
         raise SpecError(
             f"{source}: function name {spec.name!r} must match [a-z0-9][a-z0-9_-]{{0,62}}"
@@ -41,7 +49,40 @@ def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> FunctionSpec:
     for tensor in [*spec.inputs, *spec.outputs]:
         if any(d < -1 or d == 0 for d in tensor.shape):
             raise SpecError(f"{source}: {tensor.name}: dimensions are positive or -1")
-    return spec
+    _check_scaling(spec, source)
+
+
+def _check_scaling(spec: FunctionSpec, source: str) -> None:
+    if spec.min_instances < 0 or spec.max_instances < 0:
+        raise SpecError(f"{source}: min_instances and max_instances must not be negative")
+    if spec.max_instances and spec.min_instances > spec.max_instances:
+        raise SpecError(
+            f"{source}: min_instances ({spec.min_instances}) is above "
+            f"max_instances ({spec.max_instances})"
+        )
+    # Written as `not x >= 0` so that NaN (TOML allows it) is refused too.
+    if not spec.idle_s >= 0.0:
+        raise SpecError(f"{source}: idle_s ({spec.idle_s}) must not be negative")
+    for key, value in (("sm_share", spec.sm_share), ("time_quota", spec.time_quota)):
+        if not 0.0 <= value <= 1.0:
+            raise SpecError(
+                f"{source}: {key} ({value}) is a fraction of one device, from 0 to 1 "
+                "(0: the autoscaler chooses)"
+            )
+
+
+def check_fits(spec: FunctionSpec, device_memory_bytes: Sequence[int]) -> str | None:
+    """Why no device of these (each one's total memory) can hold an instance of
+    `spec`, or None when one can. No devices: nothing to check against, None."""
+    if not device_memory_bytes:
+        return None
+    largest = max(device_memory_bytes)
+    if spec.memory_mb * 1024 * 1024 <= largest:
+        return None
+    return (
+        f"{spec.name}: memory_mb {spec.memory_mb} does not fit any device "
+        f"(the largest has {largest // (1024 * 1024)} MB)"
+    )
 
 
 def parse_workflow(data: dict[str, Any], *, source: str = "<spec>") -> WorkflowSpec:

@@ -339,6 +339,7 @@ class Scheduler:
                     "outstanding": b.view.outstanding,
                     "resident": sorted(b.view.resident),
                     "memory_free": b.view.memory_free,
+                    "memory_total": b.view.memory_total,
                     "link_bandwidth": round(b.view.profile.link_bandwidth),
                     "swap_overhead_ms": round(b.view.profile.swap_overhead_s * 1000.0, 3),
                 }

@@ -1,0 +1,87 @@
+"""Spatial sharing of a CPU: each instance its own cores.
+
+An instance's spatial share is a fraction of the node's cores: it gets that many
+(rounded up, at least one), disjoint from every other instance's, so CPU-bound
+instances run side by side instead of time-slicing the same cores. The assignment
+is pure; `pin` applies one to a thread or a process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+
+from shared.sharing import ShareError
+
+EPS = 1e-9
+
+
+def node_cores() -> frozenset[int]:
+    """The cores this process may run on (a container's cpuset, not the host's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return frozenset(os.sched_getaffinity(0))
+    return frozenset(range(os.cpu_count() or 1))
+
+
+def cores_for(share: float, total: int) -> int:
+    """Cores for a share of `total`: rounded up (a share is a floor, not a ceiling),
+    at least one."""
+    if not 0.0 < share <= 1.0:
+        raise ShareError(f"core share {share} must be above 0 and at most 1")
+    # EPS: 0.7 * 10 is 7.000000000000001 in floats, and must stay 7.
+    return max(1, math.ceil(share * total - EPS))
+
+
+def assign_cores(
+    cores: Iterable[int],
+    shares: Mapping[str, float],
+    current: Mapping[str, frozenset[int]] | None = None,
+) -> dict[str, frozenset[int]]:
+    """Disjoint core sets for the instances in `shares`, given in that order.
+
+    An instance in `current` keeps its cores while they are still the right number
+    and on offer (moving a running instance costs it its caches). ShareError names
+    the first instance the cores run out for.
+    """
+    pool = sorted(set(cores))
+    wanted = {name: cores_for(share, len(pool)) for name, share in shares.items()}
+    kept = {
+        name: held
+        for name, held in (current or {}).items()
+        if name in wanted and len(held) == wanted[name] and held <= set(pool)
+    }
+    taken = set().union(*kept.values()) if kept else set()
+    assigned: dict[str, frozenset[int]] = {}
+    for name, count in wanted.items():
+        if name in kept:
+            assigned[name] = kept[name]
+            continue
+        free = [c for c in pool if c not in taken]
+        if len(free) < count:
+            raise ShareError(
+                f"{name} needs {count} of the node's {len(pool)} cores (share "
+                f"{shares[name]:g}) and {len(free)} are left: the cores are exhausted"
+            )
+        assigned[name] = frozenset(free[:count])
+        taken.update(free[:count])
+    return {name: assigned[name] for name in shares}
+
+
+def pin(cores: frozenset[int], *, pid: int = 0, torch_threads: bool = True) -> None:
+    """Run `pid` (0: the calling thread; threads it starts inherit this) on `cores`
+    only, and size torch's intra-op pool to match.
+
+    The torch pool is process-wide and its threads keep the affinity they started
+    with: pin an instance process before its first torch operation, and pass
+    `torch_threads=False` when pinning one thread among others.
+    """
+    if not cores:
+        raise ShareError("an instance needs at least one core")
+    if not hasattr(os, "sched_setaffinity"):
+        raise ShareError("this platform cannot pin threads to cores (no sched_setaffinity)")
+    os.sched_setaffinity(pid, cores)
+    if torch_threads:
+        import torch  # here, not at the top: assigning cores needs no torch
+
+        torch.set_num_threads(len(cores))
