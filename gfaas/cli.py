@@ -155,9 +155,9 @@ async def _ls(url: str, as_json: bool) -> None:
         print(f"{w.name:24} {'workflow':8} {'-':16} {w.slo_ms:7.0f}  {chain}")
 
 
-async def _rm(url: str, name: str) -> int:
+async def _rm(url: str, name: str, force: bool) -> int:
     async with _client(url) as client:
-        if await client.remove(name):
+        if await client.remove(name, force=force):
             print(f"removed {name}")
             return 0
     print(f"no function or workflow named {name}", file=sys.stderr)
@@ -286,10 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     nats_opt(ls, "NATS server")
     ls.set_defaults(func=lambda a: anyio.run(_ls, _url(a), a.json) or 0)
 
-    rm = sub.add_parser("rm", help="remove a function")
+    rm = sub.add_parser("rm", help="remove a function or a workflow")
     rm.add_argument("name")
+    rm.add_argument(
+        "--force", action="store_true", help="remove a function even if workflows use it"
+    )
     nats_opt(rm, "NATS server")
-    rm.set_defaults(func=lambda a: anyio.run(_rm, _url(a), a.name))
+    rm.set_defaults(func=lambda a: anyio.run(_rm, _url(a), a.name, a.force))
 
     model = sub.add_parser("model", help="model weights in the object store")
     model_sub = model.add_subparsers(dest="model_command", required=True)

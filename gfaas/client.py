@@ -48,7 +48,7 @@ from shared.schema import (
 )
 from shared.spec import check_function
 from shared.tensors import as_torch, dtype_of, from_value, to_numpy
-from shared.workflow import plan_workflow
+from shared.workflow import check_functions, check_tensors, plan_workflow
 
 Inputs = Mapping[str, Any] | Sequence[Tensor]
 # With the whole request over the bus limit, inputs above this size go by handle.
@@ -302,10 +302,23 @@ class Client:
         if isinstance(spec, WorkflowSpec):
             if await functions.fetch(spec.name) is not None:
                 raise ValueError(f"{spec.name!r} is already a function")
+            # Every stage's function is deployed and gets what it declares, so the
+            # workflow cannot fail at its first call for want of one.
+            plan = plan_workflow(spec)
+            deployed = {f.name: f for f in await functions.fetch_all()}
+            check_functions(plan, deployed)
+            check_tensors(plan, deployed)
             await workflows.put(spec)
         else:
             if await workflows.fetch(spec.name) is not None:
                 raise ValueError(f"{spec.name!r} is already a workflow")
+            if spec.model:
+                store = await ModelStore.open(self.nc.jetstream(), replicas=self.replicas)
+                if not await store.size(spec.model):
+                    raise ValueError(
+                        f"{spec.name}: model {spec.model!r} is not in the model store; "
+                        f"push it first (gfaas model push {spec.model} FILE)"
+                    )
             await functions.put(spec)
 
     async def device_memory(self, kind: FunctionKind, *, timeout: float = 2.0) -> list[int]:
@@ -317,9 +330,24 @@ class Client:
             return []
         return memory_of_kind(kind, status.details.get("workers", {}))
 
-    async def remove(self, name: str) -> bool:
+    async def remove(self, name: str, *, force: bool = False) -> bool:
+        """Remove a function or a workflow. A function that deployed workflows use is
+        refused (ValueError naming them) unless `force`: they would fail at their
+        next call."""
+        workflows = await self.workflow_registry()
+        if not force:
+            users = sorted(
+                w.name
+                for w in await workflows.fetch_all()
+                if any(s.function == name for s in w.stages)
+            )
+            if users:
+                raise ValueError(
+                    f"{name!r} is used by workflow(s) {', '.join(users)}; "
+                    "remove those first or force it (gfaas rm --force)"
+                )
         removed = await (await self.registry()).delete(name)
-        return await (await self.workflow_registry()).delete(name) or removed
+        return await workflows.delete(name) or removed
 
     async def functions(self) -> list[FunctionSpec]:
         return await (await self.registry()).fetch_all()

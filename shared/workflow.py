@@ -159,3 +159,38 @@ def as_model(spec: WorkflowSpec, functions: Mapping[str, FunctionSpec]) -> Funct
         timeout_ms=spec.timeout_ms,
         description=spec.description or f"workflow of {len(spec.stages)} stages",
     )
+
+
+def _fits(produced: TensorSpec, wanted: TensorSpec) -> bool:
+    """Can a tensor declared as `produced` be passed where `wanted` is declared? Same
+    dtype and rank; each dimension fixed in both is equal (-1 matches anything)."""
+    if produced.dtype != wanted.dtype or len(produced.shape) != len(wanted.shape):
+        return False
+    return all(p == w or p < 0 or w < 0 for p, w in zip(produced.shape, wanted.shape, strict=True))
+
+
+def check_tensors(plan: WorkflowPlan, specs: Mapping[str, FunctionSpec]) -> None:
+    """Every stage input gets what it declares: the workflow input or the producing
+    stage's output it reads has the same dtype and a compatible shape (where both
+    sides declare them). Raises WorkflowError naming the first mismatch."""
+    declared_inputs = {t.name: t for t in plan.spec.inputs}
+    stages = {s.name: s for s in plan.spec.stages}
+    for stage_name, sources in plan.sources.items():
+        consumer = specs.get(stages[stage_name].function)
+        if consumer is None:
+            continue
+        wanted = {t.name: t for t in consumer.inputs}
+        for arg, src in sources.items():
+            if arg not in wanted:
+                continue
+            if src.stage == INPUT:
+                produced = declared_inputs.get(src.name)
+            else:
+                producer = specs.get(stages[src.stage].function)
+                outs = {t.name: t for t in producer.outputs} if producer is not None else {}
+                produced = outs.get(src.name)
+            if produced is not None and not _fits(produced, wanted[arg]):
+                raise WorkflowError(
+                    f"stage {stage_name}: input {arg!r} wants {wanted[arg].dtype}"
+                    f"{wanted[arg].shape}, but {src.key} is {produced.dtype}{produced.shape}"
+                )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import anyio
 import msgspec
 import numpy as np
 import pytest
@@ -144,8 +145,16 @@ async def test_output_over_the_bus_limit_becomes_an_error(platform: Platform, nc
 async def test_model_missing_from_the_store_gets_an_error_reply(
     platform: Platform, nc: NATS
 ) -> None:
+    from gfaas.client import Client
+
     spec = FunctionSpec(name="scale", handler="tests.funcs:Scale", model="not-pushed")
-    await deploy_and_wait(nc, ECHO, spec)
+    # `deploy` refuses it now (test_deploy_checks.py); a spec registered around it (an
+    # older client, a model deleted since) must still get a clear error at its call.
+    await (await Client(nc).registry()).put(spec)
+    await deploy_and_wait(nc, ECHO)
+    with anyio.fail_after(5):  # ingress's registry watch sees it too
+        while "scale" not in (await Client(nc).status("ingress")).details["functions"]:
+            await anyio.sleep(0.02)
     reason = await expect_error(nc, "scale", body(x=GOOD), "model_unavailable")
     assert "not-pushed" in reason
 

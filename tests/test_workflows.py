@@ -175,7 +175,14 @@ async def test_a_failing_stage_fails_the_workflow_and_releases_everything(
 async def test_a_workflow_over_a_missing_function_is_refused(platform: Platform, nc: NATS) -> None:
     client = Client(nc)
     lonely = msgspec.structs.replace(DIAMOND, name="lonely")
-    await deploy_all(client, FUNCS[0], lonely)
+    # Deploy refuses it while a stage's function is missing (test_deploy_checks.py);
+    # one removed by force afterwards is refused when the workflow runs.
+    with pytest.raises(ValueError, match="not deployed"):
+        await deploy_all(client, FUNCS[0], lonely)
+    await deploy_all(client, *FUNCS, lonely)
+    used = {s.function for s in lonely.stages} - {FUNCS[0].name}
+    for name in used:
+        assert await client.remove(name, force=True)
     with pytest.raises(GfaasError) as info:
         await client.invoke("lonely", {"x": np.ones(2, np.float32)})
     assert info.value.code == "unknown_function"
