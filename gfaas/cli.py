@@ -62,7 +62,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
 
     def announce(url: str) -> bool:
-        print(f"gfaas is up: NATS {url}, HTTP http://127.0.0.1:{settings.http_port} (Ctrl-C stops)")
+        grpc = f", gRPC 127.0.0.1:{settings.grpc_port}" if settings.grpc_enabled else ""
+        http = f"HTTP http://127.0.0.1:{settings.http_port}{grpc}"
+        print(f"gfaas is up: NATS {url}, {http} (Ctrl-C stops)")
         return True
 
     run_up(sup, announce)

@@ -58,6 +58,8 @@ def service_env(settings: Settings, nats_url: str, **extra: str) -> dict[str, st
             "GFAAS_LOG_LEVEL": settings.log_level,
             "GFAAS_HTTP_HOST": settings.http_host,
             "GFAAS_HTTP_PORT": str(settings.http_port),
+            "GFAAS_GRPC_PORT": str(settings.grpc_port),
+            "GFAAS_GRPC_ENABLED": str(settings.grpc_enabled).lower(),
             "GFAAS_POLICY": settings.policy,
             "GFAAS_MAX_PAYLOAD": str(settings.max_payload),
             "GFAAS_THREADS": str(settings.threads),

@@ -15,6 +15,8 @@ from typing import Any, Final
 
 DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
 DEFAULT_HTTP_PORT: Final = 8000
+# Triton's gRPC port.
+DEFAULT_GRPC_PORT: Final = 8001
 # Headroom under the server's max_payload for headers and envelope fields.
 PAYLOAD_HEADROOM: Final = 16 * 1024
 
@@ -40,6 +42,9 @@ class Settings:
     http_host: str = "0.0.0.0"
     http_port: int = DEFAULT_HTTP_PORT
     http_enabled: bool = True
+    # The gRPC Open Inference Protocol front, on http_host too.
+    grpc_port: int = DEFAULT_GRPC_PORT
+    grpc_enabled: bool = True
     async_concurrency: int = 16
     # Async invocations: a delivery not acknowledged (nor kept alive by in-progress
     # acks) within this long goes to another ingress; a fault that is not the

@@ -44,6 +44,7 @@ class Platform:
     url: str
     http_port: int
     state_dir: Path
+    grpc_port: int = 0
     stops: dict[str, anyio.Event] = field(default_factory=dict)
     futures: dict[str, Any] = field(default_factory=dict)
 
@@ -67,6 +68,7 @@ def settings_for(url: str, state_dir: Path, **overrides: Any) -> Settings:
         "state_dir": state_dir,
         "http_host": "127.0.0.1",
         "http_port": free_port(),
+        "grpc_port": free_port(),
         "heartbeat_s": 0.1,
         "worker_timeout_s": 1.0,
         "capacity": 8,
@@ -83,7 +85,13 @@ def platform_at(
 ) -> Iterator[Platform]:
     settings = settings_for(url, state_dir, **overrides)
     with start_blocking_portal("asyncio") as portal:
-        p = Platform(portal=portal, url=url, http_port=settings.http_port, state_dir=state_dir)
+        p = Platform(
+            portal=portal,
+            url=url,
+            http_port=settings.http_port,
+            state_dir=state_dir,
+            grpc_port=settings.grpc_port,
+        )
         try:
             for i in range(workers):
                 worker_settings = Settings(**{**settings.__dict__, "worker_id": f"w{i}"})

@@ -91,6 +91,7 @@ def service_env(
         GFAAS_NATS_URL=url,
         GFAAS_STATE_DIR=str(state),
         GFAAS_HTTP_ENABLED="0",
+        GFAAS_GRPC_ENABLED="0",
         GFAAS_HEARTBEAT_S="0.2",
         GFAAS_WORKER_TIMEOUT_S="1.0",
         GFAAS_SCHEDULER_TIMEOUT_S="1.0",

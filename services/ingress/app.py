@@ -10,6 +10,8 @@ server and the lifetimes; what each subject does lives beside it.
 - `gfaas.v1.result.<id>`: async_path.py, from the results KV.
 - grants, done notes, lost workers, scheduler beats: dispatch.py's books.
 - HTTP (KServe v2 / Triton): http.py, with shared-memory regions staged by staging.py.
+- gRPC (the same protocol, `inference.GRPCInferenceService`): grpc_front.py, over the
+  same Ingress; both fronts keep one set of inference statistics.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from services.ingress.async_path import AsyncInvocations
 from services.ingress.dispatch import Dispatcher
 from services.ingress.handlers import Ingress
 from services.ingress.shm_regions import ShmRegions
+from services.ingress.stats import InferenceStats
 from shared import jetstream, subjects
 from shared.bus import (
     NatsBus,
@@ -59,13 +62,15 @@ PRUNE_S = 1.0
 DIRECT_TICK_S = 0.1
 
 
-async def _serve_http(ingress: Ingress, settings: Settings, stop: anyio.Event) -> None:
+async def _serve_http(
+    ingress: Ingress, settings: Settings, stop: anyio.Event, stats: InferenceStats
+) -> None:
     import uvicorn
 
     from services.ingress.http import create_app
 
     config = uvicorn.Config(
-        create_app(ingress, max_payload=ingress.max_payload),
+        create_app(ingress, max_payload=ingress.max_payload, stats=stats),
         host=settings.http_host,
         port=settings.http_port,
         log_level="warning",
@@ -171,10 +176,27 @@ async def serve(
                 # Workflow outputs and shared-memory staging map pool slabs here.
                 service_tg.start_soon(every, PRUNE_S, prune_mappings)
                 await serve_status(nc, "ingress", instance, details)
-                # Both end by themselves once `stop` is set, after their in-flight work.
+                # Each ends by itself once `stop` is set, after its in-flight work.
                 intake.start_soon(asyncs.consume, stop)
+                stats = InferenceStats()
                 if settings.http_enabled:
-                    intake.start_soon(_serve_http, ingress, settings, stop)
+                    intake.start_soon(_serve_http, ingress, settings, stop, stats)
+                if settings.grpc_enabled:
+                    # Started, not started soon: a port that cannot be bound fails
+                    # ingress's start instead of leaving it up without gRPC.
+                    from services.ingress import grpc_front
+
+                    await intake.start(
+                        functools.partial(
+                            grpc_front.serve,
+                            ingress,
+                            host=settings.http_host,
+                            port=settings.grpc_port,
+                            max_payload=max_payload,
+                            stop=stop,
+                            stats=stats,
+                        )
+                    )
                 task_status.started()
                 await stop.wait()
                 await invoke_sub.drain()

@@ -128,14 +128,17 @@ def _server_version() -> str:
         return "0+unknown"
 
 
-def create_app(backend: InferenceBackend, *, max_payload: int) -> Starlette:
-    """The OIP HTTP app; request bodies over `max_payload` bytes get 413."""
+def create_app(
+    backend: InferenceBackend, *, max_payload: int, stats: InferenceStats | None = None
+) -> Starlette:
+    """The OIP HTTP app; request bodies over `max_payload` bytes get 413. `stats` may be
+    shared with the gRPC front, so either protocol's statistics count both."""
     extensions: tuple[str, ...] = oip.EXTENSIONS
     if backend.regions.cuda.available():
         # Only where a CUDA region could be registered at all.
         extensions = (*extensions, oip.CUDA_EXTENSION)
     server_metadata = oip_response.server_metadata(_server_version(), extensions)
-    stats = InferenceStats()
+    stats = stats if stats is not None else InferenceStats()
 
     def known_model(request: Request) -> FunctionSpec:
         name: str = request.path_params["name"]

@@ -1,0 +1,269 @@
+"""The gRPC Open Inference Protocol front of ingress (KServe v2
+`inference.GRPCInferenceService`, as Triton serves it on port 8001).
+
+A `grpc.aio` server over the same InferenceBackend as the HTTP front (http.py), so
+`tritonclient.grpc` works against gfaas. Message conversions live in grpc_codec.py;
+this module looks models up, runs the calls and maps gfaas error codes to gRPC
+status codes, the reason as the status details.
+
+Not served (the server answers UNIMPLEMENTED): ModelStreamInfer (decoupled
+streaming), TraceSetting and LogSettings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+
+import anyio
+import grpc
+from anyio.abc import TaskStatus
+
+from services.ingress import grpc_codec, oip, oip_response, proto
+from services.ingress.http import _PASSED_HEADERS, InferenceBackend, _server_version
+from services.ingress.stats import InferenceStats
+from shared.errors import GfaasError
+from shared.logs import get_logger
+from shared.schema import ErrorCode, FunctionSpec
+
+log = get_logger("ingress.grpc")
+
+STATUS_FOR_CODE: Final[Mapping[ErrorCode, grpc.StatusCode]] = {
+    ErrorCode.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NO_POOL: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.UNKNOWN_FUNCTION: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.PAYLOAD_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # Transient, not the caller's fault: UNAVAILABLE is the code gRPC clients retry.
+    ErrorCode.OVERLOADED: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.NO_WORKER: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.WORKER_LOST: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorCode.SUPERSEDED: grpc.StatusCode.ABORTED,
+    ErrorCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorCode.HANDLER_ERROR: grpc.StatusCode.INTERNAL,
+    ErrorCode.MODEL_UNAVAILABLE: grpc.StatusCode.INTERNAL,
+    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+# How long in-flight calls may run on once ingress is told to stop.
+GRACE_S: Final = 10.0
+# Protobuf framing around the tensors: the payload limit is on the tensors.
+_FRAMING_BYTES: Final = 64 * 1024
+
+_Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def status_for(code: ErrorCode) -> grpc.StatusCode:
+    return STATUS_FOR_CODE.get(code, grpc.StatusCode.INTERNAL)
+
+
+def _passed_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    # gRPC metadata keys arrive lower-cased, as the HTTP front reads its headers.
+    metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+    return {name: metadata[key] for key, name in _PASSED_HEADERS.items() if key in metadata}
+
+
+def _guarded(method: str, fn: _Handler) -> _Handler:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(request, context)
+        except GfaasError as exc:
+            code, details = status_for(exc.code), f"{exc.code}: {exc.reason}"
+        except Exception:
+            # A broken backend must still answer with a status, not a dropped stream.
+            log.exception("grpc call failed", method=method)
+            code = grpc.StatusCode.INTERNAL
+            details = f"{ErrorCode.INTERNAL}: {method} failed inside gfaas ingress"
+        await context.abort(code, details)
+
+    return handler
+
+
+def create_handler(
+    backend: InferenceBackend, *, stats: InferenceStats | None = None
+) -> grpc.GenericRpcHandler:
+    """The service's RPCs over `backend`; `stats` may be shared with the HTTP front."""
+    extensions: tuple[str, ...] = oip.EXTENSIONS
+    if backend.regions.cuda.available():
+        extensions = (*extensions, oip.CUDA_EXTENSION)
+    server_metadata = grpc_codec.server_metadata(_server_version(), extensions)
+    books = stats if stats is not None else InferenceStats()
+    message = proto.message
+
+    def known_model(name: str, version: str) -> FunctionSpec:
+        spec = backend.spec(name)
+        if spec is None:
+            raise GfaasError(ErrorCode.UNKNOWN_FUNCTION, f"model {name!r} is not deployed")
+        if version and version != oip.MODEL_VERSION:
+            raise GfaasError(
+                ErrorCode.UNKNOWN_FUNCTION,
+                f"model {name!r} has no version {version!r} "
+                f"(gfaas serves version {oip.MODEL_VERSION!r})",
+            )
+        return spec
+
+    async def server_live(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        # Answering at all is liveness: the event loop runs.
+        return message("ServerLiveResponse")(live=True)
+
+    async def server_ready(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return message("ServerReadyResponse")(ready=backend.ready())
+
+    async def model_ready(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        # A yes/no question: an unknown model is not ready (tritonclient.http reads
+        # HTTP's 404 the same way).
+        try:
+            known_model(request.name, request.version)
+        except GfaasError:
+            return message("ModelReadyResponse")(ready=False)
+        return message("ModelReadyResponse")(ready=backend.ready())
+
+    async def server_metadata_rpc(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return server_metadata
+
+    async def model_metadata(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return grpc_codec.model_metadata(known_model(request.name, request.version))
+
+    async def model_infer(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        spec = known_model(request.model_name, request.model_version)
+        started = time.perf_counter_ns()
+        ok = False
+        try:
+            response = await run_infer(request, spec, context)
+            ok = True
+            return response
+        finally:
+            books.record(
+                spec.name,
+                ok=ok,
+                ns=time.perf_counter_ns() - started,
+                now_ms=time.time_ns() // 1_000_000,
+            )
+
+    async def run_infer(request: Any, spec: FunctionSpec, context: grpc.aio.ServicerContext) -> Any:
+        parsed = grpc_codec.parse_infer_request(request)
+        parsed = grpc_codec.with_deadline(parsed, context.time_remaining())
+        oip_response.check_requested_outputs(parsed, spec)
+        headers = _passed_headers(context)
+        if parsed.uses_shm:
+            reply = await backend.infer_shm(spec.name, parsed, headers)
+        else:
+            reply = await backend.infer(spec.name, parsed.invoke, headers)
+        if reply.error is not None:
+            raise GfaasError.from_info(reply.error)
+        return grpc_codec.encode_infer_response(
+            spec.name, parsed, reply.outputs, response_id=parsed.id or reply.invocation_id
+        )
+
+    async def model_config(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return grpc_codec.model_config(known_model(request.name, request.version))
+
+    async def model_statistics(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request.name:
+            names = [known_model(request.name, request.version).name]
+        else:
+            names = [s.name for s in backend.specs()]
+        return grpc_codec.model_statistics((n, books.of(n)) for n in names)
+
+    async def repository_index(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return grpc_codec.repository_index(
+            backend.specs(), serving=backend.ready(), ready_only=request.ready
+        )
+
+    async def repository_control(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        raise GfaasError(
+            ErrorCode.BAD_REQUEST,
+            "gfaas deploys models through its function registry (`gfaas deploy`); "
+            "the repository load/unload API is not supported",
+        )
+
+    async def shm_status(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return grpc_codec.shm_status(backend.regions.status(request.name or None))
+
+    async def shm_register(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        backend.regions.register(request.name, request.key, request.offset, request.byte_size)
+        return message("SystemSharedMemoryRegisterResponse")()
+
+    async def shm_unregister(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        backend.regions.unregister(request.name or None)
+        return message("SystemSharedMemoryUnregisterResponse")()
+
+    async def cuda_status(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return grpc_codec.cuda_status(backend.regions.cuda.status(request.name or None))
+
+    async def cuda_register(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        raw = grpc_codec.cuda_raw_handle(request.raw_handle)
+        backend.regions.cuda.register(request.name, raw, request.device_id, request.byte_size)
+        return message("CudaSharedMemoryRegisterResponse")()
+
+    async def cuda_unregister(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        backend.regions.cuda.unregister(request.name or None)
+        return message("CudaSharedMemoryUnregisterResponse")()
+
+    rpcs: dict[str, _Handler] = {
+        "ServerLive": server_live,
+        "ServerReady": server_ready,
+        "ModelReady": model_ready,
+        "ServerMetadata": server_metadata_rpc,
+        "ModelMetadata": model_metadata,
+        "ModelInfer": model_infer,
+        "ModelConfig": model_config,
+        "ModelStatistics": model_statistics,
+        "RepositoryIndex": repository_index,
+        "RepositoryModelLoad": repository_control,
+        "RepositoryModelUnload": repository_control,
+        "SystemSharedMemoryStatus": shm_status,
+        "SystemSharedMemoryRegister": shm_register,
+        "SystemSharedMemoryUnregister": shm_unregister,
+        "CudaSharedMemoryStatus": cuda_status,
+        "CudaSharedMemoryRegister": cuda_register,
+        "CudaSharedMemoryUnregister": cuda_unregister,
+    }
+    methods = {m.name: m for m in proto.service().methods}
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            _guarded(name, fn),
+            request_deserializer=message(methods[name].input_type.name).FromString,
+            response_serializer=message(methods[name].output_type.name).SerializeToString,
+        )
+        for name, fn in rpcs.items()
+    }
+    return grpc.method_handlers_generic_handler(proto.SERVICE, handlers)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(
+    backend: InferenceBackend,
+    *,
+    host: str,
+    port: int,
+    max_payload: int,
+    stop: anyio.Event,
+    stats: InferenceStats | None = None,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until `stop` is set, then stop taking calls and let in-flight ones finish
+    within GRACE_S. Reports the bound port once listening."""
+    server = grpc.aio.server(
+        options=[
+            # Larger requests get RESOURCE_EXHAUSTED from gRPC itself, before decoding.
+            ("grpc.max_receive_message_length", max_payload + _FRAMING_BYTES),
+            ("grpc.max_send_message_length", -1),
+            # Replicas of ingress on one host share the port, as they share HTTP's.
+            ("grpc.so_reuseport", 1),
+        ]
+    )
+    server.add_generic_rpc_handlers((create_handler(backend, stats=stats),))
+    bound = server.add_insecure_port(_address(host, port))
+    await server.start()
+    try:
+        task_status.started(bound)
+        await stop.wait()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await server.stop(GRACE_S)

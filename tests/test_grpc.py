@@ -1,0 +1,200 @@
+"""gRPC (Open Inference Protocol, `inference.GRPCInferenceService`) against the running
+platform, through the unmodified Triton gRPC client and its generated stubs."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from services.ingress import grpc_codec
+from shared.errors import GfaasError
+from shared.schema import DType, ErrorCode, FunctionSpec, TensorSpec
+from tests.helpers import deploy_and_wait
+from tests.platform import Platform
+
+pytestmark = pytest.mark.nats
+
+ADD_ONE = FunctionSpec(
+    name="add-one",
+    handler="tests.funcs:add_one",
+    inputs=[TensorSpec(name="x", dtype=DType.FLOAT32, shape=[-1, 3])],
+    outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[-1, 3])],
+)
+BOOM = FunctionSpec(name="boom", handler="tests.funcs:boom")
+
+
+async def _deploy(url: str, *specs: FunctionSpec) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    try:
+        await deploy_and_wait(nc, *specs)
+    finally:
+        await nc.drain()
+
+
+def connected_client(platform: Platform, *specs: FunctionSpec) -> triton.InferenceServerClient:
+    """A Triton gRPC client once ingress serves `specs` (default: add-one)."""
+    anyio.run(_deploy, platform.url, *(specs or (ADD_ONE,)))
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{platform.grpc_port}")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if client.is_server_ready():
+                return client
+        except InferenceServerException:
+            pass
+        assert time.monotonic() < deadline, "the gRPC front never became ready"
+        time.sleep(0.05)
+
+
+def test_triton_grpc_client_works_unchanged(platform: Platform) -> None:
+    client = connected_client(platform)
+    try:
+        assert client.is_server_live()
+        assert client.is_model_ready("add-one")
+        assert not client.is_model_ready("nope")
+        server = client.get_server_metadata(as_json=True)
+        assert server["name"] == "gfaas"
+        assert "system_shared_memory" in server["extensions"]
+        meta = client.get_model_metadata("add-one", as_json=True)
+        assert meta["versions"] == ["1"]
+        assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": ["-1", "3"]}]
+        index = client.get_model_repository_index(as_json=True)["models"]
+        assert {"name": "add-one", "version": "1", "state": "READY"} in index
+
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        inp = triton.InferInput("x", [2, 3], "FP32")
+        inp.set_data_from_numpy(x)
+        result = client.infer("add-one", [inp], outputs=[triton.InferRequestedOutput("y")])
+        np.testing.assert_array_equal(result.as_numpy("y"), x + 1)
+        # Without outputs named: every output the function produces.
+        np.testing.assert_array_equal(client.infer("add-one", [inp]).as_numpy("y"), x + 1)
+
+        stats = client.get_inference_statistics("add-one", as_json=True)
+        (model,) = stats["model_stats"]
+        assert model["inference_stats"]["success"]["count"] == "2"
+        config = client.get_model_config("add-one", as_json=True)["config"]
+        assert config["input"] == [{"name": "x", "data_type": "TYPE_FP32", "dims": ["-1", "3"]}]
+    finally:
+        client.close()
+
+
+def test_grpc_errors_map_to_status_codes(platform: Platform) -> None:
+    client = connected_client(platform, ADD_ONE, BOOM)
+    x = np.ones((1, 3), dtype=np.float32)
+    inp = triton.InferInput("x", [1, 3], "FP32")
+    inp.set_data_from_numpy(x)
+    try:
+        with pytest.raises(InferenceServerException, match="'nope'") as unknown:
+            client.infer("nope", [inp])
+        assert unknown.value.status() == "StatusCode.NOT_FOUND"
+        with pytest.raises(InferenceServerException, match="'nope'"):
+            client.get_model_metadata("nope")
+
+        wrong = triton.InferInput("x", [1, 3], "FP64")
+        wrong.set_data_from_numpy(x.astype(np.float64))
+        with pytest.raises(InferenceServerException, match="invalid_input") as invalid:
+            client.infer("add-one", [wrong])
+        assert invalid.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+        short = triton.InferInput("x", [2, 3], "FP32")
+        short._raw_content = x.tobytes()  # 12 bytes for a [2, 3] FP32 tensor
+        with pytest.raises(InferenceServerException, match="do not match") as bad:
+            client.infer("add-one", [short])
+        assert bad.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+        with pytest.raises(InferenceServerException, match="handler_error") as failed:
+            client.infer("boom", [inp])
+        assert failed.value.status() == "StatusCode.INTERNAL"
+    finally:
+        client.close()
+
+
+def test_typed_contents_are_read_as_raw_ones_are(platform: Platform) -> None:
+    connected_client(platform).close()
+    request = service_pb2.ModelInferRequest(model_name="add-one", id="typed")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, 3])
+    tensor.contents.fp32_contents.extend([1.0, 2.0, 3.0])
+    with grpc.insecure_channel(f"127.0.0.1:{platform.grpc_port}") as channel:
+        reply = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+    assert reply.id == "typed"
+    assert [(o.name, o.datatype, list(o.shape)) for o in reply.outputs] == [("y", "FP32", [1, 3])]
+    np.testing.assert_array_equal(np.frombuffer(reply.raw_output_contents[0], "<f4"), [2, 3, 4])
+
+
+def test_triton_system_shared_memory_over_grpc(platform: Platform) -> None:
+    import tritonclient.utils.shared_memory as shm
+
+    client = connected_client(platform)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    nbytes = x.nbytes
+    key_in, key_out = (
+        f"/gfaas-grpc-in-{platform.grpc_port}",
+        f"/gfaas-grpc-out-{platform.grpc_port}",
+    )
+    region_in = shm.create_shared_memory_region("input", key_in, nbytes)
+    region_out = shm.create_shared_memory_region("output", key_out, nbytes)
+    try:
+        shm.set_shared_memory_region(region_in, [x])
+        client.register_system_shared_memory("input", key_in, nbytes)
+        client.register_system_shared_memory("output", key_out, nbytes)
+        status = client.get_system_shared_memory_status(as_json=True)
+        assert set(status["regions"]) == {"input", "output"}
+        inp = triton.InferInput("x", [2, 3], "FP32")
+        inp.set_shared_memory("input", nbytes)
+        out = triton.InferRequestedOutput("y")
+        out.set_shared_memory("output", nbytes)
+        result = client.infer("add-one", [inp], outputs=[out])
+        # The message, not as_json: tritonclient's get_output(as_json=True) returns None.
+        answer = result.get_output("y")
+        assert answer.parameters["shared_memory_region"].string_param == "output"
+        y = shm.get_contents_as_numpy(region_out, np.float32, [2, 3])
+        np.testing.assert_array_equal(y, x + 1)
+        client.unregister_system_shared_memory()
+        assert client.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}
+    finally:
+        shm.destroy_shared_memory_region(region_in)
+        shm.destroy_shared_memory_region(region_out)
+        client.close()
+
+
+# -- the codec alone ---------------------------------------------------------------------
+
+
+def _request(**fields: object) -> service_pb2.ModelInferRequest:
+    return service_pb2.ModelInferRequest(model_name="m", **fields)
+
+
+@pytest.mark.unit
+def test_typed_integers_outside_the_datatype_are_refused() -> None:
+    request = _request()
+    tensor = request.inputs.add(name="x", datatype="INT8", shape=[2])
+    tensor.contents.int_contents.extend([1, 300])
+    with pytest.raises(GfaasError, match="INT8 range") as caught:
+        grpc_codec.parse_infer_request(request)
+    assert caught.value.code == ErrorCode.BAD_REQUEST
+
+
+@pytest.mark.unit
+def test_raw_contents_must_cover_every_input_not_in_shared_memory() -> None:
+    request = _request(raw_input_contents=[b"\0" * 4, b"\0" * 4])
+    request.inputs.add(name="x", datatype="FP32", shape=[1])
+    with pytest.raises(GfaasError, match="2 entries for 1 inputs"):
+        grpc_codec.parse_infer_request(request)
+
+
+@pytest.mark.unit
+def test_the_grpc_deadline_becomes_the_invocation_timeout() -> None:
+    request = _request(raw_input_contents=[b"\0" * 4])
+    request.inputs.add(name="x", datatype="FP32", shape=[1])
+    parsed = grpc_codec.parse_infer_request(request)
+    assert grpc_codec.with_deadline(parsed, 2.5).invoke.timeout_ms == 2500
+    assert grpc_codec.with_deadline(parsed, None).invoke.timeout_ms == 0
