@@ -118,8 +118,10 @@ async def _deploy(url: str, paths: Sequence[Path]) -> None:
         for spec in specs:
             if isinstance(spec, FunctionSpec):
                 await _check_devices(client, spec)
+                await _check_handler(client, spec)
         for spec in specs:
-            await client.deploy(spec)
+            # Handlers were checked above, before any spec was registered.
+            await client.deploy(spec, handler_check=False)
             if isinstance(spec, WorkflowSpec):
                 chain = ", ".join(f"{s.name}={s.function}" for s in spec.stages)
                 print(f"deployed workflow {spec.name} (stages {chain})")
@@ -140,6 +142,17 @@ async def _check_devices(client: Client, spec: FunctionSpec) -> None:
     reason = check_fits(spec, devices)
     if reason is not None:
         raise SpecError(reason)
+
+
+async def _check_handler(client: Client, spec: FunctionSpec) -> None:
+    """Refuse a handler a worker cannot import (a ValueError with its reason)."""
+    if not await client.check_handler(spec):
+        # As for memory: a cluster without workers yet is no reason to refuse.
+        print(
+            f"gfaas: warning: no worker checked {spec.name}'s handler {spec.handler}; "
+            "it is unchecked",
+            file=sys.stderr,
+        )
 
 
 async def _ls(url: str, as_json: bool) -> None:

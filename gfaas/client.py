@@ -24,6 +24,7 @@ from shared.config import PAYLOAD_HEADROOM, nats_servers
 from shared.dataplane.backend import BackendError
 from shared.dataplane.client import BrokerClient, move_into, open_tensor, write_into
 from shared.errors import GfaasError
+from shared.handler_check import SANDBOX_TIMEOUT_S
 from shared.modelstore import ModelStore
 from shared.registry import Registry
 from shared.schema import (
@@ -36,6 +37,8 @@ from shared.schema import (
     FunctionKind,
     FunctionSpec,
     Handle,
+    HandlerCheck,
+    HandlerCheckReply,
     InvokeReply,
     InvokeRequest,
     OutputMode,
@@ -53,6 +56,9 @@ from shared.workflow import check_functions, check_tensors, plan_workflow
 Inputs = Mapping[str, Any] | Sequence[Tensor]
 # With the whole request over the bus limit, inputs above this size go by handle.
 BY_HANDLE_ABOVE = 64 * 1024
+# How long a deploy waits for a worker's handler check: the sandbox's limit and some.
+# With no worker subscribed the answer (none) comes at once.
+HANDLER_CHECK_WAIT_S = SANDBOX_TIMEOUT_S + 5.0
 
 
 def _tensors(inputs: Inputs) -> list[Tensor]:
@@ -291,8 +297,14 @@ class Client:
     async def workflow_registry(self) -> Registry[WorkflowSpec]:
         return await Registry.open_workflows(self.nc.jetstream(), replicas=self.replicas)
 
-    async def deploy(self, spec: FunctionSpec | WorkflowSpec) -> None:
-        """Register a function or a workflow; one name is never both."""
+    async def deploy(
+        self, spec: FunctionSpec | WorkflowSpec, *, handler_check: bool = True
+    ) -> None:
+        """Register a function or a workflow; one name is never both.
+
+        A function's handler is first dry-run on a worker (`check_handler`; skipped
+        with `handler_check` False): one that cannot be imported, or takes the wrong
+        arguments, is refused here rather than failing at its first call."""
         # Checked as a spec file is (raising a ValueError): specs built in code too.
         if isinstance(spec, WorkflowSpec):
             plan_workflow(spec)
@@ -319,7 +331,26 @@ class Client:
                         f"{spec.name}: model {spec.model!r} is not in the model store; "
                         f"push it first (gfaas model push {spec.model} FILE)"
                     )
+            if handler_check:
+                await self.check_handler(spec)
             await functions.put(spec)
+
+    async def check_handler(
+        self, spec: FunctionSpec, *, timeout: float = HANDLER_CHECK_WAIT_S
+    ) -> bool:
+        """Have a worker dry-run `spec`'s handler in a sandbox (import, signature): True
+        when one found it sound, False when none answered within `timeout` (or it could
+        not check); a ValueError with the worker's reason when it is no handler."""
+        try:
+            msg = await self.nc.request(
+                subjects.HANDLER_CHECK, encode(HandlerCheck(spec=spec)), timeout=timeout
+            )
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            return False
+        error = decode(msg.data, HandlerCheckReply).error
+        if error is not None and error.code is ErrorCode.HANDLER_ERROR:
+            raise ValueError(f"{spec.name}: {error.reason}")
+        return error is None
 
     async def device_memory(self, kind: FunctionKind, *, timeout: float = 2.0) -> list[int]:
         """Each device's total memory where a function of `kind` may run, as the

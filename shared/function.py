@@ -20,18 +20,26 @@ it on without a single copy. Elsewhere it returns None.
 A handler that finds its inputs unusable in a way the spec cannot express (too few
 classes for a top-k, say) raises `InvalidInput("why")`: the caller gets
 `invalid_input` with that reason, not a `handler_error`.
+
+`resolve` imports what a spec names and `contract_problem` checks it against this
+contract without building anything: the worker does both before it loads a
+handler, and a deploy has them done in a sandbox process (`shared.handler_check`).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import types
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from shared.schema import FunctionSpec
+from shared.errors import GfaasError
+from shared.schema import ErrorCode, FunctionSpec
 
 if TYPE_CHECKING:
     import torch
@@ -94,3 +102,78 @@ def output_buffers(buffers: Mapping[str, torch.Tensor]) -> Iterator[None]:
         yield
     finally:
         _OUTPUT_BUFFERS.reset(token)
+
+
+def resolve(ref: str) -> Any:
+    """What `ref` ("module:attr", attr dotted or not) names, its module imported here;
+    a `handler_error` naming the problem when it cannot be."""
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except (Exception, SystemExit) as exc:  # whatever the module raises at import
+        raise GfaasError(
+            ErrorCode.HANDLER_ERROR,
+            f"handler {ref!r} cannot be imported: {type(exc).__name__}: {exc}",
+        ) from None
+    try:
+        obj: Any = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise GfaasError(
+            ErrorCode.HANDLER_ERROR,
+            f"handler {ref!r} cannot be imported: {module_name!r} has no attribute {attr!r}",
+        ) from None
+    return obj
+
+
+def contract_problem(ref: str, target: Any) -> str | None:
+    """Why `target` (what `ref` names) is no handler, or None: a function taking
+    `inputs`, or a class built as `cls(ctx)` whose instances take `inputs`. Nothing
+    is built or called."""
+    if inspect.isclass(target):
+        name = target.__name__
+        problem = _arity_problem(target, "a handler class takes ctx")
+        if problem is not None:
+            return f"handler {ref!r}: {name}.__init__ {problem}"
+        # Dunders are looked up on the type: instances are callable when a class
+        # of the MRO (not the metaclass) defines __call__.
+        if not any("__call__" in vars(k) for k in target.__mro__):
+            return f"handler {ref!r}: instances of {name} are not callable"
+        call = inspect.getattr_static(target, "__call__")
+        bound = call.__func__ if isinstance(call, staticmethod | classmethod) else call
+        if not isinstance(call, staticmethod):
+            bound = types.MethodType(bound, target)  # as called on an instance: self dropped
+        problem = _arity_problem(bound, "a handler takes inputs")
+        return None if problem is None else f"handler {ref!r}: {name}.__call__ {problem}"
+    if not callable(target):
+        return f"handler {ref!r} is not callable ({type(target).__name__})"
+    problem = _arity_problem(target, "a handler takes inputs")
+    return None if problem is None else f"handler {ref!r} {problem}"
+
+
+def _arity_problem(fn: Any, contract: str) -> str | None:
+    """Why `fn` cannot be called with one positional argument, or None (also when its
+    signature cannot be read)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without one: nothing to check
+        return None
+    try:
+        signature.bind(None)
+    except TypeError as exc:
+        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        n = sum(p.kind in kinds for p in signature.parameters.values())
+        if n == 1:  # positionally right, but something else is required
+            return f"cannot be called with one argument ({exc}), {contract}"
+        return f"takes {n} positional arguments, {contract}"
+    return None
+
+
+def handler_problem(ref: str) -> str | None:
+    """Why `ref` names no handler (it cannot be imported, or breaks the contract), or
+    None. Imports its module into this process: the worker has a sandbox do it."""
+    try:
+        return contract_problem(ref, resolve(ref))
+    except GfaasError as exc:
+        return exc.reason

@@ -331,6 +331,20 @@ class WorkflowSpec(_Msg):
     description: str = ""
 
 
+class HandlerCheck(_Msg):
+    """A deploy asks a worker to dry-run `spec.handler` in a sandbox: does it import,
+    and does it take what a handler takes? Nothing is built or loaded."""
+
+    spec: FunctionSpec
+
+
+class HandlerCheckReply(_Msg):
+    """None: the handler imports and fits the contract. `handler_error`: it does not,
+    and the reason says why; any other code: the worker could not check it."""
+
+    error: ErrorInfo | None = None
+
+
 class WorkerHeartbeat(_Msg):
     worker_id: str
     device: str

@@ -30,12 +30,16 @@ GRANT_RETURN: Final = f"{PREFIX}.grant_return"
 # Request-reply: a worker at capacity hands back an invocation the scheduler placed
 # there (shared.schema.Refused); the active scheduler alone listens (queue group).
 REFUSED: Final = f"{PREFIX}.refused"
+# Request-reply: a deploy has a worker dry-run a function's handler in a sandbox
+# (shared.schema.HandlerCheck); any one worker answers (queue group).
+HANDLER_CHECK: Final = f"{PREFIX}.handler_check"
 HEARTBEAT_ALL: Final = f"{PREFIX}.heartbeat.*"
 RESULT_ALL: Final = f"{PREFIX}.result.*"
 
 # Queue groups: replicas of one service share the load of these subscriptions.
 Q_INGRESS: Final = "gfaas-ingress"
 Q_SCHEDULER: Final = "gfaas-scheduler"
+Q_WORKERS: Final = "gfaas-workers"
 
 
 def _tok(value: str) -> str:

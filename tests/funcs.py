@@ -143,3 +143,11 @@ def logged_run(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         finally:
             os.close(fd)
     return {"y": inputs["n"] + 1}
+
+
+# No handlers: deploy refuses them (tests/test_deploy_checks.py).
+NOT_A_HANDLER = 42
+
+
+def two_args(inputs: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    return {"y": inputs["x"] * scale}

@@ -31,11 +31,14 @@ async def request(nc: NATS, function: str, data: bytes, timeout: float = 10.0) -
     return msg, msgspec.msgpack.decode(msg.data)
 
 
-async def deploy_and_wait(nc: NATS, *specs: FunctionSpec, timeout: float = 5.0) -> None:
-    """Deploy and wait until ingress knows every function (its registry watch caught up)."""
+async def deploy_and_wait(
+    nc: NATS, *specs: FunctionSpec, timeout: float = 5.0, handler_check: bool = True
+) -> None:
+    """Deploy and wait until ingress knows every function (its registry watch caught up).
+    `handler_check` False deploys handlers a worker would refuse (to test the call)."""
     client = Client(nc)
     for spec in specs:
-        await client.deploy(spec)
+        await client.deploy(spec, handler_check=handler_check)
     with anyio.fail_after(timeout):
         while True:
             status = await client.status("ingress")

@@ -131,7 +131,8 @@ async def test_handler_returning_garbage_gets_an_error_reply(platform: Platform,
 async def test_handler_that_cannot_be_imported_gets_an_error_reply(
     platform: Platform, nc: NATS
 ) -> None:
-    await deploy_and_wait(nc, ECHO, MISSING_HANDLER)
+    # Deploy refuses it (tests/test_deploy_checks.py): unchecked, it fails at the call.
+    await deploy_and_wait(nc, ECHO, MISSING_HANDLER, handler_check=False)
     reason = await expect_error(nc, "missing", body(x=GOOD), "handler_error")
     assert "no_such_attr" in reason
 

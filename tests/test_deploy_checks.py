@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
 import pytest
 from nats.aio.client import Client as NATS
 
+from gfaas import cli
 from gfaas.client import Client
+from shared.function import LoadContext, contract_problem
+from shared.natsd import NatsServer
 from shared.schema import DType, FunctionSpec, StageSpec, TensorSpec, WorkflowSpec
 from shared.workflow import WorkflowError
-from tests.platform import Platform
+from tests.platform import Platform, platform_at
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
@@ -88,3 +96,154 @@ async def test_removing_a_function_a_workflow_uses_needs_force(
     await client.deploy(INC)
     await client.deploy(chain("inc"))
     assert await client.remove("inc", force=True)
+
+
+# -- handlers: dry-run on a worker, in a sandbox process -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("handler", "reason"),
+    [
+        (
+            "tests.no_such_module:f",
+            "handler 'tests.no_such_module:f' cannot be imported: "
+            "ModuleNotFoundError: No module named 'tests.no_such_module'",
+        ),
+        (
+            "tests.funcs:no_such_attr",
+            "handler 'tests.funcs:no_such_attr' cannot be imported: "
+            "'tests.funcs' has no attribute 'no_such_attr'",
+        ),
+        ("tests.funcs:NOT_A_HANDLER", "handler 'tests.funcs:NOT_A_HANDLER' is not callable"),
+        (
+            "tests.funcs:two_args",
+            "handler 'tests.funcs:two_args' takes 2 positional arguments, a handler takes inputs",
+        ),
+    ],
+)
+async def test_a_handler_a_worker_cannot_use_is_refused_at_deploy(
+    platform: Platform, nc: NATS, handler: str, reason: str
+) -> None:
+    spec = FunctionSpec(name="bad", handler=handler)
+    with pytest.raises(ValueError, match="^" + re.escape(f"bad: {reason}")):
+        await Client(nc).deploy(spec)
+    assert await Client(nc).functions() == []
+
+
+async def test_sound_handlers_deploy(platform: Platform, nc: NATS) -> None:
+    client = Client(nc)
+    assert await client.check_handler(INC)
+    await client.deploy(INC)
+    # A class is checked, not built: no weights are needed for that.
+    await client.deploy(FunctionSpec(name="scale", handler="tests.funcs:Scale"))
+    assert sorted(f.name for f in await client.functions()) == ["inc", "scale"]
+
+
+async def test_what_a_handler_module_does_at_import_stays_in_the_sandbox(
+    platform: Platform, nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On the worker's import path (the worker runs in this process), not imported here.
+    modules = tmp_path / "mods"
+    modules.mkdir()
+    (modules / "gfaas_exits_at_import.py").write_text(
+        'open("left-behind", "w").close()\nprint("noise")\nraise SystemExit(3)\n'
+    )
+    monkeypatch.syspath_prepend(str(modules))
+    monkeypatch.chdir(tmp_path)
+    spec = FunctionSpec(name="exits", handler="gfaas_exits_at_import:f")
+    with pytest.raises(ValueError, match=r"cannot be imported: SystemExit: 3$"):
+        await Client(nc).deploy(spec)
+    assert "gfaas_exits_at_import" not in sys.modules
+    assert not (tmp_path / "left-behind").exists()  # written in the sandbox's own directory
+
+
+async def test_a_handler_whose_file_changed_is_checked_again(
+    platform: Platform, nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker remembers sound handlers by their module's file as it was then.
+    module = tmp_path / "gfaas_edited_handler.py"
+    module.write_text("def f(inputs):\n    return inputs\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = FunctionSpec(name="edited", handler="gfaas_edited_handler:f")
+    await Client(nc).deploy(spec)
+    await Client(nc).deploy(spec)  # unchanged: as sound as it was
+    module.write_text("def f(inputs, scale):\n    return inputs\n")
+    with pytest.raises(ValueError, match="takes 2 positional arguments"):
+        await Client(nc).deploy(spec)
+
+
+def test_gfaas_deploy_refuses_an_unusable_handler_in_one_line(
+    platform: Platform, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('name = "bad"\nhandler = "tests.funcs:two_args"\n')
+    assert cli.main(["deploy", str(path), "--nats-url", platform.url]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "gfaas: bad: handler 'tests.funcs:two_args' takes 2 positional arguments, "
+        "a handler takes inputs"
+    ]
+
+
+def test_without_workers_a_deploy_goes_on_unchecked(
+    nats_server: NatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "early.toml"
+    path.write_text('name = "early"\nhandler = "tests.no_such_module:f"\n')
+    with platform_at(nats_server.url, tmp_path / "state", workers=0):
+        assert cli.main(["deploy", str(path), "--nats-url", nats_server.url]) == 0
+    err = capsys.readouterr().err
+    assert "no worker checked early's handler tests.no_such_module:f; it is unchecked" in err
+
+
+async def test_without_workers_the_client_deploys_unchecked(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    with platform_at(nats_server.url, tmp_path / "state", workers=0):
+        spec = FunctionSpec(name="early", handler="tests.no_such_module:f")
+        assert not await Client(nc).check_handler(spec)
+        await Client(nc).deploy(spec)
+        assert [f.name for f in await Client(nc).functions()] == ["early"]
+
+
+class NoCtx:
+    def __init__(self) -> None: ...
+
+    def __call__(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return inputs
+
+
+class NotCallable:
+    def __init__(self, ctx: LoadContext) -> None: ...
+
+
+class CallsWithTwo:
+    def __init__(self, ctx: LoadContext, extra: int = 0) -> None: ...
+
+    def __call__(self, inputs: dict[str, Any], scale: float) -> dict[str, Any]:
+        return inputs
+
+
+class Sound(CallsWithTwo):
+    def __call__(self, inputs: dict[str, Any], scale: float = 1.0) -> dict[str, Any]:
+        return inputs
+
+
+def needs_a_keyword(inputs: dict[str, Any], *, scale: float) -> dict[str, Any]:
+    return inputs
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("target", "problem"),
+    [
+        (NoCtx, "'h': NoCtx.__init__ takes 0 positional arguments, a handler class takes ctx"),
+        (NotCallable, "'h': instances of NotCallable are not callable"),
+        (CallsWithTwo, "'h': CallsWithTwo.__call__ takes 2 positional arguments, a handler"),
+        (needs_a_keyword, "cannot be called with one argument (missing a required"),
+        (Sound, None),
+        (len, None),  # a builtin: taken as it is
+    ],
+)
+def test_the_handler_contract_is_checked_without_building(target: Any, problem: str) -> None:
+    found = contract_problem("h", target)
+    assert found is None if problem is None else problem in (found or ""), found

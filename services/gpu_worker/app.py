@@ -7,7 +7,7 @@ when each invocation is done, and heartbeats its device state.
 This module is the wiring: connection, stores, subscriptions, task groups and
 shutdown. Runs and admission live in handlers.py, executing one in execute.py,
 its inputs and outputs on the data plane in staging.py, the books and heartbeats
-in state.py, async claims in claims.py.
+in state.py, async claims in claims.py, deploys' handler checks in sandbox.py.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from services.gpu_worker.device import device_cache_bytes, pick_device
 from services.gpu_worker.execute import Executor
 from services.gpu_worker.handlers import Job, Runs
 from services.gpu_worker.models import HandlerCache
+from services.gpu_worker.sandbox import HandlerChecks
 from services.gpu_worker.staging import Staging
 from shared import jetstream, subjects
-from shared.bus import NatsBus, connected, routed, send_reply, serve_status
+from shared.bus import NatsBus, connected, decode_event, routed, send_reply, serve_status
 from shared.config import Settings, effective_max_payload
 from shared.dataplane.backend import prune_mappings
 from shared.dataplane.board import board_name
@@ -40,7 +41,14 @@ from shared.modelstore import ModelStore
 from shared.modelswap import HostTier, tier_prefix
 from shared.registry import Registry
 from shared.results import ResultStore
-from shared.schema import InvokeReply, encode
+from shared.schema import (
+    ErrorCode,
+    ErrorInfo,
+    HandlerCheck,
+    HandlerCheckReply,
+    InvokeReply,
+    encode,
+)
 from shared.service import every
 
 log = get_logger("gpu_worker")
@@ -118,6 +126,8 @@ async def serve(
             worker_id,
         )
 
+        checks = HandlerChecks()
+
         async def send_heartbeat() -> None:
             beat = state.heartbeat(books, handlers)
             await nc.publish(subjects.heartbeat(worker_id), encode(beat))
@@ -135,6 +145,27 @@ async def serve(
                         running.start_soon(runs.run, job)
 
                 run_sub = await nc.subscribe(subjects.worker_run(worker_id), cb=on_run)
+
+                async def answer_check(msg: Msg) -> None:
+                    request = decode_event(msg, HandlerCheck)
+                    reply = HandlerCheckReply(
+                        error=ErrorInfo(code=ErrorCode.BAD_REQUEST, reason="malformed HandlerCheck")
+                    )
+                    try:
+                        if request is not None:
+                            reply = await checks.check(request)
+                        await msg.respond(encode(reply))
+                    except Exception:  # a check must cost that deploy its check, not the worker
+                        log.exception("handler_check.crashed")
+
+                async def on_check(msg: Msg) -> None:
+                    # Each in its own task: a sandbox takes seconds, and checks of
+                    # several deploys run side by side (up to the limiter's count).
+                    service_tg.start_soon(answer_check, msg)
+
+                check_sub = await nc.subscribe(
+                    subjects.HANDLER_CHECK, queue=subjects.Q_WORKERS, cb=on_check
+                )
                 await serve_status(
                     nc, "gpu-worker", worker_id, lambda: state.details(books, handlers, staging)
                 )
@@ -154,6 +185,7 @@ async def serve(
                 # Ingress instances that hold grants here hear of the revocation
                 # before the subscription goes: what they sent meanwhile still runs.
                 await anyio.sleep(REVOKE_WAIT_S)
+                await check_sub.unsubscribe()
                 await run_sub.drain()
                 with anyio.move_on_after(DRAIN_GRACE_S):
                     await books.idle.wait()

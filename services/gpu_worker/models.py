@@ -9,7 +9,6 @@ scheduler's view of this cache (heartbeats) is the same model eviction acts on.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import time
@@ -22,7 +21,7 @@ from typing import Any, cast
 import anyio
 
 from shared.errors import GfaasError
-from shared.function import LoadContext
+from shared.function import LoadContext, contract_problem, resolve
 from shared.modelswap import HostModel, HostTier
 from shared.scheduling.cache import DeviceCache
 from shared.scheduling.eviction import CannotFit, choose_victims
@@ -72,33 +71,13 @@ class Loaded:
                 swap.detach_hooks()
 
 
-def resolve(ref: str) -> Any:
-    module_name, _, attr = ref.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise GfaasError(ErrorCode.HANDLER_ERROR, f"cannot import {module_name!r}: {exc}") from None
-    try:
-        obj: Any = module
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except AttributeError:
-        raise GfaasError(ErrorCode.HANDLER_ERROR, f"{module_name!r} has no {attr!r}") from None
-    return obj
-
-
 def build_handler(spec: FunctionSpec, ctx: LoadContext) -> Handler:
     target = resolve(spec.handler)
-    if inspect.isclass(target):
-        instance: Any = cast(Any, target)(ctx)
-        if not callable(instance):
-            raise GfaasError(ErrorCode.HANDLER_ERROR, f"{spec.handler} instances are not callable")
-        handler: Handler = instance
-        return handler
-    if callable(target):
-        fn: Handler = target
-        return fn
-    raise GfaasError(ErrorCode.HANDLER_ERROR, f"{spec.handler} is neither a class nor a function")
+    problem = contract_problem(spec.handler, target)
+    if problem is not None:
+        raise GfaasError(ErrorCode.HANDLER_ERROR, problem)
+    handler: Handler = cast(Any, target)(ctx) if inspect.isclass(target) else target
+    return handler
 
 
 def cache_key(spec: FunctionSpec) -> str:
