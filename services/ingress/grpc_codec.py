@@ -181,20 +181,10 @@ def encode_infer_response(
     model_name: str, request: oip.InferRequest, outputs: Sequence[Tensor], *, response_id: str
 ) -> Any:
     """The `ModelInferResponse` for a function's outputs, filtered as requested."""
-    by_name = {t.name: t for t in outputs}
-    chosen: list[tuple[Tensor, oip.ShmRef | None]]
-    if request.outputs is None:
-        chosen = [(t, None) for t in outputs]
-    else:
-        chosen = []
-        for wanted in request.outputs:
-            tensor = by_name.get(wanted.name)
-            if tensor is None:
-                raise bad_request(
-                    f"model {model_name!r} produced no output {wanted.name!r} "
-                    f"(it produced: {', '.join(by_name) or 'none'})"
-                )
-            chosen.append((tensor, wanted.shm))
+    chosen: list[tuple[Tensor, oip.ShmRef | None]] = [
+        (t, w.shm if w is not None else None)
+        for t, w in oip_response.requested_outputs(model_name, request, outputs)
+    ]
     response = ModelInferResponse(
         model_name=model_name, model_version=MODEL_VERSION, id=response_id
     )

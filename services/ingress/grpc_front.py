@@ -20,8 +20,13 @@ import anyio
 import grpc
 from anyio.abc import TaskStatus
 
-from services.ingress import grpc_codec, oip, oip_response, proto
-from services.ingress.http import _PASSED_HEADERS, InferenceBackend, _server_version
+from services.ingress import grpc_codec, oip, proto
+from services.ingress.http import (
+    _PASSED_HEADERS,
+    InferenceBackend,
+    _server_version,
+    infer_parsed,
+)
 from services.ingress.stats import InferenceStats
 from shared.errors import GfaasError
 from shared.logs import get_logger
@@ -145,14 +150,7 @@ def create_handler(
     async def run_infer(request: Any, spec: FunctionSpec, context: grpc.aio.ServicerContext) -> Any:
         parsed = grpc_codec.parse_infer_request(request)
         parsed = grpc_codec.with_deadline(parsed, context.time_remaining())
-        oip_response.check_requested_outputs(parsed, spec)
-        headers = _passed_headers(context)
-        if parsed.uses_shm:
-            reply = await backend.infer_shm(spec.name, parsed, headers)
-        else:
-            reply = await backend.infer(spec.name, parsed.invoke, headers)
-        if reply.error is not None:
-            raise GfaasError.from_info(reply.error)
+        reply = await infer_parsed(backend, spec, parsed, _passed_headers(context))
         return grpc_codec.encode_infer_response(
             spec.name, parsed, reply.outputs, response_id=parsed.id or reply.invocation_id
         )

@@ -128,6 +128,25 @@ def _server_version() -> str:
         return "0+unknown"
 
 
+async def infer_parsed(
+    backend: InferenceBackend,
+    spec: FunctionSpec,
+    parsed: oip.InferRequest,
+    headers: Mapping[str, str],
+) -> InvokeReply:
+    """One parsed OIP inference through the backend, as both fronts (HTTP, gRPC) run
+    it: outputs asked for checked against the spec, shared-memory regions staged when
+    named, a failure raised as the GfaasError each front maps to its status."""
+    oip_response.check_requested_outputs(parsed, spec)
+    if parsed.uses_shm:
+        reply = await backend.infer_shm(spec.name, parsed, headers)
+    else:
+        reply = await backend.infer(spec.name, parsed.invoke, headers)
+    if reply.error is not None:
+        raise GfaasError.from_info(reply.error)
+    return reply
+
+
 def create_app(
     backend: InferenceBackend, *, max_payload: int, stats: InferenceStats | None = None
 ) -> Starlette:
@@ -202,14 +221,7 @@ def create_app(
                 request.headers.get(oip.HEADER_LENGTH), len(body)
             )
             parsed = oip.parse_infer_request(body, header_length)
-            oip_response.check_requested_outputs(parsed, spec)
-            headers = _passed_headers(request)
-            if parsed.uses_shm:
-                reply = await backend.infer_shm(spec.name, parsed, headers)
-            else:
-                reply = await backend.infer(spec.name, parsed.invoke, headers)
-            if reply.error is not None:
-                raise GfaasError.from_info(reply.error)
+            reply = await infer_parsed(backend, spec, parsed, _passed_headers(request))
             encoded = oip_response.encode_infer_response(
                 spec.name, parsed, reply.outputs, response_id=parsed.id or reply.invocation_id
             )

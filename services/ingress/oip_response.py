@@ -19,6 +19,7 @@ from services.ingress.oip import (
     PLATFORM,
     SERVER_NAME,
     InferRequest,
+    RequestedOutput,
     ShmRef,
     datatype_of,
 )
@@ -101,24 +102,35 @@ def check_requested_outputs(request: InferRequest, spec: FunctionSpec) -> None:
             )
 
 
+def requested_outputs(
+    model_name: str, request: InferRequest, outputs: Sequence[Tensor]
+) -> list[tuple[Tensor, RequestedOutput | None]]:
+    """The outputs to answer with, in the order asked (all of them when the request
+    names none), each with what was asked of it; one it did not produce is refused.
+    Shared by the HTTP and gRPC fronts."""
+    if request.outputs is None:
+        return [(t, None) for t in outputs]
+    by_name = {t.name: t for t in outputs}
+    chosen: list[tuple[Tensor, RequestedOutput | None]] = []
+    for wanted in request.outputs:
+        tensor = by_name.get(wanted.name)
+        if tensor is None:
+            raise bad_request(
+                f"model {model_name!r} produced no output {wanted.name!r} "
+                f"(it produced: {', '.join(by_name) or 'none'})"
+            )
+        chosen.append((tensor, wanted))
+    return chosen
+
+
 def encode_infer_response(
     model_name: str, request: InferRequest, outputs: Sequence[Tensor], *, response_id: str
 ) -> EncodedResponse:
     """The OIP response for a function's outputs, filtered and encoded as requested."""
-    by_name = {t.name: t for t in outputs}
-    chosen: list[tuple[Tensor, bool | ShmRef]]
-    if request.outputs is None:
-        chosen = [(t, request.binary_outputs) for t in outputs]
-    else:
-        chosen = []
-        for wanted in request.outputs:
-            tensor = by_name.get(wanted.name)
-            if tensor is None:
-                raise bad_request(
-                    f"model {model_name!r} produced no output {wanted.name!r} "
-                    f"(it produced: {', '.join(by_name) or 'none'})"
-                )
-            chosen.append((tensor, wanted.shm or wanted.binary))
+    chosen: list[tuple[Tensor, bool | ShmRef]] = [
+        (t, request.binary_outputs if w is None else (w.shm or w.binary))
+        for t, w in requested_outputs(model_name, request, outputs)
+    ]
 
     entries: list[_ResponseOutput] = []
     blobs: list[bytes] = []
