@@ -2,33 +2,51 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from shared.errors import GfaasError
 from shared.schema import DType, ErrorCode, FunctionSpec, Tensor, TensorSpec, WorkflowSpec
 
+if TYPE_CHECKING:
+    import torch
+
 _NUMPY: dict[DType, np.dtype[Any]] = {d: np.dtype(d.value).newbyteorder("<") for d in DType}
 _FROM_NUMPY: dict[str, DType] = {np.dtype(d.value).name: d for d in DType}
-_TORCH: dict[DType, torch.dtype] = {
-    DType.BOOL: torch.bool,
-    DType.UINT8: torch.uint8,
-    DType.UINT16: torch.uint16,
-    DType.UINT32: torch.uint32,
-    DType.UINT64: torch.uint64,
-    DType.INT8: torch.int8,
-    DType.INT16: torch.int16,
-    DType.INT32: torch.int32,
-    DType.INT64: torch.int64,
-    DType.FLOAT16: torch.float16,
-    DType.FLOAT32: torch.float32,
-    DType.FLOAT64: torch.float64,
-}
-_FROM_TORCH: dict[torch.dtype, DType] = {v: k for k, v in _TORCH.items()}
+
+
+@functools.cache
+def _from_torch() -> dict[torch.dtype, DType]:
+    # Built on first use: a client that only sends numpy never imports torch (it
+    # costs a CLI command about a second).
+    import torch
+
+    ours: dict[DType, torch.dtype] = {
+        DType.BOOL: torch.bool,
+        DType.UINT8: torch.uint8,
+        DType.UINT16: torch.uint16,
+        DType.UINT32: torch.uint32,
+        DType.UINT64: torch.uint64,
+        DType.INT8: torch.int8,
+        DType.INT16: torch.int16,
+        DType.INT32: torch.int32,
+        DType.INT64: torch.int64,
+        DType.FLOAT16: torch.float16,
+        DType.FLOAT32: torch.float32,
+        DType.FLOAT64: torch.float64,
+    }
+    return {v: k for k, v in ours.items()}
+
+
+def _is_torch(value: Any) -> bool:
+    """Whether `value` is a torch tensor; one cannot exist before torch is imported."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 def itemsize(dtype: DType) -> int:
@@ -52,6 +70,8 @@ def to_numpy(t: Tensor) -> np.ndarray[Any, Any]:
 
 def to_torch(t: Tensor, device: str = "cpu") -> torch.Tensor:
     # A writable copy: handlers may modify inputs in place, and wire bytes are immutable.
+    import torch
+
     array = to_numpy(t).copy()
     tensor = torch.from_numpy(array)
     return tensor if device == "cpu" else tensor.to(device, non_blocking=True)
@@ -66,7 +86,7 @@ def shape_of(spec: FunctionSpec, output: str) -> list[int]:
 
 
 def dtype_of(name: str, tensor: torch.Tensor) -> DType:
-    dtype = _FROM_TORCH.get(tensor.dtype)
+    dtype = _from_torch().get(tensor.dtype)
     if dtype is None:
         raise GfaasError(ErrorCode.HANDLER_ERROR, f"output {name!r}: dtype {tensor.dtype}")
     return dtype
@@ -74,6 +94,8 @@ def dtype_of(name: str, tensor: torch.Tensor) -> DType:
 
 def as_torch(name: str, value: Any) -> torch.Tensor:
     """A handler's output as a contiguous torch tensor (numpy arrays are not copied)."""
+    import torch
+
     if isinstance(value, torch.Tensor):
         return value.detach().contiguous()
     array = np.ascontiguousarray(value)
@@ -84,7 +106,7 @@ def as_torch(name: str, value: Any) -> torch.Tensor:
 
 def from_value(name: str, value: Any) -> Tensor:
     """A wire tensor from a torch tensor or a numpy array (or anything np.asarray takes)."""
-    if isinstance(value, torch.Tensor):
+    if _is_torch(value):
         tensor = value.detach()
         dtype = dtype_of(name, tensor)
         cpu = tensor.to("cpu").contiguous()

@@ -135,3 +135,13 @@ def test_spec_files_load_and_bad_specs_say_why(tmp_path: Path) -> None:
         )
     with pytest.raises(SpecError, match="kind"):
         parse_spec({"name": "f", "handler": "m:f", "kind": "tpu"})
+
+
+def test_the_cli_and_client_start_without_importing_torch() -> None:
+    # Client commands start in well under a second: torch alone costs about one.
+    import subprocess
+    import sys
+
+    code = "import sys, gfaas.cli, gfaas.client; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
