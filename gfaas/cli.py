@@ -14,6 +14,7 @@ import anyio
 import msgspec
 import numpy as np
 
+from gfaas import status_view
 from gfaas.client import Client, outputs_of, spec_json
 from gfaas.supervisor import SERVICE_MODULES, Supervisor, run_up
 from shared.config import DEFAULT_NATS_URL, Settings, settings_from_env
@@ -23,6 +24,8 @@ from shared.schema import FunctionSpec, InvokeReply, WorkflowSpec
 from shared.spec import SpecError, check_fits, load_any
 
 SERVICE_NAMES = tuple(SERVICE_MODULES)
+# How long `gfaas status` collects answers from each service's instances.
+STATUS_WAIT_S = 0.5
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -229,14 +232,25 @@ async def _result(url: str, invocation_id: str) -> int:
     return 0
 
 
-async def _status(url: str, services: Sequence[str]) -> None:
+async def _status(url: str, services: Sequence[str], as_json: bool) -> None:
+    """Every instance of each service (each answers the status subject): a table, or
+    the raw statuses as JSON lines with --json."""
+    rows: list[tuple[str, str, float, str]] = []
     async with _client(url) as client:
         for service in services or SERVICE_NAMES:
-            try:
-                status = await client.status(service)
-                print(json.dumps(msgspec.to_builtins(status), indent=2))
-            except Exception as exc:  # a missing service is reported, not fatal
-                print(json.dumps({"service": service, "error": repr(exc)}))
+            found = await client.status_all(service, timeout=STATUS_WAIT_S)
+            if not found:
+                rows.append((service, "-", 0.0, "no answer"))
+                if as_json:
+                    print(json.dumps({"service": service, "error": "no answer"}))
+            for status in found:
+                if as_json:
+                    print(json.dumps(msgspec.to_builtins(status)))
+                else:
+                    text = status_view.summary(service, status.details)
+                    rows.append((service, status.instance, status.uptime_s, text))
+    if not as_json:
+        print(status_view.table(rows))
 
 
 # -- argument parsing ----------------------------------------------------------------------
@@ -337,8 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="ask services for their status")
     status.add_argument("services", nargs="*", help=f"any of {SERVICE_NAMES}")
+    status.add_argument("--json", action="store_true", help="raw statuses, one JSON per line")
     nats_opt(status, "NATS server")
-    status.set_defaults(func=lambda a: anyio.run(_status, _url(a), a.services) or 0)
+    status.set_defaults(func=lambda a: anyio.run(_status, _url(a), a.services, a.json) or 0)
 
     spec = sub.add_parser("spec", help="validate a spec file and print it")
     spec.add_argument("file", type=Path)

@@ -278,18 +278,32 @@ class Client:
     ) -> dict[str, dict[str, Any]]:
         """Every instance's status details (each answers the status subject once), by
         instance: up to `expect` of them, or what answered within `timeout`."""
+        found = await self.status_all(service, expect=expect, timeout=timeout)
+        return {status.instance: status.details for status in found}
+
+    async def status_all(
+        self, service: str, *, expect: int = 1 << 16, timeout: float = 0.5
+    ) -> list[ServiceStatus]:
+        """The statuses of up to `expect` instances of `service`, or of all that
+        answered within `timeout`."""
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox)
-        found: dict[str, dict[str, Any]] = {}
+        found: dict[str, ServiceStatus] = {}
         try:
             await self.nc.publish(subjects.status(service), b"", reply=inbox)
             with anyio.move_on_after(timeout):
                 while len(found) < expect:
-                    status = decode((await sub.next_msg(timeout=timeout)).data, ServiceStatus)
-                    found[status.instance] = status.details
+                    try:
+                        msg = await sub.next_msg(timeout=timeout)
+                    except TimeoutError:  # nats-py's own, a subclass: nobody else answers
+                        break
+                    if not msg.data:  # the server's "no responders": nobody runs it
+                        break
+                    status = decode(msg.data, ServiceStatus)
+                    found[status.instance] = status
         finally:
             await sub.unsubscribe()
-        return found
+        return list(found.values())
 
     async def registry(self) -> Registry[FunctionSpec]:
         return await Registry.open(self.nc.jetstream(), replicas=self.replicas)

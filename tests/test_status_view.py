@@ -1,0 +1,34 @@
+"""`gfaas status` reads as a table: one line per instance, the figures that matter."""
+
+from __future__ import annotations
+
+import pytest
+
+from gfaas.status_view import summary, table
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_scheduler_says_whether_it_is_active_and_what_it_holds() -> None:
+    text = summary(
+        "scheduler",
+        {"active": True, "policy": "locality", "workers": {"w0": {}}, "pending": 2, "assigned": 9},
+    )
+    assert text == "active, policy locality, 1 workers, 2 queued, 9 placed"
+    assert summary("scheduler", {"active": False}).startswith("standby")
+
+
+def test_a_worker_and_an_ingress_show_their_load() -> None:
+    worker = {"device": "cpu", "inflight": 1, "completed": 5, "failed": 0, "models": ["m"]}
+    assert summary("gpu-worker", worker) == "cpu, 1 running, 5 done, 0 failed, models m"
+    ingress = {"accepted": 3, "async": {"completed": 2, "retried": 1}, "functions": ["a"]}
+    assert "3 accepted" in summary("ingress", ingress)
+    assert "async 2 done / 1 retried / 0 dead" in summary("ingress", ingress)
+
+
+def test_the_table_aligns_its_columns_and_says_when_nobody_answered() -> None:
+    rows = [("scheduler", "host-1-ab", 12.0, "active"), ("gpu-worker", "w0", 3.0, "cpu")]
+    lines = table(rows).splitlines()
+    assert lines[0].split() == ["service", "instance", "up", "status"]
+    assert lines[1].index("host-1-ab") == lines[2].index("w0")
+    assert table([]) == "no service answered"
