@@ -17,6 +17,14 @@ DEFAULT_NATS_URL: Final = "nats://127.0.0.1:4222"
 DEFAULT_HTTP_PORT: Final = 8000
 # Triton's gRPC port.
 DEFAULT_GRPC_PORT: Final = 8001
+# Each service's Prometheus metrics port when `metrics_port` is -1 (ingress on Triton's
+# 8002); `gfaas up` gives every child its own, from 8002 up.
+DEFAULT_METRICS_PORTS: Final[Mapping[str, int]] = {
+    "ingress": 8002,
+    "scheduler": 8003,
+    "memory-broker": 8004,
+    "gpu-worker": 8005,
+}
 # Headroom under the server's max_payload for headers and envelope fields.
 PAYLOAD_HEADROOM: Final = 16 * 1024
 
@@ -38,6 +46,11 @@ class Settings:
     # Replicas of every JetStream stream, KV bucket and object store gfaas creates:
     # 3 on a three-node cluster keeps them (and async invocations) through a node's loss.
     js_replicas: int = 1
+    # Metrics (shared.metrics): OpenTelemetry metrics served as Prometheus text on
+    # http_host:metrics_port; -1 is the service's port in DEFAULT_METRICS_PORTS, 0 any
+    # free port (each service's status says which). metrics_enabled False: none served.
+    metrics_port: int = -1
+    metrics_enabled: bool = True
     # ingress
     http_host: str = "0.0.0.0"
     http_port: int = DEFAULT_HTTP_PORT
@@ -58,13 +71,20 @@ class Settings:
     # `unavailable` (and how long a standby waits before taking over).
     scheduler_timeout_s: float = 1.5
     # scheduler
-    policy: str = "least_loaded"
+    # Locality-aware (GPU-FaaS's LALB with out-of-order dispatch): measured best with
+    # slo, ahead of least_loaded by 3.2x mean and 3.6x p99 latency, and 100% of SLOs
+    # met against 89.7% (docs/benchmarks.md, bench.live_policies); slo refused one call.
+    policy: str = "locality"
     worker_timeout_s: float = 1.5
     pending_limit: int = 10_000
     # How long a grant of worker slots to an ingress lasts unless renewed
     # (shared.scheduling.grants); 0 turns direct sends off.
     grant_ttl_s: float = 2.0
     # gpu_worker
+    # Packages handlers may come from ("module:attr" with the module one of these or
+    # under one), comma-separated: a spec naming anything else (`subprocess:run`) is
+    # refused at deploy and never imported by a worker.
+    handler_packages: str = "examples,tests,bench"
     worker_id: str = ""
     device: str = "auto"
     threads: int = 1
@@ -74,6 +94,21 @@ class Settings:
     # Parameter-group size for pipelined swap-in.
     swap_group_kb: int = 2048
     heartbeat_s: float = 0.5
+    # Function instances (issue 8). The worker is also its device's agent: it starts
+    # instances of functions that ask for them (spec keys min/max_instances,
+    # sm_share, time_quota) as processes of their own, up to `agent_memory_mb` in
+    # all (0: the device tier's size), sharing the device's time in windows of
+    # `token_window_s` (below).
+    agent_enabled: bool = True
+    agent_memory_mb: int = 0
+    # 20 ms: a request that finds its instance's quota used waits for the next window,
+    # and 100 ms windows cost SLOs of tens of ms up to 75 ms (bench.live_sharing).
+    token_window_s: float = 0.02
+    # Set by an agent for the instance processes it starts: the one function served,
+    # the agent (whose token arbiter gates each run), and the cores ("0,1"; "": any).
+    instance_function: str = ""
+    instance_agent: str = ""
+    instance_cores: str = ""
     # memory_broker: per-device pool cap, slab size, and the default lease TTL.
     pool_cap_mb: int = 4096
     # Host memory's own cap (0: pool_cap_mb): where parked data spills to.
@@ -83,6 +118,12 @@ class Settings:
     pool_devices: str = ""
     slab_mb: int = 64
     lease_ttl_s: float = 300.0
+    # The longest TTL a lease may ask for (a longer one, or inf, is refused), and each
+    # tenant's share of the node's pools: pooled bytes (MiB, over every device; 0: no
+    # quota but the caps) and live leases (0: none). Over quota: `quota_exceeded`.
+    max_lease_ttl_s: float = 3600.0
+    tenant_pool_mb: int = 0
+    tenant_max_leases: int = 16384
     # How long a slab stays empty before the pool gives it back.
     pool_cooldown_s: float = 30.0
     # Chunk size of broker copies (bandwidth arbitration), KiB, and how each link
@@ -128,6 +169,16 @@ def settings_from_env(env: Mapping[str, str] | None = None, **overrides: Any) ->
         if value is not None:
             values[name] = value
     return Settings(**values)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """Every setting as the GFAAS_* environment `settings_from_env` reads back: for a
+    child process that must run with this process's settings, flags included."""
+    env: dict[str, str] = {}
+    for var, name in ENV_VARS.items():
+        value = getattr(settings, name)
+        env[var] = str(value).lower() if isinstance(value, bool) else str(value)
+    return env
 
 
 def nats_servers(url: str) -> list[str]:

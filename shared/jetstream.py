@@ -6,7 +6,9 @@
 - KV gfaas_results: async results, kept for RESULT_TTL_S
 - object store gfaas_models: model weights
 - stream GFAAS_DEAD_LETTERS: async invocations that can never succeed, with the reason
+- KV gfaas_profiles: functions' measured profiles (gfaas profile)
 - KV gfaas_leader: the active scheduler's lease (entries live LEADER_TTL_S unrenewed)
+- stream GFAAS_LOGS: the last failed invocations (FailureRecord), for `gfaas logs`
 
 Each is created with `replicas` copies (`Settings.js_replicas`, 3 on a three-node
 cluster); one that exists is used as it is.
@@ -37,12 +39,16 @@ ASYNC_CONSUMER: Final = "gfaas-ingress-async"
 FUNCTIONS_BUCKET: Final = "gfaas_functions"
 WORKFLOWS_BUCKET: Final = "gfaas_workflows"
 RESULTS_BUCKET: Final = "gfaas_results"
+PROFILES_BUCKET: Final = "gfaas_profiles"
 MODELS_BUCKET: Final = "gfaas_models"
 DEAD_LETTER_STREAM: Final = "GFAAS_DEAD_LETTERS"
 LEADER_BUCKET: Final = "gfaas_leader"
 DEDUP_WINDOW_S: Final = 120.0
 RESULT_TTL_S: Final = 3600.0
 DEAD_LETTER_AGE_S: Final = 7 * 24 * 3600.0
+LOGS_STREAM: Final = "GFAAS_LOGS"
+LOGS_MAX_MSGS: Final = 10_000
+LOGS_AGE_S: Final = 7 * 24 * 3600.0
 
 
 async def ensure_invocations_stream(js: JetStreamContext, *, replicas: int = 1) -> None:
@@ -55,6 +61,10 @@ async def ensure_invocations_stream(js: JetStreamContext, *, replicas: int = 1) 
         max_age=24 * 3600.0,
         num_replicas=replicas,
     )
+    await _stream(js, config)
+
+
+async def _stream(js: JetStreamContext, config: StreamConfig) -> None:
     try:
         await js.add_stream(config)
     except BadRequestError:
@@ -80,6 +90,13 @@ async def functions_kv(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:
 async def workflows_kv(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:
     return await _key_value(
         js, KeyValueConfig(bucket=WORKFLOWS_BUCKET, history=1, replicas=replicas)
+    )
+
+
+async def profiles_kv(js: JetStreamContext, *, replicas: int = 1) -> KeyValue:
+    """Each function's measured profile (shared.schema.Profile), by function name."""
+    return await _key_value(
+        js, KeyValueConfig(bucket=PROFILES_BUCKET, history=1, replicas=replicas)
     )
 
 
@@ -127,10 +144,21 @@ async def ensure_dead_letter_stream(js: JetStreamContext, *, replicas: int = 1) 
         max_age=DEAD_LETTER_AGE_S,
         num_replicas=replicas,
     )
-    try:
-        await js.add_stream(config)
-    except BadRequestError:
-        await js.update_stream(config)
+    await _stream(js, config)
+
+
+async def ensure_logs_stream(js: JetStreamContext, *, replicas: int = 1) -> None:
+    """The last failed invocations (FailureRecords), for `gfaas logs`: at most
+    LOGS_MAX_MSGS of them, none older than LOGS_AGE_S; the oldest go first."""
+    config = StreamConfig(
+        name=LOGS_STREAM,
+        subjects=[subjects.LOGS_ALL],
+        storage=StorageType.FILE,
+        max_msgs=LOGS_MAX_MSGS,
+        max_age=LOGS_AGE_S,
+        num_replicas=replicas,
+    )
+    await _stream(js, config)
 
 
 async def leader_kv(js: JetStreamContext, *, ttl_s: float, replicas: int = 1) -> KeyValue:

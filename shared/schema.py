@@ -75,6 +75,7 @@ class ErrorCode(StrEnum):
     # The node's memory broker pools no memory on the device asked for (no cupy, say):
     # callers that can, lease in host memory instead.
     NO_POOL = "no_pool"
+    QUOTA_EXCEEDED = "quota_exceeded"  # a tenant's share of the node's pools is used up
 
 
 # Failures that are the caller's (or its function's) doing: retrying cannot help, so
@@ -370,6 +371,125 @@ class WorkerHeartbeat(_Msg):
     # Async invocations it claimed and has not yet stored the result of: an ingress
     # waiting on one learns from this whether it still runs here.
     claimed: list[str] = []
+    # A function instance (issue 8): it serves `function` alone, started by the
+    # node agent `agent`. Empty for a worker that serves any function.
+    function: str = ""
+    agent: str = ""
+
+
+# -- function instances (issue 8): the scheduler commands node agents ----------------
+
+
+class InstanceState(StrEnum):
+    STARTING = "starting"  # its process starts; not yet heartbeating
+    READY = "ready"
+    STOPPING = "stopping"  # draining what it runs, then it exits
+    FAILED = "failed"  # it could not start (the error says why)
+
+
+class StartInstance(_Msg):
+    """Start an instance of `function` on the agent's device with these shares."""
+
+    instance_id: str
+    function: str
+    sm_share: float
+    time_quota: float
+    memory_bytes: int
+    # Where the packer put its SM share (a fraction from the left): on a CPU, which
+    # of the node's cores it gets.
+    sm_offset: float = 0.0
+
+
+class InstanceFailed(_Msg):
+    """An instance process tells its agent why it could not start (then exits)."""
+
+    instance_id: str
+    error: ErrorInfo
+
+
+class StopInstance(_Msg):
+    instance_id: str
+
+
+class AgentReply(_Msg):
+    error: ErrorInfo | None = None
+
+
+class InstanceInfo(_Msg):
+    instance_id: str
+    function: str
+    sm_share: float
+    time_quota: float
+    memory_bytes: int
+    state: InstanceState
+    pid: int = 0
+    cores: list[int] = []
+    # Seconds from the start command to the instance's first heartbeat (0: not yet).
+    ready_s: float = 0.0
+    # FAILED: why it could not start (kept in beats for a while, then forgotten).
+    error: ErrorInfo | None = None
+
+
+class AgentBeat(_Msg):
+    """A node agent's device and the instances on it, every heartbeat."""
+
+    agent_id: str
+    node: str
+    device: str
+    memory_total: int  # bytes instances on this device may hold in all
+    cores: int  # the cores instances are given from (CPU sharing)
+    # How the spatial share is enforced: "mps", "cores", or why only time is shared.
+    spatial: str
+    instances: list[InstanceInfo] = []
+    sent_at: float = 0.0
+
+
+class ProfileRow(_Msg):
+    """One measured configuration of a function on a device, at batch 1."""
+
+    sm_share: float
+    time_quota: float
+    p50_ms: float
+    p99_ms: float
+    throughput: float  # req/s, back to back
+
+
+class Profile(_Msg):
+    function: str
+    device: str
+    agent: str
+    rows: list[ProfileRow]
+    measured_at: float = 0.0
+    # How the spatial share was applied while measuring ("cores", "mps", "time only: ...").
+    spatial: str = ""
+
+
+class ProfileRequest(_Msg):
+    function: str
+
+
+class ProfileReply(_Msg):
+    profile: Profile | None = None
+    error: ErrorInfo | None = None
+
+
+class TokenAcquire(_Msg):
+    """An instance asks its agent for time on the device (reply: TokenGrant)."""
+
+    instance_id: str
+
+
+class TokenGrant(_Msg):
+    slice_s: float = 0.0
+    error: ErrorInfo | None = None
+
+
+class TokenRelease(_Msg):
+    """The grant ends; `used_s` of device time is charged (-1: it was never used,
+    or the request for it was given up)."""
+
+    instance_id: str
+    used_s: float = -1.0
 
 
 class Done(_Msg):
@@ -568,3 +688,26 @@ def decode(data: bytes | memoryview, kind: type[T]) -> T:
 
 def error_reply(invocation_id: str, code: ErrorCode, reason: str) -> InvokeReply:
     return InvokeReply(invocation_id=invocation_id, error=ErrorInfo(code=code, reason=reason))
+
+
+class FailureRecord(_Msg):
+    """A failed invocation, logged once by whoever decided its outcome (the worker for
+    what it ran, with the handler's traceback; ingress for what it refused or gave up
+    on) and published on `gfaas.v1.logs.<function>` (kept in stream GFAAS_LOGS) for
+    `gfaas logs`."""
+
+    function: str
+    invocation_id: str
+    tenant: str
+    code: ErrorCode
+    reason: str
+    trace_id: str = ""
+    traceback: str = ""
+    # Who logged it: "gpu-worker" or "ingress", and which instance.
+    service: str = ""
+    instance: str = ""
+    at_ms: int = 0
+
+
+# A Done note's outcome for ingress's metrics: "ok", or the error code the caller got.
+H_OUTCOME: Final = "Gfaas-Outcome"

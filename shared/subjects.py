@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
+from shared.names import check_name
 from shared.schema import SCHEMA_VERSION, is_valid_token
 
 PREFIX: Final = f"gfaas.{SCHEMA_VERSION}"
@@ -40,6 +41,7 @@ RESULT_ALL: Final = f"{PREFIX}.result.*"
 Q_INGRESS: Final = "gfaas-ingress"
 Q_SCHEDULER: Final = "gfaas-scheduler"
 Q_WORKERS: Final = "gfaas-workers"
+Q_AGENTS: Final = "gfaas-agents"
 
 
 def _tok(value: str) -> str:
@@ -48,12 +50,19 @@ def _tok(value: str) -> str:
     return value
 
 
+def _name(function: str) -> str:
+    # A function's (or workflow's) name, as shared.names has every name: an
+    # InvalidName (a ValueError) names what is wrong with it.
+    check_name("function", function)
+    return function
+
+
 def invoke(function: str) -> str:
-    return f"{PREFIX}.invoke.{_tok(function)}"
+    return f"{PREFIX}.invoke.{_name(function)}"
 
 
 def invoke_async(function: str) -> str:
-    return f"{PREFIX}.invoke_async.{_tok(function)}"
+    return f"{PREFIX}.invoke_async.{_name(function)}"
 
 
 def worker_run(worker_id: str) -> str:
@@ -95,6 +104,44 @@ def grants(ingress_id: str) -> str:
 
 def heartbeat(worker_id: str) -> str:
     return f"{PREFIX}.heartbeat.{_tok(worker_id)}"
+
+
+# Node agents (issue 8): each says what its device holds on `agent_beat.<agent>`, and
+# takes the scheduler's commands (start, stop) and its instances' token requests
+# (acquire, release) on `agent.<agent>.<op>`.
+AGENT_BEAT_ALL: Final = f"{PREFIX}.agent_beat.*"
+# Request-reply: an agent measures a function on its device (shared.schema.Profile),
+# stores it in KV gfaas_profiles and says so on `profiled.<function>`.
+PROFILE: Final = f"{PREFIX}.profile"
+PROFILED_ALL: Final = f"{PREFIX}.profiled.*"
+
+
+def profiled(function: str) -> str:
+    return f"{PREFIX}.profiled.{_tok(function)}"
+
+
+def agent_beat(agent_id: str) -> str:
+    return f"{PREFIX}.agent_beat.{_tok(agent_id)}"
+
+
+def agent(agent_id: str, op: str) -> str:
+    """op: start, stop (request-reply, the scheduler); acquire (request-reply) and
+    release (a note), the agent's instances."""
+    return f"{PREFIX}.agent.{_tok(agent_id)}.{_tok(op)}"
+
+
+def agent_all(agent_id: str) -> str:
+    """Every operation of one agent."""
+    return f"{PREFIX}.agent.{_tok(agent_id)}.*"
+
+
+# Failed invocations (shared.schema.FailureRecord), by function; `_` for a name that
+# is not a token. Kept in stream GFAAS_LOGS for `gfaas logs`.
+LOGS_ALL: Final = f"{PREFIX}.logs.*"
+
+
+def logs(function: str) -> str:
+    return f"{PREFIX}.logs.{function if is_valid_token(function) else '_'}"
 
 
 def result(invocation_id: str) -> str:

@@ -69,6 +69,8 @@ def settings_for(url: str, state_dir: Path, **overrides: Any) -> Settings:
         "http_host": "127.0.0.1",
         "http_port": free_port(),
         "grpc_port": free_port(),
+        # Every service's metrics on a port of its own (shared.metrics); status says which.
+        "metrics_port": 0,
         "heartbeat_s": 0.1,
         "worker_timeout_s": 1.0,
         "capacity": 8,
