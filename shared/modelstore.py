@@ -3,20 +3,63 @@
 `get()` without `writeinto` rebuilds large objects by concatenation (about 9 s for
 64 MiB here); streaming into a file takes a fraction of that, so fetches always
 stream. Files are keyed by the object's digest, so a re-pushed model is re-fetched.
+
+Push also stores the file's own SHA-256 and size in the object's headers; a fetch
+hashes the bytes as they arrive, and a blob that is corrupt or truncated (or whose
+chunks are gone) is refused with `model_unavailable`, nothing left in the cache.
+The client's digest check alone does not cover these: it trusts whatever was put
+last, and waits forever for chunks that are missing.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import os
 from pathlib import Path
+from typing import IO, Any
 
+from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.errors import DigestMismatchError, ObjectDeletedError, ObjectNotFoundError
-from nats.js.object_store import ObjectStore
+from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, ObjectStore
 
 from shared import jetstream
 from shared.errors import GfaasError
+from shared.names import check_name, is_valid_name, name_problem
 from shared.schema import ErrorCode
+
+SHA256_HEADER = "Gfaas-Sha256"
+SIZE_HEADER = "Gfaas-Size"
+# A fetch that receives nothing for this long is given up (chunks lost in the store).
+STALL_S = 30.0
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _header(info: api.ObjectInfo, key: str) -> str | None:
+    """A header of the object (lists, as Go's nats.Header writes them, or strings)."""
+    value = (info.headers or {}).get(key)
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, str) else None
+
+
+class _HashingWriter:
+    """What the client streams into: the file, hashed and counted on the way."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self._f.write(data)
 
 
 class ModelStore:
@@ -28,12 +71,20 @@ class ModelStore:
         return cls(await jetstream.models_store(js, replicas=replicas))
 
     async def push(self, name: str, path: Path) -> int:
+        check_name("model", name)  # an object name, and a file name in every cache
+        digest = await asyncio.to_thread(file_sha256, path)
+        meta = api.ObjectMeta(
+            name=name,
+            headers={SHA256_HEADER: [digest], SIZE_HEADER: [str(path.stat().st_size)]},
+        )
         with path.open("rb") as f:
-            info = await self._store.put(name, f)
+            info = await self._store.put(name, f, meta=meta)
         return int(info.size or 0)
 
     async def fetch(self, name: str, cache_dir: Path) -> Path:
         """A local file holding the model's current weights (downloaded if needed)."""
+        if not is_valid_name(name):  # `../x` would be a file outside `cache_dir`
+            raise GfaasError(ErrorCode.MODEL_UNAVAILABLE, name_problem("model", name))
         try:
             info = await self._store.get_info(name)
         except (ObjectNotFoundError, ObjectDeletedError):
@@ -47,8 +98,11 @@ class ModelStore:
         cache_dir.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(f".part{os.getpid()}")
         try:
+            await self._check_chunks(name, info)
             with partial.open("wb") as f:
-                await self._store.get(name, writeinto=f)
+                writer = _HashingWriter(f)
+                await self._download(name, info, writer)
+            _verify(name, info, writer)
         except DigestMismatchError:
             partial.unlink(missing_ok=True)
             raise GfaasError(
@@ -59,8 +113,50 @@ class ModelStore:
             raise GfaasError(
                 ErrorCode.MODEL_UNAVAILABLE, f"model {name!r} is not in the model store"
             ) from None
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         partial.replace(target)
         return target
+
+    async def _check_chunks(self, name: str, info: api.ObjectInfo) -> None:
+        """Refuse at once an object whose chunks are not all in the stream (the
+        client would wait for them forever). Skipped where the client hides them."""
+        js: Any = getattr(self._store, "_js", None)
+        stream = getattr(self._store, "_stream", None)
+        bucket = getattr(self._store, "_name", None)
+        if js is None or not stream or not bucket or not info.chunks:
+            return
+        subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid)
+        state = (await js.stream_info(stream, subjects_filter=subject)).state
+        have = int((state.subjects or {}).get(subject, 0))
+        if have != info.chunks:
+            raise GfaasError(
+                ErrorCode.MODEL_UNAVAILABLE,
+                f"model {name!r} is truncated in the store: {have} of {info.chunks} chunks",
+            )
+
+    async def _download(self, name: str, info: api.ObjectInfo, writer: _HashingWriter) -> None:
+        """Stream the object into `writer`, giving up when nothing arrives for STALL_S."""
+        task = asyncio.ensure_future(self._store.get(name, writeinto=writer))  # type: ignore[arg-type]
+        seen = 0
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=STALL_S)
+                if done:
+                    task.result()
+                    return
+                if writer.size == seen:
+                    raise GfaasError(
+                        ErrorCode.MODEL_UNAVAILABLE,
+                        f"model {name!r} is truncated in the store: no data for {STALL_S:g} s "
+                        f"after {writer.size} of {info.size} bytes",
+                    )
+                seen = writer.size
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
 
     async def size(self, name: str) -> int:
         """The stored size of a model's weights in bytes; 0 when it is not there."""
@@ -78,3 +174,28 @@ class ModelStore:
                 return []
             raise
         return sorted((i.name, int(i.size or 0)) for i in infos if not i.deleted)
+
+
+def _verify(name: str, info: api.ObjectInfo, writer: _HashingWriter) -> None:
+    """The bytes received are the ones pushed: size and SHA-256 as recorded at push.
+
+    Objects pushed without the headers (older clients) are checked for size only;
+    the client has checked its own digest."""
+    expected_size = _header(info, SIZE_HEADER)
+    sizes = {writer.size, int(info.size or 0)}
+    if expected_size is not None:
+        sizes.add(int(expected_size))
+    if len(sizes) > 1:
+        raise GfaasError(
+            ErrorCode.MODEL_UNAVAILABLE,
+            f"model {name!r} is truncated in the store: {writer.size} bytes received, "
+            f"{expected_size or info.size} pushed",
+        )
+    expected = _header(info, SHA256_HEADER)
+    got = writer.sha.hexdigest()
+    if expected is not None and got != expected:
+        raise GfaasError(
+            ErrorCode.MODEL_UNAVAILABLE,
+            f"model {name!r} is corrupt in the store: sha256 {got[:16]}... "
+            f"does not match {expected[:16]}... recorded at push",
+        )

@@ -9,6 +9,7 @@ import anyio
 import numpy as np
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js import api
 
 from examples.specs import example_spec_paths
 from examples.text.tokenize import tokenize
@@ -16,6 +17,8 @@ from examples.weights import write_all
 from gfaas.client import Client
 from shared.dataplane.shm import list_segments
 from shared.errors import GfaasError
+from shared.jetstream import MODELS_BUCKET
+from shared.modelstore import SHA256_HEADER, SIZE_HEADER, ModelStore, file_sha256
 from shared.modelswap import tier_prefix
 from shared.modelswap.host_tier import LOCK_DIR
 from shared.natsd import NatsServer
@@ -110,3 +113,75 @@ async def test_host_tier_segments_do_not_outlive_the_platform(
         assert len(list_segments(tier_prefix(namespace))) == 1
     assert list_segments(tier_prefix(namespace)) == []
     assert list(LOCK_DIR.glob(f"{tier_prefix(namespace)}*")) == []
+
+
+async def test_first_answers_from_the_object_store_equal_warm_ones(
+    platform: Platform, nc: NATS, tmp_path: Path
+) -> None:
+    """Cold (object store -> host tier -> pipelined swap-in) answers what warm does."""
+    client = Client(nc)
+    await push_examples(client, tmp_path)
+    await deploy_and_wait(nc, SPECS["classifier"], SPECS["text-encoder"])
+    pixels = np.random.default_rng(0).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    calls: list[tuple[str, dict[str, np.ndarray], str]] = [
+        ("classifier", {"pixels": pixels}, "logits"),
+        ("text-encoder", {"tokens": tokenize("first equals warm")}, "embedding"),
+    ]
+    for function, inputs, output in calls:
+        cold = await client.invoke(function, inputs)
+        warm = await client.invoke(function, inputs)
+        assert not np.isnan(cold[output]).any()
+        np.testing.assert_allclose(cold[output], warm[output], rtol=1e-4, atol=1e-5)
+
+
+async def test_a_corrupt_or_truncated_blob_is_refused(nc: NATS, tmp_path: Path) -> None:
+    js = nc.jetstream()
+    store = await ModelStore.open(js)
+    weights = write_all(tmp_path / "w")["text-encoder"]
+    await store.push("text-encoder", weights)
+    objects = store._store
+    info = await objects.get_info("text-encoder")
+    assert info.headers == {
+        SHA256_HEADER: [file_sha256(weights)],
+        SIZE_HEADER: [str(weights.stat().st_size)],
+    }
+    intact = await store.fetch("text-encoder", tmp_path / "ok")
+    assert intact.read_bytes() == weights.read_bytes()
+
+    raw = weights.read_bytes()
+    flipped = raw[:1000] + bytes([raw[1000] ^ 0xFF]) + raw[1001:]
+    # Put under the same name with the pushed headers: the client's own digest is
+    # computed over these bytes, so only the digest recorded at push can tell.
+    for reason, blob in {"corrupt": flipped, "truncated": raw[: len(raw) // 2]}.items():
+        meta = api.ObjectMeta(name="text-encoder", headers=info.headers)
+        await objects.put("text-encoder", blob, meta=meta)
+        cache = tmp_path / reason
+        with anyio.fail_after(10), pytest.raises(GfaasError) as refused:
+            await store.fetch("text-encoder", cache)
+        assert refused.value.code == "model_unavailable"
+        assert f"is {reason} in the store" in refused.value.reason
+        assert list(cache.iterdir()) == []  # no half-written file left behind
+
+    # Chunks lost in the store: refused at once, not waited for.
+    await store.push("text-encoder", weights)
+    info = await objects.get_info("text-encoder")
+    assert info.chunks is not None
+    assert info.chunks > 1
+    chunks = f"$O.{MODELS_BUCKET}.C.{info.nuid}"
+    last = await js.get_last_msg(f"OBJ_{MODELS_BUCKET}", chunks)
+    assert last.seq is not None
+    await js.delete_msg(f"OBJ_{MODELS_BUCKET}", last.seq)
+    with anyio.fail_after(10), pytest.raises(GfaasError) as refused:
+        await store.fetch("text-encoder", tmp_path / "lost")
+    assert f"truncated in the store: {info.chunks - 1} of {info.chunks} chunks" in str(
+        refused.value.reason
+    )
+    await js.purge_stream(f"OBJ_{MODELS_BUCKET}", subject=chunks)
+    with anyio.fail_after(10), pytest.raises(GfaasError) as refused:
+        await store.fetch("text-encoder", tmp_path / "gone")
+    assert f"0 of {info.chunks} chunks" in refused.value.reason
+
+    # Pushed again, intact: it loads.
+    await store.push("text-encoder", weights)
+    again = await store.fetch("text-encoder", tmp_path / "again")
+    assert again.read_bytes() == raw

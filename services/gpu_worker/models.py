@@ -12,17 +12,19 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
 import anyio
 
+from shared.config import Settings
 from shared.errors import GfaasError
-from shared.function import LoadContext, contract_problem, resolve
-from shared.modelswap import HostModel, HostTier
+from shared.function import LoadContext, contract_problem, handler_refusal, resolve
+from shared.function import handler_packages as handler_packages_of
+from shared.modelswap import HostModel, HostTier, SwapIn
 from shared.scheduling.cache import DeviceCache
 from shared.scheduling.eviction import CannotFit, choose_victims
 from shared.schema import ErrorCode, FunctionSpec
@@ -71,8 +73,9 @@ class Loaded:
                 swap.detach_hooks()
 
 
-def build_handler(spec: FunctionSpec, ctx: LoadContext) -> Handler:
-    target = resolve(spec.handler)
+def build_handler(spec: FunctionSpec, ctx: LoadContext, packages: Sequence[str]) -> Handler:
+    """The handler `spec` names, built; only one from `packages` is imported."""
+    target = resolve(spec.handler, packages=packages)
     problem = contract_problem(spec.handler, target)
     if problem is not None:
         raise GfaasError(ErrorCode.HANDLER_ERROR, problem)
@@ -96,7 +99,11 @@ class HandlerCache:
         host_tier: HostTier | None = None,
         group_bytes: int = 2 * MB,
         clock: Callable[[], float] = time.monotonic,
+        handler_packages: str = Settings.handler_packages,
     ) -> None:
+        # The node's allow-list: a spec naming a handler outside it (one written into
+        # the registry by hand) is refused before anything is fetched or imported.
+        self.handler_packages = handler_packages_of(handler_packages)
         self.device = device
         self.threads = threads
         self.cache = DeviceCache(capacity=capacity_bytes)
@@ -116,6 +123,9 @@ class HandlerCache:
         self.hits = 0
         self.evictions = 0
         self.swap_ms_total = 0.0
+        # Function -> (swap start, load start, swap-ins) of handlers built whose weights
+        # are still landing: their load time is recorded once the last group lands.
+        self._landing: dict[str, tuple[float, float, list[SwapIn]]] = {}
 
     def resident(self) -> list[str]:
         return sorted({cache_key(e.spec) for e in self._loaded.values()})
@@ -125,6 +135,7 @@ class HandlerCache:
 
     def report(self) -> TierReport:
         """The device tier by cache key, for the heartbeat (the scheduler's view)."""
+        self._settle()
         now = self._clock()
         keys = {name: cache_key(e.spec) for name, e in self._loaded.items()}
         keys.update(self._loading)
@@ -133,7 +144,9 @@ class HandlerCache:
             key = keys.get(name, name)
             # Two functions over one model hold two copies: their sizes add up.
             report.sizes[key] = report.sizes.get(key, 0) + entry.size
-            report.load_s[key] = max(report.load_s.get(key, 0.0), entry.load_s)
+            # Still landing: 0 says "not measured yet" (the scheduler uses its profile).
+            load_s = 0.0 if name in self._landing else entry.load_s
+            report.load_s[key] = max(report.load_s.get(key, 0.0), load_s)
             report.scores[key] = report.scores.get(key, 0.0) + self.cache.popularity(name, now)
             if name in self._loading:
                 report.loading.append(key)
@@ -151,6 +164,7 @@ class HandlerCache:
             yield entry
         finally:
             self.cache = self.cache.release(spec.name)
+            self._settle()
             self._note_unpinned()
 
     def _note_unpinned(self) -> None:
@@ -174,6 +188,9 @@ class HandlerCache:
             return entry
 
     async def _load(self, spec: FunctionSpec, wait_s: float = math.inf) -> Loaded:
+        refusal = handler_refusal(spec.handler, self.handler_packages)
+        if refusal is not None:
+            raise GfaasError(ErrorCode.HANDLER_ERROR, refusal)
         started = time.perf_counter()
         host: HostModel | None = None
         weights: Path | None = None
@@ -208,7 +225,9 @@ class HandlerCache:
             group_bytes=self.group_bytes,
         )
         try:
-            handler = await anyio.to_thread.run_sync(build_handler, spec, ctx)
+            handler = await anyio.to_thread.run_sync(
+                build_handler, spec, ctx, self.handler_packages
+            )
         except BaseException as exc:
             self.cache = self.cache.release(spec.name).evict([spec.name])
             self._note_unpinned()
@@ -223,6 +242,11 @@ class HandlerCache:
         finally:
             self._loading.pop(spec.name, None)
         done = time.perf_counter()
+        # A pipelined swap-in is still copying when the handler is built: until its
+        # last group lands the load time so far stands in (for eviction), and
+        # `_settle` records the real one.
+        if ctx.swaps:
+            self._landing[spec.name] = (swap_started, started, ctx.swaps)
         load_ms = (done - started) * 1000.0
         # Record what a reload (from the host tier, not the object store) costs, for
         # eviction's cost model and the scheduler's swap-in predictions.
@@ -233,7 +257,7 @@ class HandlerCache:
         )
         self.loads += 1
         self.swap_ms_total += load_ms
-        return Loaded(
+        loaded = Loaded(
             spec=spec,
             handler=handler,
             limiter=anyio.CapacityLimiter(spec.concurrency),
@@ -241,11 +265,36 @@ class HandlerCache:
             load_ms=load_ms,
             ctx=ctx,
         )
+        self._settle(loaded)
+        return loaded
+
+    def _settle(self, fresh: Loaded | None = None) -> None:
+        """Record the load time, up to the last group landing, of swap-ins now landed.
+
+        `fresh`: the handler `_load` is about to return (not yet in `_loaded`)."""
+        for name, (swap_started, started, swaps) in list(self._landing.items()):
+            if not all(s.landed.is_set() for s in swaps):
+                continue
+            loaded = fresh if fresh is not None and fresh.spec.name == name else None
+            loaded = loaded or self._loaded.get(name)
+            if loaded is None or loaded.ctx.swaps is not swaps:
+                continue  # built and not yet handed over, or replaced
+            del self._landing[name]
+            landed = max(s.finished_at for s in swaps)
+            entry = self.cache.entries.get(name)
+            if entry is not None:
+                entries = dict(self.cache.entries)
+                entries[name] = replace(entry, load_s=max(entry.load_s, landed - swap_started))
+                self.cache = DeviceCache(self.cache.capacity, entries, self.cache.half_life_s)
+            load_ms = max(loaded.load_ms, (landed - started) * 1000.0)
+            self.swap_ms_total += load_ms - loaded.load_ms
+            loaded.load_ms = load_ms
 
     async def _make_room(self, spec: FunctionSpec, size: int, wait_s: float) -> None:
         reason = ""
         with anyio.move_on_after(wait_s) as scope:
             while True:
+                self._settle()
                 choice = choose_victims(self.cache, spec.name, size, self._clock())
                 if not isinstance(choice, CannotFit):
                     for key in choice.keys:
@@ -268,6 +317,7 @@ class HandlerCache:
     def _drop(self, name: str) -> None:
         # The device copy goes; the host tier keeps its copy for the next swap-in.
         self._loaded.pop(name, None)
+        self._landing.pop(name, None)
         if name in self.cache.entries:
             self.cache = self.cache.evict([name])
             self.evictions += 1

@@ -3,7 +3,8 @@
 Weights live in the object store (cold), in a host tier of shared-memory segments
 that every worker on the node maps (warm), and in a worker's device memory (hot).
 A swap-in copies parameter groups from the host tier to the device in order while
-the model already runs: a module's forward waits only for its own group.
+the model already runs: each torch operation waits for the groups of the weights
+it reads (see pipeline.py).
 """
 
 from shared.modelswap.host_tier import HostModel, HostTier, tier_prefix

@@ -3,26 +3,76 @@
 The model is built on the meta device (no random initialisation), given empty
 storage on the target device, and its parameters and buffers are copied from the
 host tier in groups of about `group_bytes`, in registration order, on a copy
-thread. Every module that owns tensors gets a forward pre-hook that waits for its
-group, so layer i computes while the groups after it are still copying, and the
-first request pays little more than the transfer. On CUDA the copies run on their
-own stream from pinned memory and modules wait on CUDA events (see cuda.py).
+thread. While the copy runs, every torch operation the model executes waits for
+the groups of the model's tensors it reads, so layer i computes while the groups
+after it are still copying, and the first request pays little more than the
+transfer. On CUDA the copies run on their own stream from pinned memory and the
+compute stream waits on CUDA events (see cuda.py).
+
+Waiting per operation, not per module, is what makes it correct: a module may read
+a child's weights without calling the child (`nn.MultiheadAttention` passes
+`out_proj.weight` to a functional kernel; `nn.TransformerEncoderLayer`'s fast path
+reads every weight of the layer in one fused call), so a hook on each module that
+waits for that module's own tensors lets such reads see weights not yet copied.
+Every module's first call enters a torch function mode (`_Guard`) for the length
+of the outermost module call on that thread; the mode looks at each operation's
+tensor arguments and waits for the last group among them. Metadata reads (shape,
+dtype, device) never wait. The mode also turns torch's fused fast paths off for
+the first calls (they check `has_torch_function`); once every group has landed the
+mode is no longer entered and warm calls run exactly as without swap-in.
+
+What the mode cannot see: weights read by code outside torch's dispatch (a
+pybind11 or Triton kernel given `data_ptr()`), by TorchScript (a model holding a
+ScriptModule is copied in whole before it returns), or by a handler that calls
+`model.forward` or reads a weight before calling any module. Such models should be
+built with `pipelined=False`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from shared.modelswap.host_tier import HostModel
 
 DEFAULT_GROUP_BYTES = 2 * 1024 * 1024  # FaaSwap's throughput elbow; bench/swap.py measures it
+
+# Reads of a tensor's metadata: they never need its values, so they never wait.
+_METADATA: frozenset[Any] = frozenset(
+    [
+        getattr(torch.Tensor, name).__get__
+        for name in (
+            "shape",
+            "dtype",
+            "device",
+            "layout",
+            "ndim",
+            "requires_grad",
+            "is_nested",
+            "is_cuda",
+            "is_cpu",
+            "is_meta",
+            "is_sparse",
+            "is_quantized",
+            "is_leaf",
+            "grad_fn",
+            "itemsize",
+            "nbytes",
+        )
+        if hasattr(torch.Tensor, name)
+    ]
+    + [
+        getattr(torch.Tensor, name)
+        for name in ("size", "dim", "numel", "element_size", "stride", "get_device")
+    ]
+)
 
 
 class SwapError(RuntimeError):
@@ -45,20 +95,30 @@ def group_parameters(tensors: list[tuple[str, torch.Tensor]], group_bytes: int) 
 
 @dataclass
 class SwapIn:
-    """A swap-in in progress (or done): wait on it, or let forward hooks wait."""
+    """A swap-in in progress (or done): wait on it, or let the model's guard wait."""
 
     model: nn.Module
     groups: list[list[str]]
     ready: list[threading.Event]
+    device: str = "cpu"
     started_at: float = field(default_factory=time.perf_counter)
+    # When the last group landed (on CUDA: the copy stream synchronised), or failed.
     finished_at: float = 0.0
     error: BaseException | None = None
+    # Set once `finished_at` is: every weight is on the device, or the copy failed.
+    landed: threading.Event = field(default_factory=threading.Event)
     _hooks: list[Any] = field(default_factory=list)
     _device_events: list[Any] = field(default_factory=list)
+    # id() of each of the model's tensors -> the group that copies it (last, if tied).
+    _group_of: dict[int, int] = field(default_factory=dict)
+    # Landed without error: the guard has nothing left to wait for.
+    _clear: bool = False
+    _local: threading.local = field(default_factory=threading.local)
 
     @property
     def done(self) -> bool:
-        return all(e.is_set() for e in self.ready)
+        """Every group has landed (on CUDA: copied, not only queued), or the copy failed."""
+        return self.landed.is_set()
 
     def wait_group(self, index: int) -> None:
         self.ready[index].wait()
@@ -70,6 +130,11 @@ class SwapIn:
     def wait(self) -> None:
         for i in range(len(self.ready)):
             self.wait_group(i)
+        self.landed.wait()
+
+    def wait_landed(self, timeout: float | None = None) -> bool:
+        """Block until every group has landed (or the copy failed); False on timeout."""
+        return self.landed.wait(timeout)
 
     def detach_hooks(self) -> None:
         """Call between requests once done: later forwards skip the checks entirely."""
@@ -81,22 +146,32 @@ class SwapIn:
 
     @property
     def seconds(self) -> float:
+        """From the start of the copy to the last group landing (so far, if running)."""
         return (self.finished_at or time.perf_counter()) - self.started_at
+
+
+def _copy_group(group: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy one group on the CPU (a module-level function so tests can throttle it)."""
+    for dst, src in group:
+        dst.copy_(src)
 
 
 def _copy_groups(
     swap: SwapIn, pairs: list[list[tuple[torch.Tensor, torch.Tensor]]], device: str
 ) -> None:
+    # A model built under inference mode has inference tensors: only code in that
+    # mode may write them.
+    inference = any(dst.is_inference() for group in pairs[:1] for dst, _ in group[:1])
     try:
         if device.startswith("cuda"):
             from shared.modelswap.cuda import copy_groups_cuda
 
-            copy_groups_cuda(swap, pairs, device)
+            with torch.inference_mode(inference):
+                copy_groups_cuda(swap, pairs, device)
         else:
-            with torch.no_grad():
+            with torch.no_grad(), torch.inference_mode(inference):
                 for event, group in zip(swap.ready, pairs, strict=True):
-                    for dst, src in group:
-                        dst.copy_(src)
+                    _copy_group(group)
                     event.set()
     except BaseException as exc:
         swap.error = exc
@@ -105,6 +180,8 @@ def _copy_groups(
         raise
     finally:
         swap.finished_at = time.perf_counter()
+        swap._clear = swap.error is None
+        swap.landed.set()
 
 
 def instantiate(
@@ -135,12 +212,18 @@ def instantiate(
     groups = group_parameters([(n, host.tensors[n]) for n, _ in named], group_bytes)
     tensors = dict(named)
     pairs = [[(tensors[n].data, host.tensors[n]) for n in group] for group in groups]
-    swap = SwapIn(model=model, groups=groups, ready=[threading.Event() for _ in groups])
+    swap = SwapIn(
+        model=model, groups=groups, ready=[threading.Event() for _ in groups], device=device
+    )
+    for index, group in enumerate(groups):
+        for name in group:
+            swap._group_of[id(tensors[name])] = index
     if device.startswith("cuda"):
         from shared.modelswap.cuda import pin
 
         pin(host)
-    if pipelined:
+    # TorchScript runs its ops where the guard cannot see them: copy first.
+    if pipelined and not any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
         _install_hooks(model, swap)
         thread = threading.Thread(
             target=_copy_groups, args=(swap, pairs, device), name="swap-in", daemon=True
@@ -152,23 +235,74 @@ def instantiate(
     return model, swap
 
 
+def _last_group(value: object, group_of: Mapping[int, int]) -> int:
+    """The last group holding a tensor in `value` (an argument: tensor, list, dict)."""
+    if isinstance(value, torch.Tensor):
+        return group_of.get(id(value), -1)
+    if isinstance(value, list | tuple):
+        return max((_last_group(v, group_of) for v in value), default=-1)
+    if isinstance(value, dict):
+        return max((_last_group(v, group_of) for v in value.values()), default=-1)
+    return -1
+
+
+class _Guard(TorchFunctionMode):  # type: ignore[misc]  # torch.overrides is untyped
+    """While a swap-in runs: each operation first waits for the weights it reads."""
+
+    def __init__(self, swap: SwapIn) -> None:
+        super().__init__()
+        self.swap = swap
+        # Groups are copied (and their events recorded) in order: having waited for
+        # group i, the waiting stream has every group up to i.
+        self.waited: dict[Any, int] = {}
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        swap = self.swap
+        if not swap._clear and func not in _METADATA:
+            need = max(_last_group(args, swap._group_of), _last_group(kwargs, swap._group_of))
+            if need >= 0:
+                stream = torch.cuda.current_stream() if swap.device.startswith("cuda") else None
+                if need > self.waited.get(stream, -1):
+                    swap.wait_group(need)
+                    self.waited[stream] = need
+        return func(*args, **kwargs)
+
+
 def _install_hooks(model: nn.Module, swap: SwapIn) -> None:
-    group_of = {name: i for i, group in enumerate(swap.groups) for name in group}
-    for prefix, module in model.named_modules():
-        local = [
-            f"{prefix}.{n}" if prefix else n
-            for n, _ in [
-                *module.named_parameters(recurse=False),
-                *module.named_buffers(recurse=False),
-            ]
-        ]
-        indices = [group_of[n] for n in local if n in group_of]
-        if not indices:
-            continue
-        last = max(indices)
+    """Enter the guard for the outermost call of any of the model's modules.
 
-        def hook(_module: nn.Module, _args: Any, index: int = last) -> None:
-            if not swap.ready[index].is_set() or swap._device_events:
-                swap.wait_group(index)
+    Every module gets the hooks, so a handler that calls a submodule directly is
+    guarded as well. A per-thread stack of the modules entered keeps the guard
+    until the outermost one returns (or raises: the exit hook is `always_call`)."""
 
-        swap._hooks.append(module.register_forward_pre_hook(hook))
+    def enter(module: nn.Module, _args: Any) -> None:
+        local = swap._local
+        stack: list[int] | None = getattr(local, "stack", None)
+        if not stack:
+            if swap._clear:
+                return
+            local.guard = _Guard(swap)
+            local.guard.__enter__()
+            stack = local.stack = []
+        stack.append(id(module))
+
+    def leave(module: nn.Module, _args: Any, _output: Any) -> None:
+        local = swap._local
+        stack: list[int] | None = getattr(local, "stack", None)
+        if not stack or stack[-1] != id(module):
+            return
+        stack.pop()
+        if not stack:
+            guard, local.guard = local.guard, None
+            guard.__exit__(None, None, None)
+
+    for module in model.modules():
+        swap._hooks.append(module.register_forward_pre_hook(enter, prepend=True))
+        swap._hooks.append(module.register_forward_hook(leave, always_call=True))
