@@ -24,6 +24,12 @@ classes for a top-k, say) raises `InvalidInput("why")`: the caller gets
 `resolve` imports what a spec names and `contract_problem` checks it against this
 contract without building anything: the worker does both before it loads a
 handler, and a deploy has them done in a sandbox process (`shared.handler_check`).
+
+Handlers come only from the node's allow-list of packages (`GFAAS_HANDLER_PACKAGES`):
+`resolve` refuses anything else (`subprocess:run`, `os:system`, `builtins:eval`)
+before importing it, and refuses a target defined outside those packages (a module
+re-exporting `os.system`), so a spec written straight into the registry cannot run
+arbitrary code either.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -104,9 +110,48 @@ def output_buffers(buffers: Mapping[str, torch.Tensor]) -> Iterator[None]:
         _OUTPUT_BUFFERS.reset(token)
 
 
-def resolve(ref: str) -> Any:
+def handler_packages(setting: str) -> tuple[str, ...]:
+    """The allow-list a `handler_packages` setting names ("examples,tests"); a
+    ValueError for an entry that is no dotted module name."""
+    packages = tuple(p.strip() for p in setting.split(",") if p.strip())
+    for package in packages:
+        if not _dotted(package):
+            raise ValueError(f"handler package {package!r} is not a dotted module name")
+    return packages
+
+
+def _dotted(name: str) -> bool:
+    # Dunders are the interpreter's (`__import__`, `__loader__`), never a handler.
+    parts = name.split(".")
+    return all(p.isidentifier() and not p.startswith("__") for p in parts)
+
+
+def _within(module: str, packages: Sequence[str]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def handler_refusal(ref: str, packages: Sequence[str]) -> str | None:
+    """Why this node refuses to import `ref` at all, or None: its module must be one
+    of `packages` or under one, and both halves plain dotted names."""
+    module_name, colon, attr = ref.partition(":")
+    if not colon or not _dotted(module_name) or not _dotted(attr):
+        return f"handler {ref!r} must be 'module:attr', both dotted Python names without dunders"
+    if not _within(module_name, packages):
+        allowed = ", ".join(packages) or "none"
+        return (
+            f"handler {ref!r} is not allowed on this node: module {module_name!r} is in "
+            f"none of its handler packages ({allowed}; GFAAS_HANDLER_PACKAGES)"
+        )
+    return None
+
+
+def resolve(ref: str, *, packages: Sequence[str]) -> Any:
     """What `ref` ("module:attr", attr dotted or not) names, its module imported here;
-    a `handler_error` naming the problem when it cannot be."""
+    a `handler_error` naming the problem when it cannot be. Only a module within
+    `packages` is imported, and only a target defined there is returned."""
+    refusal = handler_refusal(ref, packages)
+    if refusal is not None:
+        raise GfaasError(ErrorCode.HANDLER_ERROR, refusal)
     module_name, _, attr = ref.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -124,6 +169,15 @@ def resolve(ref: str) -> Any:
             ErrorCode.HANDLER_ERROR,
             f"handler {ref!r} cannot be imported: {module_name!r} has no attribute {attr!r}",
         ) from None
+    # What can be called must be code of those packages, not something they import
+    # (`examples.noop:os.system`); what cannot be called fails the contract anyway.
+    home = getattr(obj, "__module__", None)
+    if callable(obj) and not (isinstance(home, str) and _within(home, packages)):
+        raise GfaasError(
+            ErrorCode.HANDLER_ERROR,
+            f"handler {ref!r} is not allowed on this node: it is defined in {home!r}, "
+            f"outside its handler packages ({', '.join(packages)}; GFAAS_HANDLER_PACKAGES)",
+        )
     return obj
 
 
@@ -170,10 +224,11 @@ def _arity_problem(fn: Any, contract: str) -> str | None:
     return None
 
 
-def handler_problem(ref: str) -> str | None:
-    """Why `ref` names no handler (it cannot be imported, or breaks the contract), or
-    None. Imports its module into this process: the worker has a sandbox do it."""
+def handler_problem(ref: str, packages: Sequence[str]) -> str | None:
+    """Why `ref` names no handler (it is not allowed here, cannot be imported, or
+    breaks the contract), or None. Imports its module into this process: the worker
+    has a sandbox do it."""
     try:
-        return contract_problem(ref, resolve(ref))
+        return contract_problem(ref, resolve(ref, packages=packages))
     except GfaasError as exc:
         return exc.reason

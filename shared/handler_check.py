@@ -14,7 +14,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from shared.function import handler_problem
+from shared.config import Settings
+from shared.function import handler_packages, handler_problem
 
 # How long a sandbox may take (the interpreter's start included) before the check
 # counts as failed: the worker stops it then.
@@ -22,16 +23,20 @@ SANDBOX_TIMEOUT_S = 20.0
 # What the sandbox prints for a sound handler (an import that exits early prints
 # nothing, and is not taken for one).
 OK = "ok"
+# The environment variable carrying the node's handler packages into the sandbox.
+PACKAGES_ENV = "GFAAS_HANDLER_PACKAGES"
 
 
 def main(argv: Sequence[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m shared.handler_check MODULE:ATTR", file=sys.stderr)
         return 2
+    # The worker passes its allow-list on (services/gpu_worker/sandbox.py).
+    packages = handler_packages(os.environ.get(PACKAGES_ENV, Settings().handler_packages))
     out = os.dup(1)
     os.dup2(2, 1)  # the module's own output (Python's and C's) goes to stderr
     try:
-        problem = handler_problem(argv[0])
+        problem = handler_problem(argv[0], packages)
     finally:
         sys.stdout.flush()
         os.dup2(out, 1)

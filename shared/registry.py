@@ -9,7 +9,7 @@ client's deploy refuses a name the other kind already has.
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
 import anyio
 import msgspec
@@ -20,6 +20,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from shared import jetstream
 from shared.logs import get_logger
+from shared.names import check_name, is_valid_name
 from shared.schema import FunctionSpec, WorkflowSpec, decode, encode
 
 log = get_logger("registry")
@@ -31,6 +32,10 @@ class Registry(Generic[S]):
     def __init__(self, kv: KeyValue, kind: type[S]) -> None:
         self._kv = kv
         self._kind: type[S] = kind
+        # What its keys name, for refusals: "function" or "workflow".
+        self._what: Literal["function", "workflow"] = (
+            "workflow" if kind is WorkflowSpec else "function"
+        )
         self._specs: dict[str, S] = {}
         self._synced = anyio.Event()
 
@@ -43,9 +48,12 @@ class Registry(Generic[S]):
         return Registry(await jetstream.workflows_kv(js, replicas=replicas), WorkflowSpec)
 
     async def put(self, spec: S) -> None:
+        check_name(self._what, spec.name)  # the key: one token, no wildcard, no path
         await self._kv.put(spec.name, encode(spec))
 
     async def delete(self, name: str) -> bool:
+        if not is_valid_name(name):
+            return False  # never put, so not there
         try:
             await self._kv.get(name)
         except (KeyNotFoundError, KeyDeletedError):
@@ -54,11 +62,13 @@ class Registry(Generic[S]):
         return True
 
     async def fetch(self, name: str) -> S | None:
+        if not is_valid_name(name):
+            return None
         try:
             entry = await self._kv.get(name)
         except (KeyNotFoundError, KeyDeletedError):
             return None
-        return decode(entry.value, self._kind) if entry.value else None
+        return self._valid(name, decode(entry.value, self._kind)) if entry.value else None
 
     async def fetch_all(self) -> list[S]:
         try:
@@ -108,9 +118,23 @@ class Registry(Generic[S]):
                     self._specs.pop(entry.key, None)
                     continue
                 try:
-                    self._specs[entry.key] = decode(entry.value, self._kind)
+                    spec = self._valid(entry.key, decode(entry.value, self._kind))
                 except msgspec.MsgspecError as exc:
                     log.warning("registry.bad_entry", key=entry.key, error=str(exc))
+                    continue
+                if spec is None:
+                    self._specs.pop(entry.key, None)
+                else:
+                    self._specs[entry.key] = spec
         finally:
             with anyio.CancelScope(shield=True):
                 await watcher.stop()
+
+    def _valid(self, key: str, spec: S) -> S | None:
+        """`spec` as stored under `key`, or None (logged) when the entry is not one a
+        deploy writes: a bad name, or a spec filed under another name than its own
+        (written into the bucket by hand)."""
+        if not is_valid_name(key) or spec.name != key:
+            log.warning("registry.bad_entry", key=key, error=f"{self._what} {spec.name!r}")
+            return None
+        return spec

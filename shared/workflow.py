@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.schema import FunctionSpec, TensorSpec, WorkflowSpec, is_valid_function_name
+from shared.names import is_valid_name, name_problem
+from shared.schema import FunctionSpec, TensorSpec, WorkflowSpec
 
 INPUT = "$in"
 
@@ -58,8 +59,8 @@ class WorkflowPlan:
 
 def plan_workflow(spec: WorkflowSpec) -> WorkflowPlan:
     """Check a workflow's structure and order its stages; raise WorkflowError."""
-    if not is_valid_function_name(spec.name):
-        raise WorkflowError(f"workflow name {spec.name!r} must match [a-z0-9][a-z0-9_-]{{0,62}}")
+    if not is_valid_name(spec.name):
+        raise WorkflowError(name_problem("workflow", spec.name))
     if not spec.stages:
         raise WorkflowError(f"workflow {spec.name} has no stages")
     names = [s.name for s in spec.stages]
@@ -70,8 +71,10 @@ def plan_workflow(spec: WorkflowSpec) -> WorkflowPlan:
     deps: dict[str, frozenset[str]] = {}
     readers: dict[str, int] = {}
     for stage in spec.stages:
-        if not is_valid_function_name(stage.name) or stage.name == INPUT:
+        if not is_valid_name(stage.name) or stage.name == INPUT:
             raise WorkflowError(f"stage name {stage.name!r} is not a valid name")
+        if not is_valid_name(stage.function):
+            raise WorkflowError(f"stage {stage.name}: {name_problem('function', stage.function)}")
         parsed = {arg: parse_source(src) for arg, src in stage.inputs.items()}
         for arg, src in parsed.items():
             if src.stage == INPUT:

@@ -140,7 +140,7 @@ async def test_sound_handlers_deploy(platform: Platform, nc: NATS) -> None:
 
 
 async def test_what_a_handler_module_does_at_import_stays_in_the_sandbox(
-    platform: Platform, nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    nats_server: NatsServer, nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # On the worker's import path (the worker runs in this process), not imported here.
     modules = tmp_path / "mods"
@@ -151,25 +151,30 @@ async def test_what_a_handler_module_does_at_import_stays_in_the_sandbox(
     monkeypatch.syspath_prepend(str(modules))
     monkeypatch.chdir(tmp_path)
     spec = FunctionSpec(name="exits", handler="gfaas_exits_at_import:f")
-    with pytest.raises(ValueError, match=r"cannot be imported: SystemExit: 3$"):
+    # A node whose handler packages (GFAAS_HANDLER_PACKAGES) include that module.
+    with (
+        platform_at(nats_server.url, tmp_path / "s", handler_packages="gfaas_exits_at_import"),
+        pytest.raises(ValueError, match=r"cannot be imported: SystemExit: 3$"),
+    ):
         await Client(nc).deploy(spec)
     assert "gfaas_exits_at_import" not in sys.modules
     assert not (tmp_path / "left-behind").exists()  # written in the sandbox's own directory
 
 
 async def test_a_handler_whose_file_changed_is_checked_again(
-    platform: Platform, nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    nats_server: NatsServer, nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A worker remembers sound handlers by their module's file as it was then.
     module = tmp_path / "gfaas_edited_handler.py"
     module.write_text("def f(inputs):\n    return inputs\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     spec = FunctionSpec(name="edited", handler="gfaas_edited_handler:f")
-    await Client(nc).deploy(spec)
-    await Client(nc).deploy(spec)  # unchanged: as sound as it was
-    module.write_text("def f(inputs, scale):\n    return inputs\n")
-    with pytest.raises(ValueError, match="takes 2 positional arguments"):
+    with platform_at(nats_server.url, tmp_path / "s", handler_packages="gfaas_edited_handler"):
         await Client(nc).deploy(spec)
+        await Client(nc).deploy(spec)  # unchanged: as sound as it was
+        module.write_text("def f(inputs, scale):\n    return inputs\n")
+        with pytest.raises(ValueError, match="takes 2 positional arguments"):
+            await Client(nc).deploy(spec)
 
 
 def test_gfaas_deploy_refuses_an_unusable_handler_in_one_line(

@@ -61,9 +61,22 @@ def test_a_foreign_tenant_is_refused() -> None:
     lease = t.lease(1000, "cpu", "w1", tenant="acme", now=0.0)
     handle = t.to_handle(lease, backend="shm", pool="p")
     err = refused(t, handle, tenant="mallory")
-    assert (err.fault, err.code) == (Fault.FOREIGN_TENANT, ErrorCode.BAD_REQUEST)
+    # Said as an unknown id is: nothing about the lease, its generation or its range.
+    assert (err.fault, err.code) == (Fault.FOREIGN_TENANT, ErrorCode.NOT_FOUND)
+    assert err.reason == f"no lease {lease.lease_id} for tenant 'mallory'"
+    unknown = refused(t, msgspec.structs.replace(handle, lease_id="t" + "0" * 32), "mallory")
+    assert (unknown.code, unknown.reason) == (
+        err.code,
+        err.reason.replace(lease.lease_id, "t" + "0" * 32),
+    )
     relabelled = msgspec.structs.replace(handle, tenant="mallory")
     assert refused(t, relabelled, tenant="mallory").fault is Fault.FOREIGN_TENANT
+    # Its own tenant, naming another's label, hears the same.
+    assert refused(t, relabelled, tenant="acme").fault is Fault.FOREIGN_TENANT
+    # Released, a stranger still hears "no lease"; the tenant hears why.
+    t.release(lease.lease_id, "w1")
+    assert refused(t, handle, tenant="mallory").reason == err.reason
+    assert "released" in refused(t, handle, tenant="acme").reason
 
 
 @pytest.mark.parametrize(("offset", "nbytes"), [(-256, 256), (0, 1001), (512, 600), (0, -1)])

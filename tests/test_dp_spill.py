@@ -103,7 +103,10 @@ async def test_a_full_device_spills_parked_data_furthest_next_use_first(pools: N
 
 async def test_unparking_brings_data_back_intact_making_room_if_needed(pools: NodePools) -> None:
     a, b = lease(pools, 1), lease(pools, 2)
-    pools.park([a, b], "run", "default", next_use=math.inf)
+    # a is needed last, so it is the one spilled for c (lease ids are random: the
+    # order must not rest on them).
+    pools.park([a], "run", "default", next_use=math.inf)
+    pools.park([b], "run", "default", next_use=1e9)
     (c,) = await pools.lease_or_spill([MB], DEV, "run", "default", 0.0, 1.0)
     (back,) = await pools.unpark([a], "run", "default")
     # The device held b (parked) and c (in use): b made room for a.

@@ -154,12 +154,13 @@ async def test_bad_handles_are_refused_with_reasons_and_the_platform_keeps_servi
     code, reason = await refused(forged(h, generation=h.generation + 1))
     assert code == "not_found"
     assert "generation" in reason
+    # Another tenant hears only that there is no such lease (docs/security.md).
     code, reason = await refused(good, tenant="mallory")
-    assert code == "bad_request"
-    assert "tenant" in reason
+    assert code == "not_found"
+    assert f"no lease {h.lease_id} for tenant 'mallory'" in reason
     code, reason = await refused(forged(h, tenant="mallory"), tenant="mallory")
-    assert code == "bad_request"
-    assert "tenant" in reason
+    assert code == "not_found"
+    assert f"no lease {h.lease_id} for tenant 'mallory'" in reason
     code, reason = await refused(forged(h, offset=h.offset + 64 * 1024 * 1024))
     assert code == "bad_request"
     assert "outside" in reason
@@ -253,7 +254,7 @@ async def test_broker_copies_through_the_link_scheduler_and_accounts_for_it(
     assert link["bytes_by_flow"] == {"fn-a": x.nbytes}
     with pytest.raises(GfaasError) as info:
         await broker.copy(request, "mallory")
-    assert info.value.code == "bad_request"
+    assert info.value.code == "not_found"  # another tenant's lease: "no lease"
     await broker.release([copy], "t", "default")
     await client.release([source])
     await wait_leases(client, 0)
@@ -286,11 +287,11 @@ async def test_a_handle_from_another_node_is_read_in_chunks_from_that_nodes_brok
         out = await on_b.invoke("echo", [arg], outputs_by=OutputMode.AUTO)
         np.testing.assert_array_equal(out["y"], x)
         assert (await on_b.status("gpu-worker")).details["remote_reads"] == 1
-        # Another tenant is refused by the owning node's broker, with its reason.
+        # Another tenant is refused by the owning node's broker: no such lease for it.
         with pytest.raises(GfaasError) as info:
             await Client(nc, tenant="mallory", node="b").invoke("echo", [arg])
-        assert info.value.code == "bad_request"
-        assert "tenant" in info.value.reason
+        assert info.value.code == "not_found"
+        assert "for tenant 'mallory'" in info.value.reason
         await on_b.release([arg])
 
 
@@ -311,7 +312,7 @@ async def test_a_parked_lease_is_read_by_nobody_until_its_holder_unparks_it(
     assert "holds no reference" in stranger.value.reason
     with pytest.raises(GfaasError) as foreign:
         await broker.park([h], "run", "mallory")
-    assert foreign.value.code == "bad_request"
+    assert foreign.value.code == "not_found"
     assert (await broker_details(client))["parked"] == 1
     (back,) = await broker.unpark([h], "run", "default")
     assert back.lease_id == h.lease_id

@@ -606,6 +606,7 @@ EXPECTED_STATUS = {
     ErrorCode.INTERNAL: 500,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.NO_POOL: 400,
+    ErrorCode.QUOTA_EXCEEDED: 429,
     ErrorCode.SUPERSEDED: 409,
     ErrorCode.NOT_FOUND: 404,
 }

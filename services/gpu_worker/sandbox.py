@@ -22,7 +22,9 @@ from importlib.machinery import PathFinder
 
 import anyio
 
-from shared.handler_check import OK, SANDBOX_TIMEOUT_S
+from shared.config import Settings
+from shared.function import handler_packages, handler_refusal
+from shared.handler_check import OK, PACKAGES_ENV, SANDBOX_TIMEOUT_S
 from shared.logs import get_logger
 from shared.schema import ErrorCode, ErrorInfo, HandlerCheck, HandlerCheckReply
 
@@ -59,13 +61,27 @@ def source_of(module: str, path: str) -> tuple[str, int, int] | None:
 
 
 class HandlerChecks:
-    def __init__(self, *, timeout_s: float = SANDBOX_TIMEOUT_S, concurrency: int = 2) -> None:
+    def __init__(
+        self,
+        *,
+        timeout_s: float = SANDBOX_TIMEOUT_S,
+        concurrency: int = 2,
+        packages: str = Settings.handler_packages,
+    ) -> None:
         self.timeout_s = timeout_s
+        # The node's allow-list (GFAAS_HANDLER_PACKAGES): a handler outside it is
+        # refused without starting a sandbox; the sandbox is told it too.
+        self.packages = packages
+        self._allowed = handler_packages(packages)
         # Sandboxes are whole interpreters: a burst of deploys must not fork a crowd.
         self.limiter = anyio.CapacityLimiter(concurrency)
 
     async def check(self, request: HandlerCheck) -> HandlerCheckReply:
         ref = request.spec.handler
+        refusal = handler_refusal(ref, self._allowed)
+        if refusal is not None:
+            log.info("handler_check.refused", handler=ref, reason=refusal)
+            return HandlerCheckReply(error=ErrorInfo(code=ErrorCode.HANDLER_ERROR, reason=refusal))
         path = import_path()
         source = source_of(ref.partition(":")[0], path)
         key = (ref, path, *source) if source is not None else None
@@ -90,7 +106,7 @@ class HandlerChecks:
 
     async def dry_run(self, ref: str, path: str) -> str | None:
         """Why `ref` is no handler, as a sandbox with import path `path` finds it, or None."""
-        env = dict(os.environ, PYTHONPATH=path)
+        env = dict(os.environ, PYTHONPATH=path, **{PACKAGES_ENV: self.packages})
         command = [sys.executable, "-m", "shared.handler_check", ref]
         with tempfile.TemporaryDirectory(prefix="gfaas-check-", ignore_cleanup_errors=True) as cwd:
             with anyio.move_on_after(self.timeout_s) as scope:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 import msgspec
 
 from shared.errors import GfaasError
+from shared.names import is_valid_name, name_problem
 from shared.schema import (
     DEFAULT_TENANT,
     H_DEADLINE,
@@ -72,8 +73,8 @@ def admit(
         raise GfaasError(ErrorCode.UNKNOWN_FUNCTION, f"function {function!r} is not deployed")
     validate_inputs(spec, request.inputs)
     tenant = h.get(H_TENANT) or DEFAULT_TENANT
-    if not is_valid_token(tenant):
-        raise GfaasError(ErrorCode.BAD_REQUEST, f"tenant {tenant!r} is not a valid token")
+    if not is_valid_name(tenant):
+        raise GfaasError(ErrorCode.BAD_REQUEST, name_problem("tenant", tenant))
     try:
         deadline = int(h.get(H_DEADLINE, "0") or 0)
     except ValueError:

@@ -100,6 +100,13 @@ class CudaRegions:
             raise bad_request(
                 f"region {name!r}: cannot open the CUDA IPC handle on cuda:{device_id}: {exc}"
             ) from None
+        if not fresh and not any(r.segment == segment for r in self._regions.values()):
+            # Open here, and by no region: one of the node's pool slabs this ingress
+            # stages through, holding every tenant's bytes. Not the client's to name.
+            raise bad_request(
+                f"region {name!r}: the CUDA IPC handle is one of gfaas's own pool slabs: "
+                "register memory you allocated"
+            )
         self._regions[name] = _Region(device_id, byte_size, segment, backend, fresh)
 
     def unregister(self, name: str | None = None) -> None:

@@ -41,6 +41,7 @@ STATUS_FOR_CODE: Final[Mapping[ErrorCode, grpc.StatusCode]] = {
     ErrorCode.UNKNOWN_FUNCTION: grpc.StatusCode.NOT_FOUND,
     ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorCode.PAYLOAD_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.QUOTA_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     # Transient, not the caller's fault: UNAVAILABLE is the code gRPC clients retry.
     ErrorCode.OVERLOADED: grpc.StatusCode.UNAVAILABLE,
     ErrorCode.NO_WORKER: grpc.StatusCode.UNAVAILABLE,

@@ -83,6 +83,7 @@ STATUS_FOR_CODE: Final[Mapping[ErrorCode, int]] = {
     ErrorCode.WORKER_LOST: 503,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.NO_POOL: 400,
+    ErrorCode.QUOTA_EXCEEDED: 429,
     ErrorCode.SUPERSEDED: 409,
     ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.HANDLER_ERROR: 500,

@@ -13,6 +13,8 @@ serve a reference from whichever kind holds its name.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +24,7 @@ from services.ingress.oip import ShmRef
 from services.ingress.oip_shm import RegionStatus
 from shared.dataplane.backend import BackendError
 from shared.dataplane.client import read_bytes, write_bytes
-from shared.dataplane.shm import Segment, open_segment
+from shared.dataplane.shm import Segment, is_platform_segment, open_segment
 from shared.errors import bad_request
 from shared.schema import Handle
 
@@ -36,17 +38,35 @@ class _Region:
 
 
 class ShmRegions:
-    def __init__(self) -> None:
+    def __init__(self, *, namespace: str = "gfaas", owners: Collection[int] | None = None) -> None:
+        """`namespace`: the platform's shared-memory namespace, whose segments (pool
+        slabs, lease board, model tier) no client may register; `owners`: the uids a
+        registered segment may belong to (None: this process's own)."""
+        self.namespace = namespace
+        self.owners = frozenset([os.geteuid()] if owners is None else owners)
         self._regions: dict[str, _Region] = {}
         self.cuda = CudaRegions(taken=self._regions.__contains__)
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         if name in self._regions or name in self.cuda:
             raise bad_request(f"shared-memory region {name!r} is already registered")
+        segment_name = key.removeprefix("/")
+        if is_platform_segment(segment_name, self.namespace):
+            raise bad_request(
+                f"shared-memory key {key!r} is one of gfaas's own segments (pool slabs, "
+                "lease board, model tier): register a region you created"
+            )
         try:
-            segment = open_segment(key.removeprefix("/"))
+            # Never through a symlink, only a regular file (shm.open_segment).
+            segment = open_segment(segment_name)
         except BackendError as exc:
             raise bad_request(f"cannot open shared-memory key {key!r}: {exc}") from None
+        if segment.uid not in self.owners:
+            segment.close()
+            raise bad_request(
+                f"shared-memory key {key!r} belongs to uid {segment.uid}, not to one this "
+                f"ingress serves ({', '.join(map(str, sorted(self.owners)))})"
+            )
         if offset + byte_size > segment.size:
             segment.close()
             raise bad_request(

@@ -95,7 +95,7 @@ class Handlers:
             pool=self.pools.node,
             device=req.device,
             tenant=tenant,
-            lease_id_len=len(self.pools.table.id_prefix) + 16,
+            lease_id_len=len(self.pools.table.id_prefix) + 32,
         )
         check_reply_fits(len(req.sizes), per_handle, self.max_payload, "leases")
         self.pools.check(req.check, tenant)

@@ -42,8 +42,13 @@ class NodePools:
         board: LeaseBoard | None = None,
         spill_to: str = "cpu",
         prefetch_horizon_s: float = 1.0,
+        max_ttl_s: float = math.inf,
+        tenant_bytes: int = 0,
+        tenant_leases: int = 0,
     ) -> None:
         self.node = node
+        # The longest TTL a lease may ask for; each tenant's quota is the table's.
+        self.max_ttl_s = max_ttl_s
         # Where parked intermediates go when a device pool is full (host memory), and
         # how soon a reader must be due for its data to be brought back ahead of it.
         self.spill_to = spill_to
@@ -56,7 +61,10 @@ class NodePools:
         self.spilled = 0
         self.restored = 0
         self.board = board
-        self.table = LeaseTable(id_prefix=f"{instance}.")
+        self.table = LeaseTable(
+            id_prefix=f"{instance}.", tenant_bytes=tenant_bytes, tenant_leases=tenant_leases
+        )
+        self.scrubbed_bytes = 0
         self.default_ttl_s = default_ttl_s
         self.devices: dict[str, DevicePool] = {}
         self.refused = 0
@@ -75,7 +83,7 @@ class NodePools:
     ) -> list[Handle]:
         """One lease per size, all or none: a batch that cannot be served takes nothing."""
         pool = self._pool(device)
-        ttl = ttl_s if ttl_s > 0 else self.default_ttl_s
+        ttl = self._ttl(ttl_s)
         taken: list[Lease] = []
         try:
             for nbytes in sizes:
@@ -85,7 +93,30 @@ class NodePools:
             for lease in taken:
                 self.table.free(lease.lease_id)
             raise
+        for lease in taken:
+            if lease.scrub:  # another tenant's bytes may be there: zeroed before anyone looks
+                self._scrub(lease)
         return [self._handle(lease, self._publish(lease)) for lease in taken]
+
+    def _ttl(self, ttl_s: float) -> float:
+        """The TTL a lease asking for `ttl_s` gets (0 or less: the default); one over
+        the node's maximum (inf, NaN) is refused before anything is allocated."""
+        ttl = ttl_s if ttl_s > 0 else self.default_ttl_s
+        if math.isnan(ttl_s) or not ttl <= self.max_ttl_s:
+            raise GfaasError(
+                ErrorCode.BAD_REQUEST,
+                f"lease TTL {ttl_s} s exceeds this node's maximum of {self.max_ttl_s:g} s "
+                "(GFAAS_MAX_LEASE_TTL_S)",
+            )
+        return ttl
+
+    def _scrub(self, lease: Lease) -> None:
+        if lease.nbytes:
+            # Through the pool's own backend: its mapping of the slab is open already.
+            backend = self.devices[lease.device].backend
+            n = lease.nbytes
+            backend.as_torch(lease.segment, lease.offset, n, "uint8", [n]).zero_()
+        self.scrubbed_bytes += lease.nbytes
 
     def _lease_one(
         self, pool: DevicePool, nbytes: int, owner: str, tenant: str, ttl: float, now: float
@@ -339,6 +370,7 @@ class NodePools:
             "spilled_now": sum(1 for x in self.table if x.spilled),
             "spills": self.spilled,
             "restores": self.restored,
+            "scrubbed_bytes": self.scrubbed_bytes,
         }
 
     # -- internals ---------------------------------------------------------------------

@@ -52,7 +52,8 @@ class DevicePool:
 
     def create_slab(self, table: LeaseTable, size: int) -> None:
         ref = self.backend.create_slab(size, self.slab_pool)
-        slab = table.add_slab(self.device, ref.size, ref.segment)
+        # A new shm segment reads as zeros; device memory may hold anything.
+        slab = table.add_slab(self.device, ref.size, ref.segment, clean=ref.backend == "shm")
         self.segments[slab.slab_id] = ref.segment
         self.slabs_created += 1
 

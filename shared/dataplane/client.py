@@ -57,7 +57,7 @@ MAX_HANDLES_PER_REQUEST = 1024
 # The longest field values a broker puts in a handle, for bounding a reply before
 # anything is allocated: shared-memory names are at most 201 characters and a CUDA
 # IPC handle is 128 hex digits; lease ids are the broker's instance (node, host,
-# pid) and a sequence number.
+# pid) and 32 random hex digits.
 _SEGMENT_MAX = 201
 _LEASE_ID_MAX = 160
 _INT_MAX = 2**63 - 1

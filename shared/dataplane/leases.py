@@ -4,6 +4,14 @@ A lease is one block of one device's pool, named by a unique `lease_id` and a
 `generation` that grows every time the same block location is leased again, so a
 handle kept past its lease is refused instead of reading someone else's bytes.
 
+A lease id is a capability: the broker's prefix, then 128 random bits, so nobody
+names a lease they were not given. Every check starts with `owned`: a lease of
+another tenant is refused exactly as one that does not exist ("no lease ..."), so a
+refusal tells a stranger nothing (no generation, range, holder or tenant). A lease
+whose block may still hold another tenant's bytes is marked `scrub` for the broker
+to zero before anyone sees it; each tenant may hold at most a quota of pooled
+bytes and leases (`quota_exceeded`).
+
 Holders are counted per holder (the producer, then one per fan-out consumer), so
 a dead worker's references can be dropped without freeing data a live consumer
 still reads. Time is always an argument.
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import secrets
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -41,12 +50,14 @@ class Fault(StrEnum):
     UNKNOWN_DEVICE = "unknown_device"
     NOT_HOLDER = "not_holder"
     PARKED = "parked"  # its holder said nobody reads it now: it may sit in host memory
+    QUOTA = "quota_exceeded"  # the tenant's pooled bytes or leases would pass its quota
 
 
 FAULT_CODES: dict[Fault, ErrorCode] = {
     Fault.UNKNOWN: ErrorCode.NOT_FOUND,
     Fault.STALE: ErrorCode.NOT_FOUND,
-    Fault.FOREIGN_TENANT: ErrorCode.BAD_REQUEST,
+    # Said as UNKNOWN is, word for word: another tenant's lease is no business of ours.
+    Fault.FOREIGN_TENANT: ErrorCode.NOT_FOUND,
     Fault.OUT_OF_BOUNDS: ErrorCode.BAD_REQUEST,
     Fault.WRONG_PLACE: ErrorCode.BAD_REQUEST,
     Fault.TOO_LARGE: ErrorCode.PAYLOAD_TOO_LARGE,
@@ -54,6 +65,7 @@ FAULT_CODES: dict[Fault, ErrorCode] = {
     Fault.UNKNOWN_DEVICE: ErrorCode.BAD_REQUEST,
     Fault.NOT_HOLDER: ErrorCode.BAD_REQUEST,
     Fault.PARKED: ErrorCode.BAD_REQUEST,
+    Fault.QUOTA: ErrorCode.QUOTA_EXCEEDED,
 }
 
 
@@ -107,6 +119,9 @@ class Lease:
     # Earlier (device, segment, generation) places: handles minted there still name
     # the lease for reference operations (release, retain), never for reading.
     moved_from: tuple[tuple[str, str, int], ...] = ()
+    # Its block may hold bytes another tenant left in it (or a fresh device slab's
+    # garbage): the broker zeroes it before the handle goes out.
+    scrub: bool = False
 
     @property
     def offset(self) -> int:
@@ -147,16 +162,32 @@ class DeviceUsage:
 
 
 class LeaseTable:
-    def __init__(self, *, id_prefix: str = "L", alignment: int = DEFAULT_ALIGNMENT) -> None:
-        # The prefix keeps ids unique across broker restarts (the broker passes its instance).
+    def __init__(
+        self,
+        *,
+        id_prefix: str = "L",
+        alignment: int = DEFAULT_ALIGNMENT,
+        tenant_bytes: int = 0,
+        tenant_leases: int = 0,
+    ) -> None:
+        # The prefix says whose ids they are (the broker passes its node and instance);
+        # the random rest makes each one unguessable.
         self._prefix = id_prefix
         self._alignment = alignment
-        self._seq = 0
+        # Per tenant: most pooled bytes (aligned, over every device) and live leases
+        # it may hold; 0: no limit.
+        self.tenant_bytes = tenant_bytes
+        self.tenant_leases = tenant_leases
+        self._held: dict[str, list[int]] = {}  # tenant -> [bytes, leases]
+        # Slab -> the tenants whose bytes it may hold ("" for unknown: a device slab
+        # fresh from cudaMalloc); a lease there for anyone else is scrubbed.
+        self._slab_tenants: dict[tuple[str, int], set[str]] = {}
         self._slab_seq = 0
         self._devices: dict[str, _Device] = {}
         self._slabs: dict[tuple[str, int], Slab] = {}
         self._leases: dict[str, Lease] = {}
-        self._retired: OrderedDict[str, str] = OrderedDict()
+        # Retired id -> (why, its tenant): a late handle of the tenant hears why.
+        self._retired: OrderedDict[str, tuple[str, str]] = OrderedDict()
         self._expiry: list[tuple[float, str]] = []
         # Leases being copied to a new place -> blocks to free once the copy is done:
         # the old place, and the new one too should the lease go meanwhile (freeing it
@@ -165,7 +196,7 @@ class LeaseTable:
 
     @property
     def id_prefix(self) -> str:
-        """What every lease id starts with (a sequence number in hex follows)."""
+        """What every lease id starts with (32 random hex digits follow)."""
         return self._prefix
 
     # Pools
@@ -176,10 +207,13 @@ class LeaseTable:
             return
         self._devices[device] = _Device(cap_bytes, SlabAllocator(self._alignment))
 
-    def add_slab(self, device: str, size: int, segment: str) -> Slab:
+    def add_slab(self, device: str, size: int, segment: str, *, clean: bool = True) -> Slab:
+        """`clean`: the slab's bytes are all zero (a new shm segment is; device memory
+        fresh from the allocator is not, and its first leases are scrubbed)."""
         dev = self._device(device)
         self._slab_seq += 1
         slab = Slab(device, self._slab_seq, size, segment)
+        self._slab_tenants[(device, slab.slab_id)] = set() if clean else {""}
         dev.allocator.add_slab(slab.slab_id, size)
         dev.slab_size = max(dev.slab_size, size)
         self._slabs[(device, slab.slab_id)] = slab
@@ -191,6 +225,7 @@ class LeaseTable:
         dev.allocator.remove_slab(slab_id)
         # Slab ids are never reused, so this slab's generation counters can go with it.
         dev.generations = {k: g for k, g in dev.generations.items() if k[0] != slab_id}
+        self._slab_tenants.pop((device, slab_id), None)
         return self._slabs.pop((device, slab_id))
 
     def slabs(self, device: str) -> list[Slab]:
@@ -219,11 +254,14 @@ class LeaseTable:
                 Fault.TOO_LARGE,
                 f"{nbytes} bytes exceeds the {dev.cap}-byte cap of device {device}",
             )
+        self._check_quota(tenant, dev.allocator.aligned(nbytes))
         block, generation = self._alloc(dev, device, nbytes)
-        self._seq += 1
+        seen = self._slab_tenants.setdefault((device, block.slab_id), set())
+        scrub = bool(seen - {tenant})
+        seen.add(tenant)
         expires_at = math.inf if ttl is None else now + ttl
         lease = Lease(
-            lease_id=f"{self._prefix}{self._seq:x}",
+            lease_id=f"{self._prefix}{secrets.token_hex(16)}",
             generation=generation,
             device=device,
             segment=self._slabs[(device, block.slab_id)].segment,
@@ -235,7 +273,11 @@ class LeaseTable:
             expires_at=expires_at,
             holders=((owner, 1),),
             home=device,
+            scrub=scrub,
         )
+        held = self._held.setdefault(tenant, [0, 0])
+        held[0] += self._charge(lease)
+        held[1] += 1
         self._leases[lease.lease_id] = lease
         if ttl is not None:
             heapq.heappush(self._expiry, (expires_at, lease.lease_id))
@@ -246,9 +288,28 @@ class LeaseTable:
         if lease is None:
             retired = self._retired.get(lease_id)
             if retired is not None:
-                raise LeaseError(Fault.STALE, f"lease {lease_id} was {retired}")
+                raise LeaseError(Fault.STALE, f"lease {lease_id} was {retired[0]}")
             raise LeaseError(Fault.UNKNOWN, f"no lease {lease_id}")
         return lease
+
+    def owned(self, lease_id: str, tenant: str, label: str | None = None) -> Lease:
+        """The live lease `lease_id` of `tenant` (and of `label`, the tenant a handle
+        names, when given): the one place where a lease's tenant is checked. Another
+        tenant's lease, live or retired, is refused word for word as an unknown id
+        is, so a refusal says nothing about it."""
+        lease = self._leases.get(lease_id)
+        if lease is not None and lease.tenant == tenant and label in (None, tenant):
+            return lease
+        retired = self._retired.get(lease_id)
+        if lease is None and retired is not None and retired[1] == tenant:
+            raise LeaseError(Fault.STALE, f"lease {lease_id} was {retired[0]}")
+        fault = Fault.UNKNOWN if lease is None and retired is None else Fault.FOREIGN_TENANT
+        raise LeaseError(fault, f"no lease {lease_id} for tenant {tenant!r}")
+
+    def held(self, tenant: str) -> tuple[int, int]:
+        """(pooled bytes, leases) `tenant` holds now, as its quota counts them."""
+        bytes_held, leases = self._held.get(tenant, (0, 0))
+        return bytes_held, leases
 
     def lease_or_none(self, lease_id: str) -> Lease | None:
         return self._leases.get(lease_id)
@@ -292,6 +353,8 @@ class LeaseTable:
             raise LeaseError(Fault.PARKED, f"lease {lease_id} is being moved already")
         dev = self._device(device)
         block, generation = self._alloc(dev, device, lease.nbytes)
+        # The copy overwrites every byte the lease may be read at: no scrub needed.
+        self._slab_tenants.setdefault((device, block.slab_id), set()).add(lease.tenant)
         moved = replace(
             lease,
             device=device,
@@ -373,12 +436,7 @@ class LeaseTable:
     def check_ref(self, handle: HandleLike, tenant: str) -> Lease:
         """The lease a handle names for reference operations (retain, release, park):
         the right tenant, and a place the lease has had; bytes are not read."""
-        lease = self.get(handle.lease_id)
-        if handle.tenant != lease.tenant or tenant != lease.tenant:
-            raise LeaseError(
-                Fault.FOREIGN_TENANT,
-                f"lease {lease.lease_id} does not belong to tenant {tenant!r}",
-            )
+        lease = self.owned(handle.lease_id, tenant, handle.tenant)
         place = (handle.device, handle.segment, handle.generation)
         if place != (lease.device, lease.segment, lease.generation) and (
             place not in lease.moved_from
@@ -391,8 +449,9 @@ class LeaseTable:
         return lease
 
     def check(self, handle: HandleLike, tenant: str) -> Lease:
-        """The lease a handle may read, or a LeaseError saying why not."""
-        lease = self.get(handle.lease_id)
+        """The lease a handle may read, or a LeaseError saying why not. The tenant is
+        checked first: what else is wrong is said only to the lease's own tenant."""
+        lease = self.owned(handle.lease_id, tenant, handle.tenant)
         if lease.parked:
             raise LeaseError(
                 Fault.PARKED,
@@ -404,11 +463,6 @@ class LeaseTable:
                 Fault.STALE,
                 f"lease {lease.lease_id} is at generation {lease.generation}, "
                 f"handle has {handle.generation}",
-            )
-        if tenant != lease.tenant or handle.tenant != lease.tenant:
-            raise LeaseError(
-                Fault.FOREIGN_TENANT,
-                f"lease {lease.lease_id} does not belong to tenant {tenant!r}",
             )
         if handle.device != lease.device or handle.segment != lease.segment:
             raise LeaseError(
@@ -470,6 +524,28 @@ class LeaseTable:
         except KeyError:
             raise LeaseError(Fault.UNKNOWN_DEVICE, f"no pool on device {device!r}") from None
 
+    def _charge(self, lease: Lease) -> int:
+        """What a lease counts against its tenant's byte quota: its aligned size
+        (the same wherever it moves)."""
+        a = self._alignment
+        return max(a, (lease.nbytes + a - 1) // a * a)
+
+    def _check_quota(self, tenant: str, nbytes: int) -> None:
+        bytes_held, leases = self.held(tenant)
+        if self.tenant_leases and leases + 1 > self.tenant_leases:
+            raise LeaseError(
+                Fault.QUOTA,
+                f"tenant {tenant!r} holds {leases} leases, the most its quota on this "
+                "node allows (GFAAS_TENANT_MAX_LEASES); release some first",
+            )
+        if self.tenant_bytes and bytes_held + nbytes > self.tenant_bytes:
+            raise LeaseError(
+                Fault.QUOTA,
+                f"tenant {tenant!r} holds {bytes_held} pooled bytes; {nbytes} more would "
+                f"exceed its quota of {self.tenant_bytes} on this node "
+                "(GFAAS_TENANT_POOL_MB); release some first",
+            )
+
     def _alloc(self, dev: _Device, device: str, nbytes: int) -> tuple[Block, int]:
         block = dev.allocator.alloc(nbytes)
         if block is None:
@@ -502,7 +578,13 @@ class LeaseTable:
             pending.append((lease.device, lease.block))
         else:
             self._devices[lease.device].allocator.free(lease.block)
-        self._retired[lease.lease_id] = why
+        held = self._held.get(lease.tenant)
+        if held is not None:
+            held[0] -= self._charge(lease)
+            held[1] -= 1
+            if held[1] <= 0:
+                del self._held[lease.tenant]
+        self._retired[lease.lease_id] = (why, lease.tenant)
         if len(self._retired) > _RETIRED_MEMORY:
             self._retired.popitem(last=False)
         return lease

@@ -13,10 +13,12 @@ these machines against 4 ms for the whole hand-over with a kept mapping.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import re
 import secrets
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,20 @@ _PAGE = mmap.PAGESIZE
 
 def new_segment_name(pool: str, prefix: str = SEGMENT_PREFIX) -> str:
     return f"{prefix}{pool}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+# The kinds of segment gfaas makes, after its namespace: pool slabs (`<ns>-pool-...`),
+# the lease board (`<ns>-board-<node>`) and the host tier of weights (`<ns>-model-...`).
+PLATFORM_KINDS = ("pool", "board", "model")
+
+
+def is_platform_segment(name: str, namespace: str) -> bool:
+    """Whether `name` is (or could be) a segment gfaas itself made: anything in this
+    platform's namespace, or of a gfaas kind in another platform's on this host.
+    Such segments hold every tenant's bytes: no client may register one as its own."""
+    if name.startswith(f"{namespace}-") or name == namespace:
+        return True
+    return name.startswith(SEGMENT_PREFIX) and any(f"-{kind}-" in name for kind in PLATFORM_KINDS)
 
 
 def list_segments(prefix: str = SEGMENT_PREFIX) -> list[str]:
@@ -66,6 +82,8 @@ class Segment:
     name: str
     size: int
     mm: mmap.mmap
+    # The file's owner as `open_segment` found it (-1: created here).
+    uid: int = -1
 
     def close(self) -> None:
         # Views still pointing into it keep the mapping alive until the last one goes.
@@ -92,16 +110,26 @@ def create_segment(name: str, size: int, *, prefault: bool = False) -> Segment:
 
 
 def open_segment(name: str) -> Segment:
+    """Map an existing segment: a regular file under /dev/shm, never a symlink (a
+    link planted there would have us map whatever it points to)."""
     try:
-        fd = os.open(_path(name), os.O_RDWR)
+        fd = os.open(_path(name), os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
         raise BackendError(f"shared-memory segment {name!r} does not exist") from None
+    except OSError as exc:  # ELOOP: a symlink; EACCES, ENXIO (a FIFO's other end), ...
+        why = "is a symbolic link" if exc.errno == errno.ELOOP else f"cannot be opened: {exc}"
+        raise BackendError(f"shared-memory segment {name!r} {why}") from None
     try:
-        size = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BackendError(f"shared-memory segment {name!r} is not a regular file")
+        size = info.st_size
+        if size <= 0:
+            raise BackendError(f"shared-memory segment {name!r} is empty")
         mm = mmap.mmap(fd, size)
     finally:
         os.close(fd)
-    return Segment(name, size, mm)
+    return Segment(name, size, mm, info.st_uid)
 
 
 def unlink_segment(name: str) -> bool:
