@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shared.config import Settings
+from shared.config import DEFAULT_METRICS_PORTS, Settings
 from shared.logs import get_logger
 from shared.natsd import NatsServer, start_nats_server
 from shared.procs import die_with_parent
@@ -63,6 +63,7 @@ def service_env(settings: Settings, nats_url: str, **extra: str) -> dict[str, st
             "GFAAS_POLICY": settings.policy,
             "GFAAS_MAX_PAYLOAD": str(settings.max_payload),
             "GFAAS_THREADS": str(settings.threads),
+            "GFAAS_METRICS_ENABLED": str(settings.metrics_enabled).lower(),
             "PYTHONUNBUFFERED": "1",
         }
     )
@@ -111,7 +112,27 @@ def plan_children(
         children.append(
             Child(f"gpu-worker-{i}", [python, "-m", SERVICE_MODULES["gpu-worker"]], env)
         )
+    assign_metrics_ports(settings, children)
     return children
+
+
+def assign_metrics_ports(settings: Settings, children: list[Child]) -> None:
+    """Each child its own metrics port, from `metrics_port` (8002, ingress's default,
+    for -1) up: ingresses first, then schedulers, the broker and the workers, so a
+    one-replica platform gets each service's default port. 0 leaves every child to
+    pick a free one (each status says which)."""
+    base = settings.metrics_port if settings.metrics_port >= 0 else DEFAULT_METRICS_PORTS["ingress"]
+    order = ["ingress", "scheduler", "memory-broker", "gpu-worker"]
+    ranked = sorted(
+        children, key=lambda c: next(i for i, p in enumerate(order) if c.name.startswith(p))
+    )
+    for i, child in enumerate(ranked):
+        child.env["GFAAS_METRICS_PORT"] = str(base + i if base else 0)
+
+
+def metrics_ports(children: list[Child]) -> dict[str, int]:
+    """Child name -> the metrics port it was given (0: any free one)."""
+    return {c.name: int(c.env.get("GFAAS_METRICS_PORT", "0")) for c in children}
 
 
 @dataclass

@@ -15,7 +15,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from shared import __version__, subjects
+from shared import __version__, metrics, subjects
 from shared.config import nats_servers
 from shared.logs import get_logger
 from shared.schema import (
@@ -196,7 +196,8 @@ async def serve_status(
             instance=instance,
             version=__version__,
             uptime_s=round(time.monotonic() - started, 3),
-            details=details(),
+            # Every service's status says where its metrics are (shared.metrics).
+            details={**details(), "metrics_port": metrics.port_of(service, instance)},
         )
         await msg.respond(encode(status))
 

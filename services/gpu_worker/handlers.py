@@ -12,6 +12,7 @@ answered `overloaded` (that ingress's `done` first, so its slot is free again).
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,14 +21,16 @@ import anyio
 from opentelemetry.trace import SpanKind
 
 from services.gpu_worker.claims import Claims
-from services.gpu_worker.execute import Executor
+from services.gpu_worker.execute import Executor, HandlerFailed
 from services.gpu_worker.state import Books
 from shared import subjects, tracing
 from shared.bus import Bus as BaseBus
 from shared.errors import GfaasError
-from shared.logs import get_logger
+from shared.logs import failure_record, get_logger, report_failure
+from shared.metrics import OK, WorkerMetrics, noop
 from shared.schema import (
     H_DIRECT,
+    H_OUTCOME,
     Done,
     ErrorCode,
     InvocationMeta,
@@ -78,6 +81,9 @@ class Job:
 
 
 class Runs:
+    # Outcomes, phases, cold starts (shared.metrics); app.py sets the served one.
+    metrics: WorkerMetrics = WorkerMetrics(noop())
+
     def __init__(
         self, bus: Bus, books: Books, claims: Claims, executor: Executor, worker_id: str
     ) -> None:
@@ -86,6 +92,9 @@ class Runs:
         self.claims = claims
         self.executor = executor
         self.worker_id = worker_id
+
+    def use_metrics(self, metrics: WorkerMetrics) -> None:
+        self.metrics = self.executor.metrics = metrics
 
     async def admit(self, job: Job) -> bool:
         """True: `job` counts as running, and the caller starts `run` for it. At
@@ -98,7 +107,7 @@ class Runs:
 
     async def run(self, job: Job) -> None:
         meta = job.meta
-        ok, done, exec_ms = False, False, 0.0
+        ok, done, exec_ms, outcome = False, False, 0.0, OK
         try:
             with tracing.handling_span(
                 "worker run",
@@ -108,6 +117,7 @@ class Runs:
                 attributes={"gfaas.function": meta.function, "gfaas.worker": self.worker_id},
             ) as span:
                 claimed = 0
+                failure: GfaasError | None = None
                 try:
                     claimed = await self.claims.claim(meta)
                     reply, exec_ms = await self.executor.execute(meta, job.body)
@@ -116,13 +126,19 @@ class Runs:
                     reply = InvokeReply(
                         invocation_id=meta.invocation_id, error=exc.info(), worker=self.worker_id
                     )
+                    failure = exc
                 if claimed:
                     await self.claims.store(meta, claimed, reply)
                 ok = reply.error is None
+                # Metrics and the failure log: this run's outcome is decided here.
+                outcome = OK if reply.error is None else str(reply.error.code)
+                self.metrics.finished(meta.function, meta.tenant, outcome)
+                if failure is not None and failure.code is not ErrorCode.SUPERSEDED:
+                    await self._log_failure(meta, failure)
                 # Done first: whoever sent this then knows the slot is free before
                 # the caller, answered, can send its next invocation.
                 done = True
-                await self.done(job, ok=ok, exec_ms=exec_ms)
+                await self.done(job, ok=ok, exec_ms=exec_ms, outcome=outcome)
                 if job.reply:
                     await self.bus.send_reply(job.reply, reply)
         except Exception as exc:  # a bug must cost one request, not the worker
@@ -134,9 +150,31 @@ class Runs:
                 with anyio.CancelScope(shield=True):
                     await self.done(job, ok=ok, exec_ms=exec_ms)
 
-    async def done(self, job: Job, *, ok: bool, exec_ms: float) -> None:
+    async def _log_failure(self, meta: InvocationMeta, failure: GfaasError) -> None:
+        """Once per failed run, with the handler's traceback when it raised (or the
+        cause of a failed load)."""
+        if isinstance(failure, HandlerFailed):
+            text = failure.traceback
+        elif failure.__cause__ is not None:
+            text = "".join(traceback.format_exception(failure.__cause__))
+        else:
+            text = ""
+        record = failure_record(
+            function=meta.function,
+            invocation_id=meta.invocation_id,
+            tenant=meta.tenant,
+            code=failure.code,
+            reason=failure.reason,
+            traceback=text,
+            service="gpu-worker",
+            instance=self.worker_id,
+        )
+        await report_failure(log, self.bus.publish, record)
+
+    async def done(self, job: Job, *, ok: bool, exec_ms: float, outcome: str = "") -> None:
         """Tell whoever sent the invocation (the scheduler, or an ingress under a
-        grant) that its slot is free; the scheduler hears both."""
+        grant) that its slot is free; the scheduler hears both. `outcome` (a header:
+        "ok" or the caller's error code) is for ingress's metrics."""
         note = Done(
             worker_id=self.worker_id,
             invocation_id=job.meta.invocation_id,
@@ -144,7 +182,8 @@ class Runs:
             ok=ok,
             exec_ms=round(exec_ms, 3),
         )
-        await self.bus.publish(job.done_subject(), encode(note))
+        headers = {H_OUTCOME: outcome} if outcome else None
+        await self.bus.publish(job.done_subject(), encode(note), headers=headers)
 
     async def _refuse(self, job: Job) -> None:
         books = self.books
@@ -153,7 +192,7 @@ class Runs:
             return
         # Done before the answer, as after a run: the ingress that sent it frees the
         # slot before its caller, answered, can send again.
-        await self.done(job, ok=False, exec_ms=0.0)
+        await self.done(job, ok=False, exec_ms=0.0, outcome=ErrorCode.OVERLOADED)
         await self.bus.reply_error(
             job.reply,
             job.meta.invocation_id,

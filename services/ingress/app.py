@@ -19,7 +19,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 
 import anyio
 from anyio.abc import TaskStatus
@@ -31,10 +32,11 @@ from services.ingress.dispatch import Dispatcher
 from services.ingress.handlers import Ingress
 from services.ingress.shm_regions import ShmRegions
 from services.ingress.stats import InferenceStats
-from shared import jetstream, subjects
+from shared import jetstream, metrics, subjects
 from shared.bus import (
     NatsBus,
     connected,
+    decode_event,
     on_event,
     send_reply,
     serve_status,
@@ -47,6 +49,7 @@ from shared.ids import Holder
 from shared.registry import Registry
 from shared.results import ResultStore
 from shared.schema import (
+    H_OUTCOME,
     Done,
     Grant,
     InvokeReply,
@@ -112,6 +115,7 @@ async def serve(
         replicas = settings.js_replicas
         await jetstream.ensure_invocations_stream(js, replicas=replicas)
         await jetstream.ensure_dead_letter_stream(js, replicas=replicas)
+        await jetstream.ensure_logs_stream(js, replicas=replicas)
         registry = await Registry.open(js, replicas=replicas)
         workflows = await Registry.open_workflows(js, replicas=replicas)
         max_payload = effective_max_payload(settings, nc.max_payload)
@@ -130,7 +134,7 @@ async def serve(
             registry,
             workflows,
             BrokerClient(nc, settings.node),
-            ShmRegions(),
+            ShmRegions(namespace=settings.shm_namespace),
             holder=holder,
             max_payload=max_payload,
             workflow_concurrency=settings.async_concurrency,
@@ -152,7 +156,17 @@ async def serve(
         def details() -> dict[str, object]:
             return {**ingress.details(), "async": asyncs.details()}
 
+        async def tick() -> None:
+            await dispatcher.tick()
+            ingress.expire_open(time.monotonic())
+
         async with anyio.create_task_group() as service_tg:
+            # Metrics: the Prometheus endpoint (its port in our status), closed with
+            # service_tg; the end-to-end instruments the handlers record to.
+            telemetry = await service_tg.start(
+                metrics.serve, settings, "ingress", instance, lambda: nc.is_connected
+            )
+            ingress.metrics = metrics.IngressMetrics(telemetry.meter)
             await service_tg.start(registry.watch)
             await service_tg.start(workflows.watch)
             async with anyio.create_task_group() as intake:
@@ -163,8 +177,8 @@ async def serve(
                 result_sub = await nc.subscribe(
                     subjects.RESULT_ALL, queue=subjects.Q_INGRESS, cb=on_result
                 )
-                await subscribe_books(nc, dispatcher, holder)
-                service_tg.start_soon(every, DIRECT_TICK_S, dispatcher.tick)
+                await subscribe_books(nc, dispatcher, holder, ingress.heard_done)
+                service_tg.start_soon(every, DIRECT_TICK_S, tick)
                 # Say we are alive: the broker and the scheduler free what we hold
                 # once we stop.
                 service_tg.start_soon(
@@ -206,13 +220,30 @@ async def serve(
             service_tg.cancel_scope.cancel()
 
 
-async def subscribe_books(nc: NATS, dispatcher: Dispatcher, holder: str) -> None:
-    """The events the dispatcher's books follow."""
+async def subscribe_books(
+    nc: NATS,
+    dispatcher: Dispatcher,
+    holder: str,
+    heard_done: Callable[[str, str], None] | None = None,
+) -> None:
+    """The events the dispatcher's books follow; `heard_done(invocation_id, outcome)`
+    hears each done note too (metrics: its outcome header, "ok" or an error code)."""
+
+    def on_done(handle: Callable[[Done], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
+        async def callback(msg: Msg) -> None:
+            done = decode_event(msg, Done)
+            if done is None:
+                return
+            await handle(done)
+            if heard_done is not None:
+                fallback = "ok" if done.ok else "error"
+                heard_done(done.invocation_id, (msg.headers or {}).get(H_OUTCOME) or fallback)
+
+        return callback
+
     await nc.subscribe(subjects.grants(holder), cb=on_event(Grant, dispatcher.on_grant))
-    await nc.subscribe(subjects.done(holder), cb=on_event(Done, dispatcher.on_done))
-    await nc.subscribe(
-        subjects.done_scheduled(holder), cb=on_event(Done, dispatcher.on_scheduled_done)
-    )
+    await nc.subscribe(subjects.done(holder), cb=on_done(dispatcher.on_done))
+    await nc.subscribe(subjects.done_scheduled(holder), cb=on_done(dispatcher.on_scheduled_done))
     await nc.subscribe(subjects.WORKER_LOST, cb=on_event(WorkerLost, dispatcher.on_worker_lost))
     await nc.subscribe(
         subjects.SCHEDULER_ALIVE, cb=on_event(SchedulerBeat, dispatcher.on_scheduler_beat)

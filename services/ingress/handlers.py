@@ -5,6 +5,7 @@ workflow's to the runner. Plain async methods over decoded values; the wiring
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import anyio
@@ -13,7 +14,7 @@ from anyio.abc import TaskGroup
 from opentelemetry.trace import Span, SpanKind
 
 from services.ingress.admission import Spec, admit
-from services.ingress.dispatch import Dispatcher
+from services.ingress.dispatch import Dispatcher, deadline_of
 from services.ingress.oip import InferRequest
 from services.ingress.shm_regions import ShmRegions
 from services.ingress.staging import ShmStaging
@@ -21,11 +22,15 @@ from services.ingress.workflow import WorkflowRunner
 from shared import tracing
 from shared.dataplane.client import BrokerClient
 from shared.errors import GfaasError
-from shared.logs import get_logger
+from shared.logs import failure_record, get_logger, report_failure
+from shared.metrics import OK, IngressMetrics, noop
 from shared.registry import Registry
 from shared.schema import (
+    CALLER_FAULTS,
+    DEFAULT_TENANT,
     H_AFFINITY,
     H_INVOCATION,
+    H_TENANT,
     ErrorCode,
     FunctionSpec,
     InvocationMeta,
@@ -44,7 +49,17 @@ log = get_logger("ingress")
 SendReply = Callable[[str, InvokeReply], Awaitable[object]]
 
 
+# How long past its deadline an invocation sent on with the caller's reply subject
+# waits for its worker's done note before it counts as `unknown` (its caller was
+# answered by someone else: the scheduler refused it, say).
+DONE_GRACE_S = 5.0
+UNKNOWN = "unknown"
+
+
 class Ingress:
+    # End-to-end counts and durations (shared.metrics); app.py sets the served one.
+    metrics: IngressMetrics = IngressMetrics(noop())
+
     def __init__(
         self,
         dispatcher: Dispatcher,
@@ -78,6 +93,9 @@ class Ingress:
         # at most as many at once as async invocations.
         self.tasks: TaskGroup | None = None
         self.workflow_slots = anyio.Semaphore(max(workflow_concurrency, 1))
+        # Metrics: invocations sent on whose worker answers the caller itself, until
+        # its done note: id -> (arrived, give up at, function, tenant).
+        self.open: dict[str, tuple[float, float, str, str]] = {}
 
     def lookup(self, name: str) -> Spec | None:
         return self.registry.get(name) or self.workflows.get(name)
@@ -125,6 +143,7 @@ class Ingress:
     async def invoke(
         self, function: str, body: bytes, headers: Mapping[str, str] | None, reply: str
     ) -> None:
+        arrived = time.monotonic()
         with tracing.handling_span(
             "ingress invoke", headers, kind=SpanKind.SERVER, attributes={"gfaas.function": function}
         ) as span:
@@ -132,7 +151,7 @@ class Ingress:
                 meta, request, spec = self._admit(function, body, headers, span)
                 if isinstance(spec, WorkflowSpec):
                     assert self.tasks is not None
-                    self.tasks.start_soon(self._reply_workflow, spec, meta, request, reply)
+                    self.tasks.start_soon(self._reply_workflow, spec, meta, request, reply, arrived)
                     return
                 if not reply:
                     log.info(
@@ -142,10 +161,18 @@ class Ingress:
                     )
                     return
                 worker = await self.dispatcher.send(meta, body, reply)
+                # Metrics: its outcome comes with the worker's done note (`heard_done`).
+                self.open[meta.invocation_id] = (
+                    arrived,
+                    deadline_of(meta) + DONE_GRACE_S,
+                    function,
+                    meta.tenant,
+                )
             except GfaasError as exc:
                 tracing.mark_error(span, exc.code, exc.reason)
                 invocation_id = (headers or {}).get(H_INVOCATION, "")
                 await self.dispatcher.bus.reply_error(reply, invocation_id, exc.code, exc.reason)
+                await self._refused(function, headers, invocation_id, exc, arrived)
                 return
             if worker is not None:
                 span.set_attribute("gfaas.worker", worker)
@@ -155,12 +182,15 @@ class Ingress:
     async def call(
         self, function: str, body: bytes, headers: Mapping[str, str] | None, *, claim: int = 0
     ) -> InvokeReply:
+        arrived = time.monotonic()
         with tracing.handling_span(
             "ingress call", headers, kind=SpanKind.SERVER, attributes={"gfaas.function": function}
         ) as span:
             try:
                 meta, request, spec = self._admit(function, body, headers, span, claim)
             except GfaasError as exc:
+                invocation_id = (headers or {}).get(H_INVOCATION, "")
+                await self._refused(function, headers, invocation_id, exc, arrived)
                 return error_reply("", exc.code, exc.reason)
             if isinstance(spec, WorkflowSpec):
                 reply = await self._workflow(spec, meta, request)
@@ -168,7 +198,66 @@ class Ingress:
                 reply = await self.dispatcher.call(meta, body)
             if reply.error:
                 tracing.mark_error(span, reply.error.code, reply.error.reason)
+            # An async attempt that failed through no fault of the caller's is tried
+            # again: only the final outcome counts (and is logged).
+            final = not claim or reply.error is None or reply.error.code in CALLER_FAULTS
+            if final:
+                await self._finished(meta, reply, arrived)
             return reply
+
+    # -- metrics and the failure log ----------------------------------------------------------
+
+    async def _refused(
+        self,
+        function: str,
+        headers: Mapping[str, str] | None,
+        invocation_id: str,
+        exc: GfaasError,
+        arrived: float,
+    ) -> None:
+        """An invocation answered with an error before any worker had it."""
+        tenant = (headers or {}).get(H_TENANT) or DEFAULT_TENANT
+        self.metrics.finished(function, tenant, str(exc.code), time.monotonic() - arrived)
+        await self._report(function, invocation_id, tenant, exc.code, exc.reason)
+
+    async def _finished(self, meta: InvocationMeta, reply: InvokeReply, arrived: float) -> None:
+        error = reply.error
+        outcome = OK if error is None else str(error.code)
+        self.metrics.finished(meta.function, meta.tenant, outcome, time.monotonic() - arrived)
+        # A worker's reply is logged by that worker; what it never ran, here.
+        if error is not None and not reply.worker:
+            await self._report(
+                meta.function, meta.invocation_id, meta.tenant, error.code, error.reason
+            )
+
+    async def _report(
+        self, function: str, invocation_id: str, tenant: str, code: ErrorCode, reason: str
+    ) -> None:
+        record = failure_record(
+            function=function,
+            invocation_id=invocation_id,
+            tenant=tenant,
+            code=code,
+            reason=reason,
+            service="ingress",
+            instance=self.holder,
+        )
+        await report_failure(log, self.dispatcher.bus.publish, record)
+
+    def heard_done(self, invocation_id: str, outcome: str) -> None:
+        """A worker's done note for an invocation it answers the caller for itself."""
+        sent = self.open.pop(invocation_id, None)
+        if sent is not None:
+            arrived, _, function, tenant = sent
+            self.metrics.finished(function, tenant, outcome, time.monotonic() - arrived)
+
+    def expire_open(self, now: float) -> None:
+        """Invocations whose done note never came (the scheduler answered them, or
+        their worker died): counted `unknown`, without a duration."""
+        expired = [iid for iid, sent in self.open.items() if sent[1] <= now]
+        for iid in expired:
+            _, _, function, tenant = self.open.pop(iid)
+            self.metrics.finished(function, tenant, UNKNOWN, None)
 
     # -- workflows ------------------------------------------------------------------------
 
@@ -188,10 +277,16 @@ class Ingress:
             return reply
 
     async def _reply_workflow(
-        self, spec: WorkflowSpec, meta: InvocationMeta, request: InvokeRequest, reply_to: str
+        self,
+        spec: WorkflowSpec,
+        meta: InvocationMeta,
+        request: InvokeRequest,
+        reply_to: str,
+        arrived: float,
     ) -> None:
         async with self.workflow_slots:
             reply = await self._workflow(spec, meta, request)
+        await self._finished(meta, reply, arrived)
         if reply_to:
             await self._send_reply(reply_to, reply)
 

@@ -33,7 +33,7 @@ from services.memory_broker.devices import pool_configs
 from services.memory_broker.handlers import Handlers, Op, Reply
 from services.memory_broker.links import Links
 from services.memory_broker.pools import NodePools
-from shared import subjects
+from shared import metrics, subjects
 from shared.bus import BusHealth, connected, decode_event, serve_status, watch_bus
 from shared.config import Settings
 from shared.dataplane.bandwidth import Mode
@@ -41,6 +41,7 @@ from shared.dataplane.board import LeaseBoard, board_name
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.modelswap import HostTier, tier_prefix
+from shared.names import is_valid_name, name_problem
 from shared.schema import (
     DEFAULT_TENANT,
     H_TENANT,
@@ -59,6 +60,16 @@ TICK_S = 0.25
 BOARD_SLOTS = 65536
 
 
+def caller_tenant(msg: Msg) -> str:
+    """The tenant a request acts for: its `Gfaas-Tenant` header, as every gfaas
+    service has it until authentication vouches for it (the lease table checks it
+    against each lease, in `LeaseTable.owned`)."""
+    tenant = (msg.headers or {}).get(H_TENANT) or DEFAULT_TENANT
+    if not is_valid_name(tenant):
+        raise GfaasError(ErrorCode.BAD_REQUEST, name_problem("tenant", tenant))
+    return tenant
+
+
 class Broker:
     def __init__(self, nc: NATS, settings: Settings, instance: str) -> None:
         self.nc = nc
@@ -73,6 +84,9 @@ class Broker:
             default_ttl_s=settings.lease_ttl_s,
             links=self.links,
             board=self.board,
+            max_ttl_s=settings.max_lease_ttl_s,
+            tenant_bytes=settings.tenant_pool_mb * 1024 * 1024,
+            tenant_leases=settings.tenant_max_leases,
         )
         for device, backend, config in pool_configs(settings):
             self.pools.add_device(device, backend, config)
@@ -86,16 +100,18 @@ class Broker:
         self.last_seen: dict[str, float] = {}
         # A holder silent only while we heard nobody (NATS down) keeps what it holds.
         self.health = BusHealth(settings.heartbeat_s, on_back=self.bus_back)
+        # Pool gauges read a snapshot the loop refreshes each tick (shared.metrics).
+        self.metrics = metrics.BrokerMetrics(metrics.noop())
 
     # -- requests ----------------------------------------------------------------------
 
     async def answer(self, msg: Msg, op: Op[Any]) -> None:
         """Decode, run the op, reply; a refusal is the op's reply type with an error
         and a reason."""
-        tenant = (msg.headers or {}).get(H_TENANT) or DEFAULT_TENANT
         kind, reply_kind = op.request, op.reply
         reply: Reply
         try:
+            tenant = caller_tenant(msg)
             request = decode(msg.data, kind)
             reply = await op.run(request, tenant)
         except msgspec.MsgspecError as exc:
@@ -149,6 +165,22 @@ class Broker:
                 freed = self.pools.reclaim(worker, now)
                 log.warning("worker.lost", worker=worker, leases_reclaimed=freed)
         self.pools.tick(now)
+        self.snapshot_metrics()
+
+    def snapshot_metrics(self) -> None:
+        """What the pool gauges read, taken on the loop (scrapes run in a thread)."""
+        table = self.pools.table
+        usage = {device: table.usage(device) for device in self.pools.devices}
+        self.metrics.snapshot = metrics.PoolSnapshot(
+            leased={d: u.bytes_leased for d, u in usage.items()},
+            held={d: u.alloc.held for d, u in usage.items()},
+            slabs={d: u.alloc.slabs for d, u in usage.items()},
+            leases=len(table),
+            spills=self.pools.spilled,
+            link_bytes={
+                link: c.scheduler.stats().bytes_done for link, c in self.links.copiers.items()
+            },
+        )
 
     def details(self) -> dict[str, object]:
         stats = self.pools.stats()
@@ -192,6 +224,13 @@ async def serve(
                 await nc.subscribe(subjects.broker_all(settings.node), cb=on_request)
                 await nc.subscribe(subjects.HEARTBEAT_ALL, cb=broker.on_heartbeat)
                 await nc.subscribe(subjects.ALIVE_ALL, cb=broker.on_alive)
+                # Metrics: the Prometheus endpoint (its port in our status), closed
+                # with `tasks`; the pool gauges read the broker's snapshot.
+                telemetry = await tasks.start(
+                    metrics.serve, settings, "memory-broker", instance, lambda: nc.is_connected
+                )
+                broker.metrics = metrics.BrokerMetrics(telemetry.meter)
+                broker.snapshot_metrics()
                 await serve_status(nc, "memory-broker", instance, broker.details)
                 task_status.started()
 

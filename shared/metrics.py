@@ -1,0 +1,380 @@
+"""Metrics: OpenTelemetry instruments, read by Prometheus from one endpoint per service.
+
+Each service process (or, in tests, each service on a shared event loop) gets its own
+`MeterProvider` whose `PrometheusMetricReader` feeds a registry of its own, served as
+Prometheus text on `http_host:metrics_port` (`start`, or `serve` inside a task group).
+The port bound is in the service's status (`metrics_port`, via `port_of`).
+
+The instruments live here, by service, so the names are in one place (dashboards,
+tests). Names and units after the OpenTelemetry conventions: dotted names, seconds
+("s") for durations, bytes ("By"), annotations in braces for counts; the Prometheus
+exporter turns `gfaas.invocation.duration` (s) into `gfaas_invocation_duration_seconds`
+and a counter `gfaas.invocations` into `gfaas_invocations_total`. Label values are
+few: function and tenant names, error codes, phases, tiers, devices.
+
+Observable instruments are read in the scrape's thread, so their callbacks read plain
+numbers (or snapshots the service's loop keeps), never structures the loop mutates
+while iterating.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeter, Observation
+
+from shared.config import DEFAULT_METRICS_PORTS, Settings
+from shared.logs import get_logger
+
+log = get_logger("metrics")
+
+# Bucket bounds of every duration histogram, seconds: from a quick handler's half a
+# millisecond to a minute-long model load.
+SECONDS_BUCKETS: Sequence[float] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+# The worker's phases of one run (`gfaas.worker.phase.duration`, label `phase`).
+PHASES = ("load", "input", "queue", "execute", "output")
+OK = "ok"
+
+# (service, instance) -> the metrics port it serves, for its status.
+_ports: dict[tuple[str, str], int] = {}
+_ports_lock = threading.Lock()
+
+
+def noop() -> Meter:
+    """A meter that records nothing: instruments' default before a service serves."""
+    return NoOpMeter("gfaas")
+
+
+def port_of(service: str, instance: str) -> int | None:
+    """The metrics port `instance` of `service` serves in this process, if any."""
+    with _ports_lock:
+        return _ports.get((service, instance))
+
+
+@dataclass
+class Telemetry:
+    """One service's meter and the endpoint serving it (`port` None: not served)."""
+
+    service: str
+    instance: str
+    meter: Meter
+    port: int | None = None
+    _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        with _ports_lock:
+            _ports.pop((self.service, self.instance), None)
+        closers, self._closers = self._closers, []
+        for closer in reversed(closers):
+            try:
+                closer()
+            except Exception as exc:  # shutting down anyway
+                log.warning("metrics.close_failed", service=self.service, error=repr(exc))
+
+
+def configured_port(settings: Settings, service: str) -> int:
+    return (
+        settings.metrics_port
+        if settings.metrics_port >= 0
+        else DEFAULT_METRICS_PORTS.get(service, 0)
+    )
+
+
+def start(
+    settings: Settings,
+    service: str,
+    instance: str,
+    *,
+    connected: Callable[[], bool] | None = None,
+) -> Telemetry:
+    """A meter for `service` and its Prometheus endpoint, bound now. A port in use
+    is one logged error and no endpoint (the service runs on without metrics)."""
+    if not settings.metrics_enabled:
+        return Telemetry(service, instance, noop())
+    # Imported here: client commands import shared modules and must start quickly.
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.resources import Resource
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry(auto_describe=True)
+    reader = PrometheusMetricReader(registry=registry)
+    resource = Resource.create(
+        {"service.name": f"gfaas-{service}", "service.instance.id": instance}
+    )
+    provider = MeterProvider(metric_readers=[reader], resource=resource, shutdown_on_exit=False)
+    port = configured_port(settings, service)
+    try:
+        server, thread = start_http_server(port, addr=settings.http_host, registry=registry)
+    except OSError as exc:
+        log.error(
+            "metrics.port_unavailable",
+            service=service,
+            host=settings.http_host,
+            port=port,
+            error=str(exc),
+            hint="set GFAAS_METRICS_PORT (0: any free port)",
+        )
+        provider.shutdown()
+        return Telemetry(service, instance, noop())
+    bound: int = server.server_address[1]
+
+    def stop_server() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5.0)
+
+    telemetry = Telemetry(
+        service,
+        instance,
+        provider.get_meter("gfaas"),
+        bound,
+        [provider.shutdown, stop_server],
+    )
+    with _ports_lock:
+        _ports[(service, instance)] = bound
+    if connected is not None:
+        observe_connection(telemetry.meter, connected)
+    log.info("metrics.serving", service=service, port=bound)
+    return telemetry
+
+
+async def serve(
+    settings: Settings,
+    service: str,
+    instance: str,
+    connected: Callable[[], bool] | None = None,
+    *,
+    task_status: TaskStatus[Telemetry] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """`start`, as a task of the service's task group: started with the Telemetry,
+    closed when the group is cancelled."""
+    telemetry = start(settings, service, instance, connected=connected)
+    try:
+        task_status.started(telemetry)
+        await anyio.sleep_forever()
+    finally:
+        telemetry.close()
+
+
+def _guarded(read: Callable[[], Iterable[Observation]]) -> Callable[[CallbackOptions], Any]:
+    """A callback that yields nothing rather than fail when the loop changed what it
+    was reading (a dict resized during the scrape)."""
+
+    def callback(_options: CallbackOptions) -> Iterable[Observation]:
+        try:
+            return list(read())
+        except RuntimeError:
+            return []
+
+    return callback
+
+
+def observe_connection(meter: Meter, connected: Callable[[], bool]) -> None:
+    meter.create_observable_gauge(
+        "gfaas.nats.connected",
+        callbacks=[_guarded(lambda: [Observation(1 if connected() else 0)])],
+        description="1 while this service's NATS connection is up, else 0",
+    )
+
+
+def _seconds_histogram(meter: Meter, name: str, description: str) -> Any:
+    return meter.create_histogram(
+        name, unit="s", description=description, explicit_bucket_boundaries_advisory=SECONDS_BUCKETS
+    )
+
+
+# -- per service ---------------------------------------------------------------------------
+
+
+class IngressMetrics:
+    """End to end, as ingress sees each invocation: from its arrival to its reply (for
+    a reply the worker sends the caller itself, to the worker's done note, sent just
+    before that reply)."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.invocations = meter.create_counter(
+            "gfaas.invocations",
+            unit="{invocation}",
+            description="Invocations by function, tenant and outcome (ok, or the error code)",
+        )
+        self.duration = _seconds_histogram(
+            meter, "gfaas.invocation.duration", "Invocation duration at ingress, end to end"
+        )
+
+    def finished(self, function: str, tenant: str, outcome: str, seconds: float | None) -> None:
+        attributes = {"function": function, "tenant": tenant, "outcome": outcome}
+        self.invocations.add(1, attributes)
+        if seconds is not None:
+            self.duration.record(seconds, attributes)
+
+
+class WorkerMetrics:
+    """One worker's runs: outcomes, per-phase durations, cold starts, cache tiers."""
+
+    def __init__(
+        self,
+        meter: Meter,
+        *,
+        loads: Callable[[], Mapping[str, int]] | None = None,
+        device_bytes: Callable[[], int] | None = None,
+    ) -> None:
+        self.runs = meter.create_counter(
+            "gfaas.worker.invocations",
+            unit="{invocation}",
+            description="Invocations this worker ran, by function, tenant and outcome",
+        )
+        self.phases = _seconds_histogram(
+            meter,
+            "gfaas.worker.phase.duration",
+            "Time in each phase of a run: load (swap-in on a cold start), input "
+            "(staging inputs), queue (waiting for the function's concurrency), "
+            "execute (the handler), output (staging outputs)",
+        )
+        self.coldstarts = meter.create_counter(
+            "gfaas.coldstarts",
+            unit="{coldstart}",
+            description="Runs that had to load their function (faas.coldstarts)",
+        )
+        self.cache = meter.create_counter(
+            "gfaas.cache.requests",
+            unit="{request}",
+            description="Handler cache look-ups by tier and result (hit or miss)",
+        )
+        if loads is not None:
+            read_loads = loads
+
+            def observe_loads() -> list[Observation]:
+                return [Observation(n, {"tier": tier}) for tier, n in read_loads().items()]
+
+            meter.create_observable_counter(
+                "gfaas.cache.loads",
+                callbacks=[_guarded(observe_loads)],
+                unit="{load}",
+                description="Loads into each tier (device: swap-ins; host: object store reads)",
+            )
+        if device_bytes is not None:
+            read_bytes = device_bytes
+            meter.create_observable_gauge(
+                "gfaas.cache.usage",
+                callbacks=[_guarded(lambda: [Observation(read_bytes(), {"tier": "device"})])],
+                unit="By",
+                description="Bytes of models resident in the tier",
+            )
+
+    def phase(self, function: str, phase: str, seconds: float) -> None:
+        self.phases.record(max(seconds, 0.0), {"function": function, "phase": phase})
+
+    def looked_up(self, function: str, *, hit: bool) -> None:
+        self.cache.add(1, {"tier": "device", "result": "hit" if hit else "miss"})
+        if not hit:
+            self.coldstarts.add(1, {"function": function})
+
+    def finished(self, function: str, tenant: str, outcome: str) -> None:
+        self.runs.add(1, {"function": function, "tenant": tenant, "outcome": outcome})
+
+
+class SchedulerMetrics:
+    def __init__(self, meter: Meter, pending: Callable[[], int] | None = None) -> None:
+        self.decisions = _seconds_histogram(
+            meter,
+            "gfaas.scheduler.decision.duration",
+            "Time the policy took to decide: one new invocation (decide) or the queue (plan)",
+        )
+        if pending is not None:
+            read = pending
+            meter.create_observable_gauge(
+                "gfaas.scheduler.queue.depth",
+                callbacks=[_guarded(lambda: [Observation(read())])],
+                unit="{invocation}",
+                description="Invocations queued at the scheduler for a free worker",
+            )
+
+    def decided(self, kind: str, seconds: float) -> None:
+        self.decisions.record(seconds, {"kind": kind})
+
+
+@dataclass
+class PoolSnapshot:
+    """A node's pools as the broker's loop last read them (read in the scrape thread)."""
+
+    leased: dict[str, int] = field(default_factory=dict)
+    held: dict[str, int] = field(default_factory=dict)
+    slabs: dict[str, int] = field(default_factory=dict)
+    leases: int = 0
+    spills: int = 0
+    link_bytes: dict[str, int] = field(default_factory=dict)
+
+
+class BrokerMetrics:
+    def __init__(self, meter: Meter) -> None:
+        self.snapshot = PoolSnapshot()
+
+        def per_device(values: Callable[[], dict[str, int]]) -> Callable[[CallbackOptions], Any]:
+            return _guarded(lambda: [Observation(n, {"device": d}) for d, n in values().items()])
+
+        meter.create_observable_gauge(
+            "gfaas.pool.leased",
+            callbacks=[per_device(lambda: self.snapshot.leased)],
+            unit="By",
+            description="Bytes leased out of each device's pool",
+        )
+        meter.create_observable_gauge(
+            "gfaas.pool.held",
+            callbacks=[per_device(lambda: self.snapshot.held)],
+            unit="By",
+            description="Bytes of slabs each device's pool holds (leased or free)",
+        )
+        meter.create_observable_gauge(
+            "gfaas.pool.slabs",
+            callbacks=[per_device(lambda: self.snapshot.slabs)],
+            unit="{slab}",
+            description="Slabs each device's pool holds",
+        )
+        meter.create_observable_gauge(
+            "gfaas.pool.leases",
+            callbacks=[_guarded(lambda: [Observation(self.snapshot.leases)])],
+            unit="{lease}",
+            description="Live leases on this node",
+        )
+        meter.create_observable_counter(
+            "gfaas.pool.spills",
+            callbacks=[_guarded(lambda: [Observation(self.snapshot.spills)])],
+            unit="{spill}",
+            description="Parked leases spilled to host memory",
+        )
+        meter.create_observable_counter(
+            "gfaas.link.transferred",
+            callbacks=[
+                _guarded(
+                    lambda: [
+                        Observation(n, {"link": link})
+                        for link, n in self.snapshot.link_bytes.items()
+                    ]
+                )
+            ],
+            unit="By",
+            description="Bytes copied over each link",
+        )

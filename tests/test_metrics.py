@@ -1,0 +1,161 @@
+"""Metrics: every service serves Prometheus text on its own port (in its status), and
+the counters and histograms move as invocations run, read back with
+prometheus_client's own text parser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import httpx
+import numpy as np
+import pytest
+from nats.aio.client import Client as NATS
+from prometheus_client.parser import text_string_to_metric_families
+
+from gfaas.client import Client
+from shared.schema import FunctionSpec
+from tests.helpers import body, deploy_and_wait, request
+from tests.platform import Platform
+from tests.specs import ECHO
+
+pytestmark = [pytest.mark.nats, pytest.mark.anyio]
+
+
+BOOM = FunctionSpec(name="boom", handler="tests.funcs:boom")
+SERVICES = ("ingress", "scheduler", "memory-broker", "gpu-worker")
+
+Samples = list[tuple[str, dict[str, str], float]]
+
+
+async def scrape(port: int) -> Samples:
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"http://127.0.0.1:{port}/metrics", timeout=5.0)
+    response.raise_for_status()
+    return [
+        (s.name, dict(s.labels), s.value)
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    ]
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels` (0 if none)."""
+    return sum(
+        v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items())
+    )
+
+
+async def ports(client: Client) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for service in SERVICES:
+        status = await client.status(service)
+        port = status.details.get("metrics_port")
+        assert isinstance(port, int), (service, status.details)
+        assert port > 0, (service, status.details)
+        found[service] = port
+    return found
+
+
+async def test_every_service_serves_its_metrics_and_they_move(platform: Platform, nc: NATS) -> None:
+    client = Client(nc)
+    await deploy_and_wait(nc, ECHO, BOOM)
+    where = await ports(client)
+    assert len(set(where.values())) == len(SERVICES), where
+    x = np.ones((2, 3), dtype=np.float32)
+    for _ in range(3):
+        _, reply = await request(nc, "echo", body(x=x))
+        assert "error" not in reply, reply
+    _, failed = await request(nc, "boom", body(x=x))
+    assert failed["error"]["code"] == "handler_error"
+    _, unknown = await request(nc, "no-such-function", body(x=x))
+    assert unknown["error"]["code"] == "unknown_function"
+
+    # Ingress counts each at its done note, sent just before the reply: wait for it.
+    ingress: Samples = []
+    with anyio.fail_after(5):
+        while value(ingress, "gfaas_invocations_total", function="boom") < 1:
+            await anyio.sleep(0.05)
+            ingress = await scrape(where["ingress"])
+    assert value(ingress, "gfaas_invocations_total", function="echo", outcome="ok") == 3
+    assert value(ingress, "gfaas_invocations_total", function="echo", tenant="default") == 3
+    assert value(ingress, "gfaas_invocations_total", function="boom", outcome="handler_error") == 1
+    assert (
+        value(
+            ingress,
+            "gfaas_invocations_total",
+            function="no-such-function",
+            outcome="unknown_function",
+        )
+        == 1
+    )
+    assert value(ingress, "gfaas_invocation_duration_seconds_count", function="echo") == 3
+    assert value(ingress, "gfaas_invocation_duration_seconds_sum", function="echo") > 0
+    assert (
+        value(ingress, "gfaas_invocation_duration_seconds_bucket", function="echo", le="+Inf") == 3
+    )
+    assert value(ingress, "gfaas_nats_connected") == 1
+
+    worker = await scrape(where["gpu-worker"])
+    assert value(worker, "gfaas_worker_invocations_total", function="echo", outcome="ok") == 3
+    assert (
+        value(worker, "gfaas_worker_invocations_total", function="boom", outcome="handler_error")
+        == 1
+    )
+    # Each function loaded once: one cold start, then hits.
+    assert value(worker, "gfaas_coldstarts_total", function="echo") == 1
+    assert value(worker, "gfaas_cache_requests_total", tier="device", result="miss") == 2
+    assert value(worker, "gfaas_cache_requests_total", tier="device", result="hit") == 2
+    for phase in ("input", "queue", "execute", "output"):
+        count = "gfaas_worker_phase_duration_seconds_count"
+        assert value(worker, count, function="echo", phase=phase) == 3, phase
+    assert value(worker, "gfaas_worker_phase_duration_seconds_count", phase="load") == 2
+    assert value(worker, "gfaas_cache_loads_total", tier="device") == 2
+
+    scheduler = await scrape(where["scheduler"])
+    # Every invocation the scheduler placed was one decision (unknown ones stop at
+    # ingress).
+    assert value(scheduler, "gfaas_scheduler_decision_duration_seconds_count", kind="decide") == 4
+    assert value(scheduler, "gfaas_scheduler_queue_depth") == 0
+    assert value(scheduler, "gfaas_nats_connected") == 1
+
+    broker = await scrape(where["memory-broker"])
+    names = {n for n, _, _ in broker}
+    for name in ("gfaas_pool_leased_bytes", "gfaas_pool_held_bytes", "gfaas_pool_slabs"):
+        assert name in names, sorted(names)
+    assert value(broker, "gfaas_nats_connected") == 1
+
+
+def test_metrics_off_serves_nothing() -> None:
+    from shared import metrics
+    from shared.config import Settings
+
+    telemetry = metrics.start(Settings(metrics_enabled=False), "ingress", "x")
+    assert telemetry.port is None
+    assert metrics.port_of("ingress", "x") is None
+    telemetry.close()
+
+
+def test_ephemeral_port_is_reported_and_freed() -> None:
+    from shared import metrics
+    from shared.config import Settings
+
+    telemetry = metrics.start(Settings(metrics_port=0, http_host="127.0.0.1"), "scheduler", "t1")
+    try:
+        assert telemetry.port is not None
+        assert telemetry.port > 0
+        assert metrics.port_of("scheduler", "t1") == telemetry.port
+        counter: Any = telemetry.meter.create_counter("gfaas.test.things", unit="{thing}")
+        counter.add(2, {"kind": "a"})
+        text = httpx.get(f"http://127.0.0.1:{telemetry.port}/metrics", timeout=5).text
+        samples = [
+            (s.name, s.labels, s.value)
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        ]
+        assert ("gfaas_test_things_total", {"kind": "a"}, 2.0) in [
+            (n, {k: v for k, v in lab.items() if k == "kind"}, v) for n, lab, v in samples
+        ]
+    finally:
+        telemetry.close()
+    assert metrics.port_of("scheduler", "t1") is None
