@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import numpy as np
 
 from gfaas import status_view
 from gfaas.client import Client, outputs_of, spec_json
-from gfaas.supervisor import SERVICE_MODULES, Supervisor, run_up
+from gfaas.supervisor import SERVICE_MODULES, Supervisor, metrics_ports, run_up
 from shared.config import DEFAULT_NATS_URL, Settings, settings_from_env
 from shared.errors import GfaasError
 from shared.logs import configure_logging
@@ -68,6 +68,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         grpc = f", gRPC 127.0.0.1:{settings.grpc_port}" if settings.grpc_enabled else ""
         http = f"HTTP http://127.0.0.1:{settings.http_port}{grpc}"
         print(f"gfaas is up: NATS {url}, {http} (Ctrl-C stops)")
+        if settings.metrics_enabled:
+            ports = ", ".join(
+                f"{name} :{port}" for name, port in metrics_ports(sup.children).items()
+            )
+            print(f"metrics (Prometheus, http://127.0.0.1:PORT/metrics): {ports}")
         return True
 
     run_up(sup, announce)
@@ -162,15 +167,51 @@ async def _ls(url: str, as_json: bool) -> None:
     async with _client(url) as client:
         specs = await client.functions()
         workflows = await client.workflows()
+        live = await _live_instances(client)
     if as_json:
-        print(json.dumps([msgspec.to_builtins(s) for s in [*specs, *workflows]], indent=2))
+        out = []
+        for s in specs:
+            out.append({**msgspec.to_builtins(s), "instances": live.get(s.name, [])})
+        out += [msgspec.to_builtins(w) for w in workflows]
+        print(json.dumps(out, indent=2))
         return
-    print(f"{'NAME':24} {'KIND':8} {'MODEL':16} {'SLO_MS':>7}  HANDLER / STAGES")
+    print(f"{'NAME':24} {'KIND':8} {'MODEL':16} {'SLO_MS':>7} {'INST':>4}  HANDLER / STAGES")
     for s in specs:
-        print(f"{s.name:24} {s.kind:8} {s.model or '-':16} {s.slo_ms:7.0f}  {s.handler}")
+        n = len(live.get(s.name, []))
+        print(f"{s.name:24} {s.kind:8} {s.model or '-':16} {s.slo_ms:7.0f} {n:4}  {s.handler}")
     for w in workflows:
         chain = " -> ".join(st.function for st in w.stages)
-        print(f"{w.name:24} {'workflow':8} {'-':16} {w.slo_ms:7.0f}  {chain}")
+        print(f"{w.name:24} {'workflow':8} {'-':16} {w.slo_ms:7.0f} {'-':>4}  {chain}")
+
+
+async def _live_instances(client: Client) -> dict[str, list[dict[str, Any]]]:
+    """Each function's live instances, as the active scheduler knows them ({}: none
+    answered)."""
+    for status in await client.status_all("scheduler", timeout=STATUS_WAIT_S):
+        if status.details.get("active"):
+            live = (status.details.get("instances") or {}).get("live") or {}
+            return dict(live)
+    return {}
+
+
+async def _profile(url: str, function: str, as_json: bool) -> int:
+    async with _client(url) as client:
+        try:
+            profile = await client.profile(function)
+        except GfaasError as exc:
+            print(f"gfaas: {exc.code}: {exc.reason}", file=sys.stderr)
+            return 1
+    if as_json:
+        print(json.dumps(msgspec.to_builtins(profile), indent=2))
+        return 0
+    print(f"{profile.function} on {profile.device} of {profile.agent} (spatial: {profile.spatial})")
+    print(f"{'SM_SHARE':>8} {'TIME_QUOTA':>10} {'P50_MS':>9} {'P99_MS':>9} {'REQ/S':>9}")
+    for r in profile.rows:
+        print(
+            f"{r.sm_share:8.2f} {r.time_quota:10.2f} {r.p50_ms:9.2f} {r.p99_ms:9.2f} "
+            f"{r.throughput:9.1f}"
+        )
+    return 0
 
 
 async def _rm(url: str, name: str, force: bool) -> int:
@@ -236,6 +277,7 @@ async def _status(url: str, services: Sequence[str], as_json: bool) -> None:
     """Every instance of each service (each answers the status subject): a table, or
     the raw statuses as JSON lines with --json."""
     rows: list[tuple[str, str, float, str]] = []
+    live: dict[str, Any] | None = None
     async with _client(url) as client:
         for service in services or SERVICE_NAMES:
             found = await client.status_all(service, timeout=STATUS_WAIT_S)
@@ -249,8 +291,91 @@ async def _status(url: str, services: Sequence[str], as_json: bool) -> None:
                 else:
                     text = status_view.summary(service, status.details)
                     rows.append((service, status.instance, status.uptime_s, text))
+                    if service == "scheduler" and status.details.get("active"):
+                        live = (status.details.get("instances") or {}).get("live")
     if not as_json:
         print(status_view.table(rows))
+        if live is not None:
+            print()
+            print(status_view.instances_table(live))
+
+
+# -- logs ------------------------------------------------------------------------------------
+
+# How long `gfaas logs` waits for the next stored record before giving up on it.
+LOGS_WAIT_S = 5.0
+
+
+def format_failure(record: Any) -> str:
+    """One failed invocation (a shared.schema.FailureRecord), as `gfaas logs` prints it."""
+    import datetime
+
+    at = datetime.datetime.fromtimestamp(record.at_ms / 1000.0, datetime.UTC)
+    where = f"{record.service} {record.instance}".strip()
+    lines = [
+        f"{at.isoformat(timespec='milliseconds')} {record.function} {record.code} "
+        f"invocation={record.invocation_id} tenant={record.tenant} "
+        f"trace={record.trace_id or '-'} by={where or '-'}",
+        f"  {record.reason}",
+    ]
+    lines += [f"  {line}" for line in record.traceback.rstrip().splitlines()]
+    return "\n".join(lines)
+
+
+def _print_now(text: str) -> None:
+    print(text, flush=True)
+
+
+async def _logs(
+    url: str,
+    function: str | None,
+    follow: bool,
+    last: int,
+    emit: Callable[[str], object] = _print_now,
+) -> int:
+    """The last `last` failed invocations (of `function`, or all), from stream
+    GFAAS_LOGS, each `emit`ted; with `follow`, new ones as they come until interrupted."""
+    import collections
+    import contextlib
+
+    from nats.js.api import DeliverPolicy
+
+    from shared import jetstream, subjects
+    from shared.schema import FailureRecord, decode
+
+    subject = subjects.logs(function) if function else subjects.LOGS_ALL
+    async with _client(url) as client:
+        js = client.nc.jetstream()
+        await jetstream.ensure_logs_stream(js, replicas=settings_from_env().js_replicas)
+        info = await js.stream_info(jetstream.LOGS_STREAM, subjects_filter=subject)
+        stored = sum((info.state.subjects or {}).values())
+        if not stored and not follow:
+            return 0
+        sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+        kept: collections.deque[FailureRecord] = collections.deque(maxlen=max(last, 1))
+        try:
+            # What is stored: the last `last` of it.
+            while stored:
+                msg = await sub.next_msg(timeout=LOGS_WAIT_S)
+                # Not a record (a newer schema's, say): skipped.
+                with contextlib.suppress(msgspec.MsgspecError):
+                    kept.append(decode(msg.data, FailureRecord))
+                if msg.metadata.num_pending == 0:
+                    break
+            for record in kept:
+                emit(format_failure(record))
+            while follow:
+                try:
+                    msg = await sub.next_msg(timeout=3600.0)
+                except TimeoutError:
+                    continue
+                try:
+                    emit(format_failure(decode(msg.data, FailureRecord)))
+                except msgspec.MsgspecError:
+                    continue
+        finally:
+            await sub.unsubscribe()
+    return 0
 
 
 # -- argument parsing ----------------------------------------------------------------------
@@ -310,6 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     nats_opt(deploy, "NATS server")
     deploy.set_defaults(func=lambda a: anyio.run(_deploy, _url(a), a.specs) or 0)
 
+    prof = sub.add_parser(
+        "profile", help="measure a function on a node's device per (SM share, time quota)"
+    )
+    prof.add_argument("function")
+    prof.add_argument("--json", action="store_true")
+    nats_opt(prof, "NATS server")
+    prof.set_defaults(func=lambda a: anyio.run(_profile, _url(a), a.function, a.json))
+
     ls = sub.add_parser("ls", help="list deployed functions")
     ls.add_argument("--json", action="store_true")
     nats_opt(ls, "NATS server")
@@ -354,6 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="raw statuses, one JSON per line")
     nats_opt(status, "NATS server")
     status.set_defaults(func=lambda a: anyio.run(_status, _url(a), a.services, a.json) or 0)
+
+    logs = sub.add_parser("logs", help="failed invocations, with tracebacks (from the bus)")
+    logs.add_argument("function", nargs="?", default=None, help="only this function's")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new ones")
+    logs.add_argument("-n", "--last", type=int, default=50, help="how many stored ones")
+    nats_opt(logs, "NATS server")
+    logs.set_defaults(func=lambda a: anyio.run(_logs, _url(a), a.function, a.follow, a.last))
 
     spec = sub.add_parser("spec", help="validate a spec file and print it")
     spec.add_argument("file", type=Path)

@@ -42,6 +42,9 @@ from shared.schema import (
     InvokeReply,
     InvokeRequest,
     OutputMode,
+    Profile,
+    ProfileReply,
+    ProfileRequest,
     ServiceStatus,
     Tensor,
     WorkflowSpec,
@@ -311,6 +314,23 @@ class Client:
     async def workflow_registry(self) -> Registry[WorkflowSpec]:
         return await Registry.open_workflows(self.nc.jetstream(), replicas=self.replicas)
 
+    async def profile(self, function: str, *, timeout: float = 120.0) -> Profile:
+        """Have a node agent measure `function` on its device over a grid of (spatial
+        share, time quota) configurations; stored for the autoscaler, and returned."""
+        try:
+            msg = await self.nc.request(
+                subjects.PROFILE, encode(ProfileRequest(function=function)), timeout=timeout
+            )
+        except nats.errors.NoRespondersError:
+            raise GfaasError(ErrorCode.NO_WORKER, "no node agent is running") from None
+        except nats.errors.TimeoutError:
+            raise GfaasError(ErrorCode.DEADLINE_EXCEEDED, f"no profile within {timeout}s") from None
+        reply = decode(msg.data, ProfileReply)
+        if reply.error is not None:
+            raise GfaasError(reply.error.code, reply.error.reason)
+        assert reply.profile is not None
+        return reply.profile
+
     async def deploy(
         self, spec: FunctionSpec | WorkflowSpec, *, handler_check: bool = True
     ) -> None:
@@ -331,7 +351,13 @@ class Client:
             # Every stage's function is deployed and gets what it declares, so the
             # workflow cannot fail at its first call for want of one.
             plan = plan_workflow(spec)
-            deployed = {f.name: f for f in await functions.fetch_all()}
+            # Each stage's function by its key (a direct get: a listing of the whole
+            # bucket is a watch that a busy server can answer late, and empty).
+            deployed = {}
+            for name in {stage.function for stage in spec.stages}:
+                found = await functions.fetch(name)
+                if found is not None:
+                    deployed[name] = found
             check_functions(plan, deployed)
             check_tensors(plan, deployed)
             await workflows.put(spec)

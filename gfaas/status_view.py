@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+MB = 1024 * 1024
+
 
 def _get(details: Mapping[str, Any], *path: str) -> Any:
     value: Any = details
@@ -34,14 +36,42 @@ def summary(service: str, details: Mapping[str, Any]) -> str:
         )
     if service == "gpu-worker":
         models = details.get("models") or []
-        return (
+        line = (
             f"{details.get('device')}, {details.get('inflight', 0)} running, "
             f"{details.get('completed', 0)} done, {details.get('failed', 0)} failed, "
             f"models {', '.join(models) if models else '-'}"
         )
+        if details.get("function"):
+            return f"instance of {details['function']}: {line}"
+        agent = details.get("agent")
+        if isinstance(agent, Mapping):
+            line += (
+                f"; agent: {len(agent.get('instances') or [])} instances, "
+                f"{(agent.get('memory_used') or 0) // MB} of "
+                f"{(agent.get('memory_total') or 0) // MB} MiB, spatial {agent.get('spatial')}"
+            )
+        return line
     if service == "memory-broker":
         return f"{details.get('leases', 0)} leases, {details.get('copies', 0)} copies"
     return ", ".join(f"{k} {v}" for k, v in details.items() if isinstance(v, int | float | str))
+
+
+def instances_table(live: Mapping[str, Any]) -> str:
+    """The scheduler's `instances.live`: one line per function instance."""
+    rows = [(function, i) for function, items in sorted(live.items()) for i in items or []]
+    if not rows:
+        return "no function instances"
+    lines = [
+        f"{'function':20} {'instance':22} {'device':8} {'state':9} {'mem MiB':>7} "
+        f"{'sm':>5} {'time':>5} {'running':>7}"
+    ]
+    for function, i in rows:
+        lines.append(
+            f"{function:20} {i.get('instance', '')!s:22} {i.get('device', '')!s:8} "
+            f"{i.get('state', '')!s:9} {i.get('memory_mb', 0):7} {i.get('sm_share', 0):5.2f} "
+            f"{i.get('time_quota', 0):5.2f} {i.get('inflight', 0):7}"
+        )
+    return "\n".join(lines)
 
 
 def table(rows: list[tuple[str, str, float, str]]) -> str:

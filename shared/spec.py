@@ -13,7 +13,8 @@ from typing import Any
 import msgspec
 import yaml
 
-from shared.schema import FunctionSpec, WorkflowSpec, is_valid_function_name
+from shared.names import is_valid_name, name_problem
+from shared.schema import FunctionSpec, WorkflowSpec
 from shared.workflow import WorkflowError, plan_workflow
 
 
@@ -35,10 +36,10 @@ def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> FunctionSpec:
 def check_function(spec: FunctionSpec, *, source: str = "<spec>") -> None:
     """Raise SpecError naming the first thing wrong with `spec`: what a file load and
     a deploy (which may come from code, not a file) both check."""
-    if not is_valid_function_name(spec.name):
-        raise SpecError(
-            f"{source}: function name {spec.name!r} must match [a-z0-9][a-z0-9_-]{{0,62}}"
-        )
+    if not is_valid_name(spec.name):
+        raise SpecError(f"{source}: {name_problem('function', spec.name)}")
+    if spec.model and not is_valid_name(spec.model):
+        raise SpecError(f"{source}: {name_problem('model', spec.model)}")
     if ":" not in spec.handler:
         raise SpecError(f"{source}: handler {spec.handler!r} must be 'module:attr'")
     if spec.concurrency < 1 or spec.timeout_ms <= 0 or spec.slo_ms <= 0:
@@ -69,6 +70,13 @@ def _check_scaling(spec: FunctionSpec, source: str) -> None:
                 f"{source}: {key} ({value}) is a fraction of one device, from 0 to 1 "
                 "(0: the autoscaler chooses)"
             )
+
+
+def wants_instances(spec: FunctionSpec) -> bool:
+    """Does `spec` run as instances of its own (started from zero, scaled, each with
+    a share of a device)? A spec that names a count or a share does; the others run
+    on the workers every function shares (one whole device each, time-sliced)."""
+    return bool(spec.min_instances or spec.max_instances or spec.sm_share or spec.time_quota)
 
 
 def check_fits(spec: FunctionSpec, device_memory_bytes: Sequence[int]) -> str | None:

@@ -151,3 +151,11 @@ NOT_A_HANDLER = 42
 
 def two_args(inputs: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
     return {"y": inputs["x"] * scale}
+
+
+def die(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Ends its process at once (a segfault, as an instance sees it); echoes x >= 0."""
+    x = inputs["x"]
+    if bool((x < 0).any()):
+        os._exit(3)
+    return {"y": x}

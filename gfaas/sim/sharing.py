@@ -2,7 +2,7 @@
 
 Model. Each function runs as instances, each holding a configuration (SM share x
 time quota) on one GPU, placed by `shared.scheduling.packing` and sized by
-`shared.scheduling.autoscale`, the code the live scheduler is to run. An instance
+`shared.scheduling.autoscale`, the code the live scheduler runs. An instance
 serves one request at a time, first come first served, for the time
 `sharemodel.ShareModel.service_s` gives (fixed when the request starts, with the
 interference of the co-located instances busy at that moment). A request goes to

@@ -22,20 +22,23 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from services.gpu_worker import state
+from services.gpu_worker import profiler, state
+from services.gpu_worker.agent import Agent, AgentService, spatial_for
 from services.gpu_worker.claims import Claims
-from services.gpu_worker.device import device_cache_bytes, pick_device
+from services.gpu_worker.device import device_cache_bytes, memory_info, pick_device
 from services.gpu_worker.execute import Executor
 from services.gpu_worker.handlers import Job, Runs
 from services.gpu_worker.models import HandlerCache
 from services.gpu_worker.sandbox import HandlerChecks
 from services.gpu_worker.staging import Staging
+from services.gpu_worker.tokens import TokenGate
 from shared import jetstream, subjects
 from shared.bus import NatsBus, connected, decode_event, routed, send_reply, serve_status
 from shared.config import Settings, effective_max_payload
 from shared.dataplane.backend import prune_mappings
 from shared.dataplane.board import board_name
 from shared.dataplane.client import BrokerClient
+from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.modelstore import ModelStore
 from shared.modelswap import HostTier, tier_prefix
@@ -44,12 +47,18 @@ from shared.results import ResultStore
 from shared.schema import (
     ErrorCode,
     ErrorInfo,
+    FunctionSpec,
     HandlerCheck,
     HandlerCheckReply,
+    InstanceFailed,
     InvokeReply,
+    ProfileReply,
+    ProfileRequest,
+    decode,
     encode,
 )
 from shared.service import every
+from shared.sharing.cpu import pin
 
 log = get_logger("gpu_worker")
 
@@ -57,6 +66,81 @@ log = get_logger("gpu_worker")
 REVOKE_WAIT_S = 0.2
 # Grace period for in-flight invocations on shutdown.
 DRAIN_GRACE_S = 20.0
+
+
+def agent_memory(settings: Settings, device: str) -> int:
+    """What the instances on this device may hold in all: configured, or on a CPU the
+    device tier's default size, on a GPU what the worker's own tier leaves of 90%."""
+    if settings.agent_memory_mb:
+        return settings.agent_memory_mb * 1024 * 1024
+    if not device.startswith("cuda"):
+        return device_cache_bytes(0, device)
+    total = int(memory_info(device).total * 0.9)
+    return max(total - device_cache_bytes(settings.device_cache_mb, device), 0)
+
+
+async def become_instance(
+    nc: NATS,
+    settings: Settings,
+    registry: Registry[FunctionSpec],
+    handlers: HandlerCache,
+    books: state.Books,
+) -> bool:
+    """Ready an instance of `settings.instance_function`: its concurrency, its memory
+    cap, its handler and model loaded before the first heartbeat says it is ready.
+    False (after telling the agent why) when it cannot start."""
+    name = settings.instance_function
+    try:
+        spec = await registry.lookup(name)
+        if spec is None:
+            raise GfaasError(ErrorCode.UNKNOWN_FUNCTION, f"function {name!r} is not deployed")
+        books.limit = books.capacity = max(1, spec.concurrency)
+        if books.device.startswith("cuda"):
+            cap_device_memory(books.device, handlers.cache.capacity)
+        async with handlers.use(spec, wait_s=spec.timeout_ms / 1000.0):
+            pass
+    except Exception as exc:
+        error = exc.info() if isinstance(exc, GfaasError) else None
+        error = error or ErrorInfo(code=ErrorCode.HANDLER_ERROR, reason=f"{name}: {exc!r}")
+        log.error("instance.start_failed", function=name, code=error.code, reason=error.reason)
+        note = InstanceFailed(instance_id=books.worker_id, error=error)
+        await nc.publish(subjects.agent(settings.instance_agent, "failed"), encode(note))
+        await nc.flush()
+        return False
+    return True
+
+
+async def profile_function(
+    request: ProfileRequest,
+    registry: Registry[FunctionSpec],
+    handlers: HandlerCache,
+    agent: Agent,
+    settings: Settings,
+) -> ProfileReply:
+    spec = await registry.lookup(request.function)
+    if spec is None:
+        reason = f"function {request.function!r} is not deployed"
+        return ProfileReply(error=ErrorInfo(code=ErrorCode.UNKNOWN_FUNCTION, reason=reason))
+    try:
+        measured = await profiler.profile(
+            spec,
+            handlers,
+            device=agent.device,
+            agent=agent.agent_id,
+            spatial=agent.spatial.mode,
+            window_s=settings.token_window_s,
+        )
+    except GfaasError as exc:
+        return ProfileReply(error=exc.info())
+    log.info("profile.measured", function=spec.name, rows=len(measured.rows))
+    return ProfileReply(profile=measured)
+
+
+def cap_device_memory(device: str, budget: int) -> None:
+    """The caching allocator may hold at most `budget` bytes of the device."""
+    index = torch.device(device).index or 0
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(budget / total, 1.0), index)
 
 
 def default_worker_id(device: str) -> str:
@@ -82,7 +166,13 @@ async def serve(
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     device = pick_device(settings.device)
-    torch.set_num_threads(max(1, settings.threads))
+    function = settings.instance_function  # an instance serves this one alone
+    if settings.instance_cores:
+        # Before the first torch operation: its thread pool keeps the affinity it
+        # starts with.
+        pin(frozenset(int(c) for c in settings.instance_cores.split(",")))
+    else:
+        torch.set_num_threads(max(1, settings.threads))
     worker_id = settings.worker_id or default_worker_id(device)
     async with connected(settings.nats_url, f"gfaas-worker-{worker_id}") as nc:
         js = nc.jetstream()
@@ -99,6 +189,8 @@ async def serve(
             node=settings.node,
             limit=settings.capacity,
             capacity=settings.capacity,
+            function=function,
+            agent=settings.instance_agent,
         )
         handlers = HandlerCache(
             device=device,
@@ -107,6 +199,7 @@ async def serve(
             fetch_weights=lambda name: models.fetch(name, settings.state_dir / "models"),
             group_bytes=settings.swap_group_kb * 1024,
             host_tier=HostTier(tier_prefix(settings.shm_namespace)),
+            handler_packages=settings.handler_packages,
         )
         staging = Staging(
             BrokerClient(
@@ -122,11 +215,32 @@ async def serve(
             WorkerBus(nc, max_payload),
             books,
             Claims(results, worker_id, books.claimed),
-            Executor(registry, handlers, staging, worker_id=worker_id),
+            Executor(
+                registry,
+                handlers,
+                staging,
+                worker_id=worker_id,
+                function=function,
+                gate=TokenGate(nc, settings.instance_agent, worker_id)
+                if settings.instance_agent
+                else None,
+            ),
             worker_id,
         )
+        if function and not await become_instance(nc, settings, registry, handlers, books):
+            return
+        agent = None
+        if settings.agent_enabled and not function:
+            agent = Agent(
+                nc,
+                settings,
+                agent_id=worker_id,
+                device=device,
+                memory_total=agent_memory(settings, device),
+                spatial=await anyio.to_thread.run_sync(spatial_for, device, settings.state_dir),
+            )
 
-        checks = HandlerChecks()
+        checks = HandlerChecks(packages=settings.handler_packages)
 
         async def send_heartbeat() -> None:
             beat = state.heartbeat(books, handlers)
@@ -134,6 +248,21 @@ async def serve(
 
         async with anyio.create_task_group() as service_tg:
             await service_tg.start(registry.watch)
+            # Metrics (shared.metrics): this worker's Prometheus endpoint, closed with
+            # service_tg, and the instruments the run hooks record to.
+            from shared import metrics
+
+            telemetry = await service_tg.start(
+                metrics.serve, settings, "gpu-worker", worker_id, lambda: nc.is_connected
+            )
+            runs.use_metrics(
+                metrics.WorkerMetrics(
+                    telemetry.meter,
+                    loads=lambda: {"device": handlers.loads, "host": handlers.host_tier.loads},
+                )
+            )
+            if agent is not None:
+                await service_tg.start(AgentService(nc, agent, settings.heartbeat_s).run)
             async with anyio.create_task_group() as running:
 
                 async def on_run(msg: Msg) -> None:
@@ -163,12 +292,53 @@ async def serve(
                     # several deploys run side by side (up to the limiter's count).
                     service_tg.start_soon(answer_check, msg)
 
-                check_sub = await nc.subscribe(
-                    subjects.HANDLER_CHECK, queue=subjects.Q_WORKERS, cb=on_check
+                # Instances run their function, not other deploys' checks.
+                check_sub = (
+                    None
+                    if function
+                    else await nc.subscribe(
+                        subjects.HANDLER_CHECK, queue=subjects.Q_WORKERS, cb=on_check
+                    )
                 )
-                await serve_status(
-                    nc, "gpu-worker", worker_id, lambda: state.details(books, handlers, staging)
-                )
+
+                profiles = await jetstream.profiles_kv(js, replicas=settings.js_replicas)
+                # One profile at a time: two measured together would share the cores.
+                profiling = anyio.Lock()
+
+                async def answer_profile(msg: Msg) -> None:
+                    assert agent is not None
+                    try:
+                        async with profiling:
+                            reply = await profile_function(
+                                decode(msg.data, ProfileRequest),
+                                registry,
+                                handlers,
+                                agent,
+                                settings,
+                            )
+                        if reply.profile is not None:
+                            p = reply.profile
+                            await profiles.put(p.function, encode(p))
+                            await nc.publish(subjects.profiled(p.function), encode(p))
+                        await msg.respond(encode(reply))
+                    except Exception as exc:  # a profile must cost its request, not the agent
+                        log.exception("profile.crashed")
+                        error = ErrorInfo(code=ErrorCode.INTERNAL, reason=repr(exc))
+                        await msg.respond(encode(ProfileReply(error=error)))
+
+                async def on_profile(msg: Msg) -> None:
+                    service_tg.start_soon(answer_profile, msg)  # it takes seconds
+
+                if agent is not None:
+                    await nc.subscribe(subjects.PROFILE, queue=subjects.Q_AGENTS, cb=on_profile)
+
+                def details() -> dict[str, object]:
+                    out = state.details(books, handlers, staging)
+                    if agent is not None:
+                        out["agent"] = agent.details()
+                    return out
+
+                await serve_status(nc, "gpu-worker", worker_id, details)
                 await send_heartbeat()
 
                 async def beat() -> None:
@@ -185,7 +355,8 @@ async def serve(
                 # Ingress instances that hold grants here hear of the revocation
                 # before the subscription goes: what they sent meanwhile still runs.
                 await anyio.sleep(REVOKE_WAIT_S)
-                await check_sub.unsubscribe()
+                if check_sub is not None:
+                    await check_sub.unsubscribe()
                 await run_sub.drain()
                 with anyio.move_on_after(DRAIN_GRACE_S):
                     await books.idle.wait()

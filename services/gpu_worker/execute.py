@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,9 +21,11 @@ import torch
 
 from services.gpu_worker.models import HandlerCache, Loaded
 from services.gpu_worker.staging import Staged, Staging
+from services.gpu_worker.tokens import TokenGate
 from shared.dataplane.backend import tensor_from_handle
 from shared.errors import GfaasError
 from shared.function import InvalidInput, output_buffers
+from shared.metrics import WorkerMetrics, noop
 from shared.registry import Registry
 from shared.schema import (
     ErrorCode,
@@ -33,6 +36,15 @@ from shared.schema import (
     decode,
 )
 from shared.tensors import shape_of
+
+
+class HandlerFailed(GfaasError):
+    """The handler raised: `handler_error` for the caller, and the handler's traceback
+    for the failure log (shared.logs.report_failure)."""
+
+    def __init__(self, reason: str, raised: BaseException) -> None:
+        super().__init__(ErrorCode.HANDLER_ERROR, reason)
+        self.traceback = "".join(traceback.format_exception(raised))
 
 
 class HandlerExit(Exception):
@@ -49,8 +61,24 @@ def run_handler(
     """The handler's result and its own running time in ms, timed where it runs: a
     wait for the thread pool is not the handler's, and counting it would keep a
     quick handler off the event loop for good once the loop got busy."""
+    raw, exec_ms, _ = run_metered(entry, inputs, buffers)
+    return raw, exec_ms
+
+
+def run_metered(
+    entry: Loaded, inputs: dict[str, torch.Tensor], buffers: Mapping[str, torch.Tensor]
+) -> tuple[Any, float, float]:
+    """`run_handler`, and the device time the run used in seconds, as a token
+    arbiter charges it: CUDA events on a GPU, the thread's CPU time on a CPU (torch
+    intra-op threads beyond the calling one are not counted: instances run with
+    their cores' worth, and the wall time is charged when that is larger than one)."""
     # The buffers are set here, in the thread that runs the handler.
-    started = time.perf_counter()
+    cuda = entry.ctx.device.startswith("cuda")
+    events = None
+    if cuda:
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        events[0].record()
+    started, cpu_started = time.perf_counter(), time.thread_time()
     try:
         with torch.inference_mode(), output_buffers(buffers):
             raw = entry.handler(inputs)
@@ -61,10 +89,21 @@ def run_handler(
         # the loop, or re-raised there from the thread) after its `done` went out,
         # leaving the caller unanswered: it is the handler's failure, nothing more.
         raise HandlerExit(exc) from exc
-    return raw, (time.perf_counter() - started) * 1000.0
+    wall = time.perf_counter() - started
+    used = time.thread_time() - cpu_started
+    if events is not None:
+        events[1].record()
+        events[1].synchronize()
+        used = events[0].elapsed_time(events[1]) / 1000.0
+    elif torch.get_num_threads() > 1:
+        used = max(used, wall)
+    return raw, wall * 1000.0, used
 
 
 class Executor:
+    # Phases, cold starts and cache look-ups (shared.metrics); app.py sets the served one.
+    metrics: WorkerMetrics = WorkerMetrics(noop())
+
     def __init__(
         self,
         registry: Registry[FunctionSpec],
@@ -72,16 +111,29 @@ class Executor:
         staging: Staging,
         *,
         worker_id: str,
+        function: str = "",
+        gate: TokenGate | None = None,
     ) -> None:
         self.registry = registry
         self.handlers = handlers
         self.staging = staging
         self.worker_id = worker_id
+        # An instance serves `function` alone, each run gated by its agent's tokens.
+        self.function = function
+        self.gate = gate
+        # Metrics: the entry each function last ran with; another one was just loaded.
+        self._ran_with: dict[str, Loaded] = {}
 
     async def execute(self, meta: InvocationMeta, body: bytes) -> tuple[InvokeReply, float]:
         """The reply to one invocation and its handler's running time in ms."""
         if meta.remaining_s() <= 0:
             raise GfaasError(ErrorCode.DEADLINE_EXCEEDED, "deadline passed before execution")
+        if self.function and meta.function != self.function:
+            # Misrouted (a stale view of which worker is which): another instance can.
+            raise GfaasError(
+                ErrorCode.UNAVAILABLE,
+                f"{self.worker_id} is an instance of {self.function!r}, not {meta.function!r}",
+            )
         spec = await self.registry.lookup(meta.function)
         if spec is None:
             raise GfaasError(
@@ -91,11 +143,22 @@ class Executor:
             request = decode(body, InvokeRequest)
         except msgspec.MsgspecError as exc:
             raise GfaasError(ErrorCode.BAD_REQUEST, f"malformed request: {exc}") from None
-        async with (
-            self.handlers.use(spec, wait_s=meta.remaining_s()) as entry,
-            self.staging.staged(meta, request, spec) as staged,
-        ):
-            return await self._call(spec, meta, entry, staged)
+        started = time.perf_counter()  # metrics: the load (cold) and input phases
+        async with self.handlers.use(spec, wait_s=meta.remaining_s()) as entry:
+            loaded = time.perf_counter()
+            self._looked_up(spec.name, entry, loaded - started)
+            async with self.staging.staged(meta, request, spec) as staged:
+                self.metrics.phase(spec.name, "input", time.perf_counter() - loaded)
+                return await self._call(spec, meta, entry, staged)
+
+    def _looked_up(self, function: str, entry: Loaded, waited_s: float) -> None:
+        """Metrics: a hit in the device tier, or a cold start that waited `waited_s`
+        for its load (also when another run's load of it was under way)."""
+        hit = self._ran_with.get(function) is entry
+        self.metrics.looked_up(function, hit=hit)
+        if not hit:
+            self._ran_with[function] = entry
+            self.metrics.phase(function, "load", waited_s)
 
     async def _call(
         self, spec: FunctionSpec, meta: InvocationMeta, entry: Loaded, staged: Staged
@@ -106,8 +169,16 @@ class Executor:
             for name, h in staged.prepared.items()
         }
         inputs = staged.inputs
+        called = time.perf_counter()  # metrics: queue (limiter, tokens) and execute
         try:
-            if entry.runs_inline:
+            if self.gate is not None:
+                # An instance: the batch runs only while it holds device time.
+                async with self.gate.turn(meta.remaining_s()) as held:
+                    with anyio.fail_after(max(meta.remaining_s(), 0.001)):
+                        raw, exec_ms, held.used_s = await anyio.to_thread.run_sync(
+                            run_metered, entry, inputs, buffers, limiter=entry.limiter
+                        )
+            elif entry.runs_inline:
                 raw, exec_ms = run_handler(entry, inputs, buffers)
             else:
                 with anyio.fail_after(max(meta.remaining_s(), 0.001)):
@@ -124,17 +195,20 @@ class Executor:
             raise GfaasError(ErrorCode.INVALID_INPUT, f"{spec.name}: {exc}") from None
         except Exception as exc:
             raised = exc.raised if isinstance(exc, HandlerExit) else exc
-            raise GfaasError(
-                ErrorCode.HANDLER_ERROR,
-                f"{spec.name} raised {type(raised).__name__}: {raised}",
+            raise HandlerFailed(
+                f"{spec.name} raised {type(raised).__name__}: {raised}", raised
             ) from None
         entry.observe(exec_ms)
+        self.metrics.phase(spec.name, "execute", exec_ms / 1000.0)
+        self.metrics.phase(spec.name, "queue", time.perf_counter() - called - exec_ms / 1000.0)
         if not isinstance(raw, dict):
             raise GfaasError(
                 ErrorCode.HANDLER_ERROR,
                 f"{spec.name} returned {type(raw).__name__}, expected a mapping of tensors",
             )
+        staging_started = time.perf_counter()  # metrics: the output phase
         outputs = await self.staging.outputs(meta, staged.request, raw, staged.prepared)
+        self.metrics.phase(spec.name, "output", time.perf_counter() - staging_started)
         return (
             InvokeReply(
                 invocation_id=meta.invocation_id,

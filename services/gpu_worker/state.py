@@ -32,6 +32,9 @@ class Books:
     claimed: set[str] = field(default_factory=set)
     # Set while nothing runs (shutdown waits for it).
     idle: anyio.Event = field(default_factory=anyio.Event)
+    # An instance: the one function it serves, and the agent that started it.
+    function: str = ""
+    agent: str = ""
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -76,6 +79,8 @@ def heartbeat(books: Books, handlers: HandlerCache) -> WorkerHeartbeat:
         loading=tier.loading,
         claimed=sorted(books.claimed),
         node=books.node,
+        function=books.function,
+        agent=books.agent,
     )
 
 
@@ -85,6 +90,7 @@ def details(books: Books, handlers: HandlerCache, staging: Staging) -> dict[str,
     return {
         "worker_id": books.worker_id,
         "device": books.device,
+        "function": books.function,
         "inflight": books.inflight,
         "completed": books.completed,
         "failed": books.failed,

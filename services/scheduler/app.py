@@ -20,10 +20,12 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.errors import NoKeysError
+from nats.js.kv import KeyValue
 
 from services.scheduler.handlers import Scheduler
 from services.scheduler.leader import Leadership
-from shared import jetstream, subjects
+from shared import jetstream, metrics, subjects
 from shared.bus import NatsBus, connected, decode_event, on_event, routed, serve_status, watch_bus
 from shared.config import Settings
 from shared.logs import get_logger
@@ -31,12 +33,16 @@ from shared.modelstore import ModelStore
 from shared.registry import Registry
 from shared.scheduling import make_policy
 from shared.schema import (
+    AgentBeat,
     Done,
     Grant,
+    Profile,
+    ProfileRequest,
     Refused,
     RefusedReply,
     SchedulerBeat,
     WorkerHeartbeat,
+    decode,
     encode,
 )
 from shared.service import every, instance_name
@@ -44,6 +50,8 @@ from shared.service import every, instance_name
 log = get_logger("scheduler")
 
 TICK_S = 0.1
+# How long a background profile after a deploy may take.
+PROFILE_TIMEOUT_S = 120.0
 
 
 async def serve(
@@ -78,12 +86,31 @@ async def serve(
 
         async with anyio.create_task_group() as tg:
             await tg.start(registry.watch)
+            # Metrics: the Prometheus endpoint (its port in our status), closed with tg.
+            telemetry = await tg.start(
+                metrics.serve, settings, "scheduler", scheduler_id, lambda: nc.is_connected
+            )
+            scheduler.metrics = metrics.SchedulerMetrics(
+                telemetry.meter, lambda: len(scheduler.state.pending)
+            )
             # Heartbeats first, so a restarted scheduler learns the workers before
             # it is asked to place anything.
             await nc.subscribe(
                 subjects.HEARTBEAT_ALL, cb=on_event(WorkerHeartbeat, scheduler.heartbeat)
             )
             await nc.subscribe(subjects.DONE_ALL, cb=on_done)
+            await nc.subscribe(
+                subjects.AGENT_BEAT_ALL, cb=on_event(AgentBeat, scheduler.agent_beat)
+            )
+            # Profiles: those measured before this scheduler started, and each new one.
+            profiles = await jetstream.profiles_kv(js, replicas=settings.js_replicas)
+            for profile in await stored_profiles(profiles):
+                scheduler.instances.learn(profile)
+
+            async def on_profiled(profile: Profile) -> None:
+                scheduler.instances.learn(profile)
+
+            await nc.subscribe(subjects.PROFILED_ALL, cb=on_event(Profile, on_profiled))
             await nc.subscribe(subjects.GRANT_RETURN, cb=on_event(Grant, scheduler.grant_returned))
             await nc.subscribe(subjects.ALIVE_ALL, cb=on_alive)
             await anyio.sleep(min(settings.heartbeat_s * 1.5, 1.0))
@@ -109,15 +136,48 @@ async def serve(
                 if leadership.active:
                     await scheduler.tick()
 
+            async def ask_profile(function: str) -> None:
+                # After a deploy, in the background: an agent measures it on its device.
+                try:
+                    await nc.request(
+                        subjects.PROFILE,
+                        encode(ProfileRequest(function=function)),
+                        timeout=PROFILE_TIMEOUT_S,
+                    )
+                except Exception as exc:  # no agent, or slow: planned without one
+                    log.warning("profile.not_measured", function=function, error=repr(exc))
+
+            async def profile_new() -> None:
+                if leadership.active and scheduler.instances.any_agent():
+                    for function in scheduler.instances.unprofiled():
+                        tg.start_soon(ask_profile, function)
+
             tg.start_soon(watch_bus, nc, scheduler.health, scheduler_id)
             tg.start_soon(lead)
             tg.start_soon(every, TICK_S, tick)
+            tg.start_soon(every, 1.0, profile_new)
             await stop.wait()
             await active.follow(False)
             await leadership.resign()
             beat = SchedulerBeat(scheduler_id=scheduler_id, active=False)
             await nc.publish(subjects.SCHEDULER_ALIVE, encode(beat))
             tg.cancel_scope.cancel()
+
+
+async def stored_profiles(kv: KeyValue) -> list[Profile]:
+    out = []
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return []
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+            if entry.value:
+                out.append(decode(entry.value, Profile))
+        except Exception as exc:  # one bad entry must not cost the others
+            log.warning("profile.unreadable", key=key, error=repr(exc))
+    return out
 
 
 class Active:

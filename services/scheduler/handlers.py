@@ -11,22 +11,26 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Mapping
 
 import msgspec
 from opentelemetry.trace import Span, SpanKind
 
+from services.scheduler.instances import Instances, Observed
 from services.scheduler.leader import Leadership
 from services.scheduler.state import ClusterState, Invocation, Lent
 from shared import subjects, tracing
 from shared.bus import Bus, BusHealth
 from shared.config import Settings
 from shared.logs import get_logger
+from shared.metrics import SchedulerMetrics, noop
 from shared.modelstore import ModelStore
 from shared.registry import Registry
 from shared.scheduling import Decision, Policy, Rejected, decide, plan
 from shared.schema import (
     H_AFFINITY,
+    AgentBeat,
     Done,
     ErrorCode,
     FunctionSpec,
@@ -47,6 +51,9 @@ PLAN_WINDOW = 256
 
 
 class Scheduler:
+    # Decision-time histogram, queue-depth gauge; app.py sets the served one.
+    metrics: SchedulerMetrics = SchedulerMetrics(noop())
+
     def __init__(
         self,
         bus: Bus,
@@ -72,6 +79,8 @@ class Scheduler:
         self.health = BusHealth(settings.heartbeat_s, on_back=self.state.bus_back)
         # Models whose size was asked of the object store (once each).
         self._sized: set[str] = set()
+        # Function instances: agents' devices, and the autoscaler carried out.
+        self.instances = Instances(bus, registry, settings.heartbeat_s)
 
     # -- events -------------------------------------------------------------------------
 
@@ -110,7 +119,10 @@ class Scheduler:
             ingress = meta.origin  # who a grant for this function may go to
             if near:
                 inv.view = dataclasses.replace(inv.view, near=near)
-            if not self.state.workers:
+            instanced = inv.view.instanced
+            if instanced:
+                self.instances.arrived(spec.name, now)
+            if not self.state.workers and not (instanced and self.instances.any_agent()):
                 tracing.mark_error(span, ErrorCode.NO_WORKER, "no workers")
                 await self.bus.reply_error(
                     reply,
@@ -119,7 +131,21 @@ class Scheduler:
                     "no worker is available; start one with `gfaas serve gpu-worker`",
                 )
                 return
+            if instanced and not self.instances.any_agent():
+                await self.bus.reply_error(
+                    reply,
+                    meta.invocation_id,
+                    ErrorCode.NO_WORKER,
+                    f"{spec.name!r} runs as instances and no node agent is running",
+                )
+                return
             worker_id = await self._place(inv, now, span)
+            if worker_id is None and instanced and not self.instances.instances_of(spec.name):
+                # Scale from zero: start one now, not at the next tick.
+                with tracing.tracer().start_as_current_span(
+                    "scheduler scale from zero", attributes={"gfaas.function": spec.name}
+                ):
+                    await self._scale(now, only=spec.name)
             if worker_id is not None and ingress and self.grant_ttl_s > 0:
                 await self._lend(ingress, inv, spec, worker_id, now)
 
@@ -152,6 +178,73 @@ class Scheduler:
                 "the scheduler holding this invocation stopped before placing it",
             )
 
+    async def agent_beat(self, beat: AgentBeat) -> None:
+        """A node agent's instances: those it no longer runs are lost (their callers
+        hear `worker_lost` now, not after a heartbeat timeout); a start that failed
+        answers the invocations waiting for that function with its error."""
+        now = time.monotonic()
+        gone, failed = self.instances.observe(beat, now)
+        for name in gone:
+            book = self.state.workers.pop(name, None)
+            if book is not None:
+                await self._lost(name, list(book.running.values()), "its process ended")
+        for info in failed:
+            if any(v.function == info.function for v in self.state.views()):
+                continue  # another instance of it serves: the waiting ones go there
+            error = info.error
+            code = error.code if error is not None else ErrorCode.INTERNAL
+            reason = error.reason if error is not None else "it exited"
+            for inv in self.state.drop_function(info.function):
+                await self.bus.reply_error(
+                    inv.reply,
+                    inv.meta.invocation_id,
+                    code,
+                    f"an instance of {info.function!r} could not start: {reason}",
+                )
+
+    async def _scale(self, now: float, only: str | None = None) -> None:
+        """One autoscaler round (every tick; for `only`, when a request finds its
+        function with no instance)."""
+        views = {v.worker_id: v for v in self.state.views()}
+        waiting = Counter(inv.view.function for inv in self.state.pending.values())
+        resident = {
+            agent_id: frozenset(i.function for i in book.beat.instances)
+            for agent_id, book in self.instances.agents.items()
+        }
+        seen = Observed(
+            waiting=dict(waiting),
+            busy=lambda w: (v := views.get(w)) is not None and v.outstanding > 0,
+            exec_ms=lambda f: self.state.exec_s.get(f, 0.0) * 1000.0,
+            resident=resident,
+        )
+        await self.instances.scale(now, seen, only=only)
+        for function, reason in self.instances.unplaced.items():
+            if self.instances.instances_of(function):
+                continue  # those it has serve what waits
+            # No instance, and no room for one: waiting would only end at the deadline.
+            for inv in self.state.drop_function(function):
+                await self.bus.reply_error(
+                    inv.reply,
+                    inv.meta.invocation_id,
+                    ErrorCode.OVERLOADED,
+                    f"no device has room for an instance of {function!r}: {reason}",
+                )
+
+    async def _lost(self, worker_id: str, lost: list[Invocation], why: str) -> None:
+        log.warning("worker.lost", worker=worker_id, inflight=len(lost), why=why)
+        # Ingress answers for what it sent there directly.
+        reason = f"worker {worker_id} {why}"
+        await self.bus.publish(
+            subjects.WORKER_LOST, encode(WorkerLost(worker_id=worker_id, reason=reason))
+        )
+        for inv in lost:
+            await self.bus.reply_error(
+                inv.reply,
+                inv.meta.invocation_id,
+                ErrorCode.WORKER_LOST,
+                f"worker {worker_id} {why} while running this invocation",
+            )
+
     async def heartbeat(self, hb: WorkerHeartbeat) -> None:
         if self.state.observe(hb, time.monotonic()):
             log.info("worker.joined", worker=hb.worker_id, device=hb.device)
@@ -169,6 +262,10 @@ class Scheduler:
     async def done(self, done: Done, *, scheduled: bool) -> None:
         """A worker's Done: for an invocation placed here (`scheduled`), or one an
         ingress sent directly under a grant."""
+        self.instances.touch(done.worker_id, time.monotonic())
+        if not scheduled:
+            # Sent by an ingress under a grant: an arrival this scheduler never saw.
+            self.instances.arrived(done.function, time.monotonic())
         if scheduled:
             self.state.done(done, time.monotonic())
         else:
@@ -179,21 +276,17 @@ class Scheduler:
     async def tick(self) -> None:
         now = time.monotonic()
         self.state.lapsed(now)  # slots freed here are used by the drain below
-        reaped = self.state.reap(now) if self.health.healthy(now) else []
+        healthy = self.health.healthy(now)
+        reaped = self.state.reap(now) if healthy else []
         for worker_id, lost in reaped:
-            log.warning("worker.lost", worker=worker_id, inflight=len(lost))
-            # Ingress answers for what it sent there directly.
-            reason = f"worker {worker_id} stopped answering"
-            await self.bus.publish(
-                subjects.WORKER_LOST, encode(WorkerLost(worker_id=worker_id, reason=reason))
-            )
-            for inv in lost:
-                await self.bus.reply_error(
-                    inv.reply,
-                    inv.meta.invocation_id,
-                    ErrorCode.WORKER_LOST,
-                    f"worker {worker_id} stopped answering while running this invocation",
-                )
+            await self._lost(worker_id, lost, "stopped answering")
+        if healthy:
+            for name in self.instances.expire(now):
+                book = self.state.workers.pop(name, None)
+                if book is not None:
+                    await self._lost(name, list(book.running.values()), "went with its agent")
+        if self.instances.any_agent():
+            await self._scale(now)
         for inv in self.state.expire_pending(now_millis()):
             await self.bus.reply_error(
                 inv.reply,
@@ -212,7 +305,9 @@ class Scheduler:
         """Act on the policy's decision for one invocation: the worker it was sent to,
         or None (refused, queued, or `overloaded` with the queue full). `requeue`: it
         was refused by a worker, and waits again past the queue's limit."""
+        started = time.perf_counter()  # metrics: how long the policy took
         decision: Decision = decide(self.policy, inv.view, self.state.views(), now)
+        self.metrics.decided("decide", time.perf_counter() - started)
         if isinstance(decision, Rejected):
             if span is not None:
                 tracing.mark_error(span, ErrorCode.OVERLOADED, decision.reason)
@@ -238,6 +333,7 @@ class Scheduler:
         return None
 
     async def _dispatch(self, worker_id: str, inv: Invocation, now: float) -> None:
+        self.instances.touch(worker_id, now)
         self.state.assign(worker_id, inv, now)
         self.assigned += 1
         await self._send(worker_id, inv)
@@ -295,11 +391,14 @@ class Scheduler:
     async def _drain_pending(self) -> None:
         now = time.monotonic()
         queue = self.state.queue(PLAN_WINDOW, with_rrc=hasattr(self.policy, "order"))
+        started = time.perf_counter()  # metrics: how long the policy took
         result = plan(self.policy, queue, self.state.views(), now)
+        self.metrics.decided("plan", time.perf_counter() - started)
         # Books first, with no await in between, so the plan's views stay true.
         sends = []
         for invocation_id, worker_id in result.assignments:
             inv = self.state.take(invocation_id)
+            self.instances.touch(worker_id, now)
             self.state.assign(worker_id, inv, now)
             self.assigned += 1
             sends.append((worker_id, inv))
@@ -315,6 +414,12 @@ class Scheduler:
             "active": leadership is not None and leadership.active,
             "terms": leadership.terms if leadership is not None else 0,
             "policy": self.policy.name,
+            "instances": {
+                **self.instances.details(),
+                "live": self.instances.live(
+                    lambda w: len(b.running) if (b := self.state.workers.get(w)) else 0
+                ),
+            },
             "assigned": self.assigned,
             "replaced": self.replaced,
             "rejected": self.state.rejected,

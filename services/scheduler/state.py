@@ -37,6 +37,7 @@ from shared.schema import (
     WorkerHeartbeat,
     new_invocation_id,
 )
+from shared.spec import wants_instances
 
 
 @dataclass
@@ -131,6 +132,7 @@ class ClusterState:
             exec_s=self.exec_s.get(spec.name, 0.0),
             model_bytes=self.model_bytes.get(spec.model or spec.name, 0),
             node=meta.node,
+            instanced=wants_instances(spec),
         )
 
     def queue(self, window: int, with_rrc: bool) -> list[RequestView]:
@@ -173,6 +175,7 @@ class ClusterState:
             cache=cache,
             profile=profile,
             node=hb.node,
+            function=hb.function,
         )
         running = [inv.view for inv in book.running.values()] if book is not None else []
         for lent in book.lent.values() if book is not None else ():
@@ -383,6 +386,13 @@ class ClusterState:
             book.last_seen = max(book.last_seen, at)
         for ingress, seen in self.ingress_seen.items():
             self.ingress_seen[ingress] = max(seen, at)
+
+    def drop_function(self, function: str) -> list[Invocation]:
+        """What waits for `function`, removed (it cannot be served: answered)."""
+        dropped = [inv for inv in self.pending.values() if inv.view.function == function]
+        for inv in dropped:
+            del self.pending[inv.meta.invocation_id]
+        return dropped
 
     def drop_pending(self) -> list[Invocation]:
         """Everything waiting, removed (this scheduler hands over)."""

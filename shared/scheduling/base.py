@@ -62,6 +62,8 @@ class WorkerView:
     link_busy_until: float = 0.0
     # The node it runs on ("": not reported), for requests whose inputs are pooled there.
     node: str = ""
+    # An instance serves this function alone ("": any function not run as instances).
+    function: str = ""
 
     @property
     def has_room(self) -> bool:
@@ -94,6 +96,9 @@ class RequestView:
     near: str = ""
     # The node whose pool holds its by-handle inputs (see `on_input_node`).
     node: str = ""
+    # Its function runs as instances of its own (shared.spec.wants_instances): only
+    # they take it, and with none yet it waits for one to start.
+    instanced: bool = False
 
     @property
     def cache_key(self) -> str:
@@ -151,6 +156,8 @@ def decide(
 ) -> Decision:
     """One request's decision under any policy; only admitting policies ever reject."""
     # getattr, not isinstance on a runtime-checkable Protocol: that costs ~6 us a call.
+    if request.instanced and not any(w.function == request.function for w in workers):
+        return None  # scaling from zero: it waits (to its deadline) for an instance
     admit = getattr(policy, "decide", None)
     decision: Decision = (
         admit(request, workers, now) if admit is not None else policy.choose(request, workers, now)
@@ -221,19 +228,24 @@ def eligible(request: RequestView, workers: Sequence[WorkerView]) -> list[Worker
     """
     # One pass in the common case: this runs for every decision over every worker.
     gpu = request.kind is FunctionKind.GPU
+    mine = request.function if request.instanced else ""
     typed = [
-        w for w in workers if w.outstanding < w.capacity and w.device.startswith("cuda") is gpu
+        w
+        for w in workers
+        if w.outstanding < w.capacity and w.device.startswith("cuda") is gpu and w.function == mine
     ]
-    if typed or any(w.device.startswith("cuda") is gpu for w in workers):
+    if typed or any(w.device.startswith("cuda") is gpu and w.function == mine for w in workers):
         return typed
-    return [w for w in workers if w.outstanding < w.capacity]
+    return [w for w in workers if w.outstanding < w.capacity and w.function == mine]
 
 
 def same_kind(request: RequestView, workers: Sequence[WorkerView]) -> list[WorkerView]:
     """Like `eligible` but with full workers too: where the request could ever run."""
     gpu = request.kind is FunctionKind.GPU
-    typed = [w for w in workers if w.device.startswith("cuda") is gpu]
-    return typed or list(workers)
+    mine = request.function if request.instanced else ""
+    serving = [w for w in workers if w.function == mine]
+    typed = [w for w in serving if w.device.startswith("cuda") is gpu]
+    return typed or serving
 
 
 @dataclass

@@ -68,6 +68,21 @@ def assign_cores(
     return {name: assigned[name] for name in shares}
 
 
+def cores_at(offset: float, share: float, cores: Iterable[int]) -> frozenset[int]:
+    """The cores for a spatial slot that starts at `offset` (a fraction, as the 2-D
+    packer places it) and spans `share` of the node's cores: instances the packer
+    puts side by side get disjoint cores, and those it stacks in time (which never
+    hold the device together) may reuse the same ones."""
+    pool = sorted(set(cores))
+    if not pool:
+        raise ShareError("no cores to give")
+    count = cores_for(share, len(pool))
+    if not 0.0 <= offset < 1.0:
+        raise ShareError(f"offset {offset} must be in [0, 1)")
+    start = min(math.floor(offset * len(pool) + EPS), len(pool) - count)
+    return frozenset(pool[start : start + count])
+
+
 def pin(cores: frozenset[int], *, pid: int = 0, torch_threads: bool = True) -> None:
     """Run `pid` (0: the calling thread; threads it starts inherit this) on `cores`
     only, and size torch's intra-op pool to match.

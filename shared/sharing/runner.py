@@ -54,6 +54,17 @@ class TokenRunner:
                     self.arbiter.charge(instance, used, now)
                 self._notify()
 
+    async def acquire(self, instance: str) -> Grant:
+        """A grant for `instance` (for callers that hold it across messages, as a
+        node agent does for its instance processes): end it with `release`."""
+        return await self._acquire(instance)
+
+    def release(self, instance: str, used_s: float) -> None:
+        """End the grant `acquire` gave, charging `used_s`."""
+        if instance in self.arbiter:
+            self.arbiter.charge(instance, max(used_s, 0.0), self.clock())
+        self._notify()
+
     def remove(self, instance: str) -> None:
         self.arbiter.remove(instance)
         self._locks.pop(instance, None)

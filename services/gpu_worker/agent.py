@@ -1,0 +1,486 @@
+"""The node agent for one device: function instances, started and stopped on command.
+
+An instance is a process of its own (`python -m services.gpu_worker` with the
+instance settings) serving one function with a share of the device:
+- memory: its device tier is capped at its budget, and the agent refuses a start
+  that would take the budgets on its device past `memory_total`;
+- space: on a CPU, the cores at its slot (`sched_setaffinity` in the instance,
+  torch threads to match); on a GPU, CUDA MPS's active thread percentage, set in
+  the environment its CUDA context is created with, when the agent could start the
+  MPS control daemon; without MPS, only time is shared, and the beat says why;
+- time: the device's token arbiter lives here; an instance runs a batch only while
+  it holds a grant (`acquire`) and charges what the batch used (`release`).
+
+The scheduler decides (shared.scheduling.autoscale and packing); the agent does, and
+says in its beat (`AgentBeat`, every heartbeat) what runs, so the scheduler's view
+converges on what is true, crashes included.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from shared import subjects
+from shared.config import Settings, settings_env
+from shared.logs import get_logger
+from shared.procs import die_with_parent
+from shared.schema import (
+    AgentBeat,
+    AgentReply,
+    ErrorCode,
+    ErrorInfo,
+    InstanceFailed,
+    InstanceInfo,
+    InstanceState,
+    StartInstance,
+    StopInstance,
+    TokenAcquire,
+    TokenGrant,
+    TokenRelease,
+    decode,
+    encode,
+    now_millis,
+)
+from shared.sharing import ShareError, mps
+from shared.sharing.cpu import cores_at, node_cores
+from shared.sharing.runner import TokenRunner
+from shared.sharing.tokens import TokenArbiter
+
+log = get_logger("gpu_worker")
+
+MB = 1024 * 1024
+# A failed start stays in the beats this long: the scheduler answers the callers
+# waiting for that instance with its error, and does not start it again at once.
+FAILED_KEPT_S = 10.0
+# A busy instance's next batch asks over the bus, a few ms after its charge: for this
+# long after a charge it still counts as asking, so that the instances behind it in
+# rank do not slip in between its batches (see TokenArbiter).
+LINGER_S = 0.005
+# How long a stopping instance may drain before it is killed.
+STOP_GRACE_S = 20.0
+
+
+@dataclass
+class Running:
+    command: StartInstance
+    process: subprocess.Popen[bytes] | None
+    cores: frozenset[int]
+    started: float
+    state: InstanceState = InstanceState.STARTING
+    ready_s: float = 0.0
+    error: ErrorInfo | None = None
+    stop_at: float = 0.0  # when a stopping one is killed
+    gone_at: float = 0.0  # when a failed one is forgotten
+
+    def info(self) -> InstanceInfo:
+        c = self.command
+        return InstanceInfo(
+            instance_id=c.instance_id,
+            function=c.function,
+            sm_share=c.sm_share,
+            time_quota=c.time_quota,
+            memory_bytes=c.memory_bytes,
+            state=self.state,
+            pid=self.process.pid if self.process is not None else 0,
+            cores=sorted(self.cores),
+            ready_s=round(self.ready_s, 3),
+            error=self.error,
+        )
+
+
+@dataclass
+class Spatial:
+    """How spatial shares are enforced on this device."""
+
+    mode: str  # "cores", "mps", or "time only: <why>"
+    mps_dirs: mps.MpsDirs | None = None
+    started_daemon: bool = False
+
+
+def spatial_for(device: str, state_dir: Path) -> Spatial:
+    """Cores on a CPU; on a GPU, MPS when its daemon runs or can be started here."""
+    if not device.startswith("cuda"):
+        return Spatial("cores")
+    dirs = mps.MpsDirs.under(state_dir / "mps")
+    status = mps.probe(dirs)
+    if status.running:
+        return Spatial("mps", dirs)
+    try:
+        index = device.split(":", 1)[1] if ":" in device else "0"
+        mps.start_daemon(dirs, devices=index)
+    except (mps.MpsUnavailable, OSError, subprocess.SubprocessError) as exc:
+        reason = f"time only: {exc}"
+        log.warning("agent.no_mps", device=device, reason=reason)
+        return Spatial(reason)
+    return Spatial("mps", dirs, started_daemon=True)
+
+
+class Agent:
+    def __init__(
+        self,
+        nc: NATS,
+        settings: Settings,
+        *,
+        agent_id: str,
+        device: str,
+        memory_total: int,
+        spatial: Spatial,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.agent_id = agent_id
+        self.device = device
+        self.memory_total = memory_total
+        self.spatial = spatial
+        self.clock = clock
+        self.cores = node_cores()
+        self.runner = TokenRunner(TokenArbiter(settings.token_window_s, linger_s=LINGER_S), clock)
+        self.instances: dict[str, Running] = {}
+        # Pending token requests: a release that comes first (its instance gave up
+        # waiting) cancels the wait.
+        self._waits: dict[str, anyio.CancelScope] = {}
+        self.started = 0
+        self.crashed = 0
+
+    # -- commands ---------------------------------------------------------------------
+
+    def memory_used(self) -> int:
+        return sum(
+            r.command.memory_bytes
+            for r in self.instances.values()
+            if r.state is not InstanceState.FAILED
+        )
+
+    def refusal(self, cmd: StartInstance) -> str | None:
+        if cmd.instance_id in self.instances:
+            return f"instance {cmd.instance_id} already exists"
+        if not subjects_ok(cmd.instance_id):
+            return f"instance id {cmd.instance_id!r} is not a subject token"
+        free = self.memory_total - self.memory_used()
+        if cmd.memory_bytes > free:
+            return (
+                f"{cmd.function}: {cmd.memory_bytes // MB} MiB would overcommit {self.device} "
+                f"of {self.agent_id} ({free // MB} of {self.memory_total // MB} MiB free)"
+            )
+        if not (0.0 < cmd.sm_share <= 1.0 and 0.0 < cmd.time_quota <= 1.0):
+            return f"shares must be in (0, 1]: sm {cmd.sm_share}, time {cmd.time_quota}"
+        return None
+
+    def start(self, cmd: StartInstance) -> AgentReply:
+        reason = self.refusal(cmd)
+        cores: frozenset[int] = frozenset()
+        if reason is None and self.spatial.mode == "cores":
+            try:
+                cores = cores_at(cmd.sm_offset, cmd.sm_share, self.cores)
+            except ShareError as exc:
+                reason = str(exc)
+        if reason is None:
+            try:
+                # The quota is the instance's slot of every window, and its cap: the
+                # packer gave that time to it alone, and the rest to others.
+                self.runner.arbiter.add(
+                    cmd.instance_id,
+                    base=cmd.time_quota,
+                    maximum=cmd.time_quota,
+                    sm=cmd.sm_share,
+                )
+            except ShareError as exc:
+                reason = str(exc)
+        if reason is not None:
+            log.warning("instance.refused", instance=cmd.instance_id, reason=reason)
+            return AgentReply(error=ErrorInfo(code=ErrorCode.OVERLOADED, reason=reason))
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "services.gpu_worker"],
+                env=self._env(cmd, cores),
+                preexec_fn=die_with_parent,
+            )
+        except OSError as exc:
+            self.runner.remove(cmd.instance_id)
+            reason = f"could not start the instance process: {exc}"
+            return AgentReply(error=ErrorInfo(code=ErrorCode.INTERNAL, reason=reason))
+        self.instances[cmd.instance_id] = Running(cmd, process, cores, self.clock())
+        self.started += 1
+        log.info(
+            "instance.starting",
+            instance=cmd.instance_id,
+            function=cmd.function,
+            pid=process.pid,
+            sm_share=cmd.sm_share,
+            time_quota=cmd.time_quota,
+            memory_mb=cmd.memory_bytes // MB,
+            cores=sorted(cores),
+        )
+        return AgentReply()
+
+    def stop(self, cmd: StopInstance) -> AgentReply:
+        running = self.instances.get(cmd.instance_id)
+        if running is None:
+            reason = f"no instance {cmd.instance_id} on {self.agent_id}"
+            return AgentReply(error=ErrorInfo(code=ErrorCode.NOT_FOUND, reason=reason))
+        self._terminate(running)
+        return AgentReply()
+
+    def _terminate(self, running: Running) -> None:
+        if running.state in (InstanceState.STOPPING, InstanceState.FAILED):
+            return
+        running.state = InstanceState.STOPPING
+        running.stop_at = self.clock() + STOP_GRACE_S
+        if running.process is not None and running.process.poll() is None:
+            running.process.send_signal(signal.SIGTERM)  # it drains, then exits
+        log.info("instance.stopping", instance=running.command.instance_id)
+
+    def _env(self, cmd: StartInstance, cores: frozenset[int]) -> dict[str, str]:
+        s = self.settings
+        env = dict(os.environ)
+        env.update(settings_env(s))
+        budget_mb = max(1, -(-cmd.memory_bytes // MB))
+        env.update(
+            {
+                "GFAAS_WORKER_ID": cmd.instance_id,
+                "GFAAS_DEVICE": self.device,
+                "GFAAS_INSTANCE_FUNCTION": cmd.function,
+                "GFAAS_INSTANCE_AGENT": self.agent_id,
+                "GFAAS_INSTANCE_CORES": ",".join(str(c) for c in sorted(cores)),
+                "GFAAS_THREADS": str(max(len(cores), 1)),
+                "GFAAS_DEVICE_CACHE_MB": str(budget_mb),
+                "GFAAS_AGENT_ENABLED": "false",
+                # Each instance its own metrics port, any free one (its status says which).
+                "GFAAS_METRICS_PORT": "0",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        if self.spatial.mode == "mps" and self.spatial.mps_dirs is not None:
+            env.update(mps.client_env(cmd.sm_share, self.spatial.mps_dirs))
+        return env
+
+    # -- what the instances say -------------------------------------------------------
+
+    def heard(self, instance_id: str) -> None:
+        """An instance's heartbeat: the first makes it ready."""
+        running = self.instances.get(instance_id)
+        if running is not None and running.state is InstanceState.STARTING:
+            running.state = InstanceState.READY
+            running.ready_s = self.clock() - running.started
+            log.info("instance.ready", instance=instance_id, ready_s=round(running.ready_s, 3))
+
+    def failed(self, note: InstanceFailed) -> None:
+        running = self.instances.get(note.instance_id)
+        if running is None:
+            return
+        running.error = note.error
+        log.warning(
+            "instance.start_failed",
+            instance=note.instance_id,
+            function=running.command.function,
+            code=note.error.code,
+            reason=note.error.reason,
+        )
+
+    def waiting(self, request: TokenAcquire) -> anyio.CancelScope:
+        """Note a token request as it arrives, before its wait starts: a release
+        that follows it (the instance gave up) must find it."""
+        scope = anyio.CancelScope()
+        self._waits[request.instance_id] = scope
+        return scope
+
+    async def acquire(self, request: TokenAcquire, scope: anyio.CancelScope) -> TokenGrant:
+        name = request.instance_id
+        try:
+            if name not in self.runner.arbiter:
+                reason = f"no instance {name} holds a share of {self.device} here"
+                return TokenGrant(error=ErrorInfo(code=ErrorCode.NOT_FOUND, reason=reason))
+            with scope:
+                grant = await self.runner.acquire(name)
+                return TokenGrant(slice_s=grant.slice_s)
+        finally:
+            if self._waits.get(name) is scope:
+                del self._waits[name]
+        reason = "the request was given up"
+        return TokenGrant(error=ErrorInfo(code=ErrorCode.UNAVAILABLE, reason=reason))
+
+    def release(self, note: TokenRelease) -> None:
+        name = note.instance_id
+        wait = self._waits.get(name)
+        if wait is not None:  # still waiting: it gave up
+            wait.cancel()
+            return
+        if name in self.runner.arbiter and name in self.runner.arbiter.holders():
+            self.runner.release(name, max(note.used_s, 0.0))
+
+    # -- upkeep -----------------------------------------------------------------------
+
+    def reap(self) -> bool:
+        """Forget instances whose process ended; kill those past their stop grace.
+        True when anything changed (the caller beats at once)."""
+        now = self.clock()
+        changed = False
+        for name, running in list(self.instances.items()):
+            process = running.process
+            if running.state is InstanceState.FAILED:
+                if now >= running.gone_at:
+                    del self.instances[name]
+                    changed = True
+                continue
+            code = process.poll() if process is not None else 0
+            if code is None:
+                if running.state is InstanceState.STOPPING and now >= running.stop_at:
+                    assert process is not None
+                    process.kill()
+                continue
+            self.runner.remove(name)
+            changed = True
+            if running.state is InstanceState.STOPPING:
+                del self.instances[name]
+                log.info("instance.stopped", instance=name)
+            elif running.state is InstanceState.STARTING:
+                running.state = InstanceState.FAILED
+                running.gone_at = now + FAILED_KEPT_S
+                if running.error is None:
+                    running.error = ErrorInfo(
+                        code=ErrorCode.INTERNAL,
+                        reason=f"instance process exited with {code} before it was ready",
+                    )
+            else:
+                self.crashed += 1
+                del self.instances[name]
+                log.error("instance.crashed", instance=name, exit_code=code)
+        return changed
+
+    def beat(self) -> AgentBeat:
+        return AgentBeat(
+            agent_id=self.agent_id,
+            node=self.settings.node,
+            device=self.device,
+            memory_total=self.memory_total,
+            cores=len(self.cores),
+            spatial=self.spatial.mode,
+            instances=[r.info() for r in self.instances.values()],
+            sent_at=now_millis() / 1000.0,
+        )
+
+    def details(self) -> dict[str, object]:
+        return {
+            "agent_id": self.agent_id,
+            "spatial": self.spatial.mode,
+            "memory_total": self.memory_total,
+            "memory_used": self.memory_used(),
+            "started": self.started,
+            "crashed": self.crashed,
+            "instances": [msg_dict(r.info()) for r in self.instances.values()],
+        }
+
+    async def shutdown(self) -> None:
+        for running in self.instances.values():
+            self._terminate(running)
+        with anyio.move_on_after(STOP_GRACE_S):
+            while any(
+                r.process is not None and r.process.poll() is None for r in self.instances.values()
+            ):
+                await anyio.sleep(0.05)
+        for running in self.instances.values():
+            if running.process is not None and running.process.poll() is None:
+                running.process.kill()
+                running.process.wait()
+        self.instances.clear()
+        if self.spatial.started_daemon and self.spatial.mps_dirs is not None:
+            await anyio.to_thread.run_sync(mps.stop_daemon, self.spatial.mps_dirs)
+
+
+def subjects_ok(name: str) -> bool:
+    try:
+        subjects.worker_run(name)
+    except ValueError:
+        return False
+    return True
+
+
+def msg_dict(msg: InstanceInfo) -> dict[str, object]:
+    import msgspec
+
+    out: dict[str, object] = msgspec.to_builtins(msg)
+    return out
+
+
+@dataclass
+class AgentService:
+    """The agent on the bus: commands, token requests, beats and reaping."""
+
+    nc: NATS
+    agent: Agent
+    heartbeat_s: float
+    subs: list[object] = field(default_factory=list)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        agent = self.agent
+        async with anyio.create_task_group() as tg:
+
+            async def on_op(msg: Msg) -> None:
+                op = subjects.last_token(msg.subject)
+                try:
+                    if op == "acquire":
+                        request = decode(msg.data, TokenAcquire)
+                        tg.start_soon(self._acquire, msg, request, agent.waiting(request))
+                    elif op == "release":
+                        agent.release(decode(msg.data, TokenRelease))
+                    elif op == "start":
+                        reply = agent.start(decode(msg.data, StartInstance))
+                        await msg.respond(encode(reply))
+                        await self.beat()
+                    elif op == "stop":
+                        reply = agent.stop(decode(msg.data, StopInstance))
+                        await msg.respond(encode(reply))
+                    elif op == "failed":
+                        agent.failed(decode(msg.data, InstanceFailed))
+                except Exception as exc:  # a bad message costs its answer, not the agent
+                    log.warning("agent.bad_message", op=op, error=repr(exc))
+                    if msg.reply:
+                        error = ErrorInfo(code=ErrorCode.BAD_REQUEST, reason=repr(exc))
+                        await msg.respond(encode(AgentReply(error=error)))
+
+            async def on_heartbeat(msg: Msg) -> None:
+                name = subjects.last_token(msg.subject)
+                if name in agent.instances:
+                    agent.heard(name)
+
+            ops = await self.nc.subscribe(subjects.agent_all(agent.agent_id), cb=on_op)
+            beats = await self.nc.subscribe(subjects.HEARTBEAT_ALL, cb=on_heartbeat)
+            await self.beat()
+            task_status.started()
+            try:
+                elapsed = 0.0
+                while True:
+                    await anyio.sleep(0.05)
+                    elapsed += 0.05
+                    changed = agent.reap()
+                    if changed or elapsed >= self.heartbeat_s:
+                        elapsed = 0.0
+                        await self.beat()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await ops.unsubscribe()
+                    await beats.unsubscribe()
+                    await agent.shutdown()
+                    await self.beat()
+
+    async def _acquire(self, msg: Msg, request: TokenAcquire, scope: anyio.CancelScope) -> None:
+        try:
+            grant = await self.agent.acquire(request, scope)
+        except Exception as exc:
+            grant = TokenGrant(error=ErrorInfo(code=ErrorCode.BAD_REQUEST, reason=repr(exc)))
+        await msg.respond(encode(grant))
+
+    async def beat(self) -> None:
+        await self.nc.publish(subjects.agent_beat(self.agent.agent_id), encode(self.agent.beat()))

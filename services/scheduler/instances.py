@@ -1,0 +1,525 @@
+"""Function instances: the scheduler's side of scaling them (issue 8).
+
+Node agents say what their devices hold (`AgentBeat`); instances heartbeat as
+workers that serve one function. Every tick, and at once when a request finds its
+function with no instance (scale from zero), each instanced function's observed
+rate, profile and SLO go to the pure autoscaler (shared.scheduling.autoscale),
+and the instances it adds are placed by 2-D packing (shared.scheduling.packing)
+over the agents' devices, then started by a command to that agent; those it
+removes are stopped (they drain first). Routing across live instances stays with
+the scheduler's policy: an instance is a worker the policy sees.
+
+This module keeps the books and does the I/O; the decisions are the pure policies'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+
+from shared import subjects
+from shared.bus import Bus
+from shared.logs import get_logger
+from shared.registry import Registry
+from shared.scheduling import autoscale, packing
+from shared.scheduling.autoscale import Config, FunctionLoad, ProfilePoint, ScaleDecision
+from shared.schema import (
+    AgentBeat,
+    AgentReply,
+    ErrorCode,
+    ErrorInfo,
+    FunctionSpec,
+    InstanceInfo,
+    InstanceState,
+    Profile,
+    StartInstance,
+    StopInstance,
+    decode,
+    encode,
+)
+from shared.spec import wants_instances
+
+log = get_logger("scheduler")
+
+MB = 1024 * 1024
+# The observed request rate is over this long a window.
+RATE_WINDOW_S = 5.0
+# After an instance of a function failed to start, no other is started for this long.
+FAILED_BACKOFF_S = 2.0
+# How long an agent's command may take to be answered.
+COMMAND_TIMEOUT_S = 2.0
+# An instance commanded but not yet in its agent's beat is forgotten after this long.
+START_LOST_S = 10.0
+# Configurations one round may try for a function before it says none fits.
+MAX_AVOIDED = 8
+# An agent silent this long (in heartbeats) is gone, and its instances with it.
+AGENT_TIMEOUT_BEATS = 3.0
+
+
+@dataclass
+class AgentBook:
+    beat: AgentBeat
+    last_seen: float
+
+
+@dataclass(frozen=True)
+class Commanded:
+    """An instance started by this scheduler and not yet in its agent's beat."""
+
+    info: InstanceInfo
+    agent: str
+    since: float
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the scheduler's books say, for one autoscaling round."""
+
+    waiting: dict[str, int]  # invocations queued, by function
+    busy: Callable[[str], bool]  # is this instance running anything?
+    exec_ms: Callable[[str], float]  # a function's observed execution time
+    resident: dict[str, frozenset[str]]  # agent -> functions its device holds
+
+
+@dataclass
+class Instances:
+    bus: Bus
+    registry: Registry[FunctionSpec]
+    heartbeat_s: float
+    clock: Callable[[], float] = time.monotonic
+    agents: dict[str, AgentBook] = field(default_factory=dict)
+    commanded: dict[str, Commanded] = field(default_factory=dict)
+    # Where the packer put each instance (its rectangle of the device).
+    rects: dict[str, packing.Rect] = field(default_factory=dict)
+    arrivals: dict[str, deque[float]] = field(default_factory=dict)
+    # Instance -> when it last finished or was given a request (idle since then).
+    used: dict[str, float] = field(default_factory=dict)
+    # Function -> until when no instance of it is started (one failed to start).
+    backoff: dict[str, float] = field(default_factory=dict)
+    # Failed starts already acted on (an agent reports one for several beats).
+    failures_seen: set[str] = field(default_factory=set)
+    # Measured profiles (`gfaas profile`), by function.
+    profiles: dict[str, tuple[ProfilePoint, ...]] = field(default_factory=dict)
+    profiling: set[str] = field(default_factory=set)  # asked for once each
+    last: dict[str, ScaleDecision] = field(default_factory=dict)
+    started: int = 0
+    stopped: int = 0
+    refused: int = 0
+    # Function -> why no device had room for an instance of it (this round).
+    unplaced: dict[str, str] = field(default_factory=dict)
+    _said: dict[tuple[str, str], str] = field(default_factory=dict)
+    _round: anyio.Lock = field(default_factory=anyio.Lock)
+
+    # -- what is heard ------------------------------------------------------------------
+
+    def arrived(self, function: str, now: float) -> None:
+        times = self.arrivals.setdefault(function, deque())
+        times.append(now)
+        while times and times[0] < now - RATE_WINDOW_S:
+            times.popleft()
+
+    def rate(self, function: str, now: float) -> float:
+        times = self.arrivals.get(function)
+        if not times:
+            return 0.0
+        while times and times[0] < now - RATE_WINDOW_S:
+            times.popleft()
+        return len(times) / RATE_WINDOW_S
+
+    def touch(self, instance_id: str, now: float) -> None:
+        if instance_id in self.used or self.known(instance_id):
+            self.used[instance_id] = now
+
+    def known(self, instance_id: str) -> bool:
+        return instance_id in self.commanded or any(
+            i.instance_id == instance_id for a in self.agents.values() for i in a.beat.instances
+        )
+
+    def observe(self, beat: AgentBeat, now: float) -> tuple[list[str], list[InstanceInfo]]:
+        """An agent's beat: the instances it no longer runs (lost, for the scheduler
+        to reap), and the failed starts not acted on yet."""
+        before = self.agents.get(beat.agent_id)
+        had = {i.instance_id for i in before.beat.instances} if before is not None else set()
+        self.agents[beat.agent_id] = AgentBook(beat, now)
+        listed = {i.instance_id for i in beat.instances}
+        for name in listed:
+            self.commanded.pop(name, None)
+        gone = sorted(had - listed)
+        for name in gone:
+            self._forget(name)
+        failed = [
+            i
+            for i in beat.instances
+            if i.state is InstanceState.FAILED and i.instance_id not in self.failures_seen
+        ]
+        for info in failed:
+            self.failures_seen.add(info.instance_id)
+            self.backoff[info.function] = now + FAILED_BACKOFF_S
+        return gone, failed
+
+    def expire(self, now: float) -> list[str]:
+        """Agents gone silent, and commands never confirmed: the instances lost."""
+        lost: list[str] = []
+        timeout = AGENT_TIMEOUT_BEATS * self.heartbeat_s
+        for agent_id, book in list(self.agents.items()):
+            if now - book.last_seen > timeout:
+                log.warning("agent.lost", agent=agent_id, instances=len(book.beat.instances))
+                del self.agents[agent_id]
+                for info in book.beat.instances:
+                    lost.append(info.instance_id)
+                    self._forget(info.instance_id)
+        for name, cmd in list(self.commanded.items()):
+            if now - cmd.since > START_LOST_S or cmd.agent not in self.agents:
+                del self.commanded[name]
+                self._forget(name)
+        return lost
+
+    def _forget(self, name: str) -> None:
+        self.rects.pop(name, None)
+        self.used.pop(name, None)
+
+    def learn(self, profile: Profile) -> None:
+        """A measured profile (`gfaas profile`, or the one after a deploy)."""
+        rows = []
+        for r in profile.rows:
+            try:
+                config = Config(r.sm_share, r.time_quota)
+            except ValueError:
+                continue
+            if r.throughput > 0.0:
+                rows.append(ProfilePoint(config, p99_ms=r.p99_ms, throughput=r.throughput))
+        if rows:
+            self.profiles[profile.function] = tuple(rows)
+            log.info("profile.learned", function=profile.function, rows=len(rows))
+
+    def unprofiled(self) -> list[str]:
+        """Instanced functions with declared inputs and no profile, not yet asked for."""
+        out = [
+            s.name
+            for s in self.registry.all()
+            if wants_instances(s)
+            and s.inputs
+            and s.name not in self.profiles
+            and s.name not in self.profiling
+        ]
+        self.profiling.update(out)
+        return out
+
+    # -- the books as the policies see them ---------------------------------------------
+
+    def instances_of(self, function: str) -> list[tuple[str, InstanceInfo]]:
+        """(agent, instance) for every instance of `function` that is starting or
+        ready, commanded ones included."""
+        out = [
+            (agent_id, info)
+            for agent_id, book in self.agents.items()
+            for info in book.beat.instances
+            if info.function == function
+            and info.state in (InstanceState.STARTING, InstanceState.READY)
+        ]
+        out += [(c.agent, c.info) for c in self.commanded.values() if c.info.function == function]
+        return out
+
+    def any_agent(self) -> bool:
+        return bool(self.agents)
+
+    def devices(self, resident: dict[str, frozenset[str]]) -> list[packing.Device]:
+        """Each agent's device with its instances in their rectangles (re-packed in
+        start order where this scheduler did not place them: after a failover)."""
+        devices = []
+        for agent_id, book in self.agents.items():
+            infos = [i for i in book.beat.instances if i.state is not InstanceState.FAILED]
+            infos += [c.info for c in self.commanded.values() if c.agent == agent_id]
+            device = packing.Device(
+                device_id=agent_id,
+                memory_total=book.beat.memory_total,
+                node=book.beat.node,
+                device_models=resident.get(agent_id, frozenset()),
+            )
+            for info in infos:
+                demand = _demand(info)
+                rect = self.rects.get(info.instance_id)
+                if rect is not None:
+                    slots = (*device.slots, packing.Slot(demand, rect))
+                    device = packing.Device(
+                        device_id=device.device_id,
+                        memory_total=device.memory_total,
+                        node=device.node,
+                        slots=slots,
+                        device_models=device.device_models,
+                    )
+                    continue
+                placed = packing.add(device, demand)
+                if isinstance(placed, packing.Device):
+                    device = placed
+            devices.append(device)
+        return devices
+
+    # -- deciding and doing -------------------------------------------------------------
+
+    async def scale(
+        self, now: float, seen: Observed, only: str | None = None
+    ) -> list[ScaleDecision]:
+        """One round of the autoscaler over every instanced function (or `only`),
+        carried out: starts commanded, stops sent."""
+        if not self.agents or self._round.locked():
+            return []  # a round is under way; it sees what this one would
+        async with self._round:
+            return await self._scale(now, seen, only)
+
+    async def _scale(self, now: float, seen: Observed, only: str | None) -> list[ScaleDecision]:
+        decisions = []
+        for spec in self.registry.all():
+            if not wants_instances(spec) or (only is not None and spec.name != only):
+                continue
+            decisions.append(await self._scale_one(spec, now, seen))
+        return decisions
+
+    async def _scale_one(self, spec: FunctionSpec, now: float, seen: Observed) -> ScaleDecision:
+        """The autoscaler's decision for one function, carried out. A configuration no
+        device has room for is avoided and the decision made again, so a function
+        never waits on a configuration that cannot be placed while another could."""
+        avoid: set[Config] = set()
+        while True:
+            load = self.load(spec, now, seen.waiting.get(spec.name, 0), seen.busy, seen.exec_ms)
+            decision = autoscale.scale(dataclasses.replace(load, avoid=frozenset(avoid)), now)
+            if decision.add and self.backoff.get(spec.name, 0.0) > now:
+                decision = _without_adds(decision)
+            self.last[spec.name] = decision
+            if decision.slo_unmeetable and decision.add:
+                # Served best effort, and said: no configuration meets the SLO.
+                self._say(spec.name, "slo_unmeetable", f"SLO {spec.slo_ms:g} ms")
+            refused = await self._carry_out(spec, decision, seen.resident)
+            if refused is None:
+                self.unplaced.pop(spec.name, None)
+                return decision
+            config, reason = refused
+            if config in avoid or len(avoid) >= MAX_AVOIDED:
+                self.unplaced[spec.name] = reason
+                self._say(spec.name, "unplaced", reason)
+                return decision
+            avoid.add(config)
+
+    def _say(self, function: str, what: str, reason: str) -> None:
+        """A warning once per function and reason, not once a tick."""
+        if self._said.get((function, what)) != reason:
+            self._said[(function, what)] = reason
+            log.warning(f"instances.{what}", function=function, reason=reason)
+
+    def load(
+        self,
+        spec: FunctionSpec,
+        now: float,
+        waiting: int,
+        busy: Callable[[str], bool],
+        exec_ms: Callable[[str], float],
+    ) -> FunctionLoad:
+        fixed = fixed_config(spec)
+        instances = []
+        for _, info in self.instances_of(spec.name):
+            starting = info.state is not InstanceState.READY
+            idle_since = self.used.setdefault(info.instance_id, now)
+            last = now if starting or busy(info.instance_id) else idle_since
+            instances.append(
+                autoscale.Instance(
+                    instance_id=info.instance_id,
+                    config=Config(info.sm_share, info.time_quota),
+                    last_used=last,
+                )
+            )
+        return FunctionLoad(
+            function=spec.name,
+            rate=self.rate(spec.name, now),
+            profile=profile_for(spec, self.profiles.get(spec.name, ()), exec_ms(spec.name)),
+            slo_ms=spec.slo_ms,
+            min_instances=spec.min_instances,
+            max_instances=spec.max_instances or 100,
+            idle_s=spec.idle_s,
+            fixed=fixed,
+            instances=tuple(instances),
+            waiting=waiting,
+        )
+
+    async def _carry_out(
+        self, spec: FunctionSpec, decision: ScaleDecision, resident: dict[str, frozenset[str]]
+    ) -> tuple[Config, str] | None:
+        """Stops and starts; the configuration no device had room for, and why."""
+        for name in decision.remove:
+            await self.stop(name)
+        if not decision.add:
+            return None
+        devices = self.devices(resident)
+        for config in decision.add:
+            demand = packing.Demand(
+                instance_id="",
+                function=spec.name,
+                model=spec.model or spec.name,
+                config=config,
+                memory=spec.memory_mb * MB,
+            )
+            placed = packing.place(devices, demand)
+            if isinstance(placed, packing.Refused):
+                self.refused += 1
+                return config, placed.reason
+            name = f"{placed.device_id}-{secrets.token_hex(3)}"
+            slot = placed.device.slots[-1]
+            self.rects[name] = slot.rect
+            if await self.start(placed.device_id, name, spec, config, slot.rect):
+                devices = [placed.device if d.device_id == placed.device_id else d for d in devices]
+        return None
+
+    async def start(
+        self, agent_id: str, name: str, spec: FunctionSpec, config: Config, rect: packing.Rect
+    ) -> bool:
+        command = StartInstance(
+            instance_id=name,
+            function=spec.name,
+            sm_share=config.sm_share,
+            time_quota=config.time_quota,
+            memory_bytes=spec.memory_mb * MB,
+            sm_offset=rect.x / packing.UNITS,
+        )
+        info = InstanceInfo(
+            instance_id=name,
+            function=spec.name,
+            sm_share=config.sm_share,
+            time_quota=config.time_quota,
+            memory_bytes=command.memory_bytes,
+            state=InstanceState.STARTING,
+        )
+        # In the books before the command goes: a round that runs meanwhile (a tick,
+        # another request from zero) counts it, and does not start another.
+        self.commanded[name] = Commanded(info, agent_id, self.clock())
+        error = await self._command(agent_id, "start", encode(command))
+        if error is not None:
+            self.refused += 1
+            self.commanded.pop(name, None)
+            self._forget(name)
+            log.warning("instance.start_refused", instance=name, reason=error.reason)
+            return False
+        self.started += 1
+        log.info("instance.started", instance=name, function=spec.name, agent=agent_id)
+        return True
+
+    async def stop(self, name: str) -> None:
+        agent_id = next(
+            (
+                a
+                for a, book in self.agents.items()
+                for i in book.beat.instances
+                if i.instance_id == name
+            ),
+            None,
+        )
+        if agent_id is None:
+            return
+        error = await self._command(agent_id, "stop", encode(StopInstance(instance_id=name)))
+        if error is None:
+            self.stopped += 1
+            log.info("instance.stop", instance=name)
+
+    async def _command(self, agent_id: str, op: str, body: bytes) -> ErrorInfo | None:
+        try:
+            answer = await self.bus.request(
+                subjects.agent(agent_id, op), body, timeout=COMMAND_TIMEOUT_S
+            )
+            reply = decode(answer, AgentReply)
+        except Exception as exc:  # the agent is gone or slow: the next tick tries again
+            return ErrorInfo(code=ErrorCode.UNAVAILABLE, reason=f"agent {agent_id}: {exc!r}")
+        return reply.error
+
+    def live(self, inflight: Callable[[str], int]) -> dict[str, list[dict[str, object]]]:
+        """Every function's instances: where, with what share, doing how much."""
+        out: dict[str, list[dict[str, object]]] = {}
+        for agent_id, book in self.agents.items():
+            for info in book.beat.instances:
+                out.setdefault(info.function, []).append(
+                    {
+                        "instance": info.instance_id,
+                        "agent": agent_id,
+                        "device": book.beat.device,
+                        "state": str(info.state),
+                        "memory_mb": info.memory_bytes // MB,
+                        "sm_share": info.sm_share,
+                        "time_quota": info.time_quota,
+                        "cores": info.cores,
+                        "inflight": inflight(info.instance_id),
+                        "ready_s": info.ready_s,
+                    }
+                )
+        return out
+
+    def details(self) -> dict[str, object]:
+        return {
+            "agents": {
+                a: {
+                    "device": b.beat.device,
+                    "spatial": b.beat.spatial,
+                    "memory_total": b.beat.memory_total,
+                    "instances": len(b.beat.instances),
+                }
+                for a, b in self.agents.items()
+            },
+            "profiled": sorted(self.profiles),
+            "started": self.started,
+            "stopped": self.stopped,
+            "refused": self.refused,
+            "plans": {
+                f: {
+                    "instances": d.instances,
+                    "config": [d.plan.config.sm_share, d.plan.config.time_quota],
+                    "capacity": round(d.capacity, 3),
+                    "share": round(d.share, 3),
+                    "slo_unmeetable": d.slo_unmeetable,
+                }
+                for f, d in self.last.items()
+            },
+        }
+
+
+def fixed_config(spec: FunctionSpec) -> Config | None:
+    """The spec's own shares, when it gives any (the other one is then a whole)."""
+    if not (spec.sm_share or spec.time_quota):
+        return None
+    return Config(spec.sm_share or 1.0, spec.time_quota or 1.0)
+
+
+def profile_for(
+    spec: FunctionSpec, measured: Sequence[ProfilePoint], exec_ms: float
+) -> tuple[ProfilePoint, ...]:
+    """The profile the autoscaler plans with: the measured one, else one row for a
+    whole device from the function's observed execution time (or a quarter of its
+    SLO before any run); a fixed configuration the profile lacks is scaled from its
+    nearest full-device row (time in proportion to the share)."""
+    rows = list(measured)
+    if not rows:
+        ms = exec_ms if exec_ms > 0.0 else spec.slo_ms / 4.0
+        rows = [ProfilePoint(Config(1.0, 1.0), p99_ms=ms, throughput=1000.0 / ms)]
+    fixed = fixed_config(spec)
+    if fixed is not None and all(p.config != fixed for p in rows):
+        full = max(rows, key=lambda p: p.config.share)
+        stretch = full.config.share / fixed.share
+        rows.append(
+            ProfilePoint(fixed, p99_ms=full.p99_ms * stretch, throughput=full.throughput / stretch)
+        )
+    return tuple(rows)
+
+
+def _demand(info: InstanceInfo) -> packing.Demand:
+    return packing.Demand(
+        instance_id=info.instance_id,
+        function=info.function,
+        model=info.function,
+        config=Config(info.sm_share, info.time_quota),
+        memory=info.memory_bytes,
+    )
+
+
+def _without_adds(decision: ScaleDecision) -> ScaleDecision:
+    return dataclasses.replace(decision, add=())

@@ -1,0 +1,271 @@
+"""Function instances, live on CPU (issue 8): scale from zero, scale in after idle_s,
+shares enforced, overcommit refused, crashes replaced."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+from nats.aio.client import Client as NATS
+
+from gfaas.client import Client
+from shared import subjects
+from shared.errors import GfaasError
+from shared.natsd import NatsServer
+from shared.schema import (
+    AgentBeat,
+    AgentReply,
+    DType,
+    ErrorCode,
+    FunctionSpec,
+    StartInstance,
+    TensorSpec,
+    decode,
+    encode,
+)
+from tests.helpers import deploy_and_wait
+from tests.platform import Platform, platform_at
+
+pytestmark = [pytest.mark.nats, pytest.mark.anyio]
+
+MB = 1024 * 1024
+ECHO_I = FunctionSpec(name="echo-i", handler="tests.funcs:echo", max_instances=2, idle_s=1.0)
+
+
+@pytest.fixture
+def agent_platform(nats_server: NatsServer, tmp_path: Path) -> Iterator[Platform]:
+    # One agent, with room for two 256 MiB instances (a third would overcommit).
+    with platform_at(nats_server.url, tmp_path / "state", agent_memory_mb=600) as p:
+        yield p
+
+
+async def beat_of(nc: NATS, agent: str = "w0", timeout: float = 5.0) -> AgentBeat:
+    sub = await nc.subscribe(subjects.agent_beat(agent))
+    try:
+        msg = await sub.next_msg(timeout=timeout)
+        return decode(msg.data, AgentBeat)
+    finally:
+        await sub.unsubscribe()
+
+
+async def wait_instances(nc: NATS, function: str, count: int, timeout: float = 30.0) -> list[Any]:
+    with anyio.fail_after(timeout):
+        while True:
+            beat = await beat_of(nc)
+            mine = [i for i in beat.instances if i.function == function]
+            if len(mine) == count:
+                return mine
+            await anyio.sleep(0.1)
+
+
+async def test_scale_from_zero_answers_the_first_request_then_scales_to_zero(
+    agent_platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    await deploy_and_wait(nc, ECHO_I)
+    assert await wait_instances(nc, "echo-i", 0) == []  # nothing runs before a request
+    x = np.arange(4, dtype=np.float32)
+    started = time.monotonic()
+    reply = await client.invoke_reply("echo-i", {"x": x}, timeout=30)
+    first_s = time.monotonic() - started
+    assert reply.error is None, reply.error
+    # Answered by an instance the agent started for it, not by the shared worker.
+    assert reply.worker.startswith("w0-"), reply.worker
+    (inst,) = await wait_instances(nc, "echo-i", 1)
+    assert inst.state == "ready"
+    assert inst.memory_bytes == ECHO_I.memory_mb * MB
+    assert inst.ready_s > 0
+    warm = await client.invoke("echo-i", {"x": x}, timeout=10)
+    np.testing.assert_array_equal(warm["y"], x)
+    # Idle for idle_s (1 s): it goes, and the device holds nothing of it.
+    assert await wait_instances(nc, "echo-i", 0, timeout=15) == []
+    status = await client.status("scheduler")
+    assert status.details["instances"]["stopped"] >= 1
+    print(f"first request from zero: {first_s:.2f} s")
+
+
+async def test_instances_appear_under_load_and_go_after_idle_s(
+    agent_platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    # Half the cores each: two fit side by side on the one device.
+    spec = FunctionSpec(
+        name="sleep-i",
+        handler="tests.funcs:sleep",
+        max_instances=2,
+        idle_s=1.0,
+        slo_ms=2000,
+        sm_share=0.5,
+    )
+    await deploy_and_wait(nc, spec)
+    seconds = np.array([0.15], dtype=np.float32)
+    workers: set[str] = set()
+
+    async def caller() -> None:
+        for _ in range(12):
+            reply = await client.invoke_reply("sleep-i", {"seconds": seconds}, timeout=30)
+            assert reply.error is None, reply.error
+            workers.add(reply.worker)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(caller)
+    # Four callers back to back at 0.15 s each: one instance is not enough.
+    assert len(workers) == 2, workers
+    assert await wait_instances(nc, "sleep-i", 0, timeout=20) == []
+
+
+async def test_fixed_time_quotas_share_the_device_in_proportion(
+    nats_server: NatsServer, tmp_path: Path, nc: NATS
+) -> None:
+    # Both instances hold all cores (sm_share 1): they cannot run together, so time
+    # is all they share: 30% and 10% of each window, each its cap (the device has
+    # room for both caps even on a busy 2-core machine, so the caps are what binds).
+    with platform_at(nats_server.url, tmp_path / "state", agent_memory_mb=600):
+        client = Client(nc)
+        big = FunctionSpec(
+            name="spin-big",
+            handler="bench.sharing_funcs:spin",
+            sm_share=1.0,
+            time_quota=0.3,
+            min_instances=1,
+            max_instances=1,
+            slo_ms=10_000,
+            concurrency=2,
+        )
+        small = FunctionSpec(
+            name="spin-small",
+            handler="bench.sharing_funcs:spin",
+            sm_share=1.0,
+            time_quota=0.1,
+            min_instances=1,
+            max_instances=1,
+            slo_ms=10_000,
+            concurrency=2,
+        )
+        await deploy_and_wait(nc, big, small)
+        await wait_instances(nc, "spin-big", 1)
+        await wait_instances(nc, "spin-small", 1)
+        ms = np.array([20.0], dtype=np.float32)
+        done = {"spin-big": 0, "spin-small": 0}
+        stop_at = time.monotonic() + 5.0
+
+        async def saturate(name: str) -> None:
+            while time.monotonic() < stop_at:
+                reply = await client.invoke_reply(name, {"ms": ms}, timeout=30)
+                assert reply.error is None, reply.error
+                done[name] += 1
+
+        async with anyio.create_task_group() as tg:
+            for name in done:
+                for _ in range(3):
+                    tg.start_soon(saturate, name)
+        ratio = done["spin-big"] / max(done["spin-small"], 1)
+        print(f"completions {done}, ratio {ratio:.2f} (shares 3:1)")
+        # Enforced, not advisory: neither ran past its quota of the 5 s (20 ms a call).
+        assert done["spin-big"] * 0.02 <= 0.3 * 5.0 * 1.15, done
+        assert done["spin-small"] * 0.02 <= 0.1 * 5.0 * 1.15 + 0.02, done
+        assert 2.2 <= ratio <= 4.2, done
+
+
+async def test_an_overcommitting_start_is_refused_with_the_reason(
+    agent_platform: Platform, nc: NATS
+) -> None:
+    await beat_of(nc)
+    ok = StartInstance(
+        instance_id="w0-manual",
+        function="echo-i",
+        sm_share=0.5,
+        time_quota=1.0,
+        memory_bytes=500 * MB,
+    )
+    too_much = StartInstance(
+        instance_id="w0-manual2",
+        function="echo-i",
+        sm_share=0.5,
+        time_quota=1.0,
+        memory_bytes=200 * MB,
+    )
+    await deploy_and_wait(nc, ECHO_I)
+    first = decode((await nc.request(subjects.agent("w0", "start"), encode(ok))).data, AgentReply)
+    assert first.error is None
+    second = decode(
+        (await nc.request(subjects.agent("w0", "start"), encode(too_much))).data, AgentReply
+    )
+    assert second.error is not None
+    assert "overcommit" in second.error.reason
+    assert "100 of 600 MiB free" in second.error.reason
+    beat = await beat_of(nc)
+    assert [i.instance_id for i in beat.instances] == ["w0-manual"]
+
+
+async def test_a_crashed_instance_answers_worker_lost_and_is_replaced(
+    agent_platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    spec = FunctionSpec(name="die-i", handler="tests.funcs:die", min_instances=1, max_instances=1)
+    await deploy_and_wait(nc, spec)
+    (first,) = await wait_instances(nc, "die-i", 1)
+    started = time.monotonic()
+    with pytest.raises(GfaasError) as err:
+        await client.invoke("die-i", {"x": np.array([-1.0], dtype=np.float32)}, timeout=20)
+    lost_after = time.monotonic() - started
+    assert err.value.code is ErrorCode.WORKER_LOST, err.value
+    assert lost_after < 2.0, lost_after
+    # min_instances keeps one: a new one replaces it and serves.
+    with anyio.fail_after(30):
+        while True:
+            (inst,) = await wait_instances(nc, "die-i", 1)
+            if inst.instance_id != first.instance_id and inst.state == "ready":
+                break
+            await anyio.sleep(0.1)
+    out = await client.invoke("die-i", {"x": np.array([2.0], dtype=np.float32)}, timeout=20)
+    assert out["y"].tolist() == [2.0]
+
+
+async def test_a_handler_that_cannot_load_fails_the_waiting_call_with_its_error(
+    agent_platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    spec = FunctionSpec(name="nope-i", handler="tests.funcs:no_such_handler", max_instances=1)
+    await deploy_and_wait(nc, spec, handler_check=False)
+    started = time.monotonic()
+    with pytest.raises(GfaasError) as err:
+        await client.invoke("nope-i", {"x": np.array([1.0], dtype=np.float32)}, timeout=20)
+    assert "could not start" in err.value.reason
+    assert "no_such_handler" in err.value.reason
+    assert time.monotonic() - started < 15
+
+
+async def test_profile_measures_the_grid_and_the_scheduler_plans_with_it(
+    agent_platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    spec = FunctionSpec(
+        name="spin-p",
+        handler="bench.sharing_funcs:spin",
+        max_instances=2,
+        inputs=[TensorSpec(name="ms", dtype=DType.FLOAT32, shape=[1])],
+    )
+    await deploy_and_wait(nc, spec)
+    profile = await client.profile("spin-p")
+    grid = {(r.sm_share, r.time_quota) for r in profile.rows}
+    assert grid == {(s, q) for s in (0.5, 1.0) for q in (0.25, 0.5, 1.0)}, grid
+    rate = {(r.sm_share, r.time_quota): r.throughput for r in profile.rows}
+    # 1 ms of CPU a call (plus the hand-off to a thread): a quarter of each window
+    # serves at most a quarter window's worth, well under what the whole one does.
+    assert rate[(1.0, 0.25)] < 0.7 * rate[(1.0, 1.0)], rate
+    assert rate[(1.0, 0.25)] <= 0.25 * 1000 * 1.1, rate
+    assert all(r.p99_ms >= r.p50_ms > 0 for r in profile.rows)
+    # Stored, and heard by the scheduler (the background one after deploy, or this).
+    with anyio.fail_after(10):
+        while "spin-p" not in (await client.status("scheduler")).details["instances"]["profiled"]:
+            await anyio.sleep(0.1)
+    with pytest.raises(GfaasError) as err:
+        await client.profile("echo-none")
+    assert err.value.code is ErrorCode.UNKNOWN_FUNCTION
