@@ -1,6 +1,7 @@
 """Platform overhead: a no-op function through the full sync path vs a bare NATS round trip.
 
     python -m bench.overhead [--requests 3000] [--concurrency 64] [--no-ray]
+    python -m bench.overhead --telemetry [--rounds 2] [--requests 3000]
 
 Same run, same machine: (1) bare nats-py request-reply to a responder process that
 echoes the payload, (2) gfaas as deployed: client -> ingress -> worker -> client
@@ -10,6 +11,12 @@ goes through the scheduler), all services as separate processes, one worker,
 -> client, (4) Ray Serve no-op deployment (handle and HTTP) when `ray[serve]` is
 installed. Prints p50/p99 latency and throughput, with ratios against the bare
 round trip.
+
+With --telemetry it measures instead what metrics and tracing add to the full sync
+path, in the same run: the platform with both off (`metrics_enabled` False, no span
+exporter) and with both on (every service's Prometheus endpoint, and spans written to
+span files as `gfaas up` does without a collector), alternated for `--rounds`, and
+prints the added p50.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import numpy as np
 
 from gfaas.client import Client
 from gfaas.supervisor import Supervisor
+from shared import tracing
 from shared.config import Settings
 from shared.natsd import nats_server
 from shared.schema import FunctionSpec
@@ -183,6 +191,73 @@ async def prepare_gfaas(url: str) -> None:
                 await anyio.sleep(0.25)
 
 
+# (row name, metrics on, tracing on): off and on first, then each alone.
+TELEMETRY = (
+    ("telemetry off", False, False),
+    ("telemetry on (metrics + span files)", True, True),
+    ("metrics only", True, False),
+    ("tracing only (span files)", False, True),
+)
+
+
+def bench_telemetry(
+    url: str, tmp: Path, requests: int, concurrency: int, rounds: int
+) -> dict[str, list[Result]]:
+    """The full sync path with metrics and tracing off, then on, `rounds` times over;
+    results by variant name, one (sequential, concurrent) pair per round."""
+    found: dict[str, list[Result]] = {name: [] for name, _, _ in TELEMETRY}
+    for r in range(rounds):
+        for i, (name, metrics, traced) in enumerate(TELEMETRY):
+            state = tmp / f"state-telemetry-{r}-{i}"
+            settings = Settings(
+                nats_url=url,
+                state_dir=state,
+                http_enabled=False,
+                log_level="warning",
+                capacity=256,
+                metrics_enabled=metrics,
+                metrics_port=0,
+            )
+            os.environ.update(
+                GFAAS_HTTP_ENABLED="0",
+                GFAAS_CAPACITY="256",
+                GFAAS_GRANT_TTL_S="2.0",
+                GFAAS_METRICS_PORT="0",
+                # On: spans to files, as `gfaas up` without a collector; off: none.
+                GFAAS_TRACE_DIR=str(tracing.trace_dir(state)) if traced else "",
+                OTEL_EXPORTER_OTLP_ENDPOINT="",
+            )
+            sup = Supervisor(settings=settings, nats_url=url, workers=1)
+            sup.start()
+            try:
+                anyio.run(prepare_gfaas, url)
+                found[name] += anyio.run(bench_gfaas, url, name, requests, concurrency)
+            finally:
+                sup.stop()
+            if traced:
+                spans = len(tracing.read_spans(tracing.trace_dir(state)))
+                print(f"{name}, round {r + 1}: {spans} spans written")
+    return found
+
+
+def print_telemetry(found: dict[str, list[Result]]) -> None:
+    off_name = TELEMETRY[0][0]
+    print(f"\n{'variant':50} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9}")
+    for results in found.values():
+        for r in results:
+            print(f"{r.name:50} {r.p50_ms:8.3f} {r.p99_ms:8.3f} {r.rps:9.0f}")
+    for on_name, _, _ in TELEMETRY[1:]:
+        for kind in ("sequential", "concurrency"):
+            off = [r.p50_ms for r in found[off_name] if kind in r.name]
+            on = [r.p50_ms for r in found[on_name] if kind in r.name]
+            base, with_ = float(np.median(off)), float(np.median(on))
+            print(
+                f"{on_name}: added p50 ({kind}) {with_ - base:+.3f} ms "
+                f"({(with_ / base - 1) * 100:+.1f}%), median of {len(off)} rounds: "
+                f"off {base:.3f} ms, on {with_:.3f} ms"
+            )
+
+
 def bench_ray(requests: int, concurrency: int) -> list[Result]:
     try:
         import ray
@@ -237,8 +312,19 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--no-ray", action="store_true")
+    parser.add_argument(
+        "--telemetry", action="store_true", help="metrics and tracing on vs off, instead"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="--telemetry: off/on rounds")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cpus, python {sys.version.split()[0]}")
+    if args.telemetry:
+        with tempfile.TemporaryDirectory() as tmp, nats_server(Path(tmp) / "nats") as server:
+            found = bench_telemetry(
+                server.url, Path(tmp), args.requests, args.concurrency, args.rounds
+            )
+        print_telemetry(found)
+        return
     with tempfile.TemporaryDirectory() as tmp, nats_server(Path(tmp) / "nats") as server:
         results = anyio.run(bench_bare, server.url, args.requests, args.concurrency)
         results += bench_platform(server.url, Path(tmp), args.requests, args.concurrency)

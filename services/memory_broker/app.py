@@ -20,6 +20,7 @@ demand and give idle slabs back (shared.dataplane.elastic).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -28,12 +29,13 @@ import msgspec
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from opentelemetry.trace import SpanKind
 
 from services.memory_broker.devices import pool_configs
 from services.memory_broker.handlers import Handlers, Op, Reply
 from services.memory_broker.links import Links
 from services.memory_broker.pools import NodePools
-from shared import metrics, subjects
+from shared import metrics, subjects, tracing
 from shared.bus import BusHealth, connected, decode_event, serve_status, watch_bus
 from shared.config import Settings
 from shared.dataplane.bandwidth import Mode
@@ -110,20 +112,39 @@ class Broker:
         and a reason."""
         kind, reply_kind = op.request, op.reply
         reply: Reply
-        try:
-            tenant = caller_tenant(msg)
-            request = decode(msg.data, kind)
-            reply = await op.run(request, tenant)
-        except msgspec.MsgspecError as exc:
-            reason = f"malformed {kind.__name__}: {exc}"
-            reply = reply_kind(error=GfaasError(ErrorCode.BAD_REQUEST, reason).info())
-        except GfaasError as exc:
-            reply = reply_kind(error=exc.info())
-            if not msg.reply:  # a published (unawaited) op: nobody to tell but the log
-                log.info("broker.refused", subject=msg.subject, reason=exc.reason)
-        except Exception as exc:  # a bug costs one request, not the broker
-            log.exception("broker.request_failed", subject=msg.subject)
-            reply = reply_kind(error=GfaasError(ErrorCode.INTERNAL, repr(exc)).info())
+        # A span for each op under the caller's trace context (ops outside any trace,
+        # such as housekeeping releases, open none: they would each be a trace).
+        traced = tracing.has_parent(msg.headers)
+        with (
+            tracing.handling_span(
+                f"broker {subjects.last_token(msg.subject)}",
+                msg.headers,
+                kind=SpanKind.SERVER,
+                attributes=tracing.nats_attributes(
+                    msg.subject,
+                    "process" if msg.reply else "receive",
+                    tenant=(msg.headers or {}).get(H_TENANT) or DEFAULT_TENANT,
+                ),
+            )
+            if traced
+            else contextlib.nullcontext(None)
+        ) as span:
+            try:
+                tenant = caller_tenant(msg)
+                request = decode(msg.data, kind)
+                reply = await op.run(request, tenant)
+            except msgspec.MsgspecError as exc:
+                reason = f"malformed {kind.__name__}: {exc}"
+                reply = reply_kind(error=GfaasError(ErrorCode.BAD_REQUEST, reason).info())
+            except GfaasError as exc:
+                reply = reply_kind(error=exc.info())
+                if not msg.reply:  # a published (unawaited) op: nobody to tell but the log
+                    log.info("broker.refused", subject=msg.subject, reason=exc.reason)
+            except Exception as exc:  # a bug costs one request, not the broker
+                log.exception("broker.request_failed", subject=msg.subject)
+                reply = reply_kind(error=GfaasError(ErrorCode.INTERNAL, repr(exc)).info())
+            if span is not None and reply.error is not None:
+                tracing.mark_error(span, reply.error.code, reply.error.reason)
         if msg.reply:
             data = encode(reply)
             if len(data) > self.nc.max_payload:
@@ -201,7 +222,7 @@ async def serve(
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     instance = instance_name()
-    async with connected(settings.nats_url, "gfaas-memory-broker") as nc:
+    async with connected(settings.nats_url, "gfaas-memory-broker", settings=settings) as nc:
         broker = Broker(nc, settings, instance)
         try:
             async with anyio.create_task_group() as tasks:

@@ -19,6 +19,7 @@ import msgspec
 
 from services.memory_broker.links import Links
 from services.memory_broker.pools import NodePools
+from shared import tracing
 from shared.config import PAYLOAD_HEADROOM
 from shared.dataplane.backend import tensor_from_handle
 from shared.dataplane.client import (
@@ -172,14 +173,23 @@ class Handlers:
         now = time.monotonic()
         (dst,) = self.pools.lease([req.source.nbytes], req.device, req.owner, tenant, 0.0, now)
         try:
-            await self.links.copy(
-                req.source,
-                dst,
-                weight=req.weight,
-                flow=req.flow or req.owner,
-                budget_s=req.budget_ms / 1000.0,
-                compute_s=req.compute_ms / 1000.0,
-            )
+            # The transfer over the link, inside the op's span.
+            with tracing.tracer().start_as_current_span(
+                "broker link copy",
+                attributes={
+                    "gfaas.bytes": req.source.nbytes,
+                    "gfaas.from_device": req.source.device,
+                    "gfaas.to_device": req.device,
+                },
+            ):
+                await self.links.copy(
+                    req.source,
+                    dst,
+                    weight=req.weight,
+                    flow=req.flow or req.owner,
+                    budget_s=req.budget_ms / 1000.0,
+                    compute_s=req.compute_ms / 1000.0,
+                )
         except BaseException:
             self.pools.release([dst], req.owner, tenant, time.monotonic())
             raise

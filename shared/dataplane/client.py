@@ -16,7 +16,7 @@ import nats.errors
 import numpy as np
 from nats.aio.client import Client as NATS
 
-from shared import subjects
+from shared import subjects, tracing
 from shared.dataplane.backend import BackendError, tensor_from_handle
 from shared.dataplane.board import BoardReader
 from shared.dataplane.leases import LeaseError
@@ -240,7 +240,9 @@ class BrokerClient:
             await self._call(op, request, tenant)
         else:
             subject = subjects.broker(self.node, op)
-            await self.nc.publish(subject, encode(request), headers={H_TENANT: tenant})
+            # The caller's trace context: the broker's span of the op joins its trace.
+            headers = tracing.inject({H_TENANT: tenant})
+            await self.nc.publish(subject, encode(request), headers=headers)
 
     async def copy(self, request: CopyRequest, tenant: str) -> Handle:
         (handle,) = await self._call("copy", request, tenant)
@@ -263,7 +265,10 @@ class BrokerClient:
         subject = subjects.broker(self.node, op)
         try:
             msg = await self.nc.request(
-                subject, encode(request), timeout=self.timeout, headers={H_TENANT: tenant}
+                subject,
+                encode(request),
+                timeout=self.timeout,
+                headers=tracing.inject({H_TENANT: tenant}),
             )
         except nats.errors.NoRespondersError:
             raise GfaasError(

@@ -1,0 +1,135 @@
+"""`gfaas up` as a user runs it: "up" only once every service answers, a port in use is
+one line and a non-zero exit, and (no collector) the span files `gfaas trace` reads."""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.platform import PYTHON, REPO, free_port, subprocess_env
+from tests.specs import ADD_ONE_TOML
+
+pytestmark = [pytest.mark.nats, pytest.mark.slow]
+
+
+def _env(state: Path) -> dict[str, str]:
+    # Every port but the one a test names is any free one: nothing here clashes with
+    # another platform on this machine.
+    return subprocess_env(
+        GFAAS_HEARTBEAT_S="0.2",
+        GFAAS_STATE_DIR=str(state),
+        GFAAS_GRPC_PORT="0",
+        GFAAS_METRICS_PORT="0",
+        OTEL_EXPORTER_OTLP_ENDPOINT="",
+    )
+
+
+def gfaas(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "gfaas", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def test_a_port_in_use_is_one_line_and_a_failed_start(tmp_path: Path) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        started = time.monotonic()
+        done = gfaas(
+            "up",
+            "--nats-port",
+            "-1",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--http-port",
+            str(port),
+            "--workers",
+            "1",
+            env=_env(tmp_path / "state"),
+        )
+    assert done.returncode != 0
+    assert time.monotonic() - started < 30  # no restart loop
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert f"port {port} (ingress HTTP) is already in use" in lines[0]
+    assert "services ready" not in done.stdout
+
+
+def test_up_says_ready_once_every_service_answers_and_trace_reads_its_spans(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "state"
+    env = _env(state)
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "gfaas",
+            "up",
+            "--nats-port",
+            "-1",
+            "--state-dir",
+            str(state),
+            "--http-port",
+            str(free_port()),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.search(r"gfaas up: (\d+) services ready \(NATS (nats://\S+),", line)
+        assert match, line
+        assert match.group(1) == "4"
+        url = match.group(2)
+        # Ready means answering: every service's status is there at once.
+        status = gfaas("status", "--nats-url", url, env=env)
+        assert status.returncode == 0, status.stderr
+        assert "no answer" not in status.stdout, status.stdout
+        spec = tmp_path / "add-one.toml"
+        spec.write_text(ADD_ONE_TOML)
+        deployed = gfaas("deploy", str(spec), "--nats-url", url, env=env)
+        assert deployed.returncode == 0, deployed.stderr
+        deadline = time.monotonic() + 60
+        while True:
+            done = gfaas("invoke", "add-one", "-i", "x=[1,2]", "--nats-url", url, env=env)
+            if done.returncode == 0:
+                break
+            assert time.monotonic() < deadline, done.stderr
+            time.sleep(0.5)
+        assert "[2. 3.]" in done.stdout
+        (invocation,) = re.findall(r"^invocation (\S+)$", done.stderr, re.MULTILINE)
+        traced = gfaas("trace", invocation, "--wait", "5", env=env)
+        assert traced.returncode == 0, traced.stderr
+        tree = traced.stdout
+        # Each process wrote its own spans; the CLI's call is the root.
+        for name in (
+            "cli: client invoke add-one",
+            "ingress: ingress invoke",
+            "gpu-worker: worker run",
+        ):
+            assert name in tree, tree
+        assert list((state / "traces").glob("ingress-*.jsonl"))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        if proc.stdout is not None:
+            proc.stdout.close()
