@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,11 @@ import nats
 import nats.errors
 import numpy as np
 from nats.aio.client import Client as NATS
+from opentelemetry.trace import Span, SpanKind
 
-from shared import jetstream, subjects
-from shared.config import PAYLOAD_HEADROOM, nats_servers
+from shared import jetstream, subjects, tracing
+from shared.auth import Credentials, connect_options, default_admin_creds, tenant_invoke
+from shared.config import PAYLOAD_HEADROOM, nats_servers, settings_from_env
 from shared.dataplane.backend import BackendError
 from shared.dataplane.client import BrokerClient, move_into, open_tensor, write_into
 from shared.errors import GfaasError
@@ -95,6 +97,36 @@ def outputs_of(reply: InvokeReply) -> dict[str, np.ndarray[Any, Any]]:
     }
 
 
+async def connect_nats(url: str, *, creds: str | Path | None = None) -> NATS:
+    """A client connection as `Client.connect` makes it (see there for `creds`). A
+    server that refuses the credentials is a ConnectionError at once, not retried."""
+    settings = settings_from_env()
+    if creds is None:
+        creds = default_admin_creds(settings) or ""
+    options = connect_options(creds=creds, tls_ca=settings.nats_tls_ca)
+    nc = NATS()
+    try:
+        # No reconnects while connecting: refused credentials fail here, now.
+        await nc.connect(
+            servers=nats_servers(url),
+            name="gfaas-client",
+            connect_timeout=5,
+            allow_reconnect=False,
+            **options,
+        )
+    except BaseException as exc:
+        await nc.close()  # a refused connection leaves its socket open otherwise
+        if isinstance(exc, nats.errors.NoServersError):
+            raise ConnectionError(f"cannot reach NATS at {url}: {exc}") from None
+        if isinstance(exc, nats.errors.Error):
+            who = f"credentials {creds}" if creds else "no credentials"
+            raise ConnectionError(f"NATS at {url} refused the connection ({who}): {exc}") from None
+        raise
+    # Connected: from now on, reconnect as nats-py does by default.
+    nc.options["allow_reconnect"] = True
+    return nc
+
+
 class Client:
     def __init__(
         self,
@@ -104,9 +136,13 @@ class Client:
         timeout: float = 30.0,
         node: str = "local",
         replicas: int = 1,
+        tenant_account: str = "",
     ) -> None:
         self.nc = nc
         self.tenant = tenant
+        # Connected with a tenant's credentials (shared.auth): invocations go to that
+        # tenant's subjects, the only ones its NATS user may publish.
+        self.tenant_account = tenant_account
         self.timeout = timeout
         # Replicas of the JetStream resources this client may be first to create
         # (`Settings.js_replicas`); existing ones are used as they are.
@@ -118,9 +154,18 @@ class Client:
     @classmethod
     @asynccontextmanager
     async def connect(
-        cls, url: str = "nats://127.0.0.1:4222", **kwargs: Any
+        cls,
+        url: str = "nats://127.0.0.1:4222",
+        *,
+        creds: str | Path | None = None,
+        **kwargs: Any,
     ) -> AsyncIterator[Client]:
-        nc = await nats.connect(servers=nats_servers(url), name="gfaas-client", connect_timeout=5)
+        """`creds`: a gfaas credentials file (shared.auth.Credentials: the admin's, a
+        tenant's); None: GFAAS_NATS_CREDS, else the admin's in the state directory
+        (GFAAS_STATE_DIR, `.gfaas`) when there is one; "": none."""
+        nc = await connect_nats(url, creds=creds)
+        if creds and "tenant_account" not in kwargs:
+            kwargs["tenant_account"] = Credentials.load(creds).tenant
         try:
             yield cls(nc, **kwargs)
         finally:
@@ -179,6 +224,42 @@ class Client:
         held by this client: read them with `outputs_of`, then `release` them."""
         invocation_id = invocation_id or new_invocation_id()
         timeout = timeout or self.timeout
+        with self._span(function, invocation_id) as span:
+            reply = await self._invoke_reply(
+                self._invoke_subject(function), inputs, timeout, invocation_id, outputs_by
+            )
+            if reply.error is not None:
+                tracing.mark_error(span, reply.error.code, reply.error.reason)
+            return reply
+
+    def _invoke_subject(self, function: str) -> str:
+        subject = subjects.invoke(function)  # the name checked
+        return tenant_invoke(self.tenant_account, function) if self.tenant_account else subject
+
+    def _span(self, function: str, invocation_id: str) -> AbstractContextManager[Span]:
+        """The caller's span of one invocation: the trace's root, ended once the reply
+        is in (and what the call pooled is released); every service's span is inside
+        it (their context rides in the request's headers)."""
+        return tracing.tracer().start_as_current_span(
+            f"client invoke {function}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "gfaas.function": function,
+                "gfaas.invocation_id": invocation_id,
+                **tracing.nats_attributes(
+                    subjects.invoke(function), "publish", tenant=self.tenant or DEFAULT_TENANT
+                ),
+            },
+        )
+
+    async def _invoke_reply(
+        self,
+        subject: str,
+        inputs: Inputs,
+        timeout: float,
+        invocation_id: str,
+        outputs_by: OutputMode,
+    ) -> InvokeReply:
         given = _tensors(inputs)
         sent = await self._by_handle_if_large(given)
         request = InvokeRequest(
@@ -192,10 +273,10 @@ class Client:
         try:
             body = self._body(request)
             msg = await self.nc.request(
-                subjects.invoke(function),
+                subject,
                 body,
                 timeout=timeout,
-                headers=self._headers(invocation_id),
+                headers=tracing.inject(self._headers(invocation_id)),
             )
         except nats.errors.NoRespondersError:
             await self.release(pooled)
@@ -216,9 +297,17 @@ class Client:
     ) -> dict[str, np.ndarray[Any, Any]]:
         """Outputs as numpy arrays that the caller owns: by-handle outputs are copied
         out of the pool and released (use `invoke_reply` to keep them zero-copy)."""
-        reply = await self.invoke_reply(function, inputs, timeout=timeout, outputs_by=outputs_by)
-        outputs = {name: array.copy() for name, array in outputs_of(reply).items()}
-        await self.release(reply.outputs)
+        invocation_id = new_invocation_id()
+        timeout = timeout or self.timeout
+        # One span for the call, the outputs' release included.
+        with self._span(function, invocation_id) as span:
+            reply = await self._invoke_reply(
+                self._invoke_subject(function), inputs, timeout, invocation_id, outputs_by
+            )
+            if reply.error is not None:
+                tracing.mark_error(span, reply.error.code, reply.error.reason)
+            outputs = {name: array.copy() for name, array in outputs_of(reply).items()}
+            await self.release(reply.outputs)
         return outputs
 
     # -- pooled buffers (callers on the node) ------------------------------------------
@@ -261,11 +350,21 @@ class Client:
     ) -> str:
         """Queue an invocation in JetStream; returns its id (the dedup key)."""
         invocation_id = invocation_id or new_invocation_id()
-        headers = self._headers(invocation_id) | {H_MSG_ID: invocation_id}
-        if callback:
-            headers[H_CALLBACK] = callback
-        body = self._body(InvokeRequest(inputs=_tensors(inputs)))
-        await self.nc.jetstream().publish(subjects.invoke_async(function), body, headers=headers)
+        subject = subjects.invoke_async(function)
+        with tracing.tracer().start_as_current_span(
+            f"client invoke_async {function}",
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "gfaas.function": function,
+                "gfaas.invocation_id": invocation_id,
+                **tracing.nats_attributes(subject, "publish", tenant=self.tenant or DEFAULT_TENANT),
+            },
+        ):
+            headers = self._headers(invocation_id) | {H_MSG_ID: invocation_id}
+            if callback:
+                headers[H_CALLBACK] = callback
+            body = self._body(InvokeRequest(inputs=_tensors(inputs)))
+            await self.nc.jetstream().publish(subject, body, headers=tracing.inject(headers))
         return invocation_id
 
     async def result(self, invocation_id: str, *, timeout: float = 5.0) -> InvokeReply:

@@ -15,6 +15,7 @@ from examples.specs import example_spec_paths, example_workflow_paths
 from examples.text.tokenize import tokenize
 from examples.weights import write_all
 from gfaas.client import Client, outputs_of
+from shared import auth
 from shared.config import Settings
 from shared.spec import load_any, load_spec
 
@@ -44,7 +45,7 @@ async def timed(client: Client, function: str, inputs: dict[str, Any]) -> tuple[
 
 
 async def run_demo(url: str, settings: Settings) -> int:
-    async with Client.connect(url) as client:
+    async with Client.connect(url, creds=auth.default_admin_creds(settings) or "") as client:
         await client.ensure_resources()
         print("1. model weights: generated (seeded) and pushed to the JetStream object store")
         with tempfile.TemporaryDirectory() as tmp:
@@ -104,7 +105,12 @@ async def run_demo(url: str, settings: Settings) -> int:
 
         if settings.http_enabled:
             print(f"6. HTTP (KServe v2 / Triton protocol) on port {settings.http_port}")
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.http_port}") as http:
+            # With authentication on, HTTP wants a tenant's API key: the demo's own.
+            key = auth.add_tenant(auth.auth_dir(settings), "demo")[1] if settings.nats_auth else ""
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{settings.http_port}",
+                headers={"Authorization": f"Bearer {key}"} if key else None,
+            ) as http:
                 with anyio.fail_after(30):
                     while True:
                         try:

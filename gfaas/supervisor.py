@@ -4,18 +4,29 @@ Children are started with a parent-death signal, so even a SIGKILLed supervisor
 leaves no orphans. A child that crashes is restarted with backoff. SIGINT/SIGTERM
 stops the services first (each drains its work), then the NATS server (which
 flushes JetStream), so no state is lost.
+
+Before anything starts, the ports the platform binds (NATS, HTTP, gRPC, metrics) are
+checked: one already in use is one line (`PortInUse`) and a non-zero exit, not a
+child restarted in a loop. `gfaas up` is up once every service answers its status
+subject (`wait_ready`); a child that exits before that stops the start (`StartFailed`).
+Without an OTLP collector the services write their spans under
+`<state_dir>/traces` (shared.tracing, read by `gfaas trace`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from shared import auth, tracing
 from shared.config import DEFAULT_METRICS_PORTS, Settings
 from shared.logs import get_logger
 from shared.natsd import NatsServer, start_nats_server
@@ -30,6 +41,20 @@ SERVICE_MODULES: dict[str, str] = {
     "gpu-worker": "services.gpu_worker",
 }
 STOP_GRACE_S = 30.0
+# The embedded server's pid file, in its state dir: `gfaas tenant add` reloads it.
+PID_FILE = "nats-server.pid"
+# How long `gfaas up` waits for every service to answer its status subject (workers
+# import torch, then connect).
+READY_TIMEOUT_S = float(os.environ.get("GFAAS_UP_READY_TIMEOUT_S", "120"))
+
+
+class PortInUse(Exception):
+    """A port the platform would bind is taken (the message is the one line to print)."""
+
+
+class StartFailed(Exception):
+    """The platform did not come up: a child exited while starting, or a service never
+    answered (the message is the one line to print)."""
 
 
 @dataclass
@@ -64,11 +89,88 @@ def service_env(settings: Settings, nats_url: str, **extra: str) -> dict[str, st
             "GFAAS_MAX_PAYLOAD": str(settings.max_payload),
             "GFAAS_THREADS": str(settings.threads),
             "GFAAS_METRICS_ENABLED": str(settings.metrics_enabled).lower(),
+            # Authentication: HTTP and gRPC want API keys; the keys' hashes are here.
+            "GFAAS_NATS_AUTH": str(settings.nats_auth).lower(),
+            "GFAAS_AUTH_DIR": str(auth.auth_dir(settings).resolve()),
+            "GFAAS_NATS_TLS_CA": settings.nats_tls_ca,
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if not tracing.otlp_endpoint() and tracing.TRACE_DIR_ENV not in env:
+        # No collector: spans go to local span files (`gfaas trace`); an empty
+        # GFAAS_TRACE_DIR turns them off.
+        directory = tracing.trace_dir(settings.state_dir.resolve())
+        # There from the start: the CLI, seeing it, writes its own spans there too.
+        directory.mkdir(parents=True, exist_ok=True)
+        env[tracing.TRACE_DIR_ENV] = str(directory)
     env.update(extra)
     return env
+
+
+def _bindable(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return False
+            raise
+    return True
+
+
+def planned_ports(
+    settings: Settings, children: list[Child], nats_port: int | None
+) -> list[tuple[str, str, int]]:
+    """(what, host, port) of each fixed port the platform binds; ports 0 and -1 (any
+    free one) are left out. `nats_port` None: an existing NATS server is used."""
+    host = settings.http_host
+    ports: list[tuple[str, str, int]] = []
+    if nats_port is not None and nats_port > 0:
+        ports.append(("NATS", "127.0.0.1", nats_port))
+    if settings.http_enabled and settings.http_port > 0:
+        ports.append(("ingress HTTP", host, settings.http_port))
+    if settings.grpc_enabled and settings.grpc_port > 0:
+        ports.append(("ingress gRPC", host, settings.grpc_port))
+    if settings.metrics_enabled:
+        for name, port in metrics_ports(children).items():
+            if port > 0:
+                ports.append((f"{name} metrics", host, port))
+    return ports
+
+
+def check_ports(ports: list[tuple[str, str, int]]) -> None:
+    """Raise PortInUse for the first port already taken."""
+    for what, host, port in ports:
+        if not _bindable(host, port):
+            raise PortInUse(
+                f"gfaas up: port {port} ({what}) is already in use; stop whatever "
+                "holds it or choose another port"
+            )
+
+
+def expected_services(children: list[Child]) -> dict[str, int]:
+    """Status subject -> how many instances must answer it."""
+    counts: dict[str, int] = {}
+    for child in children:
+        service = next(s for s in SERVICE_MODULES if child.name.startswith(s))
+        counts[service] = counts.get(service, 0) + 1
+    return counts
+
+
+async def ready_counts(
+    url: str, expected: Mapping[str, int], creds: Path | None = None
+) -> dict[str, int]:
+    """How many instances of each service answered its status subject just now."""
+    from gfaas.client import Client
+
+    counts: dict[str, int] = {}
+    async with Client.connect(url, creds=creds) as client:
+        for service, want in expected.items():
+            found = await client.status_all(service, expect=want, timeout=0.5)
+            counts[service] = len(found)
+    return counts
 
 
 def gpu_count() -> int:
@@ -83,11 +185,17 @@ def worker_device(index: int, gpus: int) -> str:
 
 
 def plan_children(
-    settings: Settings, nats_url: str, workers: int, replicas: int = 1
+    settings: Settings,
+    nats_url: str,
+    workers: int,
+    replicas: int = 1,
+    creds_dir: Path | None = None,
 ) -> list[Child]:
     """Workers: `workers` of them, or one per GPU (one on a CPU-only machine) for 0.
     Schedulers and ingresses: `replicas` each (one scheduler active, the others
-    standing by; the ingresses share the load and, with SO_REUSEPORT, the HTTP port)."""
+    standing by; the ingresses share the load and, with SO_REUSEPORT, the HTTP port).
+    With `creds_dir` (the embedded server's auth directory) each child connects as
+    its service's NATS user (shared.auth)."""
     python = sys.executable
     children = [
         Child(
@@ -113,6 +221,10 @@ def plan_children(
             Child(f"gpu-worker-{i}", [python, "-m", SERVICE_MODULES["gpu-worker"]], env)
         )
     assign_metrics_ports(settings, children)
+    if creds_dir is not None:
+        for child in children:
+            service = next(s for s in auth.SERVICES if child.name.startswith(s))
+            child.env["GFAAS_NATS_CREDS"] = str((creds_dir / f"{service}.json").resolve())
     return children
 
 
@@ -148,18 +260,92 @@ class Supervisor:
 
     def start(self) -> str:
         url = self.nats_url
+        creds_dir: Path | None = None
         if url is None:
+            creds_dir = self._prepare_auth()
+            nats_dir = self.settings.state_dir / "nats"
             self.server = start_nats_server(
-                self.settings.state_dir / "nats",
+                nats_dir,
                 port=self.nats_port,
                 max_payload=max(self.settings.max_payload, 1024 * 1024),
+                extra_config=auth.server_config(
+                    auth.AuthState.load(creds_dir),
+                    pid_file=nats_dir / PID_FILE,
+                    tls_cert=self.settings.nats_tls_cert,
+                    tls_key=self.settings.nats_tls_key,
+                ),
+                scheme="tls" if self.settings.nats_tls_cert else "nats",
             )
             url = self.server.url
-            log.info("nats.started", url=url, store=str(self.server.store_dir))
-        self.children = plan_children(self.settings, url, self.workers, self.replicas)
+            log.info(
+                "nats.started",
+                url=url,
+                store=str(self.server.store_dir),
+                auth=self.settings.nats_auth,
+            )
+        self.children = plan_children(
+            self.settings,
+            url,
+            self.workers,
+            self.replicas,
+            creds_dir=creds_dir if self.settings.nats_auth else None,
+        )
         for child in self.children:
             child.start()
         return url
+
+    def check_ports(self) -> None:
+        """Raise PortInUse when a port the platform would bind is taken."""
+        children = plan_children(self.settings, "nats://unused", self.workers, self.replicas)
+        check_ports(
+            planned_ports(self.settings, children, None if self.nats_url else self.nats_port)
+        )
+
+    def wait_ready(
+        self, url: str, timeout: float = READY_TIMEOUT_S, stop: Callable[[], bool] = lambda: False
+    ) -> int:
+        """Wait until every service answers its status subject; the number of
+        service instances. Raises StartFailed if a child exits first, or at `timeout`."""
+        import anyio
+
+        expected = expected_services(self.children)
+        deadline = time.monotonic() + timeout
+        counts: dict[str, int] = {}
+        while not stop():
+            for child in self.children:
+                if not child.alive():
+                    code = child.process.returncode if child.process else None
+                    raise StartFailed(
+                        f"gfaas up: {child.name} exited (code {code}) while starting; "
+                        "its log is above"
+                    )
+            try:
+                creds = auth.default_admin_creds(self.settings)
+                counts = anyio.run(ready_counts, url, expected, creds)
+            except Exception as exc:  # NATS not answering yet
+                log.debug("ready.not_yet", error=repr(exc))
+            if all(counts.get(s, 0) >= n for s, n in expected.items()):
+                return sum(expected.values())
+            if time.monotonic() >= deadline:
+                missing = ", ".join(
+                    f"{s} {counts.get(s, 0)} of {n}"
+                    for s, n in expected.items()
+                    if counts.get(s, 0) < n
+                )
+                raise StartFailed(f"gfaas up: not ready after {timeout:.0f}s ({missing} ready)")
+            time.sleep(0.2)
+        return 0
+
+    def _prepare_auth(self) -> Path:
+        """The embedded server's accounts, users and credentials (made at first start):
+        with auth off every client without credentials is let in as the admin, so the
+        store's layout (JetStream in the service account) is the same either way."""
+        directory = auth.auth_dir(self.settings)
+        state = auth.ensure(directory)
+        auth.write_accounts(state, anonymous=not self.settings.nats_auth)
+        if auth.adopt_unauthenticated_store(self.settings.state_dir / "nats" / "jetstream"):
+            log.info("nats.store_adopted", account=auth.SERVICE_ACCOUNT)
+        return directory
 
     def supervise_once(self, now: float) -> None:
         for child in self.children:
@@ -201,9 +387,13 @@ class Supervisor:
             log.info("nats.stopped")
 
 
-def run_up(sup: Supervisor, after_start: Callable[[str], bool] | None = None) -> None:
+def run_up(
+    sup: Supervisor, after_start: Callable[[str], bool] | None = None, *, ready: bool = False
+) -> None:
     """Start everything, run `after_start(url)` (the demo), then supervise until
-    SIGINT/SIGTERM, or stop at once when after_start returns False."""
+    SIGINT/SIGTERM, or stop at once when after_start returns False. With `ready`, the
+    ports are checked first (PortInUse) and `after_start` runs once every service
+    answers (StartFailed if one never does)."""
     stop_requested = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -212,7 +402,13 @@ def run_up(sup: Supervisor, after_start: Callable[[str], bool] | None = None) ->
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if ready:
+            sup.check_ports()
         url = sup.start()
+        if ready:
+            sup.wait_ready(url, stop=lambda: stop_requested)
+            if stop_requested:
+                return
         if after_start is not None and not after_start(url):
             return
         while not stop_requested:

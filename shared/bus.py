@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from shared import __version__, metrics, subjects
-from shared.config import nats_servers
+from shared.config import Settings, nats_servers
 from shared.logs import get_logger
 from shared.schema import (
     H_INVOCATION,
@@ -37,7 +37,7 @@ DRAIN_TIMEOUT_S = 5.0
 E = TypeVar("E", bound=msgspec.Struct)
 
 
-async def _connect_once(url: str, name: str) -> NATS:
+async def _connect_once(url: str, name: str, options: Mapping[str, Any]) -> NATS:
     async def on_error(exc: Exception) -> None:
         log.warning("nats.error", client=name, error=repr(exc))
 
@@ -58,20 +58,27 @@ async def _connect_once(url: str, name: str) -> NATS:
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        **options,
     )
 
 
 @asynccontextmanager
-async def connected(url: str, name: str, *, wait_s: float = 30.0) -> AsyncIterator[NATS]:
+async def connected(
+    url: str, name: str, *, wait_s: float = 30.0, settings: Settings | None = None
+) -> AsyncIterator[NATS]:
     """A connection that waits for the server at start (compose starts us in any order)
     and is drained on exit: subscriptions stop, pending messages are handled, then close.
 
     `url` may list a cluster's servers comma-separated; reconnects go on forever,
-    to whichever of them answers."""
+    to whichever of them answers. `settings` gives the service's NATS identity and
+    TLS (shared.auth.connect_options)."""
+    from shared.auth import settings_connect_options
+
+    options = settings_connect_options(settings) if settings is not None else {}
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            nc = await _connect_once(url, name)
+            nc = await _connect_once(url, name, options)
             break
         except (OSError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
             if time.monotonic() > deadline:

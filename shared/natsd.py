@@ -106,7 +106,9 @@ def write_config(
     store_dir: Path,
     max_payload: int,
     cluster: ClusterConfig | None = None,
+    extra: str = "",
 ) -> None:
+    """`extra`: more config lines (gfaas up's accounts include, pid file, TLS)."""
     text = (
         f'listen: "{host}:{port}"\n'
         f"max_payload: {max_payload}\n"
@@ -123,7 +125,7 @@ def write_config(
             f'cluster {{ name: "{cluster.name}", listen: "{host}:{cluster.port}", '
             f"routes: [{routes}] }}\n"
         )
-    path.write_text(text)
+    path.write_text(text + extra)
 
 
 def start_nats_server(
@@ -134,12 +136,22 @@ def start_nats_server(
     max_payload: int = 1024 * 1024,
     ready_timeout: float = 15.0,
     cluster: ClusterConfig | None = None,
+    extra_config: str = "",
+    scheme: str = "nats",
 ) -> NatsServer:
+    """`extra_config` is appended to the generated config; `scheme` is the URL's
+    (tls for a server that requires TLS)."""
     state_dir.mkdir(parents=True, exist_ok=True)
     store_dir = state_dir / "jetstream"
     conf = state_dir / "nats-server.conf"
     write_config(
-        conf, host=host, port=port, store_dir=store_dir, max_payload=max_payload, cluster=cluster
+        conf,
+        host=host,
+        port=port,
+        store_dir=store_dir,
+        max_payload=max_payload,
+        cluster=cluster,
+        extra=extra_config,
     )
     process = subprocess.Popen(
         [find_nats_server(), "-c", str(conf)],
@@ -181,7 +193,7 @@ def start_nats_server(
     bound = found[-1]
     return NatsServer(
         process=process,
-        url=f"nats://{host}:{bound}",
+        url=f"{scheme}://{host}:{bound}",
         port=bound,
         store_dir=store_dir,
         log=log,

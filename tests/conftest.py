@@ -7,6 +7,7 @@ mid-request, `gfaas up`) start real processes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,6 +19,10 @@ from shared.natsd import NatsCluster, NatsServer
 from shared.natsd import nats_cluster as nats_cluster_at
 from shared.natsd import nats_server as nats_server_at
 from tests.platform import Platform, platform_at
+
+# `gfaas up` authenticates by default; the processes tests start run it as the test
+# platform runs, unauthenticated, unless a test asks (tests/test_auth.py does).
+os.environ.setdefault("GFAAS_NATS_AUTH", "false")
 
 
 @pytest.fixture

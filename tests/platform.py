@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,9 @@ from services.gpu_worker.app import serve as serve_worker
 from services.ingress.app import serve as serve_ingress
 from services.memory_broker.app import serve as serve_broker
 from services.scheduler.app import serve as serve_scheduler
+from shared import auth
 from shared.config import Settings
+from shared.natsd import NatsServer, start_nats_server
 from shared.service import ServeFn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,9 +85,20 @@ def settings_for(url: str, state_dir: Path, **overrides: Any) -> Settings:
 
 @contextmanager
 def platform_at(
-    url: str, state_dir: Path, *, workers: int = 1, **overrides: Any
+    url: str,
+    state_dir: Path,
+    *,
+    workers: int = 1,
+    auth_dir: Path | None = None,
+    **overrides: Any,
 ) -> Iterator[Platform]:
+    """Every service on a background loop. With `auth_dir`, authentication is on: each
+    service connects as its own NATS user, and HTTP and gRPC want API keys from it."""
     settings = settings_for(url, state_dir, **overrides)
+
+    def as_service(s: Settings, service: str) -> Settings:
+        return s if auth_dir is None else auth_settings(s, service, auth_dir)
+
     with start_blocking_portal("asyncio") as portal:
         p = Platform(
             portal=portal,
@@ -97,10 +110,10 @@ def platform_at(
         try:
             for i in range(workers):
                 worker_settings = Settings(**{**settings.__dict__, "worker_id": f"w{i}"})
-                p.start(f"worker-{i}", serve_worker, worker_settings)
-            p.start("memory-broker", serve_broker, settings)
-            p.start("scheduler", serve_scheduler, settings)
-            p.start("ingress", serve_ingress, settings)
+                p.start(f"worker-{i}", serve_worker, as_service(worker_settings, "gpu-worker"))
+            p.start("memory-broker", serve_broker, as_service(settings, "memory-broker"))
+            p.start("scheduler", serve_scheduler, as_service(settings, "scheduler"))
+            p.start("ingress", serve_ingress, as_service(settings, "ingress"))
             yield p
         finally:
             p.stop_all()
@@ -147,3 +160,45 @@ def doomed_platform(
         finally:
             proc.kill()
             proc.wait()
+
+
+# -- authentication on (shared/auth.py): tests/test_auth.py --------------------------------
+
+
+@contextmanager
+def auth_nats_server(state_dir: Path, tenants: tuple[str, ...] = ()) -> Iterator[NatsServer]:
+    """A nats-server with gfaas's accounts, users and permissions, as `gfaas up` runs
+    it with authentication on: credentials under `state_dir/auth`, `tenants` added
+    first (each `state_dir/auth/tenants/<name>.json`; its API key in tokens.json)."""
+    directory = state_dir / "auth"
+    state = auth.ensure(directory)
+    for tenant in tenants:
+        auth.add_tenant(directory, tenant)
+    auth.write_accounts(auth.AuthState.load(directory), anonymous=False)
+    nats_dir = state_dir / "nats"
+    server = start_nats_server(
+        nats_dir, extra_config=auth.server_config(state, pid_file=nats_dir / "nats-server.pid")
+    )
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def auth_settings(settings: Settings, service: str, auth_dir: Path) -> Settings:
+    """`settings` for one service connecting as its own NATS user."""
+    return Settings(
+        **{
+            **settings.__dict__,
+            "nats_auth": True,
+            "auth_dir": str(auth_dir),
+            "nats_creds": str(auth_dir / f"{service}.json"),
+        }
+    )
+
+
+def auth_platform_at(
+    url: str, state_dir: Path, auth_dir: Path, *, workers: int = 1, **overrides: Any
+) -> AbstractContextManager[Platform]:
+    """`platform_at` with authentication on (see there)."""
+    return platform_at(url, state_dir, workers=workers, auth_dir=auth_dir, **overrides)

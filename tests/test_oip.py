@@ -607,6 +607,7 @@ EXPECTED_STATUS = {
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.NO_POOL: 400,
     ErrorCode.QUOTA_EXCEEDED: 429,
+    ErrorCode.SLO_UNMEETABLE: 503,
     ErrorCode.SUPERSEDED: 409,
     ErrorCode.NOT_FOUND: 404,
 }

@@ -16,19 +16,9 @@ import pytest
 
 from gfaas.client import Client
 from tests.platform import PYTHON, REPO, subprocess_env
+from tests.specs import ADD_ONE_TOML
 
 pytestmark = [pytest.mark.nats, pytest.mark.slow]
-
-SPEC = """
-name = "add-one"
-handler = "tests.funcs:add_one"
-kind = "cpu"
-
-[[inputs]]
-name = "x"
-dtype = "float32"
-shape = [-1]
-"""
 
 
 def gfaas(*args: str, env: dict[str, str], timeout: float = 60) -> str:
@@ -106,7 +96,7 @@ def wait_until_invocable(url: str, env: dict[str, str]) -> str:
 def test_up_runs_the_platform_and_sigterm_stops_everything(tmp_path: Path) -> None:
     env = subprocess_env(GFAAS_HEARTBEAT_S="0.2")
     spec = tmp_path / "add-one.toml"
-    spec.write_text(SPEC)
+    spec.write_text(ADD_ONE_TOML)
     proc, url = start_up(tmp_path / "state", env)
     try:
         children = psutil.Process(proc.pid).children(recursive=True)
@@ -169,7 +159,7 @@ def test_up_with_replicas_keeps_scheduling_when_the_active_scheduler_is_killed(
 ) -> None:
     env = subprocess_env(GFAAS_HEARTBEAT_S="0.2")
     spec = tmp_path / "add-one.toml"
-    spec.write_text(SPEC)
+    spec.write_text(ADD_ONE_TOML)
     proc, url = start_up(tmp_path / "state", env, "--replicas", "2")
     try:
         children = psutil.Process(proc.pid).children(recursive=True)

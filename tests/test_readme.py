@@ -125,6 +125,7 @@ def test_readme_commands_run_against_gfaas_up(tmp_path: Path) -> None:
         line = up.stdout.readline()
         match = re.search(r"NATS (nats://\S+),", line)
         assert match, line
+        assert "services ready" in line
         assert f"HTTP http://127.0.0.1:{http_port}, gRPC 127.0.0.1:{grpc_port}" in line
         url = match.group(1)
         anyio.run(_until_ready, url)

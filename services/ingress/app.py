@@ -32,7 +32,7 @@ from services.ingress.dispatch import Dispatcher
 from services.ingress.handlers import Ingress
 from services.ingress.shm_regions import ShmRegions
 from services.ingress.stats import InferenceStats
-from shared import jetstream, metrics, subjects
+from shared import auth, jetstream, metrics, subjects
 from shared.bus import (
     NatsBus,
     connected,
@@ -50,6 +50,7 @@ from shared.registry import Registry
 from shared.results import ResultStore
 from shared.schema import (
     H_OUTCOME,
+    H_TENANT,
     Done,
     Grant,
     InvokeReply,
@@ -73,7 +74,9 @@ async def _serve_http(
     from services.ingress.http import create_app
 
     config = uvicorn.Config(
-        create_app(ingress, max_payload=ingress.max_payload, stats=stats),
+        create_app(
+            ingress, max_payload=ingress.max_payload, stats=stats, tokens=api_keys(settings)
+        ),
         host=settings.http_host,
         port=settings.http_port,
         log_level="warning",
@@ -110,7 +113,7 @@ async def serve(
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     instance = instance_name()
-    async with connected(settings.nats_url, "gfaas-ingress") as nc:
+    async with connected(settings.nats_url, "gfaas-ingress", settings=settings) as nc:
         js = nc.jetstream()
         replicas = settings.js_replicas
         await jetstream.ensure_invocations_stream(js, replicas=replicas)
@@ -149,6 +152,26 @@ async def serve(
             function = subjects.last_token(msg.subject)
             await ingress.invoke(function, msg.data, msg.headers, msg.reply)
 
+        async def on_tenant_invoke(msg: Msg) -> None:
+            # From a tenant's account: the server wrote the tenant into the subject
+            # (shared.auth); whatever header the caller wrote is replaced.
+            tenant = auth.tenant_of_subject(msg.subject)
+            if tenant is None or ingress.tasks is None:
+                return
+            headers = {**(msg.headers or {}), H_TENANT: tenant}
+            function = subjects.last_token(msg.subject)
+            ingress.tasks.start_soon(relay_tenant, function, msg.data, headers, msg.reply)
+
+        async def relay_tenant(
+            function: str, body: bytes, headers: dict[str, str], reply: str
+        ) -> None:
+            # The answer comes back through us: the server lets no client publish
+            # with a tenant's reply subject (`_R_.`, the import's) as its reply, so
+            # the worker cannot be handed it as other callers' inboxes are.
+            answer = await ingress.call(function, body, headers)
+            if reply:
+                await reply_to(reply, answer)
+
         async def on_result(msg: Msg) -> None:
             reply = await asyncs.result(subjects.last_token(msg.subject))
             await msg.respond(encode(reply))
@@ -176,6 +199,9 @@ async def serve(
                 )
                 result_sub = await nc.subscribe(
                     subjects.RESULT_ALL, queue=subjects.Q_INGRESS, cb=on_result
+                )
+                tenant_sub = await nc.subscribe(
+                    auth.TENANT_INVOKE_ALL, queue=subjects.Q_INGRESS, cb=on_tenant_invoke
                 )
                 await subscribe_books(nc, dispatcher, holder, ingress.heard_done)
                 service_tg.start_soon(every, DIRECT_TICK_S, tick)
@@ -209,15 +235,25 @@ async def serve(
                             max_payload=max_payload,
                             stop=stop,
                             stats=stats,
+                            tokens=api_keys(settings),
                         )
                     )
                 task_status.started()
                 await stop.wait()
                 await invoke_sub.drain()
                 await result_sub.drain()
+                await tenant_sub.drain()
             await dispatcher.return_grants()
             ingress.regions.close()
             service_tg.cancel_scope.cancel()
+
+
+def api_keys(settings: Settings) -> auth.TokenBook | None:
+    """With authentication on, the API keys HTTP and gRPC callers must send (issued by
+    `gfaas tenant add`, read again when they change)."""
+    if not settings.nats_auth:
+        return None
+    return auth.TokenBook(auth.auth_dir(settings) / "tokens.json")
 
 
 async def subscribe_books(

@@ -12,6 +12,7 @@ streaming), TraceSetting and LogSettings.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
@@ -28,9 +29,10 @@ from services.ingress.http import (
     infer_parsed,
 )
 from services.ingress.stats import InferenceStats
+from shared.auth import UNAUTHENTICATED_REASON, TokenBook
 from shared.errors import GfaasError
 from shared.logs import get_logger
-from shared.schema import ErrorCode, FunctionSpec
+from shared.schema import H_TENANT, ErrorCode, FunctionSpec
 
 log = get_logger("ingress.grpc")
 
@@ -42,6 +44,7 @@ STATUS_FOR_CODE: Final[Mapping[ErrorCode, grpc.StatusCode]] = {
     ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorCode.PAYLOAD_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorCode.QUOTA_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.SLO_UNMEETABLE: grpc.StatusCode.FAILED_PRECONDITION,
     # Transient, not the caller's fault: UNAVAILABLE is the code gRPC clients retry.
     ErrorCode.OVERLOADED: grpc.StatusCode.UNAVAILABLE,
     ErrorCode.NO_WORKER: grpc.StatusCode.UNAVAILABLE,
@@ -65,14 +68,36 @@ def status_for(code: ErrorCode) -> grpc.StatusCode:
     return STATUS_FOR_CODE.get(code, grpc.StatusCode.INTERNAL)
 
 
-def _passed_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
+# The tenant of the call being handled, from its API key (with `tokens`).
+_TENANT: contextvars.ContextVar[str] = contextvars.ContextVar("gfaas_grpc_tenant", default="")
+# Open without a key, as Triton leaves them.
+OPEN_RPCS: Final = frozenset({"ServerLive", "ServerReady"})
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
     # gRPC metadata keys arrive lower-cased, as the HTTP front reads its headers.
-    metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
-    return {name: metadata[key] for key, name in _PASSED_HEADERS.items() if key in metadata}
+    return {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
 
 
-def _guarded(method: str, fn: _Handler) -> _Handler:
+def _passed_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    metadata = _metadata(context)
+    passed = {name: metadata[key] for key, name in _PASSED_HEADERS.items() if key in metadata}
+    tenant = _TENANT.get()
+    if tenant:
+        # Authenticated: the key's tenant, whatever gfaas-tenant the caller sent.
+        passed[H_TENANT] = tenant
+    return passed
+
+
+def _guarded(method: str, fn: _Handler, tokens: TokenBook | None = None) -> _Handler:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if tokens is not None and method not in OPEN_RPCS:
+            given = _metadata(context).get("authorization", "")
+            tenant = tokens.tenant(given)
+            if tenant is None:
+                reason = UNAUTHENTICATED_REASON if not given else "unknown API key"
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+            _TENANT.set(tenant or "")
         try:
             return await fn(request, context)
         except GfaasError as exc:
@@ -88,9 +113,15 @@ def _guarded(method: str, fn: _Handler) -> _Handler:
 
 
 def create_handler(
-    backend: InferenceBackend, *, stats: InferenceStats | None = None
+    backend: InferenceBackend,
+    *,
+    stats: InferenceStats | None = None,
+    tokens: TokenBook | None = None,
 ) -> grpc.GenericRpcHandler:
-    """The service's RPCs over `backend`; `stats` may be shared with the HTTP front."""
+    """The service's RPCs over `backend`; `stats` may be shared with the HTTP front.
+    With `tokens` every RPC but ServerLive and ServerReady wants metadata
+    `authorization: Bearer <API key>` (UNAUTHENTICATED without); the key names the
+    call's tenant."""
     extensions: tuple[str, ...] = oip.EXTENSIONS
     if backend.regions.cuda.available():
         extensions = (*extensions, oip.CUDA_EXTENSION)
@@ -223,7 +254,7 @@ def create_handler(
     methods = {m.name: m for m in proto.service().methods}
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
-            _guarded(name, fn),
+            _guarded(name, fn, tokens),
             request_deserializer=message(methods[name].input_type.name).FromString,
             response_serializer=message(methods[name].output_type.name).SerializeToString,
         )
@@ -244,6 +275,7 @@ async def serve(
     max_payload: int,
     stop: anyio.Event,
     stats: InferenceStats | None = None,
+    tokens: TokenBook | None = None,
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until `stop` is set, then stop taking calls and let in-flight ones finish
@@ -257,7 +289,7 @@ async def serve(
             ("grpc.so_reuseport", 1),
         ]
     )
-    server.add_generic_rpc_handlers((create_handler(backend, stats=stats),))
+    server.add_generic_rpc_handlers((create_handler(backend, stats=stats, tokens=tokens),))
     bound = server.add_insecure_port(_address(host, port))
     await server.start()
     try:

@@ -19,7 +19,7 @@ from services.ingress.oip import InferRequest
 from services.ingress.shm_regions import ShmRegions
 from services.ingress.staging import ShmStaging
 from services.ingress.workflow import WorkflowRunner
-from shared import tracing
+from shared import subjects, tracing
 from shared.dataplane.client import BrokerClient
 from shared.errors import GfaasError
 from shared.logs import failure_record, get_logger, report_failure
@@ -96,6 +96,8 @@ class Ingress:
         # Metrics: invocations sent on whose worker answers the caller itself, until
         # its done note: id -> (arrived, give up at, function, tenant).
         self.open: dict[str, tuple[float, float, str, str]] = {}
+        # Traces: ingress's root spans of those, ended by the done note too.
+        self.open_spans: dict[str, Span] = {}
 
     def lookup(self, name: str) -> Spec | None:
         return self.registry.get(name) or self.workflows.get(name)
@@ -144,11 +146,25 @@ class Ingress:
         self, function: str, body: bytes, headers: Mapping[str, str] | None, reply: str
     ) -> None:
         arrived = time.monotonic()
+        # Without the caller's trace context this span is the trace's root: it stays
+        # open until the worker's done note (just before the worker's reply).
+        root = not tracing.has_parent(headers)
+        held = False
         with tracing.handling_span(
-            "ingress invoke", headers, kind=SpanKind.SERVER, attributes={"gfaas.function": function}
+            "ingress invoke",
+            headers,
+            kind=SpanKind.SERVER,
+            attributes={
+                "gfaas.function": function,
+                **tracing.nats_attributes(
+                    subjects.invoke(function), tenant=(headers or {}).get(H_TENANT, "")
+                ),
+            },
+            end_on_exit=False,
         ) as span:
             try:
                 meta, request, spec = self._admit(function, body, headers, span)
+                span.set_attribute("gfaas.tenant", meta.tenant)
                 if isinstance(spec, WorkflowSpec):
                     assert self.tasks is not None
                     self.tasks.start_soon(self._reply_workflow, spec, meta, request, reply, arrived)
@@ -161,6 +177,8 @@ class Ingress:
                     )
                     return
                 worker = await self.dispatcher.send(meta, body, reply)
+                if worker is not None:
+                    span.set_attribute("gfaas.worker", worker)
                 # Metrics: its outcome comes with the worker's done note (`heard_done`).
                 self.open[meta.invocation_id] = (
                     arrived,
@@ -168,14 +186,18 @@ class Ingress:
                     function,
                     meta.tenant,
                 )
+                if root and span.is_recording():
+                    self.open_spans[meta.invocation_id] = span
+                    held = True
             except GfaasError as exc:
                 tracing.mark_error(span, exc.code, exc.reason)
                 invocation_id = (headers or {}).get(H_INVOCATION, "")
                 await self.dispatcher.bus.reply_error(reply, invocation_id, exc.code, exc.reason)
                 await self._refused(function, headers, invocation_id, exc, arrived)
                 return
-            if worker is not None:
-                span.set_attribute("gfaas.worker", worker)
+            finally:
+                if not held:
+                    span.end()
 
     # -- request-reply (HTTP, async, workflow stages) ---------------------------------------
 
@@ -184,7 +206,13 @@ class Ingress:
     ) -> InvokeReply:
         arrived = time.monotonic()
         with tracing.handling_span(
-            "ingress call", headers, kind=SpanKind.SERVER, attributes={"gfaas.function": function}
+            "ingress call",
+            headers,
+            kind=SpanKind.SERVER,
+            attributes={
+                "gfaas.function": function,
+                "gfaas.tenant": (headers or {}).get(H_TENANT) or DEFAULT_TENANT,
+            },
         ) as span:
             try:
                 meta, request, spec = self._admit(function, body, headers, span, claim)
@@ -223,7 +251,10 @@ class Ingress:
     async def _finished(self, meta: InvocationMeta, reply: InvokeReply, arrived: float) -> None:
         error = reply.error
         outcome = OK if error is None else str(error.code)
-        self.metrics.finished(meta.function, meta.tenant, outcome, time.monotonic() - arrived)
+        seconds = time.monotonic() - arrived
+        # slo_ms: SLO attainment (gfaas_invocations_on_time_total).
+        slo_ms = self._slo_ms(meta.function)
+        self.metrics.finished(meta.function, meta.tenant, outcome, seconds, slo_ms=slo_ms)
         # A worker's reply is logged by that worker; what it never ran, here.
         if error is not None and not reply.worker:
             await self._report(
@@ -246,10 +277,23 @@ class Ingress:
 
     def heard_done(self, invocation_id: str, outcome: str) -> None:
         """A worker's done note for an invocation it answers the caller for itself."""
+        span = self.open_spans.pop(invocation_id, None)
+        if span is not None:
+            if outcome != OK:
+                tracing.mark_error(span, outcome, "the worker's outcome")
+            span.end()
         sent = self.open.pop(invocation_id, None)
         if sent is not None:
             arrived, _, function, tenant = sent
-            self.metrics.finished(function, tenant, outcome, time.monotonic() - arrived)
+            seconds = time.monotonic() - arrived
+            # slo_ms: SLO attainment (gfaas_invocations_on_time_total).
+            slo_ms = self._slo_ms(function)
+            self.metrics.finished(function, tenant, outcome, seconds, slo_ms=slo_ms)
+
+    def _slo_ms(self, function: str) -> float | None:
+        """The function's (or workflow's) SLO, for the on-time count (metrics)."""
+        spec = self.lookup(function)
+        return None if spec is None else spec.slo_ms
 
     def expire_open(self, now: float) -> None:
         """Invocations whose done note never came (the scheduler answered them, or
@@ -258,6 +302,10 @@ class Ingress:
         for iid in expired:
             _, _, function, tenant = self.open.pop(iid)
             self.metrics.finished(function, tenant, UNKNOWN, None)
+            span = self.open_spans.pop(iid, None)
+            if span is not None:
+                span.set_attribute("gfaas.outcome", UNKNOWN)
+                span.end()
 
     # -- workflows ------------------------------------------------------------------------
 

@@ -14,18 +14,24 @@ from collections.abc import Mapping, Sequence
 from importlib import metadata
 from typing import Final, Protocol
 
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.ingress import oip, oip_response, oip_shm
 from services.ingress.shm_regions import ShmRegions
 from services.ingress.stats import InferenceStats
+from shared import tracing
+from shared.auth import UNAUTHENTICATED_REASON, TokenBook
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.schema import (
+    DEFAULT_TENANT,
     H_INVOCATION,
     H_TENANT,
     ErrorCode,
@@ -84,6 +90,8 @@ STATUS_FOR_CODE: Final[Mapping[ErrorCode, int]] = {
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.NO_POOL: 400,
     ErrorCode.QUOTA_EXCEEDED: 429,
+    # The function, as deployed, cannot meet its SLO on these devices.
+    ErrorCode.SLO_UNMEETABLE: 503,
     ErrorCode.SUPERSEDED: 409,
     ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.HANDLER_ERROR: 500,
@@ -149,10 +157,16 @@ async def infer_parsed(
 
 
 def create_app(
-    backend: InferenceBackend, *, max_payload: int, stats: InferenceStats | None = None
+    backend: InferenceBackend,
+    *,
+    max_payload: int,
+    stats: InferenceStats | None = None,
+    tokens: TokenBook | None = None,
 ) -> Starlette:
     """The OIP HTTP app; request bodies over `max_payload` bytes get 413. `stats` may be
-    shared with the gRPC front, so either protocol's statistics count both."""
+    shared with the gRPC front, so either protocol's statistics count both. With
+    `tokens` every route but health wants `Authorization: Bearer <API key>` (401
+    without), and the request's tenant is the key's (`BearerAuth`)."""
     extensions: tuple[str, ...] = oip.EXTENSIONS
     if backend.regions.cuda.available():
         # Only where a CUDA region could be registered at all.
@@ -203,8 +217,26 @@ def create_app(
         spec = known_model(request)
         started = time.perf_counter_ns()
         ok = False
+        # The HTTP server span, under the client's traceparent if it sent one; the
+        # invocation's spans hang under it (run_infer passes its context on).
+        span_cm = tracing.handling_span(
+            "ingress http infer",
+            _passed_headers(request),
+            kind=SpanKind.SERVER,
+            attributes={
+                "http.request.method": request.method,
+                "http.route": str(getattr(request.scope.get("route"), "path", "")),
+                "url.path": request.url.path,
+                "gfaas.function": spec.name,
+                "gfaas.tenant": _passed_headers(request).get(H_TENANT) or DEFAULT_TENANT,
+            },
+        )
         try:
-            response = await run_infer(request, spec)
+            with span_cm as span:
+                response = await run_infer(request, spec)
+                span.set_attribute("http.response.status_code", response.status_code)
+                if response.status_code >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
             ok = response.status_code == 200
             return response
         finally:
@@ -222,7 +254,8 @@ def create_app(
                 request.headers.get(oip.HEADER_LENGTH), len(body)
             )
             parsed = oip.parse_infer_request(body, header_length)
-            reply = await infer_parsed(backend, spec, parsed, _passed_headers(request))
+            headers = tracing.inject(_passed_headers(request))
+            reply = await infer_parsed(backend, spec, parsed, headers)
             encoded = oip_response.encode_infer_response(
                 spec.name, parsed, reply.outputs, response_id=parsed.id or reply.invocation_id
             )
@@ -339,16 +372,52 @@ def create_app(
         Route("/v2/repository/models/{name}/unload", repository_control, methods=["POST"]),
     ]
     return Starlette(
-        routes=routes, exception_handlers={HTTPException: http_error, GfaasError: gfaas_error}
+        routes=routes,
+        exception_handlers={HTTPException: http_error, GfaasError: gfaas_error},
+        middleware=[Middleware(BearerAuth, tokens=tokens)] if tokens is not None else None,
     )
 
 
+# Open without a key, as Triton leaves them: load balancers and probes ask these.
+OPEN_PATHS: Final = frozenset({"/v2/health/live", "/v2/health/ready"})
+# Where BearerAuth leaves the authenticated tenant in the ASGI scope.
+TENANT_SCOPE_KEY: Final = "gfaas.tenant"
+
+
+class BearerAuth:
+    """ASGI middleware: a request's API key names its tenant (shared.auth.TokenBook);
+    without a known key, 401 in the protocol's error shape."""
+
+    def __init__(self, app: ASGIApp, tokens: TokenBook) -> None:
+        self.app = app
+        self.tokens = tokens
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+        tenant = self.tokens.tenant(given.decode("latin-1"))
+        if tenant is None:
+            reason = UNAUTHENTICATED_REASON if not given else "unauthenticated: unknown API key"
+            response = _error(401, reason, {"WWW-Authenticate": 'Bearer realm="gfaas"'})
+            await response(scope, receive, send)
+            return
+        scope[TENANT_SCOPE_KEY] = tenant
+        await self.app(scope, receive, send)
+
+
 def _passed_headers(request: Request) -> dict[str, str]:
-    return {
+    passed = {
         name: request.headers[key]
         for key, name in _PASSED_HEADERS.items()
         if key in request.headers
     }
+    tenant = request.scope.get(TENANT_SCOPE_KEY)
+    if tenant:
+        # Authenticated: the key's tenant, whatever Gfaas-Tenant the caller wrote.
+        passed[H_TENANT] = tenant
+    return passed
 
 
 def _too_large(size: int | str, limit: int) -> GfaasError:

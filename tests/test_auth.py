@@ -1,0 +1,520 @@
+"""NATS authentication, tenants from the authenticated identity, API keys (issue 10).
+
+Each attack runs against a platform with authentication on (every service its own
+NATS user with least permissions, tenants in accounts of their own, HTTP and gRPC
+wanting API keys: shared/auth.py) and must fail as the server or ingress refuses it,
+while the legitimate call beside it still works. docs/security.md lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import grpc
+import httpx
+import msgspec
+import nats
+import nats.errors
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from tritonclient.utils import InferenceServerException
+
+from gfaas import cli
+from gfaas.client import Client
+from shared import auth, jetstream, subjects
+from shared.schema import (
+    H_INVOCATION,
+    H_TENANT,
+    FailureRecord,
+    FunctionSpec,
+    OutputMode,
+    WorkerHeartbeat,
+    decode,
+    encode,
+    new_invocation_id,
+)
+from tests.helpers import deploy_and_wait
+from tests.platform import PYTHON, REPO, Platform, auth_nats_server, auth_platform_at, free_port
+from tests.platform import subprocess_env as base_env
+from tests.specs import ECHO
+
+pytestmark = [pytest.mark.nats]
+
+BOOM = FunctionSpec(name="boom", handler="tests.funcs:boom")
+X = {"x": np.arange(3, dtype=np.float32)}
+VIOLATION = re.compile(r"permissions violation", re.I)
+
+
+@dataclass
+class Secured:
+    platform: Platform
+    url: str
+    state_dir: Path
+    auth_dir: Path
+    keys: dict[str, str]
+
+    def creds(self, identity: str) -> Path:
+        return self.auth_dir / f"{identity}.json"
+
+    def tenant_creds(self, tenant: str) -> Path:
+        return self.auth_dir / "tenants" / f"{tenant}.json"
+
+
+@pytest.fixture
+def secured(tmp_path: Path) -> Iterator[Secured]:
+    state_dir = tmp_path / "state"
+    auth_dir = state_dir / "auth"
+    auth.ensure(auth_dir)
+    keys = {t: auth.add_tenant(auth_dir, t)[1] for t in ("acme", "evil")}
+    with (
+        auth_nats_server(state_dir) as server,
+        auth_platform_at(server.url, state_dir / "services", auth_dir) as p,
+    ):
+        secured = Secured(p, server.url, state_dir, auth_dir, keys)
+        anyio.run(_deploy, secured)
+        yield secured
+
+
+async def _deploy(s: Secured) -> None:
+    nc = await connect(s.url, s.creds("admin"))
+    try:
+        await deploy_and_wait(nc, ECHO, BOOM, timeout=30)
+        # Until the scheduler has a worker: the first call must not race its heartbeat.
+        with anyio.fail_after(30):
+            while not (await Client(nc).status("scheduler")).details.get("workers"):
+                await anyio.sleep(0.05)
+    finally:
+        await nc.drain()
+
+
+async def connect(url: str, creds: Path | None, errors: list[Exception] | None = None) -> NATS:
+    """A plain nats-py connection as `creds` (None: anonymous), its async errors
+    (permission violations) collected in `errors`."""
+
+    async def on_error(exc: Exception) -> None:
+        if errors is not None:
+            errors.append(exc)
+
+    options = auth.connect_options(creds=creds) if creds else {}
+    nc = NATS()
+    try:
+        await nc.connect(url, allow_reconnect=False, error_cb=on_error, **options)
+    except BaseException:
+        await nc.close()  # a refused connection leaves its socket open otherwise
+        raise
+    return nc
+
+
+@pytest.fixture
+async def admin(secured: Secured) -> AsyncIterator[NATS]:
+    nc = await connect(secured.url, secured.creds("admin"))
+    try:
+        yield nc
+    finally:
+        await nc.drain()
+
+
+async def violations(nc: NATS, errors: list[Exception], count: int = 1) -> list[str]:
+    """The permission violations the server reported (waiting for `count`)."""
+    await nc.flush()
+    with anyio.move_on_after(2):
+        while len([e for e in errors if VIOLATION.search(str(e))]) < count:
+            await anyio.sleep(0.02)
+    return [str(e) for e in errors if VIOLATION.search(str(e))]
+
+
+async def invoke_echo(nc: NATS, **kwargs: Any) -> Any:
+    reply = await Client(nc, **kwargs).invoke_reply("echo", X, outputs_by=OutputMode.HANDLE)
+    assert reply.error is None, reply.error
+    return reply
+
+
+def tenants_of(reply: Any) -> set[str]:
+    """The tenants the worker leased a reply's by-handle outputs for."""
+    assert reply.outputs, reply
+    assert all(t.handle is not None for t in reply.outputs), reply
+    return {t.handle.tenant for t in reply.outputs}
+
+
+# -- who may connect -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_anonymous_and_wrong_password_clients_are_refused(
+    secured: Secured, admin: NATS
+) -> None:
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await connect(secured.url, None)
+    forged = secured.auth_dir / "forged.json"
+    auth.Credentials("admin", "not-the-password").dump(forged)
+    with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+        await connect(secured.url, forged)
+    # gfaas's own client says so at once, naming what it used.
+    with pytest.raises(ConnectionError, match="refused"):
+        async with Client.connect(secured.url, creds=forged):
+            pass
+    # Beside it, the admin and a tenant get in and a call works.
+    await invoke_echo(admin)
+    tenant = await connect(secured.url, secured.tenant_creds("acme"))
+    try:
+        await invoke_echo(tenant, tenant_account="acme")
+    finally:
+        await tenant.drain()
+
+
+@pytest.mark.anyio
+async def test_a_tenant_listening_on_everything_hears_nothing_of_another_tenant(
+    secured: Secured,
+) -> None:
+    errors: list[Exception] = []
+    evil = await connect(secured.url, secured.tenant_creds("evil"), errors)
+    acme = await connect(secured.url, secured.tenant_creds("acme"))
+    heard: list[Msg] = []
+
+    async def hear(msg: Msg) -> None:
+        heard.append(msg)
+
+    try:
+        for subject in ("gfaas.>", "_INBOX.>", f"{auth.tenant_inbox('acme')}.>", ">"):
+            await evil.subscribe(subject, cb=hear)
+        assert len(await violations(evil, errors, 4)) == 4
+        # Its own inbox it may hear: nobody else's replies come there.
+        await evil.subscribe(f"{auth.tenant_inbox('evil')}.>", cb=hear)
+        await evil.flush()
+        for _ in range(5):
+            await invoke_echo(acme, tenant_account="acme")
+        await anyio.sleep(0.2)
+        assert heard == []
+    finally:
+        await acme.drain()
+        await evil.close()
+
+
+# -- forged workers --------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_forged_heartbeats_are_refused_and_a_forged_worker_gets_nothing(
+    secured: Secured, admin: NATS
+) -> None:
+    # A real heartbeat, renamed: what the issue's tester published.
+    real = await admin.subscribe(subjects.heartbeat("w0"))
+    msg = await real.next_msg(timeout=5)
+    await real.unsubscribe()
+    forged = msgspec.structs.replace(decode(msg.data, WorkerHeartbeat), worker_id="forged")
+    errors: list[Exception] = []
+    evil = await connect(secured.url, secured.tenant_creds("evil"), errors)
+    ingress = await connect(secured.url, secured.creds("ingress"), errors)
+    stolen: list[Msg] = []
+
+    async def steal(m: Msg) -> None:
+        stolen.append(m)
+
+    try:
+        await evil.subscribe(subjects.worker_run("forged"), cb=steal)
+        for _ in range(5):
+            await evil.publish(subjects.heartbeat("forged"), encode(forged))
+        assert len(await violations(evil, errors, 2)) >= 2
+        # Nor may another service than a worker say it is one.
+        await ingress.publish(subjects.heartbeat("forged"), encode(forged))
+        assert any("heartbeat.forged" in v for v in await violations(ingress, errors, 3))
+        acme = await connect(secured.url, secured.tenant_creds("acme"))
+        try:
+            for _ in range(10):
+                reply = await invoke_echo(acme, tenant_account="acme")
+                assert reply.worker == "w0"
+        finally:
+            await acme.drain()
+        workers = (await Client(admin).status("scheduler")).details.get("workers", {})
+        assert "forged" not in workers
+        assert stolen == []
+    finally:
+        await evil.close()
+        await ingress.close()
+
+
+# -- tenants come from the identity -----------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_a_tenant_header_claiming_another_tenant_is_ignored(
+    secured: Secured, admin: NATS
+) -> None:
+    errors: list[Exception] = []
+    acme = await connect(secured.url, secured.tenant_creds("acme"), errors)
+    try:
+        # Outputs by handle carry the tenant the worker leased them for.
+        claimed = await invoke_echo(acme, tenant="evil", tenant_account="acme")
+        assert tenants_of(claimed) == {"acme"}
+        plain = await invoke_echo(acme, tenant_account="acme")
+        assert tenants_of(plain) == {"acme"}
+        # Async invocations are not a tenant's (docs/security.md, what remains).
+        await acme.publish(subjects.invoke_async("echo"), b"")
+        assert await violations(acme, errors)
+    finally:
+        await acme.drain()
+    # Inside the service account the header is the admin's to set.
+    by_admin = await invoke_echo(admin, tenant="acme")
+    assert tenants_of(by_admin) == {"acme"}
+
+
+@pytest.mark.anyio
+async def test_credentials_without_a_permission_are_refused_by_the_server(
+    secured: Secured, admin: NATS
+) -> None:
+    errors: list[Exception] = []
+    broker = await connect(secured.url, secured.creds("memory-broker"), errors)
+    worker = await connect(secured.url, secured.creds("gpu-worker"), errors)
+    scheduler = await connect(secured.url, secured.creds("scheduler"), errors)
+    tenant = await connect(secured.url, secured.tenant_creds("acme"), errors)
+    try:
+        # Only the scheduler (and ingress, under a grant) sends work to a worker.
+        await broker.publish(subjects.worker_run("w0"), b"")
+        # Only the admin writes the registry or deletes streams: not handler code
+        # running in a worker.
+        evil = FunctionSpec(name="evil", handler="tests.funcs:echo")
+        await worker.publish(f"$KV.{jetstream.FUNCTIONS_BUCKET}.evil", encode(evil))
+        await worker.publish(f"$JS.API.STREAM.DELETE.KV_{jetstream.FUNCTIONS_BUCKET}", b"")
+        # Only the broker serves broker subjects.
+        await scheduler.subscribe(subjects.broker_all("local"))
+        await tenant.publish(subjects.heartbeat("x"), b"")
+        seen = "\n".join(
+            [
+                *await violations(broker, errors, 1),
+                *await violations(worker, errors, 3),
+                *await violations(scheduler, errors, 4),
+                *await violations(tenant, errors, 5),
+            ]
+        )
+        for subject in (
+            "worker.w0.run",
+            f"$KV.{jetstream.FUNCTIONS_BUCKET}.evil",
+            "STREAM.DELETE",
+            "broker.local",
+            "heartbeat.x",
+        ):
+            assert subject.lower() in seen.lower(), (subject, seen)
+        # The registry is as the admin left it, and works.
+        registry = await Client(admin).registry()
+        assert await registry.fetch("evil") is None
+        assert await registry.fetch("echo") is not None
+        await invoke_echo(admin)
+    finally:
+        for nc in (broker, worker, scheduler, tenant):
+            await nc.close()
+
+
+@pytest.mark.anyio
+async def test_the_admin_deploys_and_runs_async_under_authentication(
+    secured: Secured, admin: NATS
+) -> None:
+    client = Client(admin)
+    invocation_id = await client.invoke_async("echo", X)
+    with anyio.fail_after(20):
+        while True:
+            reply = await client.result(invocation_id)
+            if reply.error is None:
+                break
+            assert reply.error.code in ("pending", "not_found"), reply.error
+            await anyio.sleep(0.05)
+    assert reply.outputs
+
+
+# -- HTTP and gRPC --------------------------------------------------------------------------
+
+
+async def failure_tenant(admin: NATS, function: str, invocation_id: str) -> str:
+    """The tenant the failure log recorded for one invocation."""
+    js = admin.jetstream()
+    with anyio.fail_after(10):
+        while True:
+            try:
+                raw = await js.get_last_msg(jetstream.LOGS_STREAM, subjects.logs(function))
+                record = decode(raw.data or b"", FailureRecord)
+                if record.invocation_id == invocation_id:
+                    return record.tenant
+            except nats.js.errors.NotFoundError:
+                pass
+            await anyio.sleep(0.05)
+
+
+def infer_body() -> dict[str, Any]:
+    return {"inputs": [{"name": "x", "shape": [3], "datatype": "FP32", "data": [1, 2, 3]}]}
+
+
+@pytest.mark.anyio
+async def test_http_wants_an_api_key_and_the_key_names_the_tenant(
+    secured: Secured, admin: NATS
+) -> None:
+    base = f"http://127.0.0.1:{secured.platform.http_port}"
+    acme = {"Authorization": f"Bearer {secured.keys['acme']}"}
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        with anyio.fail_after(30):
+            while (await http.get("/v2/health/ready")).status_code != 200:
+                await anyio.sleep(0.05)
+        assert (await http.get("/v2/health/live")).status_code == 200
+        for headers in ({}, {"Authorization": "Bearer gfk_made-up"}, {"Authorization": "x"}):
+            for method, path in (("GET", "/v2"), ("POST", "/v2/models/echo/infer")):
+                response = await http.request(method, path, headers=headers, json=infer_body())
+                assert response.status_code == 401, (path, headers)
+                assert "unauthenticated" in response.json()["error"]
+                assert response.headers["www-authenticate"].startswith("Bearer")
+        ok = await http.post("/v2/models/echo/infer", headers=acme, json=infer_body())
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["outputs"][0]["data"] == [1, 2, 3]
+        # acme's key with a header naming evil: the failure is logged as acme's.
+        for key, expected in ((secured.keys["acme"], "acme"), (secured.keys["evil"], "evil")):
+            iid = new_invocation_id()
+            headers = {
+                "Authorization": f"Bearer {key}",
+                H_TENANT: "evil" if expected == "acme" else "acme",
+                H_INVOCATION: iid,
+            }
+            failed = await http.post("/v2/models/boom/infer", headers=headers, json=infer_body())
+            assert failed.status_code == 500
+            assert await failure_tenant(admin, "boom", iid) == expected
+
+
+def test_grpc_wants_an_api_key_but_health(secured: Secured) -> None:
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{secured.platform.grpc_port}")
+    key = {"authorization": f"Bearer {secured.keys['acme']}"}
+    deadline = time.monotonic() + 30
+    while not client.is_server_ready():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.is_server_live()
+    with pytest.raises(InferenceServerException) as refused:
+        client.get_server_metadata()
+    assert refused.value.status() == str(grpc.StatusCode.UNAUTHENTICATED)
+    assert "Bearer" in str(refused.value.message())
+    assert client.get_server_metadata(headers=key).name
+    x = triton.InferInput("x", [3], "FP32")
+    x.set_data_from_numpy(X["x"])
+    with pytest.raises(InferenceServerException):
+        client.infer("echo", [x], headers={"authorization": "Bearer gfk_nope"})
+    result = client.infer("echo", [x], headers=key)
+    assert result.as_numpy("y").tolist() == [0.0, 1.0, 2.0]
+    client.close()
+
+
+# -- gfaas tenant add -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_tenant_add_issues_credentials_the_running_server_takes(
+    secured: Secured, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["tenant", "add", "bob", "--state-dir", str(secured.state_dir), "--json"]) == 0
+    issued = json.loads(capsys.readouterr().out)
+    assert issued["reloaded"] is True
+    assert Path(issued["creds"]) == secured.tenant_creds("bob")
+    assert os.stat(issued["creds"]).st_mode & 0o077 == 0
+    # The server reloads in the background: the new user works within moments.
+    with anyio.fail_after(10):
+        while True:
+            try:
+                async with Client.connect(secured.url, creds=issued["creds"]) as bob:
+                    reply = await bob.invoke_reply("echo", X, outputs_by=OutputMode.HANDLE)
+                    break
+            except ConnectionError:
+                await anyio.sleep(0.1)
+    assert reply.error is None
+    assert tenants_of(reply) == {"bob"}
+    # And its API key, without restarting ingress.
+    base = f"http://127.0.0.1:{secured.platform.http_port}"
+    headers = {"Authorization": f"Bearer {issued['api_key']}"}
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        with anyio.fail_after(10):
+            while (response := await http.get("/v2", headers=headers)).status_code == 401:
+                await anyio.sleep(0.1)
+    assert response.status_code == 200
+    # The old tenants are still in.
+    acme = await connect(secured.url, secured.tenant_creds("acme"))
+    await invoke_echo(acme, tenant_account="acme")
+    await acme.drain()
+
+
+# -- gfaas up, authenticated by default ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gfaas_up_authenticates_by_default(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = base_env(GFAAS_HEARTBEAT_S="0.2", GFAAS_NATS_AUTH="true", GFAAS_STATE_DIR=str(state))
+    env.pop("GFAAS_NATS_URL", None)
+    spec = tmp_path / "add-one.toml"
+    spec.write_text('name = "add-one"\nhandler = "tests.funcs:add_one"\nkind = "cpu"\n')
+    http_port = free_port()
+    up = subprocess.Popen(
+        [
+            *(PYTHON, "-m", "gfaas", "up", "--nats-port", "-1"),
+            *("--http-port", str(http_port), "--workers", "1"),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert up.stdout is not None
+        line = up.stdout.readline()
+        match = re.search(r"NATS (nats://\S+),", line)
+        assert match, line
+        assert "auth on" in line
+        url = match.group(1)
+
+        def gfaas(*args: str) -> str:
+            done = subprocess.run(
+                [PYTHON, "-m", "gfaas", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                cwd=REPO,
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        # The CLI finds the admin's credentials in the state directory.
+        assert "deployed add-one" in gfaas("deploy", str(spec), "--nats-url", url)
+        issued = json.loads(gfaas("tenant", "add", "acme", "--json"))
+
+        async def calls() -> None:
+            with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+                await connect(url, None)
+            with anyio.fail_after(60):
+                while True:
+                    try:
+                        async with Client.connect(url, creds=issued["creds"]) as acme:
+                            out = await acme.invoke("add-one", {"x": np.array([1.0])}, timeout=5)
+                            break
+                    except Exception:
+                        await anyio.sleep(0.3)
+            assert out["y"].tolist() == [2.0]
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as http:
+                assert (await http.get("/v2/health/live")).status_code == 200
+                assert (await http.get("/v2")).status_code == 401
+                keyed = {"Authorization": f"Bearer {issued['api_key']}"}
+                assert (await http.get("/v2", headers=keyed)).status_code == 200
+
+        anyio.run(calls)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        code = up.wait(60)
+        if up.stdout is not None:
+            up.stdout.close()
+    assert code == 0
