@@ -34,19 +34,21 @@ from gfaas.supervisor import Supervisor
 from shared.config import Settings
 from shared.errors import GfaasError
 from shared.natsd import nats_server
-from shared.schema import DType, FunctionSpec, TensorSpec
+from shared.schema import DType, FunctionKind, FunctionSpec, TensorSpec
 
 # (name, CPU ms per call, SLO ms, share of the offered rate)
 MIX = (("small", 2.0, 40.0, 0.5), ("mid", 5.0, 80.0, 0.3), ("big", 10.0, 150.0, 0.2))
 MS_INPUT = [TensorSpec(name="ms", dtype=DType.FLOAT32, shape=[1])]
 
 
-def specs(instanced: bool) -> list[FunctionSpec]:
+def specs(instanced: bool, gpu: bool = False) -> list[FunctionSpec]:
     extra = {"max_instances": 4, "idle_s": 30.0} if instanced else {}
     return [
         FunctionSpec(
             name=f"{name}-{'i' if instanced else 'w'}",
-            handler=f"bench.sharing_funcs:spin{ms:g}",
+            # On a GPU: 2, 5 or 10 products of 2048x2048 matrices (bench/sharing_funcs.py).
+            handler=f"bench.sharing_funcs:gpu_{name}" if gpu else f"bench.sharing_funcs:spin{ms:g}",
+            kind=FunctionKind.GPU if gpu else FunctionKind.CPU,
             slo_ms=slo,
             concurrency=1 if instanced else 8,
             memory_mb=64,
@@ -118,7 +120,7 @@ async def held_share(client: Client) -> tuple[float, int]:
 async def run_mode(
     url: str, mode: str, rates: list[float], args: argparse.Namespace
 ) -> list[Result]:
-    fns = specs(mode == "instances")
+    fns = specs(mode == "instances", gpu=args.gpu)
     out = []
     async with Client.connect(url) as client:
         for spec in fns:
@@ -167,7 +169,27 @@ async def run_mode(
                 flush=True,
             )
             out.append(r)
+        if mode == "instances":
+            await per_instance(client)
     return out
+
+
+async def per_instance(client: Client) -> None:
+    """Each instance's calls served over the whole run, beside its share."""
+    status = await client.status("scheduler", timeout=2)
+    live = (status.details.get("instances") or {}).get("live") or {}
+    shares = {
+        i["instance"]: (f, i["sm_share"], i["time_quota"]) for f, v in live.items() for i in v
+    }
+    for worker in await client.status_all("gpu-worker", timeout=1.0):
+        name = str(worker.details.get("worker_id", ""))
+        if name in shares:
+            f, sm, quota = shares[name]
+            print(
+                f"instance {name} of {f}: sm {sm:g} x time {quota:g} (share {sm * quota:.3f}), "
+                f"{worker.details.get('completed', 0)} calls served in {worker.uptime_s:.0f} s",
+                flush=True,
+            )
 
 
 def start(url: str, state: Path) -> Supervisor:
@@ -198,6 +220,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--modes", default="time-shared,instances")
+    parser.add_argument(
+        "--gpu", action="store_true", help="GPU handlers (matrix products) on a cuda worker"
+    )
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     print(f"machine: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; mix {MIX}")

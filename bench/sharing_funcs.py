@@ -31,3 +31,25 @@ def spin5(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def spin10(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"spins": torch.tensor([_burn(10.0)])}
+
+
+def _matmuls(n: int) -> int:
+    """n products of two 2048x2048 float32 matrices on the GPU: compute-bound, so an
+    SM share shows in its time."""
+    a = torch.ones(2048, 2048, device="cuda")
+    for _ in range(n):
+        a = torch.mm(a, a) * (1.0 / 2048)
+    torch.cuda.synchronize()
+    return n
+
+
+def gpu_small(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"spins": torch.tensor([_matmuls(2)])}
+
+
+def gpu_mid(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"spins": torch.tensor([_matmuls(5)])}
+
+
+def gpu_big(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {"spins": torch.tensor([_matmuls(10)])}

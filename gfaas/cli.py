@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -16,7 +18,14 @@ import numpy as np
 
 from gfaas import status_view
 from gfaas.client import Client, outputs_of, spec_json
-from gfaas.supervisor import SERVICE_MODULES, Supervisor, metrics_ports, run_up
+from gfaas.supervisor import (
+    SERVICE_MODULES,
+    PortInUse,
+    StartFailed,
+    Supervisor,
+    metrics_ports,
+    run_up,
+)
 from shared.config import DEFAULT_NATS_URL, Settings, settings_from_env
 from shared.errors import GfaasError
 from shared.logs import configure_logging
@@ -41,6 +50,17 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
+def _platform_settings(args: argparse.Namespace) -> Settings:
+    """`gfaas up` and `demo`: authentication on unless --insecure (or
+    GFAAS_NATS_AUTH=false), HTTP and gRPC on 127.0.0.1 unless --http-host (or
+    GFAAS_HTTP_HOST) says otherwise. The dataclass defaults are what `gfaas serve`
+    and compose use."""
+    settings = _settings(args)
+    auth_on = "GFAAS_NATS_AUTH" not in os.environ or settings.nats_auth
+    host = args.http_host or os.environ.get("GFAAS_HTTP_HOST") or "127.0.0.1"
+    return dataclasses.replace(settings, nats_auth=auth_on and not args.insecure, http_host=host)
+
+
 def _url(args: argparse.Namespace) -> str:
     return str(args.nats_url or settings_from_env().nats_url)
 
@@ -54,7 +74,7 @@ def _client(url: str, **kwargs: Any) -> AbstractAsyncContextManager[Client]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _platform_settings(args)
     configure_logging(settings.log_level)
     sup = Supervisor(
         settings=settings,
@@ -65,17 +85,27 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
 
     def announce(url: str) -> bool:
-        grpc = f", gRPC 127.0.0.1:{settings.grpc_port}" if settings.grpc_enabled else ""
-        http = f"HTTP http://127.0.0.1:{settings.http_port}{grpc}"
-        print(f"gfaas is up: NATS {url}, {http} (Ctrl-C stops)")
+        # One line, once every service answers its status subject.
+        parts = [f"NATS {url}"]
+        if settings.http_enabled:
+            parts.append(f"HTTP http://{settings.http_host}:{settings.http_port}")
+        if settings.grpc_enabled:
+            parts.append(f"gRPC {settings.http_host}:{settings.grpc_port}")
+        parts.append("auth on" if settings.nats_auth else "auth off (--insecure)")
         if settings.metrics_enabled:
-            ports = ", ".join(
-                f"{name} :{port}" for name, port in metrics_ports(sup.children).items()
-            )
-            print(f"metrics (Prometheus, http://127.0.0.1:PORT/metrics): {ports}")
+            ports = metrics_ports(sup.children)
+            parts.append("metrics " + ", ".join(f"{n} :{p or 'any'}" for n, p in ports.items()))
+        services = len(sup.children)
+        print(
+            f"gfaas up: {services} services ready ({', '.join(parts)}) (Ctrl-C stops)", flush=True
+        )
         return True
 
-    run_up(sup, announce)
+    try:
+        run_up(sup, announce, ready=True)
+    except (PortInUse, StartFailed) as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -84,7 +114,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     if args.log_level is None:
         args.log_level = "warning"
-    settings = _settings(args)
+    settings = _platform_settings(args)
     configure_logging(settings.log_level)
     sup = Supervisor(
         settings=settings,
@@ -168,20 +198,34 @@ async def _ls(url: str, as_json: bool) -> None:
         specs = await client.functions()
         workflows = await client.workflows()
         live = await _live_instances(client)
+        registry = await client.registry()
+        versions = {s.name: await registry.fetch_revision(s.name) for s in specs}
     if as_json:
         out = []
         for s in specs:
-            out.append({**msgspec.to_builtins(s), "instances": live.get(s.name, [])})
+            out.append(
+                {
+                    **msgspec.to_builtins(s),
+                    "version": versions[s.name],
+                    "instances": live.get(s.name, []),
+                }
+            )
         out += [msgspec.to_builtins(w) for w in workflows]
         print(json.dumps(out, indent=2))
         return
-    print(f"{'NAME':24} {'KIND':8} {'MODEL':16} {'SLO_MS':>7} {'INST':>4}  HANDLER / STAGES")
+    print(
+        f"{'NAME':24} {'KIND':8} {'MODEL':16} {'SLO_MS':>7} {'VER':>4} {'INST':>4}  "
+        "HANDLER / STAGES"
+    )
     for s in specs:
         n = len(live.get(s.name, []))
-        print(f"{s.name:24} {s.kind:8} {s.model or '-':16} {s.slo_ms:7.0f} {n:4}  {s.handler}")
+        print(
+            f"{s.name:24} {s.kind:8} {s.model or '-':16} {s.slo_ms:7.0f} {versions[s.name]:4} "
+            f"{n:4}  {s.handler}"
+        )
     for w in workflows:
         chain = " -> ".join(st.function for st in w.stages)
-        print(f"{w.name:24} {'workflow':8} {'-':16} {w.slo_ms:7.0f} {'-':>4}  {chain}")
+        print(f"{w.name:24} {'workflow':8} {'-':16} {w.slo_ms:7.0f} {'-':>4} {'-':>4}  {chain}")
 
 
 async def _live_instances(client: Client) -> dict[str, list[dict[str, Any]]]:
@@ -255,13 +299,24 @@ def _print_reply(reply: InvokeReply) -> None:
 
 
 async def _invoke(url: str, args: argparse.Namespace) -> int:
+    from shared import tracing
+    from shared.schema import new_invocation_id
+
     inputs = dict(parse_input(item) for item in args.input)
-    async with _client(url, timeout=args.timeout) as client:
-        if args.async_:
-            invocation_id = await client.invoke_async(args.function, inputs)
-            print(invocation_id)
-            return 0
-        reply = await client.invoke_reply(args.function, inputs)
+    traced = _client_tracing(args)
+    try:
+        async with _client(url, timeout=args.timeout) as client:
+            if args.async_:
+                invocation_id = await client.invoke_async(args.function, inputs)
+                print(invocation_id)
+                return 0
+            invocation_id = new_invocation_id()
+            reply = await client.invoke_reply(args.function, inputs, invocation_id=invocation_id)
+    finally:
+        if traced:
+            tracing.shutdown_tracing()
+    # The id `gfaas trace` takes; on stderr, so that stdout is the outputs alone.
+    print(f"invocation {invocation_id}", file=sys.stderr)
     _print_reply(reply)
     return 0
 
@@ -298,6 +353,25 @@ async def _status(url: str, services: Sequence[str], as_json: bool) -> None:
         if live is not None:
             print()
             print(status_view.instances_table(live))
+
+
+async def _health(url: str, service: str, any_instance: bool) -> int:
+    """0 when an instance of `service` on this host answers its status subject (the
+    container's own process, for compose's healthcheck), or any with --any; else 1."""
+    import socket
+
+    host = socket.gethostname()
+    with anyio.fail_after(STATUS_WAIT_S * 8):
+        async with _client(url) as client:
+            found = await client.status_all(service, timeout=STATUS_WAIT_S * 2)
+    # Instance names start with the host's name (shared.service.instance_name; a
+    # worker's with at most 24 of its characters).
+    mine = [s for s in found if any_instance or s.instance.startswith(host[:24])]
+    if not mine:
+        print(f"{service}: no answer" + ("" if any_instance else f" from {host}"))
+        return 1
+    print(f"{service}: {', '.join(s.instance for s in mine)} up")
+    return 0
 
 
 # -- logs ------------------------------------------------------------------------------------
@@ -378,6 +452,168 @@ async def _logs(
     return 0
 
 
+# -- traces and top ------------------------------------------------------------------------
+
+
+def _trace_dir(args: argparse.Namespace) -> Path:
+    """Where the span files are: --dir, $GFAAS_TRACE_DIR, or `gfaas up`'s default
+    under the state dir."""
+    import os
+
+    from shared import tracing
+
+    if getattr(args, "dir", None):
+        return Path(args.dir)
+    return Path(
+        os.environ.get(tracing.TRACE_DIR_ENV) or tracing.trace_dir(_settings(args).state_dir)
+    )
+
+
+def _client_tracing(args: argparse.Namespace) -> bool:
+    """The CLI's own spans (its call is the trace's root): to the collector, or to the
+    span files of a local `gfaas up`. True when installed (shut down after)."""
+    from shared import tracing
+
+    directory = _trace_dir(args)
+    if not tracing.otlp_endpoint() and not directory.is_dir():
+        return False
+    tracing.configure_tracing("cli", directory if directory.is_dir() else "")
+    return True
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """`gfaas trace INVOCATION_ID`: the invocation's spans from the span files, as a tree."""
+    import time
+
+    from shared import tracing
+
+    directory = _trace_dir(args)
+    deadline = time.monotonic() + args.wait
+    while True:
+        spans = tracing.spans_of(tracing.read_spans(directory), args.invocation_id)
+        if spans or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if not spans:
+        print(
+            f"gfaas trace: no spans of {args.invocation_id} in {directory} "
+            "(traces go to the collector when OTEL_EXPORTER_OTLP_ENDPOINT is set)",
+            file=sys.stderr,
+        )
+        return 1
+    print("\n".join(tracing.trace_tree(spans)))
+    return 0
+
+
+async def _scrape(host: str, ports: Sequence[int]) -> status_view.Samples:
+    import httpx
+
+    scrapes = []
+    async with httpx.AsyncClient(timeout=2.0) as http:
+        for port in ports:
+            try:
+                response = await http.get(f"http://{host}:{port}/metrics")
+            except httpx.HTTPError:
+                continue
+            scrapes.append(status_view.parse_metrics(response.text))
+    return status_view.merge(scrapes)
+
+
+async def _status_rows(client: Client) -> list[tuple[str, str, float, str]]:
+    rows: list[tuple[str, str, float, str]] = []
+    for service in SERVICE_NAMES:
+        found = await client.status_all(service, timeout=STATUS_WAIT_S)
+        if not found:
+            rows.append((service, "-", 0.0, "no answer"))
+        for status in sorted(found, key=lambda s: s.instance):
+            text = status_view.summary(service, status.details)
+            rows.append((service, status.instance, status.uptime_s, text))
+    return rows
+
+
+async def _top(url: str, interval: float, once: bool, host: str) -> int:
+    """Per-function rates and percentiles (ingress's metrics scraped twice, `interval`
+    apart: counters and histogram buckets differenced) and the services' lines."""
+    import time
+    from urllib.parse import urlsplit
+
+    from rich.console import Console
+    from rich.live import Live
+
+    host = host or urlsplit(url.split(",")[0]).hostname or "127.0.0.1"
+    console = Console()
+    async with _client(url) as client:
+
+        async def ports() -> list[int]:
+            found = await client.status_all("ingress", timeout=STATUS_WAIT_S)
+            return [int(p) for s in found if (p := s.details.get("metrics_port"))]
+
+        before, at = await _scrape(host, await ports()), time.monotonic()
+
+        async def frame() -> Any:
+            nonlocal before, at
+            await anyio.sleep(interval)
+            after, now = await _scrape(host, await ports()), time.monotonic()
+            rates = status_view.function_rates(before, after, now - at)
+            window = now - at
+            before, at = after, now
+            return status_view.top_renderable(rates, await _status_rows(client), window)
+
+        if once:
+            console.print(await frame())
+            return 0
+        with Live(await frame(), console=console, auto_refresh=False) as live:
+            while True:
+                live.update(await frame(), refresh=True)
+
+
+# -- tenants -------------------------------------------------------------------------------
+
+
+def cmd_tenant_add(args: argparse.Namespace) -> int:
+    """A tenant's NATS credentials file and HTTP API key, into the state directory;
+    a running embedded server (its pid file there) is told to reload its accounts."""
+    from gfaas.supervisor import PID_FILE
+    from shared import auth
+
+    settings = settings_from_env(state_dir=args.state_dir)
+    creds, key = auth.add_tenant(auth.auth_dir(settings), args.name)
+    reloaded = auth.reload_server(settings.state_dir / "nats" / PID_FILE)
+    if args.json:
+        print(
+            json.dumps(
+                {"tenant": args.name, "creds": str(creds), "api_key": key, "reloaded": reloaded}
+            )
+        )
+        return 0
+    print(f"tenant {args.name}")
+    print(f"  NATS credentials: {creds}")
+    print("    (connect with: Client.connect(url, creds=PATH); it may invoke only)")
+    print(f"  HTTP/gRPC API key (shown once): {key}")
+    print("    (send: Authorization: Bearer KEY)")
+    if reloaded:
+        print("  the running nats-server reloaded its accounts")
+    else:
+        print(
+            "  no embedded nats-server runs from this state dir: it takes effect at the "
+            "next `gfaas up` (an external server: reload it with its accounts include, "
+            f"{auth.auth_dir(settings) / 'accounts.conf'})"
+        )
+    return 0
+
+
+def add_tenant_commands(sub: Any) -> None:
+    tenant = sub.add_parser("tenant", help="tenants: NATS credentials and HTTP API keys")
+    tenant_sub = tenant.add_subparsers(dest="tenant_command", required=True)
+    add = tenant_sub.add_parser(
+        "add", help="issue a tenant's credentials file and API key (another key if it exists)"
+    )
+    add.add_argument("name")
+    add.add_argument("--state-dir", type=Path, default=None)
+    add.add_argument("--json", action="store_true", help="one JSON line: creds, api_key")
+    add.set_defaults(func=cmd_tenant_add)
+
+
 # -- argument parsing ----------------------------------------------------------------------
 
 
@@ -407,7 +643,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--policy", default=None, help="scheduling policy")
         p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
         p.add_argument("--log-level", default=None)
+        p.add_argument(
+            "--insecure",
+            action="store_true",
+            help="no NATS authentication, no API keys on HTTP/gRPC (GFAAS_NATS_AUTH=false)",
+        )
+        p.add_argument(
+            "--http-host", default=None, help="address HTTP and gRPC bind (default 127.0.0.1)"
+        )
 
+    add_tenant_commands(sub)
     up = sub.add_parser("up", help="start NATS (embedded) and every service")
     platform_opts(up)
     up.set_defaults(func=cmd_up)
@@ -474,8 +719,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     invoke.add_argument("--async", dest="async_", action="store_true")
     invoke.add_argument("--timeout", type=float, default=30.0)
+    invoke.add_argument(
+        "--state-dir", type=Path, default=None, help="a local `gfaas up`'s (for its span files)"
+    )
     nats_opt(invoke, "NATS server")
     invoke.set_defaults(func=lambda a: anyio.run(_invoke, _url(a), a))
+
+    trace_cmd = sub.add_parser(
+        "trace", help="an invocation's spans as a tree, from the local span files"
+    )
+    trace_cmd.add_argument("invocation_id", help="an invocation id (or a trace id)")
+    trace_cmd.add_argument("--state-dir", type=Path, default=None)
+    trace_cmd.add_argument("--dir", type=Path, default=None, help="the span files' directory")
+    trace_cmd.add_argument(
+        "--wait", type=float, default=1.0, help="seconds to wait for the spans to be written"
+    )
+    trace_cmd.set_defaults(func=cmd_trace)
+
+    top = sub.add_parser("top", help="live per-function rates and latencies, and the services")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument(
+        "--metrics-host", default="", help="where ingress's metrics are (default: NATS's host)"
+    )
+    nats_opt(top, "NATS server")
+    top.set_defaults(func=lambda a: anyio.run(_top, _url(a), a.interval, a.once, a.metrics_host))
 
     result = sub.add_parser("result", help="fetch an async invocation's result")
     result.add_argument("invocation_id")
@@ -487,6 +755,12 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="raw statuses, one JSON per line")
     nats_opt(status, "NATS server")
     status.set_defaults(func=lambda a: anyio.run(_status, _url(a), a.services, a.json) or 0)
+
+    health = sub.add_parser("health", help="exit 0 when this host's SERVICE answers (compose)")
+    health.add_argument("service", choices=SERVICE_NAMES)
+    health.add_argument("--any", action="store_true", help="any host's instance will do")
+    nats_opt(health, "NATS server")
+    health.set_defaults(func=lambda a: anyio.run(_health, _url(a), a.service, a.any))
 
     logs = sub.add_parser("logs", help="failed invocations, with tracebacks (from the bus)")
     logs.add_argument("function", nargs="?", default=None, help="only this function's")

@@ -15,7 +15,7 @@
 # machine without a package index, put wheels in a directory and point
 # GFAAS_WHEELS at it (`pip download -d wheels nats-py msgspec ...` elsewhere).
 #
-# Benchmarks: bench.overhead, bench.workflow_e2e and bench.live_policies start the
+# Benchmarks: bench.overhead, bench.workflow_e2e, bench.live_sharing and bench.live_policies start the
 # platform as `gfaas up` does, and the supervisor puts each worker on a GPU
 # (`cuda:N`) when torch sees one: those are their GPU variants. The rest of bench/
 # (simulator, data-plane copies in host memory, CPU swap-in) has no GPU variant.
@@ -132,10 +132,14 @@ except Exception as exc:  # reported: the CUDA data-plane tests skip without it
     print(f"cupy unavailable: {exc!r}")
 EOF
 
-# -- tests and benchmarks (limits sum to under 7 minutes) ---------------------------------
-step "pytest -m gpu" 150 "$PY" -m pytest -m gpu -p no:cacheprovider -ra -q tests
-step "bench.overhead" 75 "$PY" -m bench.overhead --requests 400 --concurrency 16 --no-ray
-step "bench.workflow_e2e" 75 "$PY" -m bench.workflow_e2e --requests 12 --concurrency 4
+# -- tests and benchmarks (limits sum to 8 minutes; they take less) -------------------------
+step "pytest -m gpu" 150 "$PY" -m pytest -m gpu -p no:cacheprovider -ra -q -s tests
+step "bench.overhead" 60 "$PY" -m bench.overhead --requests 400 --concurrency 16 --no-ray
+step "bench.workflow_e2e" 60 "$PY" -m bench.workflow_e2e --requests 12 --concurrency 4
+# Issue 8, benchmark 3: whole-GPU time sharing vs instances (MPS when the agent can
+# start it), and each instance's calls against its share.
+step "bench.live_sharing --gpu" 100 "$PY" -m bench.live_sharing --gpu --rates 40,120 \
+	--duration 3 --warmup 1
 if has matplotlib; then
 	# From a scratch directory: it writes its figure to docs/img/ under the working one.
 	scratch=$(mktemp -d)

@@ -46,6 +46,23 @@ class Settings:
     # Replicas of every JetStream stream, KV bucket and object store gfaas creates:
     # 3 on a three-node cluster keeps them (and async invocations) through a node's loss.
     js_replicas: int = 1
+    # NATS authentication (shared/auth.py, docs/security.md). `nats_auth` says the bus
+    # and the HTTP/gRPC fronts authenticate: ingress then wants a bearer token (an API
+    # key from `gfaas tenant add`) on every route but health. `gfaas up` turns it on
+    # unless --insecure. This service's NATS identity: a gfaas credentials file
+    # (`nats_creds`, JSON with user and password) or the user and password themselves.
+    # `auth_dir`: where the generated credentials, API key hashes and the server's
+    # accounts live ("": state_dir/auth).
+    nats_auth: bool = False
+    nats_creds: str = ""
+    nats_user: str = ""
+    nats_password: str = ""
+    auth_dir: str = ""
+    # TLS for NATS: the CA clients verify the server with; for the embedded server of
+    # `gfaas up`, its certificate and key (set both and it serves tls:// only).
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
     # Metrics (shared.metrics): OpenTelemetry metrics served as Prometheus text on
     # http_host:metrics_port; -1 is the service's port in DEFAULT_METRICS_PORTS, 0 any
     # free port (each service's status says which). metrics_enabled False: none served.
@@ -100,6 +117,9 @@ class Settings:
     # all (0: the device tier's size), sharing the device's time in windows of
     # `token_window_s` (below).
     agent_enabled: bool = True
+    # Instance processes kept started (interpreter and torch loaded) while any
+    # deployed function runs as instances: a start from zero takes one.
+    agent_spares: int = 1
     agent_memory_mb: int = 0
     # 20 ms: a request that finds its instance's quota used waits for the next window,
     # and 100 ms windows cost SLOs of tens of ms up to 75 ms (bench.live_sharing).

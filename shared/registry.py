@@ -37,6 +37,8 @@ class Registry(Generic[S]):
             "workflow" if kind is WorkflowSpec else "function"
         )
         self._specs: dict[str, S] = {}
+        # The bucket's revision of each spec: its version (every deploy makes one).
+        self._revisions: dict[str, int] = {}
         self._synced = anyio.Event()
 
     @staticmethod
@@ -70,6 +72,16 @@ class Registry(Generic[S]):
             return None
         return self._valid(name, decode(entry.value, self._kind)) if entry.value else None
 
+    async def fetch_revision(self, name: str) -> int:
+        """The bucket's revision of `name`'s spec: its version (0: not deployed)."""
+        if not is_valid_name(name):
+            return 0
+        try:
+            entry = await self._kv.get(name)
+        except (KeyNotFoundError, KeyDeletedError):
+            return 0
+        return entry.revision or 0
+
     async def fetch_all(self) -> list[S]:
         try:
             keys = await self._kv.keys()
@@ -100,6 +112,15 @@ class Registry(Generic[S]):
     def all(self) -> list[S]:
         return sorted(self._specs.values(), key=lambda s: s.name)
 
+    def version(self, name: str) -> int:
+        """The watched revision of `name`'s spec (0: not heard yet)."""
+        return self._revisions.get(name, 0)
+
+    @property
+    def synced(self) -> bool:
+        """Has the watch delivered the bucket's contents (is `specs` the whole of it)?"""
+        return self._synced.is_set()
+
     async def wait_synced(self) -> None:
         await self._synced.wait()
 
@@ -126,6 +147,7 @@ class Registry(Generic[S]):
                     self._specs.pop(entry.key, None)
                 else:
                     self._specs[entry.key] = spec
+                    self._revisions[entry.key] = entry.revision or 0
         finally:
             with anyio.CancelScope(shield=True):
                 await watcher.stop()

@@ -76,6 +76,9 @@ class ErrorCode(StrEnum):
     # callers that can, lease in host memory instead.
     NO_POOL = "no_pool"
     QUOTA_EXCEEDED = "quota_exceeded"  # a tenant's share of the node's pools is used up
+    # No configuration of the function meets its SLO on this node's devices, and its
+    # spec says to refuse (`slo_unmeetable = "reject"`) rather than serve late.
+    SLO_UNMEETABLE = "slo_unmeetable"
 
 
 # Failures that are the caller's (or its function's) doing: retrying cannot help, so
@@ -92,6 +95,8 @@ CALLER_FAULTS: Final = frozenset(
         # Final, as it was when the broker said it with bad_request: a node does not
         # gain a pool between attempts.
         ErrorCode.NO_POOL,
+        # The function's spec asks for an SLO no configuration of it meets.
+        ErrorCode.SLO_UNMEETABLE,
     }
 )
 
@@ -200,6 +205,9 @@ class FunctionSpec(_Msg):
     # CPU's cores) and its time (a token window). 0: the autoscaler chooses.
     sm_share: float = 0.0
     time_quota: float = 0.0
+    # When no configuration meets slo_ms: serve anyway ("best_effort") or answer
+    # each request `slo_unmeetable` ("reject").
+    slo_unmeetable: str = "best_effort"
 
 
 class InvokeRequest(_Msg):
@@ -398,6 +406,8 @@ class StartInstance(_Msg):
     # Where the packer put its SM share (a fraction from the left): on a CPU, which
     # of the node's cores it gets.
     sm_offset: float = 0.0
+    # The function's version (its spec's registry revision) the instance serves.
+    version: int = 0
 
 
 class InstanceFailed(_Msg):
@@ -428,6 +438,7 @@ class InstanceInfo(_Msg):
     ready_s: float = 0.0
     # FAILED: why it could not start (kept in beats for a while, then forgotten).
     error: ErrorInfo | None = None
+    version: int = 0  # see StartInstance.version
 
 
 class AgentBeat(_Msg):

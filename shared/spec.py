@@ -54,6 +54,10 @@ def check_function(spec: FunctionSpec, *, source: str = "<spec>") -> None:
 
 
 def _check_scaling(spec: FunctionSpec, source: str) -> None:
+    if spec.slo_unmeetable not in ("best_effort", "reject"):
+        raise SpecError(
+            f"{source}: slo_unmeetable ({spec.slo_unmeetable!r}) is 'best_effort' or 'reject'"
+        )
     if spec.min_instances < 0 or spec.max_instances < 0:
         raise SpecError(f"{source}: min_instances and max_instances must not be negative")
     if spec.max_instances and spec.min_instances > spec.max_instances:

@@ -159,3 +159,11 @@ def die(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if bool((x < 0).any()):
         os._exit(3)
     return {"y": x}
+
+
+def allocate(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Allocates `mb` MiB on the instance's device (a memory cap's test)."""
+    mb = int(inputs["mb"].item())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    block = torch.empty(mb * 1024 * 1024, dtype=torch.uint8, device=device)
+    return {"bytes": torch.tensor([block.numel()])}

@@ -51,7 +51,7 @@ def beat(*instances: InstanceInfo, agent: str = "a") -> AgentBeat:
 
 
 def books() -> Instances:
-    return Instances(bus=cast(Any, None), registry=cast(Any, None), heartbeat_s=0.1)
+    return Instances(bus=cast(Any, None), registry=cast(Any, None), timeout_s=0.5)
 
 
 def test_an_instance_that_leaves_its_agents_beat_is_lost_and_a_failed_start_said_once() -> None:

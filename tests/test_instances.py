@@ -269,3 +269,122 @@ async def test_profile_measures_the_grid_and_the_scheduler_plans_with_it(
     with pytest.raises(GfaasError) as err:
         await client.profile("echo-none")
     assert err.value.code is ErrorCode.UNKNOWN_FUNCTION
+
+
+async def test_a_start_from_zero_takes_a_prestarted_spare(
+    agent_platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    spec = FunctionSpec(name="echo-s", handler="tests.funcs:echo", max_instances=1, idle_s=60)
+    await deploy_and_wait(nc, spec)
+
+    async def agent_details() -> dict[str, Any]:
+        for status in await client.status_all("gpu-worker", timeout=1.0):
+            if "agent" in status.details:
+                return dict(status.details["agent"])
+        raise AssertionError("no agent answered")
+
+    # Instances are wanted on this node now: the agent keeps a spare started.
+    with anyio.fail_after(10):
+        while (await agent_details())["spares"] < 1:
+            await anyio.sleep(0.1)
+    await anyio.sleep(3.0)  # its imports done (it waits on its assignment)
+    started = time.monotonic()
+    out = await client.invoke("echo-s", {"x": np.array([1.0], dtype=np.float32)}, timeout=30)
+    first_s = time.monotonic() - started
+    assert out["y"].tolist() == [1.0]
+    details = await agent_details()
+    assert details["started_from_spares"] == 1
+    print(f"first request from zero with a spare: {first_s:.3f} s")
+
+
+@pytest.mark.parametrize("when", ["reject", "best_effort"])
+async def test_a_function_no_configuration_can_serve_in_time_is_refused_or_served_late(
+    agent_platform: Platform, nc: NATS, when: str
+) -> None:
+    client = Client(nc)
+    # 10 ms of CPU a call against an SLO of 5 ms: no share of this device meets it.
+    spec = FunctionSpec(
+        name=f"late-{when.replace('_', '-')}",
+        handler="bench.sharing_funcs:spin10",
+        max_instances=1,
+        slo_ms=5,
+        slo_unmeetable=when,
+        inputs=[TensorSpec(name="ms", dtype=DType.FLOAT32, shape=[1])],
+    )
+    await deploy_and_wait(nc, spec)
+    await client.profile(spec.name)
+    await anyio.sleep(0.5)  # a scaling round plans with the profile
+    x = {"ms": np.array([1.0], dtype=np.float32)}
+    if when == "reject":
+        with pytest.raises(GfaasError) as err:
+            await client.invoke(spec.name, x, timeout=20)
+        assert err.value.code is ErrorCode.SLO_UNMEETABLE
+        assert "SLO of 5 ms" in err.value.reason
+    else:
+        out = await client.invoke(spec.name, x, timeout=20)
+        assert out["spins"].shape == (1,)
+
+
+async def test_instances_of_a_device_that_goes_are_placed_on_another(
+    nats_server: NatsServer, tmp_path: Path, nc: NATS
+) -> None:
+    with platform_at(nats_server.url, tmp_path / "state", workers=2, agent_memory_mb=600) as p:
+        client = Client(nc)
+        spec = FunctionSpec(
+            name="echo-m", handler="tests.funcs:echo", min_instances=1, max_instances=1
+        )
+        await deploy_and_wait(nc, spec)
+        with anyio.fail_after(30):
+            while True:
+                live = (await client.status("scheduler")).details["instances"]["live"]
+                mine = [i for i in live.get("echo-m", []) if i["state"] == "ready"]
+                if mine:
+                    break
+                await anyio.sleep(0.1)
+        first = mine[0]["agent"]
+        other = "w1" if first == "w0" else "w0"
+        # Its device goes (the worker, agent of that device, stops with its instances).
+        await anyio.to_thread.run_sync(p.stop, f"worker-{first[1:]}")
+        with anyio.fail_after(30):
+            while True:
+                live = (await client.status("scheduler")).details["instances"]["live"]
+                moved = [i for i in live.get("echo-m", []) if i["state"] == "ready"]
+                if moved and moved[0]["agent"] == other:
+                    break
+                await anyio.sleep(0.1)
+        out = await client.invoke("echo-m", {"x": np.array([3.0], dtype=np.float32)}, timeout=20)
+        assert out["y"].tolist() == [3.0]
+
+
+async def test_a_redeploy_is_served_by_new_instances_with_no_failed_call(
+    agent_platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    v1 = FunctionSpec(name="ver-i", handler="tests.funcs:echo", min_instances=1, max_instances=1)
+    await deploy_and_wait(nc, v1)
+    (old,) = await wait_instances(nc, "ver-i", 1)
+    x = np.array([1.0], dtype=np.float32)
+    assert (await client.invoke("ver-i", {"x": x}, timeout=30))["y"].tolist() == [1.0]
+    # New handler code under the same name.
+    await client.deploy(
+        FunctionSpec(name="ver-i", handler="tests.funcs:add_one", min_instances=1, max_instances=1)
+    )
+    answers: list[float] = []
+    with anyio.fail_after(40):
+        while not answers or answers[-1] != 2.0:
+            out = await client.invoke("ver-i", {"x": x}, timeout=30)  # never fails
+            answers.append(float(out["y"][0]))
+            await anyio.sleep(0.05)
+    assert set(answers) <= {1.0, 2.0}
+    # The old instance drains and goes; the new one serves alone.
+    with anyio.fail_after(20):
+        while True:
+            live = (await client.status("scheduler")).details["instances"]["live"]
+            ids = {i["instance"] for i in live.get("ver-i", [])}
+            if old.instance_id not in ids and ids:
+                break
+            await anyio.sleep(0.1)
+    versions = {i["version"] for i in live["ver-i"]}
+    assert len(versions) == 1, versions
+    assert versions != {old.version}, (versions, old.version)

@@ -18,13 +18,14 @@ converges on what is true, crashes included.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -96,7 +97,74 @@ class Running:
             cores=sorted(self.cores),
             ready_s=round(self.ready_s, 3),
             error=self.error,
+            version=c.version,
         )
+
+
+class Spares:
+    """Pre-started instance processes (services/gpu_worker/standby.py): a start takes
+    one and assigns it, so no request waits for an interpreter and torch to load."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.leaving: list[subprocess.Popen[bytes]] = []
+        self.taken = 0
+
+    def spawn(self) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        # Instances share cores with each other and with the node's services: torch's
+        # OpenMP threads spinning at every barrier made a 100-layer MLP's first call
+        # take 1 s instead of 40 ms here (read by OpenMP when torch loads: set now).
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.gpu_worker.standby"],
+            stdin=subprocess.PIPE,
+            env=env,
+            preexec_fn=die_with_parent,
+        )
+
+    def take(self) -> subprocess.Popen[bytes] | None:
+        while self.procs:
+            proc = self.procs.pop(0)
+            if proc.poll() is None:
+                self.taken += 1
+                return proc
+        return None
+
+    @staticmethod
+    def assign(proc: subprocess.Popen[bytes], env: dict[str, str]) -> None:
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(env).encode() + b"\n")
+        proc.stdin.close()
+
+    def keep(self, wanted: bool) -> None:
+        """Up to `size` spares while instances are wanted on this node; none else."""
+        self.procs = [p for p in self.procs if p.poll() is None]
+        self.leaving = [p for p in self.leaving if p.poll() is None]
+        if not wanted:
+            for proc in self.procs:
+                if proc.stdin is not None:
+                    proc.stdin.close()  # EOF: it exits (reaped by a later call)
+            self.leaving += self.procs
+            self.procs = []
+            return
+        while len(self.procs) < self.size:
+            self.procs.append(self.spawn())
+
+    def close(self) -> None:
+        """Every spare gone (blocking: from a thread)."""
+        for proc in self.procs:
+            if proc.stdin is not None and not proc.stdin.closed:
+                proc.stdin.close()  # EOF: it exits
+        for proc in [*self.procs, *self.leaving]:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs, self.leaving = [], []
 
 
 @dataclass
@@ -153,6 +221,7 @@ class Agent:
         self._waits: dict[str, anyio.CancelScope] = {}
         self.started = 0
         self.crashed = 0
+        self.spares = Spares(settings.agent_spares)
 
     # -- commands ---------------------------------------------------------------------
 
@@ -202,11 +271,9 @@ class Agent:
             log.warning("instance.refused", instance=cmd.instance_id, reason=reason)
             return AgentReply(error=ErrorInfo(code=ErrorCode.OVERLOADED, reason=reason))
         try:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "services.gpu_worker"],
-                env=self._env(cmd, cores),
-                preexec_fn=die_with_parent,
-            )
+            # A spare that imported everything already, or a process started now.
+            process = self.spares.take() or self.spares.spawn()
+            self.spares.assign(process, self._assignment(cmd, cores))
         except OSError as exc:
             self.runner.remove(cmd.instance_id)
             reason = f"could not start the instance process: {exc}"
@@ -242,10 +309,9 @@ class Agent:
             running.process.send_signal(signal.SIGTERM)  # it drains, then exits
         log.info("instance.stopping", instance=running.command.instance_id)
 
-    def _env(self, cmd: StartInstance, cores: frozenset[int]) -> dict[str, str]:
-        s = self.settings
-        env = dict(os.environ)
-        env.update(settings_env(s))
+    def _assignment(self, cmd: StartInstance, cores: frozenset[int]) -> dict[str, str]:
+        """The environment an instance runs with, beyond the agent's own."""
+        env = settings_env(self.settings)
         budget_mb = max(1, -(-cmd.memory_bytes // MB))
         env.update(
             {
@@ -259,7 +325,6 @@ class Agent:
                 "GFAAS_AGENT_ENABLED": "false",
                 # Each instance its own metrics port, any free one (its status says which).
                 "GFAAS_METRICS_PORT": "0",
-                "PYTHONUNBUFFERED": "1",
             }
         )
         if self.spatial.mode == "mps" and self.spatial.mps_dirs is not None:
@@ -379,10 +444,20 @@ class Agent:
             "memory_used": self.memory_used(),
             "started": self.started,
             "crashed": self.crashed,
+            "spares": len(self.spares.procs),
+            "started_from_spares": self.spares.taken,
             "instances": [msg_dict(r.info()) for r in self.instances.values()],
         }
 
+    def keep_spares(self, wanted: bool) -> None:
+        """Spares while instances are wanted here; refilled only while no instance is
+        starting (a spare's imports would slow that start down)."""
+        starting = any(r.state is InstanceState.STARTING for r in self.instances.values())
+        if not wanted or not starting:
+            self.spares.keep(wanted)
+
     async def shutdown(self) -> None:
+        await anyio.to_thread.run_sync(self.spares.close)
         for running in self.instances.values():
             self._terminate(running)
         with anyio.move_on_after(STOP_GRACE_S):
@@ -421,7 +496,8 @@ class AgentService:
     nc: NATS
     agent: Agent
     heartbeat_s: float
-    subs: list[object] = field(default_factory=list)
+    # Are instances wanted on this node (some deployed function runs as instances)?
+    wanted: Callable[[], bool] = lambda: False
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         agent = self.agent
@@ -467,6 +543,7 @@ class AgentService:
                     changed = agent.reap()
                     if changed or elapsed >= self.heartbeat_s:
                         elapsed = 0.0
+                        agent.keep_spares(self.wanted())
                         await self.beat()
             finally:
                 with anyio.CancelScope(shield=True):

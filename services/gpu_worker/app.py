@@ -15,12 +15,15 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Awaitable, Callable
+from typing import cast
 
 import anyio
 import torch
 from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
 
 from services.gpu_worker import profiler, state
 from services.gpu_worker.agent import Agent, AgentService, spatial_for
@@ -59,6 +62,7 @@ from shared.schema import (
 )
 from shared.service import every
 from shared.sharing.cpu import pin
+from shared.spec import wants_instances
 
 log = get_logger("gpu_worker")
 
@@ -174,15 +178,26 @@ async def serve(
     else:
         torch.set_num_threads(max(1, settings.threads))
     worker_id = settings.worker_id or default_worker_id(device)
-    async with connected(settings.nats_url, f"gfaas-worker-{worker_id}") as nc:
+    setup = state.SetupClock()
+    async with connected(settings.nats_url, f"gfaas-worker-{worker_id}", settings=settings) as nc:
+        setup.mark("connect")
         js = nc.jetstream()
         max_payload = effective_max_payload(settings, nc.max_payload)
-        registry = await Registry.open(js, replicas=settings.js_replicas)
-        models = await ModelStore.open(js, replicas=settings.js_replicas)
-        results = ResultStore(
-            await jetstream.results_kv(js, replicas=settings.js_replicas),
-            max_payload=max_payload,
-        )
+        # The three stores at once: each is a round trip or two to JetStream.
+        opened: dict[str, object] = {}
+        async with anyio.create_task_group() as tg:
+
+            async def open_into(key: str, opener: Callable[[], Awaitable[object]]) -> None:
+                opened[key] = await opener()
+
+            r = settings.js_replicas
+            tg.start_soon(open_into, "registry", lambda: Registry.open(js, replicas=r))
+            tg.start_soon(open_into, "models", lambda: ModelStore.open(js, replicas=r))
+            tg.start_soon(open_into, "results", lambda: jetstream.results_kv(js, replicas=r))
+        registry = cast(Registry[FunctionSpec], opened["registry"])
+        models = cast(ModelStore, opened["models"])
+        results = ResultStore(cast(KeyValue, opened["results"]), max_payload=max_payload)
+        setup.mark("stores")
         books = state.Books(
             worker_id=worker_id,
             device=device,
@@ -191,6 +206,7 @@ async def serve(
             capacity=settings.capacity,
             function=function,
             agent=settings.instance_agent,
+            setup_ms=setup.steps,
         )
         handlers = HandlerCache(
             device=device,
@@ -229,6 +245,7 @@ async def serve(
         )
         if function and not await become_instance(nc, settings, registry, handlers, books):
             return
+        setup.mark("handler")
         agent = None
         if settings.agent_enabled and not function:
             agent = Agent(
@@ -259,10 +276,21 @@ async def serve(
                 metrics.WorkerMetrics(
                     telemetry.meter,
                     loads=lambda: {"device": handlers.loads, "host": handlers.host_tier.loads},
+                    # Device memory, utilisation and the device tier's bytes (state.py).
+                    device_bytes=lambda: sum(handlers.sizes().values()),
+                    device=device,
+                    device_memory=lambda: state.memory_by_kind(device),
+                    utilization=lambda: state.utilization(device),
                 )
             )
             if agent is not None:
-                await service_tg.start(AgentService(nc, agent, settings.heartbeat_s).run)
+                service = AgentService(
+                    nc,
+                    agent,
+                    settings.heartbeat_s,
+                    wanted=lambda: any(wants_instances(s) for s in registry.all()),
+                )
+                await service_tg.start(service.run)
             async with anyio.create_task_group() as running:
 
                 async def on_run(msg: Msg) -> None:

@@ -114,7 +114,13 @@ class Runs:
                 job.headers,
                 kind=SpanKind.CONSUMER,
                 invocation_id=meta.invocation_id,
-                attributes={"gfaas.function": meta.function, "gfaas.worker": self.worker_id},
+                attributes={
+                    "gfaas.function": meta.function,
+                    "gfaas.worker": self.worker_id,
+                    **tracing.nats_attributes(
+                        subjects.worker_run(self.worker_id), tenant=meta.tenant
+                    ),
+                },
             ) as span:
                 claimed = 0
                 failure: GfaasError | None = None
@@ -135,12 +141,14 @@ class Runs:
                 self.metrics.finished(meta.function, meta.tenant, outcome)
                 if failure is not None and failure.code is not ErrorCode.SUPERSEDED:
                     await self._log_failure(meta, failure)
-                # Done first: whoever sent this then knows the slot is free before
-                # the caller, answered, can send its next invocation.
-                done = True
-                await self.done(job, ok=ok, exec_ms=exec_ms, outcome=outcome)
-                if job.reply:
-                    await self.bus.send_reply(job.reply, reply)
+            # The span ends before the caller is answered: the caller's (the trace's
+            # root) ends once the reply is in, so it covers this one.
+            # Done first: whoever sent this then knows the slot is free before
+            # the caller, answered, can send its next invocation.
+            done = True
+            await self.done(job, ok=ok, exec_ms=exec_ms, outcome=outcome)
+            if job.reply:
+                await self.bus.send_reply(job.reply, reply)
         except Exception as exc:  # a bug must cost one request, not the worker
             log.exception("run.crashed", invocation_id=meta.invocation_id)
             await self.bus.reply_error(job.reply, meta.invocation_id, ErrorCode.INTERNAL, repr(exc))

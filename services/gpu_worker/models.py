@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import anyio
 
+from shared import tracing
 from shared.config import Settings
 from shared.errors import GfaasError
 from shared.function import LoadContext, contract_problem, handler_refusal, resolve
@@ -183,7 +184,12 @@ class HandlerCache:
                 return entry
             if entry is not None:  # redeployed with another spec
                 self._drop(spec.name)
-            entry = await self._load(spec, wait_s)
+            with tracing.tracer().start_as_current_span(
+                "worker model load",
+                attributes={"gfaas.function": spec.name, "gfaas.model": spec.model},
+            ) as span:
+                entry = await self._load(spec, wait_s)
+                span.set_attribute("gfaas.bytes", entry.size)
             self._loaded[spec.name] = entry
             return entry
 
@@ -195,7 +201,10 @@ class HandlerCache:
         host: HostModel | None = None
         weights: Path | None = None
         if spec.model:
-            weights = await self._fetch(spec.model)
+            with tracing.tracer().start_as_current_span(
+                "worker model fetch", attributes={"gfaas.model": spec.model}
+            ):
+                weights = await self._fetch(spec.model)
             try:
                 host = await anyio.to_thread.run_sync(
                     self.host_tier.get_or_load, spec.model, weights.stem, lambda: weights
@@ -225,9 +234,13 @@ class HandlerCache:
             group_bytes=self.group_bytes,
         )
         try:
-            handler = await anyio.to_thread.run_sync(
-                build_handler, spec, ctx, self.handler_packages
-            )
+            # Swap-in: the weights onto the device and the handler built.
+            with tracing.tracer().start_as_current_span(
+                "worker swap-in", attributes={"gfaas.bytes": size, "gfaas.device": self.device}
+            ):
+                handler = await anyio.to_thread.run_sync(
+                    build_handler, spec, ctx, self.handler_packages
+                )
         except BaseException as exc:
             self.cache = self.cache.release(spec.name).evict([spec.name])
             self._note_unpinned()

@@ -4,6 +4,7 @@ heartbeat and status details built from them."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import anyio
@@ -12,6 +13,21 @@ from services.gpu_worker.device import memory_info
 from services.gpu_worker.models import HandlerCache
 from services.gpu_worker.staging import Staging
 from shared.schema import WorkerHeartbeat, now_millis
+
+
+class SetupClock:
+    """How long each step of a worker's start took, in ms (an instance's cold start:
+    its status shows them)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.last = self.started
+        self.steps: dict[str, float] = {}
+
+    def mark(self, step: str) -> None:
+        now = time.perf_counter()
+        self.steps[step] = round((now - self.last) * 1000.0, 1)
+        self.last = now
 
 
 @dataclass
@@ -35,6 +51,8 @@ class Books:
     # An instance: the one function it serves, and the agent that started it.
     function: str = ""
     agent: str = ""
+    # Its start, step by step (SetupClock.steps).
+    setup_ms: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -91,6 +109,7 @@ def details(books: Books, handlers: HandlerCache, staging: Staging) -> dict[str,
         "worker_id": books.worker_id,
         "device": books.device,
         "function": books.function,
+        "setup_ms": books.setup_ms,
         "inflight": books.inflight,
         "completed": books.completed,
         "failed": books.failed,
@@ -114,3 +133,35 @@ def details(books: Books, handlers: HandlerCache, staging: Staging) -> dict[str,
         },
         "memory_free": hb.memory_free,
     }
+
+
+# -- metrics (shared.metrics.WorkerMetrics): read in the scrape's thread ---------------------
+
+
+def memory_by_kind(device: str) -> dict[str, int]:
+    """`gfaas_device_memory_bytes{kind}`: the device's memory (NVML on CUDA, the host's
+    on CPU), as the heartbeat reports it."""
+    mem = memory_info(device)
+    return {"total": mem.total, "used": mem.used, "free": mem.free}
+
+
+def utilization(device: str) -> float | None:
+    """`gfaas_device_utilization`: how busy the device was lately, 0..1 (NVML's
+    GPU utilisation on CUDA, the host's CPU utilisation since the last call on CPU);
+    None when it cannot be read."""
+    if device.startswith("cuda"):
+        from services.gpu_worker import device_cuda
+
+        if not device_cuda._nvml():
+            return None
+        import pynvml
+
+        try:
+            index = int(device.partition(":")[2] or 0)
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            return float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu) / 100.0
+        except Exception:  # NVML error: no sample rather than a failed scrape
+            return None
+    import psutil
+
+    return float(psutil.cpu_percent(interval=None)) / 100.0

@@ -62,7 +62,7 @@ async def serve(
 ) -> None:
     instance = instance_name()
     scheduler_id = f"{instance}-{secrets.token_hex(3)}"
-    async with connected(settings.nats_url, "gfaas-scheduler") as nc:
+    async with connected(settings.nats_url, "gfaas-scheduler", settings=settings) as nc:
         js = nc.jetstream()
         registry = await Registry.open(js, replicas=settings.js_replicas)
         models = await ModelStore.open(js, replicas=settings.js_replicas)
@@ -91,7 +91,14 @@ async def serve(
                 metrics.serve, settings, "scheduler", scheduler_id, lambda: nc.is_connected
             )
             scheduler.metrics = metrics.SchedulerMetrics(
-                telemetry.meter, lambda: len(scheduler.state.pending)
+                telemetry.meter,
+                lambda: len(scheduler.state.pending),
+                # gfaas_instances{function,state}: the instances the agents last reported.
+                lambda: [
+                    (i.function, str(i.state))
+                    for book in list(scheduler.instances.agents.values())
+                    for i in book.beat.instances
+                ],
             )
             # Heartbeats first, so a restarted scheduler learns the workers before
             # it is asked to place anything.

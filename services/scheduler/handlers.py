@@ -80,7 +80,7 @@ class Scheduler:
         # Models whose size was asked of the object store (once each).
         self._sized: set[str] = set()
         # Function instances: agents' devices, and the autoscaler carried out.
-        self.instances = Instances(bus, registry, settings.heartbeat_s)
+        self.instances = Instances(bus, registry, settings.worker_timeout_s)
 
     # -- events -------------------------------------------------------------------------
 
@@ -93,7 +93,10 @@ class Scheduler:
             headers,
             kind=SpanKind.CONSUMER,
             invocation_id=meta.invocation_id,
-            attributes={"gfaas.function": meta.function},
+            attributes={
+                "gfaas.function": meta.function,
+                **tracing.nats_attributes(subjects.SCHEDULE, tenant=meta.tenant),
+            },
         ) as span:
             spec = await self.registry.lookup(meta.function)
             if spec is None:
@@ -137,6 +140,13 @@ class Scheduler:
                     meta.invocation_id,
                     ErrorCode.NO_WORKER,
                     f"{spec.name!r} runs as instances and no node agent is running",
+                )
+                return
+            unmeetable = self.instances.unmeetable(spec)
+            if unmeetable is not None:
+                tracing.mark_error(span, ErrorCode.SLO_UNMEETABLE, unmeetable)
+                await self.bus.reply_error(
+                    reply, meta.invocation_id, ErrorCode.SLO_UNMEETABLE, unmeetable
                 )
                 return
             worker_id = await self._place(inv, now, span)

@@ -15,6 +15,7 @@ This module keeps the books and does the I/O; the decisions are the pure policie
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 import time
 from collections import deque
@@ -58,8 +59,6 @@ COMMAND_TIMEOUT_S = 2.0
 START_LOST_S = 10.0
 # Configurations one round may try for a function before it says none fits.
 MAX_AVOIDED = 8
-# An agent silent this long (in heartbeats) is gone, and its instances with it.
-AGENT_TIMEOUT_BEATS = 3.0
 
 
 @dataclass
@@ -91,7 +90,9 @@ class Observed:
 class Instances:
     bus: Bus
     registry: Registry[FunctionSpec]
-    heartbeat_s: float
+    # An agent silent this long is gone, and its instances with it (as for a worker:
+    # Settings.worker_timeout_s).
+    timeout_s: float
     clock: Callable[[], float] = time.monotonic
     agents: dict[str, AgentBook] = field(default_factory=dict)
     commanded: dict[str, Commanded] = field(default_factory=dict)
@@ -107,6 +108,7 @@ class Instances:
     # Measured profiles (`gfaas profile`), by function.
     profiles: dict[str, tuple[ProfilePoint, ...]] = field(default_factory=dict)
     profiling: set[str] = field(default_factory=set)  # asked for once each
+    best_p99: dict[str, float] = field(default_factory=dict)  # over its profile's rows
     last: dict[str, ScaleDecision] = field(default_factory=dict)
     started: int = 0
     stopped: int = 0
@@ -166,7 +168,7 @@ class Instances:
     def expire(self, now: float) -> list[str]:
         """Agents gone silent, and commands never confirmed: the instances lost."""
         lost: list[str] = []
-        timeout = AGENT_TIMEOUT_BEATS * self.heartbeat_s
+        timeout = self.timeout_s
         for agent_id, book in list(self.agents.items()):
             if now - book.last_seen > timeout:
                 log.warning("agent.lost", agent=agent_id, instances=len(book.beat.instances))
@@ -198,6 +200,18 @@ class Instances:
             self.profiles[profile.function] = tuple(rows)
             log.info("profile.learned", function=profile.function, rows=len(rows))
 
+    def unmeetable(self, spec: FunctionSpec) -> str | None:
+        """Why a request for `spec` is refused at once: its spec says to reject when no
+        configuration meets its SLO, and the last plan found none; else None."""
+        plan = self.last.get(spec.name)
+        if spec.slo_unmeetable != "reject" or plan is None or not plan.slo_unmeetable:
+            return None
+        best = self.best_p99.get(spec.name, math.inf)
+        return (
+            f"no configuration of {spec.name!r} meets its SLO of {spec.slo_ms:g} ms on "
+            f"this platform's devices (the best p99 measured is {best:g} ms)"
+        )
+
     def unprofiled(self) -> list[str]:
         """Instanced functions with declared inputs and no profile, not yet asked for."""
         out = [
@@ -225,6 +239,25 @@ class Instances:
         ]
         out += [(c.agent, c.info) for c in self.commanded.values() if c.info.function == function]
         return out
+
+    def current(self, spec: FunctionSpec) -> list[tuple[str, InstanceInfo]]:
+        """Instances of `spec` as deployed now (its version); the others are old."""
+        version = self.registry.version(spec.name)
+        return [(a, i) for a, i in self.instances_of(spec.name) if i.version == version]
+
+    async def retire_old(self, spec: FunctionSpec, now: float) -> None:
+        """A redeploy: instances of the earlier version serve until one of the new
+        version is ready, then drain and go (no call fails for the change); one the
+        new version never replaced goes after idle_s, as any idle instance."""
+        version = self.registry.version(spec.name)
+        ready = any(i.state is InstanceState.READY for _, i in self.current(spec))
+        for _, info in self.instances_of(spec.name):
+            if info.version == version:
+                continue
+            idle = now - self.used.setdefault(info.instance_id, now) >= spec.idle_s
+            if ready or idle:
+                log.info("instance.outdated", instance=info.instance_id, version=info.version)
+                await self.stop(info.instance_id)
 
     def any_agent(self) -> bool:
         return bool(self.agents)
@@ -274,6 +307,8 @@ class Instances:
             return await self._scale(now, seen, only)
 
     async def _scale(self, now: float, seen: Observed, only: str | None) -> list[ScaleDecision]:
+        if only is None:
+            await self._stop_orphans()
         decisions = []
         for spec in self.registry.all():
             if not wants_instances(spec) or (only is not None and spec.name != only):
@@ -282,6 +317,10 @@ class Instances:
         return decisions
 
     async def _scale_one(self, spec: FunctionSpec, now: float, seen: Observed) -> ScaleDecision:
+        await self.retire_old(spec, now)
+        return await self._decide(spec, now, seen)
+
+    async def _decide(self, spec: FunctionSpec, now: float, seen: Observed) -> ScaleDecision:
         """The autoscaler's decision for one function, carried out. A configuration no
         device has room for is avoided and the decision made again, so a function
         never waits on a configuration that cannot be placed while another could."""
@@ -289,22 +328,54 @@ class Instances:
         while True:
             load = self.load(spec, now, seen.waiting.get(spec.name, 0), seen.busy, seen.exec_ms)
             decision = autoscale.scale(dataclasses.replace(load, avoid=frozenset(avoid)), now)
+            self.best_p99[spec.name] = min(p.p99_ms for p in load.profile)
             if decision.add and self.backoff.get(spec.name, 0.0) > now:
                 decision = _without_adds(decision)
             self.last[spec.name] = decision
-            if decision.slo_unmeetable and decision.add:
-                # Served best effort, and said: no configuration meets the SLO.
-                self._say(spec.name, "slo_unmeetable", f"SLO {spec.slo_ms:g} ms")
+            if decision.slo_unmeetable:
+                # Said once; served best effort, or refused (`unmeetable`) as the
+                # spec says.
+                self._say(
+                    spec.name, "slo_unmeetable", f"SLO {spec.slo_ms:g} ms, {spec.slo_unmeetable}"
+                )
+                if spec.slo_unmeetable == "reject":
+                    decision = _without_adds(decision)
             refused = await self._carry_out(spec, decision, seen.resident)
             if refused is None:
                 self.unplaced.pop(spec.name, None)
                 return decision
             config, reason = refused
+            if await self._make_way(spec):
+                return decision  # the next round places the new version
             if config in avoid or len(avoid) >= MAX_AVOIDED:
                 self.unplaced[spec.name] = reason
                 self._say(spec.name, "unplaced", reason)
                 return decision
             avoid.add(config)
+
+    async def _make_way(self, spec: FunctionSpec) -> bool:
+        """No room for an instance of the new version beside the old ones: those go
+        now (they finish what they run; what comes meanwhile waits for the new one
+        in the queue rather than fail). True when any was stopped."""
+        version = self.registry.version(spec.name)
+        old = [i for _, i in self.instances_of(spec.name) if i.version != version]
+        for info in old:
+            log.info("instance.outdated", instance=info.instance_id, version=info.version)
+            await self.stop(info.instance_id)
+        return bool(old)
+
+    async def _stop_orphans(self) -> None:
+        """Instances of a function removed (or no longer run as instances) go."""
+        if not self.registry.synced:
+            return  # not yet the whole registry: every function would look removed
+        specs = self.registry.specs
+        for _, book in list(self.agents.items()):
+            for info in book.beat.instances:
+                spec = specs.get(info.function)
+                wanted = spec is not None and wants_instances(spec)
+                if not wanted and info.state in (InstanceState.STARTING, InstanceState.READY):
+                    log.info("instance.orphaned", instance=info.instance_id, function=info.function)
+                    await self.stop(info.instance_id)
 
     def _say(self, function: str, what: str, reason: str) -> None:
         """A warning once per function and reason, not once a tick."""
@@ -322,7 +393,7 @@ class Instances:
     ) -> FunctionLoad:
         fixed = fixed_config(spec)
         instances = []
-        for _, info in self.instances_of(spec.name):
+        for _, info in self.current(spec):
             starting = info.state is not InstanceState.READY
             idle_since = self.used.setdefault(info.instance_id, now)
             last = now if starting or busy(info.instance_id) else idle_since
@@ -377,6 +448,7 @@ class Instances:
     async def start(
         self, agent_id: str, name: str, spec: FunctionSpec, config: Config, rect: packing.Rect
     ) -> bool:
+        version = self.registry.version(spec.name)
         command = StartInstance(
             instance_id=name,
             function=spec.name,
@@ -384,6 +456,7 @@ class Instances:
             time_quota=config.time_quota,
             memory_bytes=spec.memory_mb * MB,
             sm_offset=rect.x / packing.UNITS,
+            version=version,
         )
         info = InstanceInfo(
             instance_id=name,
@@ -392,6 +465,7 @@ class Instances:
             time_quota=config.time_quota,
             memory_bytes=command.memory_bytes,
             state=InstanceState.STARTING,
+            version=version,
         )
         # In the books before the command goes: a round that runs meanwhile (a tick,
         # another request from zero) counts it, and does not start another.
@@ -451,6 +525,7 @@ class Instances:
                         "cores": info.cores,
                         "inflight": inflight(info.instance_id),
                         "ready_s": info.ready_s,
+                        "version": info.version,
                     }
                 )
         return out
