@@ -210,7 +210,9 @@ async def test_a_crashed_instance_answers_worker_lost_and_is_replaced(
     client = Client(nc)
     spec = FunctionSpec(name="die-i", handler="tests.funcs:die", min_instances=1, max_instances=1)
     await deploy_and_wait(nc, spec)
-    (first,) = await wait_instances(nc, "die-i", 1)
+    with anyio.fail_after(30):  # ready: the time below is the loss's, not the start's
+        while (first := (await wait_instances(nc, "die-i", 1))[0]).state != "ready":
+            await anyio.sleep(0.1)
     started = time.monotonic()
     with pytest.raises(GfaasError) as err:
         await client.invoke("die-i", {"x": np.array([-1.0], dtype=np.float32)}, timeout=20)
