@@ -83,17 +83,25 @@ def settings_for(url: str, state_dir: Path, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-@contextmanager
 def platform_at(
-    url: str,
-    state_dir: Path,
-    *,
-    workers: int = 1,
-    auth_dir: Path | None = None,
-    **overrides: Any,
+    url: str, state_dir: Path, *, workers: int = 1, **overrides: Any
+) -> AbstractContextManager[Platform]:
+    """Every service on a background loop, as one process."""
+    return _platform(url, state_dir, workers, None, overrides)
+
+
+def auth_platform_at(
+    url: str, state_dir: Path, auth_dir: Path, *, workers: int = 1, **overrides: Any
+) -> AbstractContextManager[Platform]:
+    """`platform_at` with authentication on: each service connects as its own NATS
+    user, and HTTP and gRPC want API keys from `auth_dir`."""
+    return _platform(url, state_dir, workers, auth_dir, overrides)
+
+
+@contextmanager
+def _platform(
+    url: str, state_dir: Path, workers: int, auth_dir: Path | None, overrides: dict[str, Any]
 ) -> Iterator[Platform]:
-    """Every service on a background loop. With `auth_dir`, authentication is on: each
-    service connects as its own NATS user, and HTTP and gRPC want API keys from it."""
     settings = settings_for(url, state_dir, **overrides)
 
     def as_service(s: Settings, service: str) -> Settings:
@@ -195,10 +203,3 @@ def auth_settings(settings: Settings, service: str, auth_dir: Path) -> Settings:
             "nats_creds": str(auth_dir / f"{service}.json"),
         }
     )
-
-
-def auth_platform_at(
-    url: str, state_dir: Path, auth_dir: Path, *, workers: int = 1, **overrides: Any
-) -> AbstractContextManager[Platform]:
-    """`platform_at` with authentication on (see there)."""
-    return platform_at(url, state_dir, workers=workers, auth_dir=auth_dir, **overrides)
