@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
@@ -202,6 +203,9 @@ def _plain(value: object) -> object:
     return list(value) if isinstance(value, tuple) else value
 
 
+_ENCODER = msgspec.json.Encoder(enc_hook=str)
+
+
 class SpanFileExporter(SpanExporter):
     """Finished spans as JSON lines in `<directory>/<service>-<pid>.jsonl`; past
     `max_bytes` the file becomes `<service>-<pid>.1.jsonl` (the one before is dropped),
@@ -219,13 +223,15 @@ class SpanFileExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if self._closed:
             return SpanExportResult.FAILURE
-        text = "".join(json.dumps(span_record(s), default=str) + "\n" for s in spans)
+        # msgspec: a third of json.dumps's time, on a thread that holds the GIL the
+        # service's loop wants.
+        text = b"".join(_ENCODER.encode(span_record(s)) + b"\n" for s in spans)
         try:
             with self._lock:
                 self.directory.mkdir(parents=True, exist_ok=True)
                 if self.path.exists() and self.path.stat().st_size + len(text) > self.max_bytes:
                     self.path.replace(self.path.with_suffix(".1.jsonl"))
-                with self.path.open("a", encoding="utf-8") as f:
+                with self.path.open("ab") as f:
                     f.write(text)
         except OSError:
             return SpanExportResult.FAILURE
