@@ -6,7 +6,9 @@ use these are in conftest.py; tests import what they need from here.
 from __future__ import annotations
 
 import os
+import re
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -135,6 +137,46 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+@dataclass
+class Up:
+    """A `gfaas up` process: the NATS URL and the line it said it was ready with,
+    and (once it stopped) its exit code."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    line: str
+    code: int | None = None
+
+
+@contextmanager
+def gfaas_up(env: dict[str, str], *args: str) -> Iterator[Up]:
+    """`gfaas up` as its own process (an embedded NATS server on a free port, one
+    worker, unless `args` say otherwise), until its ready line; SIGTERM after."""
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "gfaas", "up", "--nats-port", "-1", "--workers", "1", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
+    )
+    up: Up | None = None
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        match = re.search(r"NATS (nats://\S+),", line)
+        assert match, line
+        up = Up(proc, match.group(1), line)
+        yield up
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        if up is not None:
+            up.code = code
 
 
 def spawn_worker(nats_url: str, worker_id: str, state_dir: Path) -> subprocess.Popen[bytes]:

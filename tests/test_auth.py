@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -47,7 +46,15 @@ from shared.schema import (
     new_invocation_id,
 )
 from tests.helpers import deploy_and_wait
-from tests.platform import PYTHON, REPO, Platform, auth_nats_server, auth_platform_at, free_port
+from tests.platform import (
+    PYTHON,
+    REPO,
+    Platform,
+    auth_nats_server,
+    auth_platform_at,
+    free_port,
+    gfaas_up,
+)
 from tests.platform import subprocess_env as base_env
 from tests.specs import ECHO
 
@@ -458,24 +465,9 @@ def test_gfaas_up_authenticates_by_default(tmp_path: Path) -> None:
     spec = tmp_path / "add-one.toml"
     spec.write_text('name = "add-one"\nhandler = "tests.funcs:add_one"\nkind = "cpu"\n')
     http_port = free_port()
-    up = subprocess.Popen(
-        [
-            *(PYTHON, "-m", "gfaas", "up", "--nats-port", "-1"),
-            *("--http-port", str(http_port), "--workers", "1"),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO,
-    )
-    try:
-        assert up.stdout is not None
-        line = up.stdout.readline()
-        match = re.search(r"NATS (nats://\S+),", line)
-        assert match, line
-        assert "auth on" in line
-        url = match.group(1)
+    with gfaas_up(env, "--http-port", str(http_port)) as up:
+        assert "auth on" in up.line
+        url = up.url
 
         def gfaas(*args: str) -> str:
             done = subprocess.run(
@@ -512,9 +504,4 @@ def test_gfaas_up_authenticates_by_default(tmp_path: Path) -> None:
                 assert (await http.get("/v2", headers=keyed)).status_code == 200
 
         anyio.run(calls)
-    finally:
-        up.send_signal(signal.SIGTERM)
-        code = up.wait(60)
-        if up.stdout is not None:
-            up.stdout.close()
-    assert code == 0
+    assert up.code == 0

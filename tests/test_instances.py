@@ -124,7 +124,7 @@ async def test_fixed_time_quotas_share_the_device_in_proportion(
     nats_server: NatsServer, tmp_path: Path, nc: NATS
 ) -> None:
     # Both instances hold all cores (sm_share 1): they cannot run together, so time
-    # is all they share: 30% and 10% of each window, each its cap (the device has
+    # is all they share: 15% and 5% of each window, each its cap (the device has
     # room for both caps even on a busy 2-core machine, so the caps are what binds).
     with platform_at(nats_server.url, tmp_path / "state", agent_memory_mb=600):
         client = Client(nc)
@@ -132,7 +132,7 @@ async def test_fixed_time_quotas_share_the_device_in_proportion(
             name="spin-big",
             handler="bench.sharing_funcs:spin",
             sm_share=1.0,
-            time_quota=0.3,
+            time_quota=0.15,
             min_instances=1,
             max_instances=1,
             slo_ms=10_000,
@@ -142,7 +142,7 @@ async def test_fixed_time_quotas_share_the_device_in_proportion(
             name="spin-small",
             handler="bench.sharing_funcs:spin",
             sm_share=1.0,
-            time_quota=0.1,
+            time_quota=0.05,
             min_instances=1,
             max_instances=1,
             slo_ms=10_000,
@@ -153,7 +153,7 @@ async def test_fixed_time_quotas_share_the_device_in_proportion(
         await wait_instances(nc, "spin-small", 1)
         ms = np.array([20.0], dtype=np.float32)
         done = {"spin-big": 0, "spin-small": 0}
-        stop_at = time.monotonic() + 5.0
+        stop_at = time.monotonic() + 6.0
 
         async def saturate(name: str) -> None:
             while time.monotonic() < stop_at:
@@ -167,10 +167,12 @@ async def test_fixed_time_quotas_share_the_device_in_proportion(
                     tg.start_soon(saturate, name)
         ratio = done["spin-big"] / max(done["spin-small"], 1)
         print(f"completions {done}, ratio {ratio:.2f} (shares 3:1)")
-        # Enforced, not advisory: neither ran past its quota of the 5 s (20 ms a call).
-        assert done["spin-big"] * 0.02 <= 0.3 * 5.0 * 1.15, done
-        assert done["spin-small"] * 0.02 <= 0.1 * 5.0 * 1.15 + 0.02, done
-        assert 2.2 <= ratio <= 4.2, done
+        # Enforced, not advisory: neither ran past its quota of the 6 s (20 ms a call).
+        assert done["spin-big"] * 0.02 <= 0.15 * 6.0 * 1.15, done
+        assert done["spin-small"] * 0.02 <= 0.05 * 6.0 * 1.15 + 0.02, done
+        # 3:1 in shares; about 2.5:1 in calls (each 20 ms call overruns its windows and
+        # is paid for out of the next ones); 1:1 with the token gate off.
+        assert 2.0 <= ratio <= 4.2, done
 
 
 async def test_an_overcommitting_start_is_refused_with_the_reason(

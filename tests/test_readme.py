@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import secrets
 import shlex
-import signal
 import subprocess
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 
 from gfaas.client import Client
 from gfaas.demo import wait_ready
-from tests.platform import PYTHON, REPO, free_port, subprocess_env
+from tests.platform import PYTHON, REPO, free_port, gfaas_up, subprocess_env
 
 README = REPO / "README.md"
 MARK = "<!-- tested"
@@ -109,25 +108,11 @@ def test_readme_commands_run_against_gfaas_up(tmp_path: Path) -> None:
         GFAAS_SHM_NAMESPACE=f"gfaas-readme{secrets.token_hex(4)}",
     )
     env.pop("GFAAS_NATS_URL", None)
-    up = subprocess.Popen(
-        [
-            *(PYTHON, "-m", "gfaas", "up", "--nats-port", "-1", "--http-port", str(http_port)),
-            *("--state-dir", str(tmp_path / "state"), "--workers", "1"),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO,
-    )
-    try:
-        assert up.stdout is not None
-        line = up.stdout.readline()
-        match = re.search(r"NATS (nats://\S+),", line)
-        assert match, line
+    up_args = ("--http-port", str(http_port), "--state-dir", str(tmp_path / "state"))
+    with gfaas_up(env, *up_args) as up:
+        line, url = up.line, up.url
         assert "services ready" in line
         assert f"HTTP http://127.0.0.1:{http_port}, gRPC 127.0.0.1:{grpc_port}" in line
-        url = match.group(1)
         anyio.run(_until_ready, url)
 
         cwd = _mirror_repo(tmp_path / "clone")
@@ -149,9 +134,4 @@ def test_readme_commands_run_against_gfaas_up(tmp_path: Path) -> None:
             outputs[command] = done.stdout
         noop = next(out for c, out in outputs.items() if " invoke noop " in c)
         assert "[1. 2. 3.]" in noop
-    finally:
-        up.send_signal(signal.SIGTERM)
-        code = up.wait(60)
-        if up.stdout is not None:
-            up.stdout.close()
-    assert code == 0
+    assert up.code == 0

@@ -4,7 +4,6 @@ one line and a non-zero exit, and (no collector) the span files `gfaas trace` re
 from __future__ import annotations
 
 import re
-import signal
 import socket
 import subprocess
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.platform import PYTHON, REPO, free_port, subprocess_env
+from tests.platform import PYTHON, REPO, free_port, gfaas_up, subprocess_env
 from tests.specs import ADD_ONE_TOML
 
 pytestmark = [pytest.mark.nats, pytest.mark.slow]
@@ -72,30 +71,8 @@ def test_up_says_ready_once_every_service_answers_and_trace_reads_its_spans(
 ) -> None:
     state = tmp_path / "state"
     env = _env(state)
-    proc = subprocess.Popen(
-        [
-            PYTHON,
-            "-m",
-            "gfaas",
-            "up",
-            "--nats-port",
-            "-1",
-            "--state-dir",
-            str(state),
-            "--http-port",
-            str(free_port()),
-            "--workers",
-            "1",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
+    with gfaas_up(env, "--state-dir", str(state), "--http-port", str(free_port())) as up:
+        line = up.line
         match = re.search(r"gfaas up: (\d+) services ready \(NATS (nats://\S+),", line)
         assert match, line
         assert match.group(1) == "4"
@@ -128,8 +105,3 @@ def test_up_says_ready_once_every_service_answers_and_trace_reads_its_spans(
         ):
             assert name in tree, tree
         assert list((state / "traces").glob("ingress-*.jsonl"))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-        if proc.stdout is not None:
-            proc.stdout.close()
