@@ -53,7 +53,17 @@ def summary(service: str, details: Mapping[str, Any]) -> str:
             )
         return line
     if service == "memory-broker":
-        return f"{details.get('leases', 0)} leases, {details.get('copies', 0)} copies"
+        links = details.get("links") or {}
+        traffic = ", ".join(
+            f"{name} {(link.get('bytes') or 0) // MB} MiB at {link.get('utilisation', 0):.0%}"
+            for name, link in sorted(links.items())
+            if isinstance(link, Mapping)
+        )
+        return (
+            f"{details.get('leases', 0)} leases, {(details.get('bytes_leased') or 0) // MB} MiB "
+            f"leased, {details.get('spilled_now', 0)} spilled, {details.get('copies', 0)} "
+            f"copies; links {traffic or '-'}"
+        )
     return ", ".join(f"{k} {v}" for k, v in details.items() if isinstance(v, int | float | str))
 
 

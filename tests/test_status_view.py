@@ -26,6 +26,20 @@ def test_a_worker_and_an_ingress_show_their_load() -> None:
     assert "async 2 done / 1 retried / 0 dead" in summary("ingress", ingress)
 
 
+def test_a_broker_shows_its_pool_and_its_links() -> None:
+    broker = {
+        "leases": 3,
+        "bytes_leased": 48 * 1024 * 1024,
+        "spilled_now": 1,
+        "copies": 7,
+        "links": {"cpu->emu:0": {"bytes": 64 * 1024 * 1024, "utilisation": 0.25}},
+    }
+    assert summary("memory-broker", broker) == (
+        "3 leases, 48 MiB leased, 1 spilled, 7 copies; links cpu->emu:0 64 MiB at 25%"
+    )
+    assert summary("memory-broker", {}).endswith("links -")
+
+
 def test_the_table_aligns_its_columns_and_says_when_nobody_answered() -> None:
     rows = [("scheduler", "host-1-ab", 12.0, "active"), ("gpu-worker", "w0", 3.0, "cpu")]
     lines = table(rows).splitlines()
