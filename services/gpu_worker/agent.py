@@ -51,6 +51,7 @@ from shared.schema import (
     TokenRelease,
     decode,
     encode,
+    is_valid_token,
     now_millis,
 )
 from shared.sharing import ShareError, mps
@@ -235,7 +236,7 @@ class Agent:
     def refusal(self, cmd: StartInstance) -> str | None:
         if cmd.instance_id in self.instances:
             return f"instance {cmd.instance_id} already exists"
-        if not subjects_ok(cmd.instance_id):
+        if not is_valid_token(cmd.instance_id):
             return f"instance id {cmd.instance_id!r} is not a subject token"
         free = self.memory_total - self.memory_used()
         if cmd.memory_bytes > free:
@@ -472,14 +473,6 @@ class Agent:
         self.instances.clear()
         if self.spatial.started_daemon and self.spatial.mps_dirs is not None:
             await anyio.to_thread.run_sync(mps.stop_daemon, self.spatial.mps_dirs)
-
-
-def subjects_ok(name: str) -> bool:
-    try:
-        subjects.worker_run(name)
-    except ValueError:
-        return False
-    return True
 
 
 def msg_dict(msg: InstanceInfo) -> dict[str, object]:
