@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -212,13 +213,45 @@ def nats_server(
         server.stop()
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default; other systems differ, which only costs luck
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free now (a cluster's ports must be fixed: routes name them, and a
-    restarted node comes back on its own)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
+    """A port free now, for a server that binds it later (a cluster's ports must be
+    fixed: routes name them, and a restarted node comes back on its own).
+
+    Why not bind port 0 and read what the kernel chose: that port is in the ephemeral
+    range, which every later bind to port 0 and every outgoing connection also draws
+    from, so between now and the server's bind a metrics listener or a NATS client
+    can take it (CI saw exactly that). Ports below the range are never handed out by
+    the kernel, so only another explicit choice can race, and this process never
+    hands out one port twice."""
+    low, _ = _ephemeral_range()
+    first = 10000 if low > 11000 else 1024
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(first, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
         return port
+    with socket.socket() as s:  # a crowded machine: fall back on the kernel's choice
+        s.bind((host, 0))
+        chosen: int = s.getsockname()[1]
+        return chosen
 
 
 def jetstream_health(host: str, monitor_port: int) -> str:

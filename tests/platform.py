@@ -9,7 +9,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,17 +26,10 @@ from services.memory_broker.app import serve as serve_broker
 from services.scheduler.app import serve as serve_scheduler
 from shared import auth
 from shared.config import Settings
-from shared.natsd import NatsServer, start_nats_server
+from shared.natsd import NatsServer, free_port, start_nats_server
 from shared.service import ServeFn
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
