@@ -124,6 +124,10 @@ class Settings:
     # 20 ms: a request that finds its instance's quota used waits for the next window,
     # and 100 ms windows cost SLOs of tens of ms up to 75 ms (bench.live_sharing).
     token_window_s: float = 0.02
+    # Instances of one model on a CPU map one read-only copy of its weights (the
+    # host tier's), instead of each copying them: a cold start copies nothing and a
+    # device's memory holds each model's weights once. Off: each instance its copy.
+    shared_weights: bool = True
     # Set by an agent for the instance processes it starts: the one function served,
     # the agent (whose token arbiter gates each run), and the cores ("0,1"; "": any).
     instance_function: str = ""

@@ -67,6 +67,9 @@ class LoadContext:
     host: HostModel | None = None
     group_bytes: int = 2 * 1024 * 1024
     pipelined: bool = True
+    # Build on the host tier's read-only copy of the weights instead of copying them
+    # (CPU instances: see shared.modelswap.instantiate).
+    shared: bool = False
     swaps: list[SwapIn] = field(default_factory=list)
 
     def build(self, factory: Callable[[], nn.Module]) -> nn.Module:
@@ -82,6 +85,7 @@ class LoadContext:
                 self.device,
                 group_bytes=self.group_bytes,
                 pipelined=self.pipelined,
+                shared=self.shared,
             )
             self.swaps.append(swap)
             return model

@@ -408,6 +408,10 @@ class StartInstance(_Msg):
     sm_offset: float = 0.0
     # The function's version (its spec's registry revision) the instance serves.
     version: int = 0
+    # Its model and the bytes of that model's weights within `memory_bytes`: where
+    # the agent's device shares weights, instances of one model hold them once.
+    model: str = ""
+    weight_bytes: int = 0
 
 
 class InstanceFailed(_Msg):
@@ -439,6 +443,8 @@ class InstanceInfo(_Msg):
     # FAILED: why it could not start (kept in beats for a while, then forgotten).
     error: ErrorInfo | None = None
     version: int = 0  # see StartInstance.version
+    model: str = ""  # see StartInstance.model
+    weight_bytes: int = 0
 
 
 class AgentBeat(_Msg):
@@ -453,6 +459,9 @@ class AgentBeat(_Msg):
     spatial: str
     instances: list[InstanceInfo] = []
     sent_at: float = 0.0
+    # Instances of one model here map one read-only copy of its weights (a CPU's
+    # host tier), so `memory_total` holds each model's weights once.
+    shares_weights: bool = False
 
 
 class ProfileRow(_Msg):

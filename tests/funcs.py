@@ -167,3 +167,17 @@ def allocate(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     block = torch.empty(mb * 1024 * 1024, dtype=torch.uint8, device=device)
     return {"bytes": torch.tensor([block.numel()])}
+
+
+class SlowMlp:
+    """bench.live_models' MLP, each call held `hold_s` seconds (input `hold_s`), so
+    that concurrent calls spread over several instances."""
+
+    def __init__(self, ctx: LoadContext) -> None:
+        from bench.live_models import Mlp
+
+        self.mlp = Mlp(ctx)
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        time.sleep(float(inputs["hold_s"].item()))
+        return self.mlp({"x": inputs["x"]})

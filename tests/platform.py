@@ -26,7 +26,8 @@ from services.memory_broker.app import serve as serve_broker
 from services.scheduler.app import serve as serve_scheduler
 from shared import auth
 from shared.config import Settings
-from shared.natsd import NatsServer, free_port, start_nats_server
+from shared.natsd import NatsServer, start_nats_server
+from shared.natsd import free_port as free_port  # re-exported for the tests
 from shared.service import ServeFn
 
 REPO = Path(__file__).resolve().parent.parent

@@ -36,6 +36,8 @@ from shared import subjects
 from shared.config import Settings, settings_env
 from shared.logs import get_logger
 from shared.procs import die_with_parent
+from shared.scheduling import packing
+from shared.scheduling.autoscale import Config
 from shared.schema import (
     AgentBeat,
     AgentReply,
@@ -73,6 +75,18 @@ LINGER_S = 0.005
 STOP_GRACE_S = 20.0
 
 
+def demand_of(c: StartInstance) -> packing.Demand:
+    """What an instance holds, as the packer counts it."""
+    return packing.Demand(
+        instance_id=c.instance_id,
+        function=c.function,
+        model=c.model or c.function,
+        config=Config(c.sm_share, c.time_quota),
+        memory=c.memory_bytes,
+        weights=c.weight_bytes,
+    )
+
+
 @dataclass
 class Running:
     command: StartInstance
@@ -99,7 +113,12 @@ class Running:
             ready_s=round(self.ready_s, 3),
             error=self.error,
             version=c.version,
+            model=c.model,
+            weight_bytes=c.weight_bytes,
         )
+
+    def demand(self) -> packing.Demand:
+        return demand_of(self.command)
 
 
 class Spares:
@@ -226,12 +245,32 @@ class Agent:
 
     # -- commands ---------------------------------------------------------------------
 
+    @property
+    def shares_weights(self) -> bool:
+        """Instances of one model here map one copy of its weights: the host tier's
+        shared memory, read-only (CPU). On CUDA each instance has its own copy."""
+        return self.device == "cpu" and self.settings.shared_weights
+
+    def _holding(self) -> list[packing.Demand]:
+        return [r.demand() for r in self.instances.values() if r.state is not InstanceState.FAILED]
+
     def memory_used(self) -> int:
-        return sum(
-            r.command.memory_bytes
-            for r in self.instances.values()
-            if r.state is not InstanceState.FAILED
-        )
+        """The budgets of the instances here (the packer's sum: shared weights once)."""
+        return packing.memory_used(self._holding(), self.shares_weights)
+
+    def weights(self) -> dict[str, dict[str, int]]:
+        """Per model: the bytes of weights its instances here hold, and how many they
+        are (shared: one copy for all; else one each). Density, visible."""
+        out: dict[str, dict[str, int]] = {}
+        for d in self._holding():
+            if not d.weights:
+                continue
+            row = out.setdefault(d.model, {"bytes": 0, "instances": 0})
+            row["instances"] += 1
+            row["bytes"] = (
+                max(row["bytes"], d.weights) if self.shares_weights else (row["bytes"] + d.weights)
+            )
+        return out
 
     def refusal(self, cmd: StartInstance) -> str | None:
         if cmd.instance_id in self.instances:
@@ -239,9 +278,12 @@ class Agent:
         if not is_valid_token(cmd.instance_id):
             return f"instance id {cmd.instance_id!r} is not a subject token"
         free = self.memory_total - self.memory_used()
-        if cmd.memory_bytes > free:
+        held = self._holding()
+        with_it = packing.memory_used([*held, demand_of(cmd)], self.shares_weights)
+        needs = with_it - packing.memory_used(held, self.shares_weights)
+        if needs > free:
             return (
-                f"{cmd.function}: {cmd.memory_bytes // MB} MiB would overcommit {self.device} "
+                f"{cmd.function}: {needs // MB} MiB would overcommit {self.device} "
                 f"of {self.agent_id} ({free // MB} of {self.memory_total // MB} MiB free)"
             )
         if not (0.0 < cmd.sm_share <= 1.0 and 0.0 < cmd.time_quota <= 1.0):
@@ -435,6 +477,7 @@ class Agent:
             spatial=self.spatial.mode,
             instances=[r.info() for r in self.instances.values()],
             sent_at=now_millis() / 1000.0,
+            shares_weights=self.shares_weights,
         )
 
     def details(self) -> dict[str, object]:
@@ -443,6 +486,8 @@ class Agent:
             "spatial": self.spatial.mode,
             "memory_total": self.memory_total,
             "memory_used": self.memory_used(),
+            "shares_weights": self.shares_weights,
+            "weights": self.weights(),
             "started": self.started,
             "crashed": self.crashed,
             "spares": len(self.spares.procs),

@@ -216,6 +216,9 @@ async def serve(
             group_bytes=settings.swap_group_kb * 1024,
             host_tier=HostTier(tier_prefix(settings.shm_namespace)),
             handler_packages=settings.handler_packages,
+            # An instance serves one function in a process of its own: a handler that
+            # writes into shared weights faults there and nowhere else.
+            share_weights=settings.shared_weights and bool(function),
         )
         staging = Staging(
             BrokerClient(

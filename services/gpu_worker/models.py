@@ -101,6 +101,7 @@ class HandlerCache:
         group_bytes: int = 2 * MB,
         clock: Callable[[], float] = time.monotonic,
         handler_packages: str = Settings.handler_packages,
+        share_weights: bool = False,
     ) -> None:
         # The node's allow-list: a spec naming a handler outside it (one written into
         # the registry by hand) is refused before anything is fetched or imported.
@@ -110,6 +111,8 @@ class HandlerCache:
         self.cache = DeviceCache(capacity=capacity_bytes)
         self.host_tier = host_tier or HostTier()
         self.group_bytes = group_bytes
+        # Models built on the host tier's read-only weights, not copies (CPU only).
+        self.share_weights = share_weights and device == "cpu"
         self._fetch = fetch_weights
         self._clock = clock
         self._loaded: dict[str, Loaded] = {}
@@ -232,6 +235,7 @@ class HandlerCache:
             threads=self.threads,
             host=host,
             group_bytes=self.group_bytes,
+            shared=self.share_weights,
         )
         try:
             # Swap-in: the weights onto the device and the handler built.

@@ -80,7 +80,9 @@ class Scheduler:
         # Models whose size was asked of the object store (once each).
         self._sized: set[str] = set()
         # Function instances: agents' devices, and the autoscaler carried out.
-        self.instances = Instances(bus, registry, settings.worker_timeout_s)
+        self.instances = Instances(
+            bus, registry, settings.worker_timeout_s, model_bytes=self.state.model_bytes
+        )
 
     # -- events -------------------------------------------------------------------------
 
@@ -215,10 +217,15 @@ class Scheduler:
     async def _scale(self, now: float, only: str | None = None) -> None:
         """One autoscaler round (every tick; for `only`, when a request finds its
         function with no instance)."""
+        # Instances of a model are placed by its weights' size (shared on some
+        # devices): learn it before the first start, not at the first request.
+        for spec in self.registry.all():
+            if spec.model and spec.model not in self.state.model_bytes:
+                await self._learn_size(spec.model)
         views = {v.worker_id: v for v in self.state.views()}
         waiting = Counter(inv.view.function for inv in self.state.pending.values())
         resident = {
-            agent_id: frozenset(i.function for i in book.beat.instances)
+            agent_id: frozenset(i.model or i.function for i in book.beat.instances)
             for agent_id, book in self.instances.agents.items()
         }
         seen = Observed(

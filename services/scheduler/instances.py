@@ -83,7 +83,8 @@ class Observed:
     waiting: dict[str, int]  # invocations queued, by function
     busy: Callable[[str], bool]  # is this instance running anything?
     exec_ms: Callable[[str], float]  # a function's observed execution time
-    resident: dict[str, frozenset[str]]  # agent -> functions its device holds
+    # agent -> models its device holds (a function without one stands for itself)
+    resident: dict[str, frozenset[str]]
 
 
 @dataclass
@@ -94,6 +95,9 @@ class Instances:
     # Settings.worker_timeout_s).
     timeout_s: float
     clock: Callable[[], float] = time.monotonic
+    # Model -> bytes of its weights (the scheduler's books, filled from the store and
+    # heartbeats): what instances of it may share on a device that shares weights.
+    model_bytes: dict[str, int] = field(default_factory=dict)
     agents: dict[str, AgentBook] = field(default_factory=dict)
     commanded: dict[str, Commanded] = field(default_factory=dict)
     # Where the packer put each instance (its rectangle of the device).
@@ -274,6 +278,7 @@ class Instances:
                 memory_total=book.beat.memory_total,
                 node=book.beat.node,
                 device_models=resident.get(agent_id, frozenset()),
+                shares_weights=book.beat.shares_weights,
             )
             for info in infos:
                 demand = _demand(info)
@@ -286,6 +291,7 @@ class Instances:
                         node=device.node,
                         slots=slots,
                         device_models=device.device_models,
+                        shares_weights=device.shares_weights,
                     )
                     continue
                 placed = packing.add(device, demand)
@@ -433,6 +439,7 @@ class Instances:
                 model=spec.model or spec.name,
                 config=config,
                 memory=spec.memory_mb * MB,
+                weights=self._weights(spec),
             )
             placed = packing.place(devices, demand)
             if isinstance(placed, packing.Refused):
@@ -444,6 +451,11 @@ class Instances:
             if await self.start(placed.device_id, name, spec, config, slot.rect):
                 devices = [placed.device if d.device_id == placed.device_id else d for d in devices]
         return None
+
+    def _weights(self, spec: FunctionSpec) -> int:
+        """Bytes of the function's model weights, as far as known (0: none, or not
+        sized yet, which counts the instance's whole budget)."""
+        return self.model_bytes.get(spec.model, 0) if spec.model else 0
 
     async def start(
         self, agent_id: str, name: str, spec: FunctionSpec, config: Config, rect: packing.Rect
@@ -457,6 +469,8 @@ class Instances:
             memory_bytes=spec.memory_mb * MB,
             sm_offset=rect.x / packing.UNITS,
             version=version,
+            model=spec.model or "",
+            weight_bytes=self._weights(spec),
         )
         info = InstanceInfo(
             instance_id=name,
@@ -466,6 +480,8 @@ class Instances:
             memory_bytes=command.memory_bytes,
             state=InstanceState.STARTING,
             version=version,
+            model=command.model,
+            weight_bytes=command.weight_bytes,
         )
         # In the books before the command goes: a round that runs meanwhile (a tick,
         # another request from zero) counts it, and does not start another.
@@ -590,9 +606,10 @@ def _demand(info: InstanceInfo) -> packing.Demand:
     return packing.Demand(
         instance_id=info.instance_id,
         function=info.function,
-        model=info.function,
+        model=info.model or info.function,
         config=Config(info.sm_share, info.time_quota),
         memory=info.memory_bytes,
+        weights=info.weight_bytes,
     )
 
 

@@ -109,11 +109,14 @@ def create_segment(name: str, size: int, *, prefault: bool = False) -> Segment:
     return Segment(name, size, mm)
 
 
-def open_segment(name: str) -> Segment:
+def open_segment(name: str, *, readonly: bool = False) -> Segment:
     """Map an existing segment: a regular file under /dev/shm, never a symlink (a
-    link planted there would have us map whatever it points to)."""
+    link planted there would have us map whatever it points to). `readonly`: the
+    pages are mapped without write permission, so a write through the mapping
+    faults instead of changing what other processes read."""
+    mode = os.O_RDONLY if readonly else os.O_RDWR
     try:
-        fd = os.open(_path(name), os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+        fd = os.open(_path(name), mode | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
     except FileNotFoundError:
         raise BackendError(f"shared-memory segment {name!r} does not exist") from None
     except OSError as exc:  # ELOOP: a symlink; EACCES, ENXIO (a FIFO's other end), ...
@@ -126,7 +129,7 @@ def open_segment(name: str) -> Segment:
         size = info.st_size
         if size <= 0:
             raise BackendError(f"shared-memory segment {name!r} is empty")
-        mm = mmap.mmap(fd, size)
+        mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE)
     finally:
         os.close(fd)
     return Segment(name, size, mm, info.st_uid)

@@ -14,9 +14,10 @@ import hashlib
 import os
 import re
 import struct
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +70,26 @@ class HostModel:
     name: str
     segment: Segment
     tensors: dict[str, torch.Tensor]
+    _readonly: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def readonly_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors again, as views of a read-only mapping of the segment: what a
+        model that shares the node's one copy of its weights is built from. A write
+        into them faults (the process dies) instead of changing what every other
+        instance reads. The mapping lives as long as any view of it, even after the
+        tier unlinks the segment."""
+        if self._readonly is None:
+            segment = open_segment(self.segment.name, readonly=True)
+            with warnings.catch_warnings():
+                # torch warns that it cannot refuse writes to such a buffer: the
+                # mapping's page protection does.
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                self._readonly = _views(segment)
+        return self._readonly
 
 
 def _layout(state: Mapping[str, torch.Tensor]) -> tuple[list[_Entry], bytes, int]:

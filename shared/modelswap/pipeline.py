@@ -191,11 +191,15 @@ def instantiate(
     *,
     group_bytes: int = DEFAULT_GROUP_BYTES,
     pipelined: bool = True,
+    shared: bool = False,
 ) -> tuple[nn.Module, SwapIn]:
     """Build `factory()`'s model on `device` with weights from the host tier.
 
     With `pipelined`, returns at once and the model may be called immediately;
-    otherwise returns after every weight has been copied.
+    otherwise returns after every weight has been copied. With `shared` (CPU only),
+    nothing is copied: the model's parameters and buffers are read-only views of the
+    host tier's segment, the one copy every process on the node that shares the
+    model maps (SAGE's shared read-only weights).
     """
     with torch.device("meta"):
         model = factory()
@@ -209,6 +213,8 @@ def instantiate(
             f"weights of {host.name!r} do not fit the model: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    if shared:
+        return _share(model, host, dict(named), device), _landed(model, device)
     groups = group_parameters([(n, host.tensors[n]) for n, _ in named], group_bytes)
     tensors = dict(named)
     pairs = [[(tensors[n].data, host.tensors[n]) for n in group] for group in groups]
@@ -233,6 +239,38 @@ def instantiate(
         _copy_groups(swap, pairs, device)
         swap.wait()
     return model, swap
+
+
+def _share(
+    model: nn.Module, host: HostModel, own: Mapping[str, torch.Tensor], device: str
+) -> nn.Module:
+    """`model` with the host tier's read-only views as its weights (no copy)."""
+    if device != "cpu":
+        raise SwapError(f"weights are shared through host memory: not on {device}")
+    views = host.readonly_tensors()
+    for name, tensor in own.items():
+        view = views[name]
+        if view.dtype != tensor.dtype or view.shape != tensor.shape:
+            raise SwapError(
+                f"weights of {host.name!r} do not fit the model: {name} is "
+                f"{view.dtype} {list(view.shape)}, the model wants "
+                f"{tensor.dtype} {list(tensor.shape)}"
+            )
+    # `assign` puts the views themselves into the modules (parameters stay
+    # parameters); inference never needs their gradients.
+    model.load_state_dict({n: views[n] for n in own}, assign=True)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def _landed(model: nn.Module, device: str) -> SwapIn:
+    """A swap-in with nothing to copy: landed the moment it is made."""
+    swap = SwapIn(model=model, groups=[], ready=[], device=device)
+    swap.finished_at = swap.started_at
+    swap._clear = True
+    swap.landed.set()
+    return swap
 
 
 def _last_group(value: object, group_of: Mapping[int, int]) -> int:

@@ -6,7 +6,10 @@ its slot of every window (FaST-GShare's Maximal Rectangles packing). Rectangles
 never overlap and never leave the square, so at any instant of the window the SM
 shares of the instances holding the GPU sum to at most 100%, and every SM is lent
 for at most the whole window: neither dimension is ever overcommitted. Memory is the
-third resource, a plain sum. Shares are whole percent (MPS takes an integer active
+third resource, a sum, except that on a device whose instances share read-only
+weights (`Device.shares_weights`: one copy per model that every instance of it
+maps) each model's weights count once however many of its instances run there.
+Shares are whole percent (MPS takes an integer active
 thread percentage), which keeps the geometry exact.
 
 Where. Among the devices an instance fits on, the ones whose device tier already
@@ -77,6 +80,9 @@ class Demand:
     model: str
     config: Config
     memory: int  # bytes: weights, context, activations
+    # Of `memory`, the model's weights: on a device that shares weights, held once
+    # for every instance of the model there.
+    weights: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +101,16 @@ class Device:
     slots: tuple[Slot, ...] = ()
     device_models: frozenset[str] = frozenset()  # resident in this device's memory
     host_models: frozenset[str] = frozenset()  # resident in its node's host tier
+    shares_weights: bool = False  # instances of one model here map one copy of it
     # Derived from `slots`; kept because placement asks for them per device per decision.
     free: tuple[Rect, ...] = field(default=(), init=False, compare=False, repr=False)
     memory_used: int = field(default=0, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "free", _free_rects(s.rect for s in self.slots))
-        object.__setattr__(self, "memory_used", sum(s.demand.memory for s in self.slots))
+        object.__setattr__(
+            self, "memory_used", memory_used([s.demand for s in self.slots], self.shares_weights)
+        )
 
     @property
     def memory_free(self) -> int:
@@ -135,6 +144,26 @@ class Placement:
     device_id: str
     device: Device  # the device with the instance added
     tier: int  # Device.tier of the model before the instance came
+
+
+def memory_used(demands: Iterable[Demand], shares_weights: bool) -> int:
+    """Bytes `demands` hold on one device: their sum, less, where weights are
+    shared, every copy of a model's weights but the largest."""
+    demands = list(demands)
+    total = sum(d.memory for d in demands)
+    if not shares_weights:
+        return total
+    weights: dict[str, list[int]] = {}
+    for d in demands:
+        if d.weights:
+            weights.setdefault(d.model, []).append(min(d.weights, d.memory))
+    return total - sum(sum(w) - max(w) for w in weights.values())
+
+
+def memory_needed(device: Device, demand: Demand) -> int:
+    """What placing `demand` on `device` adds to its memory used."""
+    with_it = [*(s.demand for s in device.slots), demand]
+    return memory_used(with_it, device.shares_weights) - device.memory_used
 
 
 def _free_rects(placed: Iterable[Rect]) -> tuple[Rect, ...]:
@@ -177,8 +206,9 @@ def _best_rect(device: Device, w: int, h: int) -> Rect | None:
 def why_not(device: Device, demand: Demand) -> str | None:
     """None when `demand` fits on `device`; else the resource it would overcommit."""
     w, h = units(demand.config.sm_share), units(demand.config.time_quota)
-    if demand.memory > device.memory_free:
-        return f"memory: needs {demand.memory} B, {device.memory_free} B free"
+    needs = memory_needed(device, demand)
+    if needs > device.memory_free:
+        return f"memory: needs {needs} B, {device.memory_free} B free"
     if _best_rect(device, w, h) is not None:
         return None
     if not any(f.w >= w for f in device.free):
@@ -204,6 +234,7 @@ def add(device: Device, demand: Demand) -> Device | Refused:
         (*device.slots, Slot(demand, rect)),
         device.device_models | {demand.model},
         device.host_models,
+        device.shares_weights,
     )
 
 
@@ -218,7 +249,13 @@ def remove(device: Device, instance_id: str) -> Device:
     if all(s.demand.model != gone.demand.model for s in slots):
         models = models - {gone.demand.model}
     return Device(
-        device.device_id, device.memory_total, device.node, slots, models, device.host_models
+        device.device_id,
+        device.memory_total,
+        device.node,
+        slots,
+        models,
+        device.host_models,
+        device.shares_weights,
     )
 
 
@@ -236,7 +273,7 @@ def place(devices: Sequence[Device], demand: Demand) -> Placement | Refused:
         key = (
             d.tier(demand.model),
             d.free_area - w * h,
-            d.memory_free - demand.memory,
+            d.memory_free - memory_needed(d, demand),
             d.device_id,
         )
         if best is None or key < best[0]:
