@@ -331,6 +331,7 @@ class Instances:
         device has room for is avoided and the decision made again, so a function
         never waits on a configuration that cannot be placed while another could."""
         avoid: set[Config] = set()
+        reason = ""
         while True:
             load = self.load(spec, now, seen.waiting.get(spec.name, 0), seen.busy, seen.exec_ms)
             decision = autoscale.scale(dataclasses.replace(load, avoid=frozenset(avoid)), now)
@@ -348,7 +349,10 @@ class Instances:
                     decision = _without_adds(decision)
             refused = await self._carry_out(spec, decision, seen.resident)
             if refused is None:
-                self.unplaced.pop(spec.name, None)
+                if decision.add or not avoid:
+                    self.unplaced.pop(spec.name, None)
+                else:  # what it wanted fits nowhere, and nothing else would do
+                    self.unplaced[spec.name] = reason
                 return decision
             config, reason = refused
             if await self._make_way(spec):
@@ -554,9 +558,12 @@ class Instances:
                     "spatial": b.beat.spatial,
                     "memory_total": b.beat.memory_total,
                     "instances": len(b.beat.instances),
+                    "shares_weights": b.beat.shares_weights,
                 }
                 for a, b in self.agents.items()
             },
+            # Why the last round could not place an instance of each function.
+            "unplaced": dict(self.unplaced),
             "profiled": sorted(self.profiles),
             "started": self.started,
             "stopped": self.stopped,
