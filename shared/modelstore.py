@@ -1,8 +1,9 @@
 """Model weights in the JetStream object store, cached on the worker's disk.
 
 `get()` without `writeinto` rebuilds large objects by concatenation (about 9 s for
-64 MiB here); streaming into a file takes a fraction of that, so fetches always
-stream. Files are keyed by the object's digest, so a re-pushed model is re-fetched.
+64 MiB here), and with it reads at about 50 MB/s; fetches pull the object's chunks
+in batches straight from its stream (100 MB in about 0.13 s) into a file. Files
+are keyed by the object's digest, so a re-pushed model is re-fetched.
 
 Push also stores the file's own SHA-256 and size in the object's headers; a fetch
 hashes the bytes as they arrive, and a blob that is corrupt or truncated (or whose
@@ -14,11 +15,14 @@ last, and waits forever for chunks that are missing.
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import hashlib
 import os
 from pathlib import Path
 from typing import IO, Any
 
+import nats.errors
 from nats.js import api
 from nats.js.client import JetStreamContext
 from nats.js.errors import DigestMismatchError, ObjectDeletedError, ObjectNotFoundError
@@ -33,6 +37,8 @@ SHA256_HEADER = "Gfaas-Sha256"
 SIZE_HEADER = "Gfaas-Size"
 # A fetch that receives nothing for this long is given up (chunks lost in the store).
 STALL_S = 30.0
+# Chunks (128 KiB each) asked for in one pull: 32 MiB in flight.
+FETCH_BATCH = 256
 
 
 def file_sha256(path: Path) -> str:
@@ -137,7 +143,46 @@ class ModelStore:
             )
 
     async def _download(self, name: str, info: api.ObjectInfo, writer: _HashingWriter) -> None:
-        """Stream the object into `writer`, giving up when nothing arrives for STALL_S."""
+        """Stream the object's chunks into `writer`, giving up when nothing arrives for
+        STALL_S.
+
+        Batches of chunks are pulled, not pushed: the client's `get(writeinto=...)`
+        reads through an ordered push consumer and hops to a thread for every chunk,
+        about 50 MB/s here (2.0 s for 100 MB); pulling FETCH_BATCH chunks a request
+        reads the same 100 MB in about 0.13 s."""
+        js: Any = getattr(self._store, "_js", None)
+        stream = getattr(self._store, "_stream", None)
+        bucket = getattr(self._store, "_name", None)
+        if js is None or not stream or not bucket:
+            await self._download_pushed(name, info, writer)  # a client that hides them
+            return
+        chunks = int(info.chunks or 0)
+        if chunks == 0:
+            return
+        subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid)
+        config = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE,
+            deliver_policy=api.DeliverPolicy.ALL,
+            inactive_threshold=STALL_S,  # the server forgets it if this fetch dies
+        )
+        sub = await js.pull_subscribe(subject, stream=stream, config=config)
+        try:
+            got = 0
+            while got < chunks:
+                try:
+                    batch = await sub.fetch(min(FETCH_BATCH, chunks - got), timeout=STALL_S)
+                except nats.errors.TimeoutError:
+                    raise _stalled(name, info, writer) from None
+                for msg in batch:
+                    writer.write(msg.data)
+                got += len(batch)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _download_pushed(
+        self, name: str, info: api.ObjectInfo, writer: _HashingWriter
+    ) -> None:
         task = asyncio.ensure_future(self._store.get(name, writeinto=writer))  # type: ignore[arg-type]
         seen = 0
         try:
@@ -147,11 +192,7 @@ class ModelStore:
                     task.result()
                     return
                 if writer.size == seen:
-                    raise GfaasError(
-                        ErrorCode.MODEL_UNAVAILABLE,
-                        f"model {name!r} is truncated in the store: no data for {STALL_S:g} s "
-                        f"after {writer.size} of {info.size} bytes",
-                    )
+                    raise _stalled(name, info, writer)
                 seen = writer.size
         finally:
             if not task.done():
@@ -176,6 +217,14 @@ class ModelStore:
         return sorted((i.name, int(i.size or 0)) for i in infos if not i.deleted)
 
 
+def _stalled(name: str, info: api.ObjectInfo, writer: _HashingWriter) -> GfaasError:
+    return GfaasError(
+        ErrorCode.MODEL_UNAVAILABLE,
+        f"model {name!r} is truncated in the store: no data for {STALL_S:g} s "
+        f"after {writer.size} of {info.size} bytes",
+    )
+
+
 def _verify(name: str, info: api.ObjectInfo, writer: _HashingWriter) -> None:
     """The bytes received are the ones pushed: size and SHA-256 as recorded at push.
 
@@ -191,6 +240,14 @@ def _verify(name: str, info: api.ObjectInfo, writer: _HashingWriter) -> None:
             f"model {name!r} is truncated in the store: {writer.size} bytes received, "
             f"{expected_size or info.size} pushed",
         )
+    recorded = (info.digest or "").removeprefix("SHA-256=").removeprefix("sha-256=")
+    if recorded:
+        try:
+            matches = base64.urlsafe_b64decode(recorded) == writer.sha.digest()
+        except ValueError:
+            matches = False
+        if not matches:  # the object's own digest, as the client would check it
+            raise GfaasError(ErrorCode.MODEL_UNAVAILABLE, f"model {name!r} is corrupt in the store")
     expected = _header(info, SHA256_HEADER)
     got = writer.sha.hexdigest()
     if expected is not None and got != expected:
