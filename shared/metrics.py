@@ -381,10 +381,16 @@ class WorkerMetrics:
     def phase(self, function: str, phase: str, seconds: float) -> None:
         LATER.record(self.phases, max(seconds, 0.0), {"function": function, "phase": phase})
 
-    def looked_up(self, function: str, *, hit: bool) -> None:
+    def looked_up(self, function: str, *, hit: bool, weights_from: str = "") -> None:
+        """A run's look-up of its handler in the device tier; on a miss of a function
+        with a model, whether the host tier had the weights (`weights_from` "host")
+        or they came from the object store ("store")."""
         LATER.add(self.cache, 1, {"tier": "device", "result": "hit" if hit else "miss"})
         if not hit:
             LATER.add(self.coldstarts, 1, {"function": function})
+            if weights_from:
+                result = "hit" if weights_from == "host" else "miss"
+                LATER.add(self.cache, 1, {"tier": "host", "result": result})
 
     def finished(self, function: str, tenant: str, outcome: str) -> None:
         LATER.add(self.runs, 1, {"function": function, "tenant": tenant, "outcome": outcome})
@@ -396,6 +402,7 @@ class SchedulerMetrics:
         meter: Meter,
         pending: Callable[[], int] | None = None,
         instances: Callable[[], Iterable[tuple[str, str]]] | None = None,
+        shares: Callable[[], Iterable[InstanceShare]] | None = None,
     ) -> None:
         self.decisions = _seconds_histogram(
             meter,
@@ -429,8 +436,58 @@ class SchedulerMetrics:
                 description="Function instances the node agents report, by function and state",
             )
 
+        if shares is not None:
+            read_shares = shares
+
+            def totals() -> dict[tuple[str, str], tuple[float, int]]:
+                out: dict[tuple[str, str], tuple[float, int]] = {}
+                for s in read_shares():
+                    share, memory = out.get((s.function, s.device), (0.0, 0))
+                    out[(s.function, s.device)] = (
+                        share + s.sm_share * s.time_quota,
+                        memory + s.memory_bytes,
+                    )
+                return out
+
+            def observe_share() -> list[Observation]:
+                return [
+                    Observation(round(share, 6), {"function": f, "device": d})
+                    for (f, d), (share, _) in totals().items()
+                ]
+
+            def observe_memory() -> list[Observation]:
+                return [
+                    Observation(memory, {"function": f, "device": d})
+                    for (f, d), (_, memory) in totals().items()
+                ]
+
+            meter.create_observable_gauge(
+                "gfaas.instances.share",
+                callbacks=[_guarded(observe_share)],
+                unit="1",
+                description="Device share the function's instances hold on each device: the "
+                "sum of sm_share x time_quota (1 = a whole device)",
+            )
+            meter.create_observable_gauge(
+                "gfaas.instances.memory",
+                callbacks=[_guarded(observe_memory)],
+                unit="By",
+                description="Memory budgets of the function's instances on each device",
+            )
+
     def decided(self, kind: str, seconds: float) -> None:
         LATER.record(self.decisions, seconds, {"kind": kind})
+
+
+@dataclass(frozen=True)
+class InstanceShare:
+    """One instance's shares, as its agent last reported them."""
+
+    function: str
+    device: str  # the agent's id: one device each
+    sm_share: float
+    time_quota: float
+    memory_bytes: int
 
 
 @dataclass
@@ -442,7 +499,9 @@ class PoolSnapshot:
     slabs: dict[str, int] = field(default_factory=dict)
     leases: int = 0
     spills: int = 0
-    link_bytes: dict[str, int] = field(default_factory=dict)
+    # (link, flow) -> bytes copied for that flow (a function's staging, spills, ...).
+    link_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
+    link_busy_s: dict[str, float] = field(default_factory=dict)
 
 
 class BrokerMetrics:
@@ -487,11 +546,25 @@ class BrokerMetrics:
             callbacks=[
                 _guarded(
                     lambda: [
-                        Observation(n, {"link": link})
-                        for link, n in self.snapshot.link_bytes.items()
+                        Observation(n, {"link": link, "flow": flow})
+                        for (link, flow), n in self.snapshot.link_bytes.items()
                     ]
                 )
             ],
             unit="By",
-            description="Bytes copied over each link",
+            description="Bytes copied over each link, by flow (the function whose inputs or "
+            "outputs moved, or the broker's own spill traffic)",
+        )
+        meter.create_observable_counter(
+            "gfaas.link.busy.time",
+            callbacks=[
+                _guarded(
+                    lambda: [
+                        Observation(s, {"link": link})
+                        for link, s in self.snapshot.link_busy_s.items()
+                    ]
+                )
+            ],
+            unit="s",
+            description="Time each link spent copying: its rate is the link's utilisation",
         )

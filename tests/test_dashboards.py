@@ -69,6 +69,8 @@ REQUIRED = {
     "gfaas_device_utilization",
     "gfaas_pool_leased_bytes",
     "gfaas_link_transferred_bytes_total",
+    "gfaas_link_busy_time_seconds_total",
+    "gfaas_instances_share",
 }
 NAME = re.compile(r"\b(gfaas_[a-z0-9_]+|up)\b(?!\s*\()")
 

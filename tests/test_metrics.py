@@ -4,6 +4,7 @@ prometheus_client's own text parser."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,8 +14,10 @@ import pytest
 from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench.live_models import write_mlp
 from gfaas.client import Client
-from shared.schema import FunctionSpec
+from shared.dataplane.client import BrokerClient
+from shared.schema import CopyRequest, FunctionSpec
 from tests.helpers import body, deploy_and_wait, request
 from tests.platform import Platform
 from tests.specs import ECHO
@@ -124,6 +127,64 @@ async def test_every_service_serves_its_metrics_and_they_move(platform: Platform
     for name in ("gfaas_pool_leased_bytes", "gfaas_pool_held_bytes", "gfaas_pool_slabs"):
         assert name in names, sorted(names)
     assert value(broker, "gfaas_nats_connected") == 1
+
+
+async def until(port: int, name: str, want: float, **labels: str) -> Samples:
+    """A scrape in which `name` (summed over `labels`) has reached `want`."""
+    samples: Samples = []
+    with anyio.fail_after(30):
+        while value(samples, name, **labels) < want:
+            await anyio.sleep(0.1)
+            samples = await scrape(port)
+    return samples
+
+
+async def test_host_tier_hits_instance_shares_and_link_flows_are_metrics(
+    platform: Platform, nc: NATS, tmp_path: Path
+) -> None:
+    client = Client(nc)
+    weights = tmp_path / "m2.pt"
+    write_mlp(weights, 2, seed=0)
+    await client.push_model("m2", weights)
+    # Two functions over one model: the first fetches it into the host tier, the
+    # second finds it there (a device miss each, then a host miss and a host hit).
+    mlps = [
+        FunctionSpec(name=f"mlp-{n}", handler="bench.live_models:Mlp", model="m2") for n in "ab"
+    ]
+    # An instance holding half the SMs for half of every window.
+    shared = FunctionSpec(
+        name="echo-half",
+        handler="tests.funcs:echo",
+        min_instances=1,
+        sm_share=0.5,
+        time_quota=0.5,
+        memory_mb=300,
+    )
+    await deploy_and_wait(nc, *mlps, shared)
+    x = np.ones((1, 512), dtype=np.float32)
+    for spec in mlps:
+        await client.invoke(spec.name, {"x": x})
+    where = await ports(client)
+    worker = await until(where["gpu-worker"], "gfaas_cache_requests_total", 2, tier="host")
+    assert value(worker, "gfaas_cache_requests_total", tier="host", result="miss") == 1
+    assert value(worker, "gfaas_cache_requests_total", tier="host", result="hit") == 1
+
+    scheduler = await until(where["scheduler"], "gfaas_instances_share", 0.25)
+    assert value(scheduler, "gfaas_instances_share", function="echo-half") == 0.25
+    assert value(scheduler, "gfaas_instances_memory_bytes", function="echo-half") == 300 * 2**20
+
+    # A broker copy of 4 MiB for flow "flow-a": its bytes, by link and flow, and the
+    # time the link was busy.
+    source = await client.put("x", np.zeros(2**20, dtype=np.float32))
+    assert source.handle is not None
+    copy = CopyRequest(source=source.handle, device="cpu", owner="t", flow="flow-a")
+    await BrokerClient(nc, "local").copy(copy, "default")
+    broker = await until(
+        where["memory-broker"], "gfaas_link_transferred_bytes_total", 4 * 2**20, flow="flow-a"
+    )
+    links = {lab["link"] for n, lab, _ in broker if n == "gfaas_link_transferred_bytes_total"}
+    assert value(broker, "gfaas_link_transferred_bytes_total", flow="flow-a") == 4 * 2**20
+    assert all(value(broker, "gfaas_link_busy_time_seconds_total", link=k) > 0 for k in links)
 
 
 def test_metrics_off_serves_nothing() -> None:

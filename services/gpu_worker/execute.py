@@ -155,7 +155,7 @@ class Executor:
         """Metrics: a hit in the device tier, or a cold start that waited `waited_s`
         for its load (also when another run's load of it was under way)."""
         hit = self._ran_with.get(function) is entry
-        self.metrics.looked_up(function, hit=hit)
+        self.metrics.looked_up(function, hit=hit, weights_from=entry.weights_from)
         if not hit:
             self._ran_with[function] = entry
             self.metrics.phase(function, "load", waited_s)

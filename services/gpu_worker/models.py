@@ -59,6 +59,9 @@ class Loaded:
     load_ms: float
     ctx: LoadContext
     ewma_ms: float = float("inf")
+    # Where its weights were when it was loaded: "host" (the node's host tier had
+    # them), "store" (fetched from the object store into it), "" (no model).
+    weights_from: str = ""
 
     @property
     def runs_inline(self) -> bool:
@@ -203,6 +206,7 @@ class HandlerCache:
         started = time.perf_counter()
         host: HostModel | None = None
         weights: Path | None = None
+        tier_loads = self.host_tier.loads  # one more after: the tier was filled for us
         if spec.model:
             with tracing.tracer().start_as_current_span(
                 "worker model fetch", attributes={"gfaas.model": spec.model}
@@ -217,6 +221,7 @@ class HandlerCache:
                     ErrorCode.MODEL_UNAVAILABLE,
                     f"weights of model {spec.model!r} cannot be read: {type(exc).__name__}",
                 ) from exc
+        weights_from = "store" if self.host_tier.loads > tier_loads else "host"
         # The device tier holds model weights; a handler without a model keeps only
         # its working memory, which is per request, not cached.
         size = host.nbytes if host is not None else 0
@@ -281,6 +286,7 @@ class HandlerCache:
             size=size,
             load_ms=load_ms,
             ctx=ctx,
+            weights_from="" if host is None else weights_from,
         )
         self._settle(loaded)
         return loaded

@@ -192,6 +192,7 @@ class Broker:
         """What the pool gauges read, taken on the loop (scrapes run in a thread)."""
         table = self.pools.table
         usage = {device: table.usage(device) for device in self.pools.devices}
+        links = {link: c.scheduler.stats() for link, c in self.links.copiers.items()}
         self.metrics.snapshot = metrics.PoolSnapshot(
             leased={d: u.bytes_leased for d, u in usage.items()},
             held={d: u.alloc.held for d, u in usage.items()},
@@ -199,8 +200,11 @@ class Broker:
             leases=len(table),
             spills=self.pools.spilled,
             link_bytes={
-                link: c.scheduler.stats().bytes_done for link, c in self.links.copiers.items()
+                (link, flow): n
+                for link, stats in links.items()
+                for flow, n in stats.bytes_by_flow.items()
             },
+            link_busy_s={link: stats.busy_s for link, stats in links.items()},
         )
 
     def details(self) -> dict[str, object]:

@@ -36,6 +36,7 @@ from shared.schema import (
     AgentBeat,
     Done,
     Grant,
+    InstanceState,
     Profile,
     ProfileRequest,
     Refused,
@@ -98,6 +99,15 @@ async def serve(
                     (i.function, str(i.state))
                     for book in list(scheduler.instances.agents.values())
                     for i in book.beat.instances
+                ],
+                # gfaas_instances_share / _memory: what they hold, per function and device.
+                lambda: [
+                    metrics.InstanceShare(
+                        i.function, agent, i.sm_share, i.time_quota, i.memory_bytes
+                    )
+                    for agent, book in list(scheduler.instances.agents.items())
+                    for i in book.beat.instances
+                    if i.state is not InstanceState.FAILED
                 ],
             )
             # Heartbeats first, so a restarted scheduler learns the workers before
