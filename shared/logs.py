@@ -32,6 +32,14 @@ def configure_logging(level: str = "info", *, json: bool = False) -> None:
         cache_logger_on_first_use=True,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
+    logging.getLogger("asyncio").addFilter(_quiet_tls_eof)
+
+
+def _quiet_tls_eof(record: logging.LogRecord) -> bool:
+    """Drop asyncio's warning that nats-py's protocol returns True from `eof_received`
+    on a TLS connection: harmless (asyncio closes it anyway), and said once for every
+    connection's end, which over TLS buried every other line."""
+    return "eof_received() has no effect when using ssl" not in record.getMessage()
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -159,7 +159,7 @@ def gfaas_up(env: dict[str, str], *args: str) -> Iterator[Up]:
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
-        match = re.search(r"NATS (nats://\S+),", line)
+        match = re.search(r"NATS ((?:nats|tls)://\S+),", line)
         assert match, line
         up = Up(proc, match.group(1), line)
         yield up
