@@ -121,6 +121,11 @@ class Settings:
     # deployed function runs as instances: a start from zero takes one.
     agent_spares: int = 1
     agent_memory_mb: int = 0
+    # Each instance process: at most this many open files, and on a CPU at most its
+    # memory budget plus this much private memory for the interpreter and torch
+    # (-1: no memory cap). See services/gpu_worker/limits.py.
+    instance_max_files: int = 1024
+    instance_memory_slack_mb: int = 1024
     # 20 ms: a request that finds its instance's quota used waits for the next window,
     # and 100 ms windows cost SLOs of tens of ms up to 75 ms (bench.live_sharing).
     token_window_s: float = 0.02

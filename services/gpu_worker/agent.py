@@ -32,6 +32,7 @@ import anyio
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from services.gpu_worker import limits
 from shared import subjects
 from shared.config import Settings, settings_env
 from shared.logs import get_logger
@@ -316,6 +317,15 @@ class Agent:
         try:
             # A spare that imported everything already, or a process started now.
             process = self.spares.take() or self.spares.spawn()
+            limits.apply(
+                process.pid,
+                limits.instance_limits(
+                    self.device,
+                    cmd.memory_bytes,
+                    files=self.settings.instance_max_files,
+                    slack_mb=self.settings.instance_memory_slack_mb,
+                ),
+            )
             self.spares.assign(process, self._assignment(cmd, cores))
         except OSError as exc:
             self.runner.remove(cmd.instance_id)
