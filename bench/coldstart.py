@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import nats.errors
 import numpy as np
 import torch
 
@@ -79,6 +80,16 @@ def copy_s(path: Path) -> float:
     return time.perf_counter() - started
 
 
+async def ingress_functions(client: Client) -> list[str]:
+    """The functions ingress knows ([] while it does not answer yet: a loaded machine
+    starts it slowly)."""
+    try:
+        status = await client.status("ingress", timeout=2)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        return []
+    return list(status.details.get("functions", []))
+
+
 async def agent(client: Client) -> dict[str, Any]:
     for status in await client.status_all("gpu-worker", timeout=1.0):
         if "agent" in status.details:
@@ -86,9 +97,59 @@ async def agent(client: Client) -> dict[str, Any]:
     return {}
 
 
-async def first_answers(url: str, models: dict[str, Path], spares: bool) -> dict[str, list[float]]:
-    """Per model: [from the object store, from the host tier] seconds to the first answer."""
+# The steps of a start from a spare, in the order they happen, and who records them:
+# the client (sent, answered), the scheduler's `cold_starts` (arrived, scale,
+# joined, commanded, dispatched) and the instance's `setup_at` (the rest).
+STEPS = {
+    "sent": "client sends the request (to ingress)",
+    "arrived": "scheduler has it: no instance",
+    "scale": "scheduler decides to scale from zero",
+    "assigned": "spare reads its assignment (the agent started it)",
+    "serve": "instance's serve() begins (settings, logging, event loop)",
+    "connect": "instance connected to NATS",
+    "stores": "instance opened its stores",
+    "handler": "instance loaded handler and model",
+    "ready": "instance subscribed, sends its first heartbeat",
+    "joined": "scheduler heard that heartbeat",
+    "commanded": "scheduler's start command answered",
+    "dispatched": "scheduler sent the queued request",
+    "run_received": "instance received it",
+    "run_started": "instance starts executing",
+    "run_executed": "instance executed it",
+    "run_answered": "instance replied",
+    "answered": "client has the answer",
+}
+
+
+async def timeline(client: Client, fn: str, sent: float, answered: float) -> dict[str, float]:
+    """When each step of `fn`'s start happened (wall clock, one machine), as far as the
+    services report them (the instance is still up: idle_s has not passed)."""
+    out = {"sent": sent, "answered": answered}
+    status = await client.status("scheduler", timeout=2)
+    out.update((status.details.get("cold_starts") or {}).get(fn) or {})
+    for worker in await client.status_all("gpu-worker", timeout=1.0):
+        if worker.details.get("function") == fn:
+            out.update(worker.details.get("setup_at") or {})
+    return out
+
+
+def print_timeline(name: str, at: dict[str, float]) -> None:
+    print(f"\n{name}, start from a spare, model in the host tier (ms since sent):")
+    sent = at["sent"]
+    last = sent
+    for step, when in sorted(at.items(), key=lambda x: x[1]):
+        since, step_ms = (when - sent) * 1000, (when - last) * 1000
+        print(f"  {since:7.1f}  +{step_ms:6.1f}  {step:13} {STEPS.get(step, '')}")
+        last = when
+
+
+async def first_answers(
+    url: str, models: dict[str, Path], spares: bool
+) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
+    """Per model: [from the object store, from the host tier] seconds to the first
+    answer; and with spares, the timeline of the start from the host tier."""
     out: dict[str, list[float]] = {}
+    timelines: dict[str, dict[str, float]] = {}
     x = np.ones((1, WIDTH), dtype=np.float32)
     async with Client.connect(url) as client:
         for name, path in models.items():
@@ -105,10 +166,8 @@ async def first_answers(url: str, models: dict[str, Path], spares: bool) -> dict
                 slo_ms=60_000,
             )
             await client.deploy(spec, handler_check=False)
-            with anyio.fail_after(30):  # until ingress has heard of it
-                while fn not in (await client.status("ingress", timeout=2)).details.get(
-                    "functions", []
-                ):
+            with anyio.fail_after(30):  # until ingress is up and has heard of it
+                while fn not in await ingress_functions(client):
                     await anyio.sleep(0.1)
             times = []
             for _ in range(2):
@@ -117,9 +176,11 @@ async def first_answers(url: str, models: dict[str, Path], spares: bool) -> dict
                         while (await agent(client)).get("spares", 0) < 1:
                             await anyio.sleep(0.2)
                     await anyio.sleep(4.0)
-                started = time.perf_counter()
+                sent, started = time.time(), time.perf_counter()
                 await client.invoke(fn, {"x": x}, timeout=120)
                 times.append(time.perf_counter() - started)
+                if spares:
+                    timelines[name] = await timeline(client, fn, sent, time.time())
                 # Idle for idle_s: the instance goes (the host tier keeps the weights).
                 with anyio.fail_after(60):
                     while True:
@@ -130,7 +191,7 @@ async def first_answers(url: str, models: dict[str, Path], spares: bool) -> dict
                         await anyio.sleep(0.2)
             out[name] = times
             await client.remove(fn, force=True)
-    return out
+    return out, timelines
 
 
 def start(url: str, state: Path, spares: bool) -> Supervisor:
@@ -153,6 +214,9 @@ def start(url: str, state: Path, spares: bool) -> Supervisor:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--large", action="store_true", help="also a 1 GB model")
+    parser.add_argument(
+        "--spare-only", action="store_true", help="only the starts from a spare (no container)"
+    )
     args = parser.parse_args()
     sizes = {"m10": 10, "m100": 100} | ({"m1000": 1000} if args.large else {})
     print(
@@ -165,21 +229,28 @@ def main() -> None:
             models[name] = Path(tmp) / f"{name}.pt"
             write_mlp(models[name], layers, seed=1)
         rows: dict[str, dict[str, Any]] = {n: {} for n in models}
+        nan = float("nan")
         for name, path in models.items():
             rows[name]["MB"] = path.stat().st_size / 1e6
-            rows[name]["container"] = min(container_s(path) for _ in range(2))
+            rows[name]["container"] = (
+                nan if args.spare_only else min(container_s(path) for _ in range(2))
+            )
             rows[name]["copy"] = copy_s(path)
-        for spares in (False, True):
+            rows[name]["fresh store"] = rows[name]["fresh tier"] = nan
+        timelines: dict[str, dict[str, float]] = {}
+        for spares in (True,) if args.spare_only else (False, True):
             sup = start(server.url, Path(tmp) / f"state-{spares}", spares)
             try:
                 time.sleep(4.0)
-                got = anyio.run(first_answers, server.url, models, spares)
+                got, timelines = anyio.run(first_answers, server.url, models, spares)
             finally:
                 sup.stop()
             for name, (store, tier) in got.items():
                 key = "spare" if spares else "fresh"
                 rows[name][f"{key} store"] = store
                 rows[name][f"{key} tier"] = tier
+    for name, at in timelines.items():
+        print_timeline(name, at)
     cols = ["container", "fresh store", "fresh tier", "spare store", "spare tier", "copy"]
     print(
         f"\n{'model':8} {'MB':>6} " + " ".join(f"{c:>12}" for c in cols) + "  container/spare tier"

@@ -86,7 +86,7 @@ def settle_heap() -> None:
     gc.freeze()
 
 
-def _backend_options() -> dict[str, bool]:
+def backend_options() -> dict[str, bool]:
     # uvloop roughly halves the per-message cost of the asyncio loop: every
     # invocation crosses three services, so it shows in end-to-end latency.
     try:
@@ -100,7 +100,7 @@ def run_service(name: str, serve: ServeFn, settings: Settings) -> None:
     configure_logging(settings.log_level, json=settings.log_json)
     configure_tracing(name)
     try:
-        anyio.run(_run, name, serve, settings, backend_options=_backend_options())
+        anyio.run(_run, name, serve, settings, backend_options=backend_options())
     finally:
         shutdown_tracing()
 

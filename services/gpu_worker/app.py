@@ -60,7 +60,7 @@ from shared.schema import (
     decode,
     encode,
 )
-from shared.service import every
+from shared.service import every, settle_heap
 from shared.sharing.cpu import pin
 from shared.spec import wants_instances
 
@@ -207,6 +207,7 @@ async def serve(
             function=function,
             agent=settings.instance_agent,
             setup_ms=setup.steps,
+            setup_at=setup.at,
         )
         handlers = HandlerCache(
             device=device,
@@ -246,9 +247,6 @@ async def serve(
             ),
             worker_id,
         )
-        if function and not await become_instance(nc, settings, registry, handlers, books):
-            return
-        setup.mark("handler")
         agent = None
         if settings.agent_enabled and not function:
             agent = Agent(
@@ -267,14 +265,29 @@ async def serve(
             await nc.publish(subjects.heartbeat(worker_id), encode(beat))
 
         async with anyio.create_task_group() as service_tg:
-            await service_tg.start(registry.watch)
+            # An instance loads its handler and model (mostly in threads) while the
+            # registry's watch and the metrics endpoint start: neither waits for it.
+            ready = True
+
+            async def load() -> None:
+                nonlocal ready
+                ready = await become_instance(nc, settings, registry, handlers, books)
+                setup.mark("handler")
+
             # Metrics (shared.metrics): this worker's Prometheus endpoint, closed with
             # service_tg, and the instruments the run hooks record to.
             from shared import metrics
 
-            telemetry = await service_tg.start(
-                metrics.serve, settings, "gpu-worker", worker_id, lambda: nc.is_connected
-            )
+            async with anyio.create_task_group() as starting:
+                if function:
+                    starting.start_soon(load)
+                await service_tg.start(registry.watch)
+                telemetry = await service_tg.start(
+                    metrics.serve, settings, "gpu-worker", worker_id, lambda: nc.is_connected
+                )
+            if not ready:
+                service_tg.cancel_scope.cancel()
+                return
             runs.use_metrics(
                 metrics.WorkerMetrics(
                     telemetry.meter,
@@ -300,6 +313,7 @@ async def serve(
                     meta = await routed(nc, msg)
                     if meta is None:
                         return
+                    books.first("run_received")
                     job = Job(meta, msg.data, msg.reply, msg.headers or {})
                     if await runs.admit(job):
                         running.start_soon(runs.run, job)
@@ -332,12 +346,12 @@ async def serve(
                     )
                 )
 
-                profiles = await jetstream.profiles_kv(js, replicas=settings.js_replicas)
                 # One profile at a time: two measured together would share the cores.
                 profiling = anyio.Lock()
 
                 async def answer_profile(msg: Msg) -> None:
                     assert agent is not None
+                    assert profiles is not None
                     try:
                         async with profiling:
                             reply = await profile_function(
@@ -360,7 +374,10 @@ async def serve(
                 async def on_profile(msg: Msg) -> None:
                     service_tg.start_soon(answer_profile, msg)  # it takes seconds
 
+                # Profiles are the agent's to measure (an instance has no store of them).
+                profiles = None
                 if agent is not None:
+                    profiles = await jetstream.profiles_kv(js, replicas=settings.js_replicas)
                     await nc.subscribe(subjects.PROFILE, queue=subjects.Q_AGENTS, cb=on_profile)
 
                 def details() -> dict[str, object]:
@@ -369,7 +386,12 @@ async def serve(
                         out["agent"] = agent.details()
                     return out
 
+                # The collection run_service does once started, done before the first
+                # heartbeat: after it, it was a 100-150 ms stall of the first requests
+                # (a spare froze most of the heap before its assignment: it is short).
+                settle_heap()
                 await serve_status(nc, "gpu-worker", worker_id, details)
+                setup.mark("ready")  # subscribed: its first heartbeat goes now
                 await send_heartbeat()
 
                 async def beat() -> None:

@@ -126,7 +126,9 @@ class Runs:
                 failure: GfaasError | None = None
                 try:
                     claimed = await self.claims.claim(meta)
+                    self.books.first("run_started")
                     reply, exec_ms = await self.executor.execute(meta, job.body)
+                    self.books.first("run_executed")
                 except GfaasError as exc:
                     tracing.mark_error(span, exc.code, exc.reason)
                     reply = InvokeReply(
@@ -149,6 +151,7 @@ class Runs:
             await self.done(job, ok=ok, exec_ms=exec_ms, outcome=outcome)
             if job.reply:
                 await self.bus.send_reply(job.reply, reply)
+            self.books.first("run_answered")
         except Exception as exc:  # a bug must cost one request, not the worker
             log.exception("run.crashed", invocation_id=meta.invocation_id)
             await self.bus.reply_error(job.reply, meta.invocation_id, ErrorCode.INTERNAL, repr(exc))

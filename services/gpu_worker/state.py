@@ -14,19 +14,28 @@ from services.gpu_worker.models import HandlerCache
 from services.gpu_worker.staging import Staging
 from shared.schema import WorkerHeartbeat, now_millis
 
+# When a spare (standby.py) read its assignment, on the wall clock (0: not a spare).
+assigned_at = 0.0
+
 
 class SetupClock:
     """How long each step of a worker's start took, in ms (an instance's cold start:
-    its status shows them)."""
+    its status shows them), and when each ended on the wall clock (`at`: the other
+    services' timestamps of the same start line up with it, bench/coldstart.py)."""
 
     def __init__(self) -> None:
         self.started = time.perf_counter()
         self.last = self.started
         self.steps: dict[str, float] = {}
+        self.at: dict[str, float] = {}
+        if assigned_at:
+            self.at["assigned"] = assigned_at
+        self.at["serve"] = time.time()
 
     def mark(self, step: str) -> None:
         now = time.perf_counter()
         self.steps[step] = round((now - self.last) * 1000.0, 1)
+        self.at[step] = time.time()
         self.last = now
 
 
@@ -51,11 +60,17 @@ class Books:
     # An instance: the one function it serves, and the agent that started it.
     function: str = ""
     agent: str = ""
-    # Its start, step by step (SetupClock.steps).
+    # Its start, step by step (SetupClock.steps), and when each step ended
+    # (SetupClock.at, wall clock); its first run's receipt, execution and answer too.
     setup_ms: dict[str, float] = field(default_factory=dict)
+    setup_at: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.idle.set()
+
+    def first(self, step: str) -> None:
+        """The wall-clock time of `step` of the first run (kept once)."""
+        self.setup_at.setdefault(step, time.time())
 
     @property
     def full(self) -> bool:
@@ -110,6 +125,7 @@ def details(books: Books, handlers: HandlerCache, staging: Staging) -> dict[str,
         "device": books.device,
         "function": books.function,
         "setup_ms": books.setup_ms,
+        "setup_at": books.setup_at,
         "inflight": books.inflight,
         "completed": books.completed,
         "failed": books.failed,

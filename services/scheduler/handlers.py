@@ -48,6 +48,8 @@ log = get_logger("scheduler")
 
 # Queued requests shown to one `plan` call (the simulator's default too).
 PLAN_WINDOW = 256
+# Functions whose latest scale from zero `details` shows, step by step.
+COLD_KEPT = 32
 
 
 class Scheduler:
@@ -83,6 +85,9 @@ class Scheduler:
         self.instances = Instances(
             bus, registry, settings.worker_timeout_s, model_bytes=self.state.model_bytes
         )
+        # Function -> its latest scale from zero: when each step of it happened here,
+        # on the wall clock (bench/coldstart.py lines it up with the instance's).
+        self.cold: dict[str, dict[str, float]] = {}
 
     # -- events -------------------------------------------------------------------------
 
@@ -90,6 +95,7 @@ class Scheduler:
         self, meta: InvocationMeta, headers: Mapping[str, str], body: bytes, reply: str
     ) -> None:
         """A new invocation (its routing headers checked by the wiring)."""
+        arrived = time.time()
         with tracing.handling_span(
             "scheduler assign",
             headers,
@@ -154,10 +160,12 @@ class Scheduler:
             worker_id = await self._place(inv, now, span)
             if worker_id is None and instanced and not self.instances.instances_of(spec.name):
                 # Scale from zero: start one now, not at the next tick.
+                cold = self._cold_start(spec.name, arrived)
                 with tracing.tracer().start_as_current_span(
                     "scheduler scale from zero", attributes={"gfaas.function": spec.name}
                 ):
                     await self._scale(now, only=spec.name)
+                cold["commanded"] = time.time()
             if worker_id is not None and ingress and self.grant_ttl_s > 0:
                 await self._lend(ingress, inv, spec, worker_id, now)
 
@@ -264,6 +272,7 @@ class Scheduler:
 
     async def heartbeat(self, hb: WorkerHeartbeat) -> None:
         if self.state.observe(hb, time.monotonic()):
+            self._cold_step(hb.function, "joined")
             log.info("worker.joined", worker=hb.worker_id, device=hb.device)
             await self._drain_pending()
         if hb.capacity == 0:  # draining: it takes nothing more, direct sends included
@@ -374,6 +383,8 @@ class Scheduler:
             await self.bus.publish(subjects.grants(lent.ingress), encode(revoke))
 
     async def _send(self, worker_id: str, inv: Invocation) -> None:
+        if inv.view.instanced:
+            self._cold_step(inv.view.function, "dispatched")
         await self.bus.publish(
             subjects.worker_run(worker_id), inv.body, reply=inv.reply, headers=inv.headers
         )
@@ -425,6 +436,20 @@ class Scheduler:
         for inv, reason in refused:
             await self._reject(inv, reason)
 
+    def _cold_start(self, function: str, arrived: float) -> dict[str, float]:
+        """A new record of `function`'s scale from zero, from its request's arrival."""
+        self.cold.pop(function, None)
+        while len(self.cold) >= COLD_KEPT:
+            del self.cold[next(iter(self.cold))]
+        cold = self.cold[function] = {"arrived": arrived, "scale": time.time()}
+        return cold
+
+    def _cold_step(self, function: str, step: str) -> None:
+        """The first time `step` of `function`'s latest scale from zero happened."""
+        cold = self.cold.get(function)
+        if function and cold is not None:
+            cold.setdefault(step, time.time())
+
     def details(self) -> dict[str, object]:
         leadership = self.leadership
         return {
@@ -437,6 +462,7 @@ class Scheduler:
                     lambda w: len(b.running) if (b := self.state.workers.get(w)) else 0
                 ),
             },
+            "cold_starts": {f: dict(steps) for f, steps in self.cold.items()},
             "assigned": self.assigned,
             "replaced": self.replaced,
             "rejected": self.state.rejected,
