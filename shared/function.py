@@ -62,7 +62,10 @@ class InvalidInput(ValueError):
 class LoadContext:
     spec: FunctionSpec
     device: str
+    # The pushed weights file, where the node has it on disk; `weights_file()` fetches
+    # it when it does not (the host tier was filled from the loading-optimised blob).
     weights_path: Path | None = None
+    fetch_file: Callable[[], Path] | None = None
     threads: int = 1
     host: HostModel | None = None
     group_bytes: int = 2 * 1024 * 1024
@@ -71,6 +74,14 @@ class LoadContext:
     # (CPU instances: see shared.modelswap.instantiate).
     shared: bool = False
     swaps: list[SwapIn] = field(default_factory=list)
+
+    def weights_file(self) -> Path | None:
+        """The model's weights as the file that was pushed (None: the spec has no
+        model). For handlers that read the file themselves; `build` needs none."""
+        if self.weights_path is None and self.fetch_file is not None:
+            # Fetched once; frozen otherwise, the context caches what it fetched.
+            object.__setattr__(self, "weights_path", self.fetch_file())
+        return self.weights_path
 
     def build(self, factory: Callable[[], nn.Module]) -> nn.Module:
         """`factory()`'s model on this device, with the function's weights."""
@@ -90,8 +101,9 @@ class LoadContext:
             self.swaps.append(swap)
             return model
         model = factory()
-        if self.weights_path is not None:
-            state = torch.load(self.weights_path, map_location="cpu", weights_only=True)
+        weights = self.weights_file()
+        if weights is not None:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
             model.load_state_dict(state)
         return model.to(self.device).eval()
 

@@ -18,9 +18,10 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import mmap
 import os
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import nats.errors
 from nats.js import api
@@ -30,11 +31,22 @@ from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, ObjectStore
 
 from shared import jetstream
 from shared.errors import GfaasError
+from shared.logs import get_logger
 from shared.names import check_name, is_valid_name, name_problem
 from shared.schema import ErrorCode
 
+if TYPE_CHECKING:  # the host tier imports torch: clients that only push need not
+    from shared.modelswap.host_tier import HostModel, HostTier
+
+log = get_logger("modelstore")
+
 SHA256_HEADER = "Gfaas-Sha256"
 SIZE_HEADER = "Gfaas-Size"
+# A loading-optimised copy (the host tier's layout) is stored beside each model under
+# this suffix: a name no model can have (model names have no dot); its header says
+# which original (by SHA-256) it was made from.
+BLOB_SUFFIX = ".blob"
+SOURCE_HEADER = "Gfaas-Source-Sha256"
 # A fetch that receives nothing for this long is given up (chunks lost in the store).
 STALL_S = 30.0
 # Chunks (128 KiB each) asked for in one pull: 32 MiB in flight.
@@ -77,6 +89,9 @@ class ModelStore:
         return cls(await jetstream.models_store(js, replicas=replicas))
 
     async def push(self, name: str, path: Path) -> int:
+        """Store the weights file, and beside it the same tensors in the host tier's
+        layout (when the file is a mapping of tensors), so that a node maps them
+        without unpickling. The original is what `fetch` gives and what is sized."""
         check_name("model", name)  # an object name, and a file name in every cache
         digest = await asyncio.to_thread(file_sha256, path)
         meta = api.ObjectMeta(
@@ -85,7 +100,66 @@ class ModelStore:
         )
         with path.open("rb") as f:
             info = await self._store.put(name, f, meta=meta)
+        await self._push_blob(name, path, digest)
         return int(info.size or 0)
+
+    async def _push_blob(self, name: str, path: Path, source: str) -> None:
+        blob = path.with_name(f".{path.name}.gfaas-blob{os.getpid()}")
+        try:
+            made = await asyncio.to_thread(_make_blob, path, blob)
+            if not made:  # not a mapping of tensors: nodes load the original
+                with contextlib.suppress(ObjectNotFoundError, ObjectDeletedError):
+                    await self._store.delete(name + BLOB_SUFFIX)
+                return
+            digest = await asyncio.to_thread(file_sha256, blob)
+            headers = {
+                SHA256_HEADER: [digest],
+                SIZE_HEADER: [str(blob.stat().st_size)],
+                SOURCE_HEADER: [source],
+            }
+            meta = api.ObjectMeta(name=name + BLOB_SUFFIX, headers=headers)
+            with blob.open("rb") as f:
+                await self._store.put(name + BLOB_SUFFIX, f, meta=meta)
+        finally:
+            blob.unlink(missing_ok=True)
+
+    async def fill_host_tier(self, name: str, tier: HostTier) -> HostModel | None:
+        """The model in the node's host tier: there already, or streamed into it from
+        its stored blob (no file, no unpickling). None where it has no usable blob
+        (pushed by an older client, not a mapping of tensors, corrupt, or made from
+        other weights than the current ones): the caller loads the original."""
+        try:
+            info = await self._store.get_info(name)
+        except (ObjectNotFoundError, ObjectDeletedError):
+            return None
+        key = cache_stem(name, info)
+        host = tier.cached(name, key)
+        if host is not None:
+            return host
+        try:
+            blob = await self._store.get_info(name + BLOB_SUFFIX)
+        except (ObjectNotFoundError, ObjectDeletedError):
+            return None
+        source = _header(info, SHA256_HEADER)
+        if source is None or _header(blob, SOURCE_HEADER) != source or not blob.size:
+            return None
+        pending = await asyncio.to_thread(tier.pending, name, key, int(blob.size))
+        try:
+            writer = _BufferWriter(pending.segment.mm)
+            await self._check_chunks(name + BLOB_SUFFIX, blob)
+            await self._download(name + BLOB_SUFFIX, blob, writer)
+            _verify(name + BLOB_SUFFIX, blob, writer)
+            await asyncio.to_thread(pending.commit)
+            tier.loads += 1
+            tier.blob_loads += 1
+        except Exception as exc:
+            pending.abort()
+            log.warning("model.blob_unusable", model=name, error=str(exc))
+            return None
+        except BaseException:
+            pending.abort()
+            raise
+        return tier.cached(name, key)
 
     async def fetch(self, name: str, cache_dir: Path) -> Path:
         """A local file holding the model's current weights (downloaded if needed)."""
@@ -97,8 +171,7 @@ class ModelStore:
             raise GfaasError(
                 ErrorCode.MODEL_UNAVAILABLE, f"model {name!r} is not in the model store"
             ) from None
-        digest = (info.digest or "none").replace("SHA-256=", "").replace("/", "_")
-        target = cache_dir / f"{name}-{digest.rstrip('=')}.bin"
+        target = cache_dir / f"{cache_stem(name, info)}.bin"
         if target.exists():
             return target
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -166,6 +239,9 @@ class ModelStore:
             inactive_threshold=STALL_S,  # the server forgets it if this fetch dies
         )
         sub = await js.pull_subscribe(subject, stream=stream, config=config)
+        # Each batch is written and hashed in a thread while the next one arrives
+        # (hashing lets go of the GIL): the two overlap instead of adding up.
+        writing: asyncio.Future[None] | None = None
         try:
             got = 0
             while got < chunks:
@@ -173,10 +249,16 @@ class ModelStore:
                     batch = await sub.fetch(min(FETCH_BATCH, chunks - got), timeout=STALL_S)
                 except nats.errors.TimeoutError:
                     raise _stalled(name, info, writer) from None
-                for msg in batch:
-                    writer.write(msg.data)
+                if writing is not None:
+                    await writing
+                data = [msg.data for msg in batch]
+                writing = asyncio.ensure_future(asyncio.to_thread(_write_all, writer, data))
                 got += len(batch)
+            if writing is not None:
+                await writing
         finally:
+            if writing is not None and not writing.done():
+                await asyncio.gather(writing, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
@@ -214,7 +296,61 @@ class ModelStore:
             if "no objects" in str(exc).lower() or type(exc).__name__ == "NotFoundError":
                 return []
             raise
-        return sorted((i.name, int(i.size or 0)) for i in infos if not i.deleted)
+        return sorted(
+            (i.name, int(i.size or 0))
+            for i in infos
+            if not i.deleted and not i.name.endswith(BLOB_SUFFIX)
+        )
+
+
+def cache_stem(name: str, info: api.ObjectInfo) -> str:
+    """What a node keys a model's current weights by (its cache file, its host-tier
+    segment): the name and the stored object's digest, so a re-push is a new key."""
+    digest = (info.digest or "none").replace("SHA-256=", "").replace("/", "_")
+    return f"{name}-{digest.rstrip('=')}"
+
+
+class _BufferWriter(_HashingWriter):
+    """Streams into a mapped segment instead of a file (hashed and counted)."""
+
+    def __init__(self, mm: mmap.mmap) -> None:
+        self._mm = mm
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        end = self.size + len(data)
+        if end > len(self._mm):
+            raise GfaasError(ErrorCode.MODEL_UNAVAILABLE, "blob longer than recorded")
+        self._mm[self.size : end] = data
+        self.sha.update(data)
+        self.size = end
+        return len(data)
+
+
+def _write_all(writer: _HashingWriter, data: list[bytes]) -> None:
+    for chunk in data:
+        writer.write(chunk)
+
+
+def _make_blob(path: Path, blob: Path) -> bool:
+    """Write `path`'s tensors in the host tier's layout to `blob`; False when the file
+    is not a flat mapping of tensors (then there is no blob). torch is imported here
+    only: clients that never push need not load it."""
+    import torch
+
+    from shared.modelswap.host_tier import write_blob
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return False
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        return False
+    write_blob(state, blob)
+    return True
 
 
 def _stalled(name: str, info: api.ObjectInfo, writer: _HashingWriter) -> GfaasError:

@@ -41,8 +41,9 @@ class Scale:
     """A stateful handler: weights loaded once from the model store."""
 
     def __init__(self, ctx: LoadContext) -> None:
-        assert ctx.weights_path is not None
-        self.factor = torch.load(ctx.weights_path, weights_only=True)["factor"]
+        weights = ctx.weights_file()  # the pushed file itself (fetched if need be)
+        assert weights is not None
+        self.factor = torch.load(weights, weights_only=True)["factor"]
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"y": inputs["x"] * self.factor}

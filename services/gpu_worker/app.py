@@ -214,6 +214,7 @@ async def serve(
             threads=settings.threads,
             capacity_bytes=device_cache_bytes(settings.device_cache_mb, device),
             fetch_weights=lambda name: models.fetch(name, settings.state_dir / "models"),
+            fill_host_tier=models.fill_host_tier,
             group_bytes=settings.swap_group_kb * 1024,
             host_tier=HostTier(tier_prefix(settings.shm_namespace)),
             handler_packages=settings.handler_packages,

@@ -32,6 +32,8 @@ from shared.schema import ErrorCode, FunctionSpec
 
 Handler = Callable[[dict[str, Any]], Mapping[str, Any]]
 WeightsFetcher = Callable[[str], Awaitable[Path]]
+# The model in the host tier from its loading-optimised blob, or None (use the file).
+TierFiller = Callable[[str, HostTier], Awaitable[HostModel | None]]
 
 MB = 1024 * 1024
 # Handlers that have run faster than this (moving average) run on the event loop:
@@ -105,6 +107,7 @@ class HandlerCache:
         clock: Callable[[], float] = time.monotonic,
         handler_packages: str = Settings.handler_packages,
         share_weights: bool = False,
+        fill_host_tier: TierFiller | None = None,
     ) -> None:
         # The node's allow-list: a spec naming a handler outside it (one written into
         # the registry by hand) is refused before anything is fetched or imported.
@@ -117,6 +120,7 @@ class HandlerCache:
         # Models built on the host tier's read-only weights, not copies (CPU only).
         self.share_weights = share_weights and device == "cpu"
         self._fetch = fetch_weights
+        self._fill = fill_host_tier
         self._clock = clock
         self._loaded: dict[str, Loaded] = {}
         # Function -> cache key of the loads under way (in `cache`, not yet in `_loaded`).
@@ -211,16 +215,24 @@ class HandlerCache:
             with tracing.tracer().start_as_current_span(
                 "worker model fetch", attributes={"gfaas.model": spec.model}
             ):
-                weights = await self._fetch(spec.model)
-            try:
-                host = await anyio.to_thread.run_sync(
-                    self.host_tier.get_or_load, spec.model, weights.stem, lambda: weights
-                )
-            except Exception as exc:
-                raise GfaasError(
-                    ErrorCode.MODEL_UNAVAILABLE,
-                    f"weights of model {spec.model!r} cannot be read: {type(exc).__name__}",
-                ) from exc
+                # The host tier has it, or its blob streams in (no file, no unpickling);
+                # else the pushed file, unpickled into the tier.
+                if self._fill is not None:
+                    host = await self._fill(spec.model, self.host_tier)
+                if host is None:
+                    weights = await self._fetch(spec.model)
+            if host is None:
+                assert weights is not None
+                file = weights
+                try:
+                    host = await anyio.to_thread.run_sync(
+                        self.host_tier.get_or_load, spec.model, file.stem, lambda: file
+                    )
+                except Exception as exc:
+                    raise GfaasError(
+                        ErrorCode.MODEL_UNAVAILABLE,
+                        f"weights of model {spec.model!r} cannot be read: {type(exc).__name__}",
+                    ) from exc
         weights_from = "store" if self.host_tier.loads > tier_loads else "host"
         # The device tier holds model weights; a handler without a model keeps only
         # its working memory, which is per request, not cached.
@@ -237,6 +249,7 @@ class HandlerCache:
             spec=spec,
             device=self.device,
             weights_path=weights,
+            fetch_file=self._file_fetcher(spec.model) if spec.model and weights is None else None,
             threads=self.threads,
             host=host,
             group_bytes=self.group_bytes,
@@ -290,6 +303,18 @@ class HandlerCache:
         )
         self._settle(loaded)
         return loaded
+
+    def _file_fetcher(self, model: str) -> Callable[[], Path]:
+        """The pushed file, fetched when a handler asks for it (from its build thread)."""
+        fetch = self._fetch
+
+        async def fetched() -> Path:
+            return await fetch(model)
+
+        def fetch_file() -> Path:
+            return anyio.from_thread.run(fetched)
+
+        return fetch_file
 
     def _settle(self, fresh: Loaded | None = None) -> None:
         """Record the load time, up to the last group landing, of swap-ins now landed.

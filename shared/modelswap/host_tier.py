@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import hashlib
+import mmap
 import os
 import re
 import struct
@@ -168,7 +169,8 @@ class HostTier:
     def __init__(self, prefix: str = PREFIX) -> None:
         self.prefix = prefix
         self._open: dict[str, HostModel] = {}
-        self.loads = 0
+        self.loads = 0  # models this process put into the tier (from either source)
+        self.blob_loads = 0  # of them, streamed in from a stored blob (no unpickling)
 
     def cached(self, model: str, digest: str) -> HostModel | None:
         name = segment_name(model, digest, self.prefix)
@@ -201,28 +203,25 @@ class HostTier:
 
     def _publish(self, name: str, state: Mapping[str, torch.Tensor]) -> None:
         entries, index, size = _layout(state)
-        tmp = f"{name}.tmp{os.getpid()}"
-        unlink_segment(tmp)
-        segment = create_segment(tmp, max(size, 1))
+        pending = self._pending(name, size)
         try:
-            _HEADER.pack_into(segment.mm, 0, len(index))
-            segment.mm[_HEADER.size : _HEADER.size + len(index)] = index
-            base = _align(_HEADER.size + len(index))
-            for entry, tensor in zip(entries, state.values(), strict=True):
-                if entry.nbytes:
-                    dst = torch.frombuffer(
-                        segment.mm,
-                        dtype=torch.uint8,
-                        count=entry.nbytes,
-                        offset=base + entry.offset,
-                    )
-                    dst.copy_(tensor.contiguous().view(-1).view(torch.uint8))
-            os.rename(SHM_DIR / tmp, SHM_DIR / name)
+            _write(pending.segment.mm, entries, index, state)
+            pending.commit()
         except BaseException:
-            unlink_segment(tmp)
+            pending.abort()
             raise
-        finally:
-            segment.close()
+
+    def pending(self, model: str, digest: str, size: int) -> Pending:
+        """A segment for the model to be written into (a blob in `write_blob`'s layout,
+        streamed from the object store), under a temporary name until `commit`.
+        No lock: two processes filling one model each write their own and the last
+        rename wins; mappings of the other stay valid."""
+        return self._pending(segment_name(model, digest, self.prefix), size)
+
+    def _pending(self, name: str, size: int) -> Pending:
+        tmp = f"{name}.tmp{os.getpid()}-{threading.get_ident()}"
+        unlink_segment(tmp)
+        return Pending(name, tmp, create_segment(tmp, max(size, 1)))
 
     def evict(self, model: str, digest: str) -> bool:
         name = segment_name(model, digest, self.prefix)
@@ -249,6 +248,53 @@ class HostTier:
             host.tensors.clear()
             host.segment.close()
         self._open.clear()
+
+
+@dataclass
+class Pending:
+    """A host-tier segment being written, not yet visible under its name."""
+
+    name: str
+    tmp: str
+    segment: Segment
+
+    def commit(self) -> None:
+        """Check that it parses as a model, then make it visible (atomically)."""
+        try:
+            _views(self.segment)
+        except Exception as exc:
+            raise BackendError(f"not a host-tier blob: {type(exc).__name__}: {exc}") from exc
+        os.rename(SHM_DIR / self.tmp, SHM_DIR / self.name)
+        self.segment.close()
+
+    def abort(self) -> None:
+        self.segment.close()
+        unlink_segment(self.tmp)
+
+
+def write_blob(state: Mapping[str, torch.Tensor], path: Path) -> int:
+    """`state` in the host tier's layout, as a file (what a push stores beside the
+    original so that a node maps it without unpickling): its size in bytes."""
+    entries, index, size = _layout(state)
+    with path.open("w+b") as f:
+        f.truncate(max(size, 1))
+        with mmap.mmap(f.fileno(), max(size, 1)) as mm:
+            _write(mm, entries, index, state)
+    return size
+
+
+def _write(
+    mm: mmap.mmap, entries: list[_Entry], index: bytes, state: Mapping[str, torch.Tensor]
+) -> None:
+    _HEADER.pack_into(mm, 0, len(index))
+    mm[_HEADER.size : _HEADER.size + len(index)] = index
+    base = _align(_HEADER.size + len(index))
+    for entry, tensor in zip(entries, state.values(), strict=True):
+        if entry.nbytes:
+            dst = torch.frombuffer(
+                mm, dtype=torch.uint8, count=entry.nbytes, offset=base + entry.offset
+            )
+            dst.copy_(tensor.contiguous().view(-1).view(torch.uint8))
 
 
 LOCK_DIR = SHM_DIR / ".gfaas-locks"

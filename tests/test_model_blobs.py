@@ -1,0 +1,120 @@
+"""Loading-optimised weights (issue 9): a push stores, beside the original file, the
+same tensors in the host tier's layout; a node streams that blob straight into its
+host tier (no file written, nothing unpickled). A corrupt or stale blob is never
+used: the node loads the original instead, and still answers correctly."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nats.aio.client import Client as NATS
+from nats.js import api
+
+from bench.live_models import WIDTH, mlp, write_mlp
+from gfaas.client import Client
+from shared.modelstore import BLOB_SUFFIX, SOURCE_HEADER, ModelStore
+from shared.modelswap import HostTier
+from shared.schema import FunctionSpec
+from tests.helpers import deploy_and_wait
+from tests.platform import Platform
+
+pytestmark = [pytest.mark.nats, pytest.mark.anyio]
+
+
+@pytest.fixture
+def tier() -> Iterator[HostTier]:
+    host_tier = HostTier(f"gfaas-blob{secrets.token_hex(3)}-model-")
+    try:
+        yield host_tier
+    finally:
+        host_tier.purge()
+
+
+async def test_a_push_stores_a_blob_that_fills_the_host_tier_without_a_file(
+    nc: NATS, tmp_path: Path, tier: HostTier
+) -> None:
+    store = await ModelStore.open(nc.jetstream())
+    weights = tmp_path / "m3.pt"
+    write_mlp(weights, 3, seed=2)
+    await store.push("m3", weights)
+    objects = store._store
+    blob = await objects.get_info("m3" + BLOB_SUFFIX)
+    original = await objects.get_info("m3")
+    assert blob.headers is not None
+    assert blob.headers[SOURCE_HEADER] == original.headers["Gfaas-Sha256"]  # type: ignore[index]
+    # Listed models are the pushed ones; their blobs are the store's own business.
+    assert [name for name, _ in await store.list()] == ["m3"]
+
+    host = await store.fill_host_tier("m3", tier)
+    assert host is not None
+    assert tier.blob_loads == 1
+    state = torch.load(weights, weights_only=True)
+    assert host.tensors.keys() == state.keys()
+    for name, tensor in state.items():
+        torch.testing.assert_close(host.tensors[name], tensor, rtol=0, atol=0)
+    assert not list(tmp_path.glob("*.bin"))  # nothing was written to disk
+    # Once there, the tier's copy is used: no second fill.
+    again = await store.fill_host_tier("m3", tier)
+    assert again is host
+    assert tier.blob_loads == 1
+
+
+async def test_a_corrupt_or_stale_blob_is_not_used(
+    nc: NATS, tmp_path: Path, tier: HostTier
+) -> None:
+    store = await ModelStore.open(nc.jetstream())
+    weights = tmp_path / "m3.pt"
+    write_mlp(weights, 3, seed=2)
+    await store.push("m3", weights)
+    objects = store._store
+    blob = await objects.get_info("m3" + BLOB_SUFFIX)
+    raw = bytearray((await objects.get("m3" + BLOB_SUFFIX)).data or b"")
+    raw[len(raw) // 2] ^= 0xFF
+    # The same headers (the sha256 recorded at push): only the check can tell.
+    meta = api.ObjectMeta(name="m3" + BLOB_SUFFIX, headers=blob.headers)
+    await objects.put("m3" + BLOB_SUFFIX, bytes(raw), meta=meta)
+    assert await store.fill_host_tier("m3", tier) is None
+    assert tier.resident() == []  # nothing half-written left in shared memory
+
+    # A blob made from other weights than the current file's: not used either.
+    await store.push("m3", weights)
+    other = tmp_path / "other.pt"
+    write_mlp(other, 3, seed=5)
+    with other.open("rb") as f:  # the original replaced as an older client would
+        await objects.put("m3", f, meta=api.ObjectMeta(name="m3", headers={}))
+    assert await store.fill_host_tier("m3", tier) is None
+
+
+async def test_workers_answer_from_the_blob_and_from_the_file_when_asked(
+    platform: Platform, nc: NATS, tmp_path: Path
+) -> None:
+    client = Client(nc)
+    weights = tmp_path / "m4.pt"
+    write_mlp(weights, 4, seed=3)
+    await client.push_model("m4", weights)
+    factor = tmp_path / "factor.pt"
+    torch.save({"factor": torch.tensor([3.0])}, factor)
+    await client.push_model("factor", factor)
+    specs = [
+        FunctionSpec(name="mlp4", handler="bench.live_models:Mlp", model="m4"),
+        # A handler that reads the pushed file itself (ctx.weights_file()).
+        FunctionSpec(name="scale", handler="tests.funcs:Scale", model="factor"),
+    ]
+    await deploy_and_wait(nc, *specs)
+    x = np.random.default_rng(1).standard_normal((2, WIDTH)).astype(np.float32)
+    model = mlp(4)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(x)).numpy()
+    out = await client.invoke("mlp4", {"x": x})
+    np.testing.assert_allclose(out["y"], expected, rtol=1e-5, atol=1e-6)
+    scaled = await client.invoke("scale", {"x": np.array([2.0], dtype=np.float32)})
+    assert scaled["y"].tolist() == [6.0]
+    # The MLP came from its blob: its file was never fetched; Scale's was, on request.
+    cached = {p.name.split("-")[0] for p in (platform.state_dir / "models").glob("*.bin")}
+    assert cached == {"factor"}
