@@ -241,3 +241,23 @@ async def test_without_a_callers_context_ingress_is_the_root_until_the_done_note
         assert span.end_time is not None
         assert ingress.start_time <= span.start_time
         assert span.end_time <= ingress.end_time
+
+
+async def test_the_scale_from_zero_span_lasts_until_the_new_instance_takes_the_call(
+    exporter: InMemorySpanExporter, platform: Platform, nc: NATS
+) -> None:
+    from tests.test_instances import wait_instances
+
+    spec = FunctionSpec(name="echo-cold", handler="tests.funcs:echo", max_instances=1, idle_s=30)
+    await deploy_and_wait(nc, spec)
+    exporter.clear()
+    reply = await Client(nc).invoke_reply("echo-cold", {"x": np.ones(2, np.float32)}, timeout=30)
+    assert reply.error is None, reply.error
+    (instance,) = await wait_instances(nc, "echo-cold", 1)
+    (cold,) = [s for s in exporter.get_finished_spans() if s.name == "scheduler scale from zero"]
+    assert cold.attributes is not None
+    assert cold.attributes["gfaas.worker"] == reply.worker == instance.instance_id
+    assert cold.start_time is not None
+    assert cold.end_time is not None
+    # It covers the instance's start (command to first heartbeat), not only the command.
+    assert (cold.end_time - cold.start_time) / 1e9 > instance.ready_s / 2 > 0

@@ -15,7 +15,8 @@ from collections import Counter
 from collections.abc import Mapping
 
 import msgspec
-from opentelemetry.trace import Span, SpanKind
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, StatusCode
 
 from services.scheduler.instances import Instances, Observed
 from services.scheduler.leader import Leadership
@@ -88,6 +89,8 @@ class Scheduler:
         # Function -> its latest scale from zero: when each step of it happened here,
         # on the wall clock (bench/coldstart.py lines it up with the instance's).
         self.cold: dict[str, dict[str, float]] = {}
+        # Invocation -> its open "scale from zero" span, ended when it is dispatched.
+        self._cold_spans: dict[str, Span] = {}
 
     # -- events -------------------------------------------------------------------------
 
@@ -161,11 +164,18 @@ class Scheduler:
             if worker_id is None and instanced and not self.instances.instances_of(spec.name):
                 # Scale from zero: start one now, not at the next tick.
                 cold = self._cold_start(spec.name, arrived)
-                with tracing.tracer().start_as_current_span(
+                # The span lasts until the invocation goes to the new instance (or
+                # leaves the queue otherwise), not only while the start is commanded.
+                waiting = tracing.tracer().start_span(
                     "scheduler scale from zero", attributes={"gfaas.function": spec.name}
-                ):
+                )
+                with trace.use_span(waiting, end_on_exit=False):
                     await self._scale(now, only=spec.name)
                 cold["commanded"] = time.time()
+                if meta.invocation_id in self.state.pending:
+                    self._cold_spans[meta.invocation_id] = waiting
+                else:
+                    waiting.end()
             if worker_id is not None and ingress and self.grant_ttl_s > 0:
                 await self._lend(ingress, inv, spec, worker_id, now)
 
@@ -322,6 +332,7 @@ class Scheduler:
             )
         if self.state.pending:
             await self._drain_pending()
+        self._end_cold_spans()
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -385,6 +396,10 @@ class Scheduler:
     async def _send(self, worker_id: str, inv: Invocation) -> None:
         if inv.view.instanced:
             self._cold_step(inv.view.function, "dispatched")
+            waiting = self._cold_spans.pop(inv.meta.invocation_id, None)
+            if waiting is not None:
+                waiting.set_attribute("gfaas.worker", worker_id)
+                waiting.end()
         await self.bus.publish(
             subjects.worker_run(worker_id), inv.body, reply=inv.reply, headers=inv.headers
         )
@@ -435,6 +450,15 @@ class Scheduler:
             await self._send(worker_id, inv)
         for inv, reason in refused:
             await self._reject(inv, reason)
+
+    def _end_cold_spans(self) -> None:
+        """Scale-from-zero spans of invocations that left the queue without being sent
+        (refused, expired, their worker lost): ended, with why not."""
+        for invocation_id, waiting in list(self._cold_spans.items()):
+            if invocation_id not in self.state.pending:
+                del self._cold_spans[invocation_id]
+                waiting.set_status(StatusCode.ERROR, "answered before an instance took it")
+                waiting.end()
 
     def _cold_start(self, function: str, arrived: float) -> dict[str, float]:
         """A new record of `function`'s scale from zero, from its request's arrival."""
