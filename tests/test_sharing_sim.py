@@ -129,3 +129,18 @@ def test_an_unmeetable_slo_is_rejected_when_asked_to() -> None:
     assert served.unmeetable == ("slow",)
     assert served.completed == 2
     assert rejected.rejected == 2
+
+
+def test_an_instance_started_while_its_weights_are_still_fetched_waits_for_them() -> None:
+    # Two instances from zero at once: the second finds the model "on the node" (the
+    # first one's fetch is under way) but cannot serve before the weights are there.
+    functions = shared_functions([SMALL])
+    start = StartCost()
+    arrivals = [Arrival(0.0, "small"), Arrival(0.05, "small")]
+    result = simulate_sharing(functions, arrivals, CLUSTER, SharingOptions(min_instances=2))
+    assert result.starts == 2
+    assert result.starts_by_tier[2] == 1
+    fetched = start.seconds(2, SMALL.model_bytes)
+    assert min(result.from_zero_s) >= fetched
+    # Both requests, the second one too, finish after the fetch.
+    assert result.p50_s >= fetched - 0.05

@@ -16,7 +16,10 @@ no instance starts one at once (scale from zero), and one that would answer late
 asks the autoscaler at once too. Placements go through `packing.place`; a
 configuration it refuses is avoided and the autoscaler asked again. A new instance
 serves after `StartCost.seconds`, which depends on where its model already is
-(this GPU, the node's host tier, nowhere).
+(this GPU, the node's host tier, nowhere), and not before the weights are there: an
+instance started while another one's fetch or copy is still under way waits for it.
+A request that would answer later than `react_at` of its SLO asks the autoscaler at
+once (1: only a late one).
 
 Since an instance's queue is FIFO and everything assigned to it has arrived, a
 request's finish time is known when it arrives; the simulator walks the arrivals
@@ -87,7 +90,12 @@ class SharingOptions:
     # A request that would answer later than its SLO asks the autoscaler at once,
     # not at the next tick (at most every `react_s` per function; 0: never).
     react_s: float = 0.1
+    # ... later than this part of its SLO (1: late; less: as the queues build up).
+    react_at: float = 1.0
     idle_s: float = 30.0
+    # Idle seconds after which an instance beyond the burst floor goes while the
+    # function has a rate (None: idle_s): see `FunctionLoad.surplus_idle_s`.
+    surplus_idle_s: float | None = None
     min_instances: int = 0
     max_instances: int = 1000
     # Routing: an instance takes requests while it would answer within this part of
@@ -172,6 +180,8 @@ class SharingSimulator:
         ]
         self.on_gpu: list[list[_Inst]] = [[] for _ in self.devices]
         self.host: dict[str, set[str]] = {}
+        # (node, model) -> when a fetch under way puts the weights in its host memory.
+        self.host_at: dict[tuple[str, str], float] = {}
         self.serial = 0
         self.live = self.peak = self.refused = self.starts = 0
         # (configuration, memory) refused since the last removal: adding instances never
@@ -209,7 +219,7 @@ class SharingSimulator:
                 fn.missed += 1
                 continue
             inst = self._route(fn, t)
-            late = max(t, inst.free_at) + inst.alone_s - t > fn.f.fn.slo_s
+            late = max(t, inst.free_at) + inst.alone_s - t > o.react_at * fn.f.fn.slo_s
             if late and o.autoscale and o.react_s > 0.0 and t >= fn.reacted + o.react_s:
                 fn.reacted = t
                 self._scale(fn, t, self._rate(fn, t), waiting=0)
@@ -320,6 +330,7 @@ class SharingSimulator:
             min_instances=o.min_instances,
             max_instances=o.max_instances,
             idle_s=o.idle_s,
+            surplus_idle_s=o.surplus_idle_s,
             instances=tuple(Instance(i, by_id[i].config, by_id[i].free_at) for i in order),
             memory_share=fn.f.memory / self.cluster.memory_bytes,
             waiting=waiting,
@@ -338,7 +349,7 @@ class SharingSimulator:
         self.devices[gpu] = placed.device
         ready = now
         if not prewarm:
-            ready += self.o.start.seconds(placed.tier, f.fn.model_bytes)
+            ready = self._ready_at(fn, gpu, placed.tier, now)
             self.starts += 1
             self.tiers[placed.tier] += 1
         self._remember_on_node(gpu, f.fn.model)
@@ -353,6 +364,19 @@ class SharingSimulator:
         self.held += config.share
         self.peak = max(self.peak, self.live)
         return True
+
+    def _ready_at(self, fn: _Fn, gpu: int, tier: int, now: float) -> float:
+        """When an instance started now serves. The tier is where the weights are or
+        are on their way to: one started while they still are waits for them."""
+        cost, model, size = self.o.start, fn.f.fn.model, fn.f.fn.model_bytes
+        node = self.devices[gpu].node
+        if tier == 0:  # the weights come with the instance already on this GPU
+            weights = min((i.ready_at for i in self.on_gpu[gpu] if i.fn is fn), default=now)
+            return max(now + cost.seconds(0, size), weights)
+        if tier == 1:  # from the node's host memory, once the fetch has put them there
+            return max(now, self.host_at.get((node, model), now)) + cost.seconds(1, size)
+        self.host_at[(node, model)] = now + cost.fetch_s
+        return now + cost.seconds(2, size)
 
     def _remember_on_node(self, gpu: int, model: str) -> None:
         """The weights pass through the node's host memory and stay there (host tier)."""

@@ -14,22 +14,33 @@ with burstiness = ca^2 + cs^2 (1 for Poisson arrivals and fixed service times; t
 default 2 leaves room for bursts). It is pessimistic at low load, which is the
 safe side, and it needs nothing the profile does not give.
 
+Bursts. Requests of one function come in clusters (a client's fan-out, a retry
+storm), and the instances must serve a cluster that finds them idle: the burst
+floor. Either a fixed `burst` of simultaneous requests that all finish within the
+SLO, or a model of the clusters (`burst_mean`: mean requests per cluster,
+geometric; `burst_gap_ms`: mean gap between them, exponential): the fewest
+instances that leave at most `burst_budget` of the requests late (`burst_late`).
+
 Choice. For a demand (req/s) every configuration needs ceil(demand / capacity)
-instances, and at least enough for `burst` simultaneous requests to finish within
-the SLO; the one with the least total cost wins (then fewer instances, then the
-lower p99). An instance costs its device share, or the share of device memory it
-holds where that is larger (its dominant share). Device share per request served
-is the same for every share below the model's saturation point, so the choice
-mostly trades granularity (a small demand takes a small quota) against latency (a
-small share or quota stretches service and leaves less of the SLO for queueing).
+instances, and at least the burst floor; the one with the least total cost wins
+(then fewer instances, then the lower p99). An instance costs its device share, or
+the share of device memory it holds where that is larger (its dominant share),
+plus `instance_cost`: what an instance costs whatever its size (a process, a
+context, a start). Device share per request served is the same for every share
+below the model's saturation point, so the choice mostly trades granularity (a
+small demand takes a small quota) against latency (a small share or quota
+stretches service and leaves less of the SLO for queueing); `instance_cost` tips
+it towards fewer, larger instances where the extra device share is small.
 
 Scaling. The plan is the choice for the whole observed rate. Existing instances
 keep serving: a shortfall of capacity is covered by new instances in the plan's
-configuration, and an instance goes only once it has been idle for `idle_s` and
+configuration, and an instance goes only once it has been idle long enough and
 the others still cover the rate (those off the plan first; to zero when the rate
 is zero, down to `min_instances`), so the set converges on the plan without
-stopping busy instances. Pure: the caller passes the observed rate, its instances
-and the time.
+stopping busy instances. Long enough: `surplus_idle_s` for an instance beyond the
+burst floor (capacity a burst of the rate left behind), `idle_s` for the last
+ones (the function's keep-alive). Pure: the caller passes the observed rate, its
+instances and the time.
 """
 
 from __future__ import annotations
@@ -101,6 +112,9 @@ class FunctionLoad:
     # Configurations the packer just refused (no device has room for them): the
     # shortfall is covered with the next best one instead.
     avoid: frozenset[Config] = frozenset()
+    # Idle seconds after which an instance beyond the burst floor goes while the
+    # function still has a rate (None: `idle_s`, as the last ones).
+    surplus_idle_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,7 +125,16 @@ class AutoscaleSettings:
     # retry storm): there are always enough instances for all of them to finish
     # within the SLO, each instance serving its part back to back (`burst_floor`).
     burst: int = 1
+    # Or a model of the clusters (used when burst_mean > 1): sizes geometric with
+    # this mean, gaps between a cluster's requests exponential with this mean; the
+    # floor leaves at most `burst_budget` of the requests late (`burst_late`).
+    burst_mean: float = 0.0
+    burst_gap_ms: float = 0.0
+    burst_budget: float = 0.0025
     max_utilisation: float = 0.9  # never plan an instance busier than this
+    # Device share an instance costs whatever its size (a process, a context, a
+    # start), added to its dominant share when configurations are ranked.
+    instance_cost: float = 0.0
 
 
 DEFAULT_SETTINGS = AutoscaleSettings()
@@ -184,10 +207,74 @@ def _admissible(
 def burst_floor(
     point: ProfilePoint, slo_ms: float, settings: AutoscaleSettings = DEFAULT_SETTINGS
 ) -> int:
-    """Instances in `point.config` that serve `settings.burst` simultaneous requests
-    within the SLO between them (each serves its share back to back)."""
+    """Instances in `point.config` that serve a burst within the SLO. With the fixed
+    `settings.burst`: that many simultaneous requests, each instance serving its
+    share back to back. With the cluster model (`burst_mean` > 1): the fewest that
+    leave at most `burst_budget` of the requests late (`burst_late`)."""
+    if settings.burst_mean > 1.0:
+        return _model_floor(
+            point.p99_ms,
+            slo_ms,
+            settings.burst_mean,
+            settings.burst_gap_ms,
+            settings.burst_budget,
+        )
     per_instance = max(int(slo_ms // max(point.p99_ms, _EPS)), 1)
     return max(math.ceil(max(settings.burst, 1) / per_instance), 1)
+
+
+_MAX_FLOOR = 256
+
+
+@lru_cache(maxsize=65536)
+def _model_floor(p99_ms: float, slo_ms: float, mean: float, gap_ms: float, budget: float) -> int:
+    for n in range(1, _MAX_FLOOR):
+        if burst_late(n, p99_ms, slo_ms, mean, gap_ms) <= budget:
+            return n
+    return _MAX_FLOOR
+
+
+def burst_late(n: int, service_ms: float, slo_ms: float, mean: float, gap_ms: float) -> float:
+    """The fraction of a function's requests that finish later than `slo_ms` when
+    its clusters find `n` idle instances, each serving in `service_ms` (its p99),
+    first come first served. Cluster sizes are geometric with mean `mean`, the gaps
+    between a cluster's requests exponential with mean `gap_ms`. An upper bound.
+
+    The j-th request of a cluster waits for the (j - n)-th, which waits for the
+    (j - 2n)-th, ...: it is late when for some k >= 1 the k*n gaps before it sum to
+    less than (k + 1) * service - slo. A fraction p (1 - p)^(j - 1) of the requests
+    are j-th in their cluster (p = 1 / mean); the union bound over k."""
+    if service_ms > slo_ms:
+        return 1.0
+    p = 1.0 / max(mean, 1.0)
+    late = 0.0
+    j = 1
+    weight = p  # of the requests, the j-th of their cluster
+    # The requests from the j-th on are (1 - p)^(j - 1) of all: stop once negligible.
+    while (1.0 - p) ** (j - 1) > 1e-7 and j < 10_000:
+        miss = 0.0
+        k = 1
+        while k * n <= j - 1 and miss < 1.0:
+            short = (k + 1) * service_ms - slo_ms
+            if short > 0.0:
+                miss += _gamma_cdf(k * n, short / gap_ms) if gap_ms > 0.0 else 1.0
+            k += 1
+        late += weight * min(miss, 1.0)
+        j += 1
+        weight *= 1.0 - p
+    return late
+
+
+def _gamma_cdf(shape: int, x: float) -> float:
+    """P(the sum of `shape` unit exponentials < x) (Erlang)."""
+    if x <= 0.0:
+        return 0.0
+    term = math.exp(-x)
+    below = term
+    for i in range(1, shape):
+        term *= x / i
+        below += term
+    return min(max(1.0 - below, 0.0), 1.0)
 
 
 def choose(
@@ -216,7 +303,7 @@ def choose(
         if count:
             count = max(count, burst_floor(point, slo_ms, settings))
         # With no demand, rank by one instance: what min_instances would start.
-        cost = max(point.config.share, memory_share)
+        cost = max(point.config.share, memory_share) + settings.instance_cost
         key = (max(count, 1) * cost, count, point.p99_ms)
         if best is None or key < best[0]:
             share = count * point.config.share
@@ -292,6 +379,11 @@ def scale(
         add += [plan.config] * extra
         capacity += extra * per[plan.config]
     remove: list[str] = []
+    # While there is a rate, whatever may go is beyond the burst floor: a burst's
+    # surplus. With none, the last ones go after the function's keep-alive.
+    keep_alive = load.idle_s
+    if demand > 0.0 and load.surplus_idle_s is not None:
+        keep_alive = load.surplus_idle_s
     if not add:
         # Off the plan first, then in the caller's order (stable).
         order = sorted(
@@ -299,7 +391,7 @@ def scale(
         )
         for inst, rate in order:
             if (
-                now - inst.last_used >= load.idle_s
+                now - inst.last_used >= keep_alive
                 and count - 1 >= max(load.min_instances, floor)
                 and capacity - rate >= demand - _EPS
             ):
