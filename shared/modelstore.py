@@ -143,7 +143,20 @@ class ModelStore:
         source = _header(info, SHA256_HEADER)
         if source is None or _header(blob, SOURCE_HEADER) != source or not blob.size:
             return None
-        pending = await asyncio.to_thread(tier.pending, name, key, int(blob.size))
+        # One process fills it; the others wait, then map what it wrote.
+        lock = await asyncio.to_thread(tier.lock, name, key)
+        try:
+            host = tier.cached(name, key)
+            if host is None:
+                host = await self._fill(name, key, blob, tier)
+        finally:
+            tier.unlock(lock)
+        return host
+
+    async def _fill(
+        self, name: str, key: str, blob: api.ObjectInfo, tier: HostTier
+    ) -> HostModel | None:
+        pending = await asyncio.to_thread(tier.pending, name, key, int(blob.size or 0))
         try:
             writer = _BufferWriter(pending.segment.mm)
             await self._check_chunks(name + BLOB_SUFFIX, blob)

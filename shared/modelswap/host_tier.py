@@ -214,9 +214,19 @@ class HostTier:
     def pending(self, model: str, digest: str, size: int) -> Pending:
         """A segment for the model to be written into (a blob in `write_blob`'s layout,
         streamed from the object store), under a temporary name until `commit`.
-        No lock: two processes filling one model each write their own and the last
-        rename wins; mappings of the other stay valid."""
+        Hold `lock(model, digest)` meanwhile: two processes filling one model at once
+        would each map their own copy (the last rename wins), and instances meant to
+        share one would hold two."""
         return self._pending(segment_name(model, digest, self.prefix), size)
+
+    def lock(self, model: str, digest: str) -> int:
+        """Take the node-wide lock on loading `model` (blocking: from a thread); the
+        fd to give `unlock`."""
+        return _acquire(segment_name(model, digest, self.prefix))
+
+    @staticmethod
+    def unlock(fd: int) -> None:
+        _release(fd)
 
     def _pending(self, name: str, size: int) -> Pending:
         tmp = f"{name}.tmp{os.getpid()}-{threading.get_ident()}"
@@ -302,16 +312,29 @@ LOCK_DIR = SHM_DIR / ".gfaas-locks"
 
 @contextmanager
 def _locked(name: str) -> Iterator[None]:
+    fd = _acquire(name)
+    try:
+        yield
+    finally:
+        _release(fd)
+
+
+def _acquire(name: str) -> int:
     # Lock files stay: unlinking one while another process waits on it would let a
     # third lock a fresh file and load the same model concurrently.
     LOCK_DIR.mkdir(exist_ok=True)
     fd = os.open(LOCK_DIR / f"{name}.lock", os.O_CREAT | os.O_RDWR, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
+
+
+def _release(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
 
 
 def state_nbytes(state: Mapping[str, Any]) -> int:

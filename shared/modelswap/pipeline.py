@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -203,9 +203,7 @@ def instantiate(
     """
     with torch.device("meta"):
         model = factory()
-    model = model.to_empty(device=device).eval()
-    named = list(model.state_dict(keep_vars=True).items())
-    own = {name for name, _ in named}
+    own = {name for name in model.state_dict(keep_vars=True)}
     missing = sorted(own - host.tensors.keys())
     unexpected = sorted(host.tensors.keys() - own)
     if missing or unexpected:
@@ -214,7 +212,11 @@ def instantiate(
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     if shared:
-        return _share(model, host, dict(named), device), _landed(model, device)
+        model = _share(model, host, device).eval()
+        return model, _landed(model, device)
+    _materialise(model, device, {})
+    model.eval()
+    named = list(model.state_dict(keep_vars=True).items())
     groups = group_parameters([(n, host.tensors[n]) for n, _ in named], group_bytes)
     tensors = dict(named)
     pairs = [[(tensors[n].data, host.tensors[n]) for n in group] for group in groups]
@@ -241,14 +243,43 @@ def instantiate(
     return model, swap
 
 
-def _share(
-    model: nn.Module, host: HostModel, own: Mapping[str, torch.Tensor], device: str
-) -> nn.Module:
+def _materialise(model: nn.Module, device: str, given: Mapping[str, torch.Tensor]) -> None:
+    """Give a model built on the meta device its tensors on `device`, in one walk:
+    those in `given` (by state-dict name) as they are, the rest empty. What
+    `to_empty` does, without its per-tensor memory-format machinery (0.26 ms a
+    tensor: half a second for a 1,000-layer MLP) or `load_state_dict(assign=True)`'s
+    prefix filtering (quadratic in the modules: 0.9 s for the same model). Tensors
+    shared by several modules stay shared."""
+    made: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(meta) -> (meta, real)
+
+    def real(key: str, tensor: torch.Tensor, parameter: bool) -> torch.Tensor:
+        if id(tensor) in made:
+            return made[id(tensor)][1]
+        value = given.get(key)
+        if value is None:
+            value = torch.empty(tensor.shape, dtype=tensor.dtype, device=device)
+        if parameter:
+            # Inference never needs gradients, and read-only views must not get any.
+            value = nn.Parameter(value, requires_grad=tensor.requires_grad and key not in given)
+        made[id(tensor)] = (tensor, value)
+        return value
+
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        for name, param in module._parameters.items():
+            if param is not None:
+                module._parameters[name] = cast(nn.Parameter, real(dot + name, param, True))
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = real(dot + name, buffer, False)
+
+
+def _share(model: nn.Module, host: HostModel, device: str) -> nn.Module:
     """`model` with the host tier's read-only views as its weights (no copy)."""
     if device != "cpu":
         raise SwapError(f"weights are shared through host memory: not on {device}")
     views = host.readonly_tensors()
-    for name, tensor in own.items():
+    for name, tensor in model.state_dict(keep_vars=True).items():
         view = views[name]
         if view.dtype != tensor.dtype or view.shape != tensor.shape:
             raise SwapError(
@@ -256,11 +287,9 @@ def _share(
                 f"{view.dtype} {list(view.shape)}, the model wants "
                 f"{tensor.dtype} {list(tensor.shape)}"
             )
-    # `assign` puts the views themselves into the modules (parameters stay
-    # parameters); inference never needs their gradients.
-    model.load_state_dict({n: views[n] for n in own}, assign=True)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    # Non-persistent buffers are not in the state dict: they get empty storage, as
+    # `to_empty` would give them.
+    _materialise(model, device, views)
     return model
 
 
