@@ -51,6 +51,16 @@ def summary(service: str, details: Mapping[str, Any]) -> str:
                 f"{(agent.get('memory_used') or 0) // MB} of "
                 f"{(agent.get('memory_total') or 0) // MB} MiB, spatial {agent.get('spatial')}"
             )
+            # Density: each model's weights on the device and the instances holding
+            # them (one copy for all where weights are shared).
+            weights = agent.get("weights") or {}
+            if isinstance(weights, Mapping) and weights:
+                shared = "shared" if agent.get("shares_weights") else "copied"
+                line += f"; weights ({shared}) " + ", ".join(
+                    f"{model} {(w.get('bytes') or 0) // MB} MiB x{w.get('instances', 0)}"
+                    for model, w in sorted(weights.items())
+                    if isinstance(w, Mapping)
+                )
         return line
     if service == "memory-broker":
         links = details.get("links") or {}

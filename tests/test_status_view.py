@@ -26,6 +26,26 @@ def test_a_worker_and_an_ingress_show_their_load() -> None:
     assert "async 2 done / 1 retried / 0 dead" in summary("ingress", ingress)
 
 
+def test_an_agent_shows_its_weights_and_the_instances_sharing_them() -> None:
+    mib = 1024 * 1024
+    agent = {
+        "instances": [{}, {}, {}],
+        "memory_used": 300 * mib,
+        "memory_total": 1024 * mib,
+        "spatial": "cores",
+        "shares_weights": True,
+        "weights": {
+            "m100": {"bytes": 100 * mib, "instances": 2},
+            "m10": {"bytes": 10 * mib, "instances": 1},
+        },
+    }
+    worker = {"device": "cpu", "models": [], "agent": agent}
+    assert summary("gpu-worker", worker).endswith(
+        "; agent: 3 instances, 300 of 1024 MiB, spatial cores; "
+        "weights (shared) m10 10 MiB x1, m100 100 MiB x2"
+    )
+
+
 def test_a_broker_shows_its_pool_and_its_links() -> None:
     broker = {
         "leases": 3,
