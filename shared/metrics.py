@@ -409,6 +409,12 @@ class SchedulerMetrics:
             "gfaas.scheduler.decision.duration",
             "Time the policy took to decide: one new invocation (decide) or the queue (plan)",
         )
+        self.scale_from_zero = _seconds_histogram(
+            meter,
+            "gfaas.scale_from_zero.duration",
+            "From a request finding its function with no instance to the new instance "
+            "taking it (the instance's start, as the request waited for it)",
+        )
         if pending is not None:
             read = pending
             meter.create_observable_gauge(
@@ -477,6 +483,9 @@ class SchedulerMetrics:
 
     def decided(self, kind: str, seconds: float) -> None:
         LATER.record(self.decisions, seconds, {"kind": kind})
+
+    def scaled_from_zero(self, function: str, seconds: float) -> None:
+        LATER.record(self.scale_from_zero, max(seconds, 0.0), {"function": function})
 
 
 @dataclass(frozen=True)

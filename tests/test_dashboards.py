@@ -45,7 +45,14 @@ SERVICES = tuple(DEFAULT_METRICS_PORTS)
 
 BOOM = FunctionSpec(name="boom", handler="tests.funcs:boom")
 # A function served by an instance of its own (the scheduler's gfaas_instances).
-ECHO_I = FunctionSpec(name="echo-i", handler="tests.funcs:echo", min_instances=1, max_instances=1)
+# Half the device each, so that both fit on the one agent.
+ECHO_I = FunctionSpec(
+    name="echo-i", handler="tests.funcs:echo", min_instances=1, max_instances=1, sm_share=0.5
+)
+# One that scales from zero on its first call (gfaas_scale_from_zero_duration_seconds).
+ECHO_Z = FunctionSpec(
+    name="echo-z", handler="tests.funcs:echo", max_instances=1, idle_s=60, sm_share=0.5
+)
 
 # Grafana's variables, as the dashboard's queries use them, for promtool.
 GRAFANA_VARS = {
@@ -134,7 +141,13 @@ async def scrape(port: int, job: str) -> list[Series]:
 async def scrape_all(client: Client) -> list[Series]:
     found: list[Series] = []
     for service in SERVICES:
-        port = (await client.status(service)).details["metrics_port"]
+        # The node's worker (w0, its devices' agent), not one of the instances that
+        # also answer as gpu-workers.
+        statuses = await client.status_all(service, timeout=1.0)
+        (status,) = [
+            s for s in statuses if service != "gpu-worker" or "agent" in s.details
+        ] or statuses[:1]
+        port = status.details["metrics_port"]
         assert isinstance(port, int), service
         found += await scrape(port, service)
     return found
@@ -143,13 +156,15 @@ async def scrape_all(client: Client) -> list[Series]:
 async def drive(url: str) -> Scrape:
     async with Client.connect(url) as client:
         nc = client.nc
-        await deploy_and_wait(nc, ECHO, BOOM, ECHO_I)
+        await deploy_and_wait(nc, ECHO, BOOM, ECHO_I, ECHO_Z)
         x = np.ones((2, 3), dtype=np.float32)
         for _ in range(3):
             _, reply = await request(nc, "echo", body(x=x))
             assert "error" not in reply, reply
         _, failed = await request(nc, "boom", body(x=x))
         assert failed["error"]["code"] == "handler_error"
+        _, cold = await request(nc, "echo-z", body(x=x), timeout=30)
+        assert "error" not in cold, cold
         _, unknown = await request(nc, "no-such-function", body(x=x))
         assert unknown["error"]["code"] == "unknown_function"
         # A broker copy: bytes over a link, and a lease in the pool.
@@ -161,9 +176,12 @@ async def drive(url: str) -> Scrape:
         def wanted(series: list[Series]) -> bool:
             names = {s.name for s in series}
             boom = [s for s in series if s.name == "gfaas_invocations_total"]
-            return {"gfaas_instances", "gfaas_link_transferred_bytes_total"} <= names and any(
-                s.labels.get("function") == "boom" for s in boom
-            )
+            wanted = {
+                "gfaas_instances",
+                "gfaas_link_transferred_bytes_total",
+                "gfaas_scale_from_zero_duration_seconds_count",
+            }
+            return wanted <= names and any(s.labels.get("function") == "boom" for s in boom)
 
         # Ingress counts at the done note; the instance starts in its own process; the
         # broker's gauges read a snapshot its loop refreshes.

@@ -261,3 +261,10 @@ async def test_the_scale_from_zero_span_lasts_until_the_new_instance_takes_the_c
     assert cold.end_time is not None
     # It covers the instance's start (command to first heartbeat), not only the command.
     assert (cold.end_time - cold.start_time) / 1e9 > instance.ready_s / 2 > 0
+    # And the scheduler's histogram of scale-from-zero latency counted it.
+    from tests.test_metrics import ports, scrape, value
+
+    scheduler = await scrape((await ports(Client(nc)))["scheduler"])
+    name = "gfaas_scale_from_zero_duration_seconds"
+    assert value(scheduler, f"{name}_count", function="echo-cold") == 1
+    assert value(scheduler, f"{name}_sum", function="echo-cold") > instance.ready_s / 2

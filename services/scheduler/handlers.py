@@ -90,7 +90,7 @@ class Scheduler:
         # on the wall clock (bench/coldstart.py lines it up with the instance's).
         self.cold: dict[str, dict[str, float]] = {}
         # Invocation -> its open "scale from zero" span, ended when it is dispatched.
-        self._cold_spans: dict[str, Span] = {}
+        self._cold_spans: dict[str, tuple[Span, float]] = {}  # and since when (monotonic)
 
     # -- events -------------------------------------------------------------------------
 
@@ -173,7 +173,7 @@ class Scheduler:
                     await self._scale(now, only=spec.name)
                 cold["commanded"] = time.time()
                 if meta.invocation_id in self.state.pending:
-                    self._cold_spans[meta.invocation_id] = waiting
+                    self._cold_spans[meta.invocation_id] = (waiting, now)
                 else:
                     waiting.end()
             if worker_id is not None and ingress and self.grant_ttl_s > 0:
@@ -396,10 +396,12 @@ class Scheduler:
     async def _send(self, worker_id: str, inv: Invocation) -> None:
         if inv.view.instanced:
             self._cold_step(inv.view.function, "dispatched")
-            waiting = self._cold_spans.pop(inv.meta.invocation_id, None)
-            if waiting is not None:
+            cold = self._cold_spans.pop(inv.meta.invocation_id, None)
+            if cold is not None:
+                waiting, since = cold
                 waiting.set_attribute("gfaas.worker", worker_id)
                 waiting.end()
+                self.metrics.scaled_from_zero(inv.view.function, time.monotonic() - since)
         await self.bus.publish(
             subjects.worker_run(worker_id), inv.body, reply=inv.reply, headers=inv.headers
         )
@@ -454,7 +456,7 @@ class Scheduler:
     def _end_cold_spans(self) -> None:
         """Scale-from-zero spans of invocations that left the queue without being sent
         (refused, expired, their worker lost): ended, with why not."""
-        for invocation_id, waiting in list(self._cold_spans.items()):
+        for invocation_id, (waiting, _) in list(self._cold_spans.items()):
             if invocation_id not in self.state.pending:
                 del self._cold_spans[invocation_id]
                 waiting.set_status(StatusCode.ERROR, "answered before an instance took it")
