@@ -505,3 +505,45 @@ def test_gfaas_up_authenticates_by_default(tmp_path: Path) -> None:
 
         anyio.run(calls)
     assert up.code == 0
+
+
+def test_a_tenants_shared_memory_regions_are_its_own(secured: Secured) -> None:
+    import tritonclient.utils.shared_memory as shm
+
+    url = f"127.0.0.1:{secured.platform.grpc_port}"
+    acme = triton.InferenceServerClient(url=url)
+    evil = triton.InferenceServerClient(url=url)
+    as_acme = {"authorization": f"Bearer {secured.keys['acme']}"}
+    as_evil = {"authorization": f"Bearer {secured.keys['evil']}"}
+
+    def regions(client: triton.InferenceServerClient, headers: dict[str, str]) -> list[str]:
+        status = client.get_system_shared_memory_status(headers=headers, as_json=True)
+        return sorted(status.get("regions", {}))
+
+    x = np.arange(3, dtype=np.float32)
+    key = f"/gfaas-test-tenant-{secured.platform.grpc_port}"
+    region = shm.create_shared_memory_region("input", key, x.nbytes)
+    try:
+        shm.set_shared_memory_region(region, [x])
+        acme.register_system_shared_memory("input", key, x.nbytes, headers=as_acme)
+        # evil sees none of acme's regions, cannot name one in an infer, and its
+        # "unregister everything" leaves them.
+        assert regions(evil, as_evil) == []
+        inp = triton.InferInput("x", [3], "FP32")
+        inp.set_shared_memory("input", x.nbytes)
+        with pytest.raises(
+            triton.InferenceServerException, match="no shared-memory region 'input'"
+        ):
+            evil.infer("echo", [inp], headers=as_evil)
+        evil.unregister_system_shared_memory(headers=as_evil)
+        assert regions(acme, as_acme) == ["input"]
+        # Its own region of the same name is its own; acme's still serves acme.
+        evil.register_system_shared_memory("input", key, x.nbytes, headers=as_evil)
+        answer = acme.infer("echo", [inp], headers=as_acme)
+        np.testing.assert_array_equal(answer.as_numpy("y"), x)
+        acme.unregister_system_shared_memory(headers=as_acme)
+        assert regions(evil, as_evil) == ["input"]
+    finally:
+        shm.destroy_shared_memory_region(region)
+        acme.close()
+        evil.close()

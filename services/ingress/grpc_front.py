@@ -28,11 +28,12 @@ from services.ingress.http import (
     _server_version,
     infer_parsed,
 )
+from services.ingress.shm_regions import TenantRegions
 from services.ingress.stats import InferenceStats
 from shared.auth import UNAUTHENTICATED_REASON, TokenBook
 from shared.errors import GfaasError
 from shared.logs import get_logger
-from shared.schema import H_TENANT, ErrorCode, FunctionSpec
+from shared.schema import DEFAULT_TENANT, H_TENANT, ErrorCode, FunctionSpec
 
 log = get_logger("ingress.grpc")
 
@@ -209,27 +210,32 @@ def create_handler(
             "the repository load/unload API is not supported",
         )
 
+    def _regions(context: grpc.aio.ServicerContext) -> TenantRegions:
+        """The caller's regions: those of its authenticated tenant (issue 10)."""
+        tenant = _passed_headers(context).get(H_TENANT) or DEFAULT_TENANT
+        return backend.regions.of(tenant)
+
     async def shm_status(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return grpc_codec.shm_status(backend.regions.status(request.name or None))
+        return grpc_codec.shm_status(_regions(context).status(request.name or None))
 
     async def shm_register(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        backend.regions.register(request.name, request.key, request.offset, request.byte_size)
+        _regions(context).register(request.name, request.key, request.offset, request.byte_size)
         return message("SystemSharedMemoryRegisterResponse")()
 
     async def shm_unregister(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        backend.regions.unregister(request.name or None)
+        _regions(context).unregister(request.name or None)
         return message("SystemSharedMemoryUnregisterResponse")()
 
     async def cuda_status(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return grpc_codec.cuda_status(backend.regions.cuda.status(request.name or None))
+        return grpc_codec.cuda_status(_regions(context).cuda.status(request.name or None))
 
     async def cuda_register(request: Any, context: grpc.aio.ServicerContext) -> Any:
         raw = grpc_codec.cuda_raw_handle(request.raw_handle)
-        backend.regions.cuda.register(request.name, raw, request.device_id, request.byte_size)
+        _regions(context).cuda.register(request.name, raw, request.device_id, request.byte_size)
         return message("CudaSharedMemoryRegisterResponse")()
 
     async def cuda_unregister(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        backend.regions.cuda.unregister(request.name or None)
+        _regions(context).cuda.unregister(request.name or None)
         return message("CudaSharedMemoryUnregisterResponse")()
 
     rpcs: dict[str, _Handler] = {

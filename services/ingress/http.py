@@ -24,7 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.ingress import oip, oip_response, oip_shm
-from services.ingress.shm_regions import ShmRegions
+from services.ingress.shm_regions import ShmRegions, TenantRegions
 from services.ingress.stats import InferenceStats
 from shared import tracing
 from shared.auth import UNAUTHENTICATED_REASON, TokenBook
@@ -299,32 +299,37 @@ def create_app(
             "(`gfaas deploy`); the repository load/unload API is not supported",
         )
 
+    def _regions(request: Request) -> TenantRegions:
+        """The caller's regions: those of its authenticated tenant (issue 10)."""
+        tenant = _passed_headers(request).get(H_TENANT) or DEFAULT_TENANT
+        return backend.regions.of(tenant)
+
     async def shm_status(request: Request) -> Response:
-        regions = backend.regions.status(request.path_params.get("region"))
+        regions = _regions(request).status(request.path_params.get("region"))
         return Response(oip_shm.shm_status(regions), media_type="application/json")
 
     async def shm_register(request: Request) -> Response:
         key, offset, size = oip_shm.parse_register_request(await _read_body(request, max_payload))
-        backend.regions.register(request.path_params["region"], key, offset, size)
+        _regions(request).register(request.path_params["region"], key, offset, size)
         return Response(status_code=200)
 
     async def shm_unregister(request: Request) -> Response:
-        backend.regions.unregister(request.path_params.get("region"))
+        _regions(request).unregister(request.path_params.get("region"))
         return Response(status_code=200)
 
     async def cuda_status(request: Request) -> Response:
-        regions = backend.regions.cuda.status(request.path_params.get("region"))
+        regions = _regions(request).cuda.status(request.path_params.get("region"))
         return Response(oip_shm.shm_status(regions), media_type="application/json")
 
     async def cuda_register(request: Request) -> Response:
         body = await _read_body(request, max_payload)
         raw_handle, device_id, size = oip_shm.parse_cuda_register_request(body)
         name: str = request.path_params["region"]
-        backend.regions.cuda.register(name, raw_handle, device_id, size)
+        _regions(request).cuda.register(name, raw_handle, device_id, size)
         return Response(status_code=200)
 
     async def cuda_unregister(request: Request) -> Response:
-        backend.regions.cuda.unregister(request.path_params.get("region"))
+        _regions(request).cuda.unregister(request.path_params.get("region"))
         return Response(status_code=200)
 
     async def gfaas_error(request: Request, exc: Exception) -> Response:

@@ -9,23 +9,30 @@ by handle and are copied into the client's region.
 CUDA regions (services/ingress/cuda_regions.py) live in `ShmRegions.cuda`: the
 extensions give both kinds one namespace, and `device`, `copy_in` and `copy_out`
 serve a reference from whichever kind holds its name.
+
+Region names belong to a tenant (issue 10): the fronts and the staging reach the
+regions only through `ShmRegions.of(tenant)`, which files every name under the
+caller's authenticated tenant, so a tenant can neither name, list nor unregister
+another's region, and two tenants may each have a region "input".
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
+import msgspec
 import numpy as np
 
 from services.ingress.cuda_regions import CudaRegions
 from services.ingress.oip import ShmRef
-from services.ingress.oip_shm import RegionStatus
+from services.ingress.oip_shm import CudaRegionStatus, RegionStatus
 from shared.dataplane.backend import BackendError
 from shared.dataplane.client import read_bytes, write_bytes
 from shared.dataplane.shm import Segment, is_platform_segment, open_segment
-from shared.errors import bad_request
+from shared.errors import GfaasError, bad_request
 from shared.schema import Handle
 
 
@@ -127,6 +134,100 @@ class ShmRegions:
         else:
             self.cuda.copy_out(handle, ref)
 
+    def of(self, tenant: str) -> TenantRegions:
+        """The regions as `tenant` sees them: its own, by the names it gave."""
+        return TenantRegions(self, tenant)
+
     def close(self) -> None:
         self.unregister()
         self.cuda.close()
+
+
+class TenantRegions:
+    """One tenant's view of an ingress's regions: names are filed as "tenant/name"
+    underneath (a tenant name has no "/"), and only the tenant's are ever listed,
+    looked up or unregistered."""
+
+    def __init__(self, regions: ShmRegions, tenant: str) -> None:
+        self._regions = regions
+        self._prefix = f"{tenant}/"
+        self.cuda = _TenantCuda(regions.cuda, self._prefix)
+
+    def _ref(self, ref: ShmRef) -> ShmRef:
+        return replace(ref, region=self._prefix + ref.region)
+
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        with _named(self._prefix):
+            self._regions.register(self._prefix + name, key, offset, byte_size)
+
+    def unregister(self, name: str | None = None) -> None:
+        if name is not None:
+            with _named(self._prefix):
+                self._regions.unregister(self._prefix + name)
+            return
+        for region in self.status():
+            with _named(self._prefix):
+                self._regions.unregister(self._prefix + region.name)
+
+    def status(self, name: str | None = None) -> list[RegionStatus]:
+        if name is not None and self._prefix + name not in self._regions._regions:
+            raise bad_request(f"no shared-memory region {name!r} is registered")
+        return [
+            msgspec.structs.replace(r, name=r.name.removeprefix(self._prefix))
+            for r in self._regions.status()
+            if r.name.startswith(self._prefix) and (name is None or r.name == self._prefix + name)
+        ]
+
+    def device(self, ref: ShmRef) -> str:
+        with _named(self._prefix):
+            return self._regions.device(self._ref(ref))
+
+    def copy_in(self, ref: ShmRef, handle: Handle) -> None:
+        with _named(self._prefix):
+            self._regions.copy_in(self._ref(ref), handle)
+
+    def copy_out(self, handle: Handle, ref: ShmRef) -> None:
+        with _named(self._prefix):
+            self._regions.copy_out(handle, self._ref(ref))
+
+
+class _TenantCuda:
+    """A tenant's CUDA regions (see TenantRegions)."""
+
+    def __init__(self, cuda: CudaRegions, prefix: str) -> None:
+        self._cuda = cuda
+        self._prefix = prefix
+
+    def available(self) -> bool:
+        return self._cuda.available()
+
+    def register(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        with _named(self._prefix):
+            self._cuda.register(self._prefix + name, raw_handle, device_id, byte_size)
+
+    def unregister(self, name: str | None = None) -> None:
+        if name is not None:
+            with _named(self._prefix):
+                self._cuda.unregister(self._prefix + name)
+            return
+        for region in self.status():
+            with _named(self._prefix):
+                self._cuda.unregister(self._prefix + region.name)
+
+    def status(self, name: str | None = None) -> list[CudaRegionStatus]:
+        if name is not None and self._prefix + name not in self._cuda:
+            raise bad_request(f"no CUDA shared-memory region {name!r} is registered")
+        return [
+            msgspec.structs.replace(r, name=r.name.removeprefix(self._prefix))
+            for r in self._cuda.status()
+            if r.name.startswith(self._prefix) and (name is None or r.name == self._prefix + name)
+        ]
+
+
+@contextmanager
+def _named(prefix: str) -> Iterator[None]:
+    """Errors name a region as its tenant gave it, not as it is filed."""
+    try:
+        yield
+    except GfaasError as exc:
+        raise GfaasError(exc.code, exc.reason.replace(f"'{prefix}", "'")) from None

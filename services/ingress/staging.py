@@ -47,6 +47,7 @@ class ShmStaging:
         move into pooled buffers on the region's own device and back (one copy each
         way, device to device for CUDA), never over the bus."""
         tenant = headers.get(H_TENANT) or DEFAULT_TENANT
+        regions = self.regions.of(tenant)  # only the caller's tenant's regions
         refs = parsed.shm_inputs
         staged: list[Handle] = []
         try:
@@ -55,7 +56,7 @@ class ShmStaging:
             by_device: dict[str, list[str]] = {}
             for t in inputs:
                 if t.name in refs:
-                    by_device.setdefault(self.regions.device(refs[t.name]), []).append(t.name)
+                    by_device.setdefault(regions.device(refs[t.name]), []).append(t.name)
             by_name: dict[str, Handle] = {}
             for device, names in by_device.items():
                 try:
@@ -76,7 +77,7 @@ class ShmStaging:
                 staged += leased
                 by_name.update(zip(names, leased, strict=True))
             for n, h in by_name.items():
-                self.regions.copy_in(refs[n], h)
+                regions.copy_in(refs[n], h)
             inputs = [
                 msgspec.structs.replace(t, handle=by_name[t.name]) if t.name in by_name else t
                 for t in inputs
@@ -98,6 +99,7 @@ class ShmStaging:
         become values."""
         handles = [t.handle for t in reply.outputs if t.handle is not None]
         wanted = {o.name: o.shm for o in parsed.outputs or () if o.shm is not None}
+        regions = self.regions.of(tenant)
         try:
             outputs: list[Tensor] = []
             for t in reply.outputs:
@@ -106,7 +108,7 @@ class ShmStaging:
                     continue
                 ref = wanted.get(t.name)
                 if ref is not None:
-                    self.regions.copy_out(t.handle, ref)
+                    regions.copy_out(t.handle, ref)
                     outputs.append(msgspec.structs.replace(t, handle=None))
                 else:
                     pooled = read_bytes(t.handle)
