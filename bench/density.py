@@ -32,6 +32,7 @@ import anyio
 import numpy as np
 import torch
 
+from bench.coldstart import agent as agent_details
 from bench.live_models import WIDTH, mlp, write_mlp
 from gfaas.client import Client, outputs_of
 from gfaas.supervisor import Supervisor
@@ -56,13 +57,6 @@ def rollup(pid: int) -> dict[str, int]:
         "pss": fields.get("Pss", 0),
         "uss": fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0),
     }
-
-
-async def agent_details(client: Client) -> dict[str, Any]:
-    for status in await client.status_all("gpu-worker", timeout=1.0):
-        if "agent" in status.details:
-            return dict(status.details["agent"])
-    return {}
 
 
 async def measure(url: str, weights: Path, want: int, expected: np.ndarray) -> dict[str, Any]:

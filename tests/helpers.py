@@ -84,3 +84,12 @@ async def final_result(client: Client, invocation_id: str, timeout: float = 20) 
             if reply.error is None or reply.error.code not in ("pending", "not_found"):
                 return reply
             await anyio.sleep(0.02)
+
+
+async def agent_details(client: Client) -> dict[str, Any]:
+    """The node agent's status (the worker whose details have "agent"), not one of the
+    instances that also answer as gpu-workers."""
+    for status in await client.status_all("gpu-worker", timeout=1.0):
+        if "agent" in status.details:
+            return dict(status.details["agent"])
+    raise AssertionError("no agent answered")

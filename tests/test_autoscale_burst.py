@@ -17,23 +17,10 @@ from shared.scheduling.autoscale import (
     choose,
     scale,
 )
+from tests.test_autoscale import PROFILE, profile
 
 pytestmark = pytest.mark.unit
 
-SM = (0.06, 0.12, 0.24, 0.5, 1.0)
-QUOTA = (0.2, 0.4, 0.6, 0.8, 1.0)
-
-
-def profile(exec_ms: float = 8.0, saturation: float = 0.12) -> tuple[ProfilePoint, ...]:
-    points = []
-    for s in SM:
-        for q in QUOTA:
-            ms = exec_ms * max(1.0, saturation / s) / q
-            points.append(ProfilePoint(Config(s, q), ms, 1000.0 / ms))
-    return tuple(points)
-
-
-PROFILE = profile()
 # 15 ms alone: 8 requests within 80 ms take 2 instances of a full share, 4 slivers.
 HEAVY = profile(15.0, 0.18)
 MODEL = AutoscaleSettings(burst_mean=2.0, burst_gap_ms=5.0, burst_budget=0.0025)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import numpy as np
@@ -16,7 +15,7 @@ from nats.aio.client import Client as NATS
 from gfaas.client import Client
 from shared.natsd import NatsServer
 from shared.schema import FunctionSpec
-from tests.helpers import deploy_and_wait
+from tests.helpers import agent_details, deploy_and_wait
 from tests.platform import Platform, platform_at
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
@@ -45,13 +44,6 @@ CAUSAL = [
 def agent_platform(nats_server: NatsServer, tmp_path: Path) -> Iterator[Platform]:
     with platform_at(nats_server.url, tmp_path / "state", agent_memory_mb=600) as p:
         yield p
-
-
-async def agent_details(client: Client) -> dict[str, Any]:
-    for status in await client.status_all("gpu-worker", timeout=1.0):
-        if "agent" in status.details:
-            return dict(status.details["agent"])
-    raise AssertionError("no agent answered")
 
 
 async def test_a_start_from_a_spare_reports_every_step_in_order(

@@ -17,7 +17,7 @@ from gfaas.client import Client
 from shared.errors import GfaasError
 from shared.natsd import NatsServer
 from shared.schema import DType, ErrorCode, FunctionKind, FunctionSpec, TensorSpec
-from tests.helpers import deploy_and_wait
+from tests.helpers import agent_details, deploy_and_wait
 from tests.platform import Platform, platform_at
 
 pytestmark = [
@@ -36,13 +36,6 @@ def gpu_platform(nats_server: NatsServer, tmp_path: Path) -> Iterator[Platform]:
         nats_server.url, tmp_path / "state", device="cuda:0", agent_memory_mb=8192
     ) as p:
         yield p
-
-
-async def agent_details(client: Client) -> dict[str, object]:
-    for status in await client.status_all("gpu-worker", timeout=1.0):
-        if "agent" in status.details:
-            return dict(status.details["agent"])
-    raise AssertionError("no agent answered")
 
 
 async def test_an_instance_cannot_allocate_past_its_memory_budget(

@@ -24,7 +24,7 @@ from shared.natsd import NatsServer
 from shared.scheduling import packing
 from shared.scheduling.autoscale import Config
 from shared.schema import FunctionSpec
-from tests.helpers import deploy_and_wait
+from tests.helpers import agent_details, deploy_and_wait
 from tests.platform import PYTHON, Platform, platform_at, subprocess_env
 from tests.test_instances import wait_instances
 
@@ -187,8 +187,7 @@ async def test_two_instances_of_one_function_map_one_copy_and_both_answer(
     common = mapped_by(one.pid) & mapped_by(two.pid)
     assert any("-model-" in path for path in common), (mapped_by(one.pid), mapped_by(two.pid))
     # The agent counts the copy once and says so.
-    statuses = await client.status_all("gpu-worker", timeout=1.0)
-    (agent,) = [s.details["agent"] for s in statuses if "agent" in s.details]
+    agent = await agent_details(client)
     assert agent["shares_weights"] is True
     assert agent["weights"] == {"m40": {"bytes": one.weight_bytes, "instances": 2}}
     assert agent["memory_used"] == 2 * 150 * MB - one.weight_bytes
