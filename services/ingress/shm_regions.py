@@ -54,6 +54,9 @@ class ShmRegions:
         self._regions: dict[str, _Region] = {}
         self.cuda = CudaRegions(taken=self._regions.__contains__)
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._regions
+
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         if name in self._regions or name in self.cuda:
             raise bad_request(f"shared-memory region {name!r} is already registered")
@@ -170,7 +173,7 @@ class TenantRegions:
                 self._regions.unregister(self._prefix + region.name)
 
     def status(self, name: str | None = None) -> list[RegionStatus]:
-        if name is not None and self._prefix + name not in self._regions._regions:
+        if name is not None and self._prefix + name not in self._regions:
             raise bad_request(f"no shared-memory region {name!r} is registered")
         return [
             msgspec.structs.replace(r, name=r.name.removeprefix(self._prefix))
