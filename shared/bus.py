@@ -20,7 +20,9 @@ from shared.config import Settings, nats_servers
 from shared.logs import get_logger
 from shared.schema import (
     H_INVOCATION,
+    H_REPLY,
     H_STATUS,
+    RESERVED_REPLY_PREFIX,
     ErrorCode,
     InvocationMeta,
     InvokeReply,
@@ -172,6 +174,16 @@ async def reply_error(
     await nc.publish(subject, encode(error_reply(invocation_id, code, reason)), headers=out)
 
 
+def reply_of(msg: Msg) -> str:
+    """Where an invocation's answer goes: its reply subject, or the reserved one a
+    forwarder carried in `H_REPLY` (only a service import's reply subject is taken
+    from there, so the header cannot aim an answer anywhere else)."""
+    if msg.reply:
+        return msg.reply
+    carried = (msg.headers or {}).get(H_REPLY, "")
+    return carried if carried.startswith(RESERVED_REPLY_PREFIX) else ""
+
+
 async def routed(nc: NATS, msg: Msg) -> InvocationMeta | None:
     """An internal invocation message's routing headers (past ingress: the scheduler's
     and workers' intake), or None once it was answered `bad_request` for them."""
@@ -183,7 +195,7 @@ async def routed(nc: NATS, msg: Msg) -> InvocationMeta | None:
     if not bad:
         return meta
     iid = (msg.headers or {}).get(H_INVOCATION, "")
-    await reply_error(nc, msg.reply, iid, ErrorCode.BAD_REQUEST, bad)
+    await reply_error(nc, reply_of(msg), iid, ErrorCode.BAD_REQUEST, bad)
     return None
 
 
@@ -304,7 +316,12 @@ class NatsBus:
         reply: str = "",
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        await self.nc.publish(subject, data, reply=reply, headers=dict(headers or {}) or None)
+        out = dict(headers or {})
+        if reply.startswith(RESERVED_REPLY_PREFIX):
+            # The server would refuse it as our reply; the receiver finds it here.
+            out[H_REPLY] = reply
+            reply = ""
+        await self.nc.publish(subject, data, reply=reply, headers=out or None)
 
     async def request(
         self, subject: str, data: bytes, *, timeout: float, headers: Mapping[str, str] | None = None

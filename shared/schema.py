@@ -48,6 +48,13 @@ H_CLAIM: Final = "Gfaas-Claim"
 # Why a message went to the dead-letter stream, and its error code.
 H_DEAD_REASON: Final = "Gfaas-Dead-Reason"
 H_DEAD_CODE: Final = "Gfaas-Dead-Code"
+# The caller's reply subject when it is one a client may not pass on as a reply:
+# nats-server refuses a publish whose reply is a service import's (`_R_.`, a tenant's
+# request through its account's import). Forwarders carry it here instead, and the
+# worker publishes its answer to it (shared.bus `reply_of`), so a tenant's reply
+# takes no more hops than any other caller's.
+H_REPLY: Final = "Gfaas-Reply"
+RESERVED_REPLY_PREFIX: Final = "_R_."
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FUNCTION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")

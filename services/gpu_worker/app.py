@@ -36,7 +36,7 @@ from services.gpu_worker.sandbox import HandlerChecks
 from services.gpu_worker.staging import Staging
 from services.gpu_worker.tokens import TokenGate
 from shared import jetstream, subjects
-from shared.bus import NatsBus, connected, decode_event, routed, send_reply, serve_status
+from shared.bus import NatsBus, connected, decode_event, reply_of, routed, send_reply, serve_status
 from shared.config import Settings, effective_max_payload
 from shared.dataplane.backend import prune_mappings
 from shared.dataplane.board import board_name
@@ -315,7 +315,7 @@ async def serve(
                     if meta is None:
                         return
                     books.first("run_received")
-                    job = Job(meta, msg.data, msg.reply, msg.headers or {})
+                    job = Job(meta, msg.data, reply_of(msg), msg.headers or {})
                     if await runs.admit(job):
                         running.start_soon(runs.run, job)
 

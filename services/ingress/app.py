@@ -154,23 +154,14 @@ async def serve(
 
         async def on_tenant_invoke(msg: Msg) -> None:
             # From a tenant's account: the server wrote the tenant into the subject
-            # (shared.auth); whatever header the caller wrote is replaced.
+            # (shared.auth); whatever header the caller wrote is replaced. Its reply
+            # subject is the import's (`_R_.`): forwarded in a header (shared.bus
+            # NatsBus.publish), so the worker answers the tenant directly.
             tenant = auth.tenant_of_subject(msg.subject)
-            if tenant is None or ingress.tasks is None:
+            if tenant is None:
                 return
             headers = {**(msg.headers or {}), H_TENANT: tenant}
-            function = subjects.last_token(msg.subject)
-            ingress.tasks.start_soon(relay_tenant, function, msg.data, headers, msg.reply)
-
-        async def relay_tenant(
-            function: str, body: bytes, headers: dict[str, str], reply: str
-        ) -> None:
-            # The answer comes back through us: the server lets no client publish
-            # with a tenant's reply subject (`_R_.`, the import's) as its reply, so
-            # the worker cannot be handed it as other callers' inboxes are.
-            answer = await ingress.call(function, body, headers)
-            if reply:
-                await reply_to(reply, answer)
+            await ingress.invoke(subjects.last_token(msg.subject), msg.data, headers, msg.reply)
 
         async def on_result(msg: Msg) -> None:
             reply = await asyncs.result(subjects.last_token(msg.subject))

@@ -26,7 +26,16 @@ from nats.js.kv import KeyValue
 from services.scheduler.handlers import Scheduler
 from services.scheduler.leader import Leadership
 from shared import jetstream, metrics, subjects
-from shared.bus import NatsBus, connected, decode_event, on_event, routed, serve_status, watch_bus
+from shared.bus import (
+    NatsBus,
+    connected,
+    decode_event,
+    on_event,
+    reply_of,
+    routed,
+    serve_status,
+    watch_bus,
+)
 from shared.config import Settings
 from shared.logs import get_logger
 from shared.modelstore import ModelStore
@@ -209,7 +218,7 @@ class Active:
     async def on_schedule(self, msg: Msg) -> None:
         meta = await routed(self.nc, msg)
         if meta is not None:
-            await self.scheduler.schedule(meta, msg.headers or {}, msg.data, msg.reply)
+            await self.scheduler.schedule(meta, msg.headers or {}, msg.data, reply_of(msg))
 
     async def on_refused(self, msg: Msg) -> None:
         refused = decode_event(msg, Refused)
