@@ -19,8 +19,9 @@ FROM python:3.11-slim AS base
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     GFAAS_STATE_DIR=/var/lib/gfaas
 RUN useradd --create-home --uid 10001 --user-group gfaas \
- && mkdir -p /var/lib/gfaas \
- && chown gfaas:gfaas /var/lib/gfaas
+ && mkdir -p /var/lib/gfaas /etc/gfaas/auth \
+ && chown gfaas:gfaas /var/lib/gfaas /etc/gfaas/auth \
+ && chmod 0700 /etc/gfaas/auth
 WORKDIR /app
 COPY pyproject.toml constraints.txt ./
 # requirements.txt: the project's dependencies (and the named extras'), torch apart:

@@ -602,6 +602,39 @@ def cmd_tenant_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_auth_init(args: argparse.Namespace) -> int:
+    """Every service's and the admin's credentials and the server's accounts include,
+    into the auth directory (GFAAS_AUTH_DIR, else the state directory's `auth/`); kept
+    when they exist. What `gfaas up` does at its first start, for a platform whose
+    server and services start apart (compose's `auth-init`)."""
+    from shared import auth
+
+    settings = settings_from_env(state_dir=args.state_dir)
+    state = auth.ensure(auth.auth_dir(settings))
+    if args.json:
+        files = {identity: str(state.creds_file(identity)) for identity in auth.IDENTITIES}
+        print(
+            json.dumps({"dir": str(state.directory), "accounts": str(state.accounts_file), **files})
+        )
+        return 0
+    print(f"credentials in {state.directory}")
+    print(f"  nats-server include: {state.accounts_file}")
+    for identity in auth.IDENTITIES:
+        print(f"  {identity}: {state.creds_file(identity)}")
+    return 0
+
+
+def add_auth_commands(sub: Any) -> None:
+    auth_cmd = sub.add_parser("auth", help="the platform's own NATS credentials")
+    auth_sub = auth_cmd.add_subparsers(dest="auth_command", required=True)
+    init = auth_sub.add_parser(
+        "init", help="make every service's and the admin's credentials (kept if they exist)"
+    )
+    init.add_argument("--state-dir", type=Path, default=None)
+    init.add_argument("--json", action="store_true", help="one JSON line: the files")
+    init.set_defaults(func=cmd_auth_init)
+
+
 def add_tenant_commands(sub: Any) -> None:
     tenant = sub.add_parser("tenant", help="tenants: NATS credentials and HTTP API keys")
     tenant_sub = tenant.add_subparsers(dest="tenant_command", required=True)
@@ -653,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     add_tenant_commands(sub)
+    add_auth_commands(sub)
     up = sub.add_parser("up", help="start NATS (embedded) and every service")
     platform_opts(up)
     up.set_defaults(func=cmd_up)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 import yaml
 
@@ -24,8 +28,15 @@ pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((REPO / "compose.yaml").read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
-# The gfaas image's services (the rest: NATS and the observability stack).
-GFAAS = {name: svc for name, svc in SERVICES.items() if svc.get("image", "").startswith("gfaas:")}
+# The one-shot that makes the platform's credentials before anything starts.
+AUTH_INIT = "auth-init"
+AUTH_DIR = "/etc/gfaas/auth"
+# The gfaas image's services (the rest: NATS, the observability stack, auth-init).
+GFAAS = {
+    name: svc
+    for name, svc in SERVICES.items()
+    if svc.get("image", "").startswith("gfaas:") and name != AUTH_INIT
+}
 PROMETHEUS = yaml.safe_load((REPO / "deploy" / "prometheus.yml").read_text())
 COLLECTOR = yaml.safe_load((REPO / "deploy" / "otel-collector.yaml").read_text())
 # Images without a shell or a probe to run: compose can only know they started.
@@ -128,10 +139,10 @@ def test_one_worker_per_gpu_numbered_as_the_broker_numbers_them() -> None:
         # Every GPU visible (count: all), so cuda:N is the broker's cuda:N too.
         (device,) = service["deploy"]["resources"]["reservations"]["devices"]
         assert device["count"] == "all", name
-        # A model volume of its own.
-        (volume,) = service["volumes"]
+        # A model volume of its own (beside the credentials every service mounts).
+        (volume,) = [v for v in service["volumes"] if "gfaas-auth" not in v]
         assert volume.endswith(":/var/lib/gfaas"), name
-    volumes = [s["volumes"][0] for s in workers.values()]
+    volumes = [v for s in workers.values() for v in s["volumes"] if "gfaas-auth" not in v]
     assert len(set(volumes)) == len(volumes)
 
 
@@ -192,7 +203,7 @@ def test_docker_compose_accepts_the_file(profile: str | None) -> None:
 
 def test_every_service_has_a_healthcheck_or_cannot_be_probed() -> None:
     for name, service in SERVICES.items():
-        if name in NO_PROBE:
+        if name in NO_PROBE or name == AUTH_INIT:
             assert "healthcheck" not in service, name
             continue
         test = service["healthcheck"]["test"]
@@ -211,6 +222,8 @@ def test_dependencies_wait_for_health_where_there_is_one() -> None:
             assert dependency in SERVICES, (name, dependency)
             probed = "healthcheck" in SERVICES[dependency]
             expected = "service_healthy" if probed else "service_started"
+            if dependency == AUTH_INIT:
+                expected = "service_completed_successfully"
             assert condition["condition"] == expected, (name, dependency)
             # On a service another profile runs: only where it is optional.
             theirs = set(SERVICES[dependency].get("profiles", []))
@@ -291,3 +304,84 @@ def test_health_is_a_cli_command_of_each_service() -> None:
     for service in SERVICE_NAMES:
         args = build_parser().parse_args(["health", service])
         assert (args.service, args.any) == (service, False)
+
+
+def test_every_service_connects_with_its_own_credentials() -> None:
+    # Least privilege under compose too: each container holds only its own identity's
+    # file (shared/auth.py), read-only, and the server runs with the accounts include.
+    init = SERVICES[AUTH_INIT]
+    assert init["command"] == ["auth", "init"]
+    assert init["restart"] == "no"
+    assert init["environment"]["GFAAS_AUTH_DIR"] == AUTH_DIR
+    assert f"gfaas-auth:{AUTH_DIR}" in init["volumes"]
+    assert "gfaas-auth" in COMPOSE["volumes"]
+    for name, service in GFAAS.items():
+        env = service["environment"]
+        assert env["GFAAS_NATS_AUTH"] == "true", name
+        assert env["GFAAS_NATS_CREDS"] == f"{AUTH_DIR}/{gfaas_service(service)}.json", name
+        assert f"gfaas-auth:{AUTH_DIR}:ro" in service["volumes"], name
+        condition = service["depends_on"][AUTH_INIT]["condition"]
+        assert condition == "service_completed_successfully", name
+    nats = SERVICES["nats"]
+    assert "gfaas-auth:/etc/nats/auth:ro" in nats["volumes"]
+    assert nats["depends_on"][AUTH_INIT]["condition"] == "service_completed_successfully"
+    assert 'include "auth/accounts.conf"' in (REPO / "deploy" / "nats.conf").read_text()
+    assert f"chown gfaas:gfaas /var/lib/gfaas {AUTH_DIR}" in (REPO / "Dockerfile").read_text()
+
+
+@pytest.mark.nats
+@pytest.mark.anyio
+@pytest.mark.timeout(60)
+async def test_compose_nats_config_refuses_anonymous_and_admits_each_service(
+    tmp_path: Path,
+) -> None:
+    """What compose runs, here: `gfaas auth init` into an auth dir, nats-server with
+    deploy/nats.conf beside it (only the port, store and monitoring moved), then each
+    service connects with its own file and an anonymous client is refused."""
+    import nats
+
+    from shared import auth
+    from shared.natsd import find_nats_server, free_port
+
+    env = {**os.environ, "GFAAS_AUTH_DIR": str(tmp_path / "auth")}
+    done = await anyio.run_process(
+        [sys.executable, "-m", "gfaas", "auth", "init", "--json"], env=env
+    )
+    files = json.loads(done.stdout)
+    port, monitor = free_port(), free_port()
+    conf = (REPO / "deploy" / "nats.conf").read_text()
+    conf = conf.replace("port: 4222", f"port: {port}", 1)
+    conf = conf.replace("http_port: 8222", f"http_port: {monitor}")
+    conf = conf.replace('"/data/jetstream"', f'"{tmp_path / "js"}"')
+    (tmp_path / "nats.conf").write_text(conf)
+    command = [find_nats_server(), "-a", "127.0.0.1", "-c", str(tmp_path / "nats.conf")]
+    url = f"nats://127.0.0.1:{port}"
+    async with await anyio.open_process(command) as server:
+        try:
+            with anyio.fail_after(20):
+                while True:
+                    try:
+                        nc = await nats.connect(
+                            url,
+                            **auth.connect_options(creds=files["ingress"]),
+                            allow_reconnect=False,
+                            connect_timeout=1,
+                        )
+                        break
+                    except (nats.errors.NoServersError, OSError):
+                        await anyio.sleep(0.1)
+            await nc.jetstream().account_info()  # JetStream lives in the service account
+            await nc.close()
+            for identity in auth.SERVICES:
+                nc = await nats.connect(
+                    url, **auth.connect_options(creds=files[identity]), allow_reconnect=False
+                )
+                await nc.close()
+            anonymous = nats.NATS()
+            try:
+                with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+                    await anonymous.connect(url, allow_reconnect=False)
+            finally:
+                await anonymous.close()  # a refused connection leaves its socket open
+        finally:
+            server.terminate()
