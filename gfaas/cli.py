@@ -635,6 +635,24 @@ def add_auth_commands(sub: Any) -> None:
     init.set_defaults(func=cmd_auth_init)
 
 
+def cmd_tenant_revoke(args: argparse.Namespace) -> int:
+    """Take a tenant's access away: its NATS user, credentials file and API keys; a
+    running embedded server is told to reload (and drops the tenant's connections)."""
+    from gfaas.supervisor import PID_FILE
+    from shared import auth
+
+    settings = settings_from_env(state_dir=args.state_dir)
+    had_user, keys = auth.remove_tenant(auth.auth_dir(settings), args.name)
+    if not had_user and not keys:
+        print(f"no tenant {args.name!r}", file=sys.stderr)
+        return 1
+    reloaded = auth.reload_server(settings.state_dir / "nats" / PID_FILE)
+    print(f"tenant {args.name} revoked: its NATS user and {keys} API key(s)")
+    if not reloaded:
+        print("  no embedded nats-server runs from this state dir: reload yours (SIGHUP)")
+    return 0
+
+
 def add_tenant_commands(sub: Any) -> None:
     tenant = sub.add_parser("tenant", help="tenants: NATS credentials and HTTP API keys")
     tenant_sub = tenant.add_subparsers(dest="tenant_command", required=True)
@@ -645,6 +663,12 @@ def add_tenant_commands(sub: Any) -> None:
     add.add_argument("--state-dir", type=Path, default=None)
     add.add_argument("--json", action="store_true", help="one JSON line: creds, api_key")
     add.set_defaults(func=cmd_tenant_add)
+    revoke = tenant_sub.add_parser(
+        "revoke", help="revoke a tenant: its NATS user, credentials file and every API key"
+    )
+    revoke.add_argument("name")
+    revoke.add_argument("--state-dir", type=Path, default=None)
+    revoke.set_defaults(func=cmd_tenant_revoke)
 
 
 # -- argument parsing ----------------------------------------------------------------------

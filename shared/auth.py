@@ -360,6 +360,25 @@ def issue_api_key(tokens_file: Path, tenant: str) -> str:
     return key
 
 
+def remove_tenant(directory: Path, tenant: str) -> tuple[bool, int]:
+    """Revoke a tenant: its NATS user leaves the accounts include (the server closes
+    its connections when it reloads), its credentials file goes, and so does every API
+    key issued to it (ingress stops taking them within TokenBook's recheck). Returns
+    whether it had a user, and how many keys were revoked."""
+    check_name("tenant", tenant)
+    state = ensure(directory)
+    had_user = state.tenants.pop(tenant, None) is not None
+    if had_user:
+        state.save()
+        write_accounts(state)
+    state.tenant_creds_file(tenant).unlink(missing_ok=True)
+    tokens = _read_tokens(state.tokens_file)
+    kept = {digest: owner for digest, owner in tokens.items() if owner != tenant}
+    if len(kept) != len(tokens):
+        _write_private(state.tokens_file, json.dumps(kept, indent=2) + "\n")
+    return had_user, len(tokens) - len(kept)
+
+
 def hash_key(key: str) -> str:
     # API keys are 256 random bits: a plain hash is as good as a slow one here.
     return hashlib.sha256(key.encode()).hexdigest()

@@ -454,6 +454,38 @@ async def test_tenant_add_issues_credentials_the_running_server_takes(
     await acme.drain()
 
 
+@pytest.mark.anyio
+async def test_tenant_revoke_takes_its_credentials_and_keys_away(secured: Secured) -> None:
+    evil = await connect(secured.url, secured.tenant_creds("evil"))
+    await invoke_echo(evil, tenant_account="evil")
+    base = f"http://127.0.0.1:{secured.platform.http_port}"
+    key = {"Authorization": f"Bearer {secured.keys['evil']}"}
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        assert (await http.get("/v2", headers=key)).status_code == 200
+        creds = secured.tenant_creds("evil")
+        issued = creds.read_bytes()
+        assert cli.main(["tenant", "revoke", "evil", "--state-dir", str(secured.state_dir)]) == 0
+        assert not creds.exists()
+        # Its key stops working without restarting ingress, its open connection is
+        # dropped at the server's reload, and it cannot connect again.
+        with anyio.fail_after(10):
+            while (await http.get("/v2", headers=key)).status_code != 401:
+                await anyio.sleep(0.1)
+            while not evil.is_closed:
+                await anyio.sleep(0.1)
+        # The file it was issued (kept by the tenant) no longer gets in.
+        creds.write_bytes(issued)
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):
+            await connect(secured.url, creds)
+        # Another tenant is untouched, and revoking nobody says so.
+        other = {"Authorization": f"Bearer {secured.keys['acme']}"}
+        assert (await http.get("/v2", headers=other)).status_code == 200
+    acme = await connect(secured.url, secured.tenant_creds("acme"))
+    await invoke_echo(acme, tenant_account="acme")
+    await acme.drain()
+    assert cli.main(["tenant", "revoke", "nobody", "--state-dir", str(secured.state_dir)]) == 1
+
+
 # -- gfaas up, authenticated by default ---------------------------------------------------------
 
 
