@@ -98,6 +98,12 @@ class Settings:
     # (shared.scheduling.grants); 0 turns direct sends off.
     grant_ttl_s: float = 2.0
     # gpu_worker
+    # The user instance processes run as when the services run as root (issue 10,
+    # services/gpu_worker/privileges.py): a name or uid ("" or "none": the agent's own
+    # user; ignored when not root), and the group they share the node's segments with
+    # (a name or gid; "": the user's primary group). Off by default: see docs/security.md.
+    handler_user: str = ""
+    handler_group: str = ""
     # Packages handlers may come from ("module:attr" with the module one of these or
     # under one), comma-separated: a spec naming anything else (`subprocess:run`) is
     # refused at deploy and never imported by a worker.
@@ -138,6 +144,9 @@ class Settings:
     instance_function: str = ""
     instance_agent: str = ""
     instance_cores: str = ""
+    # ... and, when instances run as the handler user, the instance's own working
+    # directory (its HOME): set, the process switches to that user before serving.
+    instance_dir: str = ""
     # memory_broker: per-device pool cap, slab size, and the default lease TTL.
     pool_cap_mb: int = 4096
     # Host memory's own cap (0: pool_cap_mb): where parked data spills to.

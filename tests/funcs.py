@@ -182,3 +182,36 @@ class SlowMlp:
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         time.sleep(float(inputs["hold_s"].item()))
         return self.mlp({"x": inputs["x"]})
+
+
+def _text(data: bytes | str) -> torch.Tensor:
+    raw = data.encode() if isinstance(data, str) else data
+    return (
+        torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        if raw
+        else torch.empty(0, dtype=torch.uint8)
+    )
+
+
+def whoami(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Who the handler runs as (uid, euid, gid), where (its working directory, HOME),
+    what reading the file `path` (bytes) gave it (the bytes, or the error's name), and
+    what trying to become root again gave (issue 10: handlers with least privilege)."""
+    path = bytes(inputs["path"].tolist()).decode()
+    try:
+        with open(path, "rb") as f:
+            read = f.read()
+    except OSError as exc:
+        read = type(exc).__name__.encode()
+    try:
+        os.setuid(0)
+        back = "root"
+    except PermissionError:
+        back = "PermissionError"
+    return {
+        "ids": torch.tensor([os.getuid(), os.geteuid(), os.getgid()]),
+        "cwd": _text(os.getcwd()),
+        "home": _text(os.environ.get("HOME", "")),
+        "read": _text(read),
+        "setuid": _text(back),
+    }

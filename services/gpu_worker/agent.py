@@ -9,7 +9,9 @@ instance settings) serving one function with a share of the device:
   the environment its CUDA context is created with, when the agent could start the
   MPS control daemon; without MPS, only time is shared, and the beat says why;
 - time: the device's token arbiter lives here; an instance runs a batch only while
-  it holds a grant (`acquire`) and charges what the batch used (`release`).
+  it holds a grant (`acquire`) and charges what the batch used (`release`);
+- privilege: run as root with a handler user (GFAAS_HANDLER_USER), an instance runs as
+  that user in a directory of its own, removed when it is gone (privileges.py).
 
 The scheduler decides (shared.scheduling.autoscale and packing); the agent does, and
 says in its beat (`AgentBeat`, every heartbeat) what runs, so the scheduler's view
@@ -33,8 +35,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from services.gpu_worker import limits
+from services.gpu_worker.privileges import InstanceDirs
 from shared import subjects
 from shared.config import Settings, settings_env
+from shared.dataplane.access import HandlerUser
 from shared.logs import get_logger
 from shared.procs import die_with_parent
 from shared.scheduling import packing
@@ -99,6 +103,8 @@ class Running:
     error: ErrorInfo | None = None
     stop_at: float = 0.0  # when a stopping one is killed
     gone_at: float = 0.0  # when a failed one is forgotten
+    uid: int = 0  # the user its process runs as
+    directory: Path | None = None  # its working directory, when the agent made one
 
     def info(self) -> InstanceInfo:
         c = self.command
@@ -226,6 +232,7 @@ class Agent:
         memory_total: int,
         spatial: Spatial,
         clock: Callable[[], float] = time.monotonic,
+        handler_user: HandlerUser | None = None,
     ) -> None:
         self.nc = nc
         self.settings = settings
@@ -243,6 +250,13 @@ class Agent:
         self.started = 0
         self.crashed = 0
         self.spares = Spares(settings.agent_spares)
+        # Who instances run as (None: this agent's user), and their directories.
+        self.handler_user = handler_user
+        self.dirs = (
+            InstanceDirs.under(settings.state_dir, agent_id, handler_user)
+            if handler_user is not None
+            else None
+        )
 
     # -- commands ---------------------------------------------------------------------
 
@@ -314,7 +328,9 @@ class Agent:
         if reason is not None:
             log.warning("instance.refused", instance=cmd.instance_id, reason=reason)
             return AgentReply(error=ErrorInfo(code=ErrorCode.OVERLOADED, reason=reason))
+        directory = None
         try:
+            directory = self.dirs.create(cmd.instance_id) if self.dirs is not None else None
             # A spare that imported everything already, or a process started now.
             process = self.spares.take() or self.spares.spawn()
             limits.apply(
@@ -326,18 +342,24 @@ class Agent:
                     slack_mb=self.settings.instance_memory_slack_mb,
                 ),
             )
-            self.spares.assign(process, self._assignment(cmd, cores))
+            self.spares.assign(process, self._assignment(cmd, cores, directory))
         except OSError as exc:
             self.runner.remove(cmd.instance_id)
+            if directory is not None:
+                InstanceDirs.remove(directory)
             reason = f"could not start the instance process: {exc}"
             return AgentReply(error=ErrorInfo(code=ErrorCode.INTERNAL, reason=reason))
-        self.instances[cmd.instance_id] = Running(cmd, process, cores, self.clock())
+        uid = self.handler_user.uid if self.handler_user is not None else os.geteuid()
+        self.instances[cmd.instance_id] = Running(
+            cmd, process, cores, self.clock(), uid=uid, directory=directory
+        )
         self.started += 1
         log.info(
             "instance.starting",
             instance=cmd.instance_id,
             function=cmd.function,
             pid=process.pid,
+            uid=uid,
             sm_share=cmd.sm_share,
             time_quota=cmd.time_quota,
             memory_mb=cmd.memory_bytes // MB,
@@ -362,7 +384,9 @@ class Agent:
             running.process.send_signal(signal.SIGTERM)  # it drains, then exits
         log.info("instance.stopping", instance=running.command.instance_id)
 
-    def _assignment(self, cmd: StartInstance, cores: frozenset[int]) -> dict[str, str]:
+    def _assignment(
+        self, cmd: StartInstance, cores: frozenset[int], directory: Path | None
+    ) -> dict[str, str]:
         """The environment an instance runs with, beyond the agent's own."""
         env = settings_env(self.settings)
         budget_mb = max(1, -(-cmd.memory_bytes // MB))
@@ -380,6 +404,11 @@ class Agent:
                 "GFAAS_METRICS_PORT": "0",
             }
         )
+        if directory is not None:
+            # It switches to the handler user there (privileges.become); its working
+            # directory changes, so the state directory must not be relative.
+            env["GFAAS_INSTANCE_DIR"] = str(directory)
+            env["GFAAS_STATE_DIR"] = str(self.settings.state_dir.resolve())
         if self.spatial.mode == "mps" and self.spatial.mps_dirs is not None:
             env.update(mps.client_env(cmd.sm_share, self.spatial.mps_dirs))
         return env
@@ -460,6 +489,7 @@ class Agent:
                 continue
             self.runner.remove(name)
             changed = True
+            self._remove_dir(running)
             if running.state is InstanceState.STOPPING:
                 del self.instances[name]
                 log.info("instance.stopped", instance=name)
@@ -476,6 +506,13 @@ class Agent:
                 del self.instances[name]
                 log.error("instance.crashed", instance=name, exit_code=code)
         return changed
+
+    @staticmethod
+    def _remove_dir(running: Running) -> None:
+        """Its directory goes with its process (whatever its handler left there)."""
+        if running.directory is not None:
+            InstanceDirs.remove(running.directory)
+            running.directory = None
 
     def beat(self) -> AgentBeat:
         return AgentBeat(
@@ -502,7 +539,9 @@ class Agent:
             "crashed": self.crashed,
             "spares": len(self.spares.procs),
             "started_from_spares": self.spares.taken,
-            "instances": [msg_dict(r.info()) for r in self.instances.values()],
+            # Who instances run as: None when as this agent's own user.
+            "handler_user": self.handler_user.as_dict() if self.handler_user else None,
+            "instances": [{**msg_dict(r.info()), "uid": r.uid} for r in self.instances.values()],
         }
 
     def keep_spares(self, wanted: bool) -> None:
@@ -525,7 +564,10 @@ class Agent:
             if running.process is not None and running.process.poll() is None:
                 running.process.kill()
                 running.process.wait()
+            self._remove_dir(running)
         self.instances.clear()
+        if self.dirs is not None:
+            self.dirs.close()
         if self.spatial.started_daemon and self.spatial.mps_dirs is not None:
             await anyio.to_thread.run_sync(mps.stop_daemon, self.spatial.mps_dirs)
 

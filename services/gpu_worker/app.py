@@ -25,7 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
-from services.gpu_worker import profiler, state
+from services.gpu_worker import privileges, profiler, state
 from services.gpu_worker.agent import Agent, AgentService, spatial_for
 from services.gpu_worker.claims import Claims
 from services.gpu_worker.device import device_cache_bytes, memory_info, pick_device
@@ -178,6 +178,10 @@ async def serve(
     else:
         torch.set_num_threads(max(1, settings.threads))
     worker_id = settings.worker_id or default_worker_id(device)
+    # Before connecting: a handler user that cannot be used stops the worker at once
+    # with the reason, rather than every instance failing after it (an instance has
+    # switched to it already, privileges.become).
+    handler_user = None if function else privileges.prepare(settings)
     setup = state.SetupClock()
     async with connected(settings.nats_url, f"gfaas-worker-{worker_id}", settings=settings) as nc:
         setup.mark("connect")
@@ -213,10 +217,13 @@ async def serve(
             device=device,
             threads=settings.threads,
             capacity_bytes=device_cache_bytes(settings.device_cache_mb, device),
-            fetch_weights=lambda name: models.fetch(name, settings.state_dir / "models"),
+            fetch_weights=privileges.weights_fetcher(models, settings),
             fill_host_tier=models.fill_host_tier,
             group_bytes=settings.swap_group_kb * 1024,
-            host_tier=HostTier(tier_prefix(settings.shm_namespace)),
+            # An instance running as the handler user may only read root's segments.
+            host_tier=HostTier(
+                tier_prefix(settings.shm_namespace), readonly=bool(settings.instance_dir)
+            ),
             handler_packages=settings.handler_packages,
             # An instance serves one function in a process of its own: a handler that
             # writes into shared weights faults there and nowhere else.
@@ -257,6 +264,7 @@ async def serve(
                 device=device,
                 memory_total=agent_memory(settings, device),
                 spatial=await anyio.to_thread.run_sync(spatial_for, device, settings.state_dir),
+                handler_user=handler_user,
             )
 
         checks = HandlerChecks(packages=settings.handler_packages)

@@ -6,7 +6,9 @@ JSON, the GFAAS_* (and CUDA_MPS_*) environment of the instance it becomes. It ha
 no CUDA context yet (nothing here touches the device), so an MPS share or a memory
 cap set by the assignment still applies; its cores are pinned by the instance's
 settings before torch's first operation. EOF instead of a line: it was not needed,
-and exits.
+and exits. An assignment with an instance directory (the agent is root and has a
+handler user) makes it switch to that user before it serves (privileges.become):
+nothing of its handler has run as root.
 
 Everything an instance does before its first answer that does not depend on the
 assignment is done here, before it (warm_up): imports that would otherwise be lazy
@@ -28,7 +30,7 @@ import anyio
 import anyio.lowlevel
 
 # The imports an instance needs, paid before the assignment.
-from services.gpu_worker import state
+from services.gpu_worker import privileges, state
 from services.gpu_worker.app import serve
 from shared.config import settings_from_env
 from shared.service import backend_options, run_service, settle_heap
@@ -85,7 +87,10 @@ def main() -> int:
         print("standby: the assignment must be a JSON object", file=sys.stderr)
         return 2
     os.environ.update({str(k): str(v) for k, v in env.items()})
-    run_service("gpu-worker", serve, settings_from_env())
+    settings = settings_from_env()
+    if settings.instance_dir:
+        settings = privileges.become(settings)
+    run_service("gpu-worker", serve, settings)
     return 0
 
 

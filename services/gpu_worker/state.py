@@ -122,6 +122,8 @@ def details(books: Books, handlers: HandlerCache, staging: Staging) -> dict[str,
     hb = heartbeat(books, handlers)
     return {
         "worker_id": books.worker_id,
+        # The user it runs as: an instance's is the handler user's where it switched.
+        "uid": os.getuid(),
         "device": books.device,
         "function": books.function,
         "setup_ms": books.setup_ms,

@@ -18,6 +18,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
+from shared.dataplane.access import GROUP_READ
 from shared.dataplane.leases import Fault, Lease, LeaseError
 from shared.dataplane.shm import Segment, create_segment, open_segment, unlink_segment
 from shared.schema import Handle
@@ -45,7 +46,8 @@ class LeaseBoard:
         unlink_segment(name)  # a board left by a crashed broker
         self.name = name
         self.slots = slots
-        self._segment = create_segment(name, slots * SLOT_BYTES)
+        # Consumers only read it (BoardReader): the handler group may read, not write.
+        self._segment = create_segment(name, slots * SLOT_BYTES, group_access=GROUP_READ)
         self._free = list(range(slots - 1, -1, -1))
         self._slot_of: dict[str, int] = {}
 
@@ -105,7 +107,7 @@ class BoardReader:
 
     @classmethod
     def open(cls, name: str) -> BoardReader:
-        return cls(open_segment(name))
+        return cls(open_segment(name, readonly=True))
 
     def verify(self, handle: Handle, tenant: str) -> None:
         """Raise LeaseError (with the broker's fault codes) unless `tenant` may read it."""

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from shared.dataplane import access
 from shared.dataplane.backend import BackendError, SlabRef, numpy_dtype, torch_dtype
 from shared.schema import DType
 
@@ -91,11 +92,17 @@ class Segment:
             self.mm.close()
 
 
-def create_segment(name: str, size: int, *, prefault: bool = False) -> Segment:
+def create_segment(
+    name: str, size: int, *, prefault: bool = False, group_access: int = 0
+) -> Segment:
+    """A new segment, 0600 to this process's user. `group_access` (access.GROUP_READ
+    or GROUP_RW): the bits the node's handler group gets when it has one (see
+    shared.dataplane.access), so that instance processes can map it too."""
     if size <= 0:
         raise BackendError(f"segment size must be positive, got {size}")
     fd = os.open(_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
+        _share(fd, group_access)
         os.ftruncate(fd, size)
         mm = mmap.mmap(fd, size)
     except BaseException:
@@ -107,6 +114,15 @@ def create_segment(name: str, size: int, *, prefault: bool = False) -> Segment:
         # Touch every page now so the first copy into the slab runs at memcpy speed.
         np.frombuffer(mm, dtype=np.uint8)[::_PAGE] = 0
     return Segment(name, size, mm)
+
+
+def _share(fd: int, group_access: int) -> None:
+    """Give the handler group `group_access` on the file `fd` (through the fd: nothing
+    planted under its name meanwhile is changed instead)."""
+    gid = access.segment_group() if group_access else None
+    if gid is not None:
+        os.fchown(fd, -1, gid)
+        os.fchmod(fd, 0o600 | (group_access & 0o060))
 
 
 def open_segment(name: str, *, readonly: bool = False) -> Segment:
@@ -154,7 +170,13 @@ class ShmBackend:
         self._open: dict[str, Segment] = {}
 
     def create_slab(self, size: int, pool: str, *, prefault: bool = False) -> SlabRef:
-        seg = create_segment(new_segment_name(pool, self.prefix), size, prefault=prefault)
+        # Instances read inputs from and write outputs into the pool's slabs.
+        seg = create_segment(
+            new_segment_name(pool, self.prefix),
+            size,
+            prefault=prefault,
+            group_access=access.GROUP_RW,
+        )
         self._open[seg.name] = seg
         return SlabRef(backend=self.kind, segment=seg.name, size=size, device=self.device)
 

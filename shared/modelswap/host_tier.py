@@ -5,6 +5,12 @@ then the tensors' bytes, each aligned. The first worker that needs a model write
 the segment under a temporary name and renames it into place, so others either see
 a complete segment or none; an flock keeps two workers from loading the same model
 at once. Eviction from a device never touches this tier; `evict` here is explicit.
+
+Where instances run as the node's handler user (shared.dataplane.access), segments a
+root process writes are 0640 to the handler group, lock files too, and the lock
+directory lets that group add its own (`share_with`); instance processes map the
+tier read-only (`HostTier(readonly=True)`): they cannot open root's segments for
+writing.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import hashlib
 import mmap
 import os
 import re
+import stat
 import struct
 import threading
 import warnings
@@ -27,6 +34,7 @@ from typing import Any
 import msgspec
 import torch
 
+from shared.dataplane import access
 from shared.dataplane.backend import BackendError
 from shared.dataplane.shm import (
     SHM_DIR,
@@ -164,10 +172,13 @@ def _populate_soon(segment: Segment) -> None:
 
 
 class HostTier:
-    """Maps models' segments once per process and keeps them mapped."""
+    """Maps models' segments once per process and keeps them mapped. `readonly`: map
+    them without write permission (an instance running as the handler user, which
+    may only read the segments root made)."""
 
-    def __init__(self, prefix: str = PREFIX) -> None:
+    def __init__(self, prefix: str = PREFIX, *, readonly: bool = False) -> None:
         self.prefix = prefix
+        self.readonly = readonly
         self._open: dict[str, HostModel] = {}
         self.loads = 0  # models this process put into the tier (from either source)
         self.blob_loads = 0  # of them, streamed in from a stored blob (no unpickling)
@@ -177,10 +188,14 @@ class HostTier:
         if name in self._open:
             return self._open[name]
         try:
-            segment = open_segment(name)
+            segment = open_segment(name, readonly=self.readonly)
         except BackendError:
             return None
-        host = HostModel(name=model, segment=segment, tensors=_views(segment))
+        with warnings.catch_warnings():
+            # Read-only views of a read-only mapping: its page protection refuses writes.
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            tensors = _views(segment)
+        host = HostModel(name=model, segment=segment, tensors=tensors)
         self._open[name] = host
         return host
 
@@ -231,7 +246,9 @@ class HostTier:
     def _pending(self, name: str, size: int) -> Pending:
         tmp = f"{name}.tmp{os.getpid()}-{threading.get_ident()}"
         unlink_segment(tmp)
-        return Pending(name, tmp, create_segment(tmp, max(size, 1)))
+        # Every instance of the node reads it; none writes it after the commit.
+        segment = create_segment(tmp, max(size, 1), group_access=access.GROUP_READ)
+        return Pending(name, tmp, segment)
 
     def evict(self, model: str, digest: str) -> bool:
         name = segment_name(model, digest, self.prefix)
@@ -243,6 +260,17 @@ class HostTier:
 
     def resident(self) -> list[str]:
         return list_segments(self.prefix)
+
+    def share_with(self, gid: int) -> None:
+        """Open the tier to the handler group `gid` (as root, before instances run as
+        it): the lock directory takes that group's lock files, and the segments and
+        locks root left from before (0600) become readable to it, so that an instance
+        neither fails to lock nor tries to replace a segment it cannot open."""
+        _share_lock_dir(gid)
+        for name in self.resident():
+            _share_file(SHM_DIR / name, gid)
+        for lock in LOCK_DIR.glob(f"{self.prefix}*.lock"):
+            _share_file(lock, gid)
 
     def purge(self) -> int:
         """Unlink every segment of this tier and its lock files (the node is shutting
@@ -321,10 +349,17 @@ def _locked(name: str) -> Iterator[None]:
 
 def _acquire(name: str) -> int:
     # Lock files stay: unlinking one while another process waits on it would let a
-    # third lock a fresh file and load the same model concurrently.
+    # third lock a fresh file and load the same model concurrently. Read-only (flock
+    # needs no more), so the handler group can lock root's files; never through a
+    # link planted under the name.
     LOCK_DIR.mkdir(exist_ok=True)
-    fd = os.open(LOCK_DIR / f"{name}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    flags = os.O_CREAT | os.O_RDONLY | os.O_NOFOLLOW
+    fd = os.open(LOCK_DIR / f"{name}.lock", flags, 0o600)
     try:
+        gid = access.segment_group()
+        if gid is not None and os.fstat(fd).st_uid == os.geteuid():
+            os.fchown(fd, -1, gid)
+            os.fchmod(fd, 0o640)
         fcntl.flock(fd, fcntl.LOCK_EX)
     except BaseException:
         os.close(fd)
@@ -335,6 +370,38 @@ def _acquire(name: str) -> int:
 def _release(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
+
+
+def _share_lock_dir(gid: int) -> None:
+    """The lock directory, root's, writable by group `gid` and sticky (a member removes
+    only its own lock files). Changed through an fd of the directory itself, never of
+    a link planted in /dev/shm under its name."""
+    LOCK_DIR.mkdir(exist_ok=True)
+    fd = os.open(LOCK_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        info = os.fstat(fd)
+        if info.st_uid != os.geteuid():
+            raise BackendError(f"{LOCK_DIR} belongs to uid {info.st_uid}, not to this process")
+        os.fchown(fd, -1, gid)
+        os.fchmod(fd, stat.S_IMODE(info.st_mode) | 0o1070)
+    finally:
+        os.close(fd)
+
+
+def _share_file(path: Path, gid: int) -> None:
+    """A regular file of this process's user made 0640 to group `gid` (anything else
+    under that name, a link or another user's file, is left alone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return  # gone meanwhile, or a link
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid():
+            os.fchown(fd, -1, gid)
+            os.fchmod(fd, 0o640)
+    finally:
+        os.close(fd)
 
 
 def state_nbytes(state: Mapping[str, Any]) -> int:
