@@ -21,7 +21,14 @@ from nats.aio.client import Client as NATS
 from opentelemetry.trace import Span, SpanKind
 
 from shared import jetstream, subjects, tracing
-from shared.auth import Credentials, connect_options, default_admin_creds, tenant_invoke
+from shared.auth import (
+    Credentials,
+    connect_options,
+    default_admin_creds,
+    tenant_invoke,
+    tenant_invoke_async,
+    tenant_result,
+)
 from shared.config import PAYLOAD_HEADROOM, nats_servers, settings_from_env
 from shared.dataplane.backend import BackendError
 from shared.dataplane.client import BrokerClient, move_into, open_tensor, write_into
@@ -348,7 +355,8 @@ class Client:
         invocation_id: str = "",
         callback: str = "",
     ) -> str:
-        """Queue an invocation in JetStream; returns its id (the dedup key)."""
+        """Queue an invocation in JetStream; returns its id (the dedup key): for a
+        tenant, the id ingress answers (`invocation_id` with the tenant's tag)."""
         invocation_id = invocation_id or new_invocation_id()
         subject = subjects.invoke_async(function)
         with tracing.tracer().start_as_current_span(
@@ -364,11 +372,32 @@ class Client:
             if callback:
                 headers[H_CALLBACK] = callback
             body = self._body(InvokeRequest(inputs=_tensors(inputs)))
+            if self.tenant_account:
+                return await self._queue_as_tenant(function, body, tracing.inject(headers))
             await self.nc.jetstream().publish(subject, body, headers=tracing.inject(headers))
         return invocation_id
 
+    async def _queue_as_tenant(self, function: str, body: bytes, headers: dict[str, str]) -> str:
+        """A tenant cannot reach JetStream: ingress queues its invocation and answers
+        the id to look it up by (its own, with the tenant's tag: shared.auth). A
+        callback must be under `tenant_callbacks(tenant)`, which the tenant may hear."""
+        subject = tenant_invoke_async(self.tenant_account, function)
+        try:
+            msg = await self.nc.request(subject, body, timeout=self.timeout, headers=headers)
+        except nats.errors.NoRespondersError:
+            raise GfaasError(ErrorCode.NO_WORKER, "no ingress is running") from None
+        reply = decode(msg.data, InvokeReply)
+        if reply.error is not None and reply.error.code is not ErrorCode.PENDING:
+            raise GfaasError.from_info(reply.error)
+        return reply.invocation_id
+
     async def result(self, invocation_id: str, *, timeout: float = 5.0) -> InvokeReply:
-        msg = await self.nc.request(subjects.result(invocation_id), b"", timeout=timeout)
+        subject = (
+            tenant_result(self.tenant_account, invocation_id)
+            if self.tenant_account
+            else subjects.result(invocation_id)
+        )
+        msg = await self.nc.request(subject, b"", timeout=timeout)
         return decode(msg.data, InvokeReply)
 
     async def status(self, service: str, *, timeout: float = 2.0) -> ServiceStatus:

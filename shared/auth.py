@@ -1,22 +1,30 @@
 """NATS identities and what each may do; HTTP API keys; the server's accounts.
 
 gfaas runs one NATS account for itself (`GFAAS`: every service, the admin, JetStream)
-and one for tenants (`TENANTS`), which exports nothing and imports one service from
-GFAAS: `gfaas.v1.t.*.invoke.*`. Each tenant is a user there who may publish only
-`gfaas.v1.t.<its name>.invoke.*` and hear only its own inbox (`_INBOX_<its name>.>`),
+and one for tenants (`TENANTS`), which exports nothing and imports from GFAAS the
+services `gfaas.v1.t.*.invoke.*`, `.invoke_async.*` and `.result.*` (`TENANT_SERVICES`)
+and the stream of async callbacks `gfaas.v1.tcb.>`. Each tenant is a user there who
+may publish only those under its own name (`gfaas.v1.t.<its name>.…`) and hear only
+its own inbox (`_INBOX_<its name>.>`) and callbacks (`gfaas.v1.tcb.<its name>.>`),
 so the tenant in the subject that reaches GFAAS is the authenticated one (the server
 refuses any other), whatever headers the caller wrote; ingress reads it from the
 subject (`tenant_of_subject`). Tenants neither see the service account's subjects
-nor each other's replies. (One account per tenant, with a subject mapping, would be
-neater, but nats-server 2.15 does not wire a service import of an account added by
-a config reload: `gfaas tenant add` would need a restart.)
+nor each other's replies, and a tenant's async invocation ids carry its tag
+(`tenant_invocation_id`), so no tenant can name another's result. (One account per
+tenant, with a subject mapping, would be neater, but nats-server 2.15 does not wire
+a service import of an account added by a config reload: `gfaas tenant add` would
+need a restart.)
 
 Inside GFAAS each service has its own user whose publish and subscribe allow-lists
 (`service_permissions`) name only the subjects of docs/architecture.md's table it
 handles or sends: only the scheduler and ingress (direct sends under a grant) publish
 `worker.<id>.run`, only workers publish heartbeats and done notes and subscribe to
 run subjects, only the broker subscribes to broker subjects. No service but the
-admin writes the registry or the model store, or deletes or purges a stream.
+admin writes the registry or the model store, or deletes or purges a stream. Each
+identity hears replies only in its own inbox (`_INBOX_<identity>`, which
+`connect_options` sets), so no service hears the answers to the admin's requests or
+another service's (connections of one identity, every worker's, share theirs); each
+may answer any of them.
 
 Everything lives in the auth directory (`auth_dir`, `<state_dir>/auth`), mode 0700:
 
@@ -46,6 +54,7 @@ from typing import Any, Final
 from shared import jetstream
 from shared.config import Settings
 from shared.names import check_name
+from shared.schema import DEFAULT_TENANT
 from shared.subjects import PREFIX
 
 SERVICE_ACCOUNT: Final = "GFAAS"
@@ -54,8 +63,15 @@ ADMIN: Final = "admin"
 # The services' users: their names are the services' (shared.config, gfaas up).
 SERVICES: Final = ("ingress", "scheduler", "gpu-worker", "memory-broker")
 IDENTITIES: Final = (ADMIN, *SERVICES)
-# Where a tenant's requests land in GFAAS: `gfaas.v1.t.<tenant>.invoke.<fn>`.
+# Where a tenant's requests land in GFAAS: `gfaas.v1.t.<tenant>.<op>.<x>`, the
+# service-account subjects `gfaas.v1.<op>.<x>` (shared.subjects) under the tenant's name.
 TENANT_INVOKE_ALL: Final = f"{PREFIX}.t.*.invoke.*"
+TENANT_INVOKE_ASYNC_ALL: Final = f"{PREFIX}.t.*.invoke_async.*"
+TENANT_RESULT_ALL: Final = f"{PREFIX}.t.*.result.*"
+TENANT_SERVICES: Final = (TENANT_INVOKE_ALL, TENANT_INVOKE_ASYNC_ALL, TENANT_RESULT_ALL)
+# Where ingress publishes tenants' async callbacks (`gfaas.v1.tcb.<tenant>.…`): a stream
+# the TENANTS account imports, each tenant hearing only its own.
+TENANT_CALLBACKS_ALL: Final = f"{PREFIX}.tcb.>"
 # How long a tenant's request may wait for its reply through the import (the longest
 # invocation deadline a tenant can use).
 RESPONSE_THRESHOLD: Final = "15m"
@@ -72,25 +88,73 @@ def tenant_invoke(tenant: str, function: str = "*") -> str:
     return f"{PREFIX}.t.{tenant}.invoke.{function}"
 
 
-def tenant_of_subject(subject: str) -> str | None:
-    """The tenant in `gfaas.v1.t.<tenant>.invoke.<fn>` (the server wrote it), else
-    None: a plain `gfaas.v1.invoke.<fn>` from inside the service account."""
+def tenant_invoke_async(tenant: str, function: str = "*") -> str:
+    return f"{PREFIX}.t.{tenant}.invoke_async.{function}"
+
+
+def tenant_result(tenant: str, invocation_id: str = "*") -> str:
+    return f"{PREFIX}.t.{tenant}.result.{invocation_id}"
+
+
+def tenant_of_subject(subject: str, op: str = "invoke") -> str | None:
+    """The tenant in `gfaas.v1.t.<tenant>.<op>.<x>` (the server wrote it), else None:
+    another op, or a plain `gfaas.v1.<op>.<x>` from inside the service account."""
     parts = subject.split(".")
     if len(parts) == 6 and f"{parts[0]}.{parts[1]}" == PREFIX and parts[2] == "t":
-        return parts[3] if parts[4] == "invoke" else None
+        return parts[3] if parts[4] == op else None
     return None
 
 
+def tenant_callbacks(tenant: str) -> str:
+    """The subjects a tenant's async callbacks may go to: `<this>.<tokens>`."""
+    return f"{PREFIX}.tcb.{tenant}"
+
+
+def inbox(identity: str) -> str:
+    """An identity's inbox prefix (a service, the admin, a tenant): the only replies
+    its user may hear. Tenants live in their own account, so a tenant named like a
+    service shares nothing with it."""
+    return f"_INBOX_{identity}"
+
+
 def tenant_inbox(tenant: str) -> str:
-    """A tenant's inbox prefix: the only replies its user may hear."""
-    return f"_INBOX_{tenant}"
+    return inbox(tenant)
+
+
+def tenant_user(tenant: str) -> str:
+    """A tenant's NATS user name."""
+    return f"t-{tenant}"
+
+
+# A tenant's async invocation ids begin with its tag: a fixed-length digest of its
+# name, so one tenant can neither make an id in another's range (ingress prefixes
+# whatever id it is given) nor read one (a result lookup for an id without the
+# caller's tag is answered as an unknown id, without looking).
+_TAG_HEX: Final = 16
+
+
+def tenant_tag(tenant: str) -> str:
+    return f"t{hashlib.sha256(tenant.encode()).hexdigest()[:_TAG_HEX]}-"
+
+
+def tenant_invocation_id(tenant: str, given: str) -> str:
+    """The id a tenant's async invocation is kept under: `given` when it is already
+    one of the tenant's (a retry with the id ingress answered), else with its tag."""
+    tag = tenant_tag(tenant)
+    return given if given.startswith(tag) else tag + given
+
+
+def owns_invocation(tenant: str, invocation_id: str) -> bool:
+    return invocation_id.startswith(tenant_tag(tenant))
 
 
 # -- permissions ---------------------------------------------------------------------------
 
 P = PREFIX
-# Every service: replies to requesters in the account, its own echo, its status.
-_INBOX: Final = "_INBOX.>"
+# Every service may answer requesters in the account: any identity's inbox, and the
+# default one of a client that connects without gfaas's options (a plain nats-py or
+# `nats` CLI session as the admin). It hears only its own inbox.
+_ANY_INBOX: Final = ("_INBOX.>", *(f"{inbox(i)}.>" for i in IDENTITIES))
 # Replies to tenants' requests (the server's reply subjects for service imports).
 _TENANT_REPLIES: Final = "_R_.>"
 _JS: Final = ("$JS.API.>", "$JS.ACK.>", "$JS.FC.>")
@@ -128,8 +192,10 @@ class Permissions:
 def _service(
     name: str, publish: Sequence[str], subscribe: Sequence[str], *, js: bool = True
 ) -> Permissions:
-    common_pub = [_INBOX, f"{P}.echo.*"]
-    common_sub = [_INBOX, f"{P}.echo.*", f"{P}.status.{name}"]
+    # Its own status too: `gfaas health SERVICE` (compose's healthcheck) asks it with
+    # the container's own credentials.
+    common_pub = [*_ANY_INBOX, f"{P}.echo.*", f"{P}.status.{name}"]
+    common_sub = [f"{inbox(name)}.>", f"{P}.echo.*", f"{P}.status.{name}"]
     return Permissions(
         publish=tuple([*common_pub, *(_JS if js else ()), *publish]),
         subscribe=tuple([*common_sub, *subscribe]),
@@ -143,6 +209,9 @@ SERVICE_PERMISSIONS: Final[Mapping[str, Permissions]] = {
         publish=[
             _TENANT_REPLIES,
             f"{P}.schedule",
+            # Tenants' async invocations, queued under the tenant's name.
+            f"{P}.invoke_async.*",
+            f"{P}.tcb.*.>",
             # Direct sends under a grant (services/ingress/dispatch.py).
             f"{P}.worker.*.run",
             f"{P}.grant_return",
@@ -154,7 +223,7 @@ SERVICE_PERMISSIONS: Final[Mapping[str, Permissions]] = {
         ],
         subscribe=[
             f"{P}.invoke.*",
-            TENANT_INVOKE_ALL,
+            *TENANT_SERVICES,
             f"{P}.result.*",
             f"{P}.ingress.*.grant",
             f"{P}.done.*",
@@ -228,9 +297,13 @@ SERVICE_PERMISSIONS: Final[Mapping[str, Permissions]] = {
 
 
 def tenant_permissions(tenant: str) -> Permissions:
-    """A tenant in the TENANTS account: it can ask for invocations under its own name
-    (the import) and hear the answers in its own inbox; nothing else."""
-    return Permissions(publish=(tenant_invoke(tenant),), subscribe=(f"{tenant_inbox(tenant)}.>",))
+    """A tenant in the TENANTS account: it can ask for invocations, async ones and
+    their results under its own name (the imports) and hear the answers in its own
+    inbox and its callbacks; nothing else."""
+    return Permissions(
+        publish=(tenant_invoke(tenant), tenant_invoke_async(tenant), tenant_result(tenant)),
+        subscribe=(f"{tenant_inbox(tenant)}.>", f"{tenant_callbacks(tenant)}.>"),
+    )
 
 
 # -- files ---------------------------------------------------------------------------------
@@ -342,13 +415,17 @@ def add_tenant(directory: Path, tenant: str) -> tuple[Path, str]:
     credentials file and a fresh API key (only its hash is kept). Returns the
     credentials file and the key. A tenant that exists gets another key."""
     check_name("tenant", tenant)
+    if tenant == DEFAULT_TENANT:
+        # What the service account's invocations without a tenant run as: a tenant of
+        # that name would share their leases.
+        raise AuthError(f"tenant name {DEFAULT_TENANT!r} is reserved")
     state = ensure(directory)
     if tenant not in state.tenants:
         state.tenants[tenant] = _password()
         state.save()
         write_accounts(state)
     path = state.tenant_creds_file(tenant)
-    Credentials(f"t-{tenant}", state.tenants[tenant], TENANT_ACCOUNT, tenant).dump(path)
+    Credentials(tenant_user(tenant), state.tenants[tenant], TENANT_ACCOUNT, tenant).dump(path)
     return path, issue_api_key(state.tokens_file, tenant)
 
 
@@ -460,19 +537,31 @@ def render_accounts(state: AuthState, *, anonymous: bool = False) -> str:
         SERVICE_ACCOUNT: {
             "jetstream": "enabled",
             "users": users,
-            "exports": [{"service": TENANT_INVOKE_ALL, "response_threshold": RESPONSE_THRESHOLD}],
+            "exports": [
+                *(
+                    {"service": subject, "response_threshold": RESPONSE_THRESHOLD}
+                    for subject in TENANT_SERVICES
+                ),
+                {"stream": TENANT_CALLBACKS_ALL},
+            ],
         }
     }
     accounts[TENANT_ACCOUNT] = {
         "users": [
             {
-                "user": f"t-{tenant}",
+                "user": tenant_user(tenant),
                 "password": password,
                 "permissions": tenant_permissions(tenant).as_config(),
             }
             for tenant, password in sorted(state.tenants.items())
         ],
-        "imports": [{"service": {"account": SERVICE_ACCOUNT, "subject": TENANT_INVOKE_ALL}}],
+        "imports": [
+            *(
+                {"service": {"account": SERVICE_ACCOUNT, "subject": subject}}
+                for subject in TENANT_SERVICES
+            ),
+            {"stream": {"account": SERVICE_ACCOUNT, "subject": TENANT_CALLBACKS_ALL}},
+        ],
     }
     text = "# Generated by gfaas (shared/auth.py); `gfaas tenant add` rewrites it.\n"
     text += f"accounts: {json.dumps(accounts, indent=2)}\n"
@@ -528,15 +617,28 @@ def connect_options(
     if creds:
         loaded = Credentials.load(creds)
         options.update(user=loaded.user, password=loaded.password)
-        if loaded.tenant:
-            options["inbox_prefix"] = tenant_inbox(loaded.tenant)
-    elif user:
-        options.update(user=user, password=password)
+        prefix = inbox_prefix(loaded.user, loaded.tenant)
+    else:
+        if user:
+            options.update(user=user, password=password)
+        prefix = inbox_prefix(user)
+    if prefix:
+        options["inbox_prefix"] = prefix
     if tls_ca:
         import ssl
 
         options["tls"] = ssl.create_default_context(cafile=tls_ca)
     return options
+
+
+def inbox_prefix(user: str, tenant: str = "") -> str:
+    """The inbox an identity may hear (its permissions allow no other): a tenant's
+    (its credentials file names it), a service's or the admin's by its user, so a
+    user and password alone (what a worker's handler user is handed instead of the
+    file) get it too; "" for anyone else (anonymous: nats-py's default `_INBOX`)."""
+    if tenant:
+        return tenant_inbox(tenant)
+    return inbox(user) if user in IDENTITIES else ""
 
 
 def settings_connect_options(settings: Settings) -> dict[str, Any]:

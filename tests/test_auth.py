@@ -34,11 +34,14 @@ from tritonclient.utils import InferenceServerException
 from gfaas import cli
 from gfaas.client import Client
 from shared import auth, jetstream, subjects
+from shared.errors import GfaasError
 from shared.schema import (
     H_INVOCATION,
     H_TENANT,
+    ErrorCode,
     FailureRecord,
     FunctionSpec,
+    InvokeReply,
     OutputMode,
     WorkerHeartbeat,
     decode,
@@ -210,6 +213,48 @@ async def test_a_tenant_listening_on_everything_hears_nothing_of_another_tenant(
         await evil.close()
 
 
+@pytest.mark.anyio
+async def test_a_service_hears_no_replies_meant_for_another_identity(
+    secured: Secured, admin: NATS
+) -> None:
+    # The worker's credentials are what handler code has: it must not hear the admin's
+    # replies (nor those of plain clients on the default inbox, nor other services').
+    errors: list[Exception] = []
+    worker = await connect(secured.url, secured.creds("gpu-worker"), errors)
+    password = json.loads(secured.creds("admin").read_text())["password"]
+    plain = await nats.connect(secured.url, user="admin", password=password)
+    heard: list[Msg] = []
+
+    async def hear(msg: Msg) -> None:
+        heard.append(msg)
+
+    try:
+        for identity in ("admin", "ingress", "scheduler"):
+            await worker.subscribe(f"{auth.inbox(identity)}.>", cb=hear)
+        await worker.subscribe("_INBOX.>", cb=hear)
+        seen = await violations(worker, errors, 4)
+        assert len(seen) == 4, seen
+        # (nats-py writes the server's error in lower case.)
+        assert any('"_inbox_admin.>"' in v for v in seen), seen
+        assert any('"_inbox.>"' in v for v in seen), seen
+        # Its own inbox it may hear: its requests' replies come there (and those of
+        # every connection of its identity: the real worker's, docs/security.md).
+        await worker.subscribe(f"{auth.inbox('gpu-worker')}.>")
+        await worker.flush()
+        assert len(await violations(worker, errors, 5)) == 4
+        # Beside it, the admin's calls (its own inbox) and a plain nats-py client's
+        # (the default `_INBOX.`, which every service may still answer) work.
+        for _ in range(3):
+            await invoke_echo(admin)
+            await invoke_echo(plain)
+        assert (await Client(admin).status("scheduler")).service == "scheduler"
+        await anyio.sleep(0.2)
+        assert heard == []
+    finally:
+        await worker.close()
+        await plain.drain()
+
+
 # -- forged workers --------------------------------------------------------------------------
 
 
@@ -338,6 +383,122 @@ async def test_the_admin_deploys_and_runs_async_under_authentication(
             assert reply.error.code in ("pending", "not_found"), reply.error
             await anyio.sleep(0.05)
     assert reply.outputs
+
+
+async def finished(client: Client, invocation_id: str) -> Any:
+    """The result of an async invocation once it is in."""
+    with anyio.fail_after(20):
+        while True:
+            reply = await client.result(invocation_id)
+            if reply.error is None or reply.error.code not in ("pending", "not_found"):
+                return reply
+            await anyio.sleep(0.05)
+
+
+def as_unknown(reply: Any, invocation_id: str) -> tuple[str, str]:
+    """An answer with its id taken out: another tenant's id must read as a made-up one."""
+    assert reply.error is not None, reply
+    return str(reply.error.code), reply.error.reason.replace(invocation_id, "<id>")
+
+
+@pytest.mark.anyio
+async def test_a_tenant_runs_async_and_no_other_tenant_reads_its_result(
+    secured: Secured, admin: NATS
+) -> None:
+    acme_nc = await connect(secured.url, secured.tenant_creds("acme"))
+    evil_nc = await connect(secured.url, secured.tenant_creds("evil"))
+    acme = Client(acme_nc, tenant_account="acme")
+    evil = Client(evil_nc, tenant_account="evil")
+    try:
+        invocation_id = await acme.invoke_async("echo", X, invocation_id="mine")
+        assert invocation_id == auth.tenant_invocation_id("acme", "mine")
+        reply = await finished(acme, invocation_id)
+        assert reply.error is None, reply.error
+        assert reply.invocation_id == invocation_id
+        assert reply.outputs[0].shape == [3]
+        # Another tenant asking for it hears what it hears for an id nobody used; the
+        # same id submitted by it is its own invocation, not acme's.
+        unknown = auth.tenant_invocation_id("evil", "never-used")
+        assert (
+            as_unknown(await evil.result(invocation_id), invocation_id)
+            == as_unknown(await evil.result(unknown), unknown)
+            == ("not_found", "no result for invocation <id>")
+        )
+        theirs = await evil.invoke_async("echo", X, invocation_id=invocation_id)
+        assert theirs != invocation_id
+        assert auth.owns_invocation("evil", theirs)
+        assert (await finished(evil, theirs)).error is None
+        # The admin sees it under the id the tenant was given.
+        assert (await Client(admin).result(invocation_id)).error is None
+        # The tenant is the subject's: acme's async call claiming evil fails as acme's.
+        claimed = Client(acme_nc, tenant="evil", tenant_account="acme")
+        failing = await claimed.invoke_async("boom", X)
+        assert (await finished(acme, failing)).error is not None
+        assert await failure_tenant(admin, "boom", failing) == "acme"
+    finally:
+        await acme_nc.drain()
+        await evil_nc.drain()
+
+
+@pytest.mark.anyio
+async def test_a_tenants_async_callback_reaches_it_alone(secured: Secured) -> None:
+    errors: list[Exception] = []
+    acme_nc = await connect(secured.url, secured.tenant_creds("acme"))
+    evil_nc = await connect(secured.url, secured.tenant_creds("evil"), errors)
+    acme = Client(acme_nc, tenant_account="acme")
+    stolen: list[Msg] = []
+
+    async def steal(msg: Msg) -> None:
+        stolen.append(msg)
+
+    try:
+        await evil_nc.subscribe(f"{auth.tenant_callbacks('acme')}.>", cb=steal)
+        assert await violations(evil_nc, errors)
+        callback = f"{auth.tenant_callbacks('acme')}.results"
+        sub = await acme_nc.subscribe(callback)
+        invocation_id = await acme.invoke_async("echo", X, callback=callback)
+        msg = await sub.next_msg(timeout=20)
+        reply = decode(msg.data, InvokeReply)
+        assert reply.error is None
+        assert reply.invocation_id == invocation_id
+        # A callback anywhere else is refused at submit, and nothing is queued.
+        for elsewhere in (
+            f"{auth.tenant_callbacks('evil')}.x",
+            f"{auth.tenant_inbox('acme')}.x",
+            f"{auth.tenant_callbacks('acme')}.*",
+            subjects.result("x"),
+        ):
+            with pytest.raises(GfaasError, match="callback must be a subject under") as refused:
+                await acme.invoke_async("echo", X, callback=elsewhere, invocation_id="cb")
+            assert refused.value.code is ErrorCode.BAD_REQUEST
+        gone = await acme.result(auth.tenant_invocation_id("acme", "cb"))
+        assert gone.error is not None
+        assert gone.error.code is ErrorCode.NOT_FOUND
+        assert stolen == []
+    finally:
+        await acme_nc.drain()
+        await evil_nc.close()
+
+
+@pytest.mark.anyio
+async def test_a_tenant_cannot_publish_another_tenants_async_subjects(
+    secured: Secured, admin: NATS
+) -> None:
+    errors: list[Exception] = []
+    evil = await connect(secured.url, secured.tenant_creds("evil"), errors)
+    acme = Client(await connect(secured.url, secured.tenant_creds("acme")), tenant_account="acme")
+    try:
+        invocation_id = await acme.invoke_async("echo", X)
+        await evil.publish(auth.tenant_invoke_async("acme", "echo"), b"")
+        await evil.publish(auth.tenant_result("acme", invocation_id), b"", reply="_INBOX_evil.x")
+        seen = "\n".join(await violations(evil, errors, 2))
+        assert "t.acme.invoke_async.echo" in seen, seen
+        assert "t.acme.result" in seen, seen
+        # acme's own work is untouched.
+        assert (await finished(acme, invocation_id)).error is None
+    finally:
+        await evil.close()
+        await acme.nc.drain()
 
 
 # -- HTTP and gRPC --------------------------------------------------------------------------
@@ -486,6 +647,18 @@ async def test_tenant_revoke_takes_its_credentials_and_keys_away(secured: Secure
     assert cli.main(["tenant", "revoke", "nobody", "--state-dir", str(secured.state_dir)]) == 1
 
 
+def test_each_service_answers_its_own_health_check(
+    secured: Secured, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Compose's healthcheck: `gfaas health SERVICE` with the container's own
+    # credentials may ask that service, and only it.
+    for service in auth.SERVICES:
+        monkeypatch.setenv("GFAAS_NATS_CREDS", str(secured.creds(service)))
+        assert cli.main(["health", service, "--any", "--nats-url", secured.url]) == 0, service
+    monkeypatch.setenv("GFAAS_NATS_CREDS", str(secured.creds("memory-broker")))
+    assert cli.main(["health", "ingress", "--any", "--nats-url", secured.url]) != 0
+
+
 # -- gfaas up, authenticated by default ---------------------------------------------------------
 
 
@@ -579,3 +752,27 @@ def test_a_tenants_shared_memory_regions_are_its_own(secured: Secured) -> None:
         shm.destroy_shared_memory_region(region)
         acme.close()
         evil.close()
+
+
+# -- without a server -------------------------------------------------------------------------
+
+
+def test_tenant_ids_callbacks_and_names() -> None:
+    from services.ingress.tenant_async import callback_problem
+
+    mine = auth.tenant_invocation_id("a", "b-c")
+    # A tag of fixed length: "a" given "b-c" is not "a-b" given "c".
+    assert mine != auth.tenant_invocation_id("a-b", "c")
+    assert auth.tenant_invocation_id("a", mine) == mine
+    assert auth.owns_invocation("a", mine)
+    assert not auth.owns_invocation("a-b", mine)
+    assert callback_problem("acme", f"{auth.tenant_callbacks('acme')}.x.y") == ""
+    for bad in ("", "gfaas.v1.tcb.acme", "gfaas.v1.tcb.acme.", "gfaas.v1.tcb.acme.>"):
+        assert callback_problem("acme", bad), bad
+    with pytest.raises(auth.AuthError, match="reserved"):
+        auth.add_tenant(Path("/nonexistent"), "default")
+    # Each service identity hears its own inbox, with credentials or user and password.
+    assert auth.connect_options(user="gpu-worker", password="p")["inbox_prefix"] == (
+        "_INBOX_gpu-worker"
+    )
+    assert "inbox_prefix" not in auth.connect_options(user="someone", password="p")

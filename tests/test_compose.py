@@ -339,6 +339,7 @@ async def test_compose_nats_config_refuses_anonymous_and_admits_each_service(
     deploy/nats.conf beside it (only the port, store and monitoring moved), then each
     service connects with its own file and an anonymous client is refused."""
     import nats
+    import nats.aio.client
 
     from shared import auth
     from shared.natsd import find_nats_server, free_port
@@ -377,7 +378,7 @@ async def test_compose_nats_config_refuses_anonymous_and_admits_each_service(
                     url, **auth.connect_options(creds=files[identity]), allow_reconnect=False
                 )
                 await nc.close()
-            anonymous = nats.NATS()
+            anonymous = nats.aio.client.Client()
             try:
                 with pytest.raises(nats.errors.Error, match="Authorization Violation"):
                     await anonymous.connect(url, allow_reconnect=False)

@@ -8,6 +8,9 @@ server and the lifetimes; what each subject does lives beside it.
 - `gfaas.v1.invoke_async.<fn>`: a JetStream work queue consumed by async_path.py,
   which runs each invocation through the same path and keeps one result per id.
 - `gfaas.v1.result.<id>`: async_path.py, from the results KV.
+- `gfaas.v1.t.<tenant>.{invoke,invoke_async,result}.<x>`: the same for a tenant (its
+  account's imports, shared/auth.py), the tenant taken from the subject; a tenant's
+  async submit is checked and queued by tenant_async.py.
 - grants, done notes, lost workers, scheduler beats: dispatch.py's books.
 - HTTP (KServe v2 / Triton): http.py, with shared-memory regions staged by staging.py.
 - gRPC (the same protocol, `inference.GRPCInferenceService`): grpc_front.py, over the
@@ -27,6 +30,7 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from services.ingress import tenant_async
 from services.ingress.async_path import AsyncInvocations
 from services.ingress.dispatch import Dispatcher
 from services.ingress.handlers import Ingress
@@ -167,6 +171,23 @@ async def serve(
             reply = await asyncs.result(subjects.last_token(msg.subject))
             await msg.respond(encode(reply))
 
+        # A tenant's async invocations and result lookups (tenant_async.py): the
+        # tenant is the subject's, as for its invocations.
+        async def on_tenant_invoke_async(msg: Msg) -> None:
+            tenant = auth.tenant_of_subject(msg.subject, "invoke_async")
+            if tenant is None:
+                return
+            function = subjects.last_token(msg.subject)
+            reply = await tenant_async.submit(js, tenant, function, msg.data, msg.headers)
+            await msg.respond(encode(reply))
+
+        async def on_tenant_result(msg: Msg) -> None:
+            tenant = auth.tenant_of_subject(msg.subject, "result")
+            if tenant is None:
+                return
+            reply = await asyncs.result(subjects.last_token(msg.subject), tenant=tenant)
+            await msg.respond(encode(reply))
+
         def details() -> dict[str, object]:
             return {**ingress.details(), "async": asyncs.details()}
 
@@ -191,9 +212,14 @@ async def serve(
                 result_sub = await nc.subscribe(
                     subjects.RESULT_ALL, queue=subjects.Q_INGRESS, cb=on_result
                 )
-                tenant_sub = await nc.subscribe(
-                    auth.TENANT_INVOKE_ALL, queue=subjects.Q_INGRESS, cb=on_tenant_invoke
-                )
+                tenant_subs = [
+                    await nc.subscribe(subject, queue=subjects.Q_INGRESS, cb=cb)
+                    for subject, cb in (
+                        (auth.TENANT_INVOKE_ALL, on_tenant_invoke),
+                        (auth.TENANT_INVOKE_ASYNC_ALL, on_tenant_invoke_async),
+                        (auth.TENANT_RESULT_ALL, on_tenant_result),
+                    )
+                ]
                 await subscribe_books(nc, dispatcher, holder, ingress.heard_done)
                 service_tg.start_soon(every, DIRECT_TICK_S, tick)
                 # Say we are alive: the broker and the scheduler free what we hold
@@ -233,7 +259,8 @@ async def serve(
                 await stop.wait()
                 await invoke_sub.drain()
                 await result_sub.drain()
-                await tenant_sub.drain()
+                for sub in tenant_subs:
+                    await sub.drain()
             await dispatcher.return_grants()
             ingress.regions.close()
             service_tg.cancel_scope.cancel()

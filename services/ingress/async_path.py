@@ -30,7 +30,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
-from shared import jetstream, subjects
+from shared import auth, jetstream, subjects
 from shared.bus import BusHealth, decode_event, send_reply
 from shared.config import Settings
 from shared.logs import get_logger
@@ -84,6 +84,12 @@ def identify(headers: Mapping[str, str] | None, data: bytes, seq: int) -> str:
         except msgspec.MsgspecError:
             found = ""
     return found or f"s{seq}"
+
+
+def not_found(invocation_id: str) -> InvokeReply:
+    return error_reply(
+        invocation_id, ErrorCode.NOT_FOUND, f"no result for invocation {invocation_id}"
+    )
 
 
 class AsyncInvocations:
@@ -396,11 +402,17 @@ class AsyncInvocations:
 
     # -- results ------------------------------------------------------------------------
 
-    async def result(self, invocation_id: str) -> InvokeReply:
+    async def result(self, invocation_id: str, *, tenant: str | None = None) -> InvokeReply:
+        """What `result.<id>` answers; `tenant`: the lookup is that tenant's (its
+        subject), which may see only its own invocations."""
         if not is_valid_token(invocation_id):
             return error_reply(
                 invocation_id, ErrorCode.BAD_REQUEST, f"{invocation_id!r} is not an invocation id"
             )
+        if tenant is not None and not auth.owns_invocation(tenant, invocation_id):
+            # Another tenant's or the service account's: said as of an id never used,
+            # without looking, so nothing (not even that it exists) is told.
+            return not_found(invocation_id)
         got = await self.results.get(invocation_id)
         if got is None:
             if await self._queued(invocation_id):
@@ -408,9 +420,7 @@ class AsyncInvocations:
             # It may have been taken and recorded while we looked.
             got = await self.results.get(invocation_id)
         if got is None:
-            return error_reply(
-                invocation_id, ErrorCode.NOT_FOUND, f"no result for invocation {invocation_id}"
-            )
+            return not_found(invocation_id)
         return answer(invocation_id, got[0])
 
     async def _queued(self, invocation_id: str) -> bool:
