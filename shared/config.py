@@ -100,9 +100,10 @@ class Settings:
     # gpu_worker
     # The user instance processes run as when the services run as root (issue 10,
     # services/gpu_worker/privileges.py): a name or uid ("" or "none": the agent's own
-    # user; ignored when not root), and the group they share the node's segments with
-    # (a name or gid; "": the user's primary group). Off by default: see docs/security.md.
-    handler_user: str = ""
+    # user; ignored when not root; "auto", the default: nobody where it can read what an
+    # instance needs, shared.dataplane.access), and the group they share the node's
+    # segments with (a name or gid; "": the user's primary group).
+    handler_user: str = "auto"
     handler_group: str = ""
     # Packages handlers may come from ("module:attr" with the module one of these or
     # under one), comma-separated: a spec naming anything else (`subprocess:run`) is

@@ -326,11 +326,38 @@ def test_a_state_directory_the_user_cannot_reach_is_named() -> None:
     handler = access.HandlerUser("nobody", user.pw_uid, user.pw_gid)
     with tempfile.TemporaryDirectory() as tmp:  # 0700, root's
         Path(tmp, "state").mkdir()
-        blocked = privileges.unreachable(Path(tmp) / "state", handler)
+        blocked = access.unreachable(Path(tmp) / "state", handler)
         assert blocked is not None
         assert blocked.startswith(f"{tmp} is drwx------ 0:0")
         os.chmod(tmp, 0o711)
-        assert privileges.unreachable(Path(tmp) / "state", handler) is None
+        assert access.unreachable(Path(tmp) / "state", handler) is None
+
+
+def test_auto_runs_handlers_as_nobody_only_where_it_can_read_what_they_need() -> None:
+    user = nobody()
+    with tempfile.TemporaryDirectory() as tmp:  # 0700, root's
+        libs = Path(tmp, "site-packages")
+        libs.mkdir(mode=0o755)
+        assert access.resolve("auto", needs=[libs]) is None
+        reason = access.auto_off()
+        assert reason is not None
+        assert reason.startswith(f"nobody cannot read {libs}: {tmp} is drwx------ 0:0")
+        os.chmod(tmp, 0o755)
+        handler = access.resolve("auto", needs=[libs, Path(tmp, "state-not-made-yet")])
+        assert handler == access.HandlerUser("nobody", user.pw_uid, user.pw_gid)
+        assert access.auto_off() is None
+        # Passable but not listable: the importer could not find modules there.
+        os.chmod(libs, 0o711)
+        assert access.resolve("auto", needs=[libs]) is None
+    # The default is auto; what an instance reads includes the interpreter's own
+    # libraries and the handler packages.
+    settings = Settings()
+    assert settings.handler_user == "auto"
+    needs = access.instance_reads(settings)
+    assert Path(torch.__file__).parent.parent in needs or any(
+        Path(torch.__file__).is_relative_to(p) for p in needs
+    )
+    assert any(Path(__file__).parent == p for p in needs)  # the tests package
 
 
 def test_a_handler_user_that_does_not_exist_stops_the_worker_with_its_name(

@@ -38,6 +38,7 @@ from services.gpu_worker import limits
 from services.gpu_worker.privileges import InstanceDirs
 from shared import subjects
 from shared.config import Settings, settings_env
+from shared.dataplane import access
 from shared.dataplane.access import HandlerUser
 from shared.logs import get_logger
 from shared.procs import die_with_parent
@@ -541,6 +542,8 @@ class Agent:
             "started_from_spares": self.spares.taken,
             # Who instances run as: None when as this agent's own user.
             "handler_user": self.handler_user.as_dict() if self.handler_user else None,
+            # Why the default (auto: nobody) left them as this agent's user, if it did.
+            "handler_user_off": access.auto_off(),
             "instances": [{**msg_dict(r.info()), "uid": r.uid} for r in self.instances.values()],
         }
 

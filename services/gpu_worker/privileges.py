@@ -51,7 +51,7 @@ from pathlib import Path
 from shared import tracing
 from shared.config import Settings
 from shared.dataplane import access
-from shared.dataplane.access import HandlerUser, HandlerUserError
+from shared.dataplane.access import HandlerUser, HandlerUserError, unreachable
 from shared.logs import get_logger
 from shared.modelstore import ModelStore
 from shared.modelswap import HostTier, tier_prefix
@@ -87,7 +87,10 @@ def prepare(settings: Settings) -> HandlerUser | None:
     user = access.handler_user(settings)
     access.share_segments(user)
     if user is None:
-        if settings.handler_user.strip().lower() not in access.OFF:
+        if access.auto_off() is not None:
+            # The default could not apply here: say so once, loudly (and in status).
+            log.warning("agent.handler_user_off", reason=access.auto_off())
+        elif settings.handler_user.strip().lower() not in access.OFF:
             log.info("agent.handler_user_ignored", user=settings.handler_user, reason="not root")
         return None
     state_dir = settings.state_dir.resolve()
@@ -104,23 +107,6 @@ def prepare(settings: Settings) -> HandlerUser | None:
     HostTier(tier_prefix(settings.shm_namespace)).share_with(user.gid)
     log.info("agent.handler_user", user=user.name, uid=user.uid, gid=user.gid)
     return user
-
-
-def unreachable(path: Path, user: HandlerUser) -> str | None:
-    """The first directory on the way to `path` (itself included) that `user`, with its
-    group alone, may not enter, described; None when it can reach `path`. (Mode bits
-    only: an ACL could say otherwise.)"""
-    for directory in [*reversed(path.parents), path]:
-        info = directory.stat()
-        if info.st_uid == user.uid:
-            bit = stat.S_IXUSR
-        elif info.st_gid == user.gid:
-            bit = stat.S_IXGRP
-        else:
-            bit = stat.S_IXOTH
-        if not info.st_mode & bit:
-            return f"{directory} is {stat.filemode(info.st_mode)} {info.st_uid}:{info.st_gid}"
-    return None
 
 
 def share_dir(path: Path, gid: int) -> None:
