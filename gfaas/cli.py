@@ -88,9 +88,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         # One line, once every service answers its status subject.
         parts = [f"NATS {url}"]
         if settings.http_enabled:
-            parts.append(f"HTTP http://{settings.http_host}:{settings.http_port}")
+            scheme = "https" if settings.http_tls_cert else "http"
+            parts.append(f"HTTP {scheme}://{settings.http_host}:{settings.http_port}")
         if settings.grpc_enabled:
-            parts.append(f"gRPC {settings.http_host}:{settings.grpc_port}")
+            tls = " (TLS)" if settings.http_tls_cert else ""
+            parts.append(f"gRPC {settings.http_host}:{settings.grpc_port}{tls}")
         parts.append("auth on" if settings.nats_auth else "auth off (--insecure)")
         if settings.metrics_enabled:
             ports = metrics_ports(sup.children)

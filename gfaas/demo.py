@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import tempfile
 import time
 from pathlib import Path
@@ -107,8 +108,12 @@ async def run_demo(url: str, settings: Settings) -> int:
             print(f"6. HTTP (KServe v2 / Triton protocol) on port {settings.http_port}")
             # With authentication on, HTTP wants a tenant's API key: the demo's own.
             key = auth.add_tenant(auth.auth_dir(settings), "demo")[1] if settings.nats_auth else ""
+            # Over TLS (GFAAS_HTTP_TLS_CERT) the front's certificate is verified with
+            # GFAAS_HTTP_TLS_CA, else with the system's CAs.
+            scheme = "https" if settings.http_tls_cert else "http"
             async with httpx.AsyncClient(
-                base_url=f"http://127.0.0.1:{settings.http_port}",
+                base_url=f"{scheme}://127.0.0.1:{settings.http_port}",
+                verify=ssl.create_default_context(cafile=settings.http_tls_ca or None),
                 headers={"Authorization": f"Bearer {key}"} if key else None,
             ) as http:
                 with anyio.fail_after(30):

@@ -93,6 +93,9 @@ def service_env(settings: Settings, nats_url: str, **extra: str) -> dict[str, st
             "GFAAS_NATS_AUTH": str(settings.nats_auth).lower(),
             "GFAAS_AUTH_DIR": str(auth.auth_dir(settings).resolve()),
             "GFAAS_NATS_TLS_CA": settings.nats_tls_ca,
+            # TLS for ingress's HTTP and gRPC fronts (services/ingress/tls.py).
+            "GFAAS_HTTP_TLS_CERT": settings.http_tls_cert,
+            "GFAAS_HTTP_TLS_KEY": settings.http_tls_key,
             "PYTHONUNBUFFERED": "1",
         }
     )

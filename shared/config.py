@@ -63,6 +63,12 @@ class Settings:
     nats_tls_ca: str = ""
     nats_tls_cert: str = ""
     nats_tls_key: str = ""
+    # TLS for ingress's HTTP and gRPC fronts: its certificate (chain) and key, PEM; set
+    # both and HTTP serves https only and gRPC TLS only (services/ingress/tls.py).
+    # `http_tls_ca`: the CA gfaas's own HTTP clients (the demo) verify them with.
+    http_tls_cert: str = ""
+    http_tls_key: str = ""
+    http_tls_ca: str = ""
     # Metrics (shared.metrics): OpenTelemetry metrics served as Prometheus text on
     # http_host:metrics_port; -1 is the service's port in DEFAULT_METRICS_PORTS, 0 any
     # free port (each service's status says which). metrics_enabled False: none served.

@@ -1,6 +1,8 @@
 """NATS over TLS (issue 10: "TLS is available by configuration"): `gfaas up` with a
 certificate serves tls:// only, every service and the CLI connect through it with the
-CA given, and a client that does not speak TLS or does not trust the CA is refused."""
+CA given, and a client that does not speak TLS or does not trust the CA is refused.
+Its HTTP front takes the same certificate (GFAAS_HTTP_TLS_*) and serves https; the
+fronts over TLS are tested further in tests/test_tls_fronts.py."""
 
 from __future__ import annotations
 
@@ -9,12 +11,13 @@ import subprocess
 from pathlib import Path
 
 import anyio
+import httpx
 import nats
 import numpy as np
 import pytest
 
 from gfaas.client import Client
-from tests.platform import PYTHON, REPO, gfaas_up
+from tests.platform import PYTHON, REPO, free_port, gfaas_up
 from tests.platform import subprocess_env as base_env
 
 pytestmark = pytest.mark.slow
@@ -62,7 +65,10 @@ def test_gfaas_up_serves_nats_over_tls_to_those_who_trust_its_ca(
         GFAAS_NATS_TLS_CERT=str(cert),
         GFAAS_NATS_TLS_KEY=str(key),
         GFAAS_NATS_TLS_CA=str(ca),
-        GFAAS_HTTP_ENABLED="false",
+        # HTTP over TLS with the same certificate, passed on to ingress by `gfaas up`.
+        GFAAS_HTTP_TLS_CERT=str(cert),
+        GFAAS_HTTP_TLS_KEY=str(key),
+        GFAAS_HTTP_PORT=str(free_port()),
         GFAAS_GRPC_ENABLED="false",
         GFAAS_METRICS_ENABLED="false",
     )
@@ -74,6 +80,8 @@ def test_gfaas_up_serves_nats_over_tls_to_those_who_trust_its_ca(
     spec.write_text('name = "add-one"\nhandler = "tests.funcs:add_one"\nkind = "cpu"\n')
     with gfaas_up(env) as up:
         assert up.url.startswith("tls://"), up.line
+        https = f"https://127.0.0.1:{env['GFAAS_HTTP_PORT']}"
+        assert f"HTTP {https}," in up.line
         # The CLI, with the CA from the environment and the admin's credentials.
         done = subprocess.run(
             [PYTHON, "-m", "gfaas", "deploy", str(spec), "--nats-url", up.url],
@@ -97,6 +105,10 @@ def test_gfaas_up_serves_nats_over_tls_to_those_who_trust_its_ca(
                     except Exception:
                         await anyio.sleep(0.3)
             assert out["y"].tolist() == [2.0]
+            trusted = ssl.create_default_context(cafile=str(ca))
+            async with httpx.AsyncClient(verify=trusted, timeout=10) as http:
+                ready = await http.get(f"{https}/v2/health/ready")
+                assert ready.status_code == 200
             # Not speaking TLS: refused. Speaking it without trusting the CA: refused.
             for options in (
                 {"servers": [plain_url], "tls": None},

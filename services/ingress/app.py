@@ -15,6 +15,7 @@ server and the lifetimes; what each subject does lives beside it.
 - HTTP (KServe v2 / Triton): http.py, with shared-memory regions staged by staging.py.
 - gRPC (the same protocol, `inference.GRPCInferenceService`): grpc_front.py, over the
   same Ingress; both fronts keep one set of inference statistics.
+- TLS for both fronts with a certificate (GFAAS_HTTP_TLS_CERT and _KEY): tls.py.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from services.ingress.dispatch import Dispatcher
 from services.ingress.handlers import Ingress
 from services.ingress.shm_regions import ShmRegions
 from services.ingress.stats import InferenceStats
+from services.ingress.tls import FrontTLS, front_tls
 from shared import auth, jetstream, metrics, subjects
 from shared.bus import (
     NatsBus,
@@ -71,7 +73,11 @@ DIRECT_TICK_S = 0.1
 
 
 async def _serve_http(
-    ingress: Ingress, settings: Settings, stop: anyio.Event, stats: InferenceStats
+    ingress: Ingress,
+    settings: Settings,
+    stop: anyio.Event,
+    stats: InferenceStats,
+    tls: FrontTLS | None = None,
 ) -> None:
     import uvicorn
 
@@ -85,6 +91,9 @@ async def _serve_http(
         port=settings.http_port,
         log_level="warning",
         lifespan="off",
+        # With a certificate: https only (a plain request fails its handshake).
+        ssl_certfile=str(tls.cert_file) if tls is not None else None,
+        ssl_keyfile=str(tls.key_file) if tls is not None else None,
     )
 
     class Server(uvicorn.Server):
@@ -117,6 +126,8 @@ async def serve(
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     instance = instance_name()
+    # A certificate or key that cannot be used stops ingress here, before it connects.
+    tls = front_tls(settings)
     async with connected(settings.nats_url, "gfaas-ingress", settings=settings) as nc:
         js = nc.jetstream()
         replicas = settings.js_replicas
@@ -237,7 +248,7 @@ async def serve(
                 intake.start_soon(asyncs.consume, stop)
                 stats = InferenceStats()
                 if settings.http_enabled:
-                    intake.start_soon(_serve_http, ingress, settings, stop, stats)
+                    intake.start_soon(_serve_http, ingress, settings, stop, stats, tls)
                 if settings.grpc_enabled:
                     # Started, not started soon: a port that cannot be bound fails
                     # ingress's start instead of leaving it up without gRPC.
@@ -253,6 +264,7 @@ async def serve(
                             stop=stop,
                             stats=stats,
                             tokens=api_keys(settings),
+                            tls=tls,
                         )
                     )
                 task_status.started()

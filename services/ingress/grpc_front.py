@@ -30,6 +30,7 @@ from services.ingress.http import (
 )
 from services.ingress.shm_regions import TenantRegions
 from services.ingress.stats import InferenceStats
+from services.ingress.tls import FrontTLS
 from shared.auth import UNAUTHENTICATED_REASON, TokenBook
 from shared.errors import GfaasError
 from shared.logs import get_logger
@@ -282,10 +283,11 @@ async def serve(
     stop: anyio.Event,
     stats: InferenceStats | None = None,
     tokens: TokenBook | None = None,
+    tls: FrontTLS | None = None,
     task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until `stop` is set, then stop taking calls and let in-flight ones finish
-    within GRACE_S. Reports the bound port once listening."""
+    within GRACE_S. Reports the bound port once listening. With `tls`, over TLS only."""
     server = grpc.aio.server(
         options=[
             # Larger requests get RESOURCE_EXHAUSTED from gRPC itself, before decoding.
@@ -296,7 +298,11 @@ async def serve(
         ]
     )
     server.add_generic_rpc_handlers((create_handler(backend, stats=stats, tokens=tokens),))
-    bound = server.add_insecure_port(_address(host, port))
+    if tls is None:
+        bound = server.add_insecure_port(_address(host, port))
+    else:
+        credentials = grpc.ssl_server_credentials([(tls.key, tls.cert)])
+        bound = server.add_secure_port(_address(host, port), credentials)
     await server.start()
     try:
         task_status.started(bound)
