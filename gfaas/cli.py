@@ -157,6 +157,7 @@ async def _deploy(url: str, paths: Sequence[Path]) -> None:
     async with _client(url) as client:
         for spec in specs:
             if isinstance(spec, FunctionSpec):
+                await client.check_code(spec)  # before a worker would fetch it
                 await _check_devices(client, spec)
                 await _check_handler(client, spec)
         for spec in specs:
@@ -273,6 +274,15 @@ async def _model_push(url: str, name: str, path: Path) -> None:
     async with _client(url) as client:
         size = await client.push_model(name, path)
     print(f"pushed {name}: {size} bytes")
+
+
+async def _push_code(url: str, name: str, directory: Path) -> None:
+    async with _client(url) as client:
+        ref, written = await client.push_code(name, directory)
+    # The line alone on stdout, for `code = "..."` in a spec (or a script's $(...)).
+    print(ref)
+    if not written:
+        print(f"gfaas: {name}: that content was pushed already", file=sys.stderr)
 
 
 async def _model_ls(url: str) -> None:
@@ -771,6 +781,15 @@ def build_parser() -> argparse.ArgumentParser:
     mls = model_sub.add_parser("ls", help="list models")
     nats_opt(mls, "NATS server")
     mls.set_defaults(func=lambda a: anyio.run(_model_ls, _url(a)) or 0)
+
+    push_code = sub.add_parser(
+        "push-code",
+        help="pack DIR's Python packages into a code bundle, store it, print NAME@sha256:...",
+    )
+    push_code.add_argument("name")
+    push_code.add_argument("dir", type=Path)
+    nats_opt(push_code, "NATS server")
+    push_code.set_defaults(func=lambda a: anyio.run(_push_code, _url(a), a.name, a.dir) or 0)
 
     invoke = sub.add_parser("invoke", help="invoke a function")
     invoke.add_argument("function")

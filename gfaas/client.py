@@ -1,4 +1,4 @@
-"""The Python client: invoke functions, deploy specs, push models, read status.
+"""The Python client: invoke functions, deploy specs, push models and code, read status.
 
 Everything it does is plain NATS on documented subjects (docs/protocol.md); any
 nats client can do the same.
@@ -29,6 +29,8 @@ from shared.auth import (
     tenant_invoke_async,
     tenant_result,
 )
+from shared.codebundle import Limits, pack, parse_ref
+from shared.codestore import CodeStore
 from shared.config import PAYLOAD_HEADROOM, nats_servers, settings_from_env
 from shared.dataplane.backend import BackendError
 from shared.dataplane.client import BrokerClient, move_into, open_tensor, write_into
@@ -499,6 +501,7 @@ class Client:
                         f"{spec.name}: model {spec.model!r} is not in the model store; "
                         f"push it first (gfaas model push {spec.model} FILE)"
                     )
+            await self.check_code(spec)
             if handler_check:
                 await self.check_handler(spec)
             await functions.put(spec)
@@ -557,6 +560,26 @@ class Client:
     async def push_model(self, name: str, path: Path) -> int:
         store = await ModelStore.open(self.nc.jetstream(), replicas=self.replicas)
         return await store.push(name, path)
+
+    async def push_code(self, name: str, directory: Path) -> tuple[str, bool]:
+        """Pack `directory`'s Python packages into a code bundle (shared/codebundle.py)
+        and store it: what a spec's `code` pins ("NAME@sha256:<hex>"), and whether it
+        was written (False: that exact content was stored already)."""
+        limits = Limits(max_bytes=settings_from_env().code_bundle_max_mb * 1024 * 1024)
+        data = await anyio.to_thread.run_sync(pack, directory, limits)
+        store = await CodeStore.open(self.nc.jetstream(), replicas=self.replicas)
+        ref, written = await store.push(name, data)
+        return str(ref), written
+
+    async def check_code(self, spec: FunctionSpec) -> None:
+        """A ValueError (one line) when `spec` pins a code bundle the store does not
+        hold as pinned; nothing for a spec without one."""
+        if not spec.code:
+            return
+        store = await CodeStore.open(self.nc.jetstream(), replicas=self.replicas)
+        problem = await store.problem(parse_ref(spec.code))
+        if problem is not None:
+            raise ValueError(f"{spec.name}: {problem}")
 
     async def models(self) -> list[tuple[str, int]]:
         return await (await ModelStore.open(self.nc.jetstream(), replicas=self.replicas)).list()

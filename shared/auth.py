@@ -62,7 +62,11 @@ TENANT_ACCOUNT: Final = "TENANTS"
 ADMIN: Final = "admin"
 # The services' users: their names are the services' (shared.config, gfaas up).
 SERVICES: Final = ("ingress", "scheduler", "gpu-worker", "memory-broker")
-IDENTITIES: Final = (ADMIN, *SERVICES)
+# Function instances (the processes agents start, where handler code runs): less than
+# their worker may (no deploy checks, profiles or agent commands to hear, no beats of
+# an agent's to send), so a handler cannot pose as its node's agent or worker.
+INSTANCE: Final = "gpu-instance"
+IDENTITIES: Final = (ADMIN, *SERVICES, INSTANCE)
 # Where a tenant's requests land in GFAAS: `gfaas.v1.t.<tenant>.<op>.<x>`, the
 # service-account subjects `gfaas.v1.<op>.<x>` (shared.subjects) under the tenant's name.
 TENANT_INVOKE_ALL: Final = f"{PREFIX}.t.*.invoke.*"
@@ -163,12 +167,19 @@ _JS_DENY: Final = (
     f"$KV.{jetstream.FUNCTIONS_BUCKET}.>",
     f"$KV.{jetstream.WORKFLOWS_BUCKET}.>",
     f"$O.{jetstream.MODELS_BUCKET}.>",
+    # Code bundles are handler code: what a worker's credentials (which handler code
+    # holds) could write there, every instance pinning it would refuse or run.
+    f"$O.{jetstream.CODE_BUCKET}.>",
     "$JS.API.STREAM.DELETE.>",
     "$JS.API.STREAM.PURGE.>",
     "$JS.API.STREAM.MSG.DELETE.>",
     f"$JS.API.STREAM.UPDATE.KV_{jetstream.FUNCTIONS_BUCKET}",
     f"$JS.API.STREAM.UPDATE.KV_{jetstream.WORKFLOWS_BUCKET}",
     f"$JS.API.STREAM.UPDATE.OBJ_{jetstream.MODELS_BUCKET}",
+    f"$JS.API.STREAM.UPDATE.OBJ_{jetstream.CODE_BUCKET}",
+    # Nor create it before the admin does, with subjects or transforms of its own that
+    # the admin's first push would then find and use (nodes only open it).
+    f"$JS.API.STREAM.CREATE.OBJ_{jetstream.CODE_BUCKET}",
 )
 
 
@@ -260,8 +271,8 @@ SERVICE_PERMISSIONS: Final[Mapping[str, Permissions]] = {
             f"{P}.profiled.*",
         ],
     ),
-    # Workers, their agents and the instance processes agents start (which inherit
-    # the worker's settings, so its identity).
+    # Workers and their agents (the instances they start connect as INSTANCE:
+    # `instance_creds`).
     "gpu-worker": _service(
         "gpu-worker",
         publish=[
@@ -285,6 +296,26 @@ SERVICE_PERMISSIONS: Final[Mapping[str, Permissions]] = {
             f"{P}.profile",
             f"{P}.agent.*.*",
             f"{P}.heartbeat.*",
+        ],
+    ),
+    INSTANCE: _service(
+        INSTANCE,
+        publish=[
+            _TENANT_REPLIES,
+            f"{P}.heartbeat.*",
+            f"{P}.done.>",
+            f"{P}.refused",
+            f"{P}.agent.*.acquire",
+            f"{P}.agent.*.release",
+            f"{P}.agent.*.failed",
+            f"{P}.broker.*.*",
+            f"{P}.logs.*",
+            _kv(jetstream.RESULTS_BUCKET),
+        ],
+        subscribe=[
+            f"{P}.worker.*.run",
+            # It answers `gfaas status gpu-worker` as the worker it is to the others.
+            f"{P}.status.gpu-worker",
         ],
     ),
     "memory-broker": _service(
@@ -525,7 +556,7 @@ def render_accounts(state: AuthState, *, anonymous: bool = False) -> str:
     users: list[dict[str, Any]] = [
         {"user": ADMIN, "password": state.services[ADMIN]},
     ]
-    for service in SERVICES:
+    for service in (*SERVICES, INSTANCE):
         users.append(
             {
                 "user": service,
@@ -648,6 +679,16 @@ def settings_connect_options(settings: Settings) -> dict[str, Any]:
         password=settings.nats_password,
         tls_ca=settings.nats_tls_ca,
     )
+
+
+def instance_creds(settings: Settings) -> str:
+    """The credentials file a worker's instances connect with: INSTANCE's, beside the
+    worker's own file (`gfaas auth init` writes both); the worker's own where there is
+    none (an auth directory from before INSTANCE), "" without a file."""
+    if not settings.nats_creds:
+        return ""
+    own = Path(settings.nats_creds).with_name(f"{INSTANCE}.json")
+    return str(own) if own.exists() else settings.nats_creds
 
 
 def auth_dir(settings: Settings) -> Path:

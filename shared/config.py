@@ -115,6 +115,9 @@ class Settings:
     # under one), comma-separated: a spec naming anything else (`subprocess:run`) is
     # refused at deploy and never imported by a worker.
     handler_packages: str = "examples,tests,bench"
+    # A code bundle (a spec's `code`, shared/codebundle.py) a node extracts holds at
+    # most this many MiB uncompressed (and at most 4096 files, 32 MiB each).
+    code_bundle_max_mb: int = 64
     worker_id: str = ""
     device: str = "auto"
     threads: int = 1
@@ -154,6 +157,14 @@ class Settings:
     # ... and, when instances run as the handler user, the instance's own working
     # directory (its HOME): set, the process switches to that user before serving.
     instance_dir: str = ""
+    # ... and, for a function whose handler comes from a code bundle, that bundle
+    # ("NAME@sha256:<hex>") and where the agent extracted it: first on the import path.
+    instance_code: str = ""
+    instance_code_dir: str = ""
+    # ... and, for a profile run in an instance process (the node isolates handlers,
+    # or the function has a code bundle): the file the process writes its function's
+    # profile into, then exits.
+    instance_profile: str = ""
     # memory_broker: per-device pool cap, slab size, and the default lease TTL.
     pool_cap_mb: int = 4096
     # Host memory's own cap (0: pool_cap_mb): where parked data spills to.

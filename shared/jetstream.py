@@ -5,6 +5,7 @@
 - KV gfaas_workflows: the workflow registry
 - KV gfaas_results: async results, kept for RESULT_TTL_S
 - object store gfaas_models: model weights
+- object store gfaas_code: code bundles (shared/codebundle.py), one object per digest
 - stream GFAAS_DEAD_LETTERS: async invocations that can never succeed, with the reason
 - KV gfaas_profiles: functions' measured profiles (gfaas profile)
 - KV gfaas_leader: the active scheduler's lease (entries live LEADER_TTL_S unrenewed)
@@ -41,6 +42,7 @@ WORKFLOWS_BUCKET: Final = "gfaas_workflows"
 RESULTS_BUCKET: Final = "gfaas_results"
 PROFILES_BUCKET: Final = "gfaas_profiles"
 MODELS_BUCKET: Final = "gfaas_models"
+CODE_BUCKET: Final = "gfaas_code"
 DEAD_LETTER_STREAM: Final = "GFAAS_DEAD_LETTERS"
 LEADER_BUCKET: Final = "gfaas_leader"
 DEDUP_WINDOW_S: Final = 120.0
@@ -113,6 +115,14 @@ async def models_store(js: JetStreamContext, *, replicas: int = 1) -> ObjectStor
         return await js.create_object_store(MODELS_BUCKET, config=config)
     except BadRequestError:
         return await js.object_store(MODELS_BUCKET)  # as in `_key_value`
+
+
+async def code_store(js: JetStreamContext, *, replicas: int = 1) -> ObjectStore:
+    config = ObjectStoreConfig(bucket=CODE_BUCKET, replicas=replicas)
+    try:
+        return await js.create_object_store(CODE_BUCKET, config=config)
+    except BadRequestError:
+        return await js.object_store(CODE_BUCKET)  # as in `_key_value`
 
 
 async def ensure_async_consumer(

@@ -51,6 +51,10 @@ SOURCE_HEADER = "Gfaas-Source-Sha256"
 STALL_S = 30.0
 # Chunks (128 KiB each) asked for in one pull: 32 MiB in flight.
 FETCH_BATCH = 256
+# A process that only maps the host tier looks for its agent's copy this often, and
+# for at most this long (the agent's fill of a large model from the store included).
+MAPPED_POLL_S = 0.05
+MAPPED_WAIT_S = 300.0
 
 
 def file_sha256(path: Path) -> str:
@@ -136,6 +140,8 @@ class ModelStore:
         host = tier.cached(name, key)
         if host is not None:
             return host
+        if tier.readonly:
+            return await _mapped(name, key, tier)
         try:
             blob = await self._store.get_info(name + BLOB_SUFFIX)
         except (ObjectNotFoundError, ObjectDeletedError):
@@ -314,6 +320,31 @@ class ModelStore:
             for i in infos
             if not i.deleted and not i.name.endswith(BLOB_SUFFIX)
         )
+
+
+async def _mapped(name: str, key: str, tier: HostTier) -> HostModel:
+    """The model as the node's agent puts it into the tier, for a process that only
+    maps the tier (an instance as the handler user: a segment it made, a handler of
+    that user could write into). It waits for the agent's fill (the node-wide lock
+    on loading the model), and looks again while none has begun; the agent stops
+    the instance if its fill fails."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + MAPPED_WAIT_S
+    while True:
+        lock = await asyncio.to_thread(tier.lock, name, key)
+        try:
+            host = tier.cached(name, key)
+        finally:
+            tier.unlock(lock)
+        if host is not None:
+            return host
+        if loop.time() > deadline:
+            raise GfaasError(
+                ErrorCode.MODEL_UNAVAILABLE,
+                f"model {name!r} did not reach the node's host tier within "
+                f"{MAPPED_WAIT_S:g} s (this instance only maps it; its agent puts it there)",
+            )
+        await asyncio.sleep(MAPPED_POLL_S)
 
 
 def cache_stem(name: str, info: api.ObjectInfo) -> str:

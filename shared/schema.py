@@ -215,6 +215,10 @@ class FunctionSpec(_Msg):
     # When no configuration meets slo_ms: serve anyway ("best_effort") or answer
     # each request `slo_unmeetable` ("reject").
     slo_unmeetable: str = "best_effort"
+    # The code bundle the handler comes from, pinned by digest: "NAME@sha256:<hex>",
+    # what `gfaas push-code` prints (shared/codebundle.py). Set, the function runs
+    # only as instances, each with that bundle first on its import path.
+    code: str = ""
 
 
 class InvokeRequest(_Msg):
@@ -419,6 +423,9 @@ class StartInstance(_Msg):
     # the agent's device shares weights, instances of one model hold them once.
     model: str = ""
     weight_bytes: int = 0
+    # The function's code bundle ("NAME@sha256:<hex>"; empty: none): the agent fetches,
+    # verifies and extracts it before the instance process is assigned.
+    code: str = ""
 
 
 class InstanceFailed(_Msg):
@@ -469,6 +476,10 @@ class AgentBeat(_Msg):
     # Instances of one model here map one read-only copy of its weights (a CPU's
     # host tier), so `memory_total` holds each model's weights once.
     shares_weights: bool = False
+    # Handler code runs on this node only as the unprivileged handler user, in
+    # instances: the agent's own worker runs none, so every function runs as
+    # instances (issue 10, services/gpu_worker/privileges.py).
+    isolated: bool = False
 
 
 class ProfileRow(_Msg):

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import yaml
 
+from shared.codebundle import ref_problem
 from shared.names import is_valid_name, name_problem
 from shared.schema import FunctionSpec, WorkflowSpec
 from shared.workflow import WorkflowError, plan_workflow
@@ -42,6 +43,8 @@ def check_function(spec: FunctionSpec, *, source: str = "<spec>") -> None:
         raise SpecError(f"{source}: {name_problem('model', spec.model)}")
     if ":" not in spec.handler:
         raise SpecError(f"{source}: handler {spec.handler!r} must be 'module:attr'")
+    if spec.code and (problem := ref_problem(spec.code)) is not None:
+        raise SpecError(f"{source}: {problem}")
     if spec.concurrency < 1 or spec.timeout_ms <= 0 or spec.slo_ms <= 0:
         raise SpecError(f"{source}: concurrency, timeout_ms and slo_ms must be positive")
     names = [t.name for t in spec.inputs]
@@ -79,8 +82,12 @@ def _check_scaling(spec: FunctionSpec, source: str) -> None:
 def wants_instances(spec: FunctionSpec) -> bool:
     """Does `spec` run as instances of its own (started from zero, scaled, each with
     a share of a device)? A spec that names a count or a share does; the others run
-    on the workers every function shares (one whole device each, time-sliced)."""
-    return bool(spec.min_instances or spec.max_instances or spec.sm_share or spec.time_quota)
+    on the workers every function shares (one whole device each, time-sliced). So
+    does one whose handler comes from a code bundle: its modules, imported into a
+    process's one `sys.modules`, would collide with another bundle's (or version's)."""
+    return bool(
+        spec.min_instances or spec.max_instances or spec.sm_share or spec.time_quota or spec.code
+    )
 
 
 def check_fits(spec: FunctionSpec, device_memory_bytes: Sequence[int]) -> str | None:

@@ -215,3 +215,11 @@ def whoami(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "read": _text(read),
         "setuid": _text(back),
     }
+
+
+def not_as_root(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`x` doubled, and the user it ran as; it refuses to run as root (issue 10: a
+    node that isolates handler code runs none as root, a profile's runs included)."""
+    if os.geteuid() == 0:
+        raise RuntimeError("this handler ran as root")
+    return {"y": inputs["x"] * 2, "uid": torch.tensor([os.geteuid()])}

@@ -255,6 +255,41 @@ async def test_a_service_hears_no_replies_meant_for_another_identity(
         await plain.drain()
 
 
+@pytest.mark.anyio
+async def test_an_instances_credentials_cannot_pose_as_its_agent_or_worker(
+    secured: Secured, admin: NATS
+) -> None:
+    """Handler code in an instance holds the instances' identity, not the worker's: it
+    cannot hear deploy checks (and pass any handler), profile requests (and answer
+    with made-up figures), its agent's commands or the worker's replies, nor send an
+    agent's beats or profiles."""
+    errors: list[Exception] = []
+    instance = await connect(secured.url, secured.creds(auth.INSTANCE), errors)
+    try:
+        for subject in (
+            subjects.HANDLER_CHECK,
+            subjects.PROFILE,
+            subjects.agent("w0", "start"),
+            f"{auth.inbox('gpu-worker')}.>",
+        ):
+            await instance.subscribe(subject)
+        await instance.publish(subjects.agent_beat("w0"), b"")
+        await instance.publish(subjects.profiled("echo"), b"")
+        await instance.publish(f"$KV.{jetstream.PROFILES_BUCKET}.echo", b"")
+        seen = "\n".join(await violations(instance, errors, 7))
+        for subject in ("handler_check", "profile", "agent.w0.start", "_inbox_gpu-worker"):
+            assert subject in seen.lower(), (subject, seen)
+        assert len(await violations(instance, errors, 7)) == 7, seen
+        # What an instance does it still may: hear its runs, on its own inbox.
+        await instance.subscribe(subjects.worker_run("i-1"))
+        await instance.subscribe(f"{auth.inbox(auth.INSTANCE)}.>")
+        await instance.flush()
+        assert len(await violations(instance, errors, 8)) == 7
+        await invoke_echo(admin)
+    finally:
+        await instance.close()
+
+
 # -- forged workers --------------------------------------------------------------------------
 
 

@@ -26,12 +26,13 @@ from nats.aio.client import Client as NATS
 from bench.live_models import mlp
 from gfaas.client import Client, connect_nats, outputs_of
 from services.gpu_worker import privileges
+from services.gpu_worker.sandbox import HandlerChecks, import_path
 from shared import auth
 from shared.config import Settings
 from shared.dataplane import access
 from shared.dataplane.shm import SHM_DIR, create_segment, list_segments, unlink_segment
 from shared.natsd import NatsServer
-from shared.schema import FunctionSpec, OutputMode
+from shared.schema import DType, FunctionSpec, OutputMode, TensorSpec
 from tests.helpers import agent_details, deploy_and_wait
 from tests.platform import (
     PYTHON,
@@ -48,7 +49,8 @@ from tests.test_shared_weights import mapped_by
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
 
-# With a model no other process loads: the instance puts it into the host tier itself.
+# With a model no other process loads: the agent puts it into the host tier as the
+# instance starts (the instance, as nobody, only maps it).
 WHOAMI = FunctionSpec(
     name="whoami-i", handler="tests.funcs:whoami", model="m4", min_instances=1,
     max_instances=1, memory_mb=256, idle_s=60.0, timeout_ms=60_000,
@@ -184,8 +186,7 @@ async def test_an_instance_runs_as_nobody_in_its_own_directory_and_cannot_read_r
     assert text(out["home"]) == str(workdir)
     info = workdir.stat()
     assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (user.pw_uid, 0o700)
-    # The weights it loaded itself, as nobody (under the tier's node-wide lock), it
-    # maps read-only.
+    # The weights its agent put into the host tier it maps read-only.
     assert any("-model-m4-" in path for path in mapped_by(instance.pid))
 
     reads: list[tuple[Path | str, str]] = [
@@ -217,6 +218,39 @@ async def test_an_instance_runs_as_nobody_in_its_own_directory_and_cannot_read_r
             await anyio.sleep(0.1)
 
 
+# No instance keys: on a node that isolates handler code it runs as instances anyway.
+PLAIN = FunctionSpec(
+    name="plain-nr", handler="tests.funcs:not_as_root", memory_mb=256, timeout_ms=60_000,
+    inputs=[TensorSpec(name="x", dtype=DType.FLOAT32, shape=[-1])],
+)  # fmt: skip
+
+
+@pytest.mark.nats
+@pytest.mark.anyio
+async def test_on_an_isolated_node_no_handler_code_runs_as_root_not_even_without_instances(
+    node: Platform, nc: NATS
+) -> None:
+    """A function whose spec asks for no instances, which other nodes run inside the
+    worker (as root here), runs in an instance as nobody: the worker takes no runs.
+    Its profile is measured in an instance process too (the handler refuses root)."""
+    user = nobody()
+    client = Client(nc)
+    await deploy_and_wait(nc, PLAIN)
+    out = await client.invoke("plain-nr", {"x": np.arange(3, dtype=np.float32)}, timeout=60)
+    assert out["y"].tolist() == [0.0, 2.0, 4.0]
+    assert out["uid"].tolist() == [user.pw_uid]
+    (instance,) = await wait_instances(nc, "plain-nr", 1)
+    assert proc_status(instance.pid)["Uid"].split() == [str(user.pw_uid)] * 4
+    agent = await agent_details(client)
+    assert agent["isolated"] is True
+    # The profile (the scheduler asks for one after the deploy; this asks again): the
+    # handler's runs, which raise as root, measured as nobody in a process of its own.
+    profile = await client.profile("plain-nr", timeout=120)
+    assert profile.agent == "w0"
+    assert profile.rows
+    assert all(r.throughput > 0 for r in profile.rows)
+
+
 @pytest.mark.nats
 @pytest.mark.anyio
 async def test_a_model_instance_as_nobody_maps_the_pools_and_roots_host_tier_copy(
@@ -228,28 +262,24 @@ async def test_a_model_instance_as_nobody_maps_the_pools_and_roots_host_tier_cop
     model = mlp(8)
     torch.save(model.state_dict(), weights)
     await client.push_model("m8", weights)
-    # The worker itself (root) runs this one, and so puts the model into the host tier.
-    shared = FunctionSpec(name="mlp-root", handler="bench.live_models:Mlp", model="m8")
     own = FunctionSpec(
         name="mlp-nobody", handler="bench.live_models:Mlp", model="m8", min_instances=1,
         max_instances=1, memory_mb=256, idle_s=60.0, timeout_ms=60_000,
     )  # fmt: skip
-    await deploy_and_wait(nc, shared, own)
+    await deploy_and_wait(nc, own)
     x = np.random.default_rng(1).standard_normal((2, 512)).astype(np.float32)
     with torch.inference_mode():
         expected = model(torch.from_numpy(x)).numpy()
-    by_root = await client.invoke_reply("mlp-root", {"x": x}, timeout=60)
-    assert by_root.error is None, by_root.error
-    assert by_root.worker == "w0"
-    (segment,) = [n for n in list_segments() if n.startswith(f"{namespace}-model-m8-")]
-    info = (SHM_DIR / segment).stat()
-    # Root's, readable by the handler group, by no one else.
-    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, user.pw_gid, 0o640)
-
     (instance,) = await wait_instances(nc, "mlp-nobody", 1)
     with anyio.fail_after(60):
         while (await wait_instances(nc, "mlp-nobody", 1))[0].state != "ready":
             await anyio.sleep(0.1)
+    # The agent (root) put the model into the host tier as the instance started: the
+    # segment is root's, readable by the handler group, by no one else, so no handler
+    # of nobody's can write into weights other instances map.
+    (segment,) = [n for n in list_segments() if n.startswith(f"{namespace}-model-m8-")]
+    info = (SHM_DIR / segment).stat()
+    assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, user.pw_gid, 0o640)
     # The input in a pool slab (read there), the output leased in one (written there).
     arg = await client.put("x", x)
     reply = await client.invoke_reply("mlp-nobody", [arg], outputs_by=OutputMode.HANDLE)
@@ -403,17 +433,17 @@ PLAIN_WHOAMI = FunctionSpec(
 
 @pytest.mark.nats
 @pytest.mark.anyio
-async def test_with_authentication_an_instance_connects_as_the_worker_but_cannot_read_its_file(
+async def test_with_authentication_an_instance_connects_as_an_instance_but_cannot_read_its_file(
     secured: tuple[str, Path],
 ) -> None:
     url, auth_dir = secured
-    creds = auth_dir / "gpu-worker.json"
+    creds = auth_dir / f"{auth.INSTANCE}.json"
     nc = await connect_nats(url, creds=auth_dir / "admin.json")
     try:
         client = Client(nc)
         await deploy_and_wait(nc, PLAIN_WHOAMI, timeout=30)
         (instance,) = await wait_instances(nc, "whoami-a", 1)
-        # It answers: it connected with the worker's identity, read while it was root.
+        # It answers: it connected with the instances' identity, read while it was root.
         out = await client.invoke("whoami-a", path_input(creds), timeout=60)
         assert out["ids"].tolist()[0] == nobody().pw_uid
         assert text(out["read"]) == "PermissionError"
@@ -490,3 +520,68 @@ async def _echo_by_handle_as_nobody(url: str, state: Path) -> None:
         await client.release([arg, *reply.outputs])
     finally:
         await nc.drain()
+
+
+PROBE = FunctionSpec(name="probe", handler="tests.sandbox_probe:f")
+
+
+@pytest.mark.nats
+@pytest.mark.anyio
+@pytest.mark.parametrize("handler_user", ["nobody", "none"])
+async def test_the_deploy_sandbox_imports_a_handler_as_the_handler_user_without_secrets(
+    nats_server: NatsServer,
+    nc: NATS,
+    reachable: Path,
+    namespace: str,
+    monkeypatch: pytest.MonkeyPatch,
+    handler_user: str,
+) -> None:
+    """The deploy's dry run imports the module as the node's handler user, in a 0700
+    directory of its own, with no groups and none of the worker's secrets in its
+    environment; with the handler user off, as the worker's user (still without them)."""
+    user = nobody()
+    # What a worker's environment may hold that only it may read.
+    monkeypatch.setenv("GFAAS_NATS_CREDS", str(reachable / "gpu-worker.json"))
+    monkeypatch.setenv("GFAAS_NATS_PASSWORD", "hunter2")
+    monkeypatch.setenv("GFAAS_TEST_TOKEN", "t0k3n")
+    try:
+        with (
+            platform_at(
+                nats_server.url,
+                reachable / "state",
+                handler_user=handler_user,
+                shm_namespace=namespace,
+            ),
+            pytest.raises(ValueError, match="cannot be imported: RuntimeError: ") as refused,
+        ):
+            await Client(nc).deploy(PROBE)
+    finally:
+        access.share_segments(None)
+    said = str(refused.value).partition("RuntimeError: ")[2]
+    words = said.split()
+    cwd = words[words.index("cwd") + 3]
+    assert Path(cwd).parent == Path(tempfile.gettempdir())
+    assert Path(cwd).name.startswith("gfaas-check-")
+    assert not Path(cwd).exists()  # removed after the dry run
+    if handler_user == "nobody":
+        uid, gid = user.pw_uid, user.pw_gid
+        assert said == (
+            f"ids {uid} {uid} {gid} groups [] cwd {uid} 700 {cwd} home {cwd} secrets []"
+        )
+    else:
+        groups = os.getgroups()
+        home = os.environ["HOME"]
+        assert said == f"ids 0 0 0 groups {groups} cwd 0 700 {cwd} home {home} secrets []"
+    assert await Client(nc).functions() == []
+
+
+@pytest.mark.anyio
+async def test_a_sound_handler_passes_the_sandbox_as_nobody() -> None:
+    """What a handler imports that an instance has imported before it (torch) is there
+    for the sandbox too, though nobody cannot read the interpreter's libraries here."""
+    user = nobody()
+    checks = HandlerChecks(user=access.HandlerUser("nobody", user.pw_uid, user.pw_gid))
+    assert await checks.dry_run("tests.funcs:whoami", import_path()) is None
+    refusal = await checks.dry_run("tests.funcs:two_args", import_path())
+    assert refusal is not None
+    assert "takes 2 positional arguments" in refusal

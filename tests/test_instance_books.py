@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+import msgspec
 import pytest
 
 from services.scheduler.instances import Instances, fixed_config, profile_for
-from shared.scheduling import packing
+from shared.scheduling import autoscale, packing
 from shared.scheduling.autoscale import Config, ProfilePoint
 from shared.schema import (
     AgentBeat,
@@ -97,6 +98,36 @@ def test_profile_for_adds_a_fixed_configuration_scaled_from_the_whole_device() -
     assert rows[1] == ProfilePoint(Config(1.0, 0.5), p99_ms=20.0, throughput=50.0)
     # Before any run: a quarter of the SLO.
     assert profile_for(FunctionSpec(name="g", handler="m:g"), (), 0.0)[0].p99_ms == 250.0
+
+
+def test_an_isolated_agent_makes_every_function_run_as_instances() -> None:
+    b = books()
+    plain = FunctionSpec(name="p", handler="m:p")
+    asks = FunctionSpec(name="q", handler="m:q", min_instances=1)
+    b.observe(beat(), now=0.0)
+    assert (b.instanced(plain), b.instanced(asks)) == (False, True)
+    # A node whose agent has a handler user runs no handler code in its workers.
+    b.observe(msgspec.structs.replace(beat(agent="b"), isolated=True), now=0.0)
+    assert (b.instanced(plain), b.instanced(asks)) == (True, True)
+    assert b.expire(now=1.0) == []
+    assert not b.isolated  # its silence ends it
+
+
+def test_an_unprofiled_function_that_asked_for_no_instances_is_planned_at_parts_of_the_time() -> (
+    None
+):
+    spec = FunctionSpec(name="p", handler="m:p")
+    assert len(profile_for(spec, (), exec_ms=10.0)) == 1
+    rows = profile_for(spec, (), exec_ms=10.0, shared=True)
+    assert rows[1:] == (
+        ProfilePoint(Config(1.0, 0.5), p99_ms=20.0, throughput=50.0),
+        ProfilePoint(Config(1.0, 0.25), p99_ms=40.0, throughput=25.0),
+    )
+    # The autoscaler takes the least share that meets the SLO: a quarter of the time,
+    # so four such functions share a device as they shared one worker's.
+    load = autoscale.FunctionLoad(function="p", rate=1.0, profile=rows, slo_ms=1000.0)
+    (config,) = autoscale.scale(load, now=0.0).add
+    assert config == Config(1.0, 0.25)
 
 
 def test_a_learned_profile_replaces_the_default_and_skips_unusable_rows() -> None:

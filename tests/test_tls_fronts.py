@@ -75,6 +75,7 @@ def fronts(tmp_path: Path) -> Iterator[Fronts]:
         yield Fronts(p, ca, api_key)
 
 
+@pytest.mark.slow
 @pytest.mark.nats
 @pytest.mark.anyio
 async def test_https_serves_those_who_trust_the_ca_and_refuses_plain_http(fronts: Fronts) -> None:
@@ -106,6 +107,7 @@ async def test_https_serves_those_who_trust_the_ca_and_refuses_plain_http(fronts
             await untrusting.get(f"https://127.0.0.1:{port}/v2/health/ready")
 
 
+@pytest.mark.slow
 @pytest.mark.nats
 def test_grpc_over_tls_serves_those_who_trust_the_ca_and_refuses_the_others(
     fronts: Fronts,

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,11 +37,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from services.gpu_worker import limits
-from services.gpu_worker.privileges import InstanceDirs
-from shared import subjects
+from services.gpu_worker.bundles import Bundles
+from services.gpu_worker.privileges import PROFILE_FILE, InstanceDirs, read_own_file
+from shared import auth, subjects
+from shared.codebundle import BundleError, parse_ref
 from shared.config import Settings, settings_env
 from shared.dataplane import access
 from shared.dataplane.access import HandlerUser
+from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.procs import die_with_parent
 from shared.scheduling import packing
@@ -49,9 +54,11 @@ from shared.schema import (
     AgentReply,
     ErrorCode,
     ErrorInfo,
+    FunctionSpec,
     InstanceFailed,
     InstanceInfo,
     InstanceState,
+    ProfileReply,
     StartInstance,
     StopInstance,
     TokenAcquire,
@@ -106,6 +113,8 @@ class Running:
     gone_at: float = 0.0  # when a failed one is forgotten
     uid: int = 0  # the user its process runs as
     directory: Path | None = None  # its working directory, when the agent made one
+    # Its code bundle is being fetched and extracted (`Agent.prepare`): no process yet.
+    preparing: bool = False
 
     def info(self) -> InstanceInfo:
         c = self.command
@@ -234,8 +243,11 @@ class Agent:
         spatial: Spatial,
         clock: Callable[[], float] = time.monotonic,
         handler_user: HandlerUser | None = None,
+        bundles: Bundles | None = None,
     ) -> None:
         self.nc = nc
+        # Where instances' code bundles come from (None: this agent starts none).
+        self.bundles = bundles
         self.settings = settings
         self.agent_id = agent_id
         self.device = device
@@ -260,6 +272,13 @@ class Agent:
         )
 
     # -- commands ---------------------------------------------------------------------
+
+    @property
+    def isolated(self) -> bool:
+        """Does handler code run here only as the handler user? Then it runs only in
+        instance processes (which switch to that user before importing any of it):
+        the agent's own process, root, runs none, not even a profile's."""
+        return self.handler_user is not None
 
     @property
     def shares_weights(self) -> bool:
@@ -329,6 +348,66 @@ class Agent:
         if reason is not None:
             log.warning("instance.refused", instance=cmd.instance_id, reason=reason)
             return AgentReply(error=ErrorInfo(code=ErrorCode.OVERLOADED, reason=reason))
+        if cmd.code:
+            # Its code bundle first (`prepare`, which may take seconds: not before the
+            # answer), then its process; in the books, and its share held, meanwhile.
+            running = Running(cmd, None, cores, self.clock(), preparing=True)
+            self.instances[cmd.instance_id] = running
+            self.started += 1
+            log.info("instance.preparing", instance=cmd.instance_id, code=cmd.code)
+            return AgentReply()
+        error = self._launch(cmd, cores)
+        return AgentReply(error=error)
+
+    async def prepare(self, instance_id: str) -> None:
+        """The code bundle of a started instance fetched, verified and extracted
+        (services/gpu_worker/bundles.py), then its process assigned; a bundle that
+        cannot be had fails the start with the reason, as an instance that could not
+        load its handler does (its callers and the beats say why)."""
+        running = self.instances.get(instance_id)
+        if running is None:
+            return
+        cmd = running.command
+        error = None
+        try:
+            if self.bundles is None:
+                raise BundleError("this agent has no code store to fetch it from")
+            await self.bundles.ready(cmd.code)
+        except BundleError as exc:
+            error = ErrorInfo(code=ErrorCode.HANDLER_ERROR, reason=f"{cmd.function}: {exc}")
+        except Exception as exc:  # the store unreachable: the platform's fault, not the spec's
+            reason = f"{cmd.function}: its code bundle could not be fetched: {exc!r}"
+            error = ErrorInfo(code=ErrorCode.INTERNAL, reason=reason)
+        if self.instances.get(instance_id) is not running:
+            return  # gone meanwhile (the agent stops): nothing to start
+        if running.state is not InstanceState.STARTING:
+            return  # stopped meanwhile: nothing to start
+        if error is None:
+            error = self._launch(cmd, running.cores, running)
+        if error is not None:
+            self._fail(running, error)
+
+    def _fail(self, running: Running, error: ErrorInfo) -> None:
+        """A start that failed before its process ran: kept in the beats a while."""
+        running.preparing = False
+        running.state = InstanceState.FAILED
+        running.error = error
+        running.gone_at = self.clock() + FAILED_KEPT_S
+        self.runner.remove(running.command.instance_id)
+        log.warning(
+            "instance.start_failed",
+            instance=running.command.instance_id,
+            function=running.command.function,
+            code=error.code,
+            reason=error.reason,
+        )
+
+    def _launch(
+        self, cmd: StartInstance, cores: frozenset[int], running: Running | None = None
+    ) -> ErrorInfo | None:
+        """An instance process (a spare, or one started now) assigned `cmd`; the
+        instance in the books (`running`, when it is there already). The reason when
+        no process could be started."""
         directory = None
         try:
             directory = self.dirs.create(cmd.instance_id) if self.dirs is not None else None
@@ -349,12 +428,14 @@ class Agent:
             if directory is not None:
                 InstanceDirs.remove(directory)
             reason = f"could not start the instance process: {exc}"
-            return AgentReply(error=ErrorInfo(code=ErrorCode.INTERNAL, reason=reason))
+            return ErrorInfo(code=ErrorCode.INTERNAL, reason=reason)
         uid = self.handler_user.uid if self.handler_user is not None else os.geteuid()
-        self.instances[cmd.instance_id] = Running(
-            cmd, process, cores, self.clock(), uid=uid, directory=directory
-        )
-        self.started += 1
+        if running is None:
+            running = Running(cmd, process, cores, self.clock())
+            self.instances[cmd.instance_id] = running
+            self.started += 1
+        running.process, running.preparing = process, False
+        running.uid, running.directory = uid, directory
         log.info(
             "instance.starting",
             instance=cmd.instance_id,
@@ -366,7 +447,7 @@ class Agent:
             memory_mb=cmd.memory_bytes // MB,
             cores=sorted(cores),
         )
-        return AgentReply()
+        return None
 
     def stop(self, cmd: StopInstance) -> AgentReply:
         running = self.instances.get(cmd.instance_id)
@@ -385,11 +466,88 @@ class Agent:
             running.process.send_signal(signal.SIGTERM)  # it drains, then exits
         log.info("instance.stopping", instance=running.command.instance_id)
 
+    async def profile_in_instance(self, spec: FunctionSpec, timeout_s: float) -> ProfileReply:
+        """`spec`'s profile measured in an instance process of its own: on an isolated
+        node (no handler code as root) as the handler user in its directory, and for a
+        function with a code bundle with that bundle mounted. A spare takes the whole
+        device's cores and the function's memory limits, measures the grid
+        (services/gpu_worker/profile_instance.py), leaves the reply in a file and
+        exits. Its memory is not booked against `memory_total`: it lasts seconds, as
+        the agent's own profiles do."""
+        run_id = f"profile-{spec.name[:40]}-{secrets.token_hex(4)}"
+        cmd = StartInstance(
+            instance_id=run_id,
+            function=spec.name,
+            sm_share=1.0,
+            time_quota=1.0,
+            memory_bytes=spec.memory_mb * MB,
+            code=spec.code,
+        )
+        if spec.code:
+            try:
+                if self.bundles is None:
+                    raise BundleError("this agent has no code store to fetch it from")
+                await self.bundles.ready(spec.code)
+            except BundleError as exc:
+                error = ErrorInfo(code=ErrorCode.HANDLER_ERROR, reason=f"{spec.name}: {exc}")
+                return ProfileReply(error=error)
+        # Its directory: the handler user's on an isolated node (it switches there),
+        # else one of this agent's user, for the reply alone.
+        isolated = self.dirs is not None
+        directory = (
+            self.dirs.create(run_id)
+            if self.dirs is not None
+            else Path(tempfile.mkdtemp(prefix="gfaas-profile-"))
+        )
+        try:
+            process = self.spares.take() or self.spares.spawn()
+            try:
+                limits.apply(
+                    process.pid,
+                    limits.instance_limits(
+                        self.device,
+                        cmd.memory_bytes,
+                        files=self.settings.instance_max_files,
+                        slack_mb=self.settings.instance_memory_slack_mb,
+                    ),
+                )
+                env = self._assignment(cmd, self.cores, directory if isolated else None)
+                env["GFAAS_INSTANCE_PROFILE"] = str(directory / PROFILE_FILE)
+                self.spares.assign(process, env)
+                with anyio.move_on_after(timeout_s) as scope:
+                    code = await anyio.to_thread.run_sync(process.wait)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    await anyio.to_thread.run_sync(process.wait)
+            if scope.cancelled_caught:
+                reason = f"profiling {spec.name!r} took over {timeout_s:g} s"
+                error = ErrorInfo(code=ErrorCode.DEADLINE_EXCEEDED, reason=reason)
+                return ProfileReply(error=error)
+            try:
+                reply = decode(read_own_file(directory / PROFILE_FILE), ProfileReply)
+            except (OSError, ValueError) as exc:
+                reason = f"the profile process of {spec.name!r} exited {code} without a profile"
+                log.warning("profile.lost", function=spec.name, exit_code=code, error=repr(exc))
+                return ProfileReply(error=ErrorInfo(code=ErrorCode.INTERNAL, reason=reason))
+        finally:
+            InstanceDirs.remove(directory)
+        if reply.profile is not None:
+            # What the process could not know: whose device, and how SM shares are
+            # enforced on it.
+            reply.profile.agent = self.agent_id
+            if self.device.startswith("cuda"):
+                reply.profile.spatial = self.spatial.mode
+        return reply
+
     def _assignment(
         self, cmd: StartInstance, cores: frozenset[int], directory: Path | None
     ) -> dict[str, str]:
         """The environment an instance runs with, beyond the agent's own."""
         env = settings_env(self.settings)
+        # Handler code holds what its process connects with: the instances' identity,
+        # not the worker's (shared/auth.py INSTANCE).
+        env["GFAAS_NATS_CREDS"] = auth.instance_creds(self.settings)
         budget_mb = max(1, -(-cmd.memory_bytes // MB))
         env.update(
             {
@@ -412,6 +570,10 @@ class Agent:
             env["GFAAS_STATE_DIR"] = str(self.settings.state_dir.resolve())
         if self.spatial.mode == "mps" and self.spatial.mps_dirs is not None:
             env.update(mps.client_env(cmd.sm_share, self.spatial.mps_dirs))
+        if cmd.code and self.bundles is not None:
+            # Extracted by `prepare`, root's and read-only: first on its import path.
+            env["GFAAS_INSTANCE_CODE"] = cmd.code
+            env["GFAAS_INSTANCE_CODE_DIR"] = str(self.bundles.directory(parse_ref(cmd.code)))
         return env
 
     # -- what the instances say -------------------------------------------------------
@@ -436,6 +598,19 @@ class Agent:
             code=note.error.code,
             reason=note.error.reason,
         )
+
+    def fill_failed(self, instance_id: str, error: ErrorInfo) -> None:
+        """The model of a starting instance could not be put into the host tier: the
+        instance fails with that reason (its process, waiting for the model, goes)."""
+        running = self.instances.get(instance_id)
+        if running is None or running.state is not InstanceState.STARTING:
+            return
+        if running.process is None:
+            self._fail(running, error)
+            return
+        self.failed(InstanceFailed(instance_id=instance_id, error=error))
+        if running.process.poll() is None:
+            running.process.kill()  # reaped: FAILED with this error
 
     def waiting(self, request: TokenAcquire) -> anyio.CancelScope:
         """Note a token request as it arrives, before its wait starts: a release
@@ -482,6 +657,8 @@ class Agent:
                     del self.instances[name]
                     changed = True
                 continue
+            if running.preparing and running.state is InstanceState.STARTING:
+                continue  # no process yet: its bundle is on its way
             code = process.poll() if process is not None else 0
             if code is None:
                 if running.state is InstanceState.STOPPING and now >= running.stop_at:
@@ -526,6 +703,7 @@ class Agent:
             instances=[r.info() for r in self.instances.values()],
             sent_at=now_millis() / 1000.0,
             shares_weights=self.shares_weights,
+            isolated=self.isolated,
         )
 
     def details(self) -> dict[str, object]:
@@ -544,6 +722,7 @@ class Agent:
             "handler_user": self.handler_user.as_dict() if self.handler_user else None,
             # Why the default (auto: nobody) left them as this agent's user, if it did.
             "handler_user_off": access.auto_off(),
+            "isolated": self.isolated,
             "instances": [{**msg_dict(r.info()), "uid": r.uid} for r in self.instances.values()],
         }
 
@@ -591,6 +770,9 @@ class AgentService:
     heartbeat_s: float
     # Are instances wanted on this node (some deployed function runs as instances)?
     wanted: Callable[[], bool] = lambda: False
+    # Puts a model into the node's host tier, as this process's user: on an isolated
+    # node, for each instance of a model as it starts (`_fill`).
+    fill: Callable[[str], Awaitable[object]] | None = None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         agent = self.agent
@@ -605,8 +787,13 @@ class AgentService:
                     elif op == "release":
                         agent.release(decode(msg.data, TokenRelease))
                     elif op == "start":
-                        reply = agent.start(decode(msg.data, StartInstance))
+                        command = decode(msg.data, StartInstance)
+                        reply = agent.start(command)
                         await msg.respond(encode(reply))
+                        if reply.error is None and command.code:
+                            tg.start_soon(agent.prepare, command.instance_id)
+                        if reply.error is None and command.model and agent.isolated:
+                            tg.start_soon(self._fill, command)
                         await self.beat()
                     elif op == "stop":
                         reply = agent.stop(decode(msg.data, StopInstance))
@@ -644,6 +831,22 @@ class AgentService:
                     await beats.unsubscribe()
                     await agent.shutdown()
                     await self.beat()
+
+    async def _fill(self, command: StartInstance) -> None:
+        """An isolated node's instance only maps the host tier (a segment it wrote, any
+        handler of its user could write into): the agent puts the instance's model
+        there as root, while the instance starts, and the instance waits for it
+        (ModelStore.fill_host_tier). A fill that fails fails the start, with why."""
+        if self.fill is None:
+            return
+        try:
+            await self.fill(command.model)
+        except Exception as exc:
+            error = exc.info() if isinstance(exc, GfaasError) else None
+            reason = f"model {command.model!r} could not be put into the host tier: {exc!r}"
+            error = error or ErrorInfo(code=ErrorCode.MODEL_UNAVAILABLE, reason=reason)
+            self.agent.fill_failed(command.instance_id, error)
+            await self.beat()
 
     async def _acquire(self, msg: Msg, request: TokenAcquire, scope: anyio.CancelScope) -> None:
         try:

@@ -27,6 +27,7 @@ from nats.js.kv import KeyValue
 
 from services.gpu_worker import privileges, profiler, state
 from services.gpu_worker.agent import Agent, AgentService, spatial_for
+from services.gpu_worker.bundles import Bundles, Mounted
 from services.gpu_worker.claims import Claims
 from services.gpu_worker.device import device_cache_bytes, memory_info, pick_device
 from services.gpu_worker.execute import Executor
@@ -70,6 +71,8 @@ log = get_logger("gpu_worker")
 REVOKE_WAIT_S = 0.2
 # Grace period for in-flight invocations on shutdown.
 DRAIN_GRACE_S = 20.0
+# How long a profile measured in an instance process may take, its load included.
+PROFILE_TIMEOUT_S = 120.0
 
 
 def agent_memory(settings: Settings, device: str) -> int:
@@ -117,27 +120,63 @@ async def become_instance(
 async def profile_function(
     request: ProfileRequest,
     registry: Registry[FunctionSpec],
-    handlers: HandlerCache,
-    agent: Agent,
-    settings: Settings,
+    measure: Callable[[FunctionSpec], Awaitable[ProfileReply]],
 ) -> ProfileReply:
+    """The profile of a deployed function, as `measure` takes it (here, or in an
+    instance process: profile_instance.py)."""
     spec = await registry.lookup(request.function)
     if spec is None:
         reason = f"function {request.function!r} is not deployed"
         return ProfileReply(error=ErrorInfo(code=ErrorCode.UNKNOWN_FUNCTION, reason=reason))
     try:
-        measured = await profiler.profile(
-            spec,
-            handlers,
-            device=agent.device,
-            agent=agent.agent_id,
-            spatial=agent.spatial.mode,
-            window_s=settings.token_window_s,
-        )
+        reply = await measure(spec)
     except GfaasError as exc:
         return ProfileReply(error=exc.info())
-    log.info("profile.measured", function=spec.name, rows=len(measured.rows))
-    return ProfileReply(profile=measured)
+    if reply.profile is not None:
+        log.info("profile.measured", function=spec.name, rows=len(reply.profile.rows))
+    return reply
+
+
+def measured_here(
+    handlers: HandlerCache, settings: Settings, *, device: str, agent_id: str, spatial: str
+) -> Callable[[FunctionSpec], Awaitable[ProfileReply]]:
+    """A profile measured in this process, on the handler its cache loads."""
+
+    async def measure(spec: FunctionSpec) -> ProfileReply:
+        profile = await profiler.profile(
+            spec,
+            handlers,
+            device=device,
+            agent=agent_id,
+            spatial=spatial,
+            window_s=settings.token_window_s,
+        )
+        return ProfileReply(profile=profile)
+
+    return measure
+
+
+def handler_cache(settings: Settings, device: str, models: ModelStore) -> HandlerCache:
+    """The handlers (and models) a worker or an instance keeps loaded on `device`."""
+    return HandlerCache(
+        device=device,
+        threads=settings.threads,
+        capacity_bytes=device_cache_bytes(settings.device_cache_mb, device),
+        fetch_weights=privileges.weights_fetcher(models, settings),
+        fill_host_tier=models.fill_host_tier,
+        group_bytes=settings.swap_group_kb * 1024,
+        # An instance running as the handler user may only read root's segments.
+        host_tier=HostTier(
+            tier_prefix(settings.shm_namespace), readonly=bool(settings.instance_dir)
+        ),
+        handler_packages=settings.handler_packages,
+        # An instance serves one function in a process of its own: a handler that
+        # writes into shared weights faults there and nowhere else.
+        share_weights=settings.shared_weights and bool(settings.instance_function),
+        # An instance of a function with a code bundle: the bundle the agent extracted
+        # for it, first on this process's import path from here on.
+        bundle=Mounted.of(settings),
+    )
 
 
 def cap_device_memory(device: str, budget: int) -> None:
@@ -213,22 +252,7 @@ async def serve(
             setup_ms=setup.steps,
             setup_at=setup.at,
         )
-        handlers = HandlerCache(
-            device=device,
-            threads=settings.threads,
-            capacity_bytes=device_cache_bytes(settings.device_cache_mb, device),
-            fetch_weights=privileges.weights_fetcher(models, settings),
-            fill_host_tier=models.fill_host_tier,
-            group_bytes=settings.swap_group_kb * 1024,
-            # An instance running as the handler user may only read root's segments.
-            host_tier=HostTier(
-                tier_prefix(settings.shm_namespace), readonly=bool(settings.instance_dir)
-            ),
-            handler_packages=settings.handler_packages,
-            # An instance serves one function in a process of its own: a handler that
-            # writes into shared weights faults there and nowhere else.
-            share_weights=settings.shared_weights and bool(function),
-        )
+        handlers = handler_cache(settings, device, models)
         staging = Staging(
             BrokerClient(
                 nc, settings.node, board=board_name(settings.shm_namespace, settings.node)
@@ -255,6 +279,9 @@ async def serve(
             ),
             worker_id,
         )
+        # Code bundles, fetched and extracted here for instances and deploy checks
+        # (an instance reads the one the agent extracted for it).
+        bundles = None if function else Bundles(js, settings)
         agent = None
         if settings.agent_enabled and not function:
             agent = Agent(
@@ -265,9 +292,25 @@ async def serve(
                 memory_total=agent_memory(settings, device),
                 spatial=await anyio.to_thread.run_sync(spatial_for, device, settings.state_dir),
                 handler_user=handler_user,
+                bundles=bundles,
             )
 
-        checks = HandlerChecks(packages=settings.handler_packages)
+        # An isolated node (instances as the handler user) runs handler code only in
+        # instances: this process, root, takes no runs (capacity 0 in its beats, and
+        # no subscription), and every function runs as instances (AgentBeat.isolated).
+        isolated = agent is not None and agent.isolated
+        if isolated:
+            books.limit = books.capacity = 0
+        elif handler_user is not None:
+            log.warning(
+                "worker.handlers_as_root",
+                reason="the agent is off (GFAAS_AGENT_ENABLED): functions run in this "
+                "worker, as its user, not as the handler user",
+            )
+        # Deploy-time dry runs import handler code too: as the handler user, if any.
+        checks = HandlerChecks(
+            packages=settings.handler_packages, bundles=bundles, user=handler_user
+        )
 
         async def send_heartbeat() -> None:
             beat = state.heartbeat(books, handlers)
@@ -313,7 +356,8 @@ async def serve(
                     nc,
                     agent,
                     settings.heartbeat_s,
-                    wanted=lambda: any(wants_instances(s) for s in registry.all()),
+                    wanted=lambda: any(isolated or wants_instances(s) for s in registry.all()),
+                    fill=handlers.host_model,
                 )
                 await service_tg.start(service.run)
             async with anyio.create_task_group() as running:
@@ -327,7 +371,11 @@ async def serve(
                     if await runs.admit(job):
                         running.start_soon(runs.run, job)
 
-                run_sub = await nc.subscribe(subjects.worker_run(worker_id), cb=on_run)
+                run_sub = (
+                    None
+                    if isolated
+                    else await nc.subscribe(subjects.worker_run(worker_id), cb=on_run)
+                )
 
                 async def answer_check(msg: Msg) -> None:
                     request = decode_event(msg, HandlerCheck)
@@ -361,14 +409,26 @@ async def serve(
                 async def answer_profile(msg: Msg) -> None:
                     assert agent is not None
                     assert profiles is not None
+                    here = measured_here(
+                        handlers,
+                        settings,
+                        device=agent.device,
+                        agent_id=agent.agent_id,
+                        spatial=agent.spatial.mode,
+                    )
+
+                    async def measure(spec: FunctionSpec) -> ProfileReply:
+                        # An isolated node runs no handler code as root, and a code
+                        # bundle's modules live in processes of their own: those
+                        # profiles are measured in an instance process.
+                        if agent.isolated or spec.code:
+                            return await agent.profile_in_instance(spec, PROFILE_TIMEOUT_S)
+                        return await here(spec)
+
                     try:
                         async with profiling:
                             reply = await profile_function(
-                                decode(msg.data, ProfileRequest),
-                                registry,
-                                handlers,
-                                agent,
-                                settings,
+                                decode(msg.data, ProfileRequest), registry, measure
                             )
                         if reply.profile is not None:
                             p = reply.profile
@@ -419,7 +479,8 @@ async def serve(
                 await anyio.sleep(REVOKE_WAIT_S)
                 if check_sub is not None:
                     await check_sub.unsubscribe()
-                await run_sub.drain()
+                if run_sub is not None:
+                    await run_sub.drain()
                 with anyio.move_on_after(DRAIN_GRACE_S):
                     await books.idle.wait()
                 running.cancel_scope.cancel()

@@ -139,6 +139,7 @@ class Executor:
             raise GfaasError(
                 ErrorCode.UNKNOWN_FUNCTION, f"function {meta.function!r} is not deployed"
             )
+        spec = self.handlers.servable(spec)  # the loaded version, across a code change
         try:
             request = decode(body, InvokeRequest)
         except msgspec.MsgspecError as exc:

@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import anyio
 
+from services.gpu_worker.bundles import Mounted
 from shared import tracing
 from shared.config import Settings
 from shared.errors import GfaasError
@@ -108,10 +109,14 @@ class HandlerCache:
         handler_packages: str = Settings.handler_packages,
         share_weights: bool = False,
         fill_host_tier: TierFiller | None = None,
+        bundle: Mounted | None = None,
     ) -> None:
         # The node's allow-list: a spec naming a handler outside it (one written into
         # the registry by hand) is refused before anything is fetched or imported.
         self.handler_packages = handler_packages_of(handler_packages)
+        # The code bundle on this process's import path (an instance of a function
+        # whose spec pins one); its packages are allowed for that spec alone.
+        self.bundle = bundle
         self.device = device
         self.threads = threads
         self.cache = DeviceCache(capacity=capacity_bytes)
@@ -137,6 +142,30 @@ class HandlerCache:
         # Function -> (swap start, load start, swap-ins) of handlers built whose weights
         # are still landing: their load time is recorded once the last group lands.
         self._landing: dict[str, tuple[float, float, list[SwapIn]]] = {}
+
+    def packages_for(self, spec: FunctionSpec) -> tuple[str, ...]:
+        """The packages `spec`'s handler may come from in this process: the node's,
+        and its code bundle's where that bundle is the one on this import path."""
+        if not spec.code:
+            return self.handler_packages
+        if self.bundle is None or self.bundle.ref != spec.code:
+            raise GfaasError(
+                ErrorCode.HANDLER_ERROR,
+                f"{spec.name}: its code bundle {spec.code} is not on this worker's import "
+                "path: a function with a code bundle runs only in instances of its own",
+            )
+        return (*self.bundle.packages, *self.handler_packages)
+
+    def servable(self, spec: FunctionSpec) -> FunctionSpec:
+        """The version of `spec` to run here. A redeploy that changed the code bundle
+        cannot be loaded into this process (its modules are in `sys.modules`, the new
+        bundle is not on its path): until the scheduler replaces it with an instance
+        of the new version, it serves the version it loaded, so no call fails for it."""
+        mine = self.bundle.ref if self.bundle is not None else ""
+        if spec.code == mine:
+            return spec
+        entry = self._loaded.get(spec.name)
+        return entry.spec if entry is not None and entry.spec.code == mine else spec
 
     def resident(self) -> list[str]:
         return sorted({cache_key(e.spec) for e in self._loaded.values()})
@@ -203,8 +232,37 @@ class HandlerCache:
             self._loaded[spec.name] = entry
             return entry
 
+    async def host_model(self, model: str) -> tuple[HostModel, Path | None]:
+        """`model` in the node's host tier, and the file it was read from if it was: the
+        tier has it, or its blob streams in (no file, no unpickling); else the pushed
+        file, unpickled into the tier (a tier this process only maps waits for its
+        agent's copy instead: ModelStore.fill_host_tier)."""
+        host: HostModel | None = None
+        weights: Path | None = None
+        with tracing.tracer().start_as_current_span(
+            "worker model fetch", attributes={"gfaas.model": model}
+        ):
+            if self._fill is not None:
+                host = await self._fill(model, self.host_tier)
+            if host is None:
+                weights = await self._fetch(model)
+        if host is None:
+            assert weights is not None
+            file = weights
+            try:
+                host = await anyio.to_thread.run_sync(
+                    self.host_tier.get_or_load, model, file.stem, lambda: file
+                )
+            except Exception as exc:
+                raise GfaasError(
+                    ErrorCode.MODEL_UNAVAILABLE,
+                    f"weights of model {model!r} cannot be read: {type(exc).__name__}",
+                ) from exc
+        return host, weights
+
     async def _load(self, spec: FunctionSpec, wait_s: float = math.inf) -> Loaded:
-        refusal = handler_refusal(spec.handler, self.handler_packages)
+        packages = self.packages_for(spec)
+        refusal = handler_refusal(spec.handler, packages)
         if refusal is not None:
             raise GfaasError(ErrorCode.HANDLER_ERROR, refusal)
         started = time.perf_counter()
@@ -212,27 +270,7 @@ class HandlerCache:
         weights: Path | None = None
         tier_loads = self.host_tier.loads  # one more after: the tier was filled for us
         if spec.model:
-            with tracing.tracer().start_as_current_span(
-                "worker model fetch", attributes={"gfaas.model": spec.model}
-            ):
-                # The host tier has it, or its blob streams in (no file, no unpickling);
-                # else the pushed file, unpickled into the tier.
-                if self._fill is not None:
-                    host = await self._fill(spec.model, self.host_tier)
-                if host is None:
-                    weights = await self._fetch(spec.model)
-            if host is None:
-                assert weights is not None
-                file = weights
-                try:
-                    host = await anyio.to_thread.run_sync(
-                        self.host_tier.get_or_load, spec.model, file.stem, lambda: file
-                    )
-                except Exception as exc:
-                    raise GfaasError(
-                        ErrorCode.MODEL_UNAVAILABLE,
-                        f"weights of model {spec.model!r} cannot be read: {type(exc).__name__}",
-                    ) from exc
+            host, weights = await self.host_model(spec.model)
         weights_from = "store" if self.host_tier.loads > tier_loads else "host"
         # The device tier holds model weights; a handler without a model keeps only
         # its working memory, which is per request, not cached.
@@ -260,9 +298,7 @@ class HandlerCache:
             with tracing.tracer().start_as_current_span(
                 "worker swap-in", attributes={"gfaas.bytes": size, "gfaas.device": self.device}
             ):
-                handler = await anyio.to_thread.run_sync(
-                    build_handler, spec, ctx, self.handler_packages
-                )
+                handler = await anyio.to_thread.run_sync(build_handler, spec, ctx, packages)
         except BaseException as exc:
             self.cache = self.cache.release(spec.name).evict([spec.name])
             self._note_unpinned()

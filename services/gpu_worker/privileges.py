@@ -43,7 +43,6 @@ import os
 import shutil
 import signal
 import stat
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +54,7 @@ from shared.dataplane.access import HandlerUser, HandlerUserError, unreachable
 from shared.logs import get_logger
 from shared.modelstore import ModelStore
 from shared.modelswap import HostTier, tier_prefix
+from shared.procs import switch_user
 
 log = get_logger("gpu_worker")
 
@@ -69,12 +69,10 @@ AFTER_SWITCH = ("encodings.idna",)
 # The copy of the NATS CA in the instance's directory (verifying the server needs it
 # at every connect).
 CA_COPY = "nats-ca.pem"
+# Where a profile run in an instance process leaves its ProfileReply for the agent.
+PROFILE_FILE = "profile.json"
 
 _PR_SET_PDEATHSIG = 1
-_PR_SET_NO_NEW_PRIVS = 38
-# The exit status of an instance that could not switch users, or found it could
-# switch back (it must not serve either way).
-EXIT_NOT_SWITCHED = 70
 
 
 # -- the node side (the agent, as root) --------------------------------------------------
@@ -167,6 +165,18 @@ class InstanceDirs:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def read_own_file(path: Path, limit: int = 1 << 20) -> bytes:
+    """A file the handler user wrote in its directory, read as root: never through a
+    link it left there (it would read what only root may), at most `limit` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return os.read(fd, limit)
+    finally:
+        os.close(fd)
+
+
 # -- the instance side (the assigned process, as root until `become`) ---------------------
 
 
@@ -206,7 +216,7 @@ def become(settings: Settings) -> Settings:
     parent = os.getppid()
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        switch(user)
+        switch_user(user.uid, user.gid)
         os.fchdir(fd)
     finally:
         os.close(fd)
@@ -237,36 +247,6 @@ def read_as_root(settings: Settings, directory: Path, user: HandlerUser) -> Sett
             os.close(fd)
         settings = dataclasses.replace(settings, nats_tls_ca=str(copy))
     return settings
-
-
-def switch(user: HandlerUser) -> None:
-    """Become `user` for good (from root): exits the process, rather than going on,
-    if anything is left of root."""
-    os.setgroups([])
-    os.setgid(user.gid)  # real, effective and saved, as root may
-    os.setuid(user.uid)
-    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
-    _check_switched(user)
-
-
-def _check_switched(user: HandlerUser) -> None:
-    same = (
-        os.getresuid() == (user.uid,) * 3
-        and os.getresgid() == (user.gid,) * 3
-        and set(os.getgroups()) <= {user.gid}
-    )
-    if not same:
-        _abort(f"ids after the switch: uid {os.getresuid()}, gid {os.getresgid()}")
-    try:
-        os.setuid(0)
-    except PermissionError:
-        return
-    _abort("it could switch back to root")
-
-
-def _abort(why: str) -> None:
-    print(f"instance: not switched to the handler user: {why}", file=sys.stderr, flush=True)
-    os._exit(EXIT_NOT_SWITCHED)
 
 
 def _die_with(parent: int) -> None:

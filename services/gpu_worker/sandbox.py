@@ -11,6 +11,11 @@ A handler found sound is remembered, with the file its module is read from as th
 file is now: redeploying an unchanged handler starts no interpreter. A problem is
 never remembered (it is looked for afresh), and what the module imports is not part
 of what is remembered: a change there alone is seen by the next worker process.
+
+A spec with a code bundle (`code`) is checked as its instances will run it: the
+bundle fetched, verified and extracted here (services/gpu_worker/bundles.py; a bundle
+that is not stored, or whose bytes are not the pinned ones, is refused with the
+reason), its directory first on the sandbox's import path and its packages allowed.
 """
 
 from __future__ import annotations
@@ -19,12 +24,16 @@ import os
 import sys
 import tempfile
 from importlib.machinery import PathFinder
+from pathlib import Path
 
 import anyio
 
+from services.gpu_worker.bundles import Bundles
+from shared.codebundle import BundleError, extracted_packages
 from shared.config import Settings
+from shared.dataplane.access import HandlerUser
 from shared.function import handler_packages, handler_refusal
-from shared.handler_check import OK, PACKAGES_ENV, SANDBOX_TIMEOUT_S
+from shared.handler_check import AS_OPTION, OK, PACKAGES_ENV, SANDBOX_TIMEOUT_S
 from shared.logs import get_logger
 from shared.schema import ErrorCode, ErrorInfo, HandlerCheck, HandlerCheckReply
 
@@ -33,6 +42,10 @@ log = get_logger("gpu_worker")
 # (handler, import path, its module's file, mtime, size) a sandbox found sound.
 _SOUND: set[tuple[str, str, str, int, int]] = set()
 _SOUND_MAX = 4096
+# Environment variables no sandbox gets (by words in their names): the worker's NATS
+# credentials file and password, tokens, keys. Handler code at import has no use for
+# them, and with a handler user they are what only the worker may read.
+SECRET_ENV = ("CREDS", "CREDENTIAL", "PASSWORD", "PASSWD", "SECRET", "TOKEN", "_KEY")
 
 
 def import_path() -> str:
@@ -67,8 +80,14 @@ class HandlerChecks:
         timeout_s: float = SANDBOX_TIMEOUT_S,
         concurrency: int = 2,
         packages: str = Settings.handler_packages,
+        bundles: Bundles | None = None,
+        user: HandlerUser | None = None,
     ) -> None:
         self.timeout_s = timeout_s
+        # The node's handler user (a worker as root: privileges.prepare), whom the
+        # sandbox runs the module's import as; None: the worker's own user.
+        self.user = user
+        self.bundles = bundles
         # The node's allow-list (GFAAS_HANDLER_PACKAGES): a handler outside it is
         # refused without starting a sandbox; the sandbox is told it too.
         self.packages = packages
@@ -78,18 +97,32 @@ class HandlerChecks:
 
     async def check(self, request: HandlerCheck) -> HandlerCheckReply:
         ref = request.spec.handler
-        refusal = handler_refusal(ref, self._allowed)
+        allowed, path = self._allowed, import_path()
+        if request.spec.code:
+            try:
+                directory = await self._bundle(request.spec.code)
+            except BundleError as exc:
+                log.info("handler_check.refused", handler=ref, reason=str(exc))
+                return HandlerCheckReply(
+                    error=ErrorInfo(code=ErrorCode.HANDLER_ERROR, reason=str(exc))
+                )
+            except Exception as exc:  # the code store unreachable: this worker's fault
+                log.warning("handler_check.failed", handler=ref, error=repr(exc))
+                reason = f"no code bundle for {ref!r}: {exc!r}"
+                return HandlerCheckReply(error=ErrorInfo(code=ErrorCode.INTERNAL, reason=reason))
+            allowed = (*extracted_packages(directory), *allowed)
+            path = os.pathsep.join([str(directory), path])
+        refusal = handler_refusal(ref, allowed)
         if refusal is not None:
             log.info("handler_check.refused", handler=ref, reason=refusal)
             return HandlerCheckReply(error=ErrorInfo(code=ErrorCode.HANDLER_ERROR, reason=refusal))
-        path = import_path()
         source = source_of(ref.partition(":")[0], path)
         key = (ref, path, *source) if source is not None else None
         if key in _SOUND:
             return HandlerCheckReply()
         try:
             async with self.limiter:
-                problem = await self.dry_run(ref, path)
+                problem = await self.dry_run(ref, path, ",".join(allowed))
         except OSError as exc:  # no sandbox could be started: this worker's fault
             log.warning("handler_check.failed", handler=ref, error=repr(exc))
             return HandlerCheckReply(
@@ -104,11 +137,19 @@ class HandlerChecks:
         log.info("handler_check.refused", handler=ref, reason=problem)
         return HandlerCheckReply(error=ErrorInfo(code=ErrorCode.HANDLER_ERROR, reason=problem))
 
-    async def dry_run(self, ref: str, path: str) -> str | None:
-        """Why `ref` is no handler, as a sandbox with import path `path` finds it, or None."""
-        env = dict(os.environ, PYTHONPATH=path, **{PACKAGES_ENV: self.packages})
+    async def _bundle(self, code: str) -> Path:
+        if self.bundles is None:
+            raise BundleError(f"this worker has no code store to fetch {code} from")
+        return await self.bundles.ready(code)
+
+    async def dry_run(self, ref: str, path: str, packages: str | None = None) -> str | None:
+        """Why `ref` is no handler, as a sandbox with import path `path` and handler
+        packages `packages` (None: the node's) finds it, or None."""
+        allowed = self.packages if packages is None else packages
+        env = dict(os.environ, PYTHONPATH=path, **{PACKAGES_ENV: allowed})
         command = [sys.executable, "-m", "shared.handler_check", ref]
         with tempfile.TemporaryDirectory(prefix="gfaas-check-", ignore_cleanup_errors=True) as cwd:
+            command, env = self.confined(command, env, cwd)
             with anyio.move_on_after(self.timeout_s) as scope:
                 done = await anyio.run_process(command, cwd=cwd, env=env, check=False)
         if scope.cancelled_caught:  # the sandbox was killed
@@ -123,3 +164,18 @@ class HandlerChecks:
         last = f": {lines[-1]}" if lines else ""
         status = done.returncode
         return f"handler {ref!r} cannot be imported: its import exited with status {status}{last}"
+
+    def confined(
+        self, command: list[str], env: dict[str, str], cwd: str
+    ) -> tuple[list[str], dict[str, str]]:
+        """The sandbox's command and environment: none of the worker's secrets (it needs
+        no NATS: SECRET_ENV), and with a handler user, run as that user in `cwd`, made
+        its own (0700): the sandbox switches before the module is imported
+        (shared/handler_check.py `become`)."""
+        env = {k: v for k, v in env.items() if not any(w in k.upper() for w in SECRET_ENV)}
+        if self.user is None:
+            return command, env
+        os.chown(cwd, self.user.uid, self.user.gid, follow_symlinks=False)
+        env.update(HOME=cwd, TMPDIR=cwd, USER=self.user.name, LOGNAME=self.user.name)
+        module, ref = command[:-1], command[-1]
+        return [*module, AS_OPTION, f"{self.user.uid}:{self.user.gid}", ref], env

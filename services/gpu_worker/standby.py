@@ -90,6 +90,10 @@ def main() -> int:
     settings = settings_from_env()
     if settings.instance_dir:
         settings = privileges.become(settings)
+    if settings.instance_profile:
+        from services.gpu_worker import profile_instance
+
+        return profile_instance.main(settings)
     run_service("gpu-worker", serve, settings)
     return 0
 

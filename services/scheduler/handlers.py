@@ -127,7 +127,9 @@ class Scheduler:
                 reply=reply,
                 body=body,
                 headers=tracing.inject(meta.to_headers()),
-                view=self.state.request_view(spec, meta, now, now_millis()),
+                view=self.state.request_view(
+                    spec, meta, now, now_millis(), instanced=self.instances.instanced(spec)
+                ),
             )
             near = headers.get(H_AFFINITY)
             ingress = meta.origin  # who a grant for this function may go to

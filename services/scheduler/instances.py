@@ -221,7 +221,7 @@ class Instances:
         out = [
             s.name
             for s in self.registry.all()
-            if wants_instances(s)
+            if self.instanced(s)
             and s.inputs
             and s.name not in self.profiles
             and s.name not in self.profiling
@@ -262,6 +262,18 @@ class Instances:
             if ready or idle:
                 log.info("instance.outdated", instance=info.instance_id, version=info.version)
                 await self.stop(info.instance_id)
+
+    @property
+    def isolated(self) -> bool:
+        """Does some node run handler code only in instances (its agent's beat says
+        so: it has a handler user)? Then every function runs as instances, wherever it
+        is placed: the workers of such a node take no runs themselves."""
+        return any(book.beat.isolated for book in self.agents.values())
+
+    def instanced(self, spec: FunctionSpec) -> bool:
+        """Does `spec` run as instances here: its spec asks (shared.spec.wants_instances),
+        or a node isolates handler code."""
+        return wants_instances(spec) or self.isolated
 
     def any_agent(self) -> bool:
         return bool(self.agents)
@@ -317,7 +329,7 @@ class Instances:
             await self._stop_orphans()
         decisions = []
         for spec in self.registry.all():
-            if not wants_instances(spec) or (only is not None and spec.name != only):
+            if not self.instanced(spec) or (only is not None and spec.name != only):
                 continue
             decisions.append(await self._scale_one(spec, now, seen))
         return decisions
@@ -372,7 +384,15 @@ class Instances:
         for info in old:
             log.info("instance.outdated", instance=info.instance_id, version=info.version)
             await self.stop(info.instance_id)
-        return bool(old)
+        # One stopped already still holds its room until it has drained and exited: the
+        # new version waits for that too, rather than its callers hearing `overloaded`
+        # (an instance that keeps serving its own version until then: a code bundle).
+        draining = any(
+            i.function == spec.name and i.version != version and i.state is InstanceState.STOPPING
+            for book in self.agents.values()
+            for i in book.beat.instances
+        )
+        return bool(old) or draining
 
     async def _stop_orphans(self) -> None:
         """Instances of a function removed (or no longer run as instances) go."""
@@ -382,7 +402,7 @@ class Instances:
         for _, book in list(self.agents.items()):
             for info in book.beat.instances:
                 spec = specs.get(info.function)
-                wanted = spec is not None and wants_instances(spec)
+                wanted = spec is not None and self.instanced(spec)
                 if not wanted and info.state in (InstanceState.STARTING, InstanceState.READY):
                     log.info("instance.orphaned", instance=info.instance_id, function=info.function)
                     await self.stop(info.instance_id)
@@ -417,7 +437,12 @@ class Instances:
         return FunctionLoad(
             function=spec.name,
             rate=self.rate(spec.name, now),
-            profile=profile_for(spec, self.profiles.get(spec.name, ()), exec_ms(spec.name)),
+            profile=profile_for(
+                spec,
+                self.profiles.get(spec.name, ()),
+                exec_ms(spec.name),
+                shared=not wants_instances(spec),
+            ),
             slo_ms=spec.slo_ms,
             min_instances=spec.min_instances,
             max_instances=spec.max_instances or 100,
@@ -475,6 +500,7 @@ class Instances:
             version=version,
             model=spec.model or "",
             weight_bytes=self._weights(spec),
+            code=spec.code,
         )
         info = InstanceInfo(
             instance_id=name,
@@ -588,17 +614,31 @@ def fixed_config(spec: FunctionSpec) -> Config | None:
     return Config(spec.sm_share or 1.0, spec.time_quota or 1.0)
 
 
+# The time quotas an unprofiled function that never asked for instances is planned
+# at (an isolated node runs every function as instances), besides the whole device.
+SHARED_QUOTAS = (0.5, 0.25)
+
+
 def profile_for(
-    spec: FunctionSpec, measured: Sequence[ProfilePoint], exec_ms: float
+    spec: FunctionSpec, measured: Sequence[ProfilePoint], exec_ms: float, *, shared: bool = False
 ) -> tuple[ProfilePoint, ...]:
     """The profile the autoscaler plans with: the measured one, else one row for a
     whole device from the function's observed execution time (or a quarter of its
     SLO before any run); a fixed configuration the profile lacks is scaled from its
-    nearest full-device row (time in proportion to the share)."""
+    nearest full-device row (time in proportion to the share). `shared`: the spec
+    asked for no instances (it runs as instances only because a node isolates handler
+    code): unprofiled, it is also planned at parts of the device's time, scaled so,
+    and the autoscaler gives it the least that meets its SLO, as functions shared
+    one worker's device on other nodes, rather than a whole device each."""
     rows = list(measured)
     if not rows:
         ms = exec_ms if exec_ms > 0.0 else spec.slo_ms / 4.0
         rows = [ProfilePoint(Config(1.0, 1.0), p99_ms=ms, throughput=1000.0 / ms)]
+        if shared:
+            rows += [
+                ProfilePoint(Config(1.0, q), p99_ms=ms / q, throughput=1000.0 * q / ms)
+                for q in SHARED_QUOTAS
+            ]
     fixed = fixed_config(spec)
     if fixed is not None and all(p.config != fixed for p in rows):
         full = max(rows, key=lambda p: p.config.share)

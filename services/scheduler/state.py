@@ -111,9 +111,16 @@ class ClusterState:
     # -- what the policies are told -------------------------------------------------------
 
     def request_view(
-        self, spec: FunctionSpec, meta: InvocationMeta, now: float, now_ms: int
+        self,
+        spec: FunctionSpec,
+        meta: InvocationMeta,
+        now: float,
+        now_ms: int,
+        *,
+        instanced: bool | None = None,
     ) -> RequestView:
-        """The policy's view of a new invocation, on the scheduler's clock `now`.
+        """The policy's view of a new invocation, on the scheduler's clock `now`;
+        `instanced` when the scheduler knows better than the spec (an isolated node).
 
         Due by its SLO (as in the simulator), or by its hard deadline if sooner;
         the hard deadline alone is enforced by `expire_pending`.
@@ -132,7 +139,7 @@ class ClusterState:
             exec_s=self.exec_s.get(spec.name, 0.0),
             model_bytes=self.model_bytes.get(spec.model or spec.name, 0),
             node=meta.node,
-            instanced=wants_instances(spec),
+            instanced=wants_instances(spec) if instanced is None else instanced,
         )
 
     def queue(self, window: int, with_rrc: bool) -> list[RequestView]:
