@@ -285,6 +285,25 @@ async def _push_code(url: str, name: str, directory: Path) -> None:
         print(f"gfaas: {name}: that content was pushed already", file=sys.stderr)
 
 
+async def _code_ls(url: str) -> None:
+    async with _client(url) as client:
+        for ref, size, users in await client.code_bundles():
+            print(f"{ref:84} {size:>10}  {','.join(users) or '-'}")
+
+
+async def _code_rm(url: str, ref: str, force: bool) -> int:
+    async with _client(url) as client:
+        try:
+            removed = await client.remove_code(ref, force=force)
+        except ValueError as exc:
+            print(f"gfaas: {exc}", file=sys.stderr)
+            return 1
+    if not removed:
+        print(f"gfaas: no code bundle {ref}", file=sys.stderr)
+        return 1
+    return 0
+
+
 async def _model_ls(url: str) -> None:
     async with _client(url) as client:
         for name, size in await client.models():
@@ -782,14 +801,26 @@ def build_parser() -> argparse.ArgumentParser:
     nats_opt(mls, "NATS server")
     mls.set_defaults(func=lambda a: anyio.run(_model_ls, _url(a)) or 0)
 
-    push_code = sub.add_parser(
-        "push-code",
+    code = sub.add_parser("code", help="code bundles (handlers' code) in the object store")
+    code_sub = code.add_subparsers(dest="code_command", required=True)
+    push_code = code_sub.add_parser(
+        "push",
         help="pack DIR's Python packages into a code bundle, store it, print NAME@sha256:...",
     )
     push_code.add_argument("name")
     push_code.add_argument("dir", type=Path)
     nats_opt(push_code, "NATS server")
     push_code.set_defaults(func=lambda a: anyio.run(_push_code, _url(a), a.name, a.dir) or 0)
+    code_ls = code_sub.add_parser("ls", help="list stored bundles and the functions pinning each")
+    nats_opt(code_ls, "NATS server")
+    code_ls.set_defaults(func=lambda a: anyio.run(_code_ls, _url(a)) or 0)
+    code_rm = code_sub.add_parser(
+        "rm", help="remove a stored bundle version (refused while a function pins it)"
+    )
+    code_rm.add_argument("ref", help="NAME@sha256:<hex>")
+    code_rm.add_argument("--force", action="store_true", help="even if functions pin it")
+    nats_opt(code_rm, "NATS server")
+    code_rm.set_defaults(func=lambda a: anyio.run(_code_rm, _url(a), a.ref, a.force))
 
     invoke = sub.add_parser("invoke", help="invoke a function")
     invoke.add_argument("function")

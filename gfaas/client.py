@@ -581,6 +581,34 @@ class Client:
         if problem is not None:
             raise ValueError(f"{spec.name}: {problem}")
 
+    async def code_bundles(self) -> list[tuple[str, int, list[str]]]:
+        """Every stored bundle version: its reference, its size and the deployed
+        functions that pin it."""
+        store = await CodeStore.open(self.nc.jetstream(), replicas=self.replicas)
+        pins = await self._pins()
+        return [(ref, size, pins.get(ref, [])) for ref, size in await store.stored()]
+
+    async def remove_code(self, ref: str, *, force: bool = False) -> bool:
+        """Remove a stored bundle version; False when it is not stored. One that
+        deployed functions pin is refused (ValueError naming them) unless `force`:
+        their next instance would not start."""
+        parsed = parse_ref(ref)  # a BundleError (a ValueError) for a malformed one
+        users = (await self._pins()).get(str(parsed), [])
+        if users and not force:
+            raise ValueError(
+                f"{parsed.short} is pinned by function(s) {', '.join(users)}; redeploy "
+                "them with another version first or force it (gfaas code rm --force)"
+            )
+        store = await CodeStore.open(self.nc.jetstream(), replicas=self.replicas)
+        return await store.delete(parsed)
+
+    async def _pins(self) -> dict[str, list[str]]:
+        pins: dict[str, list[str]] = {}
+        for spec in await self.functions():
+            if spec.code:
+                pins.setdefault(spec.code, []).append(spec.name)
+        return {ref: sorted(names) for ref, names in pins.items()}
+
     async def models(self) -> list[tuple[str, int]]:
         return await (await ModelStore.open(self.nc.jetstream(), replicas=self.replicas)).list()
 

@@ -1,6 +1,6 @@
 """Code bundles: handler code the admin uploaded, pinned by digest in a spec.
 
-A spec's `code = "NAME@sha256:<hex>"` names a bundle that `gfaas push-code NAME DIR`
+A spec's `code = "NAME@sha256:<hex>"` names a bundle that `gfaas code push NAME DIR`
 stored (shared/codestore.py): a zip of the Python packages and modules under DIR,
 packed so that the same files always give the same bytes (`pack`: sorted entries,
 fixed timestamps and modes, regular files only, no `__pycache__` or `.pyc`, no
@@ -88,7 +88,7 @@ def ref_problem(text: str) -> str | None:
     if found is None:
         return (
             f"code {text!r} must be NAME@sha256:<64 lowercase hex digits> "
-            "(what `gfaas push-code NAME DIR` prints)"
+            "(what `gfaas code push NAME DIR` prints)"
         )
     if not is_valid_name(found["name"]):
         return name_problem("code bundle", found["name"])

@@ -10,6 +10,7 @@ write the bucket (shared/auth.py `_JS_DENY`); a node still hashes what it fetche
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import anyio
 from nats.js.client import JetStreamContext
@@ -22,7 +23,7 @@ from nats.js.errors import (
 from nats.js.object_store import ObjectStore
 
 from shared import jetstream
-from shared.codebundle import BundleError, BundleRef, sha256_hex
+from shared.codebundle import BundleError, BundleRef, parse_ref, sha256_hex
 from shared.names import is_valid_name, name_problem
 
 # A fetch that has not finished by then is given up (chunks lost in the store).
@@ -55,7 +56,7 @@ class CodeStore:
             return cls(await js.object_store(jetstream.CODE_BUCKET))
         except NotFoundError:
             raise BundleError(
-                "there is no code store: no bundle was ever pushed (gfaas push-code)"
+                "there is no code store: no bundle was ever pushed (gfaas code push)"
             ) from None
 
     async def push(self, name: str, data: bytes) -> tuple[BundleRef, bool]:
@@ -84,7 +85,7 @@ class CodeStore:
             stored = ", ".join(f"sha256:{d[:12]}…" for d in others) or "none"
             return (
                 f"code bundle {ref.short} is not in the code store (versions of "
-                f"{ref.name!r} there: {stored}); push it with `gfaas push-code {ref.name} DIR`"
+                f"{ref.name!r} there: {stored}); push it with `gfaas code push {ref.name} DIR`"
             )
         stored_digest = _stored_sha256(info.digest)
         if stored_digest != ref.digest:
@@ -94,14 +95,34 @@ class CodeStore:
             )
         return None
 
-    async def versions(self, name: str) -> list[str]:
-        """The digests stored under `name`, sorted."""
+    async def stored(self) -> list[tuple[str, int]]:
+        """(reference, bytes) of every stored version, sorted."""
+        return sorted(
+            (i.name, int(i.size or 0))
+            for i in await self._infos()
+            if not i.deleted and parse_ref_or_none(i.name) is not None
+        )
+
+    async def delete(self, ref: BundleRef) -> bool:
+        """Remove a stored version (nodes keep what they extracted); False when it is
+        not there."""
         try:
-            infos = await self._store.list()
+            await self._store.delete(str(ref))
+        except (ObjectNotFoundError, ObjectDeletedError, NotFoundError):
+            return False
+        return True
+
+    async def _infos(self) -> list[Any]:
+        try:
+            return list(await self._store.list())
         except Exception as exc:  # an empty bucket is an error to the client
             if "no objects" in str(exc).lower() or type(exc).__name__ == "NotFoundError":
                 return []
             raise
+
+    async def versions(self, name: str) -> list[str]:
+        """The digests stored under `name`, sorted."""
+        infos = await self._infos()
         prefix = f"{name}@sha256:"
         return sorted(
             i.name.removeprefix(prefix)
@@ -134,3 +155,11 @@ class CodeStore:
                 f"{FETCH_TIMEOUT_S:g} s (truncated there?)"
             ) from None
         return bytes(result.data or b"")
+
+
+def parse_ref_or_none(name: str) -> BundleRef | None:
+    """The reference an object's name is, or None (not a bundle version's name)."""
+    try:
+        return parse_ref(name)
+    except BundleError:
+        return None

@@ -216,7 +216,7 @@ class FunctionSpec(_Msg):
     # each request `slo_unmeetable` ("reject").
     slo_unmeetable: str = "best_effort"
     # The code bundle the handler comes from, pinned by digest: "NAME@sha256:<hex>",
-    # what `gfaas push-code` prints (shared/codebundle.py). Set, the function runs
+    # what `gfaas code push` prints (shared/codebundle.py). Set, the function runs
     # only as instances, each with that bundle first on its import path.
     code: str = ""
 

@@ -1,5 +1,5 @@
 """Code bundles (issue 10, "who may deploy, and what runs"): handler code the admin
-pushed with `gfaas push-code`, pinned by digest in a spec, run only in instances
+pushed with `gfaas code push`, pinned by digest in a spec, run only in instances
 with the bundle first on their import path; a bundle not stored as pinned is
 refused at deploy, one replaced in the store at instance start, an unsafe zip
 before anything of it is written."""
@@ -263,8 +263,8 @@ def _has_nobody() -> bool:
 
 
 def push(platform: Platform, source: Path, capsys: pytest.CaptureFixture[str]) -> str:
-    """`gfaas push-code demo SOURCE`: the reference it printed."""
-    assert cli.main(["push-code", "demo", str(source), "--nats-url", platform.url]) == 0
+    """`gfaas code push demo SOURCE`: the reference it printed."""
+    assert cli.main(["code", "push", "demo", str(source), "--nats-url", platform.url]) == 0
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1, out
     assert out[0].startswith("demo@sha256:"), out
@@ -319,6 +319,38 @@ async def test_a_bundled_function_is_profiled_in_an_instance_process(
     assert PACKAGE not in sys.modules
 
 
+@pytest.mark.slow
+@pytest.mark.nats
+@pytest.mark.anyio
+async def test_a_pinned_version_is_kept_until_no_function_pins_it(
+    node: Platform, nc: NATS, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gfaas code ls` says who pins each version; `gfaas code rm` refuses a pinned
+    one (its functions' next instance would not start), removes it once unpinned."""
+    ref = await anyio.to_thread.run_sync(push, node, write_package(tmp_path / "r", 5), capsys)
+    await deploy_and_wait(nc, spec_for(ref))
+
+    def code(*args: str) -> int:
+        return cli.main(["code", *args, "--nats-url", node.url])
+
+    assert await anyio.to_thread.run_sync(code, "ls") == 0
+    # (The in-process platform's logs go to stdout too.)
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("demo@")]
+    assert len(rows) == 1, rows
+    row = rows[0]
+    assert row.split()[0] == ref
+    assert row.split()[-1] == "bundled"
+    assert await anyio.to_thread.run_sync(code, "rm", ref) == 1
+    assert "pinned by function(s) bundled" in capsys.readouterr().err
+    client = Client(nc)
+    assert await client.remove("bundled")
+    assert await anyio.to_thread.run_sync(code, "rm", ref) == 0
+    assert await anyio.to_thread.run_sync(code, "rm", ref) == 1  # gone: nothing to remove
+    assert "no code bundle" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is not in the code store"):
+        await client.deploy(spec_for(ref))
+
+
 @pytest.mark.nats
 @pytest.mark.anyio
 async def test_a_spec_pinning_a_digest_that_was_never_pushed_is_refused_at_deploy(
@@ -338,7 +370,7 @@ async def test_a_spec_pinning_a_digest_that_was_never_pushed_is_refused_at_deplo
     stored = ref.rpartition(":")[2][:12]
     assert line == (
         "gfaas: bundled: code bundle demo@sha256:000000000000… is not in the code store "
-        f"(versions of 'demo' there: sha256:{stored}…); push it with `gfaas push-code demo DIR`"
+        f"(versions of 'demo' there: sha256:{stored}…); push it with `gfaas code push demo DIR`"
     )
     assert await Client(nc).functions() == []
 
