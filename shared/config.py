@@ -111,6 +111,10 @@ class Settings:
     # segments with (a name or gid; "": the user's primary group).
     handler_user: str = "auto"
     handler_group: str = ""
+    # With a handler user: each instance its own uid from this range ("START-END", no
+    # passwd entries needed), all in the handler group, so no handler can signal or
+    # trace another instance; "": every instance the handler user's uid.
+    handler_uids: str = ""
     # Packages handlers may come from ("module:attr" with the module one of these or
     # under one), comma-separated: a spec naming anything else (`subprocess:run`) is
     # refused at deploy and never imported by a worker.
@@ -157,6 +161,9 @@ class Settings:
     # ... and, when instances run as the handler user, the instance's own working
     # directory (its HOME): set, the process switches to that user before serving.
     instance_dir: str = ""
+    # ... and the uid it switches to there, when the agent gives each its own
+    # (`handler_uids`; 0: the handler user's).
+    instance_uid: int = 0
     # ... and, for a function whose handler comes from a code bundle, that bundle
     # ("NAME@sha256:<hex>") and where the agent extracted it: first on the import path.
     instance_code: str = ""

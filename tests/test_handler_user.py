@@ -251,6 +251,83 @@ async def test_on_an_isolated_node_no_handler_code_runs_as_root_not_even_without
     assert all(r.throughput > 0 for r in profile.rows)
 
 
+# Two instances side by side on the 2-core device: half its time each.
+TWO_WHOAMI = FunctionSpec(
+    name="whoami-2", handler="tests.funcs:whoami", min_instances=2, max_instances=2,
+    time_quota=0.5, memory_mb=256, idle_s=60.0, timeout_ms=60_000,
+)  # fmt: skip
+UIDS = range(61000, 61010)
+
+
+@pytest.mark.slow
+@pytest.mark.nats
+@pytest.mark.anyio
+async def test_with_a_uid_range_each_instance_has_its_own_uid_and_cannot_signal_another(
+    nats_server: NatsServer, reachable: Path, namespace: str
+) -> None:
+    """GFAAS_HANDLER_UIDS: one uid each from the range, all in the handler group (the
+    node's segments are the group's), so one handler cannot signal another's process,
+    as it could with one uid for all."""
+    group = nobody().pw_gid
+    try:
+        with platform_at(
+            nats_server.url,
+            reachable / "state",
+            agent_memory_mb=800,
+            handler_user="nobody",
+            handler_uids=f"{UIDS.start}-{UIDS.stop - 1}",
+            shm_namespace=namespace,
+        ) as p:
+            nc = await connect_nats(p.url)
+            try:
+                await deploy_and_wait(nc, TWO_WHOAMI)
+                with anyio.fail_after(60):
+                    while True:  # switched, and serving
+                        first, second = await wait_instances(nc, "whoami-2", 2)
+                        if first.state == second.state == "ready":
+                            break
+                        await anyio.sleep(0.1)
+                uids = set()
+                for instance in (first, second):
+                    ids = proc_status(instance.pid)["Uid"].split()
+                    assert len(set(ids)) == 1, ids
+                    assert proc_status(instance.pid)["Gid"].split() == [str(group)] * 4
+                    uids.add(int(ids[0]))
+                assert len(uids) == 2
+                assert uids <= set(UIDS)
+                # As the first's uid, the second's process cannot be signalled.
+                kill = shutil.which("kill") or "/bin/kill"
+                tried = await anyio.run_process(
+                    [kill, "-0", str(second.pid)],
+                    user=int(proc_status(first.pid)["Uid"].split()[0]),
+                    group=group,
+                    extra_groups=[],
+                    check=False,
+                )
+                assert tried.returncode != 0, tried
+                # They serve (as one of those uids), and say which is theirs.
+                client = Client(nc)
+                out = await client.invoke("whoami-2", path_input("/"), timeout=30)
+                assert out["ids"].tolist()[0] in uids
+                said = {
+                    s.details.get("worker_id"): s.details.get("uid")
+                    for s in await client.status_all("gpu-worker", timeout=1.0)
+                }
+                assert {said[first.instance_id], said[second.instance_id]} == uids
+            finally:
+                await nc.drain()
+    finally:
+        access.share_segments(None)
+
+
+def test_a_uid_range_that_cannot_be_used_is_named() -> None:
+    assert privileges.uid_range("") is None
+    assert privileges.uid_range("100-101") == range(100, 102)
+    for bad in ("7", "9-3", "x-y", "0-10", f"{os.geteuid()}-{os.geteuid() + 1}", "1-70000"):
+        with pytest.raises(access.HandlerUserError, match="GFAAS_HANDLER_UIDS"):
+            privileges.uid_range(bad)
+
+
 @pytest.mark.nats
 @pytest.mark.anyio
 async def test_a_model_instance_as_nobody_maps_the_pools_and_roots_host_tier_copy(

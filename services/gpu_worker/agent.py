@@ -38,7 +38,7 @@ from nats.aio.msg import Msg
 
 from services.gpu_worker import limits
 from services.gpu_worker.bundles import Bundles
-from services.gpu_worker.privileges import PROFILE_FILE, InstanceDirs, read_own_file
+from services.gpu_worker.privileges import PROFILE_FILE, InstanceDirs, read_own_file, uid_range
 from shared import auth, subjects
 from shared.codebundle import BundleError, parse_ref
 from shared.config import Settings, settings_env
@@ -270,6 +270,10 @@ class Agent:
             if handler_user is not None
             else None
         )
+        # Each instance its own uid from this range (GFAAS_HANDLER_UIDS), if given;
+        # those profile runs hold meanwhile.
+        self.uids = uid_range(settings.handler_uids) if handler_user is not None else None
+        self._lent_uids: set[int] = set()
 
     # -- commands ---------------------------------------------------------------------
 
@@ -410,7 +414,8 @@ class Agent:
         no process could be started."""
         directory = None
         try:
-            directory = self.dirs.create(cmd.instance_id) if self.dirs is not None else None
+            uid = self._instance_uid()
+            directory = self.dirs.create(cmd.instance_id, uid) if self.dirs is not None else None
             # A spare that imported everything already, or a process started now.
             process = self.spares.take() or self.spares.spawn()
             limits.apply(
@@ -422,14 +427,13 @@ class Agent:
                     slack_mb=self.settings.instance_memory_slack_mb,
                 ),
             )
-            self.spares.assign(process, self._assignment(cmd, cores, directory))
+            self.spares.assign(process, self._assignment(cmd, cores, directory, uid))
         except OSError as exc:
             self.runner.remove(cmd.instance_id)
             if directory is not None:
                 InstanceDirs.remove(directory)
             reason = f"could not start the instance process: {exc}"
             return ErrorInfo(code=ErrorCode.INTERNAL, reason=reason)
-        uid = self.handler_user.uid if self.handler_user is not None else os.geteuid()
         if running is None:
             running = Running(cmd, process, cores, self.clock())
             self.instances[cmd.instance_id] = running
@@ -494,11 +498,13 @@ class Agent:
         # Its directory: the handler user's on an isolated node (it switches there),
         # else one of this agent's user, for the reply alone.
         isolated = self.dirs is not None
+        uid = self._instance_uid()
         directory = (
-            self.dirs.create(run_id)
+            self.dirs.create(run_id, uid)
             if self.dirs is not None
             else Path(tempfile.mkdtemp(prefix="gfaas-profile-"))
         )
+        self._lent_uids.add(uid)
         try:
             process = self.spares.take() or self.spares.spawn()
             try:
@@ -511,7 +517,7 @@ class Agent:
                         slack_mb=self.settings.instance_memory_slack_mb,
                     ),
                 )
-                env = self._assignment(cmd, self.cores, directory if isolated else None)
+                env = self._assignment(cmd, self.cores, directory if isolated else None, uid)
                 env["GFAAS_INSTANCE_PROFILE"] = str(directory / PROFILE_FILE)
                 self.spares.assign(process, env)
                 with anyio.move_on_after(timeout_s) as scope:
@@ -532,6 +538,7 @@ class Agent:
                 return ProfileReply(error=ErrorInfo(code=ErrorCode.INTERNAL, reason=reason))
         finally:
             InstanceDirs.remove(directory)
+            self._lent_uids.discard(uid)
         if reply.profile is not None:
             # What the process could not know: whose device, and how SM shares are
             # enforced on it.
@@ -540,8 +547,26 @@ class Agent:
                 reply.profile.spatial = self.spatial.mode
         return reply
 
+    def _instance_uid(self) -> int:
+        """The uid a new instance runs as: this agent's without a handler user, the
+        handler user's, or the first of GFAAS_HANDLER_UIDS no instance (or profile
+        run) here holds. An OSError when every one is held."""
+        if self.handler_user is None:
+            return os.geteuid()
+        if self.uids is None:
+            return self.handler_user.uid
+        held = {r.uid for r in self.instances.values()} | self._lent_uids
+        for uid in self.uids:
+            if uid not in held:
+                return uid
+        raise OSError(f"all {len(self.uids)} uids of GFAAS_HANDLER_UIDS are in use here")
+
     def _assignment(
-        self, cmd: StartInstance, cores: frozenset[int], directory: Path | None
+        self,
+        cmd: StartInstance,
+        cores: frozenset[int],
+        directory: Path | None,
+        uid: int | None = None,
     ) -> dict[str, str]:
         """The environment an instance runs with, beyond the agent's own."""
         env = settings_env(self.settings)
@@ -568,6 +593,8 @@ class Agent:
             # directory changes, so the state directory must not be relative.
             env["GFAAS_INSTANCE_DIR"] = str(directory)
             env["GFAAS_STATE_DIR"] = str(self.settings.state_dir.resolve())
+            if self.uids is not None and uid is not None:
+                env["GFAAS_INSTANCE_UID"] = str(uid)
         if self.spatial.mode == "mps" and self.spatial.mps_dirs is not None:
             env.update(mps.client_env(cmd.sm_share, self.spatial.mps_dirs))
         if cmd.code and self.bundles is not None:

@@ -91,6 +91,7 @@ def prepare(settings: Settings) -> HandlerUser | None:
         elif settings.handler_user.strip().lower() not in access.OFF:
             log.info("agent.handler_user_ignored", user=settings.handler_user, reason="not root")
         return None
+    uid_range(settings.handler_uids)  # a bad range stops the worker now, with why
     state_dir = settings.state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     blocked = unreachable(state_dir, user)
@@ -105,6 +106,30 @@ def prepare(settings: Settings) -> HandlerUser | None:
     HostTier(tier_prefix(settings.shm_namespace)).share_with(user.gid)
     log.info("agent.handler_user", user=user.name, uid=user.uid, gid=user.gid)
     return user
+
+
+def uid_range(setting: str) -> range | None:
+    """The uids GFAAS_HANDLER_UIDS ("START-END") gives instances, one each; None for
+    "". A HandlerUserError for a range that is malformed, reversed, larger than
+    65,536 or holds root or this process's uid."""
+    if not setting.strip():
+        return None
+    start, dash, end = setting.strip().partition("-")
+    try:
+        uids = range(int(start), int(end) + 1) if dash else range(0)
+    except ValueError:
+        uids = range(0)
+    if not uids:
+        raise HandlerUserError(
+            f"GFAAS_HANDLER_UIDS={setting!r}: give the instances' uids as START-END "
+            "(say 200000-200999), START at most END"
+        )
+    if len(uids) > 65_536 or 0 in uids or os.geteuid() in uids:
+        raise HandlerUserError(
+            f"GFAAS_HANDLER_UIDS={setting!r}: at most 65,536 uids, none of them root's "
+            f"or this worker's ({os.geteuid()})"
+        )
+    return uids
 
 
 def share_dir(path: Path, gid: int) -> None:
@@ -150,10 +175,12 @@ class InstanceDirs:
             finally:
                 os.close(fd)
 
-    def create(self, instance_id: str) -> Path:
+    def create(self, instance_id: str, uid: int | None = None) -> Path:
+        """The instance's directory, its user's (`uid`: its own, else the handler
+        user's) in the handler group."""
         path = self.root / instance_id
         os.mkdir(path, 0o700)
-        os.chown(path, self.user.uid, self.user.gid, follow_symlinks=False)
+        os.chown(path, self.user.uid if uid is None else uid, self.user.gid, follow_symlinks=False)
         return path
 
     @staticmethod
@@ -209,6 +236,9 @@ def become(settings: Settings) -> Settings:
             "assigned an instance directory but no handler user: not root, or "
             f"{access.USER_ENV} is off"
         )
+    if settings.instance_uid:
+        # A uid of its own (GFAAS_HANDLER_UIDS), in the handler group: no passwd entry.
+        user = dataclasses.replace(user, name=str(settings.instance_uid), uid=settings.instance_uid)
     directory = Path(settings.instance_dir)
     settings = read_as_root(settings, directory, user)
     for module in AFTER_SWITCH:
