@@ -354,7 +354,9 @@ def _acquire(name: str) -> int:
     # link planted under the name.
     LOCK_DIR.mkdir(exist_ok=True)
     flags = os.O_CREAT | os.O_RDONLY | os.O_NOFOLLOW
-    fd = os.open(LOCK_DIR / f"{name}.lock", flags, 0o600)
+    # Group-readable from the start: an instance with a uid of its own may make it (the
+    # shared lock directory gives it the handler group), and the others must open it.
+    fd = os.open(LOCK_DIR / f"{name}.lock", flags, 0o640)
     try:
         gid = access.segment_group()
         if gid is not None and os.fstat(fd).st_uid == os.geteuid():
