@@ -158,6 +158,8 @@ class Settings:
     instance_function: str = ""
     instance_agent: str = ""
     instance_cores: str = ""
+    # ... and whether its runs wait for the agent's token arbiter (StartInstance.gated).
+    instance_gated: bool = True
     # ... and, when instances run as the handler user, the instance's own working
     # directory (its HOME): set, the process switches to that user before serving.
     instance_dir: str = ""

@@ -426,6 +426,11 @@ class StartInstance(_Msg):
     # The function's code bundle ("NAME@sha256:<hex>"; empty: none): the agent fetches,
     # verifies and extracts it before the instance process is assigned.
     code: str = ""
+    # Its runs wait for the agent's token arbiter (its time share). False for a
+    # function that asked for no shares, run as instances only because its node
+    # isolates handler code: it uses the device's time as the workers' functions do,
+    # with no round trip to the agent per batch (bench.isolation_overhead).
+    gated: bool = True
 
 
 class InstanceFailed(_Msg):
@@ -459,6 +464,7 @@ class InstanceInfo(_Msg):
     version: int = 0  # see StartInstance.version
     model: str = ""  # see StartInstance.model
     weight_bytes: int = 0
+    gated: bool = True  # see StartInstance.gated
 
 
 class AgentBeat(_Msg):

@@ -241,6 +241,8 @@ async def test_on_an_isolated_node_no_handler_code_runs_as_root_not_even_without
     assert out["uid"].tolist() == [user.pw_uid]
     (instance,) = await wait_instances(nc, "plain-nr", 1)
     assert proc_status(instance.pid)["Uid"].split() == [str(user.pw_uid)] * 4
+    # It asked for no time share: its runs do not wait on the agent's arbiter.
+    assert instance.gated is False
     agent = await agent_details(client)
     assert agent["isolated"] is True
     # The profile (the scheduler asks for one after the deploy; this asks again): the

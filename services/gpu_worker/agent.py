@@ -132,6 +132,7 @@ class Running:
             version=c.version,
             model=c.model,
             weight_bytes=c.weight_bytes,
+            gated=c.gated,
         )
 
     def demand(self) -> packing.Demand:
@@ -584,6 +585,7 @@ class Agent:
                 "GFAAS_THREADS": str(max(len(cores), 1)),
                 "GFAAS_DEVICE_CACHE_MB": str(budget_mb),
                 "GFAAS_AGENT_ENABLED": "false",
+                "GFAAS_INSTANCE_GATED": "true" if cmd.gated else "false",
                 # Each instance its own metrics port, any free one (its status says which).
                 "GFAAS_METRICS_PORT": "0",
             }

@@ -274,7 +274,7 @@ async def serve(
                 worker_id=worker_id,
                 function=function,
                 gate=TokenGate(nc, settings.instance_agent, worker_id)
-                if settings.instance_agent
+                if settings.instance_agent and settings.instance_gated
                 else None,
             ),
             worker_id,

@@ -501,6 +501,7 @@ class Instances:
             model=spec.model or "",
             weight_bytes=self._weights(spec),
             code=spec.code,
+            gated=wants_instances(spec),
         )
         info = InstanceInfo(
             instance_id=name,
@@ -512,6 +513,7 @@ class Instances:
             version=version,
             model=command.model,
             weight_bytes=command.weight_bytes,
+            gated=command.gated,
         )
         # In the books before the command goes: a round that runs meanwhile (a tick,
         # another request from zero) counts it, and does not start another.
