@@ -419,15 +419,7 @@ class Agent:
             directory = self.dirs.create(cmd.instance_id, uid) if self.dirs is not None else None
             # A spare that imported everything already, or a process started now.
             process = self.spares.take() or self.spares.spawn()
-            limits.apply(
-                process.pid,
-                limits.instance_limits(
-                    self.device,
-                    cmd.memory_bytes,
-                    files=self.settings.instance_max_files,
-                    slack_mb=self.settings.instance_memory_slack_mb,
-                ),
-            )
+            self._limit(process, cmd.memory_bytes)
             self.spares.assign(process, self._assignment(cmd, cores, directory, uid))
         except OSError as exc:
             self.runner.remove(cmd.instance_id)
@@ -509,15 +501,7 @@ class Agent:
         try:
             process = self.spares.take() or self.spares.spawn()
             try:
-                limits.apply(
-                    process.pid,
-                    limits.instance_limits(
-                        self.device,
-                        cmd.memory_bytes,
-                        files=self.settings.instance_max_files,
-                        slack_mb=self.settings.instance_memory_slack_mb,
-                    ),
-                )
+                self._limit(process, cmd.memory_bytes)
                 env = self._assignment(cmd, self.cores, directory if isolated else None, uid)
                 env["GFAAS_INSTANCE_PROFILE"] = str(directory / PROFILE_FILE)
                 self.spares.assign(process, env)
@@ -547,6 +531,18 @@ class Agent:
             if self.device.startswith("cuda"):
                 reply.profile.spatial = self.spatial.mode
         return reply
+
+    def _limit(self, process: subprocess.Popen[bytes], memory_bytes: int) -> None:
+        """An instance process's limits (open files; on a CPU, memory past its budget)."""
+        limits.apply(
+            process.pid,
+            limits.instance_limits(
+                self.device,
+                memory_bytes,
+                files=self.settings.instance_max_files,
+                slack_mb=self.settings.instance_memory_slack_mb,
+            ),
+        )
 
     def _instance_uid(self) -> int:
         """The uid a new instance runs as: this agent's without a handler user, the
