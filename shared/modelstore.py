@@ -49,8 +49,13 @@ BLOB_SUFFIX = ".blob"
 SOURCE_HEADER = "Gfaas-Source-Sha256"
 # A fetch that receives nothing for this long is given up (chunks lost in the store).
 STALL_S = 30.0
-# Chunks (128 KiB each) asked for in one pull: 32 MiB in flight.
-FETCH_BATCH = 256
+# Pushes store chunks of this size, or of the server's max_payload where that is
+# smaller: 100 MB is 100 messages instead of the client's default 800 of 128 KiB,
+# and a fetch pays the per-message work (the server's, the parser's, a write) an
+# eighth as often: 0.33 s -> 0.25 s per 100 MB fetched here, pushes 2.4x faster.
+CHUNK_BYTES = 1024 * 1024
+# Bytes of chunks asked for in one pull (256 of the old 128 KiB): in flight at once.
+FETCH_BYTES = 32 * 1024 * 1024
 # A process that only maps the host tier looks for its agent's copy this often, and
 # for at most this long (the agent's fill of a large model from the store included).
 MAPPED_POLL_S = 0.05
@@ -101,6 +106,7 @@ class ModelStore:
         meta = api.ObjectMeta(
             name=name,
             headers={SHA256_HEADER: [digest], SIZE_HEADER: [str(path.stat().st_size)]},
+            options=self._chunking(),
         )
         with path.open("rb") as f:
             info = await self._store.put(name, f, meta=meta)
@@ -121,11 +127,20 @@ class ModelStore:
                 SIZE_HEADER: [str(blob.stat().st_size)],
                 SOURCE_HEADER: [source],
             }
-            meta = api.ObjectMeta(name=name + BLOB_SUFFIX, headers=headers)
+            meta = api.ObjectMeta(
+                name=name + BLOB_SUFFIX, headers=headers, options=self._chunking()
+            )
             with blob.open("rb") as f:
                 await self._store.put(name + BLOB_SUFFIX, f, meta=meta)
         finally:
             blob.unlink(missing_ok=True)
+
+    def _chunking(self) -> api.ObjectMetaOptions:
+        """Chunks as large as the server lets one message be, up to CHUNK_BYTES (the
+        object store's chunks carry no headers: the payload is the whole message)."""
+        js: Any = getattr(self._store, "_js", None)
+        limit = int(getattr(getattr(js, "_nc", None), "max_payload", 0) or 0)
+        return api.ObjectMetaOptions(max_chunk_size=min(CHUNK_BYTES, limit or CHUNK_BYTES))
 
     async def fill_host_tier(self, name: str, tier: HostTier) -> HostModel | None:
         """The model in the node's host tier: there already, or streamed into it from
@@ -240,8 +255,8 @@ class ModelStore:
 
         Batches of chunks are pulled, not pushed: the client's `get(writeinto=...)`
         reads through an ordered push consumer and hops to a thread for every chunk,
-        2.0 s for 100 MB here; pulling FETCH_BATCH chunks a request reads and writes the
-        same 100 MB in about 0.27 s (bench.weights_load)."""
+        2.0 s for 100 MB here; pulling FETCH_BYTES of chunks a request reads and writes
+        the same 100 MB in about 0.27 s (bench.weights_load)."""
         js: Any = getattr(self._store, "_js", None)
         stream = getattr(self._store, "_stream", None)
         bucket = getattr(self._store, "_name", None)
@@ -251,6 +266,8 @@ class ModelStore:
         chunks = int(info.chunks or 0)
         if chunks == 0:
             return
+        # Objects keep the chunk size they were pushed with (older pushes: 128 KiB).
+        batch_size = max(1, FETCH_BYTES // max(1, -(-int(info.size or 0) // chunks)))
         subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=bucket, obj=info.nuid)
         config = api.ConsumerConfig(
             ack_policy=api.AckPolicy.NONE,
@@ -265,7 +282,7 @@ class ModelStore:
             got = 0
             while got < chunks:
                 try:
-                    batch = await sub.fetch(min(FETCH_BATCH, chunks - got), timeout=STALL_S)
+                    batch = await sub.fetch(min(batch_size, chunks - got), timeout=STALL_S)
                 except nats.errors.TimeoutError:
                     raise _stalled(name, info, writer) from None
                 if writing is not None:

@@ -18,7 +18,7 @@ from gfaas.client import Client
 from shared.dataplane.shm import list_segments
 from shared.errors import GfaasError
 from shared.jetstream import MODELS_BUCKET
-from shared.modelstore import SHA256_HEADER, SIZE_HEADER, ModelStore, file_sha256
+from shared.modelstore import CHUNK_BYTES, SHA256_HEADER, SIZE_HEADER, ModelStore, file_sha256
 from shared.modelswap import tier_prefix
 from shared.modelswap.host_tier import LOCK_DIR
 from shared.natsd import NatsServer
@@ -185,3 +185,29 @@ async def test_a_corrupt_or_truncated_blob_is_refused(nc: NATS, tmp_path: Path) 
     await store.push("text-encoder", weights)
     again = await store.fetch("text-encoder", tmp_path / "again")
     assert again.read_bytes() == raw
+
+
+async def test_pushes_store_large_chunks_and_older_small_chunked_objects_still_load(
+    nc: NATS, tmp_path: Path
+) -> None:
+    """A push stores chunks as large as one message may be (up to CHUNK_BYTES), so a
+    fetch handles an eighth as many messages; objects pushed in the client's default
+    128 KiB chunks (older clients) are still fetched whole and checked."""
+    store = await ModelStore.open(nc.jetstream())
+    weights = tmp_path / "big.bin"
+    weights.write_bytes(np.random.default_rng(1).bytes(5 * CHUNK_BYTES + 12345))
+    await store.push("big", weights)
+    info = await store._store.get_info("big")
+    chunk = min(CHUNK_BYTES, nc.max_payload)
+    assert info.chunks == -(-weights.stat().st_size // chunk)
+    assert (await store.fetch("big", tmp_path / "new")).read_bytes() == weights.read_bytes()
+
+    meta = api.ObjectMeta(name="old", headers=info.headers)  # the client's default chunks
+    with weights.open("rb") as f:
+        await store._store.put("old", f, meta=meta)
+    old = await store._store.get_info("old")
+    assert old.chunks is not None
+    assert old.chunks > 8 * int(info.chunks or 0) - 8
+    with anyio.fail_after(20):
+        fetched = await store.fetch("old", tmp_path / "old")
+    assert fetched.read_bytes() == weights.read_bytes()
