@@ -8,6 +8,8 @@ mid-request, `gfaas up`) start real processes.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -57,3 +59,15 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
         yield conn
     finally:
         await conn.drain()
+
+
+@pytest.fixture
+def reachable() -> Iterator[Path]:
+    """A directory for a state directory that the handler user (nobody) can pass
+    through: pytest's own temporary directories are root's, 0700."""
+    path = Path(tempfile.mkdtemp(prefix="gfaas-reach-"))
+    path.chmod(0o711)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -10,10 +10,8 @@ import contextlib
 import io
 import os
 import pwd
-import shutil
 import stat
 import sys
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -219,17 +217,6 @@ def test_a_spec_pins_a_bundle_by_name_and_digest_and_then_runs_as_instances() ->
 
 
 # -- live: push, deploy, run ----------------------------------------------------------------
-
-
-@pytest.fixture
-def reachable() -> Iterator[Path]:
-    """A state directory's parent the handler user can pass (pytest's are root's 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="gfaas-cb-"))
-    path.chmod(0o711)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

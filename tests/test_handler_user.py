@@ -65,17 +65,6 @@ def nobody() -> pwd.struct_passwd:
 
 
 @pytest.fixture
-def reachable() -> Iterator[Path]:
-    """A directory the handler user can pass through: pytest's own are 0700 root's."""
-    path = Path(tempfile.mkdtemp(prefix="gfaas-hu-"))
-    path.chmod(0o711)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def namespace() -> str:
     return f"gfaas-hu{secrets.token_hex(4)}"
 
