@@ -214,6 +214,23 @@ def _service(
     )
 
 
+# What a process that runs handlers publishes, a worker or an instance: answers,
+# heartbeats and completions, the agent's token requests, the broker's regions, logs
+# and async results. A worker adds its agent's own subjects.
+_RUNS_PUBLISH: Final = (
+    _TENANT_REPLIES,
+    f"{P}.heartbeat.*",
+    f"{P}.done.>",
+    f"{P}.refused",
+    f"{P}.agent.*.acquire",
+    f"{P}.agent.*.release",
+    f"{P}.agent.*.failed",
+    f"{P}.broker.*.*",
+    f"{P}.logs.*",
+    _kv(jetstream.RESULTS_BUCKET),
+)
+
+
 SERVICE_PERMISSIONS: Final[Mapping[str, Permissions]] = {
     "ingress": _service(
         "ingress",
@@ -276,18 +293,9 @@ SERVICE_PERMISSIONS: Final[Mapping[str, Permissions]] = {
     "gpu-worker": _service(
         "gpu-worker",
         publish=[
-            _TENANT_REPLIES,
-            f"{P}.heartbeat.*",
-            f"{P}.done.>",
-            f"{P}.refused",
-            f"{P}.agent.*.acquire",
-            f"{P}.agent.*.release",
-            f"{P}.agent.*.failed",
+            *_RUNS_PUBLISH,
             f"{P}.agent_beat.*",
             f"{P}.profiled.*",
-            f"{P}.broker.*.*",
-            f"{P}.logs.*",
-            _kv(jetstream.RESULTS_BUCKET),
             _kv(jetstream.PROFILES_BUCKET),
         ],
         subscribe=[
@@ -300,18 +308,7 @@ SERVICE_PERMISSIONS: Final[Mapping[str, Permissions]] = {
     ),
     INSTANCE: _service(
         INSTANCE,
-        publish=[
-            _TENANT_REPLIES,
-            f"{P}.heartbeat.*",
-            f"{P}.done.>",
-            f"{P}.refused",
-            f"{P}.agent.*.acquire",
-            f"{P}.agent.*.release",
-            f"{P}.agent.*.failed",
-            f"{P}.broker.*.*",
-            f"{P}.logs.*",
-            _kv(jetstream.RESULTS_BUCKET),
-        ],
+        publish=_RUNS_PUBLISH,
         subscribe=[
             f"{P}.worker.*.run",
             # It answers `gfaas status gpu-worker` as the worker it is to the others.
