@@ -103,6 +103,11 @@ class Settings:
     # How long a grant of worker slots to an ingress lasts unless renewed
     # (shared.scheduling.grants); 0 turns direct sends off.
     grant_ttl_s: float = 2.0
+    # Function instances: an instance beyond its function's burst floor (what a burst
+    # of the rate left behind) goes after this many seconds idle while the function
+    # still has a rate; the spec's idle_s stays the keep-alive of the last ones
+    # (shared.scheduling.autoscale). Negative: idle_s for all (the default).
+    surplus_idle_s: float = -1.0
     # gpu_worker
     # The user instance processes run as when the services run as root (issue 10,
     # services/gpu_worker/privileges.py): a name or uid ("" or "none": the agent's own
@@ -174,6 +179,14 @@ class Settings:
     # or the function has a code bundle): the file the process writes its function's
     # profile into, then exits.
     instance_profile: str = ""
+    # ... and, for a profile process that measures one spatial share (its agent
+    # applied it as an instance's: an MPS share, or that part of the cores), the share
+    # its rows stand for (0: it measures the grid over its own cores itself).
+    instance_profile_share: float = 0.0
+    # Profile each spatial share in a process of its own, with the share applied as an
+    # instance's is: "auto" where the device is a GPU under MPS (an SM share applies to
+    # a whole process, so one process cannot measure several), "true" or "false".
+    profile_per_share: str = "auto"
     # memory_broker: per-device pool cap, slab size, and the default lease TTL.
     pool_cap_mb: int = 4096
     # Host memory's own cap (0: pool_cap_mb): where parked data spills to.

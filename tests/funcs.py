@@ -223,3 +223,26 @@ def not_as_root(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if os.geteuid() == 0:
         raise RuntimeError("this handler ran as root")
     return {"y": inputs["x"] * 2, "uid": torch.tensor([os.geteuid()])}
+
+
+def process_cores() -> int:
+    """The cores this process was given: its main thread's affinity (a thread pinned
+    for a moment, as the agent's profiler pins its own, does not change it)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("Cpus_allowed_list:"):
+                ranges = line.split(":", 1)[1].strip().split(",")
+                return sum(
+                    int(b) - int(a) + 1 if "-" in r else 1
+                    for r in ranges
+                    for a, _, b in [r.partition("-")]
+                )
+    return len(os.sched_getaffinity(0))
+
+
+def wait_per_core(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Waits 30 ms divided by the cores its process has: a run whose latency tells
+    which share its process was given, without burning the CPU a test shares."""
+    cores = process_cores()
+    time.sleep(0.03 / cores)
+    return {"cores": torch.tensor([cores], dtype=torch.int32)}

@@ -14,6 +14,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from gfaas.client import Client
+from services.gpu_worker.profiler import share_grid
 from shared import subjects
 from shared.errors import GfaasError
 from shared.natsd import NatsServer
@@ -28,6 +29,7 @@ from shared.schema import (
     decode,
     encode,
 )
+from shared.sharing.cpu import cores_for, node_cores
 from tests.helpers import deploy_and_wait
 from tests.platform import Platform, platform_at
 
@@ -275,6 +277,40 @@ async def test_profile_measures_the_grid_and_the_scheduler_plans_with_it(
     with pytest.raises(GfaasError) as err:
         await client.profile("echo-none")
     assert err.value.code is ErrorCode.UNKNOWN_FUNCTION
+
+
+@pytest.mark.slow
+async def test_each_spatial_share_is_profiled_in_a_process_given_that_share(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    """GFAAS_PROFILE_PER_SHARE (on by default only on a GPU under MPS, where an SM
+    share holds for a whole process): each share of the grid is measured in an
+    instance process the share is applied to, as to an instance. On a CPU the share
+    is the process's cores; the handler waits 30 ms over its process's cores, so the
+    rows tell which process measured them (the agent's own profiler pins a thread,
+    not its process: both rows would read 15 ms)."""
+    if len(node_cores()) < 2:
+        pytest.skip("needs two cores for two spatial shares")
+    with platform_at(
+        nats_server.url, tmp_path / "state", agent_memory_mb=600, profile_per_share="true"
+    ):
+        spec = FunctionSpec(
+            name="cores-p",
+            handler="tests.funcs:wait_per_core",
+            max_instances=1,
+            inputs=[TensorSpec(name="x", dtype=DType.FLOAT32, shape=[1])],
+        )
+        await deploy_and_wait(nc, spec)
+        profile = await Client(nc).profile("cores-p", timeout=120)
+    shares = share_grid("cpu", len(node_cores()))
+    grid = {(r.sm_share, r.time_quota) for r in profile.rows}
+    assert grid == {(s, q) for s in shares for q in (0.25, 0.5, 1.0)}, grid
+    p50 = {r.sm_share: r.p50_ms for r in profile.rows if r.time_quota == 1.0}
+    cores = len(node_cores())
+    for share in shares:
+        expected = 30.0 / cores_for(share, cores)
+        assert expected <= p50[share] < expected + 12.0, (share, p50)
+    assert profile.spatial == "cores"
 
 
 async def test_a_start_from_zero_takes_a_prestarted_spare(

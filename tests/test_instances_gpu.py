@@ -95,3 +95,30 @@ async def test_mps_shares_slow_a_compute_bound_instance_in_proportion(
     slowdown = took["mm-25"] / took["mm-100"]
     print(f"25% of the SMs vs all: {slowdown:.2f}x the time ({took})")
     assert slowdown > 1.8, took
+
+
+async def test_a_gpu_profile_measures_each_sm_share_under_mps(
+    gpu_platform: Platform, nc: NATS
+) -> None:
+    """Under MPS each SM share of the grid is profiled in a process with that share
+    (Agent.profile_per_share): a compute-bound function's rows at a quarter of the
+    SMs are slower than at all of them, measured, not scaled."""
+    client = Client(nc)
+    spatial = str((await agent_details(client))["spatial"])
+    if spatial != "mps":
+        pytest.skip(f"MPS is not available on this node: {spatial}")
+    spec = FunctionSpec(
+        name="mm-prof",
+        handler="bench.sharing_funcs:gpu_big",
+        kind=FunctionKind.GPU,
+        max_instances=1,
+        memory_mb=1024,
+        inputs=[TensorSpec(name="x", dtype=DType.FLOAT32, shape=[1])],
+    )
+    await deploy_and_wait(nc, spec)
+    profile = await client.profile("mm-prof", timeout=300)
+    assert profile.spatial == "mps"
+    p50 = {(r.sm_share, r.time_quota): r.p50_ms for r in profile.rows}
+    assert {s for s, _ in p50} == {0.25, 0.5, 1.0}, p50
+    print(f"p50 ms by (SM share, quota): {p50}")
+    assert p50[(0.25, 1.0)] > 1.5 * p50[(1.0, 1.0)], p50

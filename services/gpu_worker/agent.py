@@ -39,6 +39,7 @@ from nats.aio.msg import Msg
 from services.gpu_worker import limits
 from services.gpu_worker.bundles import Bundles
 from services.gpu_worker.privileges import PROFILE_FILE, InstanceDirs, read_own_file, uid_range
+from services.gpu_worker.profiler import share_grid
 from shared import auth, subjects
 from shared.codebundle import BundleError, parse_ref
 from shared.config import Settings, settings_env
@@ -58,6 +59,7 @@ from shared.schema import (
     InstanceFailed,
     InstanceInfo,
     InstanceState,
+    Profile,
     ProfileReply,
     StartInstance,
     StopInstance,
@@ -463,23 +465,66 @@ class Agent:
             running.process.send_signal(signal.SIGTERM)  # it drains, then exits
         log.info("instance.stopping", instance=running.command.instance_id)
 
-    async def profile_in_instance(self, spec: FunctionSpec, timeout_s: float) -> ProfileReply:
+    @property
+    def profiles_per_share(self) -> bool:
+        """Is each spatial share profiled in a process of its own, the share applied
+        to it as to an instance? Where the device is a GPU under MPS (`auto`): an SM
+        share holds for a whole process, so no one process measures several."""
+        choice = self.settings.profile_per_share.strip().lower()
+        if choice in ("1", "true", "yes", "on"):
+            return True
+        if choice in ("0", "false", "no", "off"):
+            return False
+        return self.device.startswith("cuda") and self.spatial.mode == "mps"
+
+    async def profile_per_share(self, spec: FunctionSpec, timeout_s: float) -> ProfileReply:
+        """`spec`'s profile, one instance process per spatial share of the grid
+        (profiler.share_grid), each with that share applied as an instance's would be
+        (an MPS share of the SMs, or that part of the cores): what an instance with
+        the share gets, measured, not scaled from the whole device. The first error
+        is the reply."""
+        rows = []
+        for share in share_grid(self.device, len(self.cores)):
+            reply = await self.profile_in_instance(spec, timeout_s, share=share)
+            if reply.profile is None:
+                return reply
+            rows.extend(reply.profile.rows)
+        return ProfileReply(
+            profile=Profile(
+                function=spec.name,
+                device=self.device,
+                agent=self.agent_id,
+                rows=rows,
+                measured_at=now_millis() / 1000.0,
+                spatial=self.spatial.mode if self.device.startswith("cuda") else "cores",
+            )
+        )
+
+    async def profile_in_instance(
+        self, spec: FunctionSpec, timeout_s: float, *, share: float = 0.0
+    ) -> ProfileReply:
         """`spec`'s profile measured in an instance process of its own: on an isolated
         node (no handler code as root) as the handler user in its directory, and for a
         function with a code bundle with that bundle mounted. A spare takes the whole
         device's cores and the function's memory limits, measures the grid
         (services/gpu_worker/profile_instance.py), leaves the reply in a file and
-        exits. Its memory is not booked against `memory_total`: it lasts seconds, as
-        the agent's own profiles do."""
+        exits. With `share`, it runs with that spatial share applied (an MPS share on
+        a GPU, the first cores of that part of them on a CPU) and measures that one
+        share at each quota. Its memory is not booked against `memory_total`: it
+        lasts seconds, as the agent's own profiles do."""
         run_id = f"profile-{spec.name[:40]}-{secrets.token_hex(4)}"
         cmd = StartInstance(
             instance_id=run_id,
             function=spec.name,
-            sm_share=1.0,
+            sm_share=share or 1.0,
             time_quota=1.0,
             memory_bytes=spec.memory_mb * MB,
             code=spec.code,
         )
+        # On a CPU the share is cores (on a GPU, MPS applies it: `_assignment`).
+        cores = self.cores
+        if share and not self.device.startswith("cuda"):
+            cores = cores_at(0.0, share, self.cores)
         if spec.code:
             try:
                 if self.bundles is None:
@@ -502,8 +547,9 @@ class Agent:
             process = self.spares.take() or self.spares.spawn()
             try:
                 self._limit(process, cmd.memory_bytes)
-                env = self._assignment(cmd, self.cores, directory if isolated else None, uid)
+                env = self._assignment(cmd, cores, directory if isolated else None, uid)
                 env["GFAAS_INSTANCE_PROFILE"] = str(directory / PROFILE_FILE)
+                env["GFAAS_INSTANCE_PROFILE_SHARE"] = str(share)
                 self.spares.assign(process, env)
                 with anyio.move_on_after(timeout_s) as scope:
                     code = await anyio.to_thread.run_sync(process.wait)

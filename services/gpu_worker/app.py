@@ -140,7 +140,8 @@ async def profile_function(
 def measured_here(
     handlers: HandlerCache, settings: Settings, *, device: str, agent_id: str, spatial: str
 ) -> Callable[[FunctionSpec], Awaitable[ProfileReply]]:
-    """A profile measured in this process, on the handler its cache loads."""
+    """A profile measured in this process, on the handler its cache loads (one share
+    only in a profile process given one: `instance_profile_share`)."""
 
     async def measure(spec: FunctionSpec) -> ProfileReply:
         profile = await profiler.profile(
@@ -150,6 +151,7 @@ def measured_here(
             agent=agent_id,
             spatial=spatial,
             window_s=settings.token_window_s,
+            share=settings.instance_profile_share,
         )
         return ProfileReply(profile=profile)
 
@@ -421,6 +423,8 @@ async def serve(
                         # An isolated node runs no handler code as root, and a code
                         # bundle's modules live in processes of their own: those
                         # profiles are measured in an instance process.
+                        if agent.profiles_per_share:
+                            return await agent.profile_per_share(spec, PROFILE_TIMEOUT_S)
                         if agent.isolated or spec.code:
                             return await agent.profile_in_instance(spec, PROFILE_TIMEOUT_S)
                         return await here(spec)

@@ -37,13 +37,24 @@ MIN_S = 0.3
 MAX_S = 2.0
 
 
+# SM shares a GPU is profiled at, each in a process under that MPS share
+# (Agent.profile_per_share): FaST-GShare's grid, thinned to what a profile can afford.
+GPU_SM_SHARES = (0.25, 0.5, 1.0)
+
+
 def sm_grid(device: str, cores: int) -> tuple[float, ...]:
-    """Spatial shares worth measuring: on a CPU each distinct core count, at most
-    four of them; on a GPU the whole device (see the module's note)."""
+    """Spatial shares one process measures: on a CPU each distinct core count, at
+    most four of them; on a GPU the whole device (see the module's note)."""
     if device.startswith("cuda"):
         return (1.0,)
     counts = sorted({max(1, round(cores * f)) for f in (0.25, 0.5, 0.75, 1.0)})
     return tuple(c / cores for c in counts)
+
+
+def share_grid(device: str, cores: int) -> tuple[float, ...]:
+    """Spatial shares measured one process each, the share applied to the process:
+    GPU_SM_SHARES on a GPU, the core counts of `sm_grid` on a CPU."""
+    return GPU_SM_SHARES if device.startswith("cuda") else sm_grid(device, cores)
 
 
 def sample_inputs(spec: FunctionSpec, device: str) -> dict[str, torch.Tensor]:
@@ -97,16 +108,21 @@ async def profile(
     agent: str,
     spatial: str,
     window_s: float,
+    share: float = 0.0,
 ) -> Profile:
+    """The function's rows at each spatial share of `sm_grid` and each quota; with
+    `share`, one share only: what this process was given (its agent applied it, as
+    to an instance: Agent.profile_per_share), measured whole and labelled `share`."""
     inputs = sample_inputs(spec, device)
     pool = sorted(node_cores())
     rows = []
     async with handlers.use(spec) as entry:
         await anyio.to_thread.run_sync(run_metered, entry, inputs, {})  # warm up
         threads = torch.get_num_threads()
-        for sm in sm_grid(device, len(pool)):
+        for sm in (share,) if share else sm_grid(device, len(pool)):
             cuda = device.startswith("cuda")
-            cores = None if cuda else frozenset(pool[: cores_for(sm, len(pool))])
+            # A given share is this process's already: its cores, or its MPS share.
+            cores = None if cuda or share else frozenset(pool[: cores_for(sm, len(pool))])
             if cores is not None:
                 torch.set_num_threads(len(cores))
             try:
