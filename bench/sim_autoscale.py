@@ -11,15 +11,18 @@ later than half its SLO), on the larger of the rates over the last 2 s and 0.25 
 scaling in after `idle_s`, or, with two keep-alives, the instances beyond the
 burst floor after `surplus_idle_s` and the last ones after `idle_s`.
 
-Both plan with the same rule (`SETTINGS`): the trace's clusters as the burst model
-(geometric sizes with mean 2, gaps 5 ms apart on average; the burst floor leaves at
-most 0.25% of a function's requests late), the queueing of such clusters in
-Kingman's approximation (ca^2 = 2 * mean - 1 = 3, deterministic service), and an
-instance cost of a tenth of a GPU beyond its slot. For reference, the static
-allocation under the previous rule (8 simultaneous requests, burstiness 2, no
-instance cost) is printed too. Then the cold-start cost is varied: seconds to fetch
-a model no tier on the node holds. Prints tables; writes docs/img/sim_autoscale.png
-when matplotlib is there.
+Both plan with the same rule: a burst model of each function's clusters
+(geometric sizes, exponential gaps; the burst floor leaves at most 0.25% of a
+function's requests late), the queueing of such clusters in Kingman's
+approximation (ca^2 = 2 * mean - 1, deterministic service), and an instance cost of
+a tenth of a GPU beyond its slot. The autoscaled runs measure each function's
+clusters from its arrivals as they come (`shared/scheduling/clusters.py`, as the
+live scheduler does; `MEASURED`); the static allocation, sized at t=0, and the
+`known shape` rows for comparison take the trace's (mean 2, gaps 5 ms apart on
+average: `settings_for`). For reference, the static allocation under the previous
+rule (8 simultaneous requests, burstiness 2, no instance cost) is printed too.
+Then the cold-start cost is varied: seconds to fetch a model no tier on the node
+holds. Prints tables; writes docs/img/sim_autoscale.png when matplotlib is there.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def burst_for(spec: WorkloadSpec, tail: float = 0.01) -> int:
 
 
 def settings_for(spec: WorkloadSpec) -> AutoscaleSettings:
-    """The plan rule both allocations use: the trace's clusters as the burst model."""
+    """The plan rule with the trace's clusters as the burst model (known shape)."""
     return AutoscaleSettings(
         burst_mean=spec.burst_mean,
         burst_gap_ms=spec.burst_gap_s * 1000.0,
@@ -79,6 +82,12 @@ def settings_for(spec: WorkloadSpec) -> AutoscaleSettings:
         instance_cost=INSTANCE_COST,
     )
 
+
+# The same rule with each function's clusters as measured (`clusters.shaped` sets
+# the burst model and raises the burstiness to that of the clusters); until they
+# show, Kingman's default burstiness (2) and a floor of one request, as the live
+# scheduler's defaults.
+MEASURED = AutoscaleSettings(burst_budget=BURST_BUDGET, instance_cost=INSTANCE_COST)
 
 # The rule before the burst model: 8 simultaneous requests, Kingman's default
 # burstiness, configurations ranked by dominant share alone.
@@ -97,10 +106,15 @@ def options(base: SharingOptions, idle: tuple[float | None, float]) -> SharingOp
     )
 
 
-def label(idle: tuple[float | None, float]) -> str:
+def label(idle: tuple[float | None, float], what: str = "autoscaled") -> str:
     if idle[0] is None:
-        return f"autoscaled, idle {idle[1]:.0f} s"
-    return f"autoscaled, idle {idle[0]:g} s / {idle[1]:.0f} s"
+        return f"{what}, idle {idle[1]:.0f} s"
+    return f"{what}, idle {idle[0]:g} s / {idle[1]:.0f} s"
+
+
+def spread(values: list[float]) -> str:
+    """min-max (median) of `values`."""
+    return f"{min(values):.3g}-{max(values):.3g} (median {float(np.median(values)):.3g})"
 
 
 def worst(r: SharingResult) -> float:
@@ -123,7 +137,7 @@ def row(label: str, r: SharingResult, static: SharingResult) -> str:
     max_zero = f"{max(zero):.2f}" if zero else "-"
     tiers = "/".join(str(n) for n in r.starts_by_tier)
     return (
-        f"{label:<30}{r.slo_attainment:>8.2%}{worst(r):>8.2%}{r.instance_s:>8.0f}"
+        f"{label:<32}{r.slo_attainment:>8.2%}{worst(r):>8.2%}{r.instance_s:>8.0f}"
         f"{r.instance_s / static.instance_s:>9.2f}x{r.share_s:>9.0f}"
         f"{r.share_s / static.share_s:>9.2f}x{r.starts:>7d}{tiers:>16}{r.refused:>8d}"
         f"{len(zero):>7d}{mean_zero:>8}{max_zero:>7}"
@@ -135,8 +149,9 @@ def main() -> None:
     workload = generate(SPEC)
     functions = shared_functions(workload.functions)
     settings = settings_for(SPEC)
-    base = SharingOptions(settings=settings, horizon_s=SPEC.duration_s)
-    fixed = replace(base, autoscale=False, prewarm=peaks(workload))
+    base = SharingOptions(settings=MEASURED, horizon_s=SPEC.duration_s)
+    known = replace(base, settings=settings, measure_clusters=False)
+    fixed = replace(known, autoscale=False, prewarm=peaks(workload))
     static = simulate_sharing(functions, workload.arrivals, CLUSTER, fixed)
     previous = simulate_sharing(
         functions, workload.arrivals, CLUSTER, replace(fixed, settings=PREVIOUS)
@@ -150,6 +165,10 @@ def main() -> None:
         idle: simulate_sharing(functions, workload.arrivals, CLUSTER, options(base, idle))
         for idle in idles
     }
+    knowns: dict[tuple[float | None, float], SharingResult] = {
+        idle: simulate_sharing(functions, workload.arrivals, CLUSTER, options(known, idle))
+        for idle in SURPLUS_IDLE_S
+    }
     offered = len(workload.arrivals) / SPEC.duration_s
     print(
         f"{SPEC.n_functions} functions, {offered:.0f} req/s offered over {SPEC.duration_s:.0f} s, "
@@ -157,8 +176,15 @@ def main() -> None:
         f"{settings.burst_gap_ms:g} ms apart, at most {BURST_BUDGET:.2%} late; "
         f"burstiness {settings.burstiness:g}; instance cost {INSTANCE_COST:g}"
     )
+    shapes = [s for s in runs[SWEEP].shapes.values() if s is not None]
+    print(
+        f"autoscaled rows: each function's clusters as measured from its arrivals; at the "
+        f"end of the trace ({label(SWEEP)}) mean {spread([s.mean for s in shapes])}, gap "
+        f"{spread([s.gap_s * 1000.0 for s in shapes])} ms over {len(shapes)} functions; "
+        f"static and 'known shape' rows: the trace's shape"
+    )
     header = (
-        f"{'':<30}{'SLO met':>8}{'worst':>8}{'inst-s':>8}{'vs static':>10}{'share-s':>9}"
+        f"{'':<32}{'SLO met':>8}{'worst':>8}{'inst-s':>8}{'vs static':>10}{'share-s':>9}"
         f"{'vs static':>10}{'starts':>7}{'dev/host/none':>16}{'refused':>8}{'from 0':>7}"
         f"{'mean s':>8}{'max s':>7}"
     )
@@ -172,21 +198,11 @@ def main() -> None:
     print(row("static, previous rule", previous, static))
     for idle, r in runs.items():
         print(row(label(idle), r, static))
-    passing = [
-        (r.instance_s / static.instance_s, label(idle), r)
-        for idle, r in runs.items()
-        if r.slo_attainment >= TARGET
-    ]
-    if passing:
-        best, which, r = min(passing, key=lambda p: p[0])
-        verdict = "met" if best <= GOAL else "not met"
-        print(
-            f"\nlowest instance-seconds at >= {TARGET:.0%} SLO attainment: {best:.2f}x static "
-            f"({which}); goal <= {GOAL}x: {verdict}; "
-            f"{r.instance_s / previous.instance_s:.2f}x the previous rule's static allocation"
-        )
-    else:
-        print(f"\nno autoscaled run reached {TARGET:.0%} SLO attainment; goal not met")
+    for idle, r in knowns.items():
+        print(row(label(idle, "known shape"), r, static))
+    print()
+    verdict(runs, static, previous, "measured shape")
+    verdict(knowns, static, previous, "known shape")
 
     print(f"\ncold-start cost ({label(SWEEP)}): a model in no tier of the node")
     print(header)
@@ -198,6 +214,29 @@ def main() -> None:
         print(row(f"fetch {fetch:.2f} s + start {start.process_s:.1f} s", result, static))
     print(f"total {time.perf_counter() - started:.0f} s")
     plot(static, {idle: runs[idle] for idle in (*idles[:1], SWEEP)})
+
+
+def verdict(
+    runs: dict[tuple[float | None, float], SharingResult],
+    static: SharingResult,
+    previous: SharingResult,
+    what: str,
+) -> None:
+    passing = [
+        (r.instance_s / static.instance_s, label(idle), r)
+        for idle, r in runs.items()
+        if r.slo_attainment >= TARGET
+    ]
+    if not passing:
+        print(f"{what}: no autoscaled run reached {TARGET:.0%} SLO attainment; goal not met")
+        return
+    best, which, r = min(passing, key=lambda p: p[0])
+    met = "met" if best <= GOAL else "not met"
+    print(
+        f"{what}: lowest instance-seconds at >= {TARGET:.0%} SLO attainment: {best:.2f}x "
+        f"static ({which}, {r.slo_attainment:.2%}); goal <= {GOAL}x: {met}; "
+        f"{r.instance_s / previous.instance_s:.2f}x the previous rule's static allocation"
+    )
 
 
 def plot(static: SharingResult, runs: dict[tuple[float | None, float], SharingResult]) -> None:

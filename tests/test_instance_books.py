@@ -6,13 +6,18 @@ from __future__ import annotations
 from typing import Any, cast
 
 import msgspec
+import numpy as np
 import pytest
 
-from services.scheduler.instances import Instances, fixed_config, profile_for
+from services.scheduler.handlers import Scheduler
+from services.scheduler.instances import Instances, Observed, fixed_config, profile_for
+from shared.config import Settings
 from shared.scheduling import autoscale, packing
 from shared.scheduling.autoscale import Config, ProfilePoint
+from shared.scheduling.base import make_policy
 from shared.schema import (
     AgentBeat,
+    AgentReply,
     ErrorCode,
     ErrorInfo,
     FunctionSpec,
@@ -20,6 +25,7 @@ from shared.schema import (
     InstanceState,
     Profile,
     ProfileRow,
+    encode,
 )
 
 pytestmark = pytest.mark.unit
@@ -139,3 +145,154 @@ def test_a_learned_profile_replaces_the_default_and_skips_unusable_rows() -> Non
     ]
     b.learn(Profile(function="f", device="cpu", agent="a", rows=rows))
     assert b.profiles["f"] == (ProfilePoint(Config(0.5, 1.0), p99_ms=2.0, throughput=400.0),)
+
+
+# -- the autoscaler as the books drive it: measured clusters, the surplus keep-alive ----
+
+# 30 ms alone, an 80 ms SLO: one instance serves 4 req/s, but the second request of
+# a cluster 5 ms behind the first is late at one instance far more often than the
+# 0.25% budget allows.
+SLOW = (ProfilePoint(Config(0.25, 1.0), p99_ms=30.0, throughput=33.0),)
+
+
+class AgentCommands:
+    """A bus whose agents accept every command (and say which they were sent)."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def request(self, subject: str, data: bytes, *, timeout: float, **_: Any) -> bytes:
+        self.sent.append(subject)
+        return encode(AgentReply())
+
+
+class OneSpec:
+    """A registry holding one function spec, at version 1."""
+
+    def __init__(self, spec: FunctionSpec) -> None:
+        self.spec = spec
+
+    def all(self) -> list[FunctionSpec]:
+        return [self.spec]
+
+    def version(self, name: str) -> int:
+        return 1
+
+
+def scaling(spec: FunctionSpec, **kw: Any) -> tuple[Instances, AgentCommands]:
+    bus = AgentCommands()
+    b = Instances(bus=cast(Any, bus), registry=cast(Any, OneSpec(spec)), timeout_s=60.0, **kw)
+    b.profiles[spec.name] = SLOW
+    return b, bus
+
+
+def seen() -> Observed:
+    return Observed(waiting={}, busy=lambda _: False, exec_ms=lambda _: 0.0, resident={})
+
+
+def clustered(b: Instances, function: str, clusters: int, start: float = 0.0) -> float:
+    """Clusters of 2 requests on average, 5 ms apart, 0.5 s between cluster starts
+    (2 req/s); the time of the last."""
+    rng = np.random.default_rng(7)
+    t = start
+    for _ in range(clusters):
+        t += float(rng.exponential(0.5))
+        at = t
+        for k in range(int(rng.geometric(0.5))):
+            at += float(rng.exponential(0.005)) if k else 0.0
+            b.arrived(function, at)
+    return t
+
+
+@pytest.mark.anyio
+async def test_each_function_is_planned_with_its_clusters_as_measured() -> None:
+    spec = FunctionSpec(name="f", handler="m:f", slo_ms=80.0, max_instances=8, memory_mb=100)
+    b, bus = scaling(spec)
+    b.observe(beat(), now=0.0)
+    now = clustered(b, "f", 400)
+    planned = b.settings_for("f")
+    assert planned.burst_mean == pytest.approx(2.0, abs=0.2)
+    assert planned.burst_gap_ms == pytest.approx(5.0, abs=1.0)
+    # Its rate alone takes one instance (the rule as set: a floor of one request);
+    # its clusters, more.
+    alone = autoscale.scale(b.load(spec, now, 0, lambda _: False, lambda _: 0.0), now)
+    assert len(alone.add) == 1
+    (decision,) = await b.scale(now, seen(), only="f")
+    assert len(decision.add) >= 2
+    assert sum(s.endswith(".start") for s in bus.sent) == len(decision.add)
+    assert (b.started, b.refused) == (len(decision.add), 0)
+    # The status says what it was planned with.
+    clusters = cast(dict[str, Any], b.details()["plans"])["f"]["clusters"]
+    assert clusters["mean"] == pytest.approx(2.0, abs=0.2)
+    assert clusters["gap_ms"] == pytest.approx(5.0, abs=1.0)
+    assert clusters["burst_mean"] == planned.burst_mean
+    assert clusters["arrivals"] >= 50
+
+
+@pytest.mark.anyio
+async def test_without_enough_arrivals_the_rule_is_planned_as_set() -> None:
+    spec = FunctionSpec(name="f", handler="m:f", slo_ms=80.0, max_instances=8, memory_mb=100)
+    b, _ = scaling(spec)
+    b.observe(beat(), now=0.0)
+    now = clustered(b, "f", 10)
+    assert b.settings_for("f") == autoscale.DEFAULT_SETTINGS
+    (decision,) = await b.scale(now, seen(), only="f")
+    assert len(decision.add) == 1
+    assert (b.started, b.refused) == (1, 0)
+    assert cast(dict[str, Any], b.details()["plans"])["f"]["clusters"] is None
+
+
+def idle_ones(b: Instances, n: int, idle_since: float) -> None:
+    infos = [info(f"i{k}", sm_share=0.25, time_quota=1.0, version=1) for k in range(n)]
+    b.observe(beat(*infos), now=idle_since)
+    for k in range(n):
+        b.touch(f"i{k}", idle_since)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("surplus", [None, 1.0])
+async def test_instances_beyond_the_floor_go_after_the_surplus_keep_alive(
+    surplus: float | None,
+) -> None:
+    # Four idle instances of a function with a trickle of requests (a burst's
+    # leftovers): idle 2 s, short of the spec's 30 s keep-alive.
+    spec = FunctionSpec(
+        name="f", handler="m:f", slo_ms=80.0, idle_s=30.0, max_instances=8, memory_mb=100
+    )
+    b, bus = scaling(spec, surplus_idle_s=surplus)
+    idle_ones(b, 4, idle_since=100.0)
+    b.arrived("f", 100.5)
+    (decision,) = await b.scale(102.0, seen(), only="f")
+    stops = [s for s in bus.sent if s.endswith(".stop")]
+    if surplus is None:  # as before: the spec's idle_s for all of them
+        assert decision.remove == ()
+        assert stops == []
+    else:  # down to what the rate needs (one, the floor with no clusters measured)
+        assert len(decision.remove) == 3
+        assert len(stops) == 3
+        assert decision.instances == 1
+
+
+@pytest.mark.anyio
+async def test_the_last_instance_keeps_the_specs_keep_alive() -> None:
+    spec = FunctionSpec(
+        name="f", handler="m:f", slo_ms=80.0, idle_s=30.0, max_instances=8, memory_mb=100
+    )
+    b, _ = scaling(spec, surplus_idle_s=1.0)
+    idle_ones(b, 1, idle_since=100.0)
+    # No rate left (the last request is 5 s past): the surplus keep-alive is not its.
+    b.arrived("f", 99.0)
+    (decision,) = await b.scale(110.0, seen(), only="f")
+    assert decision.remove == ()
+    (decision,) = await b.scale(131.0, seen(), only="f")
+    assert decision.remove == ("i0",)
+
+
+def test_the_schedulers_setting_reaches_its_books() -> None:
+    def books_of(settings: Settings) -> Instances:
+        none = cast(Any, None)
+        return Scheduler(none, none, make_policy("locality"), settings).instances
+
+    assert books_of(Settings()).surplus_idle_s is None
+    assert books_of(Settings(surplus_idle_s=0.5)).surplus_idle_s == 0.5
+    assert books_of(Settings(surplus_idle_s=0.0)).surplus_idle_s == 0.0

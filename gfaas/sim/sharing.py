@@ -21,6 +21,11 @@ instance started while another one's fetch or copy is still under way waits for 
 A request that would answer later than `react_at` of its SLO asks the autoscaler at
 once (1: only a late one).
 
+The burst model the autoscaler plans with is each function's clusters as measured
+from its arrivals so far (`shared.scheduling.clusters`, as the live scheduler
+measures them), or, with `measure_clusters` off, `settings`' as given (a trace's
+known shape, for comparison).
+
 Since an instance's queue is FIFO and everything assigned to it has arrived, a
 request's finish time is known when it arrives; the simulator walks the arrivals
 and the ticks in time order and needs no completion events. Deterministic.
@@ -48,6 +53,7 @@ from shared.scheduling.autoscale import (
     scale,
 )
 from shared.scheduling.base import DEFAULT_PROFILE, DeviceProfile
+from shared.scheduling.clusters import ClusterEstimator, ClusterShape, shaped
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -105,6 +111,9 @@ class SharingOptions:
     start: StartCost = StartCost()
     model: ShareModel = DEFAULT_MODEL
     settings: AutoscaleSettings = DEFAULT_SETTINGS
+    # Each function's burst model from its measured clusters (`clusters.shaped`);
+    # False: `settings`' burst model for all.
+    measure_clusters: bool = True
     horizon_s: float = 0.0  # for instance-seconds; 0: the last arrival
 
 
@@ -129,6 +138,8 @@ class SharingResult:
     unmeetable: tuple[str, ...]
     missed: Mapping[str, tuple[int, int]] = field(hash=False)  # function -> (missed, requests)
     samples: tuple[tuple[float, int, float], ...]  # every tick: (time, instances, share held)
+    # Each function's clusters as measured at the end (None: too few arrivals).
+    shapes: Mapping[str, ClusterShape | None] = field(hash=False)
 
 
 @dataclass(slots=True)
@@ -149,6 +160,7 @@ class _Fn:
     profile: tuple[ProfilePoint, ...]
     instances: list[_Inst] = field(default_factory=list)
     window: deque[float] = field(default_factory=deque)
+    clusters: ClusterEstimator = field(default_factory=ClusterEstimator)
     unmeetable: bool = False
     reacted: float = float("-inf")
     requests: int = 0
@@ -210,6 +222,7 @@ class SharingSimulator:
                 next_tick += o.tick_s
             fn = self.fns[a.function]
             fn.window.append(t)
+            fn.clusters.add(t)
             fn.requests += 1
             cold = not fn.instances
             if cold and o.autoscale and not fn.unmeetable:
@@ -295,10 +308,13 @@ class SharingSimulator:
                 for c, m in self.no_room.items()
             )
         )
+        settings = o.settings
+        if o.measure_clusters:
+            settings = shaped(settings, fn.clusters.held())
         # A configuration the packer refuses is avoided and the autoscaler asked again,
         # at most once per configuration.
         for _ in range(len(fn.profile) + 1):
-            decision = scale(self._load(fn, rate, waiting, avoid), now, o.settings)
+            decision = scale(self._load(fn, rate, waiting, avoid), now, settings)
             if decision.slo_unmeetable:
                 self.unmeetable.add(fn.f.name)
                 fn.unmeetable = o.reject_unmeetable
@@ -427,6 +443,7 @@ class SharingSimulator:
             unmeetable=tuple(sorted(self.unmeetable)),
             missed={n: (f.missed, f.requests) for n, f in self.fns.items()},
             samples=tuple(self.samples),
+            shapes={n: f.clusters.shape() for n, f in self.fns.items()},
         )
 
 

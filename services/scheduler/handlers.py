@@ -84,7 +84,11 @@ class Scheduler:
         self._sized: set[str] = set()
         # Function instances: agents' devices, and the autoscaler carried out.
         self.instances = Instances(
-            bus, registry, settings.worker_timeout_s, model_bytes=self.state.model_bytes
+            bus,
+            registry,
+            settings.worker_timeout_s,
+            model_bytes=self.state.model_bytes,
+            surplus_idle_s=settings.surplus_idle_s if settings.surplus_idle_s >= 0.0 else None,
         )
         # Function -> its latest scale from zero: when each step of it happened here,
         # on the wall clock (bench/coldstart.py lines it up with the instance's).

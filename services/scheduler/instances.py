@@ -9,6 +9,11 @@ over the agents' devices, then started by a command to that agent; those it
 removes are stopped (they drain first). Routing across live instances stays with
 the scheduler's policy: an instance is a worker the policy sees.
 
+Each function's burst floor is planned with its request clusters as measured from
+its arrivals (shared.scheduling.clusters, as the simulator measures them), and an
+instance beyond the floor goes after `surplus_idle_s` idle where that is set (the
+spec's `idle_s` stays the keep-alive of the last ones).
+
 This module keeps the books and does the I/O; the decisions are the pure policies'.
 """
 
@@ -29,7 +34,15 @@ from shared.bus import Bus
 from shared.logs import get_logger
 from shared.registry import Registry
 from shared.scheduling import autoscale, packing
-from shared.scheduling.autoscale import Config, FunctionLoad, ProfilePoint, ScaleDecision
+from shared.scheduling.autoscale import (
+    DEFAULT_SETTINGS,
+    AutoscaleSettings,
+    Config,
+    FunctionLoad,
+    ProfilePoint,
+    ScaleDecision,
+)
+from shared.scheduling.clusters import ClusterEstimator, shaped
 from shared.schema import (
     AgentBeat,
     AgentReply,
@@ -103,6 +116,13 @@ class Instances:
     # Where the packer put each instance (its rectangle of the device).
     rects: dict[str, packing.Rect] = field(default_factory=dict)
     arrivals: dict[str, deque[float]] = field(default_factory=dict)
+    # Function -> its request clusters, measured from the same arrivals.
+    clusters: dict[str, ClusterEstimator] = field(default_factory=dict)
+    # The plan rule, each function's measured clusters put in (`settings_for`).
+    settings: AutoscaleSettings = DEFAULT_SETTINGS
+    # Idle seconds after which an instance beyond the burst floor goes while its
+    # function has a rate (None: the spec's idle_s, as the last ones).
+    surplus_idle_s: float | None = None
     # Instance -> when it last finished or was given a request (idle since then).
     used: dict[str, float] = field(default_factory=dict)
     # Function -> until when no instance of it is started (one failed to start).
@@ -127,6 +147,7 @@ class Instances:
     def arrived(self, function: str, now: float) -> None:
         times = self.arrivals.setdefault(function, deque())
         times.append(now)
+        self.clusters.setdefault(function, ClusterEstimator()).add(now)
         while times and times[0] < now - RATE_WINDOW_S:
             times.popleft()
 
@@ -137,6 +158,12 @@ class Instances:
         while times and times[0] < now - RATE_WINDOW_S:
             times.popleft()
         return len(times) / RATE_WINDOW_S
+
+    def settings_for(self, function: str) -> AutoscaleSettings:
+        """The plan rule for `function`: its clusters as measured so far as the burst
+        model (the rule as set until there are enough arrivals to tell)."""
+        estimator = self.clusters.get(function)
+        return shaped(self.settings, estimator.held() if estimator is not None else None)
 
     def touch(self, instance_id: str, now: float) -> None:
         if instance_id in self.used or self.known(instance_id):
@@ -346,7 +373,9 @@ class Instances:
         reason = ""
         while True:
             load = self.load(spec, now, seen.waiting.get(spec.name, 0), seen.busy, seen.exec_ms)
-            decision = autoscale.scale(dataclasses.replace(load, avoid=frozenset(avoid)), now)
+            decision = autoscale.scale(
+                dataclasses.replace(load, avoid=frozenset(avoid)), now, self.settings_for(spec.name)
+            )
             self.best_p99[spec.name] = min(p.p99_ms for p in load.profile)
             if decision.add and self.backoff.get(spec.name, 0.0) > now:
                 decision = _without_adds(decision)
@@ -447,6 +476,7 @@ class Instances:
             min_instances=spec.min_instances,
             max_instances=spec.max_instances or 100,
             idle_s=spec.idle_s,
+            surplus_idle_s=self.surplus_idle_s,
             fixed=fixed,
             instances=tuple(instances),
             waiting=waiting,
@@ -603,9 +633,27 @@ class Instances:
                     "capacity": round(d.capacity, 3),
                     "share": round(d.share, 3),
                     "slo_unmeetable": d.slo_unmeetable,
+                    "clusters": self._clusters(f),
                 }
                 for f, d in self.last.items()
             },
+            "surplus_idle_s": self.surplus_idle_s,
+        }
+
+    def _clusters(self, function: str) -> dict[str, float] | None:
+        """The function's clusters as planned with (None: too few arrivals yet)."""
+        estimator = self.clusters.get(function)
+        shape = estimator.held() if estimator is not None else None
+        if shape is None:
+            return None
+        planned = self.settings_for(function)
+        return {
+            "mean": round(shape.mean, 3),
+            "gap_ms": round(shape.gap_s * 1000.0, 3),
+            "arrivals": shape.arrivals,
+            "burst_mean": planned.burst_mean,
+            "burst_gap_ms": planned.burst_gap_ms,
+            "burstiness": planned.burstiness,
         }
 
 
