@@ -14,8 +14,13 @@ For MLPs of about 10 MB, 100 MB (and 1 GB with --large) of float32 weights
 
 Each gfaas start is measured twice: from the object store (the node's host tier
 does not hold the model yet) and from the host tier (it does: the instance before
-went idle and stopped). `copy` is one plain copy of the weights in memory (the
-floor a load could reach on a CPU: there is no host-to-device link here).
+went idle and stopped). Both with the node's prefetch off (GFAAS_HOST_PREFETCH_MB=0),
+which would otherwise put a deployed model into the tier before its first request.
+Then, with prefetch on (the default), `prefetch` is the time from the deploy until
+the model is in the tier (off the request path) and `spare prefetched` the first
+answer of a request sent once it is: what a first request after a deploy gets.
+`copy` is one plain copy of the weights in memory (the floor a load could reach on
+a CPU: there is no host-to-device link here).
 
     .venv/bin/python -m bench.coldstart [--large]
 """
@@ -194,13 +199,59 @@ async def first_answers(
     return out, timelines
 
 
-def start(url: str, state: Path, spares: bool) -> Supervisor:
+async def prefetched_answers(url: str, models: dict[str, Path]) -> dict[str, list[float]]:
+    """Per model, with the node's prefetch on: [deploy until the model is in the host
+    tier, first answer of a request sent then] seconds (a spare started)."""
+    out: dict[str, list[float]] = {}
+    x = np.ones((1, WIDTH), dtype=np.float32)
+    async with Client.connect(url) as client:
+        for name, path in models.items():
+            await client.push_model(name, path)
+            fn = f"{name}-p"
+            spec = FunctionSpec(
+                name=fn,
+                handler="bench.live_models:Mlp",
+                model=name,
+                max_instances=1,
+                idle_s=1.0,
+                memory_mb=max(256, path.stat().st_size // 2**20 * 3),
+                timeout_ms=120_000,
+                slo_ms=60_000,
+            )
+            deployed = time.perf_counter()
+            await client.deploy(spec, handler_check=False)
+            with anyio.fail_after(120):
+                while name not in await prefetched(client):
+                    await anyio.sleep(0.05)
+            prefetch_s = time.perf_counter() - deployed
+            with anyio.fail_after(60):
+                while fn not in await ingress_functions(client):
+                    await anyio.sleep(0.1)
+                while (await agent(client)).get("spares", 0) < 1:
+                    await anyio.sleep(0.2)
+            await anyio.sleep(4.0)  # the spare has imported everything
+            started = time.perf_counter()
+            await client.invoke(fn, {"x": x}, timeout=120)
+            out[name] = [prefetch_s, time.perf_counter() - started]
+            await client.remove(fn, force=True)
+    return out
+
+
+async def prefetched(client: Client) -> list[str]:
+    for status in await client.status_all("gpu-worker", timeout=1.0):
+        if "prefetch" in status.details:
+            return list(status.details["prefetch"]["models"])
+    return []
+
+
+def start(url: str, state: Path, spares: bool, prefetch: bool = False) -> Supervisor:
     os.environ.update(
         {
             "GFAAS_HEARTBEAT_S": "0.2",
             "GFAAS_HTTP_ENABLED": "0",
             "GFAAS_GRPC_ENABLED": "0",
             "GFAAS_METRICS_ENABLED": "0",
+            "GFAAS_HOST_PREFETCH_MB": "-1" if prefetch else "0",
             "GFAAS_AGENT_SPARES": "1" if spares else "0",
             "GFAAS_SHM_NAMESPACE": f"gfaas-cold-{secrets.token_hex(3)}",
         }
@@ -249,18 +300,37 @@ def main() -> None:
                 key = "spare" if spares else "fresh"
                 rows[name][f"{key} store"] = store
                 rows[name][f"{key} tier"] = tier
+        sup = start(server.url, Path(tmp) / "state-prefetch", True, prefetch=True)
+        try:
+            time.sleep(4.0)
+            for name, (fetched, first) in anyio.run(prefetched_answers, server.url, models).items():
+                rows[name]["prefetch"] = fetched
+                rows[name]["spare prefetched"] = first
+        finally:
+            sup.stop()
     for name, at in timelines.items():
         print_timeline(name, at)
-    cols = ["container", "fresh store", "fresh tier", "spare store", "spare tier", "copy"]
+    cols = [
+        "container",
+        "fresh store",
+        "fresh tier",
+        "spare store",
+        "spare tier",
+        "prefetch",
+        "spare prefetched",
+        "copy",
+    ]
     print(
-        f"\n{'model':8} {'MB':>6} " + " ".join(f"{c:>12}" for c in cols) + "  container/spare tier"
+        f"\n{'model':8} {'MB':>6} "
+        + " ".join(f"{c:>16}" for c in cols)
+        + "  container/spare tier  container/spare prefetched"
     )
     for name, row in rows.items():
-        ratio = row["container"] / row["spare tier"]
         print(
             f"{name:8} {row['MB']:6.0f} "
-            + " ".join(f"{row[c] * 1000:10.0f}ms" for c in cols)
-            + f"  {ratio:6.1f}x"
+            + " ".join(f"{row[c] * 1000:14.0f}ms" for c in cols)
+            + f"  {row['container'] / row['spare tier']:20.1f}x"
+            + f"  {row['container'] / row['spare prefetched']:26.1f}x"
         )
 
 

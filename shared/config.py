@@ -183,6 +183,10 @@ class Settings:
     # applied it as an instance's: an MPS share, or that part of the cores), the share
     # its rows stand for (0: it measures the grid over its own cores itself).
     instance_profile_share: float = 0.0
+    # Deployed functions' models a node puts into its host tier before any request
+    # (services/gpu_worker/prefetch.py), up to this many MiB: a cold start then
+    # skips the object store. 0: none; below 0: a quarter of the node's memory.
+    host_prefetch_mb: int = -1
     # Profile each spatial share in a process of its own, with the share applied as an
     # instance's is: "auto" where the device is a GPU under MPS (an SM share applies to
     # a whole process, so one process cannot measure several), "true" or "false".

@@ -319,6 +319,17 @@ class ModelStore:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
+    async def current(self, name: str) -> tuple[str, int] | None:
+        """What a node keys the model's current weights by (`cache_stem`) and their
+        size; None when the store has no such model."""
+        if not is_valid_name(name):
+            return None
+        try:
+            info = await self._store.get_info(name)
+        except (ObjectNotFoundError, ObjectDeletedError):
+            return None
+        return cache_stem(name, info), int(info.size or 0)
+
     async def size(self, name: str) -> int:
         """The stored size of a model's weights in bytes; 0 when it is not there."""
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import numpy as np
@@ -15,6 +16,7 @@ from examples.specs import example_spec_paths
 from examples.text.tokenize import tokenize
 from examples.weights import write_all
 from gfaas.client import Client
+from services.gpu_worker.prefetch import PERIOD_S as PREFETCH_PERIOD_S
 from shared.dataplane.shm import list_segments
 from shared.errors import GfaasError
 from shared.jetstream import MODELS_BUCKET
@@ -44,7 +46,7 @@ async def push_examples(client: Client, tmp_path: Path) -> None:
         await client.push_model(name, path)
 
 
-async def worker_details(client: Client) -> dict[str, object]:
+async def worker_details(client: Client) -> dict[str, Any]:
     return (await client.status("gpu-worker")).details
 
 
@@ -115,8 +117,16 @@ async def test_host_tier_segments_do_not_outlive_the_platform(
     assert list(LOCK_DIR.glob(f"{tier_prefix(namespace)}*")) == []
 
 
+@pytest.fixture
+def no_prefetch(nats_server: NatsServer, tmp_path: Path) -> Iterator[Platform]:
+    """A node that puts no deployed model into its host tier ahead of requests: a
+    first request loads from the object store."""
+    with platform_at(nats_server.url, tmp_path / "np", host_prefetch_mb=0) as p:
+        yield p
+
+
 async def test_first_answers_from_the_object_store_equal_warm_ones(
-    platform: Platform, nc: NATS, tmp_path: Path
+    no_prefetch: Platform, nc: NATS, tmp_path: Path
 ) -> None:
     """Cold (object store -> host tier -> pipelined swap-in) answers what warm does."""
     client = Client(nc)
@@ -132,6 +142,47 @@ async def test_first_answers_from_the_object_store_equal_warm_ones(
         warm = await client.invoke(function, inputs)
         assert not np.isnan(cold[output]).any()
         np.testing.assert_allclose(cold[output], warm[output], rtol=1e-4, atol=1e-5)
+    assert (await worker_details(client))["prefetch"]["models"] == []
+
+
+@pytest.mark.parametrize("budget_mb", [-1, 0])
+async def test_deployed_models_are_in_the_host_tier_before_their_first_request(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path, budget_mb: int
+) -> None:
+    """The node puts a deployed function's model into its host tier on its own, so
+    the first request's load reads host memory, not the object store; a model no
+    function uses any more leaves the tier. With no budget nothing is fetched ahead
+    (the mechanism off: the request fills the tier itself)."""
+    namespace = f"gfaas-prefetch{budget_mb + 1}"
+    with platform_at(
+        nats_server.url, tmp_path / "s", shm_namespace=namespace, host_prefetch_mb=budget_mb
+    ):
+        client = Client(nc)
+        await push_examples(client, tmp_path)
+        await deploy_and_wait(nc, SPECS["text-encoder"])
+        await anyio.sleep(3 * PREFETCH_PERIOD_S)  # a round or two (none when off)
+        details = await worker_details(client)
+        segments = list_segments(tier_prefix(namespace))
+        if budget_mb == 0:
+            assert details["prefetch"]["models"] == []
+            assert segments == []
+            assert details["host_tier_loads"] == 0
+            return
+        assert details["prefetch"]["models"] == ["text-encoder"]
+        assert len(segments) == 1
+        assert details["host_tier_loads"] == 1
+        out = await client.invoke("text-encoder", {"tokens": tokenize("already in memory")})
+        assert out["embedding"].shape[-1] > 0
+        # The request's load mapped what was there: the tier was not filled again.
+        assert (await worker_details(client))["host_tier_loads"] == 1
+        assert await client.remove("text-encoder", force=True)
+        with anyio.fail_after(6 * PREFETCH_PERIOD_S):
+            while (await worker_details(client))["prefetch"]["models"]:
+                await anyio.sleep(0.2)
+        # (The worker's handler was built on a copy: the tier's is no longer read.)
+        details = await worker_details(client)
+        assert details["prefetch"]["dropped"] == 1
+        assert list_segments(tier_prefix(namespace)) == []
 
 
 async def test_a_corrupt_or_truncated_blob_is_refused(nc: NATS, tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ from services.gpu_worker.device import device_cache_bytes, memory_info, pick_dev
 from services.gpu_worker.execute import Executor
 from services.gpu_worker.handlers import Job, Runs
 from services.gpu_worker.models import HandlerCache
+from services.gpu_worker.prefetch import Prefetcher, budget_bytes
 from services.gpu_worker.sandbox import HandlerChecks
 from services.gpu_worker.staging import Staging
 from services.gpu_worker.tokens import TokenGate
@@ -353,6 +354,14 @@ async def serve(
                     utilization=lambda: state.utilization(device),
                 )
             )
+            # Deployed models into the host tier ahead of their requests: the node's
+            # worker does it, not its instances (each function's own).
+            prefetcher = None
+            if not function:
+                prefetcher = Prefetcher(
+                    registry, models, handlers, budget_bytes(settings.host_prefetch_mb)
+                )
+                service_tg.start_soon(prefetcher.run)
             if agent is not None:
                 service = AgentService(
                     nc,
@@ -455,6 +464,8 @@ async def serve(
 
                 def details() -> dict[str, object]:
                     out = state.details(books, handlers, staging)
+                    if prefetcher is not None:
+                        out["prefetch"] = prefetcher.details()
                     if agent is not None:
                         out["agent"] = agent.details()
                     return out

@@ -170,6 +170,18 @@ class HandlerCache:
     def resident(self) -> list[str]:
         return sorted({cache_key(e.spec) for e in self._loaded.values()})
 
+    def models_in_use(self) -> set[str]:
+        """Models whose host-tier mapping a handler here still reads: being built,
+        swapping in, or built on the mapping itself (shared weights). A model copied
+        onto the device reads it no more. (A cache key is the model's name where the
+        function has one, else the function's, which names nothing in the tier.)"""
+        busy = set(self._loading.values())
+        for e in self._loaded.values():
+            reading = self.share_weights or not all(s.landed.is_set() for s in e.ctx.swaps)
+            if e.spec.model and reading:
+                busy.add(e.spec.model)
+        return busy
+
     def sizes(self) -> dict[str, int]:
         return {cache_key(e.spec): e.size for e in self._loaded.values()}
 

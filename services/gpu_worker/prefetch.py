@@ -1,0 +1,111 @@
+"""Deployed functions' models put into the node's host tier before any request asks
+for them (FaaSwap's models in host memory; the policy: shared/scheduling/prefetch.py).
+
+The node's worker (the agent, where there is one) runs it: every PERIOD_S it reads
+the deployed specs (the registry's watched copy), asks the store for each model's
+current key and size, and fetches what the plan says, one model at a time and
+through the same path a start takes (`HandlerCache.host_model`: the node-wide lock,
+so a start that comes meanwhile waits for this fill instead of making its own). A
+cold start then moves weights from host memory only. What fails is logged and tried
+again next round; a request for the model loads it on demand meanwhile, as before.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import anyio
+
+from services.gpu_worker.models import HandlerCache
+from shared.errors import GfaasError
+from shared.logs import get_logger
+from shared.modelstore import ModelStore
+from shared.registry import Registry
+from shared.scheduling.prefetch import PrefetchPlan, Stored, plan
+from shared.schema import FunctionSpec
+
+log = get_logger("gpu_worker")
+
+PERIOD_S = 2.0
+MB = 1024 * 1024
+
+
+def budget_bytes(setting_mb: int) -> int:
+    """GFAAS_HOST_PREFETCH_MB: that many MiB; 0: none (off); below 0: a quarter of
+    the node's memory."""
+    if setting_mb >= 0:
+        return setting_mb * MB
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError):
+        return 0
+
+
+class Prefetcher:
+    def __init__(
+        self,
+        registry: Registry[FunctionSpec],
+        store: ModelStore,
+        handlers: HandlerCache,
+        budget: int,
+        *,
+        period_s: float = PERIOD_S,
+        wanted: Callable[[FunctionSpec], bool] = lambda spec: True,
+    ) -> None:
+        self.registry = registry
+        self.store = store
+        self.handlers = handlers
+        self.budget = budget
+        self.period_s = period_s
+        self.wanted = wanted
+        self.held: dict[tuple[str, str], int] = {}  # (model, key) -> bytes, prefetched here
+        self.skipped: tuple[str, ...] = ()
+        self.fetched = 0
+        self.dropped = 0
+
+    async def run(self) -> None:
+        if self.budget <= 0:
+            return
+        await self.registry.wait_synced()
+        while True:
+            try:
+                await self.round()
+            except Exception as exc:  # the store away, say: next round tries again
+                log.warning("prefetch.round_failed", error=repr(exc))
+            await anyio.sleep(self.period_s)
+
+    async def round(self) -> PrefetchPlan:
+        models = sorted({s.model for s in self.registry.all() if s.model and self.wanted(s)})
+        stored = []
+        for model in models:
+            current = await self.store.current(model)
+            if current is not None:
+                stored.append(Stored(model, current[0], current[1]))
+        todo = plan(stored, self.held, self.budget, self.handlers.models_in_use())
+        for model, key in todo.drop:
+            self.handlers.host_tier.evict(model, key)
+            del self.held[(model, key)]
+            self.dropped += 1
+            log.info("prefetch.dropped", model=model)
+        for w in todo.fetch:
+            try:
+                host, _ = await self.handlers.host_model(w.model)
+            except GfaasError as exc:
+                log.warning("prefetch.failed", model=w.model, error=exc.reason)
+                continue
+            self.held[(w.model, w.key)] = host.nbytes
+            self.fetched += 1
+            log.info("prefetch.fetched", model=w.model, bytes=host.nbytes)
+        self.skipped = todo.skipped
+        return todo
+
+    def details(self) -> dict[str, object]:
+        return {
+            "budget_bytes": self.budget,
+            "models": sorted(m for m, _ in self.held),
+            "bytes": sum(self.held.values()),
+            "skipped": list(self.skipped),
+            "fetched": self.fetched,
+            "dropped": self.dropped,
+        }
