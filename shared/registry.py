@@ -40,6 +40,8 @@ class Registry(Generic[S]):
         # The bucket's revision of each spec: its version (every deploy makes one).
         self._revisions: dict[str, int] = {}
         self._synced = anyio.Event()
+        # Set (and replaced) whenever the watch changes `specs`: `changed` waits on it.
+        self._changed = anyio.Event()
 
     @staticmethod
     async def open(js: JetStreamContext, *, replicas: int = 1) -> Registry[FunctionSpec]:
@@ -124,6 +126,14 @@ class Registry(Generic[S]):
     async def wait_synced(self) -> None:
         await self._synced.wait()
 
+    async def changed(self) -> None:
+        """Until the watch next adds, replaces or removes a spec."""
+        await self._changed.wait()
+
+    def _note_change(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
     async def watch(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         watcher = await self._kv.watchall()
         started = False
@@ -137,6 +147,7 @@ class Registry(Generic[S]):
                     continue
                 if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
                     self._specs.pop(entry.key, None)
+                    self._note_change()
                     continue
                 try:
                     spec = self._valid(entry.key, decode(entry.value, self._kind))
@@ -148,6 +159,7 @@ class Registry(Generic[S]):
                 else:
                     self._specs[entry.key] = spec
                     self._revisions[entry.key] = entry.revision or 0
+                self._note_change()
         finally:
             with anyio.CancelScope(shield=True):
                 await watcher.stop()

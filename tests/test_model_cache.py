@@ -160,23 +160,26 @@ async def test_deployed_models_are_in_the_host_tier_before_their_first_request(
         client = Client(nc)
         await push_examples(client, tmp_path)
         await deploy_and_wait(nc, SPECS["text-encoder"])
-        await anyio.sleep(3 * PREFETCH_PERIOD_S)  # a round or two (none when off)
-        details = await worker_details(client)
-        segments = list_segments(tier_prefix(namespace))
         if budget_mb == 0:
+            await anyio.sleep(PREFETCH_PERIOD_S)  # a deploy starts a round at once
+            details = await worker_details(client)
             assert details["prefetch"]["models"] == []
-            assert segments == []
+            assert list_segments(tier_prefix(namespace)) == []
             assert details["host_tier_loads"] == 0
             return
+        with anyio.fail_after(2 * PREFETCH_PERIOD_S):  # the deploy's round, not the next
+            while not (await worker_details(client))["prefetch"]["models"]:
+                await anyio.sleep(0.05)
+        details = await worker_details(client)
         assert details["prefetch"]["models"] == ["text-encoder"]
-        assert len(segments) == 1
+        assert len(list_segments(tier_prefix(namespace))) == 1
         assert details["host_tier_loads"] == 1
         out = await client.invoke("text-encoder", {"tokens": tokenize("already in memory")})
         assert out["embedding"].shape[-1] > 0
         # The request's load mapped what was there: the tier was not filled again.
         assert (await worker_details(client))["host_tier_loads"] == 1
         assert await client.remove("text-encoder", force=True)
-        with anyio.fail_after(6 * PREFETCH_PERIOD_S):
+        with anyio.fail_after(2 * PREFETCH_PERIOD_S):
             while (await worker_details(client))["prefetch"]["models"]:
                 await anyio.sleep(0.2)
         # (The worker's handler was built on a copy: the tier's is no longer read.)

@@ -1,8 +1,9 @@
 """Deployed functions' models put into the node's host tier before any request asks
 for them (FaaSwap's models in host memory; the policy: shared/scheduling/prefetch.py).
 
-The node's worker (the agent, where there is one) runs it: every PERIOD_S it reads
-the deployed specs (the registry's watched copy), asks the store for each model's
+The node's worker (the agent, where there is one) runs it: on each deploy or
+removal, and every PERIOD_S (a model pushed again), it reads the deployed specs (the
+registry's watched copy), asks the store for each model's
 current key and size, and fetches what the plan says, one model at a time and
 through the same path a start takes (`HandlerCache.host_model`: the node-wide lock,
 so a start that comes meanwhile waits for this fill instead of making its own). A
@@ -73,7 +74,8 @@ class Prefetcher:
                 await self.round()
             except Exception as exc:  # the store away, say: next round tries again
                 log.warning("prefetch.round_failed", error=repr(exc))
-            await anyio.sleep(self.period_s)
+            with anyio.move_on_after(self.period_s):
+                await self.registry.changed()
 
     async def round(self) -> PrefetchPlan:
         models = sorted({s.model for s in self.registry.all() if s.model and self.wanted(s)})
