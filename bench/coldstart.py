@@ -238,10 +238,13 @@ async def prefetched_answers(url: str, models: dict[str, Path]) -> dict[str, lis
 
 
 async def prefetched(client: Client) -> list[str]:
-    for status in await client.status_all("gpu-worker", timeout=1.0):
-        if "prefetch" in status.details:
-            return list(status.details["prefetch"]["models"])
-    return []
+    """What the node's worker has put into its host tier (the first to answer: the
+    bench's node has one worker, and `status_all` would wait out its timeout)."""
+    try:
+        status = await client.status("gpu-worker", timeout=2)
+    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        return []
+    return list((status.details.get("prefetch") or {}).get("models", []))
 
 
 def start(url: str, state: Path, spares: bool, prefetch: bool = False) -> Supervisor:
