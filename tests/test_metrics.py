@@ -4,6 +4,7 @@ prometheus_client's own text parser."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.live_models import write_mlp
 from gfaas.client import Client
 from shared.dataplane.client import BrokerClient
+from shared.natsd import NatsServer
 from shared.schema import CopyRequest, FunctionSpec
 from tests.helpers import body, deploy_and_wait, request
-from tests.platform import Platform
+from tests.platform import Platform, platform_at
 from tests.specs import ECHO
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
@@ -139,8 +141,16 @@ async def until(port: int, name: str, want: float, **labels: str) -> Samples:
     return samples
 
 
+@pytest.fixture
+def no_prefetch(nats_server: NatsServer, tmp_path: Path) -> Iterator[Platform]:
+    """A node that leaves deployed models out of its host tier until a request loads
+    one (prefetch would turn the first load's miss into a hit)."""
+    with platform_at(nats_server.url, tmp_path / "np", host_prefetch_mb=0) as p:
+        yield p
+
+
 async def test_host_tier_hits_instance_shares_and_link_flows_are_metrics(
-    platform: Platform, nc: NATS, tmp_path: Path
+    no_prefetch: Platform, nc: NATS, tmp_path: Path
 ) -> None:
     client = Client(nc)
     weights = tmp_path / "m2.pt"
