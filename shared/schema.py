@@ -486,6 +486,9 @@ class AgentBeat(_Msg):
     # instances: the agent's own worker runs none, so every function runs as
     # instances (issue 10, services/gpu_worker/privileges.py).
     isolated: bool = False
+    # Deployed models whose current weights are in this node's host tier (prefetched
+    # or left by an instance): the packer prefers such a node for a new instance.
+    host_models: list[str] = []
 
 
 class ProfileRow(_Msg):

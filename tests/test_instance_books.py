@@ -45,7 +45,9 @@ def info(name: str, state: InstanceState = InstanceState.READY, **kw: Any) -> In
     return InstanceInfo(**values)
 
 
-def beat(*instances: InstanceInfo, agent: str = "a") -> AgentBeat:
+def beat(
+    *instances: InstanceInfo, agent: str = "a", host_models: list[str] | None = None
+) -> AgentBeat:
     return AgentBeat(
         agent_id=agent,
         node="n",
@@ -54,6 +56,7 @@ def beat(*instances: InstanceInfo, agent: str = "a") -> AgentBeat:
         cores=2,
         spatial="cores",
         instances=list(instances),
+        host_models=host_models or [],
     )
 
 
@@ -296,3 +299,26 @@ def test_the_schedulers_setting_reaches_its_books() -> None:
     assert books_of(Settings()).surplus_idle_s is None
     assert books_of(Settings(surplus_idle_s=0.5)).surplus_idle_s == 0.5
     assert books_of(Settings(surplus_idle_s=0.0)).surplus_idle_s == 0.0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("holder", ["a", "b"])
+async def test_a_new_instance_goes_where_the_host_tier_holds_its_model(holder: str) -> None:
+    """Agents' beats say which deployed models their node's host tier holds
+    (AgentBeat.host_models, kept by the prefetcher): the packer starts a function's
+    instance on such a node, whichever of two equal ones it is."""
+    spec = FunctionSpec(
+        name="f", handler="m:f", model="m", slo_ms=80.0, max_instances=1, memory_mb=100
+    )
+    b, bus = scaling(spec)
+    for agent in ("a", "b"):
+        held = ["m"] if agent == holder else []
+        b.observe(beat(agent=agent, host_models=held), now=0.0)
+    (decision,) = await b.scale(0.1, seen_waiting("f"), only="f")
+    assert len(decision.add) == 1
+    starts = [s for s in bus.sent if s.endswith(".start")]
+    assert starts == [f"gfaas.v1.agent.{holder}.start"], starts
+
+
+def seen_waiting(function: str) -> Observed:
+    return Observed(waiting={function: 1}, busy=lambda _: False, exec_ms=lambda _: 0.0, resident={})

@@ -166,12 +166,18 @@ async def test_deployed_models_are_in_the_host_tier_before_their_first_request(
             assert details["prefetch"]["models"] == []
             assert list_segments(tier_prefix(namespace)) == []
             assert details["host_tier_loads"] == 0
+            # The request fills the tier itself; the node's beat says it holds it now.
+            await client.invoke("text-encoder", {"tokens": tokenize("fill it myself")})
+            with anyio.fail_after(3 * PREFETCH_PERIOD_S):
+                while (await worker_details(client))["prefetch"]["resident"] != ["text-encoder"]:
+                    await anyio.sleep(0.1)
             return
         with anyio.fail_after(2 * PREFETCH_PERIOD_S):  # the deploy's round, not the next
             while not (await worker_details(client))["prefetch"]["models"]:
                 await anyio.sleep(0.05)
         details = await worker_details(client)
         assert details["prefetch"]["models"] == ["text-encoder"]
+        assert details["prefetch"]["resident"] == ["text-encoder"]
         assert len(list_segments(tier_prefix(namespace))) == 1
         assert details["host_tier_loads"] == 1
         out = await client.invoke("text-encoder", {"tokens": tokenize("already in memory")})

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -277,6 +277,9 @@ class Agent:
         # those profile runs hold meanwhile.
         self.uids = uid_range(settings.handler_uids) if handler_user is not None else None
         self._lent_uids: set[int] = set()
+        # Deployed models in the node's host tier, for the beat (the worker's
+        # prefetcher knows them: services/gpu_worker/prefetch.py).
+        self.host_models: Callable[[], Collection[str]] = tuple
 
     # -- commands ---------------------------------------------------------------------
 
@@ -775,6 +778,7 @@ class Agent:
             sent_at=now_millis() / 1000.0,
             shares_weights=self.shares_weights,
             isolated=self.isolated,
+            host_models=sorted(self.host_models()),
         )
 
     def details(self) -> dict[str, object]:

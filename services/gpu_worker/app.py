@@ -362,6 +362,9 @@ async def serve(
                     registry, models, handlers, budget_bytes(settings.host_prefetch_mb)
                 )
                 service_tg.start_soon(prefetcher.run)
+                if agent is not None:
+                    pf = prefetcher
+                    agent.host_models = lambda: pf.resident
             if agent is not None:
                 service = AgentService(
                     nc,

@@ -22,6 +22,7 @@ from services.gpu_worker.models import HandlerCache
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.modelstore import ModelStore
+from shared.modelswap.host_tier import segment_name
 from shared.registry import Registry
 from shared.scheduling.prefetch import PrefetchPlan, Stored, plan
 from shared.schema import FunctionSpec
@@ -62,12 +63,15 @@ class Prefetcher:
         self.wanted = wanted
         self.held: dict[tuple[str, str], int] = {}  # (model, key) -> bytes, prefetched here
         self.skipped: tuple[str, ...] = ()
+        # Deployed models whose current weights the tier holds, however they got
+        # there (prefetched, or an instance's own fill): the agent's beat says so.
+        self.resident: frozenset[str] = frozenset()
         self.fetched = 0
         self.dropped = 0
 
     async def run(self) -> None:
-        if self.budget <= 0:
-            return
+        """Rounds until cancelled; with no budget they fetch nothing and only keep
+        `resident` current."""
         await self.registry.wait_synced()
         while True:
             try:
@@ -100,12 +104,18 @@ class Prefetcher:
             self.fetched += 1
             log.info("prefetch.fetched", model=w.model, bytes=host.nbytes)
         self.skipped = todo.skipped
+        tier = self.handlers.host_tier
+        present = set(tier.resident())
+        self.resident = frozenset(
+            w.model for w in stored if segment_name(w.model, w.key, tier.prefix) in present
+        )
         return todo
 
     def details(self) -> dict[str, object]:
         return {
             "budget_bytes": self.budget,
             "models": sorted(m for m, _ in self.held),
+            "resident": sorted(self.resident),
             "bytes": sum(self.held.values()),
             "skipped": list(self.skipped),
             "fetched": self.fetched,

@@ -317,6 +317,7 @@ class Instances:
                 memory_total=book.beat.memory_total,
                 node=book.beat.node,
                 device_models=resident.get(agent_id, frozenset()),
+                host_models=frozenset(book.beat.host_models),
                 shares_weights=book.beat.shares_weights,
             )
             for info in infos:
@@ -330,6 +331,7 @@ class Instances:
                         node=device.node,
                         slots=slots,
                         device_models=device.device_models,
+                        host_models=device.host_models,
                         shares_weights=device.shares_weights,
                     )
                     continue
