@@ -123,6 +123,7 @@ def proc_status(pid: int) -> dict[str, str]:
 
 @pytest.mark.nats
 @pytest.mark.anyio
+@pytest.mark.slow  # 8-12 s: the default run stays under 10 minutes
 async def test_an_instance_runs_as_nobody_in_its_own_directory_and_cannot_read_roots_files(
     node: Platform, nc: NATS, reachable: Path
 ) -> None:
@@ -216,6 +217,7 @@ PLAIN = FunctionSpec(
 
 @pytest.mark.nats
 @pytest.mark.anyio
+@pytest.mark.slow  # 8-12 s: the default run stays under 10 minutes
 async def test_on_an_isolated_node_no_handler_code_runs_as_root_not_even_without_instances(
     node: Platform, nc: NATS
 ) -> None:

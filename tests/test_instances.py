@@ -122,6 +122,7 @@ async def test_instances_appear_under_load_and_go_after_idle_s(
     assert await wait_instances(nc, "sleep-i", 0, timeout=20) == []
 
 
+@pytest.mark.slow  # 8-12 s: the default run stays under 10 minutes
 async def test_fixed_time_quotas_share_the_device_in_proportion(
     nats_server: NatsServer, tmp_path: Path, nc: NATS
 ) -> None:
@@ -368,6 +369,7 @@ async def test_a_function_no_configuration_can_serve_in_time_is_refused_or_serve
         assert out["spins"].shape == (1,)
 
 
+@pytest.mark.slow  # 8-12 s: the default run stays under 10 minutes
 async def test_instances_of_a_device_that_goes_are_placed_on_another(
     nats_server: NatsServer, tmp_path: Path, nc: NATS
 ) -> None:
