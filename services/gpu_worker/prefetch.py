@@ -3,18 +3,21 @@ for them (FaaSwap's models in host memory; the policy: shared/scheduling/prefetc
 
 The node's worker (the agent, where there is one) runs it: on each deploy or
 removal, and every PERIOD_S (a model pushed again), it reads the deployed specs (the
-registry's watched copy), asks the store for each model's
-current key and size, and fetches what the plan says, one model at a time and
-through the same path a start takes (`HandlerCache.host_model`: the node-wide lock,
-so a start that comes meanwhile waits for this fill instead of making its own). A
-cold start then moves weights from host memory only. What fails is logged and tried
-again next round; a request for the model loads it on demand meanwhile, as before.
+registry's watched copy), asks the store for each model's current key and size, and
+fetches what the plan says, one model at a time and through the same path a start
+takes (`HandlerCache.host_model`: the node-wide lock, so a start that comes meanwhile
+waits for this fill instead of making its own). A cold start then moves weights from
+host memory only. What fails is logged and tried again next round; a request for the
+model loads it on demand meanwhile, as before.
+
+Every node prefetches every deployed model its budget holds: on a large cluster
+each model is then fetched once per node. Prefetching only where the packer would
+place the function is left for when a cluster needs it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import anyio
 
@@ -53,14 +56,12 @@ class Prefetcher:
         budget: int,
         *,
         period_s: float = PERIOD_S,
-        wanted: Callable[[FunctionSpec], bool] = lambda spec: True,
     ) -> None:
         self.registry = registry
         self.store = store
         self.handlers = handlers
         self.budget = budget
         self.period_s = period_s
-        self.wanted = wanted
         self.held: dict[tuple[str, str], int] = {}  # (model, key) -> bytes, prefetched here
         self.skipped: tuple[str, ...] = ()
         # Deployed models whose current weights the tier holds, however they got
@@ -82,7 +83,7 @@ class Prefetcher:
                 await self.registry.changed()
 
     async def round(self) -> PrefetchPlan:
-        models = sorted({s.model for s in self.registry.all() if s.model and self.wanted(s)})
+        models = sorted({s.model for s in self.registry.all() if s.model})
         stored = []
         for model in models:
             current = await self.store.current(model)
