@@ -559,7 +559,10 @@ class Agent:
             finally:
                 if process.poll() is None:
                     process.kill()
-                    await anyio.to_thread.run_sync(process.wait)
+                    # Reaped even when the agent is stopping mid-profile (a cancelled
+                    # wait would leave the process to the garbage collector, running).
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(process.wait)
             if scope.cancelled_caught:
                 reason = f"profiling {spec.name!r} took over {timeout_s:g} s"
                 error = ErrorInfo(code=ErrorCode.DEADLINE_EXCEEDED, reason=reason)
