@@ -148,6 +148,21 @@ def print_timeline(name: str, at: dict[str, float]) -> None:
         last = when
 
 
+def mlp_spec(fn: str, model: str, path: Path) -> FunctionSpec:
+    """The function `fn` serving the MLP `model` (weights at `path`), one instance
+    that goes after a second idle."""
+    return FunctionSpec(
+        name=fn,
+        handler="bench.live_models:Mlp",
+        model=model,
+        max_instances=1,
+        idle_s=1.0,
+        memory_mb=max(256, path.stat().st_size // 2**20 * 3),
+        timeout_ms=120_000,
+        slo_ms=60_000,
+    )
+
+
 async def first_answers(
     url: str, models: dict[str, Path], spares: bool
 ) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
@@ -160,16 +175,7 @@ async def first_answers(
         for name, path in models.items():
             await client.push_model(name, path)
             fn = f"{name}-{'s' if spares else 'f'}"
-            spec = FunctionSpec(
-                name=fn,
-                handler="bench.live_models:Mlp",
-                model=name,
-                max_instances=1,
-                idle_s=1.0,
-                memory_mb=max(256, path.stat().st_size // 2**20 * 3),
-                timeout_ms=120_000,
-                slo_ms=60_000,
-            )
+            spec = mlp_spec(fn, name, path)
             await client.deploy(spec, handler_check=False)
             with anyio.fail_after(30):  # until ingress is up and has heard of it
                 while fn not in await ingress_functions(client):
@@ -208,16 +214,7 @@ async def prefetched_answers(url: str, models: dict[str, Path]) -> dict[str, lis
         for name, path in models.items():
             await client.push_model(name, path)
             fn = f"{name}-p"
-            spec = FunctionSpec(
-                name=fn,
-                handler="bench.live_models:Mlp",
-                model=name,
-                max_instances=1,
-                idle_s=1.0,
-                memory_mb=max(256, path.stat().st_size // 2**20 * 3),
-                timeout_ms=120_000,
-                slo_ms=60_000,
-            )
+            spec = mlp_spec(fn, name, path)
             deployed = time.perf_counter()
             await client.deploy(spec, handler_check=False)
             with anyio.fail_after(120):
