@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import mmap
 import os
+import secrets
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -94,6 +95,9 @@ class _HashingWriter:
 class ModelStore:
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
+        # One download per file at a time in this process: the prefetcher and a
+        # cold load asking for the same model wait for one copy, not race two.
+        self._fetching: dict[Path, asyncio.Lock] = {}
 
     @classmethod
     async def open(cls, js: JetStreamContext, *, replicas: int = 1) -> ModelStore:
@@ -210,8 +214,22 @@ class ModelStore:
         target = cache_dir / f"{cache_stem(name, info)}.bin"
         if target.exists():
             return target
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = target.with_suffix(f".part{os.getpid()}")
+        lock = self._fetching.setdefault(target, asyncio.Lock())
+        try:
+            async with lock:
+                if not target.exists():  # the holder before us may have fetched it
+                    await self._fetch_into(name, info, target)
+        finally:
+            if not lock.locked() and self._fetching.get(target) is lock:
+                del self._fetching[target]
+        return target
+
+    async def _fetch_into(self, name: str, info: api.ObjectInfo, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # A name of its own: another process (or a container with the same pid)
+        # filling the same cache directory writes its own file, and the last
+        # atomic rename wins with the same bytes.
+        partial = target.with_suffix(f".part{os.getpid()}-{secrets.token_hex(4)}")
         try:
             await self._check_chunks(name, info)
             with partial.open("wb") as f:
@@ -232,7 +250,6 @@ class ModelStore:
             partial.unlink(missing_ok=True)
             raise
         partial.replace(target)
-        return target
 
     async def _check_chunks(self, name: str, info: api.ObjectInfo) -> None:
         """Refuse at once an object whose chunks are not all in the stream (the

@@ -271,3 +271,37 @@ async def test_pushes_store_large_chunks_and_older_small_chunked_objects_still_l
     with anyio.fail_after(20):
         fetched = await store.fetch("old", tmp_path / "old")
     assert fetched.read_bytes() == weights.read_bytes()
+
+
+async def test_concurrent_fetches_of_one_model_share_one_download(nc: NATS, tmp_path: Path) -> None:
+    """The prefetcher and a cold load (or two loads) asking for one model at once get
+    the same whole file from one download; two writers of one partial file (CI's
+    FileNotFoundError on the rename) must not happen."""
+    store = await ModelStore.open(nc.jetstream())
+    weights = tmp_path / "big.bin"
+    weights.write_bytes(np.random.default_rng(2).bytes(6 * CHUNK_BYTES + 777))
+    await store.push("big", weights)
+    downloads = 0
+    download = store._download
+
+    async def counted(*args: Any) -> None:
+        nonlocal downloads
+        downloads += 1
+        await download(*args)
+
+    store._download = counted  # type: ignore[method-assign]
+    cache = tmp_path / "cache"
+    paths: list[Path] = []
+
+    async def fetch() -> None:
+        paths.append(await store.fetch("big", cache))
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(fetch)
+    assert len(set(paths)) == 1
+    assert paths[0].read_bytes() == weights.read_bytes()
+    assert downloads == 1
+    assert [p.name for p in cache.iterdir()] == [paths[0].name]  # no partial left
+    assert store._fetching == {}
