@@ -273,7 +273,9 @@ async def test_pushes_store_large_chunks_and_older_small_chunked_objects_still_l
     assert fetched.read_bytes() == weights.read_bytes()
 
 
-async def test_concurrent_fetches_of_one_model_share_one_download(nc: NATS, tmp_path: Path) -> None:
+async def test_concurrent_fetches_of_one_model_share_one_download(
+    nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The prefetcher and a cold load (or two loads) asking for one model at once get
     the same whole file from one download; two writers of one partial file (CI's
     FileNotFoundError on the rename) must not happen."""
@@ -289,7 +291,7 @@ async def test_concurrent_fetches_of_one_model_share_one_download(nc: NATS, tmp_
         downloads += 1
         await download(*args)
 
-    store._download = counted  # type: ignore[method-assign]
+    monkeypatch.setattr(store, "_download", counted)
     cache = tmp_path / "cache"
     paths: list[Path] = []
 
