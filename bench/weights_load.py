@@ -9,7 +9,10 @@ what it replaced, in one run:
 - build: a 1,000-layer MLP on the host tier's read-only weights, by `to_empty` +
   `load_state_dict(assign=True)` vs gfaas's one walk (`instantiate(shared=True)`);
 - first forward of the 100-layer MLP built on shared weights, with the mapping's
-  pages faulted in on use vs populated in a thread while it is built.
+  pages faulted in on use vs populated in a thread while it is built;
+- chunk size: the same weights pushed by `ModelStore.push` in the client's default
+  128 KiB chunks vs the store's `CHUNK_BYTES` (1 MiB), and the host tier filled from
+  each one's `.blob` object (`fill_host_tier`), the two alternated.
 
 Medians of `--repeat` (3). Run: `.venv/bin/python -m bench.weights_load`.
 """
@@ -25,14 +28,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import nats
 import torch
+from nats.js import api
+from nats.js.object_store import OBJ_DEFAULT_CHUNK_SIZE
 
 import shared.modelswap.host_tier as host_tier
 from bench.live_models import WIDTH, mlp, write_mlp
-from shared.modelstore import ModelStore
+from shared.modelstore import BLOB_SUFFIX, ModelStore, _HashingWriter
 from shared.modelswap import HostTier
 from shared.modelswap.pipeline import instantiate
 from shared.natsd import nats_server
@@ -68,6 +74,92 @@ async def fetches(url: str, weights: Path, tmp: Path, repeat: int) -> dict[str, 
             out["blob"].append(time.perf_counter() - started)
             t.purge()
         return {k: statistics.median(v) for k, v in out.items()}
+    finally:
+        await nc.close()
+
+
+class DefaultChunks(ModelStore):
+    """`ModelStore.push` as it was before 1 MiB chunks: the file and its blob in the
+    client's default chunks (what an older client's objects still look like)."""
+
+    def _chunking(self) -> api.ObjectMetaOptions:
+        return api.ObjectMetaOptions(max_chunk_size=OBJ_DEFAULT_CHUNK_SIZE)
+
+
+class Discard(_HashingWriter):
+    """Counts what arrives, writes and hashes nothing: the receive alone."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        return len(data)
+
+
+SMALL, LARGE = "small", "large"  # 128 KiB, 1 MiB chunks
+
+
+@dataclass
+class Chunked:
+    medians: dict[str, dict[str, float]]  # step -> SMALL / LARGE -> seconds
+    ranges: dict[str, dict[str, tuple[float, float]]]  # the same -> (min, max)
+    chunks: dict[str, tuple[int, int]]  # SMALL / LARGE -> chunks of the file, of the blob
+    blob_mb: float
+
+
+async def chunk_sizes(url: str, weights: Path, repeat: int) -> Chunked:
+    """Each step with 128 KiB and with 1 MiB chunks, alternated (and which goes first
+    alternated too), `repeat` times: the whole push (the file, its blob made and put),
+    a put of the file alone, the host tier filled from the `.blob` object, and a
+    receive of the blob's chunks with nothing written."""
+    nc = await nats.connect(url)
+    try:
+        large = await ModelStore.open(nc.jetstream())
+        stores: dict[str, ModelStore] = {LARGE: large, SMALL: DefaultChunks(large._store)}
+        names = {SMALL: "c128k", LARGE: "c1m"}
+        steps = ("push", "put", "fill", "receive")
+        out: dict[str, dict[str, list[float]]] = {step: {SMALL: [], LARGE: []} for step in steps}
+
+        def order(i: int) -> tuple[str, str]:
+            return (SMALL, LARGE) if i % 2 == 0 else (LARGE, SMALL)
+
+        for i in range(repeat):
+            for k in order(i):
+                started = time.perf_counter()
+                await stores[k].push(names[k], weights)
+                out["push"][k].append(time.perf_counter() - started)
+        for i in range(repeat):
+            for k in order(i):
+                meta = api.ObjectMeta(name=f"put-{k}", options=stores[k]._chunking())
+                started = time.perf_counter()
+                with weights.open("rb") as f:
+                    await large._store.put(f"put-{k}", f, meta=meta)
+                out["put"][k].append(time.perf_counter() - started)
+        blobs = {k: await large._store.get_info(names[k] + BLOB_SUFFIX) for k in names}
+        files = {k: await large._store.get_info(names[k]) for k in names}
+        for i in range(repeat):
+            for k in order(i):
+                t = tier()
+                started = time.perf_counter()
+                assert await large.fill_host_tier(names[k], t) is not None
+                out["fill"][k].append(time.perf_counter() - started)
+                t.purge()
+        for i in range(repeat):
+            for k in order(i):
+                sink = Discard()
+                started = time.perf_counter()
+                await large._download(names[k] + BLOB_SUFFIX, blobs[k], sink)
+                out["receive"][k].append(time.perf_counter() - started)
+                assert sink.size == blobs[k].size
+        return Chunked(
+            medians={
+                step: {k: statistics.median(v) for k, v in by.items()} for step, by in out.items()
+            },
+            ranges={step: {k: (min(v), max(v)) for k, v in by.items()} for step, by in out.items()},
+            chunks={k: (int(files[k].chunks or 0), int(blobs[k].chunks or 0)) for k in names},
+            blob_mb=int(blobs[LARGE].size or 0) / 1e6,
+        )
     finally:
         await nc.close()
 
@@ -157,6 +249,25 @@ def main() -> None:
             f"first forward, 100-layer MLP on shared weights: pages faulted in "
             f"{faulted * 1000:.1f} ms, populated while built {populated * 1000:.1f} ms"
         )
+        c = asyncio.run(chunk_sizes(server.url, weights, args.repeat))
+        (fs, bs), (fl, bl) = c.chunks[SMALL], c.chunks[LARGE]
+        print(
+            f"\nchunk size: the same weights pushed in 128 KiB chunks (file {fs}, blob {bs}) "
+            f"and in 1 MiB chunks (file {fl}, blob {bl}), alternated"
+        )
+        for step, what in (
+            ("push", f"push {mb:.0f} MB (ModelStore.push: the file, its blob made and put)"),
+            ("put", f"put {mb:.0f} MB file alone (ObjectStore.put)"),
+            ("fill", f"fetch {c.blob_mb:.0f} MB into the host tier (.blob, fill_host_tier)"),
+            ("receive", f"receive {c.blob_mb:.0f} MB blob, nothing written or hashed"),
+        ):
+            small, large = c.medians[step][SMALL], c.medians[step][LARGE]
+            (s0, s1), (l0, l1) = c.ranges[step][SMALL], c.ranges[step][LARGE]
+            print(
+                f"{what}: 128 KiB chunks {small * 1000:.0f} ms, "
+                f"1 MiB chunks {large * 1000:.0f} ms ({small / large:.2f}x; "
+                f"ranges {s0 * 1000:.0f}-{s1 * 1000:.0f} / {l0 * 1000:.0f}-{l1 * 1000:.0f} ms)"
+            )
 
 
 if __name__ == "__main__":
