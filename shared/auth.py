@@ -225,6 +225,7 @@ _RUNS_PUBLISH: Final = (
     f"{P}.agent.*.acquire",
     f"{P}.agent.*.release",
     f"{P}.agent.*.failed",
+    f"{P}.agent.*.weights",
     f"{P}.broker.*.*",
     f"{P}.logs.*",
     _kv(jetstream.RESULTS_BUCKET),

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.errors import GfaasError
-from shared.schema import ErrorCode, FunctionSpec
+from shared.schema import DeviceWeights, ErrorCode, FunctionSpec
 
 if TYPE_CHECKING:
     import torch
@@ -73,6 +73,9 @@ class LoadContext:
     # Build on the host tier's read-only copy of the weights instead of copying them
     # (CPU instances: see shared.modelswap.instantiate).
     shared: bool = False
+    # On a GPU, the device's one copy of the weights that `shared` builds on (the
+    # agent's export: shared.modelswap.device_share).
+    device_weights: DeviceWeights | None = None
     swaps: list[SwapIn] = field(default_factory=list)
 
     def weights_file(self) -> Path | None:
@@ -97,6 +100,7 @@ class LoadContext:
                 group_bytes=self.group_bytes,
                 pipelined=self.pipelined,
                 shared=self.shared,
+                device_weights=self.device_weights,
             )
             self.swaps.append(swap)
             return model

@@ -539,6 +539,35 @@ class TokenRelease(_Msg):
     used_s: float = -1.0
 
 
+class WeightsRequest(_Msg):
+    """A CUDA instance asks its agent for the device's one copy of its model's
+    weights (reply: WeightsReply): SAGE's shared read-only weights."""
+
+    instance_id: str
+    model: str
+
+
+class DeviceWeights(_Msg):
+    """A device copy of a host-tier segment, as CUDA IPC exports it (what torch's
+    `reduce_tensor` gives for the copy's byte tensor, field by field: no pickle)."""
+
+    segment: str  # the host-tier segment it copies, byte for byte
+    nbytes: int
+    device: int
+    handle: bytes
+    storage_bytes: int
+    storage_offset: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes | None = None
+    event_sync_required: bool = False
+
+
+class WeightsReply(_Msg):
+    weights: DeviceWeights | None = None
+    error: ErrorInfo | None = None
+
+
 class Done(_Msg):
     """A worker's note to the scheduler that an invocation left its hands."""
 

@@ -125,8 +125,8 @@ def agent_beat(agent_id: str) -> str:
 
 
 def agent(agent_id: str, op: str) -> str:
-    """op: start, stop (request-reply, the scheduler); acquire (request-reply) and
-    release (a note), the agent's instances."""
+    """op: start, stop (request-reply, the scheduler); acquire and weights
+    (request-reply), release and failed (notes), the agent's instances."""
     return f"{PREFIX}.agent.{_tok(agent_id)}.{_tok(op)}"
 
 

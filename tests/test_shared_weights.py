@@ -18,12 +18,22 @@ from nats.aio.client import Client as NATS
 
 from bench.live_models import mlp, write_mlp
 from gfaas.client import Client, outputs_of
+from shared import subjects
 from shared.modelswap import HostTier
-from shared.modelswap.pipeline import instantiate
+from shared.modelswap.device_share import ShareError, shared_views
+from shared.modelswap.pipeline import SwapError, instantiate
 from shared.natsd import NatsServer
 from shared.scheduling import packing
 from shared.scheduling.autoscale import Config
-from shared.schema import FunctionSpec
+from shared.schema import (
+    DeviceWeights,
+    ErrorCode,
+    FunctionSpec,
+    WeightsReply,
+    WeightsRequest,
+    decode,
+    encode,
+)
 from tests.helpers import agent_details, deploy_and_wait
 from tests.platform import PYTHON, Platform, platform_at, subprocess_env
 from tests.test_instances import wait_instances
@@ -86,6 +96,42 @@ def test_a_shared_model_answers_as_a_copied_one_and_copies_nothing(
     for name, tensor in shared.state_dict().items():
         assert tensor.data_ptr() == views[name].data_ptr(), name
         assert tensor.data_ptr() != copied.state_dict()[name].data_ptr()
+
+
+def test_a_byte_copy_of_a_segment_lays_out_the_models_tensors(
+    tier: tuple[HostTier, Path],
+) -> None:
+    """A device's shared copy (shared.modelswap.device_share) is the whole segment,
+    byte for byte; the model's tensors are views of it laid out by the segment's own
+    index. Checked here with a copy in host memory: the layout is the CPU's and the
+    GPU's alike."""
+    host_tier, weights = tier
+    host = host_tier.get_or_load("m4", "d1", lambda: weights)
+    flat = torch.frombuffer(bytearray(host.segment.mm), dtype=torch.uint8)
+    views = host.views_of_copy(flat)
+    assert views.keys() == host.tensors.keys()
+    start, end = flat.data_ptr(), flat.data_ptr() + flat.numel()
+    for name, tensor in host.tensors.items():
+        torch.testing.assert_close(views[name], tensor, rtol=0, atol=0)
+        assert start <= views[name].data_ptr() < end, name  # in the copy, not the tier
+    with pytest.raises(Exception, match="not the segment's"):
+        host.views_of_copy(flat[:-1])
+    # An export of another segment (the model was pushed again meanwhile) is refused
+    # before anything is mapped; a GPU model without an export is refused too.
+    other = DeviceWeights(
+        segment="gfaas-model-other",
+        nbytes=flat.numel(),
+        device=0,
+        handle=b"",
+        storage_bytes=flat.numel(),
+        storage_offset=0,
+        ref_counter_handle=b"",
+        ref_counter_offset=0,
+    )
+    with pytest.raises(ShareError, match="changed meanwhile"):
+        shared_views(host, other)
+    with pytest.raises(SwapError, match="none was given"):
+        instantiate(lambda: mlp(4), host, "cuda:0", shared=True)
 
 
 def test_a_write_into_shared_weights_faults_in_the_writer_alone(
@@ -191,3 +237,21 @@ async def test_two_instances_of_one_function_map_one_copy_and_both_answer(
     assert agent["shares_weights"] is True
     assert agent["weights"] == {"m40": {"bytes": one.weight_bytes, "instances": 2}}
     assert agent["memory_used"] == 2 * 150 * MB - one.weight_bytes
+
+
+@pytest.mark.nats
+@pytest.mark.anyio
+async def test_a_cpu_agent_makes_no_device_copies_and_none_for_strangers(
+    agent_platform: Platform, nc: NATS
+) -> None:
+    """The agent's `weights` op (a CUDA instance's request for its device's copy) is
+    answered, with why it is refused, and not for instances it did not start."""
+    agent = await agent_details(Client(nc))
+    assert agent["device_copies"] == {}
+    ask = encode(WeightsRequest(instance_id="nobody", model="m40"))
+    msg = await nc.request(subjects.agent(str(agent["agent_id"]), "weights"), ask, timeout=5)
+    reply = decode(msg.data, WeightsReply)
+    assert reply.weights is None
+    assert reply.error is not None
+    assert reply.error.code is ErrorCode.BAD_REQUEST
+    assert "shares no device copies" in reply.error.reason

@@ -31,12 +31,13 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from services.gpu_worker import limits
+from services.gpu_worker import device_weights, limits
 from services.gpu_worker.bundles import Bundles
 from services.gpu_worker.privileges import PROFILE_FILE, InstanceDirs, read_own_file, uid_range
 from services.gpu_worker.profiler import share_grid
@@ -75,6 +76,10 @@ from shared.sharing import ShareError, mps
 from shared.sharing.cpu import cores_at, node_cores
 from shared.sharing.runner import TokenRunner
 from shared.sharing.tokens import TokenArbiter
+
+if TYPE_CHECKING:
+    from shared.modelswap import HostModel
+    from shared.modelswap.device_share import DeviceCopies
 
 log = get_logger("gpu_worker")
 
@@ -280,6 +285,13 @@ class Agent:
         # Deployed models in the node's host tier, for the beat (the worker's
         # prefetcher knows them: services/gpu_worker/prefetch.py).
         self.host_models: Callable[[], Collection[str]] = tuple
+        # On a GPU, the device's one copy of each model its instances share
+        # (services/gpu_worker/device_weights.py); on a CPU the host tier is that copy.
+        self.copies: DeviceCopies | None = None
+        if device.startswith("cuda") and settings.shared_weights:
+            from shared.modelswap.device_share import DeviceCopies
+
+            self.copies = DeviceCopies()
 
     # -- commands ---------------------------------------------------------------------
 
@@ -293,8 +305,17 @@ class Agent:
     @property
     def shares_weights(self) -> bool:
         """Instances of one model here map one copy of its weights: the host tier's
-        shared memory, read-only (CPU). On CUDA each instance has its own copy."""
-        return self.device == "cpu" and self.settings.shared_weights
+        shared memory, read-only (CPU), or one device copy this agent holds and
+        exports over CUDA IPC (`copies`)."""
+        return self.settings.shared_weights and (self.device == "cpu" or self.copies is not None)
+
+    def model_of(self, instance_id: str) -> str | None:
+        """The model an instance here was started with (None: no such instance, or
+        one that failed)."""
+        running = self.instances.get(instance_id)
+        if running is None or running.state is InstanceState.FAILED:
+            return None
+        return running.command.model
 
     def _holding(self) -> list[packing.Demand]:
         return [r.demand() for r in self.instances.values() if r.state is not InstanceState.FAILED]
@@ -745,6 +766,8 @@ class Agent:
             self.runner.remove(name)
             changed = True
             self._remove_dir(running)
+            if self.copies is not None:
+                self.copies.release(name)  # its process, the last to map it, is gone
             if running.state is InstanceState.STOPPING:
                 del self.instances[name]
                 log.info("instance.stopped", instance=name)
@@ -792,6 +815,8 @@ class Agent:
             "memory_used": self.memory_used(),
             "shares_weights": self.shares_weights,
             "weights": self.weights(),
+            # The device copies held here (CUDA): bytes, copies and holders per model.
+            "device_copies": self.copies.report() if self.copies is not None else {},
             "started": self.started,
             "crashed": self.crashed,
             "spares": len(self.spares.procs),
@@ -826,6 +851,8 @@ class Agent:
                 running.process.wait()
             self._remove_dir(running)
         self.instances.clear()
+        if self.copies is not None:
+            await anyio.to_thread.run_sync(self.copies.release_all)
         if self.dirs is not None:
             self.dirs.close()
         if self.spatial.started_daemon and self.spatial.mps_dirs is not None:
@@ -851,6 +878,9 @@ class AgentService:
     # Puts a model into the node's host tier, as this process's user: on an isolated
     # node, for each instance of a model as it starts (`_fill`).
     fill: Callable[[str], Awaitable[object]] | None = None
+    # The node's host-tier copy of a model (filled if need be): what a device copy
+    # that instances share is made from.
+    host: Callable[[str], Awaitable[HostModel]] | None = None
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         agent = self.agent
@@ -878,6 +908,16 @@ class AgentService:
                         await msg.respond(encode(reply))
                     elif op == "failed":
                         agent.failed(decode(msg.data, InstanceFailed))
+                    elif op == "weights":
+                        # A copy may take a while (the host tier first): its own task.
+                        tg.start_soon(
+                            device_weights.answer,
+                            msg,
+                            agent.copies,
+                            agent.model_of,
+                            self._host_model,
+                            agent.device,
+                        )
                 except Exception as exc:  # a bad message costs its answer, not the agent
                     log.warning("agent.bad_message", op=op, error=repr(exc))
                     if msg.reply:
@@ -909,6 +949,11 @@ class AgentService:
                     await beats.unsubscribe()
                     await agent.shutdown()
                     await self.beat()
+
+    async def _host_model(self, model: str) -> HostModel:
+        if self.host is None:
+            raise GfaasError(ErrorCode.INTERNAL, "this agent has no host tier to copy from")
+        return await self.host(model)
 
     async def _fill(self, command: StartInstance) -> None:
         """An isolated node's instance only maps the host tier (a segment it wrote, any

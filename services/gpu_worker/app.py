@@ -25,14 +25,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
-from services.gpu_worker import privileges, profiler, state
+from services.gpu_worker import device_weights, privileges, profiler, state
 from services.gpu_worker.agent import Agent, AgentService, spatial_for
 from services.gpu_worker.bundles import Bundles, Mounted
 from services.gpu_worker.claims import Claims
 from services.gpu_worker.device import device_cache_bytes, memory_info, pick_device
 from services.gpu_worker.execute import Executor
 from services.gpu_worker.handlers import Job, Runs
-from services.gpu_worker.models import HandlerCache
+from services.gpu_worker.models import DeviceWeightsSource, HandlerCache
 from services.gpu_worker.prefetch import Prefetcher, budget_bytes
 from services.gpu_worker.sandbox import HandlerChecks
 from services.gpu_worker.staging import Staging
@@ -46,7 +46,7 @@ from shared.dataplane.client import BrokerClient
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.modelstore import ModelStore
-from shared.modelswap import HostTier, tier_prefix
+from shared.modelswap import HostModel, HostTier, tier_prefix
 from shared.registry import Registry
 from shared.results import ResultStore
 from shared.schema import (
@@ -159,8 +159,14 @@ def measured_here(
     return measure
 
 
-def handler_cache(settings: Settings, device: str, models: ModelStore) -> HandlerCache:
-    """The handlers (and models) a worker or an instance keeps loaded on `device`."""
+def handler_cache(
+    settings: Settings,
+    device: str,
+    models: ModelStore,
+    device_weights: DeviceWeightsSource | None = None,
+) -> HandlerCache:
+    """The handlers (and models) a worker or an instance keeps loaded on `device`
+    (`device_weights`: where a CUDA instance gets its device's shared copy)."""
     return HandlerCache(
         device=device,
         threads=settings.threads,
@@ -179,6 +185,7 @@ def handler_cache(settings: Settings, device: str, models: ModelStore) -> Handle
         # An instance of a function with a code bundle: the bundle the agent extracted
         # for it, first on this process's import path from here on.
         bundle=Mounted.of(settings),
+        device_weights=device_weights,
     )
 
 
@@ -255,7 +262,13 @@ async def serve(
             setup_ms=setup.steps,
             setup_at=setup.at,
         )
-        handlers = handler_cache(settings, device, models)
+        # A CUDA instance builds its model on the device's one copy of the weights,
+        # which its agent holds and exports (services/gpu_worker/device_weights.py).
+        shared_copy = None
+        agent_id = settings.instance_agent
+        if function and agent_id and settings.shared_weights and device.startswith("cuda"):
+            shared_copy = device_weights.asker(nc, agent_id, worker_id)
+        handlers = handler_cache(settings, device, models, shared_copy)
         staging = Staging(
             BrokerClient(
                 nc, settings.node, board=board_name(settings.shm_namespace, settings.node)
@@ -366,12 +379,17 @@ async def serve(
                     pf = prefetcher
                     agent.host_models = lambda: pf.resident
             if agent is not None:
+
+                async def host_copy(model: str) -> HostModel:
+                    return (await handlers.host_model(model))[0]
+
                 service = AgentService(
                     nc,
                     agent,
                     settings.heartbeat_s,
                     wanted=lambda: any(isolated or wants_instances(s) for s in registry.all()),
                     fill=handlers.host_model,
+                    host=host_copy,
                 )
                 await service_tg.start(service.run)
             async with anyio.create_task_group() as running:

@@ -29,12 +29,14 @@ from shared.function import handler_packages as handler_packages_of
 from shared.modelswap import HostModel, HostTier, SwapIn
 from shared.scheduling.cache import DeviceCache
 from shared.scheduling.eviction import CannotFit, choose_victims
-from shared.schema import ErrorCode, FunctionSpec
+from shared.schema import DeviceWeights, ErrorCode, FunctionSpec
 
 Handler = Callable[[dict[str, Any]], Mapping[str, Any]]
 WeightsFetcher = Callable[[str], Awaitable[Path]]
 # The model in the host tier from its loading-optimised blob, or None (use the file).
 TierFiller = Callable[[str, HostTier], Awaitable[HostModel | None]]
+# The device's one copy of a model's weights, from the agent (a CUDA instance).
+DeviceWeightsSource = Callable[[str], Awaitable[DeviceWeights]]
 
 MB = 1024 * 1024
 # Handlers that have run faster than this (moving average) run on the event loop:
@@ -110,6 +112,7 @@ class HandlerCache:
         share_weights: bool = False,
         fill_host_tier: TierFiller | None = None,
         bundle: Mounted | None = None,
+        device_weights: DeviceWeightsSource | None = None,
     ) -> None:
         # The node's allow-list: a spec naming a handler outside it (one written into
         # the registry by hand) is refused before anything is fetched or imported.
@@ -122,8 +125,11 @@ class HandlerCache:
         self.cache = DeviceCache(capacity=capacity_bytes)
         self.host_tier = host_tier or HostTier()
         self.group_bytes = group_bytes
-        # Models built on the host tier's read-only weights, not copies (CPU only).
-        self.share_weights = share_weights and device == "cpu"
+        # Models built on the node's one copy of their weights, not copies of it: the
+        # host tier's read-only mapping (CPU), or the device copy its agent exports
+        # (CUDA: `device_weights` asks for it).
+        self.share_weights = share_weights and (device == "cpu" or device_weights is not None)
+        self._device_weights = device_weights
         self._fetch = fetch_weights
         self._fill = fill_host_tier
         self._clock = clock
@@ -289,6 +295,12 @@ class HandlerCache:
         size = host.nbytes if host is not None else 0
         # From here on is what a reload costs once the host tier holds the weights.
         swap_started = time.perf_counter()
+        # On a GPU, the device's one copy of the weights from the agent (made now if
+        # no instance holds one); asked before the space is reserved, which must not
+        # wait on anything.
+        shared_copy = None
+        if self.share_weights and host is not None and self._device_weights is not None:
+            shared_copy = await self._device_weights(host.name)
         # Reserve the space before building, so concurrent loads cannot overfill,
         # pinned, so that they cannot evict it half-built either.
         await self._make_room(spec, size, wait_s)
@@ -304,6 +316,7 @@ class HandlerCache:
             host=host,
             group_bytes=self.group_bytes,
             shared=self.share_weights,
+            device_weights=shared_copy,
         )
         try:
             # Swap-in: the weights onto the device and the handler built.

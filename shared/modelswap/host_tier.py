@@ -87,6 +87,21 @@ class HostModel:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    @property
+    def segment_bytes(self) -> int:
+        """The whole segment, index and alignment included: what a device copy holds."""
+        return len(self.segment.mm)
+
+    def views_of_copy(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors as views of `flat`, a byte-for-byte copy of the whole segment
+        (on a device: shared.modelswap.device_share)."""
+        if flat.numel() != self.segment_bytes or flat.dtype != torch.uint8:
+            raise BackendError(
+                f"a copy of {self.name!r} holds {flat.numel()} {flat.dtype} elements, "
+                f"not the segment's {self.segment_bytes} bytes"
+            )
+        return views_in(flat, *_index(self.segment.mm))
+
     def readonly_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors again, as views of a read-only mapping of the segment: what a
         model that shares the node's one copy of its weights is built from. A write
@@ -124,23 +139,31 @@ def _layout(state: Mapping[str, torch.Tensor]) -> tuple[list[_Entry], bytes, int
     return entries, index, data_start + offset
 
 
-def _views(segment: Segment) -> dict[str, torch.Tensor]:
-    (index_len,) = _HEADER.unpack_from(segment.mm, 0)
-    entries = msgspec.msgpack.decode(
-        segment.mm[_HEADER.size : _HEADER.size + index_len], type=list[_Entry]
-    )
-    base = _align(_HEADER.size + index_len)
+def _index(mm: mmap.mmap) -> tuple[list[_Entry], int]:
+    """A segment's tensor entries, and where their bytes begin."""
+    (index_len,) = _HEADER.unpack_from(mm, 0)
+    entries = msgspec.msgpack.decode(mm[_HEADER.size : _HEADER.size + index_len], type=list[_Entry])
+    return entries, _align(_HEADER.size + index_len)
+
+
+def views_in(flat: torch.Tensor, entries: list[_Entry], base: int) -> dict[str, torch.Tensor]:
+    """The tensors of a segment's layout as views of `flat`, one byte tensor holding
+    the whole segment: its shared-memory mapping, or a copy of it on a device (the
+    one copy instances of a model share there: shared.modelswap.device_share)."""
     views: dict[str, torch.Tensor] = {}
     for e in entries:
         dtype = getattr(torch, e.dtype)
         if e.nbytes == 0:
-            views[e.name] = torch.empty(e.shape, dtype=dtype)
+            views[e.name] = torch.empty(e.shape, dtype=dtype, device=flat.device)
             continue
-        flat = torch.frombuffer(
-            segment.mm, dtype=dtype, count=e.nbytes // dtype.itemsize, offset=base + e.offset
-        )
-        views[e.name] = flat.view(e.shape)
+        start = base + e.offset
+        views[e.name] = flat[start : start + e.nbytes].view(dtype).view(e.shape)
     return views
+
+
+def _views(segment: Segment) -> dict[str, torch.Tensor]:
+    entries, base = _index(segment.mm)
+    return views_in(torch.frombuffer(segment.mm, dtype=torch.uint8), entries, base)
 
 
 _MADV_POPULATE_READ = 22  # Linux 5.14+; Python's mmap module does not name it yet

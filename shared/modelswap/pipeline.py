@@ -34,13 +34,16 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from shared.modelswap.host_tier import HostModel
+
+if TYPE_CHECKING:
+    from shared.schema import DeviceWeights
 
 DEFAULT_GROUP_BYTES = 2 * 1024 * 1024  # FaaSwap's throughput elbow; bench/swap.py measures it
 
@@ -192,14 +195,16 @@ def instantiate(
     group_bytes: int = DEFAULT_GROUP_BYTES,
     pipelined: bool = True,
     shared: bool = False,
+    device_weights: DeviceWeights | None = None,
 ) -> tuple[nn.Module, SwapIn]:
     """Build `factory()`'s model on `device` with weights from the host tier.
 
     With `pipelined`, returns at once and the model may be called immediately;
-    otherwise returns after every weight has been copied. With `shared` (CPU only),
-    nothing is copied: the model's parameters and buffers are read-only views of the
-    host tier's segment, the one copy every process on the node that shares the
-    model maps (SAGE's shared read-only weights).
+    otherwise returns after every weight has been copied. With `shared`, nothing is
+    copied (SAGE's shared read-only weights): on a CPU the model's parameters and
+    buffers are read-only views of the host tier's segment, the one copy every
+    process on the node that shares the model maps; on a GPU, views of the device's
+    one copy that `device_weights` exports (shared.modelswap.device_share).
     """
     with torch.device("meta"):
         model = factory()
@@ -212,7 +217,7 @@ def instantiate(
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     if shared:
-        model = _share(model, host, device).eval()
+        model = _share(model, host, device, device_weights).eval()
         return model, _landed(model, device)
     _materialise(model, device, {})
     model.eval()
@@ -274,11 +279,19 @@ def _materialise(model: nn.Module, device: str, given: Mapping[str, torch.Tensor
                 module._buffers[name] = real(dot + name, buffer, False)
 
 
-def _share(model: nn.Module, host: HostModel, device: str) -> nn.Module:
-    """`model` with the host tier's read-only views as its weights (no copy)."""
-    if device != "cpu":
-        raise SwapError(f"weights are shared through host memory: not on {device}")
-    views = host.readonly_tensors()
+def _share(
+    model: nn.Module, host: HostModel, device: str, device_weights: DeviceWeights | None
+) -> nn.Module:
+    """`model` with the node's one copy of its weights as its weights (no copy): the
+    host tier's read-only views on a CPU, the device copy's on a GPU."""
+    if device == "cpu":
+        views = host.readonly_tensors()
+    elif device_weights is not None:
+        from shared.modelswap.device_share import shared_views
+
+        views = shared_views(host, device_weights)
+    else:
+        raise SwapError(f"weights on {device} are shared through a device copy: none was given")
     for name, tensor in model.state_dict(keep_vars=True).items():
         view = views[name]
         if view.dtype != tensor.dtype or view.shape != tensor.shape:
