@@ -5,14 +5,16 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from shared.modelswap import HostTier, instantiate
 from shared.modelswap.host_tier import PREFIX, segment_name
-from shared.modelswap.pipeline import SwapError, group_parameters
+from shared.modelswap.pipeline import SwapError, _NoInit, group_parameters
 from tests.platform import PYTHON, subprocess_env
 
 pytestmark = pytest.mark.unit
@@ -125,3 +127,36 @@ def test_groups_pack_consecutive_tensors_to_the_size() -> None:
     groups = group_parameters(tensors, 3 * 1024)
     assert groups == [["t0", "t1", "t2"], ["t3", "t4", "t5"], ["t6", "t7", "t8"], ["t9"]]
     assert group_parameters([("big", torch.zeros(4096))], 1024) == [["big"]]
+
+
+class _Seen(TorchFunctionMode):
+    """Records the torch functions that reach it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.names.append(getattr(func, "__name__", repr(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_model_built_on_the_meta_device_is_not_initialised_but_real_ones_are() -> None:
+    """Initialising weights on the meta device computes nothing but costs dispatch
+    (half of building a 1,000-layer MLP): instantiate skips it. Tensors on a real
+    device are initialised as ever, under the same mode."""
+    seen = _Seen()
+    with torch.device("meta"), seen, _NoInit():
+        nn.Linear(8, 8)
+    assert "empty" in seen.names
+    fills = [n for n in seen.names if n.endswith("_") and not n.endswith("__")]
+    assert not fills, seen.names
+    plain = _Seen()
+    with torch.device("meta"), plain:
+        nn.Linear(8, 8)
+    assert "kaiming_uniform_" in plain.names  # what the mode keeps from the dispatch
+    with _NoInit():
+        real = nn.Linear(8, 8)
+        ones = torch.empty(3).fill_(1.0)
+    assert bool(real.weight.abs().sum() > 0)
+    assert ones.tolist() == [1.0, 1.0, 1.0]
