@@ -84,6 +84,11 @@ async def answer(
             )
         host = await host_model(request.model)
         weights = await anyio.to_thread.run_sync(copies.hold, request.instance_id, host, device)
+        if holder_model(request.instance_id) is None:
+            # Its process exited while the copy was made: the reap that would have
+            # released its hold came first, so release it here.
+            await anyio.to_thread.run_sync(copies.release, request.instance_id)
+            raise GfaasError(ErrorCode.NOT_FOUND, f"instance {request.instance_id} is gone")
         reply = WeightsReply(weights=weights)
         log.info(
             "weights.shared",
