@@ -160,3 +160,28 @@ def test_a_model_built_on_the_meta_device_is_not_initialised_but_real_ones_are()
         ones = torch.empty(3).fill_(1.0)
     assert bool(real.weight.abs().sum() > 0)
     assert ones.tolist() == [1.0, 1.0, 1.0]
+
+
+def _resident_kib(name: str) -> int:
+    """This process's resident KiB of its mapping of /dev/shm/`name`."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.endswith(f"/dev/shm/{name}"):
+            for field in lines[i + 1 :]:
+                if field.startswith("Rss:"):
+                    return int(field.split()[1])
+    raise AssertionError(f"{name} is not mapped")
+
+
+def test_a_segment_being_filled_has_its_pages_before_the_bytes_arrive(tier: HostTier) -> None:
+    """A fill from the object store writes into a fresh segment as the chunks arrive;
+    its pages are allocated ahead of it in a thread, not faulted in per 4 KiB by the
+    writer (71 ms per 100 MB here)."""
+    size = 16 * 1024 * 1024
+    pending = tier.pending("prefaulted", "d1", size)
+    try:
+        assert pending.populating is not None
+        pending.populating.join(timeout=10)
+        assert _resident_kib(pending.tmp) >= size // 1024 - 4
+    finally:
+        pending.abort()
