@@ -166,9 +166,8 @@ def _views(segment: Segment) -> dict[str, torch.Tensor]:
     return views_in(torch.frombuffer(segment.mm, dtype=torch.uint8), entries, base)
 
 
-_MADV_POPULATE_READ = 22  # Linux 5.14+; Python's mmap module does not name it yet
-
-
+# Linux 5.14+; Python's mmap module does not name them yet.
+_MADV_POPULATE_READ = 22
 _MADV_POPULATE_WRITE = 23
 
 
