@@ -193,7 +193,8 @@ class ModelStore:
             tier.loads += 1
             tier.blob_loads += 1
         except Exception as exc:
-            pending.abort()
+            # Off the event loop: it waits for the segment's populate thread.
+            await asyncio.to_thread(pending.abort)
             log.warning("model.blob_unusable", model=name, error=str(exc))
             return None
         except BaseException:
