@@ -9,22 +9,20 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
-import numpy as np
 import pytest
 import torch
 from nats.aio.client import Client as NATS
 
 from bench.live_models import mlp, write_mlp
-from gfaas.client import Client, outputs_of
+from gfaas.client import Client
 from shared.modelswap import HostTier
 from shared.modelswap.device_share import DeviceCopies
 from shared.modelswap.pipeline import instantiate
 from shared.natsd import NatsServer
-from shared.schema import FunctionSpec, encode
-from tests.helpers import agent_details, deploy_and_wait
+from shared.schema import encode
+from tests.helpers import agent_details
 from tests.platform import PYTHON, Platform, platform_at, subprocess_env
-from tests.test_instances import wait_instances
+from tests.test_shared_weights import two_answering_instances
 
 pytestmark = [
     pytest.mark.gpu,
@@ -108,45 +106,9 @@ def gpu_platform(nats_server: NatsServer, tmp_path: Path) -> Iterator[Platform]:
 async def test_two_cuda_instances_of_one_function_share_one_device_copy(
     gpu_platform: Platform, nc: NATS, tmp_path: Path
 ) -> None:
+    # As on a CPU, only one copy lets both 150 MiB budgets fit in 400 MiB.
+    await two_answering_instances(nc, tmp_path, "mlp-shared-g", ready_s=120, tolerance=1e-5)
     client = Client(nc)
-    weights = tmp_path / "m40.pt"
-    model = mlp(40)  # 40 MiB of weights
-    torch.save(model.state_dict(), weights)
-    await client.push_model("m40", weights)
-    # Two 150 MiB budgets on 400 MiB: as on a CPU, only one copy lets both fit.
-    spec = FunctionSpec(
-        name="mlp-shared-g",
-        handler="tests.funcs:SlowMlp",
-        model="m40",
-        min_instances=2,
-        max_instances=2,
-        memory_mb=150,
-        sm_share=0.5,
-        time_quota=0.5,
-        idle_s=60.0,
-        timeout_ms=60_000,
-    )
-    await deploy_and_wait(nc, spec)
-    x = np.random.default_rng(0).standard_normal((2, 512)).astype(np.float32)
-    with torch.inference_mode():
-        expected = model(torch.from_numpy(x)).numpy()
-    with anyio.fail_after(120):
-        while any(i.state != "ready" for i in await wait_instances(nc, "mlp-shared-g", 2)):
-            await anyio.sleep(0.1)
-    instances = await wait_instances(nc, "mlp-shared-g", 2)
-    answered: set[str] = set()
-    hold = np.array([0.3], dtype=np.float32)
-
-    async def call() -> None:
-        reply = await client.invoke_reply("mlp-shared-g", {"x": x, "hold_s": hold}, timeout=60)
-        assert reply.error is None, reply.error
-        np.testing.assert_allclose(outputs_of(reply)["y"], expected, rtol=1e-4, atol=1e-5)
-        answered.add(reply.worker)
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(4):
-            tg.start_soon(call)
-    assert answered == {i.instance_id for i in instances}
     agent = await agent_details(client)
     assert agent["shares_weights"] is True
     copies = agent["device_copies"]
