@@ -33,13 +33,32 @@ def write_mlp(path: Path, layers: int, seed: int) -> int:
 
 
 class Mlp:
-    """Handler: input `x` float32 [n, 512] -> `y` [n, 512]."""
+    """Handler: input `x` float32 [n, 512] -> `y` [n, 512]. Its depth is read from
+    its weights, so its build waits for them; the subclasses below know theirs, as
+    most handlers do, and build their skeleton while the weights are fetched."""
+
+    layers = 0  # 0: as many as the weights have
 
     def __init__(self, ctx: LoadContext) -> None:
-        assert ctx.host is not None, "an Mlp function needs a model"
-        layers = sum(1 for name in ctx.host.tensors if name.endswith(".weight"))
+        layers = self.layers
+        if not layers:
+            host = ctx.host_model()
+            assert host is not None, "an Mlp function needs a model"
+            layers = sum(1 for name in host.tensors if name.endswith(".weight"))
         factory: Callable[[], nn.Module] = lambda: mlp(layers)  # noqa: E731
         self.model = ctx.build(factory)
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"y": self.model(inputs["x"])}
+
+
+class Mlp10(Mlp):
+    layers = 10
+
+
+class Mlp100(Mlp):
+    layers = 100
+
+
+class Mlp1000(Mlp):
+    layers = 1000

@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import threading
+import time
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -58,6 +60,52 @@ class InvalidInput(ValueError):
     """Raised by a handler: the caller's inputs are wrong, and the message says how."""
 
 
+class WeightsArrival:
+    """A function's weights on their way while its handler is built (SAGE's parallel
+    setup): the worker fetches them into the host tier (and, on a GPU, has the
+    device's copy made) while the build thread imports the handler and builds the
+    model's skeleton; the build waits here only when it needs the weights themselves.
+
+    The worker calls exactly one of `arrive` and `fail`, whatever happens to its
+    fetch (a cancelled one included): a build thread waits with no timeout."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._failed: str = ""
+        self.host: HostModel | None = None
+        self.weights_path: Path | None = None
+        self.device_weights: DeviceWeights | None = None
+        # Wall-clock times, for the instance's start-up timeline: when the weights
+        # arrived, and when the build had done all it could without them.
+        self.arrived_at = 0.0
+        self.built_at = 0.0
+
+    def arrive(
+        self,
+        host: HostModel | None,
+        weights_path: Path | None,
+        device_weights: DeviceWeights | None = None,
+    ) -> None:
+        self.host, self.weights_path, self.device_weights = host, weights_path, device_weights
+        self.arrived_at = time.time()
+        self._done.set()
+
+    def fail(self, why: str) -> None:
+        if not self._done.is_set():
+            self._failed = why or "the fetch stopped"
+            self._done.set()
+
+    def wait(self) -> None:
+        """Until they are here (the build thread); a GfaasError if they never come."""
+        if not self.built_at:
+            self.built_at = time.time()
+        self._done.wait()
+        if self._failed:
+            raise GfaasError(
+                ErrorCode.MODEL_UNAVAILABLE, f"the weights did not arrive: {self._failed}"
+            )
+
+
 @dataclass(frozen=True, kw_only=True)
 class LoadContext:
     spec: FunctionSpec
@@ -76,11 +124,33 @@ class LoadContext:
     # On a GPU, the device's one copy of the weights that `shared` builds on (the
     # agent's export: shared.modelswap.device_share).
     device_weights: DeviceWeights | None = None
+    # Set while the weights are still being fetched: `host`, `weights_path` and
+    # `device_weights` come from it once they are here (`host_model`, `build` and
+    # `weights_file` wait for them).
+    arrival: WeightsArrival | None = None
     swaps: list[SwapIn] = field(default_factory=list)
+
+    def _arrived(self) -> None:
+        arrival = self.arrival
+        if arrival is None:
+            return
+        arrival.wait()
+        # Frozen for handlers; the context takes in what arrived, once.
+        object.__setattr__(self, "host", arrival.host)
+        object.__setattr__(self, "weights_path", arrival.weights_path)
+        object.__setattr__(self, "device_weights", arrival.device_weights)
+        object.__setattr__(self, "arrival", None)
+
+    def host_model(self) -> HostModel | None:
+        """The weights in the node's host tier (None: the spec has no model, or this
+        node reads the file instead); it waits for them to arrive."""
+        self._arrived()
+        return self.host
 
     def weights_file(self) -> Path | None:
         """The model's weights as the file that was pushed (None: the spec has no
         model). For handlers that read the file themselves; `build` needs none."""
+        self._arrived()
         if self.weights_path is None and self.fetch_file is not None:
             # Fetched once; frozen otherwise, the context caches what it fetched.
             object.__setattr__(self, "weights_path", self.fetch_file())
@@ -90,11 +160,16 @@ class LoadContext:
         """`factory()`'s model on this device, with the function's weights."""
         import torch
 
-        if self.host is not None:
-            from shared.modelswap import instantiate
+        from shared.modelswap import instantiate, skeleton
 
+        # The skeleton first, while the weights may still be on their way.
+        built: Callable[[], nn.Module] | nn.Module = factory
+        if self.arrival is not None:
+            built = skeleton(factory)
+            self._arrived()
+        if self.host is not None:
             model, swap = instantiate(
-                factory,
+                built,
                 self.host,
                 self.device,
                 group_bytes=self.group_bytes,

@@ -246,3 +246,24 @@ def wait_per_core(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     cores = process_cores()
     time.sleep(0.03 / cores)
     return {"cores": torch.tensor([cores], dtype=torch.int32)}
+
+
+# Set by Linear4's model factory: its skeleton is being built (tests of parallel setup).
+SKELETON_BUILT = threading.Event()
+
+
+def linear4() -> torch.nn.Module:
+    SKELETON_BUILT.set()
+    return torch.nn.Linear(4, 4)
+
+
+class Linear4:
+    """x [n, 4] -> y [n, 4] through one Linear built with `ctx.build` (a handler that
+    knows its architecture, so its skeleton needs no weights)."""
+
+    def __init__(self, ctx: LoadContext) -> None:
+        self.model = ctx.build(linear4)
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {"y": self.model(inputs["x"])}

@@ -13,7 +13,7 @@ import torch
 from services.gpu_worker.models import HandlerCache
 from shared.errors import GfaasError
 from shared.modelswap import HostTier, tier_prefix
-from shared.schema import FunctionSpec
+from shared.schema import ErrorCode, FunctionSpec
 from tests import funcs
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
@@ -83,3 +83,124 @@ async def test_a_model_being_loaded_is_reported_and_never_evicted(
     assert report.load_s["b"] > 0.0
     assert cache.loads == 2
     assert cache.evictions == 1
+
+
+# -- SAGE's parallel setup: the handler is built while its weights are fetched ----------
+
+
+def linear_weights(tmp_path: Path) -> tuple[Path, torch.nn.Linear]:
+    torch.manual_seed(3)
+    model = torch.nn.Linear(4, 4)
+    path = tmp_path / "lin.pt"
+    torch.save(model.state_dict(), path)
+    return path, model
+
+
+LINEAR = FunctionSpec(name="lin", handler="tests.funcs:Linear4", model="lin")
+
+
+async def test_a_handler_is_built_while_its_weights_are_fetched(
+    tier: HostTier, tmp_path: Path
+) -> None:
+    path, model = linear_weights(tmp_path)
+    fetching = anyio.Event()
+
+    async def fetch(name: str) -> Path:
+        # The weights come only once the skeleton is built: a load that builds only
+        # after its fetch never gets them.
+        fetching.set()
+        while not funcs.SKELETON_BUILT.is_set():
+            await anyio.sleep(0.005)
+        return path
+
+    cache = HandlerCache(
+        device="cpu", threads=1, capacity_bytes=MIB, fetch_weights=fetch, host_tier=tier
+    )
+    funcs.SKELETON_BUILT.clear()
+    with anyio.fail_after(10):
+        async with cache.use(LINEAR) as entry:
+            x = torch.randn(2, 4)
+            got = entry.handler({"x": x})["y"]
+    assert fetching.is_set()
+    with torch.no_grad():
+        assert torch.equal(got, model(x))
+    # The start-up timeline has both ends of the overlap, in order.
+    assert 0 < entry.setup_at["skeleton"] <= entry.setup_at["weights"]
+    assert cache.report().sizes == {"lin": entry.size}
+
+
+async def test_a_handler_that_cannot_build_stops_its_fetch(tier: HostTier, tmp_path: Path) -> None:
+    cancelled = anyio.Event()
+
+    async def fetch(name: str) -> Path:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+        raise AssertionError("unreachable")
+
+    cache = HandlerCache(
+        device="cpu", threads=1, capacity_bytes=MIB, fetch_weights=fetch, host_tier=tier
+    )
+    broken = FunctionSpec(name="broken", handler="tests.funcs:no_such_handler", model="lin")
+    with anyio.fail_after(10), pytest.raises(GfaasError) as info:
+        async with cache.use(broken):
+            pass
+    assert info.value.code == "handler_error"
+    assert "no_such_handler" in info.value.reason
+    assert cancelled.is_set()  # the weights were not fetched for nothing
+    assert cache.report().sizes == {}
+    assert cache.report().loading == []
+
+
+async def test_weights_that_never_come_fail_the_load_with_the_fetchs_reason(
+    tier: HostTier, tmp_path: Path
+) -> None:
+    path, _ = linear_weights(tmp_path)
+    fail = True
+
+    async def fetch(name: str) -> Path:
+        # The build is waiting for the weights when the fetch fails.
+        while not funcs.SKELETON_BUILT.is_set():
+            await anyio.sleep(0.005)
+        if fail:
+            raise GfaasError(ErrorCode.MODEL_UNAVAILABLE, "the store has no model 'lin'")
+        return path
+
+    cache = HandlerCache(
+        device="cpu", threads=1, capacity_bytes=MIB, fetch_weights=fetch, host_tier=tier
+    )
+    funcs.SKELETON_BUILT.clear()
+    with anyio.fail_after(10), pytest.raises(GfaasError) as info:
+        async with cache.use(LINEAR):
+            pass
+    assert info.value.code == "model_unavailable"
+    assert "no model 'lin'" in info.value.reason
+    assert cache.report().sizes == {}
+    # Nothing was left half-loaded: the next load of it works.
+    fail = False
+    funcs.SKELETON_BUILT.clear()
+    with anyio.fail_after(10):
+        async with cache.use(LINEAR) as entry:
+            assert entry.handler({"x": torch.zeros(1, 4)})["y"].shape == (1, 4)
+
+
+async def test_a_load_cancelled_while_its_build_waits_for_weights_ends_at_once(
+    tier: HostTier, tmp_path: Path
+) -> None:
+    async def fetch(name: str) -> Path:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    cache = HandlerCache(
+        device="cpu", threads=1, capacity_bytes=MIB, fetch_weights=fetch, host_tier=tier
+    )
+    funcs.SKELETON_BUILT.clear()
+    with anyio.fail_after(10):
+        with anyio.move_on_after(0.5) as scope:
+            async with cache.use(LINEAR):
+                pass
+    assert scope.cancelled_caught
+    assert funcs.SKELETON_BUILT.is_set()  # it was waiting for the weights, in a thread
+    assert cache.report().sizes == {}
+    assert cache.report().loading == []

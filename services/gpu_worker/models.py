@@ -24,7 +24,13 @@ from services.gpu_worker.bundles import Mounted
 from shared import tracing
 from shared.config import Settings
 from shared.errors import GfaasError
-from shared.function import LoadContext, contract_problem, handler_refusal, resolve
+from shared.function import (
+    LoadContext,
+    WeightsArrival,
+    contract_problem,
+    handler_refusal,
+    resolve,
+)
 from shared.function import handler_packages as handler_packages_of
 from shared.modelswap import HostModel, HostTier, SwapIn
 from shared.scheduling.cache import DeviceCache
@@ -67,6 +73,10 @@ class Loaded:
     # Where its weights were when it was loaded: "host" (the node's host tier had
     # them), "store" (fetched from the object store into it), "" (no model).
     weights_from: str = ""
+    # Wall-clock times of its load's steps that ran side by side (an instance's
+    # start-up timeline): "skeleton", the build needed the weights; "weights", they
+    # were in the host tier and the device space reserved.
+    setup_at: dict[str, float] = field(default_factory=dict)
 
     @property
     def runs_inline(self) -> bool:
@@ -284,59 +294,75 @@ class HandlerCache:
         if refusal is not None:
             raise GfaasError(ErrorCode.HANDLER_ERROR, refusal)
         started = time.perf_counter()
-        host: HostModel | None = None
-        weights: Path | None = None
-        tier_loads = self.host_tier.loads  # one more after: the tier was filled for us
-        if spec.model:
-            host, weights = await self.host_model(spec.model)
-        weights_from = "store" if self.host_tier.loads > tier_loads else "host"
-        # The device tier holds model weights; a handler without a model keeps only
-        # its working memory, which is per request, not cached.
-        size = host.nbytes if host is not None else 0
-        # From here on is what a reload costs once the host tier holds the weights.
-        swap_started = time.perf_counter()
-        # On a GPU, the device's one copy of the weights from the agent (made now if
-        # no instance holds one); asked before the space is reserved, which must not
-        # wait on anything.
-        shared_copy = None
-        if self.share_weights and host is not None and self._device_weights is not None:
-            shared_copy = await self._device_weights(host.name)
-        # Reserve the space before building, so concurrent loads cannot overfill,
-        # pinned, so that they cannot evict it half-built either.
-        await self._make_room(spec, size, wait_s)
-        now = self._clock()
-        self.cache = self.cache.insert(spec.name, size, 0.0, now).use(spec.name, now)
-        self._loading[spec.name] = cache_key(spec)
+        # SAGE's parallel setup: the handler is imported and its model's skeleton built
+        # (in a thread) while the weights come into the host tier (and, on a GPU, onto
+        # the device); the build waits only for what needs the weights themselves.
+        arrival = WeightsArrival() if spec.model else None
         ctx = LoadContext(
             spec=spec,
             device=self.device,
-            weights_path=weights,
-            fetch_file=self._file_fetcher(spec.model) if spec.model and weights is None else None,
+            fetch_file=self._file_fetcher(spec.model) if spec.model else None,
             threads=self.threads,
-            host=host,
             group_bytes=self.group_bytes,
             shared=self.share_weights,
-            device_weights=shared_copy,
+            arrival=arrival,
         )
+        built: list[Handler] = []
+        failed: list[BaseException] = []
+        reserved = False
+        swap_started = started
+        tier_loads = self.host_tier.loads  # one more after: the tier was filled for us
+        host: HostModel | None = None
+        size = 0
         try:
-            # Swap-in: the weights onto the device and the handler built.
-            with tracing.tracer().start_as_current_span(
-                "worker swap-in", attributes={"gfaas.bytes": size, "gfaas.device": self.device}
-            ):
-                handler = await anyio.to_thread.run_sync(build_handler, spec, ctx, packages)
-        except BaseException as exc:
-            self.cache = self.cache.release(spec.name).evict([spec.name])
-            self._note_unpinned()
-            if isinstance(exc, GfaasError | anyio.get_cancelled_exc_class()) or not isinstance(
-                exc, Exception
-            ):
-                raise
-            raise GfaasError(
-                ErrorCode.HANDLER_ERROR,
-                f"loading {spec.name} failed: {type(exc).__name__}: {exc}",
-            ) from exc
+            async with anyio.create_task_group() as tg:
+
+                async def build() -> None:
+                    try:
+                        with tracing.tracer().start_as_current_span(
+                            "worker swap-in", attributes={"gfaas.device": self.device}
+                        ):
+                            built.append(
+                                await anyio.to_thread.run_sync(build_handler, spec, ctx, packages)
+                            )
+                    except Exception as exc:
+                        failed.append(exc)
+                        tg.cancel_scope.cancel()  # the weights are not wanted any more
+
+                tg.start_soon(build)
+                try:
+                    host, weights, shared_copy, swap_started = await self._weights_in(spec, wait_s)
+                    size = host.nbytes if host is not None else 0
+                    reserved = True
+                    if arrival is not None:
+                        arrival.arrive(host, weights, shared_copy)
+                except Exception as exc:
+                    failed.insert(0, exc)  # the fetch's error says more than the build's
+                finally:
+                    # Whatever stopped the fetch (a cancellation too): the build thread
+                    # must not wait for weights that will not come.
+                    if arrival is not None:
+                        arrival.fail(repr(failed[0]) if failed else "the load was cancelled")
+        except BaseException:  # cancelled: what was reserved goes back
+            if reserved:
+                self.cache = self.cache.release(spec.name).evict([spec.name])
+                self._note_unpinned()
+            raise
         finally:
             self._loading.pop(spec.name, None)
+        if failed or not built:
+            if reserved:
+                self.cache = self.cache.release(spec.name).evict([spec.name])
+                self._note_unpinned()
+            first = failed[0] if failed else GfaasError(ErrorCode.INTERNAL, "the build stopped")
+            if isinstance(first, GfaasError):
+                raise first
+            raise GfaasError(
+                ErrorCode.HANDLER_ERROR,
+                f"loading {spec.name} failed: {type(first).__name__}: {first}",
+            ) from first
+        handler = built[0]
+        weights_from = "store" if self.host_tier.loads > tier_loads else "host"
         done = time.perf_counter()
         # A pipelined swap-in is still copying when the handler is built: until its
         # last group lands the load time so far stands in (for eviction), and
@@ -362,8 +388,40 @@ class HandlerCache:
             ctx=ctx,
             weights_from="" if host is None else weights_from,
         )
+        if arrival is not None:
+            steps = {"skeleton": arrival.built_at, "weights": arrival.arrived_at}
+            loaded.setup_at = {step: at for step, at in steps.items() if at}
         self._settle(loaded)
         return loaded
+
+    async def _weights_in(
+        self, spec: FunctionSpec, wait_s: float
+    ) -> tuple[HostModel | None, Path | None, DeviceWeights | None, float]:
+        """`spec`'s weights in the host tier (and the file they were read from, if
+        they were), the device's copy of them when instances share one, and the
+        device-tier space reserved and pinned for them; last, when the part a reload
+        from the host tier would also pay began."""
+        host: HostModel | None = None
+        weights: Path | None = None
+        if spec.model:
+            host, weights = await self.host_model(spec.model)
+        swap_started = time.perf_counter()
+        # The device tier holds model weights; a handler without a model keeps only
+        # its working memory, which is per request, not cached.
+        size = host.nbytes if host is not None else 0
+        # On a GPU, the device's one copy of the weights from the agent (made now if
+        # no instance holds one); asked before the space is reserved, which must not
+        # wait on anything.
+        shared_copy = None
+        if self.share_weights and host is not None and self._device_weights is not None:
+            shared_copy = await self._device_weights(host.name)
+        # Reserved before the build gets the weights, so concurrent loads cannot
+        # overfill; pinned, so that they cannot evict it half-built either.
+        await self._make_room(spec, size, wait_s)
+        now = self._clock()
+        self.cache = self.cache.insert(spec.name, size, 0.0, now).use(spec.name, now)
+        self._loading[spec.name] = cache_key(spec)
+        return host, weights, shared_copy, swap_started
 
     def _file_fetcher(self, model: str) -> Callable[[], Path]:
         """The pushed file, fetched when a handler asks for it (from its build thread)."""

@@ -8,6 +8,14 @@ it reads (see pipeline.py).
 """
 
 from shared.modelswap.host_tier import HostModel, HostTier, tier_prefix
-from shared.modelswap.pipeline import SwapIn, group_parameters, instantiate
+from shared.modelswap.pipeline import SwapIn, group_parameters, instantiate, skeleton
 
-__all__ = ["HostModel", "HostTier", "SwapIn", "group_parameters", "instantiate", "tier_prefix"]
+__all__ = [
+    "HostModel",
+    "HostTier",
+    "SwapIn",
+    "group_parameters",
+    "instantiate",
+    "skeleton",
+    "tier_prefix",
+]

@@ -187,8 +187,16 @@ def _copy_groups(
         swap.landed.set()
 
 
+def skeleton(factory: Callable[[], nn.Module]) -> nn.Module:
+    """`factory()`'s model on the meta device: its modules and shapes, no storage and
+    no initialisation. It needs no weights, so a worker builds it while they are
+    still on their way (SAGE's parallel setup: shared.function.WeightsArrival)."""
+    with torch.device("meta"), _NoInit():
+        return factory()
+
+
 def instantiate(
-    factory: Callable[[], nn.Module],
+    factory: Callable[[], nn.Module] | nn.Module,
     host: HostModel,
     device: str,
     *,
@@ -197,7 +205,8 @@ def instantiate(
     shared: bool = False,
     device_weights: DeviceWeights | None = None,
 ) -> tuple[nn.Module, SwapIn]:
-    """Build `factory()`'s model on `device` with weights from the host tier.
+    """Build `factory()`'s model on `device` with weights from the host tier
+    (`factory` may be its `skeleton` already).
 
     With `pipelined`, returns at once and the model may be called immediately;
     otherwise returns after every weight has been copied. With `shared`, nothing is
@@ -206,8 +215,7 @@ def instantiate(
     process on the node that shares the model maps; on a GPU, views of the device's
     one copy that `device_weights` exports (shared.modelswap.device_share).
     """
-    with torch.device("meta"), _NoInit():
-        model = factory()
+    model = factory if isinstance(factory, nn.Module) else skeleton(factory)
     own = {name for name in model.state_dict(keep_vars=True)}
     missing = sorted(own - host.tensors.keys())
     unexpected = sorted(host.tensors.keys() - own)
