@@ -394,6 +394,10 @@ class WorkerHeartbeat(_Msg):
     # node agent `agent`. Empty for a worker that serves any function.
     function: str = ""
     agent: str = ""
+    # An instance still loading its handler and model (SAGE's parallel setup): it
+    # takes the invocations that wait for its function's first instance and stages
+    # their inputs meanwhile. Not ready yet: its agent waits for a beat without it.
+    starting: bool = False
 
 
 # -- function instances (issue 8): the scheduler commands node agents ----------------

@@ -267,3 +267,25 @@ class Linear4:
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             return {"y": self.model(inputs["x"])}
+
+
+class SlowToLoad:
+    """Echoes x; its load takes a second (a model being built), so an instance of it
+    is still starting when the invocation that woke it arrives."""
+
+    def __init__(self, ctx: LoadContext) -> None:
+        time.sleep(1.0)
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"y": inputs["x"]}
+
+
+class FailsAfterASecond:
+    """A handler whose load fails a second in, after its instance took the request."""
+
+    def __init__(self, ctx: LoadContext) -> None:
+        time.sleep(1.0)
+        raise RuntimeError("the model could not be built")
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        raise AssertionError("never loaded")

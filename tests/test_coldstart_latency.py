@@ -21,7 +21,9 @@ from tests.platform import Platform, platform_at
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
 # Each step happens after the one before it: the scheduler's (arrived, scale,
-# joined, dispatched) interleaved with the instance's.
+# joined, dispatched) interleaved with the instance's. The handler takes a second to
+# load, so the instance subscribes and takes the request while it loads (SAGE's
+# parallel setup): the request's inputs are staged before the load ends.
 CAUSAL = [
     "arrived",  # scheduler: the request, no instance
     "scale",  # scheduler: scale from zero
@@ -29,12 +31,13 @@ CAUSAL = [
     "serve",
     "connect",
     "stores",
-    "handler",
-    "ready",  # instance: subscribed, its first heartbeat goes
+    "subscribed",  # instance: subscribed while it loads, a starting beat goes
     "joined",  # scheduler: that heartbeat heard
     "dispatched",  # scheduler: the queued request sent
     "run_received",
     "run_started",
+    "run_staged",  # its inputs on the device, while the handler still loads
+    "handler",  # instance: handler loaded
     "run_executed",
     "run_answered",
 ]
@@ -50,7 +53,9 @@ async def test_a_start_from_a_spare_reports_every_step_in_order(
     agent_platform: Platform, nc: NATS
 ) -> None:
     client = Client(nc)
-    spec = FunctionSpec(name="echo-cold", handler="tests.funcs:echo", max_instances=1, idle_s=60)
+    spec = FunctionSpec(
+        name="echo-cold", handler="tests.funcs:SlowToLoad", max_instances=1, idle_s=60
+    )
     await deploy_and_wait(nc, spec)
     with anyio.fail_after(30):  # instances are wanted here: the agent starts a spare
         while (await agent_details(client))["spares"] < 1:
@@ -72,5 +77,8 @@ async def test_a_start_from_a_spare_reports_every_step_in_order(
     assert times == sorted(times), dict(zip(CAUSAL, times, strict=True))
     # The start command is answered after it was sent (the instance may be ready first).
     assert at["commanded"] >= at["scale"]
+    # Ready (its beats stop saying "starting") once loaded, whether or not the run
+    # that waited has executed by then.
+    assert at["ready"] >= at["handler"]
     # The setup steps' durations are the same marks (status's `setup_ms`).
-    assert {"connect", "stores", "handler", "ready"} <= set(instance["setup_ms"])
+    assert {"connect", "stores", "subscribed", "handler", "ready"} <= set(instance["setup_ms"])

@@ -251,6 +251,34 @@ async def test_a_handler_that_cannot_load_fails_the_waiting_call_with_its_error(
     assert time.monotonic() - started < 15
 
 
+async def test_a_load_failing_after_the_instance_took_the_call_answers_it_with_why(
+    agent_platform: Platform, nc: NATS
+) -> None:
+    # The instance subscribes while it loads and takes the waiting call (its inputs
+    # staged meanwhile); its load then fails: the call hears why, once, promptly.
+    client = Client(nc)
+    spec = FunctionSpec(name="late-fail", handler="tests.funcs:FailsAfterASecond", max_instances=1)
+    await deploy_and_wait(nc, spec, handler_check=False)
+    started = time.monotonic()
+    with pytest.raises(GfaasError) as err:
+        await client.invoke("late-fail", {"x": np.array([1.0], dtype=np.float32)}, timeout=20)
+    assert err.value.code is ErrorCode.HANDLER_ERROR, err.value
+    assert "could not start" in err.value.reason
+    assert "could not be built" in err.value.reason
+    assert time.monotonic() - started < 15
+    # It never became ready, and its agent says why (once the instance has told it,
+    # after answering what it took).
+    with anyio.fail_after(10):
+        while True:
+            [info] = await wait_instances(nc, "late-fail", 1)
+            assert info.state in ("starting", "failed"), info
+            if info.state == "failed":
+                break
+            await anyio.sleep(0.1)
+    assert info.error is not None
+    assert "could not be built" in info.error.reason
+
+
 async def test_profile_measures_the_grid_and_the_scheduler_plans_with_it(
     agent_platform: Platform, nc: NATS
 ) -> None:

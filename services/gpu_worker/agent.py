@@ -67,6 +67,7 @@ from shared.schema import (
     TokenAcquire,
     TokenGrant,
     TokenRelease,
+    WorkerHeartbeat,
     decode,
     encode,
     is_valid_token,
@@ -925,9 +926,17 @@ class AgentService:
                         await msg.respond(encode(AgentReply(error=error)))
 
             async def on_heartbeat(msg: Msg) -> None:
-                name = subjects.last_token(msg.subject)
-                if name in agent.instances:
-                    agent.heard(name)
+                running = agent.instances.get(subjects.last_token(msg.subject))
+                if running is None or running.state is not InstanceState.STARTING:
+                    return
+                # An instance still loading beats too (it takes the invocations that
+                # wait for it): only a beat that says it has loaded makes it ready.
+                try:
+                    starting = decode(msg.data, WorkerHeartbeat).starting
+                except Exception:  # not a heartbeat: it says nothing of readiness
+                    return
+                if not starting:
+                    agent.heard(running.command.instance_id)
 
             ops = await self.nc.subscribe(subjects.agent_all(agent.agent_id), cb=on_op)
             beats = await self.nc.subscribe(subjects.HEARTBEAT_ALL, cb=on_heartbeat)

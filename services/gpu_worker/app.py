@@ -32,6 +32,7 @@ from services.gpu_worker.claims import Claims
 from services.gpu_worker.device import device_cache_bytes, memory_info, pick_device
 from services.gpu_worker.execute import Executor
 from services.gpu_worker.handlers import Job, Runs
+from services.gpu_worker.instance_start import InstanceStart
 from services.gpu_worker.models import DeviceWeightsSource, HandlerCache
 from services.gpu_worker.prefetch import Prefetcher, budget_bytes
 from services.gpu_worker.sandbox import HandlerChecks
@@ -55,7 +56,6 @@ from shared.schema import (
     FunctionSpec,
     HandlerCheck,
     HandlerCheckReply,
-    InstanceFailed,
     InvokeReply,
     ProfileReply,
     ProfileRequest,
@@ -85,37 +85,6 @@ def agent_memory(settings: Settings, device: str) -> int:
         return device_cache_bytes(0, device)
     total = int(memory_info(device).total * 0.9)
     return max(total - device_cache_bytes(settings.device_cache_mb, device), 0)
-
-
-async def become_instance(
-    nc: NATS,
-    settings: Settings,
-    registry: Registry[FunctionSpec],
-    handlers: HandlerCache,
-    books: state.Books,
-) -> bool:
-    """Ready an instance of `settings.instance_function`: its concurrency, its memory
-    cap, its handler and model loaded before the first heartbeat says it is ready.
-    False (after telling the agent why) when it cannot start."""
-    name = settings.instance_function
-    try:
-        spec = await registry.lookup(name)
-        if spec is None:
-            raise GfaasError(ErrorCode.UNKNOWN_FUNCTION, f"function {name!r} is not deployed")
-        books.limit = books.capacity = max(1, spec.concurrency)
-        if books.device.startswith("cuda"):
-            cap_device_memory(books.device, handlers.cache.capacity)
-        async with handlers.use(spec, wait_s=spec.timeout_ms / 1000.0):
-            pass
-    except Exception as exc:
-        error = exc.info() if isinstance(exc, GfaasError) else None
-        error = error or ErrorInfo(code=ErrorCode.HANDLER_ERROR, reason=f"{name}: {exc!r}")
-        log.error("instance.start_failed", function=name, code=error.code, reason=error.reason)
-        note = InstanceFailed(instance_id=books.worker_id, error=error)
-        await nc.publish(subjects.agent(settings.instance_agent, "failed"), encode(note))
-        await nc.flush()
-        return False
-    return True
 
 
 async def profile_function(
@@ -279,6 +248,15 @@ async def serve(
             max_payload=max_payload,
             remote=lambda node: BrokerClient(nc, node),
         )
+        # An instance's start: its spec, then its handler and model, loaded while it
+        # already takes the invocations waiting for it (services/gpu_worker/instance_start.py).
+        start = None
+        if function:
+            context = None
+            if device.startswith("cuda"):
+                budget = handlers.cache.capacity
+                context = lambda: cap_device_memory(device, budget)  # noqa: E731
+            start = InstanceStart(settings, registry, handlers, books, device_context=context)
         runs = Runs(
             WorkerBus(nc, max_payload),
             books,
@@ -292,6 +270,8 @@ async def serve(
                 gate=TokenGate(nc, settings.instance_agent, worker_id)
                 if settings.instance_agent and settings.instance_gated
                 else None,
+                ready=start.ready if start is not None else None,
+                mark=books.first,
             ),
             worker_id,
         )
@@ -334,26 +314,31 @@ async def serve(
 
         async with anyio.create_task_group() as service_tg:
             # An instance loads its handler and model (mostly in threads) while the
-            # registry's watch and the metrics endpoint start: neither waits for it.
-            ready = True
-
+            # registry's watch and the metrics endpoint start, and while it takes
+            # its first invocations: none of them waits for it.
             async def load() -> None:
-                nonlocal ready
-                ready = await become_instance(nc, settings, registry, handlers, books)
+                assert start is not None
+                await start.load()
                 setup.mark("handler")
+
+            async def prepare() -> None:
+                assert start is not None
+                if await start.prepare():
+                    service_tg.start_soon(load)
 
             # Metrics (shared.metrics): this worker's Prometheus endpoint, closed with
             # service_tg, and the instruments the run hooks record to.
             from shared import metrics
 
             async with anyio.create_task_group() as starting:
-                if function:
-                    starting.start_soon(load)
+                if start is not None:
+                    starting.start_soon(prepare)
                 await service_tg.start(registry.watch)
                 telemetry = await service_tg.start(
                     metrics.serve, settings, "gpu-worker", worker_id, lambda: nc.is_connected
                 )
-            if not ready:
+            if start is not None and start.spec is None:  # nothing to serve
+                await start.report_failure(nc)
                 service_tg.cancel_scope.cancel()
                 return
             runs.use_metrics(
@@ -491,19 +476,46 @@ async def serve(
                         out["agent"] = agent.details()
                     return out
 
+                async def beat() -> None:
+                    await send_heartbeat()
+                    prune_mappings()
+
+                beating = False
+                if start is not None:
+                    # Its beats say "starting" until it has loaded (a failed start
+                    # never says otherwise: its agent would take it as ready).
+                    books.starting = True
+                    if not start.loaded.is_set():
+                        # Subscribed while it loads: a starting beat brings the
+                        # invocations that wait for this function, whose inputs are
+                        # staged meanwhile.
+                        await send_heartbeat()
+                        setup.mark("subscribed")
+                        service_tg.start_soon(every, settings.heartbeat_s, beat)
+                        beating = True
+                        await start.loaded.wait()
+                    if start.failed:
+                        # Take nothing more; the runs that waited for this start, and
+                        # any sent before the scheduler heard, are answered with why;
+                        # then the agent hears of it, and the instance exits.
+                        books.capacity = 0
+                        await send_heartbeat()
+                        await anyio.sleep(REVOKE_WAIT_S)
+                        with anyio.move_on_after(DRAIN_GRACE_S):
+                            await books.idle.wait()
+                        await start.report_failure(nc)
+                        service_tg.cancel_scope.cancel()
+                        return
+                    books.starting = False
                 # The collection run_service does once started, done before the first
                 # heartbeat: after it, it was a 100-150 ms stall of the first requests
                 # (a spare froze most of the heap before its assignment: it is short).
                 settle_heap()
                 await serve_status(nc, "gpu-worker", worker_id, details)
-                setup.mark("ready")  # subscribed: its first heartbeat goes now
+                setup.mark("ready")  # loaded: its first beat that says so goes now
                 await send_heartbeat()
-
-                async def beat() -> None:
-                    await send_heartbeat()
-                    prune_mappings()
-
-                service_tg.start_soon(every, settings.heartbeat_s, beat)
+                if not beating:
+                    service_tg.start_soon(every, settings.heartbeat_s, beat)
                 log.info("worker.started", worker=worker_id, device=device)
                 task_status.started()
                 await stop.wait()

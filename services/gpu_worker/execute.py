@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -113,6 +113,8 @@ class Executor:
         worker_id: str,
         function: str = "",
         gate: TokenGate | None = None,
+        ready: Callable[[float], Awaitable[None]] | None = None,
+        mark: Callable[[str], None] = lambda step: None,
     ) -> None:
         self.registry = registry
         self.handlers = handlers
@@ -121,6 +123,11 @@ class Executor:
         # An instance serves `function` alone, each run gated by its agent's tokens.
         self.function = function
         self.gate = gate
+        # An instance's start (instance_start.InstanceStart.ready): a run received
+        # while it loads waits there, with its inputs staged, until it has loaded.
+        self.ready = ready
+        # The first run's steps, for the instance's start-up timeline (Books.first).
+        self.mark = mark
         # Metrics: the entry each function last ran with; another one was just loaded.
         self._ran_with: dict[str, Loaded] = {}
 
@@ -144,12 +151,17 @@ class Executor:
             request = decode(body, InvokeRequest)
         except msgspec.MsgspecError as exc:
             raise GfaasError(ErrorCode.BAD_REQUEST, f"malformed request: {exc}") from None
-        started = time.perf_counter()  # metrics: the load (cold) and input phases
-        async with self.handlers.use(spec, wait_s=meta.remaining_s()) as entry:
-            loaded = time.perf_counter()
-            self._looked_up(spec.name, entry, loaded - started)
-            async with self.staging.staged(meta, request, spec) as staged:
-                self.metrics.phase(spec.name, "input", time.perf_counter() - loaded)
+        started = time.perf_counter()  # metrics: the input and load (cold) phases
+        # Inputs first: in an instance still starting they are staged while its
+        # handler and model load (SAGE's parallel setup), and the run then waits.
+        async with self.staging.staged(meta, request, spec) as staged:
+            staged_at = time.perf_counter()
+            self.mark("run_staged")
+            self.metrics.phase(spec.name, "input", staged_at - started)
+            if self.ready is not None:
+                await self.ready(meta.remaining_s())
+            async with self.handlers.use(spec, wait_s=meta.remaining_s()) as entry:
+                self._looked_up(spec.name, entry, time.perf_counter() - staged_at)
                 return await self._call(spec, meta, entry, staged)
 
     def _looked_up(self, function: str, entry: Loaded, waited_s: float) -> None:

@@ -60,6 +60,8 @@ class Books:
     # An instance: the one function it serves, and the agent that started it.
     function: str = ""
     agent: str = ""
+    # An instance whose handler and model are still loading (WorkerHeartbeat.starting).
+    starting: bool = False
     # Its start, step by step (SetupClock.steps), and when each step ended
     # (SetupClock.at, wall clock); its first run's receipt, execution and answer too.
     setup_ms: dict[str, float] = field(default_factory=dict)
@@ -114,6 +116,7 @@ def heartbeat(books: Books, handlers: HandlerCache) -> WorkerHeartbeat:
         node=books.node,
         function=books.function,
         agent=books.agent,
+        starting=books.starting,
     )
 
 

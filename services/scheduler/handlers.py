@@ -225,18 +225,19 @@ class Scheduler:
             if book is not None:
                 await self._lost(name, list(book.running.values()), "its process ended")
         for info in failed:
-            if any(v.function == info.function for v in self.state.views()):
-                continue  # another instance of it serves: the waiting ones go there
             error = info.error
             code = error.code if error is not None else ErrorCode.INTERNAL
             reason = error.reason if error is not None else "it exited"
+            why = f"an instance of {info.function!r} could not start: {reason}"
+            # What it took while starting and did not answer for (it was killed, say).
+            book = self.state.workers.pop(info.instance_id, None)
+            taken = list(book.running.values()) if book is not None else []
+            for inv in taken:
+                await self.bus.reply_error(inv.reply, inv.meta.invocation_id, code, why)
+            if any(v.function == info.function and v.capacity > 0 for v in self.state.views()):
+                continue  # another instance of it serves: the waiting ones go there
             for inv in self.state.drop_function(info.function):
-                await self.bus.reply_error(
-                    inv.reply,
-                    inv.meta.invocation_id,
-                    code,
-                    f"an instance of {info.function!r} could not start: {reason}",
-                )
+                await self.bus.reply_error(inv.reply, inv.meta.invocation_id, code, why)
 
     async def _scale(self, now: float, only: str | None = None) -> None:
         """One autoscaler round (every tick; for `only`, when a request finds its

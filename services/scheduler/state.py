@@ -85,6 +85,8 @@ class WorkerBook:
     # Invocations it runs that these books never saw (a former leader placed them,
     # say), learnt from a refusal: busy slots until their Done notes come.
     unseen: int = 0
+    # An instance still loading its handler and model (WorkerHeartbeat.starting).
+    starting: bool = False
 
 
 @dataclass
@@ -106,7 +108,15 @@ class ClusterState:
     calls: dict[tuple[str, str], deque[float]] = field(default_factory=dict)
 
     def views(self) -> list[WorkerView]:
-        return [book.view for book in self.workers.values()]
+        """The workers the policies choose from: all of them, but an instance still
+        starting only while no other instance of its function is loaded. It takes the
+        invocations that wait for a first instance (their inputs are staged while it
+        loads); beside a loaded one it would only make them wait for its load."""
+        books = self.workers.values()
+        if not any(book.starting for book in books):
+            return [book.view for book in books]
+        loaded = {b.view.function for b in books if not b.starting and b.view.function}
+        return [b.view for b in books if not (b.starting and b.view.function in loaded)]
 
     # -- what the policies are told -------------------------------------------------------
 
@@ -189,8 +199,11 @@ class ClusterState:
             running += lent.holds
         view = with_running(reported, running, now)
         if book is None:
-            self.workers[hb.worker_id] = WorkerBook(view=view, last_seen=now, loads=loads)
+            self.workers[hb.worker_id] = WorkerBook(
+                view=view, last_seen=now, loads=loads, starting=hb.starting
+            )
             return True
+        book.starting = hb.starting
         if book.unseen:
             # No more than the worker says it runs beyond what the books know: a lost
             # Done note must not keep a slot busy for good.
