@@ -626,10 +626,13 @@ class WorkerLost(_Msg):
 
 class SchedulerBeat(_Msg):
     """A scheduler says it is alive, and whether it is the active one (it holds the
-    leadership lease): ingress forwards only while an active one is heard."""
+    leadership lease): ingress forwards only while an active one is heard. A standby
+    (or a leader that lost its lease and will try to retake it) may lead any moment;
+    one that is `stopping` will not."""
 
     scheduler_id: str
     active: bool
+    stopping: bool = False
 
 
 class AsyncState(StrEnum):

@@ -9,16 +9,20 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
 import numpy as np
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.errors import KeyWrongLastSequenceError
 
 from gfaas.client import Client, outputs_of
 from services.scheduler.app import serve as serve_scheduler
-from shared import jetstream
+from services.scheduler.leader import KEY as LEASE_KEY
+from shared import jetstream, subjects
 from shared.natsd import NatsServer
 from shared.results import ResultStore
 from shared.schema import (
@@ -29,6 +33,8 @@ from shared.schema import (
     ErrorCode,
     FunctionSpec,
     InvokeReply,
+    SchedulerBeat,
+    decode,
 )
 from tests import funcs
 from tests.helpers import body, deploy_and_wait, final_result
@@ -167,6 +173,47 @@ async def test_async_work_waits_out_a_missing_scheduler_instead_of_failing(
     for i, iid in enumerate(ids):
         reply = await final_result(client, iid)
         assert outputs_of(reply)["y"].tolist() == [float(i) + 1.0]
+
+
+async def test_a_call_during_a_leadership_handover_waits_for_the_next_leader(
+    quick_platform: Platform, nc: NATS
+) -> None:
+    """A lease that changes hands (here: someone else holds it for a moment, as when a
+    starved scheduler's lease lapses) leaves no leader for a while: a call made then
+    is answered once the scheduler leads again, not told `unavailable`."""
+    await deploy_and_wait(nc, ADD_ONE)
+    client = Client(nc)
+    kv = await nc.jetstream().key_value(jetstream.LEADER_BUCKET)
+    stepped_down = anyio.Event()
+
+    async def on_beat(msg: Msg) -> None:
+        if not decode(msg.data, SchedulerBeat).active:
+            stepped_down.set()
+
+    sub = await nc.subscribe(subjects.SCHEDULER_ALIVE, cb=on_beat)
+    # Take the lease from it: its next renewal fails, and it cannot retake the lease
+    # while this entry stands.
+    with anyio.fail_after(5):
+        while True:
+            await kv.delete(LEASE_KEY)
+            try:
+                await kv.create(LEASE_KEY, b"intruder")
+                break
+            except KeyWrongLastSequenceError:  # it retook it in between: again
+                continue
+        await stepped_down.wait()
+    await sub.unsubscribe()
+    replies: list[dict[str, np.ndarray[Any, Any]]] = []
+
+    async def call() -> None:
+        replies.append(await client.invoke("add-one", {"x": np.array([1.0])}, timeout=10))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await anyio.sleep(0.4)
+        assert not replies  # waiting for a leader, not answered `unavailable`
+        await kv.delete(LEASE_KEY)  # the scheduler retakes it
+    assert replies[0]["y"].tolist() == [2.0]
 
 
 async def test_schedule_messages_without_routing_headers_are_answered(

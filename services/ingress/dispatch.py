@@ -1,6 +1,7 @@
 """Where an admitted invocation goes, decided in one place: straight to a worker
-under one of the scheduler's grants, else to the scheduler while one is heard, else
-nowhere (`unavailable` at once).
+under one of the scheduler's grants, else to the scheduler while one is heard (or,
+during a handover, once the next one is: liveness.py), else nowhere (`unavailable`
+at once).
 
 The dispatcher owns the books that decision reads: the grants (direct.py), the
 schedulers' liveness and what was forwarded to them (liveness.py), and whether the
@@ -71,10 +72,12 @@ class Dispatcher:
         # nobody's death.
         self.health = BusHealth(settings.heartbeat_s, on_back=self.watch.bus_back)
         self.unavailable = 0
+        # Set (and replaced) on each scheduler beat: what a handover waits on.
+        self._beat_heard = anyio.Event()
 
     # -- the one decision -----------------------------------------------------------------
 
-    def _route(
+    async def _route(
         self,
         meta: InvocationMeta,
         *,
@@ -97,6 +100,9 @@ class Dispatcher:
         )
         if worker is not None:
             return worker
+        if self.watch.leader(now) is None and self.watch.available(now):
+            await self._await_leader(meta)
+            now = time.monotonic()
         if not self.watch.available(now):
             self.unavailable += 1
             raise GfaasError(ErrorCode.UNAVAILABLE, NO_SCHEDULER)
@@ -105,6 +111,19 @@ class Dispatcher:
         )
         self.watch.sent(meta.invocation_id, forwarded)
         return None
+
+    async def _await_leader(self, meta: InvocationMeta) -> None:
+        """No leader, but one may be any moment: wait for its beat, at most until the
+        handover's grace or the invocation's deadline runs out (each beat may end the
+        grace: the would-be successor says it is stopping)."""
+        now = time.monotonic()
+        while self.watch.leader(now) is None and self.watch.available(now):
+            wait = min(self.watch.grace_until(now) - now, meta.remaining_s())
+            if wait <= 0:
+                return
+            with anyio.move_on_after(wait):
+                await self._beat_heard.wait()
+            now = time.monotonic()
 
     def _headers(
         self, meta: InvocationMeta, worker: str | None, extra: Mapping[str, str] | None = None
@@ -121,7 +140,7 @@ class Dispatcher:
     async def send(self, meta: InvocationMeta, body: bytes, reply: str) -> str | None:
         """Forward a caller's invocation; whoever runs it answers `reply` directly.
         Returns the worker it went straight to, if any; raises `unavailable`."""
-        worker = self._route(meta, reply=reply)
+        worker = await self._route(meta, reply=reply)
         subject = subjects.worker_run(worker) if worker is not None else subjects.SCHEDULE
         await self.bus.publish(subject, body, reply=reply, headers=self._headers(meta, worker))
         return worker
@@ -130,14 +149,15 @@ class Dispatcher:
         self, meta: InvocationMeta, body: bytes, extra: Mapping[str, str] | None = None
     ) -> InvokeReply:
         """Send an invocation and wait for its reply (HTTP, async and workflow stages)."""
-        timeout = max(meta.remaining_s(), 0.001)
-        scheduler = self.watch.leader(time.monotonic()) or ""
         with anyio.CancelScope() as lost:
             try:
                 near = (extra or {}).get(H_AFFINITY, "")
-                worker = self._route(meta, near=near, on_lost=lost.cancel)
+                worker = await self._route(meta, near=near, on_lost=lost.cancel)
             except GfaasError as exc:
                 return error_reply(meta.invocation_id, exc.code, exc.reason)
+            # After the route: a handover may have been waited out.
+            timeout = max(meta.remaining_s(), 0.001)
+            scheduler = self.watch.leader(time.monotonic()) or ""
             headers = self._headers(meta, worker, extra)
             subject = subjects.worker_run(worker) if worker is not None else subjects.SCHEDULE
             try:
@@ -148,6 +168,12 @@ class Dispatcher:
                     # places it instead.
                     await self._give_back(self.direct.finish(meta.invocation_id))
                     await self._give_back(self.direct.retire(worker))
+                    return await self.call(meta, body, extra)
+                if scheduler and meta.remaining_s() > 0:
+                    # The one we heard as active has stopped listening: it is handing
+                    # over. Wait for the next (bounded: it is no longer taken as
+                    # active, and the grace it leaves runs out).
+                    self.watch.no_responders(scheduler, time.monotonic())
                     return await self.call(meta, body, extra)
                 return error_reply(meta.invocation_id, ErrorCode.UNAVAILABLE, NO_SCHEDULER)
             except TimeoutError:
@@ -206,7 +232,10 @@ class Dispatcher:
             )
 
     async def on_scheduler_beat(self, beat: SchedulerBeat) -> None:
-        if self.watch.beat(beat, time.monotonic()) and self.direct.routes:
+        changed = self.watch.beat(beat, time.monotonic())
+        heard, self._beat_heard = self._beat_heard, anyio.Event()
+        heard.set()
+        if changed and self.direct.routes:
             # A new active scheduler knows nothing of what the last one lent: those
             # grants are void (their slots are in the workers' heartbeats anyway).
             dropped = self.direct.surrender()

@@ -2,8 +2,13 @@
 
 Pure books on an injected clock. Schedulers beat on `gfaas.v1.scheduler_alive`
 (shared.schema.SchedulerBeat), the active one saying so. Ingress forwards to
-`gfaas.v1.schedule` only while it hears an active scheduler; otherwise the caller is
-told `unavailable` at once instead of waiting out its timeout. What ingress forwarded
+`gfaas.v1.schedule` while it hears an active scheduler. Leadership changes hands
+(a lease that lapsed while a loaded scheduler's loop stalled and is retaken, a
+standby taking over a dead one's lease) without any being heard for up to one
+timeout: for that long after the last leader stepped down or fell silent, while a
+possible successor is heard, an invocation waits for the next leader instead of
+failing; past it, or with no successor (the last scheduler stopped), the caller is
+told `unavailable` at once rather than waiting out its own deadline. What ingress forwarded
 is kept until the worker's Done comes back (`done.scheduler.<ingress>`) or its
 deadline passes; when the scheduler it went to falls silent, those callers are
 answered `unavailable` too: a killed scheduler loses the invocations it held.
@@ -37,16 +42,31 @@ class SchedulerWatch:
 
     # The last active scheduler heard, kept when it falls silent.
     last_leader: str = ""
+    # Scheduler id -> when it last said it could lead (a standby, or a leader that
+    # lost its lease and tries to retake it): a possible successor.
+    standby: dict[str, float] = field(default_factory=dict)
+    # When an active beat was last heard, and when an active scheduler last stepped
+    # down (None: never).
+    heard_at: float | None = None
+    stepped_down_at: float | None = None
 
     def beat(self, beat: SchedulerBeat, now: float) -> bool:
         """Record a beat; True when an active scheduler other than the last one speaks
         (a new leader: grants lent by the old one are void)."""
+        sid = beat.scheduler_id
         if not beat.active:
-            self.active.pop(beat.scheduler_id, None)
+            if self.active.pop(sid, None) is not None:
+                self.stepped_down_at = now
+            if beat.stopping:
+                self.standby.pop(sid, None)
+            else:
+                self.standby[sid] = now
             return False
-        self.active[beat.scheduler_id] = now
-        changed = bool(self.last_leader) and beat.scheduler_id != self.last_leader
-        self.last_leader = beat.scheduler_id
+        self.standby.pop(sid, None)
+        self.active[sid] = now
+        self.heard_at = now
+        changed = bool(self.last_leader) and sid != self.last_leader
+        self.last_leader = sid
         return changed
 
     def leader(self, now: float) -> str | None:
@@ -54,13 +74,41 @@ class SchedulerWatch:
         live = [(t, s) for s, t in self.active.items() if now - t <= self.timeout_s]
         return max(live)[1] if live else None
 
+    def grace_until(self, now: float) -> float:
+        """Until when having no leader is taken for a handover under way rather than
+        for no scheduler: one timeout after ingress started (none heard yet), and,
+        while a possible successor is heard, one timeout after the last leader stepped
+        down or fell silent (the lease's TTL is within the timeout, so a successor
+        that has not led by then is not about to)."""
+        until = self.started_at + self.timeout_s
+        successor = any(now - t <= self.timeout_s for t in self.standby.values())
+        if successor:
+            lapsed = self.started_at
+            if self.heard_at is not None:
+                lapsed = self.heard_at + self.timeout_s
+                if self.stepped_down_at is not None and self.stepped_down_at >= self.heard_at:
+                    lapsed = min(lapsed, self.stepped_down_at)
+            until = max(until, lapsed + self.timeout_s)
+        return until
+
     def available(self, now: float) -> bool:
-        # Just started: give the schedulers one timeout to be heard before saying no.
-        return self.leader(now) is not None or now - self.started_at <= self.timeout_s
+        """A leader is there, or one may be any moment (see grace_until)."""
+        return self.leader(now) is not None or now <= self.grace_until(now)
+
+    def no_responders(self, scheduler: str, now: float) -> None:
+        """Nobody listens on the schedule subject although `scheduler` beat as active:
+        it stops listening before it says it stepped down, and may retake the lease
+        (if it is stopping, its next beat says so)."""
+        if self.active.pop(scheduler, None) is not None:
+            self.stepped_down_at = now
+        self.standby[scheduler] = now
 
     def bus_back(self, at: float) -> None:
         """The bus is back after a silence: nobody's silence during it counts."""
         self.active = {s: max(t, at) for s, t in self.active.items()}
+        self.standby = {s: max(t, at) for s, t in self.standby.items()}
+        if self.heard_at is not None:
+            self.heard_at = max(self.heard_at, at)
 
     def sent(self, invocation_id: str, record: Forwarded) -> None:
         self.forwarded[invocation_id] = record
@@ -82,6 +130,7 @@ class SchedulerWatch:
         silent = {s for s, t in self.active.items() if now - t > self.timeout_s}
         for s in silent:
             del self.active[s]
+        self.standby = {s: t for s, t in self.standby.items() if now - t <= self.timeout_s}
         if not silent and self.leader(now) is not None:
             return []
         # Sent to a silent scheduler, or sent before any was heard and still no one is.

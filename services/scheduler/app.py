@@ -185,7 +185,7 @@ async def serve(
             await stop.wait()
             await active.follow(False)
             await leadership.resign()
-            beat = SchedulerBeat(scheduler_id=scheduler_id, active=False)
+            beat = SchedulerBeat(scheduler_id=scheduler_id, active=False, stopping=True)
             await nc.publish(subjects.SCHEDULER_ALIVE, encode(beat))
             tg.cancel_scope.cancel()
 

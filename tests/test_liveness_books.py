@@ -1,0 +1,86 @@
+"""Ingress's books on the schedulers (services/ingress/liveness.py), without NATS: when
+having no leader is a handover to wait out and when it is `unavailable` at once."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.ingress.liveness import SchedulerWatch
+from shared.schema import SchedulerBeat
+
+pytestmark = pytest.mark.unit
+
+T = 1.0  # the scheduler timeout
+
+
+def watch_with_leader(*standbys: str) -> SchedulerWatch:
+    """Started at 0; at 10 scheduler `a` leads and the standbys are heard."""
+    w = SchedulerWatch(timeout_s=T, started_at=0.0)
+    w.beat(SchedulerBeat(scheduler_id="a", active=True), 10.0)
+    for s in standbys:
+        w.beat(SchedulerBeat(scheduler_id=s, active=False), 10.0)
+    return w
+
+
+def test_just_started_the_schedulers_get_one_timeout_to_be_heard() -> None:
+    w = SchedulerWatch(timeout_s=T, started_at=0.0)
+    assert w.available(0.9)
+    assert not w.available(1.1)
+
+
+def test_a_leader_that_steps_down_and_may_retake_is_waited_for_one_timeout() -> None:
+    w = watch_with_leader()
+    # Its renewal failed: it says it is not active, and will try to retake the lease.
+    w.beat(SchedulerBeat(scheduler_id="a", active=False), 10.2)
+    assert w.leader(10.2) is None
+    assert w.available(10.3)
+    assert w.grace_until(10.3) == pytest.approx(10.2 + T)
+    w.beat(SchedulerBeat(scheduler_id="a", active=False), 11.1)
+    assert not w.available(11.3)  # it had its timeout and did not lead: unavailable
+
+
+def test_a_clean_stop_with_no_successor_is_unavailable_at_once() -> None:
+    w = watch_with_leader()
+    w.beat(SchedulerBeat(scheduler_id="a", active=False, stopping=True), 10.2)
+    assert not w.available(10.21)
+
+
+def test_a_clean_stop_with_a_standby_is_waited_for() -> None:
+    w = watch_with_leader("b")
+    w.beat(SchedulerBeat(scheduler_id="b", active=False), 10.15)
+    w.beat(SchedulerBeat(scheduler_id="a", active=False, stopping=True), 10.2)
+    assert w.available(10.5)
+    assert w.beat(SchedulerBeat(scheduler_id="b", active=True), 10.6)  # a new leader
+    assert w.leader(10.6) == "b"
+
+
+def test_a_silent_leader_with_a_standby_is_waited_for_until_its_lease_is_taken() -> None:
+    w = watch_with_leader("b")
+    w.beat(SchedulerBeat(scheduler_id="b", active=False), 10.9)
+    # `a` died at 10: silent past the timeout; `b` takes the lease within one more.
+    assert w.leader(11.1) is None
+    assert w.available(11.9)
+    w.beat(SchedulerBeat(scheduler_id="b", active=False), 11.5)
+    assert not w.available(12.1)
+
+
+def test_a_silent_leader_with_no_standby_is_unavailable_once_silent() -> None:
+    w = watch_with_leader()
+    assert w.available(10.9)
+    assert not w.available(11.1)
+
+
+def test_no_responders_from_the_leader_opens_a_grace_that_its_stop_beat_ends() -> None:
+    w = watch_with_leader()
+    w.no_responders("a", 10.3)
+    assert w.leader(10.3) is None
+    assert w.available(10.5)
+    w.beat(SchedulerBeat(scheduler_id="a", active=False, stopping=True), 10.4)
+    assert not w.available(10.5)
+
+
+def test_standbys_that_fell_silent_are_no_successors() -> None:
+    w = watch_with_leader("b")
+    w.tick(11.5)  # everything heard at 10 is past the timeout
+    assert w.standby == {}
+    assert not w.available(11.5)
