@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.ingress.liveness import SchedulerWatch
+from services.ingress.liveness import Forwarded, SchedulerWatch
 from shared.schema import SchedulerBeat
 
 pytestmark = pytest.mark.unit
@@ -84,3 +84,24 @@ def test_standbys_that_fell_silent_are_no_successors() -> None:
     w.tick(11.5)  # everything heard at 10 is past the timeout
     assert w.standby == {}
     assert not w.available(11.5)
+
+
+def test_what_went_to_a_leader_found_deaf_is_answered_once_it_is_silent() -> None:
+    """A killed leader: one caller finds nobody listening (and waits for the next),
+    another's invocation was already on its way to it; that one is answered
+    `unavailable` when its silence shows, as if nobody had found it deaf."""
+    w = watch_with_leader("b")
+    w.sent("i1", Forwarded(scheduler="a", deadline=30.0))
+    w.no_responders("a", 10.2)
+    assert w.leader(10.2) is None
+    assert w.tick(10.5) == []
+    w.beat(SchedulerBeat(scheduler_id="b", active=False), 10.8)
+    lost = w.tick(11.1)
+    assert [iid for iid, _ in lost] == ["i1"]
+
+
+def test_a_deaf_leader_that_beats_as_active_again_leads() -> None:
+    w = watch_with_leader()
+    w.no_responders("a", 10.2)
+    w.beat(SchedulerBeat(scheduler_id="a", active=True), 10.3)
+    assert w.leader(10.3) == "a"

@@ -45,6 +45,10 @@ class SchedulerWatch:
     # Scheduler id -> when it last said it could lead (a standby, or a leader that
     # lost its lease and tries to retake it): a possible successor.
     standby: dict[str, float] = field(default_factory=dict)
+    # Scheduler id -> when a request to it found nobody listening: not the leader
+    # until it beats as active again, but still in `active`, so that if it is dead
+    # its silence is noticed and what was forwarded to it answered.
+    deaf: dict[str, float] = field(default_factory=dict)
     # When an active beat was last heard, and when an active scheduler last stepped
     # down (None: never).
     heard_at: float | None = None
@@ -57,6 +61,7 @@ class SchedulerWatch:
         if not beat.active:
             if self.active.pop(sid, None) is not None:
                 self.stepped_down_at = now
+            self.deaf.pop(sid, None)
             if beat.stopping:
                 self.standby.pop(sid, None)
             else:
@@ -71,7 +76,11 @@ class SchedulerWatch:
 
     def leader(self, now: float) -> str | None:
         """The active scheduler heard most recently within the timeout, if any."""
-        live = [(t, s) for s, t in self.active.items() if now - t <= self.timeout_s]
+        live = [
+            (t, s)
+            for s, t in self.active.items()
+            if now - t <= self.timeout_s and t > self.deaf.get(s, -1.0)
+        ]
         return max(live)[1] if live else None
 
     def grace_until(self, now: float) -> float:
@@ -99,7 +108,8 @@ class SchedulerWatch:
         """Nobody listens on the schedule subject although `scheduler` beat as active:
         it stops listening before it says it stepped down, and may retake the lease
         (if it is stopping, its next beat says so)."""
-        if self.active.pop(scheduler, None) is not None:
+        if scheduler in self.active:
+            self.deaf[scheduler] = now
             self.stepped_down_at = now
         self.standby[scheduler] = now
 
@@ -130,6 +140,7 @@ class SchedulerWatch:
         silent = {s for s, t in self.active.items() if now - t > self.timeout_s}
         for s in silent:
             del self.active[s]
+            self.deaf.pop(s, None)
         self.standby = {s: t for s, t in self.standby.items() if now - t <= self.timeout_s}
         if not silent and self.leader(now) is not None:
             return []
