@@ -113,12 +113,16 @@ STEPS = {
     "serve": "instance's serve() begins (settings, logging, event loop)",
     "connect": "instance connected to NATS",
     "stores": "instance opened its stores",
+    "skeleton": "instance's build needs the weights (handler imported, skeleton built)",
+    "weights": "the weights are in the host tier, and device space is reserved",
+    "subscribed": "instance subscribed while it loads, beats 'starting'",
     "handler": "instance loaded handler and model",
-    "ready": "instance subscribed, sends its first heartbeat",
-    "joined": "scheduler heard that heartbeat",
+    "ready": "instance loaded, beats 'ready'",
+    "joined": "scheduler heard its first heartbeat",
     "commanded": "scheduler's start command answered",
     "dispatched": "scheduler sent the queued request",
     "run_received": "instance received it",
+    "run_staged": "its inputs are staged (before the handler is there, if loading)",
     "run_started": "instance starts executing",
     "run_executed": "instance executed it",
     "run_answered": "instance replied",
@@ -139,7 +143,7 @@ async def timeline(client: Client, fn: str, sent: float, answered: float) -> dic
 
 
 def print_timeline(name: str, at: dict[str, float]) -> None:
-    print(f"\n{name}, start from a spare, model in the host tier (ms since sent):")
+    print(f"\n{name}, start from a spare (ms since sent):")
     sent = at["sent"]
     last = sent
     for step, when in sorted(at.items(), key=lambda x: x[1]):
@@ -148,12 +152,15 @@ def print_timeline(name: str, at: dict[str, float]) -> None:
         last = when
 
 
-def mlp_spec(fn: str, model: str, path: Path) -> FunctionSpec:
+def mlp_spec(fn: str, model: str, path: Path, *, parallel: bool = True) -> FunctionSpec:
     """The function `fn` serving the MLP `model` (weights at `path`), one instance
-    that goes after a second idle."""
+    that goes after a second idle. `parallel`: a handler that knows its depth (the
+    models are named m<layers>) and builds its skeleton while the weights come;
+    else one that reads its depth from the weights, so its setup runs in sequence."""
+    layers = model.removeprefix("m")
     return FunctionSpec(
         name=fn,
-        handler="bench.live_models:Mlp",
+        handler=f"bench.live_models:Mlp{layers}" if parallel else "bench.live_models:Mlp",
         model=model,
         max_instances=1,
         idle_s=1.0,
@@ -164,24 +171,28 @@ def mlp_spec(fn: str, model: str, path: Path) -> FunctionSpec:
 
 
 async def first_answers(
-    url: str, models: dict[str, Path], spares: bool
+    url: str, models: dict[str, Path], spares: bool, parallel: bool = True
 ) -> tuple[dict[str, list[float]], dict[str, dict[str, float]]]:
     """Per model: [from the object store, from the host tier] seconds to the first
-    answer; and with spares, the timeline of the start from the host tier."""
+    answer; and with spares, the timeline of the start from the host tier
+    (`parallel`: see mlp_spec)."""
     out: dict[str, list[float]] = {}
     timelines: dict[str, dict[str, float]] = {}
     x = np.ones((1, WIDTH), dtype=np.float32)
     async with Client.connect(url) as client:
         for name, path in models.items():
             await client.push_model(name, path)
-            fn = f"{name}-{'s' if spares else 'f'}"
-            spec = mlp_spec(fn, name, path)
+            fn = f"{name}-{'s' if spares else 'f'}{'' if parallel else 'q'}"
+            spec = mlp_spec(fn, name, path, parallel=parallel)
             await client.deploy(spec, handler_check=False)
             with anyio.fail_after(30):  # until ingress is up and has heard of it
                 while fn not in await ingress_functions(client):
                     await anyio.sleep(0.1)
+            with anyio.fail_after(60):  # and the scheduler has heard the node's agent
+                while not (await client.status("scheduler")).details["instances"]["agents"]:
+                    await anyio.sleep(0.2)
             times = []
-            for _ in range(2):
+            for where in ("object store", "host tier"):
                 if spares:  # a spare is started and has imported everything
                     with anyio.fail_after(60):
                         while (await agent(client)).get("spares", 0) < 1:
@@ -191,7 +202,9 @@ async def first_answers(
                 await client.invoke(fn, {"x": x}, timeout=120)
                 times.append(time.perf_counter() - started)
                 if spares:
-                    timelines[name] = await timeline(client, fn, sent, time.time())
+                    timelines[f"{name}, model in the {where}"] = await timeline(
+                        client, fn, sent, time.time()
+                    )
                 # Idle for idle_s: the instance goes (the host tier keeps the weights).
                 with anyio.fail_after(60):
                     while True:
@@ -289,15 +302,21 @@ def main() -> None:
             rows[name]["copy"] = copy_s(path)
             rows[name]["fresh store"] = rows[name]["fresh tier"] = nan
         timelines: dict[str, dict[str, float]] = {}
-        for spares in (True,) if args.spare_only else (False, True):
-            sup = start(server.url, Path(tmp) / f"state-{spares}", spares)
+        # (spares, parallel setup): "in sequence" is a spare whose handler needs the
+        # weights before it can build anything (the steps one after another).
+        runs = [(True, True), (True, False)] + ([] if args.spare_only else [(False, True)])
+        for spares, parallel in runs:
+            sup = start(server.url, Path(tmp) / f"state-{spares}-{parallel}", spares)
             try:
                 time.sleep(4.0)
-                got, timelines = anyio.run(first_answers, server.url, models, spares)
+                got, lines = anyio.run(first_answers, server.url, models, spares, parallel)
             finally:
                 sup.stop()
+            if parallel and spares:
+                timelines = lines
             for name, (store, tier) in got.items():
                 key = "spare" if spares else "fresh"
+                key = key if parallel else "in sequence"
                 rows[name][f"{key} store"] = store
                 rows[name][f"{key} tier"] = tier
         sup = start(server.url, Path(tmp) / "state-prefetch", True, prefetch=True)
@@ -316,6 +335,8 @@ def main() -> None:
         "fresh tier",
         "spare store",
         "spare tier",
+        "in sequence store",
+        "in sequence tier",
         "prefetch",
         "spare prefetched",
         "copy",
@@ -323,7 +344,7 @@ def main() -> None:
     print(
         f"\n{'model':8} {'MB':>6} "
         + " ".join(f"{c:>16}" for c in cols)
-        + "  container/spare tier  container/spare prefetched"
+        + "  container/spare tier  container/spare prefetched  store: sequence/parallel"
     )
     for name, row in rows.items():
         print(
@@ -331,6 +352,7 @@ def main() -> None:
             + " ".join(f"{row[c] * 1000:14.0f}ms" for c in cols)
             + f"  {row['container'] / row['spare tier']:20.1f}x"
             + f"  {row['container'] / row['spare prefetched']:26.1f}x"
+            + f"  {row['in sequence store'] / row['spare store']:24.2f}x"
         )
 
 
