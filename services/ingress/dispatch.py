@@ -100,9 +100,7 @@ class Dispatcher:
         )
         if worker is not None:
             return worker
-        if self.watch.leader(now) is None and self.watch.available(now):
-            await self._await_leader(meta)
-            now = time.monotonic()
+        now = await self._await_leader(meta, now)
         if not self.watch.available(now):
             self.unavailable += 1
             raise GfaasError(ErrorCode.UNAVAILABLE, NO_SCHEDULER)
@@ -112,18 +110,19 @@ class Dispatcher:
         self.watch.sent(meta.invocation_id, forwarded)
         return None
 
-    async def _await_leader(self, meta: InvocationMeta) -> None:
-        """No leader, but one may be any moment: wait for its beat, at most until the
-        handover's grace or the invocation's deadline runs out (each beat may end the
-        grace: the would-be successor says it is stopping)."""
-        now = time.monotonic()
+    async def _await_leader(self, meta: InvocationMeta, now: float) -> float:
+        """While there is no leader but one may be any moment, wait for its beat, at
+        most until the handover's grace or the invocation's deadline runs out (each
+        beat may end the grace: the would-be successor says it is stopping). Returns
+        the time after the wait (`now` when there was none)."""
         while self.watch.leader(now) is None and self.watch.available(now):
             wait = min(self.watch.grace_until(now) - now, meta.remaining_s())
             if wait <= 0:
-                return
+                break
             with anyio.move_on_after(wait):
                 await self._beat_heard.wait()
             now = time.monotonic()
+        return now
 
     def _headers(
         self, meta: InvocationMeta, worker: str | None, extra: Mapping[str, str] | None = None
@@ -171,8 +170,8 @@ class Dispatcher:
                     return await self.call(meta, body, extra)
                 if scheduler and meta.remaining_s() > 0:
                     # The one we heard as active has stopped listening: it is handing
-                    # over. Wait for the next (bounded: it is no longer taken as
-                    # active, and the grace it leaves runs out).
+                    # over. Wait for the next (bounded: it is not taken as the leader
+                    # until it beats as active again, and the grace runs out).
                     self.watch.no_responders(scheduler, time.monotonic())
                     return await self.call(meta, body, extra)
                 return error_reply(meta.invocation_id, ErrorCode.UNAVAILABLE, NO_SCHEDULER)

@@ -8,8 +8,8 @@ standby taking over a dead one's lease) without any being heard for up to one
 timeout: for that long after the last leader stepped down or fell silent, while a
 possible successor is heard, an invocation waits for the next leader instead of
 failing; past it, or with no successor (the last scheduler stopped), the caller is
-told `unavailable` at once rather than waiting out its own deadline. What ingress forwarded
-is kept until the worker's Done comes back (`done.scheduler.<ingress>`) or its
+told `unavailable` at once rather than waiting out its own deadline. What ingress
+forwarded is kept until the worker's Done comes back (`done.scheduler.<ingress>`) or its
 deadline passes; when the scheduler it went to falls silent, those callers are
 answered `unavailable` too: a killed scheduler loses the invocations it held.
 """
@@ -91,12 +91,10 @@ class SchedulerWatch:
         that has not led by then is not about to)."""
         until = self.started_at + self.timeout_s
         successor = any(now - t <= self.timeout_s for t in self.standby.values())
-        if successor:
-            lapsed = self.started_at
-            if self.heard_at is not None:
-                lapsed = self.heard_at + self.timeout_s
-                if self.stepped_down_at is not None and self.stepped_down_at >= self.heard_at:
-                    lapsed = min(lapsed, self.stepped_down_at)
+        if successor and self.heard_at is not None:
+            lapsed = self.heard_at + self.timeout_s
+            if self.stepped_down_at is not None and self.stepped_down_at >= self.heard_at:
+                lapsed = min(lapsed, self.stepped_down_at)
             until = max(until, lapsed + self.timeout_s)
         return until
 
