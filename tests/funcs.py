@@ -280,6 +280,14 @@ class SlowToLoad:
         return {"y": inputs["x"]}
 
 
+class SlowerToLoad(SlowToLoad):
+    """Echoes x; its load takes three seconds: time to kill its instance while it
+    starts, holding the invocation that woke it."""
+
+    def __init__(self, ctx: LoadContext) -> None:
+        time.sleep(3.0)
+
+
 class FailsAfterASecond:
     """A handler whose load fails a second in, after its instance took the request."""
 

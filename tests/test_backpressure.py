@@ -17,7 +17,8 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from gfaas.client import Client
-from services.scheduler.handlers import Scheduler
+from services.scheduler.handlers import MAX_LOST_STARTS, Scheduler
+from services.scheduler.state import Invocation
 from shared import subjects
 from shared.config import Settings
 from shared.natsd import NatsServer
@@ -218,3 +219,40 @@ async def test_a_refused_call_is_placed_on_another_worker(
     # Both ran on w1, one after the other: neither waited for w0's slot.
     assert elapsed < 3.0
     assert (await client.status("scheduler")).details["replaced"] >= 1
+
+
+@pytest.mark.unit
+@pytest.mark.anyio
+async def test_what_a_starting_instance_took_waits_again_when_it_is_lost_a_few_times() -> None:
+    # An instance runs nothing it took while starting before its ready beat; one lost
+    # before the scheduler heard that beat ran none of it: the invocation waits again
+    # (up to MAX_LOST_STARTS times), where a ready worker's loss answers worker_lost.
+    bus = FakeBus()
+    scheduler = two_workers(bus)
+
+    async def lose(worker_id: str, inv: Invocation, *, starting: bool) -> None:
+        """`worker_id` holds `inv`, then goes silent past the timeout."""
+        for other in scheduler.state.workers.values():
+            other.last_seen = time.monotonic()
+        book = scheduler.state.workers[worker_id]
+        book.starting = starting
+        scheduler.state.assign(worker_id, inv, 0.0)
+        book.last_seen = -1e9
+        scheduler.health.heard_self(time.monotonic())  # the bus itself is fine
+        await scheduler.tick()
+        assert worker_id not in scheduler.state.workers
+        # A worker of the same name comes back (the next start), one slot, none free.
+        again = msgspec.structs.replace(heartbeat(worker_id), capacity=0)
+        scheduler.state.observe(again, time.monotonic())
+
+    await lose("w1", invocation(scheduler.state, 0, SLEEP, 0.0), starting=False)
+    assert bus.errors == [("i0", ErrorCode.WORKER_LOST)]
+    taken = invocation(scheduler.state, 1, SLEEP, 0.0)
+    for _ in range(MAX_LOST_STARTS):
+        await lose("w0", taken, starting=True)
+        assert list(scheduler.state.pending) == ["i1"]
+        assert bus.errors == [("i0", ErrorCode.WORKER_LOST)]
+        scheduler.state.take("i1")
+    await lose("w0", taken, starting=True)
+    assert bus.errors == [("i0", ErrorCode.WORKER_LOST), ("i1", ErrorCode.WORKER_LOST)]
+    assert not scheduler.state.pending

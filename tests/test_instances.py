@@ -3,6 +3,8 @@ shares enforced, overcommit refused, crashes replaced."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,6 +279,45 @@ async def test_a_load_failing_after_the_instance_took_the_call_answers_it_with_w
             await anyio.sleep(0.1)
     assert info.error is not None
     assert "could not be built" in info.error.reason
+
+
+async def test_a_start_that_dies_before_it_is_ready_sends_what_it_took_to_the_next(
+    agent_platform: Platform, nc: NATS
+) -> None:
+    # The instance takes the call that woke it while it loads (three seconds), and
+    # is killed then: the call never ran there, so the caller is not told
+    # worker_lost; the next instance the autoscaler starts answers it.
+    client = Client(nc)
+    spec = FunctionSpec(name="slow-die", handler="tests.funcs:SlowerToLoad", max_instances=1)
+    await deploy_and_wait(nc, spec)
+    out: dict[str, Any] = {}
+
+    async def call() -> None:
+        x = {"x": np.array([5.0], dtype=np.float32)}
+        out.update(await client.invoke("slow-die", x, timeout=30))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        with anyio.fail_after(20):  # until the starting instance holds the call
+            while True:
+                live = (await client.status("scheduler")).details["instances"]["live"]
+                held = [
+                    i
+                    for i in live.get("slow-die", [])
+                    if i["state"] == "starting" and i["inflight"] == 1
+                ]
+                if held:
+                    break
+                await anyio.sleep(0.05)
+        first = held[0]["instance"]
+        [info] = [i for i in (await beat_of(nc)).instances if i.instance_id == first]
+        assert info.state == "starting", info
+        assert info.pid > 0, info
+        os.kill(info.pid, signal.SIGKILL)
+    assert out["y"].tolist() == [5.0]
+    ready = [i for i in (await beat_of(nc)).instances if i.state == "ready"]
+    assert [i.function for i in ready] == ["slow-die"], ready
+    assert ready[0].instance_id != first, ready
 
 
 async def test_profile_measures_the_grid_and_the_scheduler_plans_with_it(

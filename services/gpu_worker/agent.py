@@ -776,8 +776,10 @@ class Agent:
                 running.state = InstanceState.FAILED
                 running.gone_at = now + FAILED_KEPT_S
                 if running.error is None:
+                    # Lost, not refused by its function: the scheduler sends what it
+                    # took (none of it ran) to another start.
                     running.error = ErrorInfo(
-                        code=ErrorCode.INTERNAL,
+                        code=ErrorCode.WORKER_LOST,
                         reason=f"instance process exited with {code} before it was ready",
                     )
             else:

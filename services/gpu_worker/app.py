@@ -514,6 +514,11 @@ async def serve(
                 await serve_status(nc, "gpu-worker", worker_id, details)
                 setup.mark("ready")  # loaded: its first beat that says so goes now
                 await send_heartbeat()
+                if start is not None:
+                    # Flushed before a run it took while starting executes (see
+                    # InstanceStart.serving).
+                    await nc.flush()
+                    start.serving.set()
                 if not beating:
                     service_tg.start_soon(every, settings.heartbeat_s, beat)
                 log.info("worker.started", worker=worker_id, device=device)

@@ -47,6 +47,11 @@ class InstanceStart:
         self.spec: FunctionSpec | None = None
         self.error: ErrorInfo | None = None
         self.loaded = anyio.Event()
+        # Set once the beat that says it is ready has left (after `loaded`): a run
+        # that waited for the start executes only then, so an instance that dies
+        # before the scheduler heard it ready has run nothing it took, and the
+        # scheduler may send those invocations elsewhere.
+        self.serving = anyio.Event()
 
     @property
     def failed(self) -> bool:
@@ -86,19 +91,22 @@ class InstanceStart:
             self.loaded.set()
 
     async def ready(self, wait_s: float) -> None:
-        """Until the handler is loaded (at most `wait_s`, a run's deadline); the
-        start's error, for a run that waited for a start that failed."""
+        """Until the handler is loaded and the instance has said so (at most
+        `wait_s`, a run's deadline); the start's error, for a run that waited for a
+        start that failed."""
         with anyio.move_on_after(max(wait_s, 0.0)):
             await self.loaded.wait()
-        if not self.loaded.is_set():
-            raise GfaasError(
-                ErrorCode.DEADLINE_EXCEEDED,
-                f"the deadline passed while an instance of {self.function!r} started",
-            )
+            if self.error is None:
+                await self.serving.wait()
         if self.error is not None:
             raise GfaasError(
                 self.error.code,
                 f"an instance of {self.function!r} could not start: {self.error.reason}",
+            )
+        if not self.serving.is_set():
+            raise GfaasError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"the deadline passed while an instance of {self.function!r} started",
             )
 
     def _fail(self, exc: Exception) -> None:

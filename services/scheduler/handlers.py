@@ -20,7 +20,7 @@ from opentelemetry.trace import Span, SpanKind, StatusCode
 
 from services.scheduler.instances import Instances, Observed
 from services.scheduler.leader import Leadership
-from services.scheduler.state import ClusterState, Invocation, Lent
+from services.scheduler.state import ClusterState, Invocation, Lent, WorkerBook
 from shared import subjects, tracing
 from shared.bus import Bus, BusHealth
 from shared.config import Settings
@@ -51,6 +51,10 @@ log = get_logger("scheduler")
 PLAN_WINDOW = 256
 # Functions whose latest scale from zero `details` shows, step by step.
 COLD_KEPT = 32
+# Instances an invocation may lose while they start (each dying before it was ready)
+# before its caller hears `worker_lost`: a function whose starts keep crashing does
+# not keep its callers waiting until their deadlines.
+MAX_LOST_STARTS = 2
 
 
 class Scheduler:
@@ -216,14 +220,15 @@ class Scheduler:
 
     async def agent_beat(self, beat: AgentBeat) -> None:
         """A node agent's instances: those it no longer runs are lost (their callers
-        hear `worker_lost` now, not after a heartbeat timeout); a start that failed
-        answers the invocations waiting for that function with its error."""
+        hear `worker_lost` now, not after a heartbeat timeout; what one took while
+        starting waits again); a start its function failed answers the invocations
+        waiting for that function with its error, one whose process died does not."""
         now = time.monotonic()
         gone, failed = self.instances.observe(beat, now)
         for name in gone:
             book = self.state.workers.pop(name, None)
             if book is not None:
-                await self._lost(name, list(book.running.values()), "its process ended")
+                await self._lost(name, book, "its process ended")
         for info in failed:
             error = info.error
             code = error.code if error is not None else ErrorCode.INTERNAL
@@ -231,6 +236,12 @@ class Scheduler:
             why = f"an instance of {info.function!r} could not start: {reason}"
             # What it took while starting and did not answer for (it was killed, say).
             book = self.state.workers.pop(info.instance_id, None)
+            if code is ErrorCode.WORKER_LOST:
+                # Its process died, not its function's load: what it took goes to
+                # another start (the autoscaler's next), what waits waits for it.
+                if book is not None:
+                    await self._lost(info.instance_id, book, "exited before it was ready")
+                continue
             taken = list(book.running.values()) if book is not None else []
             for inv in taken:
                 await self.bus.reply_error(inv.reply, inv.meta.invocation_id, code, why)
@@ -272,19 +283,30 @@ class Scheduler:
                     f"no device has room for an instance of {function!r}: {reason}",
                 )
 
-    async def _lost(self, worker_id: str, lost: list[Invocation], why: str) -> None:
-        log.warning("worker.lost", worker=worker_id, inflight=len(lost), why=why)
+    async def _lost(self, worker_id: str, book: WorkerBook, why: str) -> None:
+        lost = list(book.running.values())
+        log.warning(
+            "worker.lost", worker=worker_id, inflight=len(lost), why=why, starting=book.starting
+        )
         # Ingress answers for what it sent there directly.
         reason = f"worker {worker_id} {why}"
         await self.bus.publish(
             subjects.WORKER_LOST, encode(WorkerLost(worker_id=worker_id, reason=reason))
         )
         for inv in lost:
+            if book.starting and inv.lost_starts < MAX_LOST_STARTS:
+                # Not run: an instance runs what it took while starting only once
+                # its ready beat has gone, and these books never heard one. Not the
+                # caller's fault, so it waits again, for another instance.
+                inv.lost_starts += 1
+                self.state.requeue(inv)
+                continue
+            doing = "while starting for" if book.starting else "while running"
             await self.bus.reply_error(
                 inv.reply,
                 inv.meta.invocation_id,
                 ErrorCode.WORKER_LOST,
-                f"worker {worker_id} {why} while running this invocation",
+                f"worker {worker_id} {why} {doing} this invocation",
             )
 
     async def heartbeat(self, hb: WorkerHeartbeat) -> None:
@@ -321,13 +343,13 @@ class Scheduler:
         self.state.lapsed(now)  # slots freed here are used by the drain below
         healthy = self.health.healthy(now)
         reaped = self.state.reap(now) if healthy else []
-        for worker_id, lost in reaped:
-            await self._lost(worker_id, lost, "stopped answering")
+        for worker_id, book in reaped:
+            await self._lost(worker_id, book, "stopped answering")
         if healthy:
             for name in self.instances.expire(now):
-                book = self.state.workers.pop(name, None)
-                if book is not None:
-                    await self._lost(name, list(book.running.values()), "went with its agent")
+                lost = self.state.workers.pop(name, None)
+                if lost is not None:
+                    await self._lost(name, lost, "went with its agent")
         if self.instances.any_agent():
             await self._scale(now)
         for inv in self.state.expire_pending(now_millis()):

@@ -52,6 +52,9 @@ class Invocation:
     # swap-in, which would make the function look slow for good).
     co_runners: int = 0
     warm: bool = False
+    # Starts lost under it: instances that took it while starting and died before
+    # they were ready (it never ran there), each time sent to another start.
+    lost_starts: int = 0
 
 
 @dataclass
@@ -376,10 +379,10 @@ class ClusterState:
         self.rejected += 1
         self.slo = self.slo.record(inv.view.function, False)
 
-    def reap(self, now: float) -> list[tuple[str, list[Invocation]]]:
-        """Forget workers silent for longer than the timeout; return what they held."""
+    def reap(self, now: float) -> list[tuple[str, WorkerBook]]:
+        """Forget workers silent for longer than the timeout; return their books."""
         dead = [wid for wid, b in self.workers.items() if now - b.last_seen > self.worker_timeout_s]
-        return [(wid, list(self.workers.pop(wid).running.values())) for wid in dead]
+        return [(wid, self.workers.pop(wid)) for wid in dead]
 
     def enqueue(self, inv: Invocation) -> bool:
         if len(self.pending) >= self.pending_limit:
