@@ -200,16 +200,20 @@ class Spares:
             self.procs.append(self.spawn())
 
     def close(self) -> None:
-        """Every spare gone (blocking: from a thread)."""
-        for proc in self.procs:
-            if proc.stdin is not None and not proc.stdin.closed:
-                proc.stdin.close()  # EOF: it exits
+        """Every spare gone (blocking: from a thread). Terminated, not sent EOF: a
+        spare still importing reads its stdin only once warmed up (seconds here),
+        and holds nothing that needs a clean exit."""
+        for proc in [*self.procs, *self.leaving]:
+            if proc.poll() is None:
+                proc.terminate()
         for proc in [*self.procs, *self.leaving]:
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            if proc.stdin is not None and not proc.stdin.closed:
+                proc.stdin.close()
         self.procs, self.leaving = [], []
 
 
