@@ -281,11 +281,11 @@ class SlowToLoad:
 
 
 class SlowerToLoad(SlowToLoad):
-    """Echoes x; its load takes three seconds: time to kill its instance while it
+    """Echoes x; its load takes two seconds: time to kill its instance while it
     starts, holding the invocation that woke it."""
 
     def __init__(self, ctx: LoadContext) -> None:
-        time.sleep(3.0)
+        time.sleep(2.0)
 
 
 class FailsAfterASecond:

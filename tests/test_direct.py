@@ -89,6 +89,7 @@ async def test_queued_work_takes_the_lent_slots_back(platform: Platform, nc: NAT
     assert worker["failed"] == 0  # never more sent to the worker than it has slots
 
 
+@pytest.mark.slow  # a process killed (chaos): in CI, not the quick run
 async def test_a_killed_worker_answers_its_direct_callers(
     nats_server: NatsServer, nc: NATS, tmp_path: Path
 ) -> None:

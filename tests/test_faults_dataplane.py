@@ -158,6 +158,7 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
             proc.wait()
 
 
+@pytest.mark.slow  # a process killed (chaos): in CI, not the quick run
 async def test_a_restarted_broker_removes_what_a_killed_one_left_and_nothing_else(
     nats_server: NatsServer, nc: NATS
 ) -> None:

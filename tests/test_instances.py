@@ -213,6 +213,7 @@ async def test_an_overcommitting_start_is_refused_with_the_reason(
     assert [i.instance_id for i in beat.instances] == ["w0-manual"]
 
 
+@pytest.mark.slow  # a process killed (chaos): in CI, not the quick run
 async def test_a_crashed_instance_answers_worker_lost_and_is_replaced(
     agent_platform: Platform, nc: NATS
 ) -> None:
@@ -281,10 +282,11 @@ async def test_a_load_failing_after_the_instance_took_the_call_answers_it_with_w
     assert "could not be built" in info.error.reason
 
 
+@pytest.mark.slow  # a process killed (chaos): in CI, not the quick run
 async def test_a_start_that_dies_before_it_is_ready_sends_what_it_took_to_the_next(
     agent_platform: Platform, nc: NATS
 ) -> None:
-    # The instance takes the call that woke it while it loads (three seconds), and
+    # The instance takes the call that woke it while it loads (two seconds), and
     # is killed then: the call never ran there, so the caller is not told
     # worker_lost; the next instance the autoscaler starts answers it.
     client = Client(nc)

@@ -18,6 +18,7 @@ from tests.specs import ECHO, SLEEP
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
 
+@pytest.mark.slow  # a process killed (chaos): in CI, not the quick run
 async def test_killed_worker_answers_its_callers_with_worker_lost(
     nats_server: NatsServer, nc: NATS, tmp_path: Path
 ) -> None:
