@@ -230,3 +230,37 @@ def test_ephemeral_port_is_reported_and_freed() -> None:
     finally:
         telemetry.close()
     assert metrics.port_of("scheduler", "t1") is None
+
+
+def test_deferred_counters_are_summed_per_label_set_and_histograms_kept_whole() -> None:
+    # A platform nobody scrapes keeps one sum per counter and label set, not one
+    # entry per call; a flush applies the same totals direct calls would.
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from shared.metrics import Later
+
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("t")
+    runs, seconds = meter.create_counter("runs"), meter.create_histogram("seconds")
+    later = Later()
+    for n in range(1000):
+        later.add(runs, 1, {"function": "f", "outcome": "ok" if n % 4 else "error"})
+        later.record(seconds, n / 1000, {"function": "f"})
+    assert len(later._sums) == 2
+    later.flush()
+    assert not later._sums
+    assert not later._pending
+    data = reader.get_metrics_data()
+    assert data is not None
+    points: dict[str, Any] = {
+        m.name: m.data.data_points
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    totals = {p.attributes["outcome"]: p.value for p in points["runs"]}
+    assert totals == {"ok": 750, "error": 250}
+    (hist,) = points["seconds"]
+    assert hist.count == 1000
+    assert abs(hist.sum - sum(n / 1000 for n in range(1000))) < 1e-9
