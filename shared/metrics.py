@@ -200,6 +200,11 @@ def observe_connection(meter: Meter, connected: Callable[[], bool]) -> None:
     )
 
 
+# Later's waiting measurements: counter sums by (instrument, labels); histogram values.
+_Sums = dict[tuple[Any, tuple[tuple[str, str], ...]], float]
+_Values = list[tuple[Any, float, dict[str, str]]]
+
+
 class Later:
     """Measurements taken on a request's path, applied to their instruments when a
     scrape collects (or once `LIMIT` wait): an OpenTelemetry `add` or `record` costs
@@ -207,15 +212,17 @@ class Later:
     takes ten of them across ingress and its worker. Counters are summed here per
     instrument and label set (bounded by the labels, not by the calls: a platform
     nobody scrapes keeps none of them waiting); histogram values wait in a list. The
-    totals a scrape reads are the same. `flush` runs in the scrape's thread or the
-    caller's: a sum's read-and-update and the swap hold a lock (list appends are
-    atomic under the GIL)."""
+    totals a scrape reads are the same. `flush` runs in the scrape's thread, or,
+    once `LIMIT` wait (nobody scrapes), in a thread of its own: applied on the
+    caller's loop, 4,096 of them stalled that one request by tens of ms. A sum's
+    read-and-update and the swap hold a lock (list appends are atomic under the
+    GIL)."""
 
     LIMIT = 4096
 
     def __init__(self) -> None:
-        self._sums: dict[tuple[Any, tuple[tuple[str, str], ...]], float] = {}
-        self._pending: list[tuple[Any, float, dict[str, str]]] = []
+        self._sums: _Sums = {}
+        self._pending: _Values = []
         self._lock = threading.Lock()
 
     def add(self, instrument: Any, value: float, attributes: dict[str, str]) -> None:
@@ -225,17 +232,30 @@ class Later:
             sums[key] = sums.get(key, 0) + value
             full = len(sums) >= self.LIMIT
         if full:
-            self.flush()
+            self._flush_aside()
 
     def record(self, instrument: Any, value: float, attributes: dict[str, str]) -> None:
         self._pending.append((instrument.record, value, attributes))
         if len(self._pending) >= self.LIMIT:
-            self.flush()
+            self._flush_aside()
+
+    def _flush_aside(self) -> None:
+        sums, pending = self._take()
+        threading.Thread(
+            target=self._apply, args=(sums, pending), name="metrics-flush", daemon=True
+        ).start()
 
     def flush(self) -> None:
+        self._apply(*self._take())
+
+    def _take(self) -> tuple[_Sums, _Values]:
         with self._lock:
             sums, self._sums = self._sums, {}
             pending, self._pending = self._pending, []
+        return sums, pending
+
+    @staticmethod
+    def _apply(sums: _Sums, pending: _Values) -> None:
         for (instrument, labels), total in sums.items():
             instrument.add(total, dict(labels))
         for apply, value, attributes in pending:

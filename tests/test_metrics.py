@@ -264,3 +264,38 @@ def test_deferred_counters_are_summed_per_label_set_and_histograms_kept_whole() 
     (hist,) = points["seconds"]
     assert hist.count == 1000
     assert abs(hist.sum - sum(n / 1000 for n in range(1000))) < 1e-9
+
+
+def test_deferred_measurements_past_the_limit_are_applied_off_the_callers_thread() -> None:
+    import threading
+    import time
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from shared.metrics import Later
+
+    reader = InMemoryMetricReader()
+    seconds = MeterProvider(metric_readers=[reader]).get_meter("t").create_histogram("s")
+    applied_in: set[str] = set()
+
+    class Seen:
+        def record(self, value: float, attributes: dict[str, str]) -> None:
+            applied_in.add(threading.current_thread().name)
+            seconds.record(value, attributes)
+
+    later = Later()
+    later.LIMIT = 100
+    for n in range(250):
+        later.record(Seen(), n, {"function": "f"})
+    assert len(later._pending) == 50  # two batches of 100 went aside
+    deadline = time.monotonic() + 5
+    while any(t.name == "metrics-flush" for t in threading.enumerate()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert applied_in == {"metrics-flush"}
+    later.flush()
+    data = reader.get_metrics_data()
+    assert data is not None
+    (hist,) = data.resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
+    assert getattr(hist, "count", None) == 250
