@@ -214,9 +214,9 @@ class Later:
     nobody scrapes keeps none of them waiting); histogram values wait in a list. The
     totals a scrape reads are the same. `flush` runs in the scrape's thread, or,
     once `LIMIT` wait (nobody scrapes), in a thread of its own: applied on the
-    caller's loop, 4,096 of them stalled that one request by tens of ms. A sum's
-    read-and-update and the swap hold a lock (list appends are atomic under the
-    GIL)."""
+    caller's loop, 4,096 of them stalled that one request by tens of ms. Taking a
+    measurement and the swap in `_take` hold one lock, so none lands in a batch
+    already being applied."""
 
     LIMIT = 4096
 
@@ -235,8 +235,11 @@ class Later:
             self._flush_aside()
 
     def record(self, instrument: Any, value: float, attributes: dict[str, str]) -> None:
-        self._pending.append((instrument.record, value, attributes))
-        if len(self._pending) >= self.LIMIT:
+        with self._lock:
+            pending = self._pending
+            pending.append((instrument.record, value, attributes))
+            full = len(pending) >= self.LIMIT
+        if full:
             self._flush_aside()
 
     def _flush_aside(self) -> None:
