@@ -6,6 +6,8 @@ MLServer, same machine, same run, same load generators, outside Python's process
 HTTP load: `wrk` (Debian's package) POSTing the same JSON body, sequentially (one
 connection) and with 64 connections. gRPC load: `python -m bench.grpc_load` in its
 own process (tritonclient's stubs over grpc.aio), 1 and 64 concurrent calls.
+Each path's CPU per call is read from /proc, per server process (with its children):
+gfaas's services and nats-server, MLServer's process.
 gfaas runs as `gfaas up` runs it (every service its own process, one worker, the
 no-op function examples/noop.py); MLServer runs a no-op `MLModel` that echoes its
 input (installed in its own venv: `python -m venv /tmp/mlsv && /tmp/mlsv/bin/pip
@@ -24,12 +26,14 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import httpx
 
 from bench.overhead import prepare_gfaas
+from bench.proc_cpu import per_call_ms, tree_cpu
 from gfaas.supervisor import Supervisor
 from shared.config import Settings
 from shared.natsd import free_port, nats_server
@@ -56,6 +60,10 @@ MLSERVER_MODEL = textwrap.dedent(
     """
 )
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+GRPC_WARMUP = 50  # calls bench.grpc_load makes before it measures
+# One measured path: its name, its latency and rate, and each server process's CPU
+# milliseconds per call.
+Row = tuple[str, dict[str, float], dict[str, float]]
 
 
 def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, float]:
@@ -83,10 +91,17 @@ def wrk(url: str, connections: int, seconds: float, script: Path) -> dict[str, f
         return float(m.group(1)) * _UNITS[m.group(2)]
 
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    total = re.search(r"^\s+(\d+) requests in", out, re.M)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     assert rps, out
+    assert total, out
     assert non2xx is None, f"{url} answered errors:\n{out}"
-    return {"p50_ms": latency("50"), "p99_ms": latency("99"), "rps": float(rps.group(1))}
+    return {
+        "p50_ms": latency("50"),
+        "p99_ms": latency("99"),
+        "rps": float(rps.group(1)),
+        "requests": float(total.group(1)),
+    }
 
 
 def grpc_load(target: str, concurrency: int, seconds: float) -> dict[str, float]:
@@ -108,6 +123,7 @@ def grpc_load(target: str, concurrency: int, seconds: float) -> dict[str, float]
         timeout=seconds + 60,
     ).stdout
     result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+    result["requests"] += GRPC_WARMUP
     return result
 
 
@@ -124,18 +140,25 @@ def wait_ready(url: str, timeout: float = 90.0) -> None:
 
 
 def measure(
-    name: str, http: str, grpc: str, seconds: float, script: Path
-) -> list[tuple[str, dict[str, float]]]:
+    name: str, http: str, grpc: str, seconds: float, script: Path, servers: dict[str, int]
+) -> list[Row]:
     infer = f"{http}/v2/models/noop/infer"
-    return [
-        (f"{name} HTTP, 1 connection", wrk(infer, 1, seconds, script)),
-        (f"{name} HTTP, 64 connections", wrk(infer, 64, seconds, script)),
-        (f"{name} gRPC, 1 call at a time", grpc_load(grpc, 1, seconds)),
-        (f"{name} gRPC, 64 concurrent", grpc_load(grpc, 64, seconds)),
+    loads: list[tuple[str, Callable[[], dict[str, float]]]] = [
+        ("HTTP, 1 connection", lambda: wrk(infer, 1, seconds, script)),
+        ("HTTP, 64 connections", lambda: wrk(infer, 64, seconds, script)),
+        ("gRPC, 1 call at a time", lambda: grpc_load(grpc, 1, seconds)),
+        ("gRPC, 64 concurrent", lambda: grpc_load(grpc, 64, seconds)),
     ]
+    rows: list[Row] = []
+    for label, load in loads:
+        before = tree_cpu(servers)
+        result = load()
+        cpu = per_call_ms(before, tree_cpu(servers), result["requests"])
+        rows.append((f"{name} {label}", result, cpu))
+    return rows
 
 
-def run_gfaas(tmp: Path, seconds: float, script: Path) -> list[tuple[str, dict[str, float]]]:
+def run_gfaas(tmp: Path, seconds: float, script: Path) -> list[Row]:
     http_port, grpc_port = free_port(), free_port()
     with nats_server(tmp / "nats") as server:
         settings = Settings(
@@ -155,16 +178,21 @@ def run_gfaas(tmp: Path, seconds: float, script: Path) -> list[tuple[str, dict[s
         try:
             anyio.run(prepare_gfaas, server.url)
             wait_ready(f"http://127.0.0.1:{http_port}")
+            servers = {c.name: c.process.pid for c in sup.children if c.process is not None}
+            servers["nats-server"] = server.process.pid
             return measure(
-                "gfaas", f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", seconds, script
+                "gfaas",
+                f"http://127.0.0.1:{http_port}",
+                f"127.0.0.1:{grpc_port}",
+                seconds,
+                script,
+                servers,
             )
         finally:
             sup.stop()
 
 
-def run_mlserver(
-    binary: str, tmp: Path, seconds: float, script: Path
-) -> list[tuple[str, dict[str, float]]]:
+def run_mlserver(binary: str, tmp: Path, seconds: float, script: Path) -> list[Row]:
     root = tmp / "mlserver"
     (root / "noop").mkdir(parents=True)
     (root / "noop_runtime.py").write_text(MLSERVER_MODEL)
@@ -195,7 +223,12 @@ def run_mlserver(
     try:
         wait_ready(f"http://127.0.0.1:{http_port}")
         return measure(
-            "MLServer", f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", seconds, script
+            "MLServer",
+            f"http://127.0.0.1:{http_port}",
+            f"127.0.0.1:{grpc_port}",
+            seconds,
+            script,
+            {"mlserver": proc.pid},
         )
     finally:
         proc.terminate()
@@ -221,12 +254,18 @@ def main() -> None:
             if Path(args.mlserver).exists()
             else []
         )
-    print(f"\n{'path':40} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9}")
-    for name, r in rows + peer:
-        print(f"{name:40} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['rps']:9.0f}")
+    print(f"\n{'path':40} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>9} {'CPU ms/call':>12}")
+    for name, r, cpu in rows + peer:
+        print(
+            f"{name:40} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} {r['rps']:9.0f} "
+            f"{sum(cpu.values()):12.3f}"
+        )
+    print("\nCPU ms per call, by server process (with its children)")
+    for name, _, cpu in rows + peer:
+        print(f"{name:40} " + "  ".join(f"{k} {v:.3f}" for k, v in cpu.items()))
     if peer:
         print("\ngfaas vs MLServer (p50: lower is better; req/s: higher is better)")
-        for (name, g), (_, m) in zip(rows, peer, strict=True):
+        for (name, g, _), (_, m, _) in zip(rows, peer, strict=True):
             label = name.removeprefix("gfaas ")
             p50, rps = g["p50_ms"] / m["p50_ms"], g["rps"] / m["rps"]
             print(f"{label:32} p50 {p50:.2f}x   req/s {rps:.2f}x")

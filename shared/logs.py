@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 from opentelemetry import trace
 
-from shared import subjects
+from shared import subjects, tracing
 from shared.schema import DEFAULT_TENANT, ErrorCode, FailureRecord, encode, now_millis
 
 
@@ -22,6 +22,7 @@ def configure_logging(level: str = "info", *, json: bool = False) -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            tracing.log_context,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
