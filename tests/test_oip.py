@@ -713,3 +713,62 @@ def test_shared_memory_inputs_and_outputs_are_parsed() -> None:
     assert parsed.outputs[0].shm == oip.ShmRef("out", 0, 24)
     assert parsed.uses_shm
     assert parsed.invoke.inputs[0].data == b""
+
+
+# What Starlette's router would make of each path, for the inference routes.
+INFER_PATHS = [
+    "/v2/models/double/infer",
+    "/v2/models/double/versions/1/infer",
+    "/v2/models/double/versions/2/infer",
+    "/v2/models/stats/infer",
+    "/v2/models/a.b-c_d/infer",
+    "/v2/models//infer",
+    "/v2/models/double/versions//infer",
+    "/v2/models/double/infer/",
+    "/v2/models/double/infers",
+    "/v2/models/double",
+    "/v2/models/double/ready",
+    "/v2/models/double/versions/1/ready",
+    "/v2/models/double/extra/infer",
+    "/v1/models/double/infer",
+    "/v2/modelz/double/infer",
+    "/x/v2/models/double/infer",
+    "/v2/models/double/versions/1/extra/infer",
+    "",
+    "/",
+]
+
+
+@pytest.mark.parametrize("path", INFER_PATHS)
+def test_the_direct_infer_route_matches_what_starlettes_router_would(path: str) -> None:
+    from starlette.routing import Match, Route
+
+    from services.ingress.http import MODEL_ROUTE, VERSIONED_ROUTE, infer_path_params
+
+    async def endpoint(request: object) -> None:
+        return None
+
+    expected = None
+    for template in (f"{MODEL_ROUTE}/infer", f"{VERSIONED_ROUTE}/infer"):
+        scope = {"type": "http", "path": path, "method": "POST", "root_path": ""}
+        match, child = Route(template, endpoint, methods=["POST"]).matches(scope)
+        if match is Match.FULL:
+            expected = child["path_params"]
+            break
+    assert infer_path_params(path) == expected
+
+
+async def test_the_direct_infer_route_answers_as_the_routed_one_did(
+    client: httpx.AsyncClient,
+) -> None:
+    # Only POST is inference; the other methods on its path answer 405 as before.
+    body = {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
+    ok = await client.post("/v2/models/double/versions/1/infer", json=body)
+    assert ok.status_code == 200
+    assert ok.json()["outputs"][0]["data"] == [2.0, 4.0, 6.0]
+    wrong = await client.get("/v2/models/double/infer")
+    assert wrong.status_code == 405
+    assert "error" in wrong.json()
+    unknown = await client.post("/v2/models/double/versions/7/infer", json=body)
+    assert unknown.status_code == 404
+    assert "no version '7'" in unknown.json()["error"]
