@@ -166,7 +166,8 @@ def handling_span(
 
     Every service opens one per message it handles, most of them unsampled: written
     with the SDK's `start_as_current_span` and structlog's `bound_contextvars` it cost
-    about 50 us a call here; this way, about 20 (benchmarks.md, "Spans cheaper")."""
+    about 50 us a call here; this way, about 20 (benchmarks.md, "Spans and HTTP
+    parsing cheaper")."""
     parent = extract(headers)
     span = tracer().start_span(name, context=parent, kind=kind, attributes=attributes)
     token = otel_context.attach(trace.set_span_in_context(span, parent))
