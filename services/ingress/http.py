@@ -395,7 +395,7 @@ class InferRoutes:
     """ASGI: `POST /v2/models/{name}[/versions/{version}]/infer` straight to the
     infer endpoint, every other request to `app` (Starlette's router). Starlette's
     two exception middlewares, its router trying each route's pattern in turn and the
-    send wrappers they add cost about 10% of ingress's CPU per call under load
+    send wrappers they add took about 10% of ingress's busy samples under load
     (benchmarks.md, "Spans and HTTP parsing cheaper"). What they did for this route is
     done here: path parameters, a GfaasError answered in the protocol's shape."""
 
