@@ -16,6 +16,10 @@ from pathlib import Path
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shared.natsd import NatsCluster, NatsServer
 from shared.natsd import nats_cluster as nats_cluster_at
@@ -71,3 +75,17 @@ def reachable() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def exporter() -> InMemorySpanExporter:
+    """The spans this module's tests finish, in memory. The global provider can be
+    set once per process: whichever module comes first sets it, the others add
+    their exporters to it."""
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter

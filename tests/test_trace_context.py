@@ -18,8 +18,6 @@ from opentelemetry.propagators.textmap import (
     default_getter,
     default_setter,
 )
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
@@ -47,18 +45,6 @@ HEADERS: dict[str, Mapping[str, str] | None] = {
     "with tracestate": {"traceparent": f"00-{TRACE}-{SPAN}-01", "tracestate": "k=v"},
     "with baggage": {"traceparent": f"00-{TRACE}-{SPAN}-01", "baggage": "user=7"},
 }
-
-
-@pytest.fixture(scope="module")
-def exporter() -> InMemorySpanExporter:
-    exporter = InMemorySpanExporter()
-    # The global provider can be set once per process (see test_tracing.py).
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return exporter
 
 
 def described(ctx: Context) -> tuple[object, ...]:
