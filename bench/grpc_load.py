@@ -19,6 +19,9 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+# Calls made before measuring: the connection, the server's caches.
+WARMUP = 50
+
 
 def request(model: str) -> service_pb2.ModelInferRequest:
     req = service_pb2.ModelInferRequest(model_name=model)
@@ -33,7 +36,7 @@ async def run(target: str, model: str, concurrency: int, seconds: float) -> dict
     async with grpc.aio.insecure_channel(target) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         req = request(model)
-        for _ in range(50):  # warm-up: connection, server caches
+        for _ in range(WARMUP):
             await stub.ModelInfer(req)
         latencies: list[float] = []
         end = time.perf_counter() + seconds
@@ -50,6 +53,7 @@ async def run(target: str, model: str, concurrency: int, seconds: float) -> dict
     lat = np.array(latencies) * 1000.0
     return {
         "requests": float(len(lat)),
+        "warmup_calls": float(WARMUP),
         "rps": len(lat) / elapsed,
         "p50_ms": float(np.percentile(lat, 50)),
         "p99_ms": float(np.percentile(lat, 99)),
