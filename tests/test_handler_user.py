@@ -340,10 +340,7 @@ async def test_a_model_instance_as_nobody_maps_the_pools_and_roots_host_tier_cop
     x = np.random.default_rng(1).standard_normal((2, 512)).astype(np.float32)
     with torch.inference_mode():
         expected = model(torch.from_numpy(x)).numpy()
-    (instance,) = await wait_instances(nc, "mlp-nobody", 1)
-    with anyio.fail_after(60):
-        while (await wait_instances(nc, "mlp-nobody", 1))[0].state != "ready":
-            await anyio.sleep(0.1)
+    (instance,) = await wait_instances(nc, "mlp-nobody", 1, timeout=60, ready=True)
     # The agent (root) put the model into the host tier as the instance started: the
     # segment is root's, readable by the handler group, by no one else, so no handler
     # of nobody's can write into weights other instances map.

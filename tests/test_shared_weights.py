@@ -210,10 +210,7 @@ async def two_answering_instances(
     with torch.inference_mode():
         expected = model(torch.from_numpy(x)).numpy()
     hold = np.array([0.3], dtype=np.float32)
-    with anyio.fail_after(ready_s):
-        while any(i.state != "ready" for i in await wait_instances(nc, name, 2)):
-            await anyio.sleep(0.1)
-    instances = await wait_instances(nc, name, 2)
+    instances = await wait_instances(nc, name, 2, timeout=ready_s, ready=True)
     answered: set[str] = set()
 
     async def call() -> None:
