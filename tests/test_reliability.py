@@ -39,7 +39,7 @@ from shared.schema import (
 from tests import funcs
 from tests.helpers import body, deploy_and_wait, final_result
 from tests.platform import Platform, platform_at, settings_for
-from tests.specs import ADD_ONE
+from tests.specs import ADD_ONE, SLEEP
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
@@ -214,6 +214,49 @@ async def test_a_call_during_a_leadership_handover_waits_for_the_next_leader(
         assert not replies  # waiting for a leader, not answered `unavailable`
         await kv.delete(LEASE_KEY)  # the scheduler retakes it
     assert replies[0]["y"].tolist() == [2.0]
+
+
+async def test_a_lease_that_lapses_under_a_waiting_call_is_retaken_not_handed_over(
+    nats_server: NatsServer, tmp_path: Path, nc: NATS
+) -> None:
+    """A renewal that comes after the lease's TTL (the scheduler's loop stalled on a
+    loaded machine; in CI, 1.4 s with two instances importing torch) finds no lease.
+    No one else took it, so the scheduler takes it again and goes on: the call that
+    waits in its queue meanwhile is answered, not told `unavailable`."""
+    # One slot on the one worker: a second call waits in the scheduler's queue.
+    with platform_at(nats_server.url, tmp_path / "state", capacity=1, scheduler_timeout_s=1.0):
+        await deploy_and_wait(nc, SLEEP)
+        client = Client(nc)
+        kv = await nc.jetstream().key_value(jetstream.LEADER_BUCKET)
+        stepped_down: list[SchedulerBeat] = []
+
+        async def on_beat(msg: Msg) -> None:
+            if not (beat := decode(msg.data, SchedulerBeat)).active:
+                stepped_down.append(beat)
+
+        sub = await nc.subscribe(subjects.SCHEDULER_ALIVE, cb=on_beat)
+        replies: list[InvokeReply] = []
+
+        async def call(seconds: float) -> None:
+            x = {"seconds": np.array([seconds], dtype=np.float32)}
+            replies.append(await client.invoke_reply("sleep", x, timeout=10))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 1.0)  # holds the one slot
+            with anyio.fail_after(5):
+                while (await client.status("scheduler")).details["assigned"] < 1:
+                    await anyio.sleep(0.02)
+            tg.start_soon(call, 0.0)  # waits in the scheduler's queue
+            with anyio.fail_after(5):
+                while (await client.status("scheduler")).details["pending"] < 1:
+                    await anyio.sleep(0.02)
+            await kv.delete(LEASE_KEY)  # what the TTL does to a lease renewed too late
+        await sub.unsubscribe()
+        assert [r.error for r in replies] == [None, None], replies
+        status = await client.status("scheduler")
+        assert status.details["lapses"] >= 1, status.details
+        assert status.details["terms"] == 1, status.details
+        assert stepped_down == []
 
 
 async def test_schedule_messages_without_routing_headers_are_answered(

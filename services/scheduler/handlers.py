@@ -510,6 +510,7 @@ class Scheduler:
         return {
             "active": leadership is not None and leadership.active,
             "terms": leadership.terms if leadership is not None else 0,
+            "lapses": leadership.lapses if leadership is not None else 0,
             "policy": self.policy.name,
             "instances": {
                 **self.instances.details(),

@@ -7,7 +7,10 @@ others try to create it, which succeeds only once it has expired or been deleted
 A standby therefore takes over within about `ttl_s` of the active one's death, and
 at once when it stops cleanly (it deletes the key). Two schedulers are never active
 together for longer than a renewal that fails: a holder that cannot renew for
-`ttl_s` steps down by itself.
+`ttl_s` steps down by itself. A holder whose renewal comes after its lease has
+lapsed (its loop stalled for a TTL on a loaded machine) creates it again at once,
+which succeeds only if no one took it meanwhile: then it goes on leading, and what
+it held is not handed over for nothing.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class Leadership:
         self.revision = 0
         self.renewed_at = 0.0
         self.terms = 0
+        # Leases that lapsed while held and were retaken before anyone else took them.
+        self.lapses = 0
 
     async def keep(self) -> bool:
         """Renew the lease, or try to take it; True while this scheduler is active."""
@@ -47,15 +52,30 @@ class Leadership:
                 self.terms += 1
             self.renewed_at = now
         except KeyWrongLastSequenceError:
-            if self.active:
-                log.warning("leader.lost", scheduler=self.me)
-            self.active = False
+            if self.active and await self._retake():
+                # It lapsed (a renewal later than the TTL: this loop stalled) and no
+                # one took it: still ours, and what waits here is not handed over.
+                log.warning("leader.retaken", scheduler=self.me)
+                self.renewed_at = now
+            else:
+                if self.active:
+                    log.warning("leader.lost", scheduler=self.me)
+                self.active = False
         except Exception as exc:  # unreachable, no stream leader for a moment, ...
             # Cannot tell: keep acting on what we knew, but never past the lease.
             if self.active and now - self.renewed_at > self.ttl_s:
                 log.warning("leader.unrenewable", scheduler=self.me, error=repr(exc))
                 self.active = False
         return self.active
+
+    async def _retake(self) -> bool:
+        """Create the lease anew: succeeds only where no one holds it now."""
+        try:
+            self.revision = await self.kv.create(KEY, self.me.encode())
+        except Exception:  # another holds it (or cannot tell): step down
+            return False
+        self.lapses += 1
+        return True
 
     async def resign(self) -> None:
         """Let a standby take over now instead of after the lease runs out."""
