@@ -259,6 +259,47 @@ async def test_a_lease_that_lapses_under_a_waiting_call_is_retaken_not_handed_ov
         assert stepped_down == []
 
 
+async def test_a_stopping_scheduler_hands_what_waits_there_to_its_successor(
+    nats_server: NatsServer, tmp_path: Path, nc: NATS
+) -> None:
+    """A clean stop with a standby running (a rolling restart): the call waiting in
+    the stopping scheduler's queue goes to the standby once it leads, and is
+    answered, not told `unavailable`."""
+    overrides: dict[str, Any] = {"capacity": 1, "scheduler_timeout_s": 1.0}
+    with platform_at(nats_server.url, tmp_path / "state", **overrides) as p:
+        await deploy_and_wait(nc, SLEEP)
+        client = Client(nc)
+        p.start("standby", serve_scheduler, settings_for(p.url, p.state_dir, **overrides))
+        with anyio.fail_after(10):
+            while len(await client.statuses("scheduler", expect=2, timeout=1)) < 2:
+                await anyio.sleep(0.05)
+
+        async def leader() -> dict[str, Any]:
+            found = await client.statuses("scheduler", expect=2, timeout=1)
+            (details,) = [d for d in found.values() if d["active"]]
+            return details
+
+        replies: list[InvokeReply] = []
+
+        async def call(seconds: float) -> None:
+            x = {"seconds": np.array([seconds], dtype=np.float32)}
+            replies.append(await client.invoke_reply("sleep", x, timeout=10))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 1.0)  # holds the one slot
+            with anyio.fail_after(5):
+                while (await leader())["assigned"] < 1:
+                    await anyio.sleep(0.02)
+            tg.start_soon(call, 0.0)  # waits in the active scheduler's queue
+            with anyio.fail_after(5):
+                while (await leader())["pending"] < 1:
+                    await anyio.sleep(0.02)
+            await anyio.to_thread.run_sync(p.stop, "scheduler")
+        assert [r.error for r in replies] == [None, None], replies
+        successor = await leader()
+        assert successor["assigned"] >= 1, successor  # placed there
+
+
 async def test_schedule_messages_without_routing_headers_are_answered(
     platform: Platform, nc: NATS
 ) -> None:

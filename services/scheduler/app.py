@@ -139,23 +139,36 @@ async def serve(
             await nc.subscribe(subjects.PROFILED_ALL, cb=on_event(Profile, on_profiled))
             await nc.subscribe(subjects.GRANT_RETURN, cb=on_event(Grant, scheduler.grant_returned))
             await nc.subscribe(subjects.ALIVE_ALL, cb=on_alive)
+            # Who leads: what this one holds when it steps down goes to the next.
+            await nc.subscribe(
+                subjects.SCHEDULER_ALIVE, cb=on_event(SchedulerBeat, scheduler.scheduler_beat)
+            )
             await anyio.sleep(min(settings.heartbeat_s * 1.5, 1.0))
             await serve_status(nc, "scheduler", scheduler_id, scheduler.details)
-            active = Active(nc, scheduler)
+            active = Active(nc, scheduler, settings.scheduler_timeout_s)
             await active.follow(await leadership.keep())
             task_status.started()
+            # Held for each round of the lease: stopping waits out the one under way,
+            # then no more are taken (a stopping scheduler must not retake the lease).
+            leading = anyio.Lock()
+            stopping = False
 
             async def lead() -> None:
                 # Renew (or try to take) the lease and say where we stand, often
                 # enough that ingress and the standbys notice a death within the timeout.
                 period = min(settings.heartbeat_s, settings.scheduler_timeout_s / 3.0)
                 while True:
-                    try:
-                        await active.follow(await leadership.keep())
-                        beat = SchedulerBeat(scheduler_id=scheduler_id, active=leadership.active)
-                        await nc.publish(subjects.SCHEDULER_ALIVE, encode(beat))
-                    except Exception as exc:  # the bus is flaky: the next round may not be
-                        log.warning("scheduler.lead_failed", error=repr(exc))
+                    async with leading:
+                        if stopping:
+                            return
+                        try:
+                            await active.follow(await leadership.keep())
+                            beat = SchedulerBeat(
+                                scheduler_id=scheduler_id, active=leadership.active
+                            )
+                            await nc.publish(subjects.SCHEDULER_ALIVE, encode(beat))
+                        except Exception as exc:  # the bus is flaky: the next may not be
+                            log.warning("scheduler.lead_failed", error=repr(exc))
                     await anyio.sleep(period)
 
             async def tick() -> None:
@@ -183,10 +196,14 @@ async def serve(
             tg.start_soon(every, TICK_S, tick)
             tg.start_soon(every, 1.0, profile_new)
             await stop.wait()
-            await active.follow(False)
+            async with leading:
+                stopping = True
+            # The lease first, so that a standby takes over now; then what waits here
+            # goes to it once it says it leads.
             await leadership.resign()
             beat = SchedulerBeat(scheduler_id=scheduler_id, active=False, stopping=True)
             await nc.publish(subjects.SCHEDULER_ALIVE, encode(beat))
+            await active.follow(False)
             tg.cancel_scope.cancel()
 
 
@@ -210,9 +227,12 @@ class Active:
     """What only the active scheduler (the lease holder) listens to: new invocations,
     and the ones full workers hand back."""
 
-    def __init__(self, nc: NATS, scheduler: Scheduler) -> None:
+    def __init__(self, nc: NATS, scheduler: Scheduler, handover_s: float) -> None:
         self.nc = nc
         self.scheduler = scheduler
+        # How long what waits here waits for a successor when this one steps down
+        # (the lease's TTL: a standby that has not taken it by then is not about to).
+        self.handover_s = handover_s
         self.subs: list[Subscription] = []
 
     async def on_schedule(self, msg: Msg) -> None:
@@ -241,5 +261,5 @@ class Active:
             subs, self.subs = self.subs, []
             for sub in subs:
                 await sub.drain()
-            await self.scheduler.hand_over()
+            await self.scheduler.hand_over(self.handover_s)
             log.info("scheduler.standby")

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 
+import anyio
 import msgspec
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, StatusCode
@@ -39,6 +40,7 @@ from shared.schema import (
     InvocationMeta,
     Refused,
     RefusedReply,
+    SchedulerBeat,
     WorkerHeartbeat,
     WorkerLost,
     encode,
@@ -99,6 +101,12 @@ class Scheduler:
         self.cold: dict[str, dict[str, float]] = {}
         # Invocation -> its open "scale from zero" span, ended when it is dispatched.
         self._cold_spans: dict[str, tuple[Span, float]] = {}  # and since when (monotonic)
+        # Set by the next active scheduler's beat after this one stepped down.
+        self._successor = anyio.Event()
+        # The other schedulers running (not stopping): when each last beat.
+        self._peers: dict[str, float] = {}
+        # Invocations that waited here when it stepped down, sent on to its successor.
+        self.handed_over = 0
 
     # -- events -------------------------------------------------------------------------
 
@@ -207,16 +215,56 @@ class Scheduler:
         await self._place(inv, now, requeue=True)
         return RefusedReply(taken=True)
 
-    async def hand_over(self) -> None:
-        """No longer active: what waits here is answered `unavailable` (the caller, or
-        the async path, tries again with whoever is active now)."""
-        for inv in self.state.drop_pending():
+    async def scheduler_beat(self, beat: SchedulerBeat) -> None:
+        """A scheduler says it leads: it listens on the schedule subject (it beats
+        only once it subscribed), so what this one hands over reaches it. Our own
+        beat counts only while we lead again (one sent before we stepped down may
+        still be on its way)."""
+        leadership = self.leadership
+        mine = leadership is not None and beat.scheduler_id == leadership.me
+        if not mine:
+            if beat.stopping:
+                self._peers.pop(beat.scheduler_id, None)
+            else:
+                self._peers[beat.scheduler_id] = time.monotonic()
+        if beat.active and (not mine or (leadership is not None and leadership.active)):
+            self._successor.set()
+
+    async def hand_over(self, wait_s: float) -> None:
+        """No longer active (the lease went to another, or this one stops): what waits
+        here goes to the next leader once it is heard, with its caller's reply subject
+        and deadline, as if just sent. With no other scheduler running, or none
+        leading within `wait_s`, or past its deadline, it is answered `unavailable`
+        (the caller, or the async path, tries again with whoever is active then)."""
+        pending = self.state.drop_pending()
+        if not pending:
+            return
+        heard = self._successor = anyio.Event()
+        now = time.monotonic()
+        if any(now - at <= wait_s for at in self._peers.values()):
+            with anyio.move_on_after(wait_s):
+                await heard.wait()
+        # else no other scheduler runs: nobody is coming, and the callers hear so now
+        now_ms = now_millis()
+        for inv in pending:
+            if heard.is_set() and not (inv.meta.deadline_ms and inv.meta.deadline_ms <= now_ms):
+                headers = dict(inv.headers)
+                if inv.view.near:
+                    headers[H_AFFINITY] = inv.view.near
+                await self.bus.publish(
+                    subjects.SCHEDULE, inv.body, reply=inv.reply, headers=headers
+                )
+                self.handed_over += 1
+                continue
             await self.bus.reply_error(
                 inv.reply,
                 inv.meta.invocation_id,
                 ErrorCode.UNAVAILABLE,
-                "the scheduler holding this invocation stopped before placing it",
+                "the scheduler holding this invocation stopped before placing it, "
+                f"and no other took over within {wait_s:g} s",
             )
+        self._end_cold_spans()
+        log.info("scheduler.handed_over", invocations=len(pending), to_successor=heard.is_set())
 
     async def agent_beat(self, beat: AgentBeat) -> None:
         """A node agent's instances: those it no longer runs are lost (their callers
@@ -521,6 +569,7 @@ class Scheduler:
             "cold_starts": {f: dict(steps) for f, steps in self.cold.items()},
             "assigned": self.assigned,
             "replaced": self.replaced,
+            "handed_over": self.handed_over,
             "rejected": self.state.rejected,
             "pending": len(self.state.pending),
             "grants_revoked": self.revoked,
