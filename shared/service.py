@@ -105,14 +105,32 @@ def run_service(name: str, serve: ServeFn, settings: Settings) -> None:
         shutdown_tracing()
 
 
+# A chore that keeps failing the same way is logged once per this many seconds.
+CHORE_LOG_EVERY_S = 30.0
+
+
 async def every(period_s: float, fn: Callable[[], object]) -> None:
     """Call `fn` every `period_s` seconds until cancelled (a service's periodic chores:
-    heartbeats, ticks, pruning); an `fn` that is a coroutine function is awaited."""
+    heartbeats, ticks, pruning); an `fn` that is a coroutine function is awaited.
+
+    A round that raises is logged and the next one runs: one bad entry in what a
+    chore walks (a spec the scheduler cannot plan, say) must not end the service,
+    and a restarted one would only meet it again."""
+    logged: dict[str, float] = {}
     while True:
         await anyio.sleep(period_s)
-        result = fn()
-        if inspect.isawaitable(result):
-            await result
+        try:
+            result = fn()
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            now = anyio.current_time()
+            key = repr(exc)
+            if now - logged.get(key, -CHORE_LOG_EVERY_S) >= CHORE_LOG_EVERY_S:
+                logged[key] = now
+                get_logger("service").exception(
+                    "service.chore_failed", chore=getattr(fn, "__qualname__", repr(fn))
+                )
 
 
 def instance_name() -> str:

@@ -5,6 +5,7 @@ A file with `stages` (or a [workflow] table) is a workflow; anything else a func
 
 from __future__ import annotations
 
+import math
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ import yaml
 
 from shared.codebundle import ref_problem
 from shared.names import is_valid_name, name_problem
+from shared.scheduling.packing import units
 from shared.schema import FunctionSpec, WorkflowSpec
 from shared.workflow import WorkflowError, plan_workflow
 
@@ -45,8 +47,14 @@ def check_function(spec: FunctionSpec, *, source: str = "<spec>") -> None:
         raise SpecError(f"{source}: handler {spec.handler!r} must be 'module:attr'")
     if spec.code and (problem := ref_problem(spec.code)) is not None:
         raise SpecError(f"{source}: {problem}")
-    if spec.concurrency < 1 or spec.timeout_ms <= 0 or spec.slo_ms <= 0:
+    # `not 0 < x < inf` so that NaN and inf (TOML has both) are refused too: the
+    # autoscaler divides by the SLO.
+    if spec.concurrency < 1 or spec.timeout_ms <= 0 or not 0.0 < spec.slo_ms < math.inf:
         raise SpecError(f"{source}: concurrency, timeout_ms and slo_ms must be positive")
+    if spec.memory_mb <= 0:
+        # An instance's memory is booked on its device and capped for its process:
+        # a negative figure would free room that is not there and lift the cap.
+        raise SpecError(f"{source}: memory_mb ({spec.memory_mb}) must be positive")
     names = [t.name for t in spec.inputs]
     if len(set(names)) != len(names):
         raise SpecError(f"{source}: input names must be unique")
@@ -77,6 +85,13 @@ def _check_scaling(spec: FunctionSpec, source: str) -> None:
                 f"{source}: {key} ({value}) is a fraction of one device, from 0 to 1 "
                 "(0: the autoscaler chooses)"
             )
+        if value:
+            try:
+                units(value)  # what the packer places: finer shares cannot be enforced
+            except ValueError:
+                raise SpecError(
+                    f"{source}: {key} ({value}) must be a whole percent (0.01 to 1)"
+                ) from None
 
 
 def wants_instances(spec: FunctionSpec) -> bool:

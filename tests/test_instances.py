@@ -191,6 +191,32 @@ async def test_fixed_time_quotas_share_the_device_in_proportion(
         assert 1.5 <= ratio <= 4.2, done
 
 
+async def test_a_spec_the_autoscaler_cannot_plan_does_not_end_the_scheduler(
+    agent_platform: Platform, nc: NATS
+) -> None:
+    """A spec in the registry that the deploy check would refuse now (written by an
+    older client: a share of 12.5%, finer than the packer's whole percents) fails
+    each autoscaler round that plans it, and only that: the scheduler goes on
+    placing other functions' calls."""
+    registry = await Client(nc).registry()
+    await registry.put(
+        FunctionSpec(name="odd-share", handler="tests.funcs:echo", sm_share=0.125, min_instances=1)
+    )
+    await anyio.sleep(0.5)  # a few ticks with it planned
+    echo = FunctionSpec(name="echo-after", handler="tests.funcs:echo")
+    await deploy_and_wait(nc, echo, ECHO_I)
+    x = np.arange(3, dtype=np.float32)
+    out = await Client(nc).invoke("echo-after", {"x": x}, timeout=10)
+    np.testing.assert_array_equal(out["y"], x)
+    # Another instanced function is still scaled from zero, and status says why
+    # the odd one is not.
+    out = await Client(nc).invoke("echo-i", {"x": x}, timeout=30)
+    np.testing.assert_array_equal(out["y"], x)
+    details = (await Client(nc).status("scheduler")).details
+    assert details["active"]
+    assert "must be a whole percent" in details["instances"]["unplaced"]["odd-share"], details
+
+
 async def test_an_overcommitting_start_is_refused_with_the_reason(
     agent_platform: Platform, nc: NATS
 ) -> None:

@@ -50,6 +50,30 @@ def test_a_share_or_quota_outside_zero_to_one_is_refused(key: str, value: float)
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize("key", ["sm_share", "time_quota"])
+@pytest.mark.parametrize("value", [0.125, 1 / 3, 0.001])
+def test_a_share_or_quota_finer_than_a_percent_is_refused(key: str, value: float) -> None:
+    # The packer places whole percents: such a spec once passed the deploy and ended
+    # the scheduler at its next tick.
+    assert refusal(**{key: value}) == f"f.toml: {key} ({value}) must be a whole percent (0.01 to 1)"
+    assert getattr(parse_spec({**BASE, key: 0.15}), key) == 0.15
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("value", [math.inf, math.nan, 0.0, -5.0])
+def test_an_slo_that_is_not_a_positive_number_is_refused(value: float) -> None:
+    # inf and nan are valid TOML; the autoscaler divides by the SLO.
+    assert "slo_ms must be positive" in refusal(slo_ms=value)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("value", [0, -4000])
+def test_memory_that_is_not_positive_is_refused(value: int) -> None:
+    # Booked on the device and set as the instance's cap: a negative one made room.
+    assert refusal(memory_mb=value) == f"f.toml: memory_mb ({value}) must be positive"
+
+
+@pytest.mark.unit
 def test_min_instances_above_max_instances_is_refused() -> None:
     assert refusal(min_instances=3, max_instances=2) == (
         "f.toml: min_instances (3) is above max_instances (2)"

@@ -360,7 +360,14 @@ class Instances:
         for spec in self.registry.all():
             if not self.instanced(spec) or (only is not None and spec.name != only):
                 continue
-            decisions.append(await self._scale_one(spec, now, seen))
+            try:
+                decisions.append(await self._scale_one(spec, now, seen))
+            except Exception as exc:
+                # One function the autoscaler cannot plan (a spec from before a check
+                # existed, say) costs its own round, not every other function's.
+                reason = f"its autoscaler round failed: {exc!r}"
+                self.unplaced[spec.name] = reason
+                self._say(spec.name, "plan_failed", reason)
         return decisions
 
     async def _scale_one(self, spec: FunctionSpec, now: float, seen: Observed) -> ScaleDecision:
