@@ -204,3 +204,51 @@ async def test_a_load_cancelled_while_its_build_waits_for_weights_ends_at_once(
     assert funcs.SKELETON_BUILT.is_set()  # it was waiting for the weights, in a thread
     assert cache.report().sizes == {}
     assert cache.report().loading == []
+
+
+async def test_a_redeploy_while_a_call_runs_keeps_or_waits_for_the_old_version(
+    tier: HostTier, tmp_path: Path
+) -> None:
+    """A redeploy while a call holds the old version: with only keys outside the
+    build changed, the warm handler serves the new spec at once; with another
+    handler, the new load waits for the call to finish, then replaces it. Before,
+    the drop of a handler in use raised, and every later load of it failed
+    ('already resident')."""
+
+    async def fetch(name: str) -> Path:
+        return weights(tmp_path, name)
+
+    cache = HandlerCache(
+        device="cpu", threads=1, capacity_bytes=4 * MIB, fetch_weights=fetch, host_tier=tier
+    )
+    v1 = FunctionSpec(name="f", handler="tests.funcs:echo", description="v1", concurrency=2)
+    v2 = FunctionSpec(name="f", handler="tests.funcs:echo", description="v2", concurrency=3)
+    v3 = FunctionSpec(name="f", handler="tests.funcs:sleep", description="v3")
+    running, finish = anyio.Event(), anyio.Event()
+    loaded: list[FunctionSpec] = []
+
+    async def call_on_v1() -> None:
+        async with cache.use(v1) as first:
+            running.set()
+            async with cache.use(v2) as second:
+                assert second is first  # the warm handler, now under the new spec
+                assert second.spec == v2
+                assert second.limiter.total_tokens == 3
+            await finish.wait()
+
+    async def call_on_v3() -> None:
+        async with cache.use(v3) as third:
+            loaded.append(third.spec)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call_on_v1)
+            await running.wait()
+            tg.start_soon(call_on_v3)
+            await anyio.sleep(0.2)
+            assert loaded == []  # waits for the call still on the old version
+            finish.set()
+    assert loaded == [v3]
+    async with cache.use(v3) as again:  # and stays loadable
+        assert again.spec == v3
+    assert cache.evictions == 1

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import anyio
+import msgspec
 
 from services.gpu_worker.bundles import Mounted
 from shared import tracing
@@ -100,6 +101,26 @@ def build_handler(spec: FunctionSpec, ctx: LoadContext, packages: Sequence[str])
         raise GfaasError(ErrorCode.HANDLER_ERROR, problem)
     handler: Handler = cast(Any, target)(ctx) if inspect.isclass(target) else target
     return handler
+
+
+# Spec keys a loaded handler does not depend on: a redeploy changing only these
+# keeps it warm.
+_NOT_BUILT_FROM = (
+    "description",
+    "slo_ms",
+    "timeout_ms",
+    "concurrency",
+    "min_instances",
+    "max_instances",
+    "idle_s",
+    "slo_unmeetable",
+)
+
+
+def _builds_alike(old: FunctionSpec, new: FunctionSpec) -> bool:
+    """Would `new` build the same handler as `old` (only keys outside the build differ)?"""
+    same = {key: getattr(new, key) for key in _NOT_BUILT_FROM}
+    return msgspec.structs.replace(old, **same) == new
 
 
 def cache_key(spec: FunctionSpec) -> str:
@@ -249,7 +270,15 @@ class HandlerCache:
             entry = self._loaded.get(spec.name)
             if entry is not None and entry.spec == spec:
                 return entry
-            if entry is not None:  # redeployed with another spec
+            if entry is not None and _builds_alike(entry.spec, spec):
+                # Redeployed with nothing the handler was built from changed (its
+                # description, SLO, scaling keys): the warm handler serves the new spec.
+                entry.spec = spec
+                entry.limiter.total_tokens = spec.concurrency
+                return entry
+            if entry is not None:  # redeployed with another handler, model or code
+                # The old version's calls still running finish on it; then it goes.
+                await self._until_unused(spec.name, wait_s)
                 self._drop(spec.name)
             with tracing.tracer().start_as_current_span(
                 "worker model load",
@@ -480,6 +509,17 @@ class HandlerCache:
             ErrorCode.DEADLINE_EXCEEDED,
             f"{reason} on {self.device}, and none was released in time",
         )
+
+    async def _until_unused(self, name: str, wait_s: float) -> None:
+        """Wait (up to `wait_s`) until no call uses `name`'s loaded handler."""
+        with anyio.move_on_after(wait_s) as scope:
+            while (e := self.cache.entries.get(name)) is not None and e.pins > 0:
+                await self._unpinned.wait()
+        if scope.cancelled_caught:
+            raise GfaasError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"{name}: the calls of its previous version still run on {self.device}",
+            )
 
     def _drop(self, name: str) -> None:
         # The device copy goes; the host tier keeps its copy for the next swap-in.
