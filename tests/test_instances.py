@@ -217,6 +217,34 @@ async def test_a_spec_the_autoscaler_cannot_plan_does_not_end_the_scheduler(
     assert "must be a whole percent" in details["instances"]["unplaced"]["odd-share"], details
 
 
+async def test_calls_waiting_for_a_removed_functions_instance_are_answered_at_once(
+    agent_platform: Platform, nc: NATS
+) -> None:
+    """Removed while its first instance starts: the instance is stopped, and the
+    call that woke it hears `unknown_function` now, not at its deadline."""
+    client = Client(nc)
+    spec = FunctionSpec(name="slower-i", handler="tests.funcs:SlowerToLoad", max_instances=1)
+    await deploy_and_wait(nc, spec)
+    answered: list[tuple[ErrorCode, float]] = []
+
+    async def call() -> None:
+        started = time.monotonic()
+        with pytest.raises(GfaasError) as err:
+            await client.invoke("slower-i", {"x": np.array([1.0], dtype=np.float32)}, timeout=30)
+        answered.append((err.value.code, time.monotonic() - started))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        with anyio.fail_after(10):
+            while (await client.status("scheduler")).details["pending"] < 1:
+                await anyio.sleep(0.02)
+        assert await client.remove("slower-i")
+    ((code, after_s),) = answered
+    assert code is ErrorCode.UNKNOWN_FUNCTION
+    assert after_s < 5.0, after_s
+    assert await wait_instances(nc, "slower-i", 0, timeout=20) == []
+
+
 async def test_an_overcommitting_start_is_refused_with_the_reason(
     agent_platform: Platform, nc: NATS
 ) -> None:

@@ -407,11 +407,28 @@ class Scheduler:
                 ErrorCode.DEADLINE_EXCEEDED,
                 "deadline passed while waiting for a free worker",
             )
+        await self._answer_removed()
         if self.state.pending:
             await self._drain_pending()
         self._end_cold_spans()
 
     # -- helpers ------------------------------------------------------------------------
+
+    async def _answer_removed(self) -> None:
+        """What waits for a function since removed is answered now (its instances are
+        stopped as orphans), not left to its callers' deadlines."""
+        if not self.state.pending or not self.registry.synced:
+            return  # before the whole registry is read every function looks removed
+        specs = self.registry.specs
+        gone = {inv.view.function for inv in self.state.pending.values()} - specs.keys()
+        for function in gone:
+            for inv in self.state.drop_function(function):
+                await self.bus.reply_error(
+                    inv.reply,
+                    inv.meta.invocation_id,
+                    ErrorCode.UNKNOWN_FUNCTION,
+                    f"function {function!r} was removed while this invocation waited",
+                )
 
     async def _place(
         self, inv: Invocation, now: float, span: Span | None = None, *, requeue: bool = False
