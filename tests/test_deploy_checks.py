@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -159,6 +161,43 @@ async def test_what_a_handler_module_does_at_import_stays_in_the_sandbox(
         await Client(nc).deploy(spec)
     assert "gfaas_exits_at_import" not in sys.modules
     assert not (tmp_path / "left-behind").exists()  # written in the sandbox's own directory
+
+
+async def test_a_process_a_handler_module_starts_at_import_goes_with_the_sandbox(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A module that starts a process at import (which inherits the sandbox's output):
+    the check answers when the import is done, not at its timeout, and the process
+    does not outlive it. Before, the deploy was refused after 20 s as 'did not
+    import' and the process ran on, its parent gone."""
+    modules = tmp_path / "mods"
+    modules.mkdir()
+    pid_file = tmp_path / "child.pid"
+    (modules / "gfaas_spawns_at_import.py").write_text(
+        "import subprocess, sys\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "def f(inputs):\n    return inputs\n"
+    )
+    monkeypatch.syspath_prepend(str(modules))
+    spec = FunctionSpec(name="spawns", handler="gfaas_spawns_at_import:f")
+    with platform_at(nats_server.url, tmp_path / "s", handler_packages="gfaas_spawns_at_import"):
+        started = time.monotonic()
+        await Client(nc).deploy(spec)  # sound: deployed
+        assert time.monotonic() - started < 10.0
+    pid = int(pid_file.read_text())
+    with anyio.fail_after(5):
+        while alive(pid):
+            await anyio.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    """Is `pid` a process that still runs (a zombie nobody reaped has ended)?"""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
 
 
 async def test_a_handler_whose_file_changed_is_checked_again(

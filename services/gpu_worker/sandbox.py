@@ -20,7 +20,9 @@ reason), its directory first on the sandbox's import path and its packages allow
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import tempfile
 from importlib.machinery import PathFinder
@@ -148,21 +150,41 @@ class HandlerChecks:
         allowed = self.packages if packages is None else packages
         env = dict(os.environ, PYTHONPATH=path, **{PACKAGES_ENV: allowed})
         command = [sys.executable, "-m", "shared.handler_check", ref]
-        with tempfile.TemporaryDirectory(prefix="gfaas-check-", ignore_cleanup_errors=True) as cwd:
+        with (
+            tempfile.TemporaryDirectory(prefix="gfaas-check-", ignore_cleanup_errors=True) as cwd,
+            # Files, not pipes: a process the module starts at import inherits them, and
+            # a pipe it holds open would keep us waiting after the sandbox has exited.
+            tempfile.TemporaryFile() as out,
+            tempfile.TemporaryFile() as err,
+        ):
             command, env = self.confined(command, env, cwd)
-            with anyio.move_on_after(self.timeout_s) as scope:
-                done = await anyio.run_process(command, cwd=cwd, env=env, check=False)
+            # Its own process group: whatever the import started goes with it.
+            process = await anyio.open_process(
+                command, cwd=cwd, env=env, stdin=None, stdout=out, stderr=err,
+                start_new_session=True,
+            )  # fmt: skip
+            try:
+                with anyio.move_on_after(self.timeout_s) as scope:
+                    await process.wait()
+            finally:
+                _kill_group(process.pid)
+                if process.returncode is None:
+                    with anyio.CancelScope(shield=True):
+                        await process.wait()
+            out.seek(0)
+            err.seek(0)
+            said = out.read().decode(errors="replace").strip()
+            stderr = err.read().decode(errors="replace")
         if scope.cancelled_caught:  # the sandbox was killed
             return f"handler {ref!r} did not import within {self.timeout_s:g} s"
-        said = done.stdout.decode(errors="replace").strip()
-        if done.returncode == 0 and said == OK:
+        if process.returncode == 0 and said == OK:
             return None
-        if done.returncode == 1 and said:
+        if process.returncode == 1 and said:
             return said
         # It died, or exited early at import: what it last wrote to stderr says why.
-        lines = done.stderr.decode(errors="replace").strip().splitlines()
+        lines = stderr.strip().splitlines()
         last = f": {lines[-1]}" if lines else ""
-        status = done.returncode
+        status = process.returncode
         return f"handler {ref!r} cannot be imported: its import exited with status {status}{last}"
 
     def confined(
@@ -179,3 +201,9 @@ class HandlerChecks:
         env.update(HOME=cwd, TMPDIR=cwd, USER=self.user.name, LOGNAME=self.user.name)
         module, ref = command[:-1], command[-1]
         return [*module, AS_OPTION, f"{self.user.uid}:{self.user.gid}", ref], env
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL every process left in the sandbox's group (it leads it)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # none left
+        os.killpg(pgid, signal.SIGKILL)
