@@ -146,6 +146,10 @@ class Settings:
     # deployed function runs as instances: a start from zero takes one.
     agent_spares: int = 1
     agent_memory_mb: int = 0
+    # An instance not ready this long after its start (a handler build or model load
+    # that never returns) is stopped and fails with that reason: it would hold its
+    # share of the device, and its callers, for ever.
+    instance_start_timeout_s: float = 600.0
     # Each instance process: at most this many open files, and on a CPU at most its
     # memory budget plus this much private memory for the interpreter and torch
     # (-1: no memory cap). See services/gpu_worker/limits.py.

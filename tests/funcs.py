@@ -297,3 +297,14 @@ class FailsAfterASecond:
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise AssertionError("never loaded")
+
+
+class NeverBuilds:
+    """A class handler whose build does not return (waiting on something that never
+    comes): its instance never becomes ready."""
+
+    def __init__(self, ctx: LoadContext) -> None:
+        time.sleep(3600.0)
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return inputs

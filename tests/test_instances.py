@@ -26,6 +26,7 @@ from shared.schema import (
     DType,
     ErrorCode,
     FunctionSpec,
+    InstanceState,
     StartInstance,
     TensorSpec,
     decode,
@@ -243,6 +244,29 @@ async def test_calls_waiting_for_a_removed_functions_instance_are_answered_at_on
     assert code is ErrorCode.UNKNOWN_FUNCTION
     assert after_s < 5.0, after_s
     assert await wait_instances(nc, "slower-i", 0, timeout=20) == []
+
+
+async def test_an_instance_whose_build_never_returns_fails_after_the_start_timeout(
+    nats_server: NatsServer, tmp_path: Path, nc: NATS
+) -> None:
+    """Its build never returns: past GFAAS_INSTANCE_START_TIMEOUT_S the agent stops it,
+    and the call that woke it hears why (handler_error) instead of waiting out its
+    deadline while the instance holds its share as `starting` for ever."""
+    with platform_at(
+        nats_server.url, tmp_path / "state", agent_memory_mb=600, instance_start_timeout_s=3.0
+    ):
+        client = Client(nc)
+        spec = FunctionSpec(name="never-i", handler="tests.funcs:NeverBuilds", max_instances=1)
+        await deploy_and_wait(nc, spec)
+        started = time.monotonic()
+        with pytest.raises(GfaasError) as err:
+            await client.invoke("never-i", {"x": np.array([1.0], dtype=np.float32)}, timeout=60)
+        assert err.value.code is ErrorCode.HANDLER_ERROR, err.value
+        assert "was not ready within 3 s of its start" in err.value.reason
+        assert time.monotonic() - started < 30.0
+        # Stopped: failed (listed a while with its reason), no longer starting.
+        mine = [i for i in (await beat_of(nc)).instances if i.function == "never-i"]
+        assert [i.state for i in mine] in ([], [InstanceState.FAILED]), mine
 
 
 async def test_an_overcommitting_start_is_refused_with_the_reason(

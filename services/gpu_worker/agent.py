@@ -764,9 +764,14 @@ class Agent:
                 continue  # no process yet: its bundle is on its way
             code = process.poll() if process is not None else 0
             if code is None:
+                assert process is not None
                 if running.state is InstanceState.STOPPING and now >= running.stop_at:
-                    assert process is not None
                     process.kill()
+                elif (
+                    running.state is InstanceState.STARTING
+                    and now - running.started > self.settings.instance_start_timeout_s
+                ):
+                    self._start_timed_out(running, process)
                 continue
             self.runner.remove(name)
             changed = True
@@ -791,6 +796,23 @@ class Agent:
                 del self.instances[name]
                 log.error("instance.crashed", instance=name, exit_code=code)
         return changed
+
+    def _start_timed_out(self, running: Running, process: subprocess.Popen[bytes]) -> None:
+        """Killed; reaped as FAILED with this reason, which the function's waiting
+        callers hear (its build is at fault, not a lost process: no retry)."""
+        limit = self.settings.instance_start_timeout_s
+        self.failed(
+            InstanceFailed(
+                instance_id=running.command.instance_id,
+                error=ErrorInfo(
+                    code=ErrorCode.HANDLER_ERROR,
+                    reason=f"an instance of {running.command.function!r} was not ready "
+                    f"within {limit:g} s of its start (its handler's build or its model's "
+                    "load did not return)",
+                ),
+            )
+        )
+        process.kill()
 
     @staticmethod
     def _remove_dir(running: Running) -> None:
