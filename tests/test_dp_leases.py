@@ -197,3 +197,18 @@ def test_only_an_empty_slab_can_be_removed() -> None:
     empty = next(s for s in t.slabs("cpu") if s.slab_id != lease.block.slab_id)
     assert t.remove_slab("cpu", empty.slab_id) == empty
     assert [s.slab_id for s in t.slabs("cpu")] == [lease.block.slab_id]
+
+
+def test_a_pinned_lease_keeps_its_block_past_its_release_until_unpinned() -> None:
+    t = table(cap=4 * MiB, slab_size=4 * MiB)
+    lease = t.lease(4 * MiB, "cpu", "w1", now=0.0)
+    t.pin(lease.lease_id)
+    t.park(lease.lease_id, "w1", next_use=1.0)
+    with pytest.raises(LeaseError):  # a pinned lease is not moved either
+        t.relocate(lease.lease_id, "cpu")
+    assert t.release(lease.lease_id, "w1") is not None
+    with pytest.raises(LeaseError) as full:  # the copier still reads that block
+        t.lease(4 * MiB, "cpu", "w2", now=1.0)
+    assert full.value.fault is Fault.EXHAUSTED
+    t.unpin(lease.lease_id)
+    assert t.lease(4 * MiB, "cpu", "w2", now=1.0).offset == lease.offset

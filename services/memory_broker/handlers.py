@@ -168,10 +168,17 @@ class Handlers:
         return BytesReply(data=bytes(view.cpu().numpy()))
 
     async def copy(self, req: CopyRequest, tenant: str) -> HandlesReply:
-        """Leased bytes to a new lease on another device, through the link's scheduler."""
-        self.pools.lease_of(req.source, tenant)  # may the tenant read it here?
+        """Leased bytes to a new lease on another device, through the link's scheduler.
+
+        Both blocks are pinned until the copier is done with them: a source released
+        (or expired, reclaimed) meanwhile keeps its block, so nobody else is leased
+        there while its bytes are still being read out for this tenant."""
+        table = self.pools.table
+        source = self.pools.lease_of(req.source, tenant)  # may the tenant read it here?
         now = time.monotonic()
         (dst,) = self.pools.lease([req.source.nbytes], req.device, req.owner, tenant, 0.0, now)
+        table.pin(source.lease_id)
+        table.pin(dst.lease_id)
         try:
             # The transfer over the link, inside the op's span.
             with tracing.tracer().start_as_current_span(
@@ -190,9 +197,16 @@ class Handlers:
                     budget_s=req.budget_ms / 1000.0,
                     compute_s=req.compute_ms / 1000.0,
                 )
+            # The destination lives until its TTL under the owner's name, which nobody
+            # else knows its id to release; a handle to a lease gone meanwhile is no use.
+            self.pools.table.check(dst, tenant)
         except BaseException:
-            self.pools.release([dst], req.owner, tenant, time.monotonic())
+            with contextlib.suppress(GfaasError):  # it may have gone meanwhile
+                self.pools.release([dst], req.owner, tenant, time.monotonic())
             raise
+        finally:
+            table.unpin(source.lease_id)
+            table.unpin(dst.lease_id)
         self.copies += 1
         return HandlesReply(handles=[dst])
 

@@ -9,8 +9,11 @@ flow of their own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
+
+import anyio
 
 from services.memory_broker.devices import gpu_engine, link_kind
 from shared.dataplane.backend import tensor_from_handle
@@ -72,7 +75,15 @@ class Links:
             deadline=time.perf_counter() + budget_s if budget_s > 0 else None,
             compute_s=compute_s,
         )
-        await asyncio.wrap_future(future)
+        done = asyncio.wrap_future(future)
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # The copier thread goes on with the chunks it has: the caller's blocks
+            # must stay pinned (leased to nobody else) until it lets go of them.
+            with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await done
+            raise
 
     def _copier(self, src: str, dst: str, *, cpu: bool) -> Copier:
         link = f"{src}->{dst}"

@@ -209,10 +209,7 @@ class NodePools:
             (
                 x
                 for x in self.table
-                if x.parked
-                and x.spilled
-                and x.next_use <= horizon
-                and not self.table.moving(x.lease_id)
+                if x.parked and x.spilled and x.next_use <= horizon and not self._busy(x.lease_id)
             ),
             key=lambda x: x.next_use,
         )
@@ -229,7 +226,7 @@ class NodePools:
         parked = {
             x.lease_id: x
             for x in self.table
-            if x.parked and x.device == pool.device and not self.table.moving(x.lease_id)
+            if x.parked and x.device == pool.device and not self._busy(x.lease_id)
         }
         items = [
             Intermediate(x.lease_id, x.nbytes, on_device=True, next_use=x.next_use)
@@ -262,7 +259,7 @@ class NodePools:
         or if the lease is no longer there to move (released, unparked or moving since
         it was chosen: copies run while the broker serves other work)."""
         fresh = self.table.lease_or_none(lease.lease_id)
-        if fresh is None or not fresh.parked or self.table.moving(lease.lease_id):
+        if fresh is None or not fresh.parked or self._busy(lease.lease_id):
             return False
         if fresh.device == device:
             return True
@@ -288,6 +285,11 @@ class NodePools:
                 self._move_ended.set()
                 self._move_ended = None
         return True
+
+    def _busy(self, lease_id: str) -> bool:
+        """Being moved, or being copied by the broker (a copy's source or destination):
+        either way its block stays where it is."""
+        return self.table.moving(lease_id) or self.table.pinned(lease_id)
 
     async def _moved(self, lease_id: str) -> None:
         while self.table.moving(lease_id):

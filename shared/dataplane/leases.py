@@ -12,6 +12,9 @@ whose block may still hold another tenant's bytes is marked `scrub` for the brok
 to zero before anyone sees it; each tenant may hold at most a quota of pooled
 bytes and leases (`quota_exceeded`).
 
+The broker pins the leases it copies from or into: a pinned lease retired meanwhile
+keeps its block until the last unpin, and is not moved.
+
 Holders are counted per holder (the producer, then one per fan-out consumer), so
 a dead worker's references can be dropped without freeing data a live consumer
 still reads. Time is always an argument.
@@ -193,6 +196,12 @@ class LeaseTable:
         # the old place, and the new one too should the lease go meanwhile (freeing it
         # at once would let another lease have memory the copy still writes).
         self._moving: dict[str, list[tuple[str, Block]]] = {}
+        # Leases the broker itself is reading or writing (a copy's source and
+        # destination) -> how many such copies; and the block of one retired meanwhile,
+        # freed at the last unpin: the copier thread still touches it, and another
+        # tenant leased there would have its bytes copied out (or overwritten).
+        self._pins: dict[str, int] = {}
+        self._pinned_blocks: dict[str, tuple[str, Block]] = {}
 
     @property
     def id_prefix(self) -> str:
@@ -351,6 +360,8 @@ class LeaseTable:
             raise LeaseError(Fault.PARKED, f"lease {lease_id} is not parked: it may be in use")
         if lease_id in self._moving:
             raise LeaseError(Fault.PARKED, f"lease {lease_id} is being moved already")
+        if lease_id in self._pins:
+            raise LeaseError(Fault.PARKED, f"lease {lease_id} is being copied by the broker")
         dev = self._device(device)
         block, generation = self._alloc(dev, device, lease.nbytes)
         # The copy overwrites every byte the lease may be read at: no scrub needed.
@@ -395,6 +406,30 @@ class LeaseTable:
 
     def moving(self, lease_id: str) -> bool:
         return lease_id in self._moving
+
+    def pin(self, lease_id: str) -> Lease:
+        """Keep the lease's block while the broker copies from or into it: a lease
+        retired meanwhile (released, expired, reclaimed) keeps its block allocated
+        until the last `unpin`, and a pinned lease is not moved (spilled, prefetched)."""
+        lease = self.get(lease_id)
+        if lease_id in self._moving:
+            raise LeaseError(Fault.PARKED, f"lease {lease_id} is being moved")
+        self._pins[lease_id] = self._pins.get(lease_id, 0) + 1
+        return lease
+
+    def unpin(self, lease_id: str) -> None:
+        left = self._pins.get(lease_id, 0) - 1
+        if left > 0:
+            self._pins[lease_id] = left
+            return
+        self._pins.pop(lease_id, None)
+        retired = self._pinned_blocks.pop(lease_id, None)
+        if retired is not None:
+            device, block = retired
+            self._devices[device].allocator.free(block)
+
+    def pinned(self, lease_id: str) -> bool:
+        return lease_id in self._pins
 
     def free(self, lease_id: str) -> Lease:
         """Free regardless of references (invocation cancelled, broker shutting down)."""
@@ -576,6 +611,8 @@ class LeaseTable:
         pending = self._moving.get(lease.lease_id)
         if pending is not None:
             pending.append((lease.device, lease.block))
+        elif lease.lease_id in self._pins:
+            self._pinned_blocks[lease.lease_id] = (lease.device, lease.block)
         else:
             self._devices[lease.device].allocator.free(lease.block)
         held = self._held.get(lease.tenant)

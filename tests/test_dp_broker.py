@@ -1,0 +1,79 @@
+"""The broker's ops against its own pools and links (the real copier threads),
+wired as app.py wires them but without the bus: a copy's source released mid-copy,
+batch releases with a stale handle, duplicate transfers, empty owners, mapping
+pruning and caller mistakes (the defects a review of the data plane found)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import anyio
+import numpy as np
+import pytest
+
+from services.memory_broker.handlers import Handlers
+from services.memory_broker.links import Links
+from services.memory_broker.pools import NodePools
+from shared.dataplane.backend import tensor_from_handle
+from shared.dataplane.bandwidth import Mode
+from shared.dataplane.elastic import ElasticConfig
+from shared.dataplane.shm import ShmBackend, list_segments, unlink_segment
+from shared.schema import CopyRequest, LeaseRequest, ReleaseRequest
+
+pytestmark = [pytest.mark.unit, pytest.mark.anyio]
+
+MB = 1024 * 1024
+N = 8 * MB
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Handlers]:
+    prefix = f"gfaas-test-dpb-{os.getpid()}-"
+    # Small chunks: a copy takes many turns of the copier, so a test acts during it.
+    links = Links(chunk_bytes=4096, mode=Mode.FAIR)
+    pools = NodePools(node="n", instance="i", default_ttl_s=60.0, links=links)
+    config = ElasticConfig(slab_size=N, max_bytes=2 * N)
+    pools.add_device("cpu", ShmBackend("cpu", prefix=prefix), config)
+    pools.add_device("emu:0", ShmBackend("emu:0", prefix=prefix), config)
+    try:
+        yield Handlers(pools, links, max_payload=MB)
+    finally:
+        links.close()
+        pools.close()
+        for name in list_segments(prefix):
+            unlink_segment(name)
+
+
+async def test_a_source_released_during_its_copy_is_not_leased_to_another_tenant(
+    broker: Handlers,
+) -> None:
+    lease_a = LeaseRequest(sizes=[N], owner="prod-a", device="cpu")
+    (src,) = (await broker.lease(lease_a, "tenant-a")).handles
+    tensor_from_handle(src, "uint8", [N]).fill_(0xAA)
+    async with anyio.create_task_group() as tg:
+        copied: list[np.ndarray] = []
+
+        async def copy() -> None:
+            request = CopyRequest(source=src, device="emu:0", owner="w")
+            (dst,) = (await broker.copy(request, "tenant-a")).handles
+            copied.append(tensor_from_handle(dst, "uint8", [N]).numpy().copy())
+
+        tg.start_soon(copy)
+        with anyio.fail_after(10):
+            while not (c := broker.links.copiers.get("cpu->emu:0")) or not (
+                c.scheduler.stats().bytes_done
+            ):
+                await anyio.sleep(0.001)
+        assert c.scheduler.stats().bytes_done < N  # still copying
+        await broker.release(ReleaseRequest(handles=[src], holder="prod-a"), "tenant-a")
+        # Another tenant leases that size now: not the block the copy still reads.
+        lease_b = LeaseRequest(sizes=[N], owner="prod-b", device="cpu")
+        (b,) = (await broker.lease(lease_b, "tenant-b")).handles
+        assert (b.segment, b.offset) != (src.segment, src.offset)
+        tensor_from_handle(b, "uint8", [N]).fill_(0xBB)
+    (out,) = copied
+    assert set(np.unique(out).tolist()) == {0xAA}
+    # Once the copy is done, the source's block is free for the next lease.
+    (again,) = (await broker.lease(lease_b, "tenant-b")).handles
+    assert (again.segment, again.offset) == (src.segment, src.offset)
