@@ -212,3 +212,31 @@ def test_a_pinned_lease_keeps_its_block_past_its_release_until_unpinned() -> Non
     assert full.value.fault is Fault.EXHAUSTED
     t.unpin(lease.lease_id)
     assert t.lease(4 * MiB, "cpu", "w2", now=1.0).offset == lease.offset
+
+
+def test_a_ttl_ends_the_owners_claim_but_not_a_readers_hold_which_is_bounded() -> None:
+    t = table(cap=4 * MiB, slab_size=4 * MiB)
+    held = t.lease(4 * MiB, "cpu", "client-a", now=0.0, ttl=1.0)
+    t.retain(held.lease_id, "worker-1")  # the worker reads it (check + retain)
+    assert t.expire(1.5) == []
+    # The worker's view stays on tenant A's bytes: nobody else gets that block.
+    assert dict(t.get(held.lease_id).holders) == {"worker-1": 1}
+    with pytest.raises(LeaseError) as full:
+        t.lease(4 * MiB, "cpu", "client-b", now=1.5)
+    assert full.value.fault is Fault.EXHAUSTED
+    freed = t.release(held.lease_id, "worker-1")
+    assert freed is not None
+    assert freed.lease_id == held.lease_id
+    # A holder that never releases holds it one more TTL at most.
+    pinned = t.lease(4 * MiB, "cpu", "client-a", now=3.0, ttl=1.0)
+    t.retain(pinned.lease_id, "gone-client")
+    assert t.expire(4.5) == []
+    assert [x.lease_id for x in t.expire(5.0)] == [pinned.lease_id]
+
+
+def test_a_transferred_reference_carries_the_ttl_claim() -> None:
+    t = table()
+    out = t.lease(MiB, "cpu", "worker-1", now=0.0, ttl=1.0)
+    assert t.transfer(out.lease_id, "worker-1", "client-a") is None
+    # The caller forgot its output: freed at its TTL, as before.
+    assert [x.lease_id for x in t.expire(1.0)] == [out.lease_id]

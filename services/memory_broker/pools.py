@@ -325,8 +325,7 @@ class NodePools:
                     Fault.NOT_HOLDER, f"{holder} holds no reference to {handle.lease_id}"
                 )
         for handle in handles:
-            self.table.retain(handle.lease_id, to)
-            self.table.release(handle.lease_id, holder)
+            self.table.transfer(handle.lease_id, holder, to)
 
     def reclaim(self, owner: str, now: float) -> int:
         """A dead worker's references go; data a live holder still has stays."""

@@ -15,6 +15,14 @@ bytes and leases (`quota_exceeded`).
 The broker pins the leases it copies from or into: a pinned lease retired meanwhile
 keeps its block until the last unpin, and is not moved.
 
+A lease's TTL ends its claim, the reference of whoever the lease is for (its owner,
+or whoever that reference was transferred to), not the references others took
+meanwhile: a worker that retained it to read it keeps it until it releases it, so
+nobody else is leased that block under the worker's open view. Nor can such a holder
+pin it for ever (a client that retained and died is not reclaimed: only heartbeating
+workers and ingresses are): one more TTL after its expiry, the lease is freed for
+everyone. Without other holders, the lease is freed at its TTL as before.
+
 Holders are counted per holder (the producer, then one per fan-out consumer), so
 a dead worker's references can be dropped without freeing data a live consumer
 still reads. Time is always an argument.
@@ -125,6 +133,10 @@ class Lease:
     # Its block may hold bytes another tenant left in it (or a fresh device slab's
     # garbage): the broker zeroes it before the handle goes out.
     scrub: bool = False
+    # The holder whose reference its TTL ends ("": the TTL passed, and `expires_at`
+    # is now the bound on the other holders), and that TTL.
+    claim: str = ""
+    ttl: float = math.inf
 
     @property
     def offset(self) -> int:
@@ -283,6 +295,8 @@ class LeaseTable:
             holders=((owner, 1),),
             home=device,
             scrub=scrub,
+            claim=owner,
+            ttl=math.inf if ttl is None else ttl,
         )
         held = self._held.setdefault(tenant, [0, 0])
         held[0] += self._charge(lease)
@@ -436,18 +450,37 @@ class LeaseTable:
         return self._retire(self.get(lease_id), "freed")
 
     def renew(self, lease_id: str, *, now: float, ttl: float) -> Lease:
-        lease = self._put(replace(self.get(lease_id), expires_at=now + ttl))
+        lease = self._put(replace(self.get(lease_id), expires_at=now + ttl, ttl=ttl))
         heapq.heappush(self._expiry, (lease.expires_at, lease_id))
         return lease
 
+    def transfer(self, lease_id: str, holder: str, to: str) -> Lease | None:
+        """Move one reference of `holder` to `to`; the TTL's claim goes with it (a
+        worker hands its outputs to the caller, whose they are)."""
+        lease = self.check_holder(lease_id, holder)
+        if lease.claim == holder:
+            self._put(replace(lease, claim=to))
+        self.retain(lease_id, to)
+        return self.release(lease_id, holder)
+
     def expire(self, now: float) -> list[Lease]:
+        """Leases whose TTL passed: the claim's references go, and a lease nobody else
+        holds is freed; one others still hold is freed when they release it, or one
+        more TTL later (see the module's docstring). Returns the freed leases."""
         expired: list[Lease] = []
         while self._expiry and self._expiry[0][0] <= now:
             at, lease_id = heapq.heappop(self._expiry)
             lease = self._leases.get(lease_id)
             # Entries left behind by renew or release are skipped here, not searched for there.
-            if lease is not None and lease.expires_at == at:
+            if lease is None or lease.expires_at != at:
+                continue
+            rest = tuple((h, n) for h, n in lease.holders if h != lease.claim)
+            if not lease.claim or not rest:
                 expired.append(self._retire(lease, "expired"))
+                continue
+            bound = at + lease.ttl
+            self._put(replace(lease, holders=rest, claim="", expires_at=bound))
+            heapq.heappush(self._expiry, (bound, lease_id))
         return expired
 
     def reclaim_owner(self, owner: str) -> list[Lease]:
