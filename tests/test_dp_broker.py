@@ -19,7 +19,8 @@ from shared.dataplane.backend import tensor_from_handle
 from shared.dataplane.bandwidth import Mode
 from shared.dataplane.elastic import ElasticConfig
 from shared.dataplane.shm import ShmBackend, list_segments, unlink_segment
-from shared.schema import CopyRequest, LeaseRequest, ReleaseRequest
+from shared.errors import GfaasError
+from shared.schema import CopyRequest, ErrorCode, LeaseRequest, ReleaseRequest
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
 
@@ -77,3 +78,18 @@ async def test_a_source_released_during_its_copy_is_not_leased_to_another_tenant
     # Once the copy is done, the source's block is free for the next lease.
     (again,) = (await broker.lease(lease_b, "tenant-b")).handles
     assert (again.segment, again.offset) == (src.segment, src.offset)
+
+
+async def test_a_stale_handle_in_a_batch_release_does_not_keep_the_others(
+    broker: Handlers,
+) -> None:
+    request = LeaseRequest(sizes=[1024, 1024, 1024], owner="w", device="cpu")
+    a, b, c = (await broker.lease(request, "default")).handles
+    await broker.release(ReleaseRequest(handles=[a], holder="w"), "default")
+    # `a` went already (its TTL, say): the rest of the worker's inputs go all the same.
+    with pytest.raises(GfaasError) as refused:
+        await broker.release(ReleaseRequest(handles=[b, a, c], holder="w"), "default")
+    assert refused.value.code == ErrorCode.NOT_FOUND
+    assert "released 2 of 3" in refused.value.reason
+    assert a.lease_id in refused.value.reason
+    assert len(broker.pools.table) == 0

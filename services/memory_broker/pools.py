@@ -1,9 +1,10 @@
 """The node's pools: one lease table over every device, a slab set per device.
 
 The policy pieces (LeaseTable, ElasticPool) are the pure ones from shared.dataplane;
-this class adds the all-or-nothing batch operations the broker's subjects offer, and
-moves parked leases between devices (spill, prefetch, bring back) over the node's
-links, which it is given. Time is an argument, so tests drive it without sleeping.
+this class adds the batch operations the broker's subjects offer (all or nothing,
+but for `release`), and moves parked leases between devices (spill, prefetch, bring
+back) over the node's links, which it is given. Time is an argument, so tests drive
+it without sleeping.
 """
 
 from __future__ import annotations
@@ -311,9 +312,25 @@ class NodePools:
             self.table.retain(handle.lease_id, holder)
 
     def release(self, handles: Sequence[Handle], holder: str, tenant: str, now: float) -> None:
-        self.check_refs(handles, tenant)
+        """Drop `holder`'s reference on each handle. Not all or nothing, unlike the
+        other batches: a caller releasing what it holds has nothing to do with the
+        refusal of one handle (expired, released already), so every other one is
+        released and the refusal names the rest."""
+        refused: list[LeaseError] = []
         for handle in handles:
-            self._note_freed(self.table.release(handle.lease_id, holder), now)
+            try:
+                self.table.check_ref(handle, tenant)
+                self._note_freed(self.table.release(handle.lease_id, holder), now)
+            except LeaseError as exc:
+                refused.append(exc)
+        if refused:
+            reasons = "; ".join(exc.reason for exc in refused[:8])
+            more = f" (and {len(refused) - 8} more)" if len(refused) > 8 else ""
+            raise LeaseError(
+                refused[0].fault,
+                f"released {len(handles) - len(refused)} of {len(handles)} handles; "
+                f"refused {len(refused)}: {reasons}{more}",
+            )
 
     def transfer(self, handles: Sequence[Handle], holder: str, to: str, tenant: str) -> None:
         """Move `holder`'s reference to `to` (a worker hands its outputs to the caller)."""
