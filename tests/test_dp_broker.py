@@ -93,3 +93,17 @@ async def test_a_stale_handle_in_a_batch_release_does_not_keep_the_others(
     assert "released 2 of 3" in refused.value.reason
     assert a.lease_id in refused.value.reason
     assert len(broker.pools.table) == 0
+
+
+async def test_a_lease_or_copy_for_no_owner_is_refused_before_anything_is_leased(
+    broker: Handlers,
+) -> None:
+    (src,) = (await broker.lease(LeaseRequest(sizes=[1024], owner="w"), "default")).handles
+    with pytest.raises(GfaasError) as lease:
+        await broker.lease(LeaseRequest(sizes=[1024], owner=""), "default")
+    with pytest.raises(GfaasError) as copy:
+        await broker.copy(CopyRequest(source=src, device="emu:0", owner=""), "default")
+    for refused in (lease.value, copy.value):
+        assert refused.code == ErrorCode.BAD_REQUEST
+        assert "owner must be named" in refused.reason
+    assert [x.lease_id for x in broker.pools.table] == [src.lease_id]

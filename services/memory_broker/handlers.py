@@ -88,6 +88,8 @@ class Handlers:
     async def lease(self, req: LeaseRequest, tenant: str) -> HandlesReply:
         # Bounded before anything is allocated: leases whose reply cannot be sent
         # would be held, unknown to anyone, until their TTL.
+        # A lease under no name could be released by nobody (nor reclaimed).
+        owner = _named(req.owner, "owner")
         check_count(len(req.sizes), MAX_LEASES_PER_REQUEST, "leases")
         check_count(len(req.check), MAX_HANDLES_PER_REQUEST, "handles to check")
         if not req.sizes or any(n < 0 for n in req.sizes):
@@ -104,7 +106,7 @@ class Handlers:
             self.pools.retain(req.check, req.retain, tenant)
         try:
             handles = await self.pools.lease_or_spill(
-                req.sizes, req.device, req.owner, tenant, req.ttl_s, time.monotonic()
+                req.sizes, req.device, owner, tenant, req.ttl_s, time.monotonic()
             )
         except BaseException:
             if req.retain:  # all or none: no lease, no references
@@ -173,10 +175,11 @@ class Handlers:
         Both blocks are pinned until the copier is done with them: a source released
         (or expired, reclaimed) meanwhile keeps its block, so nobody else is leased
         there while its bytes are still being read out for this tenant."""
+        owner = _named(req.owner, "owner")  # as for `lease`: else nobody releases it
         table = self.pools.table
         source = self.pools.lease_of(req.source, tenant)  # may the tenant read it here?
         now = time.monotonic()
-        (dst,) = self.pools.lease([req.source.nbytes], req.device, req.owner, tenant, 0.0, now)
+        (dst,) = self.pools.lease([req.source.nbytes], req.device, owner, tenant, 0.0, now)
         table.pin(source.lease_id)
         table.pin(dst.lease_id)
         try:
@@ -193,7 +196,7 @@ class Handlers:
                     req.source,
                     dst,
                     weight=req.weight,
-                    flow=req.flow or req.owner,
+                    flow=req.flow or owner,
                     budget_s=req.budget_ms / 1000.0,
                     compute_s=req.compute_ms / 1000.0,
                 )
@@ -202,7 +205,7 @@ class Handlers:
             self.pools.table.check(dst, tenant)
         except BaseException:
             with contextlib.suppress(GfaasError):  # it may have gone meanwhile
-                self.pools.release([dst], req.owner, tenant, time.monotonic())
+                self.pools.release([dst], owner, tenant, time.monotonic())
             raise
         finally:
             table.unpin(source.lease_id)
