@@ -20,7 +20,14 @@ from shared.dataplane.bandwidth import Mode
 from shared.dataplane.elastic import ElasticConfig
 from shared.dataplane.shm import ShmBackend, list_segments, unlink_segment
 from shared.errors import GfaasError
-from shared.schema import CopyRequest, ErrorCode, LeaseRequest, ReleaseRequest
+from shared.schema import (
+    CopyRequest,
+    ErrorCode,
+    LeaseRequest,
+    ReleaseRequest,
+    RetainRequest,
+    TransferRequest,
+)
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
 
@@ -107,3 +114,18 @@ async def test_a_lease_or_copy_for_no_owner_is_refused_before_anything_is_leased
         assert refused.code == ErrorCode.BAD_REQUEST
         assert "owner must be named" in refused.reason
     assert [x.lease_id for x in broker.pools.table] == [src.lease_id]
+
+
+async def test_a_transfer_naming_a_handle_twice_is_refused_changing_nothing(
+    broker: Handlers,
+) -> None:
+    (h,) = (await broker.lease(LeaseRequest(sizes=[1024], owner="worker-1"), "default")).handles
+    twice = TransferRequest(handles=[h, h], holder="worker-1", to="client-1")
+    with pytest.raises(GfaasError) as refused:
+        await broker.transfer(twice, "default")
+    assert refused.value.code == ErrorCode.BAD_REQUEST
+    assert broker.pools.table.get(h.lease_id).holders == (("worker-1", 1),)
+    # With two references, both move.
+    await broker.retain(RetainRequest(handles=[h], holder="worker-1"), "default")
+    await broker.transfer(twice, "default")
+    assert broker.pools.table.get(h.lease_id).holders == (("client-1", 2),)

@@ -10,6 +10,7 @@ it without sleeping.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -335,11 +336,16 @@ class NodePools:
     def transfer(self, handles: Sequence[Handle], holder: str, to: str, tenant: str) -> None:
         """Move `holder`'s reference to `to` (a worker hands its outputs to the caller)."""
         self.check_refs(handles, tenant)
-        for handle in handles:
-            holders = dict(self.table.get(handle.lease_id).holders)
-            if holder not in holders:
+        # All or nothing: one reference per time a lease is named (the same handle
+        # twice moves two), every one checked before any moves.
+        wanted = Counter(handle.lease_id for handle in handles)
+        for lease_id, n in wanted.items():
+            has = dict(self.table.get(lease_id).holders).get(holder, 0)
+            if has < n:
                 raise LeaseError(
-                    Fault.NOT_HOLDER, f"{holder} holds no reference to {handle.lease_id}"
+                    Fault.NOT_HOLDER,
+                    f"{holder} holds {has} reference(s) to {lease_id}, "
+                    f"the transfer names it {n} time(s)",
                 )
         for handle in handles:
             self.table.transfer(handle.lease_id, holder, to)
