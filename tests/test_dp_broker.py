@@ -6,6 +6,7 @@ pruning and caller mistakes (the defects a review of the data plane found)."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 
 import anyio
@@ -15,7 +16,7 @@ import pytest
 from services.memory_broker.handlers import Handlers
 from services.memory_broker.links import Links
 from services.memory_broker.pools import NodePools
-from shared.dataplane.backend import tensor_from_handle
+from shared.dataplane.backend import select_backend, tensor_from_handle
 from shared.dataplane.bandwidth import Mode
 from shared.dataplane.elastic import ElasticConfig
 from shared.dataplane.shm import ShmBackend, list_segments, unlink_segment
@@ -24,6 +25,7 @@ from shared.schema import (
     CopyRequest,
     ErrorCode,
     LeaseRequest,
+    ReadRequest,
     ReleaseRequest,
     RetainRequest,
     TransferRequest,
@@ -129,3 +131,33 @@ async def test_a_transfer_naming_a_handle_twice_is_refused_changing_nothing(
     await broker.retain(RetainRequest(handles=[h], holder="worker-1"), "default")
     await broker.transfer(twice, "default")
     assert broker.pools.table.get(h.lease_id).holders == (("client-1", 2),)
+
+
+async def test_slabs_the_pool_gives_back_are_unmapped_from_the_broker_too() -> None:
+    prefix = f"gfaas-test-dpb-{os.getpid()}-"
+    links = Links(chunk_bytes=MB, mode=Mode.FAIR)
+    pools = NodePools(node="n", instance="i", default_ttl_s=60.0, links=links)
+    config = ElasticConfig(slab_size=4 * MB, max_bytes=16 * MB, cooldown_s=0.0)
+    pools.add_device("cpu", ShmBackend("cpu", prefix=prefix), config)
+    pools.add_device("emu:0", ShmBackend("emu:0", prefix=prefix), config)
+    broker = Handlers(pools, links, max_payload=MB)
+    shared = select_backend("cpu")  # the process's mapping cache, as read and copy use it
+    try:
+        (x,) = (await broker.lease(LeaseRequest(sizes=[MB], owner="o"), "default")).handles
+        await broker.read(ReadRequest(handle=x, offset=0, nbytes=1024), "default")
+        request = CopyRequest(source=x, device="emu:0", owner="o")
+        (y,) = (await broker.copy(request, "default")).handles
+        assert shared.is_open(x.segment)
+        assert shared.is_open(y.segment)
+        await broker.release(ReleaseRequest(handles=[x, y], holder="o"), "default")
+        later = time.monotonic() + 1000.0  # the broker's clock, past the cool-down
+        for now in (later, later + 1.0):  # idle: the slabs go back
+            pools.tick(now)
+        assert not set(list_segments(prefix)) & {x.segment, y.segment}
+        assert not shared.is_open(x.segment)
+        assert not shared.is_open(y.segment)
+    finally:
+        links.close()
+        pools.close()
+        for name in list_segments(prefix):
+            unlink_segment(name)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shared.dataplane.backend import Backend
+from shared.dataplane.backend import Backend, close_mapping
 from shared.dataplane.elastic import ElasticPool, SlabUse
 from shared.dataplane.leases import LeaseTable
 from shared.dataplane.shm import ShmBackend
@@ -59,7 +59,12 @@ class DevicePool:
 
     def destroy_slab(self, table: LeaseTable, slab_id: int) -> None:
         table.remove_slab(self.device, slab_id)
-        self.backend.destroy_slab(self.segments.pop(slab_id))
+        segment = self.segments.pop(slab_id)
+        self.backend.destroy_slab(segment)
+        if self.backend.kind == "shm":
+            # `read`, `copy` and moves map slabs through the process's shared backend
+            # (tensor_from_handle), not this one: that mapping would keep the memory.
+            close_mapping(segment)
         self.slabs_returned += 1
 
     def destroy_all(self, table: LeaseTable) -> None:

@@ -107,6 +107,13 @@ def prune_mappings() -> int:
     return backend.prune() if isinstance(backend, ShmBackend) else 0
 
 
+def close_mapping(segment: str) -> None:
+    """Drop this process's shared mapping of a shm segment whose slab is destroyed
+    here (the broker's own reads and copies go through it, not the pool's backend):
+    tmpfs keeps an unlinked segment's pages while any mapping of it lives."""
+    _shm_backend().close(segment)
+
+
 @functools.cache
 def _shm_backend() -> Backend:
     from shared.dataplane.shm import ShmBackend
