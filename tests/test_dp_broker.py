@@ -6,18 +6,24 @@ pruning and caller mistakes (the defects a review of the data plane found)."""
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import numpy as np
 import pytest
+from nats.aio.client import Client as NATS
 
+from services.memory_broker.app import Broker
 from services.memory_broker.handlers import Handlers
 from services.memory_broker.links import Links
 from services.memory_broker.pools import NodePools
-from shared.dataplane.backend import select_backend, tensor_from_handle
+from shared.config import Settings
+from shared.dataplane.backend import BackendUnavailable, select_backend, tensor_from_handle
 from shared.dataplane.bandwidth import Mode
+from shared.dataplane.cuda import cuda_available
 from shared.dataplane.elastic import ElasticConfig
 from shared.dataplane.shm import ShmBackend, list_segments, unlink_segment
 from shared.errors import GfaasError
@@ -161,3 +167,14 @@ async def test_slabs_the_pool_gives_back_are_unmapped_from_the_broker_too() -> N
         pools.close()
         for name in list_segments(prefix):
             unlink_segment(name)
+
+
+@pytest.mark.nats
+async def test_a_broker_that_cannot_start_leaves_no_board_behind(nc: NATS, tmp_path: Path) -> None:
+    # A device nothing backs; and, on a node without CUDA, a GPU (the reported case).
+    for devices in ["cpu,tpu:0"] + ([] if cuda_available() else ["cpu,cuda:0"]):
+        namespace = f"gfaas-t{secrets.token_hex(4)}"
+        settings = Settings(state_dir=tmp_path, shm_namespace=namespace, pool_devices=devices)
+        with pytest.raises(BackendUnavailable):
+            Broker(nc, settings, "x")
+        assert list_segments(f"{namespace}-") == [], devices

@@ -79,6 +79,15 @@ class Broker:
         # Checked first, so a bad GFAAS_LINK_MODE stops the broker before it maps anything.
         self.links = Links(chunk_bytes=settings.copy_chunk_kb * 1024, mode=Mode(settings.link_mode))
         self.board = LeaseBoard(board_name(settings.shm_namespace, settings.node), BOARD_SLOTS)
+        try:
+            self._start(nc, settings, instance)
+        except BaseException:
+            # A broker that cannot start (a pool device this node cannot back) takes
+            # its board with it: serve's `finally` only closes a broker that started.
+            self.board.close()
+            raise
+
+    def _start(self, nc: NATS, settings: Settings, instance: str) -> None:
         self.pools = NodePools(
             node=settings.node,
             # Lease ids must stay unique across nodes and broker restarts.

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from shared.config import Settings
-from shared.dataplane.backend import Backend, select_backend
+from shared.dataplane.backend import Backend, BackendUnavailable, is_cuda_device, select_backend
 from shared.dataplane.copier import CopyEngine
 from shared.dataplane.cuda import cuda_device_count
 from shared.dataplane.elastic import ElasticConfig
@@ -52,6 +52,13 @@ def device_backend(device: str, prefix: str) -> Backend:
         return host_backend(prefix)
     if device.startswith(EMULATED):
         return ShmBackend(device, prefix=prefix)
+    if not is_cuda_device(device):
+        # select_backend would give any other name the process's own shm backend, whose
+        # mappings everyone in the process shares: a typo is refused instead.
+        raise BackendUnavailable(
+            f"no backend for pool device {device!r} (GFAAS_POOL_DEVICES): "
+            f"cpu, {EMULATED}<n> or cuda:<n>"
+        )
     return select_backend(device, fallback=False)
 
 
