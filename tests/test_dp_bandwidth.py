@@ -143,3 +143,10 @@ def test_admission_refuses_minimum_rates_beyond_the_link() -> None:
     sched.submit("t", GiB, now=0.0, deadline=0.2)  # half the link
     assert sched.admissible(GiB, now=0.0, deadline=0.25, compute_s=0.05)
     assert not sched.admissible(GiB, now=0.0, deadline=0.15, compute_s=0.0)
+
+
+@pytest.mark.parametrize("weight", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_weight_that_is_not_positive_and_finite_is_refused(weight: float) -> None:
+    # NaN slipped past `weight <= 0`, inf took every turn of the link.
+    with pytest.raises(ValueError, match="weight"):
+        LinkScheduler("pcie0", capacity=RATE).submit("t", GiB, now=0.0, weight=weight)

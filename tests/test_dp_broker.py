@@ -5,6 +5,7 @@ pruning and caller mistakes (the defects a review of the data plane found)."""
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import time
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import msgspec
 import numpy as np
 import pytest
 from nats.aio.client import Client as NATS
@@ -178,3 +180,22 @@ async def test_a_broker_that_cannot_start_leaves_no_board_behind(nc: NATS, tmp_p
         with pytest.raises(BackendUnavailable):
             Broker(nc, settings, "x")
         assert list_segments(f"{namespace}-") == [], devices
+
+
+async def test_caller_mistakes_in_a_copy_or_read_are_bad_requests(broker: Handlers) -> None:
+    (src,) = (await broker.lease(LeaseRequest(sizes=[1024], owner="w"), "default")).handles
+    for weight in (0.0, -1.0, math.nan, math.inf):
+        request = CopyRequest(source=src, device="emu:0", owner="w", weight=weight)
+        with pytest.raises(GfaasError) as refused:
+            await broker.copy(request, "default")
+        assert refused.value.code == ErrorCode.BAD_REQUEST, weight
+        assert "weight" in refused.value.reason
+    bogus = msgspec.structs.replace(src, backend="bogus")
+    with pytest.raises(GfaasError) as copy:
+        await broker.copy(CopyRequest(source=bogus, device="emu:0", owner="w"), "default")
+    with pytest.raises(GfaasError) as read:
+        await broker.read(ReadRequest(handle=bogus, offset=0, nbytes=16), "default")
+    for refused_ in (copy.value, read.value):
+        assert refused_.code == ErrorCode.BAD_REQUEST
+        assert "backend 'bogus'" in refused_.reason
+    assert [x.lease_id for x in broker.pools.table] == [src.lease_id]  # nothing leaked

@@ -181,6 +181,23 @@ async def test_bad_handles_are_refused_with_reasons_and_the_platform_keeps_servi
     np.testing.assert_array_equal((await client.invoke("double", {"x": x}))["y"], x * 2)
 
 
+async def test_an_input_handle_naming_no_node_is_a_bad_request(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    await deploy_and_wait(nc, DOUBLE)
+    x = np.ones(N, np.float32)
+    good = await client.put("x", x)
+    assert good.handle is not None
+    for pool in ("bad.pool", "a*"):
+        with pytest.raises(GfaasError) as refused:
+            await client.invoke("double", [forged(good.handle, pool=pool)])
+        assert refused.value.code == "bad_request", refused.value
+        assert f"pool {pool!r} is not a node name" in refused.value.reason
+    await client.release([good])
+    await wait_leases(client, 0)
+
+
 async def test_lease_requests_beyond_the_pool_are_refused(
     nats_server: NatsServer, nc: NATS, tmp_path: Path
 ) -> None:

@@ -176,6 +176,10 @@ class Handlers:
         (or expired, reclaimed) meanwhile keeps its block, so nobody else is leased
         there while its bytes are still being read out for this tenant."""
         owner = _named(req.owner, "owner")  # as for `lease`: else nobody releases it
+        if not 0 < req.weight < math.inf:  # NaN too: it would win every turn of the link
+            raise GfaasError(
+                ErrorCode.BAD_REQUEST, f"copy weight must be positive and finite: {req.weight}"
+            )
         table = self.pools.table
         source = self.pools.lease_of(req.source, tenant)  # may the tenant read it here?
         now = time.monotonic()

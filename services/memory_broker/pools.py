@@ -301,7 +301,7 @@ class NodePools:
 
     def check(self, handles: Sequence[Handle], tenant: str) -> None:
         for handle in handles:
-            self.table.check(handle, tenant)
+            self.lease_of(handle, tenant)
 
     def check_refs(self, handles: Sequence[Handle], tenant: str) -> None:
         for handle in handles:
@@ -359,7 +359,17 @@ class NodePools:
         return len(freed)
 
     def lease_of(self, handle: Handle, tenant: str) -> Lease:
-        return self.table.check(handle, tenant)
+        """The lease a handle may read; its backend too must be the pool's, since the
+        bytes are mapped through the backend the handle names (read, copy)."""
+        lease = self.table.check(handle, tenant)
+        kind = self.devices[lease.device].backend.kind
+        if handle.backend != kind:
+            raise LeaseError(
+                Fault.WRONG_PLACE,
+                f"lease {lease.lease_id} lives in a {kind!r} slab, handle names "
+                f"backend {handle.backend!r}",
+            )
+        return lease
 
     # -- periodic ----------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ finished, passing the time.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from enum import StrEnum
@@ -127,8 +128,9 @@ class LinkScheduler:
         """Queue a transfer; `deadline` (absolute) and `compute_s` give it a minimum rate."""
         if transfer_id in self._transfers:
             raise ValueError(f"transfer {transfer_id} already queued on {self.link}")
-        if nbytes <= 0 or weight <= 0:
-            raise ValueError("nbytes and weight must be positive")
+        # NaN compares false and inf would starve every other flow: both refused.
+        if nbytes <= 0 or not 0 < weight < math.inf:
+            raise ValueError("nbytes must be positive and weight positive and finite")
         min_rate = 0.0
         if deadline is not None:
             # A budget already spent asks for the whole link: the best we can do.

@@ -41,6 +41,7 @@ from shared.schema import (
     UnparkRequest,
     decode,
     encode,
+    is_valid_token,
 )
 
 if TYPE_CHECKING:
@@ -108,6 +109,9 @@ def check_reply_fits(count: int, per_handle: int, max_payload: int, what: str) -
 class BrokerClient:
     def __init__(self, nc: NATS, node: str, *, timeout: float = 5.0, board: str = "") -> None:
         """`board`: the node's lease board (`board_name`), to verify handles locally."""
+        if not is_valid_token(node):
+            # A node comes from a handle's `pool` off the wire: the caller's mistake.
+            raise GfaasError(ErrorCode.BAD_REQUEST, f"a handle's pool {node!r} is not a node name")
         self.nc = nc
         self.node = node
         self.timeout = timeout
