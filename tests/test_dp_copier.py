@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -90,3 +91,29 @@ def test_a_closed_copier_refuses_new_work() -> None:
     copier.close()
     with pytest.raises(RuntimeError, match="closed"):
         copier.submit("t", np.zeros(1, np.uint8), np.zeros(1, np.uint8), 1)
+
+
+def test_a_copy_whose_waiter_gave_up_does_not_stop_the_copier() -> None:
+    # What asyncio.wrap_future does when the awaiting task is cancelled: cancel().
+    started = threading.Event()
+    go_on = threading.Event()
+
+    class Gated:
+        def copy(self, dst: Any, src: Any, offset: int, nbytes: int) -> None:
+            started.set()
+            go_on.wait(10)
+            np.copyto(dst[offset : offset + nbytes], src[offset : offset + nbytes])
+
+    src, dst = np.ones(MiB, np.uint8), np.zeros(MiB, np.uint8)
+    with Copier(LinkScheduler("mem", capacity=10e9, chunk_bytes=MiB // 2), Gated()) as copier:
+        running = copier.submit("running", dst, src, MiB)
+        queued = copier.submit("queued", dst.copy(), src, MiB)
+        assert started.wait(10)
+        # The copier is using both jobs' buffers: neither can be called off under it.
+        assert not running.cancel()
+        assert not queued.cancel()
+        go_on.set()
+        assert running.result(timeout=10).nbytes == MiB
+        assert queued.result(timeout=10).nbytes == MiB
+        later = copier.submit("later", np.zeros(MiB, np.uint8), src, MiB)
+        assert later.result(timeout=10).nbytes == MiB

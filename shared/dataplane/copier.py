@@ -107,6 +107,11 @@ class Copier:
     ) -> Future[CopyResult]:
         """Copy the first `nbytes` of `src` into `dst`; `deadline` is on this copier's clock."""
         future: Future[CopyResult] = Future()
+        # Running from the start: the copier holds both buffers from now until it sets
+        # the result, so a waiter that gives up (asyncio.wrap_future cancels the future
+        # with its task) cannot cancel it; a cancelled future would make that
+        # set_result raise in the copier's thread and end it, hanging the link.
+        future.set_running_or_notify_cancel()
         with self._cond:
             if self._stopping:
                 raise RuntimeError(f"copier for {self.scheduler.link} is closed")
