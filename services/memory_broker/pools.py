@@ -324,6 +324,8 @@ class NodePools:
                 self._note_freed(self.table.release(handle.lease_id, holder), now)
             except LeaseError as exc:
                 refused.append(exc)
+        if len(handles) == 1 and refused:
+            raise refused[0]  # as any one-handle op says it
         if refused:
             reasons = "; ".join(exc.reason for exc in refused[:8])
             more = f" (and {len(refused) - 8} more)" if len(refused) > 8 else ""
