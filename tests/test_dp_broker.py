@@ -32,6 +32,7 @@ from shared.errors import GfaasError
 from shared.schema import (
     CopyRequest,
     ErrorCode,
+    Handle,
     LeaseRequest,
     ReadRequest,
     ReleaseRequest,
@@ -199,3 +200,32 @@ async def test_caller_mistakes_in_a_copy_or_read_are_bad_requests(broker: Handle
         assert refused_.code == ErrorCode.BAD_REQUEST
         assert "backend 'bogus'" in refused_.reason
     assert [x.lease_id for x in broker.pools.table] == [src.lease_id]  # nothing leaked
+
+
+class NoMoves:
+    async def move(self, src: Handle, dst: Handle) -> None:
+        raise AssertionError("nothing parked, nothing moves")
+
+
+def test_an_input_a_worker_holds_outlives_its_ttl_on_the_broker() -> None:
+    prefix = f"gfaas-test-dpb-{os.getpid()}-"
+    pools = NodePools(node="n", instance="i", default_ttl_s=60.0, links=NoMoves(), max_ttl_s=3600.0)
+    pools.add_device(
+        "cpu", ShmBackend("cpu", prefix=prefix), ElasticConfig(slab_size=MB, max_bytes=MB)
+    )
+    try:
+        (a,) = pools.lease([MB], "cpu", "client-a", "tenant-a", 1.0, now=0.0)
+        tensor_from_handle(a, "uint8", [MB]).fill_(1)
+        pools.check([a], "tenant-a")
+        pools.retain([a], "worker-1", "tenant-a")  # the worker's check + retain
+        pools.tick(2.0)  # the TTL passes while the handler runs
+        with pytest.raises(GfaasError) as full:  # nobody is leased that block meanwhile
+            pools.lease([MB], "cpu", "client-b", "tenant-b", 0.0, now=2.0)
+        assert full.value.code == ErrorCode.OVERLOADED
+        assert set(tensor_from_handle(a, "uint8", [MB]).numpy().tolist()) == {1}
+        pools.release([a], "worker-1", "tenant-a", now=3.0)
+        assert len(pools.table) == 0
+    finally:
+        pools.close()
+        for name in list_segments(prefix):
+            unlink_segment(name)

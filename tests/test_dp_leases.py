@@ -227,11 +227,17 @@ def test_a_ttl_ends_the_owners_claim_but_not_a_readers_hold_which_is_bounded() -
     freed = t.release(held.lease_id, "worker-1")
     assert freed is not None
     assert freed.lease_id == held.lease_id
-    # A holder that never releases holds it one more TTL at most.
+    # A holder that never releases holds it one more TTL at most, or as long as the
+    # table allows.
     pinned = t.lease(4 * MiB, "cpu", "client-a", now=3.0, ttl=1.0)
     t.retain(pinned.lease_id, "gone-client")
     assert t.expire(4.5) == []
     assert [x.lease_id for x in t.expire(5.0)] == [pinned.lease_id]
+    t.hold_past_ttl_s = 10.0
+    longer = t.lease(4 * MiB, "cpu", "client-a", now=5.0, ttl=1.0)
+    t.retain(longer.lease_id, "worker-1")
+    assert t.expire(15.9) == []
+    assert [x.lease_id for x in t.expire(16.0)] == [longer.lease_id]
 
 
 def test_a_transferred_reference_carries_the_ttl_claim() -> None:

@@ -64,7 +64,11 @@ class NodePools:
         self.restored = 0
         self.board = board
         self.table = LeaseTable(
-            id_prefix=f"{instance}.", tenant_bytes=tenant_bytes, tenant_leases=tenant_leases
+            id_prefix=f"{instance}.",
+            tenant_bytes=tenant_bytes,
+            tenant_leases=tenant_leases,
+            # A reader may keep a lease past its TTL as long as a new lease could last.
+            hold_past_ttl_s=max_ttl_s if math.isfinite(max_ttl_s) else None,
         )
         self.scrubbed_bytes = 0
         self.default_ttl_s = default_ttl_s

@@ -20,8 +20,10 @@ or whoever that reference was transferred to), not the references others took
 meanwhile: a worker that retained it to read it keeps it until it releases it, so
 nobody else is leased that block under the worker's open view. Nor can such a holder
 pin it for ever (a client that retained and died is not reclaimed: only heartbeating
-workers and ingresses are): one more TTL after its expiry, the lease is freed for
-everyone. Without other holders, the lease is freed at its TTL as before.
+workers and ingresses are): `hold_past_ttl_s` after its expiry (the broker's is the
+longest TTL a lease may ask for, GFAAS_MAX_LEASE_TTL_S; one more TTL where none is
+given), the lease is freed for everyone. Without other holders, the lease is freed
+at its TTL as before.
 
 Holders are counted per holder (the producer, then one per fan-out consumer), so
 a dead worker's references can be dropped without freeing data a live consumer
@@ -184,7 +186,10 @@ class LeaseTable:
         alignment: int = DEFAULT_ALIGNMENT,
         tenant_bytes: int = 0,
         tenant_leases: int = 0,
+        hold_past_ttl_s: float | None = None,
     ) -> None:
+        # How long other holders may keep a lease past its TTL (None: its TTL again).
+        self.hold_past_ttl_s = hold_past_ttl_s
         # The prefix says whose ids they are (the broker passes its node and instance);
         # the random rest makes each one unguessable.
         self._prefix = id_prefix
@@ -465,8 +470,8 @@ class LeaseTable:
 
     def expire(self, now: float) -> list[Lease]:
         """Leases whose TTL passed: the claim's references go, and a lease nobody else
-        holds is freed; one others still hold is freed when they release it, or one
-        more TTL later (see the module's docstring). Returns the freed leases."""
+        holds is freed; one others still hold is freed when they release it, or
+        `hold_past_ttl_s` later (see the module's docstring). Returns the freed leases."""
         expired: list[Lease] = []
         while self._expiry and self._expiry[0][0] <= now:
             at, lease_id = heapq.heappop(self._expiry)
@@ -478,7 +483,7 @@ class LeaseTable:
             if not lease.claim or not rest:
                 expired.append(self._retire(lease, "expired"))
                 continue
-            bound = at + lease.ttl
+            bound = at + (lease.ttl if self.hold_past_ttl_s is None else self.hold_past_ttl_s)
             self._put(replace(lease, holders=rest, claim="", expires_at=bound))
             heapq.heappush(self._expiry, (bound, lease_id))
         return expired
