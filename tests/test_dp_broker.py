@@ -229,3 +229,24 @@ def test_an_input_a_worker_holds_outlives_its_ttl_on_the_broker() -> None:
         pools.close()
         for name in list_segments(prefix):
             unlink_segment(name)
+
+
+async def test_a_cancelled_copy_keeps_its_blocks_until_the_copier_lets_go(
+    broker: Handlers,
+) -> None:
+    (src,) = (await broker.lease(LeaseRequest(sizes=[N], owner="w"), "default")).handles
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            request = CopyRequest(source=src, device="emu:0", owner="w")
+            tg.start_soon(broker.copy, request, "default")
+            with anyio.fail_after(10):
+                while not (c := broker.links.copiers.get("cpu->emu:0")) or not (
+                    c.scheduler.stats().bytes_done
+                ):
+                    await anyio.sleep(0.001)
+            scope.cancel()  # the broker stopping, say
+    assert scope.cancelled_caught
+    # The copy's destination went, but only once the copier thread was done with it.
+    copier = broker.links.copiers["cpu->emu:0"]
+    assert copier.scheduler.stats().bytes_done == N
+    assert [x.lease_id for x in broker.pools.table] == [src.lease_id]
