@@ -101,7 +101,7 @@ class FakeBackend:
     ) -> InvokeReply:
         # By value in memory: the live ingress moves region bytes through the pool.
         inputs = [
-            msgspec.structs.replace(t, data=bytes(self.regions.view(ref, ref.byte_size)))
+            msgspec.structs.replace(t, data=self._read(ref))
             if (ref := parsed.shm_inputs.get(t.name)) is not None
             else t
             for t in parsed.invoke.inputs
@@ -112,8 +112,13 @@ class FakeBackend:
         for wanted in parsed.outputs or ():
             out = next(t for t in reply.outputs if t.name == wanted.name)
             if wanted.shm is not None:
-                self.regions.view(wanted.shm, len(out.data))[:] = out.data
+                self.regions.write_from(wanted.shm, memoryview(out.data))
         return reply
+
+    def _read(self, ref: oip.ShmRef) -> bytes:
+        data = bytearray(ref.byte_size)
+        self.regions.read_into(ref, memoryview(data))
+        return bytes(data)
 
 
 @pytest.fixture

@@ -407,6 +407,67 @@ async def test_http_clients_register_only_shared_memory_they_created(
         await broker.release([held], "test", "default")
 
 
+async def test_a_region_shrunk_after_registering_is_refused_and_ingress_stays_up(
+    platform: Platform, nc: NATS
+) -> None:
+    """The client owns its segment and may shrink it under a registered region: the
+    request naming it gets a 400, never a SIGBUS that kills ingress (and this test)."""
+    await deploy_and_wait(nc, ADD_ONE)
+    tag = secrets.token_hex(4)
+    key_in, key_out = f"shrink-in-{tag}", f"shrink-out-{tag}"
+    x = np.arange(3, dtype=np.float32).reshape(1, 3)
+    for key in (key_in, key_out):
+        (SHM_DIR / key).write_bytes(bytes(4096))
+    shm = {"shared_memory_byte_size": x.nbytes}
+    by_shm: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": "x",
+                "shape": [1, 3],
+                "datatype": "FP32",
+                "parameters": {"shared_memory_region": "in", **shm},
+            }
+        ]
+    }
+    to_shm: dict[str, Any] = {
+        "inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": x.tolist()}],
+        "outputs": [{"name": "y", "parameters": {"shared_memory_region": "out", **shm}}],
+    }
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{platform.http_port}") as http:
+            with anyio.fail_after(10):
+                while (await http.get("/v2/health/ready")).status_code != 200:
+                    await anyio.sleep(0.05)
+            assert (await register(http, "in", f"/{key_in}", 4096)).status_code == 200
+            assert (await register(http, "out", f"/{key_out}", 4096)).status_code == 200
+            os.truncate(SHM_DIR / key_in, 8)  # part of the input is gone
+            os.truncate(SHM_DIR / key_out, 0)
+            for infer, region, size in ((by_shm, "in", 8), (to_shm, "out", 0)):
+                r = await http.post("/v2/models/add-one/infer", json=infer)
+                assert r.status_code == 400, r.text
+                error = r.json()["error"]
+                assert f"region {region!r} is shorter than registered" in error, error
+                assert f"is {size} bytes now" in error, error
+            # Nothing was written into the shrunk output segment, and ingress still serves.
+            assert (SHM_DIR / key_out).stat().st_size == 0
+            r = await http.post("/v2/models/add-one/infer", json={"inputs": to_shm["inputs"]})
+            assert r.status_code == 200, r.text
+            # Grown back, the same registrations work again.
+            for key in (key_in, key_out):
+                os.truncate(SHM_DIR / key, 4096)
+            with (SHM_DIR / key_in).open("r+b") as f:
+                f.write(x.tobytes())
+            to_shm["inputs"] = by_shm["inputs"]
+            r = await http.post("/v2/models/add-one/infer", json=to_shm)
+            assert r.status_code == 200, r.text
+            got = np.frombuffer((SHM_DIR / key_out).read_bytes()[: x.nbytes], np.float32)
+            np.testing.assert_array_equal(got, x.ravel() + 1)
+            await http.post("/v2/systemsharedmemory/unregister")
+    finally:
+        for key in (key_in, key_out):
+            unlink_segment(key)
+
+
 def test_the_one_name_pattern() -> None:
     for name in BAD_NAMES:
         with pytest.raises(ValueError, match="must match"):

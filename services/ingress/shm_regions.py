@@ -2,9 +2,17 @@
 
 A client creates a POSIX shared-memory object, registers it once by key, then names
 region + offset + size in each request instead of sending bytes. Ingress maps each
-region once. Inputs are copied from the region into a pooled buffer (one memcpy on
-the node, never through the bus) and reach the worker by handle; outputs come back
-by handle and are copied into the client's region.
+region once, keeping a file descriptor, not a mapping. Inputs are copied from the
+region into a pooled buffer (one copy on the node, never through the bus) and reach
+the worker by handle; outputs come back by handle and are copied into the client's
+region.
+
+The client owns its segment and may shrink it at any time (ftruncate). Touching a
+mapping past the file's new end raises SIGBUS, which would kill ingress and every
+request in it, and no size check before the copy closes that race. So the bytes move
+with pread/pwrite on the descriptor: the kernel copies them straight between the file
+and the pooled buffer (still one copy) and a read of a shrunk file comes back short,
+which is answered as the caller's error.
 
 CUDA regions (services/ingress/cuda_regions.py) live in `ShmRegions.cuda`: the
 extensions give both kinds one namespace, and `device`, `copy_in` and `copy_out`
@@ -18,10 +26,13 @@ another's region, and two tenants may each have a region "input".
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -31,9 +42,10 @@ from services.ingress.oip import ShmRef
 from services.ingress.oip_shm import CudaRegionStatus, RegionStatus
 from shared.dataplane.backend import BackendError
 from shared.dataplane.client import read_bytes, write_bytes
-from shared.dataplane.shm import Segment, is_platform_segment, open_segment
+from shared.dataplane.shm import _path as segment_path
+from shared.dataplane.shm import is_platform_segment
 from shared.errors import GfaasError, bad_request
-from shared.schema import Handle
+from shared.schema import ErrorCode, Handle
 
 
 @dataclass
@@ -41,7 +53,9 @@ class _Region:
     key: str
     offset: int
     byte_size: int
-    segment: Segment
+    # The segment's file, opened at registration: the name may be unlinked or replaced
+    # afterwards, the bytes are read and written through this descriptor only.
+    fd: int
 
 
 class ShmRegions:
@@ -67,23 +81,22 @@ class ShmRegions:
                 "lease board, model tier): register a region you created"
             )
         try:
-            # Never through a symlink, only a regular file (shm.open_segment).
-            segment = open_segment(segment_name)
+            fd, info = _open_segment(segment_name)
         except BackendError as exc:
             raise bad_request(f"cannot open shared-memory key {key!r}: {exc}") from None
-        if segment.uid not in self.owners:
-            segment.close()
+        if info.st_uid not in self.owners:
+            os.close(fd)
             raise bad_request(
-                f"shared-memory key {key!r} belongs to uid {segment.uid}, not to one this "
+                f"shared-memory key {key!r} belongs to uid {info.st_uid}, not to one this "
                 f"ingress serves ({', '.join(map(str, sorted(self.owners)))})"
             )
-        if offset + byte_size > segment.size:
-            segment.close()
+        if offset + byte_size > info.st_size:
+            os.close(fd)
             raise bad_request(
                 f"region {name!r}: bytes [{offset}, {offset + byte_size}) are outside "
-                f"{key!r} of {segment.size} bytes"
+                f"{key!r} of {info.st_size} bytes"
             )
-        self._regions[name] = _Region(key, offset, byte_size, segment)
+        self._regions[name] = _Region(key, offset, byte_size, fd)
 
     def unregister(self, name: str | None = None) -> None:
         """One region, or every region when `name` is None (unknown names are fine)."""
@@ -91,7 +104,7 @@ class ShmRegions:
         for n in names:
             region = self._regions.pop(n, None)
             if region is not None:
-                region.segment.close()
+                os.close(region.fd)
 
     def status(self, name: str | None = None) -> list[RegionStatus]:
         if name is not None and name not in self._regions:
@@ -102,18 +115,39 @@ class ShmRegions:
             if name is None or n == name
         ]
 
-    def view(self, ref: ShmRef, nbytes: int) -> memoryview:
-        """`nbytes` of the region at the reference's offset, bounds-checked."""
+    def _place(self, ref: ShmRef, nbytes: int) -> tuple[_Region, int]:
+        """The region and the file position of `nbytes` at the reference's offset,
+        bounds-checked against the region as registered."""
         region = self._regions.get(ref.region)
         if region is None:
             raise bad_request(f"no shared-memory region {ref.region!r} is registered")
-        if nbytes > ref.byte_size or ref.offset + nbytes > region.byte_size:
-            raise bad_request(
-                f"region {ref.region!r}: {nbytes} bytes at offset {ref.offset} do not fit "
-                f"(shared_memory_byte_size {ref.byte_size}, region {region.byte_size} bytes)"
-            )
-        start = region.offset + ref.offset
-        return memoryview(region.segment.mm)[start : start + nbytes]
+        check_fits(ref, nbytes, region.byte_size)
+        return region, region.offset + ref.offset
+
+    def read_into(self, ref: ShmRef, target: memoryview) -> None:
+        """The region's bytes at the reference into `target` (its whole length)."""
+        region, start = self._place(ref, len(target))
+        try:
+            got = _pread(region.fd, target, start)
+        except OSError as exc:
+            raise _io_error(ref, "read", exc) from None
+        if got < len(target):
+            raise _shrunk(ref, region, start + len(target))
+
+    def write_from(self, ref: ShmRef, source: memoryview) -> None:
+        """`source` into the region at the reference."""
+        region, start = self._place(ref, len(source))
+        end = start + len(source)
+        # pwrite past the end of a shrunk file cannot fault, it grows the file again;
+        # the client shrank it, so it is told rather than silently given bytes back.
+        # A shrink between this check and the write only re-grows the client's own
+        # file within the bytes it registered: never a fault, never outside them.
+        if os.fstat(region.fd).st_size < end:
+            raise _shrunk(ref, region, end)
+        try:
+            _pwrite(region.fd, source, start)
+        except OSError as exc:
+            raise _io_error(ref, "write", exc) from None
 
     # -- either kind, by the name a request gives -----------------------------------------
 
@@ -124,16 +158,20 @@ class ShmRegions:
 
     def copy_in(self, ref: ShmRef, handle: Handle) -> None:
         """The bytes the reference names into a leased buffer of `handle.nbytes`."""
-        if ref.region in self._regions:
-            write_bytes(handle, self.view(ref, handle.nbytes))
-        else:
+        if ref.region not in self._regions:
             self.cuda.copy_in(ref, handle)
+        elif handle.backend == "shm":
+            # Straight from the file into the pooled buffer: the one copy.
+            self.read_into(ref, _bytes(read_bytes(handle)))
+        else:  # device() stages system regions in host memory; kept for any other pool
+            staged = bytearray(handle.nbytes)
+            self.read_into(ref, memoryview(staged))
+            write_bytes(handle, staged)
 
     def copy_out(self, handle: Handle, ref: ShmRef) -> None:
         """A leased buffer's bytes into the region the reference names."""
         if ref.region in self._regions:
-            target = self.view(ref, handle.nbytes)
-            np.frombuffer(target, np.uint8)[:] = read_bytes(handle)
+            self.write_from(ref, _bytes(read_bytes(handle)))
         else:
             self.cuda.copy_out(handle, ref)
 
@@ -225,6 +263,76 @@ class _TenantCuda:
             for r in self._cuda.status()
             if r.name.startswith(self._prefix) and (name is None or r.name == self._prefix + name)
         ]
+
+
+def check_fits(ref: ShmRef, nbytes: int, region_size: int) -> None:
+    """Refuse `nbytes` at the reference's offset unless they fit both the request's
+    shared_memory_byte_size and the region (`region_size` bytes)."""
+    if nbytes > ref.byte_size or ref.offset + nbytes > region_size:
+        raise bad_request(
+            f"region {ref.region!r}: {nbytes} bytes at offset {ref.offset} do not fit "
+            f"(shared_memory_byte_size {ref.byte_size}, region {region_size} bytes)"
+        )
+
+
+def _open_segment(name: str) -> tuple[int, os.stat_result]:
+    """A client's segment opened read-write, as shm.open_segment checks it (a regular
+    file under /dev/shm, never through a symlink, not empty), but kept as a descriptor."""
+    path = segment_path(name)  # refuses names with slashes, dots-only names, ...
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY)
+    except FileNotFoundError:
+        raise BackendError(f"shared-memory segment {name!r} does not exist") from None
+    except OSError as exc:  # ELOOP: a symlink; EACCES, ENXIO (a FIFO's other end), ...
+        why = "is a symbolic link" if exc.errno == errno.ELOOP else f"cannot be opened: {exc}"
+        raise BackendError(f"shared-memory segment {name!r} {why}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BackendError(f"shared-memory segment {name!r} is not a regular file")
+        if info.st_size <= 0:
+            raise BackendError(f"shared-memory segment {name!r} is empty")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def _bytes(array: np.ndarray[Any, Any]) -> memoryview:
+    return array.data.cast("B")
+
+
+def _pread(fd: int, target: memoryview, position: int) -> int:
+    """Fill `target` from the file at `position`; how many bytes there were. One call
+    moves at most about 2 GiB (Linux's MAX_RW_COUNT), hence the loop; 0 is the end."""
+    done = 0
+    while done < len(target):
+        got = os.preadv(fd, [target[done:]], position + done)
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+def _pwrite(fd: int, source: memoryview, position: int) -> None:
+    done = 0
+    while done < len(source):
+        done += os.pwrite(fd, source[done:], position + done)
+
+
+def _shrunk(ref: ShmRef, region: _Region, needed: int) -> GfaasError:
+    size = os.fstat(region.fd).st_size
+    return bad_request(
+        f"shared-memory region {ref.region!r} is shorter than registered: its segment "
+        f"{region.key!r} is {size} bytes now, the request needs bytes up to {needed}; "
+        "register it again after resizing it"
+    )
+
+
+def _io_error(ref: ShmRef, what: str, exc: OSError) -> GfaasError:
+    return GfaasError(
+        ErrorCode.INTERNAL, f"shared-memory region {ref.region!r}: {what} failed: {exc.strerror}"
+    )
 
 
 @contextmanager
