@@ -503,6 +503,42 @@ async def test_malformed_json_gets_400(client: httpx.AsyncClient) -> None:
     assert "malformed inference request JSON" in r.json()["error"]
 
 
+DEEP = "[" * 10_000 + "1" + "]" * 10_000  # past msgspec's recursion depth, 20 kB
+_INPUT = '{"name": "x", "shape": [2, 3], "datatype": "FP32"'
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "what"),
+    [
+        ("/v2/models/double/infer", f'{{"inputs": [{_INPUT}, "data": {DEEP}}}]}}', "inference"),
+        (
+            "/v2/models/double/infer",
+            f'{{"inputs": [], "parameters": {{"p": {DEEP}}}}}',
+            "inference",
+        ),
+        ("/v2/models/double/infer", f'{{"inputs": [], "extra": {DEEP}}}', "inference"),
+        (
+            "/v2/systemsharedmemory/region/r/register",
+            f'{{"key": "k", "byte_size": 4, "x": {DEEP}}}',
+            "shared-memory register",
+        ),
+        (
+            "/v2/cudasharedmemory/region/r/register",
+            f'{{"device_id": 0, "byte_size": 4, "x": {DEEP}}}',
+            "CUDA shared-memory register",
+        ),
+        ("/v2/repository/index", f'{{"x": {DEEP}}}', "repository index"),
+    ],
+)
+async def test_too_deeply_nested_json_gets_400(
+    client: httpx.AsyncClient, backend: FakeBackend, path: str, body: str, what: str
+) -> None:
+    r = await client.post(path, content=body.encode())
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == f"bad_request: malformed {what} request JSON: too deeply nested"
+    assert backend.calls == []
+
+
 @pytest.mark.parametrize(
     ("size", "extra", "header_delta", "fragment"),
     [

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Final
 import msgspec
 import numpy as np
 
-from shared.errors import bad_request
+from shared.errors import GfaasError, bad_request
 from shared.schema import DType, InvokeRequest, Tensor
 
 SERVER_NAME: Final = "gfaas"
@@ -173,6 +173,8 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
         raise bad_request(f"invalid inference request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise bad_request(f"malformed inference request JSON: {exc}") from None
+    except RecursionError:
+        raise too_deep("inference request") from None
 
     _reject_unsupported_request_parameters(request.parameters)
     seen: set[str] = set()
@@ -368,3 +370,12 @@ def parse_index_request(body: bytes) -> bool:
         return _index_decoder.decode(body).ready
     except msgspec.MsgspecError as exc:
         raise bad_request(f"invalid repository index request: {exc}") from None
+    except RecursionError:
+        raise too_deep("repository index request") from None
+
+
+def too_deep(what: str) -> GfaasError:
+    """msgspec decodes `Any` values (and skips unknown fields) recursively and raises
+    RecursionError, not a DecodeError, past the interpreter's depth: a few kB of "[[[["
+    would otherwise be a 500."""
+    return bad_request(f"malformed {what} JSON: too deeply nested")

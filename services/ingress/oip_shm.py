@@ -10,6 +10,7 @@ from typing import Annotated, Final
 
 import msgspec
 
+from services.ingress.oip import too_deep
 from shared.errors import bad_request
 
 # sizeof(cudaIpcMemHandle_t): what a CUDA shared-memory register request carries.
@@ -38,6 +39,8 @@ def parse_register_request(body: bytes) -> tuple[str, int, int]:
         request = msgspec.json.decode(body, type=_RegisterRequest)
     except msgspec.MsgspecError as exc:
         raise bad_request(f"invalid shared-memory register request: {exc}") from None
+    except RecursionError:  # unknown fields are skipped recursively (oip.too_deep)
+        raise too_deep("shared-memory register request") from None
     return request.key, request.offset, request.byte_size
 
 
@@ -67,6 +70,8 @@ def parse_cuda_register_request(body: bytes) -> tuple[bytes, int, int]:
         request = msgspec.json.decode(body, type=_CudaRegisterRequest)
     except msgspec.MsgspecError as exc:
         raise bad_request(f"invalid CUDA shared-memory register request: {exc}") from None
+    except RecursionError:
+        raise too_deep("CUDA shared-memory register request") from None
     try:
         raw = base64.b64decode(request.raw_handle.b64, validate=True)
     except (binascii.Error, ValueError) as exc:
