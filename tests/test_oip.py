@@ -585,16 +585,62 @@ async def test_binary_data_size_without_the_header_length_gets_400(
         ({"sequence_id": 7}, "sequence batching"),
         ({"binary_data_output": "yes"}, "must be a boolean"),
         ({"timeout": -1}, "parameters.timeout"),
+        # Past int64: they would overflow the invocation's msgpack, or float division.
+        ({"timeout": 10**25}, "parameters.timeout must be an integer in [0, 2**63-1]"),
+        ({"timeout": 10**400}, "parameters.timeout must be an integer in [0, 2**63-1]"),
     ],
 )
 async def test_unsupported_or_malformed_request_parameters_get_400(
-    client: httpx.AsyncClient, parameters: dict[str, Any], fragment: str
+    client: httpx.AsyncClient, backend: FakeBackend, parameters: dict[str, Any], fragment: str
 ) -> None:
     status, error = await post_json(
         client, {"inputs": [json_input(X.tolist())], "parameters": parameters}
     )
     assert status == 400
     assert fragment in error
+    assert backend.calls == []
+
+
+async def test_the_largest_timeout_is_taken_and_rounded_up_to_whole_ms(
+    client: httpx.AsyncClient, backend: FakeBackend
+) -> None:
+    body = {"inputs": [json_input(X.tolist())], "parameters": {"timeout": 2**63 - 1}}
+    r = await client.post("/v2/models/double/infer", json=body)
+    assert r.status_code == 200, r.text
+    assert backend.calls[0][1].timeout_ms == 9_223_372_036_854_776  # ceil(µs / 1000)
+
+
+@pytest.mark.parametrize(
+    ("shape", "parameters"),
+    [
+        ([0, 2**64], {}),
+        ([0, 2**63], {}),
+        ([2, 3], {"shared_memory_region": "r", "shared_memory_byte_size": 2**64}),
+        (
+            [2, 3],
+            {
+                "shared_memory_region": "r",
+                "shared_memory_byte_size": 24,
+                "shared_memory_offset": 2**63,
+            },
+        ),
+    ],
+)
+async def test_dimensions_and_sizes_past_int64_get_400(
+    client: httpx.AsyncClient, backend: FakeBackend, shape: list[int], parameters: dict[str, Any]
+) -> None:
+    item: dict[str, Any] = {
+        "name": "x",
+        "shape": shape,
+        "datatype": "FP32",
+        "parameters": parameters,
+    }
+    if not parameters:
+        item["data"] = []
+    status, error = await post_json(client, {"inputs": [item]})
+    assert status == 400, error
+    assert "9223372036854775807" in error or "2**63-1" in error, error
+    assert backend.calls == []
 
 
 async def test_a_body_over_max_payload_gets_413(

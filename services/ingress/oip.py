@@ -74,7 +74,10 @@ def datatype_of(dtype: DType) -> str:
 # -- request JSON, as the protocol defines it (unknown fields tolerated: clients send
 #    extras such as "model_name") ------------------------------------------------------
 
-_Dim = Annotated[int, msgspec.Meta(ge=0)]
+# Dimensions, sizes and the timeout are int64 on the wire (msgpack to the workers, the
+# gRPC front's fields): a larger number must be refused here, not overflow encoding.
+INT64_MAX: Final = 2**63 - 1
+_Dim = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
 
 
 class _Input(msgspec.Struct):
@@ -223,8 +226,10 @@ def shm_ref(parameters: Mapping[str, Any], where: str) -> ShmRef:
     if not isinstance(region, str) or not region:
         raise bad_request(f"{where}: shared_memory_region must be a region name")
     for key, value in (("shared_memory_byte_size", size), ("shared_memory_offset", offset)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise bad_request(f"{where}: {key} must be a non-negative integer, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT64_MAX:
+            raise bad_request(
+                f"{where}: {key} must be an integer in [0, 2**63-1], got {_short(value)}"
+            )
     assert isinstance(size, int)
     assert isinstance(offset, int)
     return ShmRef(region=region, offset=offset, byte_size=size)
@@ -255,9 +260,18 @@ def _timeout_ms(parameters: Mapping[str, Any]) -> int:
     value = parameters.get("timeout")
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise bad_request(f"parameters.timeout must be a non-negative integer (µs), got {value!r}")
-    return math.ceil(value / 1000)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT64_MAX:
+        raise bad_request(
+            f"parameters.timeout must be an integer in [0, 2**63-1] (µs), got {_short(value)}"
+        )
+    # Integer ceiling: float division of a large int overflows or rounds.
+    return -(-value // 1000)
+
+
+def _short(value: Any) -> str:
+    """A value for an error message, cut short (a 400-digit number, say)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def _bool_parameter(parameters: Mapping[str, Any], key: str, where: str) -> bool:
