@@ -137,11 +137,34 @@ def _check_shape(spec: TensorSpec, shape: Sequence[int]) -> str | None:
     return None
 
 
+# The most dimensions an input may have: numpy 1.x's NPY_MAXDIMS (2.x allows 64), so a
+# handler on either can hold it.
+MAX_RANK = 32
+# The most bytes an array may span counting its non-zero dimensions: numpy and torch
+# refuse a shape past it even with a zero dimension ([0, 2**63-1] has no bytes, yet
+# "array is too big"), so such a shape is the caller's error, found here, not a
+# ValueError inside the worker.
+_MAX_EXTENT = 2**63 - 1
+
+
+def shape_problem(dtype: DType, shape: Sequence[int]) -> str | None:
+    """Why no array of `dtype` can have `shape` (None: one can)."""
+    if len(shape) > MAX_RANK:
+        return f"rank {len(shape)} is over the {MAX_RANK} dimensions an array may have"
+    if any(d < 0 for d in shape):
+        return "negative dimension"
+    extent = itemsize(dtype) * math.prod(d for d in shape if d)
+    if extent > _MAX_EXTENT:
+        return f"shape {list(shape)} is too large for any {dtype} array"
+    return None
+
+
 def validate_inputs(spec: FunctionSpec | WorkflowSpec, inputs: Sequence[Tensor]) -> None:
     """Raise INVALID_INPUT unless `inputs` match the spec's names, dtypes and shapes."""
     for t in inputs:
-        if any(d < 0 for d in t.shape):
-            raise GfaasError(ErrorCode.INVALID_INPUT, f"{t.name!r}: negative dimension")
+        problem = shape_problem(t.dtype, t.shape)
+        if problem:
+            raise GfaasError(ErrorCode.INVALID_INPUT, f"{t.name!r}: {problem}")
         size = len(t.data) if t.handle is None else t.handle.nbytes
         if size != nbytes_of(t.dtype, t.shape):
             where = "handle names" if t.handle is not None else "data has"

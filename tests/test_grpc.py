@@ -7,6 +7,7 @@ import time
 
 import anyio
 import grpc
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -15,7 +16,8 @@ from tritonclient.utils import InferenceServerException
 
 from services.ingress import grpc_codec
 from shared.errors import GfaasError
-from shared.schema import DType, ErrorCode, FunctionSpec, TensorSpec
+from shared.schema import DType, ErrorCode, FunctionSpec, Tensor, TensorSpec
+from shared.tensors import validate_inputs
 from tests.helpers import deploy_and_wait
 from tests.platform import Platform
 
@@ -128,6 +130,49 @@ def test_typed_contents_are_read_as_raw_ones_are(platform: Platform) -> None:
     assert reply.id == "typed"
     assert [(o.name, o.datatype, list(o.shape)) for o in reply.outputs] == [("y", "FP32", [1, 3])]
     np.testing.assert_array_equal(np.frombuffer(reply.raw_output_contents[0], "<f4"), [2, 3, 4])
+
+
+ECHO_ANY = FunctionSpec(
+    name="echo-any",
+    handler="tests.funcs:echo",
+    inputs=[TensorSpec(name="x", dtype=DType.FLOAT32, shape=[-1, -1])],
+    outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[-1, -1])],
+)
+
+
+@pytest.mark.parametrize("shape", [[0, 2**63 - 1], [0, 2**61], [2**61, 0, 3]])
+def test_a_shape_no_array_can_have_is_refused_at_admission_on_both_fronts(
+    platform: Platform, shape: list[int]
+) -> None:
+    """Each dimension fits int64 and the bytes match (none: a dimension is 0), but
+    numpy/torch refuse the shape: a caller's error from admission, not the worker's."""
+    client = connected_client(platform, ECHO_ANY)
+    try:
+        data = triton.InferInput("x", shape, "FP32")
+        data._raw_content = b""
+        with pytest.raises(InferenceServerException, match="too large for any float32") as bad:
+            client.infer("echo-any", [data])
+        assert bad.value.status() == "StatusCode.INVALID_ARGUMENT"
+        # The HTTP front, through the same admission.
+        body = {"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": []}]}
+        r = httpx.post(f"http://127.0.0.1:{platform.http_port}/v2/models/echo-any/infer", json=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"].startswith("invalid_input: "), r.text
+        assert "too large for any float32 array" in r.json()["error"], r.text
+        # The largest shape an array can have still runs.
+        ok = triton.InferInput("x", [0, 2**61 - 1], "FP32")
+        ok._raw_content = b""
+        assert list(client.infer("echo-any", [ok]).get_output("y").shape) == [0, 2**61 - 1]
+    finally:
+        client.close()
+
+
+def test_too_many_dimensions_are_refused_at_admission() -> None:
+    spec = FunctionSpec(name="any", handler="tests.funcs:echo")  # no declared inputs
+    tensor = Tensor(name="x", dtype=DType.FLOAT32, shape=[1] * 33, data=b"\0" * 4)
+    with pytest.raises(GfaasError, match="rank 33 is over the 32") as caught:
+        validate_inputs(spec, [tensor])
+    assert caught.value.code == ErrorCode.INVALID_INPUT
 
 
 def test_triton_system_shared_memory_over_grpc(platform: Platform) -> None:
