@@ -468,6 +468,44 @@ async def test_a_region_shrunk_after_registering_is_refused_and_ingress_stays_up
             unlink_segment(key)
 
 
+async def test_a_claimed_size_the_region_cannot_hold_is_refused_before_leasing(
+    platform: Platform, nc: NATS
+) -> None:
+    """A request claiming 1 GiB in a 12-byte region gets its 400 without the broker
+    ever creating a slab for the claim."""
+    await deploy_and_wait(nc, ADD_ONE)
+    key = f"small-{secrets.token_hex(4)}"
+    (SHM_DIR / key).write_bytes(bytes(12))
+    rows = 2**30 // 12
+    claim = {
+        "inputs": [
+            {
+                "name": "x",
+                "shape": [rows, 3],
+                "datatype": "FP32",
+                "parameters": {
+                    "shared_memory_region": "small",
+                    "shared_memory_byte_size": rows * 12,
+                },
+            }
+        ]
+    }
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{platform.http_port}") as http:
+            with anyio.fail_after(10):
+                while (await http.get("/v2/health/ready")).status_code != 200:
+                    await anyio.sleep(0.05)
+            assert (await register(http, "small", f"/{key}", 12)).status_code == 200
+            r = await http.post("/v2/models/add-one/infer", json=claim)
+            assert r.status_code == 400, r.text
+            assert f"{rows * 12} bytes at offset 0 do not fit" in r.json()["error"]
+            pool = (await Client(nc).status("memory-broker")).details["pools"]["cpu"]
+            assert (pool["held"], pool["slabs_created"]) == (0, 0), pool
+            await http.post("/v2/systemsharedmemory/unregister")
+    finally:
+        unlink_segment(key)
+
+
 def test_the_one_name_pattern() -> None:
     for name in BAD_NAMES:
         with pytest.raises(ValueError, match="must match"):

@@ -142,12 +142,11 @@ class CudaRegions:
         """`nbytes` of the region at the reference's offset as a uint8 GPU tensor,
         bounds-checked."""
         region = self._region(ref.region)
-        if nbytes > ref.byte_size or ref.offset + nbytes > region.byte_size:
-            raise bad_request(
-                f"region {ref.region!r}: {nbytes} bytes at offset {ref.offset} do not fit "
-                f"(shared_memory_byte_size {ref.byte_size}, region {region.byte_size} bytes)"
-            )
+        check_fits(ref, nbytes, region.byte_size)
         return region.backend.as_torch(region.segment, ref.offset, nbytes, "uint8", [nbytes])
+
+    def byte_size(self, name: str) -> int:
+        return self._region(name).byte_size
 
     def copy_in(self, ref: ShmRef, handle: Handle) -> None:
         """The region's bytes into a leased buffer (device to device when the lease is
@@ -168,3 +167,13 @@ class CudaRegions:
 
     def close(self) -> None:
         self.unregister()
+
+
+def check_fits(ref: ShmRef, nbytes: int, region_size: int) -> None:
+    """Refuse `nbytes` at the reference's offset unless they fit both the request's
+    shared_memory_byte_size and the region (`region_size` bytes), of either kind."""
+    if nbytes > ref.byte_size or ref.offset + nbytes > region_size:
+        raise bad_request(
+            f"region {ref.region!r}: {nbytes} bytes at offset {ref.offset} do not fit "
+            f"(shared_memory_byte_size {ref.byte_size}, region {region_size} bytes)"
+        )

@@ -37,7 +37,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from services.ingress.cuda_regions import CudaRegions
+from services.ingress.cuda_regions import CudaRegions, check_fits
 from services.ingress.oip import ShmRef
 from services.ingress.oip_shm import CudaRegionStatus, RegionStatus
 from shared.dataplane.backend import BackendError
@@ -156,6 +156,14 @@ class ShmRegions:
         region, the region's GPU for a CUDA one (so that copy stays on the device)."""
         return "cpu" if ref.region in self._regions else self.cuda.device(ref)
 
+    def check(self, ref: ShmRef) -> None:
+        """Refuse a reference whose shared_memory_byte_size does not fit its region (of
+        either kind), before anything is leased for it."""
+        if ref.region in self._regions:
+            self._place(ref, ref.byte_size)
+        else:
+            check_fits(ref, ref.byte_size, self.cuda.byte_size(ref.region))
+
     def copy_in(self, ref: ShmRef, handle: Handle) -> None:
         """The bytes the reference names into a leased buffer of `handle.nbytes`."""
         if ref.region not in self._regions:
@@ -223,6 +231,10 @@ class TenantRegions:
         with _named(self._prefix):
             return self._regions.device(self._ref(ref))
 
+    def check(self, ref: ShmRef) -> None:
+        with _named(self._prefix):
+            self._regions.check(self._ref(ref))
+
     def copy_in(self, ref: ShmRef, handle: Handle) -> None:
         with _named(self._prefix):
             self._regions.copy_in(self._ref(ref), handle)
@@ -263,16 +275,6 @@ class _TenantCuda:
             for r in self._cuda.status()
             if r.name.startswith(self._prefix) and (name is None or r.name == self._prefix + name)
         ]
-
-
-def check_fits(ref: ShmRef, nbytes: int, region_size: int) -> None:
-    """Refuse `nbytes` at the reference's offset unless they fit both the request's
-    shared_memory_byte_size and the region (`region_size` bytes)."""
-    if nbytes > ref.byte_size or ref.offset + nbytes > region_size:
-        raise bad_request(
-            f"region {ref.region!r}: {nbytes} bytes at offset {ref.offset} do not fit "
-            f"(shared_memory_byte_size {ref.byte_size}, region {region_size} bytes)"
-        )
 
 
 def _open_segment(name: str) -> tuple[int, os.stat_result]:

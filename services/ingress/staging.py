@@ -56,6 +56,9 @@ class ShmStaging:
             by_device: dict[str, list[str]] = {}
             for t in inputs:
                 if t.name in refs:
+                    # Before leasing: a claimed size the region cannot hold must not make
+                    # the broker create (and keep for its cool-down) a slab of that size.
+                    regions.check(refs[t.name])
                     by_device.setdefault(regions.device(refs[t.name]), []).append(t.name)
             by_name: dict[str, Handle] = {}
             for device, names in by_device.items():
