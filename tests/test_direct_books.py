@@ -138,6 +138,21 @@ def test_routes_send_up_to_the_lent_slots_and_free_them_on_done() -> None:
     assert routes.take("f", "c", 0.2, deadline=9.0) == "w"
 
 
+def test_an_invocation_id_already_sent_directly_goes_through_the_scheduler() -> None:
+    """Two concurrent calls with one caller-chosen id: one record per direct send, so
+    the grant is freed and given back (a second send under the id leaked its slot)."""
+    routes = DirectRoutes()
+    routes.on_grant(GRANT, now=0.0)
+    assert routes.take("f", "dup", 0.1, deadline=9.0) == "w"
+    assert routes.take("f", "dup", 0.1, deadline=9.0) is None  # to the scheduler
+    assert routes.routes["g1"].in_use == 1
+    assert routes.finish("dup") == []
+    assert routes.routes["g1"].in_use == 0
+    assert routes.take("f", "dup", 0.2, deadline=9.0) == "w"  # nothing of it runs now
+    assert routes.finish("dup") == []
+    assert routes.tick(5.0) == [GRANT]  # lapsed with nothing under it: given back
+
+
 def test_half_way_one_invocation_goes_to_the_scheduler_to_renew() -> None:
     routes = DirectRoutes()
     routes.on_grant(GRANT, now=0.0)

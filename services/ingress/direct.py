@@ -98,6 +98,15 @@ class DirectRoutes:
         on_lost: Callable[[], None] | None = None,
     ) -> str | None:
         """The worker to send this invocation to directly, or None for the scheduler."""
+        if invocation_id in self.sent:
+            # The id is the caller's to choose (Gfaas-Invocation-Id; an async
+            # redelivery reuses its id too), and a worker's Done names nothing else:
+            # a second direct send under one id could not be told apart from the first
+            # when a Done came back, and its slot would never be freed. Refusing the
+            # call would break callers that reuse an id on purpose (a correlation id,
+            # a retry while the first attempt still runs), so the repeat goes through
+            # the scheduler, whose own slots it uses; each direct send stays one record.
+            return None
         grant_id = self.by_function.get(function)
         route = self.routes.get(grant_id) if grant_id is not None else None
         if route is None or not route.open_at(now):
