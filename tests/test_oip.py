@@ -343,6 +343,17 @@ async def test_listed_outputs_are_the_only_ones_returned(client: httpx.AsyncClie
     assert [o["name"] for o in r.json()["outputs"]] == ["count"]
 
 
+async def test_an_empty_list_of_outputs_returns_every_output(client: httpx.AsyncClient) -> None:
+    """As an absent list, and as the gRPC front and Triton do."""
+    every = await client.post("/v2/models/double/infer", json={"inputs": [json_input(X.tolist())]})
+    r = await client.post(
+        "/v2/models/double/infer", json={"inputs": [json_input(X.tolist())], "outputs": []}
+    )
+    assert r.status_code == 200
+    assert [o["name"] for o in r.json()["outputs"]] == [o["name"] for o in every.json()["outputs"]]
+    assert len(r.json()["outputs"]) == 2
+
+
 async def test_an_output_the_model_does_not_declare_is_refused_before_running(
     client: httpx.AsyncClient, backend: FakeBackend
 ) -> None:

@@ -203,7 +203,10 @@ def parse_infer_request(body: bytes, header_length: int | None) -> InferRequest:
 
     binary_default = _bool_parameter(request.parameters, "binary_data_output", "request")
     outputs = None
-    if request.outputs is not None:
+    # An empty list asks for nothing in particular, as an absent one: every output, as
+    # the gRPC front (an empty repeated field) and Triton (no requested outputs: all
+    # of the model's) do; KServe v2: "if not specified all outputs ... are returned".
+    if request.outputs:
         outputs = tuple(_requested_output(o, binary_default) for o in request.outputs)
         names = [o.name for o in outputs]
         if len(set(names)) != len(names):
