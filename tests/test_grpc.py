@@ -175,6 +175,32 @@ def test_too_many_dimensions_are_refused_at_admission() -> None:
     assert caught.value.code == ErrorCode.INVALID_INPUT
 
 
+def test_a_region_without_a_name_is_refused_over_grpc(platform: Platform) -> None:
+    """No request could name it and `name=""` unregisters every region: the HTTP route
+    always has a name, the gRPC request must too."""
+    import tritonclient.utils.shared_memory as shm
+
+    connected_client(platform).close()
+    key = f"/grpc-noname-{time.monotonic_ns()}"
+    region = shm.create_shared_memory_region("noname", key, 16)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{platform.grpc_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            register = service_pb2.SystemSharedMemoryRegisterRequest(
+                name="", key=key, offset=0, byte_size=16
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.SystemSharedMemoryRegister(register, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "needs a name" in (refused.value.details() or "")
+            status = stub.SystemSharedMemoryStatus(
+                service_pb2.SystemSharedMemoryStatusRequest(), timeout=10
+            )
+            assert dict(status.regions) == {}
+    finally:
+        shm.destroy_shared_memory_region(region)
+
+
 def test_triton_system_shared_memory_over_grpc(platform: Platform) -> None:
     import tritonclient.utils.shared_memory as shm
 

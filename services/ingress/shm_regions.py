@@ -206,6 +206,7 @@ class TenantRegions:
         return replace(ref, region=self._prefix + ref.region)
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        _named_region(name)
         with _named(self._prefix):
             self._regions.register(self._prefix + name, key, offset, byte_size)
 
@@ -255,6 +256,7 @@ class _TenantCuda:
         return self._cuda.available()
 
     def register(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        _named_region(name)
         with _named(self._prefix):
             self._cuda.register(self._prefix + name, raw_handle, device_id, byte_size)
 
@@ -335,6 +337,14 @@ def _io_error(ref: ShmRef, what: str, exc: OSError) -> GfaasError:
     return GfaasError(
         ErrorCode.INTERNAL, f"shared-memory region {ref.region!r}: {what} failed: {exc.strerror}"
     )
+
+
+def _named_region(name: str) -> None:
+    """A region needs a name: no request could name an unnamed one (shm_ref refuses
+    ""), and to unregister, "" means every region. The HTTP route always has one; a
+    gRPC register request may leave it empty."""
+    if not name:
+        raise bad_request("a shared-memory region to register needs a name")
 
 
 @contextmanager
