@@ -490,7 +490,7 @@ class Client:
                     deployed[name] = found
             check_functions(plan, deployed)
             check_tensors(plan, deployed)
-            await workflows.put(spec)
+            await _put_unless_other(workflows, spec, functions, "a function")
         else:
             if await workflows.fetch(spec.name) is not None:
                 raise ValueError(f"{spec.name!r} is already a workflow")
@@ -504,7 +504,7 @@ class Client:
             await self.check_code(spec)
             if handler_check:
                 await self.check_handler(spec)
-            await functions.put(spec)
+            await _put_unless_other(functions, spec, workflows, "a workflow")
 
     async def check_handler(
         self, spec: FunctionSpec, *, timeout: float = HANDLER_CHECK_WAIT_S
@@ -620,3 +620,18 @@ class Client:
 
 def spec_json(spec: FunctionSpec | WorkflowSpec) -> str:
     return json.dumps(msgspec.to_builtins(spec), indent=2)
+
+
+async def _put_unless_other(
+    mine: Registry[Any], spec: FunctionSpec | WorkflowSpec, other: Registry[Any], what: str
+) -> None:
+    """Put `spec`, unless `other` has its name: looked at again after the checks (a
+    handler's dry run takes seconds), and once more after the put, since two buckets
+    cannot be written together. A deploy of the other kind under the same name at the
+    same moment then sees this one, and at most one of the two stays, never both."""
+    if await other.fetch(spec.name) is not None:
+        raise ValueError(f"{spec.name!r} is already {what}")
+    await mine.put(spec)
+    if await other.fetch(spec.name) is not None:
+        await mine.delete(spec.name)
+        raise ValueError(f"{spec.name!r} is already {what}")

@@ -103,6 +103,36 @@ async def test_removing_a_function_a_workflow_uses_needs_force(
 # -- handlers: dry-run on a worker, in a sandbox process -----------------------------
 
 
+async def test_a_function_and_a_workflow_deployed_at_once_under_one_name_are_not_both(
+    platform: Platform, nc: NATS
+) -> None:
+    """The function's handler check takes a while; the workflow's deploy is quick.
+    Before, each looked for the other kind before it, and both were deployed."""
+    client = Client(nc)
+    await client.deploy(INC)
+    function = FunctionSpec(name="dual", handler="tests.funcs:add_one")
+    workflow = chain("inc", name="dual")
+    outcomes: dict[str, str] = {}
+
+    async def deploy(spec: FunctionSpec | WorkflowSpec, kind: str) -> None:
+        try:
+            await client.deploy(spec)
+            outcomes[kind] = "deployed"
+        except ValueError as exc:
+            outcomes[kind] = str(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(deploy, function, "function")
+        tg.start_soon(deploy, workflow, "workflow")
+    kinds = {
+        "function": "dual" in [f.name for f in await client.functions()],
+        "workflow": "dual" in [w.name for w in await client.workflows()],
+    }
+    assert list(kinds.values()).count(True) <= 1, (kinds, outcomes)
+    for kind, deployed in kinds.items():
+        assert (outcomes[kind] == "deployed") == deployed, (kinds, outcomes)
+
+
 @pytest.mark.parametrize(
     ("handler", "reason"),
     [
