@@ -328,15 +328,30 @@ class Client:
 
         The client holds the lease: `release` it when no invocation needs it any more
         (or its TTL frees it)."""
-        tensor = as_torch(name, value)
+        try:
+            tensor = as_torch(name, value)
+            dtype = dtype_of(name, tensor)
+        except GfaasError as exc:
+            # Checked before leasing: a value with no wire dtype (torch.bfloat16, say)
+            # is the caller's mistake, and must not leave a lease behind.
+            reason = exc.reason.partition(": ")[2] or exc.reason
+            raise GfaasError(ErrorCode.BAD_REQUEST, f"put {name!r}: unsupported {reason}") from None
+        tenant = self.tenant or DEFAULT_TENANT
         (handle,) = await self.broker.lease(
             [tensor.numel() * tensor.element_size()],
             owner=self.holder,
             device=device,
-            tenant=self.tenant or DEFAULT_TENANT,
+            tenant=tenant,
             ttl_s=ttl_s,
         )
-        return write_into(handle, name, tensor, dtype_of(name, tensor))
+        try:
+            return write_into(handle, name, tensor, dtype)
+        except BaseException:
+            # Nobody else knows of this lease yet: a failed copy (the pool not
+            # mappable here, say) gives it back rather than leaving it to its TTL.
+            with anyio.CancelScope(shield=True):
+                await self.broker.release([handle], self.holder, tenant)
+            raise
 
     async def release(self, tensors: Sequence[Tensor]) -> None:
         """Drop this client's references to by-handle tensors (value tensors are skipped)."""

@@ -11,6 +11,7 @@ import anyio
 import msgspec
 import numpy as np
 import pytest
+import torch
 from nats.aio.client import Client as NATS
 
 from gfaas.client import Client, outputs_of
@@ -83,6 +84,25 @@ async def test_input_by_handle_is_read_in_place_and_outputs_come_back_by_handle(
     # The input's lease and the output's (now held by this client) are live.
     assert (await broker_details(client))["leases"] == 2
     await client.release([arg, *reply.outputs])
+    await wait_leases(client, 0)
+
+
+async def test_put_of_a_value_without_a_wire_dtype_is_refused_and_leases_nothing(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    await wait_leases(client, 0)
+    for value in (torch.zeros(8, dtype=torch.bfloat16), np.zeros(2, dtype=object)):
+        with pytest.raises(GfaasError) as info:
+            await client.put("w", value)
+        assert info.value.code == "bad_request", info.value
+        assert "put 'w': unsupported dtype" in info.value.reason
+    # Refused before the lease: nothing was taken from the pool.
+    await anyio.sleep(0.2)
+    assert (await broker_details(client))["leases"] == 0
+    arg = await client.put("x", np.ones(4, np.float32))
+    assert (await broker_details(client))["leases"] == 1
+    await client.release([arg])
     await wait_leases(client, 0)
 
 
