@@ -246,6 +246,31 @@ async def test_lease_requests_beyond_the_pool_are_refused(
         await wait_leases(client, 0)
 
 
+async def test_a_refused_lease_for_undeclared_outputs_gives_back_the_prepared_buffer(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    # The spec fixes `ids` (leased before the run); whoami returns four outputs more,
+    # whose lease after the run the tenant's quota of 3 refuses.
+    whoami = FunctionSpec(
+        name="whoami",
+        handler="tests.funcs:whoami",
+        outputs=[TensorSpec(name="ids", dtype=DType.INT64, shape=[3])],
+    )
+    with platform_at(nats_server.url, tmp_path / "s", tenant_max_leases=3):
+        await deploy_and_wait(nc, whoami)
+        client = Client(nc, tenant="t1")
+        path = np.frombuffer(b"/etc/hostname", np.uint8).copy()
+        with pytest.raises(GfaasError) as info:
+            await client.invoke("whoami", {"path": path}, outputs_by=OutputMode.HANDLE)
+        assert info.value.code == "quota_exceeded", info.value
+        # The used `ids` buffer went back with the failed run: nothing is held, and
+        # the tenant has its whole quota again.
+        await wait_leases(client, 0, timeout=3.0)
+        held = [await client.put("z", np.zeros(4, np.float32)) for _ in range(3)]
+        await client.release(held)
+        await wait_leases(client, 0)
+
+
 async def test_a_dead_workers_leases_are_reclaimed(
     nats_server: NatsServer, nc: NATS, tmp_path: Path
 ) -> None:

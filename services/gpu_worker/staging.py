@@ -255,13 +255,16 @@ class Staging:
             h = prepared.get(name)
             if h is not None and h.nbytes == v.numel() * v.element_size():
                 chosen[name] = prepared.pop(name)
-        missing = [name for name in values if name not in chosen]
-        if missing:
-            sizes = [values[n].numel() * values[n].element_size() for n in missing]
-            fresh = await self._lease(sizes, meta.tenant, [])
-            chosen.update(zip(missing, fresh, strict=True))
-        handles = [chosen[name] for name in values]
+        # From here what `chosen` holds is released below on any failure, the lease
+        # for the rest included: the used buffers left `prepared`, so nobody else would
+        # (a quota or an exhausted pool refusing the undeclared outputs kept them).
         try:
+            missing = [name for name in values if name not in chosen]
+            if missing:
+                sizes = [values[n].numel() * values[n].element_size() for n in missing]
+                fresh = await self._lease(sizes, meta.tenant, [])
+                chosen.update(zip(missing, fresh, strict=True))
+            handles = [chosen[name] for name in values]
             outputs = [
                 write_into(chosen[name], name, v, dtype_of(name, v)) for name, v in values.items()
             ]
@@ -270,7 +273,8 @@ class Staging:
             # after reading this reply (one ordered stream of broker requests).
             await self.broker.transfer(handles, self.worker_id, holder, meta.tenant, wait=False)
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self.broker.release(handles, self.worker_id, meta.tenant)
+            if chosen:
+                with anyio.CancelScope(shield=True):
+                    await self.broker.release(list(chosen.values()), self.worker_id, meta.tenant)
             raise
         return outputs
