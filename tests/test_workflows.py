@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import msgspec
 import numpy as np
 import pytest
+import tritonclient.grpc as triton
 from nats.aio.client import Client as NATS
 
 from examples.specs import example_spec_paths, example_workflow_paths
@@ -322,3 +326,111 @@ async def test_small_fixed_intermediates_go_by_value(platform: Platform, nc: NAT
     # 4 KiB of fixed output: cheaper to carry than to lease, so no handle was made.
     assert (await client.status("gpu-worker")).details["handle_checks"]["local"] == 0
     assert (await broker(client))["pools"]["cpu"]["slabs_created"] == 0
+
+
+# a's output is small and fixed: it goes to b by value, and is a workflow output too.
+FIXED = [TensorSpec(name="x", dtype=DType.FLOAT32, shape=[1, 3])]
+INC_FIXED = FunctionSpec(
+    name="inc-fixed",
+    handler="tests.funcs:add_one",
+    inputs=FIXED,
+    outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[1, 3])],
+)
+INC_TWICE = WorkflowSpec(
+    name="inc-twice",
+    inputs=FIXED,
+    stages=[
+        StageSpec(name="a", function="inc-fixed", inputs={"x": "$in.x"}),
+        StageSpec(name="b", function="inc-fixed", inputs={"x": "a.y"}),
+    ],
+    outputs={"mid": "a.y", "z": "b.y"},
+)
+STALE = np.full(3, -7.0, np.float32).tobytes()
+
+
+@contextmanager
+def output_segments(tag: str) -> Iterator[dict[str, Path]]:
+    """One 12-byte system shared-memory segment per INC_TWICE output, holding STALE."""
+    segments = {n: Path("/dev/shm") / f"wf-out-{n}-{tag}" for n in ("mid", "z")}
+    try:
+        for path in segments.values():
+            path.write_bytes(STALE)
+        yield segments
+    finally:
+        for path in segments.values():
+            path.unlink(missing_ok=True)
+
+
+def region_contents(segments: dict[str, Path]) -> dict[str, list[float]]:
+    return {n: np.frombuffer(p.read_bytes(), np.float32).tolist() for n, p in segments.items()}
+
+
+async def test_workflow_outputs_asked_for_in_shared_memory_are_written_there_over_http(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    await deploy_all(client, INC_FIXED, INC_TWICE)
+    x = {"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}
+    with output_segments(f"http-{platform.http_port}") as segments:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{platform.http_port}") as http:
+            for n, path in segments.items():
+                registered = await http.post(
+                    f"/v2/systemsharedmemory/region/out-{n}/register",
+                    json={"key": path.name, "byte_size": 12},
+                )
+                assert registered.status_code == 200, registered.text
+            wanted = [
+                {
+                    "name": n,
+                    "parameters": {
+                        "shared_memory_region": f"out-{n}",
+                        "shared_memory_byte_size": 12,
+                    },
+                }
+                for n in segments
+            ]
+            r = await http.post(
+                f"/v2/models/{INC_TWICE.name}/infer", json={"inputs": [x], "outputs": wanted}
+            )
+            assert r.status_code == 200, r.text
+            said = {o["name"]: o["parameters"]["shared_memory_region"] for o in r.json()["outputs"]}
+            assert said == {"mid": "out-mid", "z": "out-z"}
+            # Both are in their regions, mid too (it went to stage b by value).
+            assert region_contents(segments) == {"mid": [2.0, 3.0, 4.0], "z": [3.0, 4.0, 5.0]}
+            await http.post("/v2/systemsharedmemory/unregister")
+    await no_leases_left(client)
+
+
+async def test_workflow_outputs_asked_for_in_shared_memory_are_written_there_over_grpc(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    await deploy_all(client, INC_FIXED, INC_TWICE)
+
+    def infer(segments: dict[str, Path]) -> set[str]:
+        grpc = triton.InferenceServerClient(url=f"127.0.0.1:{platform.grpc_port}")
+        try:
+            for n, path in segments.items():
+                grpc.register_system_shared_memory(f"out-{n}", f"/{path.name}", 12)
+            inp = triton.InferInput("x", [1, 3], "FP32")
+            inp.set_data_from_numpy(np.array([[1, 2, 3]], np.float32))
+            outs = []
+            for n in segments:
+                out = triton.InferRequestedOutput(n)
+                out.set_shared_memory(f"out-{n}", 12)
+                outs.append(out)
+            result = grpc.infer(INC_TWICE.name, [inp], outputs=outs)
+            regions = {
+                result.get_output(n).parameters["shared_memory_region"].string_param
+                for n in segments
+            }
+            grpc.unregister_system_shared_memory()
+            return regions
+        finally:
+            grpc.close()
+
+    with output_segments(f"grpc-{platform.grpc_port}") as segments:
+        regions = await anyio.to_thread.run_sync(infer, segments)
+        assert regions == {"out-mid", "out-z"}
+        assert region_contents(segments) == {"mid": [2.0, 3.0, 4.0], "z": [3.0, 4.0, 5.0]}
+    await no_leases_left(client)

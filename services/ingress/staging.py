@@ -106,10 +106,18 @@ class ShmStaging:
         try:
             outputs: list[Tensor] = []
             for t in reply.outputs:
+                ref = wanted.get(t.name)
                 if t.handle is None:
+                    if ref is not None:
+                        # Asked for by handle, it came by value: answering as if it
+                        # were in the region would leave the caller its old bytes.
+                        raise GfaasError(
+                            ErrorCode.INTERNAL,
+                            f"output {t.name!r} came back by value, not in the pool: "
+                            "it was not written to its shared-memory region",
+                        )
                     outputs.append(t)
                     continue
-                ref = wanted.get(t.name)
                 if ref is not None:
                     regions.copy_out(t.handle, ref)
                     outputs.append(msgspec.structs.replace(t, handle=None))

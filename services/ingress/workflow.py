@@ -117,9 +117,19 @@ class _Run:
                 tg.start_soon(self._stage, index, stage, tg.cancel_scope)
         if self.failure is not None:
             raise self.failure
-        outputs = [
-            await self._final(name, src.stage, src.name) for name, src in self.plan.outputs.items()
-        ]
+        outputs: list[Tensor] = []
+        try:
+            for name, src in self.plan.outputs.items():
+                outputs.append(await self._final(name, src.stage, src.name))
+        except BaseException:
+            # An error reply carries no outputs: the caller's references on those
+            # given so far go again (the run's own are released when it ends).
+            given = [t.handle for t in outputs if t.handle is not None]
+            if given:
+                holder = output_holder(self.request.holder, self.meta.invocation_id)
+                with anyio.CancelScope(shield=True):
+                    await self.runner.broker.release(given, holder, self.meta.tenant)
+            raise
         return InvokeReply(
             invocation_id=self.meta.invocation_id,
             outputs=outputs,
@@ -266,16 +276,40 @@ class _Run:
 
     async def _final(self, name: str, stage: str, output: str) -> Tensor:
         tensor = msgspec.structs.replace(self._value(stage, output), name=name)
+        holder = output_holder(self.request.holder, self.meta.invocation_id)
         if tensor.handle is None:
+            if self.request.outputs_by is OutputMode.HANDLE:
+                # It also fed another stage, by value (a few fixed KiB), or is a
+                # workflow input: asked for by handle (shared-memory staging writes
+                # its regions from the pool), it goes there.
+                return await self._pooled(tensor, holder)
             return tensor
         if self.request.outputs_by is OutputMode.VALUE:
             # The output also fed another stage, so it went by handle: copy it out.
             data = read_bytes(tensor.handle).tobytes()
             return msgspec.structs.replace(tensor, handle=None, data=data)
         # The caller keeps it: its own reference, before this run drops its one.
-        holder = output_holder(self.request.holder, self.meta.invocation_id)
         await self.runner.broker.retain([tensor.handle], holder, self.meta.tenant)
         return tensor
+
+    async def _pooled(self, tensor: Tensor, holder: str) -> Tensor:
+        """A by-value output in a buffer leased for the caller (`holder`)."""
+        (handle,) = await self.runner.broker.lease(
+            [len(tensor.data)], owner=holder, tenant=self.meta.tenant
+        )
+        try:
+            return move_into(handle, tensor)
+        except BackendError as exc:
+            # This ingress cannot map the pool: by value after all (a caller that
+            # needs it in the pool says so clearly: ShmStaging).
+            log.warning("workflow.output_by_value", output=tensor.name, reason=str(exc))
+            with anyio.CancelScope(shield=True):
+                await self.runner.broker.release([handle], holder, self.meta.tenant)
+            return tensor
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.runner.broker.release([handle], holder, self.meta.tenant)
+            raise
 
     async def release(self) -> None:
         if not self.held:
