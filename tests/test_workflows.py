@@ -434,3 +434,60 @@ async def test_workflow_outputs_asked_for_in_shared_memory_are_written_there_ove
         assert regions == {"out-mid", "out-z"}
         assert region_contents(segments) == {"mid": [2.0, 3.0, 4.0], "z": [3.0, 4.0, 5.0]}
     await no_leases_left(client)
+
+
+# f fails at once while s is still running; s hands its output to the run later.
+SIBLINGS = WorkflowSpec(
+    name="siblings",
+    inputs=X,
+    stages=[
+        StageSpec(name="f", function="boom", inputs={"x": "$in.x"}),
+        StageSpec(name="s", function="slow-echo", inputs={"x": "$in.x"}),
+        StageSpec(name="d", function="add", inputs={"a": "f.y", "b": "s.y"}),
+    ],
+    outputs={"y": "d.y"},
+)
+
+
+async def test_outputs_of_a_sibling_that_finishes_after_the_run_failed_are_released(
+    platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    await deploy_all(client, *FUNCS, SIBLINGS)
+    with pytest.raises(GfaasError) as info:
+        await client.invoke("siblings", {"x": np.ones(3, np.float32)})
+    assert info.value.code == "handler_error"
+    assert "stage f (boom)" in info.value.reason
+    # The run failed at once, before slow-echo (0.3 s) handed s.y to the run's holder.
+    await anyio.sleep(0.8)
+    await leases_settle_at(client, 0)
+
+
+async def test_outputs_of_a_stage_that_finishes_past_the_deadline_are_released(
+    platform: Platform, nc: NATS
+) -> None:
+    # `sleep` runs on the worker's loop once it is known to be quick, where no
+    # deadline stops it: the slow call then ends well after the run gave up.
+    nap = FunctionSpec(
+        name="nap",
+        handler="tests.funcs:sleep",
+        inputs=[TensorSpec(name="seconds", dtype=DType.FLOAT32, shape=[1])],
+    )
+    late = WorkflowSpec(
+        name="late",
+        inputs=nap.inputs,
+        stages=[
+            StageSpec(name="a", function="nap", inputs={"seconds": "$in.seconds"}),
+            StageSpec(name="b", function="echo", inputs={"x": "a.slept"}),
+        ],
+        outputs={"y": "b.y"},
+    )
+    client = Client(nc)
+    await deploy_all(client, *FUNCS, nap, late)
+    for _ in range(3):
+        await client.invoke("nap", {"seconds": np.zeros(1, np.float32)})
+    with pytest.raises(GfaasError) as info:
+        await client.invoke("late", {"seconds": np.full(1, 0.6, np.float32)}, timeout=0.2)
+    assert info.value.code == "deadline_exceeded", info.value
+    await anyio.sleep(1.0)
+    await leases_settle_at(client, 0)

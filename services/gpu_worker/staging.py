@@ -268,6 +268,13 @@ class Staging:
             outputs = [
                 write_into(chosen[name], name, v, dtype_of(name, v)) for name, v in values.items()
             ]
+            if meta.remaining_s() <= 0:
+                # Its caller stopped waiting at the deadline: outputs handed over now
+                # could be held by a holder nobody releases (a workflow run that ended).
+                raise GfaasError(
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    f"{meta.function} finished past its deadline: its outputs are not handed over",
+                )
             holder = output_holder(request.holder, meta.invocation_id)
             # Not awaited: the broker applies it before anything the caller sends
             # after reading this reply (one ordered stream of broker requests).

@@ -145,9 +145,15 @@ class Dispatcher:
         return worker
 
     async def call(
-        self, meta: InvocationMeta, body: bytes, extra: Mapping[str, str] | None = None
+        self,
+        meta: InvocationMeta,
+        body: bytes,
+        extra: Mapping[str, str] | None = None,
+        *,
+        grace_s: float = 0.0,
     ) -> InvokeReply:
-        """Send an invocation and wait for its reply (HTTP, async and workflow stages)."""
+        """Send an invocation and wait for its reply (HTTP, async and workflow stages),
+        until its deadline and `grace_s` more."""
         with anyio.CancelScope() as lost:
             try:
                 near = (extra or {}).get(H_AFFINITY, "")
@@ -155,7 +161,7 @@ class Dispatcher:
             except GfaasError as exc:
                 return error_reply(meta.invocation_id, exc.code, exc.reason)
             # After the route: a handover may have been waited out.
-            timeout = max(meta.remaining_s(), 0.001)
+            timeout = max(meta.remaining_s(), 0.001) + grace_s
             scheduler = self.watch.leader(time.monotonic()) or ""
             headers = self._headers(meta, worker, extra)
             subject = subjects.worker_run(worker) if worker is not None else subjects.SCHEDULE
@@ -167,13 +173,13 @@ class Dispatcher:
                     # places it instead.
                     await self._give_back(self.direct.finish(meta.invocation_id))
                     await self._give_back(self.direct.retire(worker))
-                    return await self.call(meta, body, extra)
+                    return await self.call(meta, body, extra, grace_s=grace_s)
                 if scheduler and meta.remaining_s() > 0:
                     # The one we heard as active has stopped listening: it is handing
                     # over. Wait for the next (bounded: it is not taken as the leader
                     # until it beats as active again, and the grace runs out).
                     self.watch.no_responders(scheduler, time.monotonic())
-                    return await self.call(meta, body, extra)
+                    return await self.call(meta, body, extra, grace_s=grace_s)
                 return error_reply(meta.invocation_id, ErrorCode.UNAVAILABLE, NO_SCHEDULER)
             except TimeoutError:
                 return error_reply(
@@ -204,7 +210,7 @@ class Dispatcher:
             # The lent worker is full after all (its other callers got there first):
             # stop sending there and let the scheduler place this one.
             await self._give_back(self.direct.retire(worker))
-            return await self.call(meta, body, extra)
+            return await self.call(meta, body, extra, grace_s=grace_s)
         return reply
 
     # -- events (decoded by the wiring) ------------------------------------------------------

@@ -18,7 +18,7 @@ from services.ingress.dispatch import Dispatcher, deadline_of
 from services.ingress.oip import InferRequest
 from services.ingress.shm_regions import ShmRegions
 from services.ingress.staging import ShmStaging
-from services.ingress.workflow import WorkflowRunner
+from services.ingress.workflow import LATE_REPLY_S, WorkflowRunner
 from shared import subjects, tracing
 from shared.dataplane.client import BrokerClient
 from shared.errors import GfaasError
@@ -87,7 +87,9 @@ class Ingress:
         self._connected = connected
         self.accepted = 0
         self.rejected = 0
-        self.runner = WorkflowRunner(self._schedule, broker, lambda: self.registry.specs, holder)
+        self.runner = WorkflowRunner(
+            self._schedule, broker, lambda: self.registry.specs, holder, lambda: self.tasks
+        )
         self._plans: dict[str, tuple[WorkflowSpec, WorkflowPlan]] = {}
         # Sync workflow runs outlive the subscription callback that admitted them;
         # at most as many at once as async invocations.
@@ -340,7 +342,10 @@ class Ingress:
 
     async def _schedule(self, meta: InvocationMeta, body: bytes, near: str) -> InvokeReply:
         """One workflow stage, preferring the worker `near` (its inputs' producer)."""
-        return await self.dispatcher.call(meta, body, {H_AFFINITY: near} if near else None)
+        # Waited for past the deadline: only that reply says what a stage that
+        # finished late handed the run (the run itself gives up at the deadline).
+        extra = {H_AFFINITY: near} if near else None
+        return await self.dispatcher.call(meta, body, extra, grace_s=LATE_REPLY_S)
 
     # -- HTTP backend (services.ingress.http.InferenceBackend) ------------------------------
 

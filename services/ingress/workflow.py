@@ -5,7 +5,8 @@ outputs feed other stages returns them by handle, held by this run; the consumer
 get the handles as inputs and read the bytes in place (same node, same pool). Stages
 start as soon as the stages they read from are done, so independent branches run
 concurrently (fan-out) and a stage reading several branches waits for all (fan-in).
-When the run ends, however it ends, every intermediate it holds is released.
+When the run ends, however it ends, every intermediate it holds is released, and
+so is what a stage still running then hands it later (its call goes on listening).
 
 An intermediate whose readers all still wait for other stages is parked: the broker
 may then spill it to host memory if its device fills, furthest next reader first.
@@ -20,6 +21,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 import anyio
 import msgspec
+from anyio.abc import TaskGroup
 
 from shared.dataplane.backend import BackendError
 from shared.dataplane.client import BrokerClient, move_into, read_bytes
@@ -47,6 +49,11 @@ POOL_INPUTS_ABOVE = 256 * 1024
 # Intermediates a spec fixes to at most this many bytes go by value (bench.dp_handoff:
 # below about 64 KiB by value is as fast as a handle, without the lease).
 SMALL_OUTPUTS = 64 * 1024
+# How long past the run's deadline a stage's reply is still listened for: a worker
+# that finishes late hands its outputs to the run's holder all the same, and only
+# that reply says which, so that they can be released (services.gpu_worker.staging
+# hands none over past the deadline; this covers the clocks' skew and the trip).
+LATE_REPLY_S = 5.0
 
 # Sends one stage to the scheduler: (meta, body, preferred worker) -> reply.
 Schedule = Callable[[InvocationMeta, bytes, str], Awaitable[InvokeReply]]
@@ -59,10 +66,14 @@ class WorkflowRunner:
         broker: BrokerClient,
         functions: Callable[[], Mapping[str, FunctionSpec]],
         holder: str = "",
+        tasks: Callable[[], TaskGroup | None] = lambda: None,
     ) -> None:
         # Runs hold their leases under this name (the ingress's): should the ingress
         # die, the broker drops them with its other references.
         self.holder = holder
+        # Where stage calls run, beside their runs (the ingress's long-lived group):
+        # a run that ends does not wait for them. Without one, each run waits.
+        self.tasks = tasks
         self.schedule = schedule
         self.broker = broker
         self.functions = functions
@@ -109,12 +120,22 @@ class _Run:
         # Stage outputs parked (by lease id) -> where the run keeps them.
         self.parked: dict[str, tuple[str, str]] = {}
         self.unparking = anyio.Lock()
+        # Set when the run released what it holds: stage replies after that release
+        # their outputs themselves.
+        self.ended = False
 
     async def execute(self) -> InvokeReply:
         await self._pool_large_inputs()
-        async with anyio.create_task_group() as tg:
-            for index, stage in enumerate(self.plan.order):
-                tg.start_soon(self._stage, index, stage, tg.cancel_scope)
+        # Without the runner's group, the calls still out when the stages end (a
+        # sibling failed) are waited for here; the reply is made outside either group.
+        async with anyio.create_task_group() as calls:
+            self.calls = self.runner.tasks() or calls
+            async with anyio.create_task_group() as tg:
+                for index, stage in enumerate(self.plan.order):
+                    tg.start_soon(self._stage, index, stage, tg.cancel_scope)
+        return await self._reply()
+
+    async def _reply(self) -> InvokeReply:
         if self.failure is not None:
             raise self.failure
         outputs: list[Tensor] = []
@@ -171,9 +192,17 @@ class _Run:
         )
         # Prefer the worker that produced this stage's inputs: they are in its pool.
         near = next((self.workers[d] for d in sorted(self.plan.deps[stage])), "")
-        reply = await self.runner.schedule(stage_meta, body, near)
-        self.runner.stages += 1
-        self.held.extend(t.handle for t in reply.outputs if t.handle is not None)
+        wait_s = max(self.meta.remaining_s(), 0.0)
+        reply = await self._call(stage_meta, body, near, wait_s)
+        if reply is None:
+            self._fail(
+                scope,
+                stage,
+                function,
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"no reply within {wait_s:.3f}s",
+            )
+            return
         if reply.error is not None:
             self._fail(scope, stage, function, reply.error.code, reply.error.reason)
             return
@@ -181,6 +210,54 @@ class _Run:
         self.workers[stage] = reply.worker
         await self._park_unread(stage)
         self.done[stage].set()
+
+    async def _call(
+        self, meta: InvocationMeta, body: bytes, near: str, wait_s: float
+    ) -> InvokeReply | None:
+        """The stage's reply, or None when none came within `wait_s` (the deadline).
+
+        The call runs beside the run, not in it: should the run end first (a sibling
+        failed, its caller left, its deadline passed), the worker still hands the
+        stage's outputs to this run's holder when it finishes; the call, still
+        listening, then releases them."""
+        got: list[InvokeReply] = []
+        arrived = anyio.Event()
+
+        async def call() -> None:
+            try:
+                if self.ended or self.failure is not None:
+                    return  # the run ended before this stage went out: it never goes
+                reply = await self._schedule(meta, body, near)
+                self.runner.stages += 1
+                handles = [t.handle for t in reply.outputs if t.handle is not None]
+                if not self.ended:
+                    self.held.extend(handles)  # released with the rest when it ends
+                    got.append(reply)
+                elif handles:
+                    await self._release_late(meta, handles)
+            finally:
+                arrived.set()
+
+        self.calls.start_soon(call)
+        with anyio.move_on_after(wait_s):
+            await arrived.wait()
+        return got[0] if got else None
+
+    async def _schedule(self, meta: InvocationMeta, body: bytes, near: str) -> InvokeReply:
+        try:
+            return await self.runner.schedule(meta, body, near)
+        except Exception as exc:  # raised in the ingress's task group, it would end it
+            log.error(
+                "workflow.stage_call_failed", invocation_id=meta.invocation_id, error=repr(exc)
+            )
+            return _error(meta, ErrorCode.INTERNAL, f"the stage's call failed: {exc!r}")
+
+    async def _release_late(self, meta: InvocationMeta, handles: list[Handle]) -> None:
+        log.info("workflow.late_outputs_released", invocation_id=meta.invocation_id)
+        try:
+            await self.runner.broker.release(handles, self.holder, meta.tenant, wait=False)
+        except Exception as exc:  # the leases' TTL frees them then
+            log.warning("workflow.late_release_failed", error=repr(exc))
 
     # -- parking intermediates whose readers wait ----------------------------------------
 
@@ -312,6 +389,7 @@ class _Run:
             raise
 
     async def release(self) -> None:
+        self.ended = True
         if not self.held:
             return
         # Published, not awaited: the reply need not wait for it, and the broker takes
