@@ -71,9 +71,18 @@ class FakeBus:
         self.errors.append((invocation_id, code))
 
 
+class UnsyncedRegistry:
+    """What the scheduler's tick reads of a registry whose watch has not caught up."""
+
+    synced = False
+    specs: dict[str, FunctionSpec] = {}
+
+
 def two_workers(bus: FakeBus) -> Scheduler:
     """A scheduler that knows workers w0 and w1, one slot each, nothing running."""
-    registry = cast(Registry[FunctionSpec], None)  # only new invocations look specs up
+    # Only new invocations look specs up; the tick asks whether the registry is read
+    # through (not yet: nothing counts as removed).
+    registry = cast(Registry[FunctionSpec], UnsyncedRegistry())
     scheduler = Scheduler(bus, registry, make_policy("least_loaded"), Settings())
     for wid in ("w0", "w1"):
         scheduler.state.observe(msgspec.structs.replace(heartbeat(wid), capacity=1), 0.0)

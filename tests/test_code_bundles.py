@@ -258,6 +258,7 @@ def push(platform: Platform, source: Path, capsys: pytest.CaptureFixture[str]) -
     return out[0]
 
 
+@pytest.mark.slow  # 7-14 s of instance processes: the default run stays under 10 minutes
 @pytest.mark.nats
 @pytest.mark.anyio
 @pytest.mark.parametrize("node", ["nobody", "self"], indirect=True)

@@ -49,6 +49,7 @@ def agent_platform(nats_server: NatsServer, tmp_path: Path) -> Iterator[Platform
         yield p
 
 
+@pytest.mark.slow  # 7-14 s of instance processes: the default run stays under 10 minutes
 async def test_a_start_from_a_spare_reports_every_step_in_order(
     agent_platform: Platform, nc: NATS
 ) -> None:

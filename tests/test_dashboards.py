@@ -211,6 +211,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scrape]:
 # -- against the scrape ----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a whole platform driven and scraped (18 s): keeps the quick run short
 @pytest.mark.nats
 def test_every_metric_the_dashboard_uses_is_exported(scraped: Scrape) -> None:
     used = set().union(*(names_in(e) for e in expressions()))
@@ -221,6 +222,7 @@ def test_every_metric_the_dashboard_uses_is_exported(scraped: Scrape) -> None:
         assert names_in(query) <= scraped.names, query
 
 
+@pytest.mark.slow  # a whole platform driven and scraped (18 s): keeps the quick run short
 @pytest.mark.nats
 def test_every_dashboard_expression_evaluates_with_promtool(
     scraped: Scrape, tmp_path: Path
@@ -275,6 +277,7 @@ def test_every_dashboard_expression_evaluates_with_promtool(
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.slow  # a whole platform driven and scraped (18 s): keeps the quick run short
 @pytest.mark.nats
 def test_compose_healthcheck_answers_for_each_service_on_its_host(scraped: Scrape) -> None:
     assert scraped.health == dict.fromkeys(SERVICES, 0)

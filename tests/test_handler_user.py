@@ -321,6 +321,7 @@ def test_a_uid_range_that_cannot_be_used_is_named() -> None:
             privileges.uid_range(bad)
 
 
+@pytest.mark.slow  # 7-14 s of instance processes: the default run stays under 10 minutes
 @pytest.mark.nats
 @pytest.mark.anyio
 async def test_a_model_instance_as_nobody_maps_the_pools_and_roots_host_tier_copy(
@@ -498,6 +499,7 @@ PLAIN_WHOAMI = FunctionSpec(
 )  # fmt: skip
 
 
+@pytest.mark.slow  # 7-14 s of instance processes: the default run stays under 10 minutes
 @pytest.mark.nats
 @pytest.mark.anyio
 async def test_with_authentication_an_instance_connects_as_an_instance_but_cannot_read_its_file(

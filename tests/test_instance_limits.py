@@ -44,6 +44,7 @@ def limits_of(pid: int) -> dict[str, str]:
     return {row[:26].strip(): row[26:47].strip() for row in rows}
 
 
+@pytest.mark.slow  # 7-14 s of instance processes: the default run stays under 10 minutes
 async def test_an_instance_cannot_allocate_past_its_budget_and_lives_on(
     limited: Platform, nc: NATS
 ) -> None:

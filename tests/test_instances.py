@@ -102,6 +102,7 @@ async def test_scale_from_zero_answers_the_first_request_then_scales_to_zero(
     print(f"first request from zero: {first_s:.2f} s")
 
 
+@pytest.mark.slow  # 7-14 s of instance processes: the default run stays under 10 minutes
 async def test_instances_appear_under_load_and_go_after_idle_s(
     agent_platform: Platform, nc: NATS
 ) -> None:
@@ -246,6 +247,7 @@ async def test_calls_waiting_for_a_removed_functions_instance_are_answered_at_on
     assert await wait_instances(nc, "slower-i", 0, timeout=20) == []
 
 
+@pytest.mark.slow  # 7-14 s of instance processes: the default run stays under 10 minutes
 async def test_an_instance_whose_build_never_returns_fails_after_the_start_timeout(
     nats_server: NatsServer, tmp_path: Path, nc: NATS
 ) -> None:
@@ -408,6 +410,7 @@ async def test_a_start_that_dies_before_it_is_ready_sends_what_it_took_to_the_ne
     assert ready[0].instance_id != first, ready
 
 
+@pytest.mark.slow  # 7-14 s of instance processes: the default run stays under 10 minutes
 async def test_profile_measures_the_grid_and_the_scheduler_plans_with_it(
     agent_platform: Platform, nc: NATS
 ) -> None:

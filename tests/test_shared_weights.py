@@ -228,6 +228,7 @@ async def two_answering_instances(
     return instances
 
 
+@pytest.mark.slow  # 7-14 s of instance processes: the default run stays under 10 minutes
 @pytest.mark.nats
 @pytest.mark.anyio
 async def test_two_instances_of_one_function_map_one_copy_and_both_answer(
