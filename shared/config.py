@@ -179,6 +179,8 @@ class Settings:
     # ("NAME@sha256:<hex>") and where the agent extracted it: first on the import path.
     instance_code: str = ""
     instance_code_dir: str = ""
+    # ... and the spec (JSON) of the version it was started for (StartInstance.spec).
+    instance_spec: str = ""
     # ... and, for a profile run in an instance process (the node isolates handlers,
     # or the function has a code bundle): the file the process writes its function's
     # profile into, then exits.

@@ -421,8 +421,12 @@ class StartInstance(_Msg):
     # Where the packer put its SM share (a fraction from the left): on a CPU, which
     # of the node's cores it gets.
     sm_offset: float = 0.0
-    # The function's version (its spec's registry revision) the instance serves.
+    # The function's version (its spec's registry revision) the instance serves,
+    # and that version's spec: a redeploy may land before the instance reads the
+    # registry, and one whose code bundle changed it cannot load (the new bundle is
+    # not on its import path), so it serves this one until it is replaced.
     version: int = 0
+    spec: FunctionSpec | None = None
     # Its model and the bytes of that model's weights within `memory_bytes`: where
     # the agent's device shares weights, instances of one model hold them once.
     model: str = ""

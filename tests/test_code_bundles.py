@@ -440,6 +440,43 @@ async def test_a_new_version_redeployed_serves_the_new_code_with_no_failed_call(
     assert await store.versions("demo") == sorted([v1.digest, v2.digest])
 
 
+@pytest.mark.slow  # 6-9 s of instance processes
+@pytest.mark.nats
+@pytest.mark.anyio
+async def test_an_instance_started_for_v1_serves_v1_though_v2_was_deployed_before_it_read_it(
+    node: Platform, nc: NATS, tmp_path: Path
+) -> None:
+    """The redeploy lands between the scheduler's start command and the instance's
+    first read of the spec: the instance still serves the version it was started for
+    (its bundle is the one on its path), and the call that woke it is answered."""
+    client = Client(nc)
+    store = await CodeStore.open(nc.jetstream())
+    v1, _ = await store.push("demo", pack(write_package(tmp_path / "v1", 2)))
+    v2, _ = await store.push("demo", pack(write_package(tmp_path / "v2", 3)))
+    await deploy_and_wait(nc, spec_for(str(v1), max_instances=2, sm_share=0.5), handler_check=False)
+    results: list[float | GfaasError] = []
+
+    async def call() -> None:
+        try:
+            out = await client.invoke("bundled", {"x": X}, timeout=60)
+            results.append(float(out["y"][1]))
+        except GfaasError as exc:
+            results.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)  # from zero: the start command names v1
+        with anyio.fail_after(30):
+            while not (await agent_details(client))["instances"]:
+                await anyio.sleep(0.005)
+        await client.deploy(spec_for(str(v2), max_instances=2, sm_share=0.5), handler_check=False)
+    (result,) = results
+    assert isinstance(result, float), result
+    assert result in (2.0, 3.0), result
+    # And v1's instance started: it did not fail for want of v2's code.
+    failed = [i for i in (await agent_details(client))["instances"] if i["state"] == "failed"]
+    assert not failed, failed
+
+
 # -- who may write the code store -----------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from shared.schema import (
     encode,
 )
 from shared.sharing.cpu import cores_for, node_cores
-from tests.helpers import deploy_and_wait
+from tests.helpers import agent_details, deploy_and_wait
 from tests.platform import Platform, platform_at
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
@@ -481,24 +481,47 @@ async def test_a_start_from_zero_takes_a_prestarted_spare(
     spec = FunctionSpec(name="echo-s", handler="tests.funcs:echo", max_instances=1, idle_s=60)
     await deploy_and_wait(nc, spec)
 
-    async def agent_details() -> dict[str, Any]:
-        for status in await client.status_all("gpu-worker", timeout=1.0):
-            if "agent" in status.details:
-                return dict(status.details["agent"])
-        raise AssertionError("no agent answered")
-
     # Instances are wanted on this node now: the agent keeps a spare started.
     with anyio.fail_after(10):
-        while (await agent_details())["spares"] < 1:
+        while (await agent_details(client))["spares"] < 1:
             await anyio.sleep(0.1)
     await anyio.sleep(3.0)  # its imports done (it waits on its assignment)
     started = time.monotonic()
     out = await client.invoke("echo-s", {"x": np.array([1.0], dtype=np.float32)}, timeout=30)
     first_s = time.monotonic() - started
     assert out["y"].tolist() == [1.0]
-    details = await agent_details()
+    details = await agent_details(client)
     assert details["started_from_spares"] == 1
     print(f"first request from zero with a spare: {first_s:.3f} s")
+
+
+async def test_a_start_that_fails_on_a_bug_fails_alone_and_leaves_no_process(
+    agent_platform: Platform, nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handing a process its assignment raised something other than an OSError (a
+    bug): that start fails with why, its process is killed, and the agent goes on to
+    the next start, which answers the call (before, the error escaped the start's
+    handler and the call waited out its deadline)."""
+    from services.gpu_worker import agent
+
+    taken: list[Any] = []
+    real = agent.Spares.assign
+
+    def assign_once_broken(proc: Any, env: dict[str, str]) -> None:
+        if not taken:
+            taken.append(proc)
+            raise RuntimeError("a bug in the assignment")
+        real(proc, env)
+
+    monkeypatch.setattr(agent.Spares, "assign", staticmethod(assign_once_broken))
+    client = Client(nc)
+    spec = FunctionSpec(name="echo-b", handler="tests.funcs:echo", max_instances=1, idle_s=60)
+    await deploy_and_wait(nc, spec)
+    x = {"x": np.array([1.0], dtype=np.float32)}
+    out = await client.invoke("echo-b", x, timeout=30)
+    assert out["y"].tolist() == [1.0]
+    (proc,) = taken
+    assert proc.poll() is not None  # killed, not left waiting for an assignment
 
 
 @pytest.mark.parametrize("when", ["reject", "best_effort"])

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
+import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -445,6 +446,7 @@ class Agent:
         instance in the books (`running`, when it is there already). The reason when
         no process could be started."""
         directory = None
+        process: subprocess.Popen[bytes] | None = None
         try:
             uid = self._instance_uid()
             directory = self.dirs.create(cmd.instance_id, uid) if self.dirs is not None else None
@@ -452,11 +454,17 @@ class Agent:
             process = self.spares.take() or self.spares.spawn()
             self._limit(process, cmd.memory_bytes)
             self.spares.assign(process, self._assignment(cmd, cores, directory, uid))
-        except OSError as exc:
+        except Exception as exc:  # an OSError, or a bug: one start fails, not the agent
+            if not isinstance(exc, OSError):
+                log.exception("instance.launch_failed", instance=cmd.instance_id)
+            if process is not None:
+                with process:  # its pipes closed, and reaped
+                    if process.poll() is None:
+                        process.kill()  # never assigned, or half: it serves nothing
             self.runner.remove(cmd.instance_id)
             if directory is not None:
                 InstanceDirs.remove(directory)
-            reason = f"could not start the instance process: {exc}"
+            reason = f"could not start the instance process: {exc!r}"
             return ErrorInfo(code=ErrorCode.INTERNAL, reason=reason)
         if running is None:
             running = Running(cmd, process, cores, self.clock())
@@ -664,6 +672,8 @@ class Agent:
                 "GFAAS_METRICS_PORT": "0",
             }
         )
+        if cmd.spec is not None:
+            env["GFAAS_INSTANCE_SPEC"] = msgspec.json.encode(cmd.spec).decode()
         if directory is not None:
             # It switches to the handler user there (privileges.become); its working
             # directory changes, so the state directory must not be relative.

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import anyio
+import msgspec
 from nats.aio.client import Client as NATS
 
 from services.gpu_worker import state
@@ -66,11 +67,20 @@ class InstanceStart:
                 raise GfaasError(
                     ErrorCode.UNKNOWN_FUNCTION, f"function {self.function!r} is not deployed"
                 )
+            if self.settings.instance_spec:
+                self.handlers.started_for = msgspec.json.decode(
+                    self.settings.instance_spec, type=FunctionSpec
+                )
         except Exception as exc:
             self._fail(exc)
             return False
-        self.spec = spec
-        self.books.limit = self.books.capacity = max(1, spec.concurrency)
+        # A redeploy since the start command that changed the code bundle: the
+        # version started for (the scheduler replaces this instance once the new
+        # version's is ready).
+        self.spec = self.handlers.servable(spec)
+        if self.spec is not spec:
+            log.info("instance.serves_started_version", function=self.function)
+        self.books.limit = self.books.capacity = max(1, self.spec.concurrency)
         return True
 
     async def load(self) -> None:

@@ -151,6 +151,9 @@ class HandlerCache:
         # The code bundle on this process's import path (an instance of a function
         # whose spec pins one); its packages are allowed for that spec alone.
         self.bundle = bundle
+        # An instance's: the spec of the version its agent started it for
+        # (StartInstance.spec), served while a newer one's code cannot be loaded here.
+        self.started_for: FunctionSpec | None = None
         self.device = device
         self.threads = threads
         self.cache = DeviceCache(capacity=capacity_bytes)
@@ -202,7 +205,14 @@ class HandlerCache:
         if spec.code == mine:
             return spec
         entry = self._loaded.get(spec.name)
-        return entry.spec if entry is not None and entry.spec.code == mine else spec
+        if entry is not None and entry.spec.code == mine:
+            return entry.spec
+        # Not loaded yet (or never, the redeploy came first): the version this
+        # instance was started for.
+        started = self.started_for
+        if started is not None and started.name == spec.name and started.code == mine:
+            return started
+        return spec
 
     def resident(self) -> list[str]:
         return sorted({cache_key(e.spec) for e in self._loaded.values()})

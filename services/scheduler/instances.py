@@ -537,6 +537,7 @@ class Instances:
             memory_bytes=spec.memory_mb * MB,
             sm_offset=rect.x / packing.UNITS,
             version=version,
+            spec=spec,
             model=spec.model or "",
             weight_bytes=self._weights(spec),
             code=spec.code,
