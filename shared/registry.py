@@ -37,7 +37,8 @@ class Registry(Generic[S]):
             "workflow" if kind is WorkflowSpec else "function"
         )
         self._specs: dict[str, S] = {}
-        # The bucket's revision of each spec: its version (every deploy makes one).
+        # The bucket's revision of each spec: its version (every deploy makes one);
+        # of a removed one, its removal's.
         self._revisions: dict[str, int] = {}
         self._synced = anyio.Event()
         # Set (and replaced) whenever the watch changes `specs`: `changed` waits on it.
@@ -66,23 +67,23 @@ class Registry(Generic[S]):
         return True
 
     async def fetch(self, name: str) -> S | None:
-        if not is_valid_name(name):
-            return None
-        try:
-            entry = await self._kv.get(name)
-        except (KeyNotFoundError, KeyDeletedError):
-            return None
-        return self._valid(name, decode(entry.value, self._kind)) if entry.value else None
+        return (await self._fetch(name))[0]
 
     async def fetch_revision(self, name: str) -> int:
         """The bucket's revision of `name`'s spec: its version (0: not deployed)."""
+        return (await self._fetch(name))[1]
+
+    async def _fetch(self, name: str) -> tuple[S | None, int]:
+        """The bucket's spec of `name` and its revision ((None, 0): none there)."""
         if not is_valid_name(name):
-            return 0
+            return None, 0
         try:
             entry = await self._kv.get(name)
         except (KeyNotFoundError, KeyDeletedError):
-            return 0
-        return entry.revision or 0
+            return None, 0
+        if not entry.value:
+            return None, 0
+        return self._valid(name, decode(entry.value, self._kind)), entry.revision or 0
 
     async def fetch_all(self) -> list[S]:
         try:
@@ -101,9 +102,12 @@ class Registry(Generic[S]):
         (ingress may admit a function a moment before this service hears of it)."""
         spec = self._specs.get(name)
         if spec is None:
-            spec = await self.fetch(name)
-            if spec is not None:
-                self._specs.setdefault(name, spec)
+            spec, revision = await self._fetch(name)
+            # Cached unless the watch heard a later change of it meanwhile (a removal
+            # above all: cached after it, the removed spec would stay).
+            if spec is not None and revision > self._revisions.get(name, 0):
+                self._specs[name] = spec
+                self._revisions[name] = revision
         return spec
 
     @property
@@ -115,7 +119,8 @@ class Registry(Generic[S]):
         return sorted(self._specs.values(), key=lambda s: s.name)
 
     def version(self, name: str) -> int:
-        """The watched revision of `name`'s spec (0: not heard yet)."""
+        """The watched revision of `name`'s spec (0: not heard yet; a removed one: its
+        removal's)."""
         return self._revisions.get(name, 0)
 
     @property
@@ -147,6 +152,8 @@ class Registry(Generic[S]):
                     continue
                 if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
                     self._specs.pop(entry.key, None)
+                    # Kept: a lookup's read from before the removal is not cached.
+                    self._revisions[entry.key] = entry.revision or 0
                     self._note_change()
                     continue
                 try:
