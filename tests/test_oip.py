@@ -491,6 +491,8 @@ async def post_json(client: httpx.AsyncClient, request: Any) -> tuple[int, str]:
         ([json_input(["a"], shape=[1], datatype="BYTES")], "BYTES (string) tensors"),
         ([json_input([1.5], shape=[1], datatype="INT32")], "INT32 data must be integers"),
         ([json_input([300], shape=[1], datatype="UINT8")], "outside the UINT8 range"),
+        ([json_input([7e4], shape=[1], datatype="FP16")], "outside the FP16 range (|x| <= 65504)"),
+        ([json_input([-1e39], shape=[1])], "outside the FP32 range"),
         ([json_input([1], shape=[1], datatype="BOOL")], "BOOL data must be booleans"),
         ([json_input("1,2", shape=[1])], "data must be a JSON array"),
         ([{"name": "x", "shape": [1], "datatype": "FP32"}], "no data"),

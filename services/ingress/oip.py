@@ -375,7 +375,13 @@ def _json_data(
             raise bad_request(
                 f"{where}: values outside the {datatype} range [{info.min}, {info.max}]"
             )
-    converted: np.ndarray[Any, Any] = values.astype(np_dtype)
+    # JSON numbers are finite: an infinity after the cast is a value the type cannot
+    # hold (above 65504 in FP16), which would have gone on as inf.
+    with np.errstate(over="ignore"):
+        converted: np.ndarray[Any, Any] = values.astype(np_dtype)
+    if kind == "f" and not np.isfinite(converted).all():
+        largest = float(np.finfo(np_dtype).max)
+        raise bad_request(f"{where}: values outside the {datatype} range (|x| <= {largest:g})")
     return converted.tobytes()
 
 
