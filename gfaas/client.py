@@ -76,9 +76,22 @@ HANDLER_CHECK_WAIT_S = SANDBOX_TIMEOUT_S + 5.0
 
 
 def _tensors(inputs: Inputs) -> list[Tensor]:
-    if isinstance(inputs, Mapping):
-        return [from_value(name, value) for name, value in inputs.items()]
-    return list(inputs)
+    if not isinstance(inputs, Mapping):
+        return list(inputs)
+    tensors = []
+    for name, value in inputs.items():
+        try:
+            tensors.append(from_value(name, value))
+        except GfaasError as exc:
+            raise unsupported(f"input {name!r}", exc) from None
+    return tensors
+
+
+def unsupported(what: str, exc: GfaasError) -> GfaasError:
+    """A value with no wire dtype (torch.bfloat16, say), given by the caller: its
+    mistake (bad_request), not a handler's (the conversion's own word)."""
+    reason = exc.reason.partition(": ")[2] or exc.reason
+    return GfaasError(ErrorCode.BAD_REQUEST, f"{what}: unsupported {reason}")
 
 
 def memory_of_kind(kind: FunctionKind, workers: Mapping[str, Mapping[str, Any]]) -> list[int]:
@@ -332,10 +345,8 @@ class Client:
             tensor = as_torch(name, value)
             dtype = dtype_of(name, tensor)
         except GfaasError as exc:
-            # Checked before leasing: a value with no wire dtype (torch.bfloat16, say)
-            # is the caller's mistake, and must not leave a lease behind.
-            reason = exc.reason.partition(": ")[2] or exc.reason
-            raise GfaasError(ErrorCode.BAD_REQUEST, f"put {name!r}: unsupported {reason}") from None
+            # Checked before leasing: the caller's mistake must not leave a lease behind.
+            raise unsupported(f"put {name!r}", exc) from None
         tenant = self.tenant or DEFAULT_TENANT
         (handle,) = await self.broker.lease(
             [tensor.numel() * tensor.element_size()],

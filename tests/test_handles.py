@@ -103,6 +103,12 @@ async def test_put_of_a_value_without_a_wire_dtype_is_refused_and_leases_nothing
     arg = await client.put("x", np.ones(4, np.float32))
     assert (await broker_details(client))["leases"] == 1
     await client.release([arg])
+    # The same values given to a call: the caller's mistake too, not a handler's.
+    for value in (torch.zeros(8, dtype=torch.bfloat16), np.zeros(2, dtype=object)):
+        with pytest.raises(GfaasError) as info:
+            await client.invoke("echo", {"x": value}, timeout=10)
+        assert info.value.code == "bad_request", info.value
+        assert "input 'x': unsupported dtype" in info.value.reason
     await wait_leases(client, 0)
 
 
