@@ -191,6 +191,15 @@ async def test_caller_mistakes_in_a_copy_or_read_are_bad_requests(broker: Handle
             await broker.copy(request, "default")
         assert refused.value.code == ErrorCode.BAD_REQUEST, weight
         assert "weight" in refused.value.reason
+    # A budget or compute time that is no time: NaN, say, would have asked for the
+    # whole link (a budget spent), ahead of every other flow.
+    for key in ("budget_ms", "compute_ms"):
+        for value in (-1.0, math.nan, math.inf):
+            request = CopyRequest(source=src, device="emu:0", owner="w", **{key: value})
+            with pytest.raises(GfaasError) as refused:
+                await broker.copy(request, "default")
+            assert refused.value.code == ErrorCode.BAD_REQUEST, (key, value)
+            assert f"{key} must be" in refused.value.reason
     bogus = msgspec.structs.replace(src, backend="bogus")
     with pytest.raises(GfaasError) as copy:
         await broker.copy(CopyRequest(source=bogus, device="emu:0", owner="w"), "default")

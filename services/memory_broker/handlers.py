@@ -180,6 +180,11 @@ class Handlers:
             raise GfaasError(
                 ErrorCode.BAD_REQUEST, f"copy weight must be positive and finite: {req.weight}"
             )
+        for key, ms in (("budget_ms", req.budget_ms), ("compute_ms", req.compute_ms)):
+            if not 0 <= ms < math.inf:  # NaN too: a budget it makes spent takes the link
+                raise GfaasError(
+                    ErrorCode.BAD_REQUEST, f"copy {key} must be zero or more, and finite: {ms}"
+                )
         table = self.pools.table
         source = self.pools.lease_of(req.source, tenant)  # may the tenant read it here?
         now = time.monotonic()
