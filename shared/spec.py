@@ -149,12 +149,19 @@ def load_any(path: Path) -> FunctionSpec | WorkflowSpec:
 
 def _read(path: Path) -> dict[str, Any]:
     text = path.read_text()
-    if path.suffix == ".toml":
-        data = tomllib.loads(text)
-    elif path.suffix in {".yaml", ".yml"}:
-        data = yaml.safe_load(text)
-    else:
-        raise SpecError(f"{path}: spec files are .toml, .yaml or .yml")
+    # A file that does not parse is the caller's mistake, named with its path: a
+    # YAMLError is no ValueError, so it escaped the CLI as a traceback.
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in {".yaml", ".yml"}:
+            data = yaml.safe_load(text)
+        else:
+            raise SpecError(f"{path}: spec files are .toml, .yaml or .yml")
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a table of fields")
     return data

@@ -97,6 +97,27 @@ def test_a_spec_file_with_a_bad_share_is_refused_on_load(tmp_path: Path) -> None
 
 
 @pytest.mark.unit
+@pytest.mark.parametrize(
+    ("name", "text", "kind"),
+    [
+        ("f.yaml", "name: [unclosed\n", "YAML"),
+        ("f.yml", '!!python/object:os.system ["true"]\n', "YAML"),
+        ("f.toml", "name = \n", "TOML"),
+    ],
+)
+def test_a_spec_file_that_does_not_parse_is_refused_with_its_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str, kind: str
+) -> None:
+    # A YAMLError is no ValueError: `gfaas spec` and `gfaas deploy` ended in a traceback.
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(SpecError, match=f"{name}: not valid {kind}: "):
+        load_spec(path)
+    assert cli.main(["spec", str(path)]) == 2
+    assert f"gfaas: {path}: not valid {kind}: " in capsys.readouterr().err
+
+
+@pytest.mark.unit
 def test_memory_larger_than_every_device_does_not_fit() -> None:
     spec = FunctionSpec(name="big", handler="m:f", memory_mb=2048)
     assert check_fits(spec, [1024 * MB, 2048 * MB]) is None
