@@ -425,7 +425,12 @@ class Client:
             if self.tenant_account
             else subjects.result(invocation_id)
         )
-        msg = await self.nc.request(subject, b"", timeout=timeout)
+        try:
+            msg = await self.nc.request(subject, b"", timeout=timeout)
+        except nats.errors.NoRespondersError:
+            # As an invocation says it: nats-py's own error is no GfaasError, and it
+            # ended `gfaas result` in a traceback.
+            raise GfaasError(ErrorCode.NO_WORKER, "no ingress is running") from None
         return decode(msg.data, InvokeReply)
 
     async def status(self, service: str, *, timeout: float = 2.0) -> ServiceStatus:
