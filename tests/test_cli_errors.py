@@ -16,3 +16,38 @@ def test_gfaas_result_without_an_ingress_says_so(
     # nats-py's NoRespondersError is no GfaasError: it escaped as a traceback.
     assert cli.main(["result", "abc", "--nats-url", nats_server.url]) == 2
     assert "gfaas: no_worker: no ingress is running" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["invoke", "f", "--timeout", "inf"],
+        ["invoke", "f", "--timeout", "nan"],
+        ["invoke", "f", "--timeout", "-1"],
+        ["invoke", "f", "--timeout", "0"],
+        ["trace", "x", "--wait", "nan"],
+        ["trace", "x", "--wait", "inf"],
+        ["trace", "x", "--wait", "-1"],
+        ["top", "--interval", "0"],
+        ["top", "--interval", "nan"],
+    ],
+)
+def test_a_duration_flag_that_is_no_finite_positive_number_is_a_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `--timeout inf` ended `gfaas invoke` in an OverflowError, `--wait nan` never
+    # ended `gfaas trace`. Refused as the flags are parsed, before anything runs.
+    with pytest.raises(SystemExit) as exited:
+        cli.build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert f"'{argv[-1]}': seconds must be" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_duration_flags_take_finite_seconds() -> None:
+    parser = cli.build_parser()
+    assert parser.parse_args(["invoke", "f", "--timeout", "2.5"]).timeout == 2.5
+    assert parser.parse_args(["trace", "x", "--wait", "0"]).wait == 0.0
+    assert parser.parse_args(["top", "--interval", "0.5"]).interval == 0.5
+
