@@ -321,7 +321,12 @@ def parse_input(text: str) -> tuple[str, Any]:
     dtype = "float32"
     if ":" in value and not value.rstrip().endswith("]"):
         value, dtype = value.rsplit(":", 1)
-    return name, np.asarray(json.loads(value), dtype=dtype)
+    try:
+        return name, np.asarray(json.loads(value), dtype=dtype)
+    except TypeError as exc:
+        # numpy's word for a dtype it does not know ("float99"): a TypeError, which
+        # escaped `gfaas invoke` as a traceback.
+        raise ValueError(f"input {name}: {exc}") from None
 
 
 def _print_reply(reply: InvokeReply) -> None:

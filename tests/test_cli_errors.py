@@ -51,3 +51,11 @@ def test_duration_flags_take_finite_seconds() -> None:
     assert parser.parse_args(["trace", "x", "--wait", "0"]).wait == 0.0
     assert parser.parse_args(["top", "--interval", "0.5"]).interval == 0.5
 
+
+@pytest.mark.unit
+def test_an_input_with_a_dtype_numpy_does_not_know_is_a_value_error() -> None:
+    # numpy says so with a TypeError, which `gfaas invoke` let out as a traceback.
+    with pytest.raises(ValueError, match="input x: data type 'float99' not understood"):
+        cli.parse_input("x=[1, 2]:float99")
+    name, value = cli.parse_input("x=[1, 2]:int64")
+    assert (name, value.dtype.name, value.tolist()) == ("x", "int64", [1, 2])
