@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -320,7 +321,12 @@ def parse_input(text: str) -> tuple[str, Any]:
     dtype = "float32"
     if ":" in value and not value.rstrip().endswith("]"):
         value, dtype = value.rsplit(":", 1)
-    return name, np.asarray(json.loads(value), dtype=dtype)
+    try:
+        return name, np.asarray(json.loads(value), dtype=dtype)
+    except TypeError as exc:
+        # numpy's word for a dtype it does not know ("float99"): a TypeError, which
+        # escaped `gfaas invoke` as a traceback.
+        raise ValueError(f"input {name}: {exc}") from None
 
 
 def _print_reply(reply: InvokeReply) -> None:
@@ -705,6 +711,31 @@ def add_tenant_commands(sub: Any) -> None:
 # -- argument parsing ----------------------------------------------------------------------
 
 
+def _duration(text: str, *, zero_ok: bool) -> float:
+    """A duration flag's seconds: finite, and above 0 (or 0 too). A usage error
+    otherwise: `--timeout inf` ended `gfaas invoke` in an OverflowError (its
+    milliseconds are an int), and `--wait nan` never ended `gfaas trace` (no time is
+    >= NaN)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    # Written so that NaN, which compares false to everything, is refused too.
+    above_least = value >= 0.0 if zero_ok else value > 0.0
+    if not (above_least and value < math.inf):
+        least = "0 or more" if zero_ok else "above 0"
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be {least} and finite")
+    return value
+
+
+def _seconds(text: str) -> float:
+    return _duration(text, zero_ok=False)
+
+
+def _seconds_or_zero(text: str) -> float:
+    return _duration(text, zero_ok=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gfaas", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -828,7 +859,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-i", "--input", action="append", default=[], help="NAME=@file.npy or NAME=[json]:dtype"
     )
     invoke.add_argument("--async", dest="async_", action="store_true")
-    invoke.add_argument("--timeout", type=float, default=30.0)
+    invoke.add_argument("--timeout", type=_seconds, default=30.0)
     invoke.add_argument(
         "--state-dir", type=Path, default=None, help="a local `gfaas up`'s (for its span files)"
     )
@@ -842,12 +873,15 @@ def build_parser() -> argparse.ArgumentParser:
     trace_cmd.add_argument("--state-dir", type=Path, default=None)
     trace_cmd.add_argument("--dir", type=Path, default=None, help="the span files' directory")
     trace_cmd.add_argument(
-        "--wait", type=float, default=1.0, help="seconds to wait for the spans to be written"
+        "--wait",
+        type=_seconds_or_zero,
+        default=1.0,
+        help="seconds to wait for the spans to be written",
     )
     trace_cmd.set_defaults(func=cmd_trace)
 
     top = sub.add_parser("top", help="live per-function rates and latencies, and the services")
-    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    top.add_argument("--interval", type=_seconds, default=2.0, help="seconds between refreshes")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     top.add_argument(
         "--metrics-host", default="", help="where ingress's metrics are (default: NATS's host)"

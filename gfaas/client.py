@@ -63,7 +63,7 @@ from shared.schema import (
     encode,
     new_invocation_id,
 )
-from shared.spec import check_function
+from shared.spec import check_function, check_workflow
 from shared.tensors import as_torch, dtype_of, from_value, to_numpy
 from shared.workflow import check_functions, check_tensors, plan_workflow
 
@@ -425,7 +425,12 @@ class Client:
             if self.tenant_account
             else subjects.result(invocation_id)
         )
-        msg = await self.nc.request(subject, b"", timeout=timeout)
+        try:
+            msg = await self.nc.request(subject, b"", timeout=timeout)
+        except nats.errors.NoRespondersError:
+            # As an invocation says it: nats-py's own error is no GfaasError, and it
+            # ended `gfaas result` in a traceback.
+            raise GfaasError(ErrorCode.NO_WORKER, "no ingress is running") from None
         return decode(msg.data, InvokeReply)
 
     async def status(self, service: str, *, timeout: float = 2.0) -> ServiceStatus:
@@ -497,7 +502,7 @@ class Client:
         arguments, is refused here rather than failing at its first call."""
         # Checked as a spec file is (raising a ValueError): specs built in code too.
         if isinstance(spec, WorkflowSpec):
-            plan_workflow(spec)
+            check_workflow(spec, source=spec.name)
         else:
             check_function(spec, source=spec.name)
         functions, workflows = await self.registry(), await self.workflow_registry()

@@ -227,10 +227,21 @@ ENV_VARS: Final[Mapping[str, str]] = {
 }
 
 
+# What a boolean variable may say ("": unset, as compose writes `VAR: ""`).
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
+
+
 def _convert(field: dataclasses.Field[Any], raw: str) -> Any:
     kind = field.type if isinstance(field.type, str) else field.type.__name__
     if kind == "bool":
-        return raw.strip().lower() in {"1", "true", "yes", "on"}
+        word = raw.strip().lower()
+        if word in _TRUE:
+            return True
+        if word in _FALSE:
+            return False
+        # Not read as False: GFAAS_NATS_AUTH=ture turned authentication off unsaid.
+        raise ValueError(f"not a boolean (one of {', '.join(sorted((_TRUE | _FALSE) - {''}))})")
     if kind == "int":
         return int(raw)
     if kind == "float":

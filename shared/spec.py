@@ -17,7 +17,7 @@ import yaml
 from shared.codebundle import ref_problem
 from shared.names import is_valid_name, name_problem
 from shared.scheduling.packing import units
-from shared.schema import FunctionSpec, WorkflowSpec
+from shared.schema import FunctionSpec, TensorSpec, WorkflowSpec
 from shared.workflow import WorkflowError, plan_workflow
 
 
@@ -55,13 +55,33 @@ def check_function(spec: FunctionSpec, *, source: str = "<spec>") -> None:
         # An instance's memory is booked on its device and capped for its process:
         # a negative figure would free room that is not there and lift the cap.
         raise SpecError(f"{source}: memory_mb ({spec.memory_mb}) must be positive")
-    names = [t.name for t in spec.inputs]
+    _check_tensors(spec.inputs, spec.outputs, source)
+    _check_scaling(spec, source)
+
+
+def check_workflow(spec: WorkflowSpec, *, source: str = "<spec>") -> None:
+    """Raise SpecError naming the first thing wrong with `spec`: its structure (as
+    `plan_workflow` sees it), and what a function's check refuses of its timeout, SLO
+    and inputs too, since ingress admits a workflow's call as one function's: a
+    timeout_ms of 0 made every call's deadline now."""
+    try:
+        plan_workflow(spec)
+    except WorkflowError as exc:
+        raise SpecError(f"{source}: {exc}") from exc
+    if spec.timeout_ms <= 0 or not 0.0 < spec.slo_ms < math.inf:
+        raise SpecError(f"{source}: timeout_ms and slo_ms must be positive")
+    _check_tensors(spec.inputs, [], source)
+
+
+def _check_tensors(
+    inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], source: str
+) -> None:
+    names = [t.name for t in inputs]
     if len(set(names)) != len(names):
         raise SpecError(f"{source}: input names must be unique")
-    for tensor in [*spec.inputs, *spec.outputs]:
+    for tensor in [*inputs, *outputs]:
         if any(d < -1 or d == 0 for d in tensor.shape):
             raise SpecError(f"{source}: {tensor.name}: dimensions are positive or -1")
-    _check_scaling(spec, source)
 
 
 def _check_scaling(spec: FunctionSpec, source: str) -> None:
@@ -123,9 +143,9 @@ def parse_workflow(data: dict[str, Any], *, source: str = "<spec>") -> WorkflowS
     body = data.get("workflow", data)
     try:
         spec = msgspec.convert(body, WorkflowSpec)
-        plan_workflow(spec)
-    except (msgspec.ValidationError, WorkflowError) as exc:
+    except msgspec.ValidationError as exc:
         raise SpecError(f"{source}: {exc}") from exc
+    check_workflow(spec, source=source)
     return spec
 
 
@@ -149,12 +169,19 @@ def load_any(path: Path) -> FunctionSpec | WorkflowSpec:
 
 def _read(path: Path) -> dict[str, Any]:
     text = path.read_text()
-    if path.suffix == ".toml":
-        data = tomllib.loads(text)
-    elif path.suffix in {".yaml", ".yml"}:
-        data = yaml.safe_load(text)
-    else:
-        raise SpecError(f"{path}: spec files are .toml, .yaml or .yml")
+    # A file that does not parse is the caller's mistake, named with its path: a
+    # YAMLError is no ValueError, so it escaped the CLI as a traceback.
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in {".yaml", ".yml"}:
+            data = yaml.safe_load(text)
+        else:
+            raise SpecError(f"{path}: spec files are .toml, .yaml or .yml")
+    except tomllib.TOMLDecodeError as exc:
+        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a table of fields")
     return data

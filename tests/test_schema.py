@@ -114,6 +114,24 @@ def test_settings_come_from_the_environment_and_overrides() -> None:
         settings_from_env({"GFAAS_CAPACITY": "many"})
 
 
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        *[("1", True), ("TRUE", True), (" yes ", True), ("on", True)],
+        *[("0", False), ("False", False), ("no", False), ("off", False), ("", False)],
+    ],
+)
+def test_a_boolean_setting_reads_the_usual_words(raw: str, value: bool) -> None:
+    assert settings_from_env({"GFAAS_NATS_AUTH": raw}).nats_auth is value
+
+
+@pytest.mark.parametrize("raw", ["ture", "enabled", "2", "y"])
+def test_a_boolean_setting_that_is_no_boolean_is_refused(raw: str) -> None:
+    # It read as False: a typo in GFAAS_NATS_AUTH turned authentication off unsaid.
+    with pytest.raises(ValueError, match=f"GFAAS_NATS_AUTH='{raw}': not a boolean"):
+        settings_from_env({"GFAAS_NATS_AUTH": raw})
+
+
 def test_spec_files_load_and_bad_specs_say_why(tmp_path: Path) -> None:
     good = tmp_path / "f.yaml"
     good.write_text("name: f\nhandler: m:f\ninputs: [{name: x, dtype: float32, shape: [-1]}]\n")

@@ -9,13 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from gfaas import cli
 from gfaas.client import Client, memory_of_kind
 from shared.natsd import NatsServer
-from shared.schema import FunctionKind, FunctionSpec
-from shared.spec import SpecError, check_fits, load_spec, parse_spec
+from shared.schema import FunctionKind, FunctionSpec, WorkflowSpec
+from shared.spec import (
+    SpecError,
+    check_fits,
+    check_workflow,
+    load_spec,
+    parse_spec,
+    parse_workflow,
+)
 from tests.helpers import wait_for_worker
 from tests.platform import Platform
 
@@ -94,6 +102,61 @@ def test_a_spec_file_with_a_bad_share_is_refused_on_load(tmp_path: Path) -> None
     path.write_text('name = "f"\nhandler = "m:f"\nsm_share = 2.0\n')
     with pytest.raises(SpecError, match=r"f.toml: sm_share \(2.0\)"):
         load_spec(path)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("name", "text", "kind"),
+    [
+        ("f.yaml", "name: [unclosed\n", "YAML"),
+        ("f.yml", '!!python/object:os.system ["true"]\n', "YAML"),
+        ("f.toml", "name = \n", "TOML"),
+    ],
+)
+def test_a_spec_file_that_does_not_parse_is_refused_with_its_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str, text: str, kind: str
+) -> None:
+    # A YAMLError is no ValueError: `gfaas spec` and `gfaas deploy` ended in a traceback.
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(SpecError, match=f"{name}: not valid {kind}: "):
+        load_spec(path)
+    assert cli.main(["spec", str(path)]) == 2
+    assert f"gfaas: {path}: not valid {kind}: " in capsys.readouterr().err
+
+
+WORKFLOW = {
+    "name": "w",
+    "inputs": [{"name": "x", "dtype": "float32", "shape": [-1]}],
+    "stages": [{"name": "a", "function": "f", "inputs": {"x": "$in.x"}}],
+    "outputs": {"y": "a.y"},
+}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("keys", "reason"),
+    [
+        ({"timeout_ms": 0}, "timeout_ms and slo_ms must be positive"),
+        ({"timeout_ms": -5}, "timeout_ms and slo_ms must be positive"),
+        ({"slo_ms": math.nan}, "timeout_ms and slo_ms must be positive"),
+        ({"slo_ms": -1.0}, "timeout_ms and slo_ms must be positive"),
+        ({"inputs": [{"name": "x", "dtype": "float32", "shape": [0]}]}, "x: dimensions are"),
+        (
+            {"inputs": [{"name": "x", "dtype": "float32", "shape": [1]}] * 2},
+            "input names must be unique",
+        ),
+    ],
+)
+def test_a_workflow_is_refused_what_a_function_is(keys: dict[str, Any], reason: str) -> None:
+    # A workflow's call is admitted as one function's (its timeout the deadline), but
+    # its file was checked for structure only: timeout_ms 0 deployed, and every call's
+    # deadline was now.
+    with pytest.raises(SpecError, match=f"w.toml: {reason}"):
+        parse_workflow({**WORKFLOW, **keys}, source="w.toml")
+    with pytest.raises(SpecError, match=f"w: {reason}"):
+        check_workflow(msgspec.convert({**WORKFLOW, **keys}, WorkflowSpec), source="w")
+    assert parse_workflow(WORKFLOW).timeout_ms == 30_000
 
 
 @pytest.mark.unit
