@@ -8,6 +8,7 @@ that every variable it sets is one listed in ENV_VARS.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -245,7 +246,12 @@ def _convert(field: dataclasses.Field[Any], raw: str) -> Any:
     if kind == "int":
         return int(raw)
     if kind == "float":
-        return float(raw)
+        value = float(raw)
+        if math.isnan(value):
+            # Every comparison with it is false: GFAAS_HEARTBEAT_S=nan, say, and a
+            # service would beat never, or always, while saying nothing of why.
+            raise ValueError("not a number (NaN)")
+        return value
     if kind == "Path":
         return Path(raw)
     return raw

@@ -132,6 +132,12 @@ def test_a_boolean_setting_that_is_no_boolean_is_refused(raw: str) -> None:
         settings_from_env({"GFAAS_NATS_AUTH": raw})
 
 
+def test_a_float_setting_that_is_nan_is_refused() -> None:
+    assert settings_from_env({"GFAAS_HEARTBEAT_S": "0.25"}).heartbeat_s == 0.25
+    with pytest.raises(ValueError, match="GFAAS_HEARTBEAT_S='nan': not a number"):
+        settings_from_env({"GFAAS_HEARTBEAT_S": "nan"})
+
+
 def test_spec_files_load_and_bad_specs_say_why(tmp_path: Path) -> None:
     good = tmp_path / "f.yaml"
     good.write_text("name: f\nhandler: m:f\ninputs: [{name: x, dtype: float32, shape: [-1]}]\n")
