@@ -311,6 +311,9 @@ SERVICE_PERMISSIONS: Final[Mapping[str, Permissions]] = {
             f"{P}.alive.*",
             f"{P}.agent_beat.*",
             f"{P}.profiled.*",
+            # Its peers' beats: a leader that steps down hands what waits to the one it
+            # heard (scheduler/handlers.py `hand_over`); unheard, it answers unavailable.
+            f"{P}.scheduler_alive",
         ],
     ),
     # Workers and their agents (the instances they start connect as INSTANCE:

@@ -44,6 +44,7 @@ from shared.schema import (
     FunctionSpec,
     InvokeReply,
     OutputMode,
+    SchedulerBeat,
     WorkerHeartbeat,
     decode,
     encode,
@@ -438,6 +439,23 @@ async def test_no_credentials_but_ingress_can_empty_or_take_from_the_async_queue
     # Ingress itself still keeps the stream and serves the queue.
     client = Client(admin)
     assert (await finished(client, await client.invoke_async("echo", X))).outputs
+
+
+@pytest.mark.anyio
+async def test_each_service_may_hear_and_send_what_it_does(secured: Secured) -> None:
+    """Least privilege, not less: a scheduler hears its peers' beats (a leader stepping
+    down hands what waits to the one it heard, else answers it unavailable)."""
+    errors: list[Exception] = []
+    scheduler = await connect(secured.url, secured.creds("scheduler"), errors)
+    try:
+        beats = await scheduler.subscribe(subjects.SCHEDULER_ALIVE)
+        try:
+            beat = decode((await beats.next_msg(timeout=5)).data, SchedulerBeat)
+        except nats.errors.TimeoutError:
+            pytest.fail(f"no scheduler beat heard: {await violations(scheduler, errors)}")
+        assert beat.active, beat
+    finally:
+        await scheduler.close()
 
 
 @pytest.mark.anyio
