@@ -180,6 +180,28 @@ _JS_DENY: Final = (
     # Nor create it before the admin does, with subjects or transforms of its own that
     # the admin's first push would then find and use (nodes only open it).
     f"$JS.API.STREAM.CREATE.OBJ_{jetstream.CODE_BUCKET}",
+    # A stream updated to max_msgs 1 drops all it held: a purge by another name. Only
+    # ingress updates streams (its own three, `jetstream._stream`), none of these.
+    f"$JS.API.STREAM.UPDATE.KV_{jetstream.RESULTS_BUCKET}",
+    f"$JS.API.STREAM.UPDATE.KV_{jetstream.PROFILES_BUCKET}",
+    f"$JS.API.STREAM.UPDATE.KV_{jetstream.LEADER_BUCKET}",
+    # No service deletes a consumer: ingress's async one gone, queued invocations wait.
+    "$JS.API.CONSUMER.DELETE.>",
+)
+_INVOCATIONS: Final = jetstream.INVOCATIONS_STREAM
+# What only ingress does with JetStream: update a stream, and read, take or change the
+# async invocations queued for it (every tenant's requests); a worker's credentials,
+# which handler code holds, could otherwise empty the queue or take from it.
+_JS_DENY_BUT_INGRESS: Final = (
+    "$JS.API.STREAM.UPDATE.>",
+    f"$JS.API.STREAM.MSG.GET.{_INVOCATIONS}",
+    f"$JS.API.DIRECT.GET.{_INVOCATIONS}",
+    f"$JS.API.DIRECT.GET.{_INVOCATIONS}.>",
+    # CONSUMER.CREATE, .LIST, .NAMES; CREATE.<stream>.<name>, .INFO; MSG.NEXT and
+    # DURABLE.CREATE.
+    f"$JS.API.CONSUMER.*.{_INVOCATIONS}",
+    f"$JS.API.CONSUMER.*.{_INVOCATIONS}.>",
+    f"$JS.API.CONSUMER.*.*.{_INVOCATIONS}.>",
 )
 
 
@@ -210,7 +232,9 @@ def _service(
     return Permissions(
         publish=tuple([*common_pub, *(_JS if js else ()), *publish]),
         subscribe=tuple([*common_sub, *subscribe]),
-        publish_deny=_JS_DENY if js else (),
+        publish_deny=(*_JS_DENY, *(() if name == "ingress" else _JS_DENY_BUT_INGRESS))
+        if js
+        else (),
     )
 
 
@@ -287,6 +311,9 @@ SERVICE_PERMISSIONS: Final[Mapping[str, Permissions]] = {
             f"{P}.alive.*",
             f"{P}.agent_beat.*",
             f"{P}.profiled.*",
+            # Its peers' beats: a leader that steps down hands what waits to the one it
+            # heard (scheduler/handlers.py `hand_over`); unheard, it answers unavailable.
+            f"{P}.scheduler_alive",
         ],
     ),
     # Workers and their agents (the instances they start connect as INSTANCE:

@@ -8,6 +8,7 @@ while the legitimate call beside it still works. docs/security.md lists them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -43,6 +44,7 @@ from shared.schema import (
     FunctionSpec,
     InvokeReply,
     OutputMode,
+    SchedulerBeat,
     WorkerHeartbeat,
     decode,
     encode,
@@ -402,6 +404,58 @@ async def test_credentials_without_a_permission_are_refused_by_the_server(
     finally:
         for nc in (broker, worker, scheduler, tenant):
             await nc.close()
+
+
+@pytest.mark.anyio
+async def test_no_credentials_but_ingress_can_empty_or_take_from_the_async_queue(
+    secured: Secured, admin: NATS
+) -> None:
+    """A stream updated to max_msgs 1 drops what it holds (a purge the permissions
+    forbid by name); ingress's async consumer deleted, queued invocations wait for
+    ever; pulled from it, another tenant's request is read and taken. Handler code
+    (an instance's credentials) and the other services may do none of these."""
+    stream, consumer = jetstream.INVOCATIONS_STREAM, jetstream.ASYNC_CONSUMER
+    js = admin.jetstream()
+    config = (await js.stream_info(stream)).config
+    shrunk = json.dumps({**config.as_dict(), "max_msgs": 1}).encode()
+    for identity in (auth.INSTANCE, "gpu-worker", "scheduler"):
+        errors: list[Exception] = []
+        nc = await connect(secured.url, secured.creds(identity), errors)
+        try:
+            for subject, body in (
+                (f"$JS.API.STREAM.UPDATE.{stream}", shrunk),
+                (f"$JS.API.CONSUMER.DELETE.{stream}.{consumer}", b""),
+                (f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}", b'{"batch": 1}'),
+            ):
+                with contextlib.suppress(nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                    await nc.request(subject, body, timeout=0.5)
+            seen = "\n".join(await violations(nc, errors, 3)).lower()
+            for op in ("stream.update", "consumer.delete", "consumer.msg.next"):
+                assert op in seen, (identity, op, seen)
+        finally:
+            await nc.close()
+    assert (await js.stream_info(stream)).config.max_msgs == config.max_msgs
+    assert (await js.consumer_info(stream, consumer)).name == consumer
+    # Ingress itself still keeps the stream and serves the queue.
+    client = Client(admin)
+    assert (await finished(client, await client.invoke_async("echo", X))).outputs
+
+
+@pytest.mark.anyio
+async def test_each_service_may_hear_and_send_what_it_does(secured: Secured) -> None:
+    """Least privilege, not less: a scheduler hears its peers' beats (a leader stepping
+    down hands what waits to the one it heard, else answers it unavailable)."""
+    errors: list[Exception] = []
+    scheduler = await connect(secured.url, secured.creds("scheduler"), errors)
+    try:
+        beats = await scheduler.subscribe(subjects.SCHEDULER_ALIVE)
+        try:
+            beat = decode((await beats.next_msg(timeout=5)).data, SchedulerBeat)
+        except nats.errors.TimeoutError:
+            pytest.fail(f"no scheduler beat heard: {await violations(scheduler, errors)}")
+        assert beat.active, beat
+    finally:
+        await scheduler.close()
 
 
 @pytest.mark.anyio
