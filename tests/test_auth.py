@@ -43,6 +43,7 @@ from shared.schema import (
     FailureRecord,
     FunctionSpec,
     InvokeReply,
+    InvokeRequest,
     OutputMode,
     SchedulerBeat,
     WorkerHeartbeat,
@@ -50,6 +51,7 @@ from shared.schema import (
     encode,
     new_invocation_id,
 )
+from shared.tensors import from_mapping
 from tests.helpers import deploy_and_wait
 from tests.platform import (
     PYTHON,
@@ -564,6 +566,43 @@ async def test_a_tenants_async_callback_reaches_it_alone(secured: Secured) -> No
         assert gone.error is not None
         assert gone.error.code is ErrorCode.NOT_FOUND
         assert stolen == []
+    finally:
+        await acme_nc.drain()
+        await evil_nc.close()
+
+
+@pytest.mark.anyio
+async def test_a_reply_a_tenant_sends_to_another_tenants_callbacks_passes_for_none_of_theirs(
+    secured: Secured,
+) -> None:
+    """The server checks the subject a tenant publishes to, not the reply subject it
+    names: acme can have its call's reply sent into evil's callbacks. Under acme's
+    tag, the id it gave can never be one of evil's (before, acme named an id of
+    evil's async invocations, computable from evil's name, and the reply it sent
+    there read as that invocation's result)."""
+    acme_nc = await connect(secured.url, secured.tenant_creds("acme"))
+    evil_nc = await connect(secured.url, secured.tenant_creds("evil"))
+    try:
+        callback = f"{auth.tenant_callbacks('evil')}.results"
+        sub = await evil_nc.subscribe(callback)
+        await evil_nc.flush()
+        evils = auth.tenant_invocation_id("evil", "job-1")  # one of evil's ids
+        body = encode(InvokeRequest(inputs=from_mapping(X)))
+        await acme_nc.publish(
+            auth.tenant_invoke("acme", "echo"),
+            body,
+            reply=callback,
+            headers={H_INVOCATION: evils},
+        )
+        forged = decode((await sub.next_msg(timeout=20)).data, InvokeReply)
+        assert forged.invocation_id == auth.tenant_tag("acme") + evils
+        assert not auth.owns_invocation("evil", forged.invocation_id)
+        # acme's own calls keep an id it gave under its tag, as its async ones do.
+        reply = await Client(acme_nc, tenant_account="acme").invoke_reply(
+            "echo", X, invocation_id="mine"
+        )
+        assert reply.error is None, reply.error
+        assert reply.invocation_id == auth.tenant_invocation_id("acme", "mine")
     finally:
         await acme_nc.drain()
         await evil_nc.close()

@@ -50,8 +50,10 @@ def admit(
     *,
     max_payload: int,
     now_ms: int,
+    id_tag: str = "",
 ) -> tuple[InvocationMeta, InvokeRequest, Spec]:
-    """Validate and stamp an invocation, or raise GfaasError with the reason."""
+    """Validate and stamp an invocation, or raise GfaasError with the reason.
+    `id_tag`: an id the caller gave is put under it (a tenant's, shared.auth)."""
     h = headers or {}
     if len(body) > max_payload:
         raise GfaasError(
@@ -60,9 +62,10 @@ def admit(
             "send large tensors by handle",
         )
     request = decode_request(body)
-    invocation_id = (
-        h.get(H_INVOCATION) or h.get(H_MSG_ID) or request.invocation_id or new_invocation_id()
-    )
+    given = h.get(H_INVOCATION) or h.get(H_MSG_ID) or request.invocation_id
+    if given and id_tag and not given.startswith(id_tag):
+        given = id_tag + given
+    invocation_id = given or new_invocation_id()
     if not is_valid_token(invocation_id):
         raise GfaasError(
             ErrorCode.BAD_REQUEST,

@@ -176,7 +176,17 @@ async def serve(
             if tenant is None:
                 return
             headers = {**(msg.headers or {}), H_TENANT: tenant}
-            await ingress.invoke(subjects.last_token(msg.subject), msg.data, headers, msg.reply)
+            # An id it gave goes under its tag, as its async ones do: the server does
+            # not check the reply subject a tenant names, so it may have its reply sent
+            # to another tenant's callbacks; under its own tag, that reply can never
+            # pass for one of the other's invocations.
+            await ingress.invoke(
+                subjects.last_token(msg.subject),
+                msg.data,
+                headers,
+                msg.reply,
+                id_tag=auth.tenant_tag(tenant),
+            )
 
         async def on_result(msg: Msg) -> None:
             reply = await asyncs.result(subjects.last_token(msg.subject))

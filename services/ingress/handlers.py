@@ -121,6 +121,7 @@ class Ingress:
         headers: Mapping[str, str] | None,
         span: Span,
         claim: int = 0,
+        id_tag: str = "",
     ) -> tuple[InvocationMeta, InvokeRequest, Spec]:
         """Admission with the books kept and the span marked; raises GfaasError.
         The origin and an async attempt's claim are ours to set, never the caller's."""
@@ -132,6 +133,7 @@ class Ingress:
                 self.lookup,
                 max_payload=self.max_payload,
                 now_ms=now_millis(),
+                id_tag=id_tag,
             )
         except GfaasError as exc:
             self.rejected += 1
@@ -145,7 +147,13 @@ class Ingress:
     # -- gfaas.v1.invoke.<function>: the worker answers the caller ----------------------------
 
     async def invoke(
-        self, function: str, body: bytes, headers: Mapping[str, str] | None, reply: str
+        self,
+        function: str,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        reply: str,
+        *,
+        id_tag: str = "",
     ) -> None:
         arrived = time.monotonic()
         # Without the caller's trace context this span is the trace's root: it stays
@@ -165,7 +173,7 @@ class Ingress:
             end_on_exit=False,
         ) as span:
             try:
-                meta, request, spec = self._admit(function, body, headers, span)
+                meta, request, spec = self._admit(function, body, headers, span, id_tag=id_tag)
                 span.set_attribute("gfaas.tenant", meta.tenant)
                 if isinstance(spec, WorkflowSpec):
                     assert self.tasks is not None
