@@ -21,8 +21,9 @@ import hashlib
 import mmap
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import nats.errors
 from nats.js import api
@@ -37,9 +38,11 @@ from shared.names import check_name, is_valid_name, name_problem
 from shared.schema import ErrorCode
 
 if TYPE_CHECKING:  # the host tier imports torch: clients that only push need not
-    from shared.modelswap.host_tier import HostModel, HostTier
+    from shared.modelswap.host_tier import HostModel, HostTier, Pending
 
 log = get_logger("modelstore")
+
+T = TypeVar("T")
 
 SHA256_HEADER = "Gfaas-Sha256"
 SIZE_HEADER = "Gfaas-Size"
@@ -171,7 +174,7 @@ class ModelStore:
         if source is None or _header(blob, SOURCE_HEADER) != source or not blob.size:
             return None
         # One process fills it; the others wait, then map what it wrote.
-        lock = await asyncio.to_thread(tier.lock, name, key)
+        lock = await _taken(lambda: tier.lock(name, key), tier.unlock)
         try:
             host = tier.cached(name, key)
             if host is None:
@@ -183,7 +186,7 @@ class ModelStore:
     async def _fill(
         self, name: str, key: str, blob: api.ObjectInfo, tier: HostTier
     ) -> HostModel | None:
-        pending = await asyncio.to_thread(tier.pending, name, key, int(blob.size or 0))
+        pending = await _taken(lambda: tier.pending(name, key, int(blob.size or 0)), _abort)
         try:
             writer = _BufferWriter(pending.segment.mm)
             await self._check_chunks(name + BLOB_SUFFIX, blob)
@@ -379,7 +382,7 @@ async def _mapped(name: str, key: str, tier: HostTier) -> HostModel:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + MAPPED_WAIT_S
     while True:
-        lock = await asyncio.to_thread(tier.lock, name, key)
+        lock = await _taken(lambda: tier.lock(name, key), tier.unlock)
         try:
             host = tier.cached(name, key)
         finally:
@@ -393,6 +396,31 @@ async def _mapped(name: str, key: str, tier: HostTier) -> HostModel:
                 f"{MAPPED_WAIT_S:g} s (this instance only maps it; its agent puts it there)",
             )
         await asyncio.sleep(MAPPED_POLL_S)
+
+
+async def _taken(take: Callable[[], T], give_back: Callable[[T], None]) -> T:
+    """`take()` in a thread (a blocking flock, a segment made). A thread cannot be
+    cancelled: where the caller is (its load given up, its build failed), what the
+    thread still takes is given back once it has it. Left to itself, a lock taken
+    after the caller had gone stayed held by this process for good, and every later
+    fill of that model, on the whole node, waited for it forever."""
+    task = asyncio.ensure_future(asyncio.to_thread(take))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+
+        def settle(done: asyncio.Future[T]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                # In a thread: giving a segment back waits for its populate thread.
+                loop.run_in_executor(None, give_back, done.result())
+
+        loop = asyncio.get_running_loop()
+        task.add_done_callback(settle)
+        raise
+
+
+def _abort(pending: Pending) -> None:
+    pending.abort()
 
 
 def cache_stem(name: str, info: api.ObjectInfo) -> str:
