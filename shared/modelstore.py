@@ -66,6 +66,9 @@ FETCH_BYTES = 32 * 1024 * 1024
 # for at most this long (the agent's fill of a large model from the store included).
 MAPPED_POLL_S = 0.05
 MAPPED_WAIT_S = 300.0
+# Fetches of a model a push replaced while it was fetched (the old chunks purged),
+# before its error stands: each new try is for weights pushed since the last.
+REPUSHED_TRIES = 3
 
 
 def file_sha256(path: Path) -> str:
@@ -209,12 +212,33 @@ class ModelStore:
         """A local file holding the model's current weights (downloaded if needed)."""
         if not is_valid_name(name):  # `../x` would be a file outside `cache_dir`
             raise GfaasError(ErrorCode.MODEL_UNAVAILABLE, name_problem("model", name))
+        info = await self._info(name)
+        for _ in range(REPUSHED_TRIES - 1):
+            try:
+                return await self._fetch_current(name, info, cache_dir)
+            except GfaasError as exc:
+                if exc.code is not ErrorCode.MODEL_UNAVAILABLE:
+                    raise
+                # A push under the name since `info` was read purges that object's
+                # chunks once its own are in: what looked truncated was replaced,
+                # and the caller wants the new weights, not this error.
+                newer = await self._info(name)
+                if newer.nuid == info.nuid:
+                    raise
+                log.info("model.repushed_during_fetch", model=name)
+                info = newer
+        return await self._fetch_current(name, info, cache_dir)
+
+    async def _info(self, name: str) -> api.ObjectInfo:
         try:
-            info = await self._store.get_info(name)
+            return await self._store.get_info(name)
         except (ObjectNotFoundError, ObjectDeletedError):
             raise GfaasError(
                 ErrorCode.MODEL_UNAVAILABLE, f"model {name!r} is not in the model store"
             ) from None
+
+    async def _fetch_current(self, name: str, info: api.ObjectInfo, cache_dir: Path) -> Path:
+        """The file of the object `info` describes, downloaded if it is not cached."""
         target = cache_dir / f"{cache_stem(name, info)}.bin"
         if target.exists():
             return target

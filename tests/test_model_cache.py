@@ -307,3 +307,33 @@ async def test_concurrent_fetches_of_one_model_share_one_download(
     assert downloads == 1
     assert [p.name for p in cache.iterdir()] == [paths[0].name]  # no partial left
     assert store._fetching == {}
+
+
+async def test_a_fetch_that_a_push_overtakes_gets_the_new_weights(
+    nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push under the name purges the old object's chunks once the new ones are in.
+    A fetch that read the old object's info just before finds its chunks gone: the
+    model is there (pushed again), so the fetch takes the new one instead of
+    answering `model_unavailable` ("truncated in the store")."""
+    store = await ModelStore.open(nc.jetstream())
+    old, new = tmp_path / "old.bin", tmp_path / "new.bin"
+    old.write_bytes(np.random.default_rng(3).bytes(3 * CHUNK_BYTES + 5))
+    new.write_bytes(np.random.default_rng(4).bytes(2 * CHUNK_BYTES + 9))
+    await store.push("big", old)
+    check = store._check_chunks
+    pushed = False
+
+    async def overtaken(name: str, info: api.ObjectInfo) -> None:
+        nonlocal pushed
+        if not pushed:  # the push lands between the fetch's info and its download
+            pushed = True
+            await store.push("big", new)
+        await check(name, info)
+
+    monkeypatch.setattr(store, "_check_chunks", overtaken)
+    with anyio.fail_after(20):
+        fetched = await store.fetch("big", tmp_path / "cache")
+    assert pushed
+    assert fetched.read_bytes() == new.read_bytes()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [fetched.name]
