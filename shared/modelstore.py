@@ -344,6 +344,13 @@ class ModelStore:
                 await asyncio.gather(writing, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+            # Unsubscribing leaves the consumer on the server until its inactive
+            # threshold: one per fetch, STALL_S each (a node fetching many models, or
+            # a prefetcher's rounds, piles them up). The fetch is done with it.
+            consumer = getattr(sub, "_consumer", None)
+            if consumer:
+                with contextlib.suppress(Exception):
+                    await js.delete_consumer(stream, consumer)
 
     async def _download_pushed(
         self, name: str, info: api.ObjectInfo, writer: _HashingWriter

@@ -413,3 +413,16 @@ async def test_a_load_waiting_for_room_keeps_its_weights_from_the_prefetcher(
             torch.testing.assert_close(results[0], first(torch.ones(1, 4)))
     finally:
         tier.purge()
+
+
+async def test_a_fetch_leaves_no_consumer_on_the_server(nc: NATS, tmp_path: Path) -> None:
+    """Each fetch pulls the chunks through a consumer of its own; done, it deletes it
+    instead of leaving it to the server's inactive threshold (STALL_S)."""
+    js = nc.jetstream()
+    store = await ModelStore.open(js)
+    weights = tmp_path / "b.bin"
+    weights.write_bytes(np.random.default_rng(5).bytes(2 * CHUNK_BYTES + 1))
+    await store.push("b", weights)
+    fetched = await store.fetch("b", tmp_path / "cache")
+    assert fetched.read_bytes() == weights.read_bytes()
+    assert await js.consumers_info(f"OBJ_{MODELS_BUCKET}") == []
