@@ -21,8 +21,9 @@ import hashlib
 import mmap
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import nats.errors
 from nats.js import api
@@ -37,9 +38,11 @@ from shared.names import check_name, is_valid_name, name_problem
 from shared.schema import ErrorCode
 
 if TYPE_CHECKING:  # the host tier imports torch: clients that only push need not
-    from shared.modelswap.host_tier import HostModel, HostTier
+    from shared.modelswap.host_tier import HostModel, HostTier, Pending
 
 log = get_logger("modelstore")
+
+T = TypeVar("T")
 
 SHA256_HEADER = "Gfaas-Sha256"
 SIZE_HEADER = "Gfaas-Size"
@@ -63,6 +66,9 @@ FETCH_BYTES = 32 * 1024 * 1024
 # for at most this long (the agent's fill of a large model from the store included).
 MAPPED_POLL_S = 0.05
 MAPPED_WAIT_S = 300.0
+# Fetches of a model a push replaced while it was fetched (the old chunks purged),
+# before its error stands: each new try is for weights pushed since the last.
+REPUSHED_TRIES = 3
 
 
 def file_sha256(path: Path) -> str:
@@ -171,7 +177,7 @@ class ModelStore:
         if source is None or _header(blob, SOURCE_HEADER) != source or not blob.size:
             return None
         # One process fills it; the others wait, then map what it wrote.
-        lock = await asyncio.to_thread(tier.lock, name, key)
+        lock = await _taken(lambda: tier.lock(name, key), tier.unlock)
         try:
             host = tier.cached(name, key)
             if host is None:
@@ -183,7 +189,7 @@ class ModelStore:
     async def _fill(
         self, name: str, key: str, blob: api.ObjectInfo, tier: HostTier
     ) -> HostModel | None:
-        pending = await asyncio.to_thread(tier.pending, name, key, int(blob.size or 0))
+        pending = await _taken(lambda: tier.pending(name, key, int(blob.size or 0)), _abort)
         try:
             writer = _BufferWriter(pending.segment.mm)
             await self._check_chunks(name + BLOB_SUFFIX, blob)
@@ -206,12 +212,33 @@ class ModelStore:
         """A local file holding the model's current weights (downloaded if needed)."""
         if not is_valid_name(name):  # `../x` would be a file outside `cache_dir`
             raise GfaasError(ErrorCode.MODEL_UNAVAILABLE, name_problem("model", name))
+        info = await self._info(name)
+        for _ in range(REPUSHED_TRIES - 1):
+            try:
+                return await self._fetch_current(name, info, cache_dir)
+            except GfaasError as exc:
+                if exc.code is not ErrorCode.MODEL_UNAVAILABLE:
+                    raise
+                # A push under the name since `info` was read purges that object's
+                # chunks once its own are in: what looked truncated was replaced,
+                # and the caller wants the new weights, not this error.
+                newer = await self._info(name)
+                if newer.nuid == info.nuid:
+                    raise
+                log.info("model.repushed_during_fetch", model=name)
+                info = newer
+        return await self._fetch_current(name, info, cache_dir)
+
+    async def _info(self, name: str) -> api.ObjectInfo:
         try:
-            info = await self._store.get_info(name)
+            return await self._store.get_info(name)
         except (ObjectNotFoundError, ObjectDeletedError):
             raise GfaasError(
                 ErrorCode.MODEL_UNAVAILABLE, f"model {name!r} is not in the model store"
             ) from None
+
+    async def _fetch_current(self, name: str, info: api.ObjectInfo, cache_dir: Path) -> Path:
+        """The file of the object `info` describes, downloaded if it is not cached."""
         target = cache_dir / f"{cache_stem(name, info)}.bin"
         if target.exists():
             return target
@@ -317,6 +344,13 @@ class ModelStore:
                 await asyncio.gather(writing, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+            # Unsubscribing leaves the consumer on the server until its inactive
+            # threshold: one per fetch, STALL_S each (a node fetching many models, or
+            # a prefetcher's rounds, piles them up). The fetch is done with it.
+            consumer = getattr(sub, "_consumer", None)
+            if consumer:
+                with contextlib.suppress(Exception):
+                    await js.delete_consumer(stream, consumer)
 
     async def _download_pushed(
         self, name: str, info: api.ObjectInfo, writer: _HashingWriter
@@ -379,7 +413,7 @@ async def _mapped(name: str, key: str, tier: HostTier) -> HostModel:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + MAPPED_WAIT_S
     while True:
-        lock = await asyncio.to_thread(tier.lock, name, key)
+        lock = await _taken(lambda: tier.lock(name, key), tier.unlock)
         try:
             host = tier.cached(name, key)
         finally:
@@ -393,6 +427,31 @@ async def _mapped(name: str, key: str, tier: HostTier) -> HostModel:
                 f"{MAPPED_WAIT_S:g} s (this instance only maps it; its agent puts it there)",
             )
         await asyncio.sleep(MAPPED_POLL_S)
+
+
+async def _taken(take: Callable[[], T], give_back: Callable[[T], None]) -> T:
+    """`take()` in a thread (a blocking flock, a segment made). A thread cannot be
+    cancelled: where the caller is (its load given up, its build failed), what the
+    thread still takes is given back once it has it. Left to itself, a lock taken
+    after the caller had gone stayed held by this process for good, and every later
+    fill of that model, on the whole node, waited for it forever."""
+    task = asyncio.ensure_future(asyncio.to_thread(take))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+
+        def settle(done: asyncio.Future[T]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                # In a thread: giving a segment back waits for its populate thread.
+                loop.run_in_executor(None, give_back, done.result())
+
+        loop = asyncio.get_running_loop()
+        task.add_done_callback(settle)
+        raise
+
+
+def _abort(pending: Pending) -> None:
+    pending.abort()
 
 
 def cache_stem(name: str, info: api.ObjectInfo) -> str:

@@ -5,10 +5,13 @@ used: the node loads the original instead, and still answers correctly."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import numpy as np
 import pytest
 import torch
@@ -17,8 +20,9 @@ from nats.js import api
 
 from bench.live_models import WIDTH, mlp, write_mlp
 from gfaas.client import Client
-from shared.modelstore import BLOB_SUFFIX, SOURCE_HEADER, ModelStore
+from shared.modelstore import BLOB_SUFFIX, SOURCE_HEADER, ModelStore, cache_stem
 from shared.modelswap import HostTier
+from shared.modelswap.host_tier import LOCK_DIR, segment_name
 from shared.schema import FunctionSpec
 from tests.helpers import deploy_and_wait
 from tests.platform import Platform
@@ -88,6 +92,39 @@ async def test_a_corrupt_or_stale_blob_is_not_used(
     with other.open("rb") as f:  # the original replaced as an older client would
         await objects.put("m3", f, meta=api.ObjectMeta(name="m3", headers={}))
     assert await store.fill_host_tier("m3", tier) is None
+
+
+async def test_a_fill_given_up_while_another_holds_the_lock_leaves_it_free(
+    nc: NATS, tmp_path: Path, tier: HostTier
+) -> None:
+    """A fill waits for the node-wide lock on the model in a thread. Given up
+    meanwhile (its load cancelled), the lock its thread takes once the other filler
+    is done must be given back: kept, no fill of that model ever ran again."""
+    store = await ModelStore.open(nc.jetstream())
+    weights = tmp_path / "m3.pt"
+    write_mlp(weights, 3, seed=2)
+    await store.push("m3", weights)
+    key = cache_stem("m3", await store._store.get_info("m3"))
+    other = tier.lock("m3", key)  # another process filling the same model
+    with anyio.move_on_after(0.3) as waited:
+        await store.fill_host_tier("m3", tier)
+    assert waited.cancelled_caught
+    tier.unlock(other)
+    probe = os.open(LOCK_DIR / f"{segment_name('m3', key, tier.prefix)}.lock", os.O_RDONLY)
+    try:
+        with anyio.fail_after(5):
+            while True:
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await anyio.sleep(0.02)
+        fcntl.flock(probe, fcntl.LOCK_UN)
+    finally:
+        os.close(probe)
+    with anyio.fail_after(10):
+        host = await store.fill_host_tier("m3", tier)
+    assert host is not None
 
 
 async def test_workers_answer_from_the_blob_and_from_the_file_when_asked(

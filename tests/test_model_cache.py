@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
+import torch
 from nats.aio.client import Client as NATS
 from nats.js import api
 
@@ -16,14 +18,18 @@ from examples.specs import example_spec_paths
 from examples.text.tokenize import tokenize
 from examples.weights import write_all
 from gfaas.client import Client
+from services.gpu_worker.models import HandlerCache
 from services.gpu_worker.prefetch import PERIOD_S as PREFETCH_PERIOD_S
+from services.gpu_worker.prefetch import Prefetcher
 from shared.dataplane.shm import list_segments
 from shared.errors import GfaasError
 from shared.jetstream import MODELS_BUCKET
 from shared.modelstore import CHUNK_BYTES, SHA256_HEADER, SIZE_HEADER, ModelStore, file_sha256
-from shared.modelswap import tier_prefix
+from shared.modelswap import HostTier, tier_prefix
 from shared.modelswap.host_tier import LOCK_DIR
 from shared.natsd import NatsServer
+from shared.registry import Registry
+from shared.schema import FunctionSpec
 from shared.spec import load_spec
 from tests.helpers import deploy_and_wait
 from tests.platform import Platform, platform_at
@@ -307,3 +313,116 @@ async def test_concurrent_fetches_of_one_model_share_one_download(
     assert downloads == 1
     assert [p.name for p in cache.iterdir()] == [paths[0].name]  # no partial left
     assert store._fetching == {}
+
+
+async def test_a_fetch_that_a_push_overtakes_gets_the_new_weights(
+    nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push under the name purges the old object's chunks once the new ones are in.
+    A fetch that read the old object's info just before finds its chunks gone: the
+    model is there (pushed again), so the fetch takes the new one instead of
+    answering `model_unavailable` ("truncated in the store")."""
+    store = await ModelStore.open(nc.jetstream())
+    old, new = tmp_path / "old.bin", tmp_path / "new.bin"
+    old.write_bytes(np.random.default_rng(3).bytes(3 * CHUNK_BYTES + 5))
+    new.write_bytes(np.random.default_rng(4).bytes(2 * CHUNK_BYTES + 9))
+    await store.push("big", old)
+    check = store._check_chunks
+    pushed = False
+
+    async def overtaken(name: str, info: api.ObjectInfo) -> None:
+        nonlocal pushed
+        if not pushed:  # the push lands between the fetch's info and its download
+            pushed = True
+            await store.push("big", new)
+        await check(name, info)
+
+    monkeypatch.setattr(store, "_check_chunks", overtaken)
+    with anyio.fail_after(20):
+        fetched = await store.fetch("big", tmp_path / "cache")
+    assert pushed
+    assert fetched.read_bytes() == new.read_bytes()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [fetched.name]
+
+
+async def test_a_load_waiting_for_room_keeps_its_weights_from_the_prefetcher(
+    nc: NATS, tmp_path: Path
+) -> None:
+    """A load that has its model's weights from the host tier and waits for device
+    memory still reads them: the prefetcher dropping the copy it fetched (the model
+    pushed again meanwhile) must wait for it, not empty it under the load (whose
+    build then found none of the model's tensors: 'weights do not fit the model')."""
+    js = nc.jetstream()
+    store = await ModelStore.open(js)
+    registry = await Registry.open(js)
+    torch.manual_seed(3)
+    first = torch.nn.Linear(4, 4)
+    lin = tmp_path / "lin.pt"
+    torch.save(first.state_dict(), lin)
+    factor = tmp_path / "factor.pt"
+    torch.save({"factor": torch.ones(64)}, factor)
+    await store.push("lin", lin)
+    await store.push("factor", factor)
+    tier = HostTier(tier_prefix(f"gfaas-p{secrets.token_hex(3)}"))
+    cache = HandlerCache(
+        device="cpu",
+        threads=1,
+        capacity_bytes=300,  # room for one model at a time
+        fetch_weights=lambda name: store.fetch(name, tmp_path / "cache"),
+        host_tier=tier,
+        fill_host_tier=store.fill_host_tier,
+    )
+    linear = FunctionSpec(name="lin", handler="tests.funcs:Linear4", model="lin")
+    scale = FunctionSpec(name="scale", handler="tests.funcs:Scale", model="factor")
+    await registry.put(linear)
+    prefetcher = Prefetcher(registry, store, cache, budget=10 * 1024 * 1024)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(registry.watch)
+            assert [w.model for w in (await prefetcher.round()).fetch] == ["lin"]
+            ran = anyio.Event()
+            release = anyio.Event()
+
+            async def hold_the_device() -> None:
+                async with cache.use(scale):
+                    ran.set()
+                    await release.wait()
+
+            tg.start_soon(hold_the_device)
+            await ran.wait()
+            results: list[Any] = []
+
+            async def call() -> None:
+                with anyio.fail_after(20):
+                    async with cache.use(linear) as loaded:
+                        results.append(loaded.handler({"x": torch.ones(1, 4)})["y"])
+
+            tg.start_soon(call)
+            with anyio.fail_after(10):
+                while cache.room_waits == 0:  # it has the weights, and waits for room
+                    await anyio.sleep(0.01)
+            torch.save(torch.nn.Linear(4, 4).state_dict(), lin)
+            await store.push("lin", lin)  # the prefetched copy is stale now
+            await prefetcher.round()
+            release.set()
+            with anyio.fail_after(20):
+                while not results:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()  # the registry's watch
+        with torch.no_grad():  # what the load read before the push: the first weights
+            torch.testing.assert_close(results[0], first(torch.ones(1, 4)))
+    finally:
+        tier.purge()
+
+
+async def test_a_fetch_leaves_no_consumer_on_the_server(nc: NATS, tmp_path: Path) -> None:
+    """Each fetch pulls the chunks through a consumer of its own; done, it deletes it
+    instead of leaving it to the server's inactive threshold (STALL_S)."""
+    js = nc.jetstream()
+    store = await ModelStore.open(js)
+    weights = tmp_path / "b.bin"
+    weights.write_bytes(np.random.default_rng(5).bytes(2 * CHUNK_BYTES + 1))
+    await store.push("b", weights)
+    fetched = await store.fetch("b", tmp_path / "cache")
+    assert fetched.read_bytes() == weights.read_bytes()
+    assert await js.consumers_info(f"OBJ_{MODELS_BUCKET}") == []

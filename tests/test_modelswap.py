@@ -114,6 +114,20 @@ def test_weights_that_do_not_fit_the_model_are_refused(
         instantiate(lambda: nn.Linear(3, 3), host, "cpu")
 
 
+@pytest.mark.parametrize("pipelined", [True, False])
+def test_weights_of_another_shape_are_refused_not_broadcast(
+    tier: HostTier, tmp_path: Path, pipelined: bool
+) -> None:
+    # A [1, 8] weight and a bias of one broadcast into nn.Linear(8, 8)'s: the model
+    # would answer with every output equal instead of refusing, as
+    # load_state_dict does for the same file.
+    path = tmp_path / "narrow.pt"
+    torch.save({"weight": torch.ones(1, 8), "bias": torch.zeros(1)}, path)
+    host = tier.get_or_load("narrow-test", "d6", lambda: path)
+    with pytest.raises(SwapError, match=r"weight is \[1, 8\], the model wants \[8, 8\]"):
+        instantiate(lambda: nn.Linear(8, 8), host, "cpu", pipelined=pipelined)
+
+
 def test_evict_removes_the_segment(tier: HostTier, weights: tuple[nn.Module, Path]) -> None:
     _, path = weights
     tier.get_or_load("mlp-test", "d5", lambda: path)

@@ -168,7 +168,8 @@ class HandlerCache:
         self._fill = fill_host_tier
         self._clock = clock
         self._loaded: dict[str, Loaded] = {}
-        # Function -> cache key of the loads under way (in `cache`, not yet in `_loaded`).
+        # Function -> cache key of the loads under way (from the fetch of their weights
+        # on; in `cache` once their space is reserved; not yet in `_loaded`).
         self._loading: dict[str, str] = {}
         self._locks: dict[str, anyio.Lock] = {}
         # Set (and replaced) whenever a model stops being in use: loads waiting for
@@ -442,6 +443,11 @@ class HandlerCache:
         from the host tier would also pay began."""
         host: HostModel | None = None
         weights: Path | None = None
+        # Under way from here: the host tier's copy it gets is read until the build
+        # is done (`models_in_use`), through the wait for room below too, so the
+        # prefetcher does not drop it meanwhile (a push replaced it) and empty the
+        # load's tensors. `_load` removes it, whatever happens.
+        self._loading[spec.name] = cache_key(spec)
         if spec.model:
             host, weights = await self.host_model(spec.model)
         swap_started = time.perf_counter()
@@ -459,7 +465,6 @@ class HandlerCache:
         await self._make_room(spec, size, wait_s)
         now = self._clock()
         self.cache = self.cache.insert(spec.name, size, 0.0, now).use(spec.name, now)
-        self._loading[spec.name] = cache_key(spec)
         return host, weights, shared_copy, swap_started
 
     def _file_fetcher(self, model: str) -> Callable[[], Path]:

@@ -224,6 +224,17 @@ def instantiate(
             f"weights of {host.name!r} do not fit the model: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    # The copies below broadcast: weights of another shape ([1, n] into [m, n], a
+    # bias of one into one of m) would be spread over the model's silently, where
+    # `load_state_dict` (the file path) refuses them. Dtypes may differ: the copy
+    # casts, as `load_state_dict` does (the shared path checks them too).
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        stored = host.tensors[name]
+        if stored.shape != tensor.shape:
+            raise SwapError(
+                f"weights of {host.name!r} do not fit the model: {name} is "
+                f"{list(stored.shape)}, the model wants {list(tensor.shape)}"
+            )
     if shared:
         model = _share(model, host, device, device_weights).eval()
         return model, _landed(model, device)
