@@ -7,13 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
+import nats.errors
 import pytest
 import torch
 
 from services.gpu_worker.models import HandlerCache
 from shared.errors import GfaasError
 from shared.modelswap import HostTier, tier_prefix
-from shared.schema import ErrorCode, FunctionSpec
+from shared.schema import CALLER_FAULTS, ErrorCode, FunctionSpec
 from tests import funcs
 
 pytestmark = [pytest.mark.unit, pytest.mark.anyio]
@@ -34,6 +35,30 @@ def weights(tmp_path: Path, name: str) -> Path:
     path = tmp_path / f"{name}.pt"
     torch.save({"factor": torch.ones(MIB // 4)}, path)  # 1 MiB
     return path
+
+
+async def test_a_store_that_cannot_be_reached_is_the_platforms_fault_not_the_handlers(
+    tier: HostTier,
+) -> None:
+    """A fetch that times out (the client's own error, as nats-py raises it) is
+    `unavailable`, which an async invocation retries; it came as handler_error, the
+    function's fault, stored as the call's final result. Nothing stays reserved."""
+
+    async def fetch(name: str) -> Path:
+        raise nats.errors.TimeoutError
+
+    cache = HandlerCache(
+        device="cpu", threads=1, capacity_bytes=MIB, fetch_weights=fetch, host_tier=tier
+    )
+    spec = FunctionSpec(name="scale", handler="tests.funcs:Scale", model="a")
+    with pytest.raises(GfaasError) as err:
+        async with cache.use(spec):
+            pass
+    assert err.value.code is ErrorCode.UNAVAILABLE, err.value
+    assert "the weights of model 'a' could not be fetched" in err.value.reason
+    assert err.value.code not in CALLER_FAULTS
+    assert cache.cache.entries == {}
+    assert cache.report().loading == []
 
 
 async def test_a_model_being_loaded_is_reported_and_never_evicted(

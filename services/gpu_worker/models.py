@@ -310,10 +310,21 @@ class HandlerCache:
         with tracing.tracer().start_as_current_span(
             "worker model fetch", attributes={"gfaas.model": model}
         ):
-            if self._fill is not None:
-                host = await self._fill(model, self.host_tier)
-            if host is None:
-                weights = await self._fetch(model)
+            try:
+                if self._fill is not None:
+                    host = await self._fill(model, self.host_tier)
+                if host is None:
+                    weights = await self._fetch(model)
+            except GfaasError:
+                raise  # the store's own word (model_unavailable: not there, corrupt)
+            except Exception as exc:
+                # The store's reach (a NATS timeout, a lost connection, a full disk):
+                # the platform's fault, retried, where it came as the function's own
+                # (handler_error, stored as an async call's final result).
+                raise GfaasError(
+                    ErrorCode.UNAVAILABLE,
+                    f"the weights of model {model!r} could not be fetched: {exc!r}",
+                ) from exc
         if host is None:
             assert weights is not None
             file = weights
