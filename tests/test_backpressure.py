@@ -8,18 +8,23 @@ import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import anyio
 import msgspec
 import numpy as np
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from gfaas.client import Client
+from services.gpu_worker.handlers import Bus as WorkerBus
+from services.gpu_worker.handlers import Job, Runs
+from services.gpu_worker.state import Books
 from services.scheduler.handlers import MAX_LOST_STARTS, Scheduler
 from services.scheduler.state import Invocation
 from shared import subjects
+from shared.bus import NatsBus
 from shared.config import Settings
 from shared.natsd import NatsServer
 from shared.registry import Registry
@@ -33,6 +38,7 @@ from shared.schema import (
     Refused,
     RefusedReply,
     decode,
+    encode,
     now_millis,
 )
 from tests.helpers import body, deploy_and_wait
@@ -136,6 +142,25 @@ async def test_a_refusal_for_an_invocation_the_scheduler_does_not_hold_is_not_ta
     assert await scheduler.refused(refusal("w0", "unknown")) == RefusedReply(taken=False)
     assert not bus.published
     assert not scheduler.state.pending
+
+
+@pytest.mark.unit
+@pytest.mark.anyio
+async def test_a_refusal_past_the_invocations_deadline_is_left_to_the_worker() -> None:
+    # Taken, it would be placed or expired again: its caller would hear from the
+    # worker (which answers what it holds when not taken) and from the scheduler too.
+    bus = FakeBus()
+    scheduler = two_workers(bus)
+    inv = invocation(scheduler.state, 0, SLEEP, 0.0)
+    inv.meta = msgspec.structs.replace(inv.meta, deadline_ms=now_millis() - 1)
+    scheduler.state.assign("w0", inv, 0.0)
+    assert await scheduler.refused(refusal("w0", "i0")) == RefusedReply(taken=False)
+    assert not bus.published
+    assert not scheduler.state.pending
+    # Its slot is freed by the worker's Done, sent with its answer.
+    done = Done(worker_id="w0", invocation_id="i0", function="sleep", ok=False)
+    await scheduler.done(done, scheduled=True)
+    assert scheduler.state.workers["w0"].view.outstanding == 0
 
 
 # -- live ----------------------------------------------------------------------------------
@@ -265,3 +290,34 @@ async def test_what_a_starting_instance_took_waits_again_when_it_is_lost_a_few_t
     await lose("w0", taken, starting=True)
     assert bus.errors == [("i0", ErrorCode.WORKER_LOST), ("i1", ErrorCode.WORKER_LOST)]
     assert not scheduler.state.pending
+
+
+@pytest.mark.nats
+@pytest.mark.anyio
+async def test_a_full_worker_waits_for_the_schedulers_answer_even_past_the_deadline(
+    nc: NATS,
+) -> None:
+    # It used to wait no longer than the invocation's deadline: a scheduler that took
+    # the invocation back a little later had it answered twice (`overloaded` by the
+    # worker, then by whatever the scheduler did with it).
+    books = Books(worker_id="w0", device="cpu", node="", limit=0, capacity=0)  # full
+    unused = cast(Any, None)  # a refused invocation is neither claimed nor executed
+    runs = Runs(cast(WorkerBus, NatsBus(nc)), books, unused, unused, "w0")
+
+    async def slow_scheduler(msg: Msg) -> None:
+        await anyio.sleep(0.05)
+        await msg.respond(encode(RefusedReply(taken=True)))
+
+    await nc.subscribe(subjects.REFUSED, cb=slow_scheduler)
+    answered: list[bytes] = []
+
+    async def caller(msg: Msg) -> None:
+        answered.append(msg.data)
+
+    inbox = nc.new_inbox()
+    await nc.subscribe(inbox, cb=caller)
+    meta = InvocationMeta(invocation_id="late", function="sleep", deadline_ms=now_millis() + 5)
+    assert not await runs.admit(Job(meta, b"", inbox, meta.to_headers()))
+    await nc.flush()
+    await anyio.sleep(0.1)
+    assert not answered  # the scheduler took it: it answers

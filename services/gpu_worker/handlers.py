@@ -220,9 +220,14 @@ class Runs:
             inflight=self.books.inflight,
             capacity=self.books.limit,
         )
-        timeout = min(HAND_BACK_WAIT_S, max(job.meta.remaining_s(), 0.001))
+        # The whole wait, not cut short by the invocation's deadline: an answer that
+        # comes after the worker stopped waiting would mean the scheduler took it and
+        # the caller hears from both. The scheduler says at once that it does not take
+        # one past its deadline.
         try:
-            answer = await self.bus.request(subjects.REFUSED, encode(refused), timeout=timeout)
+            answer = await self.bus.request(
+                subjects.REFUSED, encode(refused), timeout=HAND_BACK_WAIT_S
+            )
             taken = decode(answer, RefusedReply).taken
         except Exception as exc:  # no active scheduler, or it did not answer in time
             log.info("refused.not_taken", invocation_id=job.meta.invocation_id, error=repr(exc))
