@@ -202,3 +202,22 @@ def test_a_lost_worker_hands_back_what_was_sent_there() -> None:
     routes.tick(1.6)
     assert routes.sent == {}
     assert routes.routes["g2"].in_use == 0
+
+
+def test_what_was_sent_under_surrendered_grants_is_still_answered_if_its_worker_is_lost() -> None:
+    """A new scheduler voids the old one's grants, not the runs sent under them: those
+    callers hear `worker_lost` when the worker dies (they used to be forgotten with the
+    grants and waited out their deadlines)."""
+    routes = DirectRoutes()
+    routes.on_grant(GRANT, now=0.0)
+    assert routes.take("f", "a", 0.1, deadline=9.0, reply="inbox.a") == "w"
+    assert routes.surrender() == [GRANT]
+    assert routes.take("f", "b", 0.2, deadline=9.0) is None  # nothing more goes direct
+    assert [(iid, sent.reply) for iid, sent in routes.lost("w")] == [("a", "inbox.a")]
+    assert routes.sent == {}
+    # One that finishes instead just ends its record; nothing is given back twice.
+    routes.on_grant(msgspec.structs.replace(GRANT, grant_id="g2"), now=1.0)
+    assert routes.take("f", "c", 1.1, deadline=9.0) == "w"
+    routes.surrender()
+    assert routes.finish("c") == []
+    assert routes.sent == {}

@@ -166,13 +166,14 @@ class DirectRoutes:
         return back
 
     def surrender(self) -> list[Grant]:
-        """Every grant, to give back at shutdown: nothing more will be sent under them
-        (what is still running finishes on the worker's own capacity check)."""
+        """Every grant, to give back at shutdown or drop for a new scheduler: nothing
+        more will be sent under them (what is still running finishes on the worker's
+        own capacity check). What was sent stays recorded until its Done or deadline:
+        if its worker is lost, its caller is still told so (`lost`)."""
         grants = [route.grant for route in self.routes.values()]
         for route in list(self.routes.values()):
             self._forget(route)
             self.returned.append(route.grant.grant_id)
-        self.sent.clear()
         return grants
 
     def _settle(self, route: Route) -> list[Grant]:
