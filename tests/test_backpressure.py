@@ -163,6 +163,41 @@ async def test_a_refusal_past_the_invocations_deadline_is_left_to_the_worker() -
     assert scheduler.state.workers["w0"].view.outstanding == 0
 
 
+@pytest.mark.unit
+@pytest.mark.anyio
+async def test_two_invocations_waiting_under_one_id_are_both_served() -> None:
+    # Callers may reuse an id (a correlation id): the second used to replace the first
+    # in the queue, whose caller was never answered.
+    bus = FakeBus()
+    scheduler = two_workers(bus)
+    state = scheduler.state
+    for n, wid in ((8, "w0"), (9, "w1")):
+        state.assign(wid, invocation(state, n, SLEEP, 0.0), 0.0)
+    first, second = invocation(state, 0, SLEEP, 0.0), invocation(state, 0, SLEEP, 0.1)
+    first.reply, second.reply = "inbox.first", "inbox.second"
+    assert state.enqueue(first)
+    assert state.enqueue(second)
+    assert len(state.pending) == 2
+    state.requeue(state.take(second.view.invocation_id))  # placed, refused, back
+    assert len(state.pending) == 2
+    for n, wid in ((8, "w0"), (9, "w1")):
+        done = Done(worker_id=wid, invocation_id=f"i{n}", function="sleep", ok=True)
+        await scheduler.done(done, scheduled=True)
+    assert not state.pending
+    assert len(bus.published) == 2
+    assert {b.running["i0"].reply for b in state.workers.values()} == {
+        "inbox.first",
+        "inbox.second",
+    }
+    # Expired, both are answered.
+    third, fourth = (invocation(state, 5, SLEEP, 0.0) for _ in range(2))
+    for inv in (third, fourth):
+        inv.meta = msgspec.structs.replace(inv.meta, deadline_ms=1)
+        assert state.enqueue(inv)
+    assert state.expire_pending(now_millis()) == [third, fourth]
+    assert not state.pending
+
+
 # -- live ----------------------------------------------------------------------------------
 
 

@@ -190,8 +190,8 @@ class Scheduler:
                 with trace.use_span(waiting, end_on_exit=False):
                     await self._scale(now, only=spec.name)
                 cold["commanded"] = time.time()
-                if meta.invocation_id in self.state.pending:
-                    self._cold_spans[meta.invocation_id] = (waiting, now)
+                if inv.view.invocation_id in self.state.pending:
+                    self._cold_spans[inv.view.invocation_id] = (waiting, now)
                 else:
                     waiting.end()
             if worker_id is not None and ingress and self.grant_ttl_s > 0:
@@ -498,7 +498,7 @@ class Scheduler:
     async def _send(self, worker_id: str, inv: Invocation) -> None:
         if inv.view.instanced:
             self._cold_step(inv.view.function, "dispatched")
-            cold = self._cold_spans.pop(inv.meta.invocation_id, None)
+            cold = self._cold_spans.pop(inv.view.invocation_id, None)
             if cold is not None:
                 waiting, since = cold
                 waiting.set_attribute("gfaas.worker", worker_id)

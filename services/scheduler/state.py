@@ -97,7 +97,8 @@ class ClusterState:
     worker_timeout_s: float
     pending_limit: int
     workers: dict[str, WorkerBook] = field(default_factory=dict)
-    # Waiting invocations by id, oldest first (dicts keep insertion order).
+    # Waiting invocations by their views' ids (`_queue_key`), oldest first (dicts
+    # keep insertion order).
     pending: dict[str, Invocation] = field(default_factory=dict)
     # Cache key -> bytes on a device (heartbeats), or stored bytes (object store).
     model_bytes: dict[str, int] = field(default_factory=dict)
@@ -109,6 +110,8 @@ class ClusterState:
     ingress_seen: dict[str, float] = field(default_factory=dict)
     # (ingress, function) -> when its last few invocations came (is it hot?).
     calls: dict[tuple[str, str], deque[float]] = field(default_factory=dict)
+    # Numbers the queue keys of invocations that share a caller's id.
+    _seq: itertools.count[int] = field(default_factory=itertools.count)
 
     def views(self) -> list[WorkerView]:
         """The workers the policies choose from: all of them, but an instance still
@@ -387,19 +390,32 @@ class ClusterState:
     def enqueue(self, inv: Invocation) -> bool:
         if len(self.pending) >= self.pending_limit:
             return False
-        self.pending[inv.meta.invocation_id] = inv
+        self.pending[self._queue_key(inv)] = inv
         return True
+
+    def _queue_key(self, inv: Invocation) -> str:
+        """`inv`'s key in the queue: its view's id, made its own while another waiting
+        invocation has it. Callers may reuse an id (a correlation id), and the plan
+        names what it places by the view's id: keyed by the caller's id alone, the
+        second would replace the first, whose caller was never answered. ('#' is no
+        id's character: the key is nobody else's.)"""
+        key = inv.view.invocation_id
+        other = self.pending.get(key)
+        if other is not None and other is not inv:
+            key = f"{inv.meta.invocation_id}#{next(self._seq)}"
+            inv.view = replace(inv.view, invocation_id=key)
+        return key
 
     def requeue(self, inv: Invocation) -> None:
         """An invocation a worker refused waits again, in its place by arrival. Past
         the limit too: it was admitted, and it moves from a worker's books to the
         queue (the queue's bound is on what comes in, not on what comes back)."""
-        self.pending[inv.meta.invocation_id] = inv
+        self.pending[self._queue_key(inv)] = inv
         if any(other.view.arrived_at > inv.view.arrived_at for other in self.pending.values()):
             self.pending = dict(sorted(self.pending.items(), key=lambda kv: kv[1].view.arrived_at))
 
     def take(self, invocation_id: str) -> Invocation:
-        """Remove a waiting invocation the planner placed or refused."""
+        """Remove a waiting invocation the planner placed or refused (by its view's id)."""
         return self.pending.pop(invocation_id)
 
     def bus_back(self, at: float) -> None:
@@ -414,7 +430,7 @@ class ClusterState:
         """What waits for `function`, removed (it cannot be served: answered)."""
         dropped = [inv for inv in self.pending.values() if inv.view.function == function]
         for inv in dropped:
-            del self.pending[inv.meta.invocation_id]
+            del self.pending[inv.view.invocation_id]
         return dropped
 
     def drop_pending(self) -> list[Invocation]:
@@ -430,5 +446,5 @@ class ClusterState:
             if inv.meta.deadline_ms and inv.meta.deadline_ms <= now_ms
         ]
         for inv in expired:
-            del self.pending[inv.meta.invocation_id]
+            del self.pending[inv.view.invocation_id]
         return expired
