@@ -269,3 +269,21 @@ def test_the_grpc_deadline_becomes_the_invocation_timeout() -> None:
     parsed = grpc_codec.parse_infer_request(request)
     assert grpc_codec.with_deadline(parsed, 2.5).invoke.timeout_ms == 2500
     assert grpc_codec.with_deadline(parsed, None).invoke.timeout_ms == 0
+
+
+@pytest.mark.parametrize("name", ["m" * 20_000, "☃" * 3_000])
+def test_a_long_reason_still_reaches_the_client_with_its_status(
+    platform: Platform, name: str
+) -> None:
+    """The details ride in a trailer that clients refuse over 16 KiB (RESOURCE_EXHAUSTED
+    "Stream removed", the status and reason lost): a reason quoting a long name is cut
+    to fit, percent-encoding (non-ASCII: 3 bytes per byte) counted."""
+    connected_client(platform).close()
+    with grpc.insecure_channel(f"127.0.0.1:{platform.grpc_port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as unknown:
+            stub.ModelInfer(service_pb2.ModelInferRequest(model_name=name), timeout=10)
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND, unknown.value.details()
+    details = unknown.value.details() or ""
+    assert details.startswith(f"unknown_function: model '{name[:100]}")
+    assert details.endswith("more characters cut)")

@@ -62,12 +62,29 @@ STATUS_FOR_CODE: Final[Mapping[ErrorCode, grpc.StatusCode]] = {
 GRACE_S: Final = 10.0
 # Protobuf framing around the tensors: the payload limit is on the tensors.
 _FRAMING_BYTES: Final = 64 * 1024
+# The most bytes a status's details take in its `grpc-message` trailer, percent-encoded.
+# Clients refuse trailers over their metadata limit (gRPC's default: 8 KiB soft, 16 KiB
+# hard) and report RESOURCE_EXHAUSTED "Stream removed" instead of the status: a reason
+# quoting a long model or input name, or a function's long exception, must be cut.
+DETAILS_BUDGET: Final = 4096
 
 _Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 def status_for(code: ErrorCode) -> grpc.StatusCode:
     return STATUS_FOR_CODE.get(code, grpc.StatusCode.INTERNAL)
+
+
+def clipped(details: str, budget: int = DETAILS_BUDGET) -> str:
+    """`details` cut to fit `budget` bytes once percent-encoded as gRPC sends them
+    (printable ASCII but "%" as itself, any other byte as "%XX")."""
+    used = 0
+    for i, ch in enumerate(details):
+        used += 1 if " " <= ch <= "~" and ch != "%" else 3 * len(ch.encode("utf-8", "replace"))
+        if used > budget:
+            cut = details[: max(0, i - 64)]
+            return f"{cut} ... ({len(details) - len(cut)} more characters cut)"
+    return details
 
 
 # The tenant of the call being handled, from its API key (with `tokens`).
@@ -103,7 +120,7 @@ def _guarded(method: str, fn: _Handler, tokens: TokenBook | None = None) -> _Han
         try:
             return await fn(request, context)
         except GfaasError as exc:
-            code, details = status_for(exc.code), f"{exc.code}: {exc.reason}"
+            code, details = status_for(exc.code), clipped(f"{exc.code}: {exc.reason}")
         except Exception:
             # A broken backend must still answer with a status, not a dropped stream.
             log.exception("grpc call failed", method=method)
