@@ -287,3 +287,27 @@ def test_a_long_reason_still_reaches_the_client_with_its_status(
     details = unknown.value.details() or ""
     assert details.startswith(f"unknown_function: model '{name[:100]}")
     assert details.endswith("more characters cut)")
+
+
+def test_a_request_protobuf_cannot_parse_is_invalid_argument(platform: Platform) -> None:
+    """Not a message, or a string field that is not UTF-8: the caller's mistake, which
+    grpc itself would answer UNKNOWN "Unexpected DecodeError"."""
+    connected_client(platform).close()
+    with grpc.insecure_channel(f"127.0.0.1:{platform.grpc_port}") as channel:
+        for method in ("ModelInfer", "SystemSharedMemoryRegister"):
+            rpc = channel.unary_unary(
+                f"/inference.GRPCInferenceService/{method}",
+                request_serializer=lambda body: body,
+                response_deserializer=lambda body: body,
+            )
+            # A truncated field; then field 1 (a name) as 2 bytes that are not UTF-8.
+            for body in (b"\xff\xff\xff", b"\x0a\x02\xff\xfe"):
+                with pytest.raises(grpc.RpcError) as refused:
+                    rpc(body, timeout=10)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, body
+                assert (refused.value.details() or "").startswith(
+                    f"bad_request: {method}: malformed request message: "
+                )
+        # The front still answers well-formed calls.
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=10).live

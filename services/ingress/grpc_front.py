@@ -20,6 +20,7 @@ from typing import Any, Final
 import anyio
 import grpc
 from anyio.abc import TaskStatus
+from google.protobuf.message import DecodeError
 
 from services.ingress import grpc_codec, oip, proto
 from services.ingress.http import (
@@ -32,7 +33,7 @@ from services.ingress.shm_regions import TenantRegions
 from services.ingress.stats import InferenceStats
 from services.ingress.tls import FrontTLS
 from shared.auth import UNAUTHENTICATED_REASON, TokenBook
-from shared.errors import GfaasError
+from shared.errors import GfaasError, bad_request
 from shared.logs import get_logger
 from shared.schema import DEFAULT_TENANT, H_TENANT, ErrorCode, FunctionSpec
 
@@ -108,6 +109,26 @@ def _passed_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return passed
 
 
+class _Undecodable:
+    """A request protobuf could not parse (not the message, invalid UTF-8 in a string,
+    nesting too deep). grpc answers a deserializer that raises with UNKNOWN
+    "Unexpected DecodeError", a caller's mistake reported as the server's: the
+    deserializer returns this instead and the handler refuses it, INVALID_ARGUMENT."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _deserializer(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return deserialize
+
+
 def _guarded(method: str, fn: _Handler, tokens: TokenBook | None = None) -> _Handler:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if tokens is not None and method not in OPEN_RPCS:
@@ -118,6 +139,8 @@ def _guarded(method: str, fn: _Handler, tokens: TokenBook | None = None) -> _Han
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
             _TENANT.set(tenant or "")
         try:
+            if isinstance(request, _Undecodable):
+                raise bad_request(f"{method}: malformed request message: {request.reason}")
             return await fn(request, context)
         except GfaasError as exc:
             code, details = status_for(exc.code), clipped(f"{exc.code}: {exc.reason}")
@@ -279,7 +302,7 @@ def create_handler(
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             _guarded(name, fn, tokens),
-            request_deserializer=message(methods[name].input_type.name).FromString,
+            request_deserializer=_deserializer(message(methods[name].input_type.name).FromString),
             response_serializer=message(methods[name].output_type.name).SerializeToString,
         )
         for name, fn in rpcs.items()
