@@ -311,3 +311,58 @@ def test_a_request_protobuf_cannot_parse_is_invalid_argument(platform: Platform)
         # The front still answers well-formed calls.
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         assert stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=10).live
+
+
+HOLD = FunctionSpec(
+    name="hold",
+    handler="tests.funcs:hold",
+    inputs=[TensorSpec(name="seconds", dtype=DType.FLOAT32, shape=[1])],
+    outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[256])],
+)
+
+
+async def _broker_leases(url: str) -> object:
+    import nats
+
+    from gfaas.client import Client
+
+    nc = await nats.connect(url)
+    try:
+        return (await Client(nc).status("memory-broker")).details["leases"]
+    finally:
+        await nc.drain()
+
+
+@pytest.mark.slow
+def test_a_caller_gone_before_its_shared_memory_reply_leaves_no_lease(platform: Platform) -> None:
+    """A gRPC deadline cancels the handler while the function still runs (its
+    `timeout` is longer): the reply that comes after, its output in a buffer leased
+    under ingress's name, must still have that buffer released."""
+    import tritonclient.utils.shared_memory as shm
+
+    connected_client(platform, HOLD).close()
+    key = f"/grpc-gone-{time.monotonic_ns()}"
+    region = shm.create_shared_memory_region("seconds", key, 4)
+    shm.set_shared_memory_region(region, [np.array([1.5], dtype=np.float32)])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{platform.grpc_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            register = service_pb2.SystemSharedMemoryRegisterRequest(
+                name="seconds", key=key, byte_size=4
+            )
+            stub.SystemSharedMemoryRegister(register, timeout=10)
+            request = service_pb2.ModelInferRequest(model_name="hold")
+            request.parameters["timeout"].int64_param = 10_000_000  # µs
+            tensor = request.inputs.add(name="seconds", datatype="FP32", shape=[1])
+            tensor.parameters["shared_memory_region"].string_param = "seconds"
+            tensor.parameters["shared_memory_byte_size"].int64_param = 4
+            with pytest.raises(grpc.RpcError) as late:
+                stub.ModelInfer(request, timeout=0.5)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The function is done 1.5 s in; its output's lease goes with its reply.
+            deadline = time.monotonic() + 10
+            while (leases := anyio.run(_broker_leases, platform.url)) != 0:
+                assert time.monotonic() < deadline, f"{leases} leases still held"
+                time.sleep(0.1)
+    finally:
+        shm.destroy_shared_memory_region(region)
