@@ -269,3 +269,100 @@ def test_the_grpc_deadline_becomes_the_invocation_timeout() -> None:
     parsed = grpc_codec.parse_infer_request(request)
     assert grpc_codec.with_deadline(parsed, 2.5).invoke.timeout_ms == 2500
     assert grpc_codec.with_deadline(parsed, None).invoke.timeout_ms == 0
+
+
+@pytest.mark.parametrize("name", ["m" * 20_000, "☃" * 3_000])
+def test_a_long_reason_still_reaches_the_client_with_its_status(
+    platform: Platform, name: str
+) -> None:
+    """The details ride in a trailer that clients refuse over 16 KiB (RESOURCE_EXHAUSTED
+    "Stream removed", the status and reason lost): a reason quoting a long name is cut
+    to fit, percent-encoding (non-ASCII: 3 bytes per byte) counted."""
+    connected_client(platform).close()
+    with grpc.insecure_channel(f"127.0.0.1:{platform.grpc_port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as unknown:
+            stub.ModelInfer(service_pb2.ModelInferRequest(model_name=name), timeout=10)
+    assert unknown.value.code() == grpc.StatusCode.NOT_FOUND, unknown.value.details()
+    details = unknown.value.details() or ""
+    assert details.startswith(f"unknown_function: model '{name[:100]}")
+    assert details.endswith("more characters cut)")
+
+
+def test_a_request_protobuf_cannot_parse_is_invalid_argument(platform: Platform) -> None:
+    """Not a message, or a string field that is not UTF-8: the caller's mistake, which
+    grpc itself would answer UNKNOWN "Unexpected DecodeError"."""
+    connected_client(platform).close()
+    with grpc.insecure_channel(f"127.0.0.1:{platform.grpc_port}") as channel:
+        for method in ("ModelInfer", "SystemSharedMemoryRegister"):
+            rpc = channel.unary_unary(
+                f"/inference.GRPCInferenceService/{method}",
+                request_serializer=lambda body: body,
+                response_deserializer=lambda body: body,
+            )
+            # A truncated field; then field 1 (a name) as 2 bytes that are not UTF-8.
+            for body in (b"\xff\xff\xff", b"\x0a\x02\xff\xfe"):
+                with pytest.raises(grpc.RpcError) as refused:
+                    rpc(body, timeout=10)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, body
+                assert (refused.value.details() or "").startswith(
+                    f"bad_request: {method}: malformed request message: "
+                )
+        # The front still answers well-formed calls.
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        assert stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=10).live
+
+
+HOLD = FunctionSpec(
+    name="hold",
+    handler="tests.funcs:hold",
+    inputs=[TensorSpec(name="seconds", dtype=DType.FLOAT32, shape=[1])],
+    outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[256])],
+)
+
+
+async def _broker_leases(url: str) -> object:
+    import nats
+
+    from gfaas.client import Client
+
+    nc = await nats.connect(url)
+    try:
+        return (await Client(nc).status("memory-broker")).details["leases"]
+    finally:
+        await nc.drain()
+
+
+@pytest.mark.slow
+def test_a_caller_gone_before_its_shared_memory_reply_leaves_no_lease(platform: Platform) -> None:
+    """A gRPC deadline cancels the handler while the function still runs (its
+    `timeout` is longer): the reply that comes after, its output in a buffer leased
+    under ingress's name, must still have that buffer released."""
+    import tritonclient.utils.shared_memory as shm
+
+    connected_client(platform, HOLD).close()
+    key = f"/grpc-gone-{time.monotonic_ns()}"
+    region = shm.create_shared_memory_region("seconds", key, 4)
+    shm.set_shared_memory_region(region, [np.array([1.5], dtype=np.float32)])
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{platform.grpc_port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            register = service_pb2.SystemSharedMemoryRegisterRequest(
+                name="seconds", key=key, byte_size=4
+            )
+            stub.SystemSharedMemoryRegister(register, timeout=10)
+            request = service_pb2.ModelInferRequest(model_name="hold")
+            request.parameters["timeout"].int64_param = 10_000_000  # µs
+            tensor = request.inputs.add(name="seconds", datatype="FP32", shape=[1])
+            tensor.parameters["shared_memory_region"].string_param = "seconds"
+            tensor.parameters["shared_memory_byte_size"].int64_param = 4
+            with pytest.raises(grpc.RpcError) as late:
+                stub.ModelInfer(request, timeout=0.5)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # The function is done 1.5 s in; its output's lease goes with its reply.
+            deadline = time.monotonic() + 10
+            while (leases := anyio.run(_broker_leases, platform.url)) != 0:
+                assert time.monotonic() < deadline, f"{leases} leases still held"
+                time.sleep(0.1)
+    finally:
+        shm.destroy_shared_memory_region(region)

@@ -20,6 +20,7 @@ from typing import Any, Final
 import anyio
 import grpc
 from anyio.abc import TaskStatus
+from google.protobuf.message import DecodeError
 
 from services.ingress import grpc_codec, oip, proto
 from services.ingress.http import (
@@ -32,7 +33,7 @@ from services.ingress.shm_regions import TenantRegions
 from services.ingress.stats import InferenceStats
 from services.ingress.tls import FrontTLS
 from shared.auth import UNAUTHENTICATED_REASON, TokenBook
-from shared.errors import GfaasError
+from shared.errors import GfaasError, bad_request
 from shared.logs import get_logger
 from shared.schema import DEFAULT_TENANT, H_TENANT, ErrorCode, FunctionSpec
 
@@ -62,12 +63,29 @@ STATUS_FOR_CODE: Final[Mapping[ErrorCode, grpc.StatusCode]] = {
 GRACE_S: Final = 10.0
 # Protobuf framing around the tensors: the payload limit is on the tensors.
 _FRAMING_BYTES: Final = 64 * 1024
+# The most bytes a status's details take in its `grpc-message` trailer, percent-encoded.
+# Clients refuse trailers over their metadata limit (gRPC's default: 8 KiB soft, 16 KiB
+# hard) and report RESOURCE_EXHAUSTED "Stream removed" instead of the status: a reason
+# quoting a long model or input name, or a function's long exception, must be cut.
+DETAILS_BUDGET: Final = 4096
 
 _Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 def status_for(code: ErrorCode) -> grpc.StatusCode:
     return STATUS_FOR_CODE.get(code, grpc.StatusCode.INTERNAL)
+
+
+def clipped(details: str, budget: int = DETAILS_BUDGET) -> str:
+    """`details` cut to fit `budget` bytes once percent-encoded as gRPC sends them
+    (printable ASCII but "%" as itself, any other byte as "%XX")."""
+    used = 0
+    for i, ch in enumerate(details):
+        used += 1 if " " <= ch <= "~" and ch != "%" else 3 * len(ch.encode("utf-8", "replace"))
+        if used > budget:
+            cut = details[: max(0, i - 64)]
+            return f"{cut} ... ({len(details) - len(cut)} more characters cut)"
+    return details
 
 
 # The tenant of the call being handled, from its API key (with `tokens`).
@@ -91,6 +109,26 @@ def _passed_headers(context: grpc.aio.ServicerContext) -> dict[str, str]:
     return passed
 
 
+class _Undecodable:
+    """A request protobuf could not parse (not the message, invalid UTF-8 in a string,
+    nesting too deep). grpc answers a deserializer that raises with UNKNOWN
+    "Unexpected DecodeError", a caller's mistake reported as the server's: the
+    deserializer returns this instead and the handler refuses it, INVALID_ARGUMENT."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _deserializer(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return deserialize
+
+
 def _guarded(method: str, fn: _Handler, tokens: TokenBook | None = None) -> _Handler:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if tokens is not None and method not in OPEN_RPCS:
@@ -101,9 +139,11 @@ def _guarded(method: str, fn: _Handler, tokens: TokenBook | None = None) -> _Han
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
             _TENANT.set(tenant or "")
         try:
+            if isinstance(request, _Undecodable):
+                raise bad_request(f"{method}: malformed request message: {request.reason}")
             return await fn(request, context)
         except GfaasError as exc:
-            code, details = status_for(exc.code), f"{exc.code}: {exc.reason}"
+            code, details = status_for(exc.code), clipped(f"{exc.code}: {exc.reason}")
         except Exception:
             # A broken backend must still answer with a status, not a dropped stream.
             log.exception("grpc call failed", method=method)
@@ -262,7 +302,7 @@ def create_handler(
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
             _guarded(name, fn, tokens),
-            request_deserializer=message(methods[name].input_type.name).FromString,
+            request_deserializer=_deserializer(message(methods[name].input_type.name).FromString),
             response_serializer=message(methods[name].output_type.name).SerializeToString,
         )
         for name, fn in rpcs.items()

@@ -80,7 +80,7 @@ class Ingress:
         self.broker = broker
         # HTTP clients' registered shared memory, staged through the pool.
         self.regions = regions
-        self.staging = ShmStaging(broker, regions, holder, self.infer)
+        self.staging = ShmStaging(broker, regions, holder, self.infer, lambda: self.tasks)
         self.holder = holder
         self.max_payload = max_payload
         self._send_reply = send_reply

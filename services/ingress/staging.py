@@ -9,14 +9,17 @@ the bus. Every lease taken here is released however the request ends.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 import anyio
 import msgspec
+from anyio.abc import TaskGroup
 
 from services.ingress.oip import InferRequest
 from services.ingress.shm_regions import ShmRegions
 from shared.dataplane.client import BrokerClient, read_bytes
 from shared.errors import GfaasError
+from shared.logs import get_logger
 from shared.schema import (
     DEFAULT_TENANT,
     H_TENANT,
@@ -28,17 +31,33 @@ from shared.schema import (
     Tensor,
 )
 
+log = get_logger("ingress.staging")
+
 Invoke = Callable[[str, InvokeRequest, Mapping[str, str]], Awaitable[InvokeReply]]
+
+
+@dataclass
+class _Call:
+    reply: InvokeReply | None = None
+    error: Exception | None = None
+    abandoned: bool = False
 
 
 class ShmStaging:
     def __init__(
-        self, broker: BrokerClient, regions: ShmRegions, holder: str, invoke: Invoke
+        self,
+        broker: BrokerClient,
+        regions: ShmRegions,
+        holder: str,
+        invoke: Invoke,
+        tasks: Callable[[], TaskGroup | None] = lambda: None,
     ) -> None:
+        """`tasks`: ingress's long-lived task group, where invocations run (see _invoke)."""
         self.broker = broker
         self.regions = regions
         self.holder = holder
         self.invoke = invoke
+        self.tasks = tasks
 
     async def infer(
         self, name: str, parsed: InferRequest, headers: Mapping[str, str]
@@ -88,12 +107,59 @@ class ShmStaging:
             request = msgspec.structs.replace(
                 parsed.invoke, inputs=inputs, outputs_by=OutputMode.HANDLE, holder=self.holder
             )
-            reply = await self.invoke(name, request, headers)
+            reply = await self._invoke(name, request, headers, tenant)
             return await self._outputs_from_pool(reply, parsed, tenant)
         finally:
             if staged:
                 with anyio.CancelScope(shield=True):
                     await self.broker.release(staged, self.holder, tenant)
+
+    async def _invoke(
+        self, name: str, request: InvokeRequest, headers: Mapping[str, str], tenant: str
+    ) -> InvokeReply:
+        """The invocation, run in ingress's task group. Its outputs come back in buffers
+        leased under this ingress's name, which only this request releases: a caller
+        that gives up first (a gRPC deadline or cancel cancels its handler) would drop
+        the reply still on its way and keep those buffers leased for ingress's life.
+        The call outlives it instead, and releases the outputs itself."""
+        group = self.tasks()
+        if group is None:
+            return await self.invoke(name, request, headers)
+        call = _Call()
+        done = anyio.Event()
+
+        async def run() -> None:
+            try:
+                call.reply = await self.invoke(name, request, headers)
+            except Exception as exc:  # the waiter's to raise, as if it had awaited it
+                call.error = exc
+            finally:
+                done.set()
+            if call.abandoned and call.reply is not None:
+                try:
+                    await self._release_outputs(call.reply, tenant)
+                except Exception as exc:  # in ingress's group: must not end it
+                    log.warning("staging.release_failed", function=name, error=repr(exc))
+
+        group.start_soon(run)
+        try:
+            await done.wait()
+        except BaseException:
+            call.abandoned = True
+            if call.reply is not None:  # it came as the wait was cancelled
+                with anyio.CancelScope(shield=True):
+                    await self._release_outputs(call.reply, tenant)
+            raise
+        if call.error is not None:
+            raise call.error
+        if call.reply is None:  # the group was cancelled: ingress is stopping
+            raise GfaasError(ErrorCode.UNAVAILABLE, "ingress stopped during the invocation")
+        return call.reply
+
+    async def _release_outputs(self, reply: InvokeReply, tenant: str) -> None:
+        handles = [t.handle for t in reply.outputs if t.handle is not None]
+        if handles:
+            await self.broker.release(handles, self.holder, tenant)
 
     async def _outputs_from_pool(
         self, reply: InvokeReply, parsed: InferRequest, tenant: str
