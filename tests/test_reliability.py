@@ -329,3 +329,35 @@ async def test_a_superseded_attempt_is_refused_by_the_results_store(nc: NATS) ->
         await store.claim("inv-1", first, "w0")
     assert refused.value.code is ErrorCode.SUPERSEDED
     assert await store.claim("inv-1", second, "w0") > second
+
+
+async def test_a_platform_fault_in_the_worker_is_retried_not_stored_as_the_result(
+    nats_server: NatsServer, tmp_path: Path, nc: NATS
+) -> None:
+    """The worker that claimed an attempt and failed it through no fault of the
+    caller's (here its model is not in the store) must leave it to be tried again;
+    it stored the failure as the result, and every redelivery answered it, final."""
+    with platform_at(
+        nats_server.url,
+        tmp_path / "state",
+        async_backoff_s=0.05,
+        async_backoff_max_s=0.1,
+        async_max_attempts=3,
+    ):
+        spec = FunctionSpec(name="scale", handler="tests.funcs:Scale", model="not-pushed")
+        client = Client(nc)
+        # `deploy` refuses a model not pushed: registered around it (a model deleted since).
+        await (await client.registry()).put(spec)
+        await deploy_and_wait(nc, ADD_ONE)
+        with anyio.fail_after(5):  # ingress's registry watch sees it too
+            while "scale" not in (await client.status("ingress")).details["functions"]:
+                await anyio.sleep(0.02)
+        iid = await client.invoke_async("scale", {"x": np.array([1.0])})
+        reply = await final_result(client, iid)
+        assert reply.error is not None
+        assert reply.error.code == "model_unavailable"
+        assert reply.error.reason.startswith("gave up after 3 attempts"), reply.error.reason
+        js = nc.jetstream()
+        dead = await js.get_msg(jetstream.DEAD_LETTER_STREAM, 1)
+        assert dead.headers is not None
+        assert dead.headers[H_DEAD_CODE] == "model_unavailable"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import anyio
 
 from shared.logs import get_logger
-from shared.results import UNREACHABLE, ResultStore
-from shared.schema import InvocationMeta, InvokeReply
+from shared.results import UNREACHABLE, ResultStore, is_final
+from shared.schema import AsyncRecord, AsyncState, InvocationMeta, InvokeReply
 
 log = get_logger("gpu_worker")
 
@@ -39,14 +39,21 @@ class Claims:
         """The result of a claimed attempt, stored before anyone is told: should the
         ingress that sent it die, a redelivery finds it instead of running it again."""
         assert self.results is not None
+        # A failure that is not the caller's (a model not in the store, the device out
+        # of memory) is not the result: the claim is given back as PENDING with the
+        # reason, so the ingress retries it (or, should it die, a redelivery does);
+        # stored as DONE, it was answered as final to every later delivery.
+        record = (
+            self.results.done(reply)
+            if is_final(reply)
+            else AsyncRecord(state=AsyncState.PENDING, last_error=reply.error)
+        )
         try:
             # Through a short outage of the store: until it is stored, a redelivery
             # would run it again. Listed as claimed meanwhile, so it is waited for.
             for attempt in range(STORE_ATTEMPTS):
                 try:
-                    stored = await self.results.swap(
-                        meta.invocation_id, self.results.done(reply), claimed
-                    )
+                    stored = await self.results.swap(meta.invocation_id, record, claimed)
                 except UNREACHABLE as exc:
                     log.warning(
                         "result.store_failed",
