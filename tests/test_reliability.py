@@ -30,10 +30,12 @@ from shared.schema import (
     H_DEAD_REASON,
     AsyncRecord,
     AsyncState,
+    DType,
     ErrorCode,
     FunctionSpec,
     InvokeReply,
     SchedulerBeat,
+    Tensor,
     decode,
 )
 from tests import funcs
@@ -361,3 +363,40 @@ async def test_a_platform_fault_in_the_worker_is_retried_not_stored_as_the_resul
         dead = await js.get_msg(jetstream.DEAD_LETTER_STREAM, 1)
         assert dead.headers is not None
         assert dead.headers[H_DEAD_CODE] == "model_unavailable"
+
+
+async def test_a_result_just_under_the_store_limit_is_stored_not_a_dropped_connection(
+    nc: NATS,
+) -> None:
+    """The fit was checked on the reply alone (+64 bytes), but the KV write is the
+    record around it with an expected-revision header: a reply just under the limit
+    went past max_payload, the server closed the connection and the store timed out."""
+    store = ResultStore(await jetstream.results_kv(nc.jetstream()), max_payload=nc.max_payload)
+
+    def reply_of(size: int) -> InvokeReply:
+        n = size
+        while True:  # the framing around the bytes is some tens of bytes
+            tensor = Tensor(name="y", dtype=DType.UINT8, shape=[n], data=b"\0" * n)
+            reply = InvokeReply(invocation_id="near-limit", outputs=[tensor])
+            over = len(msgspec.msgpack.encode(reply)) - size
+            if not over:
+                return reply
+            n -= over
+
+    reply = reply_of(nc.max_payload - 64)
+    first = await store.create("near-limit", AsyncRecord(state=AsyncState.PENDING))
+    assert first is not None
+    with anyio.fail_after(5):
+        assert await store.swap("near-limit", store.done(reply), first) is not None
+    assert nc.is_connected
+    got = await store.get("near-limit")
+    assert got is not None
+    assert got[0].reply is not None
+    assert got[0].reply.error is not None
+    assert got[0].reply.error.code is ErrorCode.PAYLOAD_TOO_LARGE
+    # One well inside the limit is stored as it is.
+    fits = reply_of(nc.max_payload // 2)
+    assert await store.create("well-inside", store.done(fits)) is not None
+    got = await store.get("well-inside")
+    assert got is not None
+    assert got[0].reply == fits
