@@ -400,3 +400,33 @@ async def test_a_result_just_under_the_store_limit_is_stored_not_a_dropped_conne
     got = await store.get("well-inside")
     assert got is not None
     assert got[0].reply == fits
+
+
+async def test_an_unexpected_error_after_the_claim_gives_the_attempt_back(
+    quick_platform: Platform, nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that failed with no GfaasError after its claim (here the registry read
+    timed out in an outage of the bus) was answered `internal`, but its claim was
+    kept: the worker listed it in every heartbeat as still running, so ingress waited
+    on it for good and the invocation never ended."""
+    from services.gpu_worker.execute import Executor
+    from shared.schema import InvocationMeta
+
+    await deploy_and_wait(nc, ADD_ONE)
+    real = Executor.execute
+    failed: list[str] = []
+
+    async def once_timed_out(
+        self: Executor, meta: InvocationMeta, data: bytes
+    ) -> tuple[InvokeReply, float]:
+        if not failed:
+            failed.append(meta.invocation_id)
+            raise TimeoutError("the registry did not answer")
+        return await real(self, meta, data)
+
+    monkeypatch.setattr(Executor, "execute", once_timed_out)
+    client = Client(nc)
+    iid = await client.invoke_async("add-one", {"x": np.array([1.0])})
+    reply = await final_result(client, iid, timeout=10)
+    assert failed == [iid]
+    assert outputs_of(reply)["y"].tolist() == [2.0]

@@ -7,7 +7,14 @@ import anyio
 
 from shared.logs import get_logger
 from shared.results import UNREACHABLE, ResultStore, is_final
-from shared.schema import AsyncRecord, AsyncState, InvocationMeta, InvokeReply
+from shared.schema import (
+    AsyncRecord,
+    AsyncState,
+    ErrorCode,
+    ErrorInfo,
+    InvocationMeta,
+    InvokeReply,
+)
 
 log = get_logger("gpu_worker")
 
@@ -68,3 +75,22 @@ class Claims:
                 return
         finally:
             self.claimed.discard(meta.invocation_id)
+
+    async def give_back(self, meta: InvocationMeta, claimed: int, error: BaseException) -> None:
+        """A claimed attempt that failed short of a reply (a bug, an error no GfaasError
+        says): stored as the internal failure it is, which is retried, unless its
+        result is stored already. Kept claimed, it was listed in every heartbeat as
+        running, and the ingress waited on it for good."""
+        if not claimed or meta.invocation_id not in self.claimed:
+            return
+        reply = InvokeReply(
+            invocation_id=meta.invocation_id,
+            error=ErrorInfo(code=ErrorCode.INTERNAL, reason=repr(error)),
+            worker=self.worker_id,
+        )
+        try:
+            await self.store(meta, claimed, reply)
+        except Exception as exc:  # no longer listed: the ingress takes it as lost
+            log.warning(
+                "result.give_back_failed", invocation_id=meta.invocation_id, error=repr(exc)
+            )
