@@ -229,9 +229,12 @@ class AsyncInvocations:
             )
             return
         if request is None:
-            await self._finish_stored(
+            stored = await self._finish_stored(
                 invocation_id, error_reply(invocation_id, ErrorCode.BAD_REQUEST, malformed)
             )
+            # Its result is this error: the callback (a header's; the body's is lost
+            # with the body) is told it as of any other, or its caller waits for good.
+            await self._tell((msg.headers or {}).get(H_CALLBACK, ""), stored)
             await self._dead(msg, function, ErrorCode.BAD_REQUEST, malformed)
             return
         headers = dict(msg.headers or {})
@@ -240,13 +243,18 @@ class AsyncInvocations:
         result = await self._attempt(msg, function, invocation_id, headers)
         if result is None:
             return  # retried later, or owned by another delivery
-        if callback:
-            try:
-                await send_reply(self.nc, callback, result, max_payload=self.max_payload)
-            except Exception as exc:  # the result is stored; a bad callback must not block ack
-                log.warning("async.callback_failed", callback=callback, error=repr(exc))
+        await self._tell(callback, result)
         self.completed += 1
         await msg.ack()
+
+    async def _tell(self, callback: str, result: InvokeReply) -> None:
+        """Publish a stored result to the caller's `callback`, if it named one."""
+        if not callback:
+            return
+        try:
+            await send_reply(self.nc, callback, result, max_payload=self.max_payload)
+        except Exception as exc:  # the result is stored; a bad callback must not block ack
+            log.warning("async.callback_failed", callback=callback, error=repr(exc))
 
     async def _attempt(
         self, msg: Msg, function: str, invocation_id: str, headers: dict[str, str]
