@@ -42,6 +42,9 @@ UNREACHABLE: Final = (
     nats.js.errors.ServiceUnavailableError,
 )
 
+# Room for a KV write's headers (Nats-Expected-Last-Subject-Sequence and its framing).
+RECORD_HEADROOM: Final = 128
+
 
 class ResultStore:
     def __init__(self, kv: KeyValue, *, max_payload: int) -> None:
@@ -91,13 +94,16 @@ class ResultStore:
         return new
 
     def done(self, reply: InvokeReply) -> AsyncRecord:
-        return AsyncRecord(state=AsyncState.DONE, reply=self._fitting(reply))
-
-    def _fitting(self, reply: InvokeReply) -> InvokeReply:
+        record = AsyncRecord(state=AsyncState.DONE, reply=reply)
         # A result too large for the store (it rides messages too) is stored as the
-        # error that says so, not dropped.
-        if len(encode(reply)) + 64 <= self.max_payload:
-            return reply
+        # error that says so, not dropped. What is written is the record, with the
+        # update's expected-revision header: the server counts both against
+        # max_payload, and closes the connection of a publish past it.
+        if len(encode(record)) + RECORD_HEADROOM <= self.max_payload:
+            return record
+        return AsyncRecord(state=AsyncState.DONE, reply=self._too_large(reply))
+
+    def _too_large(self, reply: InvokeReply) -> InvokeReply:
         return error_reply(
             reply.invocation_id,
             ErrorCode.PAYLOAD_TOO_LARGE,

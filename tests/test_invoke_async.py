@@ -82,3 +82,22 @@ async def test_result_of_an_unknown_id_is_not_found(platform: Platform, nc: NATS
     reply = await Client(nc).result("never-submitted")
     assert reply.error is not None
     assert reply.error.code == "not_found"
+
+
+async def test_a_malformed_request_s_error_reaches_its_callback(
+    platform: Platform, nc: NATS
+) -> None:
+    """Its error is stored as the result, and the callback the caller asked for is
+    told it as it is told any other result; it heard nothing, and waited for good."""
+    sub = await nc.subscribe("my.malformed-callbacks")
+    await nc.jetstream().publish(
+        "gfaas.v1.invoke_async.add-one",
+        b"\xc1garbage",
+        headers={"Nats-Msg-Id": "garbled-cb", "Gfaas-Callback": "my.malformed-callbacks"},
+    )
+    msg = await sub.next_msg(timeout=10)
+    reply = msgspec.msgpack.decode(msg.data, type=InvokeReply)
+    assert reply.invocation_id == "garbled-cb"
+    assert reply.error is not None
+    assert reply.error.code == "bad_request"
+    assert reply == await final_result(Client(nc), "garbled-cb")

@@ -30,10 +30,12 @@ from shared.schema import (
     H_DEAD_REASON,
     AsyncRecord,
     AsyncState,
+    DType,
     ErrorCode,
     FunctionSpec,
     InvokeReply,
     SchedulerBeat,
+    Tensor,
     decode,
 )
 from tests import funcs
@@ -329,3 +331,102 @@ async def test_a_superseded_attempt_is_refused_by_the_results_store(nc: NATS) ->
         await store.claim("inv-1", first, "w0")
     assert refused.value.code is ErrorCode.SUPERSEDED
     assert await store.claim("inv-1", second, "w0") > second
+
+
+async def test_a_platform_fault_in_the_worker_is_retried_not_stored_as_the_result(
+    nats_server: NatsServer, tmp_path: Path, nc: NATS
+) -> None:
+    """The worker that claimed an attempt and failed it through no fault of the
+    caller's (here its model is not in the store) must leave it to be tried again;
+    it stored the failure as the result, and every redelivery answered it, final."""
+    with platform_at(
+        nats_server.url,
+        tmp_path / "state",
+        async_backoff_s=0.05,
+        async_backoff_max_s=0.1,
+        async_max_attempts=3,
+    ):
+        spec = FunctionSpec(name="scale", handler="tests.funcs:Scale", model="not-pushed")
+        client = Client(nc)
+        # `deploy` refuses a model not pushed: registered around it (a model deleted since).
+        await (await client.registry()).put(spec)
+        await deploy_and_wait(nc, ADD_ONE)
+        with anyio.fail_after(5):  # ingress's registry watch sees it too
+            while "scale" not in (await client.status("ingress")).details["functions"]:
+                await anyio.sleep(0.02)
+        iid = await client.invoke_async("scale", {"x": np.array([1.0])})
+        reply = await final_result(client, iid)
+        assert reply.error is not None
+        assert reply.error.code == "model_unavailable"
+        assert reply.error.reason.startswith("gave up after 3 attempts"), reply.error.reason
+        js = nc.jetstream()
+        dead = await js.get_msg(jetstream.DEAD_LETTER_STREAM, 1)
+        assert dead.headers is not None
+        assert dead.headers[H_DEAD_CODE] == "model_unavailable"
+
+
+async def test_a_result_just_under_the_store_limit_is_stored_not_a_dropped_connection(
+    nc: NATS,
+) -> None:
+    """The fit was checked on the reply alone (+64 bytes), but the KV write is the
+    record around it with an expected-revision header: a reply just under the limit
+    went past max_payload, the server closed the connection and the store timed out."""
+    store = ResultStore(await jetstream.results_kv(nc.jetstream()), max_payload=nc.max_payload)
+
+    def reply_of(size: int) -> InvokeReply:
+        n = size
+        while True:  # the framing around the bytes is some tens of bytes
+            tensor = Tensor(name="y", dtype=DType.UINT8, shape=[n], data=b"\0" * n)
+            reply = InvokeReply(invocation_id="near-limit", outputs=[tensor])
+            over = len(msgspec.msgpack.encode(reply)) - size
+            if not over:
+                return reply
+            n -= over
+
+    reply = reply_of(nc.max_payload - 64)
+    first = await store.create("near-limit", AsyncRecord(state=AsyncState.PENDING))
+    assert first is not None
+    with anyio.fail_after(5):
+        assert await store.swap("near-limit", store.done(reply), first) is not None
+    assert nc.is_connected
+    got = await store.get("near-limit")
+    assert got is not None
+    assert got[0].reply is not None
+    assert got[0].reply.error is not None
+    assert got[0].reply.error.code is ErrorCode.PAYLOAD_TOO_LARGE
+    # One well inside the limit is stored as it is.
+    fits = reply_of(nc.max_payload // 2)
+    assert await store.create("well-inside", store.done(fits)) is not None
+    got = await store.get("well-inside")
+    assert got is not None
+    assert got[0].reply == fits
+
+
+async def test_an_unexpected_error_after_the_claim_gives_the_attempt_back(
+    quick_platform: Platform, nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that failed with no GfaasError after its claim (here the registry read
+    timed out in an outage of the bus) was answered `internal`, but its claim was
+    kept: the worker listed it in every heartbeat as still running, so ingress waited
+    on it for good and the invocation never ended."""
+    from services.gpu_worker.execute import Executor
+    from shared.schema import InvocationMeta
+
+    await deploy_and_wait(nc, ADD_ONE)
+    real = Executor.execute
+    failed: list[str] = []
+
+    async def once_timed_out(
+        self: Executor, meta: InvocationMeta, data: bytes
+    ) -> tuple[InvokeReply, float]:
+        if not failed:
+            failed.append(meta.invocation_id)
+            raise TimeoutError("the registry did not answer")
+        return await real(self, meta, data)
+
+    monkeypatch.setattr(Executor, "execute", once_timed_out)
+    client = Client(nc)
+    iid = await client.invoke_async("add-one", {"x": np.array([1.0])})
+    reply = await final_result(client, iid, timeout=10)
+    assert failed == [iid]
+    assert outputs_of(reply)["y"].tolist() == [2.0]

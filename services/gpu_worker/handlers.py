@@ -108,6 +108,7 @@ class Runs:
     async def run(self, job: Job) -> None:
         meta = job.meta
         ok, done, exec_ms, outcome = False, False, 0.0, OK
+        claimed = 0
         try:
             with tracing.handling_span(
                 "worker run",
@@ -122,7 +123,6 @@ class Runs:
                     ),
                 },
             ) as span:
-                claimed = 0
                 failure: GfaasError | None = None
                 try:
                     claimed = await self.claims.claim(meta)
@@ -154,6 +154,7 @@ class Runs:
             self.books.first("run_answered")
         except Exception as exc:  # a bug must cost one request, not the worker
             log.exception("run.crashed", invocation_id=meta.invocation_id)
+            await self.claims.give_back(meta, claimed, exc)
             await self.bus.reply_error(job.reply, meta.invocation_id, ErrorCode.INTERNAL, repr(exc))
         finally:
             self.books.finish(ok)

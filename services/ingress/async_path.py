@@ -229,9 +229,12 @@ class AsyncInvocations:
             )
             return
         if request is None:
-            await self._finish_stored(
+            stored = await self._finish_stored(
                 invocation_id, error_reply(invocation_id, ErrorCode.BAD_REQUEST, malformed)
             )
+            # Its result is this error: the callback (a header's; the body's is lost
+            # with the body) is told it as of any other, or its caller waits for good.
+            await self._tell((msg.headers or {}).get(H_CALLBACK, ""), stored)
             await self._dead(msg, function, ErrorCode.BAD_REQUEST, malformed)
             return
         headers = dict(msg.headers or {})
@@ -240,13 +243,18 @@ class AsyncInvocations:
         result = await self._attempt(msg, function, invocation_id, headers)
         if result is None:
             return  # retried later, or owned by another delivery
-        if callback:
-            try:
-                await send_reply(self.nc, callback, result, max_payload=self.max_payload)
-            except Exception as exc:  # the result is stored; a bad callback must not block ack
-                log.warning("async.callback_failed", callback=callback, error=repr(exc))
+        await self._tell(callback, result)
         self.completed += 1
         await msg.ack()
+
+    async def _tell(self, callback: str, result: InvokeReply) -> None:
+        """Publish a stored result to the caller's `callback`, if it named one."""
+        if not callback:
+            return
+        try:
+            await send_reply(self.nc, callback, result, max_payload=self.max_payload)
+        except Exception as exc:  # the result is stored; a bad callback must not block ack
+            log.warning("async.callback_failed", callback=callback, error=repr(exc))
 
     async def _attempt(
         self, msg: Msg, function: str, invocation_id: str, headers: dict[str, str]
@@ -254,6 +262,8 @@ class AsyncInvocations:
         """The stored result once there is one; None when this delivery is done with
         (nak'ed for a retry, or superseded by another)."""
         attempt = msg.metadata.num_delivered or 1
+        # A worker claimed this delivery's own attempt (its call came back first).
+        ours = False
         while True:
             got = await self.results.get(invocation_id)
             if got is None:
@@ -271,6 +281,15 @@ class AsyncInvocations:
                     invocation_id, record.worker, revision
                 ):
                     continue  # its worker finished or someone moved it on: look again
+                if record.state is AsyncState.RUNNING and ours:
+                    # Our own attempt died with its worker: a failed attempt like any
+                    # other, counted and retried after a backoff. Run again at once
+                    # and uncounted, one that takes its worker down each time (a
+                    # poison input) ran forever and was never dead-lettered.
+                    outcome = await self._lost(msg, invocation_id, attempt, record, revision)
+                    if outcome != "again":
+                        return outcome
+                    continue
                 taken = await self.results.swap(
                     invocation_id,
                     AsyncRecord(
@@ -289,6 +308,24 @@ class AsyncInvocations:
             outcome = await self._failed(msg, invocation_id, attempt, reply)
             if outcome != "again":
                 return outcome
+            ours = True
+
+    async def _lost(
+        self, msg: Msg, invocation_id: str, attempt: int, record: AsyncRecord, revision: int
+    ) -> InvokeReply | Literal["again"] | None:
+        """This delivery's attempt is lost with its worker (`record`, RUNNING at
+        `revision`): failed as `_failed` fails it, so it counts as an attempt;
+        "again" when the record moved on meanwhile."""
+        lost = error_reply(
+            invocation_id,
+            ErrorCode.WORKER_LOST,
+            f"worker {record.worker} was lost while it ran the invocation",
+        )
+        assert lost.error is not None
+        waiting = AsyncRecord(state=AsyncState.PENDING, attempt=attempt, last_error=lost.error)
+        if await self.results.swap(invocation_id, waiting, revision) is None:
+            return "again"
+        return await self._failed(msg, invocation_id, attempt, lost)
 
     async def _failed(
         self, msg: Msg, invocation_id: str, attempt: int, reply: InvokeReply
