@@ -349,6 +349,13 @@ class Agent:
             return f"instance {cmd.instance_id} already exists"
         if not is_valid_token(cmd.instance_id):
             return f"instance id {cmd.instance_id!r} is not a subject token"
+        if cmd.memory_bytes < 0 or cmd.weight_bytes < 0:
+            # A negative budget would count as memory freed: the starts after it
+            # could then take the device past `memory_total`.
+            return (
+                f"{cmd.function}: memory must not be negative (memory_bytes "
+                f"{cmd.memory_bytes}, weight_bytes {cmd.weight_bytes})"
+            )
         free = self.memory_total - self.memory_used()
         held = self._holding()
         with_it = packing.memory_used([*held, demand_of(cmd)], self.shares_weights)
