@@ -21,6 +21,7 @@ converges on what is true, crashes included.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import signal
@@ -761,7 +762,11 @@ class Agent:
             wait.cancel()
             return
         if name in self.runner.arbiter and name in self.runner.arbiter.holders():
-            self.runner.release(name, max(note.used_s, 0.0))
+            # NaN (or inf) is no time: the arbiter refuses to charge it, and the grant
+            # would stay held, every other instance of the device waiting behind it.
+            # What a release says is the instance's word anyway (0 is as easily said).
+            used = note.used_s if math.isfinite(note.used_s) else 0.0
+            self.runner.release(name, max(used, 0.0))
 
     # -- upkeep -----------------------------------------------------------------------
 
