@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import time
 from typing import Any
@@ -160,6 +161,15 @@ def die(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if bool((x < 0).any()):
         os._exit(3)
     return {"y": x}
+
+
+def spawn_child(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Starts a process it never waits for (a helper a handler leaves running) and
+    answers its pid; x < 0 ends the handler's own process at once, as `die` does."""
+    if bool((inputs["x"] < 0).any()):
+        os._exit(3)
+    child = subprocess.Popen(["sleep", "300"])
+    return {"pid": torch.tensor([child.pid])}
 
 
 def allocate(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

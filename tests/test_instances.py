@@ -615,3 +615,32 @@ async def test_a_redeploy_is_served_by_new_instances_with_no_failed_call(
     versions = {i["version"] for i in live["ver-i"]}
     assert len(versions) == 1, versions
     assert versions != {old.version}, (versions, old.version)
+
+
+def _alive(pid: int) -> bool:
+    """Is `pid` running (a zombie nobody reaps is not)?"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.slow  # a process killed: in CI, not the quick run
+async def test_what_a_handler_started_goes_with_its_instance(
+    agent_platform: Platform, nc: NATS
+) -> None:
+    client = Client(nc)
+    spec = FunctionSpec(
+        name="spawn-i", handler="tests.funcs:spawn_child", min_instances=1, max_instances=1
+    )
+    await deploy_and_wait(nc, spec)
+    out = await client.invoke("spawn-i", {"x": np.array([1.0], dtype=np.float32)}, timeout=30)
+    pid = int(out["pid"][0])
+    assert _alive(pid)
+    with pytest.raises(GfaasError):
+        await client.invoke("spawn-i", {"x": np.array([-1.0], dtype=np.float32)}, timeout=20)
+    # The instance crashed: its child, in its process group, is killed as it is reaped.
+    with anyio.fail_after(5):
+        while _alive(pid):
+            await anyio.sleep(0.05)
