@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from services.gpu_worker.profiler import sm_grid
+from shared.scheduling import packing
 from shared.sharing import ShareError
-from shared.sharing.cpu import assign_cores, cores_for, node_cores, pin
+from shared.sharing.cpu import assign_cores, cores_at, cores_for, node_cores, pin
 from shared.sharing.mps import (
     MpsDirs,
     MpsUnavailable,
@@ -37,6 +39,25 @@ def test_instances_get_disjoint_cores_rounded_up_and_at_least_one() -> None:
     assert cores_for(0.7, 10) == 7  # 0.7 * 10 is 7.000000000000001 in floats
     with pytest.raises(ShareError, match="above 0"):
         cores_for(0.0, 4)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("cores", range(1, 33))
+def test_every_profiled_core_share_can_be_placed_on_its_cores(cores: int) -> None:
+    # On 3 cores the grid was 1/3, 2/3 and 1: rows the packer, in whole percent,
+    # refuses (ValueError), so a plan that chose one failed every round, and the
+    # function was never placed.
+    grid = sm_grid("cpu", cores)
+    assert grid[-1] == 1.0
+    for share in grid:
+        packing.units(share)
+        # Side by side from the left, instances of that share get disjoint cores.
+        width = round(share * packing.UNITS)
+        slots = [
+            cores_at(x / packing.UNITS, share, range(cores))
+            for x in range(0, packing.UNITS - width + 1, width)
+        ]
+        assert sum(len(s) for s in slots) == len(frozenset().union(*slots)), (share, slots)
 
 
 @pytest.mark.unit

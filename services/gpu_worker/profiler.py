@@ -24,6 +24,7 @@ import torch
 from services.gpu_worker.execute import run_metered
 from services.gpu_worker.models import HandlerCache, Loaded
 from shared.errors import GfaasError
+from shared.scheduling import packing
 from shared.schema import ErrorCode, FunctionSpec, Profile, ProfileRow, now_millis
 from shared.sharing.cpu import cores_for, node_cores
 from shared.sharing.runner import TokenRunner
@@ -44,11 +45,15 @@ GPU_SM_SHARES = (0.25, 0.5, 1.0)
 
 def sm_grid(device: str, cores: int) -> tuple[float, ...]:
     """Spatial shares one process measures: on a CPU each distinct core count, at
-    most four of them; on a GPU the whole device (see the module's note)."""
+    most four of them, whose share is a whole percent; on a GPU the whole device
+    (see the module's note)."""
     if device.startswith("cuda"):
         return (1.0,)
     counts = sorted({max(1, round(cores * f)) for f in (0.25, 0.5, 0.75, 1.0)})
-    return tuple(c / cores for c in counts)
+    # The packer places whole percents only (packing.units): a row of 2 of 3 cores
+    # (0.6667) made every plan that chose it fail, and a percent near it (0.66) is
+    # not 2 cores side by side with its neighbours' (cores_at), so neither is a row.
+    return tuple(c / cores for c in counts if c * packing.UNITS % cores == 0)
 
 
 def share_grid(device: str, cores: int) -> tuple[float, ...]:
