@@ -20,7 +20,6 @@ converges on what is true, crashes included.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -606,7 +605,7 @@ class Agent:
                     # wait would leave the process to the garbage collector, running).
                     with anyio.CancelScope(shield=True):
                         await anyio.to_thread.run_sync(process.wait)
-                _kill_group(process)
+                limits.kill_group(process.pid)
             if scope.cancelled_caught:
                 reason = f"profiling {spec.name!r} took over {timeout_s:g} s"
                 error = ErrorInfo(code=ErrorCode.DEADLINE_EXCEEDED, reason=reason)
@@ -798,7 +797,7 @@ class Agent:
                     self._start_timed_out(running, process)
                 continue
             if process is not None:
-                _kill_group(process)
+                limits.kill_group(process.pid)
             self.runner.remove(name)
             changed = True
             self._remove_dir(running)
@@ -905,7 +904,7 @@ class Agent:
                 if running.process.poll() is None:
                     running.process.kill()
                     running.process.wait()
-                _kill_group(running.process)
+                limits.kill_group(running.process.pid)
             self._remove_dir(running)
         self.instances.clear()
         if self.copies is not None:
@@ -914,16 +913,6 @@ class Agent:
             self.dirs.close()
         if self.spatial.started_daemon and self.spatial.mps_dirs is not None:
             await anyio.to_thread.run_sync(mps.stop_daemon, self.spatial.mps_dirs)
-
-
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL what is left of an ended instance process's group: what its handler
-    started and left running (a helper, a pool's workers), which would outlive the
-    instance, its share and its budget, and hold its uid for the next one. The
-    process leads a group of its own (die_with_parent), which its children are in;
-    the group's id is not reused while any of them lives."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # none left
-        os.killpg(process.pid, signal.SIGKILL)
 
 
 def msg_dict(msg: InstanceInfo) -> dict[str, object]:

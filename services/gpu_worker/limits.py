@@ -17,7 +17,10 @@ before anyone knew its budget gets the right one.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
+import signal
 from dataclasses import dataclass
 
 MB = 1024 * 1024
@@ -40,3 +43,13 @@ def apply(pid: int, limits: Limits) -> None:
     resource.prlimit(pid, resource.RLIMIT_CORE, (0, 0))
     if limits.data is not None:
         resource.prlimit(pid, resource.RLIMIT_DATA, (limits.data, limits.data))
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL what is left of the process group `pgid` (an instance process, or a
+    deploy check's sandbox, leads one of its own): what its handler started and left
+    running (a helper, a pool's workers), which would outlive it, its share and its
+    budget, and hold its uid for the next one. A group's id is not reused while any
+    of its processes lives."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # none left
+        os.killpg(pgid, signal.SIGKILL)

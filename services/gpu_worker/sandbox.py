@@ -20,9 +20,7 @@ reason), its directory first on the sandbox's import path and its packages allow
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import sys
 import tempfile
 from importlib.machinery import PathFinder
@@ -30,6 +28,7 @@ from pathlib import Path
 
 import anyio
 
+from services.gpu_worker import limits
 from services.gpu_worker.bundles import Bundles
 from shared.codebundle import BundleError, extracted_packages
 from shared.config import Settings
@@ -167,7 +166,7 @@ class HandlerChecks:
                 with anyio.move_on_after(self.timeout_s) as scope:
                     await process.wait()
             finally:
-                _kill_group(process.pid)
+                limits.kill_group(process.pid)
                 if process.returncode is None:
                     with anyio.CancelScope(shield=True):
                         await process.wait()
@@ -201,9 +200,3 @@ class HandlerChecks:
         env.update(HOME=cwd, TMPDIR=cwd, USER=self.user.name, LOGNAME=self.user.name)
         module, ref = command[:-1], command[-1]
         return [*module, AS_OPTION, f"{self.user.uid}:{self.user.gid}", ref], env
-
-
-def _kill_group(pgid: int) -> None:
-    """SIGKILL every process left in the sandbox's group (it leads it)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # none left
-        os.killpg(pgid, signal.SIGKILL)
