@@ -309,3 +309,25 @@ def test_deferred_measurements_past_the_limit_are_applied_off_the_callers_thread
     assert data is not None
     (hist,) = data.resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
     assert getattr(hist, "count", None) == 250
+
+
+async def test_a_run_that_crashed_counts_as_the_internal_error_its_caller_got(
+    platform: Platform, nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run that fails with no GfaasError (a bug, a registry read timing out) is
+    # answered `internal`: both the worker's and ingress's counts must say so.
+    from services.gpu_worker.execute import Executor
+
+    await deploy_and_wait(nc, ECHO)
+
+    async def crash(self: Executor, meta: object, body: bytes) -> Any:
+        raise RuntimeError("a bug in the worker")
+
+    monkeypatch.setattr(Executor, "execute", crash)
+    _, reply = await request(nc, "echo", body(x=np.ones(1)))
+    assert reply["error"]["code"] == "internal", reply
+    where = await ports(Client(nc))
+    ingress = await until(where["ingress"], "gfaas_invocations_total", 1, function="echo")
+    assert value(ingress, "gfaas_invocations_total", function="echo", outcome="internal") == 1
+    worker = await until(where["gpu-worker"], "gfaas_worker_invocations_total", 1)
+    assert value(worker, "gfaas_worker_invocations_total", function="echo", outcome="internal") == 1
