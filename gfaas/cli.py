@@ -459,10 +459,13 @@ async def _logs(
         js = client.nc.jetstream()
         await jetstream.ensure_logs_stream(js, replicas=settings_from_env().js_replicas)
         info = await js.stream_info(jetstream.LOGS_STREAM, subjects_filter=subject)
-        stored = sum((info.state.subjects or {}).values())
+        # `last` 0: none of what is stored (with --follow, only what comes from now
+        # on, as `tail -n 0 -f`); the deque below keeps at least one, and printed it.
+        stored = sum((info.state.subjects or {}).values()) if last > 0 else 0
         if not stored and not follow:
             return 0
-        sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL)
+        policy = DeliverPolicy.ALL if last > 0 else DeliverPolicy.NEW
+        sub = await js.subscribe(subject, ordered_consumer=True, deliver_policy=policy)
         kept: collections.deque[FailureRecord] = collections.deque(maxlen=max(last, 1))
         try:
             # What is stored: the last `last` of it.
@@ -736,6 +739,17 @@ def _seconds_or_zero(text: str) -> float:
     return _duration(text, zero_ok=True)
 
 
+def _count(text: str) -> int:
+    """A count argument: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gfaas", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -909,7 +923,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="failed invocations, with tracebacks (from the bus)")
     logs.add_argument("function", nargs="?", default=None, help="only this function's")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new ones")
-    logs.add_argument("-n", "--last", type=int, default=50, help="how many stored ones")
+    logs.add_argument("-n", "--last", type=_count, default=50, help="how many stored ones")
     nats_opt(logs, "NATS server")
     logs.set_defaults(func=lambda a: anyio.run(_logs, _url(a), a.function, a.follow, a.last))
 

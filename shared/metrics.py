@@ -56,6 +56,10 @@ SECONDS_BUCKETS: Sequence[float] = (
 # The worker's phases of one run (`gfaas.worker.phase.duration`, label `phase`).
 PHASES = ("load", "input", "queue", "execute", "output")
 OK = "ok"
+# The label value for a name a caller chose that names nothing (a function not
+# deployed, a tenant that is not a valid name): each distinct one would be a new series
+# kept for good. Not a valid name itself, so no function or tenant can share it.
+UNNAMED = "(unknown)"
 
 # (service, instance) -> the metrics port it serves, for its status.
 _ports: dict[tuple[str, str], int] = {}

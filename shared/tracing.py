@@ -22,6 +22,7 @@ worker's done note arrives (sent just before that reply).
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
@@ -85,8 +86,7 @@ def configure_tracing(service_name: str, directory: str | Path = "") -> None:
     # about 20% of its p50 (benchmarks.md, "Overhead of metrics and tracing").
     ratio = 1.0
     if service_name != "cli":
-        default = "1.0" if endpoint else str(SPAN_FILE_SAMPLE)
-        ratio = float(os.environ.get(TRACE_SAMPLE_ENV, "") or default)
+        ratio = _sample_ratio(1.0 if endpoint else SPAN_FILE_SAMPLE)
     sampler = None
     if ratio < 1.0:
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
@@ -104,6 +104,31 @@ def configure_tracing(service_name: str, directory: str | Path = "") -> None:
     if directory:
         add_span_file(provider, Path(directory), service_name)
     trace.set_tracer_provider(provider)
+
+
+def _sample_ratio(default: float) -> float:
+    """GFAAS_TRACE_SAMPLE as a ratio in [0, 1]; anything else is one warning and
+    `default`: read as each service starts, a typo must cost its sampling choice, not
+    the service (float() raised, and so did the sampler for a ratio below 0)."""
+    text = os.environ.get(TRACE_SAMPLE_ENV, "")
+    if not text:
+        return default
+    try:
+        ratio = float(text)
+    except ValueError:
+        ratio = math.nan
+    if not 0.0 <= ratio <= 1.0:  # NaN too, which compared as "record everything"
+        from shared.logs import get_logger  # shared.logs imports this module
+
+        get_logger("tracing").warning(
+            "tracing.bad_sample_ratio",
+            variable=TRACE_SAMPLE_ENV,
+            value=text,
+            using=default,
+            hint="a ratio from 0 to 1",
+        )
+        return default
+    return ratio
 
 
 def add_span_file(

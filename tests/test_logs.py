@@ -79,3 +79,20 @@ async def test_no_failures_prints_nothing(platform: Platform) -> None:
     printed: list[str] = []
     assert await cli._logs(platform.url, "nothing-failed", False, 50, emit=printed.append) == 0
     assert printed == []
+
+
+async def test_last_zero_prints_no_stored_failure(platform: Platform, nc: NATS) -> None:
+    # `gfaas logs -n 0` (with -f: only the failures from now on, as `tail -n 0 -f`)
+    # printed the newest stored one all the same; -n 1 prints just that one.
+    await deploy_and_wait(nc, BOOM)
+    x = np.ones((1, 3), dtype=np.float32)
+    ids = [(await request(nc, "boom", body(x=x)))[1]["invocation_id"] for _ in range(2)]
+    await logs_of(platform.url, "boom", until=ids[-1])
+    printed: list[str] = []
+    assert await cli._logs(platform.url, "boom", False, 0, emit=printed.append) == 0
+    assert printed == []
+    assert await cli._logs(platform.url, "boom", False, 1, emit=printed.append) == 0
+    assert len(printed) == 1
+    assert ids[-1] in printed[0]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["logs", "-n", "-1"])

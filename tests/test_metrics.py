@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import httpx
+import msgspec
 import numpy as np
 import pytest
 from nats.aio.client import Client as NATS
@@ -18,8 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.live_models import write_mlp
 from gfaas.client import Client
 from shared.dataplane.client import BrokerClient
+from shared.metrics import UNNAMED
 from shared.natsd import NatsServer
-from shared.schema import CopyRequest, FunctionSpec
+from shared.schema import H_TENANT, CopyRequest, FunctionSpec
 from tests.helpers import body, deploy_and_wait, request
 from tests.platform import Platform, platform_at
 from tests.specs import ECHO
@@ -73,8 +75,16 @@ async def test_every_service_serves_its_metrics_and_they_move(platform: Platform
         assert "error" not in reply, reply
     _, failed = await request(nc, "boom", body(x=x))
     assert failed["error"]["code"] == "handler_error"
-    _, unknown = await request(nc, "no-such-function", body(x=x))
-    assert unknown["error"]["code"] == "unknown_function"
+    # Names callers choose and nothing vouches for (functions not deployed, tenants
+    # that are not names) are one label value each, not a series per name.
+    for name in ("no-such-function", "nor-this", "nor-that"):
+        _, unknown = await request(nc, name, body(x=x))
+        assert unknown["error"]["code"] == "unknown_function"
+    for tenant in ("Not A Name", "x" * 300):
+        msg = await nc.request(
+            "gfaas.v1.invoke.echo", body(x=x), timeout=10, headers={H_TENANT: tenant}
+        )
+        assert msgspec.msgpack.decode(msg.data)["error"]["code"] == "bad_request"
 
     # Ingress counts each at its done note, sent just before the reply: wait for it.
     ingress: Samples = []
@@ -85,20 +95,20 @@ async def test_every_service_serves_its_metrics_and_they_move(platform: Platform
     assert value(ingress, "gfaas_invocations_total", function="echo", outcome="ok") == 3
     assert value(ingress, "gfaas_invocations_total", function="echo", tenant="default") == 3
     assert value(ingress, "gfaas_invocations_total", function="boom", outcome="handler_error") == 1
-    assert (
-        value(
-            ingress,
-            "gfaas_invocations_total",
-            function="no-such-function",
-            outcome="unknown_function",
-        )
-        == 1
-    )
-    assert value(ingress, "gfaas_invocation_duration_seconds_count", function="echo") == 3
-    assert value(ingress, "gfaas_invocation_duration_seconds_sum", function="echo") > 0
-    assert (
-        value(ingress, "gfaas_invocation_duration_seconds_bucket", function="echo", le="+Inf") == 3
-    )
+    total, refused = "gfaas_invocations_total", UNNAMED
+    assert value(ingress, total, function=refused, outcome="unknown_function") == 3
+    assert value(ingress, total, function="echo", tenant=refused) == 2
+    labels = {(lab["function"], lab["tenant"]) for n, lab, _ in ingress if n == total}
+    assert labels == {
+        ("echo", "default"),
+        ("boom", "default"),
+        (refused, "default"),
+        ("echo", refused),
+    }
+    ok = {"function": "echo", "outcome": "ok"}
+    assert value(ingress, "gfaas_invocation_duration_seconds_count", **ok) == 3
+    assert value(ingress, "gfaas_invocation_duration_seconds_sum", **ok) > 0
+    assert value(ingress, "gfaas_invocation_duration_seconds_bucket", le="+Inf", **ok) == 3
     assert value(ingress, "gfaas_nats_connected") == 1
 
     worker = await scrape(where["gpu-worker"])
@@ -299,3 +309,25 @@ def test_deferred_measurements_past_the_limit_are_applied_off_the_callers_thread
     assert data is not None
     (hist,) = data.resource_metrics[0].scope_metrics[0].metrics[0].data.data_points
     assert getattr(hist, "count", None) == 250
+
+
+async def test_a_run_that_crashed_counts_as_the_internal_error_its_caller_got(
+    platform: Platform, nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run that fails with no GfaasError (a bug, a registry read timing out) is
+    # answered `internal`: both the worker's and ingress's counts must say so.
+    from services.gpu_worker.execute import Executor
+
+    await deploy_and_wait(nc, ECHO)
+
+    async def crash(self: Executor, meta: object, body: bytes) -> Any:
+        raise RuntimeError("a bug in the worker")
+
+    monkeypatch.setattr(Executor, "execute", crash)
+    _, reply = await request(nc, "echo", body(x=np.ones(1)))
+    assert reply["error"]["code"] == "internal", reply
+    where = await ports(Client(nc))
+    ingress = await until(where["ingress"], "gfaas_invocations_total", 1, function="echo")
+    assert value(ingress, "gfaas_invocations_total", function="echo", outcome="internal") == 1
+    worker = await until(where["gpu-worker"], "gfaas_worker_invocations_total", 1)
+    assert value(worker, "gfaas_worker_invocations_total", function="echo", outcome="internal") == 1

@@ -4,7 +4,11 @@ errors recorded; the invocation in the log context."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import pytest
 from opentelemetry import propagate, trace
@@ -25,6 +29,7 @@ from shared import tracing
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 SPAN = "b7ad6b7169203331"
+REPO = Path(__file__).resolve().parent.parent
 
 # What W3C trace context says of each, as TraceContextTextMapPropagator reads it.
 HEADERS: dict[str, Mapping[str, str] | None] = {
@@ -184,3 +189,31 @@ def test_log_lines_name_the_invocation_and_trace(exporter: InMemorySpanExporter)
         with tracing.handling_span("nested", HEADERS["unsampled"]):
             assert tracing.log_context(None, "info", {})["invocation_id"] == "inv-2"
     assert tracing.log_context(None, "info", {}) == {}
+
+
+@pytest.mark.parametrize("text", ["abc", "-0.5", "1e999x", "nan"])
+def test_a_bad_sample_ratio_is_a_warning_and_the_default_not_a_dead_service(
+    text: str, tmp_path: Path
+) -> None:
+    # GFAAS_TRACE_SAMPLE is read where each service starts (run_service): a value
+    # that is no ratio must not keep it from starting, nor sample something else.
+    probe = (
+        "from opentelemetry import trace\n"
+        "from shared import tracing\n"
+        "tracing.configure_tracing('ingress')\n"
+        "print(trace.get_tracer_provider().sampler.get_description())\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        tracing.TRACE_DIR_ENV: str(tmp_path),
+        tracing.TRACE_SAMPLE_ENV: text,
+    }
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    env.pop("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", None)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"TraceIdRatioBased{{{tracing.SPAN_FILE_SAMPLE}}}" in done.stdout, done.stdout
+    assert tracing.TRACE_SAMPLE_ENV in done.stderr + done.stdout

@@ -107,7 +107,8 @@ class Runs:
 
     async def run(self, job: Job) -> None:
         meta = job.meta
-        ok, done, exec_ms, outcome = False, False, 0.0, OK
+        # outcome: "" until the run has one (the done note then says none).
+        ok, done, exec_ms, outcome = False, False, 0.0, ""
         claimed = 0
         try:
             with tracing.handling_span(
@@ -154,13 +155,18 @@ class Runs:
             self.books.first("run_answered")
         except Exception as exc:  # a bug must cost one request, not the worker
             log.exception("run.crashed", invocation_id=meta.invocation_id)
+            if not outcome:
+                # Counted (here and, by the done note's outcome, at ingress) as the
+                # `internal` its caller is told: uncounted here, it was "error" there.
+                outcome = str(ErrorCode.INTERNAL)
+                self.metrics.finished(meta.function, meta.tenant, outcome)
             await self.claims.give_back(meta, claimed, exc)
             await self.bus.reply_error(job.reply, meta.invocation_id, ErrorCode.INTERNAL, repr(exc))
         finally:
             self.books.finish(ok)
             if not done:
                 with anyio.CancelScope(shield=True):
-                    await self.done(job, ok=ok, exec_ms=exec_ms)
+                    await self.done(job, ok=ok, exec_ms=exec_ms, outcome=outcome)
 
     async def _log_failure(self, meta: InvocationMeta, failure: GfaasError) -> None:
         """Once per failed run, with the handler's traceback when it raised (or the

@@ -23,7 +23,8 @@ from shared import subjects, tracing
 from shared.dataplane.client import BrokerClient
 from shared.errors import GfaasError
 from shared.logs import failure_record, get_logger, report_failure
-from shared.metrics import OK, IngressMetrics, noop
+from shared.metrics import OK, UNNAMED, IngressMetrics, noop
+from shared.names import is_valid_name
 from shared.registry import Registry
 from shared.schema import (
     CALLER_FAULTS,
@@ -255,7 +256,16 @@ class Ingress:
     ) -> None:
         """An invocation answered with an error before any worker had it."""
         tenant = (headers or {}).get(H_TENANT) or DEFAULT_TENANT
-        self.metrics.finished(function, tenant, str(exc.code), time.monotonic() - arrived)
+        # Its labels: admission may have refused it for its names, so a function not
+        # deployed or a tenant that is no valid name is UNNAMED, or every name a
+        # caller sends would be another series on every scrape, for good.
+        known = self.lookup(function) is not None
+        self.metrics.finished(
+            function if known else UNNAMED,
+            tenant if is_valid_name(tenant) else UNNAMED,
+            str(exc.code),
+            time.monotonic() - arrived,
+        )
         await self._report(function, invocation_id, tenant, exc.code, exc.reason)
 
     async def _finished(self, meta: InvocationMeta, reply: InvokeReply, arrived: float) -> None:
