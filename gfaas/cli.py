@@ -135,7 +135,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             return True
         return False
 
-    run_up(sup, demo)
+    try:
+        # As `gfaas up`: a port in use is one line, not an ingress restarted in a loop
+        # under a demo that waits for it until its own timeout.
+        run_up(sup, demo, ready=True)
+    except (PortInUse, StartFailed) as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
     return outcome[0]
 
 

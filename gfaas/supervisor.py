@@ -398,10 +398,17 @@ def run_up(
     ports are checked first (PortInUse) and `after_start` runs once every service
     answers (StartFailed if one never does)."""
     stop_requested = False
+    # While `after_start` runs (the demo's own event loop), a flag alone would not be
+    # looked at until it returned: Ctrl-C and SIGTERM were ignored for as long as it
+    # took. There, the first signal interrupts it instead.
+    interrupting = False
 
     def request_stop(signum: int, _frame: object) -> None:
-        nonlocal stop_requested
+        nonlocal stop_requested, interrupting
         stop_requested = True
+        if interrupting:
+            interrupting = False
+            raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -412,8 +419,16 @@ def run_up(
             sup.wait_ready(url, stop=lambda: stop_requested)
             if stop_requested:
                 return
-        if after_start is not None and not after_start(url):
-            return
+        if after_start is not None:
+            try:
+                interrupting = True
+                go_on = after_start(url)
+            except KeyboardInterrupt:
+                go_on = False  # stopped as asked, below
+            finally:
+                interrupting = False
+            if not go_on:
+                return
         while not stop_requested:
             sup.supervise_once(time.monotonic())
             time.sleep(0.1)

@@ -3,16 +3,23 @@ the binary extension, and the unmodified Triton HTTP client."""
 
 from __future__ import annotations
 
+import socket
+import time
+from pathlib import Path
+
 import anyio
 import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from anyio.from_thread import start_blocking_portal
 from nats.aio.client import Client as NATS
 
+from services.ingress import app as ingress_app
+from shared.natsd import NatsServer
 from shared.schema import DType, FunctionSpec, TensorSpec
 from tests.helpers import deploy_and_wait
-from tests.platform import Platform
+from tests.platform import Platform, settings_for
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
@@ -213,3 +220,33 @@ async def test_a_workflow_is_a_model_over_http(platform: Platform, nc: NATS) -> 
         (z,) = r.json()["outputs"]
         assert z["name"] == "z"
         assert z["data"] == [3.0, 4.0, 5.0]
+
+
+def test_a_client_stalled_midway_through_its_body_does_not_hold_ingress_stop(
+    nats_server: NatsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bound under test, shortened: ingress stops within it, whatever clients do.
+    monkeypatch.setattr(ingress_app, "HTTP_GRACE_S", 1)
+    settings = settings_for(nats_server.url, tmp_path / "state")
+    with start_blocking_portal("asyncio") as portal:
+        platform = Platform(
+            portal=portal,
+            url=nats_server.url,
+            http_port=settings.http_port,
+            state_dir=tmp_path / "state",
+        )
+        platform.start("ingress", ingress_app.serve, settings)
+        anyio.run(wait_http, base(platform))
+        with socket.create_connection(("127.0.0.1", settings.http_port)) as stalled:
+            # Headers promise 100 bytes; one comes, then nothing (a slow or vanished client).
+            stalled.sendall(
+                b"POST /v2/repository/index HTTP/1.1\r\nHost: gfaas\r\nContent-Length: 100\r\n\r\n{"
+            )
+            time.sleep(0.3)  # read by ingress, which now waits for the rest
+            started = time.monotonic()
+            try:
+                platform.stop("ingress", timeout=10)
+            finally:
+                stalled.close()  # lets an ingress that did not stop end the test
+                platform.stop_all()
+        assert time.monotonic() - started < 5

@@ -11,6 +11,7 @@ import httpx
 import msgspec
 import numpy as np
 import pytest
+from starlette.types import Message
 
 from services.ingress import oip, oip_response
 from services.ingress.http import STATUS_FOR_CODE, create_app
@@ -872,3 +873,44 @@ async def test_the_direct_infer_route_answers_as_the_routed_one_did(
     unknown = await client.post("/v2/models/double/versions/7/infer", json=body)
     assert unknown.status_code == 404
     assert "no version '7'" in unknown.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/repository/index",
+        "/v2/systemsharedmemory/region/r/register",
+        "/v2/cudasharedmemory/region/r/register",
+        "/v2/models/double/infer",
+    ],
+)
+async def test_a_client_gone_before_its_body_came_is_no_server_error(
+    backend: FakeBackend, path: str
+) -> None:
+    # The ASGI server says so with http.disconnect; an exception out of the app is a
+    # traceback in ingress's log (uvicorn's "Exception in ASGI application").
+    app = create_app(backend, max_payload=MAX_PAYLOAD)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"gfaas"), (b"content-length", b"100")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    assert backend.calls == []

@@ -154,6 +154,50 @@ def test_demo_deploys_and_invokes_every_example(tmp_path: Path) -> None:
     assert "demo finished" in out
 
 
+def test_ctrl_c_stops_the_demo_while_it_runs(tmp_path: Path) -> None:
+    from tests.platform import free_port
+
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "gfaas",
+            "demo",
+            "--nats-port",
+            "-1",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--http-port",
+            str(free_port()),
+            "--workers",
+            "1",
+        ],
+        env=subprocess_env(GFAAS_GRPC_PORT="0", GFAAS_METRICS_PORT="0"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("1. model weights"), line  # the demo is under way
+        children = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGINT)
+        # Not once the whole demo has run: the signal was only looked at after it.
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "demo finished" not in out, out
+    assert proc.returncode == 1
+    assert "Traceback" not in err, err
+    time.sleep(0.2)
+    alive = [c.pid for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert alive == [], "no orphan processes after Ctrl-C"
+
+
 def test_up_with_replicas_keeps_scheduling_when_the_active_scheduler_is_killed(
     tmp_path: Path,
 ) -> None:

@@ -66,6 +66,32 @@ def test_a_port_in_use_is_one_line_and_a_failed_start(tmp_path: Path) -> None:
     assert "services ready" not in done.stdout
 
 
+def test_demo_with_a_port_in_use_is_one_line_too(tmp_path: Path) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        # Unchecked, ingress was restarted in a loop while the demo waited for it (90 s).
+        done = gfaas(
+            "demo",
+            "--nats-port",
+            "-1",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--http-port",
+            str(port),
+            "--workers",
+            "1",
+            env=_env(tmp_path / "state"),
+            timeout=30,
+        )
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert f"port {port} (ingress HTTP) is already in use" in lines[0]
+    assert "deployed" not in done.stdout
+
+
 def test_up_says_ready_once_every_service_answers_and_trace_reads_its_spans(
     tmp_path: Path,
 ) -> None:

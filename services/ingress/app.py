@@ -70,6 +70,10 @@ from shared.service import every, instance_name
 PRUNE_S = 1.0
 # How often lapsed grants and silent schedulers are looked for.
 DIRECT_TICK_S = 0.1
+# How long in-flight HTTP requests may run on once ingress is told to stop (as the
+# gRPC front's GRACE_S). Without a bound, uvicorn waits for every open request, and a
+# client that stalls midway through its body holds ingress's stop for good.
+HTTP_GRACE_S = 10
 
 
 async def _serve_http(
@@ -91,6 +95,7 @@ async def _serve_http(
         port=settings.http_port,
         log_level="warning",
         lifespan="off",
+        timeout_graceful_shutdown=HTTP_GRACE_S,
         # With a certificate: https only (a plain request fails its handshake).
         ssl_certfile=str(tls.cert_file) if tls is not None else None,
         ssl_keyfile=str(tls.key_file) if tls is not None else None,

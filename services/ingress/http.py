@@ -349,6 +349,12 @@ def create_app(
         assert isinstance(exc, HTTPException)
         return _error(exc.status_code, exc.detail, exc.headers)
 
+    async def client_gone(request: Request, exc: Exception) -> Response:
+        # A client that went away while its body was read (repository index, region
+        # registers): nobody reads an answer, and it is no server error to log with a
+        # traceback, as infer's own handling says (run_infer).
+        return Response(status_code=400)
+
     model, versioned = MODEL_ROUTE, VERSIONED_ROUTE
     shm = "/v2/systemsharedmemory"
     cuda = "/v2/cudasharedmemory"
@@ -384,7 +390,12 @@ def create_app(
     ]
     app: ASGIApp = InferRoutes(
         Starlette(
-            routes=routes, exception_handlers={HTTPException: http_error, GfaasError: gfaas_error}
+            routes=routes,
+            exception_handlers={
+                HTTPException: http_error,
+                GfaasError: gfaas_error,
+                ClientDisconnect: client_gone,
+            },
         ),
         infer,
     )
