@@ -130,12 +130,12 @@ def check_functions(plan: WorkflowPlan, specs: Mapping[str, FunctionSpec]) -> No
                 )
         declared = {t.name for t in spec.outputs}
         if declared:
-            for other in plan.sources.values():
-                for src in other.values():
-                    if src.stage == stage.name and src.name not in declared:
-                        raise WorkflowError(
-                            f"{src.key}: {stage.function} has no output {src.name!r}"
-                        )
+            # What other stages read and what the workflow returns alike: a workflow
+            # output naming an output the function never makes fails every call.
+            read = [src for other in plan.sources.values() for src in other.values()]
+            for src in [*read, *plan.outputs.values()]:
+                if src.stage == stage.name and src.name not in declared:
+                    raise WorkflowError(f"{src.key}: {stage.function} has no output {src.name!r}")
 
 
 def as_model(spec: WorkflowSpec, functions: Mapping[str, FunctionSpec]) -> FunctionSpec:

@@ -73,3 +73,14 @@ def test_stage_inputs_must_match_the_function() -> None:
     specs["add"] = FunctionSpec(name="add", handler="m:f", inputs=X)
     with pytest.raises(WorkflowError, match="takes"):
         check_functions(plan, specs)
+
+
+def test_a_workflow_output_the_stage_function_never_makes_is_refused() -> None:
+    # Deploy checked only what other stages read: `a.nope` went through, and every
+    # call then failed after all its stages had run.
+    y = [TensorSpec(name="y", dtype=DType.FLOAT32, shape=[-1])]
+    specs = {"f": FunctionSpec(name="f", handler="m:f", inputs=X, outputs=y)}
+    stages = [StageSpec(name="a", function="f", inputs={"x": "$in.x"})]
+    check_functions(plan_workflow(wf(stages, {"out": "a.y"})), specs)
+    with pytest.raises(WorkflowError, match=r"a\.nope: f has no output 'nope'"):
+        check_functions(plan_workflow(wf(stages, {"out": "a.nope"})), specs)
