@@ -294,6 +294,12 @@ class Client:
         pooled = [t for t, g in zip(sent, given, strict=True) if t is not g]
         try:
             body = self._body(request)
+        except GfaasError:
+            # Still over the bus limit (inputs too small to move filled it): refused
+            # before it went out, so nobody else reads what this call pooled.
+            await self.release(pooled)
+            raise
+        try:
             msg = await self.nc.request(
                 subject,
                 body,

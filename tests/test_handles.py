@@ -405,3 +405,18 @@ async def test_references_of_an_ingress_that_falls_silent_are_reclaimed(
     assert details["reclaimed"] == 2
     await broker.release([kept], "someone-else", "default")
     await wait_leases(client, 0)
+
+
+async def test_inputs_moved_into_the_pool_are_released_when_the_request_is_still_too_large(
+    platform: Platform, nc: NATS
+) -> None:
+    # The large input moves into the pool, yet the small ones (each under the
+    # by-handle size, so they stay by value) still fill more than one message: the
+    # call is refused before it is sent, and what it leased must not stay behind.
+    client = Client(nc)
+    small = {f"s{i}": np.zeros(60 * 1024 // 4, np.float32) for i in range(20)}
+    inputs = {"big": np.zeros(512 * 1024, np.float32), **small}
+    with pytest.raises(GfaasError) as info:
+        await client.invoke("echo", inputs)
+    assert info.value.code == "payload_too_large"
+    await wait_leases(client, 0, timeout=2.0)
