@@ -164,6 +164,27 @@ def test_fixed_shares_the_profile_never_measured_are_an_error() -> None:
         scale(load(10.0, fixed=Config(0.3, 1.0)), now=0.0)
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ProfilePoint(Config(1.0, 1.0), p99_ms=4.0, throughput=0.0),
+        ProfilePoint(Config(1.0, 1.0), p99_ms=4.0, throughput=math.nan),
+        ProfilePoint(Config(1.0, 1.0), p99_ms=4.0, throughput=math.inf),
+        ProfilePoint(Config(1.0, 1.0), p99_ms=math.nan, throughput=250.0),
+    ],
+)
+def test_a_row_that_measured_nothing_is_not_planned_on(bad: ProfilePoint) -> None:
+    # The one usable row misses the SLO: best effort, which plans on throughput.
+    slow = ProfilePoint(Config(0.5, 1.0), p99_ms=120.0, throughput=8.0)
+    for rows in ((bad, slow), (slow, bad)):
+        decision = scale(load(20.0, profile=rows), now=0.0)
+        assert decision.plan.config == slow.config
+        assert set(decision.add) == {slow.config}
+        assert decision.slo_unmeetable
+    with pytest.raises(ValueError, match="usable"):
+        scale(load(20.0, profile=(bad,)), now=0.0)
+
+
 def test_an_slo_no_configuration_meets_is_said_with_a_best_effort_choice() -> None:
     decision = scale(load(50.0, slo_ms=5.0), now=0.0)
     assert decision.slo_unmeetable

@@ -145,6 +145,9 @@ def test_a_learned_profile_replaces_the_default_and_skips_unusable_rows() -> Non
         ProfileRow(sm_share=0.5, time_quota=1.0, p50_ms=1.0, p99_ms=2.0, throughput=400.0),
         ProfileRow(sm_share=0.5, time_quota=0.25, p50_ms=5.0, p99_ms=9.0, throughput=0.0),
         ProfileRow(sm_share=1.5, time_quota=1.0, p50_ms=1.0, p99_ms=2.0, throughput=400.0),
+        # Not a whole percent: the packer cannot place it.
+        ProfileRow(sm_share=0.3333, time_quota=1.0, p50_ms=1.0, p99_ms=2.0, throughput=400.0),
+        ProfileRow(sm_share=0.5, time_quota=0.125, p50_ms=9.0, p99_ms=16.0, throughput=50.0),
     ]
     b.learn(Profile(function="f", device="cpu", agent="a", rows=rows))
     assert b.profiles["f"] == (ProfilePoint(Config(0.5, 1.0), p99_ms=2.0, throughput=400.0),)

@@ -223,6 +223,11 @@ class Instances:
         for r in profile.rows:
             try:
                 config = Config(r.sm_share, r.time_quota)
+                # Only whole percents can be placed (packing.units): a row of 2 of 3
+                # cores (0.6667), stored by a profiler before it left them out, was
+                # the least share, and every plan that chose it raised in the packer.
+                packing.units(r.sm_share)
+                packing.units(r.time_quota)
             except ValueError:
                 continue
             if r.throughput > 0.0:

@@ -321,11 +321,20 @@ def _count(demand: float, rate: float) -> int:
 
 
 def _rows(profile: Sequence[ProfilePoint], fixed: Config | None) -> Sequence[ProfilePoint]:
-    rows = profile if fixed is None else [p for p in profile if p.config == fixed]
+    # A row that measured nothing (no or infinite throughput, a NaN p99) says nothing
+    # to plan with: planned on, it divided by zero (best effort plans on throughput)
+    # or took int(NaN) (the burst floor), and a NaN p99 made the best-effort pick
+    # depend on the rows' order. An infinite p99 is a measurement: it meets no SLO.
+    usable = [p for p in profile if _usable(p)]
+    rows = usable if fixed is None else [p for p in usable if p.config == fixed]
     if not rows:
         what = "the fixed configuration" if fixed is not None else "any configuration"
-        raise ValueError(f"the profile has no row for {what}")
+        raise ValueError(f"the profile has no usable row for {what}")
     return rows
+
+
+def _usable(point: ProfilePoint) -> bool:
+    return 0.0 < point.throughput < math.inf and not math.isnan(point.p99_ms)
 
 
 def scale(
