@@ -172,6 +172,20 @@ async def test_slabs_the_pool_gives_back_are_unmapped_from_the_broker_too() -> N
             unlink_segment(name)
 
 
+async def test_a_lease_larger_than_the_idle_slabs_filling_the_cap_is_served(
+    broker: Handlers,
+) -> None:
+    # Two slab-sized leases fill the cap; released, their slabs wait out the
+    # cool-down. A lease of the whole cap fits it, and nothing is leased: the empty
+    # slabs (too small for it, blocks never span slabs) make way for one that fits.
+    two = await broker.lease(LeaseRequest(sizes=[N, N], owner="o"), "default")
+    await broker.release(ReleaseRequest(handles=two.handles, holder="o"), "default")
+    (big,) = (await broker.lease(LeaseRequest(sizes=[2 * N], owner="o"), "default")).handles
+    assert big.nbytes == 2 * N
+    assert not set(list_segments()) & {h.segment for h in two.handles}
+    assert len(broker.pools.devices["cpu"].segments) == 1
+
+
 @pytest.mark.nats
 async def test_a_broker_that_cannot_start_leaves_no_board_behind(nc: NATS, tmp_path: Path) -> None:
     # A device nothing backs; and, on a node without CUDA, a GPU (the reported case).

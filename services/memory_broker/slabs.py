@@ -38,6 +38,8 @@ class DevicePool:
         """Add the slab that would hold `nbytes` (an exhausted lease) if the cap allows;
         False if it does not, and nothing was added."""
         plan = self.elastic.grow_for(nbytes, self.slab_uses(table))
+        for slab_id in plan.remove:  # empty slabs too small for it, making room under the cap
+            self.destroy_slab(table, slab_id)
         for size in plan.add:
             self.create_slab(table, size)
         return bool(plan.add)
