@@ -23,7 +23,12 @@ from services.memory_broker.handlers import Handlers
 from services.memory_broker.links import Links
 from services.memory_broker.pools import NodePools
 from shared.config import Settings
-from shared.dataplane.backend import BackendUnavailable, select_backend, tensor_from_handle
+from shared.dataplane.backend import (
+    BackendUnavailable,
+    SlabRef,
+    select_backend,
+    tensor_from_handle,
+)
 from shared.dataplane.bandwidth import Mode
 from shared.dataplane.cuda import cuda_available
 from shared.dataplane.elastic import ElasticConfig
@@ -166,6 +171,62 @@ async def test_slabs_the_pool_gives_back_are_unmapped_from_the_broker_too() -> N
         assert not shared.is_open(x.segment)
         assert not shared.is_open(y.segment)
     finally:
+        links.close()
+        pools.close()
+        for name in list_segments(prefix):
+            unlink_segment(name)
+
+
+async def test_a_lease_larger_than_the_idle_slabs_filling_the_cap_is_served(
+    broker: Handlers,
+) -> None:
+    # Two slab-sized leases fill the cap; released, their slabs wait out the
+    # cool-down. A lease of the whole cap fits it, and nothing is leased: the empty
+    # slabs (too small for it, blocks never span slabs) make way for one that fits.
+    two = await broker.lease(LeaseRequest(sizes=[N, N], owner="o"), "default")
+    await broker.release(ReleaseRequest(handles=two.handles, holder="o"), "default")
+    (big,) = (await broker.lease(LeaseRequest(sizes=[2 * N], owner="o"), "default")).handles
+    assert big.nbytes == 2 * N
+    assert not set(list_segments()) & {h.segment for h in two.handles}
+    assert len(broker.pools.devices["cpu"].segments) == 1
+
+
+class NoRoomBackend(ShmBackend):
+    """A device whose memory another process took: its next slab cannot be made."""
+
+    fail: type[BaseException] | None = None
+
+    def create_slab(self, size: int, pool: str, *, prefault: bool = False) -> SlabRef:
+        if self.fail is not None:
+            raise self.fail("out of memory")  # as cupy's OutOfMemoryError is a MemoryError
+        return super().create_slab(size, pool, prefault=prefault)
+
+
+async def test_a_slab_the_device_cannot_make_refuses_the_batch_taking_nothing() -> None:
+    prefix = f"gfaas-test-dpb-{os.getpid()}-"
+    links = Links(chunk_bytes=MB, mode=Mode.FAIR)
+    pools = NodePools(node="n", instance="i", default_ttl_s=60.0, links=links)
+    backend = NoRoomBackend("cpu", prefix=prefix)
+    pools.add_device("cpu", backend, ElasticConfig(slab_size=N, max_bytes=4 * N))
+    broker = Handlers(pools, links, max_payload=MB)
+    try:
+        await broker.lease(LeaseRequest(sizes=[N // 2], owner="o"), "default")
+        taken = pools.table.held("default")
+        # The first fits the slab there is; the second needs a slab the device cannot
+        # make: a full pool's answer, and the first is not left leased to nobody.
+        backend.fail = MemoryError
+        with pytest.raises(GfaasError) as refused:
+            await broker.lease(LeaseRequest(sizes=[1000, N], owner="o2"), "default")
+        assert refused.value.code is ErrorCode.OVERLOADED
+        assert pools.table.held("default") == taken
+        # Whatever else stops a batch, what it took so far goes back too.
+        backend.fail = RuntimeError
+        with pytest.raises(RuntimeError):
+            await broker.lease(LeaseRequest(sizes=[1000, N], owner="o2"), "default")
+        assert pools.table.held("default") == taken
+        assert [x.owner for x in pools.table] == ["o"]
+    finally:
+        backend.fail = None
         links.close()
         pools.close()
         for name in list_segments(prefix):

@@ -126,6 +126,22 @@ def test_an_exhausted_lease_gets_one_slab_big_enough_within_the_cap() -> None:
     assert p.grow_for(MiB, full).add == ()
 
 
+def test_a_lease_larger_than_the_empty_slabs_filling_the_cap_gets_them_given_back() -> None:
+    # Blocks never span slabs: eight empty 16 MiB slabs cannot hold 32 MiB, and
+    # kept for their cool-down they would fill the cap while nothing is leased.
+    p = pool()
+    slabs = [SlabUse(i, SLAB, SLAB if i == 0 else 0) for i in range(8)]
+    plan = p.grow_for(2 * SLAB, slabs)
+    assert plan.add == (2 * SLAB,)
+    assert len(plan.remove) == 2
+    assert 0 not in plan.remove
+    # Nothing is given back when even that would not make room.
+    busy = [SlabUse(i, SLAB, SLAB if i < 7 else 0) for i in range(8)]
+    refused = p.grow_for(2 * SLAB, busy)
+    assert refused.add == ()
+    assert refused.remove == ()
+
+
 def item(key: str, mib: int, on_device: bool, next_use: float = math.inf) -> Intermediate:
     return Intermediate(key, mib * MiB, on_device, next_use)
 

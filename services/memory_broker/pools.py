@@ -94,8 +94,11 @@ class NodePools:
         try:
             for nbytes in sizes:
                 taken.append(self._lease_one(pool, nbytes, owner, tenant, ttl, now))
-        except LeaseError:
-            self.refused += 1
+        except BaseException as exc:
+            # Whatever stopped the batch: its caller never hears of the leases taken
+            # so far, which nobody could then release (held, and charged to the
+            # tenant's quota, until their TTL).
+            self.refused += isinstance(exc, LeaseError)
             for lease in taken:
                 self.table.free(lease.lease_id)
             raise

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from shared.dataplane.backend import Backend, close_mapping
+from shared.dataplane.backend import Backend, BackendError, close_mapping
 from shared.dataplane.elastic import ElasticPool, SlabUse
 from shared.dataplane.leases import LeaseTable
 from shared.dataplane.shm import ShmBackend
+from shared.logs import get_logger
+
+log = get_logger("memory_broker")
 
 
 @dataclass
@@ -38,8 +41,19 @@ class DevicePool:
         """Add the slab that would hold `nbytes` (an exhausted lease) if the cap allows;
         False if it does not, and nothing was added."""
         plan = self.elastic.grow_for(nbytes, self.slab_uses(table))
+        for slab_id in plan.remove:  # empty slabs too small for it, making room under the cap
+            self.destroy_slab(table, slab_id)
         for size in plan.add:
-            self.create_slab(table, size)
+            try:
+                self.create_slab(table, size)
+            except (BackendError, MemoryError, OSError) as exc:
+                # The device has less memory than the cap says (another process took
+                # it: cupy's OutOfMemoryError is a MemoryError; /dev/shm full): no
+                # room, which the lease is refused as (overloaded), not a crashed op.
+                log.warning(
+                    "pool.slab_create_failed", device=self.device, nbytes=size, error=repr(exc)
+                )
+                return False
         return bool(plan.add)
 
     def resize(self, table: LeaseTable, now: float) -> None:

@@ -85,7 +85,8 @@ class SlabUse:
 
 @dataclass(frozen=True, slots=True)
 class PoolPlan:
-    # Sizes of slabs to create, then ids of empty slabs to give back.
+    # Sizes of slabs to create, then ids of empty slabs to give back (`grow_for`
+    # gives back before it creates: the cap has room only once they are gone).
     add: tuple[int, ...] = ()
     remove: tuple[int, ...] = ()
     target_bytes: int = 0
@@ -138,14 +139,25 @@ class ElasticPool:
         return PoolPlan(remove=tuple(remove), target_bytes=target)
 
     def grow_for(self, nbytes: int, slabs: Sequence[SlabUse]) -> PoolPlan:
-        """A lease found no room: the one slab that would hold it, if the cap allows."""
+        """A lease found no room: the one slab that would hold it, if the cap allows,
+        giving back empty slabs first where the cap does not allow it otherwise.
+
+        Blocks never span slabs, so empty slabs smaller than the lease are no use to
+        it; kept for their cool-down they would fill the cap and refuse a lease the
+        cap fits while nothing at all is leased. Largest first: fewest slabs go."""
         c = self.config
         held = sum(s.size for s in slabs)
         aligned = -(-nbytes // c.alignment) * c.alignment
         size = max(c.slab_size, aligned)
+        remove: list[int] = []
+        for s in sorted((s for s in slabs if s.used == 0), key=lambda s: (-s.size, s.slab_id)):
+            if held + size <= c.max_bytes:
+                break
+            remove.append(s.slab_id)
+            held -= s.size
         if held + size > c.max_bytes:
-            return PoolPlan(target_bytes=held)
-        return PoolPlan(add=(size,), target_bytes=held + size)
+            return PoolPlan(target_bytes=sum(s.size for s in slabs))
+        return PoolPlan(add=(size,), remove=tuple(remove), target_bytes=held + size)
 
     def _note_empty(self, now: float, slabs: Iterable[SlabUse]) -> None:
         seen: dict[int, float] = {}
