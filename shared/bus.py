@@ -95,7 +95,21 @@ async def connected(
                     await nc.drain()
                 except Exception as exc:  # closing anyway; a drain error must not mask others
                     log.warning("nats.drain_failed", client=name, error=repr(exc))
-                    await nc.close()
+                    await _close_undrained(nc)
+
+
+async def _close_undrained(nc: NATS) -> None:
+    """Close a connection that could not be drained, typically one reconnecting
+    through a bus outage (nats-py refuses to drain those)."""
+    if not nc.is_connected:
+        # What was published during the outage waits for a reconnect that is not
+        # coming now. nats-py's close writes it to the dead socket's transport, which
+        # uvloop (our loop) refuses with a RuntimeError: the close stopped half-way
+        # (subscription tasks left running) and every stop during an outage ended
+        # in a traceback. It could not be delivered anyway.
+        nc._pending.clear()
+        nc._pending_data_size = 0
+    await nc.close()
 
 
 async def send_reply(
