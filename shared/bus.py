@@ -96,6 +96,13 @@ async def connected(
                 except Exception as exc:  # closing anyway; a drain error must not mask others
                     log.warning("nats.drain_failed", client=name, error=repr(exc))
                     await _close_undrained(nc)
+        if not nc.is_closed:
+            # The drain ran out of time (a handler still busy): cancelled, it never
+            # reaches its close, and the connection stayed up, its subscriptions
+            # still taking messages for a service that had stopped.
+            log.warning("nats.drain_timeout", client=name, timeout_s=DRAIN_TIMEOUT_S)
+            with anyio.move_on_after(DRAIN_TIMEOUT_S, shield=True):
+                await _close_undrained(nc)
 
 
 async def _close_undrained(nc: NATS) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from nats.aio.msg import Msg
 
+from shared import bus
 from shared.bus import connected
 from shared.natsd import NatsServer
 
@@ -34,3 +36,23 @@ async def test_leaving_a_connection_while_the_bus_is_down_closes_it(
     assert nc.is_closed
     await anyio.sleep(0.1)  # the close cancels them; they end at their next step
     assert sub._wait_for_msgs_task is None or sub._wait_for_msgs_task.done()
+
+
+async def test_a_drain_that_runs_out_of_time_still_closes_the_connection(
+    nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bus, "DRAIN_TIMEOUT_S", 0.5)
+    handled: list[bytes] = []
+    async with connected(nats_server.url, "test-slow-drain") as nc:
+
+        async def on_msg(msg: Msg) -> None:
+            handled.append(msg.data)
+            await anyio.sleep(30)  # a handler busier than the drain waits for
+
+        await nc.subscribe("test.slow", cb=on_msg)
+        await nc.publish("test.slow", b"first")
+        with anyio.fail_after(5):
+            while not handled:
+                await anyio.sleep(0.02)
+    # Closed, not left up taking messages for a service that stopped.
+    assert nc.is_closed
