@@ -3,6 +3,7 @@ without a bus: what agents' beats say, and what the autoscaler is given."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, cast
 
 import msgspec
@@ -27,6 +28,7 @@ from shared.schema import (
     ProfileRow,
     encode,
 )
+from tests.test_scheduler_views import heartbeat, invocation
 
 pytestmark = pytest.mark.unit
 MB = 1024 * 1024
@@ -325,3 +327,57 @@ async def test_a_new_instance_goes_where_the_host_tier_holds_its_model(holder: s
 
 def seen_waiting(function: str) -> Observed:
     return Observed(waiting={function: 1}, busy=lambda _: False, exec_ms=lambda _: 0.0, resident={})
+
+
+class SchedulerBus(AgentCommands):
+    """AgentCommands, and what the scheduler publishes and answers callers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[tuple[str, ErrorCode]] = []
+
+    async def publish(self, subject: str, data: bytes, **_: Any) -> None:
+        pass
+
+    async def reply_error(
+        self, subject: str, invocation_id: str, code: ErrorCode, reason: str
+    ) -> None:
+        self.errors.append((invocation_id, code))
+
+
+class SyncedSpec(OneSpec):
+    """OneSpec read through (the tick stops orphans and prunes the books by it)."""
+
+    synced = True
+
+    @property
+    def specs(self) -> dict[str, FunctionSpec]:
+        return {self.spec.name: self.spec}
+
+
+@pytest.mark.anyio
+async def test_a_function_redeployed_off_instances_is_no_longer_unplaced() -> None:
+    """An instanced function no device had room for, redeployed to run on the shared
+    workers: what waits for a worker of it is not answered `overloaded` for the
+    instances it no longer has (its last round's `unplaced` reason stayed in the
+    books, never planned again)."""
+    registry = SyncedSpec(FunctionSpec(name="f", handler="m:f", min_instances=1, memory_mb=5000))
+    bus = SchedulerBus()
+    scheduler = Scheduler(
+        cast(Any, bus), cast(Any, registry), make_policy("least_loaded"), Settings()
+    )
+    await scheduler.agent_beat(beat())  # 1000 MB: no room for 5000
+    await scheduler.tick()
+    assert "f" in scheduler.instances.unplaced
+    assert "f" in scheduler.instances.last
+    registry.spec = FunctionSpec(name="f", handler="m:f", memory_mb=100)
+    # Its one worker is busy; the next call waits for it.
+    now = time.monotonic()
+    scheduler.state.observe(msgspec.structs.replace(heartbeat("w0"), capacity=1), now)
+    scheduler.state.assign("w0", invocation(scheduler.state, 0, registry.spec, now), now)
+    scheduler.state.enqueue(invocation(scheduler.state, 1, registry.spec, now))
+    await scheduler.tick()
+    assert bus.errors == []
+    assert list(scheduler.state.pending) == ["i1"]
+    assert scheduler.instances.unplaced == {}
+    assert "f" not in scheduler.instances.last  # nor its instances' plan in the status

@@ -361,6 +361,15 @@ class Instances:
     async def _scale(self, now: float, seen: Observed, only: str | None) -> list[ScaleDecision]:
         if only is None:
             await self._stop_orphans()
+            # A function removed, or redeployed to run on the shared workers, is not
+            # planned again: its last round's `unplaced` reason and plan would stay,
+            # and the scheduler answer what waits for it `overloaded` every tick (no
+            # instance, "no room") though workers serve it now.
+            planned = {s.name for s in self.registry.all() if self.instanced(s)}
+            for name in [n for n in self.unplaced if n not in planned]:
+                del self.unplaced[name]
+            for name in [n for n in self.last if n not in planned]:
+                del self.last[name]
         decisions = []
         for spec in self.registry.all():
             if not self.instanced(spec) or (only is not None and spec.name != only):
