@@ -79,6 +79,10 @@ def test_an_instance_that_leaves_its_agents_beat_is_lost_and_a_failed_start_said
     _, again = b.observe(beat(info("i1"), failed), now=0.2)
     assert again == []
     assert b.backoff["f"] > 0.2
+    # Its agent forgets it after a while: so do the books.
+    gone, _ = b.observe(beat(info("i1")), now=10.2)
+    assert gone == ["i3"]
+    assert b.failures_seen == set()
 
 
 def test_a_silent_agent_takes_its_instances_with_it() -> None:

@@ -216,6 +216,9 @@ class Instances:
     def _forget(self, name: str) -> None:
         self.rects.pop(name, None)
         self.used.pop(name, None)
+        # Its failure is no longer in any beat: kept, it would outlive the instance,
+        # one entry per failed start for the scheduler's lifetime.
+        self.failures_seen.discard(name)
 
     def learn(self, profile: Profile) -> None:
         """A measured profile (`gfaas profile`, or the one after a deploy)."""
