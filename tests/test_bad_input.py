@@ -143,9 +143,7 @@ async def test_output_over_the_bus_limit_becomes_an_error(platform: Platform, nc
     assert "by handle" in reason
 
 
-async def test_model_missing_from_the_store_gets_an_error_reply(
-    platform: Platform, nc: NATS
-) -> None:
+async def _register_with_an_unpushed_model(nc: NATS) -> None:
     from gfaas.client import Client
 
     spec = FunctionSpec(name="scale", handler="tests.funcs:Scale", model="not-pushed")
@@ -156,8 +154,42 @@ async def test_model_missing_from_the_store_gets_an_error_reply(
     with anyio.fail_after(5):  # ingress's registry watch sees it too
         while "scale" not in (await Client(nc).status("ingress")).details["functions"]:
             await anyio.sleep(0.02)
+
+
+async def test_model_missing_from_the_store_gets_an_error_reply(
+    platform: Platform, nc: NATS
+) -> None:
+    await _register_with_an_unpushed_model(nc)
     reason = await expect_error(nc, "scale", body(x=GOOD), "model_unavailable")
     assert "not-pushed" in reason
+
+
+async def test_model_missing_from_the_store_is_unavailable_on_both_oip_fronts(
+    platform: Platform, nc: NATS
+) -> None:
+    # Not the caller's fault, and retried as such by the async path: 503 / UNAVAILABLE
+    # (what clients retry on), not 500 / INTERNAL (a bug in gfaas).
+    import grpc
+    import httpx
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    await _register_with_an_unpushed_model(nc)
+    x = {"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1.0, 2.0, 3.0]}
+    url = f"http://127.0.0.1:{platform.http_port}/v2/models/scale/infer"
+    async with httpx.AsyncClient(timeout=10) as http:
+        r = await http.post(url, json={"inputs": [x]})
+    assert r.status_code == 503, r.text
+    assert r.json()["error"].startswith("model_unavailable: ")
+
+    request = service_pb2.ModelInferRequest(model_name="scale")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=[1, 3])
+    tensor.contents.fp32_contents.extend([1.0, 2.0, 3.0])
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{platform.grpc_port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ModelInfer(request, timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+    assert "model_unavailable" in (refused.value.details() or "")
 
 
 async def test_a_handler_refusing_its_inputs_gets_invalid_input_not_a_handler_error(

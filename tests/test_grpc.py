@@ -366,3 +366,14 @@ def test_a_caller_gone_before_its_shared_memory_reply_leaves_no_lease(platform: 
                 time.sleep(0.1)
     finally:
         shm.destroy_shared_memory_region(region)
+
+
+def test_both_fronts_read_their_statuses_from_one_table() -> None:
+    from services.ingress import grpc_front, http
+    from services.ingress.statuses import STATUSES
+
+    # `pending` is a result lookup's answer, never an inference's.
+    assert set(STATUSES) == set(ErrorCode) - {ErrorCode.PENDING}
+    for code, statuses in STATUSES.items():
+        assert (http.status_for(code), grpc_front.status_for(code)) == statuses
+    assert STATUSES[ErrorCode.MODEL_UNAVAILABLE] == (503, grpc.StatusCode.UNAVAILABLE)

@@ -703,7 +703,7 @@ EXPECTED_STATUS = {
     ErrorCode.DEADLINE_EXCEEDED: 504,
     ErrorCode.WORKER_LOST: 503,
     ErrorCode.HANDLER_ERROR: 500,
-    ErrorCode.MODEL_UNAVAILABLE: 500,
+    ErrorCode.MODEL_UNAVAILABLE: 503,
     ErrorCode.INTERNAL: 500,
     ErrorCode.UNAVAILABLE: 503,
     ErrorCode.NO_POOL: 400,

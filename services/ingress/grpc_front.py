@@ -31,6 +31,7 @@ from services.ingress.http import (
 )
 from services.ingress.shm_regions import TenantRegions
 from services.ingress.stats import InferenceStats
+from services.ingress.statuses import STATUSES, statuses_for
 from services.ingress.tls import FrontTLS
 from shared.auth import UNAUTHENTICATED_REASON, TokenBook
 from shared.errors import GfaasError, bad_request
@@ -40,24 +41,7 @@ from shared.schema import DEFAULT_TENANT, H_TENANT, ErrorCode, FunctionSpec
 log = get_logger("ingress.grpc")
 
 STATUS_FOR_CODE: Final[Mapping[ErrorCode, grpc.StatusCode]] = {
-    ErrorCode.BAD_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.NO_POOL: grpc.StatusCode.INVALID_ARGUMENT,
-    ErrorCode.UNKNOWN_FUNCTION: grpc.StatusCode.NOT_FOUND,
-    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    ErrorCode.PAYLOAD_TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorCode.QUOTA_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ErrorCode.SLO_UNMEETABLE: grpc.StatusCode.FAILED_PRECONDITION,
-    # Transient, not the caller's fault: UNAVAILABLE is the code gRPC clients retry.
-    ErrorCode.OVERLOADED: grpc.StatusCode.UNAVAILABLE,
-    ErrorCode.NO_WORKER: grpc.StatusCode.UNAVAILABLE,
-    ErrorCode.WORKER_LOST: grpc.StatusCode.UNAVAILABLE,
-    ErrorCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    ErrorCode.SUPERSEDED: grpc.StatusCode.ABORTED,
-    ErrorCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
-    ErrorCode.HANDLER_ERROR: grpc.StatusCode.INTERNAL,
-    ErrorCode.MODEL_UNAVAILABLE: grpc.StatusCode.INTERNAL,
-    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+    code: statuses.grpc for code, statuses in STATUSES.items()
 }
 # How long in-flight calls may run on once ingress is told to stop.
 GRACE_S: Final = 10.0
@@ -73,7 +57,7 @@ _Handler = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
 def status_for(code: ErrorCode) -> grpc.StatusCode:
-    return STATUS_FOR_CODE.get(code, grpc.StatusCode.INTERNAL)
+    return statuses_for(code).grpc
 
 
 def clipped(details: str, budget: int = DETAILS_BUDGET) -> str:

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.ingress import oip, oip_response, oip_shm
 from services.ingress.shm_regions import ShmRegions, TenantRegions
 from services.ingress.stats import InferenceStats
+from services.ingress.statuses import STATUSES, statuses_for
 from shared import tracing
 from shared.auth import UNAUTHENTICATED_REASON, TokenBook
 from shared.errors import GfaasError
@@ -80,24 +81,7 @@ class InferenceBackend(Protocol):
 
 
 STATUS_FOR_CODE: Final[Mapping[ErrorCode, int]] = {
-    ErrorCode.BAD_REQUEST: 400,
-    ErrorCode.INVALID_INPUT: 400,
-    ErrorCode.UNKNOWN_FUNCTION: 404,
-    ErrorCode.NOT_FOUND: 404,
-    ErrorCode.PAYLOAD_TOO_LARGE: 413,
-    ErrorCode.OVERLOADED: 503,
-    ErrorCode.NO_WORKER: 503,
-    ErrorCode.WORKER_LOST: 503,
-    ErrorCode.UNAVAILABLE: 503,
-    ErrorCode.NO_POOL: 400,
-    ErrorCode.QUOTA_EXCEEDED: 429,
-    # The function, as deployed, cannot meet its SLO on these devices.
-    ErrorCode.SLO_UNMEETABLE: 503,
-    ErrorCode.SUPERSEDED: 409,
-    ErrorCode.DEADLINE_EXCEEDED: 504,
-    ErrorCode.HANDLER_ERROR: 500,
-    ErrorCode.MODEL_UNAVAILABLE: 500,
-    ErrorCode.INTERNAL: 500,
+    code: statuses.http for code, statuses in STATUSES.items()
 }
 JSON: Final = "application/json"
 # The protocol's health APIs answer false with a 4xx (Triton sends 400), not a 5xx.
@@ -115,7 +99,7 @@ _DECOMPRESSORS: Final = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 def status_for(code: ErrorCode) -> int:
-    return STATUS_FOR_CODE.get(code, 500)
+    return statuses_for(code).http
 
 
 def _error(status: int, reason: str, headers: Mapping[str, str] | None = None) -> Response:
