@@ -28,6 +28,8 @@ DEFAULT_METRICS_PORTS: Final[Mapping[str, int]] = {
 }
 # Headroom under the server's max_payload for headers and envelope fields.
 PAYLOAD_HEADROOM: Final = 16 * 1024
+# The longest deadline a caller may set on an invocation (see Settings.max_deadline_s).
+DEFAULT_MAX_DEADLINE_S: Final = 900.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,6 +85,11 @@ class Settings:
     grpc_port: int = DEFAULT_GRPC_PORT
     grpc_enabled: bool = True
     async_concurrency: int = 16
+    # The longest a caller may give an invocation (its `Gfaas-Deadline-Ms` header, its
+    # request's `timeout_ms`, the OIP `timeout` parameter, a gRPC deadline): one set
+    # further out is cut to this (or to the function's own timeout, when longer), so a
+    # caller cannot hold queue slots, grants and leases for days. inf: no cap.
+    max_deadline_s: float = DEFAULT_MAX_DEADLINE_S
     # Async invocations: a delivery not acknowledged (nor kept alive by in-progress
     # acks) within this long goes to another ingress; a fault that is not the
     # caller's is retried, waiting backoff_s, doubling up to backoff_max_s, until

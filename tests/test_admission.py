@@ -147,3 +147,34 @@ def test_admission_names_the_node_that_holds_the_inputs() -> None:
     by_value_x = from_value("x", np.ones(3, np.float32))
     assert input_node([pooled("a", "n1", 24), pooled("b", "n2", 48), by_value_x]) == "n2"
     assert input_node([pooled("a", "n3", 24), pooled("b", "n1", 24)]) == "n1"
+
+
+def test_a_caller_set_deadline_is_capped() -> None:
+    good = body(np.ones((1, 3), np.float32))
+    day_ms = 86_400_000
+
+    def deadline(headers: dict[str, str] | None = None, data: bytes = good, **kw: Any) -> int:
+        meta, _, _ = admit("f", data, headers, lookup, max_payload=10_000, now_ms=5_000, **kw)
+        return meta.deadline_ms
+
+    far = encode(Req(inputs=[from_value("x", np.ones((1, 3), np.float32))], timeout_ms=day_ms))
+    # A day asked for, in the request or as the header's absolute time: the cap's worth.
+    assert deadline(data=far, max_timeout_ms=60_000) == 65_000
+    assert deadline({"Gfaas-Deadline-Ms": str(10 * day_ms)}, max_timeout_ms=60_000) == 65_000
+    assert deadline({"Gfaas-Deadline-Ms": str(2**70)}) == 5_000 + 900_000  # the default
+    # Under the cap, as asked; a function's own longer timeout is still its own.
+    assert deadline({"Gfaas-Deadline-Ms": "30000"}, max_timeout_ms=60_000) == 30_000
+    assert deadline(max_timeout_ms=10) == 6_000
+    assert deadline(data=far, max_timeout_ms=10) == 6_000
+    assert deadline(data=far, max_timeout_ms=float("inf")) == 5_000 + day_ms
+
+
+def test_a_negative_deadline_or_timeout_is_refused() -> None:
+    good = body(np.ones((1, 3), np.float32))
+    back = encode(Req(inputs=[from_value("x", np.ones((1, 3), np.float32))], timeout_ms=-5))
+    assert "timeout_ms" in refused(back, ErrorCode.BAD_REQUEST)
+    headers = {"Gfaas-Deadline-Ms": "-1"}
+    assert "Gfaas-Deadline-Ms" in refused(good, ErrorCode.BAD_REQUEST, headers=headers)
+    for word in ("inf", "nan", "1e9", "soon"):
+        headers = {"Gfaas-Deadline-Ms": word}
+        assert "integer" in refused(good, ErrorCode.BAD_REQUEST, headers=headers)

@@ -19,7 +19,7 @@ from services.ingress import app as ingress_app
 from shared.natsd import NatsServer
 from shared.schema import DType, FunctionSpec, TensorSpec
 from tests.helpers import deploy_and_wait
-from tests.platform import Platform, settings_for
+from tests.platform import Platform, platform_at, settings_for
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
@@ -250,3 +250,36 @@ def test_a_client_stalled_midway_through_its_body_does_not_hold_ingress_stop(
                 stalled.close()  # lets an ingress that did not stop end the test
                 platform.stop_all()
         assert time.monotonic() - started < 5
+
+
+async def _deploy_unchecked(url: str, *specs: FunctionSpec) -> None:
+    import nats
+
+    nc = await nats.connect(url)
+    try:  # tests.funcs's handlers are known good: no handler check's subprocess
+        await deploy_and_wait(nc, *specs, handler_check=False)
+    finally:
+        await nc.drain()
+
+
+def test_a_caller_set_deadline_is_cut_to_the_configured_maximum(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # A caller asking a minute (OIP `timeout`, in µs) of a function whose own timeout
+    # is 0.2 s gets the ingress's max_deadline_s (0.3 s), not its minute: before the cap,
+    # its call held its slot for as long as it liked (here: the handler's 1.2 s).
+    sleepy = FunctionSpec(name="sleepy", handler="tests.funcs:sleep", timeout_ms=200)
+    with platform_at(nats_server.url, tmp_path / "state", max_deadline_s=0.3) as platform:
+        anyio.run(_deploy_unchecked, platform.url, sleepy)
+        anyio.run(wait_http, base(platform))
+        seconds = {"name": "seconds", "shape": [1], "datatype": "FP32", "data": [1.2]}
+        started = time.monotonic()
+        r = httpx.post(
+            f"{base(platform)}/v2/models/sleepy/infer",
+            json={"inputs": [seconds], "parameters": {"timeout": 60_000_000}},
+            timeout=10,
+        )
+        took = time.monotonic() - started
+    assert r.status_code == 504, r.text
+    assert r.json()["error"].startswith("deadline_exceeded: ")
+    assert took < 1.0, took

@@ -7,10 +7,12 @@ sync, async and HTTP paths share it and it is tested without a server.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Final
 
 import msgspec
 
-from shared.errors import GfaasError
+from shared.config import DEFAULT_MAX_DEADLINE_S
+from shared.errors import GfaasError, bad_request
 from shared.names import is_valid_name, name_problem
 from shared.schema import (
     DEFAULT_TENANT,
@@ -33,6 +35,7 @@ from shared.tensors import validate_inputs
 # Functions and workflows share one namespace of names.
 Spec = FunctionSpec | WorkflowSpec
 SpecLookup = Callable[[str], Spec | None]
+DEFAULT_MAX_TIMEOUT_MS: Final = DEFAULT_MAX_DEADLINE_S * 1000
 
 
 def decode_request(body: bytes) -> InvokeRequest:
@@ -51,9 +54,12 @@ def admit(
     max_payload: int,
     now_ms: int,
     id_tag: str = "",
+    max_timeout_ms: float = DEFAULT_MAX_TIMEOUT_MS,
 ) -> tuple[InvocationMeta, InvokeRequest, Spec]:
     """Validate and stamp an invocation, or raise GfaasError with the reason.
-    `id_tag`: an id the caller gave is put under it (a tenant's, shared.auth)."""
+    `id_tag`: an id the caller gave is put under it (a tenant's, shared.auth).
+    `max_timeout_ms`: the furthest past `now_ms` a caller may set the deadline (the
+    function's own timeout when that is longer; inf: no cap)."""
     h = headers or {}
     if len(body) > max_payload:
         raise GfaasError(
@@ -82,8 +88,17 @@ def admit(
         deadline = int(h.get(H_DEADLINE, "0") or 0)
     except ValueError:
         raise GfaasError(ErrorCode.BAD_REQUEST, f"{H_DEADLINE} must be an integer") from None
+    if deadline < 0:
+        raise bad_request(f"{H_DEADLINE} must be a time in ms since the epoch, got {deadline}")
+    if request.timeout_ms < 0:
+        raise bad_request(f"timeout_ms must not be negative, got {request.timeout_ms}")
     if not deadline:
         deadline = now_ms + (request.timeout_ms or spec.timeout_ms)
+    # The caller's deadline, however far out it asks, ends by the cap: a far one held
+    # its queue slot, grant, leases and result for as long as it said.
+    furthest = now_ms + max(max_timeout_ms, spec.timeout_ms)
+    if deadline > furthest:
+        deadline = int(furthest)
     meta = InvocationMeta(
         invocation_id=invocation_id,
         function=function,

@@ -160,6 +160,7 @@ async def serve(
             ShmRegions(namespace=settings.shm_namespace),
             holder=holder,
             max_payload=max_payload,
+            max_timeout_ms=settings.max_deadline_s * 1000,
             workflow_concurrency=settings.async_concurrency,
             send_reply=reply_to,
             connected=lambda: nc.is_connected,

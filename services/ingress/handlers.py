@@ -13,7 +13,7 @@ import msgspec
 from anyio.abc import TaskGroup
 from opentelemetry.trace import Span, SpanKind
 
-from services.ingress.admission import Spec, admit
+from services.ingress.admission import DEFAULT_MAX_TIMEOUT_MS, Spec, admit
 from services.ingress.dispatch import Dispatcher, deadline_of
 from services.ingress.oip import InferRequest
 from services.ingress.shm_regions import ShmRegions
@@ -71,6 +71,7 @@ class Ingress:
         *,
         holder: str,
         max_payload: int,
+        max_timeout_ms: float = DEFAULT_MAX_TIMEOUT_MS,
         workflow_concurrency: int,
         send_reply: SendReply,
         connected: Callable[[], bool],
@@ -84,6 +85,7 @@ class Ingress:
         self.staging = ShmStaging(broker, regions, holder, self.infer, lambda: self.tasks)
         self.holder = holder
         self.max_payload = max_payload
+        self.max_timeout_ms = max_timeout_ms
         self._send_reply = send_reply
         self._connected = connected
         self.accepted = 0
@@ -135,6 +137,7 @@ class Ingress:
                 max_payload=self.max_payload,
                 now_ms=now_millis(),
                 id_tag=id_tag,
+                max_timeout_ms=self.max_timeout_ms,
             )
         except GfaasError as exc:
             self.rejected += 1
