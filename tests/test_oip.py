@@ -495,6 +495,12 @@ async def post_json(client: httpx.AsyncClient, request: Any) -> tuple[int, str]:
         ([json_input([7e4], shape=[1], datatype="FP16")], "outside the FP16 range (|x| <= 65504)"),
         ([json_input([-1e39], shape=[1])], "outside the FP32 range"),
         ([json_input([1], shape=[1], datatype="BOOL")], "BOOL data must be booleans"),
+        # A boolean among numbers was read as 1 or 0 (Python's bool is an int).
+        ([json_input([[1.0, True, 3.0], [4.0, 5.0, 6.0]])], "FP32 data must be numbers, not b"),
+        ([json_input([True, 2], shape=[2], datatype="INT64")], "INT64 data must be integers, not"),
+        ([json_input([[0], [False]], shape=[2, 1], datatype="UINT8")], "UINT8 data must be int"),
+        ([json_input([1.5, False], shape=[2], datatype="FP64")], "FP64 data must be numbers, not"),
+        ([json_input([True, False], shape=[2])], "FP32 data must be numbers"),
         ([json_input("1,2", shape=[1])], "data must be a JSON array"),
         ([{"name": "x", "shape": [1], "datatype": "FP32"}], "no data"),
         ([json_input([1.0], shape=[-1])], "invalid inference request"),

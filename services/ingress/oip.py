@@ -368,6 +368,10 @@ def _json_data(
     kind = np_dtype.kind
     if values.dtype.kind not in _JSON_KINDS[kind]:
         raise bad_request(f"{where}: {datatype} data must be {_KIND_WORDS[kind]}")
+    # numpy reads `true` among numbers as 1 (Python's bool is an int): [true, 2] was an
+    # INT64 [1, 2]. Booleans belong to BOOL tensors alone.
+    if kind != "b" and bool in _element_types(data):
+        raise bad_request(f"{where}: {datatype} data must be {_KIND_WORDS[kind]}, not booleans")
     if kind in "iu":
         info = np.iinfo(np_dtype)
         low, high = int(values.min()), int(values.max())
@@ -383,6 +387,21 @@ def _json_data(
         largest = float(np.finfo(np_dtype).max)
         raise bad_request(f"{where}: values outside the {datatype} range (|x| <= {largest:g})")
     return converted.tobytes()
+
+
+def _element_types(data: list[Any]) -> set[type]:
+    """The types of the elements of nested lists `data` (level by level, each in one
+    C-speed pass; no recursion, however deep the nesting)."""
+    found: set[type] = set()
+    levels = [data]
+    while levels:
+        level = levels.pop()
+        types = set(map(type, level))
+        if list in types:
+            types.discard(list)
+            levels.extend(item for item in level if type(item) is list)
+        found |= types
+    return found
 
 
 def parse_index_request(body: bytes) -> bool:
