@@ -81,6 +81,9 @@ class Settings:
     http_host: str = "0.0.0.0"
     http_port: int = DEFAULT_HTTP_PORT
     http_enabled: bool = True
+    # How long an HTTP request's body may go without a byte arriving before it is
+    # answered 408 and its connection closed (a client stalled midway, or gone unsaid).
+    http_body_idle_s: float = 30.0
     # The gRPC Open Inference Protocol front, on http_host too.
     grpc_port: int = DEFAULT_GRPC_PORT
     grpc_enabled: bool = True

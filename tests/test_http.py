@@ -283,3 +283,65 @@ def test_a_caller_set_deadline_is_cut_to_the_configured_maximum(
     assert r.status_code == 504, r.text
     assert r.json()["error"].startswith("deadline_exceeded: ")
     assert took < 1.0, took
+
+
+async def _registered(url: str, spec: FunctionSpec) -> None:
+    """`spec` in the registry, once ingress knows it (no scheduler needed)."""
+    import nats
+
+    from gfaas.client import Client
+
+    nc = await nats.connect(url)
+    try:
+        client = Client(nc)
+        await (await client.registry()).put(spec)
+        with anyio.fail_after(5):
+            while spec.name not in (await client.status("ingress")).details["functions"]:
+                await anyio.sleep(0.02)
+    finally:
+        await nc.drain()
+
+
+def _stalled_answer(port: int, path: str) -> tuple[bytes, float]:
+    """What ingress sends a client whose body stops after its first byte, read until
+    ingress closes the connection, and how long that took."""
+    with socket.create_connection(("127.0.0.1", port)) as stalled:
+        stalled.settimeout(5)
+        started = time.monotonic()
+        stalled.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: gfaas\r\nContent-Length: 100\r\n\r\n{{".encode()
+        )
+        answer = b""
+        try:
+            while chunk := stalled.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            pass  # still open: the answer so far
+        return answer, time.monotonic() - started
+
+
+def test_a_body_that_stops_coming_is_answered_408_and_its_connection_closed(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    # Before, uvicorn waited for the other 99 bytes for good, holding the connection
+    # (and its request) open for as long as the client kept it.
+    settings = settings_for(nats_server.url, tmp_path / "state", http_body_idle_s=0.3)
+    with start_blocking_portal("asyncio") as portal:
+        platform = Platform(
+            portal=portal,
+            url=nats_server.url,
+            http_port=settings.http_port,
+            state_dir=tmp_path / "state",
+        )
+        platform.start("ingress", ingress_app.serve, settings)
+        try:
+            anyio.run(_registered, nats_server.url, ADD_ONE)
+            anyio.run(wait_http, base(platform))
+            # The inference route (answered before Starlette) and one through its router.
+            for path in ("/v2/models/add-one/infer", "/v2/repository/index"):
+                answer, took = _stalled_answer(settings.http_port, path)
+                assert answer.startswith(b"HTTP/1.1 408 "), (path, answer)
+                assert b"the request body stopped coming" in answer, answer
+                assert took < 2, (path, took)
+        finally:
+            platform.stop_all()

@@ -89,7 +89,11 @@ async def _serve_http(
 
     config = uvicorn.Config(
         create_app(
-            ingress, max_payload=ingress.max_payload, stats=stats, tokens=api_keys(settings)
+            ingress,
+            max_payload=ingress.max_payload,
+            stats=stats,
+            tokens=api_keys(settings),
+            body_idle_s=settings.http_body_idle_s,
         ),
         host=settings.http_host,
         port=settings.http_port,

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import metadata
 from typing import Final, Protocol
 
+import anyio
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -95,6 +96,8 @@ _PASSED_HEADERS: Final = {
     H_TENANT.lower(): H_TENANT,
     H_INVOCATION.lower(): H_INVOCATION,
 }
+# How long a request body may go without a byte arriving (Settings.http_body_idle_s).
+DEFAULT_BODY_IDLE_S: Final = 30.0
 _DECOMPRESSORS: Final = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
@@ -151,11 +154,13 @@ def create_app(
     max_payload: int,
     stats: InferenceStats | None = None,
     tokens: TokenBook | None = None,
+    body_idle_s: float = DEFAULT_BODY_IDLE_S,
 ) -> ASGIApp:
-    """The OIP HTTP app; request bodies over `max_payload` bytes get 413. `stats` may be
-    shared with the gRPC front, so either protocol's statistics count both. With
-    `tokens` every route but health wants `Authorization: Bearer <API key>` (401
-    without), and the request's tenant is the key's (`BearerAuth`)."""
+    """The OIP HTTP app; request bodies over `max_payload` bytes get 413, and one
+    whose next bytes take over `body_idle_s` to come gets 408 (the connection closed).
+    `stats` may be shared with the gRPC front, so either protocol's statistics count
+    both. With `tokens` every route but health wants `Authorization: Bearer <API key>`
+    (401 without), and the request's tenant is the key's (`BearerAuth`)."""
     extensions: tuple[str, ...] = oip.EXTENSIONS
     if backend.regions.cuda.available():
         # Only where a CUDA region could be registered at all.
@@ -240,7 +245,7 @@ def create_app(
 
     async def run_infer(request: Request, spec: FunctionSpec, passed: dict[str, str]) -> Response:
         try:
-            body = await _read_body(request, max_payload)
+            body = await _read_body(request, max_payload, body_idle_s)
             header_length = oip.parse_header_length(
                 request.headers.get(oip.HEADER_LENGTH), len(body)
             )
@@ -252,6 +257,8 @@ def create_app(
             )
         except GfaasError:
             raise  # answered by the app's handler, in the protocol's error shape
+        except HTTPException as exc:  # a stalled body's 408
+            return _error(exc.status_code, exc.detail, exc.headers)
         except ClientDisconnect:
             # Nobody is left to read an answer; nothing to log either.
             return Response(status_code=400)
@@ -277,7 +284,7 @@ def create_app(
         return Response(body, media_type=JSON)
 
     async def repository_index(request: Request) -> Response:
-        ready_only = oip.parse_index_request(await _read_body(request, max_payload))
+        ready_only = oip.parse_index_request(await _read_body(request, max_payload, body_idle_s))
         body = oip_response.repository_index(
             backend.specs(), serving=backend.ready(), ready_only=ready_only
         )
@@ -300,7 +307,8 @@ def create_app(
         return Response(oip_shm.shm_status(regions), media_type="application/json")
 
     async def shm_register(request: Request) -> Response:
-        key, offset, size = oip_shm.parse_register_request(await _read_body(request, max_payload))
+        body = await _read_body(request, max_payload, body_idle_s)
+        key, offset, size = oip_shm.parse_register_request(body)
         _regions(request).register(request.path_params["region"], key, offset, size)
         return Response(status_code=200)
 
@@ -313,7 +321,7 @@ def create_app(
         return Response(oip_shm.shm_status(regions), media_type="application/json")
 
     async def cuda_register(request: Request) -> Response:
-        body = await _read_body(request, max_payload)
+        body = await _read_body(request, max_payload, body_idle_s)
         raw_handle, device_id, size = oip_shm.parse_cuda_register_request(body)
         name: str = request.path_params["region"]
         _regions(request).cuda.register(name, raw_handle, device_id, size)
@@ -479,18 +487,30 @@ def _too_large(size: int | str, limit: int) -> GfaasError:
     )
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, decompressed, refusing more than `limit` bytes before reading it all."""
+async def _read_body(request: Request, limit: int, idle_s: float = DEFAULT_BODY_IDLE_S) -> bytes:
+    """The request body, decompressed, refusing more than `limit` bytes before reading it
+    all, and a body that stops coming for `idle_s` (uvicorn has no such timeout: a
+    client that stalled midway held its connection and request for good)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(declared, limit)
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise _too_large(f"more than {limit}", limit)
-        chunks.append(chunk)
+    with anyio.CancelScope(deadline=anyio.current_time() + idle_s) as waiting:
+        async for chunk in request.stream():
+            waiting.deadline = anyio.current_time() + idle_s
+            total += len(chunk)
+            if total > limit:
+                raise _too_large(f"more than {limit}", limit)
+            chunks.append(chunk)
+    if waiting.cancelled_caught:
+        raise HTTPException(
+            408,
+            f"{ErrorCode.BAD_REQUEST}: the request body stopped coming: no bytes for "
+            f"{idle_s:g} s after {total}",
+            # What is left of the body would be read as the next request.
+            headers={"Connection": "close"},
+        )
     body = b"".join(chunks)
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding == "identity":
