@@ -339,6 +339,7 @@ class SchedulerBus(AgentCommands):
     def __init__(self) -> None:
         super().__init__()
         self.errors: list[tuple[str, ErrorCode]] = []
+        self.reasons: list[str] = []
 
     async def publish(self, subject: str, data: bytes, **_: Any) -> None:
         pass
@@ -347,6 +348,7 @@ class SchedulerBus(AgentCommands):
         self, subject: str, invocation_id: str, code: ErrorCode, reason: str
     ) -> None:
         self.errors.append((invocation_id, code))
+        self.reasons.append(reason)
 
 
 class SyncedSpec(OneSpec):
@@ -385,3 +387,74 @@ async def test_a_function_redeployed_off_instances_is_no_longer_unplaced() -> No
     assert list(scheduler.state.pending) == ["i1"]
     assert scheduler.instances.unplaced == {}
     assert "f" not in scheduler.instances.last  # nor its instances' plan in the status
+
+
+class RefusingAgents(SchedulerBus):
+    """SchedulerBus whose agents in `refusing` refuse every start, as an agent with
+    no room by its own books does (the others accept)."""
+
+    def __init__(self, *refusing: str) -> None:
+        super().__init__()
+        self.refusing = set(refusing)
+
+    async def request(self, subject: str, data: bytes, *, timeout: float, **_: Any) -> bytes:
+        self.sent.append(subject)
+        agent = subject.split(".")[-2]
+        if subject.endswith(".start") and agent in self.refusing:
+            reason = f"f: 100 MiB would overcommit cpu of {agent} (0 of 1000 MiB free)"
+            return encode(AgentReply(error=ErrorInfo(code=ErrorCode.OVERLOADED, reason=reason)))
+        return encode(AgentReply())
+
+
+def starts(bus: AgentCommands) -> list[str]:
+    return [s.split(".")[-2] for s in bus.sent if s.endswith(".start")]
+
+
+@pytest.mark.anyio
+async def test_a_start_its_agent_refuses_goes_to_another_device() -> None:
+    """The packer's first choice refuses the start (its agent's books differ from the
+    scheduler's): the instance is started on the next device that fits, and the
+    refusing one is not asked again at once."""
+    spec = FunctionSpec(name="f", handler="m:f", max_instances=1, memory_mb=100)
+    bus = RefusingAgents("a")
+    b = Instances(bus=cast(Any, bus), registry=cast(Any, OneSpec(spec)), timeout_s=60.0)
+    # "a" holds its model in the host tier: the packer's first choice.
+    b.observe(beat(agent="a", host_models=["f"]), now=0.0)
+    b.observe(beat(agent="b"), now=0.0)
+    await b.scale(0.1, seen_waiting("f"), only="f")
+    assert starts(bus) == ["a", "b"]
+    assert [c.agent for c in b.commanded.values()] == ["b"]
+    assert b.unplaced == {}
+    # Its instance gone (never heard from b), the next start passes "a" over a while.
+    b.commanded.clear()
+    await b.scale(0.2, seen_waiting("f"), only="f")
+    assert starts(bus) == ["a", "b", "b"]
+
+
+@pytest.mark.anyio
+async def test_callers_waiting_on_starts_every_agent_refuses_are_answered_with_why() -> None:
+    """Scale from zero where every agent refuses the start: the calls waiting for the
+    function are answered `overloaded` with the agents' reason at once (not at their
+    deadline), and the agents are not sent the same start every tick meanwhile."""
+    spec = FunctionSpec(name="f", handler="m:f", max_instances=1, memory_mb=100)
+    registry = SyncedSpec(spec)
+    bus = RefusingAgents("a", "b")
+    scheduler = Scheduler(
+        cast(Any, bus), cast(Any, registry), make_policy("least_loaded"), Settings()
+    )
+    await scheduler.agent_beat(beat(agent="a"))
+    await scheduler.agent_beat(beat(agent="b"))
+    now = time.monotonic()
+    scheduler.state.enqueue(invocation(scheduler.state, 0, spec, now))
+    await scheduler.tick()
+    assert sorted(starts(bus)) == ["a", "b"]
+    assert bus.errors == [("i0", ErrorCode.OVERLOADED)]
+    (reason,) = bus.reasons
+    assert "no device has room for an instance of 'f'" in reason
+    assert "would overcommit cpu of a" in reason
+    assert "would overcommit cpu of b" in reason
+    # The next ticks (within the back-off) command no start either agent refused.
+    scheduler.state.enqueue(invocation(scheduler.state, 1, spec, now))
+    await scheduler.tick()
+    assert sorted(starts(bus)) == ["a", "b"]
+    assert bus.errors[-1] == ("i1", ErrorCode.OVERLOADED)

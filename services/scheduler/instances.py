@@ -66,6 +66,11 @@ MB = 1024 * 1024
 RATE_WINDOW_S = 5.0
 # After an instance of a function failed to start, no other is started for this long.
 FAILED_BACKOFF_S = 2.0
+# After an agent refused a start of a function (`overloaded`: no room by its own
+# books, or a share it cannot give), its device is passed over for that function's
+# starts this long: they go to other devices, and with none left the calls waiting
+# for it are answered why, not the same start sent again every tick.
+REFUSED_BACKOFF_S = 2.0
 # How long an agent's command may take to be answered.
 COMMAND_TIMEOUT_S = 2.0
 # An instance commanded but not yet in its agent's beat is forgotten after this long.
@@ -127,6 +132,9 @@ class Instances:
     used: dict[str, float] = field(default_factory=dict)
     # Function -> until when no instance of it is started (one failed to start).
     backoff: dict[str, float] = field(default_factory=dict)
+    # (function, agent) -> until when starts of it pass that agent's device over, and
+    # why the agent refused the last one (REFUSED_BACKOFF_S).
+    refusals: dict[tuple[str, str], tuple[float, str]] = field(default_factory=dict)
     # Failed starts already acted on (an agent reports one for several beats).
     failures_seen: set[str] = field(default_factory=set)
     # Measured profiles (`gfaas profile`), by function.
@@ -414,7 +422,7 @@ class Instances:
                 )
                 if spec.slo_unmeetable == "reject":
                     decision = _without_adds(decision)
-            refused = await self._carry_out(spec, decision, seen.resident)
+            refused = await self._carry_out(spec, decision, seen.resident, now)
             if refused is None:
                 if decision.add or not avoid:
                     self.unplaced.pop(spec.name, None)
@@ -509,9 +517,16 @@ class Instances:
         )
 
     async def _carry_out(
-        self, spec: FunctionSpec, decision: ScaleDecision, resident: dict[str, frozenset[str]]
+        self,
+        spec: FunctionSpec,
+        decision: ScaleDecision,
+        resident: dict[str, frozenset[str]],
+        now: float,
     ) -> tuple[Config, str] | None:
-        """Stops and starts; the configuration no device had room for, and why."""
+        """Stops and starts; the configuration no device had room for, and why. A
+        start its agent refuses goes to the next device that fits (the refusing one
+        passed over for a while); with none left, that is the configuration's reason.
+        A start that failed otherwise is tried again next round."""
         for name in decision.remove:
             await self.stop(name)
         if not decision.add:
@@ -526,16 +541,35 @@ class Instances:
                 memory=spec.memory_mb * MB,
                 weights=self._weights(spec),
             )
-            placed = packing.place(devices, demand)
-            if isinstance(placed, packing.Refused):
-                self.refused += 1
-                return config, placed.reason
-            name = f"{placed.device_id}-{secrets.token_hex(3)}"
-            slot = placed.device.slots[-1]
-            self.rects[name] = slot.rect
-            if await self.start(placed.device_id, name, spec, config, slot.rect):
-                devices = [placed.device if d.device_id == placed.device_id else d for d in devices]
+            while True:  # each refusal passes one more device over: at most one each
+                placed = packing.place(devices, demand, self._refusing(spec.name, now))
+                if isinstance(placed, packing.Refused):
+                    self.refused += 1
+                    return config, placed.reason
+                name = f"{placed.device_id}-{secrets.token_hex(3)}"
+                slot = placed.device.slots[-1]
+                self.rects[name] = slot.rect
+                error = await self.start(placed.device_id, name, spec, config, slot.rect)
+                if error is None:
+                    devices = [
+                        placed.device if d.device_id == placed.device_id else d for d in devices
+                    ]
+                    break
+                if error.code is not ErrorCode.OVERLOADED:
+                    # Not a refusal (no room by its agent's books) but a start that
+                    # failed there (its process, the agent slow to answer): the next
+                    # round tries again, as for an instance that failed to start.
+                    break
+                until = now + REFUSED_BACKOFF_S
+                self.refusals[(spec.name, placed.device_id)] = (until, error.reason)
         return None
+
+    def _refusing(self, function: str, now: float) -> dict[str, str]:
+        """Agents whose refusal of a start of `function` still stands, and why (the
+        lapsed ones leave the books)."""
+        for key in [k for k, (until, _) in self.refusals.items() if until <= now]:
+            del self.refusals[key]
+        return {a: why for (f, a), (_, why) in self.refusals.items() if f == function}
 
     def _weights(self, spec: FunctionSpec) -> int:
         """Bytes of the function's model weights, as far as known (0: none, or not
@@ -544,7 +578,9 @@ class Instances:
 
     async def start(
         self, agent_id: str, name: str, spec: FunctionSpec, config: Config, rect: packing.Rect
-    ) -> bool:
+    ) -> ErrorInfo | None:
+        """The start commanded; why not, when its agent refused it or failed it (or
+        did not answer)."""
         version = self.registry.version(spec.name)
         command = StartInstance(
             instance_id=name,
@@ -581,10 +617,10 @@ class Instances:
             self.commanded.pop(name, None)
             self._forget(name)
             log.warning("instance.start_refused", instance=name, reason=error.reason)
-            return False
+            return error
         self.started += 1
         log.info("instance.started", instance=name, function=spec.name, agent=agent_id)
-        return True
+        return None
 
     async def stop(self, name: str) -> None:
         agent_id = next(
