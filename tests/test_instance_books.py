@@ -458,3 +458,61 @@ async def test_callers_waiting_on_starts_every_agent_refuses_are_answered_with_w
     await scheduler.tick()
     assert sorted(starts(bus)) == ["a", "b"]
     assert bus.errors[-1] == ("i1", ErrorCode.OVERLOADED)
+
+
+class SlowAgent(AgentCommands):
+    """Agents that start what they are sent, the first start answered too late (the
+    agent busy, or the reply lost): it was started all the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.late = 1
+
+    async def request(self, subject: str, data: bytes, *, timeout: float, **_: Any) -> bytes:
+        self.sent.append(subject)
+        if subject.endswith(".start") and self.late:
+            self.late -= 1
+            raise TimeoutError(f"no reply on {subject} within {timeout:.3f}s")
+        return encode(AgentReply())
+
+
+@pytest.mark.anyio
+async def test_a_start_answered_too_late_is_not_started_again_beside_itself() -> None:
+    """A start whose answer did not come in time may have been done: it stays in the
+    books as commanded (until its agent's beat lists it, or START_LOST_S), and the
+    next round does not start a second instance for the same plan entry."""
+    spec = FunctionSpec(name="f", handler="m:f", max_instances=1, memory_mb=100)
+    bus = SlowAgent()
+    b = Instances(
+        bus=cast(Any, bus), registry=cast(Any, OneSpec(spec)), timeout_s=60.0, clock=lambda: 0.1
+    )
+    b.observe(beat(), now=0.0)
+    await b.scale(0.1, seen_waiting("f"), only="f")
+    assert starts(bus) == ["a"]
+    (name,) = b.commanded
+    await b.scale(0.2, seen_waiting("f"), only="f")
+    assert starts(bus) == ["a"]
+    # Its agent's beat lists it: one instance, and still no other start.
+    started = info(name, InstanceState.STARTING, sm_share=1.0, time_quota=1.0, version=1)
+    b.observe(beat(started), now=0.3)
+    await b.scale(0.4, seen_waiting("f"), only="f")
+    assert starts(bus) == ["a"]
+    assert [i.instance_id for _, i in b.instances_of("f")] == [name]
+
+
+@pytest.mark.anyio
+async def test_a_start_answered_too_late_and_never_done_is_forgotten_in_time() -> None:
+    spec = FunctionSpec(name="f", handler="m:f", max_instances=1, memory_mb=100)
+    bus = SlowAgent()
+    b = Instances(
+        bus=cast(Any, bus), registry=cast(Any, OneSpec(spec)), timeout_s=60.0, clock=lambda: 0.1
+    )
+    b.observe(beat(), now=0.0)
+    await b.scale(0.1, seen_waiting("f"), only="f")
+    b.observe(beat(), now=5.0)  # not listed: not started (yet)
+    assert len(b.commanded) == 1
+    b.observe(beat(), now=11.0)
+    assert b.expire(now=11.0) == []
+    assert b.commanded == {}
+    await b.scale(11.1, seen_waiting("f"), only="f")
+    assert starts(bus) == ["a", "a"]

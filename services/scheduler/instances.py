@@ -557,8 +557,8 @@ class Instances:
                     break
                 if error.code is not ErrorCode.OVERLOADED:
                     # Not a refusal (no room by its agent's books) but a start that
-                    # failed there (its process, the agent slow to answer): the next
-                    # round tries again, as for an instance that failed to start.
+                    # failed there (its process could not start, no agent answers):
+                    # the next round tries again.
                     break
                 until = now + REFUSED_BACKOFF_S
                 self.refusals[(spec.name, placed.device_id)] = (until, error.reason)
@@ -580,7 +580,7 @@ class Instances:
         self, agent_id: str, name: str, spec: FunctionSpec, config: Config, rect: packing.Rect
     ) -> ErrorInfo | None:
         """The start commanded; why not, when its agent refused it or failed it (or
-        did not answer)."""
+        is gone). One its agent did not answer in time counts as commanded."""
         version = self.registry.version(spec.name)
         command = StartInstance(
             instance_id=name,
@@ -611,7 +611,15 @@ class Instances:
         # In the books before the command goes: a round that runs meanwhile (a tick,
         # another request from zero) counts it, and does not start another.
         self.commanded[name] = Commanded(info, agent_id, self.clock())
-        error = await self._command(agent_id, "start", encode(command))
+        try:
+            error = await self._ask(agent_id, "start", encode(command))
+        except TimeoutError as exc:
+            # Unanswered in time (the agent busy, the reply lost): it may have started
+            # it. It stays in the books as commanded until its agent's beat lists it,
+            # or START_LOST_S passes, or its agent goes; forgotten now, the next round
+            # would start another instance beside it for the same plan entry.
+            log.warning("instance.start_unanswered", instance=name, error=repr(exc))
+            return None
         if error is not None:
             self.refused += 1
             self.commanded.pop(name, None)
@@ -641,11 +649,21 @@ class Instances:
 
     async def _command(self, agent_id: str, op: str, body: bytes) -> ErrorInfo | None:
         try:
+            return await self._ask(agent_id, op, body)
+        except TimeoutError as exc:  # the agent is gone or slow: the next tick tries again
+            return ErrorInfo(code=ErrorCode.UNAVAILABLE, reason=f"agent {agent_id}: {exc!r}")
+
+    async def _ask(self, agent_id: str, op: str, body: bytes) -> ErrorInfo | None:
+        """The agent's answer to a command; TimeoutError when none came in time (done
+        or not, unknown)."""
+        try:
             answer = await self.bus.request(
                 subjects.agent(agent_id, op), body, timeout=COMMAND_TIMEOUT_S
             )
             reply = decode(answer, AgentReply)
-        except Exception as exc:  # the agent is gone or slow: the next tick tries again
+        except TimeoutError:
+            raise
+        except Exception as exc:  # no agent there (or a garbled answer): not done
             return ErrorInfo(code=ErrorCode.UNAVAILABLE, reason=f"agent {agent_id}: {exc!r}")
         return reply.error
 
