@@ -516,3 +516,41 @@ async def test_a_start_answered_too_late_and_never_done_is_forgotten_in_time() -
     assert b.commanded == {}
     await b.scale(11.1, seen_waiting("f"), only="f")
     assert starts(bus) == ["a", "a"]
+
+
+@pytest.mark.anyio
+async def test_a_call_from_zero_waits_for_the_room_an_instance_stopping_frees() -> None:
+    """Scaled to zero, its last instance drains and exits (its room held meanwhile)
+    when a call comes: the call waits for that room, as the new version of a
+    redeploy waits for the old one's, rather than hear `overloaded` (no device has
+    room) for a moment's overlap; the start goes once the instance has gone."""
+    spec = FunctionSpec(name="f", handler="m:f", max_instances=1, idle_s=1.0, memory_mb=100)
+    bus = SchedulerBus()
+    scheduler = Scheduler(
+        cast(Any, bus), cast(Any, SyncedSpec(spec)), make_policy("least_loaded"), Settings()
+    )
+    stopping = info("a-1", InstanceState.STOPPING, sm_share=1.0, time_quota=1.0, version=1)
+    await scheduler.agent_beat(beat(stopping))
+    scheduler.state.enqueue(invocation(scheduler.state, 0, spec, time.monotonic()))
+    await scheduler.tick()
+    assert bus.errors == []
+    assert "f" not in scheduler.instances.unplaced
+    assert list(scheduler.state.pending) == ["i0"]
+    await scheduler.agent_beat(beat())  # it has gone
+    await scheduler.tick()
+    assert starts(bus) == ["a"]
+    assert bus.errors == []
+
+
+@pytest.mark.anyio
+async def test_what_fits_nowhere_even_once_stopping_instances_go_is_still_answered() -> None:
+    spec = FunctionSpec(name="f", handler="m:f", max_instances=1, memory_mb=5000)
+    bus = SchedulerBus()
+    scheduler = Scheduler(
+        cast(Any, bus), cast(Any, SyncedSpec(spec)), make_policy("least_loaded"), Settings()
+    )
+    stopping = info("a-1", InstanceState.STOPPING, sm_share=1.0, time_quota=1.0, version=1)
+    await scheduler.agent_beat(beat(stopping))  # 1000 MB: no room for 5000 in any case
+    scheduler.state.enqueue(invocation(scheduler.state, 0, spec, time.monotonic()))
+    await scheduler.tick()
+    assert bus.errors == [("i0", ErrorCode.OVERLOADED)]

@@ -321,12 +321,18 @@ class Instances:
     def any_agent(self) -> bool:
         return bool(self.agents)
 
-    def devices(self, resident: dict[str, frozenset[str]]) -> list[packing.Device]:
+    def devices(
+        self, resident: dict[str, frozenset[str]], *, stopping: bool = True
+    ) -> list[packing.Device]:
         """Each agent's device with its instances in their rectangles (re-packed in
-        start order where this scheduler did not place them: after a failover)."""
+        start order where this scheduler did not place them: after a failover).
+        `stopping` False: as they will be once the instances stopping have gone."""
+        gone = {InstanceState.FAILED}
+        if not stopping:
+            gone.add(InstanceState.STOPPING)
         devices = []
         for agent_id, book in self.agents.items():
-            infos = [i for i in book.beat.instances if i.state is not InstanceState.FAILED]
+            infos = [i for i in book.beat.instances if i.state not in gone]
             infos += [c.info for c in self.commanded.values() if c.agent == agent_id]
             device = packing.Device(
                 device_id=agent_id,
@@ -405,6 +411,10 @@ class Instances:
         never waits on a configuration that cannot be placed while another could."""
         avoid: set[Config] = set()
         reason = ""
+        # Would one of the configurations avoided fit once the instances stopping now
+        # (draining, then exiting) have gone? Then what waits for the function waits
+        # for that room, rather than hear that there is none.
+        freed = False
         while True:
             load = self.load(spec, now, seen.waiting.get(spec.name, 0), seen.busy, seen.exec_ms)
             decision = autoscale.scale(
@@ -424,7 +434,7 @@ class Instances:
                     decision = _without_adds(decision)
             refused = await self._carry_out(spec, decision, seen.resident, now)
             if refused is None:
-                if decision.add or not avoid:
+                if decision.add or not avoid or freed:
                     self.unplaced.pop(spec.name, None)
                 else:  # what it wanted fits nowhere, and nothing else would do
                     self.unplaced[spec.name] = reason
@@ -432,11 +442,25 @@ class Instances:
             config, reason = refused
             if await self._make_way(spec):
                 return decision  # the next round places the new version
+            freed = freed or self._fits_once_stopped(spec, config, seen.resident, now)
             if config in avoid or len(avoid) >= MAX_AVOIDED:
-                self.unplaced[spec.name] = reason
-                self._say(spec.name, "unplaced", reason)
+                if freed:
+                    self.unplaced.pop(spec.name, None)
+                else:
+                    self.unplaced[spec.name] = reason
+                    self._say(spec.name, "unplaced", reason)
                 return decision
             avoid.add(config)
+
+    def _fits_once_stopped(
+        self, spec: FunctionSpec, config: Config, resident: dict[str, frozenset[str]], now: float
+    ) -> bool:
+        """Would an instance of `spec` in `config` fit once the instances stopping now
+        have drained and exited? (Scaled to zero, its last one holds its room for that
+        long: a call that comes meanwhile waits for it.)"""
+        devices = self.devices(resident, stopping=False)
+        placed = packing.place(devices, self._demand(spec, config), self._refusing(spec.name, now))
+        return isinstance(placed, packing.Placement)
 
     async def _make_way(self, spec: FunctionSpec) -> bool:
         """No room for an instance of the new version beside the old ones: those go
@@ -533,14 +557,7 @@ class Instances:
             return None
         devices = self.devices(resident)
         for config in decision.add:
-            demand = packing.Demand(
-                instance_id="",
-                function=spec.name,
-                model=spec.model or spec.name,
-                config=config,
-                memory=spec.memory_mb * MB,
-                weights=self._weights(spec),
-            )
+            demand = self._demand(spec, config)
             while True:  # each refusal passes one more device over: at most one each
                 placed = packing.place(devices, demand, self._refusing(spec.name, now))
                 if isinstance(placed, packing.Refused):
@@ -570,6 +587,17 @@ class Instances:
         for key in [k for k, (until, _) in self.refusals.items() if until <= now]:
             del self.refusals[key]
         return {a: why for (f, a), (_, why) in self.refusals.items() if f == function}
+
+    def _demand(self, spec: FunctionSpec, config: Config) -> packing.Demand:
+        """An instance of `spec` in `config`, to place."""
+        return packing.Demand(
+            instance_id="",
+            function=spec.name,
+            model=spec.model or spec.name,
+            config=config,
+            memory=spec.memory_mb * MB,
+            weights=self._weights(spec),
+        )
 
     def _weights(self, spec: FunctionSpec) -> int:
         """Bytes of the function's model weights, as far as known (0: none, or not
