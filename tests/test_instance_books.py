@@ -339,6 +339,7 @@ class SchedulerBus(AgentCommands):
     def __init__(self) -> None:
         super().__init__()
         self.errors: list[tuple[str, ErrorCode]] = []
+        self.reasons: list[str] = []
 
     async def publish(self, subject: str, data: bytes, **_: Any) -> None:
         pass
@@ -347,6 +348,7 @@ class SchedulerBus(AgentCommands):
         self, subject: str, invocation_id: str, code: ErrorCode, reason: str
     ) -> None:
         self.errors.append((invocation_id, code))
+        self.reasons.append(reason)
 
 
 class SyncedSpec(OneSpec):
@@ -385,3 +387,170 @@ async def test_a_function_redeployed_off_instances_is_no_longer_unplaced() -> No
     assert list(scheduler.state.pending) == ["i1"]
     assert scheduler.instances.unplaced == {}
     assert "f" not in scheduler.instances.last  # nor its instances' plan in the status
+
+
+class RefusingAgents(SchedulerBus):
+    """SchedulerBus whose agents in `refusing` refuse every start, as an agent with
+    no room by its own books does (the others accept)."""
+
+    def __init__(self, *refusing: str) -> None:
+        super().__init__()
+        self.refusing = set(refusing)
+
+    async def request(self, subject: str, data: bytes, *, timeout: float, **_: Any) -> bytes:
+        self.sent.append(subject)
+        agent = subject.split(".")[-2]
+        if subject.endswith(".start") and agent in self.refusing:
+            reason = f"f: 100 MiB would overcommit cpu of {agent} (0 of 1000 MiB free)"
+            return encode(AgentReply(error=ErrorInfo(code=ErrorCode.OVERLOADED, reason=reason)))
+        return encode(AgentReply())
+
+
+def starts(bus: AgentCommands) -> list[str]:
+    return [s.split(".")[-2] for s in bus.sent if s.endswith(".start")]
+
+
+@pytest.mark.anyio
+async def test_a_start_its_agent_refuses_goes_to_another_device() -> None:
+    """The packer's first choice refuses the start (its agent's books differ from the
+    scheduler's): the instance is started on the next device that fits, and the
+    refusing one is not asked again at once."""
+    spec = FunctionSpec(name="f", handler="m:f", max_instances=1, memory_mb=100)
+    bus = RefusingAgents("a")
+    b = Instances(bus=cast(Any, bus), registry=cast(Any, OneSpec(spec)), timeout_s=60.0)
+    # "a" holds its model in the host tier: the packer's first choice.
+    b.observe(beat(agent="a", host_models=["f"]), now=0.0)
+    b.observe(beat(agent="b"), now=0.0)
+    await b.scale(0.1, seen_waiting("f"), only="f")
+    assert starts(bus) == ["a", "b"]
+    assert [c.agent for c in b.commanded.values()] == ["b"]
+    assert b.unplaced == {}
+    # Its instance gone (never heard from b), the next start passes "a" over a while.
+    b.commanded.clear()
+    await b.scale(0.2, seen_waiting("f"), only="f")
+    assert starts(bus) == ["a", "b", "b"]
+
+
+@pytest.mark.anyio
+async def test_callers_waiting_on_starts_every_agent_refuses_are_answered_with_why() -> None:
+    """Scale from zero where every agent refuses the start: the calls waiting for the
+    function are answered `overloaded` with the agents' reason at once (not at their
+    deadline), and the agents are not sent the same start every tick meanwhile."""
+    spec = FunctionSpec(name="f", handler="m:f", max_instances=1, memory_mb=100)
+    registry = SyncedSpec(spec)
+    bus = RefusingAgents("a", "b")
+    scheduler = Scheduler(
+        cast(Any, bus), cast(Any, registry), make_policy("least_loaded"), Settings()
+    )
+    await scheduler.agent_beat(beat(agent="a"))
+    await scheduler.agent_beat(beat(agent="b"))
+    now = time.monotonic()
+    scheduler.state.enqueue(invocation(scheduler.state, 0, spec, now))
+    await scheduler.tick()
+    assert sorted(starts(bus)) == ["a", "b"]
+    assert bus.errors == [("i0", ErrorCode.OVERLOADED)]
+    (reason,) = bus.reasons
+    assert "no device has room for an instance of 'f'" in reason
+    assert "would overcommit cpu of a" in reason
+    assert "would overcommit cpu of b" in reason
+    # The next ticks (within the back-off) command no start either agent refused.
+    scheduler.state.enqueue(invocation(scheduler.state, 1, spec, now))
+    await scheduler.tick()
+    assert sorted(starts(bus)) == ["a", "b"]
+    assert bus.errors[-1] == ("i1", ErrorCode.OVERLOADED)
+
+
+class SlowAgent(AgentCommands):
+    """Agents that start what they are sent, the first start answered too late (the
+    agent busy, or the reply lost): it was started all the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.late = 1
+
+    async def request(self, subject: str, data: bytes, *, timeout: float, **_: Any) -> bytes:
+        self.sent.append(subject)
+        if subject.endswith(".start") and self.late:
+            self.late -= 1
+            raise TimeoutError(f"no reply on {subject} within {timeout:.3f}s")
+        return encode(AgentReply())
+
+
+@pytest.mark.anyio
+async def test_a_start_answered_too_late_is_not_started_again_beside_itself() -> None:
+    """A start whose answer did not come in time may have been done: it stays in the
+    books as commanded (until its agent's beat lists it, or START_LOST_S), and the
+    next round does not start a second instance for the same plan entry."""
+    spec = FunctionSpec(name="f", handler="m:f", max_instances=1, memory_mb=100)
+    bus = SlowAgent()
+    b = Instances(
+        bus=cast(Any, bus), registry=cast(Any, OneSpec(spec)), timeout_s=60.0, clock=lambda: 0.1
+    )
+    b.observe(beat(), now=0.0)
+    await b.scale(0.1, seen_waiting("f"), only="f")
+    assert starts(bus) == ["a"]
+    (name,) = b.commanded
+    await b.scale(0.2, seen_waiting("f"), only="f")
+    assert starts(bus) == ["a"]
+    # Its agent's beat lists it: one instance, and still no other start.
+    started = info(name, InstanceState.STARTING, sm_share=1.0, time_quota=1.0, version=1)
+    b.observe(beat(started), now=0.3)
+    await b.scale(0.4, seen_waiting("f"), only="f")
+    assert starts(bus) == ["a"]
+    assert [i.instance_id for _, i in b.instances_of("f")] == [name]
+
+
+@pytest.mark.anyio
+async def test_a_start_answered_too_late_and_never_done_is_forgotten_in_time() -> None:
+    spec = FunctionSpec(name="f", handler="m:f", max_instances=1, memory_mb=100)
+    bus = SlowAgent()
+    b = Instances(
+        bus=cast(Any, bus), registry=cast(Any, OneSpec(spec)), timeout_s=60.0, clock=lambda: 0.1
+    )
+    b.observe(beat(), now=0.0)
+    await b.scale(0.1, seen_waiting("f"), only="f")
+    b.observe(beat(), now=5.0)  # not listed: not started (yet)
+    assert len(b.commanded) == 1
+    b.observe(beat(), now=11.0)
+    assert b.expire(now=11.0) == []
+    assert b.commanded == {}
+    await b.scale(11.1, seen_waiting("f"), only="f")
+    assert starts(bus) == ["a", "a"]
+
+
+@pytest.mark.anyio
+async def test_a_call_from_zero_waits_for_the_room_an_instance_stopping_frees() -> None:
+    """Scaled to zero, its last instance drains and exits (its room held meanwhile)
+    when a call comes: the call waits for that room, as the new version of a
+    redeploy waits for the old one's, rather than hear `overloaded` (no device has
+    room) for a moment's overlap; the start goes once the instance has gone."""
+    spec = FunctionSpec(name="f", handler="m:f", max_instances=1, idle_s=1.0, memory_mb=100)
+    bus = SchedulerBus()
+    scheduler = Scheduler(
+        cast(Any, bus), cast(Any, SyncedSpec(spec)), make_policy("least_loaded"), Settings()
+    )
+    stopping = info("a-1", InstanceState.STOPPING, sm_share=1.0, time_quota=1.0, version=1)
+    await scheduler.agent_beat(beat(stopping))
+    scheduler.state.enqueue(invocation(scheduler.state, 0, spec, time.monotonic()))
+    await scheduler.tick()
+    assert bus.errors == []
+    assert "f" not in scheduler.instances.unplaced
+    assert list(scheduler.state.pending) == ["i0"]
+    await scheduler.agent_beat(beat())  # it has gone
+    await scheduler.tick()
+    assert starts(bus) == ["a"]
+    assert bus.errors == []
+
+
+@pytest.mark.anyio
+async def test_what_fits_nowhere_even_once_stopping_instances_go_is_still_answered() -> None:
+    spec = FunctionSpec(name="f", handler="m:f", max_instances=1, memory_mb=5000)
+    bus = SchedulerBus()
+    scheduler = Scheduler(
+        cast(Any, bus), cast(Any, SyncedSpec(spec)), make_policy("least_loaded"), Settings()
+    )
+    stopping = info("a-1", InstanceState.STOPPING, sm_share=1.0, time_quota=1.0, version=1)
+    await scheduler.agent_beat(beat(stopping))  # 1000 MB: no room for 5000 in any case
+    scheduler.state.enqueue(invocation(scheduler.state, 0, spec, time.monotonic()))
+    await scheduler.tick()
+    assert bus.errors == [("i0", ErrorCode.OVERLOADED)]

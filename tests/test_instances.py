@@ -25,6 +25,7 @@ from shared.schema import (
     AgentReply,
     DType,
     ErrorCode,
+    ErrorInfo,
     FunctionSpec,
     InstanceState,
     StartInstance,
@@ -644,3 +645,54 @@ async def test_what_a_handler_started_goes_with_its_instance(
     with anyio.fail_after(5):
         while _alive(pid):
             await anyio.sleep(0.05)
+
+
+async def test_starts_every_agent_refuses_answer_the_waiting_call_with_why(
+    nats_server: NatsServer, tmp_path: Path, nc: NATS
+) -> None:
+    """Two node agents (stand-ins on the bus) that each refuse every start by their
+    own books: the call that woke the function from zero is answered `overloaded`
+    with their reason at once, not at its deadline, and neither agent is sent the
+    same start every tick meanwhile."""
+    sent: list[str] = []
+
+    async def agent(name: str) -> None:
+        async def on_op(msg: Any) -> None:
+            sent.append(msg.subject)
+            reason = f"no room on {name} by its own books"
+            error = ErrorInfo(code=ErrorCode.OVERLOADED, reason=reason)
+            await msg.respond(encode(AgentReply(error=error)))
+
+        await nc.subscribe(subjects.agent_all(name), cb=on_op)
+        while True:
+            beat = AgentBeat(
+                agent_id=name,
+                node=name,
+                device="cpu",
+                memory_total=1000 * MB,
+                cores=2,
+                spatial="cores",
+            )
+            await nc.publish(subjects.agent_beat(name), encode(beat))
+            await anyio.sleep(0.1)
+
+    with platform_at(nats_server.url, tmp_path / "state", workers=0):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(agent, "fa")
+            tg.start_soon(agent, "fb")
+            client = Client(nc)
+            await deploy_and_wait(nc, ECHO_I)
+            with anyio.fail_after(5):
+                while len((await client.status("scheduler")).details["instances"]["agents"]) < 2:
+                    await anyio.sleep(0.05)
+            started = time.monotonic()
+            with pytest.raises(GfaasError) as err:
+                await client.invoke("echo-i", {"x": np.array([1.0], dtype=np.float32)}, timeout=4)
+            after_s = time.monotonic() - started
+            await anyio.sleep(0.5)  # a few ticks more
+            tg.cancel_scope.cancel()
+    assert err.value.code is ErrorCode.OVERLOADED, err.value
+    assert "no room on fa by its own books" in err.value.reason
+    assert "no room on fb by its own books" in err.value.reason
+    assert after_s < 2.0, after_s
+    assert sorted(s.split(".")[-2] for s in sent) == ["fa", "fb"]

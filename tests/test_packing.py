@@ -141,6 +141,22 @@ def test_no_device_with_room_refuses_the_placement_with_the_reasons() -> None:
     assert "sm_share" in refused.reason
 
 
+def test_a_device_whose_agent_refused_the_start_is_passed_over_with_its_reason() -> None:
+    # g0 is the better fit (fuller), but its agent refused a start there just now.
+    fuller = fill(device("g0"), demand(1, 0.5, 1.0))
+    empty = device("g1")
+    placed = place([fuller, empty], demand(2, 0.5, 1.0), refusing={"g0": "no room here"})
+    assert isinstance(placed, Placement)
+    assert placed.device_id == "g1"
+    # Every device refused: the placement is refused with what each agent said.
+    refused = place([fuller, empty], demand(2, 0.5, 1.0), refusing={"g0": "x", "g1": "y"})
+    assert isinstance(refused, Refused)
+    assert "g0 refused the start: x" in refused.reason
+    assert "g1 refused the start: y" in refused.reason
+    # A refusal on a device that is gone says nothing.
+    assert isinstance(place([empty], demand(2, 0.5, 1.0), refusing={"g9": "z"}), Placement)
+
+
 def test_removing_an_instance_frees_its_rectangle() -> None:
     d = fill(device(), demand(1, 1.0, 0.5), demand(2, 1.0, 0.5))
     assert isinstance(add(d, demand(3, 0.5, 0.5)), Refused)

@@ -66,6 +66,11 @@ MB = 1024 * 1024
 RATE_WINDOW_S = 5.0
 # After an instance of a function failed to start, no other is started for this long.
 FAILED_BACKOFF_S = 2.0
+# After an agent refused a start of a function (`overloaded`: no room by its own
+# books, or a share it cannot give), its device is passed over for that function's
+# starts this long: they go to other devices, and with none left the calls waiting
+# for it are answered why, not the same start sent again every tick.
+REFUSED_BACKOFF_S = 2.0
 # How long an agent's command may take to be answered.
 COMMAND_TIMEOUT_S = 2.0
 # An instance commanded but not yet in its agent's beat is forgotten after this long.
@@ -127,6 +132,9 @@ class Instances:
     used: dict[str, float] = field(default_factory=dict)
     # Function -> until when no instance of it is started (one failed to start).
     backoff: dict[str, float] = field(default_factory=dict)
+    # (function, agent) -> until when starts of it pass that agent's device over, and
+    # why the agent refused the last one (REFUSED_BACKOFF_S).
+    refusals: dict[tuple[str, str], tuple[float, str]] = field(default_factory=dict)
     # Failed starts already acted on (an agent reports one for several beats).
     failures_seen: set[str] = field(default_factory=set)
     # Measured profiles (`gfaas profile`), by function.
@@ -313,12 +321,18 @@ class Instances:
     def any_agent(self) -> bool:
         return bool(self.agents)
 
-    def devices(self, resident: dict[str, frozenset[str]]) -> list[packing.Device]:
+    def devices(
+        self, resident: dict[str, frozenset[str]], *, stopping: bool = True
+    ) -> list[packing.Device]:
         """Each agent's device with its instances in their rectangles (re-packed in
-        start order where this scheduler did not place them: after a failover)."""
+        start order where this scheduler did not place them: after a failover).
+        `stopping` False: as they will be once the instances stopping have gone."""
+        gone = {InstanceState.FAILED}
+        if not stopping:
+            gone.add(InstanceState.STOPPING)
         devices = []
         for agent_id, book in self.agents.items():
-            infos = [i for i in book.beat.instances if i.state is not InstanceState.FAILED]
+            infos = [i for i in book.beat.instances if i.state not in gone]
             infos += [c.info for c in self.commanded.values() if c.agent == agent_id]
             device = packing.Device(
                 device_id=agent_id,
@@ -397,6 +411,10 @@ class Instances:
         never waits on a configuration that cannot be placed while another could."""
         avoid: set[Config] = set()
         reason = ""
+        # Would one of the configurations avoided fit once the instances stopping now
+        # (draining, then exiting) have gone? Then what waits for the function waits
+        # for that room, rather than hear that there is none.
+        freed = False
         while True:
             load = self.load(spec, now, seen.waiting.get(spec.name, 0), seen.busy, seen.exec_ms)
             decision = autoscale.scale(
@@ -414,9 +432,9 @@ class Instances:
                 )
                 if spec.slo_unmeetable == "reject":
                     decision = _without_adds(decision)
-            refused = await self._carry_out(spec, decision, seen.resident)
+            refused = await self._carry_out(spec, decision, seen.resident, now)
             if refused is None:
-                if decision.add or not avoid:
+                if decision.add or not avoid or freed:
                     self.unplaced.pop(spec.name, None)
                 else:  # what it wanted fits nowhere, and nothing else would do
                     self.unplaced[spec.name] = reason
@@ -424,11 +442,25 @@ class Instances:
             config, reason = refused
             if await self._make_way(spec):
                 return decision  # the next round places the new version
+            freed = freed or self._fits_once_stopped(spec, config, seen.resident, now)
             if config in avoid or len(avoid) >= MAX_AVOIDED:
-                self.unplaced[spec.name] = reason
-                self._say(spec.name, "unplaced", reason)
+                if freed:
+                    self.unplaced.pop(spec.name, None)
+                else:
+                    self.unplaced[spec.name] = reason
+                    self._say(spec.name, "unplaced", reason)
                 return decision
             avoid.add(config)
+
+    def _fits_once_stopped(
+        self, spec: FunctionSpec, config: Config, resident: dict[str, frozenset[str]], now: float
+    ) -> bool:
+        """Would an instance of `spec` in `config` fit once the instances stopping now
+        have drained and exited? (Scaled to zero, its last one holds its room for that
+        long: a call that comes meanwhile waits for it.)"""
+        devices = self.devices(resident, stopping=False)
+        placed = packing.place(devices, self._demand(spec, config), self._refusing(spec.name, now))
+        return isinstance(placed, packing.Placement)
 
     async def _make_way(self, spec: FunctionSpec) -> bool:
         """No room for an instance of the new version beside the old ones: those go
@@ -509,33 +541,63 @@ class Instances:
         )
 
     async def _carry_out(
-        self, spec: FunctionSpec, decision: ScaleDecision, resident: dict[str, frozenset[str]]
+        self,
+        spec: FunctionSpec,
+        decision: ScaleDecision,
+        resident: dict[str, frozenset[str]],
+        now: float,
     ) -> tuple[Config, str] | None:
-        """Stops and starts; the configuration no device had room for, and why."""
+        """Stops and starts; the configuration no device had room for, and why. A
+        start its agent refuses goes to the next device that fits (the refusing one
+        passed over for a while); with none left, that is the configuration's reason.
+        A start that failed otherwise is tried again next round."""
         for name in decision.remove:
             await self.stop(name)
         if not decision.add:
             return None
         devices = self.devices(resident)
         for config in decision.add:
-            demand = packing.Demand(
-                instance_id="",
-                function=spec.name,
-                model=spec.model or spec.name,
-                config=config,
-                memory=spec.memory_mb * MB,
-                weights=self._weights(spec),
-            )
-            placed = packing.place(devices, demand)
-            if isinstance(placed, packing.Refused):
-                self.refused += 1
-                return config, placed.reason
-            name = f"{placed.device_id}-{secrets.token_hex(3)}"
-            slot = placed.device.slots[-1]
-            self.rects[name] = slot.rect
-            if await self.start(placed.device_id, name, spec, config, slot.rect):
-                devices = [placed.device if d.device_id == placed.device_id else d for d in devices]
+            demand = self._demand(spec, config)
+            while True:  # each refusal passes one more device over: at most one each
+                placed = packing.place(devices, demand, self._refusing(spec.name, now))
+                if isinstance(placed, packing.Refused):
+                    self.refused += 1
+                    return config, placed.reason
+                name = f"{placed.device_id}-{secrets.token_hex(3)}"
+                slot = placed.device.slots[-1]
+                self.rects[name] = slot.rect
+                error = await self.start(placed.device_id, name, spec, config, slot.rect)
+                if error is None:
+                    devices = [
+                        placed.device if d.device_id == placed.device_id else d for d in devices
+                    ]
+                    break
+                if error.code is not ErrorCode.OVERLOADED:
+                    # Not a refusal (no room by its agent's books) but a start that
+                    # failed there (its process could not start, no agent answers):
+                    # the next round tries again.
+                    break
+                until = now + REFUSED_BACKOFF_S
+                self.refusals[(spec.name, placed.device_id)] = (until, error.reason)
         return None
+
+    def _refusing(self, function: str, now: float) -> dict[str, str]:
+        """Agents whose refusal of a start of `function` still stands, and why (the
+        lapsed ones leave the books)."""
+        for key in [k for k, (until, _) in self.refusals.items() if until <= now]:
+            del self.refusals[key]
+        return {a: why for (f, a), (_, why) in self.refusals.items() if f == function}
+
+    def _demand(self, spec: FunctionSpec, config: Config) -> packing.Demand:
+        """An instance of `spec` in `config`, to place."""
+        return packing.Demand(
+            instance_id="",
+            function=spec.name,
+            model=spec.model or spec.name,
+            config=config,
+            memory=spec.memory_mb * MB,
+            weights=self._weights(spec),
+        )
 
     def _weights(self, spec: FunctionSpec) -> int:
         """Bytes of the function's model weights, as far as known (0: none, or not
@@ -544,7 +606,9 @@ class Instances:
 
     async def start(
         self, agent_id: str, name: str, spec: FunctionSpec, config: Config, rect: packing.Rect
-    ) -> bool:
+    ) -> ErrorInfo | None:
+        """The start commanded; why not, when its agent refused it or failed it (or
+        is gone). One its agent did not answer in time counts as commanded."""
         version = self.registry.version(spec.name)
         command = StartInstance(
             instance_id=name,
@@ -575,16 +639,24 @@ class Instances:
         # In the books before the command goes: a round that runs meanwhile (a tick,
         # another request from zero) counts it, and does not start another.
         self.commanded[name] = Commanded(info, agent_id, self.clock())
-        error = await self._command(agent_id, "start", encode(command))
+        try:
+            error = await self._ask(agent_id, "start", encode(command))
+        except TimeoutError as exc:
+            # Unanswered in time (the agent busy, the reply lost): it may have started
+            # it. It stays in the books as commanded until its agent's beat lists it,
+            # or START_LOST_S passes, or its agent goes; forgotten now, the next round
+            # would start another instance beside it for the same plan entry.
+            log.warning("instance.start_unanswered", instance=name, error=repr(exc))
+            return None
         if error is not None:
             self.refused += 1
             self.commanded.pop(name, None)
             self._forget(name)
             log.warning("instance.start_refused", instance=name, reason=error.reason)
-            return False
+            return error
         self.started += 1
         log.info("instance.started", instance=name, function=spec.name, agent=agent_id)
-        return True
+        return None
 
     async def stop(self, name: str) -> None:
         agent_id = next(
@@ -605,11 +677,21 @@ class Instances:
 
     async def _command(self, agent_id: str, op: str, body: bytes) -> ErrorInfo | None:
         try:
+            return await self._ask(agent_id, op, body)
+        except TimeoutError as exc:  # the agent is gone or slow: the next tick tries again
+            return ErrorInfo(code=ErrorCode.UNAVAILABLE, reason=f"agent {agent_id}: {exc!r}")
+
+    async def _ask(self, agent_id: str, op: str, body: bytes) -> ErrorInfo | None:
+        """The agent's answer to a command; TimeoutError when none came in time (done
+        or not, unknown)."""
+        try:
             answer = await self.bus.request(
                 subjects.agent(agent_id, op), body, timeout=COMMAND_TIMEOUT_S
             )
             reply = decode(answer, AgentReply)
-        except Exception as exc:  # the agent is gone or slow: the next tick tries again
+        except TimeoutError:
+            raise
+        except Exception as exc:  # no agent there (or a garbled answer): not done
             return ErrorInfo(code=ErrorCode.UNAVAILABLE, reason=f"agent {agent_id}: {exc!r}")
         return reply.error
 

@@ -27,7 +27,7 @@ Pure: every transition returns a new Device.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from shared.scheduling.autoscale import Config
@@ -259,12 +259,20 @@ def remove(device: Device, instance_id: str) -> Device:
     )
 
 
-def place(devices: Sequence[Device], demand: Demand) -> Placement | Refused:
-    """The device to start `demand` on: residency first, then best fit."""
+def place(
+    devices: Sequence[Device], demand: Demand, refusing: Mapping[str, str] | None = None
+) -> Placement | Refused:
+    """The device to start `demand` on: residency first, then best fit. `refusing`:
+    devices whose agent refused such a start lately, and what it said: passed over
+    (its agent's books differ from these), and named in the reason when none is left."""
     w, h = units(demand.config.sm_share), units(demand.config.time_quota)
     best: tuple[tuple[int, int, int, str], Device] | None = None
     reasons: dict[str, int] = {}
+    refusals: list[str] = []
     for d in devices:
+        if refusing and d.device_id in refusing:
+            refusals.append(f"{d.device_id} refused the start: {refusing[d.device_id]}")
+            continue
         reason = why_not(d, demand)
         if reason is not None:
             kind = reason.split(":", 1)[0]
@@ -279,7 +287,11 @@ def place(devices: Sequence[Device], demand: Demand) -> Placement | Refused:
         if best is None or key < best[0]:
             best = (key, d)
     if best is None:
-        summary = ", ".join(f"{n} short of {kind}" for kind, n in sorted(reasons.items()))
+        summary = "; ".join(
+            [", ".join(f"{n} short of {kind}" for kind, n in sorted(reasons.items())), *refusals]
+            if reasons
+            else refusals
+        )
         return Refused(
             demand.instance_id,
             f"no device fits {w}% SMs x {h}% window and {demand.memory} B"
