@@ -94,8 +94,7 @@ def main() -> int:
         from services.gpu_worker import profile_instance
 
         return profile_instance.main(settings)
-    run_service("gpu-worker", serve, settings)
-    return 0
+    return run_service("gpu-worker", serve, settings)
 
 
 if __name__ == "__main__":
