@@ -152,8 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     module = import_module(f"{SERVICE_MODULES[args.service]}.app")
-    run_service(args.service, module.serve, settings)
-    return 0
+    return run_service(args.service, module.serve, settings)
 
 
 # -- registry, models, invocation ----------------------------------------------------------

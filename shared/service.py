@@ -3,7 +3,9 @@
 A service is `serve(settings, stop, *, task_status)`: it reports ready through
 task_status once subscribed, runs until `stop` is set, then stops intake, lets
 in-flight work finish within its grace period and drains its connection. The
-first SIGTERM/SIGINT sets `stop`; a second one cancels outright.
+first SIGTERM/SIGINT sets `stop`; a second one cancels outright. A service that
+cannot start raises `ServiceStartFailed` instead of reporting ready: its process
+then exits START_FAILED_EXIT with the reason logged, not a traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +24,19 @@ from anyio.abc import TaskStatus
 from shared.config import Settings
 from shared.logs import configure_logging, get_logger
 from shared.tracing import configure_tracing, shutdown_tracing
+
+# The exit status of a service process that could not start (`ServiceStartFailed`).
+START_FAILED_EXIT = 3
+
+
+class ServiceStartFailed(Exception):
+    """Raised by a service's `serve` in place of reporting ready: it cannot start,
+    and has told whoever waits on it why (an instance: its agent and the calls that
+    waited for it). Its process exits START_FAILED_EXIT, the reason logged."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class ServeFn(Protocol):
@@ -60,7 +75,8 @@ async def _serve_then_unwatch(
         watcher.cancel()
 
 
-async def _run(name: str, serve: ServeFn, settings: Settings) -> None:
+async def _run(name: str, serve: ServeFn, settings: Settings) -> int:
+    """The service until it stops; its process's exit status."""
     stop = anyio.Event()
     log = get_logger(name)
     watcher = anyio.CancelScope()
@@ -71,10 +87,17 @@ async def _run(name: str, serve: ServeFn, settings: Settings) -> None:
                 await _watch_signals(stop, tg.cancel_scope)
 
         tg.start_soon(watch)
-        await tg.start(_serve_then_unwatch, serve, settings, stop, watcher)
+        try:
+            await tg.start(_serve_then_unwatch, serve, settings, stop, watcher)
+        except ServiceStartFailed as exc:
+            # Its own, not a bug: the reason, not a traceback (`serve` returned,
+            # so the watcher is cancelled and the group ends).
+            log.error("service.start_failed", service=name, reason=exc.reason)
+            return START_FAILED_EXIT
         settle_heap()
         log.info("service.ready", service=name, nats_url=settings.nats_url)
     log.info("service.stopped", service=name)
+    return 0
 
 
 def settle_heap() -> None:
@@ -96,11 +119,13 @@ def backend_options() -> dict[str, bool]:
     return {"use_uvloop": True}
 
 
-def run_service(name: str, serve: ServeFn, settings: Settings) -> None:
+def run_service(name: str, serve: ServeFn, settings: Settings) -> int:
+    """Run the service to its end; the process's exit status (0, or
+    START_FAILED_EXIT when it could not start)."""
     configure_logging(settings.log_level, json=settings.log_json)
     configure_tracing(name)
     try:
-        anyio.run(_run, name, serve, settings, backend_options=backend_options())
+        return anyio.run(_run, name, serve, settings, backend_options=backend_options())
     finally:
         shutdown_tracing()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -170,6 +171,34 @@ def spawn_child(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         os._exit(3)
     child = subprocess.Popen(["sleep", "300"])
     return {"pid": torch.tensor([child.pid])}
+
+
+# A daemon started the classic way: in a session (and process group) of its own, its
+# parent gone (a second fork, the middle process exits), so nothing links it to the
+# handler's process but who adopts it; it says its pid, then sleeps.
+DAEMON = """
+import os, time
+os.setsid()
+if os.fork():
+    os._exit(0)
+print(os.getpid(), flush=True)
+time.sleep(300)
+"""
+
+
+def daemon_pid() -> int:
+    """Starts DAEMON and answers its pid once the middle process has exited."""
+    middle = subprocess.Popen([sys.executable, "-c", DAEMON], stdout=subprocess.PIPE)
+    assert middle.stdout is not None
+    with middle.stdout:
+        pid = int(middle.stdout.readline())
+    middle.wait()
+    return pid
+
+
+def spawn_daemon(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Leaves a daemon running (`daemon_pid`) and answers its pid."""
+    return {"pid": torch.tensor([daemon_pid()])}
 
 
 def allocate(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

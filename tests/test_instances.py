@@ -3,6 +3,7 @@ shares enforced, overcommit refused, crashes replaced."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -29,6 +30,7 @@ from shared.schema import (
     FunctionSpec,
     InstanceState,
     StartInstance,
+    StopInstance,
     TensorSpec,
     decode,
     encode,
@@ -696,3 +698,33 @@ async def test_starts_every_agent_refuses_answer_the_waiting_call_with_why(
     assert "no room on fb by its own books" in err.value.reason
     assert after_s < 2.0, after_s
     assert sorted(s.split(".")[-2] for s in sent) == ["fa", "fb"]
+
+
+@pytest.mark.slow  # instance processes started and stopped: in CI, not the quick run
+async def test_a_daemon_a_handler_left_goes_when_its_instance_is_stopped(
+    agent_platform: Platform, nc: NATS
+) -> None:
+    """A daemon in a session and process group of its own, its parent gone (the
+    classic double fork): the group kill missed it, and it outlived its instance.
+    The instance adopts it (a subreaper) and kills it as it exits."""
+    client = Client(nc)
+    spec = FunctionSpec(name="daemon-i", handler="tests.funcs:spawn_daemon", max_instances=1)
+    await deploy_and_wait(nc, spec)
+    out = await client.invoke("daemon-i", {"x": np.array([1.0], dtype=np.float32)}, timeout=30)
+    pid = int(out["pid"][0])
+    try:
+        assert _alive(pid)
+        (inst,) = await wait_instances(nc, "daemon-i", 1, ready=True)
+        stop = StopInstance(instance_id=inst.instance_id)
+        answer = await nc.request(subjects.agent("w0", "stop"), encode(stop), timeout=5)
+        assert decode(answer.data, AgentReply).error is None
+        # It drains and exits (the scheduler may start another meanwhile).
+        with anyio.fail_after(20):
+            while inst.instance_id in {i.instance_id for i in (await beat_of(nc)).instances}:
+                await anyio.sleep(0.1)
+        with anyio.fail_after(5):
+            while _alive(pid):
+                await anyio.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)

@@ -600,7 +600,7 @@ class Agent:
                     code = await anyio.to_thread.run_sync(process.wait)
             finally:
                 if process.poll() is None:
-                    process.kill()
+                    limits.kill_instance(process)
                     # Reaped even when the agent is stopping mid-profile (a cancelled
                     # wait would leave the process to the garbage collector, running).
                     with anyio.CancelScope(shield=True):
@@ -732,7 +732,7 @@ class Agent:
             return
         self.failed(InstanceFailed(instance_id=instance_id, error=error))
         if running.process.poll() is None:
-            running.process.kill()  # reaped: FAILED with this error
+            limits.kill_instance(running.process)  # reaped: FAILED with this error
 
     def waiting(self, request: TokenAcquire) -> anyio.CancelScope:
         """Note a token request as it arrives, before its wait starts: a release
@@ -789,7 +789,7 @@ class Agent:
             if code is None:
                 assert process is not None
                 if running.state is InstanceState.STOPPING and now >= running.stop_at:
-                    process.kill()
+                    limits.kill_instance(process)
                 elif (
                     running.state is InstanceState.STARTING
                     and now - running.started > self.settings.instance_start_timeout_s
@@ -837,7 +837,7 @@ class Agent:
                 ),
             )
         )
-        process.kill()
+        limits.kill_instance(process)
 
     @staticmethod
     def _remove_dir(running: Running) -> None:
@@ -902,7 +902,7 @@ class Agent:
         for running in self.instances.values():
             if running.process is not None:
                 if running.process.poll() is None:
-                    running.process.kill()
+                    limits.kill_instance(running.process)
                     running.process.wait()
                 limits.kill_group(running.process.pid)
             self._remove_dir(running)

@@ -62,7 +62,7 @@ from shared.schema import (
     decode,
     encode,
 )
-from shared.service import every, settle_heap
+from shared.service import ServiceStartFailed, every, settle_heap
 from shared.sharing.cpu import pin
 from shared.spec import wants_instances
 
@@ -187,6 +187,23 @@ async def serve(
     *,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
+    """The gpu-worker service (or one function's instance) until `stop`. An instance
+    whose start failed raises ServiceStartFailed once it has answered the calls that
+    waited for it and told its agent why, its connection closed and nothing of it
+    running: its process exits with that reason logged (run_service), no traceback."""
+    failed = await _serve(settings, stop, task_status=task_status)
+    if failed is not None:
+        raise ServiceStartFailed(f"{failed.code}: {failed.reason}")
+
+
+async def _serve(
+    settings: Settings,
+    stop: anyio.Event,
+    *,
+    task_status: TaskStatus[None],
+) -> ErrorInfo | None:
+    """`serve`; an instance's start error when it could not start (task_status not
+    reported)."""
     device = pick_device(settings.device)
     function = settings.instance_function  # an instance serves this one alone
     if settings.instance_cores:
@@ -340,7 +357,7 @@ async def serve(
             if start is not None and start.spec is None:  # nothing to serve
                 await start.report_failure(nc)
                 service_tg.cancel_scope.cancel()
-                return
+                return start.error
             runs.use_metrics(
                 metrics.WorkerMetrics(
                     telemetry.meter,
@@ -505,7 +522,7 @@ async def serve(
                             await books.idle.wait()
                         await start.report_failure(nc)
                         service_tg.cancel_scope.cancel()
-                        return
+                        return start.error
                     books.starting = False
                 # The collection run_service does once started, done before the first
                 # heartbeat: after it, it was a 100-150 ms stall of the first requests
@@ -538,3 +555,4 @@ async def serve(
                     await books.idle.wait()
                 running.cancel_scope.cancel()
             service_tg.cancel_scope.cancel()
+    return None

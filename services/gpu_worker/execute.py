@@ -214,6 +214,15 @@ class Executor:
         entry.observe(exec_ms)
         self.metrics.phase(spec.name, "execute", exec_ms / 1000.0)
         self.metrics.phase(spec.name, "queue", time.perf_counter() - called - exec_ms / 1000.0)
+        if meta.remaining_s() <= 0:
+            # A handler's thread cannot be cancelled: `fail_after` only fires while
+            # the run waits for a thread, and one that overran its deadline returns
+            # late, as if in time. Its caller has stopped waiting: the answer is the
+            # deadline, and the late result is dropped (not stored, not counted ok).
+            raise GfaasError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"{spec.name} ran past its deadline ({exec_ms:.0f} ms): its result came too late",
+            )
         if not isinstance(raw, dict):
             raise GfaasError(
                 ErrorCode.HANDLER_ERROR,

@@ -10,6 +10,10 @@ and exits. An assignment with an instance directory (the agent is root and has a
 handler user) makes it switch to that user before it serves (privileges.become):
 nothing of its handler has run as root.
 
+It is a subreaper (limits.become_subreaper): the processes its handler starts stay
+under it, whatever session or group they move to, and as it exits, it kills them
+(its agent, killing it, kills them first: limits.kill_instance).
+
 Everything an instance does before its first answer that does not depend on the
 assignment is done here, before it (warm_up): imports that would otherwise be lazy
 (the event loop's backend, uvloop, the tracing SDK, the NATS connection options),
@@ -30,7 +34,7 @@ import anyio
 import anyio.lowlevel
 
 # The imports an instance needs, paid before the assignment.
-from services.gpu_worker import privileges, state
+from services.gpu_worker import limits, privileges, state
 from services.gpu_worker.app import serve
 from shared.config import settings_from_env
 from shared.service import backend_options, run_service, settle_heap
@@ -77,6 +81,16 @@ def warm_up() -> None:
 
 
 def main() -> int:
+    # What its handler starts stays in its tree, even in a session of its own and
+    # orphaned (a daemon's double fork): the instance kills it all as it exits.
+    limits.become_subreaper()
+    try:
+        return _main()
+    finally:
+        limits.kill_tree(os.getpid())
+
+
+def _main() -> int:
     warm_up()
     line = sys.stdin.readline()
     state.assigned_at = time.time()
@@ -94,8 +108,7 @@ def main() -> int:
         from services.gpu_worker import profile_instance
 
         return profile_instance.main(settings)
-    run_service("gpu-worker", serve, settings)
-    return 0
+    return run_service("gpu-worker", serve, settings)
 
 
 if __name__ == "__main__":
