@@ -75,6 +75,15 @@ class ResultStore:
         except KeyWrongLastSequenceError:
             return None
 
+    async def first_to_count(self, invocation_id: str) -> bool:
+        """True the first time it is asked of an invocation (within the store's TTL):
+        its final outcome is counted once, whichever delivery of it finishes first."""
+        try:
+            await self.kv.create(counted_key(invocation_id), b"1")
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
     async def claim(self, invocation_id: str, revision: int, worker: str) -> int:
         """A worker takes the attempt sent at `revision`; raises SUPERSEDED when
         another attempt owns the invocation, UNAVAILABLE when the store is out of reach."""
@@ -110,6 +119,12 @@ class ResultStore:
             f"result of {len(encode(reply))} bytes is too large to store; "
             "large outputs move by handle",
         )
+
+
+def counted_key(invocation_id: str) -> str:
+    """The key that says an invocation's outcome is counted: beside its record, never
+    one (no invocation id has a dot)."""
+    return f"counted.{invocation_id}"
 
 
 def answer(invocation_id: str, record: AsyncRecord) -> InvokeReply:

@@ -165,7 +165,13 @@ async def serve(
             connected=lambda: nc.is_connected,
         )
         asyncs = AsyncInvocations(
-            nc, results, ingress.call, settings, max_payload=max_payload, health=dispatcher.health
+            nc,
+            results,
+            ingress.call,
+            settings,
+            max_payload=max_payload,
+            health=dispatcher.health,
+            settled=ingress.settled,
         )
 
         async def on_invoke(msg: Msg) -> None:

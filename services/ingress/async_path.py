@@ -11,7 +11,10 @@ Each delivery of a message from GFAAS_INVOCATIONS is handled here:
 - a failure that is not the caller's is retried: the record keeps the reason, the
   message is nak'ed with a growing delay (another ingress may take it), and after
   `async_max_attempts` deliveries it fails with the reason and the attempts;
-- while it is handled, in-progress acks keep JetStream from redelivering it.
+- while it is handled, in-progress acks keep JetStream from redelivering it;
+- its final outcome (a result, a give-up, a dead-lettered message) is counted once,
+  as a sync call's is (`settled`: gfaas_invocations_total), by the first delivery to
+  have it; the attempts before it are not counted.
 
 Only then is the callback published and the message acknowledged, so a crash
 anywhere means redelivery, and redelivery never means a second run.
@@ -66,6 +69,24 @@ class Call(Protocol):
     ) -> Awaitable[InvokeReply]: ...
 
 
+class Settled(Protocol):
+    """Told an invocation's final outcome, once (metrics: `Ingress.settled`)."""
+
+    def __call__(
+        self,
+        function: str,
+        headers: Mapping[str, str] | None,
+        reply: InvokeReply,
+        seconds: float | None,
+    ) -> Awaitable[None]: ...
+
+
+async def _uncounted(
+    function: str, headers: Mapping[str, str] | None, reply: InvokeReply, seconds: float | None
+) -> None:
+    return None
+
+
 def backoff_s(attempt: int, base_s: float, cap_s: float, jitter: float = 0.2) -> float:
     """The wait before delivery `attempt + 1`: doubling from `base_s` up to `cap_s`,
     with some jitter so that work failed together is not retried together."""
@@ -102,8 +123,10 @@ class AsyncInvocations:
         *,
         max_payload: int,
         health: BusHealth,
+        settled: Settled = _uncounted,
     ) -> None:
         self.nc = nc
+        self.settled = settled
         self.health = health
         self.results = results
         self.call = call
@@ -221,17 +244,22 @@ class AsyncInvocations:
             malformed = f"malformed request: {exc}"
         invocation_id = identify(msg.headers, msg.data, msg.metadata.sequence.stream)
         if not is_valid_token(invocation_id):
-            await self._dead(
-                msg,
+            reason = f"invocation id {invocation_id!r} must be 1-64 characters of [A-Za-z0-9_-]"
+            # No record can have this id, so nothing says it was counted: it is, now,
+            # and the message is let go.
+            await self.settled(
                 function,
-                ErrorCode.BAD_REQUEST,
-                f"invocation id {invocation_id!r} must be 1-64 characters of [A-Za-z0-9_-]",
+                msg.headers,
+                error_reply("", ErrorCode.BAD_REQUEST, reason),
+                self._since_queued(msg),
             )
+            await self._dead(msg, function, ErrorCode.BAD_REQUEST, reason)
             return
         if request is None:
             stored = await self._finish_stored(
                 invocation_id, error_reply(invocation_id, ErrorCode.BAD_REQUEST, malformed)
             )
+            await self._count(msg, function, invocation_id, msg.headers, stored)
             # Its result is this error: the callback (a header's; the body's is lost
             # with the body) is told it as of any other, or its caller waits for good.
             await self._tell((msg.headers or {}).get(H_CALLBACK, ""), stored)
@@ -243,9 +271,29 @@ class AsyncInvocations:
         result = await self._attempt(msg, function, invocation_id, headers)
         if result is None:
             return  # retried later, or owned by another delivery
+        await self._count(msg, function, invocation_id, headers, result)
         await self._tell(callback, result)
         self.completed += 1
         await msg.ack()
+
+    async def _count(
+        self,
+        msg: Msg,
+        function: str,
+        invocation_id: str,
+        headers: Mapping[str, str] | None,
+        result: InvokeReply,
+    ) -> None:
+        """Its final outcome, told `settled` by the first delivery to get here (a
+        redelivery of work done, or a second delivery waiting on the same run, is
+        not counted again; one whose first delivery died before it counted is)."""
+        if await self.results.first_to_count(invocation_id):
+            await self.settled(function, headers, result, self._since_queued(msg))
+
+    @staticmethod
+    def _since_queued(msg: Msg) -> float:
+        """End to end: from its publish (the stream's time of the message) to now."""
+        return max(time.time() - msg.metadata.timestamp.timestamp(), 0.0)
 
     async def _tell(self, callback: str, result: InvokeReply) -> None:
         """Publish a stored result to the caller's `callback`, if it named one."""
