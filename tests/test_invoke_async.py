@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import msgspec
 import numpy as np
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.client import JetStreamContext
 
 from gfaas.client import Client, outputs_of
-from shared.schema import FunctionSpec, InvokeReply
-from tests.helpers import body, deploy_and_wait, final_result
+from services.ingress import tenant_async
+from shared.results import MAX_ASYNC_S
+from shared.schema import H_DEADLINE, H_MSG_ID, FunctionSpec, InvokeReply, now_millis
+from tests.helpers import body, deploy_and_wait, final_result, request, tensor
 from tests.platform import Platform
 from tests.specs import ADD_ONE
 
@@ -101,3 +106,66 @@ async def test_a_malformed_request_s_error_reaches_its_callback(
     assert reply.error is not None
     assert reply.error.code == "bad_request"
     assert reply == await final_result(Client(nc), "garbled-cb")
+
+
+HOURS_2_MS = 2 * 3600 * 1000
+
+
+def timed_body(timeout_ms: int) -> bytes:
+    return msgspec.msgpack.encode(
+        {"inputs": [tensor("x", np.array([1.0]))], "timeout_ms": timeout_ms}
+    )
+
+
+async def test_an_async_deadline_past_the_results_ttl_is_refused_not_outlived(
+    platform: Platform, nc: NATS
+) -> None:
+    """The results store keeps a record an hour from its last write: an attempt
+    whose deadline was further off outlived its record (looked up not_found while it
+    ran; a redelivery ran it again). Such an invocation is now refused, its result
+    the bad request that says why; sync calls keep their deadlines, and an async one
+    within the limit runs."""
+    long_echo = FunctionSpec(name="long-echo", handler="tests.funcs:echo", timeout_ms=HOURS_2_MS)
+    await deploy_and_wait(nc, long_echo)
+    client = Client(nc)
+    js = nc.jetstream()
+    await js.publish(
+        "gfaas.v1.invoke_async.long-echo", timed_body(HOURS_2_MS), headers={H_MSG_ID: "too-long"}
+    )
+    await js.publish(
+        "gfaas.v1.invoke_async.long-echo", timed_body(60_000), headers={H_MSG_ID: "in-time"}
+    )
+    by_spec = await client.invoke_async("long-echo", {"x": np.array([1.0])})
+    for invocation_id in ("too-long", by_spec):
+        reply = await final_result(client, invocation_id)
+        assert reply.error is not None, invocation_id
+        assert reply.error.code == "bad_request", reply.error
+        assert f"at most {MAX_ASYNC_S:.0f} s off" in reply.error.reason, reply.error
+    assert (await final_result(client, "in-time")).error is None
+    _, sync = await request(nc, "long-echo", body(x=np.array([1.0])))
+    assert "error" not in sync, sync
+
+
+async def test_a_tenant_asking_for_too_long_an_async_deadline_is_told_at_submit() -> None:
+    published: list[str] = []
+
+    class Stream:
+        async def publish(self, subject: str, payload: bytes, headers: object = None) -> None:
+            published.append(subject)
+
+    js = cast(JetStreamContext, Stream())
+    far = str(now_millis() + HOURS_2_MS)
+    for data, headers in (
+        (timed_body(HOURS_2_MS), {}),
+        (timed_body(0), {H_DEADLINE: far}),
+        (timed_body(1000), {H_DEADLINE: far}),  # the header is the deadline, as admitted
+    ):
+        reply = await tenant_async.submit(js, "acme", "echo", data, headers)
+        assert reply.error is not None
+        assert reply.error.code == "bad_request", reply.error
+        assert "deadline may be at most" in reply.error.reason
+    assert published == []
+    queued = await tenant_async.submit(js, "acme", "echo", timed_body(60_000), {})
+    assert queued.error is not None
+    assert queued.error.code == "pending"
+    assert published == ["gfaas.v1.invoke_async.echo"]

@@ -26,6 +26,7 @@ from shared.logs import failure_record, get_logger, report_failure
 from shared.metrics import OK, UNNAMED, IngressMetrics, noop
 from shared.names import is_valid_name
 from shared.registry import Registry
+from shared.results import deadline_problem
 from shared.schema import (
     DEFAULT_TENANT,
     H_AFFINITY,
@@ -135,6 +136,10 @@ class Ingress:
                 now_ms=now_millis(),
                 id_tag=id_tag,
             )
+            # An async attempt's record must outlive it (shared.results).
+            problem = deadline_problem(meta.remaining_s()) if claim else ""
+            if problem:
+                raise GfaasError(ErrorCode.BAD_REQUEST, problem)
         except GfaasError as exc:
             self.rejected += 1
             tracing.mark_error(span, exc.code, exc.reason)

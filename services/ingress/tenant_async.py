@@ -20,8 +20,10 @@ from nats.js.client import JetStreamContext
 from shared import auth, subjects
 from shared.logs import get_logger
 from shared.names import is_valid_name
+from shared.results import deadline_problem
 from shared.schema import (
     H_CALLBACK,
+    H_DEADLINE,
     H_INVOCATION,
     H_MSG_ID,
     H_TENANT,
@@ -32,6 +34,7 @@ from shared.schema import (
     error_reply,
     is_valid_token,
     new_invocation_id,
+    now_millis,
 )
 
 log = get_logger("ingress.tenant_async")
@@ -50,6 +53,21 @@ def callback_problem(tenant: str, callback: str) -> str:
         f"a tenant's callback must be a subject under {prefix}. (tokens of "
         f"[A-Za-z0-9_-]; only those reach it), not {callback!r}"
     )
+
+
+def asked_deadline_problem(request: InvokeRequest, headers: Mapping[str, str]) -> str:
+    """Why the deadline the caller asked for (its deadline header, else its
+    timeout_ms) is too far off for an async invocation, or "". One taken from the
+    function's spec is checked when the invocation is taken (admission), as any
+    async invocation's is; said here, the caller hears it at once."""
+    remaining_ms = request.timeout_ms
+    try:
+        deadline_ms = int(headers.get(H_DEADLINE, "0") or 0)
+    except ValueError:
+        deadline_ms = 0  # admission refuses it, with its reason
+    if deadline_ms:
+        remaining_ms = deadline_ms - now_millis()
+    return deadline_problem(remaining_ms / 1000.0)
 
 
 def queued_headers(
@@ -91,6 +109,7 @@ async def submit(
         problem = f"invocation id {given!r} must be 1-{longest} characters of [A-Za-z0-9_-]"
     callback = h.get(H_CALLBACK) or request.callback
     problem = problem or (callback_problem(tenant, callback) if callback else "")
+    problem = problem or asked_deadline_problem(request, h)
     if problem:
         return error_reply(given, ErrorCode.BAD_REQUEST, problem)
     queued = queued_headers(tenant, invocation_id, callback, h)
