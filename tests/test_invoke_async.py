@@ -169,3 +169,22 @@ async def test_a_tenant_asking_for_too_long_an_async_deadline_is_told_at_submit(
     assert queued.error is not None
     assert queued.error.code == "pending"
     assert published == ["gfaas.v1.invoke_async.echo"]
+
+
+async def test_an_async_invocation_refused_at_admission_keeps_its_id(
+    platform: Platform, nc: NATS
+) -> None:
+    """A function not deployed is refused before the call has an id: its stored
+    result, and what its callback heard, said invocation_id "", so the callback could
+    not tell whose error it was."""
+    sub = await nc.subscribe("my.refused-callbacks")
+    client = Client(nc)
+    invocation_id = await client.invoke_async(
+        "not-deployed", {"x": np.array([2.0])}, callback="my.refused-callbacks"
+    )
+    stored = await final_result(client, invocation_id)
+    told = msgspec.msgpack.decode((await sub.next_msg(timeout=10)).data, type=InvokeReply)
+    for reply in (stored, told):
+        assert reply.error is not None
+        assert reply.error.code == "unknown_function"
+        assert reply.invocation_id == invocation_id

@@ -349,6 +349,11 @@ class AsyncInvocations:
                     continue
                 revision = taken
             reply = await self.call(function, msg.data, headers, claim=revision)
+            if reply.invocation_id != invocation_id:
+                # One refused before it had an id (admission: a function not deployed,
+                # bad inputs) says none: stored and told so, its callback could not
+                # tell whose result it heard, nor a lookup whose it answered.
+                reply = msgspec.structs.replace(reply, invocation_id=invocation_id)
             if reply.error is not None and reply.error.code is ErrorCode.SUPERSEDED:
                 return None  # the delivery that superseded us answers
             if is_final(reply):
