@@ -258,3 +258,54 @@ async def test_a_result_found_done_by_a_second_delivery_is_not_counted_again(
     assert len(runs) == 1, runs
     assert acks == [1, 2]
     assert [(f, o) for f, o, _ in told] == [("f", "ok")]
+
+
+async def test_a_delivery_whose_handling_raises_is_retried_then_given_up_on(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    """Handling this message raises each time (a bug on its path): it was left
+    unsettled, to come back at every ack wait for good, never dead-lettered and its
+    caller never answered. It is now tried again after a backoff and, out of
+    attempts, given up on as `internal`: stored, counted and dead-lettered."""
+    settings = settings_for(
+        nats_server.url,
+        tmp_path,
+        async_max_attempts=3,
+        async_backoff_s=0.05,
+        async_backoff_max_s=0.1,
+    )
+    runs: list[int] = []
+
+    async def raises(
+        function: str, body: bytes, headers: Mapping[str, str], *, claim: int
+    ) -> InvokeReply:
+        runs.append(claim)
+        raise RuntimeError("a bug on this message's path")
+
+    async def dead() -> bool:
+        info = await nc.jetstream().stream_info(jetstream.DEAD_LETTER_STREAM)
+        return info.state.messages >= 1
+
+    told = await run_async_path(
+        nc,
+        settings,
+        raises,
+        lambda js: js.publish(
+            "gfaas.v1.invoke_async.buggy", body(x=np.array([1.0])), headers={H_MSG_ID: "buggy"}
+        ),
+        dead,
+    )
+    assert len(runs) == 3, runs
+    assert [(f, o) for f, o, _ in told] == [("buggy", "internal")]
+    js = nc.jetstream()
+    letter = await js.get_msg(jetstream.DEAD_LETTER_STREAM, 1)
+    assert letter.headers is not None
+    assert letter.headers[H_DEAD_CODE] == "internal"
+    results = ResultStore(await jetstream.results_kv(js), max_payload=nc.max_payload)
+    got = await results.get("buggy")
+    assert got is not None
+    assert got[0].reply is not None
+    assert got[0].reply.error is not None
+    assert got[0].reply.error.code is ErrorCode.INTERNAL
+    assert "gave up after 3 attempts" in got[0].reply.error.reason
+    assert (await js.stream_info(jetstream.INVOCATIONS_STREAM)).state.messages == 0

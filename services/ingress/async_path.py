@@ -149,8 +149,50 @@ class AsyncInvocations:
                 # this one again later rather than wait out the ack.
                 log.warning("async.store_unreachable", subject=msg.subject, error=repr(exc))
                 await self._nak(msg, 1)
+            except Exception as exc:
+                log.exception("async.failed", subject=msg.subject)
+                await self._broken(msg, exc)
             finally:
                 tg.cancel_scope.cancel()
+
+    async def _broken(self, msg: Msg, exc: Exception) -> None:
+        """A delivery whose handling raised (a bug, a record that will not decode):
+        tried again after a backoff as a platform fault is, and once out of attempts
+        given up on as one is (its result stored where it can be, dead-lettered).
+        Left unsettled, it came back at every ack wait, for good."""
+        attempt = msg.metadata.num_delivered or 1
+        if attempt < self.settings.async_max_attempts:
+            await self._nak(msg, attempt)
+            return
+        function = subjects.last_token(msg.subject)
+        invocation_id = identify(msg.headers, msg.data, msg.metadata.sequence.stream)
+        reason = f"gave up after {attempt} attempts; the last: handling it failed: {exc!r}"
+        try:
+            if is_valid_token(invocation_id):
+                final = error_reply(invocation_id, ErrorCode.INTERNAL, reason)
+                stored = await self._finish_stored(invocation_id, final)
+                await self._count(msg, function, invocation_id, msg.headers, stored)
+                await self._tell(self._callback_of(msg), stored)
+            else:
+                final = error_reply("", ErrorCode.INTERNAL, reason)
+                await self.settled(function, msg.headers, final, self._since_queued(msg))
+        except Exception as failed:  # the store may be what fails: dead-lettered still
+            log.warning("async.give_up_failed", subject=msg.subject, error=repr(failed))
+        try:
+            await self._dead(msg, function, ErrorCode.INTERNAL, reason)
+        except Exception as failed:  # back after the ack wait, and given up on again
+            log.warning("async.dead_letter_failed", subject=msg.subject, error=repr(failed))
+
+    @staticmethod
+    def _callback_of(msg: Msg) -> str:
+        """Where the caller asked for its result: the header's, else the body's."""
+        found = (msg.headers or {}).get(H_CALLBACK, "")
+        if not found:
+            try:
+                found = decode(msg.data, InvokeRequest).callback
+            except msgspec.MsgspecError:
+                found = ""
+        return found
 
     async def _nak(self, msg: Msg, attempt: int) -> None:
         delay = backoff_s(attempt, self.settings.async_backoff_s, self.settings.async_backoff_max_s)
@@ -189,7 +231,7 @@ class AsyncInvocations:
                 async def run(msg: Msg) -> None:
                     try:
                         await self.handle(msg)
-                    except Exception:
+                    except Exception:  # its settling failed too: back after the ack wait
                         log.exception("async.failed", subject=msg.subject)
                     finally:
                         slots.release()
