@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import cast
 
+import anyio
 import msgspec
 import numpy as np
 import pytest
@@ -12,10 +14,21 @@ from nats.js.client import JetStreamContext
 
 from gfaas.client import Client, outputs_of
 from services.ingress import tenant_async
+from shared import jetstream
+from shared.bus import header_bytes
+from shared.config import effective_max_payload
+from shared.natsd import NatsServer
 from shared.results import MAX_ASYNC_S
-from shared.schema import H_DEADLINE, H_MSG_ID, FunctionSpec, InvokeReply, now_millis
+from shared.schema import (
+    H_DEADLINE,
+    H_INVOCATION,
+    H_MSG_ID,
+    FunctionSpec,
+    InvokeReply,
+    now_millis,
+)
 from tests.helpers import body, deploy_and_wait, final_result, request, tensor
-from tests.platform import Platform
+from tests.platform import Platform, settings_for
 from tests.specs import ADD_ONE
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
@@ -160,12 +173,14 @@ async def test_a_tenant_asking_for_too_long_an_async_deadline_is_told_at_submit(
         (timed_body(0), {H_DEADLINE: far}),
         (timed_body(1000), {H_DEADLINE: far}),  # the header is the deadline, as admitted
     ):
-        reply = await tenant_async.submit(js, "acme", "echo", data, headers)
+        reply = await tenant_async.submit(js, "acme", "echo", data, headers, max_payload=1 << 20)
         assert reply.error is not None
         assert reply.error.code == "bad_request", reply.error
         assert "deadline may be at most" in reply.error.reason
     assert published == []
-    queued = await tenant_async.submit(js, "acme", "echo", timed_body(60_000), {})
+    queued = await tenant_async.submit(
+        js, "acme", "echo", timed_body(60_000), {}, max_payload=1 << 20
+    )
     assert queued.error is not None
     assert queued.error.code == "pending"
     assert published == ["gfaas.v1.invoke_async.echo"]
@@ -188,3 +203,31 @@ async def test_an_async_invocation_refused_at_admission_keeps_its_id(
         assert reply.error is not None
         assert reply.error.code == "unknown_function"
         assert reply.invocation_id == invocation_id
+
+
+async def test_a_tenants_submit_too_large_to_queue_is_refused_not_published(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    """A tenant's body just under the server's limit, with the headers ingress adds
+    to queue it, was a publish past max_payload: the server closed ingress's
+    connection (and the tenant, told `unavailable`, tried again)."""
+    js = nc.jetstream()
+    await jetstream.ensure_invocations_stream(js)
+    limit = effective_max_payload(settings_for(nats_server.url, tmp_path), nc.max_payload)
+    # As the tenant sent it, it fits: the server let it through to ingress.
+    sent = {H_INVOCATION: "a" * 40}
+    near_server_max = body(x=np.zeros((nc.max_payload - 150) // 8))
+    assert limit < len(near_server_max)
+    assert len(near_server_max) + header_bytes(sent) <= nc.max_payload
+    reply = await tenant_async.submit(js, "acme", "echo", near_server_max, sent, max_payload=limit)
+    assert reply.error is not None
+    assert reply.error.code == "payload_too_large", reply.error
+    huge_headers = {f"X-Pad-{i}": "p" * 1000 for i in range(20)}
+    reply = await tenant_async.submit(
+        js, "acme", "echo", body(x=np.zeros(1)), huge_headers, max_payload=limit
+    )
+    assert reply.error is not None
+    assert reply.error.code == "bad_request", reply.error
+    await anyio.sleep(0.2)
+    assert nc.is_connected
+    assert (await js.stream_info(jetstream.INVOCATIONS_STREAM)).state.messages == 0

@@ -210,7 +210,9 @@ async def serve(
             if tenant is None:
                 return
             function = subjects.last_token(msg.subject)
-            reply = await tenant_async.submit(js, tenant, function, msg.data, msg.headers)
+            reply = await tenant_async.submit(
+                js, tenant, function, msg.data, msg.headers, max_payload=max_payload
+            )
             await msg.respond(encode(reply))
 
         async def on_tenant_result(msg: Msg) -> None:

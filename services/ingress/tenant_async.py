@@ -18,6 +18,8 @@ import msgspec
 from nats.js.client import JetStreamContext
 
 from shared import auth, subjects
+from shared.bus import header_bytes
+from shared.config import PAYLOAD_HEADROOM
 from shared.logs import get_logger
 from shared.names import is_valid_name
 from shared.results import deadline_problem
@@ -91,9 +93,12 @@ async def submit(
     function: str,
     body: bytes,
     headers: Mapping[str, str] | None,
+    *,
+    max_payload: int,
 ) -> InvokeReply:
     """Queue a tenant's async invocation: `pending` with the id to look it up by, or
-    the reason it was not queued."""
+    the reason it was not queued. `max_payload`: the platform's limit on a body
+    (shared.config.effective_max_payload), under the server's by PAYLOAD_HEADROOM."""
     h = headers or {}
     try:
         request = decode(body, InvokeRequest)
@@ -113,6 +118,22 @@ async def submit(
     if problem:
         return error_reply(given, ErrorCode.BAD_REQUEST, problem)
     queued = queued_headers(tenant, invocation_id, callback, h)
+    # The server takes a publish past its max_payload (body and headers) as a
+    # protocol violation and closes the connection: ingress's, for a body the tenant
+    # sent just under the limit to which the queued headers were added.
+    if len(body) > max_payload:
+        return error_reply(
+            invocation_id,
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"request of {len(body)} bytes exceeds the {max_payload}-byte limit; "
+            "send large tensors by handle",
+        )
+    if header_bytes(queued) > PAYLOAD_HEADROOM:
+        return error_reply(
+            invocation_id,
+            ErrorCode.BAD_REQUEST,
+            f"headers of {header_bytes(queued)} bytes exceed the {PAYLOAD_HEADROOM}-byte limit",
+        )
     try:
         await js.publish(subjects.invoke_async(function), body, headers=queued)
     except Exception as exc:  # JetStream out of reach, no stream leader: the caller may retry
