@@ -22,6 +22,7 @@ from shared.natsd import NatsServer
 from shared.results import ResultStore
 from shared.schema import (
     H_DEAD_CODE,
+    H_DEAD_REASON,
     H_INVOCATION,
     H_MSG_ID,
     ErrorCode,
@@ -309,3 +310,39 @@ async def test_a_delivery_whose_handling_raises_is_retried_then_given_up_on(
     assert got[0].reply.error.code is ErrorCode.INTERNAL
     assert "gave up after 3 attempts" in got[0].reply.error.reason
     assert (await js.stream_info(jetstream.INVOCATIONS_STREAM)).state.messages == 0
+
+
+async def test_a_malformed_message_near_max_payload_is_dead_lettered_without_its_body(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    """Its dead letter, the body with the reason's headers, was a publish past
+    max_payload: the server closed ingress's connection, and the message, back on
+    the next delivery, did so again, never dead-lettered."""
+    settings = settings_for(nats_server.url, tmp_path)
+
+    async def never(
+        function: str, body: bytes, headers: Mapping[str, str], *, claim: int
+    ) -> InvokeReply:
+        raise AssertionError("a malformed message was run")
+
+    garbage = b"\xc1" * (nc.max_payload - 60)
+
+    async def dead() -> bool:
+        info = await nc.jetstream().stream_info(jetstream.DEAD_LETTER_STREAM)
+        return info.state.messages >= 1
+
+    told = await run_async_path(
+        nc,
+        settings,
+        never,
+        lambda js: js.publish("gfaas.v1.invoke_async.f", garbage, headers={H_MSG_ID: "huge"}),
+        dead,
+        settle_s=0.2,
+    )
+    assert nc.is_connected
+    assert [(f, o) for f, o, _ in told] == [("f", "bad_request")]
+    letter = await nc.jetstream().get_msg(jetstream.DEAD_LETTER_STREAM, 1)
+    assert letter.headers is not None
+    assert letter.headers[H_DEAD_CODE] == "bad_request"
+    assert f"its body of {len(garbage)} bytes is dropped" in letter.headers[H_DEAD_REASON]
+    assert not letter.data

@@ -34,7 +34,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from shared import auth, jetstream, subjects
-from shared.bus import BusHealth, decode_event, send_reply
+from shared.bus import BusHealth, decode_event, header_bytes, send_reply
 from shared.config import Settings
 from shared.logs import get_logger
 from shared.results import UNREACHABLE, ResultStore, answer, is_final
@@ -518,8 +518,16 @@ class AsyncInvocations:
         headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
         headers[H_DEAD_CODE] = str(code)
         headers[H_DEAD_REASON] = reason[:1024]
+        data = msg.data
+        # A message near max_payload does not fit with the reason: past it, the
+        # server closed ingress's connection, and the message, redelivered, did so
+        # again on every delivery. Kept without its body, which the reason says.
+        if len(data) + header_bytes(headers) > self.nc.max_payload:
+            dropped = f"[its body of {len(data)} bytes is dropped: too large to keep] "
+            headers[H_DEAD_REASON] = (dropped + reason)[:1024]
+            data = b""
         log.warning("async.dead_letter", subject=msg.subject, code=code, reason=reason)
-        await self.nc.jetstream().publish(subjects.dead_letter(function), msg.data, headers=headers)
+        await self.nc.jetstream().publish(subjects.dead_letter(function), data, headers=headers)
         self.dead += 1
         if settle:
             await msg.term()
