@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import anyio
+import nats.errors
 import numpy as np
 import pytest
 from nats.aio.client import Client as NATS
@@ -346,3 +347,55 @@ async def test_a_malformed_message_near_max_payload_is_dead_lettered_without_its
     assert letter.headers[H_DEAD_CODE] == "bad_request"
     assert f"its body of {len(garbage)} bytes is dropped" in letter.headers[H_DEAD_REASON]
     assert not letter.data
+
+
+async def test_a_results_store_outage_does_not_use_up_an_invocations_attempts(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store is out of reach for its first reads (a stream leader being
+    elected). Each was a nak and a redelivery, counted as an attempt: when it came
+    back, the invocation had used up its attempts without one run, and its first
+    failure (the scheduler not back yet) was final. It is now run again."""
+    settings = settings_for(
+        nats_server.url,
+        tmp_path,
+        async_max_attempts=3,
+        async_backoff_s=0.05,
+        async_backoff_max_s=0.1,
+    )
+    outage = [8]
+    real_get = ResultStore.get
+
+    async def flaky_get(self: ResultStore, invocation_id: str) -> object:
+        if outage[0] > 0:
+            outage[0] -= 1
+            raise nats.errors.TimeoutError
+        return await real_get(self, invocation_id)
+
+    monkeypatch.setattr(ResultStore, "get", flaky_get)
+    runs: list[int] = []
+
+    async def unavailable_once(
+        function: str, body: bytes, headers: Mapping[str, str], *, claim: int
+    ) -> InvokeReply:
+        runs.append(claim)
+        if len(runs) == 1:
+            return error_reply(headers[H_INVOCATION], ErrorCode.UNAVAILABLE, "no scheduler yet")
+        return InvokeReply(invocation_id=headers[H_INVOCATION])
+
+    async def done() -> bool:
+        return len(runs) >= 2 or (
+            (await nc.jetstream().stream_info(jetstream.DEAD_LETTER_STREAM)).state.messages > 0
+        )
+
+    told = await run_async_path(
+        nc,
+        settings,
+        unavailable_once,
+        lambda js: js.publish(
+            "gfaas.v1.invoke_async.f", body(x=np.array([1.0])), headers={H_MSG_ID: "outage"}
+        ),
+        done,
+    )
+    assert len(runs) == 2, runs
+    assert [(f, o) for f, o, _ in told] == [("f", "ok")]

@@ -143,17 +143,40 @@ class AsyncInvocations:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._keep_alive, msg)
             try:
-                await self._handle(msg)
+                await self._handle_through_outages(msg)
             except UNREACHABLE as exc:
-                # JetStream itself is out of reach for a moment (a node down): try
-                # this one again later rather than wait out the ack.
+                # JetStream itself is out of reach still: another ingress (another
+                # node's) may reach it, rather than wait out the ack.
                 log.warning("async.store_unreachable", subject=msg.subject, error=repr(exc))
-                await self._nak(msg, 1)
+                await self._nak(msg, msg.metadata.num_delivered or 1)
             except Exception as exc:
                 log.exception("async.failed", subject=msg.subject)
                 await self._broken(msg, exc)
             finally:
                 tg.cancel_scope.cancel()
+
+    async def _handle_through_outages(self, msg: Msg) -> None:
+        """`_handle`, again after a backoff while the store is out of reach (a node
+        down, a stream leader being elected), for up to an ack wait; then it raises.
+        Nak'ed at each failure, every delivery counted as an attempt: a few seconds'
+        outage used up an invocation's attempts before it ran, and its first real
+        failure after was its last. Handling a delivery again is what a redelivery
+        does, so it is safe from wherever the outage stopped it."""
+        give_up_at = time.monotonic() + self.settings.async_ack_wait_s
+        outage = 0
+        while True:
+            try:
+                await self._handle(msg)
+                return
+            except UNREACHABLE as exc:
+                outage += 1
+                if time.monotonic() >= give_up_at:
+                    raise
+                log.warning(
+                    "async.store_unreachable", subject=msg.subject, outage=outage, error=repr(exc)
+                )
+                base, cap = self.settings.async_backoff_s, self.settings.async_backoff_max_s
+                await anyio.sleep(backoff_s(outage, base, cap))
 
     async def _broken(self, msg: Msg, exc: Exception) -> None:
         """A delivery whose handling raised (a bug, a record that will not decode):
