@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import anyio
 import nats.errors
@@ -399,3 +400,45 @@ async def test_a_results_store_outage_does_not_use_up_an_invocations_attempts(
     )
     assert len(runs) == 2, runs
     assert [(f, o) for f, o, _ in told] == [("f", "ok")]
+
+
+async def test_an_unidentifiable_message_whose_dead_letter_failed_once_counts_once(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No record can say it was counted: it was counted before its dead letter, so a
+    dead letter that failed (the stream out of reach for a moment) and was tried
+    again counted it twice."""
+    settings = settings_for(
+        nats_server.url, tmp_path, async_backoff_s=0.05, async_backoff_max_s=0.1
+    )
+    real_dead = AsyncInvocations._dead
+    failures = [1]
+
+    async def dead_fails_once(self: AsyncInvocations, *args: Any, **kwargs: Any) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise nats.errors.TimeoutError
+        await real_dead(self, *args, **kwargs)
+
+    monkeypatch.setattr(AsyncInvocations, "_dead", dead_fails_once)
+
+    async def never(
+        function: str, body: bytes, headers: Mapping[str, str], *, claim: int
+    ) -> InvokeReply:
+        raise AssertionError("a message with no usable id was run")
+
+    async def dead() -> bool:
+        info = await nc.jetstream().stream_info(jetstream.DEAD_LETTER_STREAM)
+        return info.state.messages >= 1
+
+    told = await run_async_path(
+        nc,
+        settings,
+        never,
+        lambda js: js.publish(
+            "gfaas.v1.invoke_async.f", body(x=np.array([1.0])), headers={H_MSG_ID: "no good!"}
+        ),
+        dead,
+    )
+    assert failures == [0]
+    assert [(f, o) for f, o, _ in told] == [("f", "bad_request")]

@@ -196,15 +196,16 @@ class AsyncInvocations:
                 stored = await self._finish_stored(invocation_id, final)
                 await self._count(msg, function, invocation_id, msg.headers, stored)
                 await self._tell(self._callback_of(msg), stored)
-            else:
-                final = error_reply("", ErrorCode.INTERNAL, reason)
-                await self.settled(function, msg.headers, final, self._since_queued(msg))
         except Exception as failed:  # the store may be what fails: dead-lettered still
             log.warning("async.give_up_failed", subject=msg.subject, error=repr(failed))
         try:
             await self._dead(msg, function, ErrorCode.INTERNAL, reason)
         except Exception as failed:  # back after the ack wait, and given up on again
             log.warning("async.dead_letter_failed", subject=msg.subject, error=repr(failed))
+            return
+        if not is_valid_token(invocation_id):  # no record to say it was: counted once let go
+            final = error_reply("", ErrorCode.INTERNAL, reason)
+            await self.settled(function, msg.headers, final, self._since_queued(msg))
 
     @staticmethod
     def _callback_of(msg: Msg) -> str:
@@ -310,15 +311,16 @@ class AsyncInvocations:
         invocation_id = identify(msg.headers, msg.data, msg.metadata.sequence.stream)
         if not is_valid_token(invocation_id):
             reason = f"invocation id {invocation_id!r} must be 1-64 characters of [A-Za-z0-9_-]"
-            # No record can have this id, so nothing says it was counted: it is, now,
-            # and the message is let go.
+            await self._dead(msg, function, ErrorCode.BAD_REQUEST, reason)
+            # No record can have this id to say it was counted: it is counted once
+            # let go (before, a dead letter that failed and was tried again counted
+            # it twice).
             await self.settled(
                 function,
                 msg.headers,
                 error_reply("", ErrorCode.BAD_REQUEST, reason),
                 self._since_queued(msg),
             )
-            await self._dead(msg, function, ErrorCode.BAD_REQUEST, reason)
             return
         if request is None:
             stored = await self._finish_stored(
