@@ -153,6 +153,15 @@ async def send_reply(
     return len(body)
 
 
+def header_bytes(headers: Mapping[str, str]) -> int:
+    """The size of `headers` on the wire (nats-py's NATS/1.0 block): the server counts
+    it with the body against max_payload, and closes the connection of a publish
+    past it."""
+    return len(b"NATS/1.0\r\n\r\n") + sum(
+        len(k.encode()) + len(v.encode()) + len(b": \r\n") for k, v in headers.items()
+    )
+
+
 def decode_event(msg: Msg, kind: type[E]) -> E | None:
     """An internal event's body, or None (logged) when it does not decode: nobody
     waits for an answer, and a bad event must not stop its subscriber."""

@@ -18,6 +18,7 @@ from nats.js.errors import KeyDeletedError, KeyNotFoundError, KeyWrongLastSequen
 from nats.js.kv import KeyValue
 
 from shared.errors import GfaasError
+from shared.jetstream import RESULT_TTL_S
 from shared.schema import (
     CALLER_FAULTS,
     AsyncRecord,
@@ -41,6 +42,17 @@ UNREACHABLE: Final = (
     nats.js.errors.NoStreamResponseError,
     nats.js.errors.ServiceUnavailableError,
 )
+
+# The store keeps each record RESULT_TTL_S from its last write. An attempt's record is
+# written when ingress takes it (PENDING) and when a worker claims it (RUNNING), and
+# not again until its result (DONE, then kept RESULT_TTL_S): an attempt whose
+# deadline is further off than the TTL outlived its record, so a lookup answered
+# not_found while it ran, and a redelivery found no record and ran it a second time,
+# the worker's result refused (its claim's revision gone). Async attempts' deadlines
+# are held to MAX_ASYNC_S, which leaves RECORD_MARGIN_S for clocks that disagree and
+# a worker's retries at storing its result.
+RECORD_MARGIN_S: Final = 120.0
+MAX_ASYNC_S: Final = RESULT_TTL_S - RECORD_MARGIN_S
 
 # Room for a KV write's headers (Nats-Expected-Last-Subject-Sequence and its framing).
 RECORD_HEADROOM: Final = 128
@@ -74,6 +86,15 @@ class ResultStore:
             return await self.kv.update(invocation_id, encode(record), last=last)
         except KeyWrongLastSequenceError:
             return None
+
+    async def first_to_count(self, invocation_id: str) -> bool:
+        """True the first time it is asked of an invocation (within the store's TTL):
+        its final outcome is counted once, whichever delivery of it finishes first."""
+        try:
+            await self.kv.create(counted_key(invocation_id), b"1")
+        except KeyWrongLastSequenceError:
+            return False
+        return True
 
     async def claim(self, invocation_id: str, revision: int, worker: str) -> int:
         """A worker takes the attempt sent at `revision`; raises SUPERSEDED when
@@ -110,6 +131,24 @@ class ResultStore:
             f"result of {len(encode(reply))} bytes is too large to store; "
             "large outputs move by handle",
         )
+
+
+def deadline_problem(remaining_s: float) -> str:
+    """Why an async invocation whose deadline is `remaining_s` off cannot be taken
+    ("" when it can)."""
+    if remaining_s <= MAX_ASYNC_S:
+        return ""
+    return (
+        f"an async invocation's deadline may be at most {MAX_ASYNC_S:.0f} s off (its "
+        f"record is kept {RESULT_TTL_S:.0f} s), not {remaining_s:.0f} s: ask for a "
+        "shorter timeout_ms, or call it synchronously"
+    )
+
+
+def counted_key(invocation_id: str) -> str:
+    """The key that says an invocation's outcome is counted: beside its record, never
+    one (no invocation id has a dot)."""
+    return f"counted.{invocation_id}"
 
 
 def answer(invocation_id: str, record: AsyncRecord) -> InvokeReply:

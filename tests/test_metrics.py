@@ -22,7 +22,7 @@ from shared.dataplane.client import BrokerClient
 from shared.metrics import UNNAMED
 from shared.natsd import NatsServer
 from shared.schema import H_TENANT, CopyRequest, FunctionSpec
-from tests.helpers import body, deploy_and_wait, request
+from tests.helpers import body, deploy_and_wait, final_result, request
 from tests.platform import Platform, platform_at
 from tests.specs import ECHO
 
@@ -331,3 +331,30 @@ async def test_a_run_that_crashed_counts_as_the_internal_error_its_caller_got(
     assert value(ingress, "gfaas_invocations_total", function="echo", outcome="internal") == 1
     worker = await until(where["gpu-worker"], "gfaas_worker_invocations_total", 1)
     assert value(worker, "gfaas_worker_invocations_total", function="echo", outcome="internal") == 1
+
+
+async def test_async_invocations_count_once_each_with_their_outcome(
+    platform: Platform, nc: NATS
+) -> None:
+    """Async invocations count in gfaas_invocations_total as sync calls do, once each:
+    a success, a handler's error and a malformed message (dead-lettered, never run:
+    it was not counted at all)."""
+    await deploy_and_wait(nc, ECHO, BOOM)
+    client = Client(nc)
+    ok = await client.invoke_async("echo", {"x": np.ones(2, dtype=np.float32)})
+    failed = await client.invoke_async("boom", {"x": np.ones(2, dtype=np.float32)})
+    await nc.jetstream().publish(
+        "gfaas.v1.invoke_async.echo", b"\xc1garbage", headers={"Nats-Msg-Id": "garbled-m"}
+    )
+    for invocation_id in (ok, failed, "garbled-m"):
+        await final_result(client, invocation_id)
+    where = await ports(client)
+    total = "gfaas_invocations_total"
+    await until(where["ingress"], total, 3)
+    await anyio.sleep(0.3)  # anything counted twice is counted by now
+    ingress = await scrape(where["ingress"])
+    assert value(ingress, total, function="echo", tenant="default", outcome="ok") == 1
+    assert value(ingress, total, function="boom", outcome="handler_error") == 1
+    assert value(ingress, total, function="echo", outcome="bad_request") == 1
+    assert value(ingress, total) == 3
+    assert value(ingress, "gfaas_invocation_duration_seconds_count", function="echo") == 2

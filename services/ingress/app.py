@@ -170,7 +170,13 @@ async def serve(
             connected=lambda: nc.is_connected,
         )
         asyncs = AsyncInvocations(
-            nc, results, ingress.call, settings, max_payload=max_payload, health=dispatcher.health
+            nc,
+            results,
+            ingress.call,
+            settings,
+            max_payload=max_payload,
+            health=dispatcher.health,
+            settled=ingress.settled,
         )
 
         async def on_invoke(msg: Msg) -> None:
@@ -209,7 +215,9 @@ async def serve(
             if tenant is None:
                 return
             function = subjects.last_token(msg.subject)
-            reply = await tenant_async.submit(js, tenant, function, msg.data, msg.headers)
+            reply = await tenant_async.submit(
+                js, tenant, function, msg.data, msg.headers, max_payload=max_payload
+            )
             await msg.respond(encode(reply))
 
         async def on_tenant_result(msg: Msg) -> None:

@@ -11,7 +11,10 @@ Each delivery of a message from GFAAS_INVOCATIONS is handled here:
 - a failure that is not the caller's is retried: the record keeps the reason, the
   message is nak'ed with a growing delay (another ingress may take it), and after
   `async_max_attempts` deliveries it fails with the reason and the attempts;
-- while it is handled, in-progress acks keep JetStream from redelivering it.
+- while it is handled, in-progress acks keep JetStream from redelivering it;
+- its final outcome (a result, a give-up, a dead-lettered message) is counted once,
+  as a sync call's is (`settled`: gfaas_invocations_total), by the first delivery to
+  have it; the attempts before it are not counted.
 
 Only then is the callback published and the message acknowledged, so a crash
 anywhere means redelivery, and redelivery never means a second run.
@@ -31,7 +34,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from shared import auth, jetstream, subjects
-from shared.bus import BusHealth, decode_event, send_reply
+from shared.bus import BusHealth, decode_event, header_bytes, send_reply
 from shared.config import Settings
 from shared.logs import get_logger
 from shared.results import UNREACHABLE, ResultStore, answer, is_final
@@ -64,6 +67,24 @@ class Call(Protocol):
     def __call__(
         self, function: str, body: bytes, headers: Mapping[str, str], *, claim: int
     ) -> Awaitable[InvokeReply]: ...
+
+
+class Settled(Protocol):
+    """Told an invocation's final outcome, once (metrics: `Ingress.settled`)."""
+
+    def __call__(
+        self,
+        function: str,
+        headers: Mapping[str, str] | None,
+        reply: InvokeReply,
+        seconds: float | None,
+    ) -> Awaitable[None]: ...
+
+
+async def _uncounted(
+    function: str, headers: Mapping[str, str] | None, reply: InvokeReply, seconds: float | None
+) -> None:
+    return None
 
 
 def backoff_s(attempt: int, base_s: float, cap_s: float, jitter: float = 0.2) -> float:
@@ -102,8 +123,10 @@ class AsyncInvocations:
         *,
         max_payload: int,
         health: BusHealth,
+        settled: Settled = _uncounted,
     ) -> None:
         self.nc = nc
+        self.settled = settled
         self.health = health
         self.results = results
         self.call = call
@@ -120,14 +143,80 @@ class AsyncInvocations:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._keep_alive, msg)
             try:
-                await self._handle(msg)
+                await self._handle_through_outages(msg)
             except UNREACHABLE as exc:
-                # JetStream itself is out of reach for a moment (a node down): try
-                # this one again later rather than wait out the ack.
+                # JetStream itself is out of reach still: another ingress (another
+                # node's) may reach it, rather than wait out the ack.
                 log.warning("async.store_unreachable", subject=msg.subject, error=repr(exc))
-                await self._nak(msg, 1)
+                await self._nak(msg, msg.metadata.num_delivered or 1)
+            except Exception as exc:
+                log.exception("async.failed", subject=msg.subject)
+                await self._broken(msg, exc)
             finally:
                 tg.cancel_scope.cancel()
+
+    async def _handle_through_outages(self, msg: Msg) -> None:
+        """`_handle`, again after a backoff while the store is out of reach (a node
+        down, a stream leader being elected), for up to an ack wait; then it raises.
+        Nak'ed at each failure, every delivery counted as an attempt: a few seconds'
+        outage used up an invocation's attempts before it ran, and its first real
+        failure after was its last. Handling a delivery again is what a redelivery
+        does, so it is safe from wherever the outage stopped it."""
+        give_up_at = time.monotonic() + self.settings.async_ack_wait_s
+        outage = 0
+        while True:
+            try:
+                await self._handle(msg)
+                return
+            except UNREACHABLE as exc:
+                outage += 1
+                if time.monotonic() >= give_up_at:
+                    raise
+                log.warning(
+                    "async.store_unreachable", subject=msg.subject, outage=outage, error=repr(exc)
+                )
+                base, cap = self.settings.async_backoff_s, self.settings.async_backoff_max_s
+                await anyio.sleep(backoff_s(outage, base, cap))
+
+    async def _broken(self, msg: Msg, exc: Exception) -> None:
+        """A delivery whose handling raised (a bug, a record that will not decode):
+        tried again after a backoff as a platform fault is, and once out of attempts
+        given up on as one is (its result stored where it can be, dead-lettered).
+        Left unsettled, it came back at every ack wait, for good."""
+        attempt = msg.metadata.num_delivered or 1
+        if attempt < self.settings.async_max_attempts:
+            await self._nak(msg, attempt)
+            return
+        function = subjects.last_token(msg.subject)
+        invocation_id = identify(msg.headers, msg.data, msg.metadata.sequence.stream)
+        reason = f"gave up after {attempt} attempts; the last: handling it failed: {exc!r}"
+        try:
+            if is_valid_token(invocation_id):
+                final = error_reply(invocation_id, ErrorCode.INTERNAL, reason)
+                stored = await self._finish_stored(invocation_id, final)
+                await self._count(msg, function, invocation_id, msg.headers, stored)
+                await self._tell(self._callback_of(msg), stored)
+        except Exception as failed:  # the store may be what fails: dead-lettered still
+            log.warning("async.give_up_failed", subject=msg.subject, error=repr(failed))
+        try:
+            await self._dead(msg, function, ErrorCode.INTERNAL, reason)
+        except Exception as failed:  # back after the ack wait, and given up on again
+            log.warning("async.dead_letter_failed", subject=msg.subject, error=repr(failed))
+            return
+        if not is_valid_token(invocation_id):  # no record to say it was: counted once let go
+            final = error_reply("", ErrorCode.INTERNAL, reason)
+            await self.settled(function, msg.headers, final, self._since_queued(msg))
+
+    @staticmethod
+    def _callback_of(msg: Msg) -> str:
+        """Where the caller asked for its result: the header's, else the body's."""
+        found = (msg.headers or {}).get(H_CALLBACK, "")
+        if not found:
+            try:
+                found = decode(msg.data, InvokeRequest).callback
+            except msgspec.MsgspecError:
+                found = ""
+        return found
 
     async def _nak(self, msg: Msg, attempt: int) -> None:
         delay = backoff_s(attempt, self.settings.async_backoff_s, self.settings.async_backoff_max_s)
@@ -166,7 +255,7 @@ class AsyncInvocations:
                 async def run(msg: Msg) -> None:
                     try:
                         await self.handle(msg)
-                    except Exception:
+                    except Exception:  # its settling failed too: back after the ack wait
                         log.exception("async.failed", subject=msg.subject)
                     finally:
                         slots.release()
@@ -221,17 +310,23 @@ class AsyncInvocations:
             malformed = f"malformed request: {exc}"
         invocation_id = identify(msg.headers, msg.data, msg.metadata.sequence.stream)
         if not is_valid_token(invocation_id):
-            await self._dead(
-                msg,
+            reason = f"invocation id {invocation_id!r} must be 1-64 characters of [A-Za-z0-9_-]"
+            await self._dead(msg, function, ErrorCode.BAD_REQUEST, reason)
+            # No record can have this id to say it was counted: it is counted once
+            # let go (before, a dead letter that failed and was tried again counted
+            # it twice).
+            await self.settled(
                 function,
-                ErrorCode.BAD_REQUEST,
-                f"invocation id {invocation_id!r} must be 1-64 characters of [A-Za-z0-9_-]",
+                msg.headers,
+                error_reply("", ErrorCode.BAD_REQUEST, reason),
+                self._since_queued(msg),
             )
             return
         if request is None:
             stored = await self._finish_stored(
                 invocation_id, error_reply(invocation_id, ErrorCode.BAD_REQUEST, malformed)
             )
+            await self._count(msg, function, invocation_id, msg.headers, stored)
             # Its result is this error: the callback (a header's; the body's is lost
             # with the body) is told it as of any other, or its caller waits for good.
             await self._tell((msg.headers or {}).get(H_CALLBACK, ""), stored)
@@ -243,9 +338,29 @@ class AsyncInvocations:
         result = await self._attempt(msg, function, invocation_id, headers)
         if result is None:
             return  # retried later, or owned by another delivery
+        await self._count(msg, function, invocation_id, headers, result)
         await self._tell(callback, result)
         self.completed += 1
         await msg.ack()
+
+    async def _count(
+        self,
+        msg: Msg,
+        function: str,
+        invocation_id: str,
+        headers: Mapping[str, str] | None,
+        result: InvokeReply,
+    ) -> None:
+        """Its final outcome, told `settled` by the first delivery to get here (a
+        redelivery of work done, or a second delivery waiting on the same run, is
+        not counted again; one whose first delivery died before it counted is)."""
+        if await self.results.first_to_count(invocation_id):
+            await self.settled(function, headers, result, self._since_queued(msg))
+
+    @staticmethod
+    def _since_queued(msg: Msg) -> float:
+        """End to end: from its publish (the stream's time of the message) to now."""
+        return max(time.time() - msg.metadata.timestamp.timestamp(), 0.0)
 
     async def _tell(self, callback: str, result: InvokeReply) -> None:
         """Publish a stored result to the caller's `callback`, if it named one."""
@@ -301,6 +416,11 @@ class AsyncInvocations:
                     continue
                 revision = taken
             reply = await self.call(function, msg.data, headers, claim=revision)
+            if reply.invocation_id != invocation_id:
+                # One refused before it had an id (admission: a function not deployed,
+                # bad inputs) says none: stored and told so, its callback could not
+                # tell whose result it heard, nor a lookup whose it answered.
+                reply = msgspec.structs.replace(reply, invocation_id=invocation_id)
             if reply.error is not None and reply.error.code is ErrorCode.SUPERSEDED:
                 return None  # the delivery that superseded us answers
             if is_final(reply):
@@ -423,8 +543,16 @@ class AsyncInvocations:
         headers = {k: v for k, v in (msg.headers or {}).items() if not k.startswith("Nats-")}
         headers[H_DEAD_CODE] = str(code)
         headers[H_DEAD_REASON] = reason[:1024]
+        data = msg.data
+        # A message near max_payload does not fit with the reason: past it, the
+        # server closed ingress's connection, and the message, redelivered, did so
+        # again on every delivery. Kept without its body, which the reason says.
+        if len(data) + header_bytes(headers) > self.nc.max_payload:
+            dropped = f"[its body of {len(data)} bytes is dropped: too large to keep] "
+            headers[H_DEAD_REASON] = (dropped + reason)[:1024]
+            data = b""
         log.warning("async.dead_letter", subject=msg.subject, code=code, reason=reason)
-        await self.nc.jetstream().publish(subjects.dead_letter(function), msg.data, headers=headers)
+        await self.nc.jetstream().publish(subjects.dead_letter(function), data, headers=headers)
         self.dead += 1
         if settle:
             await msg.term()

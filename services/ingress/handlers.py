@@ -26,8 +26,8 @@ from shared.logs import failure_record, get_logger, report_failure
 from shared.metrics import OK, UNNAMED, IngressMetrics, noop
 from shared.names import is_valid_name
 from shared.registry import Registry
+from shared.results import deadline_problem
 from shared.schema import (
-    CALLER_FAULTS,
     DEFAULT_TENANT,
     H_AFFINITY,
     H_INVOCATION,
@@ -139,6 +139,10 @@ class Ingress:
                 id_tag=id_tag,
                 max_timeout_ms=self.max_timeout_ms,
             )
+            # An async attempt's record must outlive it (shared.results).
+            problem = deadline_problem(meta.remaining_s()) if claim else ""
+            if problem:
+                raise GfaasError(ErrorCode.BAD_REQUEST, problem)
         except GfaasError as exc:
             self.rejected += 1
             tracing.mark_error(span, exc.code, exc.reason)
@@ -232,7 +236,8 @@ class Ingress:
                 meta, request, spec = self._admit(function, body, headers, span, claim)
             except GfaasError as exc:
                 invocation_id = (headers or {}).get(H_INVOCATION, "")
-                await self._refused(function, headers, invocation_id, exc, arrived)
+                if not claim:  # an async attempt's outcome: `settled`, once final
+                    await self._refused(function, headers, invocation_id, exc, arrived)
                 return error_reply("", exc.code, exc.reason)
             if isinstance(spec, WorkflowSpec):
                 reply = await self._workflow(spec, meta, request)
@@ -240,10 +245,10 @@ class Ingress:
                 reply = await self.dispatcher.call(meta, body)
             if reply.error:
                 tracing.mark_error(span, reply.error.code, reply.error.reason)
-            # An async attempt that failed through no fault of the caller's is tried
-            # again: only the final outcome counts (and is logged).
-            final = not claim or reply.error is None or reply.error.code in CALLER_FAULTS
-            if final:
+            # An async attempt is not counted here: it may be tried again, and its
+            # final outcome (which may be a give-up no attempt returned) is the async
+            # path's to say, by `settled`.
+            if not claim:
                 await self._finished(meta, reply, arrived)
             return reply
 
@@ -283,6 +288,32 @@ class Ingress:
             await self._report(
                 meta.function, meta.invocation_id, meta.tenant, error.code, error.reason
             )
+
+    async def settled(
+        self,
+        function: str,
+        headers: Mapping[str, str] | None,
+        reply: InvokeReply,
+        seconds: float | None,
+    ) -> None:
+        """An async invocation's final outcome (services/ingress/async_path.py calls
+        this once for each): counted with a sync call's labels, and a failure no
+        worker logged (a give-up, a malformed message) logged here."""
+        tenant = (headers or {}).get(H_TENANT) or DEFAULT_TENANT
+        # Its labels as for a refused sync call: a name no deployed function (or no
+        # valid tenant) has would be another series for good.
+        known = self.lookup(function) is not None
+        error = reply.error
+        self.metrics.finished(
+            function if known else UNNAMED,
+            tenant if is_valid_name(tenant) else UNNAMED,
+            OK if error is None else str(error.code),
+            seconds,
+            slo_ms=self._slo_ms(function) if known else None,
+        )
+        if error is not None and not reply.worker:
+            invocation_id = reply.invocation_id or (headers or {}).get(H_INVOCATION, "")
+            await self._report(function, invocation_id, tenant, error.code, error.reason)
 
     async def _report(
         self, function: str, invocation_id: str, tenant: str, code: ErrorCode, reason: str

@@ -18,10 +18,14 @@ import msgspec
 from nats.js.client import JetStreamContext
 
 from shared import auth, subjects
+from shared.bus import header_bytes
+from shared.config import PAYLOAD_HEADROOM
 from shared.logs import get_logger
 from shared.names import is_valid_name
+from shared.results import deadline_problem
 from shared.schema import (
     H_CALLBACK,
+    H_DEADLINE,
     H_INVOCATION,
     H_MSG_ID,
     H_TENANT,
@@ -32,6 +36,7 @@ from shared.schema import (
     error_reply,
     is_valid_token,
     new_invocation_id,
+    now_millis,
 )
 
 log = get_logger("ingress.tenant_async")
@@ -50,6 +55,21 @@ def callback_problem(tenant: str, callback: str) -> str:
         f"a tenant's callback must be a subject under {prefix}. (tokens of "
         f"[A-Za-z0-9_-]; only those reach it), not {callback!r}"
     )
+
+
+def asked_deadline_problem(request: InvokeRequest, headers: Mapping[str, str]) -> str:
+    """Why the deadline the caller asked for (its deadline header, else its
+    timeout_ms) is too far off for an async invocation, or "". One taken from the
+    function's spec is checked when the invocation is taken (admission), as any
+    async invocation's is; said here, the caller hears it at once."""
+    remaining_ms = request.timeout_ms
+    try:
+        deadline_ms = int(headers.get(H_DEADLINE, "0") or 0)
+    except ValueError:
+        deadline_ms = 0  # admission refuses it, with its reason
+    if deadline_ms:
+        remaining_ms = deadline_ms - now_millis()
+    return deadline_problem(remaining_ms / 1000.0)
 
 
 def queued_headers(
@@ -73,9 +93,12 @@ async def submit(
     function: str,
     body: bytes,
     headers: Mapping[str, str] | None,
+    *,
+    max_payload: int,
 ) -> InvokeReply:
     """Queue a tenant's async invocation: `pending` with the id to look it up by, or
-    the reason it was not queued."""
+    the reason it was not queued. `max_payload`: the platform's limit on a body
+    (shared.config.effective_max_payload), under the server's by PAYLOAD_HEADROOM."""
     h = headers or {}
     try:
         request = decode(body, InvokeRequest)
@@ -91,9 +114,26 @@ async def submit(
         problem = f"invocation id {given!r} must be 1-{longest} characters of [A-Za-z0-9_-]"
     callback = h.get(H_CALLBACK) or request.callback
     problem = problem or (callback_problem(tenant, callback) if callback else "")
+    problem = problem or asked_deadline_problem(request, h)
     if problem:
         return error_reply(given, ErrorCode.BAD_REQUEST, problem)
     queued = queued_headers(tenant, invocation_id, callback, h)
+    # The server takes a publish past its max_payload (body and headers) as a
+    # protocol violation and closes the connection: ingress's, for a body the tenant
+    # sent just under the limit to which the queued headers were added.
+    if len(body) > max_payload:
+        return error_reply(
+            invocation_id,
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"request of {len(body)} bytes exceeds the {max_payload}-byte limit; "
+            "send large tensors by handle",
+        )
+    if header_bytes(queued) > PAYLOAD_HEADROOM:
+        return error_reply(
+            invocation_id,
+            ErrorCode.BAD_REQUEST,
+            f"headers of {header_bytes(queued)} bytes exceed the {PAYLOAD_HEADROOM}-byte limit",
+        )
     try:
         await js.publish(subjects.invoke_async(function), body, headers=queued)
     except Exception as exc:  # JetStream out of reach, no stream leader: the caller may retry
