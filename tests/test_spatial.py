@@ -119,6 +119,7 @@ def test_uneven_shares_the_packer_places_side_by_side_share_no_core() -> None:
     # A slot past the end of the row is the caller's mistake, not a shifted slot.
     with pytest.raises(ShareError, match="past the end"):
         cores_at(0.5, 0.6, range(4))
+    assert cores_at(0.75, 0.25 + 1e-9, range(4)) == {3}  # float noise is not a mistake
 
 
 @pytest.mark.unit

@@ -73,6 +73,7 @@ def assign_cores(
 # Slot edges are counted in billionths of the row: whole numbers, so the edge where
 # one slot ends and the next begins (0.1 + 0.2 and 0.3 in floats) is the same edge.
 _UNIT = 10**9
+_SLACK = 1000
 
 
 def cores_at(offset: float, share: float, cores: Iterable[int]) -> frozenset[int]:
@@ -99,8 +100,9 @@ def cores_at(offset: float, share: float, cores: Iterable[int]) -> frozenset[int
         raise ShareError(f"offset {offset} must be in [0, 1)")
     start = round(offset * _UNIT)
     end = start + round(share * _UNIT)
-    if end > _UNIT:
+    if end > _UNIT + _SLACK:
         raise ShareError(f"a slot at {offset} of share {share} runs past the end of the cores")
+    end = min(end, _UNIT)  # within float noise of the end (packing.units allows 1e-8)
     n = len(pool)
     first, last = _first_core_at(start, n), _first_core_at(end, n)
     if first == last:  # narrower than a core, and covering no core's middle
