@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
+from typing import cast
 
 import msgspec
 import pytest
+from nats.aio.client import Client as NATS
 
 from shared.dataplane.board import BoardReader, LeaseBoard
+from shared.dataplane.client import BrokerClient
 from shared.dataplane.leases import Fault, LeaseError, LeaseTable
+from shared.dataplane.shm import SHM_DIR, list_segments, unlink_segment
 from shared.schema import Handle
 
 pytestmark = pytest.mark.unit
@@ -80,3 +85,59 @@ def test_a_full_board_hands_out_no_slot(board: LeaseBoard, table: LeaseTable) ->
     slots = [lease_handle(table, board).slot for _ in range(5)]
     assert slots[:4] == [0, 1, 2, 3]
     assert slots[4] == -1
+
+
+def test_a_client_stops_trusting_a_board_a_restarted_broker_replaced(table: LeaseTable) -> None:
+    name = f"gfaas-test-board-{uuid.uuid4().hex[:8]}"
+    # The client never reaches the bus here: what the board vouches for needs no trip.
+    client = BrokerClient(cast(NATS, None), "n", board=name)
+    old = LeaseBoard(name, slots=4)
+    try:
+        gone = lease_handle(table, old)
+        assert client.unverified([gone], "acme") == []
+        # The broker crashes (its board is never closed) and a new one starts: it
+        # unlinks the old board and makes its own. The client still maps the old one,
+        # which stays alive while mapped and still shows the dead broker's leases.
+        new = LeaseBoard(name, slots=4)
+        try:
+            assert client.unverified([gone], "acme") == [gone]
+            # The new broker's leases are vouched for locally at once.
+            live = lease_handle(table, new)
+            assert client.unverified([live], "acme") == []
+            assert client.unverified([gone], "acme") == [gone]
+        finally:
+            new.close()
+        # A broker that shut down leaves nothing to trust either.
+        assert client.unverified([live], "acme") == [live]
+    finally:
+        if client._board is not None:
+            client._board.close()
+        unlink_segment(name)
+    assert list_segments(name) == []
+
+
+def test_a_board_replaced_behind_the_brokers_back_is_noticed_at_the_next_recheck(
+    table: LeaseTable,
+) -> None:
+    name = f"gfaas-test-board-{uuid.uuid4().hex[:8]}"
+    client = BrokerClient(cast(NATS, None), "n", board=name)
+    old = LeaseBoard(name, slots=4)
+    try:
+        gone = lease_handle(table, old)
+        assert client.unverified([gone], "acme") == []
+        # Someone removed the board file, then the broker died and a new one started:
+        # nobody could mark the old mapping retired, so only its name says it moved.
+        os.unlink(SHM_DIR / name)
+        new = LeaseBoard(name, slots=4)
+        try:
+            client._board_recheck_at = 0.0  # as if the recheck interval had passed
+            assert client.unverified([gone], "acme") == [gone]
+            live = lease_handle(table, new)
+            assert client.unverified([live], "acme") == []
+        finally:
+            new.close()
+    finally:
+        if client._board is not None:
+            client._board.close()
+        old._segment.close()
+        unlink_segment(name)

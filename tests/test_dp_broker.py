@@ -30,6 +30,8 @@ from shared.dataplane.backend import (
     tensor_from_handle,
 )
 from shared.dataplane.bandwidth import Mode
+from shared.dataplane.board import board_name
+from shared.dataplane.client import BrokerClient
 from shared.dataplane.cuda import cuda_available
 from shared.dataplane.elastic import ElasticConfig
 from shared.dataplane.shm import ShmBackend, list_segments, unlink_segment
@@ -233,6 +235,39 @@ async def test_a_slab_the_device_cannot_make_refuses_the_batch_taking_nothing() 
             unlink_segment(name)
 
 
+async def test_a_device_that_cannot_make_its_slabs_does_not_stop_the_others_ticking() -> None:
+    # The periodic resize grows a pool towards its demand; when the device cannot
+    # make the slab (its memory went to instances), the tick raised: every later
+    # pool missed its resize round after round (idle slabs never given back), as
+    # did the broker's prefetch and metrics after it.
+    prefix = f"gfaas-test-dpb-{os.getpid()}-"
+    links = Links(chunk_bytes=MB, mode=Mode.FAIR)
+    pools = NodePools(node="n", instance="i", default_ttl_s=60.0, links=links)
+    full = NoRoomBackend("emu:0", prefix=prefix)
+    pools.add_device("emu:0", full, ElasticConfig(slab_size=MB, max_bytes=4 * MB, min_slabs=1))
+    pools.add_device(
+        "cpu", ShmBackend("cpu", prefix=prefix), ElasticConfig(slab_size=MB, max_bytes=4 * MB)
+    )
+    try:
+        (x,) = pools.lease([1024], "cpu", "o", "default", 0.0, now=0.0)
+        pools.release([x], "o", "default", now=1.0)
+        full.fail = MemoryError
+        for now in (1000.0, 1100.0):  # idle past the cool-down: the cpu slab goes back
+            pools.tick(now)
+        assert pools.devices["cpu"].segments == {}
+        assert x.segment not in list_segments(prefix)
+        assert pools.devices["emu:0"].segments == {}
+        full.fail = None
+        pools.tick(1101.0)  # room again: the pool grows as it should
+        assert len(pools.devices["emu:0"].segments) == 1
+    finally:
+        full.fail = None
+        links.close()
+        pools.close()
+        for name in list_segments(prefix):
+            unlink_segment(name)
+
+
 @pytest.mark.nats
 async def test_a_broker_that_cannot_start_leaves_no_board_behind(nc: NATS, tmp_path: Path) -> None:
     # A device nothing backs; and, on a node without CUDA, a GPU (the reported case).
@@ -242,6 +277,42 @@ async def test_a_broker_that_cannot_start_leaves_no_board_behind(nc: NATS, tmp_p
         with pytest.raises(BackendUnavailable):
             Broker(nc, settings, "x")
         assert list_segments(f"{namespace}-") == [], devices
+
+
+@pytest.mark.nats
+async def test_a_restarted_broker_s_board_replaces_the_dead_one_s_for_its_clients(
+    nc: NATS, tmp_path: Path
+) -> None:
+    namespace = f"gfaas-t{secrets.token_hex(4)}"
+    settings = Settings(state_dir=tmp_path, shm_namespace=namespace, pool_devices="cpu")
+    client = BrokerClient(nc, settings.node, board=board_name(namespace, settings.node))
+    dead = Broker(nc, settings, "a")
+    try:
+        (gone,) = (await dead.handlers.lease(LeaseRequest(sizes=[1024], owner="w"), "t")).handles
+        assert client.unverified([gone], "t") == []
+        # The broker is killed (nothing of it closes) and a new one starts on the node.
+        broker = Broker(nc, settings, "b")
+        try:
+            # Its predecessor's leases are gone: the board the client still maps must
+            # not vouch for them (the broker then refuses them: not_found).
+            assert client.unverified([gone], "t") == [gone]
+            (live,) = (
+                await broker.handlers.lease(LeaseRequest(sizes=[1024], owner="w"), "t")
+            ).handles
+            assert live.slot == gone.slot
+            assert client.unverified([live], "t") == []
+        finally:
+            broker.close()
+    finally:
+        client._drop_board()
+        # What the dead broker still maps, without its close (which would unlink the
+        # name the new broker's board has now).
+        dead.links.close()
+        dead.pools.close()
+        dead.board._segment.close()
+        for name in list_segments(f"{namespace}-"):
+            unlink_segment(name)
+    assert list_segments(f"{namespace}-") == []
 
 
 async def test_caller_mistakes_in_a_copy_or_read_are_bad_requests(broker: Handlers) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -58,6 +60,66 @@ def test_every_profiled_core_share_can_be_placed_on_its_cores(cores: int) -> Non
             for x in range(0, packing.UNITS - width + 1, width)
         ]
         assert sum(len(s) for s in slots) == len(frozenset().union(*slots)), (share, slots)
+
+
+def _splits(rng: random.Random, parts: int) -> list[tuple[int, int]]:
+    """`parts` side-by-side slots (offset, width) in whole percent, gaps allowed."""
+    cuts = sorted(rng.sample(range(1, packing.UNITS), 2 * parts - 1))
+    edges = [0, *cuts, packing.UNITS]
+    slots = [(edges[i], edges[i + 1]) for i in range(0, len(edges) - 1)]
+    # Every other interval is a slot, the rest gaps (sometimes none).
+    chosen = slots[:: rng.choice((1, 2))][:parts]
+    return [(a, b - a) for a, b in chosen]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("cores", range(1, 17))
+def test_side_by_side_slots_get_disjoint_cores_for_any_split(cores: int) -> None:
+    # 0.3 + 0.7 on 2 cores was {0} and {0, 1}; 0.5 + 0.5 on 3, {0, 1} and {1, 2}:
+    # each slot's count was rounded up, then the slot shifted left to fit.
+    rng = random.Random(cores)
+    pool = range(10, 10 + cores)  # not 0-based: a cpuset need not be
+    splits = [_splits(rng, parts) for parts in (2, 3, 4, 5) for _ in range(300)]
+    splits += [[(0, 30), (30, 70)], [(0, 25), (25, 50), (75, 25)], [(0, 50), (50, 50)]]
+    for split in splits:
+        got = [cores_at(x / packing.UNITS, w / packing.UNITS, pool) for x, w in split]
+        for (_, w), have in zip(split, got, strict=True):
+            assert have, (split, got)
+            assert have <= set(pool), (split, got)
+            worth = w * cores / packing.UNITS  # the cores the slot spans
+            assert len(have) < worth + 1, (split, got)
+            assert len(have) > worth - 1 or worth < 1, (split, got)
+            if (w * cores) % packing.UNITS == 0:
+                assert len(have) == w * cores // packing.UNITS, (split, got)  # exactly
+        for (a, ca), (b, cb) in itertools.combinations(zip(split, got, strict=True), 2):
+            # Slots at least a core wide never share one, wherever they sit.
+            if min(a[1], b[1]) * cores >= packing.UNITS:
+                assert not ca & cb, (split, got)
+        if len(split) <= cores and all(w * cores >= packing.UNITS for _, w in split):
+            assert sum(map(len, got)) == len(frozenset().union(*got)), (split, got)
+    # Stacked in time (the same slot): the same cores.
+    assert cores_at(0.3, 0.4, pool) == cores_at(0.3, 0.4, pool)
+
+
+@pytest.mark.unit
+def test_uneven_shares_the_packer_places_side_by_side_share_no_core() -> None:
+    def row(shares: list[float], cores: int) -> list[frozenset[int]]:
+        offsets = itertools.accumulate([0.0, *shares[:-1]])
+        return [cores_at(x, s, range(cores)) for x, s in zip(offsets, shares, strict=True)]
+
+    assert row([0.3, 0.7], 2) == [{0}, {1}]
+    assert row([0.3, 0.7], 3) == [{0}, {1, 2}]
+    assert row([0.5, 0.5], 3) == [{0}, {1, 2}]  # core 1's middle is at 0.5
+    assert row([0.25, 0.5, 0.25], 3) == [{0}, {1}, {2}]
+    assert row([0.25, 0.5, 0.25], 4) == [{0}, {1, 2}, {3}]
+    assert row([0.1, 0.2, 0.7], 10) == [{0}, {1, 2}, set(range(3, 10))]
+    # Fewer cores than slots: each still gets one, so some must share.
+    assert row([0.25, 0.5, 0.25], 2) == [{0}, {0}, {1}]
+    assert row([0.5, 0.5], 1) == [{0}, {0}]
+    # A slot past the end of the row is the caller's mistake, not a shifted slot.
+    with pytest.raises(ShareError, match="past the end"):
+        cores_at(0.5, 0.6, range(4))
+    assert cores_at(0.75, 0.25 + 1e-9, range(4)) == {3}  # float noise is not a mistake
 
 
 @pytest.mark.unit

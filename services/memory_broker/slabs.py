@@ -30,6 +30,8 @@ class DevicePool:
     segments: dict[int, str] = field(default_factory=dict)
     slabs_created: int = 0
     slabs_returned: int = 0
+    # The periodic resize could not make a slab last round (logged once per run).
+    resize_failing: bool = False
 
     def slab_uses(self, table: LeaseTable) -> list[SlabUse]:
         return [
@@ -44,25 +46,40 @@ class DevicePool:
         for slab_id in plan.remove:  # empty slabs too small for it, making room under the cap
             self.destroy_slab(table, slab_id)
         for size in plan.add:
-            try:
-                self.create_slab(table, size)
-            except (BackendError, MemoryError, OSError) as exc:
-                # The device has less memory than the cap says (another process took
-                # it: cupy's OutOfMemoryError is a MemoryError; /dev/shm full): no
-                # room, which the lease is refused as (overloaded), not a crashed op.
-                log.warning(
-                    "pool.slab_create_failed", device=self.device, nbytes=size, error=repr(exc)
-                )
+            # The device has less memory than the cap says: no room, which the lease
+            # is refused as (overloaded), not a crashed op.
+            if not self._try_create(table, size):
                 return False
         return bool(plan.add)
 
     def resize(self, table: LeaseTable, now: float) -> None:
-        """Towards the elastic target: slabs added for demand, idle ones given back."""
+        """Towards the elastic target: slabs added for demand, idle ones given back.
+
+        A slab the device cannot make is left for a later round: raising would end
+        the broker's tick there, and the pools after this one, the prefetch and the
+        metrics would miss it too, every round while the device stays full."""
         plan = self.elastic.plan(now, self.slab_uses(table))
         for size in plan.add:
-            self.create_slab(table, size)
+            if not self._try_create(table, size, quiet=self.resize_failing):
+                self.resize_failing = True
+                break
+        else:
+            self.resize_failing = False
         for slab_id in plan.remove:
             self.destroy_slab(table, slab_id)
+
+    def _try_create(self, table: LeaseTable, size: int, *, quiet: bool = False) -> bool:
+        try:
+            self.create_slab(table, size)
+        except (BackendError, MemoryError, OSError) as exc:
+            # Another process took the device's memory (cupy's OutOfMemoryError is a
+            # MemoryError), or /dev/shm is full.
+            if not quiet:
+                log.warning(
+                    "pool.slab_create_failed", device=self.device, nbytes=size, error=repr(exc)
+                )
+            return False
+        return True
 
     def create_slab(self, table: LeaseTable, size: int) -> None:
         ref = self.backend.create_slab(size, self.slab_pool)

@@ -10,17 +10,29 @@ on the node can map anyway.
 
 Each slot is written under a seqlock: the writer makes the sequence odd, writes,
 makes it even again; a reader retries while it sees an odd or changed sequence.
+
+The slots follow a header of one slot's size: a magic number, the board's state and
+the broker's random epoch. A reader keeps its mapping, and a mapped segment lives on
+after it is unlinked: a broker that restarts after a crash makes a new board under
+the same name, while readers of the old one would still see the dead broker's leases
+there. So the new broker first marks the old board retired (as `close` does on a
+clean shutdown), and a reader refuses every handle on a retired board: one 8-byte
+read per check. A reader holding a board can also ask `replaced` (a stat of the name)
+now and then, for a board whose file someone removed before it could be retired.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import secrets
 import struct
 from dataclasses import dataclass
 
 from shared.dataplane.access import GROUP_READ
+from shared.dataplane.backend import BackendError
 from shared.dataplane.leases import Fault, Lease, LeaseError
-from shared.dataplane.shm import Segment, create_segment, open_segment, unlink_segment
+from shared.dataplane.shm import SHM_DIR, Segment, create_segment, open_segment, unlink_segment
 from shared.schema import Handle
 
 _SEQ = struct.Struct("<Q")
@@ -29,6 +41,13 @@ _SEQ = struct.Struct("<Q")
 _FIELDS = struct.Struct("<QQQQQQQ")
 SLOT_BYTES = _SEQ.size + _FIELDS.size
 _RETRIES = 100
+# The header, one slot long: magic, state, epoch (the broker's, random), spare.
+_HEADER = struct.Struct("<QQQ")
+HEADER_BYTES = SLOT_BYTES
+_MAGIC = int.from_bytes(b"gfaasbd1", "little")
+_STATE_AT = 8
+LIVE = 1
+RETIRED = 2
 
 
 def _h(text: str) -> int:
@@ -43,11 +62,17 @@ class LeaseBoard:
     """The broker's side: one slot per live lease."""
 
     def __init__(self, name: str, slots: int) -> None:
-        unlink_segment(name)  # a board left by a crashed broker
+        # A board left by a crashed broker: retired first, for readers still mapping it.
+        retire(name)
+        unlink_segment(name)
         self.name = name
         self.slots = slots
+        self.epoch = secrets.randbits(63) | 1
         # Consumers only read it (BoardReader): the handler group may read, not write.
-        self._segment = create_segment(name, slots * SLOT_BYTES, group_access=GROUP_READ)
+        self._segment = create_segment(
+            name, HEADER_BYTES + slots * SLOT_BYTES, group_access=GROUP_READ
+        )
+        _HEADER.pack_into(self._segment.mm, 0, _MAGIC, LIVE, self.epoch)
         self._free = list(range(slots - 1, -1, -1))
         self._slot_of: dict[str, int] = {}
 
@@ -88,15 +113,35 @@ class LeaseBoard:
 
     def _write(self, slot: int, fields: tuple[int, ...]) -> None:
         mm = self._segment.mm
-        at = slot * SLOT_BYTES
+        at = HEADER_BYTES + slot * SLOT_BYTES
         (seq,) = _SEQ.unpack_from(mm, at)
         _SEQ.pack_into(mm, at, seq + 1)  # odd: being written
         _FIELDS.pack_into(mm, at + _SEQ.size, *fields)
         _SEQ.pack_into(mm, at, seq + 2)
 
     def close(self) -> None:
+        # Readers still mapping it must not trust the leases of a broker that is gone.
+        _SEQ.pack_into(self._segment.mm, _STATE_AT, RETIRED)
         self._segment.close()
         unlink_segment(self.name)
+
+
+def retire(name: str) -> bool:
+    """Mark the board under `name` retired, if there is one of ours: its readers then
+    refuse every handle (and map the board anew). False when there was none."""
+    try:
+        segment = open_segment(name)
+    except BackendError:
+        return False
+    try:
+        if segment.uid != os.geteuid() or segment.size < HEADER_BYTES:
+            return False
+        if _SEQ.unpack_from(segment.mm, 0)[0] != _MAGIC:
+            return False
+        _SEQ.pack_into(segment.mm, _STATE_AT, RETIRED)
+        return True
+    finally:
+        segment.close()
 
 
 @dataclass
@@ -104,15 +149,45 @@ class BoardReader:
     """A consumer's side: verify handles without asking the broker."""
 
     segment: Segment
+    epoch: int = 0
 
     @classmethod
     def open(cls, name: str) -> BoardReader:
-        return cls(open_segment(name, readonly=True))
+        """Map the board; BackendError when there is none, or none a live broker keeps."""
+        segment = open_segment(name, readonly=True)
+        try:
+            if segment.size < HEADER_BYTES:
+                raise BackendError(f"{name!r} is too small for a lease board")
+            magic, state, epoch = _HEADER.unpack_from(segment.mm, 0)
+            if magic != _MAGIC:
+                raise BackendError(f"{name!r} is not a lease board")
+            if state != LIVE:
+                raise BackendError(f"lease board {name!r} is retired (its broker is gone)")
+        except BaseException:
+            segment.close()
+            raise
+        return cls(segment, epoch)
+
+    @property
+    def retired(self) -> bool:
+        """Whether its broker has gone (shut down, or replaced by a new one)."""
+        return bool(_SEQ.unpack_from(self.segment.mm, _STATE_AT)[0] != LIVE)
+
+    def replaced(self) -> bool:
+        """Whether the board's name no longer names the segment this reader maps (a
+        board removed and made anew while it could not be retired): one stat."""
+        try:
+            info = os.stat(SHM_DIR / self.segment.name, follow_symlinks=False)
+        except OSError:
+            return True
+        return (info.st_dev, info.st_ino) != (self.segment.dev, self.segment.ino)
 
     def verify(self, handle: Handle, tenant: str) -> None:
         """Raise LeaseError (with the broker's fault codes) unless `tenant` may read it."""
+        if self.retired:
+            raise LeaseError(Fault.STALE, f"the lease board {self.segment.name!r} is retired")
         slot = handle.slot
-        if slot < 0 or (slot + 1) * SLOT_BYTES > self.segment.size:
+        if slot < 0 or HEADER_BYTES + (slot + 1) * SLOT_BYTES > self.segment.size:
             raise LeaseError(Fault.UNKNOWN, f"handle {handle.lease_id} names no board slot")
         lease_hash, generation, tenant_hash, segment_hash, offset, nbytes = self._read(slot)
         if lease_hash != _h(handle.lease_id):
@@ -143,7 +218,7 @@ class BoardReader:
 
     def _read(self, slot: int) -> tuple[int, int, int, int, int, int]:
         mm = self.segment.mm
-        at = slot * SLOT_BYTES
+        at = HEADER_BYTES + slot * SLOT_BYTES
         for _ in range(_RETRIES):
             (seq,) = _SEQ.unpack_from(mm, at)
             lease, gen, tenant, segment, offset, nbytes, _ = _FIELDS.unpack_from(mm, at + _SEQ.size)

@@ -8,6 +8,7 @@ carrying the tenant in a header, answered with a HandlesReply (a BytesReply for
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -64,6 +65,9 @@ _LEASE_ID_MAX = 160
 _INT_MAX = 2**63 - 1
 # A HandlesReply's own bytes around its handles (the map, the list header, an error).
 _REPLY_ENVELOPE = 512
+# How often a client checks that the board's name still names the board it maps (a
+# stat), besides the retired mark it reads on every check.
+BOARD_RECHECK_S = 1.0
 
 
 def handle_bound(*, pool: str, device: str, tenant: str, lease_id_len: int = _LEASE_ID_MAX) -> int:
@@ -117,6 +121,7 @@ class BrokerClient:
         self.timeout = timeout
         self._board_name = board
         self._board: BoardReader | None = None
+        self._board_recheck_at = 0.0
         self.local_checks = 0
         self.remote_checks = 0
 
@@ -134,20 +139,35 @@ class BrokerClient:
                 board.verify(handle, tenant)
             except LeaseError:
                 doubtful.append(handle)
-        if doubtful:
-            # The board may have been replaced (a restarted broker): map it afresh.
-            self._board = None
-            board.close()
+        if doubtful and board.replaced():
+            # A board made anew under its name that nobody could retire: map that one.
+            self._drop_board()
         self.local_checks += len(handles) - len(doubtful)
         return doubtful
 
     def _reader(self) -> BoardReader | None:
+        """The board, mapped; None when there is none. A board its broker retired (it
+        shut down, or a restarted one made a new board: the old mapping still shows
+        the dead broker's leases) is dropped and the current one mapped."""
+        board = self._board
+        if board is not None:
+            now = time.monotonic()
+            if board.retired or (now >= self._board_recheck_at and board.replaced()):
+                self._drop_board()
+            elif now >= self._board_recheck_at:
+                self._board_recheck_at = now + BOARD_RECHECK_S
         if self._board is None and self._board_name:
             try:
                 self._board = BoardReader.open(self._board_name)
             except BackendError:
                 return None
+            self._board_recheck_at = time.monotonic() + BOARD_RECHECK_S
         return self._board
+
+    def _drop_board(self) -> None:
+        if self._board is not None:
+            self._board.close()
+            self._board = None
 
     async def lease(
         self,

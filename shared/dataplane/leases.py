@@ -48,6 +48,8 @@ from shared.schema import DEFAULT_TENANT, ErrorCode, Handle
 
 # Remembered retired ids, so a late handle hears "released" rather than "unknown".
 _RETIRED_MEMORY = 4096
+# Dead entries the expiry queue may hold beyond twice the live leases (LeaseTable._queue_expiry).
+_EXPIRY_SLACK = 1024
 
 
 class Fault(StrEnum):
@@ -308,7 +310,7 @@ class LeaseTable:
         held[1] += 1
         self._leases[lease.lease_id] = lease
         if ttl is not None:
-            heapq.heappush(self._expiry, (expires_at, lease.lease_id))
+            self._queue_expiry(expires_at, lease.lease_id)
         return lease
 
     def get(self, lease_id: str) -> Lease:
@@ -456,7 +458,7 @@ class LeaseTable:
 
     def renew(self, lease_id: str, *, now: float, ttl: float) -> Lease:
         lease = self._put(replace(self.get(lease_id), expires_at=now + ttl, ttl=ttl))
-        heapq.heappush(self._expiry, (lease.expires_at, lease_id))
+        self._queue_expiry(lease.expires_at, lease_id)
         return lease
 
     def transfer(self, lease_id: str, holder: str, to: str) -> Lease | None:
@@ -639,6 +641,18 @@ class LeaseTable:
         if holder not in dict(lease.holders):
             raise LeaseError(Fault.NOT_HOLDER, f"{holder} holds no reference to {lease_id}")
         return lease
+
+    def _queue_expiry(self, at: float, lease_id: str) -> None:
+        """Queue an expiry. Entries of leases released (or renewed) since are skipped
+        when they come up, not searched for at release; once they outnumber the live
+        leases the queue is rebuilt from those, so dead entries never pile up for a
+        whole TTL (an hour at most, at a thousand leases a second)."""
+        heapq.heappush(self._expiry, (at, lease_id))
+        if len(self._expiry) > 2 * len(self._leases) + _EXPIRY_SLACK:
+            self._expiry = [
+                (x.expires_at, x.lease_id) for x in self._leases.values() if x.expires_at < math.inf
+            ]
+            heapq.heapify(self._expiry)
 
     def _put(self, lease: Lease) -> Lease:
         self._leases[lease.lease_id] = lease

@@ -85,6 +85,10 @@ class Segment:
     mm: mmap.mmap
     # The file's owner as `open_segment` found it (-1: created here).
     uid: int = -1
+    # The file's identity as `open_segment` found it (-1: created here): whether its
+    # name still names it (a segment unlinked and made anew has another inode).
+    dev: int = -1
+    ino: int = -1
 
     def close(self) -> None:
         # Views still pointing into it keep the mapping alive until the last one goes.
@@ -148,7 +152,7 @@ def open_segment(name: str, *, readonly: bool = False) -> Segment:
         mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE)
     finally:
         os.close(fd)
-    return Segment(name, size, mm, info.st_uid)
+    return Segment(name, size, mm, info.st_uid, info.st_dev, info.st_ino)
 
 
 def unlink_segment(name: str) -> bool:

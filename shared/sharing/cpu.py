@@ -1,9 +1,11 @@
 """Spatial sharing of a CPU: each instance its own cores.
 
-An instance's spatial share is a fraction of the node's cores: it gets that many
-(rounded up, at least one), disjoint from every other instance's, so CPU-bound
-instances run side by side instead of time-slicing the same cores. The assignment
-is pure; `pin` applies one to a thread or a process.
+An instance's spatial share is a fraction of the node's cores: it gets that many,
+disjoint from every other instance's, so CPU-bound instances run side by side
+instead of time-slicing the same cores. `assign_cores` packs whole instances
+(each share rounded up, at least one core); `cores_at` gives the cores of a slot the
+2-D packer placed (its share to within one core, see there). Both are pure; `pin`
+applies one to a thread or a process.
 """
 
 from __future__ import annotations
@@ -68,19 +70,50 @@ def assign_cores(
     return {name: assigned[name] for name in shares}
 
 
+# Slot edges are counted in billionths of the row: whole numbers, so the edge where
+# one slot ends and the next begins (0.1 + 0.2 and 0.3 in floats) is the same edge.
+_UNIT = 10**9
+_SLACK = 1000
+
+
 def cores_at(offset: float, share: float, cores: Iterable[int]) -> frozenset[int]:
     """The cores for a spatial slot that starts at `offset` (a fraction, as the 2-D
     packer places it) and spans `share` of the node's cores: instances the packer
     puts side by side get disjoint cores, and those it stacks in time (which never
-    hold the device together) may reuse the same ones."""
+    hold the device together) may reuse the same ones.
+
+    The row of cores is laid over [0, 1): core k goes to the slot that covers its
+    middle, (k + 1/2) / n. So slots that do not overlap never share a core, and a
+    slot gets its share of the cores to within one (exactly, when the share is a
+    whole number of cores, wherever the slot sits). A slot narrower than one core
+    may cover no core's middle; it still gets one core, the one it lies in, which
+    a neighbour may have too: slots at least one core wide (share >= 1/n) are
+    always disjoint, narrower ones only where the rounding allows, and with fewer
+    cores than slots some slots necessarily share cores.
+    """
     pool = sorted(set(cores))
     if not pool:
         raise ShareError("no cores to give")
-    count = cores_for(share, len(pool))
+    if not 0.0 < share <= 1.0:
+        raise ShareError(f"core share {share} must be above 0 and at most 1")
     if not 0.0 <= offset < 1.0:
         raise ShareError(f"offset {offset} must be in [0, 1)")
-    start = min(math.floor(offset * len(pool) + EPS), len(pool) - count)
-    return frozenset(pool[start : start + count])
+    start = round(offset * _UNIT)
+    end = start + round(share * _UNIT)
+    if end > _UNIT + _SLACK:
+        raise ShareError(f"a slot at {offset} of share {share} runs past the end of the cores")
+    end = min(end, _UNIT)  # within float noise of the end (packing.units allows 1e-8)
+    n = len(pool)
+    first, last = _first_core_at(start, n), _first_core_at(end, n)
+    if first == last:  # narrower than a core, and covering no core's middle
+        first = min((start + end) // 2 * n // _UNIT, n - 1)
+        last = first + 1
+    return frozenset(pool[first:last])
+
+
+def _first_core_at(edge: int, n: int) -> int:
+    """The first of `n` cores whose middle is at or after `edge`: ceil(edge*n - 1/2)."""
+    return -((_UNIT - 2 * edge * n) // (2 * _UNIT))
 
 
 def pin(cores: frozenset[int], *, pid: int = 0, torch_threads: bool = True) -> None:
