@@ -366,6 +366,11 @@ class Scheduler:
             )
 
     async def heartbeat(self, hb: WorkerHeartbeat) -> None:
+        old = self.state.restarted(hb)
+        if old is not None:
+            # Another process under its id: the last one is lost as if reaped, and
+            # this one joins with books of its own.
+            await self._lost(hb.worker_id, old, "restarted")
         if self.state.observe(hb, time.monotonic()):
             self._cold_step(hb.function, "joined")
             log.info("worker.joined", worker=hb.worker_id, device=hb.device)

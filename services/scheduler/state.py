@@ -90,6 +90,8 @@ class WorkerBook:
     unseen: int = 0
     # An instance still loading its handler and model (WorkerHeartbeat.starting).
     starting: bool = False
+    # The process these books are of (WorkerHeartbeat.boot).
+    boot: str = ""
 
 
 @dataclass
@@ -167,6 +169,16 @@ class ClusterState:
 
     # -- events ---------------------------------------------------------------------------
 
+    def restarted(self, hb: WorkerHeartbeat) -> WorkerBook | None:
+        """The books of the process `hb`'s worker had before, removed, when `hb` comes
+        from another one under the same id (restarted before the timeout reaped it).
+        What that one ran died with it and sends no Done, its grants and measurements
+        were its own: kept, they would hold the new process's slots for good."""
+        book = self.workers.get(hb.worker_id)
+        if book is None or book.boot == hb.boot:
+            return None
+        return self.workers.pop(hb.worker_id)
+
     def observe(self, hb: WorkerHeartbeat, now: float) -> bool:
         """Record a heartbeat; True when the worker is new (pending work may now fit)."""
         book = self.workers.get(hb.worker_id)
@@ -206,7 +218,7 @@ class ClusterState:
         view = with_running(reported, running, now)
         if book is None:
             self.workers[hb.worker_id] = WorkerBook(
-                view=view, last_seen=now, loads=loads, starting=hb.starting
+                view=view, last_seen=now, loads=loads, starting=hb.starting, boot=hb.boot
             )
             return True
         book.starting = hb.starting

@@ -1,0 +1,96 @@
+"""The scheduler's books of each worker (services/scheduler/state.py's WorkerBook),
+driven through its handlers with a fake bus: restarts, reused invocation ids, and
+notes that do not match what the books hold."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from services.gpu_worker.state import Books
+from services.scheduler.handlers import Scheduler
+from shared import subjects
+from shared.scheduling.grants import HOT_CALLS
+from shared.schema import Done, ErrorCode, FunctionSpec, WorkerHeartbeat, WorkerLost, decode
+from tests.test_backpressure import FakeBus, two_workers
+from tests.test_scheduler_views import heartbeat, invocation
+
+pytestmark = pytest.mark.unit
+
+SLEEP = FunctionSpec(name="sleep", handler="tests.funcs:sleep", concurrency=4)
+
+
+def beat(worker_id: str, boot: str, capacity: int = 1) -> WorkerHeartbeat:
+    return msgspec.structs.replace(heartbeat(worker_id), capacity=capacity, boot=boot)
+
+
+def booted(bus: FakeBus) -> Scheduler:
+    """two_workers, each beating from a process with boot "one"."""
+    scheduler = two_workers(bus)
+    for wid in ("w0", "w1"):
+        scheduler.state.workers[wid].boot = "one"
+    return scheduler
+
+
+def lost_notes(bus: FakeBus) -> list[WorkerLost]:
+    return [decode(d, WorkerLost) for s, d in bus.published if s == subjects.WORKER_LOST]
+
+
+@pytest.mark.anyio
+async def test_a_worker_restarted_under_its_id_loses_what_the_old_process_ran() -> None:
+    """A worker restarted (same GFAAS_WORKER_ID, or a container's same hostname and
+    pid) before the timeout reaped it: its old invocations died with the old process
+    and send no Done. They used to stay in the books, its one slot held for good and
+    their callers unanswered; now they are answered `worker_lost` and the new
+    process starts with books of its own."""
+    bus = FakeBus()
+    scheduler = booted(bus)
+    state = scheduler.state
+    await scheduler.heartbeat(beat("w0", "one", capacity=8))
+    # Hot enough for a grant to an ingress: slots lent out on w0 too.
+    for n in range(HOT_CALLS):
+        inv = invocation(state, n, SLEEP, 0.0)
+        state.assign("w0", inv, 0.0)
+        grant = state.lend("ing", inv, SLEEP, "w0", ttl_s=2.0, now=0.0)
+    assert grant is not None
+    assert state.workers["w0"].view.outstanding == HOT_CALLS + grant.slots
+    await scheduler.heartbeat(beat("w0", "one", capacity=8))  # the same process: kept
+    assert len(state.workers["w0"].running) == HOT_CALLS
+    assert not bus.errors
+
+    await scheduler.heartbeat(beat("w0", "two", capacity=8))  # another process
+    assert sorted(bus.errors) == [(f"i{n}", ErrorCode.WORKER_LOST) for n in range(HOT_CALLS)]
+    assert [x.worker_id for x in lost_notes(bus)] == ["w0"]  # ingress answers its own
+    book = state.workers["w0"]
+    assert (book.running, book.lent, book.boot) == ({}, {}, "two")
+    assert book.view.outstanding == 0
+    assert list(state.lent()) == []
+
+
+@pytest.mark.anyio
+async def test_a_restarted_worker_takes_what_waits_at_once() -> None:
+    bus = FakeBus()
+    scheduler = booted(bus)
+    state = scheduler.state
+    state.assign("w0", invocation(state, 0, SLEEP, 0.0), 0.0)
+    state.assign("w1", invocation(state, 1, SLEEP, 0.0), 0.0)
+    waiting = invocation(state, 2, SLEEP, 0.0)
+    assert state.enqueue(waiting)
+    await scheduler.heartbeat(beat("w1", "other"))
+    assert bus.errors == [("i1", ErrorCode.WORKER_LOST)]
+    assert not state.pending
+    assert [s for s, _ in bus.published][-1] == subjects.worker_run("w1")
+    assert list(state.workers["w1"].running) == ["i2"]
+    # Its Done frees the new process's slot; w0 never restarted and keeps its run.
+    done = Done(worker_id="w1", invocation_id="i2", function="sleep", ok=True)
+    await scheduler.done(done, scheduled=True)
+    assert state.workers["w1"].view.outstanding == 0
+    assert list(state.workers["w0"].running) == ["i0"]
+
+
+def test_each_worker_process_beats_with_its_own_boot() -> None:
+    one, two = (Books(worker_id="w", device="cpu", node="n", limit=1, capacity=1) for _ in "12")
+    assert len(one.boot) == len(two.boot) == 16
+    assert one.boot != two.boot
+    hb = decode(msgspec.msgpack.encode(beat("w", one.boot)), WorkerHeartbeat)
+    assert hb.boot == one.boot
