@@ -589,6 +589,9 @@ class Done(_Msg):
     function: str
     ok: bool
     exec_ms: float = 0.0
+    # The reply subject it came with: which of two invocations under one id (callers
+    # may reuse one) left, where both ran on this worker.
+    reply: str = ""
 
 
 class Refused(_Msg):
@@ -601,6 +604,8 @@ class Refused(_Msg):
     invocation_id: str
     inflight: int
     capacity: int
+    # Its reply subject, as in `Done`: which one it is of two under one id.
+    reply: str = ""
 
 
 class RefusedReply(_Msg):

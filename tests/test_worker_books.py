@@ -11,7 +11,16 @@ from services.gpu_worker.state import Books
 from services.scheduler.handlers import Scheduler
 from shared import subjects
 from shared.scheduling.grants import HOT_CALLS
-from shared.schema import Done, ErrorCode, FunctionSpec, WorkerHeartbeat, WorkerLost, decode
+from shared.schema import (
+    Done,
+    ErrorCode,
+    FunctionSpec,
+    Refused,
+    RefusedReply,
+    WorkerHeartbeat,
+    WorkerLost,
+    decode,
+)
 from tests.test_backpressure import FakeBus, two_workers
 from tests.test_scheduler_views import heartbeat, invocation
 
@@ -94,3 +103,73 @@ def test_each_worker_process_beats_with_its_own_boot() -> None:
     assert one.boot != two.boot
     hb = decode(msgspec.msgpack.encode(beat("w", one.boot)), WorkerHeartbeat)
     assert hb.boot == one.boot
+
+
+class RepliesBus(FakeBus):
+    """FakeBus, with the reply subject each error answer went to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered: list[str] = []
+
+    async def reply_error(
+        self, subject: str, invocation_id: str, code: ErrorCode, reason: str
+    ) -> None:
+        await super().reply_error(subject, invocation_id, code, reason)
+        self.answered.append(subject)
+
+
+def twins(scheduler: Scheduler, worker_id: str = "w0") -> None:
+    """Two invocations under one caller's id "i0", both sent to `worker_id`."""
+    state = scheduler.state
+    for reply in ("inbox.first", "inbox.second"):
+        inv = invocation(state, 0, SLEEP, 0.0)
+        inv.reply = reply
+        state.assign(worker_id, inv, 0.0)
+
+
+@pytest.mark.anyio
+async def test_two_invocations_running_under_one_id_each_free_their_slot() -> None:
+    """Callers may reuse an id: two under one on a worker were one record in its
+    running books (the second replaced the first), so their two Done notes freed one
+    slot, the other held for good."""
+    bus = RepliesBus()
+    scheduler = booted(bus)
+    state = scheduler.state
+    twins(scheduler)
+    assert len(state.workers["w0"].running) == 2
+    assert state.workers["w0"].view.outstanding == 2
+    for reply in ("inbox.second", "inbox.first"):
+        done = Done(worker_id="w0", invocation_id="i0", function="sleep", ok=True, reply=reply)
+        await scheduler.done(done, scheduled=True)
+    assert state.workers["w0"].running == {}
+    assert state.workers["w0"].view.outstanding == 0
+    # From a worker that names no reply subject: the first sent goes first.
+    twins(scheduler)
+    plain = Done(worker_id="w0", invocation_id="i0", function="sleep", ok=True)
+    await scheduler.done(plain, scheduled=True)
+    assert [i.reply for i in state.workers["w0"].running.values()] == ["inbox.second"]
+
+
+@pytest.mark.anyio
+async def test_a_lost_worker_answers_both_invocations_under_one_id() -> None:
+    bus = RepliesBus()
+    scheduler = booted(bus)
+    twins(scheduler)
+    await scheduler.heartbeat(beat("w0", "two"))
+    assert sorted(bus.answered) == ["inbox.first", "inbox.second"]
+    assert bus.errors == [("i0", ErrorCode.WORKER_LOST)] * 2
+
+
+@pytest.mark.anyio
+async def test_the_refused_one_of_two_under_one_id_is_the_one_placed_again() -> None:
+    bus = RepliesBus()
+    scheduler = booted(bus)
+    state = scheduler.state
+    twins(scheduler)
+    refused = Refused(
+        worker_id="w0", invocation_id="i0", inflight=1, capacity=1, reply="inbox.second"
+    )
+    assert await scheduler.refused(refused) == RefusedReply(taken=True)
+    assert [i.reply for i in state.workers["w0"].running.values()] == ["inbox.first"]
+    assert [i.reply for i in state.workers["w1"].running.values()] == ["inbox.second"]

@@ -81,6 +81,8 @@ class Lent:
 class WorkerBook:
     view: WorkerView  # as reported, plus what was sent since
     last_seen: float
+    # By invocation id, made its own (`ClusterState.assign`) while another running
+    # here has it; `ClusterState.held` finds one by the id and reply a note names.
     running: dict[str, Invocation] = field(default_factory=dict)
     lent: dict[str, Lent] = field(default_factory=dict)  # by grant id
     # Cache key -> (bytes, seconds) of the latest load measured on this worker.
@@ -237,21 +239,42 @@ class ClusterState:
         key = inv.view.cache_key
         inv.co_runners = view.outstanding
         inv.warm = key in view.resident and (view.cache is None or view.cache.ready(key, now))
-        book.running[inv.meta.invocation_id] = inv
+        # Callers may reuse an id, and two under one may run here at once: keyed by
+        # the id alone, the second replaced the first, whose slot one Done note then
+        # never freed and whose caller a lost worker never answered.
+        held = inv.meta.invocation_id
+        if held in book.running:
+            held = f"{held}#{next(self._seq)}"
+        book.running[held] = inv
         book.view = assume_assigned(book.view, inv.view, now)
 
-    def finish(self, worker_id: str, invocation_id: str) -> Invocation | None:
+    def held(self, worker_id: str, invocation_id: str, reply: str = "") -> str | None:
+        """The key in `worker_id`'s running books of the invocation a note names by its
+        id (the one with its reply subject, else the first sent there), or None."""
         book = self.workers.get(worker_id)
         if book is None:
             return None
-        inv = book.running.pop(invocation_id, None)
-        if inv is not None:
-            book.view = assume_finished(book.view, inv.view)
+        first: str | None = None
+        for key, inv in book.running.items():
+            if inv.meta.invocation_id == invocation_id:
+                if not reply or inv.reply == reply:
+                    return key
+                if first is None:
+                    first = key
+        return first
+
+    def finish(self, worker_id: str, invocation_id: str, reply: str = "") -> Invocation | None:
+        key = self.held(worker_id, invocation_id, reply)
+        if key is None:
+            return None
+        book = self.workers[worker_id]
+        inv = book.running.pop(key)
+        book.view = assume_finished(book.view, inv.view)
         return inv
 
     def done(self, done: Done, now: float) -> Invocation | None:
         """A worker finished an invocation: free its slot and learn from it."""
-        inv = self.finish(done.worker_id, done.invocation_id)
+        inv = self.finish(done.worker_id, done.invocation_id, done.reply)
         if inv is None:
             self._unseen_done(done.worker_id)
             return None
@@ -267,12 +290,14 @@ class ClusterState:
         self.slo = self.slo.record(function, met)
         return inv
 
-    def refused(self, worker_id: str, invocation_id: str, inflight: int) -> Invocation | None:
+    def refused(
+        self, worker_id: str, invocation_id: str, inflight: int, reply: str = ""
+    ) -> Invocation | None:
         """A worker at capacity handed back `invocation_id` (None: not held here). It
         leaves the worker's books, and the worker counts as running the `inflight` it
         said until Done notes (or heartbeats) say otherwise: placing anything more
         there would only be refused again."""
-        inv = self.finish(worker_id, invocation_id)
+        inv = self.finish(worker_id, invocation_id, reply)
         book = self.workers.get(worker_id)
         if inv is None or book is None:
             return None
