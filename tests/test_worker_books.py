@@ -4,6 +4,8 @@ notes that do not match what the books hold."""
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 import pytest
 
@@ -173,3 +175,32 @@ async def test_the_refused_one_of_two_under_one_id_is_the_one_placed_again() -> 
     assert await scheduler.refused(refused) == RefusedReply(taken=True)
     assert [i.reply for i in state.workers["w0"].running.values()] == ["inbox.first"]
     assert [i.reply for i in state.workers["w1"].running.values()] == ["inbox.second"]
+
+
+@pytest.mark.anyio
+async def test_an_ingress_silent_only_while_the_bus_was_down_keeps_its_grants() -> None:
+    """The books took back the grants of an ingress not heard for the worker timeout
+    even while the scheduler heard nobody (the bus down): the ingress, never told,
+    kept sending under them once the bus was back, into slots placed on again."""
+    bus = FakeBus()
+    scheduler = booted(bus)
+    state = scheduler.state
+    # Lent, and the bus last heard, long ago; the ingress unheard since.
+    then = time.monotonic() - 2 * state.worker_timeout_s
+    state.observe(beat("w0", "one", capacity=8), then)
+    for n in range(HOT_CALLS):
+        inv = invocation(state, n, SLEEP, then)
+        state.assign("w0", inv, then)
+        grant = state.lend("ing", inv, SLEEP, "w0", ttl_s=60.0, now=then)
+    assert grant is not None
+    scheduler.health.heard_self(then)
+    state.ingress_seen["ing"] = then
+    await scheduler.tick()
+    assert [x.grant for x in state.lapsed(time.monotonic(), heard=False)] == []
+    assert [x.grant for x in state.lent()] == [grant]
+    # The bus back: the ingress gets a full timeout from then to be heard again.
+    scheduler.health.heard_self(time.monotonic())
+    await scheduler.tick()
+    assert [x.grant for x in state.lent()] == [grant]
+    # Silent with the bus up, it loses them.
+    assert [x.grant for x in state.lapsed(time.monotonic() + state.worker_timeout_s + 1)] == [grant]

@@ -403,8 +403,8 @@ class Scheduler:
 
     async def tick(self) -> None:
         now = time.monotonic()
-        self.state.lapsed(now)  # slots freed here are used by the drain below
         healthy = self.health.healthy(now)
+        self.state.lapsed(now, heard=healthy)  # slots freed here are used by the drain below
         reaped = self.state.reap(now) if healthy else []
         for worker_id, book in reaped:
             await self._lost(worker_id, book, "stopped answering")

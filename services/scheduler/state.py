@@ -393,13 +393,15 @@ class ClusterState:
             book.view = assume_finished(book.view, request)
         return True
 
-    def lapsed(self, now: float) -> list[Lent]:
+    def lapsed(self, now: float, heard: bool = True) -> list[Lent]:
         """Grants whose ingress stopped saying it is alive, or that no ingress gave back
-        long after expiry: their slots are freed."""
+        long after expiry: their slots are freed. While the bus is not `heard`, an
+        ingress's silence is the bus's: its grants go only by expiry (freed then, they
+        would be placed on while the ingress, never told, still sends under them)."""
 
         def gone(lent: Lent) -> bool:
             seen = max(self.ingress_seen.get(lent.ingress, lent.lent_at), lent.lent_at)
-            return now - seen > self.worker_timeout_s
+            return heard and now - seen > self.worker_timeout_s
 
         stale = [x for x in self.lent() if x.expires_at + x.grace_s <= now or gone(x)]
         for lent in stale:
