@@ -31,8 +31,9 @@ pytestmark = pytest.mark.unit
 SLEEP = FunctionSpec(name="sleep", handler="tests.funcs:sleep", concurrency=4)
 
 
-def beat(worker_id: str, boot: str, capacity: int = 1) -> WorkerHeartbeat:
-    return msgspec.structs.replace(heartbeat(worker_id), capacity=capacity, boot=boot)
+def beat(worker_id: str, boot: str, capacity: int = 1, inflight: int = 0) -> WorkerHeartbeat:
+    hb = heartbeat(worker_id)
+    return msgspec.structs.replace(hb, capacity=capacity, boot=boot, inflight=inflight)
 
 
 def booted(bus: FakeBus) -> Scheduler:
@@ -65,7 +66,8 @@ async def test_a_worker_restarted_under_its_id_loses_what_the_old_process_ran() 
         grant = state.lend("ing", inv, SLEEP, "w0", ttl_s=2.0, now=0.0)
     assert grant is not None
     assert state.workers["w0"].view.outstanding == HOT_CALLS + grant.slots
-    await scheduler.heartbeat(beat("w0", "one", capacity=8))  # the same process: kept
+    # The same process, running them all: kept.
+    await scheduler.heartbeat(beat("w0", "one", capacity=8, inflight=HOT_CALLS))
     assert len(state.workers["w0"].running) == HOT_CALLS
     assert not bus.errors
 
@@ -204,3 +206,30 @@ async def test_an_ingress_silent_only_while_the_bus_was_down_keeps_its_grants() 
     assert [x.grant for x in state.lent()] == [grant]
     # Silent with the bus up, it loses them.
     assert [x.grant for x in state.lapsed(time.monotonic() + state.worker_timeout_s + 1)] == [grant]
+
+
+@pytest.mark.anyio
+async def test_a_lost_done_note_does_not_hold_its_slot_for_good() -> None:
+    """A Done note lost on the bus (the scheduler reconnecting, say) left its
+    invocation running in the books for good: its worker's one slot stayed busy and
+    what waited for it waited until its deadline. The worker's beats say it runs
+    nothing: what was sent a worker timeout ago and is not counted there goes."""
+    bus = FakeBus()
+    scheduler = booted(bus)
+    state = scheduler.state
+    now = time.monotonic()
+    state.assign("w0", invocation(state, 0, SLEEP, now), now - 2 * state.worker_timeout_s)
+    state.assign("w1", invocation(state, 1, SLEEP, now), now)
+    assert state.enqueue(invocation(state, 2, SLEEP, now))
+    # What was sent to w1 just now may not have been there when it beat: kept.
+    await scheduler.heartbeat(beat("w1", "one", inflight=0))
+    assert list(state.workers["w1"].running) == ["i1"]
+    assert list(state.pending) == ["i2"]
+    # w0 runs nothing, though the books say i0 since long ago: its slot is free.
+    await scheduler.heartbeat(beat("w0", "one", inflight=0))
+    assert list(state.workers["w0"].running) == ["i2"]
+    assert not state.pending
+    assert not bus.errors
+    # While it still runs what it was sent, nothing goes.
+    await scheduler.heartbeat(beat("w0", "one", inflight=1))
+    assert list(state.workers["w0"].running) == ["i2"]

@@ -55,6 +55,8 @@ class Invocation:
     # Starts lost under it: instances that took it while starting and died before
     # they were ready (it never ran there), each time sent to another start.
     lost_starts: int = 0
+    # When it was sent to the worker whose books hold it (`ClusterState.assign`).
+    sent_at: float = 0.0
 
 
 @dataclass
@@ -182,7 +184,8 @@ class ClusterState:
         return self.workers.pop(hb.worker_id)
 
     def observe(self, hb: WorkerHeartbeat, now: float) -> bool:
-        """Record a heartbeat; True when the worker is new (pending work may now fit)."""
+        """Record a heartbeat; True when the worker is new, has more slots or fewer
+        held (pending work may now fit)."""
         book = self.workers.get(hb.worker_id)
         loads = book.loads if book is not None else {}
         for key, size in hb.model_bytes.items():
@@ -214,6 +217,7 @@ class ClusterState:
             node=hb.node,
             function=hb.function,
         )
+        forgot = book is not None and self._forget_finished(book, hb.inflight, now)
         running = [inv.view for inv in book.running.values()] if book is not None else []
         for lent in book.lent.values() if book is not None else ():
             running += lent.holds
@@ -231,13 +235,28 @@ class ClusterState:
             view = replace(view, outstanding=view.outstanding + book.unseen)
         grew = view.capacity > book.view.capacity
         book.view, book.last_seen = view, now
-        return grew
+        return grew or forgot
+
+    def _forget_finished(self, book: WorkerBook, inflight: int, now: float) -> bool:
+        """A Done note lost on the bus left its invocation in the books, its slot busy
+        for good: where the worker says it runs fewer than the books hold, the oldest
+        sent a worker timeout ago or more (surely there by now, and not counted) go.
+        What was sent since may not have reached the worker when it beat. True when
+        any went (pending work may now fit)."""
+        excess = len(book.running) - max(inflight, 0)
+        if excess <= 0:
+            return False
+        old = [k for k, inv in book.running.items() if now - inv.sent_at > self.worker_timeout_s]
+        old.sort(key=lambda k: book.running[k].sent_at)
+        for key in old[:excess]:
+            del book.running[key]
+        return bool(old)
 
     def assign(self, worker_id: str, inv: Invocation, now: float) -> None:
         book = self.workers[worker_id]
         view = book.view
         key = inv.view.cache_key
-        inv.co_runners = view.outstanding
+        inv.co_runners, inv.sent_at = view.outstanding, now
         inv.warm = key in view.resident and (view.cache is None or view.cache.ready(key, now))
         # Callers may reuse an id, and two under one may run here at once: keyed by
         # the id alone, the second replaced the first, whose slot one Done note then
