@@ -5,13 +5,21 @@ notes that do not match what the books hold."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
+import anyio
 import msgspec
+import numpy as np
 import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
+from gfaas.client import Client
 from services.gpu_worker.state import Books
 from services.scheduler.handlers import Scheduler
 from shared import subjects
+from shared.natsd import NatsServer
 from shared.scheduling.grants import HOT_CALLS
 from shared.schema import (
     Done,
@@ -22,7 +30,10 @@ from shared.schema import (
     WorkerHeartbeat,
     WorkerLost,
     decode,
+    encode,
 )
+from tests.helpers import body, deploy_and_wait, request
+from tests.platform import platform_at
 from tests.test_backpressure import FakeBus, two_workers
 from tests.test_scheduler_views import heartbeat, invocation
 
@@ -233,3 +244,51 @@ async def test_a_lost_done_note_does_not_hold_its_slot_for_good() -> None:
     # While it still runs what it was sent, nothing goes.
     await scheduler.heartbeat(beat("w0", "one", inflight=1))
     assert list(state.workers["w0"].running) == ["i2"]
+
+
+# -- live: a worker restarted under its id, over NATS ---------------------------------
+
+
+@pytest.mark.nats
+@pytest.mark.anyio
+async def test_live_a_caller_hears_worker_lost_when_its_worker_restarts(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    """A worker (here the test, beating as "fake") takes an invocation and restarts
+    before the scheduler's worker timeout: the caller hears `worker_lost` once the new
+    process beats, not at its deadline."""
+    with platform_at(nats_server.url, tmp_path, workers=0, worker_timeout_s=30.0):
+        boot = "one"
+        took = anyio.Event()
+
+        async def on_run(msg: Msg) -> None:
+            took.set()  # and never answered: the process dies with it
+
+        await nc.subscribe(subjects.worker_run("fake"), cb=on_run)
+
+        async def beating() -> None:
+            while True:
+                hb = msgspec.structs.replace(beat("fake", boot, capacity=4), inflight=0)
+                await nc.publish(subjects.heartbeat("fake"), encode(hb))
+                await anyio.sleep(0.1)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(beating)
+            await deploy_and_wait(nc, SLEEP, handler_check=False)
+            with anyio.fail_after(4.0):
+                while "fake" not in (await Client(nc).status("scheduler")).details["workers"]:
+                    await anyio.sleep(0.05)
+                async with anyio.create_task_group() as calls:
+                    answer: list[dict[str, Any]] = []
+
+                    async def call() -> None:
+                        _, reply = await request(nc, "sleep", body(x=np.ones(1, np.float32)))
+                        answer.append(reply)
+
+                    calls.start_soon(call)
+                    await took.wait()
+                    boot = "two"
+            tg.cancel_scope.cancel()
+        (reply,) = answer
+        assert reply["error"]["code"] == "worker_lost", reply
+        assert "restarted" in reply["error"]["reason"]
