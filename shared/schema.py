@@ -373,6 +373,11 @@ class WorkerHeartbeat(_Msg):
     memory_used: int
     memory_free: int
     models: list[str] = []
+    # This process's own id, random at its start: a worker restarted under the same
+    # `worker_id` (a fixed GFAAS_WORKER_ID, a container's hostname and pid 1) beats
+    # with another, and the scheduler counts what the last process ran as lost.
+    # Empty from workers that do not send it.
+    boot: str = ""
     # Invocations it runs now; the scheduler reads it to forget work it counted
     # busy after a refusal (`Refused`) once the worker no longer runs that much.
     inflight: int = 0
@@ -584,6 +589,9 @@ class Done(_Msg):
     function: str
     ok: bool
     exec_ms: float = 0.0
+    # The reply subject it came with: which of two invocations under one id (callers
+    # may reuse one) left, where both ran on this worker.
+    reply: str = ""
 
 
 class Refused(_Msg):
@@ -596,6 +604,8 @@ class Refused(_Msg):
     invocation_id: str
     inflight: int
     capacity: int
+    # Its reply subject, as in `Done`: which one it is of two under one id.
+    reply: str = ""
 
 
 class RefusedReply(_Msg):

@@ -199,6 +199,7 @@ class Runs:
             function=job.meta.function,
             ok=ok,
             exec_ms=round(exec_ms, 3),
+            reply=job.reply,
         )
         headers = {H_OUTCOME: outcome} if outcome else None
         await self.bus.publish(job.done_subject(), encode(note), headers=headers)
@@ -226,6 +227,7 @@ class Runs:
             invocation_id=job.meta.invocation_id,
             inflight=self.books.inflight,
             capacity=self.books.limit,
+            reply=job.reply,
         )
         # The whole wait, not cut short by the invocation's deadline: an answer that
         # comes after the worker stopped waiting would mean the scheduler took it and

@@ -4,6 +4,7 @@ heartbeat and status details built from them."""
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -66,6 +67,8 @@ class Books:
     # (SetupClock.at, wall clock); its first run's receipt, execution and answer too.
     setup_ms: dict[str, float] = field(default_factory=dict)
     setup_at: dict[str, float] = field(default_factory=dict)
+    # This process's id in its heartbeats (WorkerHeartbeat.boot).
+    boot: str = field(default_factory=lambda: secrets.token_hex(8))
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -100,6 +103,7 @@ def heartbeat(books: Books, handlers: HandlerCache) -> WorkerHeartbeat:
         worker_id=books.worker_id,
         device=books.device,
         pid=os.getpid(),
+        boot=books.boot,
         memory_total=mem.total,
         memory_used=mem.used,
         memory_free=mem.free,

@@ -201,15 +201,17 @@ class Scheduler:
         """A worker at capacity handed back an invocation placed there: it goes to a
         worker with room, or back into the queue (in its place by arrival)."""
         now = time.monotonic()
-        book = self.state.workers.get(refused.worker_id)
-        held = book.running.get(refused.invocation_id) if book is not None else None
+        key = self.state.held(refused.worker_id, refused.invocation_id, refused.reply)
+        held = self.state.workers[refused.worker_id].running[key] if key is not None else None
         if held is not None and held.meta.deadline_ms and held.meta.deadline_ms <= now_millis():
             # Past its deadline there is nothing to place, only an answer to give, and
             # the worker gives it: taken here too, it would be placed or expired again
             # and its caller answered twice. It stays in the worker's books until the
             # worker's Done (sent with that answer) frees the slot.
             return RefusedReply(taken=False)
-        inv = self.state.refused(refused.worker_id, refused.invocation_id, refused.inflight)
+        inv = self.state.refused(
+            refused.worker_id, refused.invocation_id, refused.inflight, refused.reply
+        )
         if inv is None:  # not ours (a former leader's): the worker answers the caller
             return RefusedReply(taken=False)
         self.replaced += 1
@@ -366,6 +368,11 @@ class Scheduler:
             )
 
     async def heartbeat(self, hb: WorkerHeartbeat) -> None:
+        old = self.state.restarted(hb)
+        if old is not None:
+            # Another process under its id: the last one is lost as if reaped, and
+            # this one joins with books of its own.
+            await self._lost(hb.worker_id, old, "restarted")
         if self.state.observe(hb, time.monotonic()):
             self._cold_step(hb.function, "joined")
             log.info("worker.joined", worker=hb.worker_id, device=hb.device)
@@ -396,8 +403,8 @@ class Scheduler:
 
     async def tick(self) -> None:
         now = time.monotonic()
-        self.state.lapsed(now)  # slots freed here are used by the drain below
         healthy = self.health.healthy(now)
+        self.state.lapsed(now, heard=healthy)  # slots freed here are used by the drain below
         reaped = self.state.reap(now) if healthy else []
         for worker_id, book in reaped:
             await self._lost(worker_id, book, "stopped answering")

@@ -55,6 +55,8 @@ class Invocation:
     # Starts lost under it: instances that took it while starting and died before
     # they were ready (it never ran there), each time sent to another start.
     lost_starts: int = 0
+    # When it was sent to the worker whose books hold it (`ClusterState.assign`).
+    sent_at: float = 0.0
 
 
 @dataclass
@@ -81,6 +83,8 @@ class Lent:
 class WorkerBook:
     view: WorkerView  # as reported, plus what was sent since
     last_seen: float
+    # By invocation id, made its own (`ClusterState.assign`) while another running
+    # here has it; `ClusterState.held` finds one by the id and reply a note names.
     running: dict[str, Invocation] = field(default_factory=dict)
     lent: dict[str, Lent] = field(default_factory=dict)  # by grant id
     # Cache key -> (bytes, seconds) of the latest load measured on this worker.
@@ -90,6 +94,8 @@ class WorkerBook:
     unseen: int = 0
     # An instance still loading its handler and model (WorkerHeartbeat.starting).
     starting: bool = False
+    # The process these books are of (WorkerHeartbeat.boot).
+    boot: str = ""
 
 
 @dataclass
@@ -167,8 +173,19 @@ class ClusterState:
 
     # -- events ---------------------------------------------------------------------------
 
+    def restarted(self, hb: WorkerHeartbeat) -> WorkerBook | None:
+        """The books of the process `hb`'s worker had before, removed, when `hb` comes
+        from another one under the same id (restarted before the timeout reaped it).
+        What that one ran died with it and sends no Done, its grants and measurements
+        were its own: kept, they would hold the new process's slots for good."""
+        book = self.workers.get(hb.worker_id)
+        if book is None or book.boot == hb.boot:
+            return None
+        return self.workers.pop(hb.worker_id)
+
     def observe(self, hb: WorkerHeartbeat, now: float) -> bool:
-        """Record a heartbeat; True when the worker is new (pending work may now fit)."""
+        """Record a heartbeat; True when the worker is new, has more slots or fewer
+        held (pending work may now fit)."""
         book = self.workers.get(hb.worker_id)
         loads = book.loads if book is not None else {}
         for key, size in hb.model_bytes.items():
@@ -200,13 +217,14 @@ class ClusterState:
             node=hb.node,
             function=hb.function,
         )
+        forgot = book is not None and self._forget_finished(book, hb.inflight, now)
         running = [inv.view for inv in book.running.values()] if book is not None else []
         for lent in book.lent.values() if book is not None else ():
             running += lent.holds
         view = with_running(reported, running, now)
         if book is None:
             self.workers[hb.worker_id] = WorkerBook(
-                view=view, last_seen=now, loads=loads, starting=hb.starting
+                view=view, last_seen=now, loads=loads, starting=hb.starting, boot=hb.boot
             )
             return True
         book.starting = hb.starting
@@ -217,29 +235,65 @@ class ClusterState:
             view = replace(view, outstanding=view.outstanding + book.unseen)
         grew = view.capacity > book.view.capacity
         book.view, book.last_seen = view, now
-        return grew
+        return grew or forgot
+
+    def _forget_finished(self, book: WorkerBook, inflight: int, now: float) -> bool:
+        """A Done note lost on the bus left its invocation in the books, its slot busy
+        for good: where the worker says it runs fewer than the books hold, the oldest
+        sent a worker timeout ago or more (surely there by now, and not counted) go.
+        What was sent since may not have reached the worker when it beat. True when
+        any went (pending work may now fit)."""
+        excess = len(book.running) - max(inflight, 0)
+        if excess <= 0:
+            return False
+        old = [k for k, inv in book.running.items() if now - inv.sent_at > self.worker_timeout_s]
+        old.sort(key=lambda k: book.running[k].sent_at)
+        for key in old[:excess]:
+            del book.running[key]
+        return bool(old)
 
     def assign(self, worker_id: str, inv: Invocation, now: float) -> None:
         book = self.workers[worker_id]
         view = book.view
         key = inv.view.cache_key
-        inv.co_runners = view.outstanding
+        inv.co_runners, inv.sent_at = view.outstanding, now
         inv.warm = key in view.resident and (view.cache is None or view.cache.ready(key, now))
-        book.running[inv.meta.invocation_id] = inv
+        # Callers may reuse an id, and two under one may run here at once: keyed by
+        # the id alone, the second replaced the first, whose slot one Done note then
+        # never freed and whose caller a lost worker never answered.
+        held = inv.meta.invocation_id
+        if held in book.running:
+            held = f"{held}#{next(self._seq)}"
+        book.running[held] = inv
         book.view = assume_assigned(book.view, inv.view, now)
 
-    def finish(self, worker_id: str, invocation_id: str) -> Invocation | None:
+    def held(self, worker_id: str, invocation_id: str, reply: str = "") -> str | None:
+        """The key in `worker_id`'s running books of the invocation a note names by its
+        id (the one with its reply subject, else the first sent there), or None."""
         book = self.workers.get(worker_id)
         if book is None:
             return None
-        inv = book.running.pop(invocation_id, None)
-        if inv is not None:
-            book.view = assume_finished(book.view, inv.view)
+        first: str | None = None
+        for key, inv in book.running.items():
+            if inv.meta.invocation_id == invocation_id:
+                if not reply or inv.reply == reply:
+                    return key
+                if first is None:
+                    first = key
+        return first
+
+    def finish(self, worker_id: str, invocation_id: str, reply: str = "") -> Invocation | None:
+        key = self.held(worker_id, invocation_id, reply)
+        if key is None:
+            return None
+        book = self.workers[worker_id]
+        inv = book.running.pop(key)
+        book.view = assume_finished(book.view, inv.view)
         return inv
 
     def done(self, done: Done, now: float) -> Invocation | None:
         """A worker finished an invocation: free its slot and learn from it."""
-        inv = self.finish(done.worker_id, done.invocation_id)
+        inv = self.finish(done.worker_id, done.invocation_id, done.reply)
         if inv is None:
             self._unseen_done(done.worker_id)
             return None
@@ -255,12 +309,14 @@ class ClusterState:
         self.slo = self.slo.record(function, met)
         return inv
 
-    def refused(self, worker_id: str, invocation_id: str, inflight: int) -> Invocation | None:
+    def refused(
+        self, worker_id: str, invocation_id: str, inflight: int, reply: str = ""
+    ) -> Invocation | None:
         """A worker at capacity handed back `invocation_id` (None: not held here). It
         leaves the worker's books, and the worker counts as running the `inflight` it
         said until Done notes (or heartbeats) say otherwise: placing anything more
         there would only be refused again."""
-        inv = self.finish(worker_id, invocation_id)
+        inv = self.finish(worker_id, invocation_id, reply)
         book = self.workers.get(worker_id)
         if inv is None or book is None:
             return None
@@ -356,13 +412,15 @@ class ClusterState:
             book.view = assume_finished(book.view, request)
         return True
 
-    def lapsed(self, now: float) -> list[Lent]:
+    def lapsed(self, now: float, heard: bool = True) -> list[Lent]:
         """Grants whose ingress stopped saying it is alive, or that no ingress gave back
-        long after expiry: their slots are freed."""
+        long after expiry: their slots are freed. While the bus is not `heard`, an
+        ingress's silence is the bus's: its grants go only by expiry (freed then, they
+        would be placed on while the ingress, never told, still sends under them)."""
 
         def gone(lent: Lent) -> bool:
             seen = max(self.ingress_seen.get(lent.ingress, lent.lent_at), lent.lent_at)
-            return now - seen > self.worker_timeout_s
+            return heard and now - seen > self.worker_timeout_s
 
         stale = [x for x in self.lent() if x.expires_at + x.grace_s <= now or gone(x)]
         for lent in stale:
