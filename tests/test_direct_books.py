@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from services.ingress.direct import STOP_BEFORE_S, DirectRoutes
+from services.ingress.direct import OVERDUE_MEMORY_S, STOP_BEFORE_S, DirectRoutes
 from services.scheduler.state import ClusterState
 from shared.scheduling import RequestView, WorkerView
 from shared.scheduling.grants import HOT_CALLS, grant_slots
@@ -221,3 +221,58 @@ def test_what_was_sent_under_surrendered_grants_is_still_answered_if_its_worker_
     routes.surrender()
     assert routes.finish("c") == []
     assert routes.sent == {}
+
+
+def test_two_sends_under_one_id_are_told_apart_by_their_reply_subjects() -> None:
+    """Callers may reuse an id: each direct send is its own record, and a Done note
+    (Done.reply) ends its own one, not the other caller's (which a lost worker must
+    still answer)."""
+    routes = DirectRoutes()
+    routes.on_grant(GRANT, now=0.0)
+    assert routes.take("f", "dup", 0.1, deadline=9.0, reply="inbox.1") == "w"
+    assert routes.take("f", "dup", 0.1, deadline=9.0, reply="inbox.2") == "w"
+    assert routes.routes["g1"].in_use == 2
+    assert routes.finish("dup", "inbox.2") == []
+    assert routes.routes["g1"].in_use == 1
+    assert [(iid, s.reply) for iid, s in routes.lost("w")] == [("dup", "inbox.1")]
+    # Ingress's own request waits on an inbox the books never see: a Done naming a
+    # reply subject no send has is that one's, not another caller's.
+    routes.on_grant(msgspec.structs.replace(GRANT, grant_id="g2"), now=1.0)
+    assert routes.take("f", "dup", 1.1, deadline=9.0, reply="inbox.1") == "w"
+    assert routes.take("f", "dup", 1.1, deadline=9.0, on_lost=lambda: None) == "w"
+    assert routes.take("f", "dup", 1.1, deadline=9.0) is None  # two of those: ambiguous
+    assert routes.finish("dup", "_INBOX.own") == []
+    assert [(iid, s.reply) for iid, s in routes.lost("w")] == [("dup", "inbox.1")]
+
+
+def test_the_late_done_of_an_overdue_send_does_not_end_a_later_one_under_its_id() -> None:
+    """A send past its deadline is counted ended, but its handler may still run and
+    its Done come late: that note must not end (and unrecord) a send made since under
+    the same id, whose slot would be counted free twice and whose caller a lost
+    worker would no longer answer."""
+    routes = DirectRoutes()
+    routes.on_grant(GRANT, now=0.0)
+    assert routes.take("f", "dup", 0.1, deadline=0.5, reply="inbox.1") == "w"
+    routes.tick(0.6)
+    assert routes.routes["g1"].in_use == 0
+    assert routes.take("f", "dup", 0.7, deadline=9.0, reply="inbox.2") == "w"
+    assert routes.finish("dup", "inbox.1") == []  # the first one's late Done
+    assert routes.routes["g1"].in_use == 1
+    assert [(iid, s.reply) for iid, s in routes.lost("w")] == [("dup", "inbox.2")]
+    # The same for ingress's own request after an overdue send of another caller.
+    routes.on_grant(msgspec.structs.replace(GRANT, grant_id="g2"), now=1.0)
+    assert routes.take("f", "x", 1.1, deadline=1.5, reply="inbox.1") == "w"
+    routes.tick(1.6)
+    assert routes.take("f", "x", 1.7, deadline=9.0, on_lost=lambda: None) == "w"
+    assert routes.finish("x", "inbox.1") == []
+    assert routes.routes["g2"].in_use == 1
+    assert routes.finish("x", "_INBOX.own") == []
+    assert routes.routes["g2"].in_use == 0
+    assert routes.overdue == {}
+    # Overdue sends are remembered for a while only.
+    assert routes.take("f", "y", 1.8, deadline=1.9, reply="inbox.3") == "w"
+    routes.tick(2.0)
+    assert list(routes.overdue) == ["y"]
+    routes.tick(1.9 + OVERDUE_MEMORY_S)
+    assert routes.overdue == {}
+    assert routes._under == {}

@@ -220,7 +220,7 @@ class Dispatcher:
 
     async def on_done(self, done: Done) -> None:
         """A worker finished something we sent it directly."""
-        await self._give_back(self.direct.finish(done.invocation_id))
+        await self._give_back(self.direct.finish(done.invocation_id, done.reply))
 
     async def on_scheduled_done(self, done: Done) -> None:
         """A worker finished something the scheduler placed for us."""
