@@ -588,6 +588,8 @@ class Done(_Msg):
     invocation_id: str
     function: str
     ok: bool
+    # The handler's running time where it ran to its end: an ok run, or one that
+    # returned past its deadline (ok false, answered deadline_exceeded); else 0.
     exec_ms: float = 0.0
     # The reply subject it came with: which of two invocations under one id (callers
     # may reuse one) left, where both ran on this worker.

@@ -130,6 +130,34 @@ def test_heartbeats_and_completions_fill_the_request_view() -> None:
     assert state.slo.counts["classify"] == (1, 1)
 
 
+def test_a_run_that_overran_its_deadline_is_learnt_from_one_that_failed_is_not() -> None:
+    """A handler that returned past its deadline (its caller answered deadline_exceeded,
+    the note ok false) still took that long: its exec_ms is learnt, scheduled or sent
+    under a grant, or a function that often overruns looks fast. A run that failed
+    otherwise sends no time, and teaches nothing."""
+    state = ClusterState(worker_timeout_s=1.0, pending_limit=10)
+    state.observe(heartbeat("w0", cnn=12 * MB), now=0.0)
+    fn = spec("classify", model="cnn")
+    late = invocation(state, 0, fn, now=1.0)
+    state.assign("w0", late, now=1.0)
+    overran = Done(
+        worker_id="w0", invocation_id="i0", function="classify", ok=False, exec_ms=2000.0
+    )
+    state.done(overran, 3.0)
+    assert state.exec_s["classify"] == pytest.approx(2.0)
+    assert state.slo.counts["classify"] == (1, 0)  # and it missed its SLO (seen, met)
+    failed = invocation(state, 1, fn, now=3.0)
+    state.assign("w0", failed, now=3.0)
+    state.done(Done(worker_id="w0", invocation_id="i1", function="classify", ok=False), 3.1)
+    assert state.exec_s["classify"] == pytest.approx(2.0)
+    state.done_direct(
+        Done(worker_id="w0", invocation_id="d", function="direct", ok=False, exec_ms=500.0)
+    )
+    assert state.exec_s["direct"] == pytest.approx(0.5)
+    state.done_direct(Done(worker_id="w0", invocation_id="e", function="other", ok=False))
+    assert "other" not in state.exec_s
+
+
 def test_a_heartbeat_keeps_what_was_sent_since() -> None:
     state = ClusterState(worker_timeout_s=1.0, pending_limit=10)
     state.observe(heartbeat("w0"), now=0.0)

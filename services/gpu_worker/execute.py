@@ -47,6 +47,16 @@ class HandlerFailed(GfaasError):
         self.traceback = "".join(traceback.format_exception(raised))
 
 
+class Overran(GfaasError):
+    """The handler ran to its end but past the invocation's deadline: `deadline_exceeded`
+    for the caller, and the handler's real running time (`exec_ms`) for the scheduler,
+    which learns how long the function takes from it as from an ok run."""
+
+    def __init__(self, reason: str, exec_ms: float) -> None:
+        super().__init__(ErrorCode.DEADLINE_EXCEEDED, reason)
+        self.exec_ms = exec_ms
+
+
 class HandlerExit(Exception):
     """A handler raised a BaseException that is not cancellation (SystemExit, ...)."""
 
@@ -218,10 +228,11 @@ class Executor:
             # A handler's thread cannot be cancelled: `fail_after` only fires while
             # the run waits for a thread, and one that overran its deadline returns
             # late, as if in time. Its caller has stopped waiting: the answer is the
-            # deadline, and the late result is dropped (not stored, not counted ok).
-            raise GfaasError(
-                ErrorCode.DEADLINE_EXCEEDED,
+            # deadline, and the late result is dropped (not stored, not counted ok);
+            # its running time is still how long the function takes.
+            raise Overran(
                 f"{spec.name} ran past its deadline ({exec_ms:.0f} ms): its result came too late",
+                exec_ms,
             )
         if not isinstance(raw, dict):
             raise GfaasError(

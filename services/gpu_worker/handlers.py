@@ -21,7 +21,7 @@ import anyio
 from opentelemetry.trace import SpanKind
 
 from services.gpu_worker.claims import Claims
-from services.gpu_worker.execute import Executor, HandlerFailed
+from services.gpu_worker.execute import Executor, HandlerFailed, Overran
 from services.gpu_worker.state import Books
 from shared import subjects, tracing
 from shared.bus import Bus as BaseBus
@@ -136,6 +136,9 @@ class Runs:
                         invocation_id=meta.invocation_id, error=exc.info(), worker=self.worker_id
                     )
                     failure = exc
+                    if isinstance(exc, Overran):
+                        # Too late for its caller, but it ran: the Done says how long.
+                        exec_ms = exc.exec_ms
                 if claimed:
                     await self.claims.store(meta, claimed, reply)
                 ok = reply.error is None

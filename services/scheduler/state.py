@@ -40,6 +40,15 @@ from shared.schema import (
 from shared.spec import wants_instances
 
 
+def learnt_from(done: Done) -> bool:
+    """Whether `done` says how long its function takes: a worker sends `exec_ms` for a
+    handler that ran to its end, ok or past its deadline (its caller, answered
+    `deadline_exceeded`, had stopped waiting, but a 2 s run is 2 s of evidence: left
+    out, a function that often overruns would look fast). A run that failed otherwise
+    (the handler raised, bad input, a refusal) says nothing of it, and sends 0."""
+    return done.exec_ms > 0.0
+
+
 @dataclass
 class Invocation:
     meta: InvocationMeta
@@ -298,7 +307,7 @@ class ClusterState:
             self._unseen_done(done.worker_id)
             return None
         function = inv.view.function
-        if done.ok and done.exec_ms > 0.0 and inv.warm:
+        if learnt_from(done) and inv.warm:
             book = self.workers.get(done.worker_id)
             profile = book.view.profile if book is not None else None
             sample = done.exec_ms / 1000.0
@@ -431,7 +440,7 @@ class ClusterState:
         """An invocation an ingress sent under a grant finished: the scheduler never
         saw it start, so it only learns the warm execution time (grants are only for
         warm functions), not SLO attainment."""
-        if done.ok and done.exec_ms > 0.0:
+        if learnt_from(done):
             sample = done.exec_ms / 1000.0
             self.exec_s[done.function] = ewma(self.exec_s.get(done.function, 0.0), sample)
 
