@@ -121,6 +121,34 @@ def test_an_ingress_that_stops_saying_it_is_alive_loses_its_grants() -> None:
     assert state.workers["w"].view.outstanding == 1
 
 
+def test_a_gone_ingress_and_idle_call_times_are_forgotten() -> None:
+    """Each ingress start has an id of its own: what the books keep per ingress (when
+    it was last heard, its recent calls per function) goes once it is gone, or the
+    books grow for the scheduler's lifetime."""
+    state, grant = lent_state()
+    state.ingress_seen["ing"] = 0.0
+    state.ingress_seen["other"] = 0.0
+    assert ("ing", "f") in state.calls
+    state.forget_idle(now=0.5)  # all heard lately, "f" called within the hot window
+    assert set(state.ingress_seen) == {"ing", "other"}
+    assert ("ing", "f") in state.calls
+    state.ingress_seen["ing"] = 5.0
+    late = 0.1 + state.worker_timeout_s
+    # While the bus is not heard, nobody's silence counts: only stale call times go.
+    state.forget_idle(now=late, heard=False)
+    assert set(state.ingress_seen) == {"ing", "other"}
+    assert state.calls == {}
+    assert [x.grant for x in state.lapsed(now=late)] == []
+    state.forget_idle(now=late)
+    assert set(state.ingress_seen) == {"ing"}
+    # Called again, a pair starts afresh (not hot until it is called HOT_CALLS times).
+    inv = invocation(state, 9, FN, late)
+    state.assign("w", inv, late)
+    assert state.lend("other", inv, FN, "w", ttl_s=2.0, now=late) is None
+    assert len(state.calls[("other", "f")]) == 1
+    assert grant.grant_id in state.workers["w"].lent
+
+
 # -- ingress's routes ----------------------------------------------------------------------
 
 GRANT = Grant(grant_id="g1", function="f", worker_id="w", slots=2, ttl_s=2.0)

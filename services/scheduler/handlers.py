@@ -405,6 +405,7 @@ class Scheduler:
         now = time.monotonic()
         healthy = self.health.healthy(now)
         self.state.lapsed(now, heard=healthy)  # slots freed here are used by the drain below
+        self.state.forget_idle(now, heard=healthy)
         reaped = self.state.reap(now) if healthy else []
         for worker_id, book in reaped:
             await self._lost(worker_id, book, "stopped answering")

@@ -436,6 +436,23 @@ class ClusterState:
             self.give_back(lent.grant.worker_id, lent.grant.grant_id)
         return stale
 
+    def forget_idle(self, now: float, heard: bool = True) -> None:
+        """Forget the ingresses gone silent for the worker timeout (after `lapsed` took
+        back their grants; while the bus is not `heard`, their silence is its own), and
+        the call times of (ingress, function) pairs with none in the hot window (they
+        count for nothing): each ingress start has an id of its own, so kept, both grew
+        for the scheduler's lifetime. An ingress heard again, or a pair called again,
+        starts afresh, as a new one would."""
+        if heard:
+            gone = [i for i, t in self.ingress_seen.items() if now - t > self.worker_timeout_s]
+            for ingress in gone:
+                del self.ingress_seen[ingress]
+        idle = [
+            key for key, times in self.calls.items() if not times or now - times[-1] > HOT_WINDOW_S
+        ]
+        for key in idle:
+            del self.calls[key]
+
     def done_direct(self, done: Done) -> None:
         """An invocation an ingress sent under a grant finished: the scheduler never
         saw it start, so it only learns the warm execution time (grants are only for
