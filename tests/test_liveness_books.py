@@ -105,3 +105,26 @@ def test_a_deaf_leader_that_beats_as_active_again_leads() -> None:
     w.no_responders("a", 10.2)
     w.beat(SchedulerBeat(scheduler_id="a", active=True), 10.3)
     assert w.leader(10.3) == "a"
+
+
+def test_two_invocations_forwarded_under_one_id_are_each_answered() -> None:
+    """Callers may reuse an id: each forwarded invocation is its own record. Keyed by
+    the id, the second replaced the first, the first's Done ended the second's, and
+    when the scheduler fell silent only one caller (or none) heard `unavailable`."""
+    w = watch_with_leader()
+    w.sent("dup", Forwarded(scheduler="a", deadline=30.0, reply="inbox.1"))
+    w.sent("dup", Forwarded(scheduler="a", deadline=30.0, reply="inbox.2"))
+    own = w.sent("dup", Forwarded(scheduler="a", deadline=30.0, on_lost=lambda: None))
+    assert w.done("dup", "inbox.1") is not None
+    assert w.done("dup", "inbox.1") is None  # once
+    assert w.done("dup", "_INBOX.own") is None  # ingress's own request ends its own
+    w.sent("dup", Forwarded(scheduler="a", deadline=30.0, reply="inbox.3"))
+    lost = w.tick(11.5)  # "a" fell silent
+    assert sorted((iid, f.reply) for iid, f in lost) == [
+        ("dup", ""),
+        ("dup", "inbox.2"),
+        ("dup", "inbox.3"),
+    ]
+    assert w.end(own) is None  # already answered
+    assert w.forwarded == {}
+    assert w._under == {}

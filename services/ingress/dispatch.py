@@ -84,9 +84,10 @@ class Dispatcher:
         reply: str = "",
         near: str = "",
         on_lost: Callable[[], None] | None = None,
-    ) -> str | None:
+    ) -> tuple[str | None, str]:
         """The worker to send straight to, or None for the scheduler (recorded as
-        forwarded to it); raises `unavailable` when neither is there."""
+        forwarded to it, under the key returned with it: "" for a direct send);
+        raises `unavailable` when neither is there."""
         now = time.monotonic()
         deadline = deadline_of(meta)
         worker = self.direct.take(
@@ -99,7 +100,7 @@ class Dispatcher:
             on_lost=on_lost,
         )
         if worker is not None:
-            return worker
+            return worker, ""
         now = await self._await_leader(meta, now)
         if not self.watch.available(now):
             self.unavailable += 1
@@ -107,8 +108,7 @@ class Dispatcher:
         forwarded = Forwarded(
             scheduler=self.watch.leader(now) or "", deadline=deadline, reply=reply, on_lost=on_lost
         )
-        self.watch.sent(meta.invocation_id, forwarded)
-        return None
+        return None, self.watch.sent(meta.invocation_id, forwarded)
 
     async def _await_leader(self, meta: InvocationMeta, now: float) -> float:
         """While there is no leader but one may be any moment, wait for its beat, at
@@ -139,7 +139,7 @@ class Dispatcher:
     async def send(self, meta: InvocationMeta, body: bytes, reply: str) -> str | None:
         """Forward a caller's invocation; whoever runs it answers `reply` directly.
         Returns the worker it went straight to, if any; raises `unavailable`."""
-        worker = await self._route(meta, reply=reply)
+        worker, _ = await self._route(meta, reply=reply)
         subject = subjects.worker_run(worker) if worker is not None else subjects.SCHEDULE
         await self.bus.publish(subject, body, reply=reply, headers=self._headers(meta, worker))
         return worker
@@ -157,7 +157,7 @@ class Dispatcher:
         with anyio.CancelScope() as lost:
             try:
                 near = (extra or {}).get(H_AFFINITY, "")
-                worker = await self._route(meta, near=near, on_lost=lost.cancel)
+                worker, forwarded = await self._route(meta, near=near, on_lost=lost.cancel)
             except GfaasError as exc:
                 return error_reply(meta.invocation_id, exc.code, exc.reason)
             # After the route: a handover may have been waited out.
@@ -189,7 +189,7 @@ class Dispatcher:
                 )
             finally:
                 if worker is None:
-                    self.watch.done(meta.invocation_id)
+                    self.watch.end(forwarded)
         if lost.cancelled_caught:
             if worker is None:
                 return error_reply(meta.invocation_id, ErrorCode.UNAVAILABLE, lost_by(scheduler))
@@ -224,7 +224,7 @@ class Dispatcher:
 
     async def on_scheduled_done(self, done: Done) -> None:
         """A worker finished something the scheduler placed for us."""
-        self.watch.done(done.invocation_id)
+        self.watch.done(done.invocation_id, done.reply)
 
     async def on_worker_lost(self, lost: WorkerLost) -> None:
         for iid, sent in self.direct.lost(lost.worker_id):

@@ -16,6 +16,7 @@ answered `unavailable` too: a killed scheduler loses the invocations it held.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ class Forwarded:
     reply: str = ""
     # For request-reply calls made by ingress itself: ends the wait.
     on_lost: Callable[[], None] | None = None
+    invocation_id: str = ""  # set by `SchedulerWatch.sent`
 
 
 @dataclass
@@ -37,7 +39,9 @@ class SchedulerWatch:
     started_at: float
     # Scheduler id -> when it last said it is active.
     active: dict[str, float] = field(default_factory=dict)
-    # Invocation id -> what was forwarded through the scheduler, oldest first.
+    # What was forwarded through the scheduler, oldest first, by invocation id made
+    # its own (`id#n`) while another forwarded under the id is kept: callers may
+    # reuse an id, and each of them is answered if its scheduler falls silent.
     forwarded: dict[str, Forwarded] = field(default_factory=dict)
 
     # The last active scheduler heard, kept when it falls silent.
@@ -53,6 +57,10 @@ class SchedulerWatch:
     # down (None: never).
     heard_at: float | None = None
     stepped_down_at: float | None = None
+    # Numbers the keys of what shares a caller's id; how many are kept under each id
+    # (most ids are one invocation's: a Done's look-up takes no scan).
+    _seq: itertools.count[int] = field(default_factory=itertools.count)
+    _under: dict[str, int] = field(default_factory=dict)
 
     def beat(self, beat: SchedulerBeat, now: float) -> bool:
         """Record a beat; True when an active scheduler other than the last one speaks
@@ -118,23 +126,56 @@ class SchedulerWatch:
         if self.heard_at is not None:
             self.heard_at = max(self.heard_at, at)
 
-    def sent(self, invocation_id: str, record: Forwarded) -> None:
-        self.forwarded[invocation_id] = record
+    def sent(self, invocation_id: str, record: Forwarded) -> str:
+        """Record what was forwarded; returns its key (for `end`)."""
+        record.invocation_id = invocation_id
+        key = invocation_id
+        if key in self.forwarded:
+            key = f"{invocation_id}#{next(self._seq)}"  # '#' is no id's character
+        self.forwarded[key] = record
+        self._under[invocation_id] = self._under.get(invocation_id, 0) + 1
+        return key
 
-    def done(self, invocation_id: str) -> Forwarded | None:
-        return self.forwarded.pop(invocation_id, None)
+    def done(self, invocation_id: str, reply: str) -> Forwarded | None:
+        """A worker's Done for something forwarded: the record sent with that reply
+        subject (Done.reply) ends, never another caller's under the id. Ingress's own
+        requests wait on an inbox not known here (reply ""): each ends its record by
+        its key (`end`) once its wait is over."""
+        if not reply or invocation_id not in self._under:
+            return None
+        record = self.forwarded.get(invocation_id)
+        if record is not None and record.reply == reply:
+            return self._pop(invocation_id)
+        if self._under[invocation_id] > 1:
+            for key, f in self.forwarded.items():
+                if f.invocation_id == invocation_id and f.reply == reply:
+                    return self._pop(key)
+        return None
+
+    def end(self, key: str) -> Forwarded | None:
+        """What was recorded under `key` (`sent`), removed, if it still is."""
+        return self._pop(key) if key in self.forwarded else None
+
+    def _pop(self, key: str) -> Forwarded:
+        record = self.forwarded.pop(key)
+        left = self._under[record.invocation_id] - 1
+        if left:
+            self._under[record.invocation_id] = left
+        else:
+            del self._under[record.invocation_id]
+        return record
 
     def tick(self, now: float) -> list[tuple[str, Forwarded]]:
         """Forget what has outlived its deadline (its caller was answered, or has given
         up); return what went to a scheduler that has since fallen silent."""
         # Oldest first, and deadlines mostly follow: stop at the first one still due.
         expired = []
-        for iid, f in self.forwarded.items():
+        for key, f in self.forwarded.items():
             if f.deadline > now:
                 break
-            expired.append(iid)
-        for iid in expired:
-            del self.forwarded[iid]
+            expired.append(key)
+        for key in expired:
+            self._pop(key)
         silent = {s for s, t in self.active.items() if now - t > self.timeout_s}
         for s in silent:
             del self.active[s]
@@ -144,11 +185,9 @@ class SchedulerWatch:
             return []
         # Sent to a silent scheduler, or sent before any was heard and still no one is.
         lost = [
-            (iid, f)
-            for iid, f in self.forwarded.items()
+            key
+            for key, f in self.forwarded.items()
             if f.scheduler in silent
             or (not f.scheduler and self.leader(now) is None and not self.available(now))
         ]
-        for iid, _ in lost:
-            del self.forwarded[iid]
-        return lost
+        return [(f.invocation_id, f) for f in (self._pop(key) for key in lost)]
