@@ -7,10 +7,24 @@ import msgspec
 import pytest
 
 from services.ingress.direct import OVERDUE_MEMORY_S, STOP_BEFORE_S, DirectRoutes
+from services.ingress.dispatch import Dispatcher
 from services.scheduler.state import ClusterState
+from shared import subjects
+from shared.config import Settings
 from shared.scheduling import RequestView, WorkerView
 from shared.scheduling.grants import HOT_CALLS, grant_slots
-from shared.schema import FunctionKind, FunctionSpec, Grant
+from shared.schema import (
+    Done,
+    ErrorCode,
+    FunctionKind,
+    FunctionSpec,
+    Grant,
+    InvocationMeta,
+    SchedulerBeat,
+    decode,
+    now_millis,
+)
+from tests.test_backpressure import FakeBus
 from tests.test_scheduler_views import MB, heartbeat, invocation
 
 pytestmark = pytest.mark.unit
@@ -304,3 +318,25 @@ def test_the_late_done_of_an_overdue_send_does_not_end_a_later_one_under_its_id(
     routes.tick(1.9 + OVERDUE_MEMORY_S)
     assert routes.overdue == {}
     assert routes._under == {}
+
+
+@pytest.mark.anyio
+async def test_a_lent_worker_that_turns_a_send_away_is_sent_nothing_more() -> None:
+    """A caller's invocation sent directly is answered by the worker: turned away
+    (`overloaded`, the worker full after all), its caller hears so, and so would
+    every next one sent there under the grant. Its Done says so: the grant is retired
+    (given back) and what comes next goes through the scheduler, which can queue it."""
+    bus = FakeBus()
+    dispatcher = Dispatcher(bus, "ing", Settings())
+    await dispatcher.on_scheduler_beat(SchedulerBeat(scheduler_id="s", active=True))
+    await dispatcher.on_grant(GRANT)
+    meta = InvocationMeta(invocation_id="a", function="f", deadline_ms=now_millis() + 5_000)
+    assert await dispatcher.send(meta, b"", "inbox.a") == "w"
+    turned = Done(worker_id="w", invocation_id="a", function="f", ok=False, reply="inbox.a")
+    await dispatcher.on_done(turned, ErrorCode.OVERLOADED)
+    assert [decode(data, Grant) for s, data in bus.published if s == subjects.GRANT_RETURN] == [
+        GRANT
+    ]
+    again = InvocationMeta(invocation_id="b", function="f", deadline_ms=now_millis() + 5_000)
+    assert await dispatcher.send(again, b"", "inbox.b") is None  # to the scheduler
+    assert bus.published[-1][0] == subjects.SCHEDULE

@@ -323,15 +323,17 @@ async def subscribe_books(
     """The events the dispatcher's books follow; `heard_done(invocation_id, outcome)`
     hears each done note too (metrics: its outcome header, "ok" or an error code)."""
 
-    def on_done(handle: Callable[[Done], Awaitable[None]]) -> Callable[[Msg], Awaitable[None]]:
+    def on_done(
+        handle: Callable[[Done, str], Awaitable[None]],
+    ) -> Callable[[Msg], Awaitable[None]]:
         async def callback(msg: Msg) -> None:
             done = decode_event(msg, Done)
             if done is None:
                 return
-            await handle(done)
+            outcome = (msg.headers or {}).get(H_OUTCOME, "")
+            await handle(done, outcome)
             if heard_done is not None:
-                fallback = "ok" if done.ok else "error"
-                heard_done(done.invocation_id, (msg.headers or {}).get(H_OUTCOME) or fallback)
+                heard_done(done.invocation_id, outcome or ("ok" if done.ok else "error"))
 
         return callback
 

@@ -218,11 +218,18 @@ class Dispatcher:
     async def on_grant(self, grant: Grant) -> None:
         await self._give_back(self.direct.on_grant(grant, time.monotonic()))
 
-    async def on_done(self, done: Done) -> None:
-        """A worker finished something we sent it directly."""
+    async def on_done(self, done: Done, outcome: str = "") -> None:
+        """A worker finished something we sent it directly (`outcome`: its Done's
+        Gfaas-Outcome, "ok" or the caller's error code)."""
         await self._give_back(self.direct.finish(done.invocation_id, done.reply))
+        if outcome == ErrorCode.OVERLOADED:
+            # The lent worker turned it away, full after all (what ran there past its
+            # deadline, counted free here, still runs): stop sending there. A send for
+            # a caller's reply subject was answered `overloaded` by the worker itself,
+            # and the next ones would be too (a call of ours is placed again: `call`).
+            await self._give_back(self.direct.retire(done.worker_id))
 
-    async def on_scheduled_done(self, done: Done) -> None:
+    async def on_scheduled_done(self, done: Done, outcome: str = "") -> None:
         """A worker finished something the scheduler placed for us."""
         self.watch.done(done.invocation_id, done.reply)
 
