@@ -3,6 +3,10 @@ lent slots, and ingress's routes."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Mapping
+
+import anyio
 import msgspec
 import pytest
 
@@ -21,6 +25,7 @@ from shared.schema import (
     Grant,
     InvocationMeta,
     SchedulerBeat,
+    WorkerLost,
     decode,
     now_millis,
 )
@@ -340,3 +345,38 @@ async def test_a_lent_worker_that_turns_a_send_away_is_sent_nothing_more() -> No
     again = InvocationMeta(invocation_id="b", function="f", deadline_ms=now_millis() + 5_000)
     assert await dispatcher.send(again, b"", "inbox.b") is None  # to the scheduler
     assert bus.published[-1][0] == subjects.SCHEDULE
+
+
+class SilentBus(FakeBus):
+    """A worker that never answers: the request waits out its timeout."""
+
+    async def request(
+        self, subject: str, data: bytes, *, timeout: float, headers: Mapping[str, str] | None = None
+    ) -> bytes:
+        await anyio.sleep(timeout)
+        raise TimeoutError(subject)
+
+
+@pytest.mark.anyio
+async def test_a_call_waited_for_past_its_deadline_hears_its_worker_lost_meanwhile() -> None:
+    """A workflow stage's reply is waited for past its deadline (grace_s: a stage that
+    finished late hands its outputs on): its direct send stays in the books as long,
+    so a worker lost meanwhile ends the wait with worker_lost at once, not a timeout
+    at the end of the grace (the books forgot the send at its deadline)."""
+    bus = SilentBus()
+    dispatcher = Dispatcher(bus, "ing", Settings())
+    await dispatcher.on_grant(GRANT)
+    meta = InvocationMeta(invocation_id="a", function="f", deadline_ms=now_millis() + 100)
+    started = time.monotonic()
+    async with anyio.create_task_group() as tg:
+
+        async def lose() -> None:
+            await anyio.sleep(0.3)
+            await dispatcher.tick()
+            await dispatcher.on_worker_lost(WorkerLost(worker_id="w", reason="it died"))
+
+        tg.start_soon(lose)
+        reply = await dispatcher.call(meta, b"", grace_s=3.0)
+    assert reply.error is not None
+    assert reply.error.code is ErrorCode.WORKER_LOST, reply.error
+    assert time.monotonic() - started < 2.0

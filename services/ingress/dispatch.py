@@ -84,12 +84,14 @@ class Dispatcher:
         reply: str = "",
         near: str = "",
         on_lost: Callable[[], None] | None = None,
+        grace_s: float = 0.0,
     ) -> tuple[str | None, str]:
         """The worker to send straight to, or None for the scheduler (recorded as
         forwarded to it, under the key returned with it: "" for a direct send);
-        raises `unavailable` when neither is there."""
+        raises `unavailable` when neither is there. What is sent is kept in the books
+        while its reply is waited for: until the deadline, and `grace_s` more."""
         now = time.monotonic()
-        deadline = deadline_of(meta)
+        deadline = deadline_of(meta) + grace_s
         worker = self.direct.take(
             meta.function,
             meta.invocation_id,
@@ -157,7 +159,9 @@ class Dispatcher:
         with anyio.CancelScope() as lost:
             try:
                 near = (extra or {}).get(H_AFFINITY, "")
-                worker, forwarded = await self._route(meta, near=near, on_lost=lost.cancel)
+                worker, forwarded = await self._route(
+                    meta, near=near, on_lost=lost.cancel, grace_s=grace_s
+                )
             except GfaasError as exc:
                 return error_reply(meta.invocation_id, exc.code, exc.reason)
             # After the route: a handover may have been waited out.
