@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,8 +13,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from shared.dataplane.shm import SHM_DIR
 from shared.modelswap import HostTier, instantiate
-from shared.modelswap.host_tier import PREFIX, segment_name
+from shared.modelswap.host_tier import PREFIX, segment_name, write_blob
 from shared.modelswap.pipeline import SwapError, _NoInit, group_parameters
 from tests.platform import PYTHON, subprocess_env
 
@@ -199,3 +201,35 @@ def test_a_segment_being_filled_has_its_pages_before_the_bytes_arrive(tier: Host
         assert _resident_kib(pending.tmp) >= size // 1024 - 4
     finally:
         pending.abort()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives a segment to another user: root only")
+def test_a_segment_another_user_left_under_a_models_name_is_not_taken_for_it(
+    weights: tuple[nn.Module, Path],
+) -> None:
+    """/dev/shm is open to every user: a handler running as the handler user can leave
+    a file of its own under the segment name of a model before the agent fills it.
+    The agent (and every instance) took it for the model (before: its weights went
+    into every function that loads that model, and its maker could go on writing
+    them); now a segment is the tier's only when its writer's user or root owns it,
+    and the fill replaces any other."""
+    reference, path = weights
+    tier = HostTier(prefix=f"{PREFIX}test-{os.getpid()}-planted-")
+    name = segment_name("mlp-test", "d1", tier.prefix)
+    planted = SHM_DIR / name
+    try:
+        poison = {k: torch.full_like(v, 7.0) for k, v in reference.state_dict().items()}
+        write_blob(poison, planted)
+        os.chown(planted, 65534, 65534)
+        assert tier.cached("mlp-test", "d1") is None
+        assert HostTier(tier.prefix, readonly=True).cached("mlp-test", "d1") is None
+        host = tier.get_or_load("mlp-test", "d1", lambda: path)
+        for key, tensor in reference.state_dict().items():
+            assert torch.equal(host.tensors[key], tensor)
+        assert planted.stat().st_uid == 0  # the fill's own segment now
+        reader = HostTier(tier.prefix, readonly=True).cached("mlp-test", "d1")
+        assert reader is not None
+        assert torch.equal(next(iter(reader.tensors.values())), next(iter(host.tensors.values())))
+    finally:
+        tier.purge()
+        planted.unlink(missing_ok=True)

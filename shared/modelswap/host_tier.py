@@ -44,12 +44,15 @@ from shared.dataplane.shm import (
     open_segment,
     unlink_segment,
 )
+from shared.logs import get_logger
 
 
 def tier_prefix(namespace: str) -> str:
     """The host tier's segment prefix for a platform's shared-memory namespace."""
     return f"{namespace}-model-"
 
+
+log = get_logger("host_tier")
 
 PREFIX = tier_prefix("gfaas")
 ALIGN = 256
@@ -109,7 +112,7 @@ class HostModel:
         instance reads. The mapping lives as long as any view of it, even after the
         tier unlinks the segment."""
         if self._readonly is None:
-            segment = open_segment(self.segment.name, readonly=True)
+            segment = open_trusted(self.segment.name, readonly=True)
             with warnings.catch_warnings():
                 # torch warns that it cannot refuse writes to such a buffer: the
                 # mapping's page protection does.
@@ -117,6 +120,30 @@ class HostModel:
                 self._readonly = _views(segment)
             _populate_soon(segment)
         return self._readonly
+
+
+def trusted_owners() -> frozenset[int]:
+    """Whose segments this process takes for the node's copy of a model: its own
+    user's (the agent's, or where instances run as it, theirs) and root's (the agent
+    where instances run as the handler user)."""
+    return frozenset({0, os.geteuid()})
+
+
+def open_trusted(name: str, *, readonly: bool = False) -> Segment:
+    """The segment under `name`, when it is one the tier's writer made: /dev/shm is
+    open to every user, and a file a handler (the handler user) left under a model's
+    name before the agent filled it would otherwise be mapped as that model, by the
+    agent and every instance, with its weights for them all, which its maker could
+    go on writing. A BackendError for any other (the writer's fill replaces it)."""
+    segment = open_segment(name, readonly=readonly)
+    if segment.uid not in trusted_owners():
+        segment.close()
+        log.warning("host_tier.untrusted_segment", segment=name, uid=segment.uid)
+        raise BackendError(
+            f"shared-memory segment {name!r} belongs to uid {segment.uid}, "
+            "not to the host tier's writer"
+        )
+    return segment
 
 
 def _layout(state: Mapping[str, torch.Tensor]) -> tuple[list[_Entry], bytes, int]:
@@ -221,7 +248,7 @@ class HostTier:
         if name in self._open:
             return self._open[name]
         try:
-            segment = open_segment(name, readonly=self.readonly)
+            segment = open_trusted(name, readonly=self.readonly)
         except BackendError:
             return None
         with warnings.catch_warnings():
