@@ -233,3 +233,52 @@ def test_a_segment_another_user_left_under_a_models_name_is_not_taken_for_it(
     finally:
         tier.purge()
         planted.unlink(missing_ok=True)
+
+
+_FILL_OVER_ROOM = """
+import os, sys
+from pathlib import Path
+import torch
+import shared.dataplane.shm as shm
+import shared.modelswap.host_tier as ht
+shm.SHM_DIR = ht.SHM_DIR = Path(sys.argv[1])
+ht.LOCK_DIR = shm.SHM_DIR / ".gfaas-locks"
+weights = Path(sys.argv[2])
+torch.save({"w": torch.ones(1024 * 1024)}, weights)  # 4 MiB, in a 1 MiB /dev/shm
+try:
+    ht.HostTier(prefix="gfaas-model-test-").get_or_load("big", "d1", lambda: weights)
+except Exception as exc:
+    print(type(exc).__name__, exc)
+print(sorted(n for n in os.listdir(shm.SHM_DIR) if not n.startswith(".")))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs: root only")
+def test_a_model_larger_than_the_room_in_dev_shm_is_refused_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    """A model's segment is reserved before it is written: with less room left in
+    /dev/shm than the model needs, the load fails with why and leaves no segment
+    (before, the write into the segment past the room was a SIGBUS: the agent died
+    and its half-written segment stayed)."""
+    shm_dir = tmp_path / "shm"
+    shm_dir.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(shm_dir)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr!r}")
+    try:
+        done = subprocess.run(
+            [PYTHON, "-c", _FILL_OVER_ROOM, str(shm_dir), str(tmp_path / "big.pt")],
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        subprocess.run(["umount", str(shm_dir)], check=True)
+    assert done.returncode == 0, f"rc {done.returncode}: {done.stderr[-2000:]}"
+    refusal, left = done.stdout.strip().splitlines()
+    assert refusal.startswith("BackendError no room in"), refusal
+    assert left == "[]"

@@ -306,8 +306,10 @@ class HostTier:
     def _pending(self, name: str, size: int) -> Pending:
         tmp = f"{name}.tmp{os.getpid()}-{threading.get_ident()}"
         unlink_segment(tmp)
-        # Every instance of the node reads it; none writes it after the commit.
-        segment = create_segment(tmp, max(size, 1), group_access=access.GROUP_READ)
+        # Every instance of the node reads it; none writes it after the commit. Its
+        # memory reserved first: a model larger than what /dev/shm has left is refused
+        # here, where writing it killed the process (SIGBUS) and left the segment.
+        segment = create_segment(tmp, max(size, 1), group_access=access.GROUP_READ, reserve=True)
         # Its pages allocated in a thread ahead of the writer, which would otherwise
         # take a fault per 4 KiB as the bytes arrive (71 ms per 100 MB here).
         return Pending(name, tmp, segment, _madvise_soon(segment, _MADV_POPULATE_WRITE))
