@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from shared.dataplane.shm import SHM_DIR
+from shared.dataplane.shm import SHM_DIR, create_segment
 from shared.modelswap import HostTier, instantiate
 from shared.modelswap.host_tier import PREFIX, segment_name, write_blob
 from shared.modelswap.pipeline import SwapError, _NoInit, group_parameters
@@ -282,3 +282,23 @@ def test_a_model_larger_than_the_room_in_dev_shm_is_refused_not_a_crash(
     refusal, left = done.stdout.strip().splitlines()
     assert refusal.startswith("BackendError no room in"), refusal
     assert left == "[]"
+
+
+def test_a_fill_removes_what_a_killed_fill_of_the_model_left(
+    weights: tuple[nn.Module, Path],
+) -> None:
+    """A process killed while it filled a model leaves its temporary segment (the
+    bytes so far, in /dev/shm until the node stops: before, every killed fill of a
+    model added one); the next fill of that model, holding its lock, removes it."""
+    _, path = weights
+    tier = HostTier(prefix=f"{PREFIX}test-{os.getpid()}-stale-")
+    name = segment_name("mlp-test", "d1", tier.prefix)
+    left = f"{name}.tmp999999-1"
+    other = segment_name("other", "d1", tier.prefix) + ".tmp999999-1"
+    try:
+        for stale in (left, other):
+            create_segment(stale, 4096).close()
+        tier.get_or_load("mlp-test", "d1", lambda: path)
+        assert tier.resident() == sorted([name, other])  # another model's: not this fill's
+    finally:
+        tier.purge()

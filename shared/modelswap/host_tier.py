@@ -291,7 +291,8 @@ class HostTier:
         streamed from the object store), under a temporary name until `commit`.
         Hold `lock(model, digest)` meanwhile: two processes filling one model at once
         would each map their own copy (the last rename wins), and instances meant to
-        share one would hold two."""
+        share one would hold two; and the temporary segments of the model found here
+        are taken for ones a killed fill left, and removed."""
         return self._pending(segment_name(model, digest, self.prefix), size)
 
     def lock(self, model: str, digest: str) -> int:
@@ -305,7 +306,12 @@ class HostTier:
 
     def _pending(self, name: str, size: int) -> Pending:
         tmp = f"{name}.tmp{os.getpid()}-{threading.get_ident()}"
-        unlink_segment(tmp)
+        # The caller holds the model's lock: a temporary segment of it there now is no
+        # fill's under way but one a process killed mid-fill left (that model's bytes
+        # so far, in /dev/shm until the node stops). Gone before this fill takes room.
+        stale = [t for t in list_segments(f"{name}.tmp") if unlink_segment(t)]
+        if stale:
+            log.warning("host_tier.stale_fill_removed", segment=name, removed=stale)
         # Every instance of the node reads it; none writes it after the commit. Its
         # memory reserved first: a model larger than what /dev/shm has left is refused
         # here, where writing it killed the process (SIGBUS) and left the segment.
