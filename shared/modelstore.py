@@ -279,9 +279,10 @@ class ModelStore:
             raise
         partial.replace(target)
 
-    async def _check_chunks(self, name: str, info: api.ObjectInfo) -> None:
+    async def _check_chunks(self, name: str, info: api.ObjectInfo, what: str = "model") -> None:
         """Refuse at once an object whose chunks are not all in the stream (the
-        client would wait for them forever). Skipped where the client hides them."""
+        client would wait for them forever). Skipped where the client hides them.
+        `what` the object is, for the refusal."""
         js: Any = getattr(self._store, "_js", None)
         stream = getattr(self._store, "_stream", None)
         bucket = getattr(self._store, "_name", None)
@@ -293,10 +294,12 @@ class ModelStore:
         if have != info.chunks:
             raise GfaasError(
                 ErrorCode.MODEL_UNAVAILABLE,
-                f"model {name!r} is truncated in the store: {have} of {info.chunks} chunks",
+                f"{what} {name!r} is truncated in the store: {have} of {info.chunks} chunks",
             )
 
-    async def _download(self, name: str, info: api.ObjectInfo, writer: _HashingWriter) -> None:
+    async def _download(
+        self, name: str, info: api.ObjectInfo, writer: _HashingWriter, what: str = "model"
+    ) -> None:
         """Stream the object's chunks into `writer`, giving up when nothing arrives for
         STALL_S.
 
@@ -308,7 +311,7 @@ class ModelStore:
         stream = getattr(self._store, "_stream", None)
         bucket = getattr(self._store, "_name", None)
         if js is None or not stream or not bucket:
-            await self._download_pushed(name, info, writer)  # a client that hides them
+            await self._download_pushed(name, info, writer, what)  # a client that hides them
             return
         chunks = int(info.chunks or 0)
         if chunks == 0:
@@ -331,7 +334,7 @@ class ModelStore:
                 try:
                     batch = await sub.fetch(min(batch_size, chunks - got), timeout=STALL_S)
                 except nats.errors.TimeoutError:
-                    raise _stalled(name, info, writer) from None
+                    raise _stalled(name, info, writer, what) from None
                 if writing is not None:
                     await writing
                 data = [msg.data for msg in batch]
@@ -353,7 +356,7 @@ class ModelStore:
                     await js.delete_consumer(stream, consumer)
 
     async def _download_pushed(
-        self, name: str, info: api.ObjectInfo, writer: _HashingWriter
+        self, name: str, info: api.ObjectInfo, writer: _HashingWriter, what: str = "model"
     ) -> None:
         task = asyncio.ensure_future(self._store.get(name, writeinto=writer))  # type: ignore[arg-type]
         seen = 0
@@ -364,7 +367,7 @@ class ModelStore:
                     task.result()
                     return
                 if writer.size == seen:
-                    raise _stalled(name, info, writer)
+                    raise _stalled(name, info, writer, what)
                 seen = writer.size
         finally:
             if not task.done():
@@ -504,15 +507,17 @@ def _make_blob(path: Path, blob: Path) -> bool:
     return True
 
 
-def _stalled(name: str, info: api.ObjectInfo, writer: _HashingWriter) -> GfaasError:
+def _stalled(
+    name: str, info: api.ObjectInfo, writer: _HashingWriter, what: str = "model"
+) -> GfaasError:
     return GfaasError(
         ErrorCode.MODEL_UNAVAILABLE,
-        f"model {name!r} is truncated in the store: no data for {STALL_S:g} s "
+        f"{what} {name!r} is truncated in the store: no data for {STALL_S:g} s "
         f"after {writer.size} of {info.size} bytes",
     )
 
 
-def _verify(name: str, info: api.ObjectInfo, writer: _HashingWriter) -> None:
+def _verify(name: str, info: api.ObjectInfo, writer: _HashingWriter, what: str = "model") -> None:
     """The bytes received are the ones pushed: size and SHA-256 as recorded at push.
 
     Objects pushed without the headers (older clients) are checked for size only;
@@ -524,7 +529,7 @@ def _verify(name: str, info: api.ObjectInfo, writer: _HashingWriter) -> None:
     if len(sizes) > 1:
         raise GfaasError(
             ErrorCode.MODEL_UNAVAILABLE,
-            f"model {name!r} is truncated in the store: {writer.size} bytes received, "
+            f"{what} {name!r} is truncated in the store: {writer.size} bytes received, "
             f"{expected_size or info.size} pushed",
         )
     recorded = (info.digest or "").removeprefix("SHA-256=").removeprefix("sha-256=")
@@ -534,12 +539,14 @@ def _verify(name: str, info: api.ObjectInfo, writer: _HashingWriter) -> None:
         except ValueError:
             matches = False
         if not matches:  # the object's own digest, as the client would check it
-            raise GfaasError(ErrorCode.MODEL_UNAVAILABLE, f"model {name!r} is corrupt in the store")
+            raise GfaasError(
+                ErrorCode.MODEL_UNAVAILABLE, f"{what} {name!r} is corrupt in the store"
+            )
     expected = _header(info, SHA256_HEADER)
     got = writer.sha.hexdigest()
     if expected is not None and got != expected:
         raise GfaasError(
             ErrorCode.MODEL_UNAVAILABLE,
-            f"model {name!r} is corrupt in the store: sha256 {got[:16]}... "
+            f"{what} {name!r} is corrupt in the store: sha256 {got[:16]}... "
             f"does not match {expected[:16]}... recorded at push",
         )
