@@ -98,6 +98,37 @@ class _HashingWriter:
         return self._f.write(data)
 
 
+class ModelChangedError(ValueError):
+    """The file pushed changed while it was read."""
+
+
+class _Pinned:
+    """The file as the client reads it to put, refused (at its end) unless its bytes
+    are the `size` bytes hashed to `digest`."""
+
+    def __init__(self, f: IO[bytes], path: Path, digest: str, size: int) -> None:
+        self._f = f
+        self._path = path
+        self._digest = digest
+        self._size = size
+        self._sha = hashlib.sha256()
+        self._read = 0
+
+    def readinto(self, buffer: bytearray) -> int:
+        n = self._f.readinto(buffer)  # type: ignore[attr-defined]
+        if n:
+            self._sha.update(memoryview(buffer)[:n])
+            self._read += n
+            if self._read <= self._size:
+                return int(n)
+        if self._read != self._size or self._sha.hexdigest() != self._digest:
+            raise ModelChangedError(
+                f"{self._path} changed while it was pushed ({self._read} bytes read, "
+                f"{self._size} hashed): nothing was stored; push it again once it is complete"
+            )
+        return 0
+
+
 class ModelStore:
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
@@ -114,14 +145,20 @@ class ModelStore:
         layout (when the file is a mapping of tensors), so that a node maps them
         without unpickling. The original is what `fetch` gives and what is sized."""
         check_name("model", name)  # an object name, and a file name in every cache
-        digest = await asyncio.to_thread(file_sha256, path)
-        meta = api.ObjectMeta(
-            name=name,
-            headers={SHA256_HEADER: [digest], SIZE_HEADER: [str(path.stat().st_size)]},
-            options=self._chunking(),
-        )
         with path.open("rb") as f:
-            info = await self._store.put(name, f, meta=meta)
+            size = os.fstat(f.fileno()).st_size
+            digest = await asyncio.to_thread(lambda: hashlib.file_digest(f, "sha256").hexdigest())
+            f.seek(0)
+            meta = api.ObjectMeta(
+                name=name,
+                headers={SHA256_HEADER: [digest], SIZE_HEADER: [str(size)]},
+                options=self._chunking(),
+            )
+            # Its bytes as they are put must be the ones hashed: a file still being
+            # written (a checkpoint a training run is saving) fails the put, whose new
+            # chunks the client then purges, and the version stored before stays.
+            pinned: Any = _Pinned(f, path, digest, size)  # read as the client reads a file
+            info = await self._store.put(name, pinned, meta=meta)
         await self._push_blob(name, path, digest)
         return int(info.size or 0)
 
@@ -129,9 +166,19 @@ class ModelStore:
         blob = path.with_name(f".{path.name}.gfaas-blob{os.getpid()}")
         try:
             made = await asyncio.to_thread(_make_blob, path, blob)
-            if not made:  # not a mapping of tensors: nodes load the original
+            # Made from the file as it is now: from the weights just stored only if it
+            # has not changed since (else nodes filled from it would serve other weights
+            # than the original's, under its digest).
+            changed = made and await asyncio.to_thread(file_sha256, path) != source
+            if not made or changed:  # nodes load the original
                 with contextlib.suppress(ObjectNotFoundError, ObjectDeletedError):
                     await self._store.delete(name + BLOB_SUFFIX)
+                if changed:
+                    raise ModelChangedError(
+                        f"{path} changed while it was pushed: model {name!r} is stored as "
+                        "it was first read, without its loading copy; push it again once "
+                        "it is complete"
+                    )
                 return
             digest = await asyncio.to_thread(file_sha256, blob)
             headers = {

@@ -155,3 +155,61 @@ async def test_workers_answer_from_the_blob_and_from_the_file_when_asked(
     # The MLP came from its blob: its file was never fetched; Scale's was, on request.
     cached = {p.name.split("-")[0] for p in (platform.state_dir / "models").glob("*.bin")}
     assert cached == {"factor"}
+
+
+async def test_a_file_that_changes_while_it_is_pushed_does_not_replace_the_stored_model(
+    nc: NATS, tmp_path: Path, tier: HostTier
+) -> None:
+    """A file rewritten while the client reads it to put (a checkpoint still being
+    saved) fails its push, and the version stored before stays whole (before, the
+    push succeeded and stored bytes other than the ones its headers were hashed from:
+    every node refused the model as corrupt, the good version gone)."""
+    store = await ModelStore.open(nc.jetstream())
+    weights = tmp_path / "m3.pt"
+    write_mlp(weights, 3, seed=2)
+    await store.push("m3", weights)
+    first = await store.fetch("m3", tmp_path / "cache")
+    real_put = store._store.put
+
+    async def put_while_rewritten(name: str, data: object, meta: object = None) -> object:
+        if name == "m3":
+            write_mlp(weights, 3, seed=5)  # the same size, other bytes, mid-push
+        return await real_put(name, data, meta=meta)  # type: ignore[arg-type]
+
+    store._store.put = put_while_rewritten  # type: ignore[method-assign,assignment]
+    with pytest.raises(ValueError, match="changed while it was pushed"):
+        await store.push("m3", weights)
+    assert await store.fetch("m3", tmp_path / "cache") == first  # the old one, whole
+    host = await store.fill_host_tier("m3", tier)
+    assert host is not None
+    for name, tensor in torch.load(first, weights_only=True).items():
+        torch.testing.assert_close(host.tensors[name], tensor, rtol=0, atol=0)
+
+
+async def test_a_file_that_changes_before_its_blob_is_made_gets_no_blob(
+    nc: NATS, tmp_path: Path, tier: HostTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loading copy is made from the file after the original is stored: when the
+    file changed in between, no blob of it is stored (before, one made from the new
+    weights was stored as the copy of the old: nodes filled from it served other
+    weights than the stored model's), and the push says so."""
+    import shared.modelstore as modelstore
+
+    store = await ModelStore.open(nc.jetstream())
+    weights = tmp_path / "m3.pt"
+    write_mlp(weights, 3, seed=2)
+    pushed = torch.load(weights, weights_only=True)
+    real_make = modelstore._make_blob
+
+    def make_after_a_rewrite(path: Path, blob: Path) -> bool:
+        write_mlp(path, 3, seed=5)
+        return real_make(path, blob)
+
+    monkeypatch.setattr(modelstore, "_make_blob", make_after_a_rewrite)
+    with pytest.raises(ValueError, match="changed while it was pushed"):
+        await store.push("m3", weights)
+    stored = torch.load(await store.fetch("m3", tmp_path / "cache"), weights_only=True)
+    for name, tensor in pushed.items():  # the original: as it was read
+        torch.testing.assert_close(stored[name], tensor, rtol=0, atol=0)
+    host = await store.fill_host_tier("m3", tier)
+    assert host is None  # no blob: a node loads the original
