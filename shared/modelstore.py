@@ -66,6 +66,8 @@ FETCH_BYTES = 32 * 1024 * 1024
 # for at most this long (the agent's fill of a large model from the store included).
 MAPPED_POLL_S = 0.05
 MAPPED_WAIT_S = 300.0
+# A fetch waiting for chunks looks this often whether its object was replaced.
+REPLACED_POLL_S = 1.0
 # Fetches of a model a push replaced while it was fetched (the old chunks purged),
 # before its error stands: each new try is for weights pushed since the last.
 REPUSHED_TRIES = 3
@@ -378,10 +380,9 @@ class ModelStore:
         try:
             got = 0
             while got < chunks:
-                try:
-                    batch = await sub.fetch(min(batch_size, chunks - got), timeout=STALL_S)
-                except nats.errors.TimeoutError:
-                    raise _stalled(name, info, writer, what) from None
+                batch = await self._next_batch(
+                    sub, min(batch_size, chunks - got), name, info, writer, what
+                )
                 if writing is not None:
                     await writing
                 data = [msg.data for msg in batch]
@@ -401,6 +402,45 @@ class ModelStore:
             if consumer:
                 with contextlib.suppress(Exception):
                     await js.delete_consumer(stream, consumer)
+
+    async def _next_batch(
+        self,
+        sub: Any,
+        want: int,
+        name: str,
+        info: api.ObjectInfo,
+        writer: _HashingWriter,
+        what: str,
+    ) -> list[Any]:
+        """Up to `want` chunks. Waited for in slices of REPLACED_POLL_S, looking
+        between them whether the object was pushed again or removed (its chunks are
+        purged then, and would never come): that is said at once, where waiting for
+        STALL_S held a load racing a push up for that long."""
+        waited = 0.0
+        while True:
+            wait = min(REPLACED_POLL_S, STALL_S - waited)
+            try:
+                return list(await sub.fetch(want, timeout=wait))
+            except nats.errors.TimeoutError:
+                waited += wait
+            if await self._replaced(name, info):
+                raise GfaasError(
+                    ErrorCode.MODEL_UNAVAILABLE,
+                    f"{what} {name!r} was pushed again or removed while it was fetched "
+                    f"(after {writer.size} of {info.size} bytes)",
+                )
+            if waited >= STALL_S:
+                raise _stalled(name, info, writer, what)
+
+    async def _replaced(self, name: str, info: api.ObjectInfo) -> bool:
+        """Is the store's object `name` no longer the one `info` describes?"""
+        try:
+            now = await self._store.get_info(name)
+        except (ObjectNotFoundError, ObjectDeletedError):
+            return True
+        except Exception:
+            return False  # not known: the caller waits on
+        return now.nuid != info.nuid
 
     async def _download_pushed(
         self, name: str, info: api.ObjectInfo, writer: _HashingWriter, what: str = "model"

@@ -426,3 +426,47 @@ async def test_a_fetch_leaves_no_consumer_on_the_server(nc: NATS, tmp_path: Path
     fetched = await store.fetch("b", tmp_path / "cache")
     assert fetched.read_bytes() == weights.read_bytes()
     assert await js.consumers_info(f"OBJ_{MODELS_BUCKET}") == []
+
+
+async def test_a_fetch_whose_chunks_a_push_purges_midway_takes_the_new_weights_at_once(
+    nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push under the name purges the old object's chunks while a fetch is reading
+    them: the chunks still to come never arrive. The fetch sees the object replaced
+    within about a second and takes the new one (before, it waited STALL_S, 30 s,
+    for them first: a cold load racing a push missed its deadline)."""
+    import threading
+
+    import shared.modelstore as modelstore
+
+    monkeypatch.setattr(modelstore, "STALL_S", 60.0)
+    monkeypatch.setattr(modelstore, "FETCH_BYTES", CHUNK_BYTES)  # one chunk a batch
+    store = await ModelStore.open(nc.jetstream())
+    old, new = tmp_path / "old.bin", tmp_path / "new.bin"
+    old.write_bytes(np.random.default_rng(5).bytes(6 * CHUNK_BYTES + 3))
+    new.write_bytes(np.random.default_rng(6).bytes(2 * CHUNK_BYTES + 1))
+    await store.push("midway", old)
+    write_all = modelstore._write_all
+    first_written, pushed = threading.Event(), threading.Event()
+
+    def held_after_the_first(writer: Any, data: list[bytes]) -> None:
+        if not first_written.is_set():
+            first_written.set()
+            pushed.wait(10)  # the old chunks are purged meanwhile
+        write_all(writer, data)
+
+    monkeypatch.setattr(modelstore, "_write_all", held_after_the_first)
+    fetched: list[Path] = []
+
+    async def fetch() -> None:
+        fetched.append(await store.fetch("midway", tmp_path / "cache"))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fetch)
+            while not first_written.is_set():
+                await anyio.sleep(0.01)
+            await store.push("midway", new)
+            pushed.set()
+    assert fetched[0].read_bytes() == new.read_bytes()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [fetched[0].name]
