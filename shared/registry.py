@@ -41,6 +41,8 @@ class Registry(Generic[S]):
     rewatch_min_s = 0.1
     rewatch_max_s = 5.0
     sync_idle_s = 10.0
+    # How long `watch` tries before it has started, before it gives up.
+    start_retry_s = 60.0
 
     def __init__(self, kv: KeyValue, kind: type[S]) -> None:
         self._kv = kv
@@ -164,9 +166,14 @@ class Registry(Generic[S]):
         A watch that could not start (a timeout, the server unavailable) or that ended
         (its subscription closed) is watched again, after a back-off, and logged: a
         fault of the bus or the bucket is not the caller's. A watch whose initial
-        values stop coming before they are all in is restarted. Only a closed
-        connection ends it, with RegistryWatchError: there is nothing to watch on."""
+        values stop coming before they are all in is restarted. It ends with
+        RegistryWatchError, saying why, when its connection is closed (there is
+        nothing to watch on), or when it has not started within `start_retry_s` (a
+        fault that lasts, such as credentials that may not watch the bucket, fails
+        the caller's start instead of holding it up for good)."""
         started = False
+        give_up = anyio.current_time() + self.start_retry_s
+        last: str = "its initial values never came"
 
         def synced() -> None:
             nonlocal started
@@ -183,11 +190,16 @@ class Registry(Generic[S]):
                     f"{self._what} registry watch: the connection is closed ({exc!r})"
                 ) from exc
             except (nats.errors.Error, OSError) as exc:
-                log.warning(
-                    "registry.watch_failed", what=self._what, error=repr(exc), retry_s=delay
-                )
+                last = repr(exc)
+                log.warning("registry.watch_failed", what=self._what, error=last, retry_s=delay)
             else:
+                last = "its watch ended before its initial values were in"
                 log.warning("registry.watch_ended", what=self._what, retry_s=delay)
+            if not started and anyio.current_time() + delay > give_up:
+                raise RegistryWatchError(
+                    f"the {self._what} registry could not be watched within "
+                    f"{self.start_retry_s:g} s: {last}"
+                )
             if self._round_synced:
                 delay = self.rewatch_min_s  # it had worked: back off afresh
             await anyio.sleep(delay)

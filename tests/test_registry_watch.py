@@ -200,3 +200,17 @@ async def test_a_watch_on_a_closed_connection_fails_with_a_clear_error(
     with pytest.raises(RegistryWatchError, match="connection is closed"):
         with anyio.fail_after(4):
             await registry.watch()
+
+
+async def test_a_watch_that_cannot_start_for_long_fails_the_start_saying_why(nc: NATS) -> None:
+    """A fault that lasts (the bucket's watch refused, timing out every try) is not
+    retried for good before the watch has started: the caller's start fails with
+    RegistryWatchError and the last error (before, with the first try's own
+    nats TimeoutError, not retried at all)."""
+    registry = await Registry.open(nc.jetstream())
+    registry.start_retry_s = 0.5
+    _first_watches(registry, [nats.errors.TimeoutError() for _ in range(100)])
+    with anyio.fail_after(4):
+        async with anyio.create_task_group() as tg:
+            with pytest.raises(RegistryWatchError, match=r"within 0\.5 s: TimeoutError"):
+                await tg.start(registry.watch)
