@@ -302,3 +302,41 @@ def test_a_fill_removes_what_a_killed_fill_of_the_model_left(
         assert tier.resident() == sorted([name, other])  # another model's: not this fill's
     finally:
         tier.purge()
+
+
+def test_a_pinned_segment_is_unpinned_when_the_tier_lets_go_of_it(
+    weights: tuple[nn.Module, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A segment page-locked for a device's copies is unregistered when the tier
+    evicts it or closes (before, it stayed registered: its pages locked in the
+    process after the eviction, and a new segment mapped at the same address was
+    taken for pinned already). No GPU: the CUDA runtime's calls are recorded."""
+    from shared.modelswap import cuda
+
+    calls: list[tuple[str, int]] = []
+
+    class Runtime:
+        def cudaHostRegister(self, ptr: int, size: int, flags: int) -> None:
+            calls.append(("register", ptr))
+
+        def cudaHostUnregister(self, ptr: int) -> None:
+            calls.append(("unregister", ptr))
+
+    monkeypatch.setattr(torch.cuda, "cudart", Runtime)
+    _, path = weights
+    tier = HostTier(prefix=f"{PREFIX}test-{os.getpid()}-pinned-")
+    try:
+        host = tier.get_or_load("mlp-test", "d1", lambda: path)
+        cuda.pin(host)
+        cuda.pin(host)  # once per mapping
+        ptr = torch.frombuffer(host.segment.mm, dtype=torch.uint8).data_ptr()
+        assert calls == [("register", ptr)]
+        tier.evict("mlp-test", "d1")
+        assert calls == [("register", ptr), ("unregister", ptr)]
+        assert ptr not in cuda._registered
+        again = tier.get_or_load("mlp-test", "d2", lambda: path)
+        cuda.pin(again)  # a new mapping, wherever it lies: registered
+        tier.close()
+        assert [c for c, _ in calls] == ["register", "unregister", "register", "unregister"]
+    finally:
+        tier.purge()

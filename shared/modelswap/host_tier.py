@@ -85,6 +85,17 @@ class HostModel:
     segment: Segment
     tensors: dict[str, torch.Tensor]
     _readonly: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    # Undoes the page-locking of the segment for a device's copies (shared.modelswap
+    # .cuda.pin): called before the tier lets go of the mapping.
+    unpin: Callable[[], None] | None = field(default=None, repr=False)
+
+    def _let_go(self) -> None:
+        """The tier is done with this mapping (evicted, or the tier closed)."""
+        if self.unpin is not None:
+            unpin, self.unpin = self.unpin, None
+            unpin()
+        self.tensors.clear()
+        self.segment.close()
 
     @property
     def nbytes(self) -> int:
@@ -324,8 +335,7 @@ class HostTier:
         name = segment_name(model, digest, self.prefix)
         host = self._open.pop(name, None)
         if host is not None:
-            host.tensors.clear()
-            host.segment.close()
+            host._let_go()
         return unlink_segment(name)
 
     def resident(self) -> list[str]:
@@ -353,8 +363,7 @@ class HostTier:
 
     def close(self) -> None:
         for host in self._open.values():
-            host.tensors.clear()
-            host.segment.close()
+            host._let_go()
         self._open.clear()
 
 
