@@ -340,3 +340,41 @@ def test_a_pinned_segment_is_unpinned_when_the_tier_lets_go_of_it(
         assert [c for c, _ in calls] == ["register", "unregister", "register", "unregister"]
     finally:
         tier.purge()
+
+
+def test_threads_that_find_a_model_at_once_share_one_mapping(
+    weights: tuple[nn.Module, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loads run in threads: two that look for a model in the tier at once get the
+    one mapping the tier keeps (before, each mapped the segment, and the one the tier
+    did not keep outlived its eviction)."""
+    import threading
+    import time
+
+    import shared.modelswap.host_tier as host_tier
+
+    _, path = weights
+    tier = HostTier(prefix=f"{PREFIX}test-{os.getpid()}-threads-")
+    try:
+        tier.get_or_load("mlp-test", "d1", lambda: path)
+        tier._open.clear()  # mapped by another process: this one has not mapped it yet
+        real_open = host_tier.open_trusted
+
+        def slow_open(name: str, *, readonly: bool = False) -> Any:
+            time.sleep(0.2)  # both threads are looking meanwhile
+            return real_open(name, readonly=readonly)
+
+        monkeypatch.setattr(host_tier, "open_trusted", slow_open)
+        found: list[object] = []
+        threads = [
+            threading.Thread(target=lambda: found.append(tier.cached("mlp-test", "d1")))
+            for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert found[0] is not None
+        assert found[0] is found[1]
+    finally:
+        tier.purge()

@@ -251,24 +251,34 @@ class HostTier:
         self.prefix = prefix
         self.readonly = readonly
         self._open: dict[str, HostModel] = {}
+        self._opening = threading.Lock()
         self.loads = 0  # models this process put into the tier (from either source)
         self.blob_loads = 0  # of them, streamed in from a stored blob (no unpickling)
 
     def cached(self, model: str, digest: str) -> HostModel | None:
         name = segment_name(model, digest, self.prefix)
-        if name in self._open:
-            return self._open[name]
-        try:
-            segment = open_trusted(name, readonly=self.readonly)
-        except BackendError:
-            return None
-        with warnings.catch_warnings():
-            # Read-only views of a read-only mapping: its page protection refuses writes.
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            tensors = _views(segment)
-        host = HostModel(name=model, segment=segment, tensors=tensors)
-        self._open[name] = host
-        return host
+        host = self._open.get(name)
+        if host is not None:
+            return host
+        # Loads run in threads (and the event loop asks too): two that found it absent
+        # together each mapped it, and the mapping the tier did not keep was never let
+        # go of by its eviction (nor unpinned).
+        with self._opening:
+            host = self._open.get(name)
+            if host is not None:
+                return host
+            try:
+                segment = open_trusted(name, readonly=self.readonly)
+            except BackendError:
+                return None
+            with warnings.catch_warnings():
+                # Read-only views of a read-only mapping: its page protection refuses
+                # writes.
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                tensors = _views(segment)
+            host = HostModel(name=model, segment=segment, tensors=tensors)
+            self._open[name] = host
+            return host
 
     def get_or_load(self, model: str, digest: str, load: Callable[[], Path]) -> HostModel:
         """The model from the host tier, loading it from `load()`'s file if absent."""
