@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
+import anyio
 import nats.errors
 from nats.js import api
 from nats.js.client import JetStreamContext
@@ -131,6 +132,28 @@ class _Pinned:
         return 0
 
 
+class _PutSubjects:
+    """A JetStream context that passes everything on to `js`, noting the subject a
+    put of bucket `bucket` sends its chunks to, and whether it sent the record."""
+
+    def __init__(self, js: Any, bucket: str) -> None:
+        self._js = js
+        self._chunk_prefix = f"$O.{bucket}.C."
+        self._record_prefix = f"$O.{bucket}.M."
+        self.chunks: str | None = None
+        self.record_sent = False
+
+    async def publish(self, subject: str, *args: Any, **kwargs: Any) -> Any:
+        if subject.startswith(self._chunk_prefix):
+            self.chunks = subject
+        elif subject.startswith(self._record_prefix):
+            self.record_sent = True  # before it is sent: it may land, unacknowledged
+        return await self._js.publish(subject, *args, **kwargs)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._js, attr)
+
+
 class ModelStore:
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
@@ -160,7 +183,7 @@ class ModelStore:
             # written (a checkpoint a training run is saving) fails the put, whose new
             # chunks the client then purges, and the version stored before stays.
             pinned: Any = _Pinned(f, path, digest, size)  # read as the client reads a file
-            info = await self._store.put(name, pinned, meta=meta)
+            info = await self._put(name, pinned, meta)
         await self._push_blob(name, path, digest)
         return int(info.size or 0)
 
@@ -192,9 +215,46 @@ class ModelStore:
                 name=name + BLOB_SUFFIX, headers=headers, options=self._chunking()
             )
             with blob.open("rb") as f:
-                await self._store.put(name + BLOB_SUFFIX, f, meta=meta)
+                await self._put(name + BLOB_SUFFIX, f, meta)
         finally:
             blob.unlink(missing_ok=True)
+
+    async def _put(self, name: str, data: Any, meta: api.ObjectMeta) -> api.ObjectInfo:
+        """The client's put, whose chunks are purged however it ends before the object
+        is stored: the client purges them on an error only, and a push cancelled
+        midway (Ctrl-C) left them in the stream for good, never named by any object."""
+        js: Any = getattr(self._store, "_js", None)
+        stream = getattr(self._store, "_stream", None)
+        bucket = getattr(self._store, "_name", None)
+        if js is None or not stream or not bucket:
+            return await self._store.put(name, data, meta=meta)
+        seen = _PutSubjects(js, bucket)
+        try:
+            return await ObjectStore(bucket, stream, seen).put(name, data, meta=meta)  # type: ignore[arg-type]
+        except BaseException:
+            if seen.chunks is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    await self._purge_unstored(name, stream, seen)
+            raise
+
+    async def _purge_unstored(self, name: str, stream: str, seen: _PutSubjects) -> None:
+        """Purge a put's chunks unless its object was stored (its record published:
+        the object is the put's own, whose chunks must stay)."""
+        assert seen.chunks is not None
+        if seen.record_sent:
+            try:
+                info = await self._store.get_info(name)
+            except (ObjectNotFoundError, ObjectDeletedError):
+                pass
+            except Exception:
+                return  # not known whether it was stored: left, not risked
+            else:
+                if seen.chunks.endswith(f".{info.nuid}"):
+                    return
+        with contextlib.suppress(Exception):
+            js: Any = getattr(self._store, "_js", None)
+            await js.purge_stream(stream, subject=seen.chunks)
+            log.info("model.push_chunks_purged", model=name)
 
     def _chunking(self) -> api.ObjectMetaOptions:
         """Chunks as large as the server lets one message be, up to CHUNK_BYTES (the

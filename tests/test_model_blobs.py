@@ -10,6 +10,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 import torch
 from nats.aio.client import Client as NATS
 from nats.js import api
+from nats.js.object_store import ObjectStore
 
 from bench.live_models import WIDTH, mlp, write_mlp
 from gfaas.client import Client
@@ -158,7 +160,7 @@ async def test_workers_answer_from_the_blob_and_from_the_file_when_asked(
 
 
 async def test_a_file_that_changes_while_it_is_pushed_does_not_replace_the_stored_model(
-    nc: NATS, tmp_path: Path, tier: HostTier
+    nc: NATS, tmp_path: Path, tier: HostTier, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A file rewritten while the client reads it to put (a checkpoint still being
     saved) fails its push, and the version stored before stays whole (before, the
@@ -169,14 +171,16 @@ async def test_a_file_that_changes_while_it_is_pushed_does_not_replace_the_store
     write_mlp(weights, 3, seed=2)
     await store.push("m3", weights)
     first = await store.fetch("m3", tmp_path / "cache")
-    real_put = store._store.put
+    real_put = ObjectStore.put
 
-    async def put_while_rewritten(name: str, data: object, meta: object = None) -> object:
+    async def put_while_rewritten(
+        self: ObjectStore, name: str, data: Any, meta: Any = None
+    ) -> api.ObjectInfo:
         if name == "m3":
             write_mlp(weights, 3, seed=5)  # the same size, other bytes, mid-push
-        return await real_put(name, data, meta=meta)  # type: ignore[arg-type]
+        return await real_put(self, name, data, meta=meta)
 
-    store._store.put = put_while_rewritten  # type: ignore[method-assign,assignment]
+    monkeypatch.setattr(ObjectStore, "put", put_while_rewritten)
     with pytest.raises(ValueError, match="changed while it was pushed"):
         await store.push("m3", weights)
     assert await store.fetch("m3", tmp_path / "cache") == first  # the old one, whole
@@ -213,3 +217,43 @@ async def test_a_file_that_changes_before_its_blob_is_made_gets_no_blob(
         torch.testing.assert_close(stored[name], tensor, rtol=0, atol=0)
     host = await store.fill_host_tier("m3", tier)
     assert host is None  # no blob: a node loads the original
+
+
+async def test_a_push_cancelled_midway_leaves_no_chunks_in_the_store(
+    nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push cancelled while it sends its chunks (Ctrl-C in `gfaas model push`)
+    stores nothing, and its chunks are purged (before, the client purged them only
+    on an error: they stayed in the stream for good, named by no object)."""
+    import threading
+    import time
+
+    import shared.modelstore as modelstore
+    from shared.modelstore import CHUNK_BYTES
+
+    store = await ModelStore.open(nc.jetstream())
+    weights = tmp_path / "cut.bin"
+    weights.write_bytes(np.random.default_rng(7).bytes(5 * CHUNK_BYTES + 1))
+    read = modelstore._Pinned.readinto
+    first = threading.Event()
+
+    def slowly(self: object, buffer: bytearray) -> int:
+        n = read(self, buffer)  # type: ignore[arg-type]
+        if first.is_set():
+            time.sleep(0.3)
+        first.set()
+        return n
+
+    monkeypatch.setattr(modelstore._Pinned, "readinto", slowly)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.push, "cut", weights)
+            while not first.is_set():
+                await anyio.sleep(0.01)
+            await anyio.sleep(0.5)  # a chunk or two sent
+            tg.cancel_scope.cancel()
+    objects: Any = store._store
+    chunks = f"$O.{objects._name}.C.>"
+    state = (await nc.jetstream().stream_info(objects._stream, subjects_filter=chunks)).state
+    assert not state.subjects, state.subjects
+    assert await store.size("cut") == 0  # nothing stored
