@@ -21,7 +21,7 @@ import hashlib
 import mmap
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
@@ -458,10 +458,12 @@ class ModelStore:
             # Unsubscribing leaves the consumer on the server until its inactive
             # threshold: one per fetch, STALL_S each (a node fetching many models, or
             # a prefetcher's rounds, piles them up). The fetch is done with it.
+            # Not waited for: under authentication no service may delete a consumer
+            # (shared.auth), and waiting for the refused request's timeout (5 s) added
+            # that much to every fetch and fill of a worker's.
             consumer = getattr(sub, "_consumer", None)
             if consumer:
-                with contextlib.suppress(Exception):
-                    await js.delete_consumer(stream, consumer)
+                _in_background(_delete_consumer(js, stream, consumer))
 
     async def _next_batch(
         self,
@@ -598,6 +600,21 @@ async def _taken(take: Callable[[], T], give_back: Callable[[T], None]) -> T:
         loop = asyncio.get_running_loop()
         task.add_done_callback(settle)
         raise
+
+
+# Tasks started and not waited for, held until they end (the loop holds them weakly).
+_background: set[asyncio.Task[None]] = set()
+
+
+def _in_background(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.ensure_future(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def _delete_consumer(js: Any, stream: str, consumer: str) -> None:
+    with contextlib.suppress(Exception):
+        await js.delete_consumer(stream, consumer)
 
 
 def _abort(pending: Pending) -> None:

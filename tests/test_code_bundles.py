@@ -512,6 +512,8 @@ async def test_a_workers_credentials_cannot_write_the_code_store(tmp_path: Path)
             ref, _ = await store.push("demo", good)
             # Handler code holds a worker's credentials: it may read bundles, not write.
             theirs = await worker.jetstream().object_store(jetstream.CODE_BUCKET)
+            with anyio.fail_after(5):  # its fetch's stream info and pull consumer: allowed
+                assert await CodeStore(theirs).fetch(ref, max_bytes=len(good)) == good
             wrote = False
             with anyio.move_on_after(3), contextlib.suppress(Exception):
                 await theirs.put(str(ref), b"evil")  # no ack comes: the server refused it
