@@ -10,6 +10,7 @@ write the bucket (shared/auth.py `_JS_DENY`); a node still hashes what it fetche
 from __future__ import annotations
 
 import base64
+import hashlib
 from typing import Any
 
 import anyio
@@ -24,6 +25,8 @@ from nats.js.object_store import ObjectStore
 
 from shared import jetstream
 from shared.codebundle import BundleError, BundleRef, parse_ref, sha256_hex
+from shared.errors import GfaasError
+from shared.modelstore import ModelStore, _HashingWriter, _verify
 from shared.names import is_valid_name, name_problem
 
 # A fetch that has not finished by then is given up (chunks lost in the store).
@@ -132,16 +135,30 @@ class CodeStore:
 
     async def fetch(self, ref: BundleRef, *, max_bytes: int) -> bytes:
         """The stored bytes of `ref` (not yet verified: `extract` hashes them); a
-        BundleError when they are not there, too large, or do not arrive."""
+        BundleError when they are not there, too large, or do not arrive.
+
+        Pulled in batches of chunks as model weights are (shared.modelstore), never
+        more than `max_bytes` of them whatever the object's record says its size is
+        (the client's own `get` takes every chunk the stream holds under the object,
+        into one buffer grown by concatenation), a truncated object refused at once."""
+        name = str(ref)
         try:
-            info = await self._store.get_info(str(ref))
-            if int(info.size or 0) > max_bytes:
-                raise BundleError(
-                    f"code bundle {ref.short} holds {info.size} bytes in the store, over "
-                    f"the {max_bytes} a node takes (GFAAS_CODE_BUNDLE_MAX_MB)"
-                )
+            info = await self._store.get_info(name)
+        except (ObjectNotFoundError, ObjectDeletedError):
+            raise BundleError(f"code bundle {ref.short} is not in the code store") from None
+        if int(info.size or 0) > max_bytes:
+            raise BundleError(
+                f"code bundle {ref.short} holds {info.size} bytes in the store, over "
+                f"the {max_bytes} a node takes (GFAAS_CODE_BUNDLE_MAX_MB)"
+            )
+        writer = _CappedWriter(ref, max_bytes)
+        chunks = ModelStore(self._store)  # its chunk reader: nothing of models
+        what = "code bundle"
+        try:
             with anyio.fail_after(FETCH_TIMEOUT_S):
-                result = await self._store.get(str(ref))
+                await chunks._check_chunks(name, info, what)
+                await chunks._download(name, info, writer, what)
+            _verify(name, info, writer, what)
         except (ObjectNotFoundError, ObjectDeletedError):
             raise BundleError(f"code bundle {ref.short} is not in the code store") from None
         except DigestMismatchError:
@@ -149,12 +166,36 @@ class CodeStore:
                 f"code bundle {ref.short} is corrupt in the code store: its chunks do not "
                 "match what was stored"
             ) from None
+        except GfaasError as exc:  # truncated, or corrupt: the store's record says so
+            raise BundleError(exc.reason) from None
         except TimeoutError:
             raise BundleError(
                 f"code bundle {ref.short} did not arrive from the code store within "
                 f"{FETCH_TIMEOUT_S:g} s (truncated there?)"
             ) from None
-        return bytes(result.data or b"")
+        return bytes(writer.data)
+
+
+class _CappedWriter(_HashingWriter):
+    """A bundle's bytes as they arrive, refused past `max_bytes`."""
+
+    def __init__(self, ref: BundleRef, max_bytes: int) -> None:
+        self._ref = ref
+        self._max = max_bytes
+        self.data = bytearray()
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        if self.size + len(data) > self._max:
+            raise BundleError(
+                f"code bundle {self._ref.short} holds more than the {self._max} bytes a "
+                "node takes (GFAAS_CODE_BUNDLE_MAX_MB), though the store records fewer"
+            )
+        self.data += data
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
 
 
 def parse_ref_or_none(name: str) -> BundleRef | None:

@@ -21,10 +21,11 @@ import hashlib
 import mmap
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
+import anyio
 import nats.errors
 from nats.js import api
 from nats.js.client import JetStreamContext
@@ -66,6 +67,8 @@ FETCH_BYTES = 32 * 1024 * 1024
 # for at most this long (the agent's fill of a large model from the store included).
 MAPPED_POLL_S = 0.05
 MAPPED_WAIT_S = 300.0
+# A fetch waiting for chunks looks this often whether its object was replaced.
+REPLACED_POLL_S = 1.0
 # Fetches of a model a push replaced while it was fetched (the old chunks purged),
 # before its error stands: each new try is for weights pushed since the last.
 REPUSHED_TRIES = 3
@@ -98,6 +101,59 @@ class _HashingWriter:
         return self._f.write(data)
 
 
+class ModelChangedError(ValueError):
+    """The file pushed changed while it was read."""
+
+
+class _Pinned:
+    """The file as the client reads it to put, refused (at its end) unless its bytes
+    are the `size` bytes hashed to `digest`."""
+
+    def __init__(self, f: IO[bytes], path: Path, digest: str, size: int) -> None:
+        self._f = f
+        self._path = path
+        self._digest = digest
+        self._size = size
+        self._sha = hashlib.sha256()
+        self._read = 0
+
+    def readinto(self, buffer: bytearray) -> int:
+        n = self._f.readinto(buffer)  # type: ignore[attr-defined]
+        if n:
+            self._sha.update(memoryview(buffer)[:n])
+            self._read += n
+            if self._read <= self._size:
+                return int(n)
+        if self._read != self._size or self._sha.hexdigest() != self._digest:
+            raise ModelChangedError(
+                f"{self._path} changed while it was pushed ({self._read} bytes read, "
+                f"{self._size} hashed): nothing was stored; push it again once it is complete"
+            )
+        return 0
+
+
+class _PutSubjects:
+    """A JetStream context that passes everything on to `js`, noting the subject a
+    put of bucket `bucket` sends its chunks to, and whether it sent the record."""
+
+    def __init__(self, js: Any, bucket: str) -> None:
+        self._js = js
+        self._chunk_prefix = f"$O.{bucket}.C."
+        self._record_prefix = f"$O.{bucket}.M."
+        self.chunks: str | None = None
+        self.record_sent = False
+
+    async def publish(self, subject: str, *args: Any, **kwargs: Any) -> Any:
+        if subject.startswith(self._chunk_prefix):
+            self.chunks = subject
+        elif subject.startswith(self._record_prefix):
+            self.record_sent = True  # before it is sent: it may land, unacknowledged
+        return await self._js.publish(subject, *args, **kwargs)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._js, attr)
+
+
 class ModelStore:
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
@@ -114,14 +170,20 @@ class ModelStore:
         layout (when the file is a mapping of tensors), so that a node maps them
         without unpickling. The original is what `fetch` gives and what is sized."""
         check_name("model", name)  # an object name, and a file name in every cache
-        digest = await asyncio.to_thread(file_sha256, path)
-        meta = api.ObjectMeta(
-            name=name,
-            headers={SHA256_HEADER: [digest], SIZE_HEADER: [str(path.stat().st_size)]},
-            options=self._chunking(),
-        )
         with path.open("rb") as f:
-            info = await self._store.put(name, f, meta=meta)
+            size = os.fstat(f.fileno()).st_size
+            digest = await asyncio.to_thread(lambda: hashlib.file_digest(f, "sha256").hexdigest())
+            f.seek(0)
+            meta = api.ObjectMeta(
+                name=name,
+                headers={SHA256_HEADER: [digest], SIZE_HEADER: [str(size)]},
+                options=self._chunking(),
+            )
+            # Its bytes as they are put must be the ones hashed: a file still being
+            # written (a checkpoint a training run is saving) fails the put, whose new
+            # chunks the client then purges, and the version stored before stays.
+            pinned: Any = _Pinned(f, path, digest, size)  # read as the client reads a file
+            info = await self._put(name, pinned, meta)
         await self._push_blob(name, path, digest)
         return int(info.size or 0)
 
@@ -129,9 +191,19 @@ class ModelStore:
         blob = path.with_name(f".{path.name}.gfaas-blob{os.getpid()}")
         try:
             made = await asyncio.to_thread(_make_blob, path, blob)
-            if not made:  # not a mapping of tensors: nodes load the original
+            # Made from the file as it is now: from the weights just stored only if it
+            # has not changed since (else nodes filled from it would serve other weights
+            # than the original's, under its digest).
+            changed = made and await asyncio.to_thread(file_sha256, path) != source
+            if not made or changed:  # nodes load the original
                 with contextlib.suppress(ObjectNotFoundError, ObjectDeletedError):
                     await self._store.delete(name + BLOB_SUFFIX)
+                if changed:
+                    raise ModelChangedError(
+                        f"{path} changed while it was pushed: model {name!r} is stored as "
+                        "it was first read, without its loading copy; push it again once "
+                        "it is complete"
+                    )
                 return
             digest = await asyncio.to_thread(file_sha256, blob)
             headers = {
@@ -143,9 +215,46 @@ class ModelStore:
                 name=name + BLOB_SUFFIX, headers=headers, options=self._chunking()
             )
             with blob.open("rb") as f:
-                await self._store.put(name + BLOB_SUFFIX, f, meta=meta)
+                await self._put(name + BLOB_SUFFIX, f, meta)
         finally:
             blob.unlink(missing_ok=True)
+
+    async def _put(self, name: str, data: Any, meta: api.ObjectMeta) -> api.ObjectInfo:
+        """The client's put, whose chunks are purged however it ends before the object
+        is stored: the client purges them on an error only, and a push cancelled
+        midway (Ctrl-C) left them in the stream for good, never named by any object."""
+        js: Any = getattr(self._store, "_js", None)
+        stream = getattr(self._store, "_stream", None)
+        bucket = getattr(self._store, "_name", None)
+        if js is None or not stream or not bucket:
+            return await self._store.put(name, data, meta=meta)
+        seen = _PutSubjects(js, bucket)
+        try:
+            return await ObjectStore(bucket, stream, seen).put(name, data, meta=meta)  # type: ignore[arg-type]
+        except BaseException:
+            if seen.chunks is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+                    await self._purge_unstored(name, stream, seen)
+            raise
+
+    async def _purge_unstored(self, name: str, stream: str, seen: _PutSubjects) -> None:
+        """Purge a put's chunks unless its object was stored (its record published:
+        the object is the put's own, whose chunks must stay)."""
+        assert seen.chunks is not None
+        if seen.record_sent:
+            try:
+                info = await self._store.get_info(name)
+            except (ObjectNotFoundError, ObjectDeletedError):
+                pass
+            except Exception:
+                return  # not known whether it was stored: left, not risked
+            else:
+                if seen.chunks.endswith(f".{info.nuid}"):
+                    return
+        with contextlib.suppress(Exception):
+            js: Any = getattr(self._store, "_js", None)
+            await js.purge_stream(stream, subject=seen.chunks)
+            log.info("model.push_chunks_purged", model=name)
 
     def _chunking(self) -> api.ObjectMetaOptions:
         """Chunks as large as the server lets one message be, up to CHUNK_BYTES (the
@@ -279,9 +388,10 @@ class ModelStore:
             raise
         partial.replace(target)
 
-    async def _check_chunks(self, name: str, info: api.ObjectInfo) -> None:
+    async def _check_chunks(self, name: str, info: api.ObjectInfo, what: str = "model") -> None:
         """Refuse at once an object whose chunks are not all in the stream (the
-        client would wait for them forever). Skipped where the client hides them."""
+        client would wait for them forever). Skipped where the client hides them.
+        `what` the object is, for the refusal."""
         js: Any = getattr(self._store, "_js", None)
         stream = getattr(self._store, "_stream", None)
         bucket = getattr(self._store, "_name", None)
@@ -293,10 +403,12 @@ class ModelStore:
         if have != info.chunks:
             raise GfaasError(
                 ErrorCode.MODEL_UNAVAILABLE,
-                f"model {name!r} is truncated in the store: {have} of {info.chunks} chunks",
+                f"{what} {name!r} is truncated in the store: {have} of {info.chunks} chunks",
             )
 
-    async def _download(self, name: str, info: api.ObjectInfo, writer: _HashingWriter) -> None:
+    async def _download(
+        self, name: str, info: api.ObjectInfo, writer: _HashingWriter, what: str = "model"
+    ) -> None:
         """Stream the object's chunks into `writer`, giving up when nothing arrives for
         STALL_S.
 
@@ -308,7 +420,7 @@ class ModelStore:
         stream = getattr(self._store, "_stream", None)
         bucket = getattr(self._store, "_name", None)
         if js is None or not stream or not bucket:
-            await self._download_pushed(name, info, writer)  # a client that hides them
+            await self._download_pushed(name, info, writer, what)  # a client that hides them
             return
         chunks = int(info.chunks or 0)
         if chunks == 0:
@@ -328,10 +440,9 @@ class ModelStore:
         try:
             got = 0
             while got < chunks:
-                try:
-                    batch = await sub.fetch(min(batch_size, chunks - got), timeout=STALL_S)
-                except nats.errors.TimeoutError:
-                    raise _stalled(name, info, writer) from None
+                batch = await self._next_batch(
+                    sub, min(batch_size, chunks - got), name, info, writer, what
+                )
                 if writing is not None:
                     await writing
                 data = [msg.data for msg in batch]
@@ -347,13 +458,54 @@ class ModelStore:
             # Unsubscribing leaves the consumer on the server until its inactive
             # threshold: one per fetch, STALL_S each (a node fetching many models, or
             # a prefetcher's rounds, piles them up). The fetch is done with it.
+            # Not waited for: under authentication no service may delete a consumer
+            # (shared.auth), and waiting for the refused request's timeout (5 s) added
+            # that much to every fetch and fill of a worker's.
             consumer = getattr(sub, "_consumer", None)
             if consumer:
-                with contextlib.suppress(Exception):
-                    await js.delete_consumer(stream, consumer)
+                _in_background(_delete_consumer(js, stream, consumer))
+
+    async def _next_batch(
+        self,
+        sub: Any,
+        want: int,
+        name: str,
+        info: api.ObjectInfo,
+        writer: _HashingWriter,
+        what: str,
+    ) -> list[Any]:
+        """Up to `want` chunks. Waited for in slices of REPLACED_POLL_S, looking
+        between them whether the object was pushed again or removed (its chunks are
+        purged then, and would never come): that is said at once, where waiting for
+        STALL_S held a load racing a push up for that long."""
+        waited = 0.0
+        while True:
+            wait = min(REPLACED_POLL_S, STALL_S - waited)
+            try:
+                return list(await sub.fetch(want, timeout=wait))
+            except nats.errors.TimeoutError:
+                waited += wait
+            if await self._replaced(name, info):
+                raise GfaasError(
+                    ErrorCode.MODEL_UNAVAILABLE,
+                    f"{what} {name!r} was pushed again or removed while it was fetched "
+                    f"(after {writer.size} of {info.size} bytes)",
+                )
+            if waited >= STALL_S:
+                raise _stalled(name, info, writer, what)
+
+    async def _replaced(self, name: str, info: api.ObjectInfo) -> bool:
+        """Is the store's object `name` no longer the one `info` describes?"""
+        try:
+            now = await self._store.get_info(name)
+        except (ObjectNotFoundError, ObjectDeletedError):
+            return True
+        except Exception:
+            return False  # not known: the caller waits on
+        return now.nuid != info.nuid
 
     async def _download_pushed(
-        self, name: str, info: api.ObjectInfo, writer: _HashingWriter
+        self, name: str, info: api.ObjectInfo, writer: _HashingWriter, what: str = "model"
     ) -> None:
         task = asyncio.ensure_future(self._store.get(name, writeinto=writer))  # type: ignore[arg-type]
         seen = 0
@@ -364,7 +516,7 @@ class ModelStore:
                     task.result()
                     return
                 if writer.size == seen:
-                    raise _stalled(name, info, writer)
+                    raise _stalled(name, info, writer, what)
                 seen = writer.size
         finally:
             if not task.done():
@@ -450,6 +602,21 @@ async def _taken(take: Callable[[], T], give_back: Callable[[T], None]) -> T:
         raise
 
 
+# Tasks started and not waited for, held until they end (the loop holds them weakly).
+_background: set[asyncio.Task[None]] = set()
+
+
+def _in_background(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.ensure_future(work)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+async def _delete_consumer(js: Any, stream: str, consumer: str) -> None:
+    with contextlib.suppress(Exception):
+        await js.delete_consumer(stream, consumer)
+
+
 def _abort(pending: Pending) -> None:
     pending.abort()
 
@@ -504,15 +671,17 @@ def _make_blob(path: Path, blob: Path) -> bool:
     return True
 
 
-def _stalled(name: str, info: api.ObjectInfo, writer: _HashingWriter) -> GfaasError:
+def _stalled(
+    name: str, info: api.ObjectInfo, writer: _HashingWriter, what: str = "model"
+) -> GfaasError:
     return GfaasError(
         ErrorCode.MODEL_UNAVAILABLE,
-        f"model {name!r} is truncated in the store: no data for {STALL_S:g} s "
+        f"{what} {name!r} is truncated in the store: no data for {STALL_S:g} s "
         f"after {writer.size} of {info.size} bytes",
     )
 
 
-def _verify(name: str, info: api.ObjectInfo, writer: _HashingWriter) -> None:
+def _verify(name: str, info: api.ObjectInfo, writer: _HashingWriter, what: str = "model") -> None:
     """The bytes received are the ones pushed: size and SHA-256 as recorded at push.
 
     Objects pushed without the headers (older clients) are checked for size only;
@@ -524,7 +693,7 @@ def _verify(name: str, info: api.ObjectInfo, writer: _HashingWriter) -> None:
     if len(sizes) > 1:
         raise GfaasError(
             ErrorCode.MODEL_UNAVAILABLE,
-            f"model {name!r} is truncated in the store: {writer.size} bytes received, "
+            f"{what} {name!r} is truncated in the store: {writer.size} bytes received, "
             f"{expected_size or info.size} pushed",
         )
     recorded = (info.digest or "").removeprefix("SHA-256=").removeprefix("sha-256=")
@@ -534,12 +703,14 @@ def _verify(name: str, info: api.ObjectInfo, writer: _HashingWriter) -> None:
         except ValueError:
             matches = False
         if not matches:  # the object's own digest, as the client would check it
-            raise GfaasError(ErrorCode.MODEL_UNAVAILABLE, f"model {name!r} is corrupt in the store")
+            raise GfaasError(
+                ErrorCode.MODEL_UNAVAILABLE, f"{what} {name!r} is corrupt in the store"
+            )
     expected = _header(info, SHA256_HEADER)
     got = writer.sha.hexdigest()
     if expected is not None and got != expected:
         raise GfaasError(
             ErrorCode.MODEL_UNAVAILABLE,
-            f"model {name!r} is corrupt in the store: sha256 {got[:16]}... "
+            f"{what} {name!r} is corrupt in the store: sha256 {got[:16]}... "
             f"does not match {expected[:16]}... recorded at push",
         )

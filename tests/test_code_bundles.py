@@ -512,6 +512,8 @@ async def test_a_workers_credentials_cannot_write_the_code_store(tmp_path: Path)
             ref, _ = await store.push("demo", good)
             # Handler code holds a worker's credentials: it may read bundles, not write.
             theirs = await worker.jetstream().object_store(jetstream.CODE_BUCKET)
+            with anyio.fail_after(5):  # its fetch's stream info and pull consumer: allowed
+                assert await CodeStore(theirs).fetch(ref, max_bytes=len(good)) == good
             wrote = False
             with anyio.move_on_after(3), contextlib.suppress(Exception):
                 await theirs.put(str(ref), b"evil")  # no ack comes: the server refused it
@@ -533,3 +535,45 @@ async def test_a_workers_credentials_cannot_write_the_code_store(tmp_path: Path)
         finally:
             await worker.close()
             await admin.close()
+
+
+async def _record_says(nc: NATS, name: str, **fields: Any) -> None:
+    """Rewrite the stored object `name`'s record (its meta message) with `fields`."""
+    import base64
+    import json
+
+    from nats.js.object_store import OBJ_META_PRE_TEMPLATE
+
+    raw = await jetstream.code_store(nc.jetstream())
+    info = await raw.get_info(name)
+    record = {**info.as_dict(), **fields}
+    subject = OBJ_META_PRE_TEMPLATE.format(
+        bucket=jetstream.CODE_BUCKET, obj=base64.urlsafe_b64encode(name.encode()).decode()
+    )
+    await nc.jetstream().publish(
+        subject, json.dumps(record).encode(), headers={"Nats-Rollup": "sub"}
+    )
+
+
+@pytest.mark.nats
+@pytest.mark.anyio
+async def test_a_bundle_larger_than_its_record_says_is_refused_past_the_cap(
+    nc: NATS, tmp_path: Path
+) -> None:
+    """A node takes at most its cap of a bundle's bytes, whatever the object's record
+    says its size is (before, a record that said fewer bytes than the stream held let
+    the client's get read every chunk into memory); a bundle within it arrives whole."""
+    store = await CodeStore.open(nc.jetstream())
+    small = pack(write_package(tmp_path / "small", 2))
+    ref, _ = await store.push("demo", small)
+    with anyio.fail_after(4):
+        assert await store.fetch(ref, max_bytes=len(small)) == small
+    big = os.urandom(600 * 1024)  # five chunks of the client's 128 KiB
+    big_ref, _ = await store.push("big", big)
+    await _record_says(nc, str(big_ref), size=1000)
+    with anyio.fail_after(4), pytest.raises(BundleError, match="holds more than the 100000 bytes"):
+        await store.fetch(big_ref, max_bytes=100_000)
+    # A record with chunks the stream does not hold is refused at once, not waited for.
+    await _record_says(nc, str(ref), chunks=7)
+    with anyio.fail_after(4), pytest.raises(BundleError, match="is truncated in the store"):
+        await store.fetch(ref, max_bytes=len(small))

@@ -10,6 +10,7 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 import torch
 from nats.aio.client import Client as NATS
 from nats.js import api
+from nats.js.object_store import ObjectStore
 
 from bench.live_models import WIDTH, mlp, write_mlp
 from gfaas.client import Client
@@ -155,3 +157,103 @@ async def test_workers_answer_from_the_blob_and_from_the_file_when_asked(
     # The MLP came from its blob: its file was never fetched; Scale's was, on request.
     cached = {p.name.split("-")[0] for p in (platform.state_dir / "models").glob("*.bin")}
     assert cached == {"factor"}
+
+
+async def test_a_file_that_changes_while_it_is_pushed_does_not_replace_the_stored_model(
+    nc: NATS, tmp_path: Path, tier: HostTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file rewritten while the client reads it to put (a checkpoint still being
+    saved) fails its push, and the version stored before stays whole (before, the
+    push succeeded and stored bytes other than the ones its headers were hashed from:
+    every node refused the model as corrupt, the good version gone)."""
+    store = await ModelStore.open(nc.jetstream())
+    weights = tmp_path / "m3.pt"
+    write_mlp(weights, 3, seed=2)
+    await store.push("m3", weights)
+    first = await store.fetch("m3", tmp_path / "cache")
+    real_put = ObjectStore.put
+
+    async def put_while_rewritten(
+        self: ObjectStore, name: str, data: Any, meta: Any = None
+    ) -> api.ObjectInfo:
+        if name == "m3":
+            write_mlp(weights, 3, seed=5)  # the same size, other bytes, mid-push
+        return await real_put(self, name, data, meta=meta)
+
+    monkeypatch.setattr(ObjectStore, "put", put_while_rewritten)
+    with pytest.raises(ValueError, match="changed while it was pushed"):
+        await store.push("m3", weights)
+    assert await store.fetch("m3", tmp_path / "cache") == first  # the old one, whole
+    host = await store.fill_host_tier("m3", tier)
+    assert host is not None
+    for name, tensor in torch.load(first, weights_only=True).items():
+        torch.testing.assert_close(host.tensors[name], tensor, rtol=0, atol=0)
+
+
+async def test_a_file_that_changes_before_its_blob_is_made_gets_no_blob(
+    nc: NATS, tmp_path: Path, tier: HostTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loading copy is made from the file after the original is stored: when the
+    file changed in between, no blob of it is stored (before, one made from the new
+    weights was stored as the copy of the old: nodes filled from it served other
+    weights than the stored model's), and the push says so."""
+    import shared.modelstore as modelstore
+
+    store = await ModelStore.open(nc.jetstream())
+    weights = tmp_path / "m3.pt"
+    write_mlp(weights, 3, seed=2)
+    pushed = torch.load(weights, weights_only=True)
+    real_make = modelstore._make_blob
+
+    def make_after_a_rewrite(path: Path, blob: Path) -> bool:
+        write_mlp(path, 3, seed=5)
+        return real_make(path, blob)
+
+    monkeypatch.setattr(modelstore, "_make_blob", make_after_a_rewrite)
+    with pytest.raises(ValueError, match="changed while it was pushed"):
+        await store.push("m3", weights)
+    stored = torch.load(await store.fetch("m3", tmp_path / "cache"), weights_only=True)
+    for name, tensor in pushed.items():  # the original: as it was read
+        torch.testing.assert_close(stored[name], tensor, rtol=0, atol=0)
+    host = await store.fill_host_tier("m3", tier)
+    assert host is None  # no blob: a node loads the original
+
+
+async def test_a_push_cancelled_midway_leaves_no_chunks_in_the_store(
+    nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push cancelled while it sends its chunks (Ctrl-C in `gfaas model push`)
+    stores nothing, and its chunks are purged (before, the client purged them only
+    on an error: they stayed in the stream for good, named by no object)."""
+    import threading
+    import time
+
+    import shared.modelstore as modelstore
+    from shared.modelstore import CHUNK_BYTES
+
+    store = await ModelStore.open(nc.jetstream())
+    weights = tmp_path / "cut.bin"
+    weights.write_bytes(np.random.default_rng(7).bytes(5 * CHUNK_BYTES + 1))
+    read = modelstore._Pinned.readinto
+    first = threading.Event()
+
+    def slowly(self: object, buffer: bytearray) -> int:
+        n = read(self, buffer)  # type: ignore[arg-type]
+        if first.is_set():
+            time.sleep(0.3)
+        first.set()
+        return n
+
+    monkeypatch.setattr(modelstore._Pinned, "readinto", slowly)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.push, "cut", weights)
+            while not first.is_set():
+                await anyio.sleep(0.01)
+            await anyio.sleep(0.5)  # a chunk or two sent
+            tg.cancel_scope.cancel()
+    objects: Any = store._store
+    chunks = f"$O.{objects._name}.C.>"
+    state = (await nc.jetstream().stream_info(objects._stream, subjects_filter=chunks)).state
+    assert not state.subjects, state.subjects
+    assert await store.size("cut") == 0  # nothing stored

@@ -417,7 +417,8 @@ async def test_a_load_waiting_for_room_keeps_its_weights_from_the_prefetcher(
 
 async def test_a_fetch_leaves_no_consumer_on_the_server(nc: NATS, tmp_path: Path) -> None:
     """Each fetch pulls the chunks through a consumer of its own; done, it deletes it
-    instead of leaving it to the server's inactive threshold (STALL_S)."""
+    (not waited for) instead of leaving it to the server's inactive threshold
+    (STALL_S)."""
     js = nc.jetstream()
     store = await ModelStore.open(js)
     weights = tmp_path / "b.bin"
@@ -425,4 +426,83 @@ async def test_a_fetch_leaves_no_consumer_on_the_server(nc: NATS, tmp_path: Path
     await store.push("b", weights)
     fetched = await store.fetch("b", tmp_path / "cache")
     assert fetched.read_bytes() == weights.read_bytes()
-    assert await js.consumers_info(f"OBJ_{MODELS_BUCKET}") == []
+    with anyio.fail_after(2):
+        while await js.consumers_info(f"OBJ_{MODELS_BUCKET}") != []:
+            await anyio.sleep(0.02)
+
+
+async def test_a_workers_fetch_under_authentication_does_not_wait_for_a_refused_delete(
+    tmp_path: Path,
+) -> None:
+    """Under authentication no service may delete a consumer: a worker's fetch (or
+    fill) that waited for its consumer's deletion waited for the refused request's
+    timeout, 5 s more for every model it loaded; it no longer waits for it."""
+    import time
+
+    import nats
+
+    from shared import auth
+    from tests.platform import auth_nats_server
+
+    with auth_nats_server(tmp_path / "state") as server:
+        creds = tmp_path / "state" / "auth"
+        admin = await nats.connect(server.url, **auth.connect_options(creds=creds / "admin.json"))
+        worker = await nats.connect(
+            server.url, **auth.connect_options(creds=creds / "gpu-worker.json")
+        )
+        try:
+            weights = tmp_path / "w.bin"
+            weights.write_bytes(np.random.default_rng(8).bytes(2 * CHUNK_BYTES + 1))
+            await (await ModelStore.open(admin.jetstream())).push("w", weights)
+            store = await ModelStore.open(worker.jetstream())
+            started = time.monotonic()
+            fetched = await store.fetch("w", tmp_path / "cache")
+            assert time.monotonic() - started < 2.0
+            assert fetched.read_bytes() == weights.read_bytes()
+        finally:
+            await worker.close()
+            await admin.close()
+
+
+async def test_a_fetch_whose_chunks_a_push_purges_midway_takes_the_new_weights_at_once(
+    nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push under the name purges the old object's chunks while a fetch is reading
+    them: the chunks still to come never arrive. The fetch sees the object replaced
+    within about a second and takes the new one (before, it waited STALL_S, 30 s,
+    for them first: a cold load racing a push missed its deadline)."""
+    import threading
+
+    import shared.modelstore as modelstore
+
+    monkeypatch.setattr(modelstore, "STALL_S", 60.0)
+    monkeypatch.setattr(modelstore, "FETCH_BYTES", CHUNK_BYTES)  # one chunk a batch
+    store = await ModelStore.open(nc.jetstream())
+    old, new = tmp_path / "old.bin", tmp_path / "new.bin"
+    old.write_bytes(np.random.default_rng(5).bytes(6 * CHUNK_BYTES + 3))
+    new.write_bytes(np.random.default_rng(6).bytes(2 * CHUNK_BYTES + 1))
+    await store.push("midway", old)
+    write_all = modelstore._write_all
+    first_written, pushed = threading.Event(), threading.Event()
+
+    def held_after_the_first(writer: Any, data: list[bytes]) -> None:
+        if not first_written.is_set():
+            first_written.set()
+            pushed.wait(10)  # the old chunks are purged meanwhile
+        write_all(writer, data)
+
+    monkeypatch.setattr(modelstore, "_write_all", held_after_the_first)
+    fetched: list[Path] = []
+
+    async def fetch() -> None:
+        fetched.append(await store.fetch("midway", tmp_path / "cache"))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fetch)
+            while not first_written.is_set():
+                await anyio.sleep(0.01)
+            await store.push("midway", new)
+            pushed.set()
+    assert fetched[0].read_bytes() == new.read_bytes()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [fetched[0].name]

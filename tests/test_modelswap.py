@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,8 +13,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from shared.dataplane.shm import SHM_DIR, create_segment
 from shared.modelswap import HostTier, instantiate
-from shared.modelswap.host_tier import PREFIX, segment_name
+from shared.modelswap.host_tier import PREFIX, segment_name, write_blob
 from shared.modelswap.pipeline import SwapError, _NoInit, group_parameters
 from tests.platform import PYTHON, subprocess_env
 
@@ -199,3 +201,180 @@ def test_a_segment_being_filled_has_its_pages_before_the_bytes_arrive(tier: Host
         assert _resident_kib(pending.tmp) >= size // 1024 - 4
     finally:
         pending.abort()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="gives a segment to another user: root only")
+def test_a_segment_another_user_left_under_a_models_name_is_not_taken_for_it(
+    weights: tuple[nn.Module, Path],
+) -> None:
+    """/dev/shm is open to every user: a handler running as the handler user can leave
+    a file of its own under the segment name of a model before the agent fills it.
+    The agent (and every instance) took it for the model (before: its weights went
+    into every function that loads that model, and its maker could go on writing
+    them); now a segment is the tier's only when its writer's user or root owns it,
+    and the fill replaces any other."""
+    reference, path = weights
+    tier = HostTier(prefix=f"{PREFIX}test-{os.getpid()}-planted-")
+    name = segment_name("mlp-test", "d1", tier.prefix)
+    planted = SHM_DIR / name
+    try:
+        poison = {k: torch.full_like(v, 7.0) for k, v in reference.state_dict().items()}
+        write_blob(poison, planted)
+        os.chown(planted, 65534, 65534)
+        assert tier.cached("mlp-test", "d1") is None
+        assert HostTier(tier.prefix, readonly=True).cached("mlp-test", "d1") is None
+        host = tier.get_or_load("mlp-test", "d1", lambda: path)
+        for key, tensor in reference.state_dict().items():
+            assert torch.equal(host.tensors[key], tensor)
+        assert planted.stat().st_uid == 0  # the fill's own segment now
+        reader = HostTier(tier.prefix, readonly=True).cached("mlp-test", "d1")
+        assert reader is not None
+        assert torch.equal(next(iter(reader.tensors.values())), next(iter(host.tensors.values())))
+    finally:
+        tier.purge()
+        planted.unlink(missing_ok=True)
+
+
+_FILL_OVER_ROOM = """
+import os, sys
+from pathlib import Path
+import torch
+import shared.dataplane.shm as shm
+import shared.modelswap.host_tier as ht
+shm.SHM_DIR = ht.SHM_DIR = Path(sys.argv[1])
+ht.LOCK_DIR = shm.SHM_DIR / ".gfaas-locks"
+weights = Path(sys.argv[2])
+torch.save({"w": torch.ones(1024 * 1024)}, weights)  # 4 MiB, in a 1 MiB /dev/shm
+try:
+    ht.HostTier(prefix="gfaas-model-test-").get_or_load("big", "d1", lambda: weights)
+except Exception as exc:
+    print(type(exc).__name__, exc)
+print(sorted(n for n in os.listdir(shm.SHM_DIR) if not n.startswith(".")))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs: root only")
+def test_a_model_larger_than_the_room_in_dev_shm_is_refused_not_a_crash(
+    tmp_path: Path,
+) -> None:
+    """A model's segment is reserved before it is written: with less room left in
+    /dev/shm than the model needs, the load fails with why and leaves no segment
+    (before, the write into the segment past the room was a SIGBUS: the agent died
+    and its half-written segment stayed)."""
+    shm_dir = tmp_path / "shm"
+    shm_dir.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(shm_dir)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr!r}")
+    try:
+        done = subprocess.run(
+            [PYTHON, "-c", _FILL_OVER_ROOM, str(shm_dir), str(tmp_path / "big.pt")],
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        subprocess.run(["umount", str(shm_dir)], check=True)
+    assert done.returncode == 0, f"rc {done.returncode}: {done.stderr[-2000:]}"
+    refusal, left = done.stdout.strip().splitlines()
+    assert refusal.startswith("BackendError no room in"), refusal
+    assert left == "[]"
+
+
+def test_a_fill_removes_what_a_killed_fill_of_the_model_left(
+    weights: tuple[nn.Module, Path],
+) -> None:
+    """A process killed while it filled a model leaves its temporary segment (the
+    bytes so far, in /dev/shm until the node stops: before, every killed fill of a
+    model added one); the next fill of that model, holding its lock, removes it."""
+    _, path = weights
+    tier = HostTier(prefix=f"{PREFIX}test-{os.getpid()}-stale-")
+    name = segment_name("mlp-test", "d1", tier.prefix)
+    left = f"{name}.tmp999999-1"
+    other = segment_name("other", "d1", tier.prefix) + ".tmp999999-1"
+    try:
+        for stale in (left, other):
+            create_segment(stale, 4096).close()
+        tier.get_or_load("mlp-test", "d1", lambda: path)
+        assert tier.resident() == sorted([name, other])  # another model's: not this fill's
+    finally:
+        tier.purge()
+
+
+def test_a_pinned_segment_is_unpinned_when_the_tier_lets_go_of_it(
+    weights: tuple[nn.Module, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A segment page-locked for a device's copies is unregistered when the tier
+    evicts it or closes (before, it stayed registered: its pages locked in the
+    process after the eviction, and a new segment mapped at the same address was
+    taken for pinned already). No GPU: the CUDA runtime's calls are recorded."""
+    from shared.modelswap import cuda
+
+    calls: list[tuple[str, int]] = []
+
+    class Runtime:
+        def cudaHostRegister(self, ptr: int, size: int, flags: int) -> None:
+            calls.append(("register", ptr))
+
+        def cudaHostUnregister(self, ptr: int) -> None:
+            calls.append(("unregister", ptr))
+
+    monkeypatch.setattr(torch.cuda, "cudart", Runtime)
+    _, path = weights
+    tier = HostTier(prefix=f"{PREFIX}test-{os.getpid()}-pinned-")
+    try:
+        host = tier.get_or_load("mlp-test", "d1", lambda: path)
+        cuda.pin(host)
+        cuda.pin(host)  # once per mapping
+        ptr = torch.frombuffer(host.segment.mm, dtype=torch.uint8).data_ptr()
+        assert calls == [("register", ptr)]
+        tier.evict("mlp-test", "d1")
+        assert calls == [("register", ptr), ("unregister", ptr)]
+        assert ptr not in cuda._registered
+        again = tier.get_or_load("mlp-test", "d2", lambda: path)
+        cuda.pin(again)  # a new mapping, wherever it lies: registered
+        tier.close()
+        assert [c for c, _ in calls] == ["register", "unregister", "register", "unregister"]
+    finally:
+        tier.purge()
+
+
+def test_threads_that_find_a_model_at_once_share_one_mapping(
+    weights: tuple[nn.Module, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loads run in threads: two that look for a model in the tier at once get the
+    one mapping the tier keeps (before, each mapped the segment, and the one the tier
+    did not keep outlived its eviction)."""
+    import threading
+    import time
+
+    import shared.modelswap.host_tier as host_tier
+
+    _, path = weights
+    tier = HostTier(prefix=f"{PREFIX}test-{os.getpid()}-threads-")
+    try:
+        tier.get_or_load("mlp-test", "d1", lambda: path)
+        tier._open.clear()  # mapped by another process: this one has not mapped it yet
+        real_open = host_tier.open_trusted
+
+        def slow_open(name: str, *, readonly: bool = False) -> Any:
+            time.sleep(0.2)  # both threads are looking meanwhile
+            return real_open(name, readonly=readonly)
+
+        monkeypatch.setattr(host_tier, "open_trusted", slow_open)
+        found: list[object] = []
+        threads = [
+            threading.Thread(target=lambda: found.append(tier.cached("mlp-test", "d1")))
+            for _ in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert found[0] is not None
+        assert found[0] is found[1]
+    finally:
+        tier.purge()

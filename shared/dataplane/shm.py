@@ -97,17 +97,28 @@ class Segment:
 
 
 def create_segment(
-    name: str, size: int, *, prefault: bool = False, group_access: int = 0
+    name: str,
+    size: int,
+    *,
+    prefault: bool = False,
+    group_access: int = 0,
+    reserve: bool = False,
 ) -> Segment:
     """A new segment, 0600 to this process's user. `group_access` (access.GROUP_READ
     or GROUP_RW): the bits the node's handler group gets when it has one (see
-    shared.dataplane.access), so that instance processes can map it too."""
+    shared.dataplane.access), so that instance processes can map it too.
+
+    `reserve`: its memory taken from /dev/shm now (a BackendError when there is not
+    that much room), not page by page as it is written: a write into a page /dev/shm
+    has no room for is a SIGBUS, which kills the process."""
     if size <= 0:
         raise BackendError(f"segment size must be positive, got {size}")
     fd = os.open(_path(name), os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     try:
         _share(fd, group_access)
         os.ftruncate(fd, size)
+        if reserve:
+            _reserve(fd, name, size)
         mm = mmap.mmap(fd, size)
     except BaseException:
         os.unlink(_path(name))
@@ -118,6 +129,18 @@ def create_segment(
         # Touch every page now so the first copy into the slab runs at memcpy speed.
         np.frombuffer(mm, dtype=np.uint8)[::_PAGE] = 0
     return Segment(name, size, mm)
+
+
+def _reserve(fd: int, name: str, size: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+            return  # not tmpfs: its pages come as they are written, as before
+        raise BackendError(
+            f"no room in {SHM_DIR} for shared-memory segment {name!r} of {size} bytes: "
+            f"{exc.strerror}"
+        ) from None
 
 
 def _share(fd: int, group_access: int) -> None:

@@ -15,13 +15,26 @@ _registered: set[int] = set()
 
 
 def pin(host: HostModel) -> None:
-    """Page-lock a host-tier segment once per process, so copies from it are async."""
+    """Page-lock a host-tier segment once per mapping, so copies from it are async.
+
+    Undone when the tier lets go of the mapping (`host.unpin`): left registered, the
+    segment's pages stayed locked in this process after its eviction (the model's
+    size in host memory, for each version evicted), and a later segment mapped at
+    the same address was taken for pinned already, while the driver still held the
+    old one's pages for that range."""
     whole = torch.frombuffer(host.segment.mm, dtype=torch.uint8)
     ptr = whole.data_ptr()
     if ptr in _registered:
         return
-    torch.cuda.cudart().cudaHostRegister(ptr, whole.numel(), 0)
+    cudart = torch.cuda.cudart()
+    cudart.cudaHostRegister(ptr, whole.numel(), 0)
     _registered.add(ptr)
+
+    def unpin() -> None:
+        _registered.discard(ptr)
+        cudart.cudaHostUnregister(ptr)
+
+    host.unpin = unpin
 
 
 def copy_groups_cuda(

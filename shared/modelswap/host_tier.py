@@ -44,12 +44,15 @@ from shared.dataplane.shm import (
     open_segment,
     unlink_segment,
 )
+from shared.logs import get_logger
 
 
 def tier_prefix(namespace: str) -> str:
     """The host tier's segment prefix for a platform's shared-memory namespace."""
     return f"{namespace}-model-"
 
+
+log = get_logger("host_tier")
 
 PREFIX = tier_prefix("gfaas")
 ALIGN = 256
@@ -82,6 +85,17 @@ class HostModel:
     segment: Segment
     tensors: dict[str, torch.Tensor]
     _readonly: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    # Undoes the page-locking of the segment for a device's copies (shared.modelswap
+    # .cuda.pin): called before the tier lets go of the mapping.
+    unpin: Callable[[], None] | None = field(default=None, repr=False)
+
+    def _let_go(self) -> None:
+        """The tier is done with this mapping (evicted, or the tier closed)."""
+        if self.unpin is not None:
+            unpin, self.unpin = self.unpin, None
+            unpin()
+        self.tensors.clear()
+        self.segment.close()
 
     @property
     def nbytes(self) -> int:
@@ -109,7 +123,7 @@ class HostModel:
         instance reads. The mapping lives as long as any view of it, even after the
         tier unlinks the segment."""
         if self._readonly is None:
-            segment = open_segment(self.segment.name, readonly=True)
+            segment = open_trusted(self.segment.name, readonly=True)
             with warnings.catch_warnings():
                 # torch warns that it cannot refuse writes to such a buffer: the
                 # mapping's page protection does.
@@ -117,6 +131,30 @@ class HostModel:
                 self._readonly = _views(segment)
             _populate_soon(segment)
         return self._readonly
+
+
+def trusted_owners() -> frozenset[int]:
+    """Whose segments this process takes for the node's copy of a model: its own
+    user's (the agent's, or where instances run as it, theirs) and root's (the agent
+    where instances run as the handler user)."""
+    return frozenset({0, os.geteuid()})
+
+
+def open_trusted(name: str, *, readonly: bool = False) -> Segment:
+    """The segment under `name`, when it is one the tier's writer made: /dev/shm is
+    open to every user, and a file a handler (the handler user) left under a model's
+    name before the agent filled it would otherwise be mapped as that model, by the
+    agent and every instance, with its weights for them all, which its maker could
+    go on writing. A BackendError for any other (the writer's fill replaces it)."""
+    segment = open_segment(name, readonly=readonly)
+    if segment.uid not in trusted_owners():
+        segment.close()
+        log.warning("host_tier.untrusted_segment", segment=name, uid=segment.uid)
+        raise BackendError(
+            f"shared-memory segment {name!r} belongs to uid {segment.uid}, "
+            "not to the host tier's writer"
+        )
+    return segment
 
 
 def _layout(state: Mapping[str, torch.Tensor]) -> tuple[list[_Entry], bytes, int]:
@@ -213,24 +251,34 @@ class HostTier:
         self.prefix = prefix
         self.readonly = readonly
         self._open: dict[str, HostModel] = {}
+        self._opening = threading.Lock()
         self.loads = 0  # models this process put into the tier (from either source)
         self.blob_loads = 0  # of them, streamed in from a stored blob (no unpickling)
 
     def cached(self, model: str, digest: str) -> HostModel | None:
         name = segment_name(model, digest, self.prefix)
-        if name in self._open:
-            return self._open[name]
-        try:
-            segment = open_segment(name, readonly=self.readonly)
-        except BackendError:
-            return None
-        with warnings.catch_warnings():
-            # Read-only views of a read-only mapping: its page protection refuses writes.
-            warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            tensors = _views(segment)
-        host = HostModel(name=model, segment=segment, tensors=tensors)
-        self._open[name] = host
-        return host
+        host = self._open.get(name)
+        if host is not None:
+            return host
+        # Loads run in threads (and the event loop asks too): two that found it absent
+        # together each mapped it, and the mapping the tier did not keep was never let
+        # go of by its eviction (nor unpinned).
+        with self._opening:
+            host = self._open.get(name)
+            if host is not None:
+                return host
+            try:
+                segment = open_trusted(name, readonly=self.readonly)
+            except BackendError:
+                return None
+            with warnings.catch_warnings():
+                # Read-only views of a read-only mapping: its page protection refuses
+                # writes.
+                warnings.filterwarnings("ignore", message="The given buffer is not writable")
+                tensors = _views(segment)
+            host = HostModel(name=model, segment=segment, tensors=tensors)
+            self._open[name] = host
+            return host
 
     def get_or_load(self, model: str, digest: str, load: Callable[[], Path]) -> HostModel:
         """The model from the host tier, loading it from `load()`'s file if absent."""
@@ -264,7 +312,8 @@ class HostTier:
         streamed from the object store), under a temporary name until `commit`.
         Hold `lock(model, digest)` meanwhile: two processes filling one model at once
         would each map their own copy (the last rename wins), and instances meant to
-        share one would hold two."""
+        share one would hold two; and the temporary segments of the model found here
+        are taken for ones a killed fill left, and removed."""
         return self._pending(segment_name(model, digest, self.prefix), size)
 
     def lock(self, model: str, digest: str) -> int:
@@ -278,9 +327,16 @@ class HostTier:
 
     def _pending(self, name: str, size: int) -> Pending:
         tmp = f"{name}.tmp{os.getpid()}-{threading.get_ident()}"
-        unlink_segment(tmp)
-        # Every instance of the node reads it; none writes it after the commit.
-        segment = create_segment(tmp, max(size, 1), group_access=access.GROUP_READ)
+        # The caller holds the model's lock: a temporary segment of it there now is no
+        # fill's under way but one a process killed mid-fill left (that model's bytes
+        # so far, in /dev/shm until the node stops). Gone before this fill takes room.
+        stale = [t for t in list_segments(f"{name}.tmp") if unlink_segment(t)]
+        if stale:
+            log.warning("host_tier.stale_fill_removed", segment=name, removed=stale)
+        # Every instance of the node reads it; none writes it after the commit. Its
+        # memory reserved first: a model larger than what /dev/shm has left is refused
+        # here, where writing it killed the process (SIGBUS) and left the segment.
+        segment = create_segment(tmp, max(size, 1), group_access=access.GROUP_READ, reserve=True)
         # Its pages allocated in a thread ahead of the writer, which would otherwise
         # take a fault per 4 KiB as the bytes arrive (71 ms per 100 MB here).
         return Pending(name, tmp, segment, _madvise_soon(segment, _MADV_POPULATE_WRITE))
@@ -289,8 +345,7 @@ class HostTier:
         name = segment_name(model, digest, self.prefix)
         host = self._open.pop(name, None)
         if host is not None:
-            host.tensors.clear()
-            host.segment.close()
+            host._let_go()
         return unlink_segment(name)
 
     def resident(self) -> list[str]:
@@ -318,8 +373,7 @@ class HostTier:
 
     def close(self) -> None:
         for host in self._open.values():
-            host.tensors.clear()
-            host.segment.close()
+            host._let_go()
         self._open.clear()
 
 
