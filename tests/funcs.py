@@ -347,3 +347,8 @@ class NeverBuilds:
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return inputs
+
+
+def many_outputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`x` again under 520 names, o0 to o519: a stage with as many intermediates."""
+    return {f"o{i}": inputs["x"] for i in range(520)}

@@ -78,9 +78,13 @@ FAILING = WorkflowSpec(
 )
 
 
-async def deploy_all(client: Client, *specs: FunctionSpec | WorkflowSpec) -> None:
+async def deploy_all(
+    client: Client, *specs: FunctionSpec | WorkflowSpec, handler_check: bool = True
+) -> None:
+    """Deploy and wait until ingress has them all. Without `handler_check` no handler
+    is dry-run in a sandbox first (a few seconds each on a busy host)."""
     for spec in specs:
-        await client.deploy(spec)
+        await client.deploy(spec, handler_check=handler_check)
     names = {s.name for s in specs}
     with anyio.fail_after(5):
         while True:
@@ -491,3 +495,31 @@ async def test_outputs_of_a_stage_that_finishes_past_the_deadline_are_released(
     assert info.value.code == "deadline_exceeded", info.value
     await anyio.sleep(1.0)
     await leases_settle_at(client, 0)
+
+
+async def test_a_run_holding_more_intermediates_than_one_broker_request_takes(
+    platform: Platform, nc: NATS
+) -> None:
+    # 1,040 intermediates by handle: the run released them in one request, which the
+    # broker client refuses past 1,024; the error escaped the run and ended the
+    # ingress (its leases went only as the broker reclaimed a dead holder's).
+    many = FunctionSpec(name="many", handler="tests.funcs:many_outputs", inputs=X)
+    wide = WorkflowSpec(
+        name="wide",
+        inputs=X,
+        stages=[
+            StageSpec(name="a", function="many", inputs={"x": "$in.x"}),
+            StageSpec(name="b", function="many", inputs={"x": "a.o0"}),
+            StageSpec(name="c", function="echo", inputs={"x": "b.o1"}),
+        ],
+        outputs={"y": "c.y"},
+    )
+    client = Client(nc)
+    echo = next(f for f in FUNCS if f.name == "echo")
+    await deploy_all(client, echo, many, wide, handler_check=False)
+    out = await client.invoke("wide", {"x": np.arange(3, dtype=np.float32)}, timeout=5)
+    assert out["y"].tolist() == [0.0, 1.0, 2.0]
+    details = await leases_settle_at(client, 0)
+    assert details["reclaimed"] == 0  # released by the run, not reclaimed from the dead
+    out = await client.invoke("echo", {"x": np.ones(2, np.float32)}, timeout=2)
+    assert out["y"].tolist() == [1.0, 1.0]  # the ingress still serves

@@ -24,7 +24,12 @@ import msgspec
 from anyio.abc import TaskGroup
 
 from shared.dataplane.backend import BackendError
-from shared.dataplane.client import BrokerClient, move_into, read_bytes
+from shared.dataplane.client import (
+    MAX_HANDLES_PER_REQUEST,
+    BrokerClient,
+    move_into,
+    read_bytes,
+)
 from shared.errors import GfaasError
 from shared.ids import Holder, output_holder
 from shared.logs import get_logger
@@ -255,9 +260,16 @@ class _Run:
     async def _release_late(self, meta: InvocationMeta, handles: list[Handle]) -> None:
         log.info("workflow.late_outputs_released", invocation_id=meta.invocation_id)
         try:
-            await self.runner.broker.release(handles, self.holder, meta.tenant, wait=False)
+            await self._release(handles, meta.tenant)
         except Exception as exc:  # the leases' TTL frees them then
             log.warning("workflow.late_release_failed", error=repr(exc))
+
+    async def _release(self, handles: list[Handle], tenant: str) -> None:
+        """Drop the run's references on `handles`, in as many requests as the broker's
+        limit per request takes (a run may hold more: many stages, many outputs)."""
+        for start in range(0, len(handles), MAX_HANDLES_PER_REQUEST):
+            chunk = handles[start : start + MAX_HANDLES_PER_REQUEST]
+            await self.runner.broker.release(chunk, self.holder, tenant, wait=False)
 
     # -- parking intermediates whose readers wait ----------------------------------------
 
@@ -394,8 +406,8 @@ class _Run:
             return
         # Published, not awaited: the reply need not wait for it, and the broker takes
         # its requests in order. Should it be lost, the leases' TTL frees them.
-        await self.runner.broker.release(self.held, self.holder, self.meta.tenant, wait=False)
-        self.held = []
+        held, self.held = self.held, []
+        await self._release(held, self.meta.tenant)
 
 
 def _error(meta: InvocationMeta, code: ErrorCode, reason: str) -> InvokeReply:
