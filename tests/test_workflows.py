@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from examples.specs import example_spec_paths, example_workflow_paths
 from examples.weights import write_all
 from gfaas.client import Client
+from shared.dataplane.backend import BackendUnavailable
 from shared.errors import GfaasError
 from shared.natsd import NatsServer
 from shared.schema import DType, FunctionSpec, OutputMode, StageSpec, TensorSpec, WorkflowSpec
@@ -521,5 +522,29 @@ async def test_a_run_holding_more_intermediates_than_one_broker_request_takes(
     assert out["y"].tolist() == [0.0, 1.0, 2.0]
     details = await leases_settle_at(client, 0)
     assert details["reclaimed"] == 0  # released by the run, not reclaimed from the dead
+    out = await client.invoke("echo", {"x": np.ones(2, np.float32)}, timeout=2)
+    assert out["y"].tolist() == [1.0, 1.0]  # the ingress still serves
+
+
+async def test_a_run_that_raises_is_answered_and_the_ingress_goes_on(
+    platform: Platform, nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # plus_one (a.y) also feeds b and c, so it comes by handle and the ingress copies
+    # it out for a caller asking by value. An ingress that cannot map the pool (a CUDA
+    # handle, no CUDA here) raised BackendError there: no GfaasError, so it escaped
+    # the run and ended the ingress's task group, the whole ingress with it.
+    def unmappable(handle: object) -> None:
+        raise BackendUnavailable("no CUDA driver here")
+
+    monkeypatch.setattr("services.ingress.workflow.read_bytes", unmappable)
+    client = Client(nc)
+    wanted = {"add-one", "double", "echo", "add"}
+    functions = [f for f in FUNCS if f.name in wanted]
+    await deploy_all(client, *functions, DIAMOND, handler_check=False)
+    with pytest.raises(GfaasError) as info:
+        await client.invoke("diamond", {"x": np.ones(3, np.float32)}, timeout=3)
+    assert info.value.code == "internal", info.value
+    assert "no CUDA driver here" in info.value.reason
+    await no_leases_left(client)
     out = await client.invoke("echo", {"x": np.ones(2, np.float32)}, timeout=2)
     assert out["y"].tolist() == [1.0, 1.0]  # the ingress still serves

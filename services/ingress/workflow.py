@@ -95,12 +95,22 @@ class WorkflowRunner:
             return _error(meta, ErrorCode.UNKNOWN_FUNCTION, str(exc))
         run = _Run(self, plan, meta, request)
         try:
-            return await run.execute()
-        except GfaasError as exc:
-            return _error(meta, exc.code, exc.reason)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await run.release()
+            try:
+                return await run.execute()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await run.release()
+        except Exception as exc:
+            # Answered, whatever it was: a sync run is a task in the ingress's own
+            # group, where anything raised would end the ingress, every caller's runs
+            # with it (and this caller would hear nothing until its timeout).
+            known = _gfaas_error(exc)
+            if known is not None:
+                return _error(meta, known.code, known.reason)
+            log.exception(
+                "workflow.run_failed", invocation_id=meta.invocation_id, workflow=plan.spec.name
+            )
+            return _error(meta, ErrorCode.INTERNAL, f"the workflow run failed: {exc!r}")
 
 
 class _Run:
@@ -408,6 +418,13 @@ class _Run:
         # its requests in order. Should it be lost, the leases' TTL frees them.
         held, self.held = self.held, []
         await self._release(held, self.meta.tenant)
+
+
+def _gfaas_error(exc: BaseException) -> GfaasError | None:
+    """`exc` if it is a GfaasError, or the one a task group wrapped (a stage's)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, GfaasError) else None
 
 
 def _error(meta: InvocationMeta, code: ErrorCode, reason: str) -> InvokeReply:
