@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,15 @@ from gfaas.client import Client
 from shared.dataplane.backend import BackendUnavailable
 from shared.errors import GfaasError
 from shared.natsd import NatsServer
-from shared.schema import DType, FunctionSpec, OutputMode, StageSpec, TensorSpec, WorkflowSpec
+from shared.schema import (
+    H_DEADLINE,
+    DType,
+    FunctionSpec,
+    OutputMode,
+    StageSpec,
+    TensorSpec,
+    WorkflowSpec,
+)
 from shared.spec import load_any, load_spec
 from tests.helpers import body, request
 from tests.platform import Platform, platform_at
@@ -548,3 +557,39 @@ async def test_a_run_that_raises_is_answered_and_the_ingress_goes_on(
     await no_leases_left(client)
     out = await client.invoke("echo", {"x": np.ones(2, np.float32)}, timeout=2)
     assert out["y"].tolist() == [1.0, 1.0]  # the ingress still serves
+
+
+async def test_a_run_waiting_for_a_workflow_slot_is_answered_at_its_deadline(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    # One slot, held by a run of about 0.9 s. The second run waited for it without
+    # bound: its caller, whose deadline was 0.3 s, was answered only once the first
+    # run ended (and its run then sent its first stage past the deadline).
+    slow = WorkflowSpec(
+        name="slow",
+        inputs=X,
+        stages=[
+            StageSpec(name="a", function="slow-echo", inputs={"x": "$in.x"}),
+            StageSpec(name="b", function="slow-echo", inputs={"x": "a.y"}),
+            StageSpec(name="c", function="slow-echo", inputs={"x": "b.y"}),
+        ],
+        outputs={"y": "c.y"},
+    )
+    with platform_at(nats_server.url, tmp_path / "s", async_concurrency=1):
+        client = Client(nc)
+        slow_echo = next(f for f in FUNCS if f.name == "slow-echo")
+        await deploy_all(client, slow_echo, slow, handler_check=False)
+        x = np.ones(2, np.float32)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.invoke, "slow", {"x": x})
+            await anyio.sleep(0.1)  # the first run has the slot
+            deadline = int(time.time() * 1000) + 300
+            started = time.monotonic()
+            msg = await nc.request(
+                "gfaas.v1.invoke.slow", body(x=x), timeout=3, headers={H_DEADLINE: str(deadline)}
+            )
+            waited = time.monotonic() - started
+        reply = msgspec.msgpack.decode(msg.data)
+        assert reply["error"]["code"] == "deadline_exceeded", reply
+        assert "workflow slots" in reply["error"]["reason"]
+        assert waited < 0.6, waited

@@ -97,7 +97,8 @@ class Ingress:
         # Sync workflow runs outlive the subscription callback that admitted them;
         # at most as many at once as async invocations.
         self.tasks: TaskGroup | None = None
-        self.workflow_slots = anyio.Semaphore(max(workflow_concurrency, 1))
+        self.workflow_concurrency = max(workflow_concurrency, 1)
+        self.workflow_slots = anyio.Semaphore(self.workflow_concurrency)
         # Metrics: invocations sent on whose worker answers the caller itself, until
         # its done note: id -> (arrived, give up at, function, tenant).
         self.open: dict[str, tuple[float, float, str, str]] = {}
@@ -355,8 +356,24 @@ class Ingress:
         reply_to: str,
         arrived: float,
     ) -> None:
-        async with self.workflow_slots:
-            reply = await self._workflow(spec, meta, request)
+        slot = False
+        # A slot, waited for until the deadline at most: past it the caller has given
+        # up, and a run that starts then only sends its first stage to be refused.
+        with anyio.move_on_after(max(meta.remaining_s(), 0.0)):
+            await self.workflow_slots.acquire()
+            slot = True
+        if slot:
+            try:
+                reply = await self._workflow(spec, meta, request)
+            finally:
+                self.workflow_slots.release()
+        else:
+            reply = error_reply(
+                meta.invocation_id,
+                ErrorCode.DEADLINE_EXCEEDED,
+                "the deadline passed while the run waited for one of the ingress's "
+                f"{self.workflow_concurrency} workflow slots",
+            )
         await self._finished(meta, reply, arrived)
         if reply_to:
             await self._send_reply(reply_to, reply)
