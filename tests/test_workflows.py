@@ -593,3 +593,22 @@ async def test_a_run_waiting_for_a_workflow_slot_is_answered_at_its_deadline(
         assert reply["error"]["code"] == "deadline_exceeded", reply
         assert "workflow slots" in reply["error"]["reason"]
         assert waited < 0.6, waited
+
+
+async def test_a_workflow_published_without_a_reply_subject_is_not_run(
+    platform: Platform, nc: NATS
+) -> None:
+    # A function so invoked is not called (invoke_async is for fire-and-forget); a
+    # workflow was run all the same, its stages' work and its answer for nobody.
+    client = Client(nc)
+    wanted = {"add-one", "double", "echo", "add"}
+    await deploy_all(client, *[f for f in FUNCS if f.name in wanted], DIAMOND, handler_check=False)
+    await nc.publish("gfaas.v1.invoke.diamond", body(x=np.ones(3, np.float32)))
+    await nc.flush()
+    await anyio.sleep(0.5)
+    details = (await client.status("ingress")).details
+    assert details["workflow_runs"] == 0
+    assert details["workflow_stages"] == 0
+    out = await client.invoke("diamond", {"x": np.ones(3, np.float32)}, timeout=3)
+    assert out["sum"].tolist() == [6.0, 6.0, 6.0]
+    assert (await client.status("ingress")).details["workflow_runs"] == 1

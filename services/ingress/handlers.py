@@ -180,16 +180,19 @@ class Ingress:
             try:
                 meta, request, spec = self._admit(function, body, headers, span, id_tag=id_tag)
                 span.set_attribute("gfaas.tenant", meta.tenant)
-                if isinstance(spec, WorkflowSpec):
-                    assert self.tasks is not None
-                    self.tasks.start_soon(self._reply_workflow, spec, meta, request, reply, arrived)
-                    return
                 if not reply:
+                    # Nobody to answer: a function's call and a workflow's run alike are
+                    # not made (a run would take a slot and its stages' workers for
+                    # nothing).
                     log.info(
                         "invoke.no_reply_subject",
                         function=function,
                         hint="publish to invoke_async for fire-and-forget",
                     )
+                    return
+                if isinstance(spec, WorkflowSpec):
+                    assert self.tasks is not None
+                    self.tasks.start_soon(self._reply_workflow, spec, meta, request, reply, arrived)
                     return
                 worker = await self.dispatcher.send(meta, body, reply)
                 if worker is not None:
@@ -375,8 +378,7 @@ class Ingress:
                 f"{self.workflow_concurrency} workflow slots",
             )
         await self._finished(meta, reply, arrived)
-        if reply_to:
-            await self._send_reply(reply_to, reply)
+        await self._send_reply(reply_to, reply)
 
     async def _schedule(self, meta: InvocationMeta, body: bytes, near: str) -> InvokeReply:
         """One workflow stage, preferring the worker `near` (its inputs' producer)."""
