@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import httpx
 import msgspec
+import nats.errors
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -612,3 +613,29 @@ async def test_a_workflow_published_without_a_reply_subject_is_not_run(
     out = await client.invoke("diamond", {"x": np.ones(3, np.float32)}, timeout=3)
     assert out["sum"].tolist() == [6.0, 6.0, 6.0]
     assert (await client.status("ingress")).details["workflow_runs"] == 1
+
+
+async def test_a_workflow_reply_the_bus_refuses_leaves_the_ingress_and_no_outputs(
+    platform: Platform, nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ingress publishes a sync run's reply itself, in its own task group: a publish
+    # that raised (the bus down, its buffer full) ended the ingress, and the outputs
+    # the caller was to hold by handle stayed leased until their TTL.
+    refused = []
+
+    async def full(*args: object, **kwargs: object) -> None:
+        refused.append(args)
+        raise nats.errors.OutboundBufferLimitError
+
+    monkeypatch.setattr("services.ingress.app.send_reply", full)
+    client = Client(nc)
+    wanted = {"add-one", "double", "echo", "add"}
+    await deploy_all(client, *[f for f in FUNCS if f.name in wanted], DIAMOND, handler_check=False)
+    x = {"x": np.ones(3, np.float32)}
+    with pytest.raises(GfaasError) as info:
+        await client.invoke_reply("diamond", x, outputs_by=OutputMode.HANDLE, timeout=1)
+    assert info.value.code == "deadline_exceeded"
+    assert len(refused) == 1
+    await no_leases_left(client)
+    out = await client.invoke("echo", x, timeout=2)
+    assert out["y"].tolist() == [1.0, 1.0, 1.0]  # the ingress still serves

@@ -22,6 +22,7 @@ from services.ingress.workflow import LATE_REPLY_S, WorkflowRunner
 from shared import subjects, tracing
 from shared.dataplane.client import BrokerClient
 from shared.errors import GfaasError
+from shared.ids import output_holder
 from shared.logs import failure_record, get_logger, report_failure
 from shared.metrics import OK, UNNAMED, IngressMetrics, noop
 from shared.names import is_valid_name
@@ -378,7 +379,23 @@ class Ingress:
                 f"{self.workflow_concurrency} workflow slots",
             )
         await self._finished(meta, reply, arrived)
-        await self._send_reply(reply_to, reply)
+        try:
+            await self._send_reply(reply_to, reply)
+        except Exception as exc:
+            # The bus is down or full (this runs in the ingress's own task group, where
+            # anything raised would end the ingress): the caller hears nothing and
+            # times out, and the outputs it would have held by handle go now.
+            log.warning(
+                "workflow.reply_not_sent", invocation_id=meta.invocation_id, error=repr(exc)
+            )
+            handles = [t.handle for t in reply.outputs if t.handle is not None]
+            if handles:
+                holder = output_holder(request.holder, meta.invocation_id)
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self.broker.release(handles, holder, meta.tenant, wait=False)
+                    except Exception as again:  # their TTL frees them then
+                        log.warning("workflow.outputs_not_released", error=repr(again))
 
     async def _schedule(self, meta: InvocationMeta, body: bytes, near: str) -> InvokeReply:
         """One workflow stage, preferring the worker `near` (its inputs' producer)."""
