@@ -20,6 +20,8 @@ from nats.aio.client import Client as NATS
 from examples.specs import example_spec_paths, example_workflow_paths
 from examples.weights import write_all
 from gfaas.client import Client
+from services.gpu_worker.app import serve as serve_worker
+from services.memory_broker.app import serve as serve_broker
 from shared.dataplane.backend import BackendUnavailable
 from shared.errors import GfaasError
 from shared.natsd import NatsServer
@@ -34,7 +36,7 @@ from shared.schema import (
 )
 from shared.spec import load_any, load_spec
 from tests.helpers import body, request
-from tests.platform import Platform, platform_at
+from tests.platform import Platform, platform_at, settings_for
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
@@ -639,3 +641,51 @@ async def test_a_workflow_reply_the_bus_refuses_leaves_the_ingress_and_no_output
     await no_leases_left(client)
     out = await client.invoke("echo", x, timeout=2)
     assert out["y"].tolist() == [1.0, 1.0, 1.0]  # the ingress still serves
+
+
+async def leases_on(nc: NATS, node: str) -> int:
+    """Live leases at `node`'s broker (brokers in one test process share an instance
+    name, which Client.status_all keys answers by)."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish("gfaas.v1.status.memory-broker", b"", reply=inbox)
+        while True:
+            status = msgspec.msgpack.decode((await sub.next_msg(timeout=2)).data)
+            if status["details"]["node"] == node:
+                return int(status["details"]["leases"])
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_a_workflow_whose_stages_run_on_another_node(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    # Ingress on node `local`, the only worker on node `b`: stage outputs are in b's
+    # pool. Every broker op on them went to ingress's own broker, which knows none:
+    # unparking b.y for d failed the run (not_found), the caller's reference on a
+    # by-handle output could not be taken, and the run's releases were refused, so
+    # each run left its intermediates leased at b until their TTL.
+    with platform_at(nats_server.url, tmp_path / "s", workers=0) as p:
+        url = nats_server.url
+        p.start("broker-b", serve_broker, settings_for(url, tmp_path / "b", node="b"))
+        worker = settings_for(url, tmp_path / "wb", node="b", worker_id="wb")
+        p.start("worker-b", serve_worker, worker)
+        client = Client(nc)
+        wanted = {"add-one", "double", "echo", "add"}
+        functions = [f for f in FUNCS if f.name in wanted]
+        await deploy_all(client, *functions, DIAMOND, handler_check=False)
+        x = {"x": np.ones(3, np.float32)}
+        out = await client.invoke("diamond", x, timeout=5)
+        assert out["sum"].tolist() == [6.0, 6.0, 6.0]
+        assert out["plus_one"].tolist() == [2.0, 2.0, 2.0]  # read from b's broker
+        reply = await client.invoke_reply("diamond", x, outputs_by=OutputMode.HANDLE, timeout=5)
+        assert reply.error is None, reply.error
+        assert {t.handle.pool for t in reply.outputs if t.handle is not None} == {"b"}
+        with anyio.fail_after(5):
+            while await leases_on(nc, "b") != 2:  # the caller's two outputs, no more
+                await anyio.sleep(0.05)
+        await client.release(reply.outputs)  # at b, by their pool
+        with anyio.fail_after(5):
+            while await leases_on(nc, "b") != 0:
+                await anyio.sleep(0.05)

@@ -92,7 +92,12 @@ class Ingress:
         self.accepted = 0
         self.rejected = 0
         self.runner = WorkflowRunner(
-            self._schedule, broker, lambda: self.registry.specs, holder, lambda: self.tasks
+            self._schedule,
+            broker,
+            lambda: self.registry.specs,
+            holder,
+            lambda: self.tasks,
+            max_payload=max_payload,
         )
         self._plans: dict[str, tuple[WorkflowSpec, WorkflowPlan]] = {}
         # Sync workflow runs outlive the subscription callback that admitted them;
@@ -393,7 +398,7 @@ class Ingress:
                 holder = output_holder(request.holder, meta.invocation_id)
                 with anyio.CancelScope(shield=True):
                     try:
-                        await self.broker.release(handles, holder, meta.tenant, wait=False)
+                        await self.runner.release(handles, holder, meta.tenant, wait=False)
                     except Exception as again:  # their TTL frees them then
                         log.warning("workflow.outputs_not_released", error=repr(again))
 

@@ -13,11 +13,15 @@ may then spill it to host memory if its device fills, furthest next reader first
 Once a reader waits on only one more stage, its parked inputs are marked due, so
 the broker brings them back ahead of it; the reader's inputs are unparked (and
 their possibly new places taken) just before it is sent.
+
+A stage may run on a worker of another node: its outputs are then in that node's
+pool, and every broker op on them (release, park, unpark, retain, a read of their
+bytes) goes to that node's broker, which alone knows them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import anyio
 import msgspec
@@ -72,6 +76,8 @@ class WorkflowRunner:
         functions: Callable[[], Mapping[str, FunctionSpec]],
         holder: str = "",
         tasks: Callable[[], TaskGroup | None] = lambda: None,
+        *,
+        max_payload: int = 0,
     ) -> None:
         # Runs hold their leases under this name (the ingress's): should the ingress
         # die, the broker drops them with its other references.
@@ -81,9 +87,33 @@ class WorkflowRunner:
         self.tasks = tasks
         self.schedule = schedule
         self.broker = broker
+        # Other nodes' brokers, for stage outputs in their pools (by node).
+        self.brokers: dict[str, BrokerClient] = {}
+        # The most bytes one read of another node's lease asks for.
+        self.read_chunk = max_payload or broker.nc.max_payload // 2
         self.functions = functions
         self.runs = 0
         self.stages = 0
+
+    def broker_of(self, pool: str) -> BrokerClient:
+        """The broker of the node whose pool holds a handle (`Handle.pool`)."""
+        if not pool or pool == self.broker.node:
+            return self.broker
+        found = self.brokers.get(pool)
+        if found is None:
+            found = self.brokers[pool] = BrokerClient(self.broker.nc, pool)
+        return found
+
+    async def release(
+        self, handles: Sequence[Handle], holder: str, tenant: str, *, wait: bool = True
+    ) -> None:
+        """Drop `holder`'s references on `handles`, each at its own node's broker, in
+        as many requests as the broker's limit per request takes (a run may hold more:
+        many stages, many outputs)."""
+        for pool, group in by_pool(handles).items():
+            for start in range(0, len(group), MAX_HANDLES_PER_REQUEST):
+                chunk = group[start : start + MAX_HANDLES_PER_REQUEST]
+                await self.broker_of(pool).release(chunk, holder, tenant, wait=wait)
 
     async def run(
         self, plan: WorkflowPlan, meta: InvocationMeta, request: InvokeRequest
@@ -164,7 +194,7 @@ class _Run:
             if given:
                 holder = output_holder(self.request.holder, self.meta.invocation_id)
                 with anyio.CancelScope(shield=True):
-                    await self.runner.broker.release(given, holder, self.meta.tenant)
+                    await self.runner.release(given, holder, self.meta.tenant)
             raise
         return InvokeReply(
             invocation_id=self.meta.invocation_id,
@@ -275,11 +305,13 @@ class _Run:
             log.warning("workflow.late_release_failed", error=repr(exc))
 
     async def _release(self, handles: list[Handle], tenant: str) -> None:
-        """Drop the run's references on `handles`, in as many requests as the broker's
-        limit per request takes (a run may hold more: many stages, many outputs)."""
-        for start in range(0, len(handles), MAX_HANDLES_PER_REQUEST):
-            chunk = handles[start : start + MAX_HANDLES_PER_REQUEST]
-            await self.runner.broker.release(chunk, self.holder, tenant, wait=False)
+        await self.runner.release(handles, self.holder, tenant, wait=False)
+
+    async def _park(self, handles: list[Handle], next_use_s: float = -1.0) -> None:
+        for pool, group in by_pool(handles).items():
+            await self.runner.broker_of(pool).park(
+                group, self.holder, self.meta.tenant, next_use_s=next_use_s, wait=False
+            )
 
     # -- parking intermediates whose readers wait ----------------------------------------
 
@@ -299,7 +331,7 @@ class _Run:
                 waiting.append(tensor.handle)
                 self.parked[tensor.handle.lease_id] = (stage, name)
         if waiting:
-            await self.runner.broker.park(waiting, self.holder, self.meta.tenant, wait=False)
+            await self._park(waiting)
 
     def _parked_inputs(self, stage: str) -> list[tuple[str, str]]:
         places = {(src.stage, src.name) for src in self.plan.sources[stage].values()}
@@ -310,22 +342,26 @@ class _Run:
         due = [self.outputs[s][n].handle for s, n in self._parked_inputs(stage)]
         handles = [h for h in due if h is not None]
         if handles:
-            await self.runner.broker.park(
-                handles, self.holder, self.meta.tenant, next_use_s=0.0, wait=False
-            )
+            await self._park(handles, next_use_s=0.0)
 
     async def _unpark_inputs(self, stage: str) -> None:
         async with self.unparking:  # two readers of one parked output: one unparks it
             places = self._parked_inputs(stage)
-            handles = [self.outputs[s][n].handle for s, n in places]
             if not places:
                 return
-            current = await self.runner.broker.unpark(
-                [h for h in handles if h is not None], self.holder, self.meta.tenant
-            )
-            for (s, n), handle in zip(places, current, strict=True):
-                self.outputs[s][n] = msgspec.structs.replace(self.outputs[s][n], handle=handle)
-                del self.parked[handle.lease_id]
+            by_node: dict[str, list[tuple[str, str]]] = {}
+            for s, n in places:
+                handle = self.outputs[s][n].handle
+                assert handle is not None  # only handles are parked
+                by_node.setdefault(handle.pool, []).append((s, n))
+            for pool, here in by_node.items():
+                handles = [self.outputs[s][n].handle for s, n in here]
+                current = await self.runner.broker_of(pool).unpark(
+                    [h for h in handles if h is not None], self.holder, self.meta.tenant
+                )
+                for (s, n), handle in zip(here, current, strict=True):
+                    self.outputs[s][n] = msgspec.structs.replace(self.outputs[s][n], handle=handle)
+                    del self.parked[handle.lease_id]
 
     async def _pool_large_inputs(self) -> None:
         """Large workflow inputs go into the pool once, here: each stage that reads
@@ -383,12 +419,19 @@ class _Run:
                 # its regions from the pool), it goes there.
                 return await self._pooled(tensor, holder)
             return tensor
+        pool = tensor.handle.pool
         if self.request.outputs_by is OutputMode.VALUE:
-            # The output also fed another stage, so it went by handle: copy it out.
-            data = read_bytes(tensor.handle).tobytes()
+            # The output also fed another stage, so it went by handle: copy it out
+            # (from another node's pool, through its broker: it cannot be mapped here).
+            if self.runner.broker_of(pool) is self.runner.broker:
+                data = read_bytes(tensor.handle).tobytes()
+            else:
+                broker = self.runner.broker_of(pool)
+                chunk = self.runner.read_chunk
+                data = await broker.read(tensor.handle, self.meta.tenant, chunk=chunk)
             return msgspec.structs.replace(tensor, handle=None, data=data)
         # The caller keeps it: its own reference, before this run drops its one.
-        await self.runner.broker.retain([tensor.handle], holder, self.meta.tenant)
+        await self.runner.broker_of(pool).retain([tensor.handle], holder, self.meta.tenant)
         return tensor
 
     async def _pooled(self, tensor: Tensor, holder: str) -> Tensor:
@@ -418,6 +461,14 @@ class _Run:
         # its requests in order. Should it be lost, the leases' TTL frees them.
         held, self.held = self.held, []
         await self._release(held, self.meta.tenant)
+
+
+def by_pool(handles: Sequence[Handle]) -> dict[str, list[Handle]]:
+    """`handles` by the node whose pool holds them."""
+    found: dict[str, list[Handle]] = {}
+    for handle in handles:
+        found.setdefault(handle.pool, []).append(handle)
+    return found
 
 
 def _gfaas_error(exc: BaseException) -> GfaasError | None:
