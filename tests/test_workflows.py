@@ -689,3 +689,35 @@ async def test_a_workflow_whose_stages_run_on_another_node(
         with anyio.fail_after(5):
             while await leases_on(nc, "b") != 0:
                 await anyio.sleep(0.05)
+
+
+async def test_a_wide_fan_in_of_small_outputs_goes_over_the_bus_limit_by_handle(
+    platform: Platform, nc: NATS
+) -> None:
+    # 17 branches of 64 KiB each, fixed by their spec, so they go by value; together
+    # they are over the bus's 1 MiB, and the stage joining them could not be sent
+    # (MaxPayloadError: the run failed `internal`).
+    ones = FunctionSpec(
+        name="ones",
+        handler="tests.funcs:ones_64k",
+        inputs=X,
+        outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[16384])],
+        concurrency=4,
+    )
+    total = FunctionSpec(name="total", handler="tests.funcs:sum_all", concurrency=4)
+    branches = [f"b{i}" for i in range(17)]
+    wide = WorkflowSpec(
+        name="wide-in",
+        inputs=X,
+        stages=[
+            *(StageSpec(name=b, function="ones", inputs={"x": "$in.x"}) for b in branches),
+            StageSpec(name="t", function="total", inputs={b: f"{b}.y" for b in branches}),
+        ],
+        outputs={"y": "t.y"},
+    )
+    client = Client(nc)
+    await deploy_all(client, ones, total, wide, handler_check=False)
+    out = await client.invoke("wide-in", {"x": np.ones(1, np.float32)}, timeout=5)
+    assert out["y"].shape == (16384,)
+    assert set(out["y"].tolist()) == {17.0}
+    await no_leases_left(client)

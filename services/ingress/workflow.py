@@ -27,6 +27,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
+from shared.config import PAYLOAD_HEADROOM
 from shared.dataplane.backend import BackendError
 from shared.dataplane.client import (
     MAX_HANDLES_PER_REQUEST,
@@ -89,8 +90,10 @@ class WorkflowRunner:
         self.broker = broker
         # Other nodes' brokers, for stage outputs in their pools (by node).
         self.brokers: dict[str, BrokerClient] = {}
-        # The most bytes one read of another node's lease asks for.
-        self.read_chunk = max_payload or broker.nc.max_payload // 2
+        # The largest body a stage's request may have (the bus's limit, less room for
+        # headers), and the most bytes one read of another node's lease asks for.
+        self.max_payload = max_payload or broker.nc.max_payload - PAYLOAD_HEADROOM
+        self.read_chunk = self.max_payload
         self.functions = functions
         self.runs = 0
         self.stages = 0
@@ -219,16 +222,14 @@ class _Run:
                 for arg, src in self.plan.sources[stage].items()
             ]
             validate_inputs(spec, args)
+            body = self._request(stage, spec, args)
+            if len(body) > self.runner.max_payload:
+                # By value, its inputs are over the bus's limit together (a wide fan-in
+                # of small outputs, workflow inputs beside them): they go by handle.
+                body = self._request(stage, spec, await self._pooled_args(args))
         except GfaasError as exc:
             self._fail(scope, stage, function, exc.code, exc.reason)
             return
-        body = encode(
-            InvokeRequest(
-                inputs=args,
-                outputs_by=self._outputs_by(stage, spec),
-                holder=self.holder,
-            )
-        )
         stage_meta = InvocationMeta(
             invocation_id=f"{self.meta.invocation_id[:48]}-s{index}",
             function=function,
@@ -255,6 +256,28 @@ class _Run:
         self.workers[stage] = reply.worker
         await self._park_unread(stage)
         self.done[stage].set()
+
+    def _request(self, stage: str, spec: FunctionSpec, args: list[Tensor]) -> bytes:
+        request = InvokeRequest(
+            inputs=args, outputs_by=self._outputs_by(stage, spec), holder=self.holder
+        )
+        return encode(request)
+
+    async def _pooled_args(self, args: list[Tensor]) -> list[Tensor]:
+        """`args` with their by-value tensors moved into buffers this run holds."""
+        values = [t for t in args if t.handle is None and t.data]
+        if not values:
+            return args
+        handles = await self.runner.broker.lease(
+            [len(t.data) for t in values], owner=self.holder, tenant=self.meta.tenant
+        )
+        self.held.extend(handles)
+        try:
+            moved = {id(t): move_into(h, t) for t, h in zip(values, handles, strict=True)}
+        except BackendError as exc:  # this ingress cannot map the pool: by value after all
+            log.warning("workflow.inputs_by_value", reason=str(exc))
+            return args
+        return [moved.get(id(t), t) for t in args]
 
     async def _call(
         self, meta: InvocationMeta, body: bytes, near: str, wait_s: float
