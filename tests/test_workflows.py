@@ -21,6 +21,7 @@ from examples.specs import example_spec_paths, example_workflow_paths
 from examples.weights import write_all
 from gfaas.client import Client
 from services.gpu_worker.app import serve as serve_worker
+from services.ingress.workflow import _Run
 from services.memory_broker.app import serve as serve_broker
 from shared.dataplane.backend import BackendUnavailable
 from shared.errors import GfaasError
@@ -29,10 +30,13 @@ from shared.schema import (
     H_DEADLINE,
     DType,
     FunctionSpec,
+    InvokeRequest,
     OutputMode,
     StageSpec,
+    Tensor,
     TensorSpec,
     WorkflowSpec,
+    encode,
 )
 from shared.spec import load_any, load_spec
 from tests.helpers import body, request
@@ -721,3 +725,60 @@ async def test_a_wide_fan_in_of_small_outputs_goes_over_the_bus_limit_by_handle(
     assert out["y"].shape == (16384,)
     assert set(out["y"].tolist()) == {17.0}
     await no_leases_left(client)
+
+
+async def test_a_run_past_its_deadline_sends_no_stage_and_gives_no_outputs(
+    platform: Platform, nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each stage's bookkeeping made slow (0.5 s), the deadline 0.3 s: stage a ends in
+    # time, the rest of the run does not. A one-stage run then answered with its
+    # outputs, by handle for a caller already gone, who never releases them; in a
+    # two-stage run, b was still sent, only for its worker to refuse it.
+    original = _Run._park_unread
+
+    async def slow(self: _Run, stage: str) -> None:
+        await original(self, stage)
+        await anyio.sleep(0.5)
+
+    monkeypatch.setattr(_Run, "_park_unread", slow)
+    one = WorkflowSpec(
+        name="one",
+        inputs=X,
+        stages=[StageSpec(name="a", function="echo", inputs={"x": "$in.x"})],
+        outputs={"y": "a.y"},
+    )
+    two = WorkflowSpec(
+        name="two",
+        inputs=X,
+        stages=[
+            StageSpec(name="a", function="echo", inputs={"x": "$in.x"}),
+            StageSpec(name="b", function="echo", inputs={"x": "a.y"}),
+        ],
+        outputs={"y": "b.y"},
+    )
+    client = Client(nc)
+    echo = next(f for f in FUNCS if f.name == "echo")
+    await deploy_all(client, echo, one, two, handler_check=False)
+    x = np.ones(3, np.float32)
+    request = InvokeRequest(
+        inputs=[Tensor(name="x", dtype=DType.FLOAT32, shape=[3], data=x.tobytes())],
+        outputs_by=OutputMode.HANDLE,
+        holder="gone-caller",
+    )
+    for name, stages in (("one", 1), ("two", 1)):
+        before = (await client.status("ingress")).details["workflow_stages"]
+        deadline = int(time.time() * 1000) + 300
+        # The caller waits longer than its deadline, to hear what the run answers.
+        msg = await nc.request(
+            f"gfaas.v1.invoke.{name}",
+            encode(request),
+            timeout=3,
+            headers={H_DEADLINE: str(deadline)},
+        )
+        reply = msgspec.msgpack.decode(msg.data)
+        assert reply.get("error") is not None, reply  # not its outputs, too late
+        assert reply["error"]["code"] == "deadline_exceeded", reply
+        await anyio.sleep(0.3)
+        after = (await client.status("ingress")).details["workflow_stages"]
+        assert after - before == stages, name
+        await no_leases_left(client)

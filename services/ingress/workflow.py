@@ -190,6 +190,14 @@ class _Run:
         try:
             for name, src in self.plan.outputs.items():
                 outputs.append(await self._final(name, src.stage, src.name))
+            if self.meta.remaining_s() <= 0:
+                # As a worker answers a handler that returned past its deadline: its
+                # caller has stopped waiting, and would never release the outputs it
+                # was given by handle.
+                raise GfaasError(
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    "the workflow's stages finished past its deadline: its outputs came too late",
+                )
         except BaseException:
             # An error reply carries no outputs: the caller's references on those
             # given so far go again (the run's own are released when it ends).
@@ -238,7 +246,17 @@ class _Run:
         )
         # Prefer the worker that produced this stage's inputs: they are in its pool.
         near = next((self.workers[d] for d in sorted(self.plan.deps[stage])), "")
-        wait_s = max(self.meta.remaining_s(), 0.0)
+        wait_s = self.meta.remaining_s()
+        if wait_s <= 0:
+            # Not sent: its worker would only refuse it, and the run answers now.
+            self._fail(
+                scope,
+                stage,
+                function,
+                ErrorCode.DEADLINE_EXCEEDED,
+                "the workflow's deadline passed before this stage could start",
+            )
+            return
         reply = await self._call(stage_meta, body, near, wait_s)
         if reply is None:
             self._fail(
