@@ -9,12 +9,17 @@ A stage's input source is `$in.<name>` (a workflow input) or `<stage>.<output>`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from shared.names import is_valid_name, name_problem
 from shared.schema import FunctionSpec, TensorSpec, WorkflowSpec
 
 INPUT = "$in"
+# The most stages one workflow may have. Ingress plans and checks a workflow's stages
+# on its event loop (each run checks them again), and each stage is a call of its
+# own: a workflow of thousands took seconds of that loop per run, every other
+# caller's invocations waiting behind it.
+MAX_STAGES = 256
 
 
 class WorkflowError(ValueError):
@@ -48,9 +53,11 @@ class WorkflowPlan:
     outputs: Mapping[str, Source]
     # How many stages read each stage output (fan-out), by Source.key.
     readers: Mapping[str, int]
+    # Stage -> its function.
+    functions: Mapping[str, str] = field(default_factory=dict)
 
     def function_of(self, stage: str) -> str:
-        return next(s.function for s in self.spec.stages if s.name == stage)
+        return self.functions[stage]
 
     def feeds_stages(self, stage: str) -> bool:
         """Whether any other stage reads one of `stage`'s outputs."""
@@ -63,6 +70,10 @@ def plan_workflow(spec: WorkflowSpec) -> WorkflowPlan:
         raise WorkflowError(name_problem("workflow", spec.name))
     if not spec.stages:
         raise WorkflowError(f"workflow {spec.name} has no stages")
+    if len(spec.stages) > MAX_STAGES:
+        raise WorkflowError(
+            f"workflow {spec.name} has {len(spec.stages)} stages; the limit is {MAX_STAGES}"
+        )
     names = [s.name for s in spec.stages]
     if len(set(names)) != len(names):
         raise WorkflowError(f"workflow {spec.name}: stage names must be unique")
@@ -97,26 +108,41 @@ def plan_workflow(spec: WorkflowSpec) -> WorkflowPlan:
             raise WorkflowError(f"workflow output {name} reads {src.key}: no such stage")
     if not outputs:
         raise WorkflowError(f"workflow {spec.name} declares no outputs")
-    return WorkflowPlan(spec, _topological(deps), sources, deps, outputs, readers)
+    functions = {stage.name: stage.function for stage in spec.stages}
+    return WorkflowPlan(spec, _topological(deps), sources, deps, outputs, readers, functions)
 
 
 def _topological(deps: Mapping[str, frozenset[str]]) -> tuple[str, ...]:
+    """Stages in rounds, each round's sorted: those whose stages all came before."""
+    waiting = {stage: len(d) for stage, d in deps.items()}
+    readers: dict[str, list[str]] = {stage: [] for stage in deps}
+    for stage, d in deps.items():
+        for dep in d:
+            readers[dep].append(stage)
     order: list[str] = []
-    done: set[str] = set()
-    left = dict(deps)
-    while left:
-        ready = sorted(s for s, d in left.items() if d <= done)
-        if not ready:
-            raise WorkflowError(f"stages {sorted(left)} form a cycle")
-        for s in ready:
-            order.append(s)
-            done.add(s)
-            del left[s]
+    ready = sorted(stage for stage, n in waiting.items() if n == 0)
+    while ready:
+        order.extend(ready)
+        following: list[str] = []
+        for stage in ready:
+            for reader in readers[stage]:
+                waiting[reader] -= 1
+                if waiting[reader] == 0:
+                    following.append(reader)
+        ready = sorted(following)
+    if len(order) < len(deps):
+        left = sorted(set(deps) - set(order))
+        raise WorkflowError(f"stages {left} form a cycle")
     return tuple(order)
 
 
 def check_functions(plan: WorkflowPlan, specs: Mapping[str, FunctionSpec]) -> None:
     """Each stage's function is deployed and gets exactly the inputs it declares."""
+    # Stage -> the outputs of it that other stages read or the workflow returns.
+    wanted_of: dict[str, list[Source]] = {}
+    read = [src for sources in plan.sources.values() for src in sources.values()]
+    for src in [*read, *plan.outputs.values()]:
+        wanted_of.setdefault(src.stage, []).append(src)
     for stage in plan.spec.stages:
         spec = specs.get(stage.function)
         if spec is None:
@@ -132,9 +158,8 @@ def check_functions(plan: WorkflowPlan, specs: Mapping[str, FunctionSpec]) -> No
         if declared:
             # What other stages read and what the workflow returns alike: a workflow
             # output naming an output the function never makes fails every call.
-            read = [src for other in plan.sources.values() for src in other.values()]
-            for src in [*read, *plan.outputs.values()]:
-                if src.stage == stage.name and src.name not in declared:
+            for src in wanted_of.get(stage.name, ()):
+                if src.name not in declared:
                     raise WorkflowError(f"{src.key}: {stage.function} has no output {src.name!r}")
 
 

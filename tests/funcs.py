@@ -347,3 +347,18 @@ class NeverBuilds:
 
     def __call__(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return inputs
+
+
+def many_outputs(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`x` again under 520 names, o0 to o519: a stage with as many intermediates."""
+    return {f"o{i}": inputs["x"] for i in range(520)}
+
+
+def ones_64k(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """64 KiB of float32 ones, whatever it is given."""
+    return {"y": torch.ones(16384)}
+
+
+def sum_all(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The sum of all its inputs, however many."""
+    return {"y": torch.stack(list(inputs.values())).sum(dim=0)}

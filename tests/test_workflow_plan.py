@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shared.schema import DType, FunctionSpec, StageSpec, TensorSpec, WorkflowSpec
-from shared.workflow import WorkflowError, check_functions, plan_workflow
+from shared.workflow import MAX_STAGES, WorkflowError, check_functions, plan_workflow
 
 pytestmark = pytest.mark.unit
 
@@ -84,3 +84,25 @@ def test_a_workflow_output_the_stage_function_never_makes_is_refused() -> None:
     check_functions(plan_workflow(wf(stages, {"out": "a.y"})), specs)
     with pytest.raises(WorkflowError, match=r"a\.nope: f has no output 'nope'"):
         check_functions(plan_workflow(wf(stages, {"out": "a.nope"})), specs)
+
+
+def chain(n: int) -> WorkflowSpec:
+    """s0 <- s1 <- ... <- s(n-1), listed last first."""
+    stages = [StageSpec(name="s0", function="f", inputs={"x": "$in.x"})]
+    stages += [
+        StageSpec(name=f"s{i}", function="f", inputs={"x": f"s{i - 1}.y"}) for i in range(1, n)
+    ]
+    return wf(stages[::-1], {"y": f"s{n - 1}.y"})
+
+
+def test_a_workflow_of_more_stages_than_the_limit_is_refused() -> None:
+    # None was: 4,000 stages took ingress's loop half a second to plan and 1.4 s to
+    # check at each run, every other invocation waiting behind it.
+    y = [TensorSpec(name="y", dtype=DType.FLOAT32, shape=[-1])]
+    specs = {"f": FunctionSpec(name="f", handler="m:f", inputs=X, outputs=y)}
+    plan = plan_workflow(chain(MAX_STAGES))
+    assert plan.order == tuple(f"s{i}" for i in range(MAX_STAGES))
+    assert plan.function_of(f"s{MAX_STAGES - 1}") == "f"
+    check_functions(plan, specs)
+    with pytest.raises(WorkflowError, match=f"{MAX_STAGES + 1} stages; the limit is"):
+        plan_workflow(chain(MAX_STAGES + 1))

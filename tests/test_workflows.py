@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 import anyio
 import httpx
 import msgspec
+import nats.errors
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
@@ -18,12 +20,27 @@ from nats.aio.client import Client as NATS
 from examples.specs import example_spec_paths, example_workflow_paths
 from examples.weights import write_all
 from gfaas.client import Client
+from services.gpu_worker.app import serve as serve_worker
+from services.ingress.workflow import _Run
+from services.memory_broker.app import serve as serve_broker
+from shared.dataplane.backend import BackendUnavailable
 from shared.errors import GfaasError
 from shared.natsd import NatsServer
-from shared.schema import DType, FunctionSpec, OutputMode, StageSpec, TensorSpec, WorkflowSpec
+from shared.schema import (
+    H_DEADLINE,
+    DType,
+    FunctionSpec,
+    InvokeRequest,
+    OutputMode,
+    StageSpec,
+    Tensor,
+    TensorSpec,
+    WorkflowSpec,
+    encode,
+)
 from shared.spec import load_any, load_spec
 from tests.helpers import body, request
-from tests.platform import Platform, platform_at
+from tests.platform import Platform, platform_at, settings_for
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
 
@@ -78,9 +95,13 @@ FAILING = WorkflowSpec(
 )
 
 
-async def deploy_all(client: Client, *specs: FunctionSpec | WorkflowSpec) -> None:
+async def deploy_all(
+    client: Client, *specs: FunctionSpec | WorkflowSpec, handler_check: bool = True
+) -> None:
+    """Deploy and wait until ingress has them all. Without `handler_check` no handler
+    is dry-run in a sandbox first (a few seconds each on a busy host)."""
     for spec in specs:
-        await client.deploy(spec)
+        await client.deploy(spec, handler_check=handler_check)
     names = {s.name for s in specs}
     with anyio.fail_after(5):
         while True:
@@ -491,3 +512,273 @@ async def test_outputs_of_a_stage_that_finishes_past_the_deadline_are_released(
     assert info.value.code == "deadline_exceeded", info.value
     await anyio.sleep(1.0)
     await leases_settle_at(client, 0)
+
+
+async def test_a_run_holding_more_intermediates_than_one_broker_request_takes(
+    platform: Platform, nc: NATS
+) -> None:
+    # 1,040 intermediates by handle: the run released them in one request, which the
+    # broker client refuses past 1,024; the error escaped the run and ended the
+    # ingress (its leases went only as the broker reclaimed a dead holder's).
+    many = FunctionSpec(name="many", handler="tests.funcs:many_outputs", inputs=X)
+    wide = WorkflowSpec(
+        name="wide",
+        inputs=X,
+        stages=[
+            StageSpec(name="a", function="many", inputs={"x": "$in.x"}),
+            StageSpec(name="b", function="many", inputs={"x": "a.o0"}),
+            StageSpec(name="c", function="echo", inputs={"x": "b.o1"}),
+        ],
+        outputs={"y": "c.y"},
+    )
+    client = Client(nc)
+    echo = next(f for f in FUNCS if f.name == "echo")
+    await deploy_all(client, echo, many, wide, handler_check=False)
+    out = await client.invoke("wide", {"x": np.arange(3, dtype=np.float32)}, timeout=5)
+    assert out["y"].tolist() == [0.0, 1.0, 2.0]
+    details = await leases_settle_at(client, 0)
+    assert details["reclaimed"] == 0  # released by the run, not reclaimed from the dead
+    out = await client.invoke("echo", {"x": np.ones(2, np.float32)}, timeout=2)
+    assert out["y"].tolist() == [1.0, 1.0]  # the ingress still serves
+
+
+async def test_a_run_that_raises_is_answered_and_the_ingress_goes_on(
+    platform: Platform, nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # plus_one (a.y) also feeds b and c, so it comes by handle and the ingress copies
+    # it out for a caller asking by value. An ingress that cannot map the pool (a CUDA
+    # handle, no CUDA here) raised BackendError there: no GfaasError, so it escaped
+    # the run and ended the ingress's task group, the whole ingress with it.
+    def unmappable(handle: object) -> None:
+        raise BackendUnavailable("no CUDA driver here")
+
+    monkeypatch.setattr("services.ingress.workflow.read_bytes", unmappable)
+    client = Client(nc)
+    wanted = {"add-one", "double", "echo", "add"}
+    functions = [f for f in FUNCS if f.name in wanted]
+    await deploy_all(client, *functions, DIAMOND, handler_check=False)
+    with pytest.raises(GfaasError) as info:
+        await client.invoke("diamond", {"x": np.ones(3, np.float32)}, timeout=3)
+    assert info.value.code == "internal", info.value
+    assert "no CUDA driver here" in info.value.reason
+    await no_leases_left(client)
+    out = await client.invoke("echo", {"x": np.ones(2, np.float32)}, timeout=2)
+    assert out["y"].tolist() == [1.0, 1.0]  # the ingress still serves
+
+
+async def test_a_run_waiting_for_a_workflow_slot_is_answered_at_its_deadline(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    # One slot, held by a run of about 0.9 s. The second run waited for it without
+    # bound: its caller, whose deadline was 0.3 s, was answered only once the first
+    # run ended (and its run then sent its first stage past the deadline).
+    slow = WorkflowSpec(
+        name="slow",
+        inputs=X,
+        stages=[
+            StageSpec(name="a", function="slow-echo", inputs={"x": "$in.x"}),
+            StageSpec(name="b", function="slow-echo", inputs={"x": "a.y"}),
+            StageSpec(name="c", function="slow-echo", inputs={"x": "b.y"}),
+        ],
+        outputs={"y": "c.y"},
+    )
+    with platform_at(nats_server.url, tmp_path / "s", async_concurrency=1):
+        client = Client(nc)
+        slow_echo = next(f for f in FUNCS if f.name == "slow-echo")
+        await deploy_all(client, slow_echo, slow, handler_check=False)
+        x = np.ones(2, np.float32)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.invoke, "slow", {"x": x})
+            await anyio.sleep(0.1)  # the first run has the slot
+            deadline = int(time.time() * 1000) + 300
+            started = time.monotonic()
+            msg = await nc.request(
+                "gfaas.v1.invoke.slow", body(x=x), timeout=3, headers={H_DEADLINE: str(deadline)}
+            )
+            waited = time.monotonic() - started
+        reply = msgspec.msgpack.decode(msg.data)
+        assert reply["error"]["code"] == "deadline_exceeded", reply
+        assert "workflow slots" in reply["error"]["reason"]
+        assert waited < 0.6, waited
+
+
+async def test_a_workflow_published_without_a_reply_subject_is_not_run(
+    platform: Platform, nc: NATS
+) -> None:
+    # A function so invoked is not called (invoke_async is for fire-and-forget); a
+    # workflow was run all the same, its stages' work and its answer for nobody.
+    client = Client(nc)
+    wanted = {"add-one", "double", "echo", "add"}
+    await deploy_all(client, *[f for f in FUNCS if f.name in wanted], DIAMOND, handler_check=False)
+    await nc.publish("gfaas.v1.invoke.diamond", body(x=np.ones(3, np.float32)))
+    await nc.flush()
+    await anyio.sleep(0.5)
+    details = (await client.status("ingress")).details
+    assert details["workflow_runs"] == 0
+    assert details["workflow_stages"] == 0
+    out = await client.invoke("diamond", {"x": np.ones(3, np.float32)}, timeout=3)
+    assert out["sum"].tolist() == [6.0, 6.0, 6.0]
+    assert (await client.status("ingress")).details["workflow_runs"] == 1
+
+
+async def test_a_workflow_reply_the_bus_refuses_leaves_the_ingress_and_no_outputs(
+    platform: Platform, nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ingress publishes a sync run's reply itself, in its own task group: a publish
+    # that raised (the bus down, its buffer full) ended the ingress, and the outputs
+    # the caller was to hold by handle stayed leased until their TTL.
+    refused = []
+
+    async def full(*args: object, **kwargs: object) -> None:
+        refused.append(args)
+        raise nats.errors.OutboundBufferLimitError
+
+    monkeypatch.setattr("services.ingress.app.send_reply", full)
+    client = Client(nc)
+    wanted = {"add-one", "double", "echo", "add"}
+    await deploy_all(client, *[f for f in FUNCS if f.name in wanted], DIAMOND, handler_check=False)
+    x = {"x": np.ones(3, np.float32)}
+    with pytest.raises(GfaasError) as info:
+        await client.invoke_reply("diamond", x, outputs_by=OutputMode.HANDLE, timeout=1)
+    assert info.value.code == "deadline_exceeded"
+    assert len(refused) == 1
+    await no_leases_left(client)
+    out = await client.invoke("echo", x, timeout=2)
+    assert out["y"].tolist() == [1.0, 1.0, 1.0]  # the ingress still serves
+
+
+async def leases_on(nc: NATS, node: str) -> int:
+    """Live leases at `node`'s broker (brokers in one test process share an instance
+    name, which Client.status_all keys answers by)."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish("gfaas.v1.status.memory-broker", b"", reply=inbox)
+        while True:
+            status = msgspec.msgpack.decode((await sub.next_msg(timeout=2)).data)
+            if status["details"]["node"] == node:
+                return int(status["details"]["leases"])
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_a_workflow_whose_stages_run_on_another_node(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    # Ingress on node `local`, the only worker on node `b`: stage outputs are in b's
+    # pool. Every broker op on them went to ingress's own broker, which knows none:
+    # unparking b.y for d failed the run (not_found), the caller's reference on a
+    # by-handle output could not be taken, and the run's releases were refused, so
+    # each run left its intermediates leased at b until their TTL.
+    with platform_at(nats_server.url, tmp_path / "s", workers=0) as p:
+        url = nats_server.url
+        p.start("broker-b", serve_broker, settings_for(url, tmp_path / "b", node="b"))
+        worker = settings_for(url, tmp_path / "wb", node="b", worker_id="wb")
+        p.start("worker-b", serve_worker, worker)
+        client = Client(nc)
+        wanted = {"add-one", "double", "echo", "add"}
+        functions = [f for f in FUNCS if f.name in wanted]
+        await deploy_all(client, *functions, DIAMOND, handler_check=False)
+        x = {"x": np.ones(3, np.float32)}
+        out = await client.invoke("diamond", x, timeout=5)
+        assert out["sum"].tolist() == [6.0, 6.0, 6.0]
+        assert out["plus_one"].tolist() == [2.0, 2.0, 2.0]  # read from b's broker
+        reply = await client.invoke_reply("diamond", x, outputs_by=OutputMode.HANDLE, timeout=5)
+        assert reply.error is None, reply.error
+        assert {t.handle.pool for t in reply.outputs if t.handle is not None} == {"b"}
+        with anyio.fail_after(5):
+            while await leases_on(nc, "b") != 2:  # the caller's two outputs, no more
+                await anyio.sleep(0.05)
+        await client.release(reply.outputs)  # at b, by their pool
+        with anyio.fail_after(5):
+            while await leases_on(nc, "b") != 0:
+                await anyio.sleep(0.05)
+
+
+async def test_a_wide_fan_in_of_small_outputs_goes_over_the_bus_limit_by_handle(
+    platform: Platform, nc: NATS
+) -> None:
+    # 17 branches of 64 KiB each, fixed by their spec, so they go by value; together
+    # they are over the bus's 1 MiB, and the stage joining them could not be sent
+    # (MaxPayloadError: the run failed `internal`).
+    ones = FunctionSpec(
+        name="ones",
+        handler="tests.funcs:ones_64k",
+        inputs=X,
+        outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[16384])],
+        concurrency=4,
+    )
+    total = FunctionSpec(name="total", handler="tests.funcs:sum_all", concurrency=4)
+    branches = [f"b{i}" for i in range(17)]
+    wide = WorkflowSpec(
+        name="wide-in",
+        inputs=X,
+        stages=[
+            *(StageSpec(name=b, function="ones", inputs={"x": "$in.x"}) for b in branches),
+            StageSpec(name="t", function="total", inputs={b: f"{b}.y" for b in branches}),
+        ],
+        outputs={"y": "t.y"},
+    )
+    client = Client(nc)
+    await deploy_all(client, ones, total, wide, handler_check=False)
+    out = await client.invoke("wide-in", {"x": np.ones(1, np.float32)}, timeout=5)
+    assert out["y"].shape == (16384,)
+    assert set(out["y"].tolist()) == {17.0}
+    await no_leases_left(client)
+
+
+async def test_a_run_past_its_deadline_sends_no_stage_and_gives_no_outputs(
+    platform: Platform, nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each stage's bookkeeping made slow (0.5 s), the deadline 0.3 s: stage a ends in
+    # time, the rest of the run does not. A one-stage run then answered with its
+    # outputs, by handle for a caller already gone, who never releases them; in a
+    # two-stage run, b was still sent, only for its worker to refuse it.
+    original = _Run._park_unread
+
+    async def slow(self: _Run, stage: str) -> None:
+        await original(self, stage)
+        await anyio.sleep(0.5)
+
+    monkeypatch.setattr(_Run, "_park_unread", slow)
+    one = WorkflowSpec(
+        name="one",
+        inputs=X,
+        stages=[StageSpec(name="a", function="echo", inputs={"x": "$in.x"})],
+        outputs={"y": "a.y"},
+    )
+    two = WorkflowSpec(
+        name="two",
+        inputs=X,
+        stages=[
+            StageSpec(name="a", function="echo", inputs={"x": "$in.x"}),
+            StageSpec(name="b", function="echo", inputs={"x": "a.y"}),
+        ],
+        outputs={"y": "b.y"},
+    )
+    client = Client(nc)
+    echo = next(f for f in FUNCS if f.name == "echo")
+    await deploy_all(client, echo, one, two, handler_check=False)
+    x = np.ones(3, np.float32)
+    request = InvokeRequest(
+        inputs=[Tensor(name="x", dtype=DType.FLOAT32, shape=[3], data=x.tobytes())],
+        outputs_by=OutputMode.HANDLE,
+        holder="gone-caller",
+    )
+    for name, stages in (("one", 1), ("two", 1)):
+        before = (await client.status("ingress")).details["workflow_stages"]
+        deadline = int(time.time() * 1000) + 300
+        # The caller waits longer than its deadline, to hear what the run answers.
+        msg = await nc.request(
+            f"gfaas.v1.invoke.{name}",
+            encode(request),
+            timeout=3,
+            headers={H_DEADLINE: str(deadline)},
+        )
+        reply = msgspec.msgpack.decode(msg.data)
+        assert reply.get("error") is not None, reply  # not its outputs, too late
+        assert reply["error"]["code"] == "deadline_exceeded", reply
+        await anyio.sleep(0.3)
+        after = (await client.status("ingress")).details["workflow_stages"]
+        assert after - before == stages, name
+        await no_leases_left(client)

@@ -22,6 +22,7 @@ from services.ingress.workflow import LATE_REPLY_S, WorkflowRunner
 from shared import subjects, tracing
 from shared.dataplane.client import BrokerClient
 from shared.errors import GfaasError
+from shared.ids import output_holder
 from shared.logs import failure_record, get_logger, report_failure
 from shared.metrics import OK, UNNAMED, IngressMetrics, noop
 from shared.names import is_valid_name
@@ -91,13 +92,19 @@ class Ingress:
         self.accepted = 0
         self.rejected = 0
         self.runner = WorkflowRunner(
-            self._schedule, broker, lambda: self.registry.specs, holder, lambda: self.tasks
+            self._schedule,
+            broker,
+            lambda: self.registry.specs,
+            holder,
+            lambda: self.tasks,
+            max_payload=max_payload,
         )
         self._plans: dict[str, tuple[WorkflowSpec, WorkflowPlan]] = {}
         # Sync workflow runs outlive the subscription callback that admitted them;
         # at most as many at once as async invocations.
         self.tasks: TaskGroup | None = None
-        self.workflow_slots = anyio.Semaphore(max(workflow_concurrency, 1))
+        self.workflow_concurrency = max(workflow_concurrency, 1)
+        self.workflow_slots = anyio.Semaphore(self.workflow_concurrency)
         # Metrics: invocations sent on whose worker answers the caller itself, until
         # its done note: id -> (arrived, give up at, function, tenant).
         self.open: dict[str, tuple[float, float, str, str]] = {}
@@ -183,16 +190,19 @@ class Ingress:
             try:
                 meta, request, spec = self._admit(function, body, headers, span, id_tag=id_tag)
                 span.set_attribute("gfaas.tenant", meta.tenant)
-                if isinstance(spec, WorkflowSpec):
-                    assert self.tasks is not None
-                    self.tasks.start_soon(self._reply_workflow, spec, meta, request, reply, arrived)
-                    return
                 if not reply:
+                    # Nobody to answer: a function's call and a workflow's run alike are
+                    # not made (a run would take a slot and its stages' workers for
+                    # nothing).
                     log.info(
                         "invoke.no_reply_subject",
                         function=function,
                         hint="publish to invoke_async for fire-and-forget",
                     )
+                    return
+                if isinstance(spec, WorkflowSpec):
+                    assert self.tasks is not None
+                    self.tasks.start_soon(self._reply_workflow, spec, meta, request, reply, arrived)
                     return
                 worker = await self.dispatcher.send(meta, body, reply)
                 if worker is not None:
@@ -386,11 +396,42 @@ class Ingress:
         reply_to: str,
         arrived: float,
     ) -> None:
-        async with self.workflow_slots:
-            reply = await self._workflow(spec, meta, request)
+        slot = False
+        # A slot, waited for until the deadline at most: past it the caller has given
+        # up, and a run that starts then only sends its first stage to be refused.
+        with anyio.move_on_after(max(meta.remaining_s(), 0.0)):
+            await self.workflow_slots.acquire()
+            slot = True
+        if slot:
+            try:
+                reply = await self._workflow(spec, meta, request)
+            finally:
+                self.workflow_slots.release()
+        else:
+            reply = error_reply(
+                meta.invocation_id,
+                ErrorCode.DEADLINE_EXCEEDED,
+                "the deadline passed while the run waited for one of the ingress's "
+                f"{self.workflow_concurrency} workflow slots",
+            )
         await self._finished(meta, reply, arrived)
-        if reply_to:
+        try:
             await self._send_reply(reply_to, reply)
+        except Exception as exc:
+            # The bus is down or full (this runs in the ingress's own task group, where
+            # anything raised would end the ingress): the caller hears nothing and
+            # times out, and the outputs it would have held by handle go now.
+            log.warning(
+                "workflow.reply_not_sent", invocation_id=meta.invocation_id, error=repr(exc)
+            )
+            handles = [t.handle for t in reply.outputs if t.handle is not None]
+            if handles:
+                holder = output_holder(request.holder, meta.invocation_id)
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self.runner.release(handles, holder, meta.tenant, wait=False)
+                    except Exception as again:  # their TTL frees them then
+                        log.warning("workflow.outputs_not_released", error=repr(again))
 
     async def _schedule(self, meta: InvocationMeta, body: bytes, near: str) -> InvokeReply:
         """One workflow stage, preferring the worker `near` (its inputs' producer)."""

@@ -13,18 +13,28 @@ may then spill it to host memory if its device fills, furthest next reader first
 Once a reader waits on only one more stage, its parked inputs are marked due, so
 the broker brings them back ahead of it; the reader's inputs are unparked (and
 their possibly new places taken) just before it is sent.
+
+A stage may run on a worker of another node: its outputs are then in that node's
+pool, and every broker op on them (release, park, unpark, retain, a read of their
+bytes) goes to that node's broker, which alone knows them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
+from shared.config import PAYLOAD_HEADROOM
 from shared.dataplane.backend import BackendError
-from shared.dataplane.client import BrokerClient, move_into, read_bytes
+from shared.dataplane.client import (
+    MAX_HANDLES_PER_REQUEST,
+    BrokerClient,
+    move_into,
+    read_bytes,
+)
 from shared.errors import GfaasError
 from shared.ids import Holder, output_holder
 from shared.logs import get_logger
@@ -67,6 +77,8 @@ class WorkflowRunner:
         functions: Callable[[], Mapping[str, FunctionSpec]],
         holder: str = "",
         tasks: Callable[[], TaskGroup | None] = lambda: None,
+        *,
+        max_payload: int = 0,
     ) -> None:
         # Runs hold their leases under this name (the ingress's): should the ingress
         # die, the broker drops them with its other references.
@@ -76,9 +88,35 @@ class WorkflowRunner:
         self.tasks = tasks
         self.schedule = schedule
         self.broker = broker
+        # Other nodes' brokers, for stage outputs in their pools (by node).
+        self.brokers: dict[str, BrokerClient] = {}
+        # The largest body a stage's request may have (the bus's limit, less room for
+        # headers), and the most bytes one read of another node's lease asks for.
+        self.max_payload = max_payload or broker.nc.max_payload - PAYLOAD_HEADROOM
+        self.read_chunk = self.max_payload
         self.functions = functions
         self.runs = 0
         self.stages = 0
+
+    def broker_of(self, pool: str) -> BrokerClient:
+        """The broker of the node whose pool holds a handle (`Handle.pool`)."""
+        if not pool or pool == self.broker.node:
+            return self.broker
+        found = self.brokers.get(pool)
+        if found is None:
+            found = self.brokers[pool] = BrokerClient(self.broker.nc, pool)
+        return found
+
+    async def release(
+        self, handles: Sequence[Handle], holder: str, tenant: str, *, wait: bool = True
+    ) -> None:
+        """Drop `holder`'s references on `handles`, each at its own node's broker, in
+        as many requests as the broker's limit per request takes (a run may hold more:
+        many stages, many outputs)."""
+        for pool, group in by_pool(handles).items():
+            for start in range(0, len(group), MAX_HANDLES_PER_REQUEST):
+                chunk = group[start : start + MAX_HANDLES_PER_REQUEST]
+                await self.broker_of(pool).release(chunk, holder, tenant, wait=wait)
 
     async def run(
         self, plan: WorkflowPlan, meta: InvocationMeta, request: InvokeRequest
@@ -90,12 +128,22 @@ class WorkflowRunner:
             return _error(meta, ErrorCode.UNKNOWN_FUNCTION, str(exc))
         run = _Run(self, plan, meta, request)
         try:
-            return await run.execute()
-        except GfaasError as exc:
-            return _error(meta, exc.code, exc.reason)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await run.release()
+            try:
+                return await run.execute()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await run.release()
+        except Exception as exc:
+            # Answered, whatever it was: a sync run is a task in the ingress's own
+            # group, where anything raised would end the ingress, every caller's runs
+            # with it (and this caller would hear nothing until its timeout).
+            known = _gfaas_error(exc)
+            if known is not None:
+                return _error(meta, known.code, known.reason)
+            log.exception(
+                "workflow.run_failed", invocation_id=meta.invocation_id, workflow=plan.spec.name
+            )
+            return _error(meta, ErrorCode.INTERNAL, f"the workflow run failed: {exc!r}")
 
 
 class _Run:
@@ -142,6 +190,14 @@ class _Run:
         try:
             for name, src in self.plan.outputs.items():
                 outputs.append(await self._final(name, src.stage, src.name))
+            if self.meta.remaining_s() <= 0:
+                # As a worker answers a handler that returned past its deadline: its
+                # caller has stopped waiting, and would never release the outputs it
+                # was given by handle.
+                raise GfaasError(
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    "the workflow's stages finished past its deadline: its outputs came too late",
+                )
         except BaseException:
             # An error reply carries no outputs: the caller's references on those
             # given so far go again (the run's own are released when it ends).
@@ -149,7 +205,7 @@ class _Run:
             if given:
                 holder = output_holder(self.request.holder, self.meta.invocation_id)
                 with anyio.CancelScope(shield=True):
-                    await self.runner.broker.release(given, holder, self.meta.tenant)
+                    await self.runner.release(given, holder, self.meta.tenant)
             raise
         return InvokeReply(
             invocation_id=self.meta.invocation_id,
@@ -174,16 +230,14 @@ class _Run:
                 for arg, src in self.plan.sources[stage].items()
             ]
             validate_inputs(spec, args)
+            body = self._request(stage, spec, args)
+            if len(body) > self.runner.max_payload:
+                # By value, its inputs are over the bus's limit together (a wide fan-in
+                # of small outputs, workflow inputs beside them): they go by handle.
+                body = self._request(stage, spec, await self._pooled_args(args))
         except GfaasError as exc:
             self._fail(scope, stage, function, exc.code, exc.reason)
             return
-        body = encode(
-            InvokeRequest(
-                inputs=args,
-                outputs_by=self._outputs_by(stage, spec),
-                holder=self.holder,
-            )
-        )
         stage_meta = InvocationMeta(
             invocation_id=f"{self.meta.invocation_id[:48]}-s{index}",
             function=function,
@@ -192,7 +246,17 @@ class _Run:
         )
         # Prefer the worker that produced this stage's inputs: they are in its pool.
         near = next((self.workers[d] for d in sorted(self.plan.deps[stage])), "")
-        wait_s = max(self.meta.remaining_s(), 0.0)
+        wait_s = self.meta.remaining_s()
+        if wait_s <= 0:
+            # Not sent: its worker would only refuse it, and the run answers now.
+            self._fail(
+                scope,
+                stage,
+                function,
+                ErrorCode.DEADLINE_EXCEEDED,
+                "the workflow's deadline passed before this stage could start",
+            )
+            return
         reply = await self._call(stage_meta, body, near, wait_s)
         if reply is None:
             self._fail(
@@ -210,6 +274,28 @@ class _Run:
         self.workers[stage] = reply.worker
         await self._park_unread(stage)
         self.done[stage].set()
+
+    def _request(self, stage: str, spec: FunctionSpec, args: list[Tensor]) -> bytes:
+        request = InvokeRequest(
+            inputs=args, outputs_by=self._outputs_by(stage, spec), holder=self.holder
+        )
+        return encode(request)
+
+    async def _pooled_args(self, args: list[Tensor]) -> list[Tensor]:
+        """`args` with their by-value tensors moved into buffers this run holds."""
+        values = [t for t in args if t.handle is None and t.data]
+        if not values:
+            return args
+        handles = await self.runner.broker.lease(
+            [len(t.data) for t in values], owner=self.holder, tenant=self.meta.tenant
+        )
+        self.held.extend(handles)
+        try:
+            moved = {id(t): move_into(h, t) for t, h in zip(values, handles, strict=True)}
+        except BackendError as exc:  # this ingress cannot map the pool: by value after all
+            log.warning("workflow.inputs_by_value", reason=str(exc))
+            return args
+        return [moved.get(id(t), t) for t in args]
 
     async def _call(
         self, meta: InvocationMeta, body: bytes, near: str, wait_s: float
@@ -255,9 +341,18 @@ class _Run:
     async def _release_late(self, meta: InvocationMeta, handles: list[Handle]) -> None:
         log.info("workflow.late_outputs_released", invocation_id=meta.invocation_id)
         try:
-            await self.runner.broker.release(handles, self.holder, meta.tenant, wait=False)
+            await self._release(handles, meta.tenant)
         except Exception as exc:  # the leases' TTL frees them then
             log.warning("workflow.late_release_failed", error=repr(exc))
+
+    async def _release(self, handles: list[Handle], tenant: str) -> None:
+        await self.runner.release(handles, self.holder, tenant, wait=False)
+
+    async def _park(self, handles: list[Handle], next_use_s: float = -1.0) -> None:
+        for pool, group in by_pool(handles).items():
+            await self.runner.broker_of(pool).park(
+                group, self.holder, self.meta.tenant, next_use_s=next_use_s, wait=False
+            )
 
     # -- parking intermediates whose readers wait ----------------------------------------
 
@@ -277,7 +372,7 @@ class _Run:
                 waiting.append(tensor.handle)
                 self.parked[tensor.handle.lease_id] = (stage, name)
         if waiting:
-            await self.runner.broker.park(waiting, self.holder, self.meta.tenant, wait=False)
+            await self._park(waiting)
 
     def _parked_inputs(self, stage: str) -> list[tuple[str, str]]:
         places = {(src.stage, src.name) for src in self.plan.sources[stage].values()}
@@ -288,22 +383,26 @@ class _Run:
         due = [self.outputs[s][n].handle for s, n in self._parked_inputs(stage)]
         handles = [h for h in due if h is not None]
         if handles:
-            await self.runner.broker.park(
-                handles, self.holder, self.meta.tenant, next_use_s=0.0, wait=False
-            )
+            await self._park(handles, next_use_s=0.0)
 
     async def _unpark_inputs(self, stage: str) -> None:
         async with self.unparking:  # two readers of one parked output: one unparks it
             places = self._parked_inputs(stage)
-            handles = [self.outputs[s][n].handle for s, n in places]
             if not places:
                 return
-            current = await self.runner.broker.unpark(
-                [h for h in handles if h is not None], self.holder, self.meta.tenant
-            )
-            for (s, n), handle in zip(places, current, strict=True):
-                self.outputs[s][n] = msgspec.structs.replace(self.outputs[s][n], handle=handle)
-                del self.parked[handle.lease_id]
+            by_node: dict[str, list[tuple[str, str]]] = {}
+            for s, n in places:
+                handle = self.outputs[s][n].handle
+                assert handle is not None  # only handles are parked
+                by_node.setdefault(handle.pool, []).append((s, n))
+            for pool, here in by_node.items():
+                handles = [self.outputs[s][n].handle for s, n in here]
+                current = await self.runner.broker_of(pool).unpark(
+                    [h for h in handles if h is not None], self.holder, self.meta.tenant
+                )
+                for (s, n), handle in zip(here, current, strict=True):
+                    self.outputs[s][n] = msgspec.structs.replace(self.outputs[s][n], handle=handle)
+                    del self.parked[handle.lease_id]
 
     async def _pool_large_inputs(self) -> None:
         """Large workflow inputs go into the pool once, here: each stage that reads
@@ -361,12 +460,19 @@ class _Run:
                 # its regions from the pool), it goes there.
                 return await self._pooled(tensor, holder)
             return tensor
+        pool = tensor.handle.pool
         if self.request.outputs_by is OutputMode.VALUE:
-            # The output also fed another stage, so it went by handle: copy it out.
-            data = read_bytes(tensor.handle).tobytes()
+            # The output also fed another stage, so it went by handle: copy it out
+            # (from another node's pool, through its broker: it cannot be mapped here).
+            if self.runner.broker_of(pool) is self.runner.broker:
+                data = read_bytes(tensor.handle).tobytes()
+            else:
+                broker = self.runner.broker_of(pool)
+                chunk = self.runner.read_chunk
+                data = await broker.read(tensor.handle, self.meta.tenant, chunk=chunk)
             return msgspec.structs.replace(tensor, handle=None, data=data)
         # The caller keeps it: its own reference, before this run drops its one.
-        await self.runner.broker.retain([tensor.handle], holder, self.meta.tenant)
+        await self.runner.broker_of(pool).retain([tensor.handle], holder, self.meta.tenant)
         return tensor
 
     async def _pooled(self, tensor: Tensor, holder: str) -> Tensor:
@@ -394,8 +500,23 @@ class _Run:
             return
         # Published, not awaited: the reply need not wait for it, and the broker takes
         # its requests in order. Should it be lost, the leases' TTL frees them.
-        await self.runner.broker.release(self.held, self.holder, self.meta.tenant, wait=False)
-        self.held = []
+        held, self.held = self.held, []
+        await self._release(held, self.meta.tenant)
+
+
+def by_pool(handles: Sequence[Handle]) -> dict[str, list[Handle]]:
+    """`handles` by the node whose pool holds them."""
+    found: dict[str, list[Handle]] = {}
+    for handle in handles:
+        found.setdefault(handle.pool, []).append(handle)
+    return found
+
+
+def _gfaas_error(exc: BaseException) -> GfaasError | None:
+    """`exc` if it is a GfaasError, or the one a task group wrapped (a stage's)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, GfaasError) else None
 
 
 def _error(meta: InvocationMeta, code: ErrorCode, reason: str) -> InvokeReply:
