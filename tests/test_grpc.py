@@ -377,3 +377,63 @@ def test_both_fronts_read_their_statuses_from_one_table() -> None:
     for code, statuses in STATUSES.items():
         assert (http.status_for(code), grpc_front.status_for(code)) == statuses
     assert STATUSES[ErrorCode.MODEL_UNAVAILABLE] == (503, grpc.StatusCode.UNAVAILABLE)
+
+
+SLEEPY = FunctionSpec(
+    name="sleepy",
+    handler="tests.funcs:sleep",
+    inputs=[TensorSpec(name="seconds", dtype=DType.FLOAT32, shape=[1])],
+    outputs=[TensorSpec(name="slept", dtype=DType.FLOAT32, shape=[1])],
+)
+
+
+async def _ingress_accepted(url: str) -> int:
+    import nats
+
+    from gfaas.client import Client
+
+    nc = await nats.connect(url)
+    try:
+        return int((await Client(nc).status("ingress")).details["accepted"])
+    finally:
+        await nc.drain()
+
+
+def test_an_output_region_that_cannot_take_it_is_refused_before_the_function_runs(
+    platform: Platform,
+) -> None:
+    """An output named into a region not registered, or one its claimed size does not
+    fit, is the caller's mistake to refuse up front, as the inputs' are: not after
+    the function ran (its work done, the caller kept waiting the whole call)."""
+    import tritonclient.utils.shared_memory as shm
+
+    client = connected_client(platform, SLEEPY)
+    key = f"/grpc-outfirst-{time.monotonic_ns()}"
+    region = shm.create_shared_memory_region("out", key, 4)
+    try:
+        client.register_system_shared_memory("out", key, 4)
+        seconds = triton.InferInput("seconds", [1], "FP32")
+        seconds.set_data_from_numpy(np.array([2.0], dtype=np.float32))
+        before = anyio.run(_ingress_accepted, platform.url)
+        for name, size, match in [
+            ("nope", 4, "no shared-memory region 'nope' is registered"),
+            ("out", 8, "do not fit"),
+        ]:
+            out = triton.InferRequestedOutput("slept")
+            out.set_shared_memory(name, size)
+            started = time.monotonic()
+            with pytest.raises(InferenceServerException, match=match) as refused:
+                client.infer("sleepy", [seconds], outputs=[out])
+            assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+            assert time.monotonic() - started < 1.5, "the function ran first"
+        assert anyio.run(_ingress_accepted, platform.url) == before
+        # A region that takes it still gets the output.
+        out = triton.InferRequestedOutput("slept")
+        out.set_shared_memory("out", 4)
+        seconds.set_data_from_numpy(np.array([0.0], dtype=np.float32))
+        client.infer("sleepy", [seconds], outputs=[out])
+        assert shm.get_contents_as_numpy(region, np.float32, [1]).tolist() == [0.0]
+        client.unregister_system_shared_memory()
+    finally:
+        shm.destroy_shared_memory_region(region)
+        client.close()

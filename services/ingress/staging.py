@@ -71,6 +71,12 @@ class ShmStaging:
         staged: list[Handle] = []
         try:
             inputs = list(parsed.invoke.inputs)
+            # Outputs' regions too, before the function runs: a region not registered,
+            # or one a claimed size does not fit, was found only once it had run (the
+            # work done, its side effects had, the caller kept waiting the whole call).
+            for output in parsed.outputs or ():
+                if output.shm is not None:
+                    regions.check(output.shm)
             # One lease per device: host memory for system regions, the GPU for CUDA ones.
             by_device: dict[str, list[str]] = {}
             for t in inputs:
