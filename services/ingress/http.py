@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from importlib import metadata
 from typing import Final, Protocol
 
@@ -56,6 +56,12 @@ class InferenceBackend(Protocol):
         ...
 
     def spec(self, name: str) -> FunctionSpec | None: ...
+
+    def output_names(self, name: str) -> Collection[str] | None:
+        """Every output model `name` produces, when all are known: a function's
+        declared outputs (None if it declares none), a workflow's outputs, those
+        whose stage declares no dtype and shape too (its `spec` leaves them out)."""
+        ...
 
     async def infer(
         self, name: str, request: InvokeRequest, headers: Mapping[str, str]
@@ -134,7 +140,7 @@ async def infer_parsed(
     """One parsed OIP inference through the backend, as both fronts (HTTP, gRPC) run
     it: outputs asked for checked against the spec, shared-memory regions staged when
     named, a failure raised as the GfaasError each front maps to its status."""
-    oip_response.check_requested_outputs(parsed, spec)
+    oip_response.check_requested_outputs(parsed, spec.name, backend.output_names(spec.name))
     if parsed.uses_shm:
         reply = await backend.infer_shm(spec.name, parsed, headers)
     else:
