@@ -3,7 +3,9 @@ platform, through the unmodified Triton gRPC client and its generated stubs."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import anyio
 import grpc
@@ -16,10 +18,11 @@ from tritonclient.utils import InferenceServerException
 
 from services.ingress import grpc_codec
 from shared.errors import GfaasError
+from shared.natsd import NatsServer
 from shared.schema import DType, ErrorCode, FunctionSpec, Tensor, TensorSpec
 from shared.tensors import validate_inputs
 from tests.helpers import deploy_and_wait
-from tests.platform import Platform
+from tests.platform import Platform, platform_at
 
 pytestmark = pytest.mark.nats
 
@@ -437,3 +440,64 @@ def test_an_output_region_that_cannot_take_it_is_refused_before_the_function_run
     finally:
         shm.destroy_shared_memory_region(region)
         client.close()
+
+
+@pytest.mark.unit
+def test_registered_regions_are_bounded_per_tenant_and_by_descriptors() -> None:
+    """Each system region keeps a descriptor open: unbounded, a client looping over
+    register took every descriptor ingress had (and with them its connections)."""
+    from services.ingress.shm_regions import ShmRegions
+
+    key = f"/grpc-cap-{time.monotonic_ns()}"
+    path = f"/dev/shm{key}"
+    with open(path, "wb") as f:
+        f.write(b"\0" * 16)
+    regions = ShmRegions(tenant_max=2, max_open=3)
+    try:
+        a, b = regions.of("a"), regions.of("b")
+        a.register("r1", key, 0, 16)
+        a.register("r2", key, 0, 16)
+        with pytest.raises(GfaasError, match="the tenant holds 2 regions") as over:
+            a.register("r3", key, 0, 16)
+        assert over.value.code == ErrorCode.QUOTA_EXCEEDED
+        assert "'r3'" in over.value.reason
+        # The same name again is still "already registered", not the cap.
+        with pytest.raises(GfaasError, match="already registered"):
+            a.register("r1", key, 0, 16)
+        # Another tenant has its own share, until the descriptors run short.
+        b.register("r1", key, 0, 16)
+        with pytest.raises(GfaasError, match="open-file limit") as full:
+            b.register("r2", key, 0, 16)
+        assert full.value.code == ErrorCode.UNAVAILABLE
+        a.unregister("r2")
+        b.register("r2", key, 0, 16)
+        assert [r.name for r in b.status()] == ["r1", "r2"]
+    finally:
+        regions.close()
+        os.unlink(path)
+
+
+def test_a_tenant_over_its_region_cap_is_resource_exhausted_over_grpc(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    import tritonclient.utils.shared_memory as shm
+
+    with platform_at(nats_server.url, tmp_path / "s", tenant_max_shm_regions=2) as p:
+        client = connected_client(p)
+        key = f"/grpc-capped-{time.monotonic_ns()}"
+        region = shm.create_shared_memory_region("r", key, 16)
+        try:
+            client.register_system_shared_memory("r1", key, 16)
+            client.register_system_shared_memory("r2", key, 16)
+            with pytest.raises(InferenceServerException, match="quota_exceeded") as over:
+                client.register_system_shared_memory("r3", key, 16)
+            assert over.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+            # Another tenant's registrations are its own.
+            client.register_system_shared_memory("r1", key, 16, headers={"gfaas-tenant": "t2"})
+            client.unregister_system_shared_memory("r1")
+            client.register_system_shared_memory("r3", key, 16)
+            client.unregister_system_shared_memory()
+            client.unregister_system_shared_memory(headers={"gfaas-tenant": "t2"})
+        finally:
+            shm.destroy_shared_memory_region(region)
+            client.close()
