@@ -4,6 +4,7 @@ platform, through the unmodified Triton gRPC client and its generated stubs."""
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -501,3 +502,56 @@ def test_a_tenant_over_its_region_cap_is_resource_exhausted_over_grpc(
         finally:
             shm.destroy_shared_memory_region(region)
             client.close()
+
+
+async def _cpu_pool(url: str) -> dict[str, object]:
+    import nats
+
+    from gfaas.client import Client
+
+    nc = await nats.connect(url)
+    try:
+        pools = (await Client(nc).status("memory-broker")).details["pools"]
+        assert isinstance(pools, dict)
+        return dict(pools.get("cpu") or {})
+    finally:
+        await nc.drain()
+
+
+def test_a_shared_memory_input_the_model_refuses_is_refused_before_staging(
+    platform: Platform,
+) -> None:
+    """An input in shared memory that admission refuses (another dtype, a name the
+    model lacks, a shape it does not take) is refused before its bytes are leased
+    and copied: no slab of the claim is created, to be kept for its cool-down."""
+    import tritonclient.utils.shared_memory as shm
+
+    client = connected_client(platform)
+    nbytes = 8 * 1024 * 1024
+    key = f"/grpc-refused-{time.monotonic_ns()}"
+    region = shm.create_shared_memory_region("in", key, nbytes)
+    try:
+        client.register_system_shared_memory("in", key, nbytes)
+        rows = nbytes // 24
+        for name, shape, datatype, match in [
+            ("x", [rows, 3], "FP64", "dtype float64, expected float32"),
+            ("q", [rows, 3], "FP32", "has no input(s) ['q']"),
+            ("x", [rows * 3], "FP32", "input 'x'"),
+        ]:
+            inp = triton.InferInput(name, shape, datatype)
+            size = rows * 3 * (8 if datatype == "FP64" else 4)
+            inp.set_shared_memory("in", size)
+            with pytest.raises(InferenceServerException, match=re.escape(match)) as refused:
+                client.infer("add-one", [inp])
+            assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+            assert "invalid_input" in str(refused.value)
+        pool = anyio.run(_cpu_pool, platform.url)
+        assert (pool.get("held", 0), pool.get("slabs_created", 0)) == (0, 0), pool
+        # The same region still serves a request the model takes.
+        inp = triton.InferInput("x", [2, 3], "FP32")
+        inp.set_shared_memory("in", 24)
+        np.testing.assert_array_equal(client.infer("add-one", [inp]).as_numpy("y"), np.ones((2, 3)))
+        client.unregister_system_shared_memory()
+    finally:
+        shm.destroy_shared_memory_region(region)
+        client.close()

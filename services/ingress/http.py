@@ -42,6 +42,7 @@ from shared.schema import (
     InvokeReply,
     InvokeRequest,
 )
+from shared.tensors import validate_inputs
 
 log = get_logger("ingress.http")
 
@@ -142,6 +143,11 @@ async def infer_parsed(
     named, a failure raised as the GfaasError each front maps to its status."""
     oip_response.check_requested_outputs(parsed, spec.name, backend.output_names(spec.name))
     if parsed.uses_shm:
+        # Checked against the spec as admission checks them, but before staging: an
+        # input admission would refuse (a name the model lacks, another dtype or
+        # shape) had its region's bytes leased and copied first, a slab of the claim
+        # created and kept for its cool-down, all to be refused.
+        validate_inputs(spec, parsed.invoke.inputs, unstaged=parsed.shm_inputs)
         reply = await backend.infer_shm(spec.name, parsed, headers)
     else:
         reply = await backend.infer(spec.name, parsed.invoke, headers)
