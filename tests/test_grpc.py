@@ -555,3 +555,27 @@ def test_a_shared_memory_input_the_model_refuses_is_refused_before_staging(
     finally:
         shm.destroy_shared_memory_region(region)
         client.close()
+
+
+def test_a_tenant_header_that_is_no_tenant_name_is_refused_by_the_regions(
+    platform: Platform,
+) -> None:
+    """Unauthenticated, the tenant is the caller's header: "a/b" filed its regions
+    among tenant "a"'s ("a/b/r"), which "a" then listed as its own "b/r"."""
+    import tritonclient.utils.shared_memory as shm
+
+    client = connected_client(platform)
+    key = f"/grpc-tenant-{time.monotonic_ns()}"
+    region = shm.create_shared_memory_region("r", key, 16)
+    try:
+        with pytest.raises(InferenceServerException, match="tenant name 'a/b' must") as bad:
+            client.register_system_shared_memory("r", key, 16, headers={"gfaas-tenant": "a/b"})
+        assert bad.value.status() == "StatusCode.INVALID_ARGUMENT"
+        with pytest.raises(InferenceServerException, match="tenant name 'a/b' must"):
+            client.get_system_shared_memory_status(headers={"gfaas-tenant": "a/b"})
+        assert client.get_system_shared_memory_status(headers={"gfaas-tenant": "a"}) is not None
+        status = client.get_system_shared_memory_status(as_json=True, headers={"gfaas-tenant": "a"})
+        assert status.get("regions", {}) == {}
+    finally:
+        shm.destroy_shared_memory_region(region)
+        client.close()

@@ -46,6 +46,7 @@ from shared.dataplane.client import read_bytes, write_bytes
 from shared.dataplane.shm import _path as segment_path
 from shared.dataplane.shm import is_platform_segment
 from shared.errors import GfaasError, bad_request
+from shared.names import is_valid_name, name_problem
 from shared.schema import ErrorCode, Handle
 
 # The most regions (system and CUDA together) one tenant may hold registered at once
@@ -233,7 +234,12 @@ class ShmRegions:
             )
 
     def of(self, tenant: str) -> TenantRegions:
-        """The regions as `tenant` sees them: its own, by the names it gave."""
+        """The regions as `tenant` sees them: its own, by the names it gave. A tenant
+        name must be one (as admission wants): "a/b", from an unauthenticated
+        caller's header, filed its regions among tenant "a"'s, who then listed,
+        shadowed and unregistered them as "b/..."."""
+        if not is_valid_name(tenant):
+            raise bad_request(name_problem("tenant", tenant))
         return TenantRegions(self, tenant)
 
     def close(self) -> None:
