@@ -579,3 +579,46 @@ def test_a_tenant_header_that_is_no_tenant_name_is_refused_by_the_regions(
     finally:
         shm.destroy_shared_memory_region(region)
         client.close()
+
+
+def _rows(name: str) -> TensorSpec:
+    return TensorSpec(name=name, dtype=DType.FLOAT32, shape=[-1, 3])
+
+
+# Declares z, but its handler (add_one) returns y alone.
+SHORT = FunctionSpec(
+    name="short",
+    handler="tests.funcs:add_one",
+    inputs=[_rows("x")],
+    outputs=[_rows("y"), _rows("z")],
+)
+
+
+def test_a_declared_output_the_model_did_not_produce_is_the_models_failure(
+    platform: Platform,
+) -> None:
+    """Asking for an output the model declares is a good request: the model not
+    producing it is its failure (INTERNAL / 500), not the caller's (INVALID_ARGUMENT
+    / 400, "do not retry, fix your request"). A name it does not declare still is."""
+    client = connected_client(platform, SHORT)
+    inp = triton.InferInput("x", [1, 3], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, 3), np.float32))
+    try:
+        with pytest.raises(InferenceServerException, match="handler_error") as failed:
+            client.infer("short", [inp], outputs=[triton.InferRequestedOutput("z")])
+        assert failed.value.status() == "StatusCode.INTERNAL"
+        assert "declares output 'z' but did not produce it (it produced: y)" in str(failed.value)
+        with pytest.raises(InferenceServerException, match="has no output 'q'") as unknown:
+            client.infer("short", [inp], outputs=[triton.InferRequestedOutput("q")])
+        assert unknown.value.status() == "StatusCode.INVALID_ARGUMENT"
+        y = client.infer("short", [inp], outputs=[triton.InferRequestedOutput("y")]).as_numpy("y")
+        np.testing.assert_array_equal(y, np.ones((1, 3)))
+    finally:
+        client.close()
+    body = {
+        "inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [0, 0, 0]}],
+        "outputs": [{"name": "z"}],
+    }
+    r = httpx.post(f"http://127.0.0.1:{platform.http_port}/v2/models/short/infer", json=body)
+    assert r.status_code == 500, r.text
+    assert r.json()["error"].startswith("handler_error: model 'short' declares output 'z'")

@@ -141,7 +141,8 @@ async def infer_parsed(
     """One parsed OIP inference through the backend, as both fronts (HTTP, gRPC) run
     it: outputs asked for checked against the spec, shared-memory regions staged when
     named, a failure raised as the GfaasError each front maps to its status."""
-    oip_response.check_requested_outputs(parsed, spec.name, backend.output_names(spec.name))
+    produced = backend.output_names(spec.name)
+    oip_response.check_requested_outputs(parsed, spec.name, produced)
     if parsed.uses_shm:
         # Checked against the spec as admission checks them, but before staging: an
         # input admission would refuse (a name the model lacks, another dtype or
@@ -153,6 +154,7 @@ async def infer_parsed(
         reply = await backend.infer(spec.name, parsed.invoke, headers)
     if reply.error is not None:
         raise GfaasError.from_info(reply.error)
+    oip_response.check_produced(parsed, spec.name, produced, reply.outputs)
     return reply
 
 

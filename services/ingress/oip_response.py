@@ -105,6 +105,27 @@ def check_requested_outputs(
             )
 
 
+def check_produced(
+    request: InferRequest,
+    model_name: str,
+    produced: Collection[str] | None,
+    outputs: Sequence[Tensor],
+) -> None:
+    """Refuse a reply that lacks an output asked for which the model produces (it
+    declares it): the model's failure, not the caller's request. An output the model
+    is not known to produce is left to requested_outputs, the caller's to answer for."""
+    if request.outputs is None or produced is None:
+        return
+    got = {t.name for t in outputs}
+    for output in request.outputs:
+        if output.name in produced and output.name not in got:
+            raise GfaasError(
+                ErrorCode.HANDLER_ERROR,
+                f"model {model_name!r} declares output {output.name!r} but did not "
+                f"produce it (it produced: {', '.join(sorted(got)) or 'none'})",
+            )
+
+
 def requested_outputs(
     model_name: str, request: InferRequest, outputs: Sequence[Tensor]
 ) -> list[tuple[Tensor, RequestedOutput | None]]:
