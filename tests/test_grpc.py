@@ -453,8 +453,8 @@ def test_registered_regions_are_bounded_per_tenant_and_by_descriptors() -> None:
     path = f"/dev/shm{key}"
     with open(path, "wb") as f:
         f.write(b"\0" * 16)
-    regions = ShmRegions(tenant_max=2, max_open=3)
     try:
+        regions = ShmRegions(tenant_max=2, max_open=3)
         a, b = regions.of("a"), regions.of("b")
         a.register("r1", key, 0, 16)
         a.register("r2", key, 0, 16)
@@ -473,8 +473,8 @@ def test_registered_regions_are_bounded_per_tenant_and_by_descriptors() -> None:
         a.unregister("r2")
         b.register("r2", key, 0, 16)
         assert [r.name for r in b.status()] == ["r1", "r2"]
-    finally:
         regions.close()
+    finally:
         os.unlink(path)
 
 
