@@ -87,6 +87,9 @@ class Settings:
     # The gRPC Open Inference Protocol front, on http_host too.
     grpc_port: int = DEFAULT_GRPC_PORT
     grpc_enabled: bool = True
+    # The most shared-memory regions (system and CUDA) one tenant may hold registered
+    # with an ingress (0: no cap); past it, register is `quota_exceeded`.
+    tenant_max_shm_regions: int = 1024
     async_concurrency: int = 16
     # The longest a caller may give an invocation (its `Gfaas-Deadline-Ms` header, its
     # request's `timeout_ms`, the OIP `timeout` parameter, a gRPC deadline): one set

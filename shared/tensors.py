@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -159,12 +159,21 @@ def shape_problem(dtype: DType, shape: Sequence[int]) -> str | None:
     return None
 
 
-def validate_inputs(spec: FunctionSpec | WorkflowSpec, inputs: Sequence[Tensor]) -> None:
-    """Raise INVALID_INPUT unless `inputs` match the spec's names, dtypes and shapes."""
+def validate_inputs(
+    spec: FunctionSpec | WorkflowSpec,
+    inputs: Sequence[Tensor],
+    *,
+    unstaged: Collection[str] = (),
+) -> None:
+    """Raise INVALID_INPUT unless `inputs` match the spec's names, dtypes and shapes.
+    Inputs named in `unstaged` have no bytes yet (they are still in the caller's
+    shared memory, sized by their reference): their size is not checked."""
     for t in inputs:
         problem = shape_problem(t.dtype, t.shape)
         if problem:
             raise GfaasError(ErrorCode.INVALID_INPUT, f"{t.name!r}: {problem}")
+        if t.name in unstaged:
+            continue
         size = len(t.data) if t.handle is None else t.handle.nbytes
         if size != nbytes_of(t.dtype, t.shape):
             where = "handle names" if t.handle is not None else "data has"

@@ -3,7 +3,10 @@ platform, through the unmodified Triton gRPC client and its generated stubs."""
 
 from __future__ import annotations
 
+import os
+import re
 import time
+from pathlib import Path
 
 import anyio
 import grpc
@@ -16,10 +19,11 @@ from tritonclient.utils import InferenceServerException
 
 from services.ingress import grpc_codec
 from shared.errors import GfaasError
+from shared.natsd import NatsServer
 from shared.schema import DType, ErrorCode, FunctionSpec, Tensor, TensorSpec
 from shared.tensors import validate_inputs
 from tests.helpers import deploy_and_wait
-from tests.platform import Platform
+from tests.platform import Platform, platform_at
 
 pytestmark = pytest.mark.nats
 
@@ -377,3 +381,244 @@ def test_both_fronts_read_their_statuses_from_one_table() -> None:
     for code, statuses in STATUSES.items():
         assert (http.status_for(code), grpc_front.status_for(code)) == statuses
     assert STATUSES[ErrorCode.MODEL_UNAVAILABLE] == (503, grpc.StatusCode.UNAVAILABLE)
+
+
+SLEEPY = FunctionSpec(
+    name="sleepy",
+    handler="tests.funcs:sleep",
+    inputs=[TensorSpec(name="seconds", dtype=DType.FLOAT32, shape=[1])],
+    outputs=[TensorSpec(name="slept", dtype=DType.FLOAT32, shape=[1])],
+)
+
+
+async def _ingress_accepted(url: str) -> int:
+    import nats
+
+    from gfaas.client import Client
+
+    nc = await nats.connect(url)
+    try:
+        return int((await Client(nc).status("ingress")).details["accepted"])
+    finally:
+        await nc.drain()
+
+
+def test_an_output_region_that_cannot_take_it_is_refused_before_the_function_runs(
+    platform: Platform,
+) -> None:
+    """An output named into a region not registered, or one its claimed size does not
+    fit, is the caller's mistake to refuse up front, as the inputs' are: not after
+    the function ran (its work done, the caller kept waiting the whole call)."""
+    import tritonclient.utils.shared_memory as shm
+
+    client = connected_client(platform, SLEEPY)
+    key = f"/grpc-outfirst-{time.monotonic_ns()}"
+    region = shm.create_shared_memory_region("out", key, 4)
+    try:
+        client.register_system_shared_memory("out", key, 4)
+        seconds = triton.InferInput("seconds", [1], "FP32")
+        seconds.set_data_from_numpy(np.array([2.0], dtype=np.float32))
+        before = anyio.run(_ingress_accepted, platform.url)
+        for name, size, match in [
+            ("nope", 4, "no shared-memory region 'nope' is registered"),
+            ("out", 8, "do not fit"),
+        ]:
+            out = triton.InferRequestedOutput("slept")
+            out.set_shared_memory(name, size)
+            started = time.monotonic()
+            with pytest.raises(InferenceServerException, match=match) as refused:
+                client.infer("sleepy", [seconds], outputs=[out])
+            assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+            assert time.monotonic() - started < 1.5, "the function ran first"
+        assert anyio.run(_ingress_accepted, platform.url) == before
+        # A region that takes it still gets the output.
+        out = triton.InferRequestedOutput("slept")
+        out.set_shared_memory("out", 4)
+        seconds.set_data_from_numpy(np.array([0.0], dtype=np.float32))
+        client.infer("sleepy", [seconds], outputs=[out])
+        assert shm.get_contents_as_numpy(region, np.float32, [1]).tolist() == [0.0]
+        client.unregister_system_shared_memory()
+    finally:
+        shm.destroy_shared_memory_region(region)
+        client.close()
+
+
+@pytest.mark.unit
+def test_registered_regions_are_bounded_per_tenant_and_by_descriptors() -> None:
+    """Each system region keeps a descriptor open: unbounded, a client looping over
+    register took every descriptor ingress had (and with them its connections)."""
+    from services.ingress.shm_regions import ShmRegions
+
+    key = f"/grpc-cap-{time.monotonic_ns()}"
+    path = f"/dev/shm{key}"
+    with open(path, "wb") as f:
+        f.write(b"\0" * 16)
+    try:
+        regions = ShmRegions(tenant_max=2, max_open=3)
+        a, b = regions.of("a"), regions.of("b")
+        a.register("r1", key, 0, 16)
+        a.register("r2", key, 0, 16)
+        with pytest.raises(GfaasError, match="the tenant holds 2 regions") as over:
+            a.register("r3", key, 0, 16)
+        assert over.value.code == ErrorCode.QUOTA_EXCEEDED
+        assert "'r3'" in over.value.reason
+        # The same name again is still "already registered", not the cap.
+        with pytest.raises(GfaasError, match="already registered"):
+            a.register("r1", key, 0, 16)
+        # Another tenant has its own share, until the descriptors run short.
+        b.register("r1", key, 0, 16)
+        with pytest.raises(GfaasError, match="open-file limit") as full:
+            b.register("r2", key, 0, 16)
+        assert full.value.code == ErrorCode.UNAVAILABLE
+        a.unregister("r2")
+        b.register("r2", key, 0, 16)
+        assert [r.name for r in b.status()] == ["r1", "r2"]
+        regions.close()
+    finally:
+        os.unlink(path)
+
+
+def test_a_tenant_over_its_region_cap_is_resource_exhausted_over_grpc(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    import tritonclient.utils.shared_memory as shm
+
+    with platform_at(nats_server.url, tmp_path / "s", tenant_max_shm_regions=2) as p:
+        client = connected_client(p)
+        key = f"/grpc-capped-{time.monotonic_ns()}"
+        region = shm.create_shared_memory_region("r", key, 16)
+        try:
+            client.register_system_shared_memory("r1", key, 16)
+            client.register_system_shared_memory("r2", key, 16)
+            with pytest.raises(InferenceServerException, match="quota_exceeded") as over:
+                client.register_system_shared_memory("r3", key, 16)
+            assert over.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+            # Another tenant's registrations are its own.
+            client.register_system_shared_memory("r1", key, 16, headers={"gfaas-tenant": "t2"})
+            client.unregister_system_shared_memory("r1")
+            client.register_system_shared_memory("r3", key, 16)
+            client.unregister_system_shared_memory()
+            client.unregister_system_shared_memory(headers={"gfaas-tenant": "t2"})
+        finally:
+            shm.destroy_shared_memory_region(region)
+            client.close()
+
+
+async def _cpu_pool(url: str) -> dict[str, object]:
+    import nats
+
+    from gfaas.client import Client
+
+    nc = await nats.connect(url)
+    try:
+        pools = (await Client(nc).status("memory-broker")).details["pools"]
+        assert isinstance(pools, dict)
+        return dict(pools.get("cpu") or {})
+    finally:
+        await nc.drain()
+
+
+def test_a_shared_memory_input_the_model_refuses_is_refused_before_staging(
+    platform: Platform,
+) -> None:
+    """An input in shared memory that admission refuses (another dtype, a name the
+    model lacks, a shape it does not take) is refused before its bytes are leased
+    and copied: no slab of the claim is created, to be kept for its cool-down."""
+    import tritonclient.utils.shared_memory as shm
+
+    client = connected_client(platform)
+    nbytes = 8 * 1024 * 1024
+    key = f"/grpc-refused-{time.monotonic_ns()}"
+    region = shm.create_shared_memory_region("in", key, nbytes)
+    try:
+        client.register_system_shared_memory("in", key, nbytes)
+        rows = nbytes // 24
+        for name, shape, datatype, match in [
+            ("x", [rows, 3], "FP64", "dtype float64, expected float32"),
+            ("q", [rows, 3], "FP32", "has no input(s) ['q']"),
+            ("x", [rows * 3], "FP32", "input 'x'"),
+        ]:
+            inp = triton.InferInput(name, shape, datatype)
+            size = rows * 3 * (8 if datatype == "FP64" else 4)
+            inp.set_shared_memory("in", size)
+            with pytest.raises(InferenceServerException, match=re.escape(match)) as refused:
+                client.infer("add-one", [inp])
+            assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+            assert "invalid_input" in str(refused.value)
+        pool = anyio.run(_cpu_pool, platform.url)
+        assert (pool.get("held", 0), pool.get("slabs_created", 0)) == (0, 0), pool
+        # The same region still serves a request the model takes.
+        inp = triton.InferInput("x", [2, 3], "FP32")
+        inp.set_shared_memory("in", 24)
+        np.testing.assert_array_equal(client.infer("add-one", [inp]).as_numpy("y"), np.ones((2, 3)))
+        client.unregister_system_shared_memory()
+    finally:
+        shm.destroy_shared_memory_region(region)
+        client.close()
+
+
+def test_a_tenant_header_that_is_no_tenant_name_is_refused_by_the_regions(
+    platform: Platform,
+) -> None:
+    """Unauthenticated, the tenant is the caller's header: "a/b" filed its regions
+    among tenant "a"'s ("a/b/r"), which "a" then listed as its own "b/r"."""
+    import tritonclient.utils.shared_memory as shm
+
+    client = connected_client(platform)
+    key = f"/grpc-tenant-{time.monotonic_ns()}"
+    region = shm.create_shared_memory_region("r", key, 16)
+    try:
+        with pytest.raises(InferenceServerException, match="tenant name 'a/b' must") as bad:
+            client.register_system_shared_memory("r", key, 16, headers={"gfaas-tenant": "a/b"})
+        assert bad.value.status() == "StatusCode.INVALID_ARGUMENT"
+        with pytest.raises(InferenceServerException, match="tenant name 'a/b' must"):
+            client.get_system_shared_memory_status(headers={"gfaas-tenant": "a/b"})
+        assert client.get_system_shared_memory_status(headers={"gfaas-tenant": "a"}) is not None
+        status = client.get_system_shared_memory_status(as_json=True, headers={"gfaas-tenant": "a"})
+        assert status.get("regions", {}) == {}
+    finally:
+        shm.destroy_shared_memory_region(region)
+        client.close()
+
+
+def _rows(name: str) -> TensorSpec:
+    return TensorSpec(name=name, dtype=DType.FLOAT32, shape=[-1, 3])
+
+
+# Declares z, but its handler (add_one) returns y alone.
+SHORT = FunctionSpec(
+    name="short",
+    handler="tests.funcs:add_one",
+    inputs=[_rows("x")],
+    outputs=[_rows("y"), _rows("z")],
+)
+
+
+def test_a_declared_output_the_model_did_not_produce_is_the_models_failure(
+    platform: Platform,
+) -> None:
+    """Asking for an output the model declares is a good request: the model not
+    producing it is its failure (INTERNAL / 500), not the caller's (INVALID_ARGUMENT
+    / 400, "do not retry, fix your request"). A name it does not declare still is."""
+    client = connected_client(platform, SHORT)
+    inp = triton.InferInput("x", [1, 3], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, 3), np.float32))
+    try:
+        with pytest.raises(InferenceServerException, match="handler_error") as failed:
+            client.infer("short", [inp], outputs=[triton.InferRequestedOutput("z")])
+        assert failed.value.status() == "StatusCode.INTERNAL"
+        assert "declares output 'z' but did not produce it (it produced: y)" in str(failed.value)
+        with pytest.raises(InferenceServerException, match="has no output 'q'") as unknown:
+            client.infer("short", [inp], outputs=[triton.InferRequestedOutput("q")])
+        assert unknown.value.status() == "StatusCode.INVALID_ARGUMENT"
+        y = client.infer("short", [inp], outputs=[triton.InferRequestedOutput("y")]).as_numpy("y")
+        np.testing.assert_array_equal(y, np.ones((1, 3)))
+    finally:
+        client.close()
+    body = {
+        "inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [0, 0, 0]}],
+        "outputs": [{"name": "z"}],
+    }
+    r = httpx.post(f"http://127.0.0.1:{platform.http_port}/v2/models/short/infer", json=body)
+    assert r.status_code == 500, r.text
+    assert r.json()["error"].startswith("handler_error: model 'short' declares output 'z'")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -86,6 +86,10 @@ class FakeBackend:
     def spec(self, name: str) -> FunctionSpec | None:
         entry = self.functions.get(name)
         return entry[0] if entry else None
+
+    def output_names(self, name: str) -> Collection[str] | None:
+        spec = self.spec(name)
+        return [o.name for o in spec.outputs] if spec is not None and spec.outputs else None
 
     async def infer(
         self, name: str, request: InvokeRequest, headers: Mapping[str, str]

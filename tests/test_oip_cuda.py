@@ -378,3 +378,34 @@ def test_a_cuda_region_carries_input_and_output_end_to_end(platform: Platform) -
         owner.stdin.close()
         owner.wait(timeout=30)
     assert anyio.run(_broker_leases, platform.url) == 0
+
+
+@pytest.mark.anyio
+async def test_a_cuda_region_size_past_int64_is_refused_and_status_still_answers(
+    platform: Platform, nc: NATS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte_size no int64 holds (2**64 over HTTP, whose JSON has no bound) was
+    registered: the gRPC status then failed INTERNAL for the tenant's every region
+    (its byte_size field is 64-bit), and bounds were checked against the claim."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    fake_cuda(monkeypatch)
+    async with await ready_client(platform, nc) as http:
+        for size in (2**64, 2**63):
+            r = await http.post(f"{CUDA}/region/huge/register", json=register_body(byte_size=size))
+            assert r.status_code == 400, r.text
+            assert "at `$.byte_size`" in r.json()["error"]
+        r = await http.post(f"{CUDA}/region/fine/register", json=register_body())
+        assert r.status_code == 200, r.text
+
+        def grpc_status() -> list[str]:
+            with grpc.insecure_channel(f"127.0.0.1:{platform.grpc_port}") as channel:
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                reply = stub.CudaSharedMemoryStatus(
+                    service_pb2.CudaSharedMemoryStatusRequest(), timeout=10
+                )
+                return sorted(reply.regions)
+
+        assert await anyio.to_thread.run_sync(grpc_status) == ["fine"]
+        await http.post(f"{CUDA}/unregister")

@@ -457,6 +457,55 @@ async def test_workflow_outputs_asked_for_in_shared_memory_are_written_there_ove
     await no_leases_left(client)
 
 
+# b declares no outputs: the workflow's z has no dtype or shape to show in metadata.
+INC_FREE = FunctionSpec(name="inc-free", handler="tests.funcs:add_one")
+HALF_DECLARED = WorkflowSpec(
+    name="half-declared",
+    inputs=FIXED,
+    stages=[
+        StageSpec(name="a", function="inc-fixed", inputs={"x": "$in.x"}),
+        StageSpec(name="b", function="inc-free", inputs={"x": "a.y"}),
+    ],
+    outputs={"mid": "a.y", "z": "b.y"},
+)
+
+
+async def test_a_workflow_output_left_out_of_metadata_can_still_be_asked_for(
+    platform: Platform, nc: NATS
+) -> None:
+    """Metadata leaves out z (its stage declares no dtype) but the workflow produces
+    it: asking for it by name is not refused as an output the model lacks, on either
+    front; a name the workflow has no output of still is, before it runs."""
+    await deploy_all(Client(nc), INC_FIXED, INC_FREE, HALF_DECLARED)
+
+    def over_grpc() -> tuple[list[float], str]:
+        grpc = triton.InferenceServerClient(url=f"127.0.0.1:{platform.grpc_port}")
+        try:
+            outputs = grpc.get_model_metadata(HALF_DECLARED.name, as_json=True)["outputs"]
+            assert [o["name"] for o in outputs] == ["mid"]
+            inp = triton.InferInput("x", [1, 3], "FP32")
+            inp.set_data_from_numpy(np.array([[1, 2, 3]], np.float32))
+            wanted = [triton.InferRequestedOutput("z")]
+            z = grpc.infer(HALF_DECLARED.name, [inp], outputs=wanted).as_numpy("z")
+            with pytest.raises(triton.InferenceServerException) as unknown:
+                grpc.infer(HALF_DECLARED.name, [inp], outputs=[triton.InferRequestedOutput("q")])
+            return z.reshape(-1).tolist(), str(unknown.value)
+        finally:
+            grpc.close()
+
+    z, refused = await anyio.to_thread.run_sync(over_grpc)
+    assert z == [3.0, 4.0, 5.0]
+    assert "model 'half-declared' has no output 'q' (outputs: mid, z)" in refused
+    x = {"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{platform.http_port}") as http:
+        r = await http.post(
+            f"/v2/models/{HALF_DECLARED.name}/infer",
+            json={"inputs": [x], "outputs": [{"name": "z"}]},
+        )
+    assert r.status_code == 200, r.text
+    assert [(o["name"], o["data"]) for o in r.json()["outputs"]] == [("z", [3.0, 4.0, 5.0])]
+
+
 # f fails at once while s is still running; s hands its output to the run later.
 SIBLINGS = WorkflowSpec(
     name="siblings",

@@ -161,7 +161,9 @@ async def serve(
             registry,
             workflows,
             BrokerClient(nc, settings.node),
-            ShmRegions(namespace=settings.shm_namespace),
+            ShmRegions(
+                namespace=settings.shm_namespace, tenant_max=settings.tenant_max_shm_regions
+            ),
             holder=holder,
             max_payload=max_payload,
             max_timeout_ms=settings.max_deadline_s * 1000,

@@ -6,7 +6,7 @@ workflow's to the runner. Plain async methods over decoded values; the wiring
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 import anyio
 import msgspec
@@ -455,6 +455,13 @@ class Ingress:
         if workflow is not None and self.registry.get(name) is None:
             return as_model(workflow, self.registry.specs)
         return self.registry.get(name)
+
+    def output_names(self, name: str) -> Collection[str] | None:
+        workflow = self.workflows.get(name)
+        if workflow is not None and self.registry.get(name) is None:
+            return tuple(workflow.outputs)
+        spec = self.registry.get(name)
+        return tuple(o.name for o in spec.outputs) if spec is not None and spec.outputs else None
 
     async def infer(
         self, name: str, request: InvokeRequest, headers: Mapping[str, str]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from importlib import metadata
 from typing import Final, Protocol
 
@@ -42,6 +42,7 @@ from shared.schema import (
     InvokeReply,
     InvokeRequest,
 )
+from shared.tensors import validate_inputs
 
 log = get_logger("ingress.http")
 
@@ -56,6 +57,12 @@ class InferenceBackend(Protocol):
         ...
 
     def spec(self, name: str) -> FunctionSpec | None: ...
+
+    def output_names(self, name: str) -> Collection[str] | None:
+        """Every output model `name` produces, when all are known: a function's
+        declared outputs (None if it declares none), a workflow's outputs, those
+        whose stage declares no dtype and shape too (its `spec` leaves them out)."""
+        ...
 
     async def infer(
         self, name: str, request: InvokeRequest, headers: Mapping[str, str]
@@ -134,13 +141,20 @@ async def infer_parsed(
     """One parsed OIP inference through the backend, as both fronts (HTTP, gRPC) run
     it: outputs asked for checked against the spec, shared-memory regions staged when
     named, a failure raised as the GfaasError each front maps to its status."""
-    oip_response.check_requested_outputs(parsed, spec)
+    produced = backend.output_names(spec.name)
+    oip_response.check_requested_outputs(parsed, spec.name, produced)
     if parsed.uses_shm:
+        # Checked against the spec as admission checks them, but before staging: an
+        # input admission would refuse (a name the model lacks, another dtype or
+        # shape) had its region's bytes leased and copied first, a slab of the claim
+        # created and kept for its cool-down, all to be refused.
+        validate_inputs(spec, parsed.invoke.inputs, unstaged=parsed.shm_inputs)
         reply = await backend.infer_shm(spec.name, parsed, headers)
     else:
         reply = await backend.infer(spec.name, parsed.invoke, headers)
     if reply.error is not None:
         raise GfaasError.from_info(reply.error)
+    oip_response.check_produced(parsed, spec.name, produced, reply.outputs)
     return reply
 
 

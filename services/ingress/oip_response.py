@@ -5,7 +5,7 @@ conversions; the requests they answer are parsed in oip.py."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,16 +89,40 @@ class EncodedResponse:
 # -- responses -------------------------------------------------------------------------
 
 
-def check_requested_outputs(request: InferRequest, spec: FunctionSpec) -> None:
-    """Refuse outputs the function does not declare before any work is scheduled."""
-    if request.outputs is None or not spec.outputs:
+def check_requested_outputs(
+    request: InferRequest, model_name: str, produced: Collection[str] | None
+) -> None:
+    """Refuse outputs the model does not produce before any work is scheduled;
+    `produced`: every output it does, None when they are not all known (a function
+    declaring none)."""
+    if request.outputs is None or produced is None:
         return
-    declared = {o.name for o in spec.outputs}
     for output in request.outputs:
-        if output.name not in declared:
+        if output.name not in produced:
             raise bad_request(
-                f"model {spec.name!r} has no output {output.name!r} "
-                f"(outputs: {', '.join(sorted(declared))})"
+                f"model {model_name!r} has no output {output.name!r} "
+                f"(outputs: {', '.join(sorted(produced))})"
+            )
+
+
+def check_produced(
+    request: InferRequest,
+    model_name: str,
+    produced: Collection[str] | None,
+    outputs: Sequence[Tensor],
+) -> None:
+    """Refuse a reply that lacks an output asked for which the model produces (it
+    declares it): the model's failure, not the caller's request. An output the model
+    is not known to produce is left to requested_outputs, the caller's to answer for."""
+    if request.outputs is None or produced is None:
+        return
+    got = {t.name for t in outputs}
+    for output in request.outputs:
+        if output.name in produced and output.name not in got:
+            raise GfaasError(
+                ErrorCode.HANDLER_ERROR,
+                f"model {model_name!r} declares output {output.name!r} but did not "
+                f"produce it (it produced: {', '.join(sorted(got)) or 'none'})",
             )
 
 

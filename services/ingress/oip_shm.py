@@ -10,13 +10,17 @@ from typing import Annotated, Final
 
 import msgspec
 
-from services.ingress.oip import too_deep
+from services.ingress.oip import INT64_MAX, too_deep
 from shared.errors import bad_request
 
 # sizeof(cudaIpcMemHandle_t): what a CUDA shared-memory register request carries.
 CUDA_IPC_HANDLE_BYTES: Final = 64
 
-_Dim = Annotated[int, msgspec.Meta(ge=0)]
+# Sizes, offsets and device ids are 64-bit on the wire (the gRPC status messages): a
+# larger one registered over HTTP, whose JSON has no bound, made every later gRPC
+# status of the tenant's regions fail INTERNAL, and a CUDA region's bounds were
+# checked against it.
+_Dim = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
 _json = msgspec.json.Encoder()
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 import stat
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -45,7 +46,20 @@ from shared.dataplane.client import read_bytes, write_bytes
 from shared.dataplane.shm import _path as segment_path
 from shared.dataplane.shm import is_platform_segment
 from shared.errors import GfaasError, bad_request
+from shared.names import is_valid_name, name_problem
 from shared.schema import ErrorCode, Handle
+
+# The most regions (system and CUDA together) one tenant may hold registered at once
+# (Settings.tenant_max_shm_regions); 0: no cap.
+DEFAULT_TENANT_MAX_REGIONS = 1024
+
+
+def _fd_room() -> int:
+    """How many system regions ingress may hold: each keeps its segment's descriptor
+    open, and half the process's open-file limit stays for everything else (client
+    connections, NATS, the pool's slabs)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return (1 << 20) if soft == resource.RLIM_INFINITY else max(1, soft // 2)
 
 
 @dataclass
@@ -59,12 +73,26 @@ class _Region:
 
 
 class ShmRegions:
-    def __init__(self, *, namespace: str = "gfaas", owners: Collection[int] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        namespace: str = "gfaas",
+        owners: Collection[int] | None = None,
+        tenant_max: int = DEFAULT_TENANT_MAX_REGIONS,
+        max_open: int | None = None,
+    ) -> None:
         """`namespace`: the platform's shared-memory namespace, whose segments (pool
         slabs, lease board, model tier) no client may register; `owners`: the uids a
-        registered segment may belong to (None: this process's own)."""
+        registered segment may belong to (None: this process's own); `tenant_max`:
+        the most regions of both kinds one tenant may hold (0: no cap); `max_open`:
+        the most system regions in all, each an open descriptor (None: half the
+        open-file limit). Registration was otherwise unbounded: a client looping
+        over register took every descriptor ingress had, and with them its
+        connections, for every tenant."""
         self.namespace = namespace
         self.owners = frozenset([os.geteuid()] if owners is None else owners)
+        self.tenant_max = tenant_max
+        self.max_open = _fd_room() if max_open is None else max_open
         self._regions: dict[str, _Region] = {}
         self.cuda = CudaRegions(taken=self._regions.__contains__)
 
@@ -74,6 +102,13 @@ class ShmRegions:
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         if name in self._regions or name in self.cuda:
             raise bad_request(f"shared-memory region {name!r} is already registered")
+        if len(self._regions) >= self.max_open:
+            raise GfaasError(
+                ErrorCode.UNAVAILABLE,
+                f"this ingress holds {len(self._regions)} system shared-memory regions, "
+                "as many descriptors as its open-file limit leaves room for; try again "
+                "once some are unregistered",
+            )
         segment_name = key.removeprefix("/")
         if is_platform_segment(segment_name, self.namespace):
             raise bad_request(
@@ -183,8 +218,28 @@ class ShmRegions:
         else:
             self.cuda.copy_out(handle, ref)
 
+    def check_room(self, prefix: str, name: str) -> None:
+        """Refuse a tenant (its names under `prefix`) one more region, of either kind,
+        once it holds `tenant_max` (`name` names the new one, for the reason)."""
+        if not self.tenant_max:
+            return
+        held = sum(n.startswith(prefix) for n in self._regions)
+        held += sum(r.name.startswith(prefix) for r in self.cuda.status())
+        if held >= self.tenant_max:
+            raise GfaasError(
+                ErrorCode.QUOTA_EXCEEDED,
+                f"cannot register shared-memory region {name!r}: the tenant holds "
+                f"{held} regions, system and CUDA, the most one may "
+                "(GFAAS_TENANT_MAX_SHM_REGIONS); unregister some first",
+            )
+
     def of(self, tenant: str) -> TenantRegions:
-        """The regions as `tenant` sees them: its own, by the names it gave."""
+        """The regions as `tenant` sees them: its own, by the names it gave. A tenant
+        name must be one (as admission wants): "a/b", from an unauthenticated
+        caller's header, filed its regions among tenant "a"'s, who then listed,
+        shadowed and unregistered them as "b/..."."""
+        if not is_valid_name(tenant):
+            raise bad_request(name_problem("tenant", tenant))
         return TenantRegions(self, tenant)
 
     def close(self) -> None:
@@ -200,7 +255,7 @@ class TenantRegions:
     def __init__(self, regions: ShmRegions, tenant: str) -> None:
         self._regions = regions
         self._prefix = f"{tenant}/"
-        self.cuda = _TenantCuda(regions.cuda, self._prefix)
+        self.cuda = _TenantCuda(regions, self._prefix)
 
     def _ref(self, ref: ShmRef) -> ShmRef:
         return replace(ref, region=self._prefix + ref.region)
@@ -208,6 +263,8 @@ class TenantRegions:
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         _named_region(name)
         with _named(self._prefix):
+            if self._prefix + name not in self._regions:  # else: "already registered"
+                self._regions.check_room(self._prefix, name)
             self._regions.register(self._prefix + name, key, offset, byte_size)
 
     def unregister(self, name: str | None = None) -> None:
@@ -248,8 +305,9 @@ class TenantRegions:
 class _TenantCuda:
     """A tenant's CUDA regions (see TenantRegions)."""
 
-    def __init__(self, cuda: CudaRegions, prefix: str) -> None:
-        self._cuda = cuda
+    def __init__(self, regions: ShmRegions, prefix: str) -> None:
+        self._regions = regions
+        self._cuda = regions.cuda
         self._prefix = prefix
 
     def available(self) -> bool:
@@ -258,6 +316,8 @@ class _TenantCuda:
     def register(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
         _named_region(name)
         with _named(self._prefix):
+            if self._prefix + name not in self._cuda:  # else: "already registered"
+                self._regions.check_room(self._prefix, name)
             self._cuda.register(self._prefix + name, raw_handle, device_id, byte_size)
 
     def unregister(self, name: str | None = None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import anyio
 import msgspec
@@ -36,9 +37,12 @@ log = get_logger("ingress.staging")
 Invoke = Callable[[str, InvokeRequest, Mapping[str, str]], Awaitable[InvokeReply]]
 
 
+T = TypeVar("T")
+
+
 @dataclass
-class _Call:
-    reply: InvokeReply | None = None
+class _Call(Generic[T]):
+    result: T | None = None
     error: Exception | None = None
     abandoned: bool = False
 
@@ -71,6 +75,12 @@ class ShmStaging:
         staged: list[Handle] = []
         try:
             inputs = list(parsed.invoke.inputs)
+            # Outputs' regions too, before the function runs: a region not registered,
+            # or one a claimed size does not fit, was found only once it had run (the
+            # work done, its side effects had, the caller kept waiting the whole call).
+            for output in parsed.outputs or ():
+                if output.shm is not None:
+                    regions.check(output.shm)
             # One lease per device: host memory for system regions, the GPU for CUDA ones.
             by_device: dict[str, list[str]] = {}
             for t in inputs:
@@ -81,13 +91,19 @@ class ShmStaging:
                     by_device.setdefault(regions.device(refs[t.name]), []).append(t.name)
             by_name: dict[str, Handle] = {}
             for device, names in by_device.items():
-                try:
-                    leased = await self.broker.lease(
-                        [refs[n].byte_size for n in names],
-                        owner=self.holder,
-                        device=device,
-                        tenant=tenant,
+                sizes = [refs[n].byte_size for n in names]
+
+                async def lease(sizes: list[int] = sizes, device: str = device) -> list[Handle]:
+                    return await self.broker.lease(
+                        sizes, owner=self.holder, device=device, tenant=tenant
                     )
+
+                async def unlease(handles: list[Handle]) -> None:
+                    await self.broker.release(handles, self.holder, tenant)
+
+                try:
+                    # Granted as the caller gives up, the leases must still be released.
+                    leased = await self._outliving(lease, unlease, name)
                 except GfaasError as exc:
                     if exc.code != ErrorCode.NO_POOL:
                         raise
@@ -117,44 +133,62 @@ class ShmStaging:
     async def _invoke(
         self, name: str, request: InvokeRequest, headers: Mapping[str, str], tenant: str
     ) -> InvokeReply:
-        """The invocation, run in ingress's task group. Its outputs come back in buffers
-        leased under this ingress's name, which only this request releases: a caller
-        that gives up first (a gRPC deadline or cancel cancels its handler) would drop
-        the reply still on its way and keep those buffers leased for ingress's life.
-        The call outlives it instead, and releases the outputs itself."""
+        """The invocation, outliving its caller (see _outliving): its outputs come back
+        in buffers leased under this ingress's name, which only this request releases."""
+
+        async def invoke() -> InvokeReply:
+            return await self.invoke(name, request, headers)
+
+        async def release(reply: InvokeReply) -> None:
+            await self._release_outputs(reply, tenant)
+
+        return await self._outliving(invoke, release, name)
+
+    async def _outliving(
+        self,
+        call: Callable[[], Awaitable[T]],
+        undo: Callable[[T], Awaitable[None]],
+        function: str,
+    ) -> T:
+        """`call()` run in ingress's task group. What it brings is leased under this
+        ingress's name (input buffers, an invocation's outputs), which only this
+        request releases: a caller that gives up first (a gRPC deadline or cancel
+        cancels its handler) would drop the answer still on its way and keep those
+        buffers leased until their TTL, or for ingress's life. The call outlives it
+        instead, and `undo` releases what it brought."""
         group = self.tasks()
         if group is None:
-            return await self.invoke(name, request, headers)
-        call = _Call()
+            return await call()
+        box: _Call[T] = _Call()
         done = anyio.Event()
 
         async def run() -> None:
             try:
-                call.reply = await self.invoke(name, request, headers)
+                box.result = await call()
             except Exception as exc:  # the waiter's to raise, as if it had awaited it
-                call.error = exc
+                box.error = exc
             finally:
                 done.set()
-            if call.abandoned and call.reply is not None:
+            if box.abandoned and box.result is not None:
                 try:
-                    await self._release_outputs(call.reply, tenant)
+                    await undo(box.result)
                 except Exception as exc:  # in ingress's group: must not end it
-                    log.warning("staging.release_failed", function=name, error=repr(exc))
+                    log.warning("staging.release_failed", function=function, error=repr(exc))
 
         group.start_soon(run)
         try:
             await done.wait()
         except BaseException:
-            call.abandoned = True
-            if call.reply is not None:  # it came as the wait was cancelled
+            box.abandoned = True
+            if box.result is not None:  # it came as the wait was cancelled
                 with anyio.CancelScope(shield=True):
-                    await self._release_outputs(call.reply, tenant)
+                    await undo(box.result)
             raise
-        if call.error is not None:
-            raise call.error
-        if call.reply is None:  # the group was cancelled: ingress is stopping
+        if box.error is not None:
+            raise box.error
+        if box.result is None:  # the group was cancelled: ingress is stopping
             raise GfaasError(ErrorCode.UNAVAILABLE, "ingress stopped during the invocation")
-        return call.reply
+        return box.result
 
     async def _release_outputs(self, reply: InvokeReply, tenant: str) -> None:
         handles = [t.handle for t in reply.outputs if t.handle is not None]
