@@ -22,3 +22,24 @@ class GfaasError(Exception):
 def bad_request(reason: str) -> GfaasError:
     """The caller's input is wrong, and `reason` says how."""
     return GfaasError(ErrorCode.BAD_REQUEST, reason)
+
+
+# The most characters of an exception's own words that a reason quotes: enough for
+# what a user acts on (no room in /dev/shm for a segment of N bytes, a checksum that
+# did not match, the torch error for a file that is not a checkpoint), not a page.
+REASON_CHARS = 500
+
+
+def described(exc: BaseException, limit: int = REASON_CHARS) -> str:
+    """`exc` as a reason quotes it: its type and its message on one line (no
+    traceback), cut to `limit` characters; a GfaasError as its code and reason."""
+    if isinstance(exc, GfaasError):
+        text = f"{exc.code}: {exc.reason}"
+    else:
+        message = str(exc)
+        text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    text = " ".join(text.split())
+    if len(text) > limit:
+        cut = text[: max(0, limit - 40)].rstrip()
+        text = f"{cut} ... ({len(text) - len(cut)} more characters cut)"
+    return text

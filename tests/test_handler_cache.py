@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from services.gpu_worker.models import HandlerCache
-from shared.errors import GfaasError
+from shared.dataplane.backend import BackendError
+from shared.errors import REASON_CHARS, GfaasError
 from shared.modelswap import HostTier, tier_prefix
 from shared.schema import CALLER_FAULTS, ErrorCode, FunctionSpec
 from tests import funcs
@@ -59,6 +60,49 @@ async def test_a_store_that_cannot_be_reached_is_the_platforms_fault_not_the_han
     assert err.value.code not in CALLER_FAULTS
     assert cache.cache.entries == {}
     assert cache.report().loading == []
+
+
+async def test_weights_that_cannot_be_read_say_why(
+    tier: HostTier, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reason a model's weights could not be put into the host tier (no room in
+    /dev/shm, a file that is not a checkpoint) reaches the caller, clipped, not just
+    the exception's type name (`BackendError`, which says nothing a user can act on)."""
+    path = weights(tmp_path, "a")
+
+    async def fetch(name: str) -> Path:
+        return path
+
+    cache = HandlerCache(
+        device="cpu", threads=1, capacity_bytes=2 * MIB, fetch_weights=fetch, host_tier=tier
+    )
+    spec = FunctionSpec(name="scale", handler="tests.funcs:Scale", model="a")
+    why = "no room in /dev/shm for shared-memory segment 'gfaas-t-a' of 1048576 bytes"
+
+    def full(model: str, digest: str, load: object) -> None:
+        raise BackendError(why + "\n  (free some, or raise the limit)" + " pad" * 1000)
+
+    monkeypatch.setattr(tier, "get_or_load", full)
+    with pytest.raises(GfaasError) as err:
+        async with cache.use(spec):
+            pass
+    assert err.value.code is ErrorCode.MODEL_UNAVAILABLE, err.value
+    reason = err.value.reason
+    assert f"weights of model 'a' cannot be read: BackendError: {why}" in reason
+    assert "\n" not in reason
+    assert len(reason) < REASON_CHARS + 100
+    assert "more characters cut" in reason
+    assert cache.cache.entries == {}
+
+    # A file that is not a checkpoint at all: torch's own words, not "UnpicklingError".
+    monkeypatch.undo()
+    path.write_bytes(b"not a torch file" * 100)
+    with pytest.raises(GfaasError) as err:
+        async with cache.use(spec):
+            pass
+    assert err.value.code is ErrorCode.MODEL_UNAVAILABLE, err.value
+    assert "cannot be read: " in err.value.reason
+    assert len(err.value.reason.split("cannot be read: ", 1)[1]) > 40, err.value.reason
 
 
 async def test_a_model_being_loaded_is_reported_and_never_evicted(

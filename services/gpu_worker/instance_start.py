@@ -20,7 +20,7 @@ from services.gpu_worker import state
 from services.gpu_worker.models import HandlerCache
 from shared import subjects
 from shared.config import Settings
-from shared.errors import GfaasError
+from shared.errors import GfaasError, described
 from shared.logs import get_logger
 from shared.registry import Registry
 from shared.schema import ErrorCode, ErrorInfo, FunctionSpec, InstanceFailed, encode
@@ -122,7 +122,7 @@ class InstanceStart:
     def _fail(self, exc: Exception) -> None:
         error = exc.info() if isinstance(exc, GfaasError) else None
         self.error = error or ErrorInfo(
-            code=ErrorCode.HANDLER_ERROR, reason=f"{self.function}: {exc!r}"
+            code=ErrorCode.HANDLER_ERROR, reason=f"{self.function}: {described(exc)}"
         )
         log.error(
             "instance.start_failed",

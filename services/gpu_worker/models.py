@@ -24,7 +24,7 @@ import msgspec
 from services.gpu_worker.bundles import Mounted
 from shared import tracing
 from shared.config import Settings
-from shared.errors import GfaasError
+from shared.errors import GfaasError, described
 from shared.function import (
     LoadContext,
     WeightsArrival,
@@ -323,7 +323,7 @@ class HandlerCache:
                 # (handler_error, stored as an async call's final result).
                 raise GfaasError(
                     ErrorCode.UNAVAILABLE,
-                    f"the weights of model {model!r} could not be fetched: {exc!r}",
+                    f"the weights of model {model!r} could not be fetched: {described(exc)}",
                 ) from exc
         if host is None:
             assert weights is not None
@@ -335,7 +335,7 @@ class HandlerCache:
             except Exception as exc:
                 raise GfaasError(
                     ErrorCode.MODEL_UNAVAILABLE,
-                    f"weights of model {model!r} cannot be read: {type(exc).__name__}",
+                    f"weights of model {model!r} cannot be read: {described(exc)}",
                 ) from exc
         return host, weights
 
@@ -393,7 +393,7 @@ class HandlerCache:
                     # Whatever stopped the fetch (a cancellation too): the build thread
                     # must not wait for weights that will not come.
                     if arrival is not None:
-                        arrival.fail(repr(failed[0]) if failed else "the load was cancelled")
+                        arrival.fail(described(failed[0]) if failed else "the load was cancelled")
         except BaseException:  # cancelled: what was reserved goes back
             if reserved:
                 self.cache = self.cache.release(spec.name).evict([spec.name])
@@ -410,7 +410,7 @@ class HandlerCache:
                 raise first
             raise GfaasError(
                 ErrorCode.HANDLER_ERROR,
-                f"loading {spec.name} failed: {type(first).__name__}: {first}",
+                f"loading {spec.name} failed: {described(first)}",
             ) from first
         handler = built[0]
         weights_from = "store" if self.host_tier.loads > tier_loads else "host"

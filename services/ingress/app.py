@@ -320,10 +320,11 @@ async def subscribe_books(
     nc: NATS,
     dispatcher: Dispatcher,
     holder: str,
-    heard_done: Callable[[str, str], None] | None = None,
+    heard_done: Callable[[str, str, str], None] | None = None,
 ) -> None:
-    """The events the dispatcher's books follow; `heard_done(invocation_id, outcome)`
-    hears each done note too (metrics: its outcome header, "ok" or an error code)."""
+    """The events the dispatcher's books follow; `heard_done(invocation_id, outcome,
+    reply)` hears each done note too (metrics: its outcome header, "ok" or an error
+    code; `reply`: the invocation's reply subject, Done.reply)."""
 
     def on_done(
         handle: Callable[[Done, str], Awaitable[None]],
@@ -335,7 +336,9 @@ async def subscribe_books(
             outcome = (msg.headers or {}).get(H_OUTCOME, "")
             await handle(done, outcome)
             if heard_done is not None:
-                heard_done(done.invocation_id, outcome or ("ok" if done.ok else "error"))
+                heard_done(
+                    done.invocation_id, outcome or ("ok" if done.ok else "error"), done.reply
+                )
 
         return callback
 

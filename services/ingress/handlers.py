@@ -5,8 +5,10 @@ workflow's to the runner. Plain async methods over decoded values; the wiring
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import anyio
 import msgspec
@@ -58,6 +60,79 @@ DONE_GRACE_S = 5.0
 UNKNOWN = "unknown"
 
 
+@dataclass(kw_only=True)
+class OpenCall:
+    """An invocation sent on with its caller's reply subject, until its done note."""
+
+    invocation_id: str
+    reply: str
+    arrived: float
+    give_up_at: float
+    function: str
+    tenant: str
+    # Ingress's root span of it (no caller's trace context), ended with it.
+    span: Span | None = None
+
+
+@dataclass
+class OpenCalls:
+    """The calls whose worker answers their callers, by invocation id made its own
+    (`id#n`) while another under the id is open: callers may reuse an id (a
+    correlation id, a retry while the first attempt runs), and a done note names its
+    call by id and reply subject (as the dispatcher's books: direct.py, liveness.py)."""
+
+    calls: dict[str, OpenCall] = field(default_factory=dict)
+    # Numbers the keys of calls that share an id; how many are open under each id
+    # (most ids are one call's: a done note's look-up takes no scan).
+    _seq: itertools.count[int] = field(default_factory=itertools.count)
+    _under: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def add(self, call: OpenCall) -> str:
+        """Record `call`; returns its key (for `pop`)."""
+        key = call.invocation_id
+        if key in self.calls:
+            key = f"{call.invocation_id}#{next(self._seq)}"  # '#' is no id's character
+        self.calls[key] = call
+        self._under[call.invocation_id] = self._under.get(call.invocation_id, 0) + 1
+        return key
+
+    def get(self, key: str) -> OpenCall | None:
+        return self.calls.get(key)
+
+    def done(self, invocation_id: str, reply: str) -> OpenCall | None:
+        """The call a done note names (its id and reply subject), removed; None for
+        a note of no call here (another caller's subject, or "": ingress's own)."""
+        if not reply or invocation_id not in self._under:
+            return None
+        call = self.calls.get(invocation_id)
+        if call is not None and call.reply == reply:
+            return self.pop(invocation_id)
+        if self._under[invocation_id] > 1 or call is None:
+            for key, c in self.calls.items():
+                if c.invocation_id == invocation_id and c.reply == reply:
+                    return self.pop(key)
+        return None
+
+    def expire(self, now: float) -> list[OpenCall]:
+        """The calls given up on by `now` (their give-up time passed), removed."""
+        gone = [key for key, c in self.calls.items() if c.give_up_at <= now]
+        return [c for c in (self.pop(key) for key in gone) if c is not None]
+
+    def pop(self, key: str) -> OpenCall | None:
+        call = self.calls.pop(key, None)
+        if call is None:
+            return None
+        left = self._under[call.invocation_id] - 1
+        if left:
+            self._under[call.invocation_id] = left
+        else:
+            del self._under[call.invocation_id]
+        return call
+
+
 class Ingress:
     # End-to-end counts and durations (shared.metrics); app.py sets the served one.
     metrics: IngressMetrics = IngressMetrics(noop())
@@ -105,11 +180,9 @@ class Ingress:
         self.tasks: TaskGroup | None = None
         self.workflow_concurrency = max(workflow_concurrency, 1)
         self.workflow_slots = anyio.Semaphore(self.workflow_concurrency)
-        # Metrics: invocations sent on whose worker answers the caller itself, until
-        # its done note: id -> (arrived, give up at, function, tenant).
-        self.open: dict[str, tuple[float, float, str, str]] = {}
-        # Traces: ingress's root spans of those, ended by the done note too.
-        self.open_spans: dict[str, Span] = {}
+        # Metrics and traces: invocations sent on whose worker answers the caller
+        # itself, until its done note (or `expire_open`).
+        self.open = OpenCalls()
 
     def lookup(self, name: str) -> Spec | None:
         return self.registry.get(name) or self.workflows.get(name)
@@ -204,19 +277,29 @@ class Ingress:
                     assert self.tasks is not None
                     self.tasks.start_soon(self._reply_workflow, spec, meta, request, reply, arrived)
                     return
-                worker = await self.dispatcher.send(meta, body, reply)
+                # Metrics (and the root span): its outcome comes with the worker's
+                # done note (`heard_done`). Recorded before the send, so that a done
+                # note cannot come before its record.
+                call = OpenCall(
+                    invocation_id=meta.invocation_id,
+                    reply=reply,
+                    arrived=arrived,
+                    give_up_at=deadline_of(meta) + DONE_GRACE_S,
+                    function=function,
+                    tenant=meta.tenant,
+                    span=span if root and span.is_recording() else None,
+                )
+                key = self.open.add(call)
+                held = call.span is not None  # the record ends it from now on
+                try:
+                    worker = await self.dispatcher.send(meta, body, reply)
+                except BaseException:
+                    if self.open.get(key) is call:
+                        self.open.pop(key)  # not sent: no done note will come
+                        held = False
+                    raise
                 if worker is not None:
                     span.set_attribute("gfaas.worker", worker)
-                # Metrics: its outcome comes with the worker's done note (`heard_done`).
-                self.open[meta.invocation_id] = (
-                    arrived,
-                    deadline_of(meta) + DONE_GRACE_S,
-                    function,
-                    meta.tenant,
-                )
-                if root and span.is_recording():
-                    self.open_spans[meta.invocation_id] = span
-                    held = True
             except GfaasError as exc:
                 tracing.mark_error(span, exc.code, exc.reason)
                 invocation_id = (headers or {}).get(H_INVOCATION, "")
@@ -339,20 +422,22 @@ class Ingress:
         )
         await report_failure(log, self.dispatcher.bus.publish, record)
 
-    def heard_done(self, invocation_id: str, outcome: str) -> None:
-        """A worker's done note for an invocation it answers the caller for itself."""
-        span = self.open_spans.pop(invocation_id, None)
-        if span is not None:
+    def heard_done(self, invocation_id: str, outcome: str, reply: str = "") -> None:
+        """A worker's done note for an invocation it answers the caller for itself:
+        the one sent with the note's reply subject (Done.reply), never another
+        caller's under the same id, nor an invocation of ingress's own (its reply
+        subject is an inbox of ours, not recorded here)."""
+        call = self.open.done(invocation_id, reply)
+        if call is None:
+            return
+        if call.span is not None:
             if outcome != OK:
-                tracing.mark_error(span, outcome, "the worker's outcome")
-            span.end()
-        sent = self.open.pop(invocation_id, None)
-        if sent is not None:
-            arrived, _, function, tenant = sent
-            seconds = time.monotonic() - arrived
-            # slo_ms: SLO attainment (gfaas_invocations_on_time_total).
-            slo_ms = self._slo_ms(function)
-            self.metrics.finished(function, tenant, outcome, seconds, slo_ms=slo_ms)
+                tracing.mark_error(call.span, outcome, "the worker's outcome")
+            call.span.end()
+        seconds = time.monotonic() - call.arrived
+        # slo_ms: SLO attainment (gfaas_invocations_on_time_total).
+        slo_ms = self._slo_ms(call.function)
+        self.metrics.finished(call.function, call.tenant, outcome, seconds, slo_ms=slo_ms)
 
     def _slo_ms(self, function: str) -> float | None:
         """The function's (or workflow's) SLO, for the on-time count (metrics)."""
@@ -362,14 +447,11 @@ class Ingress:
     def expire_open(self, now: float) -> None:
         """Invocations whose done note never came (the scheduler answered them, or
         their worker died): counted `unknown`, without a duration."""
-        expired = [iid for iid, sent in self.open.items() if sent[1] <= now]
-        for iid in expired:
-            _, _, function, tenant = self.open.pop(iid)
-            self.metrics.finished(function, tenant, UNKNOWN, None)
-            span = self.open_spans.pop(iid, None)
-            if span is not None:
-                span.set_attribute("gfaas.outcome", UNKNOWN)
-                span.end()
+        for call in self.open.expire(now):
+            self.metrics.finished(call.function, call.tenant, UNKNOWN, None)
+            if call.span is not None:
+                call.span.set_attribute("gfaas.outcome", UNKNOWN)
+                call.span.end()
 
     # -- workflows ------------------------------------------------------------------------
 

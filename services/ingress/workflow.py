@@ -36,7 +36,7 @@ from shared.dataplane.client import (
     read_bytes,
 )
 from shared.errors import GfaasError
-from shared.ids import Holder, output_holder
+from shared.ids import Holder, new_run_id, output_holder
 from shared.logs import get_logger
 from shared.schema import (
     ErrorCode,
@@ -141,7 +141,10 @@ class WorkflowRunner:
             if known is not None:
                 return _error(meta, known.code, known.reason)
             log.exception(
-                "workflow.run_failed", invocation_id=meta.invocation_id, workflow=plan.spec.name
+                "workflow.run_failed",
+                invocation_id=meta.invocation_id,
+                run=run.run_id,
+                workflow=plan.spec.name,
             )
             return _error(meta, ErrorCode.INTERNAL, f"the workflow run failed: {exc!r}")
 
@@ -158,7 +161,10 @@ class _Run:
         self.plan = plan
         self.meta = meta
         self.request = request
-        self.holder = str(Holder(owner=runner.holder).workflow_run(meta.invocation_id))
+        # The run's own id (the caller's may be another run's too): its stages' ids
+        # and the holder of its leases come from it; replies keep the caller's.
+        self.run_id = new_run_id(meta.invocation_id)
+        self.holder = str(Holder(owner=runner.holder).workflow_run(self.run_id))
         self.inputs = {t.name: t for t in request.inputs}
         self.outputs: dict[str, dict[str, Tensor]] = {}
         self.workers: dict[str, str] = {}
@@ -239,7 +245,7 @@ class _Run:
             self._fail(scope, stage, function, exc.code, exc.reason)
             return
         stage_meta = InvocationMeta(
-            invocation_id=f"{self.meta.invocation_id[:48]}-s{index}",
+            invocation_id=f"{self.run_id}-s{index}",
             function=function,
             tenant=self.meta.tenant,
             deadline_ms=self.meta.deadline_ms,
