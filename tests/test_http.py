@@ -3,9 +3,11 @@ the binary extension, and the unmodified Triton HTTP client."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -345,3 +347,188 @@ def test_a_body_that_stops_coming_is_answered_408_and_its_connection_closed(
                 assert took < 2, (path, took)
         finally:
             platform.stop_all()
+
+
+# -- region copies off the event loop -------------------------------------------------
+
+# Rows of add-one's [-1, 3] float32 input: 1.5 MiB, over shm_regions.THREAD_COPY_MIN.
+_ROWS = 1 << 17
+_COPY_S = 2.0  # how long the slowed input copy takes
+
+
+class _SlowCopy:
+    """shm_regions._pread made deliberately slow (chunks, a sleep before each): a copy
+    long enough that a loop it blocked is seen for sure on a loaded machine. Every
+    chunk is read through the descriptor afresh, as a large copy's next pread is."""
+
+    chunk = 1 << 16
+
+    def __init__(self) -> None:
+        import threading
+
+        self.started = threading.Event()
+        self.finished = threading.Event()
+
+    def __call__(self, fd: int, target: memoryview, position: int) -> int:
+        import os
+
+        self.started.set()
+        pause = _COPY_S / max(1, len(target) // self.chunk)
+        done = 0
+        try:
+            while done < len(target):
+                time.sleep(pause)
+                got = os.preadv(fd, [target[done : done + self.chunk]], position + done)
+                if got == 0:
+                    break
+                done += got
+        finally:
+            self.finished.set()
+        return done
+
+
+def _region_fds(path: str) -> int:
+    """This process's descriptors open on `path` (ingress runs in it)."""
+    import os
+
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # closed meanwhile (listdir's own)
+            count += os.readlink(f"/proc/self/fd/{fd}") == path
+    return count
+
+
+def _shm_infer_body(nbytes: int) -> dict[str, object]:
+    region = {"shared_memory_region": "input", "shared_memory_byte_size": nbytes}
+    out = {"shared_memory_region": "output", "shared_memory_byte_size": nbytes}
+    return {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [_ROWS, 3], "parameters": region}],
+        "outputs": [{"name": "y", "parameters": out}],
+    }
+
+
+async def _during_a_slow_copy(
+    platform: Platform, slow: _SlowCopy, nbytes: int, during: Any
+) -> httpx.Response:
+    """An infer whose input copy is `slow`, and `during(http)` run while it copies."""
+    url = base(platform)
+    async with httpx.AsyncClient(timeout=30) as http:
+        answer: list[httpx.Response] = []
+
+        async def infer() -> None:
+            answer.append(
+                await http.post(f"{url}/v2/models/add-one/infer", json=_shm_infer_body(nbytes))
+            )
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(infer)
+            with anyio.fail_after(10):
+                while not slow.started.is_set():
+                    await anyio.sleep(0.005)
+            await during(http)
+        return answer[0]
+
+
+def _slow_copy_platform(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> tuple[_SlowCopy, int, Any, Any, str, int]:
+    import tritonclient.utils.shared_memory as shm
+
+    from services.ingress import shm_regions
+
+    anyio.run(_deploy, platform.url)
+    anyio.run(wait_http, base(platform))
+    x = np.arange(_ROWS * 3, dtype=np.float32).reshape(_ROWS, 3)
+    assert x.nbytes >= getattr(shm_regions, "THREAD_COPY_MIN", 0)
+    key_in, key_out = (
+        f"/gfaas-test-slow-in-{platform.http_port}",
+        f"/gfaas-test-slow-out-{platform.http_port}",
+    )
+    region_in = shm.create_shared_memory_region("input", key_in, x.nbytes)
+    region_out = shm.create_shared_memory_region("output", key_out, x.nbytes)
+    shm.set_shared_memory_region(region_in, [x])
+    path = f"/dev/shm{key_in}"
+    baseline = _region_fds(path)  # the test's own (it is ingress's process too)
+    client = triton.InferenceServerClient(url=f"127.0.0.1:{platform.http_port}")
+    client.register_system_shared_memory("input", key_in, x.nbytes)
+    client.register_system_shared_memory("output", key_out, x.nbytes)
+    client.close()
+    slow = _SlowCopy()
+    monkeypatch.setattr(shm_regions, "_pread", slow)
+    assert _region_fds(path) == baseline + 1  # ingress's, registered
+    return slow, x.nbytes, region_in, region_out, path, baseline
+
+
+@pytest.mark.slow
+def test_a_large_region_copy_does_not_stall_other_calls_on_the_ingress(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy ran on ingress's event loop: while one caller's tensor moved, no
+    other call (a health check here; any HTTP, gRPC or NATS call) was answered."""
+    import tritonclient.utils.shared_memory as shm
+
+    slow, nbytes, region_in, region_out, *_ = _slow_copy_platform(platform, monkeypatch)
+    took: list[float] = []
+    try:
+
+        async def health(http: httpx.AsyncClient) -> None:
+            started = time.monotonic()
+            reply = await http.get(f"{base(platform)}/v2/health/ready")
+            took.append(time.monotonic() - started)
+            assert reply.status_code == 200
+            # Answered while the copy was still under way, not once it was done.
+            assert not slow.finished.is_set()
+
+        answer = anyio.run(_during_a_slow_copy, platform, slow, nbytes, health)
+        assert answer.status_code == 200, answer.text
+        y = shm.get_contents_as_numpy(region_out, np.float32, [_ROWS, 3])
+        np.testing.assert_array_equal(y, np.arange(_ROWS * 3, dtype=np.float32).reshape(-1, 3) + 1)
+        assert took[0] < _COPY_S / 4, took
+    finally:
+        shm.destroy_shared_memory_region(region_in)
+        shm.destroy_shared_memory_region(region_out)
+    assert anyio.run(_broker_leases, platform.url) == 0
+
+
+@pytest.mark.slow
+def test_a_region_unregistered_during_its_copy_is_neither_closed_under_it_nor_leaked(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Unregister is answered while the copy runs (it waited for it before); the
+    copy keeps the descriptor it reads through (closed under it, its next pread
+    found EBADF, or the number reused by the next open: someone else's bytes), and
+    the last copy using it closes it: none is left open on the segment."""
+    import os
+
+    import tritonclient.utils.shared_memory as shm
+
+    slow, nbytes, region_in, region_out, path, baseline = _slow_copy_platform(platform, monkeypatch)
+    other = tmp_path / "other"
+    other.write_bytes(b"\xff" * nbytes)
+    reused: list[int] = []
+    try:
+
+        async def unregister(http: httpx.AsyncClient) -> None:
+            reply = await http.post(
+                f"{base(platform)}/v2/systemsharedmemory/region/input/unregister"
+            )
+            assert reply.status_code == 200, reply.text
+            assert not slow.finished.is_set()  # answered during the copy
+            # The next open takes the lowest free number: a region's own, had
+            # unregister closed it.
+            reused.append(os.open(other, os.O_RDONLY))
+
+        answer = anyio.run(_during_a_slow_copy, platform, slow, nbytes, unregister)
+        # The copy went on with the region's own bytes: the answer is right.
+        assert answer.status_code == 200, answer.text
+        y = shm.get_contents_as_numpy(region_out, np.float32, [_ROWS, 3])
+        np.testing.assert_array_equal(y, np.arange(_ROWS * 3, dtype=np.float32).reshape(-1, 3) + 1)
+        assert _region_fds(path) == baseline  # the copy closed it, being the last
+        status = httpx.get(f"{base(platform)}/v2/systemsharedmemory/status")
+        assert [r["name"] for r in status.json()] == ["output"]
+    finally:
+        for fd in reused:
+            os.close(fd)
+        shm.destroy_shared_memory_region(region_in)
+        shm.destroy_shared_memory_region(region_out)
+    assert anyio.run(_broker_leases, platform.url) == 0

@@ -14,6 +14,16 @@ with pread/pwrite on the descriptor: the kernel copies them straight between the
 and the pooled buffer (still one copy) and a read of a shrunk file comes back short,
 which is answered as the caller's error.
 
+A copy of `THREAD_COPY_MIN` bytes or more runs in a worker thread: done on the event
+loop, one caller's GB tensor stalled every other call on this ingress (HTTP, gRPC,
+NATS) for the copy's length. Such a copy pins its region (`_Region.pin`): an
+unregister meanwhile takes the name away at once, but the descriptor is closed by
+the last copy using it, never under one (whose next pread or pwrite would otherwise
+find it closed, or its number reused by another open: another client's file, a
+socket). The pooled buffer stays mapped for the thread too: it holds a view of the
+mapping, and the caller waits for the thread even when cancelled, so the lease is
+released only after the last byte moved.
+
 CUDA regions (services/ingress/cuda_regions.py) live in `ShmRegions.cuda`: the
 extensions give both kinds one namespace, and `device`, `copy_in` and `copy_out`
 serve a reference from whichever kind holds its name.
@@ -30,11 +40,13 @@ import errno
 import os
 import resource
 import stat
-from collections.abc import Collection, Iterator
+import threading
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import anyio.to_thread
 import msgspec
 import numpy as np
 
@@ -52,6 +64,9 @@ from shared.schema import ErrorCode, Handle
 # The most regions (system and CUDA together) one tenant may hold registered at once
 # (Settings.tenant_max_shm_regions); 0: no cap.
 DEFAULT_TENANT_MAX_REGIONS = 1024
+# Region copies of at least this many bytes run in a worker thread (see the module's
+# doc); smaller ones stay on the event loop, where they cost less than a thread hop.
+THREAD_COPY_MIN = 1 << 20
 
 
 def _fd_room() -> int:
@@ -70,6 +85,34 @@ class _Region:
     # The segment's file, opened at registration: the name may be unlinked or replaced
     # afterwards, the bytes are read and written through this descriptor only.
     fd: int
+    # Copies using `fd` now, and whether the region was unregistered meanwhile: the
+    # last of them closes it then (see `pin`).
+    users: int = 0
+    gone: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def pin(self) -> None:
+        """One more copy uses the descriptor: it stays open until `unpin`. Called on
+        the event loop, where unregister runs, so a region found registered is pinned
+        before anything can close it."""
+        with self.lock:
+            self.users += 1
+
+    def unpin(self) -> None:
+        """A copy is done with the descriptor (from any thread)."""
+        with self.lock:
+            self.users -= 1
+            last = self.gone and self.users == 0
+        if last:
+            os.close(self.fd)
+
+    def retire(self) -> None:
+        """Unregistered: the descriptor is closed now, or by the last copy using it."""
+        with self.lock:
+            self.gone = True
+            idle = self.users == 0
+        if idle:
+            os.close(self.fd)
 
 
 class ShmRegions:
@@ -139,7 +182,7 @@ class ShmRegions:
         for n in names:
             region = self._regions.pop(n, None)
             if region is not None:
-                os.close(region.fd)
+                region.retire()  # a copy still under way keeps its descriptor
 
     def status(self, name: str | None = None) -> list[RegionStatus]:
         if name is not None and name not in self._regions:
@@ -162,27 +205,12 @@ class ShmRegions:
     def read_into(self, ref: ShmRef, target: memoryview) -> None:
         """The region's bytes at the reference into `target` (its whole length)."""
         region, start = self._place(ref, len(target))
-        try:
-            got = _pread(region.fd, target, start)
-        except OSError as exc:
-            raise _io_error(ref, "read", exc) from None
-        if got < len(target):
-            raise _shrunk(ref, region, start + len(target))
+        _read(region, ref, start, target)
 
     def write_from(self, ref: ShmRef, source: memoryview) -> None:
         """`source` into the region at the reference."""
         region, start = self._place(ref, len(source))
-        end = start + len(source)
-        # pwrite past the end of a shrunk file cannot fault, it grows the file again;
-        # the client shrank it, so it is told rather than silently given bytes back.
-        # A shrink between this check and the write only re-grows the client's own
-        # file within the bytes it registered: never a fault, never outside them.
-        if os.fstat(region.fd).st_size < end:
-            raise _shrunk(ref, region, end)
-        try:
-            _pwrite(region.fd, source, start)
-        except OSError as exc:
-            raise _io_error(ref, "write", exc) from None
+        _write(region, ref, start, source)
 
     # -- either kind, by the name a request gives -----------------------------------------
 
@@ -199,24 +227,45 @@ class ShmRegions:
         else:
             check_fits(ref, ref.byte_size, self.cuda.byte_size(ref.region))
 
-    def copy_in(self, ref: ShmRef, handle: Handle) -> None:
+    async def copy_in(self, ref: ShmRef, handle: Handle) -> None:
         """The bytes the reference names into a leased buffer of `handle.nbytes`."""
         if ref.region not in self._regions:
             self.cuda.copy_in(ref, handle)
-        elif handle.backend == "shm":
-            # Straight from the file into the pooled buffer: the one copy.
-            self.read_into(ref, _bytes(read_bytes(handle)))
-        else:  # device() stages system regions in host memory; kept for any other pool
-            staged = bytearray(handle.nbytes)
-            self.read_into(ref, memoryview(staged))
-            write_bytes(handle, staged)
+            return
+        region, start = self._place(ref, handle.nbytes)
+        if handle.backend == "shm":
+            # Straight from the file into the pooled buffer: the one copy. The view
+            # holds the buffer's mapping until the copy is done with it.
+            target = _bytes(read_bytes(handle))
 
-    def copy_out(self, handle: Handle, ref: ShmRef) -> None:
+            def copy() -> None:
+                _read(region, ref, start, target)
+
+        else:  # device() stages system regions in host memory; kept for any other pool
+
+            def copy() -> None:
+                staged = bytearray(handle.nbytes)
+                _read(region, ref, start, memoryview(staged))
+                write_bytes(handle, staged)
+
+        await _pinned(region, handle.nbytes, copy)
+
+    async def copy_out(self, handle: Handle, ref: ShmRef) -> None:
         """A leased buffer's bytes into the region the reference names."""
-        if ref.region in self._regions:
-            self.write_from(ref, _bytes(read_bytes(handle)))
-        else:
+        if ref.region not in self._regions:
             self.cuda.copy_out(handle, ref)
+            return
+        region, start = self._place(ref, handle.nbytes)
+        # A host buffer is mapped here, on the loop (the mapping cache is the loop's),
+        # and the view holds it until the copy is done; one on a GPU is copied off it
+        # in the thread too.
+        pooled = _bytes(read_bytes(handle)) if handle.backend == "shm" else None
+
+        def copy() -> None:
+            source = pooled if pooled is not None else _bytes(read_bytes(handle))
+            _write(region, ref, start, source)
+
+        await _pinned(region, handle.nbytes, copy)
 
     def check_room(self, prefix: str, name: str) -> None:
         """Refuse a tenant (its names under `prefix`) one more region, of either kind,
@@ -293,13 +342,13 @@ class TenantRegions:
         with _named(self._prefix):
             self._regions.check(self._ref(ref))
 
-    def copy_in(self, ref: ShmRef, handle: Handle) -> None:
+    async def copy_in(self, ref: ShmRef, handle: Handle) -> None:
         with _named(self._prefix):
-            self._regions.copy_in(self._ref(ref), handle)
+            await self._regions.copy_in(self._ref(ref), handle)
 
-    def copy_out(self, handle: Handle, ref: ShmRef) -> None:
+    async def copy_out(self, handle: Handle, ref: ShmRef) -> None:
         with _named(self._prefix):
-            self._regions.copy_out(handle, self._ref(ref))
+            await self._regions.copy_out(handle, self._ref(ref))
 
 
 class _TenantCuda:
@@ -360,6 +409,61 @@ def _open_segment(name: str) -> tuple[int, os.stat_result]:
         os.close(fd)
         raise
     return fd, info
+
+
+async def _pinned(region: _Region, nbytes: int, copy: Callable[[], None]) -> None:
+    """`copy()` with the region pinned: inline when small, else in a worker thread.
+    The thread unpins it itself, however the copy ends. The wait is not abandoned
+    when the caller is cancelled (a gRPC cancel, an HTTP client gone): the pooled
+    buffer the thread reads or writes is released only once the thread is done."""
+    region.pin()
+    if nbytes < THREAD_COPY_MIN:
+        try:
+            copy()
+        finally:
+            region.unpin()
+        return
+
+    started = False
+
+    def run() -> None:
+        nonlocal started
+        started = True
+        try:
+            copy()
+        finally:
+            region.unpin()
+
+    try:
+        await anyio.to_thread.run_sync(run, abandon_on_cancel=False)
+    finally:
+        # Once started, the thread is waited for and unpins; one that never started
+        # (the caller cancelled while it waited for a free thread) leaves it to us.
+        if not started:
+            region.unpin()
+
+
+def _read(region: _Region, ref: ShmRef, start: int, target: memoryview) -> None:
+    try:
+        got = _pread(region.fd, target, start)
+    except OSError as exc:
+        raise _io_error(ref, "read", exc) from None
+    if got < len(target):
+        raise _shrunk(ref, region, start + len(target))
+
+
+def _write(region: _Region, ref: ShmRef, start: int, source: memoryview) -> None:
+    end = start + len(source)
+    # pwrite past the end of a shrunk file cannot fault, it grows the file again;
+    # the client shrank it, so it is told rather than silently given bytes back.
+    # A shrink between this check and the write only re-grows the client's own
+    # file within the bytes it registered: never a fault, never outside them.
+    if os.fstat(region.fd).st_size < end:
+        raise _shrunk(ref, region, end)
+    try:
+        _pwrite(region.fd, source, start)
+    except OSError as exc:
+        raise _io_error(ref, "write", exc) from None
 
 
 def _bytes(array: np.ndarray[Any, Any]) -> memoryview:

@@ -115,7 +115,7 @@ class ShmStaging:
                 staged += leased
                 by_name.update(zip(names, leased, strict=True))
             for n, h in by_name.items():
-                regions.copy_in(refs[n], h)
+                await regions.copy_in(refs[n], h)
             inputs = [
                 msgspec.structs.replace(t, handle=by_name[t.name]) if t.name in by_name else t
                 for t in inputs
@@ -219,7 +219,7 @@ class ShmStaging:
                     outputs.append(t)
                     continue
                 if ref is not None:
-                    regions.copy_out(t.handle, ref)
+                    await regions.copy_out(t.handle, ref)
                     outputs.append(msgspec.structs.replace(t, handle=None))
                 else:
                     pooled = read_bytes(t.handle)
