@@ -19,6 +19,7 @@ import random
 from dataclasses import dataclass, field
 
 from bench.dp_common import IMG, GiB, MiB, machine, percentile, table
+from bench.plotting import pyplot
 from shared.dataplane.elastic import ElasticConfig, ElasticPool, SlabUse
 from shared.dataplane.leases import Fault, LeaseError, LeaseTable
 
@@ -187,11 +188,9 @@ def main() -> None:
 
 
 def plot(*outcomes: Outcome) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(8, 4))
     for o in outcomes:
         ax.step(o.times, [h / MiB for h in o.held], where="post", label=f"held: {o.name}")

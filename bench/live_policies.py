@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-import matplotlib
 import nats
 import numpy as np
 from nats.aio.client import Client as NATS
 
 from bench.live_models import WIDTH, write_mlp
+from bench.plotting import pyplot, save
 from gfaas.client import Client
 from gfaas.sim.workload import Workload, WorkloadSpec, generate
 from gfaas.supervisor import Supervisor
@@ -44,9 +44,6 @@ from shared.config import Settings
 from shared.errors import GfaasError
 from shared.natsd import nats_server
 from shared.schema import FunctionKind, FunctionSpec
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 MIB = 1024 * 1024
 PNG = Path("docs/img/live_policies.png")
@@ -271,6 +268,9 @@ def print_table(rows: list[Summary]) -> None:
 
 
 def plot(rows: list[Summary], title: str) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     names = [r.policy for r in rows]
     colors = [COLORS.get(n, "C4") for n in names]
@@ -285,9 +285,7 @@ def plot(rows: list[Summary], title: str) -> None:
     for ax in axes:
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    PNG.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PNG, dpi=110)
+    save(fig, PNG)
 
 
 def start_platform(url: str, state: Path, policy: str, args: argparse.Namespace) -> Supervisor:

@@ -13,11 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
+from bench.plotting import pyplot, save
 from gfaas.sim.simulator import ClusterSpec, SimResult, simulate
 from gfaas.sim.workload import Workload, WorkloadSpec, generate
 from shared.scheduling import make_policy
@@ -110,6 +106,9 @@ def plot(
     sweep: list[tuple[float, dict[str, SimResult]]],
     big: list[tuple[str, float, dict[str, SimResult]]],
 ) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     loads = [offered for offered, _ in sweep]
     for name in SMALL_POLICIES:
@@ -153,9 +152,7 @@ def plot(
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    PNG.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PNG, dpi=110)
+    save(fig, PNG)
 
 
 if __name__ == "__main__":
