@@ -12,6 +12,7 @@ without refusing a lease.
 
 from __future__ import annotations
 
+import argparse
 import heapq
 import itertools
 import math
@@ -137,6 +138,7 @@ def simulate(
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help; no options
     requests = trace()
     elastic = simulate("elastic (cool-down 30 s)", requests)
     patient = simulate("elastic (cool-down 120 s)", requests, cooldown_s=120.0)

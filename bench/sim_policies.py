@@ -9,6 +9,7 @@ on 100 GPUs at two loads. Prints tables; writes docs/img/sim_policies.png.
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,7 @@ def table(title: str, case: Case, results: dict[str, SimResult], offered: float)
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help; no options
     started = time.perf_counter()
     sweep: list[tuple[float, dict[str, SimResult]]] = []
     for rate in (30.0, 45.0, 60.0, 75.0, 90.0, 105.0, 120.0):

@@ -11,6 +11,7 @@ assignment. Prints a table; writes docs/img/sim_scaling.png.
 
 from __future__ import annotations
 
+import argparse
 import random
 import time
 from collections.abc import Callable
@@ -93,6 +94,7 @@ def best_of(repeats: int, fn: Callable[[], int]) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help; no options
     rng = random.Random(4)
     rows: dict[str, list[tuple[int, float, float]]] = {p: [] for p in POLICIES}
     print(f"{'workers':>8}  {'policy':<13}{'choose us':>10}{'plan us/assign':>16}{'assigned':>10}")
