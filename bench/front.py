@@ -169,6 +169,7 @@ def run_gfaas(tmp: Path, seconds: float, script: Path) -> list[Row]:
             http_host="127.0.0.1",
             http_port=http_port,
             grpc_port=grpc_port,
+            metrics_port=0,  # any free ports: the defaults may be taken (a platform beside)
         )
         os.environ.update(
             GFAAS_CAPACITY="256", GFAAS_HTTP_PORT=str(http_port), GFAAS_GRPC_PORT=str(grpc_port)

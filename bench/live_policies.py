@@ -299,7 +299,13 @@ def start_platform(url: str, state: Path, policy: str, args: argparse.Namespace)
             "GFAAS_SHM_NAMESPACE": f"gfaas-live-{secrets.token_hex(3)}",
         }
     )
-    settings = Settings(nats_url=url, state_dir=state, log_level="warning", policy=policy)
+    settings = Settings(
+        nats_url=url,
+        state_dir=state,
+        log_level="warning",
+        policy=policy,
+        metrics_port=0,  # any free ports: the defaults may be taken (a platform beside)
+    )
     sup = Supervisor(settings=settings, nats_url=url, workers=args.workers)
     sup.start()
     return sup
