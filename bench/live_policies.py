@@ -324,7 +324,10 @@ def main() -> None:
     parser.add_argument("--slo-ms", type=float, default=50.0)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    workload = make_workload(args)
+    try:
+        workload = make_workload(args)
+    except ValueError as exc:  # the working set cannot fit --functions models
+        parser.error(f"{exc}: more --functions, or a smaller --ratio or fewer --workers")
     specs = specs_for(workload, args.slo_ms)
     started = time.perf_counter()
     runs: list[Run] = []
