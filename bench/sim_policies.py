@@ -101,7 +101,7 @@ def main() -> None:
         big.append((label, offered, results))
         table(f"large cluster, {label} load", case, results, offered)
     plot(sweep, big)
-    print(f"\nwrote {PNG}; total {time.perf_counter() - started:.0f} s")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 
 def plot(

@@ -218,8 +218,8 @@ def main() -> None:
     print_header()
     with tempfile.TemporaryDirectory() as tmp, nats_server(Path(tmp) / "nats") as server:
         rows = anyio.run(bench, server.url, Path(tmp), sizes, args.repeats)
+    print()
     plot(rows)
-    print(f"\nwrote {PNG}")
 
 
 if __name__ == "__main__":
