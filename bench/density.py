@@ -131,7 +131,16 @@ def start(url: str, state: Path, budget_mb: int, shared: bool) -> Supervisor:
             "GFAAS_SHM_NAMESPACE": f"gfaas-dense-{secrets.token_hex(3)}",
         }
     )
-    settings = Settings(nats_url=url, state_dir=state, log_level="warning")
+    # The children's environment is built from these (gfaas.supervisor.service_env), over
+    # os.environ: the fronts and metrics stay off only if they are off here too.
+    settings = Settings(
+        nats_url=url,
+        state_dir=state,
+        log_level="warning",
+        http_enabled=False,
+        grpc_enabled=False,
+        metrics_enabled=False,
+    )
     sup = Supervisor(settings=settings, nats_url=url, workers=1)
     sup.start()
     return sup

@@ -97,6 +97,7 @@ def run_mode(url: str, tmp: Path, mode: str, big_mib: int, runs: int) -> dict[st
         GFAAS_NODE=NODE,
         GFAAS_STATE_DIR=str(tmp / mode),
         GFAAS_LOG_LEVEL="warning",
+        GFAAS_METRICS_PORT="0",  # 8004 may be taken (another broker, a platform)
         GFAAS_SHM_NAMESPACE=f"gfaas-bench-{secrets.token_hex(4)}",
         GFAAS_LINK_MODE=mode,
         GFAAS_COPY_CHUNK_KB=str(CHUNK_KB),

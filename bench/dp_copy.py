@@ -10,6 +10,7 @@ so both see the same noise from other work on the machine. Goal: >= 80%.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import time
 from collections.abc import Callable
@@ -71,6 +72,7 @@ def measure(
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help; no options
     shm = ShmBackend(prefix="gfaas-bench-")
     a = shm.create_slab(GiB, "bench", prefault=True)
     b = shm.create_slab(GiB, "bench", prefault=True)

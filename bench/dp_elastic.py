@@ -12,6 +12,7 @@ without refusing a lease.
 
 from __future__ import annotations
 
+import argparse
 import heapq
 import itertools
 import math
@@ -19,6 +20,7 @@ import random
 from dataclasses import dataclass, field
 
 from bench.dp_common import IMG, GiB, MiB, machine, percentile, table
+from bench.plotting import pyplot
 from shared.dataplane.elastic import ElasticConfig, ElasticPool, SlabUse
 from shared.dataplane.leases import Fault, LeaseError, LeaseTable
 
@@ -136,6 +138,7 @@ def simulate(
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help; no options
     requests = trace()
     elastic = simulate("elastic (cool-down 30 s)", requests)
     patient = simulate("elastic (cool-down 120 s)", requests, cooldown_s=120.0)
@@ -187,11 +190,9 @@ def main() -> None:
 
 
 def plot(*outcomes: Outcome) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(8, 4))
     for o in outcomes:
         ax.step(o.times, [h / MiB for h in o.held], where="post", label=f"held: {o.name}")

@@ -401,6 +401,7 @@ def main() -> None:
             GFAAS_NATS_URL=server.url,
             GFAAS_STATE_DIR=str(Path(tmp) / "state"),
             GFAAS_LOG_LEVEL="warning",
+            GFAAS_METRICS_PORT="0",  # 8004 may be taken (another broker, a platform)
             GFAAS_SHM_NAMESPACE=namespace,
             GFAAS_NODE=NODE,
         )

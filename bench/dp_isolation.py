@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from bench.dp_common import IMG, MiB, machine, percentile, table
+from bench.plotting import pyplot
 from shared.dataplane.bandwidth import LinkScheduler, Mode
 from shared.dataplane.copier import Copier, CopyResult
 from shared.dataplane.shm import ShmBackend
@@ -162,11 +163,9 @@ def main() -> None:
 
 
 def plot(runs: dict[str, list[float]]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, lat in runs.items():
         xs = sorted(x * 1e3 for x in lat)

@@ -143,9 +143,13 @@ def measure(
     name: str, http: str, grpc: str, seconds: float, script: Path, servers: dict[str, int]
 ) -> list[Row]:
     infer = f"{http}/v2/models/noop/infer"
-    loads: list[tuple[str, Callable[[], dict[str, float]]]] = [
-        ("HTTP, 1 connection", lambda: wrk(infer, 1, seconds, script)),
-        ("HTTP, 64 connections", lambda: wrk(infer, 64, seconds, script)),
+    loads: list[tuple[str, Callable[[], dict[str, float]]]] = []
+    if shutil.which("wrk"):  # without it, the gRPC rows alone (main says so)
+        loads += [
+            ("HTTP, 1 connection", lambda: wrk(infer, 1, seconds, script)),
+            ("HTTP, 64 connections", lambda: wrk(infer, 64, seconds, script)),
+        ]
+    loads += [
         ("gRPC, 1 call at a time", lambda: grpc_load(grpc, 1, seconds)),
         ("gRPC, 64 concurrent", lambda: grpc_load(grpc, 64, seconds)),
     ]
@@ -169,6 +173,7 @@ def run_gfaas(tmp: Path, seconds: float, script: Path) -> list[Row]:
             http_host="127.0.0.1",
             http_port=http_port,
             grpc_port=grpc_port,
+            metrics_port=0,  # any free ports: the defaults may be taken (a platform beside)
         )
         os.environ.update(
             GFAAS_CAPACITY="256", GFAAS_HTTP_PORT=str(http_port), GFAAS_GRPC_PORT=str(grpc_port)
@@ -244,6 +249,10 @@ def main() -> None:
     parser.add_argument("--mlserver", default=shutil.which("mlserver") or "/tmp/mlsv/bin/mlserver")
     args = parser.parse_args()
     print(f"machine: {os.cpu_count()} cpus, python {sys.version.split()[0]}")
+    if not shutil.which("wrk"):
+        print("wrk not found (Debian's package): no HTTP rows, gRPC only")
+    if not Path(args.mlserver).exists():
+        print(f"no MLServer at {args.mlserver}: gfaas only")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         script = tmp / "post.lua"

@@ -31,12 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
-import matplotlib
 import nats
 import numpy as np
 from nats.aio.client import Client as NATS
 
 from bench.live_models import WIDTH, write_mlp
+from bench.plotting import pyplot, save
 from gfaas.client import Client
 from gfaas.sim.workload import Workload, WorkloadSpec, generate
 from gfaas.supervisor import Supervisor
@@ -44,9 +44,6 @@ from shared.config import Settings
 from shared.errors import GfaasError
 from shared.natsd import nats_server
 from shared.schema import FunctionKind, FunctionSpec
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 MIB = 1024 * 1024
 PNG = Path("docs/img/live_policies.png")
@@ -271,6 +268,9 @@ def print_table(rows: list[Summary]) -> None:
 
 
 def plot(rows: list[Summary], title: str) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     names = [r.policy for r in rows]
     colors = [COLORS.get(n, "C4") for n in names]
@@ -285,9 +285,7 @@ def plot(rows: list[Summary], title: str) -> None:
     for ax in axes:
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    PNG.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PNG, dpi=110)
+    save(fig, PNG)
 
 
 def start_platform(url: str, state: Path, policy: str, args: argparse.Namespace) -> Supervisor:
@@ -301,7 +299,13 @@ def start_platform(url: str, state: Path, policy: str, args: argparse.Namespace)
             "GFAAS_SHM_NAMESPACE": f"gfaas-live-{secrets.token_hex(3)}",
         }
     )
-    settings = Settings(nats_url=url, state_dir=state, log_level="warning", policy=policy)
+    settings = Settings(
+        nats_url=url,
+        state_dir=state,
+        log_level="warning",
+        policy=policy,
+        metrics_port=0,  # any free ports: the defaults may be taken (a platform beside)
+    )
     sup = Supervisor(settings=settings, nats_url=url, workers=args.workers)
     sup.start()
     return sup
@@ -320,7 +324,10 @@ def main() -> None:
     parser.add_argument("--slo-ms", type=float, default=50.0)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    workload = make_workload(args)
+    try:
+        workload = make_workload(args)
+    except ValueError as exc:  # the working set cannot fit --functions models
+        parser.error(f"{exc}: more --functions, or a smaller --ratio or fewer --workers")
     specs = specs_for(workload, args.slo_ms)
     started = time.perf_counter()
     runs: list[Run] = []
@@ -351,7 +358,7 @@ def main() -> None:
         f"{args.functions} models ({args.ratio:g}x the device tiers), {args.workers} CPU workers, "
         f"{len(workload.arrivals) / args.duration:.0f} req/s, SLO {args.slo_ms:g} ms",
     )
-    print(f"\nwrote {PNG}; total {time.perf_counter() - started:.0f} s")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

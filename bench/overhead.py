@@ -165,6 +165,7 @@ def bench_platform(url: str, tmp: Path, requests: int, concurrency: int) -> list
             log_level="warning",
             capacity=256,
             grant_ttl_s=ttl,
+            metrics_port=0,  # any free ports: the defaults may be taken (a platform beside)
         )
         os.environ.update(GFAAS_HTTP_ENABLED="0", GFAAS_CAPACITY="256", GFAAS_GRANT_TTL_S=str(ttl))
         sup = Supervisor(settings=settings, nats_url=url, workers=1)

@@ -27,6 +27,7 @@ holds. Prints tables; writes docs/img/sim_autoscale.png when matplotlib is there
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from dataclasses import replace
@@ -145,6 +146,7 @@ def row(label: str, r: SharingResult, static: SharingResult) -> str:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help; no options
     started = time.perf_counter()
     workload = generate(SPEC)
     functions = shared_functions(workload.functions)

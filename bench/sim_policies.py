@@ -9,15 +9,12 @@ on 100 GPUs at two loads. Prints tables; writes docs/img/sim_policies.png.
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
+from bench.plotting import pyplot, save
 from gfaas.sim.simulator import ClusterSpec, SimResult, simulate
 from gfaas.sim.workload import Workload, WorkloadSpec, generate
 from shared.scheduling import make_policy
@@ -87,6 +84,7 @@ def table(title: str, case: Case, results: dict[str, SimResult], offered: float)
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help; no options
     started = time.perf_counter()
     sweep: list[tuple[float, dict[str, SimResult]]] = []
     for rate in (30.0, 45.0, 60.0, 75.0, 90.0, 105.0, 120.0):
@@ -103,13 +101,16 @@ def main() -> None:
         big.append((label, offered, results))
         table(f"large cluster, {label} load", case, results, offered)
     plot(sweep, big)
-    print(f"\nwrote {PNG}; total {time.perf_counter() - started:.0f} s")
+    print(f"\ntotal {time.perf_counter() - started:.0f} s")
 
 
 def plot(
     sweep: list[tuple[float, dict[str, SimResult]]],
     big: list[tuple[str, float, dict[str, SimResult]]],
 ) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     loads = [offered for offered, _ in sweep]
     for name in SMALL_POLICIES:
@@ -153,9 +154,7 @@ def plot(
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    PNG.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PNG, dpi=110)
+    save(fig, PNG)
 
 
 if __name__ == "__main__":

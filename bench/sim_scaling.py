@@ -11,16 +11,13 @@ assignment. Prints a table; writes docs/img/sim_scaling.png.
 
 from __future__ import annotations
 
+import argparse
 import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
+from bench.plotting import pyplot, save
 from shared.scheduling import (
     DeviceCache,
     Policy,
@@ -97,6 +94,7 @@ def best_of(repeats: int, fn: Callable[[], int]) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help; no options
     rng = random.Random(4)
     rows: dict[str, list[tuple[int, float, float]]] = {p: [] for p in POLICIES}
     print(f"{'workers':>8}  {'policy':<13}{'choose us':>10}{'plan us/assign':>16}{'assigned':>10}")
@@ -110,11 +108,14 @@ def main() -> None:
             plan_s = best_of(3, lambda: len(plan(policy, queue, workers, 1.0).assignments))  # noqa: B023
             rows[name].append((n, choose_s, plan_s))
             print(f"{n:>8}  {name:<13}{choose_s * 1e6:>10.0f}{plan_s * 1e6:>16.0f}{assigned:>10}")
+    print()
     plot(rows)
-    print(f"\nwrote {PNG}")
 
 
 def plot(rows: dict[str, list[tuple[int, float, float]]]) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, points in rows.items():
         ns = [p[0] for p in points]
@@ -136,9 +137,7 @@ def plot(rows: dict[str, list[tuple[int, float, float]]]) -> None:
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    PNG.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PNG, dpi=110)
+    save(fig, PNG)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ matplotlib is there.
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from collections.abc import Callable
@@ -110,6 +111,7 @@ def search(run: Callable[[float], SharingResult], start: float) -> tuple[float, 
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__).parse_args()  # --help; no options
     started = time.perf_counter()
     rows = []
     print(

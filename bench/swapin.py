@@ -31,17 +31,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
-import matplotlib
 import nats
 import torch
 from torch import nn
 
+from bench.plotting import pyplot, save
 from shared.modelstore import ModelStore
 from shared.modelswap import HostTier, instantiate, tier_prefix
 from shared.natsd import nats_server
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 WIDTH = 1024
 LAYER_MIB = WIDTH * (WIDTH + 1) * 4 / 2**20
@@ -187,6 +184,9 @@ def print_row(row: dict[str, float], cold_n: int, n: int) -> None:
 
 
 def plot(rows: list[dict[str, float]]) -> None:
+    plt = pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sizes = [r["MiB"] for r in rows]
     for stage in STAGES:
@@ -200,9 +200,7 @@ def plot(rows: list[dict[str, float]]) -> None:
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    PNG.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PNG, dpi=110)
+    save(fig, PNG)
 
 
 def main() -> None:
@@ -220,8 +218,8 @@ def main() -> None:
     print_header()
     with tempfile.TemporaryDirectory() as tmp, nats_server(Path(tmp) / "nats") as server:
         rows = anyio.run(bench, server.url, Path(tmp), sizes, args.repeats)
+    print()
     plot(rows)
-    print(f"\nwrote {PNG}")
 
 
 if __name__ == "__main__":

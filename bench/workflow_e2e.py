@@ -233,6 +233,7 @@ def main() -> None:
             log_level="warning",
             max_payload=MAX_PAYLOAD,
             capacity=64,
+            metrics_port=0,  # any free ports: the defaults may be taken (a platform beside)
         )
         # The children read these from the environment (service_env copies it).
         os.environ["GFAAS_HTTP_ENABLED"] = "0"

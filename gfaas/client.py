@@ -18,6 +18,7 @@ import nats
 import nats.errors
 import numpy as np
 from nats.aio.client import Client as NATS
+from nats.aio.client import _default_error_callback
 from opentelemetry.trace import Span, SpanKind
 
 from shared import jetstream, subjects, tracing
@@ -127,6 +128,14 @@ async def connect_nats(url: str, *, creds: str | Path | None = None) -> NATS:
         creds = default_admin_creds(settings) or ""
     options = connect_options(creds=creds, tls_ca=settings.nats_tls_ca)
     nc = NATS()
+    connected = False
+
+    async def on_error(exc: Exception) -> None:
+        # While connecting, a refusal is raised below as the ConnectionError; nats-py's
+        # default callback would log it first, with a traceback. Later, as nats-py does.
+        if connected:
+            await _default_error_callback(exc)
+
     try:
         # No reconnects while connecting: refused credentials fail here, now.
         await nc.connect(
@@ -134,6 +143,7 @@ async def connect_nats(url: str, *, creds: str | Path | None = None) -> NATS:
             name="gfaas-client",
             connect_timeout=5,
             allow_reconnect=False,
+            error_cb=on_error,
             **options,
         )
     except BaseException as exc:
@@ -144,8 +154,9 @@ async def connect_nats(url: str, *, creds: str | Path | None = None) -> NATS:
             who = f"credentials {creds}" if creds else "no credentials"
             raise ConnectionError(f"NATS at {url} refused the connection ({who}): {exc}") from None
         raise
-    # Connected: from now on, reconnect as nats-py does by default.
+    # Connected: from now on, reconnect (and report async errors) as nats-py does by default.
     nc.options["allow_reconnect"] = True
+    connected = True
     return nc
 
 

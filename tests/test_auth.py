@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -33,7 +34,7 @@ from nats.aio.msg import Msg
 from tritonclient.utils import InferenceServerException
 
 from gfaas import cli
-from gfaas.client import Client
+from gfaas.client import Client, connect_nats
 from shared import auth, jetstream, subjects
 from shared.errors import GfaasError
 from shared.schema import (
@@ -187,6 +188,29 @@ async def test_anonymous_and_wrong_password_clients_are_refused(
         await invoke_echo(tenant, tenant_account="acme")
     finally:
         await tenant.drain()
+
+
+@pytest.mark.anyio
+async def test_a_refused_connection_is_one_connection_error_and_no_logged_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # nats-py's default error callback logged the refusal ("nats: encountered error",
+    # with its traceback) before connect_nats raised it as the ConnectionError: a
+    # retry loop (bench.auth_overhead's, waiting for a reloaded server) printed one.
+    with auth_nats_server(tmp_path) as server:
+        forged = tmp_path / "forged.json"
+        auth.Credentials("admin", "not-the-password").dump(forged)
+        with caplog.at_level(logging.DEBUG), pytest.raises(ConnectionError, match="refused"):
+            await connect_nats(server.url, creds=forged)
+        assert not [r for r in caplog.records if r.name.startswith("nats")], caplog.text
+        # Once connected, async errors are still reported as nats-py does by default.
+        nc = await connect_nats(server.url, creds=tmp_path / "auth" / "admin.json")
+        try:
+            with caplog.at_level(logging.DEBUG):
+                await nc._error_cb(RuntimeError("slow consumer, say"))
+            assert "nats: encountered error" in caplog.text
+        finally:
+            await nc.drain()
 
 
 @pytest.mark.anyio
