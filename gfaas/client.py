@@ -7,6 +7,7 @@ nats client can do the same.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
@@ -73,6 +74,13 @@ BY_HANDLE_ABOVE = 64 * 1024
 # How long a deploy waits for a worker's handler check: the sandbox's limit and some.
 # With no worker subscribed the answer (none) comes at once.
 HANDLER_CHECK_WAIT_S = SANDBOX_TIMEOUT_S + 5.0
+# While connecting, each server is tried twice (nats-py's fewest) this far apart; once
+# connected, reconnects go as nats-py's defaults have them.
+CONNECT_RETRY_WAIT_S = 0.1
+RECONNECT_ATTEMPTS = 60
+RECONNECT_WAIT_S = 2.0
+
+log = logging.getLogger("gfaas.client")
 
 
 def _tensors(inputs: Inputs) -> list[Tensor]:
@@ -127,13 +135,26 @@ async def connect_nats(url: str, *, creds: str | Path | None = None) -> NATS:
         creds = default_admin_creds(settings) or ""
     options = connect_options(creds=creds, tls_ca=settings.nats_tls_ca)
     nc = NATS()
+    connecting = True
+
+    async def on_error(exc: Exception) -> None:
+        # While connecting the error is raised below, as one line; nats-py's own
+        # callback logged each try's traceback.
+        if not connecting:
+            log.warning("%s", str(exc) or repr(exc))
+
     try:
-        # No reconnects while connecting: refused credentials fail here, now.
+        # No reconnects while connecting: refused credentials fail here, now. A server
+        # that is not there fails as fast: nats-py tries each server of the pool up to
+        # max_reconnect_attempts times even so (by default 60 tries, 2 s apart).
         await nc.connect(
             servers=nats_servers(url),
             name="gfaas-client",
             connect_timeout=5,
             allow_reconnect=False,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=CONNECT_RETRY_WAIT_S,  # type: ignore[arg-type]  # a float works
+            error_cb=on_error,
             **options,
         )
     except BaseException as exc:
@@ -145,7 +166,10 @@ async def connect_nats(url: str, *, creds: str | Path | None = None) -> NATS:
             raise ConnectionError(f"NATS at {url} refused the connection ({who}): {exc}") from None
         raise
     # Connected: from now on, reconnect as nats-py does by default.
+    connecting = False
     nc.options["allow_reconnect"] = True
+    nc.options["max_reconnect_attempts"] = RECONNECT_ATTEMPTS
+    nc.options["reconnect_time_wait"] = RECONNECT_WAIT_S
     return nc
 
 

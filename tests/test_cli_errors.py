@@ -3,10 +3,31 @@ on stderr and a non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
+import subprocess
+import time
+from pathlib import Path
+
 import pytest
 
 from gfaas import cli
-from shared.natsd import NatsServer
+from shared import auth
+from shared.natsd import NatsServer, free_port
+from tests.platform import PYTHON, REPO, auth_nats_server, subprocess_env
+
+
+def gfaas_cli(*args: str, **env: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """`gfaas ARGS` in a process of its own (its stderr as a user sees it, nats-py's
+    logging included), and how long it took."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [PYTHON, "-m", "gfaas", *args],
+        env=subprocess_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
+    return done, time.monotonic() - started
 
 
 @pytest.mark.nats
@@ -59,3 +80,31 @@ def test_an_input_with_a_dtype_numpy_does_not_know_is_a_value_error() -> None:
         cli.parse_input("x=[1, 2]:float99")
     name, value = cli.parse_input("x=[1, 2]:int64")
     assert (name, value.dtype.name, value.tolist()) == ("x", "int64", [1, 2])
+
+
+@pytest.mark.unit
+def test_a_command_with_no_nats_server_there_says_so_at_once_in_one_line() -> None:
+    # nats-py tried the server 61 times, 2 s apart, each try's traceback logged by
+    # its default error callback: `gfaas ls` with no platform up took two minutes and
+    # some 1,500 lines to say that it could not reach NATS.
+    url = f"nats://127.0.0.1:{free_port()}"
+    done, took = gfaas_cli("ls", "--nats-url", url, GFAAS_NATS_CREDS="")
+    assert done.returncode == 2, done
+    said = f"gfaas: cannot reach NATS at {url}: nats: no servers available for connection\n"
+    assert done.stderr == said
+    assert took < 10, took
+
+
+@pytest.mark.nats
+def test_a_command_whose_credentials_are_refused_says_so_in_one_line(tmp_path: Path) -> None:
+    # Refused at once before too, but with two tracebacks from nats-py's logging first.
+    with auth_nats_server(tmp_path) as server:
+        forged = tmp_path / "forged.json"
+        auth.Credentials("admin", "not-the-password").dump(forged)
+        done, took = gfaas_cli("ls", "--nats-url", server.url, GFAAS_NATS_CREDS=str(forged))
+    assert done.returncode == 2, done
+    assert done.stderr == (
+        f"gfaas: NATS at {server.url} refused the connection (credentials {forged}): "
+        "nats: 'Authorization Violation'\n"
+    )
+    assert took < 10, took
