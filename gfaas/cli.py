@@ -342,7 +342,7 @@ def _print_reply(reply: InvokeReply) -> None:
 
 async def _invoke(url: str, args: argparse.Namespace) -> int:
     from shared import tracing
-    from shared.schema import new_invocation_id
+    from shared.schema import OutputMode, new_invocation_id
 
     inputs = dict(parse_input(item) for item in args.input)
     traced = _client_tracing(args)
@@ -353,13 +353,20 @@ async def _invoke(url: str, args: argparse.Namespace) -> int:
                 print(invocation_id)
                 return 0
             invocation_id = new_invocation_id()
-            reply = await client.invoke_reply(args.function, inputs, invocation_id=invocation_id)
+            # Outputs over the bus limit come by handle, as inputs over it go (this
+            # command runs on the node): read, printed, then released.
+            reply = await client.invoke_reply(
+                args.function, inputs, invocation_id=invocation_id, outputs_by=OutputMode.AUTO
+            )
+            try:
+                # The id `gfaas trace` takes; on stderr, so that stdout is the outputs.
+                print(f"invocation {invocation_id}", file=sys.stderr)
+                _print_reply(reply)
+            finally:
+                await client.release(reply.outputs)
     finally:
         if traced:
             tracing.shutdown_tracing()
-    # The id `gfaas trace` takes; on stderr, so that stdout is the outputs alone.
-    print(f"invocation {invocation_id}", file=sys.stderr)
-    _print_reply(reply)
     return 0
 
 
