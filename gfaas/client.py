@@ -209,6 +209,10 @@ class Client:
         """`creds`: a gfaas credentials file (shared.auth.Credentials: the admin's, a
         tenant's); None: GFAAS_NATS_CREDS, else the admin's in the state directory
         (GFAAS_STATE_DIR, `.gfaas`) when there is one; "": none."""
+        if creds is None:
+            # Resolved here, not only in connect_nats: a tenant's file given as
+            # GFAAS_NATS_CREDS must send to the tenant's subjects as one passed here.
+            creds = default_admin_creds(settings_from_env()) or ""
         nc = await connect_nats(url, creds=creds)
         if creds and "tenant_account" not in kwargs:
             kwargs["tenant_account"] = Credentials.load(creds).tenant

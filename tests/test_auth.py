@@ -706,6 +706,19 @@ def test_grpc_wants_an_api_key_but_health(secured: Secured) -> None:
     client.close()
 
 
+def test_gfaas_invoke_with_a_tenants_credentials_in_the_environment_invokes_as_it(
+    secured: Secured, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # README: gfaas commands use GFAAS_NATS_CREDS=FILE. With a tenant's file there,
+    # Client.connect found the tenant only in a file passed to it, so `gfaas invoke`
+    # published to the admin's subject, which the tenant may not: it hung for its
+    # whole --timeout and said deadline_exceeded.
+    monkeypatch.setenv("GFAAS_NATS_CREDS", str(secured.tenant_creds("acme")))
+    argv = ["invoke", "echo", "-i", "x=[1,2]", "--timeout", "5", "--nats-url", secured.url]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == "y float32[2]: [1. 2.]\n"
+
+
 # -- gfaas tenant add -----------------------------------------------------------------------
 
 
