@@ -354,9 +354,11 @@ async def _invoke(url: str, args: argparse.Namespace) -> int:
                 return 0
             invocation_id = new_invocation_id()
             # Outputs over the bus limit come by handle, as inputs over it go (this
-            # command runs on the node): read, printed, then released.
+            # command runs on the node): read, printed, then released. Not for a
+            # tenant: it may not lease or release at the broker (shared.auth).
+            mode = OutputMode.VALUE if client.tenant_account else OutputMode.AUTO
             reply = await client.invoke_reply(
-                args.function, inputs, invocation_id=invocation_id, outputs_by=OutputMode.AUTO
+                args.function, inputs, invocation_id=invocation_id, outputs_by=mode
             )
             try:
                 # The id `gfaas trace` takes; on stderr, so that stdout is the outputs.

@@ -719,6 +719,28 @@ def test_gfaas_invoke_with_a_tenants_credentials_in_the_environment_invokes_as_i
     assert capsys.readouterr().out == "y float32[2]: [1. 2.]\n"
 
 
+def test_gfaas_invoke_as_a_tenant_asks_for_outputs_by_value(
+    secured: Secured, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A tenant may not release leases at the broker: outputs over the bus limit
+    # are refused (payload_too_large), not sent by handle, then printed, and then
+    # failed on as the release went unanswered ("internal: memory broker 'local'
+    # did not answer release", five seconds later).
+    async def deploy() -> None:
+        nc = await connect(secured.url, secured.creds("admin"))
+        try:
+            await deploy_and_wait(nc, FunctionSpec(name="big", handler="tests.funcs:big_output"))
+        finally:
+            await nc.drain()
+
+    anyio.run(deploy)
+    monkeypatch.setenv("GFAAS_NATS_CREDS", str(secured.tenant_creds("acme")))
+    capsys.readouterr()
+    assert cli.main(["invoke", "big", "-i", "x=[1]", "--nats-url", secured.url]) == 2
+    err = capsys.readouterr().err
+    assert "gfaas: payload_too_large: reply of" in err, err
+
+
 # -- gfaas tenant add -----------------------------------------------------------------------
 
 
