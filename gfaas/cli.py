@@ -764,6 +764,16 @@ def _count(text: str) -> int:
     return value
 
 
+def _service(text: str) -> str:
+    """A service's name (`gfaas status`): a misspelt one got "no answer", as if the
+    service were down."""
+    if text not in SERVICE_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is no service (one of {', '.join(SERVICE_NAMES)})"
+        )
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gfaas", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -923,7 +933,8 @@ def build_parser() -> argparse.ArgumentParser:
     result.set_defaults(func=lambda a: anyio.run(_result, _url(a), a.invocation_id))
 
     status = sub.add_parser("status", help="ask services for their status")
-    status.add_argument("services", nargs="*", help=f"any of {SERVICE_NAMES}")
+    # Not `choices`: argparse checks nargs="*"'s empty default against them.
+    status.add_argument("services", nargs="*", type=_service, help=f"any of {SERVICE_NAMES}")
     status.add_argument("--json", action="store_true", help="raw statuses, one JSON per line")
     nats_opt(status, "NATS server")
     status.set_defaults(func=lambda a: anyio.run(_status, _url(a), a.services, a.json) or 0)

@@ -108,3 +108,18 @@ def test_a_command_whose_credentials_are_refused_says_so_in_one_line(tmp_path: P
         "nats: 'Authorization Violation'\n"
     )
     assert took < 10, took
+
+
+@pytest.mark.unit
+def test_gfaas_status_of_a_misspelt_service_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # It asked the bus for `gfaas.v1.status.schedular`, nobody answered, and it
+    # printed "schedular  -  0s  no answer" and exited 0: the service looked down.
+    with pytest.raises(SystemExit) as exited:
+        cli.build_parser().parse_args(["status", "scheduler", "schedular"])
+    assert exited.value.code == 2
+    assert "'schedular' is no service (one of ingress, scheduler" in capsys.readouterr().err
+    assert cli.build_parser().parse_args(["status"]).services == []
+    parsed = cli.build_parser().parse_args(["status", "gpu-worker", "memory-broker"])
+    assert parsed.services == ["gpu-worker", "memory-broker"]
