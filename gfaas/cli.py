@@ -965,6 +965,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GfaasError, SpecError, ValueError, ConnectionError, OSError) as exc:
         print(f"gfaas: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C (how `logs --follow` and `top` end): the shell's 128 + SIGINT, not a
+        # traceback of wherever the event loop was.
+        return 130
     return code
 
 

@@ -123,3 +123,28 @@ def test_gfaas_status_of_a_misspelt_service_is_a_usage_error(
     assert cli.build_parser().parse_args(["status"]).services == []
     parsed = cli.build_parser().parse_args(["status", "gpu-worker", "memory-broker"])
     assert parsed.services == ["gpu-worker", "memory-broker"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("command", ["_logs", "_top", "_invoke"])
+def test_ctrl_c_ends_a_command_with_130_and_no_traceback(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `gfaas logs --follow` and `gfaas top` end with Ctrl-C, and any command may be
+    # interrupted: each ended in a KeyboardInterrupt traceback of wherever its event
+    # loop was.
+    async def interrupted(*_args: object, **_kwargs: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, command, interrupted)
+    argv = {
+        "_logs": ["logs", "noop", "--follow"],
+        "_top": ["top"],
+        "_invoke": ["invoke", "noop", "-i", "x=[1]"],
+    }[command]
+    try:
+        code = cli.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped gfaas's main")
+    assert code == 130
+    assert capsys.readouterr().err == ""
