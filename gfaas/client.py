@@ -24,6 +24,7 @@ from opentelemetry.trace import Span, SpanKind
 from shared import jetstream, subjects, tracing
 from shared.auth import (
     Credentials,
+    auth_dir,
     connect_options,
     default_admin_creds,
     tenant_invoke,
@@ -32,7 +33,7 @@ from shared.auth import (
 )
 from shared.codebundle import Limits, pack, parse_ref
 from shared.codestore import CodeStore
-from shared.config import PAYLOAD_HEADROOM, nats_servers, settings_from_env
+from shared.config import PAYLOAD_HEADROOM, Settings, nats_servers, settings_from_env
 from shared.dataplane.backend import BackendError
 from shared.dataplane.client import BrokerClient, move_into, open_tensor, write_into
 from shared.errors import GfaasError
@@ -127,6 +128,16 @@ def outputs_of(reply: InvokeReply) -> dict[str, np.ndarray[Any, Any]]:
     }
 
 
+def _no_credentials(settings: Settings) -> str:
+    """Why a command had no credentials to connect with, and how to give it some: a
+    `gfaas up --state-dir DIR` keeps the admin's under DIR, not where commands look."""
+    looked = auth_dir(settings) / "admin.json"
+    return (
+        f"no credentials: none at {looked}; set GFAAS_STATE_DIR to the --state-dir "
+        "`gfaas up` ran with, or GFAAS_NATS_CREDS=FILE"
+    )
+
+
 async def connect_nats(url: str, *, creds: str | Path | None = None) -> NATS:
     """A client connection as `Client.connect` makes it (see there for `creds`). A
     server that refuses the credentials is a ConnectionError at once, not retried."""
@@ -162,7 +173,7 @@ async def connect_nats(url: str, *, creds: str | Path | None = None) -> NATS:
         if isinstance(exc, nats.errors.NoServersError):
             raise ConnectionError(f"cannot reach NATS at {url}: {exc}") from None
         if isinstance(exc, nats.errors.Error):
-            who = f"credentials {creds}" if creds else "no credentials"
+            who = f"credentials {creds}" if creds else _no_credentials(settings)
             raise ConnectionError(f"NATS at {url} refused the connection ({who}): {exc}") from None
         raise
     # Connected: from now on, reconnect as nats-py does by default.

@@ -148,3 +148,21 @@ def test_ctrl_c_ends_a_command_with_130_and_no_traceback(
         pytest.fail("KeyboardInterrupt escaped gfaas's main")
     assert code == 130
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.nats
+def test_a_command_with_no_credentials_says_where_it_looked_and_what_to_set(
+    tmp_path: Path,
+) -> None:
+    # After `gfaas up --state-dir DIR`, `gfaas ls` found no admin credentials (it
+    # looks in .gfaas/auth) and said only "refused the connection (no credentials)".
+    with auth_nats_server(tmp_path / "up") as server:
+        done, _ = gfaas_cli(
+            "ls", "--nats-url", server.url, GFAAS_NATS_CREDS="", GFAAS_STATE_DIR=str(tmp_path)
+        )
+    assert done.returncode == 2, done
+    assert done.stderr == (
+        f"gfaas: NATS at {server.url} refused the connection (no credentials: none at "
+        f"{tmp_path}/auth/admin.json; set GFAAS_STATE_DIR to the --state-dir `gfaas up` "
+        "ran with, or GFAAS_NATS_CREDS=FILE): nats: 'Authorization Violation'\n"
+    )
