@@ -322,15 +322,26 @@ def parse_input(text: str) -> tuple[str, Any]:
     if not sep:
         raise ValueError(f"input {text!r} must look like NAME=@file.npy or NAME=[1,2,3]")
     if value.startswith("@"):
-        return name, np.load(value[1:])
+        try:
+            return name, np.load(value[1:])
+        except ValueError as exc:
+            # Not an .npy file, or one of objects: numpy's advice (allow_pickle, to
+            # load it unsafely) is not for a command line. Said with the input.
+            why = "" if "pickle" in str(exc) else f": {exc}"
+            raise ValueError(f"input {name}: {value[1:]} is no .npy file of numbers{why}") from None
     dtype = "float32"
     if ":" in value and not value.rstrip().endswith("]"):
         value, dtype = value.rsplit(":", 1)
     try:
-        return name, np.asarray(json.loads(value), dtype=dtype)
-    except TypeError as exc:
-        # numpy's word for a dtype it does not know ("float99"): a TypeError, which
-        # escaped `gfaas invoke` as a traceback.
+        data = json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"input {name}: {value!r} is no JSON array: {exc}") from None
+    try:
+        return name, np.asarray(data, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        # numpy's word for a dtype it does not know ("float99") is a TypeError, which
+        # escaped `gfaas invoke` as a traceback; ragged or non-numeric data a
+        # ValueError that did not say which input.
         raise ValueError(f"input {name}: {exc}") from None
 
 

@@ -166,3 +166,22 @@ def test_a_command_with_no_credentials_says_where_it_looked_and_what_to_set(
         f"{tmp_path}/auth/admin.json; set GFAAS_STATE_DIR to the --state-dir `gfaas up` "
         "ran with, or GFAAS_NATS_CREDS=FILE): nats: 'Authorization Violation'\n"
     )
+
+
+@pytest.mark.unit
+def test_an_input_that_cannot_be_read_says_which_and_gives_no_unsafe_advice(
+    tmp_path: Path,
+) -> None:
+    # With several -i, "Expecting ',' delimiter: line 1 column 5" did not say which
+    # input; a file that is no .npy came with numpy's advice to load it with pickle.
+    with pytest.raises(ValueError, match=r"^input x: '\[1,2' is no JSON array: Expecting"):
+        cli.parse_input("x=[1,2")
+    with pytest.raises(ValueError, match=r"^input y: could not convert string to float"):
+        cli.parse_input('y=["a"]')
+    with pytest.raises(ValueError, match=r"^input z: setting an array element"):
+        cli.parse_input("z=[1,[2]]")
+    text = tmp_path / "not.npy"
+    text.write_text("hello\n")
+    with pytest.raises(ValueError, match=r"is no \.npy file") as raised:
+        cli.parse_input(f"x=@{text}")
+    assert str(raised.value) == f"input x: {text} is no .npy file of numbers"
