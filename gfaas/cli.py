@@ -345,6 +345,18 @@ def parse_input(text: str) -> tuple[str, Any]:
         raise ValueError(f"input {name}: {exc}") from None
 
 
+def parse_inputs(items: Sequence[str]) -> dict[str, Any]:
+    """Every -i of `gfaas invoke`: one input given twice is refused (the first was
+    dropped without a word)."""
+    inputs: dict[str, Any] = {}
+    for item in items:
+        name, value = parse_input(item)
+        if name in inputs:
+            raise ValueError(f"input {name} is given twice")
+        inputs[name] = value
+    return inputs
+
+
 def _print_reply(reply: InvokeReply) -> None:
     out = outputs_of(reply)
     for name, array in out.items():
@@ -355,7 +367,7 @@ async def _invoke(url: str, args: argparse.Namespace) -> int:
     from shared import tracing
     from shared.schema import OutputMode, new_invocation_id
 
-    inputs = dict(parse_input(item) for item in args.input)
+    inputs = parse_inputs(args.input)
     traced = _client_tracing(args)
     try:
         async with _client(url, timeout=args.timeout) as client:

@@ -185,3 +185,12 @@ def test_an_input_that_cannot_be_read_says_which_and_gives_no_unsafe_advice(
     with pytest.raises(ValueError, match=r"is no \.npy file") as raised:
         cli.parse_input(f"x=@{text}")
     assert str(raised.value) == f"input x: {text} is no .npy file of numbers"
+
+
+@pytest.mark.unit
+def test_an_input_given_twice_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    # `-i x=[1,2,3] -i x=[4]` invoked with x=[4], the first dropped without a word.
+    url = f"nats://127.0.0.1:{free_port()}"  # refused before it would connect
+    assert cli.main(["invoke", "noop", "-i", "x=[1,2,3]", "-i", "x=[4]", "--nats-url", url]) == 2
+    assert capsys.readouterr().err == "gfaas: input x is given twice\n"
+    assert list(cli.parse_inputs(["x=[1]", "y=[2]"])) == ["x", "y"]
