@@ -787,6 +787,30 @@ def _count(text: str) -> int:
     return value
 
 
+def _port(text: str, *, lowest: int = 0) -> int:
+    """A TCP port flag: 65536 and up ended `gfaas up` in an OverflowError traceback
+    from its port check, a negative --http-port in ingress's, restarted as a crash."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not lowest <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is no TCP port ({lowest}..65535)")
+    return value
+
+
+def _nats_port(text: str) -> int:
+    return _port(text, lowest=-1)  # -1: any free one
+
+
+def _positive(text: str) -> int:
+    """A count of 1 or more (--replicas 0 ran one of each, as 1 does)."""
+    value = _count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 1 or more")
+    return value
+
+
 def _service(text: str) -> str:
     """A service's name (`gfaas status`): a misspelt one got "no answer", as if the
     service were down."""
@@ -808,18 +832,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     def platform_opts(p: argparse.ArgumentParser) -> None:
         nats_opt(p, "use this NATS server instead of starting the embedded one")
-        p.add_argument("--nats-port", type=int, default=4222, help="embedded server port")
         p.add_argument(
-            "--workers", type=int, default=0, help="gpu-worker processes (default: one per GPU)"
+            "--nats-port", type=_nats_port, default=4222, help="embedded server port (-1: any)"
+        )
+        p.add_argument(
+            "--workers", type=_count, default=0, help="gpu-worker processes (default: one per GPU)"
         )
         p.add_argument(
             "--replicas",
-            type=int,
+            type=_positive,
             default=1,
             help="schedulers and ingresses to run (one scheduler active, the rest standing by)",
         )
         p.add_argument("--state-dir", type=Path, default=None)
-        p.add_argument("--http-port", type=int, default=None)
+        p.add_argument("--http-port", type=_port, default=None)
         p.add_argument("--policy", default=None, help="scheduling policy")
         p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
         p.add_argument("--log-level", default=None)
@@ -848,7 +874,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("service", choices=SERVICE_NAMES)
     nats_opt(serve, f"NATS server (default $GFAAS_NATS_URL or {DEFAULT_NATS_URL})")
     serve.add_argument("--state-dir", type=Path, default=None)
-    serve.add_argument("--http-port", type=int, default=None)
+    serve.add_argument("--http-port", type=_port, default=None)
     serve.add_argument("--policy", default=None)
     serve.add_argument("--device", default=None, help="gpu-worker: cpu, cuda:N or auto")
     serve.add_argument("--worker-id", default=None)

@@ -146,6 +146,8 @@ def planned_ports(
 def check_ports(ports: list[tuple[str, str, int]]) -> None:
     """Raise PortInUse for the first port already taken."""
     for what, host, port in ports:
+        if port > 65535:  # GFAAS_GRPC_PORT, GFAAS_METRICS_PORT: bind's OverflowError
+            raise PortInUse(f"gfaas up: port {port} ({what}) is no TCP port (1..65535)")
         if not _bindable(host, port):
             raise PortInUse(
                 f"gfaas up: port {port} ({what}) is already in use; stop whatever "

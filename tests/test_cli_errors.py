@@ -194,3 +194,36 @@ def test_an_input_given_twice_is_refused(capsys: pytest.CaptureFixture[str]) -> 
     assert cli.main(["invoke", "noop", "-i", "x=[1,2,3]", "-i", "x=[4]", "--nats-url", url]) == 2
     assert capsys.readouterr().err == "gfaas: input x is given twice\n"
     assert list(cli.parse_inputs(["x=[1]", "y=[2]"])) == ["x", "y"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["up", "--nats-port", "99999"], "'99999' is no TCP port (-1..65535)"),
+        (["up", "--http-port", "70000"], "'70000' is no TCP port (0..65535)"),
+        (["up", "--http-port", "-5"], "'-5' is no TCP port (0..65535)"),
+        (["demo", "--nats-port", "-2"], "'-2' is no TCP port (-1..65535)"),
+        (["serve", "ingress", "--http-port", "65536"], "'65536' is no TCP port"),
+        (["up", "--workers", "-1"], "'-1' is negative"),
+        (["up", "--replicas", "0"], "'0' is not 1 or more"),
+    ],
+)
+def test_up_flags_out_of_range_are_usage_errors(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A port over 65535 ended `gfaas up` in an OverflowError traceback from its port
+    # check; --http-port -5 crashed ingress while starting; --workers -1 ran a
+    # platform with no worker and --replicas 0 one replica, both said ready.
+    with pytest.raises(SystemExit) as exited:
+        cli.build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert said in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_a_port_from_the_environment_over_65535_is_one_line() -> None:
+    from gfaas.supervisor import PortInUse, check_ports
+
+    with pytest.raises(PortInUse, match=r"port 99999 \(ingress gRPC\) is no TCP port"):
+        check_ports([("ingress gRPC", "127.0.0.1", 99999)])
