@@ -149,9 +149,16 @@ def check_ports(ports: list[tuple[str, str, int]]) -> None:
         if port > 65535:  # GFAAS_GRPC_PORT, GFAAS_METRICS_PORT: bind's OverflowError
             raise PortInUse(f"gfaas up: port {port} ({what}) is no TCP port (1..65535)")
         if not _bindable(host, port):
+            # Each service's metrics port is fixed by default and has no flag: a second
+            # platform on the host, on ports of its own, met the first one's there.
+            how = (
+                " (GFAAS_METRICS_PORT=N: the metrics ports from N up; 0: any free ones)"
+                if what.endswith(" metrics")
+                else ""
+            )
             raise PortInUse(
                 f"gfaas up: port {port} ({what}) is already in use; stop whatever "
-                "holds it or choose another port"
+                f"holds it or choose another port{how}"
             )
 
 

@@ -3,6 +3,7 @@ on stderr and a non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -227,3 +228,24 @@ def test_a_port_from_the_environment_over_65535_is_one_line() -> None:
 
     with pytest.raises(PortInUse, match=r"port 99999 \(ingress gRPC\) is no TCP port"):
         check_ports([("ingress gRPC", "127.0.0.1", 99999)])
+
+
+@pytest.mark.unit
+def test_a_metrics_port_in_use_says_how_to_move_the_metrics_ports() -> None:
+    # A second `gfaas up` on ports of its own met the first one's metrics ports (fixed,
+    # 8002 to 8005, with no flag), told only to "choose another port".
+    from gfaas.supervisor import PortInUse, check_ports
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(PortInUse) as raised:
+            check_ports([("scheduler metrics", "127.0.0.1", port)])
+        assert str(raised.value).endswith(
+            "choose another port (GFAAS_METRICS_PORT=N: the metrics ports from N up; 0: any "
+            "free ones)"
+        )
+        with pytest.raises(PortInUse) as raised:
+            check_ports([("ingress HTTP", "127.0.0.1", port)])
+        assert str(raised.value).endswith("choose another port")
