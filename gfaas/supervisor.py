@@ -16,6 +16,7 @@ Without an OTLP collector the services write their spans under
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import signal
 import socket
@@ -74,11 +75,28 @@ class Child:
         return self.process is not None and self.process.poll() is None
 
 
+SHM_NAMESPACE_ENV = "GFAAS_SHM_NAMESPACE"
+
+
+def shm_namespace(settings: Settings) -> str:
+    """The platform's prefix of its shared-memory names: GFAAS_SHM_NAMESPACE, else one
+    of its state directory's. Every `gfaas up` used "gfaas", so a second platform on
+    the host (its own ports and state) took over the first's lease board at start
+    and, at its stop, removed the board and the host tier of weights the first was
+    using. The same state directory gets the same names: a restarted platform still
+    finds what a killed one left."""
+    if SHM_NAMESPACE_ENV in os.environ:
+        return settings.shm_namespace
+    digest = hashlib.sha256(str(settings.state_dir.resolve()).encode()).hexdigest()
+    return f"{settings.shm_namespace}-{digest[:8]}"
+
+
 def service_env(settings: Settings, nats_url: str, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
             "GFAAS_NATS_URL": nats_url,
+            SHM_NAMESPACE_ENV: shm_namespace(settings),
             "GFAAS_STATE_DIR": str(settings.state_dir),
             "GFAAS_LOG_LEVEL": settings.log_level,
             "GFAAS_HTTP_HOST": settings.http_host,
