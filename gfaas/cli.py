@@ -30,7 +30,7 @@ from gfaas.supervisor import (
 from shared.config import DEFAULT_NATS_URL, Settings, settings_from_env
 from shared.errors import GfaasError
 from shared.logs import configure_logging
-from shared.schema import FunctionSpec, InvokeReply, WorkflowSpec
+from shared.schema import ErrorCode, FunctionSpec, InvokeReply, WorkflowSpec
 from shared.spec import SpecError, check_fits, load_any
 
 SERVICE_NAMES = tuple(SERVICE_MODULES)
@@ -252,7 +252,18 @@ async def _profile(url: str, function: str, as_json: bool) -> int:
         try:
             profile = await client.profile(function)
         except GfaasError as exc:
-            print(f"gfaas: {exc.code}: {exc.reason}", file=sys.stderr)
+            workflow = None
+            if exc.code is ErrorCode.UNKNOWN_FUNCTION:
+                # A workflow is deployed but no function: "not deployed" misled.
+                workflow = await (await client.workflow_registry()).fetch(function)
+            if workflow is not None:
+                stages = ", ".join(dict.fromkeys(stage.function for stage in workflow.stages))
+                print(
+                    f"gfaas: {function} is a workflow: profile its functions ({stages})",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"gfaas: {exc.code}: {exc.reason}", file=sys.stderr)
             return 1
     if as_json:
         print(json.dumps(msgspec.to_builtins(profile), indent=2))

@@ -11,7 +11,7 @@ import pytest
 
 from gfaas import cli
 from gfaas.client import Client
-from shared.schema import FunctionSpec
+from shared.schema import DType, FunctionSpec, StageSpec, TensorSpec, WorkflowSpec
 from tests.helpers import deploy_and_wait
 from tests.platform import Platform
 
@@ -58,3 +58,41 @@ def test_gfaas_invoke_prints_outputs_over_the_bus_limit_and_releases_them(
     assert captured.out.startswith("y float32[400000]: [0.00000e+00 1.00000e+00"), captured
     # The command let go of the outputs it read.
     anyio.run(_no_leases_left, platform.url)
+
+
+X = [TensorSpec(name="x", dtype=DType.FLOAT32, shape=[-1])]
+Y = [TensorSpec(name="y", dtype=DType.FLOAT32, shape=[-1])]
+INC = FunctionSpec(name="inc", handler="tests.funcs:add_one", inputs=X, outputs=Y)
+TWICE = WorkflowSpec(
+    name="twice",
+    inputs=X,
+    stages=[
+        StageSpec(name="a", function="inc", inputs={"x": "$in.x"}),
+        StageSpec(name="b", function="inc", inputs={"x": "a.y"}),
+    ],
+    outputs={"z": "b.y"},
+)
+
+
+async def _deploy_workflow(url: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        await deploy_and_wait(nc, INC)
+        await Client(nc).deploy(TWICE)
+    finally:
+        await nc.drain()
+
+
+@pytest.mark.nats
+def test_gfaas_profile_of_a_workflow_says_it_is_one(
+    platform: Platform, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `gfaas profile classify-image` said "unknown_function: function
+    # 'classify-image' is not deployed", of a workflow `gfaas ls` lists.
+    anyio.run(_deploy_workflow, platform.url)
+    capsys.readouterr()
+    assert cli.main(["profile", "twice", "--nats-url", platform.url]) == 1
+    assert capsys.readouterr().err == "gfaas: twice is a workflow: profile its functions (inc)\n"
+    assert cli.main(["profile", "nothing", "--nats-url", platform.url]) == 1
+    said = "gfaas: unknown_function: function 'nothing' is not deployed\n"
+    assert capsys.readouterr().err == said
