@@ -16,6 +16,7 @@ Without an OTLP collector the services write their spans under
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import signal
@@ -56,6 +57,16 @@ class PortInUse(Exception):
 class StartFailed(Exception):
     """The platform did not come up: a child exited while starting, or a service never
     answered (the message is the one line to print)."""
+
+
+class StateDirInUse(StartFailed):
+    """Another `gfaas up` runs on this state directory: a second one started its own
+    NATS server on the same JetStream store, rewrote the first's server config and
+    pid file (`gfaas tenant add` then signalled a dead or reused pid), and used the
+    same shared-memory names, its stop removing the first's segments."""
+
+
+LOCK_FILE = "up.lock"
 
 
 @dataclass
@@ -287,8 +298,10 @@ class Supervisor:
     server: NatsServer | None = None
     children: list[Child] = field(default_factory=list)
     stopping: bool = False
+    lock_fd: int | None = None  # the state directory's lock, held while running
 
     def start(self) -> str:
+        self._lock_state_dir()
         url = self.nats_url
         creds_dir: Path | None = None
         if url is None:
@@ -323,6 +336,26 @@ class Supervisor:
         for child in self.children:
             child.start()
         return url
+
+    def _lock_state_dir(self) -> None:
+        """Hold the state directory's lock while this platform runs (the kernel lets
+        go of it however this process ends), or raise StateDirInUse."""
+        state_dir = self.settings.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StateDirInUse(
+                f"gfaas up: {state_dir} is the state directory of another gfaas up "
+                f"(pid {holder}), still running; stop it or give this one its own "
+                "--state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.lock_fd = fd
 
     def check_ports(self) -> None:
         """Raise PortInUse when a port the platform would bind is taken."""
@@ -415,6 +448,9 @@ class Supervisor:
         if self.server is not None:
             self.server.stop()
             log.info("nats.stopped")
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # the lock with it
+            self.lock_fd = None
 
 
 def run_up(

@@ -1,4 +1,4 @@
-"""`gfaas up`'s shared-memory names: one platform's own, beside another's on the host."""
+"""`gfaas up` beside another on the host: its own shared-memory names and state directory."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gfaas.supervisor import plan_children
+from gfaas.supervisor import StateDirInUse, Supervisor, plan_children
 from shared.config import Settings
 
 pytestmark = [pytest.mark.unit]
@@ -39,3 +39,22 @@ def test_two_platforms_on_one_host_name_their_segments_apart(
     monkeypatch.setenv("GFAAS_SHM_NAMESPACE", "mine")
     children = plan_children(Settings(state_dir=tmp_path, shm_namespace="mine"), URL, workers=1)
     assert {c.env["GFAAS_SHM_NAMESPACE"] for c in children} == {"mine"}
+
+
+def test_a_second_up_on_a_running_platforms_state_directory_is_refused(tmp_path: Path) -> None:
+    # It started a second NATS server on the first's JetStream store, rewrote the
+    # first's server config and pid file (`gfaas tenant add` then signalled the
+    # second's, dead, pid), and shared the first's segment names.
+    settings = Settings(state_dir=tmp_path / "state")
+    first = Supervisor(settings=settings, nats_url=None, nats_port=-1, workers=1)
+    first._lock_state_dir()
+    second = Supervisor(settings=settings, nats_url=None, nats_port=-1, workers=1)
+    with pytest.raises(StateDirInUse, match=r"is the state directory of another gfaas up \(pid "):
+        second.start()
+    assert second.server is None  # refused before anything started
+    assert second.children == []
+    assert not (tmp_path / "state" / "nats").exists()
+    first.stop()  # lets go of it
+    third = Supervisor(settings=settings, nats_url=None, nats_port=-1, workers=1)
+    third._lock_state_dir()
+    third.stop()
