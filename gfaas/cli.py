@@ -30,7 +30,7 @@ from gfaas.supervisor import (
 from shared.config import DEFAULT_NATS_URL, Settings, settings_from_env
 from shared.errors import GfaasError
 from shared.logs import configure_logging
-from shared.schema import FunctionSpec, InvokeReply, WorkflowSpec
+from shared.schema import ErrorCode, FunctionSpec, InvokeReply, WorkflowSpec
 from shared.spec import SpecError, check_fits, load_any
 
 SERVICE_NAMES = tuple(SERVICE_MODULES)
@@ -252,7 +252,18 @@ async def _profile(url: str, function: str, as_json: bool) -> int:
         try:
             profile = await client.profile(function)
         except GfaasError as exc:
-            print(f"gfaas: {exc.code}: {exc.reason}", file=sys.stderr)
+            workflow = None
+            if exc.code is ErrorCode.UNKNOWN_FUNCTION:
+                # A workflow is deployed but no function: "not deployed" misled.
+                workflow = await (await client.workflow_registry()).fetch(function)
+            if workflow is not None:
+                stages = ", ".join(dict.fromkeys(stage.function for stage in workflow.stages))
+                print(
+                    f"gfaas: {function} is a workflow: profile its functions ({stages})",
+                    file=sys.stderr,
+                )
+            else:
+                print(f"gfaas: {exc.code}: {exc.reason}", file=sys.stderr)
             return 1
     if as_json:
         print(json.dumps(msgspec.to_builtins(profile), indent=2))
@@ -322,16 +333,39 @@ def parse_input(text: str) -> tuple[str, Any]:
     if not sep:
         raise ValueError(f"input {text!r} must look like NAME=@file.npy or NAME=[1,2,3]")
     if value.startswith("@"):
-        return name, np.load(value[1:])
+        try:
+            return name, np.load(value[1:])
+        except ValueError as exc:
+            # Not an .npy file, or one of objects: numpy's advice (allow_pickle, to
+            # load it unsafely) is not for a command line. Said with the input.
+            why = "" if "pickle" in str(exc) else f": {exc}"
+            raise ValueError(f"input {name}: {value[1:]} is no .npy file of numbers{why}") from None
     dtype = "float32"
     if ":" in value and not value.rstrip().endswith("]"):
         value, dtype = value.rsplit(":", 1)
     try:
-        return name, np.asarray(json.loads(value), dtype=dtype)
-    except TypeError as exc:
-        # numpy's word for a dtype it does not know ("float99"): a TypeError, which
-        # escaped `gfaas invoke` as a traceback.
+        data = json.loads(value)
+    except ValueError as exc:
+        raise ValueError(f"input {name}: {value!r} is no JSON array: {exc}") from None
+    try:
+        return name, np.asarray(data, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        # numpy's word for a dtype it does not know ("float99") is a TypeError, which
+        # escaped `gfaas invoke` as a traceback; ragged or non-numeric data a
+        # ValueError that did not say which input.
         raise ValueError(f"input {name}: {exc}") from None
+
+
+def parse_inputs(items: Sequence[str]) -> dict[str, Any]:
+    """Every -i of `gfaas invoke`: one input given twice is refused (the first was
+    dropped without a word)."""
+    inputs: dict[str, Any] = {}
+    for item in items:
+        name, value = parse_input(item)
+        if name in inputs:
+            raise ValueError(f"input {name} is given twice")
+        inputs[name] = value
+    return inputs
 
 
 def _print_reply(reply: InvokeReply) -> None:
@@ -342,9 +376,9 @@ def _print_reply(reply: InvokeReply) -> None:
 
 async def _invoke(url: str, args: argparse.Namespace) -> int:
     from shared import tracing
-    from shared.schema import new_invocation_id
+    from shared.schema import OutputMode, new_invocation_id
 
-    inputs = dict(parse_input(item) for item in args.input)
+    inputs = parse_inputs(args.input)
     traced = _client_tracing(args)
     try:
         async with _client(url, timeout=args.timeout) as client:
@@ -353,13 +387,22 @@ async def _invoke(url: str, args: argparse.Namespace) -> int:
                 print(invocation_id)
                 return 0
             invocation_id = new_invocation_id()
-            reply = await client.invoke_reply(args.function, inputs, invocation_id=invocation_id)
+            # Outputs over the bus limit come by handle, as inputs over it go (this
+            # command runs on the node): read, printed, then released. Not for a
+            # tenant: it may not lease or release at the broker (shared.auth).
+            mode = OutputMode.VALUE if client.tenant_account else OutputMode.AUTO
+            reply = await client.invoke_reply(
+                args.function, inputs, invocation_id=invocation_id, outputs_by=mode
+            )
+            try:
+                # The id `gfaas trace` takes; on stderr, so that stdout is the outputs.
+                print(f"invocation {invocation_id}", file=sys.stderr)
+                _print_reply(reply)
+            finally:
+                await client.release(reply.outputs)
     finally:
         if traced:
             tracing.shutdown_tracing()
-    # The id `gfaas trace` takes; on stderr, so that stdout is the outputs alone.
-    print(f"invocation {invocation_id}", file=sys.stderr)
-    _print_reply(reply)
     return 0
 
 
@@ -755,6 +798,40 @@ def _count(text: str) -> int:
     return value
 
 
+def _port(text: str, *, lowest: int = 0) -> int:
+    """A TCP port flag: 65536 and up ended `gfaas up` in an OverflowError traceback
+    from its port check, a negative --http-port in ingress's, restarted as a crash."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not lowest <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is no TCP port ({lowest}..65535)")
+    return value
+
+
+def _nats_port(text: str) -> int:
+    return _port(text, lowest=-1)  # -1: any free one
+
+
+def _positive(text: str) -> int:
+    """A count of 1 or more (--replicas 0 ran one of each, as 1 does)."""
+    value = _count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 1 or more")
+    return value
+
+
+def _service(text: str) -> str:
+    """A service's name (`gfaas status`): a misspelt one got "no answer", as if the
+    service were down."""
+    if text not in SERVICE_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is no service (one of {', '.join(SERVICE_NAMES)})"
+        )
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gfaas", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -766,18 +843,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     def platform_opts(p: argparse.ArgumentParser) -> None:
         nats_opt(p, "use this NATS server instead of starting the embedded one")
-        p.add_argument("--nats-port", type=int, default=4222, help="embedded server port")
         p.add_argument(
-            "--workers", type=int, default=0, help="gpu-worker processes (default: one per GPU)"
+            "--nats-port", type=_nats_port, default=4222, help="embedded server port (-1: any)"
+        )
+        p.add_argument(
+            "--workers", type=_count, default=0, help="gpu-worker processes (default: one per GPU)"
         )
         p.add_argument(
             "--replicas",
-            type=int,
+            type=_positive,
             default=1,
             help="schedulers and ingresses to run (one scheduler active, the rest standing by)",
         )
         p.add_argument("--state-dir", type=Path, default=None)
-        p.add_argument("--http-port", type=int, default=None)
+        p.add_argument("--http-port", type=_port, default=None)
         p.add_argument("--policy", default=None, help="scheduling policy")
         p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
         p.add_argument("--log-level", default=None)
@@ -806,7 +885,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("service", choices=SERVICE_NAMES)
     nats_opt(serve, f"NATS server (default $GFAAS_NATS_URL or {DEFAULT_NATS_URL})")
     serve.add_argument("--state-dir", type=Path, default=None)
-    serve.add_argument("--http-port", type=int, default=None)
+    serve.add_argument("--http-port", type=_port, default=None)
     serve.add_argument("--policy", default=None)
     serve.add_argument("--device", default=None, help="gpu-worker: cpu, cuda:N or auto")
     serve.add_argument("--worker-id", default=None)
@@ -914,7 +993,8 @@ def build_parser() -> argparse.ArgumentParser:
     result.set_defaults(func=lambda a: anyio.run(_result, _url(a), a.invocation_id))
 
     status = sub.add_parser("status", help="ask services for their status")
-    status.add_argument("services", nargs="*", help=f"any of {SERVICE_NAMES}")
+    # Not `choices`: argparse checks nargs="*"'s empty default against them.
+    status.add_argument("services", nargs="*", type=_service, help=f"any of {SERVICE_NAMES}")
     status.add_argument("--json", action="store_true", help="raw statuses, one JSON per line")
     nats_opt(status, "NATS server")
     status.set_defaults(func=lambda a: anyio.run(_status, _url(a), a.services, a.json) or 0)
@@ -945,6 +1025,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (GfaasError, SpecError, ValueError, ConnectionError, OSError) as exc:
         print(f"gfaas: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C (how `logs --follow` and `top` end): the shell's 128 + SIGINT, not a
+        # traceback of wherever the event loop was.
+        return 130
     return code
 
 

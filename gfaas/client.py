@@ -24,6 +24,7 @@ from opentelemetry.trace import Span, SpanKind
 from shared import jetstream, subjects, tracing
 from shared.auth import (
     Credentials,
+    auth_dir,
     connect_options,
     default_admin_creds,
     tenant_invoke,
@@ -32,7 +33,7 @@ from shared.auth import (
 )
 from shared.codebundle import Limits, pack, parse_ref
 from shared.codestore import CodeStore
-from shared.config import PAYLOAD_HEADROOM, nats_servers, settings_from_env
+from shared.config import PAYLOAD_HEADROOM, Settings, nats_servers, settings_from_env
 from shared.dataplane.backend import BackendError
 from shared.dataplane.client import BrokerClient, move_into, open_tensor, write_into
 from shared.errors import GfaasError
@@ -74,6 +75,11 @@ BY_HANDLE_ABOVE = 64 * 1024
 # How long a deploy waits for a worker's handler check: the sandbox's limit and some.
 # With no worker subscribed the answer (none) comes at once.
 HANDLER_CHECK_WAIT_S = SANDBOX_TIMEOUT_S + 5.0
+# While connecting, each server is tried twice (nats-py's fewest) this far apart; once
+# connected, reconnects go as nats-py's defaults have them.
+CONNECT_RETRY_WAIT_S = 0.1
+RECONNECT_ATTEMPTS = 60
+RECONNECT_WAIT_S = 2.0
 
 
 def _tensors(inputs: Inputs) -> list[Tensor]:
@@ -120,6 +126,16 @@ def outputs_of(reply: InvokeReply) -> dict[str, np.ndarray[Any, Any]]:
     }
 
 
+def _no_credentials(settings: Settings) -> str:
+    """Why a command had no credentials to connect with, and how to give it some: a
+    `gfaas up --state-dir DIR` keeps the admin's under DIR, not where commands look."""
+    looked = auth_dir(settings) / "admin.json"
+    return (
+        f"no credentials: none at {looked}; set GFAAS_STATE_DIR to the --state-dir "
+        "`gfaas up` ran with, or GFAAS_NATS_CREDS=FILE"
+    )
+
+
 async def connect_nats(url: str, *, creds: str | Path | None = None) -> NATS:
     """A client connection as `Client.connect` makes it (see there for `creds`). A
     server that refuses the credentials is a ConnectionError at once, not retried."""
@@ -128,21 +144,25 @@ async def connect_nats(url: str, *, creds: str | Path | None = None) -> NATS:
         creds = default_admin_creds(settings) or ""
     options = connect_options(creds=creds, tls_ca=settings.nats_tls_ca)
     nc = NATS()
-    connected = False
+    connecting = True
 
     async def on_error(exc: Exception) -> None:
-        # While connecting, a refusal is raised below as the ConnectionError; nats-py's
-        # default callback would log it first, with a traceback. Later, as nats-py does.
-        if connected:
+        # While connecting the error is raised below, as one line; nats-py's own
+        # callback logged each try's traceback.
+        if not connecting:
             await _default_error_callback(exc)
 
     try:
-        # No reconnects while connecting: refused credentials fail here, now.
+        # No reconnects while connecting: refused credentials fail here, now. A server
+        # that is not there fails as fast: nats-py tries each server of the pool up to
+        # max_reconnect_attempts times even so (by default 60 tries, 2 s apart).
         await nc.connect(
             servers=nats_servers(url),
             name="gfaas-client",
             connect_timeout=5,
             allow_reconnect=False,
+            max_reconnect_attempts=1,
+            reconnect_time_wait=CONNECT_RETRY_WAIT_S,  # type: ignore[arg-type]  # a float works
             error_cb=on_error,
             **options,
         )
@@ -151,12 +171,14 @@ async def connect_nats(url: str, *, creds: str | Path | None = None) -> NATS:
         if isinstance(exc, nats.errors.NoServersError):
             raise ConnectionError(f"cannot reach NATS at {url}: {exc}") from None
         if isinstance(exc, nats.errors.Error):
-            who = f"credentials {creds}" if creds else "no credentials"
+            who = f"credentials {creds}" if creds else _no_credentials(settings)
             raise ConnectionError(f"NATS at {url} refused the connection ({who}): {exc}") from None
         raise
-    # Connected: from now on, reconnect (and report async errors) as nats-py does by default.
+    # Connected: from now on, reconnect as nats-py does by default.
+    connecting = False
     nc.options["allow_reconnect"] = True
-    connected = True
+    nc.options["max_reconnect_attempts"] = RECONNECT_ATTEMPTS
+    nc.options["reconnect_time_wait"] = RECONNECT_WAIT_S
     return nc
 
 
@@ -196,6 +218,10 @@ class Client:
         """`creds`: a gfaas credentials file (shared.auth.Credentials: the admin's, a
         tenant's); None: GFAAS_NATS_CREDS, else the admin's in the state directory
         (GFAAS_STATE_DIR, `.gfaas`) when there is one; "": none."""
+        if creds is None:
+            # Resolved here, not only in connect_nats: a tenant's file given as
+            # GFAAS_NATS_CREDS must send to the tenant's subjects as one passed here.
+            creds = default_admin_creds(settings_from_env()) or ""
         nc = await connect_nats(url, creds=creds)
         if creds and "tenant_account" not in kwargs:
             kwargs["tenant_account"] = Credentials.load(creds).tenant

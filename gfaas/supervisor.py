@@ -16,6 +16,8 @@ Without an OTLP collector the services write their spans under
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import os
 import signal
 import socket
@@ -57,6 +59,16 @@ class StartFailed(Exception):
     answered (the message is the one line to print)."""
 
 
+class StateDirInUse(StartFailed):
+    """Another `gfaas up` runs on this state directory: a second one started its own
+    NATS server on the same JetStream store, rewrote the first's server config and
+    pid file (`gfaas tenant add` then signalled a dead or reused pid), and used the
+    same shared-memory names, its stop removing the first's segments."""
+
+
+LOCK_FILE = "up.lock"
+
+
 @dataclass
 class Child:
     name: str
@@ -74,11 +86,28 @@ class Child:
         return self.process is not None and self.process.poll() is None
 
 
+SHM_NAMESPACE_ENV = "GFAAS_SHM_NAMESPACE"
+
+
+def shm_namespace(settings: Settings) -> str:
+    """The platform's prefix of its shared-memory names: GFAAS_SHM_NAMESPACE, else one
+    of its state directory's. Every `gfaas up` used "gfaas", so a second platform on
+    the host (its own ports and state) took over the first's lease board at start
+    and, at its stop, removed the board and the host tier of weights the first was
+    using. The same state directory gets the same names: a restarted platform still
+    finds what a killed one left."""
+    if SHM_NAMESPACE_ENV in os.environ:
+        return settings.shm_namespace
+    digest = hashlib.sha256(str(settings.state_dir.resolve()).encode()).hexdigest()
+    return f"{settings.shm_namespace}-{digest[:8]}"
+
+
 def service_env(settings: Settings, nats_url: str, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
             "GFAAS_NATS_URL": nats_url,
+            SHM_NAMESPACE_ENV: shm_namespace(settings),
             "GFAAS_STATE_DIR": str(settings.state_dir),
             "GFAAS_LOG_LEVEL": settings.log_level,
             "GFAAS_HTTP_HOST": settings.http_host,
@@ -146,10 +175,19 @@ def planned_ports(
 def check_ports(ports: list[tuple[str, str, int]]) -> None:
     """Raise PortInUse for the first port already taken."""
     for what, host, port in ports:
+        if port > 65535:  # GFAAS_GRPC_PORT, GFAAS_METRICS_PORT: bind's OverflowError
+            raise PortInUse(f"gfaas up: port {port} ({what}) is no TCP port (1..65535)")
         if not _bindable(host, port):
+            # Each service's metrics port is fixed by default and has no flag: a second
+            # platform on the host, on ports of its own, met the first one's there.
+            how = (
+                " (GFAAS_METRICS_PORT=N: the metrics ports from N up; 0: any free ones)"
+                if what.endswith(" metrics")
+                else ""
+            )
             raise PortInUse(
                 f"gfaas up: port {port} ({what}) is already in use; stop whatever "
-                "holds it or choose another port"
+                f"holds it or choose another port{how}"
             )
 
 
@@ -260,8 +298,10 @@ class Supervisor:
     server: NatsServer | None = None
     children: list[Child] = field(default_factory=list)
     stopping: bool = False
+    lock_fd: int | None = None  # the state directory's lock, held while running
 
     def start(self) -> str:
+        self._lock_state_dir()
         url = self.nats_url
         creds_dir: Path | None = None
         if url is None:
@@ -296,6 +336,26 @@ class Supervisor:
         for child in self.children:
             child.start()
         return url
+
+    def _lock_state_dir(self) -> None:
+        """Hold the state directory's lock while this platform runs (the kernel lets
+        go of it however this process ends), or raise StateDirInUse."""
+        state_dir = self.settings.state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StateDirInUse(
+                f"gfaas up: {state_dir} is the state directory of another gfaas up "
+                f"(pid {holder}), still running; stop it or give this one its own "
+                "--state-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.lock_fd = fd
 
     def check_ports(self) -> None:
         """Raise PortInUse when a port the platform would bind is taken."""
@@ -388,6 +448,9 @@ class Supervisor:
         if self.server is not None:
             self.server.stop()
             log.info("nats.stopped")
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # the lock with it
+            self.lock_fd = None
 
 
 def run_up(

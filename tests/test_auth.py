@@ -730,6 +730,41 @@ def test_grpc_wants_an_api_key_but_health(secured: Secured) -> None:
     client.close()
 
 
+def test_gfaas_invoke_with_a_tenants_credentials_in_the_environment_invokes_as_it(
+    secured: Secured, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # README: gfaas commands use GFAAS_NATS_CREDS=FILE. With a tenant's file there,
+    # Client.connect found the tenant only in a file passed to it, so `gfaas invoke`
+    # published to the admin's subject, which the tenant may not: it hung for its
+    # whole --timeout and said deadline_exceeded.
+    monkeypatch.setenv("GFAAS_NATS_CREDS", str(secured.tenant_creds("acme")))
+    argv = ["invoke", "echo", "-i", "x=[1,2]", "--timeout", "5", "--nats-url", secured.url]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == "y float32[2]: [1. 2.]\n"
+
+
+def test_gfaas_invoke_as_a_tenant_asks_for_outputs_by_value(
+    secured: Secured, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A tenant may not release leases at the broker: outputs over the bus limit
+    # are refused (payload_too_large), not sent by handle, then printed, and then
+    # failed on as the release went unanswered ("internal: memory broker 'local'
+    # did not answer release", five seconds later).
+    async def deploy() -> None:
+        nc = await connect(secured.url, secured.creds("admin"))
+        try:
+            await deploy_and_wait(nc, FunctionSpec(name="big", handler="tests.funcs:big_output"))
+        finally:
+            await nc.drain()
+
+    anyio.run(deploy)
+    monkeypatch.setenv("GFAAS_NATS_CREDS", str(secured.tenant_creds("acme")))
+    capsys.readouterr()
+    assert cli.main(["invoke", "big", "-i", "x=[1]", "--nats-url", secured.url]) == 2
+    err = capsys.readouterr().err
+    assert "gfaas: payload_too_large: reply of" in err, err
+
+
 # -- gfaas tenant add -----------------------------------------------------------------------
 
 
