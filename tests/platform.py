@@ -146,10 +146,12 @@ class Up:
 @contextmanager
 def gfaas_up(env: dict[str, str], *args: str) -> Iterator[Up]:
     """`gfaas up` as its own process (an embedded NATS server on a free port, one
-    worker, unless `args` say otherwise), until its ready line; SIGTERM after."""
+    worker, unless `args` say otherwise), until its ready line; SIGTERM after. Its
+    services' metrics on free ports unless `env` names them: the fixed ones may be
+    another platform's on this host."""
     proc = subprocess.Popen(
         [PYTHON, "-m", "gfaas", "up", "--nats-port", "-1", "--workers", "1", *args],
-        env=env,
+        env={"GFAAS_METRICS_PORT": "0", **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
