@@ -205,3 +205,45 @@ def validate_inputs(
         problem = _check_shape(s, t.shape)
         if problem:
             raise GfaasError(ErrorCode.INVALID_INPUT, f"input {s.name!r}: {problem}")
+
+
+def validate_outputs(
+    spec: FunctionSpec, produced: Mapping[str, tuple[DType, Sequence[int]]]
+) -> None:
+    """Raise HANDLER_ERROR unless a handler's outputs (name -> dtype, shape) are the
+    ones its spec declares, as OIP metadata shows them: every declared output, of its
+    dtype and a shape the declared one allows (-1: any size), and none it does not
+    declare. A spec that declares no outputs lets the handler return any. Reads only
+    dtypes and shapes: nothing is copied."""
+    if not spec.outputs:
+        return
+    declared = {s.name: s for s in spec.outputs}
+    model = f"model {spec.name!r}"
+    unknown = sorted(set(produced) - set(declared))
+    if unknown:
+        raise GfaasError(
+            ErrorCode.HANDLER_ERROR,
+            f"{model} returned output(s) {unknown} it does not declare "
+            f"(it declares: {', '.join(sorted(declared))})",
+        )
+    for s in spec.outputs:
+        found = produced.get(s.name)
+        if found is None:
+            # As the OIP fronts word it (oip_response.check_produced).
+            raise GfaasError(
+                ErrorCode.HANDLER_ERROR,
+                f"{model} declares output {s.name!r} but did not produce it "
+                f"(it produced: {', '.join(sorted(produced)) or 'none'})",
+            )
+        dtype, shape = found
+        if dtype != s.dtype:
+            raise GfaasError(
+                ErrorCode.HANDLER_ERROR,
+                f"{model} returned output {s.name!r} as {dtype}{list(shape)}, "
+                f"declared {s.dtype}{s.shape}",
+            )
+        problem = _check_shape(s, shape)
+        if problem:
+            raise GfaasError(
+                ErrorCode.HANDLER_ERROR, f"{model} returned output {s.name!r} with {problem}"
+            )

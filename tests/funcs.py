@@ -362,3 +362,13 @@ def ones_64k(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def sum_all(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The sum of all its inputs, however many."""
     return {"y": torch.stack(list(inputs.values())).sum(dim=0)}
+
+
+def echo_and_more(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`y` as echo has it, and an output `extra` besides."""
+    return {"y": inputs["x"], "extra": inputs["x"].sum()}
+
+
+def as_int32(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`x` as int32: as many bytes as a float32 `y` of its shape, another dtype."""
+    return {"y": inputs["x"].to(torch.int32)}
