@@ -92,27 +92,38 @@ def dtype_of(name: str, tensor: torch.Tensor) -> DType:
     return dtype
 
 
-def as_torch(name: str, value: Any) -> torch.Tensor:
+def _contiguous(value: Any, keep_rank: bool) -> np.ndarray[Any, Any]:
+    """`value` as a C-contiguous array, not copied when it is one. np.ascontiguousarray
+    makes a 0-d array (a scalar) 1-d; with `keep_rank` it stays 0-d, as a 0-d torch
+    tensor does (a handler's output of declared shape [])."""
+    if keep_rank:
+        array = np.asarray(value)
+        return array if array.flags.c_contiguous else np.ascontiguousarray(array)
+    return np.ascontiguousarray(value)
+
+
+def as_torch(name: str, value: Any, *, keep_rank: bool = False) -> torch.Tensor:
     """A handler's output as a contiguous torch tensor (numpy arrays are not copied)."""
     import torch
 
     if isinstance(value, torch.Tensor):
         return value.detach().contiguous()
-    array = np.ascontiguousarray(value)
+    array = _contiguous(value, keep_rank)
     if array.dtype.name not in _FROM_NUMPY:
         raise GfaasError(ErrorCode.HANDLER_ERROR, f"output {name!r}: dtype {array.dtype}")
     return torch.from_numpy(array)
 
 
-def from_value(name: str, value: Any) -> Tensor:
-    """A wire tensor from a torch tensor or a numpy array (or anything np.asarray takes)."""
+def from_value(name: str, value: Any, *, keep_rank: bool = False) -> Tensor:
+    """A wire tensor from a torch tensor or a numpy array (or anything np.asarray takes);
+    `keep_rank`: a 0-d one keeps its shape [] (else it becomes [1])."""
     if _is_torch(value):
         tensor = value.detach()
         dtype = dtype_of(name, tensor)
         cpu = tensor.to("cpu").contiguous()
         data = cpu.numpy().tobytes() if cpu.numel() else b""
         return Tensor(name=name, dtype=dtype, shape=list(cpu.shape), data=data)
-    array = np.ascontiguousarray(value)
+    array = _contiguous(value, keep_rank)
     dt = _FROM_NUMPY.get(array.dtype.name)
     if dt is None:
         raise GfaasError(ErrorCode.HANDLER_ERROR, f"output {name!r}: dtype {array.dtype}")
@@ -124,8 +135,8 @@ def from_value(name: str, value: Any) -> Tensor:
     )
 
 
-def from_mapping(values: Mapping[str, Any]) -> list[Tensor]:
-    return [from_value(name, value) for name, value in values.items()]
+def from_mapping(values: Mapping[str, Any], *, keep_rank: bool = False) -> list[Tensor]:
+    return [from_value(name, value, keep_rank=keep_rank) for name, value in values.items()]
 
 
 def _check_shape(spec: TensorSpec, shape: Sequence[int]) -> str | None:

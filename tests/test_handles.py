@@ -317,6 +317,28 @@ async def test_outputs_by_handle_that_disagree_with_the_spec_are_a_handler_error
     np.testing.assert_array_equal(outputs["y"], x)
 
 
+async def test_a_scalar_output_keeps_its_declared_shape_by_value_and_by_handle(
+    platform: Platform, nc: NATS
+) -> None:
+    # A 0-d numpy output is shape [], as declared (and as a 0-d torch tensor is), not
+    # [1]: which the check against the declared outputs would refuse.
+    total = FunctionSpec(
+        name="total",
+        handler="tests.funcs:numpy_total",
+        outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[])],
+    )
+    await deploy_and_wait(nc, total)
+    client = Client(nc)
+    x = np.arange(4, dtype=np.float32)
+    for mode in (OutputMode.VALUE, OutputMode.HANDLE):
+        reply = await client.invoke_reply("total", {"x": x}, outputs_by=mode)
+        (y,) = reply.outputs
+        assert y.shape == [], y
+        assert outputs_of(reply)["y"] == 6.0
+        await client.release(reply.outputs)
+    await wait_leases(client, 0, timeout=3.0)
+
+
 async def test_a_dead_workers_leases_are_reclaimed(
     nats_server: NatsServer, nc: NATS, tmp_path: Path
 ) -> None:
