@@ -5,8 +5,10 @@ A spec's `handler = "module:attr"` names either
   per request as `obj(inputs) -> outputs`; or
 - a plain function `fn(inputs) -> outputs` with no state.
 `inputs` maps input names to torch tensors on `ctx.device`; outputs map names to
-torch tensors or numpy arrays. Whether tensors came by value or by handle is
-invisible to the handler.
+torch tensors or numpy arrays: when the spec declares outputs, exactly those, each of
+its dtype and a shape the declared one allows (-1: any size), or the call is a
+`handler_error` (shared.tensors.validate_outputs). Whether tensors came by value or
+by handle is invisible to the handler.
 
 A class with a torch model should build it with `ctx.build(factory)`: the model is
 then created without random initialisation and its weights swapped in from the

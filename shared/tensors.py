@@ -92,27 +92,38 @@ def dtype_of(name: str, tensor: torch.Tensor) -> DType:
     return dtype
 
 
-def as_torch(name: str, value: Any) -> torch.Tensor:
+def _contiguous(value: Any, keep_rank: bool) -> np.ndarray[Any, Any]:
+    """`value` as a C-contiguous array, not copied when it is one. np.ascontiguousarray
+    makes a 0-d array (a scalar) 1-d; with `keep_rank` it stays 0-d, as a 0-d torch
+    tensor does (a handler's output of declared shape [])."""
+    if keep_rank:
+        array = np.asarray(value)
+        return array if array.flags.c_contiguous else np.ascontiguousarray(array)
+    return np.ascontiguousarray(value)
+
+
+def as_torch(name: str, value: Any, *, keep_rank: bool = False) -> torch.Tensor:
     """A handler's output as a contiguous torch tensor (numpy arrays are not copied)."""
     import torch
 
     if isinstance(value, torch.Tensor):
         return value.detach().contiguous()
-    array = np.ascontiguousarray(value)
+    array = _contiguous(value, keep_rank)
     if array.dtype.name not in _FROM_NUMPY:
         raise GfaasError(ErrorCode.HANDLER_ERROR, f"output {name!r}: dtype {array.dtype}")
     return torch.from_numpy(array)
 
 
-def from_value(name: str, value: Any) -> Tensor:
-    """A wire tensor from a torch tensor or a numpy array (or anything np.asarray takes)."""
+def from_value(name: str, value: Any, *, keep_rank: bool = False) -> Tensor:
+    """A wire tensor from a torch tensor or a numpy array (or anything np.asarray takes);
+    `keep_rank`: a 0-d one keeps its shape [] (else it becomes [1])."""
     if _is_torch(value):
         tensor = value.detach()
         dtype = dtype_of(name, tensor)
         cpu = tensor.to("cpu").contiguous()
         data = cpu.numpy().tobytes() if cpu.numel() else b""
         return Tensor(name=name, dtype=dtype, shape=list(cpu.shape), data=data)
-    array = np.ascontiguousarray(value)
+    array = _contiguous(value, keep_rank)
     dt = _FROM_NUMPY.get(array.dtype.name)
     if dt is None:
         raise GfaasError(ErrorCode.HANDLER_ERROR, f"output {name!r}: dtype {array.dtype}")
@@ -124,8 +135,8 @@ def from_value(name: str, value: Any) -> Tensor:
     )
 
 
-def from_mapping(values: Mapping[str, Any]) -> list[Tensor]:
-    return [from_value(name, value) for name, value in values.items()]
+def from_mapping(values: Mapping[str, Any], *, keep_rank: bool = False) -> list[Tensor]:
+    return [from_value(name, value, keep_rank=keep_rank) for name, value in values.items()]
 
 
 def _check_shape(spec: TensorSpec, shape: Sequence[int]) -> str | None:
@@ -205,3 +216,45 @@ def validate_inputs(
         problem = _check_shape(s, t.shape)
         if problem:
             raise GfaasError(ErrorCode.INVALID_INPUT, f"input {s.name!r}: {problem}")
+
+
+def validate_outputs(
+    spec: FunctionSpec, produced: Mapping[str, tuple[DType, Sequence[int]]]
+) -> None:
+    """Raise HANDLER_ERROR unless a handler's outputs (name -> dtype, shape) are the
+    ones its spec declares, as OIP metadata shows them: every declared output, of its
+    dtype and a shape the declared one allows (-1: any size), and none it does not
+    declare. A spec that declares no outputs lets the handler return any. Reads only
+    dtypes and shapes: nothing is copied."""
+    if not spec.outputs:
+        return
+    declared = {s.name: s for s in spec.outputs}
+    model = f"model {spec.name!r}"
+    unknown = sorted(set(produced) - set(declared))
+    if unknown:
+        raise GfaasError(
+            ErrorCode.HANDLER_ERROR,
+            f"{model} returned output(s) {unknown} it does not declare "
+            f"(it declares: {', '.join(sorted(declared))})",
+        )
+    for s in spec.outputs:
+        found = produced.get(s.name)
+        if found is None:
+            # As the OIP fronts word it (oip_response.check_produced).
+            raise GfaasError(
+                ErrorCode.HANDLER_ERROR,
+                f"{model} declares output {s.name!r} but did not produce it "
+                f"(it produced: {', '.join(sorted(produced)) or 'none'})",
+            )
+        dtype, shape = found
+        if dtype != s.dtype:
+            raise GfaasError(
+                ErrorCode.HANDLER_ERROR,
+                f"{model} returned output {s.name!r} as {dtype}{list(shape)}, "
+                f"declared {s.dtype}{s.shape}",
+            )
+        problem = _check_shape(s, shape)
+        if problem:
+            raise GfaasError(
+                ErrorCode.HANDLER_ERROR, f"{model} returned output {s.name!r} with {problem}"
+            )

@@ -9,6 +9,7 @@ import threading
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from shared.function import LoadContext, output_buffer
@@ -362,3 +363,18 @@ def ones_64k(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def sum_all(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The sum of all its inputs, however many."""
     return {"y": torch.stack(list(inputs.values())).sum(dim=0)}
+
+
+def echo_and_more(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`y` as echo has it, and an output `extra` besides."""
+    return {"y": inputs["x"], "extra": inputs["x"].sum()}
+
+
+def as_int32(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`x` as int32: as many bytes as a float32 `y` of its shape, another dtype."""
+    return {"y": inputs["x"].to(torch.int32)}
+
+
+def numpy_total(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The sum of `x` as a 0-d numpy array (a scalar: shape [])."""
+    return {"y": np.asarray(inputs["x"].sum().item(), dtype=np.float32)}

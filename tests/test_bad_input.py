@@ -143,6 +143,82 @@ async def test_output_over_the_bus_limit_becomes_an_error(platform: Platform, nc
     assert "by handle" in reason
 
 
+X = [TensorSpec(name="x", dtype=DType.FLOAT32, shape=[-1, 3])]
+Y = TensorSpec(name="y", dtype=DType.FLOAT32, shape=[-1, 3])
+# Each returns outputs that disagree with what it declares (what OIP metadata shows).
+DISAGREEING = {
+    "declares-int64": (
+        FunctionSpec(
+            name="declares-int64",
+            handler="tests.funcs:echo",
+            inputs=X,
+            outputs=[TensorSpec(name="y", dtype=DType.INT64, shape=[-1, 3])],
+        ),
+        ["'y'", "float32[1, 3]", "declared int64[-1, 3]"],
+    ),
+    "declares-4-wide": (
+        FunctionSpec(
+            name="declares-4-wide",
+            handler="tests.funcs:echo",
+            inputs=X,
+            outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[-1, 4])],
+        ),
+        ["'y'", "shape [1, 3]", "expected [-1, 4]"],
+    ),
+    "declares-rank-1": (
+        FunctionSpec(
+            name="declares-rank-1",
+            handler="tests.funcs:echo",
+            inputs=X,
+            outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[-1])],
+        ),
+        ["'y'", "rank 2", "expected [-1]"],
+    ),
+    "declares-z-too": (
+        FunctionSpec(
+            name="declares-z-too",
+            handler="tests.funcs:echo",
+            inputs=X,
+            outputs=[Y, TensorSpec(name="z", dtype=DType.FLOAT32, shape=[-1, 3])],
+        ),
+        ["declares output 'z' but did not produce it (it produced: y)"],
+    ),
+    "declares-y-only": (
+        FunctionSpec(
+            name="declares-y-only",
+            handler="tests.funcs:echo_and_more",
+            inputs=X,
+            outputs=[Y],
+        ),
+        ["['extra']", "does not declare"],
+    ),
+}
+
+
+async def test_outputs_that_disagree_with_the_declared_ones_are_a_handler_error(
+    platform: Platform, nc: NATS
+) -> None:
+    # A wrong dtype, a wrong size or rank, a declared output missing, an undeclared
+    # one returned: each named in the reason, never answered as it came back.
+    await deploy_and_wait(nc, ECHO, *(spec for spec, _ in DISAGREEING.values()))
+    for name, (_, words) in DISAGREEING.items():
+        reason = await expect_error(nc, name, body(x=GOOD), "handler_error")
+        assert name in reason
+        for word in words:
+            assert word in reason, (name, reason)
+    # A spec that declares no outputs still lets its handler return any (echo's `y`),
+    # and one whose outputs agree is answered as before.
+    loose = FunctionSpec(name="declares-none", handler="tests.funcs:echo_and_more", inputs=X)
+    ok_too = FunctionSpec(name="declares-right", handler="tests.funcs:echo", inputs=X, outputs=[Y])
+    await deploy_and_wait(nc, loose, ok_too)
+    _, reply = await request(nc, "declares-none", body(x=GOOD))
+    assert sorted(t["name"] for t in reply["outputs"]) == ["extra", "y"], reply
+    _, reply = await request(nc, "declares-right", body(x=GOOD))
+    assert [(t["name"], t["dtype"], t["shape"]) for t in reply["outputs"]] == [
+        ("y", "float32", [1, 3])
+    ], reply
+
+
 async def _register_with_an_unpushed_model(nc: NATS) -> None:
     from gfaas.client import Client
 

@@ -252,11 +252,11 @@ async def test_lease_requests_beyond_the_pool_are_refused(
         await wait_leases(client, 0)
 
 
-async def test_a_refused_lease_for_undeclared_outputs_gives_back_the_prepared_buffer(
+async def test_undeclared_outputs_are_a_handler_error_and_the_prepared_buffer_goes_back(
     nats_server: NatsServer, nc: NATS, tmp_path: Path
 ) -> None:
     # The spec fixes `ids` (leased before the run); whoami returns four outputs more,
-    # whose lease after the run the tenant's quota of 3 refuses.
+    # which the spec does not declare: the run fails before any of them is leased.
     whoami = FunctionSpec(
         name="whoami",
         handler="tests.funcs:whoami",
@@ -268,13 +268,75 @@ async def test_a_refused_lease_for_undeclared_outputs_gives_back_the_prepared_bu
         path = np.frombuffer(b"/etc/hostname", np.uint8).copy()
         with pytest.raises(GfaasError) as info:
             await client.invoke("whoami", {"path": path}, outputs_by=OutputMode.HANDLE)
-        assert info.value.code == "quota_exceeded", info.value
-        # The used `ids` buffer went back with the failed run: nothing is held, and
+        assert info.value.code == "handler_error", info.value
+        assert "does not declare" in info.value.reason
+        # The prepared `ids` buffer went back with the failed run: nothing is held, and
         # the tenant has its whole quota again.
         await wait_leases(client, 0, timeout=3.0)
         held = [await client.put("z", np.zeros(4, np.float32)) for _ in range(3)]
         await client.release(held)
         await wait_leases(client, 0)
+
+
+async def test_outputs_by_handle_that_disagree_with_the_spec_are_a_handler_error(
+    platform: Platform, nc: NATS
+) -> None:
+    # `y` is declared float32[N]: the worker prepares that buffer before the run. An
+    # int32[N] has its size exactly, yet is not what the model's metadata says; nor is
+    # a float32 of another shape (leased after the run, were it not refused first).
+    wrong_dtype = FunctionSpec(
+        name="as-int32",
+        handler="tests.funcs:as_int32",
+        inputs=DOUBLE.inputs,
+        outputs=DOUBLE.outputs,
+    )
+    wrong_shape = FunctionSpec(
+        name="echo-fixed",
+        handler="tests.funcs:echo",
+        inputs=[TensorSpec(name="x", dtype=DType.FLOAT32, shape=[-1])],
+        outputs=DOUBLE.outputs,
+    )
+    await deploy_and_wait(nc, wrong_dtype, wrong_shape)
+    client = Client(nc)
+    x = np.arange(N, dtype=np.float32)
+    for mode in (OutputMode.HANDLE, OutputMode.AUTO):
+        with pytest.raises(GfaasError) as info:
+            await client.invoke("as-int32", {"x": x}, outputs_by=mode)
+        assert info.value.code == "handler_error", info.value
+        assert "'y'" in info.value.reason
+        assert "int32" in info.value.reason
+        assert "declared float32" in info.value.reason
+        with pytest.raises(GfaasError) as info:
+            await client.invoke("echo-fixed", {"x": x[:8]}, outputs_by=mode)
+        assert info.value.code == "handler_error", info.value
+        assert "shape [8]" in info.value.reason
+        assert f"[{N}]" in info.value.reason
+    await wait_leases(client, 0, timeout=3.0)
+    # Outputs that agree still come back by handle.
+    outputs = await client.invoke("echo-fixed", {"x": x}, outputs_by=OutputMode.HANDLE)
+    np.testing.assert_array_equal(outputs["y"], x)
+
+
+async def test_a_scalar_output_keeps_its_declared_shape_by_value_and_by_handle(
+    platform: Platform, nc: NATS
+) -> None:
+    # A 0-d numpy output is shape [], as declared (and as a 0-d torch tensor is), not
+    # [1]: which the check against the declared outputs would refuse.
+    total = FunctionSpec(
+        name="total",
+        handler="tests.funcs:numpy_total",
+        outputs=[TensorSpec(name="y", dtype=DType.FLOAT32, shape=[])],
+    )
+    await deploy_and_wait(nc, total)
+    client = Client(nc)
+    x = np.arange(4, dtype=np.float32)
+    for mode in (OutputMode.VALUE, OutputMode.HANDLE):
+        reply = await client.invoke_reply("total", {"x": x}, outputs_by=mode)
+        (y,) = reply.outputs
+        assert y.shape == [], y
+        assert outputs_of(reply)["y"] == 6.0
+        await client.release(reply.outputs)
+    await wait_leases(client, 0, timeout=3.0)
 
 
 async def test_a_dead_workers_leases_are_reclaimed(

@@ -87,6 +87,9 @@ class FakeBackend:
         entry = self.functions.get(name)
         return entry[0] if entry else None
 
+    def not_ready(self, name: str) -> str | None:
+        return None if self.serving else "ingress is not serving"
+
     def output_names(self, name: str) -> Collection[str] | None:
         spec = self.spec(name)
         return [o.name for o in spec.outputs] if spec is not None and spec.outputs else None

@@ -214,6 +214,52 @@ async def test_a_workflow_over_a_missing_function_is_refused(platform: Platform,
     assert "not deployed" in info.value.reason
 
 
+async def test_a_workflow_is_ready_only_while_every_stage_function_is_deployed(
+    platform: Platform, nc: NATS
+) -> None:
+    # Ready as its stage's function is ready (deployed, ingress serving) on both
+    # fronts and in the repository index; one removed by force makes it unready.
+    client = Client(nc)
+    await deploy_all(client, INC_FIXED, INC_TWICE, handler_check=False)
+    grpc = triton.InferenceServerClient(url=f"127.0.0.1:{platform.grpc_port}")
+
+    async def index(http: httpx.AsyncClient, **body: bool) -> dict[str, dict[str, str]]:
+        r = await http.post("/v2/repository/index", json=body)
+        assert r.status_code == 200, r.text
+        return {e["name"]: e for e in r.json()}
+
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{platform.http_port}") as http:
+            r = await http.get(f"/v2/models/{INC_TWICE.name}/ready")
+            assert r.status_code == 200, r.text
+            assert grpc.is_model_ready(INC_TWICE.name)
+            assert (await index(http))[INC_TWICE.name]["state"] == "READY"
+            assert await client.remove(INC_FIXED.name, force=True)
+            with anyio.fail_after(5):
+                while INC_FIXED.name in (await client.status("ingress")).details["functions"]:
+                    await anyio.sleep(0.02)
+            r = await http.get(f"/v2/models/{INC_TWICE.name}/ready")
+            assert r.status_code == 400, r.text
+            assert r.json()["ready"] is False
+            assert "'inc-fixed'" in r.json()["error"]
+            assert "not deployed" in r.json()["error"]
+            assert not grpc.is_model_ready(INC_TWICE.name)
+            entry = (await index(http))[INC_TWICE.name]
+            assert entry["state"] == "UNAVAILABLE"
+            assert "not deployed" in entry["reason"]
+            assert INC_TWICE.name not in await index(http, ready=True)
+            grpc_index = grpc.get_model_repository_index(as_json=True)["models"]
+            (grpc_entry,) = [m for m in grpc_index if m["name"] == INC_TWICE.name]
+            assert grpc_entry["state"] == "UNAVAILABLE"
+            # Deployed again, the workflow is ready again.
+            await deploy_all(client, INC_FIXED, handler_check=False)
+            assert (await http.get(f"/v2/models/{INC_TWICE.name}/ready")).status_code == 200
+            assert grpc.is_model_ready(INC_TWICE.name)
+            assert (await index(http, ready=True))[INC_TWICE.name]["state"] == "READY"
+    finally:
+        grpc.close()
+
+
 async def test_deploy_refuses_bad_workflows_and_name_clashes(platform: Platform, nc: NATS) -> None:
     client = Client(nc)
     await deploy_all(client, *FUNCS)

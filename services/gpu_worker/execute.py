@@ -240,7 +240,7 @@ class Executor:
                 f"{spec.name} returned {type(raw).__name__}, expected a mapping of tensors",
             )
         staging_started = time.perf_counter()  # metrics: the output phase
-        outputs = await self.staging.outputs(meta, staged.request, raw, staged.prepared)
+        outputs = await self.staging.outputs(meta, staged.request, spec, raw, staged.prepared)
         self.metrics.phase(spec.name, "output", time.perf_counter() - staging_started)
         return (
             InvokeReply(

@@ -32,7 +32,14 @@ from shared.schema import (
     OutputMode,
     Tensor,
 )
-from shared.tensors import as_torch, dtype_of, from_mapping, nbytes_of, to_torch
+from shared.tensors import (
+    as_torch,
+    dtype_of,
+    from_mapping,
+    nbytes_of,
+    to_torch,
+    validate_outputs,
+)
 
 log = get_logger("gpu_worker")
 
@@ -223,15 +230,21 @@ class Staging:
         self,
         meta: InvocationMeta,
         request: InvokeRequest,
+        spec: FunctionSpec,
         raw: Mapping[str, Any],
         prepared: dict[str, Handle],
     ) -> list[Tensor]:
         """The handler's result as the reply's tensors: by value, or by handle when
-        asked (or, for `auto`, when it would not fit the bus's payload limit)."""
+        asked (or, for `auto`, when it would not fit the bus's payload limit). Checked
+        against the spec's declared outputs first (a handler_error otherwise), before
+        any buffer is leased or written. A 0-d output (numpy or torch) stays 0-d."""
         mode = request.outputs_by
         if mode is OutputMode.VALUE:
-            return from_mapping(raw)
-        values = {name: as_torch(name, value) for name, value in raw.items()}
+            tensors = from_mapping(raw, keep_rank=True)
+            validate_outputs(spec, {t.name: (t.dtype, t.shape) for t in tensors})
+            return tensors
+        values = {name: as_torch(name, value, keep_rank=True) for name, value in raw.items()}
+        validate_outputs(spec, {n: (dtype_of(n, v), v.shape) for n, v in values.items()})
         if mode is OutputMode.AUTO:
             size = sum(v.numel() * v.element_size() for v in values.values())
             if size + BY_VALUE_MARGIN <= self.max_payload:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -224,9 +224,11 @@ def server_metadata(version: str, extensions: Iterable[str]) -> Any:
     return ServerMetadataResponse(name=SERVER_NAME, version=version, extensions=list(extensions))
 
 
-def repository_index(specs: Iterable[FunctionSpec], *, serving: bool, ready_only: bool) -> Any:
+def repository_index(
+    specs: Iterable[FunctionSpec], *, not_ready: Callable[[str], str | None], ready_only: bool
+) -> Any:
     entries = msgspec.json.decode(
-        oip_response.repository_index(specs, serving=serving, ready_only=ready_only)
+        oip_response.repository_index(specs, not_ready=not_ready, ready_only=ready_only)
     )
     response = RepositoryIndexResponse()
     for entry in entries:

@@ -178,10 +178,10 @@ def create_handler(
         # A yes/no question: an unknown model is not ready (tritonclient.http reads
         # HTTP's 404 the same way).
         try:
-            known_model(request.name, request.version)
+            spec = known_model(request.name, request.version)
         except GfaasError:
             return message("ModelReadyResponse")(ready=False)
-        return message("ModelReadyResponse")(ready=backend.ready())
+        return message("ModelReadyResponse")(ready=backend.not_ready(spec.name) is None)
 
     async def server_metadata_rpc(request: Any, context: grpc.aio.ServicerContext) -> Any:
         return server_metadata
@@ -225,7 +225,7 @@ def create_handler(
 
     async def repository_index(request: Any, context: grpc.aio.ServicerContext) -> Any:
         return grpc_codec.repository_index(
-            backend.specs(), serving=backend.ready(), ready_only=request.ready
+            backend.specs(), not_ready=backend.not_ready, ready_only=request.ready
         )
 
     async def repository_control(request: Any, context: grpc.aio.ServicerContext) -> Any:

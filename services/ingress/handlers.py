@@ -538,6 +538,22 @@ class Ingress:
             return as_model(workflow, self.registry.specs)
         return self.registry.get(name)
 
+    def not_ready(self, name: str) -> str | None:
+        """A function is ready while ingress serves (deployed is all it takes: workers
+        start on demand); a workflow, only while every stage's function is deployed
+        too (one removed with `gfaas rm --force` fails its runs)."""
+        if not self.ready():
+            return "ingress is not serving"
+        workflow = self.workflows.get(name)
+        if workflow is None or self.registry.get(name) is not None:
+            return None
+        missing = sorted(
+            {s.function for s in workflow.stages if self.registry.get(s.function) is None}
+        )
+        if missing:
+            return f"its stage function(s) {missing} are not deployed"
+        return None
+
     def output_names(self, name: str) -> Collection[str] | None:
         workflow = self.workflows.get(name)
         if workflow is not None and self.registry.get(name) is None:

@@ -58,6 +58,11 @@ class InferenceBackend(Protocol):
 
     def spec(self, name: str) -> FunctionSpec | None: ...
 
+    def not_ready(self, name: str) -> str | None:
+        """Why model `name` cannot serve now (None: it can): ingress not serving, or,
+        for a workflow, a stage function that is not deployed."""
+        ...
+
     def output_names(self, name: str) -> Collection[str] | None:
         """Every output model `name` produces, when all are known: a function's
         declared outputs (None if it declares none), a workflow's outputs, those
@@ -215,8 +220,9 @@ def create_app(
 
     async def model_ready(request: Request) -> Response:
         spec = known_model(request)
-        if not backend.ready():
-            reason = f"model {spec.name!r} is not ready: ingress not serving"
+        why = backend.not_ready(spec.name)
+        if why is not None:
+            reason = f"model {spec.name!r} is not ready: {why}"
             body = {"name": spec.name, "ready": False, "error": reason}
             return JSONResponse(body, status_code=NOT_READY_STATUS)
         return JSONResponse({"name": spec.name, "ready": True})
@@ -300,7 +306,7 @@ def create_app(
     async def repository_index(request: Request) -> Response:
         ready_only = oip.parse_index_request(await _read_body(request, max_payload, body_idle_s))
         body = oip_response.repository_index(
-            backend.specs(), serving=backend.ready(), ready_only=ready_only
+            backend.specs(), not_ready=backend.not_ready, ready_only=ready_only
         )
         return Response(body, media_type="application/json")
 

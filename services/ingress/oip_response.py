@@ -5,7 +5,7 @@ conversions; the requests they answer are parsed in oip.py."""
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -224,12 +224,18 @@ def server_metadata(version: str, extensions: Iterable[str] = EXTENSIONS) -> byt
     return _json.encode(_ServerMeta(name=SERVER_NAME, version=version, extensions=list(extensions)))
 
 
-def repository_index(specs: Iterable[FunctionSpec], *, serving: bool, ready_only: bool) -> bytes:
-    state, reason = ("READY", "") if serving else ("UNAVAILABLE", "ingress is not serving")
-    entries = [
-        _IndexEntry(name=s.name, version=MODEL_VERSION, state=state, reason=reason)
-        for s in sorted(specs, key=lambda s: s.name)
-    ]
+def repository_index(
+    specs: Iterable[FunctionSpec], *, not_ready: Callable[[str], str | None], ready_only: bool
+) -> bytes:
+    """Every model, READY or UNAVAILABLE with the reason `not_ready` gives (the rule
+    ModelReady answers by)."""
+    entries = []
+    for s in sorted(specs, key=lambda s: s.name):
+        reason = not_ready(s.name)
+        state = "READY" if reason is None else "UNAVAILABLE"
+        entries.append(
+            _IndexEntry(name=s.name, version=MODEL_VERSION, state=state, reason=reason or "")
+        )
     if ready_only:
         entries = [e for e in entries if e.state == "READY"]
     return _json.encode(entries)
