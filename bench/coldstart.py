@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -43,9 +42,9 @@ import numpy as np
 import torch
 
 from bench.live_models import WIDTH, write_mlp
+from bench.node import start_node
 from gfaas.client import Client
 from gfaas.supervisor import Supervisor
-from shared.config import Settings
 from shared.natsd import nats_server
 from shared.schema import FunctionSpec
 
@@ -258,30 +257,15 @@ async def prefetched(client: Client) -> list[str]:
 
 
 def start(url: str, state: Path, spares: bool, prefetch: bool = False) -> Supervisor:
-    os.environ.update(
+    return start_node(
+        url,
+        state,
+        "cold",
         {
-            "GFAAS_HEARTBEAT_S": "0.2",
-            "GFAAS_HTTP_ENABLED": "0",
-            "GFAAS_GRPC_ENABLED": "0",
-            "GFAAS_METRICS_ENABLED": "0",
             "GFAAS_HOST_PREFETCH_MB": "-1" if prefetch else "0",
             "GFAAS_AGENT_SPARES": "1" if spares else "0",
-            "GFAAS_SHM_NAMESPACE": f"gfaas-cold-{secrets.token_hex(3)}",
-        }
+        },
     )
-    # The children's environment is built from these (gfaas.supervisor.service_env), over
-    # os.environ: the fronts and metrics stay off only if they are off here too.
-    settings = Settings(
-        nats_url=url,
-        state_dir=state,
-        log_level="warning",
-        http_enabled=False,
-        grpc_enabled=False,
-        metrics_enabled=False,
-    )
-    sup = Supervisor(settings=settings, nats_url=url, workers=1)
-    sup.start()
-    return sup
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 import tempfile
 import time
@@ -34,9 +33,9 @@ import torch
 
 from bench.coldstart import agent as agent_details
 from bench.live_models import WIDTH, mlp, write_mlp
+from bench.node import start_node
 from gfaas.client import Client, outputs_of
 from gfaas.supervisor import Supervisor
-from shared.config import Settings
 from shared.natsd import nats_server
 from shared.schema import FunctionSpec
 
@@ -120,30 +119,15 @@ async def measure(url: str, weights: Path, want: int, expected: np.ndarray) -> d
 
 
 def start(url: str, state: Path, budget_mb: int, shared: bool) -> Supervisor:
-    os.environ.update(
+    return start_node(
+        url,
+        state,
+        "dense",
         {
-            "GFAAS_HEARTBEAT_S": "0.2",
-            "GFAAS_HTTP_ENABLED": "0",
-            "GFAAS_GRPC_ENABLED": "0",
-            "GFAAS_METRICS_ENABLED": "0",
             "GFAAS_AGENT_MEMORY_MB": str(budget_mb),
             "GFAAS_SHARED_WEIGHTS": "true" if shared else "false",
-            "GFAAS_SHM_NAMESPACE": f"gfaas-dense-{secrets.token_hex(3)}",
-        }
+        },
     )
-    # The children's environment is built from these (gfaas.supervisor.service_env), over
-    # os.environ: the fronts and metrics stay off only if they are off here too.
-    settings = Settings(
-        nats_url=url,
-        state_dir=state,
-        log_level="warning",
-        http_enabled=False,
-        grpc_enabled=False,
-        metrics_enabled=False,
-    )
-    sup = Supervisor(settings=settings, nats_url=url, workers=1)
-    sup.start()
-    return sup
 
 
 def main() -> None:

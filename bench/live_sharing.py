@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import sys
 import tempfile
 import time
@@ -29,9 +28,9 @@ from pathlib import Path
 import anyio
 import numpy as np
 
+from bench.node import start_node
 from gfaas.client import Client
 from gfaas.supervisor import Supervisor
-from shared.config import Settings
 from shared.errors import GfaasError
 from shared.natsd import nats_server
 from shared.schema import DType, FunctionKind, FunctionSpec, TensorSpec
@@ -193,28 +192,7 @@ async def per_instance(client: Client) -> None:
 
 
 def start(url: str, state: Path) -> Supervisor:
-    os.environ.update(
-        {
-            "GFAAS_HEARTBEAT_S": "0.2",
-            "GFAAS_HTTP_ENABLED": "0",
-            "GFAAS_GRPC_ENABLED": "0",
-            "GFAAS_METRICS_ENABLED": "0",
-            "GFAAS_SHM_NAMESPACE": f"gfaas-share-{secrets.token_hex(3)}",
-        }
-    )
-    # The children's environment is built from these (gfaas.supervisor.service_env), over
-    # os.environ: the fronts and metrics stay off only if they are off here too.
-    settings = Settings(
-        nats_url=url,
-        state_dir=state,
-        log_level="warning",
-        http_enabled=False,
-        grpc_enabled=False,
-        metrics_enabled=False,
-    )
-    sup = Supervisor(settings=settings, nats_url=url, workers=1)
-    sup.start()
-    return sup
+    return start_node(url, state, "share")
 
 
 def best(rows: list[Result]) -> float:
