@@ -126,5 +126,5 @@ def test_two_invocations_forwarded_under_one_id_are_each_answered() -> None:
         ("dup", "inbox.3"),
     ]
     assert w.end(own) is None  # already answered
-    assert w.forwarded == {}
-    assert w._under == {}
+    assert len(w.forwarded) == 0
+    assert w.forwarded.done("dup", "inbox.2") is None  # nothing kept under the id

@@ -5,10 +5,9 @@ workflow's to the runner. Plain async methods over decoded values; the wiring
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
 import msgspec
@@ -16,6 +15,7 @@ from anyio.abc import TaskGroup
 from opentelemetry.trace import Span, SpanKind
 
 from services.ingress.admission import DEFAULT_MAX_TIMEOUT_MS, Spec, admit
+from services.ingress.by_invocation import ByInvocation
 from services.ingress.dispatch import Dispatcher, deadline_of
 from services.ingress.oip import InferRequest
 from services.ingress.shm_regions import ShmRegions
@@ -74,63 +74,14 @@ class OpenCall:
     span: Span | None = None
 
 
-@dataclass
-class OpenCalls:
-    """The calls whose worker answers their callers, by invocation id made its own
-    (`id#n`) while another under the id is open: callers may reuse an id (a
-    correlation id, a retry while the first attempt runs), and a done note names its
-    call by id and reply subject (as the dispatcher's books: direct.py, liveness.py)."""
-
-    calls: dict[str, OpenCall] = field(default_factory=dict)
-    # Numbers the keys of calls that share an id; how many are open under each id
-    # (most ids are one call's: a done note's look-up takes no scan).
-    _seq: itertools.count[int] = field(default_factory=itertools.count)
-    _under: dict[str, int] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.calls)
-
-    def add(self, call: OpenCall) -> str:
-        """Record `call`; returns its key (for `pop`)."""
-        key = call.invocation_id
-        if key in self.calls:
-            key = f"{call.invocation_id}#{next(self._seq)}"  # '#' is no id's character
-        self.calls[key] = call
-        self._under[call.invocation_id] = self._under.get(call.invocation_id, 0) + 1
-        return key
-
-    def get(self, key: str) -> OpenCall | None:
-        return self.calls.get(key)
-
-    def done(self, invocation_id: str, reply: str) -> OpenCall | None:
-        """The call a done note names (its id and reply subject), removed; None for
-        a note of no call here (another caller's subject, or "": ingress's own)."""
-        if not reply or invocation_id not in self._under:
-            return None
-        call = self.calls.get(invocation_id)
-        if call is not None and call.reply == reply:
-            return self.pop(invocation_id)
-        if self._under[invocation_id] > 1 or call is None:
-            for key, c in self.calls.items():
-                if c.invocation_id == invocation_id and c.reply == reply:
-                    return self.pop(key)
-        return None
+class OpenCalls(ByInvocation[OpenCall]):
+    """The calls whose worker answers their callers, each under a key of its own (as
+    the dispatcher's books: direct.py, liveness.py)."""
 
     def expire(self, now: float) -> list[OpenCall]:
         """The calls given up on by `now` (their give-up time passed), removed."""
-        gone = [key for key, c in self.calls.items() if c.give_up_at <= now]
+        gone = [key for key, c in self.items() if c.give_up_at <= now]
         return [c for c in (self.pop(key) for key in gone) if c is not None]
-
-    def pop(self, key: str) -> OpenCall | None:
-        call = self.calls.pop(key, None)
-        if call is None:
-            return None
-        left = self._under[call.invocation_id] - 1
-        if left:
-            self._under[call.invocation_id] = left
-        else:
-            del self._under[call.invocation_id]
-        return call
 
 
 class Ingress:

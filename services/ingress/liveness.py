@@ -16,10 +16,10 @@ answered `unavailable` too: a killed scheduler loses the invocations it held.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from services.ingress.by_invocation import ByInvocation
 from shared.schema import SchedulerBeat
 
 
@@ -42,7 +42,7 @@ class SchedulerWatch:
     # What was forwarded through the scheduler, oldest first, by invocation id made
     # its own (`id#n`) while another forwarded under the id is kept: callers may
     # reuse an id, and each of them is answered if its scheduler falls silent.
-    forwarded: dict[str, Forwarded] = field(default_factory=dict)
+    forwarded: ByInvocation[Forwarded] = field(default_factory=ByInvocation)
 
     # The last active scheduler heard, kept when it falls silent.
     last_leader: str = ""
@@ -57,10 +57,6 @@ class SchedulerWatch:
     # down (None: never).
     heard_at: float | None = None
     stepped_down_at: float | None = None
-    # Numbers the keys of what shares a caller's id; how many are kept under each id
-    # (most ids are one invocation's: a Done's look-up takes no scan).
-    _seq: itertools.count[int] = field(default_factory=itertools.count)
-    _under: dict[str, int] = field(default_factory=dict)
 
     def beat(self, beat: SchedulerBeat, now: float) -> bool:
         """Record a beat; True when an active scheduler other than the last one speaks
@@ -129,41 +125,18 @@ class SchedulerWatch:
     def sent(self, invocation_id: str, record: Forwarded) -> str:
         """Record what was forwarded; returns its key (for `end`)."""
         record.invocation_id = invocation_id
-        key = invocation_id
-        if key in self.forwarded:
-            key = f"{invocation_id}#{next(self._seq)}"  # '#' is no id's character
-        self.forwarded[key] = record
-        self._under[invocation_id] = self._under.get(invocation_id, 0) + 1
-        return key
+        return self.forwarded.add(record)
 
     def done(self, invocation_id: str, reply: str) -> Forwarded | None:
         """A worker's Done for something forwarded: the record sent with that reply
         subject (Done.reply) ends, never another caller's under the id. Ingress's own
         requests wait on an inbox not known here (reply ""): each ends its record by
         its key (`end`) once its wait is over."""
-        if not reply or invocation_id not in self._under:
-            return None
-        record = self.forwarded.get(invocation_id)
-        if record is not None and record.reply == reply:
-            return self._pop(invocation_id)
-        if self._under[invocation_id] > 1:
-            for key, f in self.forwarded.items():
-                if f.invocation_id == invocation_id and f.reply == reply:
-                    return self._pop(key)
-        return None
+        return self.forwarded.done(invocation_id, reply)
 
     def end(self, key: str) -> Forwarded | None:
         """What was recorded under `key` (`sent`), removed, if it still is."""
-        return self._pop(key) if key in self.forwarded else None
-
-    def _pop(self, key: str) -> Forwarded:
-        record = self.forwarded.pop(key)
-        left = self._under[record.invocation_id] - 1
-        if left:
-            self._under[record.invocation_id] = left
-        else:
-            del self._under[record.invocation_id]
-        return record
+        return self.forwarded.pop(key)
 
     def tick(self, now: float) -> list[tuple[str, Forwarded]]:
         """Forget what has outlived its deadline (its caller was answered, or has given
@@ -175,7 +148,7 @@ class SchedulerWatch:
                 break
             expired.append(key)
         for key in expired:
-            self._pop(key)
+            self.forwarded.pop(key)
         silent = {s for s, t in self.active.items() if now - t > self.timeout_s}
         for s in silent:
             del self.active[s]
@@ -190,4 +163,5 @@ class SchedulerWatch:
             if f.scheduler in silent
             or (not f.scheduler and self.leader(now) is None and not self.available(now))
         ]
-        return [(f.invocation_id, f) for f in (self._pop(key) for key in lost)]
+        gone = (self.forwarded.pop(key) for key in lost)
+        return [(f.invocation_id, f) for f in gone if f is not None]
