@@ -35,7 +35,7 @@ from shared.codebundle import Limits, pack, parse_ref
 from shared.codestore import CodeStore
 from shared.config import PAYLOAD_HEADROOM, Settings, nats_servers, settings_from_env
 from shared.dataplane.backend import BackendError
-from shared.dataplane.client import BrokerClient, move_into, open_tensor, write_into
+from shared.dataplane.client import BrokerClient, Brokers, move_into, open_tensor, write_into
 from shared.errors import GfaasError
 from shared.handler_check import SANDBOX_TIMEOUT_S
 from shared.modelstore import ModelStore
@@ -205,6 +205,8 @@ class Client:
         # This client's name as a lease holder: outputs by handle are held by it.
         self.holder = f"client-{new_invocation_id()[:16]}"
         self.broker = BrokerClient(nc, node)
+        # Every node's broker: an output by handle is released at its own node's.
+        self.brokers = Brokers(self.broker)
 
     @classmethod
     @asynccontextmanager
@@ -409,14 +411,9 @@ class Client:
 
     async def release(self, tensors: Sequence[Tensor]) -> None:
         """Drop this client's references to by-handle tensors (value tensors are skipped)."""
-        by_node: dict[str, list[Handle]] = {}
-        for t in tensors:
-            if t.handle is not None:
-                by_node.setdefault(t.handle.pool, []).append(t.handle)
-        for node, handles in by_node.items():
-            # Each lease is released at the broker of the node it lives on.
-            broker = self.broker if node == self.broker.node else BrokerClient(self.nc, node)
-            await broker.release(handles, self.holder, self.tenant or DEFAULT_TENANT)
+        handles = [t.handle for t in tensors if t.handle is not None]
+        # Each lease is released at the broker of the node it lives on.
+        await self.brokers.release(handles, self.holder, self.tenant or DEFAULT_TENANT)
 
     async def invoke_async(
         self,

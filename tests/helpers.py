@@ -93,3 +93,18 @@ async def agent_details(client: Client) -> dict[str, Any]:
         if "agent" in status.details:
             return dict(status.details["agent"])
     raise AssertionError("no agent answered")
+
+
+async def leases_on(nc: NATS, node: str) -> int:
+    """Live leases at `node`'s broker (brokers in one test process share an instance
+    name, which Client.status_all keys answers by)."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish("gfaas.v1.status.memory-broker", b"", reply=inbox)
+        while True:
+            status = msgspec.msgpack.decode((await sub.next_msg(timeout=2)).data)
+            if status["details"]["node"] == node:
+                return int(status["details"]["leases"])
+    finally:
+        await sub.unsubscribe()

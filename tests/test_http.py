@@ -17,10 +17,13 @@ import tritonclient.http as triton
 from anyio.from_thread import start_blocking_portal
 from nats.aio.client import Client as NATS
 
+from gfaas.client import Client
+from services.gpu_worker.app import serve as serve_worker
 from services.ingress import app as ingress_app
+from services.memory_broker.app import serve as serve_broker
 from shared.natsd import NatsServer
 from shared.schema import DType, FunctionSpec, TensorSpec
-from tests.helpers import deploy_and_wait
+from tests.helpers import deploy_and_wait, leases_on
 from tests.platform import Platform, platform_at, settings_for
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
@@ -181,6 +184,68 @@ async def _broker_leases(url: str) -> int:
         return int(leases)
     finally:
         await nc.drain()
+
+
+async def test_shared_memory_outputs_of_a_function_run_on_another_node(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    # Ingress on node `local`, the only worker on node `b`: the function's outputs
+    # come back by handle in b's pool. Staging copied them out and released them at
+    # ingress's own broker, which knows none of them: the release was refused (the
+    # caller got not_found after the function had run) and the outputs stayed leased
+    # at b until their TTL. Now they are read through b's broker, in chunks (the big
+    # one takes two), and released there. The inputs, staged in local's pool, reach
+    # b by value: the worker reads them through local's broker.
+    with platform_at(nats_server.url, tmp_path / "s", workers=0) as p:
+        url = nats_server.url
+        p.start("broker-b", serve_broker, settings_for(url, tmp_path / "b", node="b"))
+        wb = settings_for(url, tmp_path / "wb", node="b", worker_id="wb")
+        p.start("worker-b", serve_worker, wb)
+        await deploy_and_wait(nc, ADD_ONE, handler_check=False)
+        big = np.arange(3 * 100_000, dtype=np.float32).reshape(-1, 3)  # over a message
+        small = np.arange(6, dtype=np.float32).reshape(2, 3)
+        arrays = {"in": big, "out": np.zeros_like(big), "small": small}
+        segments = {n: Path("/dev/shm") / f"gfaas-test-{n}-b-{p.http_port}" for n in arrays}
+
+        def shm_input(region: str, x: np.ndarray[Any, Any]) -> dict[str, Any]:
+            where = {"shared_memory_region": region, "shared_memory_byte_size": x.nbytes}
+            return {"name": "x", "datatype": "FP32", "shape": list(x.shape), "parameters": where}
+
+        try:
+            for n, path in segments.items():
+                path.write_bytes(arrays[n].tobytes())
+            async with httpx.AsyncClient(base_url=base(p), timeout=10) as http:
+                await wait_http(base(p))
+                for n, path in segments.items():
+                    r = await http.post(
+                        f"/v2/systemsharedmemory/region/{n}/register",
+                        json={"key": path.name, "byte_size": arrays[n].nbytes},
+                    )
+                    assert r.status_code == 200, r.text
+                where = {"shared_memory_region": "out", "shared_memory_byte_size": big.nbytes}
+                into = {
+                    "inputs": [shm_input("in", big)],
+                    "outputs": [{"name": "y", "parameters": where}],
+                }
+                r = await http.post("/v2/models/add-one/infer", json=into)
+                assert r.status_code == 200, r.text
+                got = np.frombuffer(segments["out"].read_bytes(), np.float32)
+                np.testing.assert_array_equal(got.reshape(big.shape), big + 1)
+                # Not asked for in a region: its bytes read through b's broker.
+                r = await http.post(
+                    "/v2/models/add-one/infer", json={"inputs": [shm_input("small", small)]}
+                )
+                assert r.status_code == 200, r.text
+                assert r.json()["outputs"][0]["data"] == (small + 1).ravel().tolist()
+                await http.post("/v2/systemsharedmemory/unregister")
+            (worker,) = await Client(nc).status_all("gpu-worker", timeout=1.0)
+            assert worker.details["remote_reads"] == 2  # both inputs, from local's pool
+            with anyio.fail_after(5):
+                while (await leases_on(nc, "b"), await leases_on(nc, "local")) != (0, 0):
+                    await anyio.sleep(0.05)
+        finally:
+            for path in segments.values():
+                path.unlink(missing_ok=True)
 
 
 async def test_a_workflow_is_a_model_over_http(platform: Platform, nc: NATS) -> None:

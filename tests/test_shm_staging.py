@@ -7,11 +7,12 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from services.ingress.oip import InferRequest, ShmRef
@@ -216,3 +217,47 @@ async def test_a_caller_gone_during_a_threaded_copy_releases_its_buffer_only_aft
         slab.close()
         unlink_segment(slab.name)
         os.unlink(f"/dev/shm{key}")
+
+
+async def _chunks(*parts: bytes) -> AsyncGenerator[bytes, None]:
+    for part in parts:
+        await anyio.lowlevel.checkpoint()
+        yield part
+
+
+async def test_another_nodes_output_is_written_into_its_region_chunk_by_chunk(
+    segment: str,
+) -> None:
+    """Read through its node's broker, each chunk lands at its place in the region
+    (system regions); a stream that comes to other than the output's size is refused
+    (internal), not answered as if the region held the output."""
+    from shared.errors import GfaasError
+
+    regions = ShmRegions()
+    tenant = regions.of("default")
+    tenant.register("out", segment, 0, 16)
+    try:
+        ref = ShmRef("out", 4, 12)
+        await tenant.copy_out_chunks(_chunks(b"abcde", b"fghij"), 10, ref)
+        assert Path(f"/dev/shm{segment}").read_bytes() == bytes(4) + b"abcdefghij" + bytes(2)
+        for parts in [(b"abc",), (b"abcdef", b"ghijk")]:
+            with pytest.raises(GfaasError, match="came as"):
+                await tenant.copy_out_chunks(_chunks(*parts), 10, ref)
+        with pytest.raises(GfaasError, match="do not fit"):  # checked before any read
+            await tenant.copy_out_chunks(_chunks(b"x" * 13), 13, ref)
+    finally:
+        regions.close()
+
+
+async def test_another_nodes_output_goes_into_a_cuda_region_in_one_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CUDA branch of copy_out_chunks, its GPU view stood in for by a host one."""
+    import torch
+
+    regions = ShmRegions()
+    target = torch.zeros(8, dtype=torch.uint8)
+    monkeypatch.setattr(regions.cuda, "byte_size", lambda name: 8)
+    monkeypatch.setattr(regions.cuda, "view", lambda ref, n: target[ref.offset : ref.offset + n])
+    await regions.copy_out_chunks(_chunks(b"ab", b"cd"), 4, ShmRef("gpu", 2, 4))
+    assert bytes(target.numpy()) == b"\0\0abcd\0\0"

@@ -39,7 +39,7 @@ from shared.schema import (
     encode,
 )
 from shared.spec import load_any, load_spec
-from tests.helpers import body, request
+from tests.helpers import body, leases_on, request
 from tests.platform import Platform, platform_at, settings_for
 
 pytestmark = [pytest.mark.nats, pytest.mark.anyio]
@@ -740,21 +740,6 @@ async def test_a_workflow_reply_the_bus_refuses_leaves_the_ingress_and_no_output
     await no_leases_left(client)
     out = await client.invoke("echo", x, timeout=2)
     assert out["y"].tolist() == [1.0, 1.0, 1.0]  # the ingress still serves
-
-
-async def leases_on(nc: NATS, node: str) -> int:
-    """Live leases at `node`'s broker (brokers in one test process share an instance
-    name, which Client.status_all keys answers by)."""
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
-    try:
-        await nc.publish("gfaas.v1.status.memory-broker", b"", reply=inbox)
-        while True:
-            status = msgspec.msgpack.decode((await sub.next_msg(timeout=2)).data)
-            if status["details"]["node"] == node:
-                return int(status["details"]["leases"])
-    finally:
-        await sub.unsubscribe()
 
 
 async def test_a_workflow_whose_stages_run_on_another_node(

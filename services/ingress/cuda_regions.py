@@ -159,6 +159,13 @@ class CudaRegions:
         target = self.view(ref, handle.nbytes)
         _copy(target, tensor_from_handle(handle, "uint8", [handle.nbytes]))
 
+    def write(self, ref: ShmRef, data: bytes) -> None:
+        """Host bytes (another node's lease, read through its broker) into the region."""
+        import torch
+
+        target = self.view(ref, len(data))
+        _copy(target, torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
     def _region(self, name: str) -> _Region:
         region = self._regions.get(name)
         if region is None:

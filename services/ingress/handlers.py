@@ -22,7 +22,7 @@ from services.ingress.shm_regions import ShmRegions
 from services.ingress.staging import ShmStaging
 from services.ingress.workflow import LATE_REPLY_S, WorkflowRunner
 from shared import subjects, tracing
-from shared.dataplane.client import BrokerClient
+from shared.dataplane.client import BrokerClient, Brokers
 from shared.errors import GfaasError
 from shared.ids import output_holder
 from shared.logs import failure_record, get_logger, report_failure
@@ -109,7 +109,11 @@ class Ingress:
         self.broker = broker
         # HTTP clients' registered shared memory, staged through the pool.
         self.regions = regions
-        self.staging = ShmStaging(broker, regions, holder, self.infer, lambda: self.tasks)
+        # Every node's broker: a function run on another node leaves its outputs there.
+        self.brokers = Brokers(broker, read_chunk=max_payload)
+        self.staging = ShmStaging(
+            broker, regions, holder, self.infer, lambda: self.tasks, brokers=self.brokers
+        )
         self.holder = holder
         self.max_payload = max_payload
         self.max_timeout_ms = max_timeout_ms
@@ -124,6 +128,7 @@ class Ingress:
             holder,
             lambda: self.tasks,
             max_payload=max_payload,
+            brokers=self.brokers,
         )
         self._plans: dict[str, tuple[WorkflowSpec, WorkflowPlan]] = {}
         # Sync workflow runs outlive the subscription callback that admitted them;

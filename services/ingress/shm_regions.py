@@ -41,8 +41,8 @@ import os
 import resource
 import stat
 import threading
-from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, Callable, Collection, Iterator
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -267,6 +267,33 @@ class ShmRegions:
 
         await _pinned(region, handle.nbytes, copy)
 
+    async def copy_out_chunks(
+        self, chunks: AsyncGenerator[bytes, None], nbytes: int, ref: ShmRef
+    ) -> None:
+        """`nbytes` coming in `chunks` (a lease in another node's pool, read through its
+        broker: it cannot be mapped here) into the region the reference names, each
+        chunk written as it comes into a system region. The region is checked, and
+        pinned, before the first is asked for."""
+        async with aclosing(chunks):
+            if ref.region not in self._regions:
+                check_fits(ref, nbytes, self.cuda.byte_size(ref.region))
+                data = b"".join([chunk async for chunk in chunks])
+                _check_length(ref, len(data), nbytes)
+                self.cuda.write(ref, data)
+                return
+            region, start = self._place(ref, nbytes)
+            region.pin()  # an unregister meanwhile leaves the descriptor to this copy
+            try:
+                done = 0
+                async for chunk in chunks:
+                    _check_length(ref, done + len(chunk), nbytes, at_most=True)
+                    # A chunk is at most a bus message: under THREAD_COPY_MIN, inline.
+                    _write(region, ref, start + done, memoryview(chunk))
+                    done += len(chunk)
+                _check_length(ref, done, nbytes)
+            finally:
+                region.unpin()
+
     def check_room(self, prefix: str, name: str) -> None:
         """Refuse a tenant (its names under `prefix`) one more region, of either kind,
         once it holds `tenant_max` (`name` names the new one, for the reason)."""
@@ -349,6 +376,12 @@ class TenantRegions:
     async def copy_out(self, handle: Handle, ref: ShmRef) -> None:
         with _named(self._prefix):
             await self._regions.copy_out(handle, self._ref(ref))
+
+    async def copy_out_chunks(
+        self, chunks: AsyncGenerator[bytes, None], nbytes: int, ref: ShmRef
+    ) -> None:
+        with _named(self._prefix):
+            await self._regions.copy_out_chunks(chunks, nbytes, self._ref(ref))
 
 
 class _TenantCuda:
@@ -464,6 +497,17 @@ def _write(region: _Region, ref: ShmRef, start: int, source: memoryview) -> None
         _pwrite(region.fd, source, start)
     except OSError as exc:
         raise _io_error(ref, "write", exc) from None
+
+
+def _check_length(ref: ShmRef, got: int, nbytes: int, *, at_most: bool = False) -> None:
+    """Refuse (internal) a lease read through another node's broker that came to
+    other than its `nbytes`: the region would be left part old, part new."""
+    if got > nbytes or (got < nbytes and not at_most):
+        raise GfaasError(
+            ErrorCode.INTERNAL,
+            f"region {ref.region!r}: the output's {nbytes} bytes came as {got} from "
+            "its node's broker; the region was not fully written",
+        )
 
 
 def _bytes(array: np.ndarray[Any, Any]) -> memoryview:

@@ -4,6 +4,12 @@ A request naming regions has their bytes copied into pooled buffers on the regio
 own device (one copy, device to device for CUDA), invoked by handle, and its outputs
 copied into the regions asked for (or read out as values); the bytes never ride
 the bus. Every lease taken here is released however the request ends.
+
+The inputs are staged in this node's pool; a worker of another node reads them
+through this node's broker. The function may have run on a worker of another node:
+its outputs are then in that node's pool, which cannot be mapped here and whose
+leases only that node's broker knows, so they are read through it in chunks (into
+their region, or as values) and released there.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from anyio.abc import TaskGroup
 
 from services.ingress.oip import InferRequest
 from services.ingress.shm_regions import ShmRegions
-from shared.dataplane.client import BrokerClient, read_bytes
+from shared.dataplane.client import BrokerClient, Brokers
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.schema import (
@@ -55,9 +61,13 @@ class ShmStaging:
         holder: str,
         invoke: Invoke,
         tasks: Callable[[], TaskGroup | None] = lambda: None,
+        *,
+        brokers: Brokers | None = None,
     ) -> None:
-        """`tasks`: ingress's long-lived task group, where invocations run (see _invoke)."""
+        """`tasks`: ingress's long-lived task group, where invocations run (see _invoke);
+        `brokers`: every node's broker, for outputs in another node's pool."""
         self.broker = broker
+        self.brokers = brokers or Brokers(broker)
         self.regions = regions
         self.holder = holder
         self.invoke = invoke
@@ -191,9 +201,10 @@ class ShmStaging:
         return box.result
 
     async def _release_outputs(self, reply: InvokeReply, tenant: str) -> None:
+        """Each at the broker of its node: the function may have run on another's."""
         handles = [t.handle for t in reply.outputs if t.handle is not None]
         if handles:
-            await self.broker.release(handles, self.holder, tenant)
+            await self.brokers.release(handles, self.holder, tenant)
 
     async def _outputs_from_pool(
         self, reply: InvokeReply, parsed: InferRequest, tenant: str
@@ -219,13 +230,17 @@ class ShmStaging:
                     outputs.append(t)
                     continue
                 if ref is not None:
-                    await regions.copy_out(t.handle, ref)
+                    if self.brokers.here(t.handle):
+                        await regions.copy_out(t.handle, ref)
+                    else:  # another node's pool: through its broker, chunk by chunk
+                        chunks = self.brokers.read_chunks(t.handle, tenant)
+                        await regions.copy_out_chunks(chunks, t.handle.nbytes, ref)
                     outputs.append(msgspec.structs.replace(t, handle=None))
                 else:
-                    pooled = read_bytes(t.handle)
-                    outputs.append(msgspec.structs.replace(t, handle=None, data=pooled.tobytes()))
+                    data = await self.brokers.read(t.handle, tenant)
+                    outputs.append(msgspec.structs.replace(t, handle=None, data=data))
             return msgspec.structs.replace(reply, outputs=outputs)
         finally:
             if handles:
                 with anyio.CancelScope(shield=True):
-                    await self.broker.release(handles, self.holder, tenant)
+                    await self._release_outputs(reply, tenant)

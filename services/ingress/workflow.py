@@ -29,12 +29,7 @@ from anyio.abc import TaskGroup
 
 from shared.config import PAYLOAD_HEADROOM
 from shared.dataplane.backend import BackendError
-from shared.dataplane.client import (
-    MAX_HANDLES_PER_REQUEST,
-    BrokerClient,
-    move_into,
-    read_bytes,
-)
+from shared.dataplane.client import BrokerClient, Brokers, by_pool, move_into
 from shared.errors import GfaasError
 from shared.ids import Holder, new_run_id, output_holder
 from shared.logs import get_logger
@@ -79,6 +74,7 @@ class WorkflowRunner:
         tasks: Callable[[], TaskGroup | None] = lambda: None,
         *,
         max_payload: int = 0,
+        brokers: Brokers | None = None,
     ) -> None:
         # Runs hold their leases under this name (the ingress's): should the ingress
         # die, the broker drops them with its other references.
@@ -88,24 +84,18 @@ class WorkflowRunner:
         self.tasks = tasks
         self.schedule = schedule
         self.broker = broker
-        # Other nodes' brokers, for stage outputs in their pools (by node).
-        self.brokers: dict[str, BrokerClient] = {}
         # The largest body a stage's request may have (the bus's limit, less room for
         # headers), and the most bytes one read of another node's lease asks for.
         self.max_payload = max_payload or broker.nc.max_payload - PAYLOAD_HEADROOM
-        self.read_chunk = self.max_payload
+        # Every node's broker, for stage outputs in other nodes' pools.
+        self.brokers = brokers or Brokers(broker, read_chunk=self.max_payload)
         self.functions = functions
         self.runs = 0
         self.stages = 0
 
     def broker_of(self, pool: str) -> BrokerClient:
         """The broker of the node whose pool holds a handle (`Handle.pool`)."""
-        if not pool or pool == self.broker.node:
-            return self.broker
-        found = self.brokers.get(pool)
-        if found is None:
-            found = self.brokers[pool] = BrokerClient(self.broker.nc, pool)
-        return found
+        return self.brokers.of(pool)
 
     async def release(
         self, handles: Sequence[Handle], holder: str, tenant: str, *, wait: bool = True
@@ -113,10 +103,7 @@ class WorkflowRunner:
         """Drop `holder`'s references on `handles`, each at its own node's broker, in
         as many requests as the broker's limit per request takes (a run may hold more:
         many stages, many outputs)."""
-        for pool, group in by_pool(handles).items():
-            for start in range(0, len(group), MAX_HANDLES_PER_REQUEST):
-                chunk = group[start : start + MAX_HANDLES_PER_REQUEST]
-                await self.broker_of(pool).release(chunk, holder, tenant, wait=wait)
+        await self.brokers.release(handles, holder, tenant, wait=wait)
 
     async def run(
         self, plan: WorkflowPlan, meta: InvocationMeta, request: InvokeRequest
@@ -470,12 +457,7 @@ class _Run:
         if self.request.outputs_by is OutputMode.VALUE:
             # The output also fed another stage, so it went by handle: copy it out
             # (from another node's pool, through its broker: it cannot be mapped here).
-            if self.runner.broker_of(pool) is self.runner.broker:
-                data = read_bytes(tensor.handle).tobytes()
-            else:
-                broker = self.runner.broker_of(pool)
-                chunk = self.runner.read_chunk
-                data = await broker.read(tensor.handle, self.meta.tenant, chunk=chunk)
+            data = await self.runner.brokers.read(tensor.handle, self.meta.tenant)
             return msgspec.structs.replace(tensor, handle=None, data=data)
         # The caller keeps it: its own reference, before this run drops its one.
         await self.runner.broker_of(pool).retain([tensor.handle], holder, self.meta.tenant)
@@ -508,14 +490,6 @@ class _Run:
         # its requests in order. Should it be lost, the leases' TTL frees them.
         held, self.held = self.held, []
         await self._release(held, self.meta.tenant)
-
-
-def by_pool(handles: Sequence[Handle]) -> dict[str, list[Handle]]:
-    """`handles` by the node whose pool holds them."""
-    found: dict[str, list[Handle]] = {}
-    for handle in handles:
-        found.setdefault(handle.pool, []).append(handle)
-    return found
 
 
 def _gfaas_error(exc: BaseException) -> GfaasError | None:

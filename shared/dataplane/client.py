@@ -9,7 +9,7 @@ carrying the tenant in a header, answered with a HandlesReply (a BytesReply for
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
@@ -18,6 +18,7 @@ import numpy as np
 from nats.aio.client import Client as NATS
 
 from shared import subjects, tracing
+from shared.config import PAYLOAD_HEADROOM
 from shared.dataplane.backend import BackendError, tensor_from_handle
 from shared.dataplane.board import BoardReader
 from shared.dataplane.leases import LeaseError
@@ -275,12 +276,25 @@ class BrokerClient:
     async def read(self, handle: Handle, tenant: str, *, chunk: int) -> bytes:
         """A lease's bytes in messages of at most `chunk` bytes: the fallback for a
         consumer on another node, which cannot map this node's pool."""
-        parts: list[bytes] = []
-        for offset in range(0, handle.nbytes, max(chunk, 1)):
+        return b"".join([part async for part in self.read_chunks(handle, tenant, chunk=chunk)])
+
+    async def read_chunks(
+        self, handle: Handle, tenant: str, *, chunk: int
+    ) -> AsyncGenerator[bytes, None]:
+        """A lease's bytes in order, one message of at most `chunk` bytes at a time (for
+        a consumer that writes each where it goes, never holding them all)."""
+        chunk = max(chunk, 1)
+        for offset in range(0, handle.nbytes, chunk):
             n = min(chunk, handle.nbytes - offset)
             request = ReadRequest(handle=handle, offset=offset, nbytes=n)
-            parts.append((await self._request("read", request, tenant, BytesReply)).data)
-        return b"".join(parts)
+            data = (await self._request("read", request, tenant, BytesReply)).data
+            if len(data) != n:
+                raise GfaasError(
+                    ErrorCode.INTERNAL,
+                    f"memory broker {self.node!r} answered {len(data)} bytes for a read "
+                    f"of {n} at offset {offset}",
+                )
+            yield data
 
     async def _call(self, op: str, request: Any, tenant: str) -> list[Handle]:
         return (await self._request(op, request, tenant, HandlesReply)).handles
@@ -309,6 +323,70 @@ class BrokerClient:
         if reply.error is not None:
             raise GfaasError.from_info(reply.error)
         return reply
+
+
+def by_pool(handles: Sequence[Handle]) -> dict[str, list[Handle]]:
+    """`handles` by the node whose pool holds them (`Handle.pool`)."""
+    found: dict[str, list[Handle]] = {}
+    for handle in handles:
+        found.setdefault(handle.pool, []).append(handle)
+    return found
+
+
+class Brokers:
+    """Every node's broker as seen from one service, by the node a handle names.
+
+    A lease is known only to the broker of the node whose pool holds it, and that
+    pool can be mapped only there: a function (or a workflow's stage) run by a worker
+    of another node leaves its outputs in that node's pool. So each op on a handle
+    goes to `of(handle.pool)`, and its bytes are read in place when the pool is this
+    node's, through that node's broker in chunks when it is not."""
+
+    def __init__(self, local: BrokerClient, *, read_chunk: int = 0) -> None:
+        """`read_chunk`: the most bytes one read of another node's lease asks for
+        (0: the bus's limit, less room for headers, as the brokers' own limit)."""
+        self.local = local
+        self._read_chunk = read_chunk
+        self._others: dict[str, BrokerClient] = {}
+
+    @property
+    def read_chunk(self) -> int:
+        if not self._read_chunk:
+            self._read_chunk = max(self.local.nc.max_payload - PAYLOAD_HEADROOM, 1)
+        return self._read_chunk
+
+    def of(self, pool: str) -> BrokerClient:
+        """The broker of the node whose pool is `pool` (a handle's `pool`)."""
+        if not pool or pool == self.local.node:
+            return self.local
+        found = self._others.get(pool)
+        if found is None:
+            found = self._others[pool] = BrokerClient(self.local.nc, pool)
+        return found
+
+    def here(self, handle: Handle) -> bool:
+        """Whether the handle's pool is this node's (its bytes can be mapped here)."""
+        return self.of(handle.pool) is self.local
+
+    async def release(
+        self, handles: Sequence[Handle], holder: str, tenant: str, *, wait: bool = True
+    ) -> None:
+        """Drop `holder`'s references on `handles`, each at its own node's broker, in
+        as many requests as the broker's limit per request takes."""
+        for pool, group in by_pool(handles).items():
+            for start in range(0, len(group), MAX_HANDLES_PER_REQUEST):
+                chunk = group[start : start + MAX_HANDLES_PER_REQUEST]
+                await self.of(pool).release(chunk, holder, tenant, wait=wait)
+
+    async def read(self, handle: Handle, tenant: str) -> bytes:
+        """A lease's bytes: in place on this node, through its node's broker otherwise."""
+        if self.here(handle):
+            return read_bytes(handle).tobytes()
+        return await self.of(handle.pool).read(handle, tenant, chunk=self.read_chunk)
+
+    def read_chunks(self, handle: Handle, tenant: str) -> AsyncGenerator[bytes, None]:
+        """Another node's lease's bytes in order, in chunks, through its broker."""
+        return self.of(handle.pool).read_chunks(handle, tenant, chunk=self.read_chunk)
 
 
 def open_tensor(t: Tensor) -> torch.Tensor:
