@@ -24,6 +24,8 @@ from gfaas.supervisor import (
     PortInUse,
     StartFailed,
     Supervisor,
+    expected_services,
+    front_ports,
     metrics_ports,
     run_up,
 )
@@ -86,14 +88,32 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
 
     def announce(url: str) -> bool:
-        # One line, once every service answers its status subject.
+        # One line, once every service answers its status subject: ingress's ports as
+        # bound (a port of 0 is the kernel's pick, one per replica).
+        bound: dict[str, list[int]] = {}
+        if (settings.http_enabled and settings.http_port == 0) or (
+            settings.grpc_enabled and settings.grpc_port == 0
+        ):
+            from shared import auth
+
+            ingresses = expected_services(sup.children).get("ingress", 0)
+            creds = auth.default_admin_creds(settings)
+            try:
+                bound = anyio.run(front_ports, url, ingresses, creds)
+            except Exception as exc:  # said as asked for rather than not at all
+                print(f"gfaas up: could not ask ingress for its ports: {exc}", file=sys.stderr)
+
+        def hosts(key: str, port: int, scheme: str = "") -> str:
+            ports = (bound.get(key) or [port]) if port == 0 else [port]
+            return ", ".join(f"{scheme}{settings.http_host}:{p}" for p in ports)
+
         parts = [f"NATS {url}"]
         if settings.http_enabled:
             scheme = "https" if settings.http_tls_cert else "http"
-            parts.append(f"HTTP {scheme}://{settings.http_host}:{settings.http_port}")
+            parts.append(f"HTTP {hosts('http_port', settings.http_port, scheme + '://')}")
         if settings.grpc_enabled:
             tls = " (TLS)" if settings.http_tls_cert else ""
-            parts.append(f"gRPC {settings.http_host}:{settings.grpc_port}{tls}")
+            parts.append(f"gRPC {hosts('grpc_port', settings.grpc_port)}{tls}")
         parts.append("auth on" if settings.nats_auth else "auth off (--insecure)")
         if settings.metrics_enabled:
             ports = metrics_ports(sup.children)
