@@ -126,6 +126,8 @@ def service_env(settings: Settings, nats_url: str, **extra: str) -> dict[str, st
             "GFAAS_HTTP_TLS_CERT": settings.http_tls_cert,
             "GFAAS_HTTP_TLS_KEY": settings.http_tls_key,
             "PYTHONUNBUFFERED": "1",
+            # Its workers are ours (restarted when they exit): errors say so.
+            "GFAAS_SUPERVISED": "true",
         }
     )
     if not tracing.otlp_endpoint() and tracing.TRACE_DIR_ENV not in env:
