@@ -24,6 +24,8 @@ from gfaas.supervisor import (
     PortInUse,
     StartFailed,
     Supervisor,
+    expected_services,
+    front_ports,
     metrics_ports,
     run_up,
 )
@@ -71,6 +73,17 @@ def _client(url: str, **kwargs: Any) -> AbstractAsyncContextManager[Client]:
     return Client.connect(url, replicas=settings_from_env().js_replicas, **kwargs)
 
 
+# Exit statuses. EXIT_ERROR: the command failed: a usage error (argparse's own 2), an
+# error the platform answered (any GfaasError: `gfaas: <code>: <reason>`, as `invoke`
+# and `profile` of an unknown function both say), a spec or value refused, NATS not
+# reached. `main` maps every such exception to it; a command that catches one to say
+# more returns it too. EXIT_NO: the command ran and its answer is no: nothing of that
+# name to remove or revoke, no service answering `health`, no spans to `trace`, and
+# `up` or `demo` failing to start.
+EXIT_NO = 1
+EXIT_ERROR = 2
+
+
 # -- platform ----------------------------------------------------------------------------
 
 
@@ -86,14 +99,32 @@ def cmd_up(args: argparse.Namespace) -> int:
     )
 
     def announce(url: str) -> bool:
-        # One line, once every service answers its status subject.
+        # One line, once every service answers its status subject: ingress's ports as
+        # bound (a port of 0 is the kernel's pick, one per replica).
+        bound: dict[str, list[int]] = {}
+        if (settings.http_enabled and settings.http_port == 0) or (
+            settings.grpc_enabled and settings.grpc_port == 0
+        ):
+            from shared import auth
+
+            ingresses = expected_services(sup.children).get("ingress", 0)
+            creds = auth.default_admin_creds(settings)
+            try:
+                bound = anyio.run(front_ports, url, ingresses, creds)
+            except Exception as exc:  # said as asked for rather than not at all
+                print(f"gfaas up: could not ask ingress for its ports: {exc}", file=sys.stderr)
+
+        def hosts(key: str, port: int, scheme: str = "") -> str:
+            ports = (bound.get(key) or [port]) if port == 0 else [port]
+            return ", ".join(f"{scheme}{settings.http_host}:{p}" for p in ports)
+
         parts = [f"NATS {url}"]
         if settings.http_enabled:
             scheme = "https" if settings.http_tls_cert else "http"
-            parts.append(f"HTTP {scheme}://{settings.http_host}:{settings.http_port}")
+            parts.append(f"HTTP {hosts('http_port', settings.http_port, scheme + '://')}")
         if settings.grpc_enabled:
             tls = " (TLS)" if settings.http_tls_cert else ""
-            parts.append(f"gRPC {settings.http_host}:{settings.grpc_port}{tls}")
+            parts.append(f"gRPC {hosts('grpc_port', settings.grpc_port)}{tls}")
         parts.append("auth on" if settings.nats_auth else "auth off (--insecure)")
         if settings.metrics_enabled:
             ports = metrics_ports(sup.children)
@@ -108,7 +139,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         run_up(sup, announce, ready=True)
     except (PortInUse, StartFailed) as exc:
         print(str(exc), file=sys.stderr)
-        return 1
+        return EXIT_NO
     return 0
 
 
@@ -141,7 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_up(sup, demo, ready=True)
     except (PortInUse, StartFailed) as exc:
         print(str(exc), file=sys.stderr)
-        return 1
+        return EXIT_NO
     return outcome[0]
 
 
@@ -264,7 +295,7 @@ async def _profile(url: str, function: str, as_json: bool) -> int:
                 )
             else:
                 print(f"gfaas: {exc.code}: {exc.reason}", file=sys.stderr)
-            return 1
+            return EXIT_ERROR  # as `main` for any GfaasError (`gfaas invoke` of it)
     if as_json:
         print(json.dumps(msgspec.to_builtins(profile), indent=2))
         return 0
@@ -284,7 +315,7 @@ async def _rm(url: str, name: str, force: bool) -> int:
             print(f"removed {name}")
             return 0
     print(f"no function or workflow named {name}", file=sys.stderr)
-    return 1
+    return EXIT_NO
 
 
 async def _model_push(url: str, name: str, path: Path) -> None:
@@ -310,14 +341,10 @@ async def _code_ls(url: str) -> None:
 
 async def _code_rm(url: str, ref: str, force: bool) -> int:
     async with _client(url) as client:
-        try:
-            removed = await client.remove_code(ref, force=force)
-        except ValueError as exc:
-            print(f"gfaas: {exc}", file=sys.stderr)
-            return 1
+        removed = await client.remove_code(ref, force=force)  # refused: EXIT_ERROR
     if not removed:
         print(f"gfaas: no code bundle {ref}", file=sys.stderr)
-        return 1
+        return EXIT_NO
     return 0
 
 
@@ -454,7 +481,7 @@ async def _health(url: str, service: str, any_instance: bool) -> int:
     mine = [s for s in found if any_instance or s.instance.startswith(host[:24])]
     if not mine:
         print(f"{service}: no answer" + ("" if any_instance else f" from {host}"))
-        return 1
+        return EXIT_NO
     print(f"{service}: {', '.join(s.instance for s in mine)} up")
     return 0
 
@@ -588,7 +615,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
             "(traces go to the collector when OTEL_EXPORTER_OTLP_ENDPOINT is set)",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_NO
     print("\n".join(tracing.trace_tree(spans)))
     return 0
 
@@ -733,7 +760,7 @@ def cmd_tenant_revoke(args: argparse.Namespace) -> int:
     had_user, keys = auth.remove_tenant(auth.auth_dir(settings), args.name)
     if not had_user and not keys:
         print(f"no tenant {args.name!r}", file=sys.stderr)
-        return 1
+        return EXIT_NO
     reloaded = auth.reload_server(settings.state_dir / "nats" / PID_FILE)
     print(f"tenant {args.name} revoked: its NATS user and {keys} API key(s)")
     if not reloaded:
@@ -1019,12 +1046,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit status (EXIT_ERROR, EXIT_NO and what a command
+    returns)."""
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
     except (GfaasError, SpecError, ValueError, ConnectionError, OSError) as exc:
         print(f"gfaas: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR
     except KeyboardInterrupt:
         # Ctrl-C (how `logs --follow` and `top` end): the shell's 128 + SIGINT, not a
         # traceback of wherever the event loop was.

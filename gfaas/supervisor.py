@@ -126,6 +126,8 @@ def service_env(settings: Settings, nats_url: str, **extra: str) -> dict[str, st
             "GFAAS_HTTP_TLS_CERT": settings.http_tls_cert,
             "GFAAS_HTTP_TLS_KEY": settings.http_tls_key,
             "PYTHONUNBUFFERED": "1",
+            # Its workers are ours (restarted when they exit): errors say so.
+            "GFAAS_SUPERVISED": "true",
         }
     )
     if not tracing.otlp_endpoint() and tracing.TRACE_DIR_ENV not in env:
@@ -212,6 +214,22 @@ async def ready_counts(
             found = await client.status_all(service, expect=want, timeout=0.5)
             counts[service] = len(found)
     return counts
+
+
+async def front_ports(url: str, ingresses: int, creds: Path | None = None) -> dict[str, list[int]]:
+    """The ports ingress's HTTP and gRPC fronts are bound to ("http_port",
+    "grpc_port"), as each ingress reports them in its status: the kernel's choice
+    where GFAAS_HTTP_PORT or GFAAS_GRPC_PORT is 0 (a port of its own for each
+    replica then). Sorted, each port once."""
+    from gfaas.client import Client
+
+    async with Client.connect(url, creds=creds) as client:
+        found = await client.status_all("ingress", expect=ingresses, timeout=2.0)
+    ports: dict[str, list[int]] = {}
+    for key in ("http_port", "grpc_port"):
+        bound = {s.details.get(key) for s in found}
+        ports[key] = sorted(p for p in bound if isinstance(p, int) and p > 0)
+    return ports
 
 
 def gpu_count() -> int:

@@ -205,6 +205,16 @@ _JS_DENY_BUT_INGRESS: Final = (
 )
 
 
+def may_delete_consumers(user: str) -> bool:
+    """Whether a connection as NATS user `user` may delete a JetStream consumer: not
+    a service's or an instance's identity (`_JS_DENY`); the admin, a connection
+    without a user (a server without authentication) or anyone else may try. What
+    would be refused is not sent: the server logs every refusal as a permissions
+    violation on the connection."""
+    permissions = SERVICE_PERMISSIONS.get(user)
+    return permissions is None or "$JS.API.CONSUMER.DELETE.>" not in permissions.publish_deny
+
+
 def _kv(bucket: str) -> str:
     return f"$KV.{bucket}.>"
 

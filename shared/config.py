@@ -117,6 +117,9 @@ class Settings:
     # How long a grant of worker slots to an ingress lasts unless renewed
     # (shared.scheduling.grants); 0 turns direct sends off.
     grant_ttl_s: float = 2.0
+    # Started by `gfaas up`, which runs the workers and restarts one that exits: a
+    # caller told there is no worker is not told to start one.
+    supervised: bool = False
     # Function instances: an instance beyond its function's burst floor (what a burst
     # of the rate left behind) goes after this many seconds idle while the function
     # still has a rate; the spec's idle_s stays the keep-alive of the last ones

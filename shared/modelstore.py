@@ -33,6 +33,7 @@ from nats.js.errors import DigestMismatchError, ObjectDeletedError, ObjectNotFou
 from nats.js.object_store import OBJ_CHUNKS_PRE_TEMPLATE, ObjectStore
 
 from shared import jetstream
+from shared.auth import may_delete_consumers
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.names import check_name, is_valid_name, name_problem
@@ -54,6 +55,12 @@ BLOB_SUFFIX = ".blob"
 SOURCE_HEADER = "Gfaas-Source-Sha256"
 # A fetch that receives nothing for this long is given up (chunks lost in the store).
 STALL_S = 30.0
+# A fetch's pull consumer is forgotten by the server once no pull of it has waited
+# for this long: a fetch pulls again as soon as it has written its last batch (its
+# waits are REPLACED_POLL_S long), so only a consumer whose fetch is done or died
+# goes. That is how a service's fetch ends its consumer (no service may delete one:
+# shared.auth); the admin's deletes it at once.
+CONSUMER_IDLE_S = 5.0
 # Pushes store chunks of this size, or of the server's max_payload where that is
 # smaller: 100 MB is 100 messages instead of the client's default 800 of 128 KiB,
 # and a fetch pays the per-message work (the server's, the parser's, a write) an
@@ -431,7 +438,7 @@ class ModelStore:
         config = api.ConsumerConfig(
             ack_policy=api.AckPolicy.NONE,
             deliver_policy=api.DeliverPolicy.ALL,
-            inactive_threshold=STALL_S,  # the server forgets it if this fetch dies
+            inactive_threshold=CONSUMER_IDLE_S,  # how a service's fetch ends it
         )
         sub = await js.pull_subscribe(subject, stream=stream, config=config)
         # Each batch is written and hashed in a thread while the next one arrives
@@ -456,13 +463,12 @@ class ModelStore:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
             # Unsubscribing leaves the consumer on the server until its inactive
-            # threshold: one per fetch, STALL_S each (a node fetching many models, or
-            # a prefetcher's rounds, piles them up). The fetch is done with it.
-            # Not waited for: under authentication no service may delete a consumer
-            # (shared.auth), and waiting for the refused request's timeout (5 s) added
-            # that much to every fetch and fill of a worker's.
+            # threshold (CONSUMER_IDLE_S). Under authentication no service may delete a
+            # consumer (shared.auth): a refused delete is logged as a permissions
+            # violation on the connection (and its reply waited 5 s for), so only an
+            # identity that may delete one sends it; not waited for.
             consumer = getattr(sub, "_consumer", None)
-            if consumer:
+            if consumer and may_delete_consumers(_user_of(js)):
                 _in_background(_delete_consumer(js, stream, consumer))
 
     async def _next_batch(
@@ -610,6 +616,13 @@ def _in_background(work: Coroutine[Any, Any, None]) -> None:
     task = asyncio.ensure_future(work)
     _background.add(task)
     task.add_done_callback(_background.discard)
+
+
+def _user_of(js: Any) -> str:
+    """The NATS user a JetStream context's connection authenticated as ("" for none)."""
+    options = getattr(getattr(js, "_nc", None), "options", None)
+    user = options.get("user") if isinstance(options, dict) else None
+    return user if isinstance(user, str) else ""
 
 
 async def _delete_consumer(js: Any, stream: str, consumer: str) -> None:

@@ -84,6 +84,21 @@ async def _deploy_workflow(url: str) -> None:
 
 
 @pytest.mark.nats
+def test_invoke_and_profile_of_an_unknown_function_exit_alike(
+    platform: Platform, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # `gfaas profile nothing` exited 1 and `gfaas invoke nothing` 2, though both say
+    # the same error the platform answered (gfaas.cli EXIT_ERROR).
+    capsys.readouterr()
+    said = "gfaas: unknown_function: function 'nothing' is not deployed\n"
+    assert cli.main(["invoke", "nothing", "-i", "x=[1]", "--nats-url", platform.url]) == 2
+    assert capsys.readouterr().err.endswith(said)
+    assert cli.main(["profile", "nothing", "--nats-url", platform.url]) == 2
+    assert capsys.readouterr().err == said
+    assert cli.EXIT_ERROR == 2
+
+
+@pytest.mark.nats
 def test_gfaas_profile_of_a_workflow_says_it_is_one(
     platform: Platform, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -91,8 +106,8 @@ def test_gfaas_profile_of_a_workflow_says_it_is_one(
     # 'classify-image' is not deployed", of a workflow `gfaas ls` lists.
     anyio.run(_deploy_workflow, platform.url)
     capsys.readouterr()
-    assert cli.main(["profile", "twice", "--nats-url", platform.url]) == 1
+    assert cli.main(["profile", "twice", "--nats-url", platform.url]) == 2
     assert capsys.readouterr().err == "gfaas: twice is a workflow: profile its functions (inc)\n"
-    assert cli.main(["profile", "nothing", "--nats-url", platform.url]) == 1
+    assert cli.main(["profile", "nothing", "--nats-url", platform.url]) == 2
     said = "gfaas: unknown_function: function 'nothing' is not deployed\n"
     assert capsys.readouterr().err == said

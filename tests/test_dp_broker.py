@@ -393,3 +393,29 @@ async def test_a_cancelled_copy_keeps_its_blocks_until_the_copier_lets_go(
     copier = broker.links.copiers["cpu->emu:0"]
     assert copier.scheduler.stats().bytes_done == N
     assert [x.lease_id for x in broker.pools.table] == [src.lease_id]
+
+
+@pytest.mark.nats
+async def test_a_broker_not_running_or_not_answering_is_unavailable_not_internal(
+    nc: NATS,
+) -> None:
+    """A call while the node's memory broker is not up yet (or restarting, or stuck)
+    was `internal`, a fault inside gfaas (HTTP 500): it is `unavailable`, a service
+    the call needs missing (503), which callers retry."""
+    from services.ingress.statuses import statuses_for
+    from shared import subjects
+
+    with pytest.raises(GfaasError) as raised:
+        await BrokerClient(nc, "nobroker").lease([64], owner="w0")
+    assert raised.value.code == ErrorCode.UNAVAILABLE
+    assert "no memory broker is running on node 'nobroker'" in raised.value.reason
+    assert statuses_for(raised.value.code).http == 503
+    # One that hears the request and never answers.
+    sub = await nc.subscribe(subjects.broker("stuck", "lease"))
+    try:
+        with pytest.raises(GfaasError) as raised:
+            await BrokerClient(nc, "stuck", timeout=0.2).lease([64], owner="w0")
+        assert raised.value.code == ErrorCode.UNAVAILABLE
+        assert "did not answer lease" in raised.value.reason
+    finally:
+        await sub.unsubscribe()

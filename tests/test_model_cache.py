@@ -464,6 +464,51 @@ async def test_a_workers_fetch_under_authentication_does_not_wait_for_a_refused_
             await admin.close()
 
 
+async def test_a_workers_fetch_under_authentication_sends_no_refused_delete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No service may delete a consumer (shared.auth): a worker's fetch that sent the
+    delete anyway had the server log a permissions violation on its connection (in
+    gfaas up's output as `nats.error`) for every model it loaded. It sends none; its
+    consumer goes at its inactive threshold (CONSUMER_IDLE_S, short)."""
+    import nats
+
+    from shared import auth, modelstore
+    from tests.platform import auth_nats_server
+
+    monkeypatch.setattr(modelstore, "CONSUMER_IDLE_S", 0.5)
+    errors: list[Exception] = []
+
+    async def on_error(exc: Exception) -> None:  # what shared.bus logs as nats.error
+        errors.append(exc)
+
+    with auth_nats_server(tmp_path / "state") as server:
+        creds = tmp_path / "state" / "auth"
+        admin = await nats.connect(server.url, **auth.connect_options(creds=creds / "admin.json"))
+        worker = await nats.connect(
+            server.url,
+            error_cb=on_error,
+            **auth.connect_options(creds=creds / "gpu-worker.json"),
+        )
+        try:
+            weights = tmp_path / "w.bin"
+            weights.write_bytes(np.random.default_rng(9).bytes(2 * CHUNK_BYTES + 1))
+            await (await ModelStore.open(admin.jetstream())).push("w", weights)
+            store = await ModelStore.open(worker.jetstream())
+            fetched = await store.fetch("w", tmp_path / "cache")
+            assert fetched.read_bytes() == weights.read_bytes()
+            await anyio.sleep(0.2)  # a delete sent in the background, refused
+            await worker.flush()
+            assert errors == []
+            stream = f"OBJ_{MODELS_BUCKET}"
+            with anyio.fail_after(3):  # its threshold, and the server's sweep
+                while await admin.jetstream().consumers_info(stream) != []:
+                    await anyio.sleep(0.05)
+        finally:
+            await worker.close()
+            await admin.close()
+
+
 async def test_a_fetch_whose_chunks_a_push_purges_midway_takes_the_new_weights_at_once(
     nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

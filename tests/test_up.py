@@ -111,3 +111,24 @@ def test_up_says_ready_once_every_service_answers_and_trace_reads_its_spans(
         ):
             assert name in tree, tree
         assert list((state / "traces").glob("ingress-*.jsonl"))
+
+
+def test_up_with_ports_of_0_announces_the_ports_ingress_bound(tmp_path: Path) -> None:
+    """`--http-port 0` and GFAAS_GRPC_PORT=0 (any free port) announced `HTTP
+    http://127.0.0.1:0` and `gRPC 127.0.0.1:0`: not where anything listens. The ready
+    line gives the ports ingress bound, and they answer."""
+    import urllib.request
+
+    state = tmp_path / "state"
+    with gfaas_up(_env(state), "--state-dir", str(state), "--http-port", "0") as up:
+        http = re.search(r"HTTP http://127\.0\.0\.1:(\d+)", up.line)
+        grpc = re.search(r"gRPC 127\.0\.0\.1:(\d+)", up.line)
+        assert http, up.line
+        assert grpc, up.line
+        http_port, grpc_port = int(http.group(1)), int(grpc.group(1))
+        assert http_port != 0, up.line
+        assert grpc_port != 0, up.line
+        url = f"http://127.0.0.1:{http_port}/v2/health/live"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            assert answer.status == 200
+        socket.create_connection(("127.0.0.1", grpc_port), timeout=5).close()

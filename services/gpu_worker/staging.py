@@ -169,7 +169,9 @@ class Staging:
             try:
                 data = await remote.read(h, meta.tenant, chunk=self.max_payload)
             except GfaasError as exc:
-                if exc.code is not ErrorCode.INTERNAL:
+                # The handle names a node whose broker is not there: the input's
+                # fault as the caller sent it (a node that never ran one, say).
+                if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL):
                     raise
                 raise GfaasError(
                     ErrorCode.INVALID_INPUT,

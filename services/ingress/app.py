@@ -82,7 +82,11 @@ async def _serve_http(
     stop: anyio.Event,
     stats: InferenceStats,
     tls: FrontTLS | None = None,
+    *,
+    task_status: TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
+    """Serve HTTP until `stop` is set; reports the port bound (GFAAS_HTTP_PORT, or the
+    one the kernel picked for 0) once the socket listens."""
     import uvicorn
 
     from services.ingress.http import create_app
@@ -122,6 +126,8 @@ async def _serve_http(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     with sock:
         sock.bind((settings.http_host, settings.http_port))
+        sock.listen(config.backlog)  # connections wait for uvicorn, not refused
+        task_status.started(int(sock.getsockname()[1]))
         async with anyio.create_task_group() as tg:
             tg.start_soon(functools.partial(server.serve, sockets=[sock]))
             await stop.wait()
@@ -229,8 +235,12 @@ async def serve(
             reply = await asyncs.result(subjects.last_token(msg.subject), tenant=tenant)
             await msg.respond(encode(reply))
 
+        # The ports HTTP and gRPC are bound to (what `gfaas up` announces: the
+        # kernel's choice for a port of 0), once they are.
+        fronts: dict[str, int] = {}
+
         def details() -> dict[str, object]:
-            return {**ingress.details(), "async": asyncs.details()}
+            return {**ingress.details(), "async": asyncs.details(), **fronts}
 
         async def tick() -> None:
             await dispatcher.tick()
@@ -273,18 +283,19 @@ async def serve(
                 service_tg.start_soon(watch_bus, nc, dispatcher.health, holder)
                 # Workflow outputs and shared-memory staging map pool slabs here.
                 service_tg.start_soon(every, PRUNE_S, prune_mappings)
-                await serve_status(nc, "ingress", instance, details)
                 # Each ends by itself once `stop` is set, after its in-flight work.
                 intake.start_soon(asyncs.consume, stop)
                 stats = InferenceStats()
                 if settings.http_enabled:
-                    intake.start_soon(_serve_http, ingress, settings, stop, stats, tls)
+                    fronts["http_port"] = await intake.start(
+                        _serve_http, ingress, settings, stop, stats, tls
+                    )
                 if settings.grpc_enabled:
                     # Started, not started soon: a port that cannot be bound fails
                     # ingress's start instead of leaving it up without gRPC.
                     from services.ingress import grpc_front
 
-                    await intake.start(
+                    fronts["grpc_port"] = await intake.start(
                         functools.partial(
                             grpc_front.serve,
                             ingress,
@@ -297,6 +308,8 @@ async def serve(
                             tls=tls,
                         )
                     )
+                # Answered once the fronts listen: ready (gfaas up) means reachable.
+                await serve_status(nc, "ingress", instance, details)
                 task_status.started()
                 await stop.wait()
                 await invoke_sub.drain()

@@ -76,6 +76,7 @@ class Scheduler:
         self.policy = policy
         self.models = models
         self.grant_ttl_s = settings.grant_ttl_s
+        self.supervised = settings.supervised
         self.revoked = 0
         self.state = ClusterState(
             worker_timeout_s=settings.worker_timeout_s, pending_limit=settings.pending_limit
@@ -160,7 +161,7 @@ class Scheduler:
                     reply,
                     meta.invocation_id,
                     ErrorCode.NO_WORKER,
-                    "no worker is available; start one with `gfaas serve gpu-worker`",
+                    self._no_worker_reason(),
                 )
                 return
             if instanced and not self.instances.any_agent():
@@ -196,6 +197,18 @@ class Scheduler:
                     waiting.end()
             if worker_id is not None and ingress and self.grant_ttl_s > 0:
                 await self._lend(ingress, inv, spec, worker_id, now)
+
+    def _no_worker_reason(self) -> str:
+        """Why a call found no worker, and what the operator can do: under `gfaas up`
+        the workers are its own (started with it, restarted when one exits), so
+        telling the caller to start one sent them to start a second set."""
+        if self.supervised:
+            return (
+                "no worker is available: gfaas up's workers are not heartbeating (still "
+                "starting, or restarting after one exited: their log is in gfaas up's "
+                "output); try again shortly"
+            )
+        return "no worker is available; start one with `gfaas serve gpu-worker`"
 
     async def refused(self, refused: Refused) -> RefusedReply:
         """A worker at capacity handed back an invocation placed there: it goes to a

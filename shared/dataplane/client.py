@@ -308,13 +308,16 @@ class BrokerClient:
                 timeout=self.timeout,
                 headers=tracing.inject({H_TENANT: tenant}),
             )
+        # A broker not running (not up yet, restarting) or not answering is a service
+        # the call needs that is missing, not a fault inside gfaas nor the caller's:
+        # `unavailable` (HTTP 503, gRPC UNAVAILABLE), which callers may retry.
         except nats.errors.NoRespondersError:
             raise GfaasError(
-                ErrorCode.INTERNAL, f"no memory broker is running on node {self.node!r}"
+                ErrorCode.UNAVAILABLE, f"no memory broker is running on node {self.node!r}"
             ) from None
         except nats.errors.TimeoutError:
             raise GfaasError(
-                ErrorCode.INTERNAL, f"memory broker {self.node!r} did not answer {op}"
+                ErrorCode.UNAVAILABLE, f"memory broker {self.node!r} did not answer {op}"
             ) from None
         try:
             reply = decode(msg.data, kind)
