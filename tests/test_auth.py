@@ -834,6 +834,7 @@ async def test_tenant_revoke_takes_its_credentials_and_keys_away(secured: Secure
     assert cli.main(["tenant", "revoke", "nobody", "--state-dir", str(secured.state_dir)]) == 1
 
 
+@pytest.mark.slow  # over 5 s on this machine: in CI, not the quick run
 def test_each_service_answers_its_own_health_check(
     secured: Secured, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -254,6 +254,7 @@ FANOUT = WorkflowSpec(
 )
 
 
+@pytest.mark.slow  # over 5 s on this machine: in CI, not the quick run
 async def test_a_failed_stage_does_not_free_what_a_sibling_still_reads(
     platform: Platform, nc: NATS
 ) -> None:

@@ -79,6 +79,7 @@ async def wait_instances(
             await anyio.sleep(0.1)
 
 
+@pytest.mark.slow  # over 5 s on this machine: in CI, not the quick run
 async def test_scale_from_zero_answers_the_first_request_then_scales_to_zero(
     agent_platform: Platform, nc: NATS
 ) -> None:
@@ -477,6 +478,7 @@ async def test_each_spatial_share_is_profiled_in_a_process_given_that_share(
     assert profile.spatial == "cores"
 
 
+@pytest.mark.slow  # over 5 s on this machine: in CI, not the quick run
 async def test_a_start_from_zero_takes_a_prestarted_spare(
     agent_platform: Platform, nc: NATS
 ) -> None:
