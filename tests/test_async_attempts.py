@@ -23,8 +23,10 @@ from shared.config import Settings
 from shared.natsd import NatsServer
 from shared.results import ResultStore
 from shared.schema import (
+    H_CALLBACK,
     H_DEAD_CODE,
     H_DEAD_REASON,
+    H_DEADLINE,
     H_INVOCATION,
     H_MSG_ID,
     ErrorCode,
@@ -442,3 +444,76 @@ async def test_an_unidentifiable_message_whose_dead_letter_failed_once_counts_on
     )
     assert failures == [0]
     assert [(f, o) for f, o, _ in told] == [("f", "bad_request")]
+
+
+async def test_a_deadline_already_passed_is_final_at_once_not_retried(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    """An absolute `Gfaas-Deadline-Ms` in the past (or one that passed during an
+    attempt) can never be made: each attempt timed out at once, no fault of the
+    caller's, and was tried again up to async_max_attempts, a backoff apart. It is
+    now final at once: deadline_exceeded, stored, told and counted once, not run."""
+    settings = settings_for(
+        nats_server.url,
+        tmp_path,
+        async_max_attempts=3,
+        async_backoff_s=2.0,
+        async_backoff_max_s=2.0,
+    )
+    runs: list[str] = []
+
+    async def as_the_dispatcher(
+        function: str, body: bytes, headers: Mapping[str, str], *, claim: int
+    ) -> InvokeReply:
+        # No worker answered by the deadline (as Dispatcher.call says of one).
+        iid = headers[H_INVOCATION]
+        runs.append(iid)
+        await anyio.sleep(max(int(headers[H_DEADLINE]) / 1000.0 - time.time(), 0.0))
+        return error_reply(iid, ErrorCode.DEADLINE_EXCEEDED, "no reply within 0.000s")
+
+    heard: list[bytes] = []
+
+    async def on_callback(msg: Msg) -> None:
+        heard.append(msg.data)
+
+    await nc.subscribe("late.callback", cb=on_callback)
+    js = nc.jetstream()
+    results = ResultStore(await jetstream.results_kv(js), max_payload=nc.max_payload)
+    started = time.monotonic()
+    finished: dict[str, float] = {}
+
+    async def publish(js: JetStreamContext) -> None:
+        now_ms = int(time.time() * 1000)
+        for iid, deadline_ms in (("past", now_ms - 1000), ("soon", now_ms + 300)):
+            await js.publish(
+                "gfaas.v1.invoke_async.f",
+                body(x=np.array([1.0])),
+                headers={
+                    H_MSG_ID: iid,
+                    H_DEADLINE: str(deadline_ms),
+                    H_CALLBACK: "late.callback",
+                },
+            )
+
+    async def both_done() -> bool:
+        for iid in ("past", "soon"):
+            got = await results.get(iid)
+            if got is not None and got[0].reply is not None and iid not in finished:
+                finished[iid] = time.monotonic() - started
+        return len(finished) == 2
+
+    told = await run_async_path(nc, settings, as_the_dispatcher, publish, both_done)
+    assert runs == ["soon"], runs  # the one already late never ran
+    assert sorted(o for _, o, _ in told) == ["deadline_exceeded", "deadline_exceeded"]
+    for iid in ("past", "soon"):
+        got = await results.get(iid)
+        assert got is not None
+        assert got[0].reply is not None
+        assert got[0].reply.error is not None
+        assert got[0].reply.error.code is ErrorCode.DEADLINE_EXCEEDED
+        assert "deadline" in got[0].reply.error.reason
+    # Final when the attempt that missed it came back, not a backoff (2 s) later.
+    assert finished["soon"] < 1.5, finished
+    assert len(heard) == 2
+    assert (await js.stream_info(jetstream.INVOCATIONS_STREAM)).state.messages == 0
+    assert (await js.stream_info(jetstream.DEAD_LETTER_STREAM)).state.messages == 0

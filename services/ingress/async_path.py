@@ -42,6 +42,7 @@ from shared.schema import (
     H_CALLBACK,
     H_DEAD_CODE,
     H_DEAD_REASON,
+    H_DEADLINE,
     H_INVOCATION,
     H_MSG_ID,
     AsyncRecord,
@@ -53,6 +54,7 @@ from shared.schema import (
     decode,
     error_reply,
     is_valid_token,
+    now_millis,
 )
 
 log = get_logger("ingress.async")
@@ -105,6 +107,25 @@ def identify(headers: Mapping[str, str] | None, data: bytes, seq: int) -> str:
         except msgspec.MsgspecError:
             found = ""
     return found or f"s{seq}"
+
+
+def deadline_passed(headers: Mapping[str, str] | None) -> int:
+    """The caller's absolute deadline (`Gfaas-Deadline-Ms`) if it has passed, else 0.
+    No attempt can make it then: one sent was refused by its worker or timed out at
+    once, a failure no fault of the caller's, and was tried again to the last."""
+    try:
+        deadline = int((headers or {}).get(H_DEADLINE, "0") or 0)
+    except ValueError:
+        return 0  # admission refuses it, with its reason
+    return deadline if 0 < deadline <= now_millis() else 0
+
+
+def expired(invocation_id: str, deadline_ms: int, attempt: int, last: str = "") -> InvokeReply:
+    """The final result of an invocation whose deadline passed before it could run."""
+    late = now_millis() - deadline_ms
+    reason = f"its deadline ({H_DEADLINE} {deadline_ms}) passed {late} ms ago"
+    reason += f", after attempt {attempt}; the last: {last}" if last else ", before it ran"
+    return error_reply(invocation_id, ErrorCode.DEADLINE_EXCEEDED, reason)
 
 
 def not_found(invocation_id: str) -> InvokeReply:
@@ -415,6 +436,13 @@ class AsyncInvocations:
                 if taken is None:
                     continue
                 revision = taken
+            passed = deadline_passed(headers)
+            if passed:
+                # Final at once: stored, told and counted as any result (no dead
+                # letter: nothing is wrong with the message, it is too late).
+                return await self._finish_stored(
+                    invocation_id, expired(invocation_id, passed, attempt)
+                )
             reply = await self.call(function, msg.data, headers, claim=revision)
             if reply.invocation_id != invocation_id:
                 # One refused before it had an id (admission: a function not deployed,
@@ -465,6 +493,12 @@ class AsyncInvocations:
                 return "again"
         else:
             revision = 0
+        passed = deadline_passed(msg.headers)
+        if passed:  # no later attempt can make it: final now, not after a backoff
+            last = f"{reply.error.code}: {reply.error.reason}"
+            return await self._finish_stored(
+                invocation_id, expired(invocation_id, passed, attempt, last)
+            )
         if attempt >= self.settings.async_max_attempts:
             final = error_reply(
                 invocation_id,
