@@ -12,6 +12,7 @@ import anyio
 import nats.errors
 import numpy as np
 import pytest
+from msgspec.structs import replace
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
@@ -31,8 +32,11 @@ from shared.schema import (
     H_MSG_ID,
     ErrorCode,
     InvokeReply,
+    WorkerHeartbeat,
+    encode,
     error_reply,
 )
+from shared.subjects import heartbeat
 from tests.helpers import body
 from tests.platform import settings_for
 
@@ -515,5 +519,63 @@ async def test_a_deadline_already_passed_is_final_at_once_not_retried(
     # Final when the attempt that missed it came back, not a backoff (2 s) later.
     assert finished["soon"] < 1.5, finished
     assert len(heard) == 2
+    assert (await js.stream_info(jetstream.INVOCATIONS_STREAM)).state.messages == 0
+    assert (await js.stream_info(jetstream.DEAD_LETTER_STREAM)).state.messages == 0
+
+
+async def test_a_give_up_on_a_raising_delivery_lets_a_live_workers_claim_stand(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    """Handling raised after a worker claimed the attempt (its record RUNNING), on
+    the last attempt: the give-up wrote `internal` over the worker's record while it
+    still ran, and the result the worker then stored was refused (its claim's
+    revision gone). The give-up now waits while the worker lives, and its result
+    is the invocation's: stored, told, counted once, not dead-lettered."""
+    settings = settings_for(nats_server.url, tmp_path, async_max_attempts=1, worker_timeout_s=1.0)
+    js = nc.jetstream()
+    results = ResultStore(await jetstream.results_kv(js), max_payload=nc.max_payload)
+    stored: list[int | None] = []
+
+    async def worker(iid: str, claimed: int) -> None:
+        # Beats while it runs (listing the invocation), then stores its result.
+        beat = WorkerHeartbeat(
+            worker_id="w1", device="cpu", pid=1, memory_total=0, memory_used=0, memory_free=0
+        )
+        for _ in range(10):
+            await nc.publish(heartbeat("w1"), encode(replace(beat, claimed=[iid])))
+            await anyio.sleep(0.05)
+        done = results.done(InvokeReply(invocation_id=iid, worker="w1"))
+        stored.append(await results.swap(iid, done, claimed))
+        await nc.publish(heartbeat("w1"), encode(beat))
+
+    async with anyio.create_task_group() as workers:
+
+        async def claimed_then_raises(
+            function: str, body: bytes, headers: Mapping[str, str], *, claim: int
+        ) -> InvokeReply:
+            iid = headers[H_INVOCATION]
+            workers.start_soon(worker, iid, await results.claim(iid, claim, "w1"))
+            raise RuntimeError("a bug on the way back from the worker")
+
+        async def settled_with_a_result() -> bool:
+            got = await results.get("held")
+            return bool(stored) and got is not None and got[0].reply is not None
+
+        told = await run_async_path(
+            nc,
+            settings,
+            claimed_then_raises,
+            lambda js: js.publish(
+                "gfaas.v1.invoke_async.f", body(x=np.array([1.0])), headers={H_MSG_ID: "held"}
+            ),
+            settled_with_a_result,
+        )
+    assert stored[0] is not None, "the worker's result was refused"
+    got = await results.get("held")
+    assert got is not None
+    assert got[0].reply is not None
+    assert got[0].reply.error is None, got[0].reply.error
+    assert got[0].reply.worker == "w1"
+    assert [(f, o) for f, o, _ in told] == [("f", "ok")]
     assert (await js.stream_info(jetstream.INVOCATIONS_STREAM)).state.messages == 0
     assert (await js.stream_info(jetstream.DEAD_LETTER_STREAM)).state.messages == 0

@@ -213,10 +213,17 @@ class AsyncInvocations:
         reason = f"gave up after {attempt} attempts; the last: handling it failed: {exc!r}"
         try:
             if is_valid_token(invocation_id):
+                # A worker may hold it still (handling raised after it claimed the
+                # attempt): the give-up wrote over its RUNNING record, and the result
+                # it then stored was refused. Its claim stands while it lives.
+                await self._while_running(invocation_id)
                 final = error_reply(invocation_id, ErrorCode.INTERNAL, reason)
                 stored = await self._finish_stored(invocation_id, final)
                 await self._count(msg, function, invocation_id, msg.headers, stored)
                 await self._tell(self._callback_of(msg), stored)
+                if stored is not final:  # the worker's result: the invocation is done
+                    await msg.ack()
+                    return
         except Exception as failed:  # the store may be what fails: dead-lettered still
             log.warning("async.give_up_failed", subject=msg.subject, error=repr(failed))
         try:
@@ -537,6 +544,18 @@ class AsyncInvocations:
                 return record.reply
             if await self.results.swap(invocation_id, self.results.done(reply), revision):
                 return reply
+
+    async def _while_running(self, invocation_id: str) -> None:
+        """Wait while a live worker runs the invocation (its record RUNNING), as a
+        delivery waits on one (`_worker_gone`): back once it is not RUNNING, or its
+        worker is gone."""
+        while True:
+            got = await self.results.get(invocation_id)
+            if got is None or got[0].state is not AsyncState.RUNNING:
+                return
+            record, revision = got
+            if await self._worker_gone(invocation_id, record.worker, revision):
+                return
 
     async def _worker_gone(self, invocation_id: str, worker: str, revision: int) -> bool:
         """Wait while `worker` runs this invocation: False once the record moved on,
