@@ -579,3 +579,56 @@ async def test_a_give_up_on_a_raising_delivery_lets_a_live_workers_claim_stand(
     assert [(f, o) for f, o, _ in told] == [("f", "ok")]
     assert (await js.stream_info(jetstream.INVOCATIONS_STREAM)).state.messages == 0
     assert (await js.stream_info(jetstream.DEAD_LETTER_STREAM)).state.messages == 0
+
+
+async def test_a_lookup_of_an_unknown_id_costs_one_stream_request_and_a_deep_queue_is_found(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup that found no record read the newest 256 queued messages, one
+    JetStream request each, every time: a caller looping over ids it never used
+    made ingress send 257 stream requests a lookup, and work queued deeper than 256
+    was answered not_found. Each message is now read once into an index: an
+    unknown id costs one stream request (its info), a new publish one read more."""
+    settings = settings_for(nats_server.url, tmp_path)
+    js = nc.jetstream()
+    await jetstream.ensure_invocations_stream(js)
+    results = ResultStore(await jetstream.results_kv(js), max_payload=nc.max_payload)
+
+    async def never(
+        function: str, body: bytes, headers: Mapping[str, str], *, claim: int
+    ) -> InvokeReply:
+        raise AssertionError("nothing is taken here")
+
+    asyncs = AsyncInvocations(
+        nc, results, never, settings, max_payload=nc.max_payload, health=BusHealth(0.05)
+    )
+    depth = 300
+    for i in range(depth):
+        await js.publish(
+            "gfaas.v1.invoke_async.f", body(x=np.array([1.0])), headers={H_MSG_ID: f"q-{i}"}
+        )
+    requests: list[str] = []
+    real_request = nc.request
+
+    async def counted(subject: str, *args: Any, **kwargs: Any) -> Msg:
+        if jetstream.INVOCATIONS_STREAM in subject:
+            requests.append(subject)
+        return await real_request(subject, *args, **kwargs)
+
+    monkeypatch.setattr(nc, "request", counted)
+
+    async def code_of(iid: str) -> str:
+        reply = await asyncs.result(iid)
+        return str(reply.error.code) if reply.error else "ok"
+
+    # The oldest, deeper than the 256 newest.
+    assert await code_of("q-0") == "pending"
+    assert await code_of(f"q-{depth - 1}") == "pending"
+    requests.clear()
+    for i in range(50):
+        assert await code_of(f"never-used-{i}") == "not_found"
+    assert len(requests) == 50, len(requests)  # was 50 * 257
+    requests.clear()
+    await js.publish("gfaas.v1.invoke_async.f", body(x=np.array([1.0])), headers={H_MSG_ID: "new"})
+    assert await code_of("new") == "pending"
+    assert len(requests) == 2, requests  # its info, and the one message new since

@@ -22,6 +22,7 @@ anywhere means redelivery, and redelivery never means a second run.
 
 from __future__ import annotations
 
+import heapq
 import random
 import time
 from collections.abc import Awaitable, Mapping
@@ -31,6 +32,7 @@ import anyio
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from shared import auth, jetstream, subjects
@@ -61,8 +63,10 @@ log = get_logger("ingress.async")
 
 # How often a waiting delivery looks at its record again.
 POLL_S = 0.05
-# How many of the newest queued messages a result lookup that found no record reads.
-QUEUED_SCAN = 256
+# How many messages not read yet a result lookup that found no record reads at most
+# (newest first; a later lookup reads on), and how many queued ids ingress keeps.
+QUEUED_SCAN = 1024
+QUEUED_INDEX_MAX = 200_000
 
 
 class Call(Protocol):
@@ -157,6 +161,7 @@ class AsyncInvocations:
         self.retried = 0
         self.dead = 0
         self.answered_from_record = 0
+        self.queued = QueuedIndex()
 
     # -- one delivery -------------------------------------------------------------------
 
@@ -642,17 +647,97 @@ class AsyncInvocations:
         return answer(invocation_id, got[0])
 
     async def _queued(self, invocation_id: str) -> bool:
-        """Is it in the stream, published but not yet taken by any ingress? A caller
-        asks right after its publish, so its message is among the newest: they are
-        looked at newest first, at most QUEUED_SCAN of them."""
-        js = self.nc.jetstream()
-        state = (await js.stream_info(jetstream.INVOCATIONS_STREAM)).state
-        lowest = max(state.first_seq, state.last_seq - QUEUED_SCAN + 1, 1)
-        for seq in range(state.last_seq, lowest - 1, -1):
+        return await self.queued.holds(self.nc.jetstream(), invocation_id)
+
+
+class QueuedIndex:
+    """Which ids are in the stream, published but not yet taken: for a lookup that
+    found no record (a caller asks right after its publish, before any ingress took
+    it).
+
+    Each lookup read the newest QUEUED_SCAN messages again, one JetStream request
+    each: a caller looping over ids it never used made ingress send 257 requests a
+    lookup, and work queued deeper than that was answered not_found. Each message
+    is now read once, newest first, into an index of its id that later lookups
+    answer from: a lookup costs one stream_info, plus a read of each message
+    published since the last (at most `budget` of them; more on the next), plus one
+    to confirm an id the index holds from an earlier lookup is still queued. Messages
+    below the stream's first are dropped from it; past `limit` ids, the oldest."""
+
+    def __init__(self, *, budget: int = QUEUED_SCAN, limit: int = QUEUED_INDEX_MAX) -> None:
+        self.budget = budget
+        self.limit = limit
+        self.lock = anyio.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.seq_of: dict[str, int] = {}
+        self.id_at: dict[int, str] = {}
+        self.order: list[int] = []  # a heap of the indexed sequences
+        self.high = 0  # every message up to it is indexed or in `gaps`
+        self.gaps: list[list[int]] = []  # [lo, hi] not yet read, ascending
+
+    async def holds(self, js: JetStreamContext, invocation_id: str) -> bool:
+        async with self.lock:
+            state = (await js.stream_info(jetstream.INVOCATIONS_STREAM)).state
+            self._advance(state.first_seq, state.last_seq)
+            seq = self.seq_of.get(invocation_id)
+            if seq is not None:
+                if await self._still_there(js, seq):
+                    return True
+                self._forget(seq)
+            return await self._scan(js, invocation_id)
+
+    def _advance(self, first: int, last: int) -> None:
+        if last < self.high:  # the stream was made anew: nothing indexed holds
+            self._reset()
+        if last > self.high:
+            low = max(self.high + 1, first)
+            if low <= last:
+                self.gaps.append([low, last])
+            self.high = last
+        self.gaps = [[max(lo, first), hi] for lo, hi in self.gaps if hi >= first]
+        while self.order and self.order[0] < first:
+            self._forget(heapq.heappop(self.order))
+
+    async def _scan(self, js: JetStreamContext, invocation_id: str) -> bool:
+        left = self.budget
+        while self.gaps and left > 0:
+            gap = self.gaps[-1]
+            seq = gap[1]
+            left -= 1
             try:
                 raw = await js.get_msg(jetstream.INVOCATIONS_STREAM, seq)
             except NotFoundError:
-                continue  # taken and acknowledged meanwhile
-            if identify(raw.headers, raw.data or b"", seq) == invocation_id:
+                raw = None  # taken and acknowledged already
+            gap[1] -= 1
+            if gap[1] < gap[0]:
+                self.gaps.pop()
+            if raw is None:
+                continue
+            found = identify(raw.headers, raw.data or b"", seq)
+            self._add(seq, found)
+            if found == invocation_id:
                 return True
         return False
+
+    @staticmethod
+    async def _still_there(js: JetStreamContext, seq: int) -> bool:
+        try:
+            await js.get_msg(jetstream.INVOCATIONS_STREAM, seq)
+        except NotFoundError:
+            return False
+        return True
+
+    def _add(self, seq: int, invocation_id: str) -> None:
+        self.id_at[seq] = invocation_id
+        if seq > self.seq_of.get(invocation_id, 0):
+            self.seq_of[invocation_id] = seq
+        heapq.heappush(self.order, seq)
+        while len(self.id_at) > self.limit and self.order:
+            self._forget(heapq.heappop(self.order))
+
+    def _forget(self, seq: int) -> None:
+        invocation_id = self.id_at.pop(seq, None)
+        if invocation_id is not None and self.seq_of.get(invocation_id) == seq:
+            del self.seq_of[invocation_id]
