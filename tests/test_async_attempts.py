@@ -12,6 +12,7 @@ import anyio
 import nats.errors
 import numpy as np
 import pytest
+from msgspec.structs import replace
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
@@ -23,14 +24,19 @@ from shared.config import Settings
 from shared.natsd import NatsServer
 from shared.results import ResultStore
 from shared.schema import (
+    H_CALLBACK,
     H_DEAD_CODE,
     H_DEAD_REASON,
+    H_DEADLINE,
     H_INVOCATION,
     H_MSG_ID,
     ErrorCode,
     InvokeReply,
+    WorkerHeartbeat,
+    encode,
     error_reply,
 )
+from shared.subjects import heartbeat
 from tests.helpers import body
 from tests.platform import settings_for
 
@@ -442,3 +448,187 @@ async def test_an_unidentifiable_message_whose_dead_letter_failed_once_counts_on
     )
     assert failures == [0]
     assert [(f, o) for f, o, _ in told] == [("f", "bad_request")]
+
+
+async def test_a_deadline_already_passed_is_final_at_once_not_retried(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    """An absolute `Gfaas-Deadline-Ms` in the past (or one that passed during an
+    attempt) can never be made: each attempt timed out at once, no fault of the
+    caller's, and was tried again up to async_max_attempts, a backoff apart. It is
+    now final at once: deadline_exceeded, stored, told and counted once, not run."""
+    settings = settings_for(
+        nats_server.url,
+        tmp_path,
+        async_max_attempts=3,
+        async_backoff_s=2.0,
+        async_backoff_max_s=2.0,
+    )
+    runs: list[str] = []
+
+    async def as_the_dispatcher(
+        function: str, body: bytes, headers: Mapping[str, str], *, claim: int
+    ) -> InvokeReply:
+        # No worker answered by the deadline (as Dispatcher.call says of one).
+        iid = headers[H_INVOCATION]
+        runs.append(iid)
+        await anyio.sleep(max(int(headers[H_DEADLINE]) / 1000.0 - time.time(), 0.0))
+        return error_reply(iid, ErrorCode.DEADLINE_EXCEEDED, "no reply within 0.000s")
+
+    heard: list[bytes] = []
+
+    async def on_callback(msg: Msg) -> None:
+        heard.append(msg.data)
+
+    await nc.subscribe("late.callback", cb=on_callback)
+    js = nc.jetstream()
+    results = ResultStore(await jetstream.results_kv(js), max_payload=nc.max_payload)
+    started = time.monotonic()
+    finished: dict[str, float] = {}
+
+    async def publish(js: JetStreamContext) -> None:
+        now_ms = int(time.time() * 1000)
+        for iid, deadline_ms in (("past", now_ms - 1000), ("soon", now_ms + 300)):
+            await js.publish(
+                "gfaas.v1.invoke_async.f",
+                body(x=np.array([1.0])),
+                headers={
+                    H_MSG_ID: iid,
+                    H_DEADLINE: str(deadline_ms),
+                    H_CALLBACK: "late.callback",
+                },
+            )
+
+    async def both_done() -> bool:
+        for iid in ("past", "soon"):
+            got = await results.get(iid)
+            if got is not None and got[0].reply is not None and iid not in finished:
+                finished[iid] = time.monotonic() - started
+        return len(finished) == 2
+
+    told = await run_async_path(nc, settings, as_the_dispatcher, publish, both_done)
+    assert runs == ["soon"], runs  # the one already late never ran
+    assert sorted(o for _, o, _ in told) == ["deadline_exceeded", "deadline_exceeded"]
+    for iid in ("past", "soon"):
+        got = await results.get(iid)
+        assert got is not None
+        assert got[0].reply is not None
+        assert got[0].reply.error is not None
+        assert got[0].reply.error.code is ErrorCode.DEADLINE_EXCEEDED
+        assert "deadline" in got[0].reply.error.reason
+    # Final when the attempt that missed it came back, not a backoff (2 s) later.
+    assert finished["soon"] < 1.5, finished
+    assert len(heard) == 2
+    assert (await js.stream_info(jetstream.INVOCATIONS_STREAM)).state.messages == 0
+    assert (await js.stream_info(jetstream.DEAD_LETTER_STREAM)).state.messages == 0
+
+
+async def test_a_give_up_on_a_raising_delivery_lets_a_live_workers_claim_stand(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path
+) -> None:
+    """Handling raised after a worker claimed the attempt (its record RUNNING), on
+    the last attempt: the give-up wrote `internal` over the worker's record while it
+    still ran, and the result the worker then stored was refused (its claim's
+    revision gone). The give-up now waits while the worker lives, and its result
+    is the invocation's: stored, told, counted once, not dead-lettered."""
+    settings = settings_for(nats_server.url, tmp_path, async_max_attempts=1, worker_timeout_s=1.0)
+    js = nc.jetstream()
+    results = ResultStore(await jetstream.results_kv(js), max_payload=nc.max_payload)
+    stored: list[int | None] = []
+
+    async def worker(iid: str, claimed: int) -> None:
+        # Beats while it runs (listing the invocation), then stores its result.
+        beat = WorkerHeartbeat(
+            worker_id="w1", device="cpu", pid=1, memory_total=0, memory_used=0, memory_free=0
+        )
+        for _ in range(10):
+            await nc.publish(heartbeat("w1"), encode(replace(beat, claimed=[iid])))
+            await anyio.sleep(0.05)
+        done = results.done(InvokeReply(invocation_id=iid, worker="w1"))
+        stored.append(await results.swap(iid, done, claimed))
+        await nc.publish(heartbeat("w1"), encode(beat))
+
+    async with anyio.create_task_group() as workers:
+
+        async def claimed_then_raises(
+            function: str, body: bytes, headers: Mapping[str, str], *, claim: int
+        ) -> InvokeReply:
+            iid = headers[H_INVOCATION]
+            workers.start_soon(worker, iid, await results.claim(iid, claim, "w1"))
+            raise RuntimeError("a bug on the way back from the worker")
+
+        async def settled_with_a_result() -> bool:
+            got = await results.get("held")
+            return bool(stored) and got is not None and got[0].reply is not None
+
+        told = await run_async_path(
+            nc,
+            settings,
+            claimed_then_raises,
+            lambda js: js.publish(
+                "gfaas.v1.invoke_async.f", body(x=np.array([1.0])), headers={H_MSG_ID: "held"}
+            ),
+            settled_with_a_result,
+        )
+    assert stored[0] is not None, "the worker's result was refused"
+    got = await results.get("held")
+    assert got is not None
+    assert got[0].reply is not None
+    assert got[0].reply.error is None, got[0].reply.error
+    assert got[0].reply.worker == "w1"
+    assert [(f, o) for f, o, _ in told] == [("f", "ok")]
+    assert (await js.stream_info(jetstream.INVOCATIONS_STREAM)).state.messages == 0
+    assert (await js.stream_info(jetstream.DEAD_LETTER_STREAM)).state.messages == 0
+
+
+async def test_a_lookup_of_an_unknown_id_costs_one_stream_request_and_a_deep_queue_is_found(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup that found no record read the newest 256 queued messages, one
+    JetStream request each, every time: a caller looping over ids it never used
+    made ingress send 257 stream requests a lookup, and work queued deeper than 256
+    was answered not_found. Each message is now read once into an index: an
+    unknown id costs one stream request (its info), a new publish one read more."""
+    settings = settings_for(nats_server.url, tmp_path)
+    js = nc.jetstream()
+    await jetstream.ensure_invocations_stream(js)
+    results = ResultStore(await jetstream.results_kv(js), max_payload=nc.max_payload)
+
+    async def never(
+        function: str, body: bytes, headers: Mapping[str, str], *, claim: int
+    ) -> InvokeReply:
+        raise AssertionError("nothing is taken here")
+
+    asyncs = AsyncInvocations(
+        nc, results, never, settings, max_payload=nc.max_payload, health=BusHealth(0.05)
+    )
+    depth = 300
+    for i in range(depth):
+        await js.publish(
+            "gfaas.v1.invoke_async.f", body(x=np.array([1.0])), headers={H_MSG_ID: f"q-{i}"}
+        )
+    requests: list[str] = []
+    real_request = nc.request
+
+    async def counted(subject: str, *args: Any, **kwargs: Any) -> Msg:
+        if jetstream.INVOCATIONS_STREAM in subject:
+            requests.append(subject)
+        return await real_request(subject, *args, **kwargs)
+
+    monkeypatch.setattr(nc, "request", counted)
+
+    async def code_of(iid: str) -> str:
+        reply = await asyncs.result(iid)
+        return str(reply.error.code) if reply.error else "ok"
+
+    # The oldest, deeper than the 256 newest.
+    assert await code_of("q-0") == "pending"
+    assert await code_of(f"q-{depth - 1}") == "pending"
+    requests.clear()
+    for i in range(50):
+        assert await code_of(f"never-used-{i}") == "not_found"
+    assert len(requests) == 50, len(requests)  # was 50 * 257
+    requests.clear()
+    await js.publish("gfaas.v1.invoke_async.f", body(x=np.array([1.0])), headers={H_MSG_ID: "new"})
+    assert await code_of("new") == "pending"
+    assert len(requests) == 2, requests  # its info, and the one message new since

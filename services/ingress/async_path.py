@@ -22,6 +22,7 @@ anywhere means redelivery, and redelivery never means a second run.
 
 from __future__ import annotations
 
+import heapq
 import random
 import time
 from collections.abc import Awaitable, Mapping
@@ -31,6 +32,7 @@ import anyio
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from shared import auth, jetstream, subjects
@@ -42,6 +44,7 @@ from shared.schema import (
     H_CALLBACK,
     H_DEAD_CODE,
     H_DEAD_REASON,
+    H_DEADLINE,
     H_INVOCATION,
     H_MSG_ID,
     AsyncRecord,
@@ -53,14 +56,17 @@ from shared.schema import (
     decode,
     error_reply,
     is_valid_token,
+    now_millis,
 )
 
 log = get_logger("ingress.async")
 
 # How often a waiting delivery looks at its record again.
 POLL_S = 0.05
-# How many of the newest queued messages a result lookup that found no record reads.
-QUEUED_SCAN = 256
+# How many messages not read yet a result lookup that found no record reads at most
+# (newest first; a later lookup reads on), and how many queued ids ingress keeps.
+QUEUED_SCAN = 1024
+QUEUED_INDEX_MAX = 200_000
 
 
 class Call(Protocol):
@@ -107,6 +113,25 @@ def identify(headers: Mapping[str, str] | None, data: bytes, seq: int) -> str:
     return found or f"s{seq}"
 
 
+def deadline_passed(headers: Mapping[str, str] | None) -> int:
+    """The caller's absolute deadline (`Gfaas-Deadline-Ms`) if it has passed, else 0.
+    No attempt can make it then: one sent was refused by its worker or timed out at
+    once, a failure no fault of the caller's, and was tried again to the last."""
+    try:
+        deadline = int((headers or {}).get(H_DEADLINE, "0") or 0)
+    except ValueError:
+        return 0  # admission refuses it, with its reason
+    return deadline if 0 < deadline <= now_millis() else 0
+
+
+def expired(invocation_id: str, deadline_ms: int, attempt: int, last: str = "") -> InvokeReply:
+    """The final result of an invocation whose deadline passed before it could run."""
+    late = now_millis() - deadline_ms
+    reason = f"its deadline ({H_DEADLINE} {deadline_ms}) passed {late} ms ago"
+    reason += f", after attempt {attempt}; the last: {last}" if last else ", before it ran"
+    return error_reply(invocation_id, ErrorCode.DEADLINE_EXCEEDED, reason)
+
+
 def not_found(invocation_id: str) -> InvokeReply:
     return error_reply(
         invocation_id, ErrorCode.NOT_FOUND, f"no result for invocation {invocation_id}"
@@ -136,6 +161,7 @@ class AsyncInvocations:
         self.retried = 0
         self.dead = 0
         self.answered_from_record = 0
+        self.queued = QueuedIndex()
 
     # -- one delivery -------------------------------------------------------------------
 
@@ -192,10 +218,17 @@ class AsyncInvocations:
         reason = f"gave up after {attempt} attempts; the last: handling it failed: {exc!r}"
         try:
             if is_valid_token(invocation_id):
+                # A worker may hold it still (handling raised after it claimed the
+                # attempt): the give-up wrote over its RUNNING record, and the result
+                # it then stored was refused. Its claim stands while it lives.
+                await self._while_running(invocation_id)
                 final = error_reply(invocation_id, ErrorCode.INTERNAL, reason)
                 stored = await self._finish_stored(invocation_id, final)
                 await self._count(msg, function, invocation_id, msg.headers, stored)
                 await self._tell(self._callback_of(msg), stored)
+                if stored is not final:  # the worker's result: the invocation is done
+                    await msg.ack()
+                    return
         except Exception as failed:  # the store may be what fails: dead-lettered still
             log.warning("async.give_up_failed", subject=msg.subject, error=repr(failed))
         try:
@@ -415,6 +448,13 @@ class AsyncInvocations:
                 if taken is None:
                     continue
                 revision = taken
+            passed = deadline_passed(headers)
+            if passed:
+                # Final at once: stored, told and counted as any result (no dead
+                # letter: nothing is wrong with the message, it is too late).
+                return await self._finish_stored(
+                    invocation_id, expired(invocation_id, passed, attempt)
+                )
             reply = await self.call(function, msg.data, headers, claim=revision)
             if reply.invocation_id != invocation_id:
                 # One refused before it had an id (admission: a function not deployed,
@@ -465,6 +505,12 @@ class AsyncInvocations:
                 return "again"
         else:
             revision = 0
+        passed = deadline_passed(msg.headers)
+        if passed:  # no later attempt can make it: final now, not after a backoff
+            last = f"{reply.error.code}: {reply.error.reason}"
+            return await self._finish_stored(
+                invocation_id, expired(invocation_id, passed, attempt, last)
+            )
         if attempt >= self.settings.async_max_attempts:
             final = error_reply(
                 invocation_id,
@@ -503,6 +549,18 @@ class AsyncInvocations:
                 return record.reply
             if await self.results.swap(invocation_id, self.results.done(reply), revision):
                 return reply
+
+    async def _while_running(self, invocation_id: str) -> None:
+        """Wait while a live worker runs the invocation (its record RUNNING), as a
+        delivery waits on one (`_worker_gone`): back once it is not RUNNING, or its
+        worker is gone."""
+        while True:
+            got = await self.results.get(invocation_id)
+            if got is None or got[0].state is not AsyncState.RUNNING:
+                return
+            record, revision = got
+            if await self._worker_gone(invocation_id, record.worker, revision):
+                return
 
     async def _worker_gone(self, invocation_id: str, worker: str, revision: int) -> bool:
         """Wait while `worker` runs this invocation: False once the record moved on,
@@ -589,17 +647,97 @@ class AsyncInvocations:
         return answer(invocation_id, got[0])
 
     async def _queued(self, invocation_id: str) -> bool:
-        """Is it in the stream, published but not yet taken by any ingress? A caller
-        asks right after its publish, so its message is among the newest: they are
-        looked at newest first, at most QUEUED_SCAN of them."""
-        js = self.nc.jetstream()
-        state = (await js.stream_info(jetstream.INVOCATIONS_STREAM)).state
-        lowest = max(state.first_seq, state.last_seq - QUEUED_SCAN + 1, 1)
-        for seq in range(state.last_seq, lowest - 1, -1):
+        return await self.queued.holds(self.nc.jetstream(), invocation_id)
+
+
+class QueuedIndex:
+    """Which ids are in the stream, published but not yet taken: for a lookup that
+    found no record (a caller asks right after its publish, before any ingress took
+    it).
+
+    Each lookup read the newest QUEUED_SCAN messages again, one JetStream request
+    each: a caller looping over ids it never used made ingress send 257 requests a
+    lookup, and work queued deeper than that was answered not_found. Each message
+    is now read once, newest first, into an index of its id that later lookups
+    answer from: a lookup costs one stream_info, plus a read of each message
+    published since the last (at most `budget` of them; more on the next), plus one
+    to confirm an id the index holds from an earlier lookup is still queued. Messages
+    below the stream's first are dropped from it; past `limit` ids, the oldest."""
+
+    def __init__(self, *, budget: int = QUEUED_SCAN, limit: int = QUEUED_INDEX_MAX) -> None:
+        self.budget = budget
+        self.limit = limit
+        self.lock = anyio.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.seq_of: dict[str, int] = {}
+        self.id_at: dict[int, str] = {}
+        self.order: list[int] = []  # a heap of the indexed sequences
+        self.high = 0  # every message up to it is indexed or in `gaps`
+        self.gaps: list[list[int]] = []  # [lo, hi] not yet read, ascending
+
+    async def holds(self, js: JetStreamContext, invocation_id: str) -> bool:
+        async with self.lock:
+            state = (await js.stream_info(jetstream.INVOCATIONS_STREAM)).state
+            self._advance(state.first_seq, state.last_seq)
+            seq = self.seq_of.get(invocation_id)
+            if seq is not None:
+                if await self._still_there(js, seq):
+                    return True
+                self._forget(seq)
+            return await self._scan(js, invocation_id)
+
+    def _advance(self, first: int, last: int) -> None:
+        if last < self.high:  # the stream was made anew: nothing indexed holds
+            self._reset()
+        if last > self.high:
+            low = max(self.high + 1, first)
+            if low <= last:
+                self.gaps.append([low, last])
+            self.high = last
+        self.gaps = [[max(lo, first), hi] for lo, hi in self.gaps if hi >= first]
+        while self.order and self.order[0] < first:
+            self._forget(heapq.heappop(self.order))
+
+    async def _scan(self, js: JetStreamContext, invocation_id: str) -> bool:
+        left = self.budget
+        while self.gaps and left > 0:
+            gap = self.gaps[-1]
+            seq = gap[1]
+            left -= 1
             try:
                 raw = await js.get_msg(jetstream.INVOCATIONS_STREAM, seq)
             except NotFoundError:
-                continue  # taken and acknowledged meanwhile
-            if identify(raw.headers, raw.data or b"", seq) == invocation_id:
+                raw = None  # taken and acknowledged already
+            gap[1] -= 1
+            if gap[1] < gap[0]:
+                self.gaps.pop()
+            if raw is None:
+                continue
+            found = identify(raw.headers, raw.data or b"", seq)
+            self._add(seq, found)
+            if found == invocation_id:
                 return True
         return False
+
+    @staticmethod
+    async def _still_there(js: JetStreamContext, seq: int) -> bool:
+        try:
+            await js.get_msg(jetstream.INVOCATIONS_STREAM, seq)
+        except NotFoundError:
+            return False
+        return True
+
+    def _add(self, seq: int, invocation_id: str) -> None:
+        self.id_at[seq] = invocation_id
+        if seq > self.seq_of.get(invocation_id, 0):
+            self.seq_of[invocation_id] = seq
+        heapq.heappush(self.order, seq)
+        while len(self.id_at) > self.limit and self.order:
+            self._forget(heapq.heappop(self.order))
+
+    def _forget(self, seq: int) -> None:
+        invocation_id = self.id_at.pop(seq, None)
+        if invocation_id is not None and self.seq_of.get(invocation_id) == seq:
+            del self.seq_of[invocation_id]
