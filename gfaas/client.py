@@ -254,6 +254,10 @@ class Client:
         limit = self.nc.max_payload - PAYLOAD_HEADROOM
         if sum(len(t.data) for t in tensors) + 4096 <= limit:
             return tensors
+        if self.tenant_account:
+            # A tenant may not lease at the memory broker (docs/security.md): asked
+            # anyway, the request went unanswered and the call failed seconds later.
+            raise self._tenant_over_limit(f"inputs of {sum(len(t.data) for t in tensors)} bytes")
         large = [t for t in tensors if len(t.data) > BY_HANDLE_ABOVE]
         tenant = self.tenant or DEFAULT_TENANT
         handles: list[Handle] = []
@@ -271,6 +275,16 @@ class Client:
                 f"from here (is this client on the node of a memory broker?): {exc}",
             ) from None
         return [moved.get(t.name, t) for t in tensors]
+
+    def _tenant_over_limit(self, what: str) -> GfaasError:
+        """What a tenant hears for data that would have to go into the node's pool,
+        which only services and the admin may lease from."""
+        limit = self.nc.max_payload - PAYLOAD_HEADROOM
+        return GfaasError(
+            ErrorCode.PAYLOAD_TOO_LARGE,
+            f"{what}: a tenant's inputs must fit the bus limit of {limit} bytes "
+            "(larger ones go over HTTP or gRPC with the shared-memory extension)",
+        )
 
     async def invoke_reply(
         self,
@@ -392,6 +406,9 @@ class Client:
         except GfaasError as exc:
             # Checked before leasing: the caller's mistake must not leave a lease behind.
             raise unsupported(f"put {name!r}", exc) from None
+        if self.tenant_account:
+            # As for an invocation's large inputs: the lease would go unanswered.
+            raise self._tenant_over_limit(f"put {name!r} into the pool")
         tenant = self.tenant or DEFAULT_TENANT
         (handle,) = await self.broker.lease(
             [tensor.numel() * tensor.element_size()],

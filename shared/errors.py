@@ -38,6 +38,12 @@ def described(exc: BaseException, limit: int = REASON_CHARS) -> str:
     else:
         message = str(exc)
         text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return clipped(text, limit)
+
+
+def clipped(text: str, limit: int = REASON_CHARS) -> str:
+    """`text` (words from elsewhere: a message, a process's output) as a reason quotes
+    it: on one line, cut to `limit` characters."""
     text = " ".join(text.split())
     if len(text) > limit:
         cut = text[: max(0, limit - 40)].rstrip()

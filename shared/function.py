@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.errors import GfaasError
+from shared.errors import GfaasError, described
 from shared.schema import DeviceWeights, ErrorCode, FunctionSpec
 
 if TYPE_CHECKING:
@@ -255,7 +255,7 @@ def resolve(ref: str, *, packages: Sequence[str]) -> Any:
     except (Exception, SystemExit) as exc:  # whatever the module raises at import
         raise GfaasError(
             ErrorCode.HANDLER_ERROR,
-            f"handler {ref!r} cannot be imported: {type(exc).__name__}: {exc}",
+            f"handler {ref!r} cannot be imported: {described(exc)}",
         ) from None
     try:
         obj: Any = module

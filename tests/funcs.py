@@ -32,6 +32,11 @@ def boom(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     raise ValueError("the handler failed on purpose")
 
 
+def boom_a_page(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # 100 KB over a thousand lines, as a handler's exception quoting a whole log might.
+    raise RuntimeError("first line\n" + "x" * 100 + ("\n" + "y" * 99) * 1000)
+
+
 def not_a_mapping(inputs: dict[str, torch.Tensor]) -> Any:
     return "not tensors"
 

@@ -765,6 +765,34 @@ def test_gfaas_invoke_as_a_tenant_asks_for_outputs_by_value(
     assert "gfaas: payload_too_large: reply of" in err, err
 
 
+@pytest.mark.anyio
+async def test_a_tenants_input_over_the_bus_limit_is_refused_at_once(secured: Secured) -> None:
+    # A tenant may not lease at the memory broker: the client tried to move the
+    # input into the pool by handle even so, and failed only when the lease request
+    # went unanswered (five seconds later) with a reason about the broker.
+    big = {"x": np.zeros(2 * 1024 * 1024 // 4, dtype=np.float32)}  # 2 MiB, over 1 MiB
+    async with Client.connect(secured.url, creds=secured.tenant_creds("acme")) as acme:
+        assert acme.tenant_account == "acme"
+        started = time.monotonic()
+        with pytest.raises(GfaasError) as caught:
+            await acme.invoke("echo", big, timeout=10)
+        took = time.monotonic() - started
+        # Putting into the pool by hand is the same lease, refused as soon.
+        started = time.monotonic()
+        with pytest.raises(GfaasError) as put:
+            await acme.put("x", big["x"])
+        assert put.value.code is ErrorCode.PAYLOAD_TOO_LARGE, put.value
+        assert time.monotonic() - started < 1.0
+    assert caught.value.code is ErrorCode.PAYLOAD_TOO_LARGE, caught.value
+    assert took < 1.0, took
+    reason = caught.value.reason
+    assert "\n" not in reason, reason
+    assert "bus limit of" in reason, reason
+    assert "tenant" in reason, reason
+    assert "shared-memory" in reason, reason
+    assert "broker" not in reason, reason
+
+
 # -- gfaas tenant add -----------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from nats.aio.client import Client as NATS
 
+from shared.errors import REASON_CHARS
 from shared.schema import DType, FunctionSpec, TensorSpec
 from tests.helpers import body, deploy_and_wait, request
 from tests.platform import Platform
@@ -105,6 +106,19 @@ async def test_handler_that_raises_gets_an_error_reply(platform: Platform, nc: N
     reason = await expect_error(nc, "boom", body(x=GOOD), "handler_error")
     assert "ValueError" in reason
     assert "on purpose" in reason
+
+
+async def test_a_handlers_huge_multi_line_exception_is_one_clipped_line(
+    platform: Platform, nc: NATS
+) -> None:
+    # The reason quoted the handler's exception whole: 100 KB over a thousand lines
+    # went into the caller's reply, the failure record and the worker's log.
+    await deploy_and_wait(nc, ECHO, FunctionSpec(name="page", handler="tests.funcs:boom_a_page"))
+    reason = await expect_error(nc, "page", body(x=GOOD), "handler_error")
+    assert "\n" not in reason, reason[:1000]
+    assert len(reason) < REASON_CHARS + 100, len(reason)
+    assert reason.startswith("page raised RuntimeError: first line x"), reason
+    assert reason.endswith("characters cut)"), reason
 
 
 async def test_handler_calling_sys_exit_gets_an_error_reply_and_the_worker_lives(

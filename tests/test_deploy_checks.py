@@ -14,6 +14,7 @@ from nats.aio.client import Client as NATS
 
 from gfaas import cli
 from gfaas.client import Client
+from shared.errors import REASON_CHARS
 from shared.function import LoadContext, contract_problem
 from shared.natsd import NatsServer
 from shared.schema import DType, FunctionSpec, StageSpec, TensorSpec, WorkflowSpec
@@ -191,6 +192,30 @@ async def test_what_a_handler_module_does_at_import_stays_in_the_sandbox(
         await Client(nc).deploy(spec)
     assert "gfaas_exits_at_import" not in sys.modules
     assert not (tmp_path / "left-behind").exists()  # written in the sandbox's own directory
+
+
+async def test_a_huge_multi_line_import_error_is_refused_in_one_clipped_line(
+    nats_server: NatsServer, nc: NATS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reason quoted the module's exception whole: 100 KB over many lines reached
+    # the caller (and the worker's log) as it was.
+    modules = tmp_path / "mods"
+    modules.mkdir()
+    (modules / "gfaas_raises_a_page.py").write_text(
+        "raise RuntimeError('first line\\n' + 'x' * 100 + ('\\n' + 'y' * 99) * 1000)\n"
+    )
+    monkeypatch.syspath_prepend(str(modules))
+    spec = FunctionSpec(name="page", handler="gfaas_raises_a_page:f")
+    with (
+        platform_at(nats_server.url, tmp_path / "s", handler_packages="gfaas_raises_a_page"),
+        pytest.raises(ValueError, match="cannot be imported") as caught,
+    ):
+        await Client(nc).deploy(spec)
+    reason = str(caught.value)
+    assert "\n" not in reason, reason[:1000]
+    assert len(reason) < REASON_CHARS + 200, len(reason)
+    assert "cannot be imported: RuntimeError: first line x" in reason, reason
+    assert reason.endswith("characters cut)"), reason
 
 
 async def test_a_process_a_handler_module_starts_at_import_goes_with_the_sandbox(

@@ -48,7 +48,7 @@ from shared.codebundle import BundleError, parse_ref
 from shared.config import Settings, settings_env
 from shared.dataplane import access
 from shared.dataplane.access import HandlerUser
-from shared.errors import GfaasError
+from shared.errors import GfaasError, clipped, described
 from shared.logs import get_logger
 from shared.procs import die_with_parent
 from shared.scheduling import packing
@@ -240,7 +240,7 @@ def spatial_for(device: str, state_dir: Path) -> Spatial:
         index = device.split(":", 1)[1] if ":" in device else "0"
         mps.start_daemon(dirs, devices=index)
     except (mps.MpsUnavailable, OSError, subprocess.SubprocessError) as exc:
-        reason = f"time only: {exc}"
+        reason = f"time only: {clipped(str(exc))}"
         log.warning("agent.no_mps", device=device, reason=reason)
         return Spatial(reason)
     return Spatial("mps", dirs, started_daemon=True)
@@ -419,9 +419,11 @@ class Agent:
                 raise BundleError("this agent has no code store to fetch it from")
             await self.bundles.ready(cmd.code)
         except BundleError as exc:
-            error = ErrorInfo(code=ErrorCode.HANDLER_ERROR, reason=f"{cmd.function}: {exc}")
+            error = ErrorInfo(
+                code=ErrorCode.HANDLER_ERROR, reason=f"{cmd.function}: {clipped(str(exc))}"
+            )
         except Exception as exc:  # the store unreachable: the platform's fault, not the spec's
-            reason = f"{cmd.function}: its code bundle could not be fetched: {exc!r}"
+            reason = f"{cmd.function}: its code bundle could not be fetched: {described(exc)}"
             error = ErrorInfo(code=ErrorCode.INTERNAL, reason=reason)
         if self.instances.get(instance_id) is not running:
             return  # gone meanwhile (the agent stops): nothing to start
@@ -472,7 +474,7 @@ class Agent:
             self.runner.remove(cmd.instance_id)
             if directory is not None:
                 InstanceDirs.remove(directory)
-            reason = f"could not start the instance process: {exc!r}"
+            reason = f"could not start the instance process: {described(exc)}"
             return ErrorInfo(code=ErrorCode.INTERNAL, reason=reason)
         if running is None:
             running = Running(cmd, process, cores, self.clock())
@@ -576,7 +578,9 @@ class Agent:
                     raise BundleError("this agent has no code store to fetch it from")
                 await self.bundles.ready(spec.code)
             except BundleError as exc:
-                error = ErrorInfo(code=ErrorCode.HANDLER_ERROR, reason=f"{spec.name}: {exc}")
+                error = ErrorInfo(
+                    code=ErrorCode.HANDLER_ERROR, reason=f"{spec.name}: {clipped(str(exc))}"
+                )
                 return ProfileReply(error=error)
         # Its directory: the handler user's on an isolated node (it switches there),
         # else one of this agent's user, for the reply alone.
@@ -975,9 +979,9 @@ class AgentService:
                             agent.device,
                         )
                 except Exception as exc:  # a bad message costs its answer, not the agent
-                    log.warning("agent.bad_message", op=op, error=repr(exc))
+                    log.warning("agent.bad_message", op=op, error=described(exc))
                     if msg.reply:
-                        error = ErrorInfo(code=ErrorCode.BAD_REQUEST, reason=repr(exc))
+                        error = ErrorInfo(code=ErrorCode.BAD_REQUEST, reason=described(exc))
                         await msg.respond(encode(AgentReply(error=error)))
 
             async def on_heartbeat(msg: Msg) -> None:
@@ -1030,7 +1034,9 @@ class AgentService:
             await self.fill(command.model)
         except Exception as exc:
             error = exc.info() if isinstance(exc, GfaasError) else None
-            reason = f"model {command.model!r} could not be put into the host tier: {exc!r}"
+            reason = (
+                f"model {command.model!r} could not be put into the host tier: {described(exc)}"
+            )
             error = error or ErrorInfo(code=ErrorCode.MODEL_UNAVAILABLE, reason=reason)
             self.agent.fill_failed(command.instance_id, error)
             await self.beat()
@@ -1039,7 +1045,7 @@ class AgentService:
         try:
             grant = await self.agent.acquire(request, scope)
         except Exception as exc:
-            grant = TokenGrant(error=ErrorInfo(code=ErrorCode.BAD_REQUEST, reason=repr(exc)))
+            grant = TokenGrant(error=ErrorInfo(code=ErrorCode.BAD_REQUEST, reason=described(exc)))
         await msg.respond(encode(grant))
 
     async def beat(self) -> None:

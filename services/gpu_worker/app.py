@@ -44,7 +44,7 @@ from shared.config import Settings, effective_max_payload
 from shared.dataplane.backend import prune_mappings
 from shared.dataplane.board import board_name
 from shared.dataplane.client import BrokerClient
-from shared.errors import GfaasError
+from shared.errors import GfaasError, described
 from shared.logs import get_logger
 from shared.modelstore import ModelStore
 from shared.modelswap import HostModel, HostTier, tier_prefix
@@ -473,7 +473,7 @@ async def _serve(
                         await msg.respond(encode(reply))
                     except Exception as exc:  # a profile must cost its request, not the agent
                         log.exception("profile.crashed")
-                        error = ErrorInfo(code=ErrorCode.INTERNAL, reason=repr(exc))
+                        error = ErrorInfo(code=ErrorCode.INTERNAL, reason=described(exc))
                         await msg.respond(encode(ProfileReply(error=error)))
 
                 async def on_profile(msg: Msg) -> None:

@@ -16,7 +16,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 
 from shared import subjects
-from shared.errors import GfaasError
+from shared.errors import GfaasError, clipped, described
 from shared.logs import get_logger
 from shared.modelswap import HostModel
 from shared.modelswap.device_share import DeviceCopies, ShareError
@@ -100,10 +100,12 @@ async def answer(
     except GfaasError as exc:
         reply = WeightsReply(error=exc.info())
     except ShareError as exc:
-        reply = WeightsReply(error=ErrorInfo(code=ErrorCode.MODEL_UNAVAILABLE, reason=str(exc)))
+        reply = WeightsReply(
+            error=ErrorInfo(code=ErrorCode.MODEL_UNAVAILABLE, reason=clipped(str(exc)))
+        )
     except Exception as exc:  # the device's fault, not the asker's: say what it was
         log.exception("weights.failed")
-        reason = f"no device copy: {type(exc).__name__}: {exc}"
+        reason = f"no device copy: {described(exc)}"
         reply = WeightsReply(error=ErrorInfo(code=ErrorCode.INTERNAL, reason=reason))
     if msg.reply:
         await msg.respond(encode(reply))

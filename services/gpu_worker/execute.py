@@ -23,7 +23,7 @@ from services.gpu_worker.models import HandlerCache, Loaded
 from services.gpu_worker.staging import Staged, Staging
 from services.gpu_worker.tokens import TokenGate
 from shared.dataplane.backend import tensor_from_handle
-from shared.errors import GfaasError
+from shared.errors import GfaasError, described
 from shared.function import InvalidInput, output_buffers
 from shared.metrics import WorkerMetrics, noop
 from shared.registry import Registry
@@ -218,9 +218,7 @@ class Executor:
             raise GfaasError(ErrorCode.INVALID_INPUT, f"{spec.name}: {exc}") from None
         except Exception as exc:
             raised = exc.raised if isinstance(exc, HandlerExit) else exc
-            raise HandlerFailed(
-                f"{spec.name} raised {type(raised).__name__}: {raised}", raised
-            ) from None
+            raise HandlerFailed(f"{spec.name} raised {described(raised)}", raised) from None
         entry.observe(exec_ms)
         self.metrics.phase(spec.name, "execute", exec_ms / 1000.0)
         self.metrics.phase(spec.name, "queue", time.perf_counter() - called - exec_ms / 1000.0)

@@ -25,7 +25,7 @@ from services.gpu_worker.execute import Executor, HandlerFailed, Overran
 from services.gpu_worker.state import Books
 from shared import subjects, tracing
 from shared.bus import Bus as BaseBus
-from shared.errors import GfaasError
+from shared.errors import GfaasError, described
 from shared.logs import failure_record, get_logger, report_failure
 from shared.metrics import OK, WorkerMetrics, noop
 from shared.schema import (
@@ -164,7 +164,9 @@ class Runs:
                 outcome = str(ErrorCode.INTERNAL)
                 self.metrics.finished(meta.function, meta.tenant, outcome)
             await self.claims.give_back(meta, claimed, exc)
-            await self.bus.reply_error(job.reply, meta.invocation_id, ErrorCode.INTERNAL, repr(exc))
+            await self.bus.reply_error(
+                job.reply, meta.invocation_id, ErrorCode.INTERNAL, described(exc)
+            )
         finally:
             self.books.finish(ok)
             if not done:

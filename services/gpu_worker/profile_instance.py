@@ -25,6 +25,7 @@ from services.gpu_worker.app import handler_cache, measured_here, profile_functi
 from services.gpu_worker.device import pick_device
 from shared.bus import connected
 from shared.config import Settings
+from shared.errors import described
 from shared.logs import configure_logging, get_logger
 from shared.modelstore import ModelStore
 from shared.registry import Registry
@@ -61,7 +62,7 @@ def main(settings: Settings) -> int:
         reply = anyio.run(measure, settings, backend_options=backend_options())
     except Exception as exc:  # the agent must hear why, not find nothing
         log.exception("profile.crashed", function=settings.instance_function)
-        reply = ProfileReply(error=ErrorInfo(code=ErrorCode.INTERNAL, reason=repr(exc)))
+        reply = ProfileReply(error=ErrorInfo(code=ErrorCode.INTERNAL, reason=described(exc)))
     target = Path(settings.instance_profile)
     partial = target.with_suffix(".partial")
     partial.write_bytes(encode(reply))

@@ -33,6 +33,7 @@ from services.gpu_worker.bundles import Bundles
 from shared.codebundle import BundleError, extracted_packages
 from shared.config import Settings
 from shared.dataplane.access import HandlerUser
+from shared.errors import clipped, described
 from shared.function import handler_packages, handler_refusal
 from shared.handler_check import AS_OPTION, OK, PACKAGES_ENV, SANDBOX_TIMEOUT_S
 from shared.logs import get_logger
@@ -103,13 +104,14 @@ class HandlerChecks:
             try:
                 directory = await self._bundle(request.spec.code)
             except BundleError as exc:
-                log.info("handler_check.refused", handler=ref, reason=str(exc))
+                reason = clipped(str(exc))
+                log.info("handler_check.refused", handler=ref, reason=reason)
                 return HandlerCheckReply(
-                    error=ErrorInfo(code=ErrorCode.HANDLER_ERROR, reason=str(exc))
+                    error=ErrorInfo(code=ErrorCode.HANDLER_ERROR, reason=reason)
                 )
             except Exception as exc:  # the code store unreachable: this worker's fault
-                log.warning("handler_check.failed", handler=ref, error=repr(exc))
-                reason = f"no code bundle for {ref!r}: {exc!r}"
+                log.warning("handler_check.failed", handler=ref, error=described(exc))
+                reason = f"no code bundle for {ref!r}: {described(exc)}"
                 return HandlerCheckReply(error=ErrorInfo(code=ErrorCode.INTERNAL, reason=reason))
             allowed = (*extracted_packages(directory), *allowed)
             path = os.pathsep.join([str(directory), path])
@@ -125,10 +127,9 @@ class HandlerChecks:
             async with self.limiter:
                 problem = await self.dry_run(ref, path, ",".join(allowed))
         except OSError as exc:  # no sandbox could be started: this worker's fault
-            log.warning("handler_check.failed", handler=ref, error=repr(exc))
-            return HandlerCheckReply(
-                error=ErrorInfo(code=ErrorCode.INTERNAL, reason=f"no sandbox for {ref!r}: {exc}")
-            )
+            reason = f"no sandbox for {ref!r}: {described(exc)}"
+            log.warning("handler_check.failed", handler=ref, error=reason)
+            return HandlerCheckReply(error=ErrorInfo(code=ErrorCode.INTERNAL, reason=reason))
         if problem is None:
             if key is not None:
                 if len(_SOUND) >= _SOUND_MAX:
@@ -179,10 +180,11 @@ class HandlerChecks:
         if process.returncode == 0 and said == OK:
             return None
         if process.returncode == 1 and said:
-            return said
+            # The module's own words may be in it (its exception at import): one line.
+            return clipped(said)
         # It died, or exited early at import: what it last wrote to stderr says why.
         lines = stderr.strip().splitlines()
-        last = f": {lines[-1]}" if lines else ""
+        last = f": {clipped(lines[-1])}" if lines else ""
         status = process.returncode
         return f"handler {ref!r} cannot be imported: its import exited with status {status}{last}"
 

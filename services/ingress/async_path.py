@@ -38,6 +38,7 @@ from nats.js.errors import NotFoundError
 from shared import auth, jetstream, subjects
 from shared.bus import BusHealth, decode_event, header_bytes, send_reply
 from shared.config import Settings
+from shared.errors import described
 from shared.logs import get_logger
 from shared.results import UNREACHABLE, ResultStore, answer, is_final
 from shared.schema import (
@@ -215,7 +216,7 @@ class AsyncInvocations:
             return
         function = subjects.last_token(msg.subject)
         invocation_id = identify(msg.headers, msg.data, msg.metadata.sequence.stream)
-        reason = f"gave up after {attempt} attempts; the last: handling it failed: {exc!r}"
+        reason = f"gave up after {attempt} attempts; the last: handling it failed: {described(exc)}"
         try:
             if is_valid_token(invocation_id):
                 # A worker may hold it still (handling raised after it claimed the

@@ -30,7 +30,7 @@ from anyio.abc import TaskGroup
 from shared.config import PAYLOAD_HEADROOM
 from shared.dataplane.backend import BackendError
 from shared.dataplane.client import BrokerClient, Brokers, by_pool, move_into
-from shared.errors import GfaasError
+from shared.errors import GfaasError, described
 from shared.ids import Holder, new_run_id, output_holder
 from shared.logs import get_logger
 from shared.schema import (
@@ -133,7 +133,7 @@ class WorkflowRunner:
                 run=run.run_id,
                 workflow=plan.spec.name,
             )
-            return _error(meta, ErrorCode.INTERNAL, f"the workflow run failed: {exc!r}")
+            return _error(meta, ErrorCode.INTERNAL, f"the workflow run failed: {described(exc)}")
 
 
 class _Run:
@@ -329,7 +329,7 @@ class _Run:
             log.error(
                 "workflow.stage_call_failed", invocation_id=meta.invocation_id, error=repr(exc)
             )
-            return _error(meta, ErrorCode.INTERNAL, f"the stage's call failed: {exc!r}")
+            return _error(meta, ErrorCode.INTERNAL, f"the stage's call failed: {described(exc)}")
 
     async def _release_late(self, meta: InvocationMeta, handles: list[Handle]) -> None:
         log.info("workflow.late_outputs_released", invocation_id=meta.invocation_id)

@@ -40,7 +40,7 @@ from shared.bus import BusHealth, connected, decode_event, serve_status, watch_b
 from shared.config import Settings
 from shared.dataplane.bandwidth import Mode
 from shared.dataplane.board import LeaseBoard, board_name
-from shared.errors import GfaasError
+from shared.errors import GfaasError, described
 from shared.logs import get_logger
 from shared.modelswap import HostTier, tier_prefix
 from shared.names import is_valid_name, name_problem
@@ -151,7 +151,7 @@ class Broker:
                     log.info("broker.refused", subject=msg.subject, reason=exc.reason)
             except Exception as exc:  # a bug costs one request, not the broker
                 log.exception("broker.request_failed", subject=msg.subject)
-                reply = reply_kind(error=GfaasError(ErrorCode.INTERNAL, repr(exc)).info())
+                reply = reply_kind(error=GfaasError(ErrorCode.INTERNAL, described(exc)).info())
             if span is not None and reply.error is not None:
                 tracing.mark_error(span, reply.error.code, reply.error.reason)
         if msg.reply:

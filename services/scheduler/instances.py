@@ -31,6 +31,7 @@ import anyio
 
 from shared import subjects
 from shared.bus import Bus
+from shared.errors import described
 from shared.logs import get_logger
 from shared.registry import Registry
 from shared.scheduling import autoscale, packing
@@ -396,7 +397,7 @@ class Instances:
             except Exception as exc:
                 # One function the autoscaler cannot plan (a spec from before a check
                 # existed, say) costs its own round, not every other function's.
-                reason = f"its autoscaler round failed: {exc!r}"
+                reason = f"its autoscaler round failed: {described(exc)}"
                 self.unplaced[spec.name] = reason
                 self._say(spec.name, "plan_failed", reason)
         return decisions
@@ -679,7 +680,9 @@ class Instances:
         try:
             return await self._ask(agent_id, op, body)
         except TimeoutError as exc:  # the agent is gone or slow: the next tick tries again
-            return ErrorInfo(code=ErrorCode.UNAVAILABLE, reason=f"agent {agent_id}: {exc!r}")
+            return ErrorInfo(
+                code=ErrorCode.UNAVAILABLE, reason=f"agent {agent_id}: {described(exc)}"
+            )
 
     async def _ask(self, agent_id: str, op: str, body: bytes) -> ErrorInfo | None:
         """The agent's answer to a command; TimeoutError when none came in time (done
@@ -692,7 +695,9 @@ class Instances:
         except TimeoutError:
             raise
         except Exception as exc:  # no agent there (or a garbled answer): not done
-            return ErrorInfo(code=ErrorCode.UNAVAILABLE, reason=f"agent {agent_id}: {exc!r}")
+            return ErrorInfo(
+                code=ErrorCode.UNAVAILABLE, reason=f"agent {agent_id}: {described(exc)}"
+            )
         return reply.error
 
     def live(self, inflight: Callable[[str], int]) -> dict[str, list[dict[str, object]]]:
