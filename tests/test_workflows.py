@@ -647,7 +647,7 @@ async def test_a_run_that_raises_is_answered_and_the_ingress_goes_on(
     def unmappable(handle: object) -> None:
         raise BackendUnavailable("no CUDA driver here")
 
-    monkeypatch.setattr("services.ingress.workflow.read_bytes", unmappable)
+    monkeypatch.setattr("shared.dataplane.client.read_bytes", unmappable)
     client = Client(nc)
     wanted = {"add-one", "double", "echo", "add"}
     functions = [f for f in FUNCS if f.name in wanted]
