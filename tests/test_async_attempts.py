@@ -54,9 +54,7 @@ async def test_an_invocation_whose_worker_dies_each_time_is_given_up_not_rerun_f
         nats_server.url,
         tmp_path,
         worker_timeout_s=0.3,
-        async_max_attempts=3,
-        async_backoff_s=0.05,
-        async_backoff_max_s=0.1,
+        **FAST_RETRIES,
     )
     js = nc.jetstream()
     await jetstream.ensure_invocations_stream(js)
@@ -158,6 +156,24 @@ async def run_async_path(
     return told
 
 
+# Three attempts, a backoff apart short enough for a test.
+FAST_RETRIES: dict[str, Any] = {
+    "async_max_attempts": 3,
+    "async_backoff_s": 0.05,
+    "async_backoff_max_s": 0.1,
+}
+
+
+def dead_lettered(nc: NATS, at_least: int = 1) -> Callable[[], Awaitable[bool]]:
+    """Whether the dead-letter stream holds `at_least` messages (run_async_path's end)."""
+
+    async def dead() -> bool:
+        info = await nc.jetstream().stream_info(jetstream.DEAD_LETTER_STREAM)
+        return info.state.messages >= at_least
+
+    return dead
+
+
 async def test_an_invocation_given_up_on_is_counted_once_with_its_last_error(
     nats_server: NatsServer, nc: NATS, tmp_path: Path
 ) -> None:
@@ -167,9 +183,7 @@ async def test_an_invocation_given_up_on_is_counted_once_with_its_last_error(
     settings = settings_for(
         nats_server.url,
         tmp_path,
-        async_max_attempts=3,
-        async_backoff_s=0.05,
-        async_backoff_max_s=0.1,
+        **FAST_RETRIES,
     )
     runs: list[int] = []
 
@@ -179,9 +193,7 @@ async def test_an_invocation_given_up_on_is_counted_once_with_its_last_error(
         runs.append(claim)
         return error_reply(headers[H_INVOCATION], ErrorCode.UNAVAILABLE, "no scheduler")
 
-    async def dead() -> bool:
-        info = await nc.jetstream().stream_info(jetstream.DEAD_LETTER_STREAM)
-        return info.state.messages >= 1
+    dead = dead_lettered(nc)
 
     told = await run_async_path(
         nc,
@@ -217,9 +229,7 @@ async def test_malformed_and_unidentifiable_messages_are_counted_as_bad_requests
             "gfaas.v1.invoke_async.f", body(x=np.array([1.0])), headers={H_MSG_ID: "bad id!"}
         )
 
-    async def dead() -> bool:
-        info = await nc.jetstream().stream_info(jetstream.DEAD_LETTER_STREAM)
-        return info.state.messages >= 2
+    dead = dead_lettered(nc, 2)
 
     told = await run_async_path(nc, settings, never, publish, dead)
     assert [(f, o) for f, o, _ in told] == [("f", "bad_request"), ("f", "bad_request")]
@@ -279,9 +289,7 @@ async def test_a_delivery_whose_handling_raises_is_retried_then_given_up_on(
     settings = settings_for(
         nats_server.url,
         tmp_path,
-        async_max_attempts=3,
-        async_backoff_s=0.05,
-        async_backoff_max_s=0.1,
+        **FAST_RETRIES,
     )
     runs: list[int] = []
 
@@ -291,9 +299,7 @@ async def test_a_delivery_whose_handling_raises_is_retried_then_given_up_on(
         runs.append(claim)
         raise RuntimeError("a bug on this message's path")
 
-    async def dead() -> bool:
-        info = await nc.jetstream().stream_info(jetstream.DEAD_LETTER_STREAM)
-        return info.state.messages >= 1
+    dead = dead_lettered(nc)
 
     told = await run_async_path(
         nc,
@@ -335,9 +341,7 @@ async def test_a_malformed_message_near_max_payload_is_dead_lettered_without_its
 
     garbage = b"\xc1" * (nc.max_payload - 60)
 
-    async def dead() -> bool:
-        info = await nc.jetstream().stream_info(jetstream.DEAD_LETTER_STREAM)
-        return info.state.messages >= 1
+    dead = dead_lettered(nc)
 
     told = await run_async_path(
         nc,
@@ -366,9 +370,7 @@ async def test_a_results_store_outage_does_not_use_up_an_invocations_attempts(
     settings = settings_for(
         nats_server.url,
         tmp_path,
-        async_max_attempts=3,
-        async_backoff_s=0.05,
-        async_backoff_max_s=0.1,
+        **FAST_RETRIES,
     )
     outage = [8]
     real_get = ResultStore.get
@@ -433,9 +435,7 @@ async def test_an_unidentifiable_message_whose_dead_letter_failed_once_counts_on
     ) -> InvokeReply:
         raise AssertionError("a message with no usable id was run")
 
-    async def dead() -> bool:
-        info = await nc.jetstream().stream_info(jetstream.DEAD_LETTER_STREAM)
-        return info.state.messages >= 1
+    dead = dead_lettered(nc)
 
     told = await run_async_path(
         nc,
