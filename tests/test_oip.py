@@ -14,9 +14,10 @@ import pytest
 from starlette.types import Message
 
 from services.ingress import oip, oip_response
-from services.ingress.http import STATUS_FOR_CODE, create_app
+from services.ingress.http import create_app
 from services.ingress.oip import InferRequest
 from services.ingress.shm_regions import ShmRegions
+from services.ingress.statuses import STATUSES
 from shared.errors import GfaasError
 from shared.schema import (
     DType,
@@ -755,7 +756,7 @@ async def test_raised_gfaas_errors_map_like_error_replies(
 
 def test_every_error_code_has_a_status() -> None:
     # `pending` is a result lookup's answer, never an inference's.
-    assert set(ErrorCode) - {ErrorCode.PENDING} == set(STATUS_FOR_CODE) == set(EXPECTED_STATUS)
+    assert set(ErrorCode) - {ErrorCode.PENDING} == set(STATUSES) == set(EXPECTED_STATUS)
 
 
 async def test_an_unexpected_backend_exception_is_a_500_in_the_error_shape(

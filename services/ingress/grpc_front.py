@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import anyio
@@ -31,7 +31,7 @@ from services.ingress.http import (
 )
 from services.ingress.shm_regions import TenantRegions
 from services.ingress.stats import InferenceStats
-from services.ingress.statuses import STATUSES, statuses_for
+from services.ingress.statuses import statuses_for
 from services.ingress.tls import FrontTLS
 from shared.auth import UNAUTHENTICATED_REASON, TokenBook
 from shared.errors import GfaasError, bad_request
@@ -40,9 +40,6 @@ from shared.schema import DEFAULT_TENANT, H_TENANT, ErrorCode, FunctionSpec
 
 log = get_logger("ingress.grpc")
 
-STATUS_FOR_CODE: Final[Mapping[ErrorCode, grpc.StatusCode]] = {
-    code: statuses.grpc for code, statuses in STATUSES.items()
-}
 # How long in-flight calls may run on once ingress is told to stop.
 GRACE_S: Final = 10.0
 # Protobuf framing around the tensors: the payload limit is on the tensors.

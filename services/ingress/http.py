@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from services.ingress import oip, oip_response, oip_shm
 from services.ingress.shm_regions import ShmRegions, TenantRegions
 from services.ingress.stats import InferenceStats
-from services.ingress.statuses import STATUSES, statuses_for
+from services.ingress.statuses import statuses_for
 from shared import tracing
 from shared.auth import UNAUTHENTICATED_REASON, TokenBook
 from shared.errors import GfaasError
@@ -93,9 +93,6 @@ class InferenceBackend(Protocol):
         ...
 
 
-STATUS_FOR_CODE: Final[Mapping[ErrorCode, int]] = {
-    code: statuses.http for code, statuses in STATUSES.items()
-}
 JSON: Final = "application/json"
 # The protocol's health APIs answer false with a 4xx (Triton sends 400), not a 5xx.
 NOT_READY_STATUS: Final = 400
