@@ -30,6 +30,10 @@ DEFAULT_METRICS_PORTS: Final[Mapping[str, int]] = {
 PAYLOAD_HEADROOM: Final = 16 * 1024
 # The longest deadline a caller may set on an invocation (see Settings.max_deadline_s).
 DEFAULT_MAX_DEADLINE_S: Final = 900.0
+# How long a request body may go without a byte (Settings.http_body_idle_s).
+DEFAULT_HTTP_BODY_IDLE_S: Final = 30.0
+# Shared-memory regions one tenant may hold registered (Settings.tenant_max_shm_regions).
+DEFAULT_TENANT_MAX_SHM_REGIONS: Final = 1024
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,13 +87,13 @@ class Settings:
     http_enabled: bool = True
     # How long an HTTP request's body may go without a byte arriving before it is
     # answered 408 and its connection closed (a client stalled midway, or gone unsaid).
-    http_body_idle_s: float = 30.0
+    http_body_idle_s: float = DEFAULT_HTTP_BODY_IDLE_S
     # The gRPC Open Inference Protocol front, on http_host too.
     grpc_port: int = DEFAULT_GRPC_PORT
     grpc_enabled: bool = True
     # The most shared-memory regions (system and CUDA) one tenant may hold registered
     # with an ingress (0: no cap); past it, register is `quota_exceeded`.
-    tenant_max_shm_regions: int = 1024
+    tenant_max_shm_regions: int = DEFAULT_TENANT_MAX_SHM_REGIONS
     async_concurrency: int = 16
     # The longest a caller may give an invocation (its `Gfaas-Deadline-Ms` header, its
     # request's `timeout_ms`, the OIP `timeout` parameter, a gRPC deadline): one set

@@ -38,6 +38,15 @@ SpecLookup = Callable[[str], Spec | None]
 DEFAULT_MAX_TIMEOUT_MS: Final = DEFAULT_MAX_DEADLINE_S * 1000
 
 
+def too_large(size: int, max_payload: int) -> GfaasError:
+    """A request body over the bus's limit (the sync, async and tenant paths)."""
+    return GfaasError(
+        ErrorCode.PAYLOAD_TOO_LARGE,
+        f"request of {size} bytes exceeds the {max_payload}-byte limit; "
+        "send large tensors by handle",
+    )
+
+
 def decode_request(body: bytes) -> InvokeRequest:
     try:
         return decode(body, InvokeRequest)
@@ -62,11 +71,7 @@ def admit(
     function's own timeout when that is longer; inf: no cap)."""
     h = headers or {}
     if len(body) > max_payload:
-        raise GfaasError(
-            ErrorCode.PAYLOAD_TOO_LARGE,
-            f"request of {len(body)} bytes exceeds the {max_payload}-byte limit; "
-            "send large tensors by handle",
-        )
+        raise too_large(len(body), max_payload)
     request = decode_request(body)
     given = h.get(H_INVOCATION) or h.get(H_MSG_ID) or request.invocation_id
     if given and id_tag and not given.startswith(id_tag):

@@ -154,6 +154,12 @@ class DirectRoutes:
         with another reply subject of its own: that is another caller's send."""
         if invocation_id not in self._under:
             return None
+        if self._under[invocation_id] == 1:
+            # The id's only send, most often under the id itself: no scan.
+            for books in (self.sent, self.overdue):
+                only = books.get(invocation_id)
+                if only is not None:
+                    return invocation_id if only.reply in (reply, "") else None
         unknown: str | None = None
         for books in (self.sent, self.overdue):
             for key, sent in books.items():

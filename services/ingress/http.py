@@ -31,6 +31,7 @@ from services.ingress.stats import InferenceStats
 from services.ingress.statuses import statuses_for
 from shared import tracing
 from shared.auth import UNAUTHENTICATED_REASON, TokenBook
+from shared.config import DEFAULT_HTTP_BODY_IDLE_S
 from shared.errors import GfaasError
 from shared.logs import get_logger
 from shared.schema import (
@@ -105,8 +106,6 @@ _PASSED_HEADERS: Final = {
     H_TENANT.lower(): H_TENANT,
     H_INVOCATION.lower(): H_INVOCATION,
 }
-# How long a request body may go without a byte arriving (Settings.http_body_idle_s).
-DEFAULT_BODY_IDLE_S: Final = 30.0
 _DECOMPRESSORS: Final = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
@@ -170,7 +169,7 @@ def create_app(
     max_payload: int,
     stats: InferenceStats | None = None,
     tokens: TokenBook | None = None,
-    body_idle_s: float = DEFAULT_BODY_IDLE_S,
+    body_idle_s: float = DEFAULT_HTTP_BODY_IDLE_S,
 ) -> ASGIApp:
     """The OIP HTTP app; request bodies over `max_payload` bytes get 413, and one
     whose next bytes take over `body_idle_s` to come gets 408 (the connection closed).
@@ -504,7 +503,9 @@ def _too_large(size: int | str, limit: int) -> GfaasError:
     )
 
 
-async def _read_body(request: Request, limit: int, idle_s: float = DEFAULT_BODY_IDLE_S) -> bytes:
+async def _read_body(
+    request: Request, limit: int, idle_s: float = DEFAULT_HTTP_BODY_IDLE_S
+) -> bytes:
     """The request body, decompressed, refusing more than `limit` bytes before reading it
     all, and a body that stops coming for `idle_s` (uvicorn has no such timeout: a
     client that stalled midway held its connection and request for good)."""

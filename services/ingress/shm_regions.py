@@ -53,6 +53,7 @@ import numpy as np
 from services.ingress.cuda_regions import CudaRegions, check_fits
 from services.ingress.oip import ShmRef
 from services.ingress.oip_shm import CudaRegionStatus, RegionStatus
+from shared.config import DEFAULT_TENANT_MAX_SHM_REGIONS
 from shared.dataplane.backend import BackendError
 from shared.dataplane.client import read_bytes, write_bytes
 from shared.dataplane.shm import _path as segment_path
@@ -61,9 +62,6 @@ from shared.errors import GfaasError, bad_request
 from shared.names import is_valid_name, name_problem
 from shared.schema import ErrorCode, Handle
 
-# The most regions (system and CUDA together) one tenant may hold registered at once
-# (Settings.tenant_max_shm_regions); 0: no cap.
-DEFAULT_TENANT_MAX_REGIONS = 1024
 # Region copies of at least this many bytes run in a worker thread (see the module's
 # doc); smaller ones stay on the event loop, where they cost less than a thread hop.
 THREAD_COPY_MIN = 1 << 20
@@ -121,7 +119,7 @@ class ShmRegions:
         *,
         namespace: str = "gfaas",
         owners: Collection[int] | None = None,
-        tenant_max: int = DEFAULT_TENANT_MAX_REGIONS,
+        tenant_max: int = DEFAULT_TENANT_MAX_SHM_REGIONS,
         max_open: int | None = None,
     ) -> None:
         """`namespace`: the platform's shared-memory namespace, whose segments (pool

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 import msgspec
 from nats.js.client import JetStreamContext
 
+from services.ingress.admission import too_large
 from shared import auth, subjects
 from shared.bus import header_bytes
 from shared.config import PAYLOAD_HEADROOM
@@ -122,12 +123,8 @@ async def submit(
     # protocol violation and closes the connection: ingress's, for a body the tenant
     # sent just under the limit to which the queued headers were added.
     if len(body) > max_payload:
-        return error_reply(
-            invocation_id,
-            ErrorCode.PAYLOAD_TOO_LARGE,
-            f"request of {len(body)} bytes exceeds the {max_payload}-byte limit; "
-            "send large tensors by handle",
-        )
+        refused = too_large(len(body), max_payload)
+        return error_reply(invocation_id, refused.code, refused.reason)
     if header_bytes(queued) > PAYLOAD_HEADROOM:
         return error_reply(
             invocation_id,
