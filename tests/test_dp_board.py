@@ -11,6 +11,7 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
+from shared.dataplane.backend import BackendError
 from shared.dataplane.board import BoardReader, LeaseBoard
 from shared.dataplane.client import BrokerClient
 from shared.dataplane.leases import Fault, LeaseError, LeaseTable
@@ -140,4 +141,19 @@ def test_a_board_replaced_behind_the_brokers_back_is_noticed_at_the_next_recheck
         if client._board is not None:
             client._board.close()
         old._segment.close()
+        unlink_segment(name)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a file another user owns")
+def test_a_board_another_user_left_under_the_name_is_not_trusted() -> None:
+    """A live-looking board a handler (another uid) planted under the board's name,
+    its broker's gone: mapped, its invented slots would vouch for handles."""
+    name = f"gfaas-test-board-{uuid.uuid4().hex[:8]}"
+    real = LeaseBoard(name, slots=4)
+    try:
+        os.chown(os.path.join(SHM_DIR, name), 65534, 65534)  # as if nobody made it
+        with pytest.raises(BackendError, match="belongs to uid 65534"):
+            BoardReader.open(name)
+    finally:
+        real.close()
         unlink_segment(name)

@@ -32,7 +32,14 @@ from dataclasses import dataclass
 from shared.dataplane.access import GROUP_READ
 from shared.dataplane.backend import BackendError
 from shared.dataplane.leases import Fault, Lease, LeaseError
-from shared.dataplane.shm import SHM_DIR, Segment, create_segment, open_segment, unlink_segment
+from shared.dataplane.shm import (
+    SHM_DIR,
+    Segment,
+    create_segment,
+    open_segment,
+    trusted_owners,
+    unlink_segment,
+)
 from shared.schema import Handle
 
 _SEQ = struct.Struct("<Q")
@@ -156,6 +163,10 @@ class BoardReader:
         """Map the board; BackendError when there is none, or none a live broker keeps."""
         segment = open_segment(name, readonly=True)
         try:
+            # A handler could plant a "live" board under the name (once the broker's
+            # is gone) and invent the slots `verify` trusts.
+            if segment.uid not in trusted_owners():
+                raise BackendError(f"lease board {name!r} belongs to uid {segment.uid}")
             if segment.size < HEADER_BYTES:
                 raise BackendError(f"{name!r} is too small for a lease board")
             magic, state, epoch = _HEADER.unpack_from(segment.mm, 0)

@@ -96,6 +96,14 @@ class Segment:
             self.mm.close()
 
 
+def trusted_owners() -> frozenset[int]:
+    """Whose segments this process takes for the platform's own (the lease board, the
+    host tier's models): its own user's (a service, or instances running as it) and
+    root's (the services, where instances run as the handler user). /dev/shm is open
+    to every user: a file a handler left under such a name is no one's to trust."""
+    return frozenset({0, os.geteuid()})
+
+
 def create_segment(
     name: str,
     size: int,

@@ -42,6 +42,7 @@ from shared.dataplane.shm import (
     create_segment,
     list_segments,
     open_segment,
+    trusted_owners,
     unlink_segment,
 )
 from shared.logs import get_logger
@@ -131,13 +132,6 @@ class HostModel:
                 self._readonly = _views(segment)
             _populate_soon(segment)
         return self._readonly
-
-
-def trusted_owners() -> frozenset[int]:
-    """Whose segments this process takes for the node's copy of a model: its own
-    user's (the agent's, or where instances run as it, theirs) and root's (the agent
-    where instances run as the handler user)."""
-    return frozenset({0, os.geteuid()})
 
 
 def open_trusted(name: str, *, readonly: bool = False) -> Segment:
