@@ -18,7 +18,7 @@ import anyio
 import msgspec
 import torch
 
-from shared.dataplane.client import BrokerClient, open_tensor, write_into
+from shared.dataplane.client import BrokerClient, NoBroker, open_tensor, write_into
 from shared.errors import GfaasError
 from shared.ids import output_holder
 from shared.logs import get_logger
@@ -168,11 +168,10 @@ class Staging:
                 remote = self._remote[h.pool] = self._remote_broker(h.pool)
             try:
                 data = await remote.read(h, meta.tenant, chunk=self.max_payload)
-            except GfaasError as exc:
+            except NoBroker as exc:
                 # The handle names a node whose broker is not there: the input's
-                # fault as the caller sent it (a node that never ran one, say).
-                if exc.code not in (ErrorCode.UNAVAILABLE, ErrorCode.INTERNAL):
-                    raise
+                # fault as the caller sent it (a node that never ran one, say). One
+                # slow to answer is not: that stays `unavailable`, retried.
                 raise GfaasError(
                     ErrorCode.INVALID_INPUT,
                     f"input {t.name!r} lives on node {h.pool!r}: {exc.reason}",

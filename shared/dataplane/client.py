@@ -111,6 +111,14 @@ def check_reply_fits(count: int, per_handle: int, max_payload: int, what: str) -
         )
 
 
+class NoBroker(GfaasError):
+    """No memory broker runs on the node asked (none subscribed: not up yet, gone, or
+    a node that never had one), as against one that is slow to answer."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(ErrorCode.UNAVAILABLE, f"no memory broker is running on node {node!r}")
+
+
 class BrokerClient:
     def __init__(self, nc: NATS, node: str, *, timeout: float = 5.0, board: str = "") -> None:
         """`board`: the node's lease board (`board_name`), to verify handles locally."""
@@ -312,9 +320,7 @@ class BrokerClient:
         # the call needs that is missing, not a fault inside gfaas nor the caller's:
         # `unavailable` (HTTP 503, gRPC UNAVAILABLE), which callers may retry.
         except nats.errors.NoRespondersError:
-            raise GfaasError(
-                ErrorCode.UNAVAILABLE, f"no memory broker is running on node {self.node!r}"
-            ) from None
+            raise NoBroker(self.node) from None
         except nats.errors.TimeoutError:
             raise GfaasError(
                 ErrorCode.UNAVAILABLE, f"memory broker {self.node!r} did not answer {op}"
